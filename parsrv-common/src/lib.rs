@@ -1,0 +1,160 @@
+//! Types and names shared by the parsrv SK_REUSEPORT program and its userspace.
+//!
+//! Everything here is `#[repr(C)]`, `bytemuck::Pod` and free of implicit padding, so the two
+//! sides agree on layout byte for byte. The eBPF side builds this crate `no_std`; userspace
+//! enables the `user` feature for aya's `Pod` marker.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Slots in the socket array: the most handler sockets one group can have.
+///
+/// Equal to the kernel's initial `sock_reuseport` capacity (INIT_SOCKS), so a full group never
+/// makes the kernel reallocate `socks[]`, and the program's scan loop has a fixed bound.
+pub const MAX_SOCKETS: u32 = 128;
+
+/// Names of the program and maps in the eBPF object, and of their pins under the group's
+/// bpffs directory. The eBPF side names its statics exactly so (checked by a unit test there).
+pub mod names {
+    /// The SK_REUSEPORT program (section `sk_reuseport/migrate`).
+    pub const PROGRAM: &str = "parsrv_select";
+    /// REUSEPORT_SOCKARRAY: slot -> listening socket.
+    pub const SOCKETS: &str = "SOCKETS";
+    /// HASH: socket cookie -> slot, to map a listener found in the kernel's group to its slot.
+    pub const SLOT_BY_COOKIE: &str = "SLOT_BY_COOKIE";
+    /// PERCPU_ARRAY of [`SlotCounters`](super::SlotCounters), indexed by slot.
+    pub const SLOT_COUNTERS: &str = "SLOT_COUNTERS";
+    /// PERCPU_ARRAY of one [`GlobalCounters`](super::GlobalCounters).
+    pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
+    /// ARRAY of one [`ProgramConfig`](super::ProgramConfig).
+    pub const CONFIG: &str = "CONFIG";
+
+    /// Every map, in the order they are pinned.
+    pub const MAPS: [&str; 5] = [SOCKETS, SLOT_BY_COOKIE, SLOT_COUNTERS, GLOBAL_COUNTERS, CONFIG];
+}
+
+/// Where a new connection goes while some socket has room.
+pub mod policy {
+    /// Keep the kernel's hash choice when that socket has room, else the socket with most room.
+    pub const REDIRECT: u32 = 0;
+    /// Always the socket with the most room; ties go to the first one from the hash choice on.
+    pub const LEAST_LOADED: u32 = 1;
+}
+
+/// What happens to a new connection when every socket is full.
+pub mod when_full {
+    /// Drop the SYN silently (the kernel counts ListenOverflows); the client retransmits and is
+    /// steered again once a handler has made room.
+    pub const DROP: u32 = 0;
+    /// Answer with a RST: the client gets ECONNREFUSED at once.
+    pub const REFUSE: u32 = 1;
+}
+
+/// Byte offsets of the kernel struct members the program reads with `bpf_probe_read_kernel`.
+///
+/// They differ between kernel builds, so userspace takes them from the running kernel's BTF at
+/// load time; never hard-code them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct KernelOffsets {
+    /// `struct sock.sk_ack_backlog` (u32): established children waiting in the accept queue.
+    pub sk_ack_backlog: u32,
+    /// `struct sock.sk_max_ack_backlog` (u32): min(listen backlog, net.core.somaxconn).
+    pub sk_max_ack_backlog: u32,
+    /// `struct sock.sk_reuseport_cb` (pointer to `struct sock_reuseport`).
+    pub sk_reuseport_cb: u32,
+    /// `struct sock.__sk_common.skc_cookie` (u64; 0 until SO_COOKIE or a diag dump made one).
+    pub skc_cookie: u32,
+    /// `inet_connection_sock.icsk_accept_queue.qlen` (u32): handshakes in progress.
+    pub accept_queue_qlen: u32,
+    /// `struct sock_reuseport.num_socks` (u16): live listeners in `socks[]`.
+    pub reuseport_num_socks: u32,
+    /// `struct sock_reuseport.socks` (flexible array of `struct sock *`).
+    pub reuseport_socks: u32,
+}
+
+/// The program's configuration: one element of the CONFIG array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ProgramConfig {
+    pub offsets: KernelOffsets,
+    /// One of [`policy`].
+    pub policy: u32,
+    /// One of [`when_full`].
+    pub when_full: u32,
+}
+
+/// Per-slot counters (per CPU in the kernel; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+pub struct SlotCounters {
+    /// New connections steered to this socket (including ones redirected here).
+    pub selected: u64,
+    /// New connections whose hash choice was this socket but which went elsewhere because this
+    /// socket was full.
+    pub redirected_away: u64,
+    /// SYNs dropped silently while every socket was full (`when-full drop`), counted on the
+    /// socket the kernel dropped them at.
+    pub dropped: u64,
+    /// Connections refused with a RST while every socket was full (`when-full refuse`), counted
+    /// on their hash choice.
+    pub refused: u64,
+    /// Queued connections or pending handshakes migrated here from a closing socket.
+    pub migrated_in: u64,
+}
+
+impl SlotCounters {
+    /// Sums per-CPU values.
+    pub fn add(&mut self, other: &Self) {
+        self.selected += other.selected;
+        self.redirected_away += other.redirected_away;
+        self.dropped += other.dropped;
+        self.refused += other.refused;
+        self.migrated_in += other.migrated_in;
+    }
+}
+
+/// Internal errors. On each the program fails open: the kernel's hash choice serves the
+/// connection, and the error is counted here (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+pub struct GlobalCounters {
+    /// The CONFIG element was missing (the loader did not write it).
+    pub no_config: u64,
+    /// A `bpf_probe_read_kernel` failed (bad offset or a racing teardown).
+    pub read_failed: u64,
+    /// The group had no live socket or more than [`MAX_SOCKETS`].
+    pub bad_group: u64,
+    /// A chosen socket's cookie was not in SLOT_BY_COOKIE (a socket parsrv did not register
+    /// joined the group).
+    pub unknown_socket: u64,
+    /// `bpf_sk_select_reuseport` refused the chosen slot.
+    pub select_failed: u64,
+}
+
+impl GlobalCounters {
+    /// Sums per-CPU values.
+    pub fn add(&mut self, other: &Self) {
+        self.no_config += other.no_config;
+        self.read_failed += other.read_failed;
+        self.bad_group += other.bad_group;
+        self.unknown_socket += other.unknown_socket;
+        self.select_failed += other.select_failed;
+    }
+
+    /// All errors: connections served by the kernel's hash because the program failed open.
+    pub fn total(&self) -> u64 {
+        self.no_config + self.read_failed + self.bad_group + self.unknown_socket + self.select_failed
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are #[repr(C)], Pod (checked by bytemuck's derive: no padding, any bit
+    // pattern valid), as aya requires of map values.
+    unsafe impl aya::Pod for super::ProgramConfig {}
+    unsafe impl aya::Pod for super::SlotCounters {}
+    unsafe impl aya::Pod for super::GlobalCounters {}
+}

@@ -1,0 +1,250 @@
+//! The `parsrv` command line.
+
+use std::{io::IsTerminal, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    config::{self, GroupSpec, HandlerKind, Policy, WhenFull},
+    control::{self, Request, Response},
+    error::{Error, Result, EXIT_RUNTIME, EXIT_USAGE},
+    handler,
+    spawner::{self, RunOptions},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "parsrv",
+    version,
+    about = "Many handler processes serve one port in parallel; an eBPF program steers each new \
+             connection, in the kernel, to a handler socket whose accept queue has room."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a socket group, attach the steering program and run its handlers (as root).
+    Run(RunArgs),
+    /// Show a running group: handlers, exact accept-queue depths, counters.
+    Status(StatusArgs),
+    /// Run one built-in handler on the socket inherited as fd 3 (started by `parsrv run`).
+    #[command(hide = true)]
+    Handler(HandlerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address and port every handler socket binds, e.g. 127.0.0.1:8080 or [::1]:8080.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: String,
+    /// Handler processes, one socket each (1 to 128).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub handlers: u32,
+    /// Accept-queue length of each socket (capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 128, value_name = "B")]
+    pub backlog: u32,
+    /// What each handler runs.
+    #[arg(long, value_enum)]
+    pub handler: HandlerKind,
+    /// Threads accepting in parallel on each handler's socket.
+    #[arg(long, default_value_t = 1, value_name = "T")]
+    pub threads: u32,
+    /// Where a new connection goes while some socket has room.
+    #[arg(long, value_enum, default_value_t)]
+    pub policy: Policy,
+    /// What happens when every socket is full.
+    #[arg(long = "when-full", value_enum, default_value_t)]
+    pub when_full: WhenFull,
+    /// Group name for pins and `parsrv status` [default: ADDR-PORT].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Seconds a handler may take to exit after SIGTERM before SIGKILL.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub grace: f64,
+}
+
+impl RunArgs {
+    pub fn into_options(self) -> Result<RunOptions> {
+        let listen = config::parse_listen(&self.listen)?;
+        if !(self.grace.is_finite() && (0.0..=3600.0).contains(&self.grace)) {
+            return Err(Error::InvalidOption {
+                option: "--grace",
+                value: self.grace.to_string(),
+                reason: "must be 0 to 3600 seconds".into(),
+            });
+        }
+        let spec = GroupSpec {
+            name: self.name.unwrap_or_else(|| GroupSpec::default_name(&listen)),
+            listen,
+            handlers: self.handlers,
+            backlog: self.backlog,
+            handler: self.handler,
+            threads: self.threads,
+            policy: self.policy,
+            when_full: self.when_full,
+        };
+        spec.validate()?;
+        Ok(RunOptions {
+            spec,
+            grace: Duration::from_secs_f64(self.grace),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The group (see `parsrv run --name`); may be left out when only one runs.
+    pub group: Option<String>,
+    /// Print the stable JSON form (schema in the README) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HandlerArgs {
+    #[arg(long, value_enum)]
+    pub kind: HandlerKind,
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+    #[arg(long, default_value_t = 0)]
+    pub slot: u32,
+}
+
+/// Parses the command line, runs it, and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    init_logging(&cli.command);
+    let result = match cli.command {
+        Command::Run(args) => args.into_options().and_then(spawner::run),
+        Command::Status(args) => status(args),
+        Command::Handler(args) => {
+            return match handler::run(args.kind, args.threads, args.slot) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("parsrv handler: {e:#}");
+                    EXIT_RUNTIME
+                }
+            }
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("parsrv: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// clap's own errors, on one line (help and --version print as usual).
+fn usage_error(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            EXIT_USAGE
+        } else {
+            0
+        };
+    }
+    let rendered = e.render().to_string();
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    eprintln!("parsrv: {first} (see parsrv --help)");
+    EXIT_USAGE
+}
+
+fn init_logging(command: &Command) {
+    use std::io::Write;
+    let who = match command {
+        Command::Handler(args) => format!("parsrv handler {}", args.slot),
+        _ => "parsrv".to_string(),
+    };
+    let pid = std::process::id();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            writeln!(buf, "{who}[{pid}] {}: {}", record.level(), record.args())
+        })
+        .init();
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let group = control::resolve_group(args.group.as_deref())?;
+    match control::request(&group, &Request::Status)? {
+        Response::Status(status) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status).expect("serializable"));
+            } else {
+                print!("{}", status.render());
+                if std::io::stdout().is_terminal() {
+                    println!("(JSON: parsrv status {group} --json)");
+                }
+            }
+            Ok(())
+        }
+        Response::Error(message) => Err(Error::Io {
+            context: format!("the spawner of group '{group}' could not report"),
+            source: std::io::Error::other(message),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunOptions> {
+        let mut argv = vec!["parsrv", "run", "--listen", "127.0.0.1:8080", "--handler", "echo"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => args.into_options(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let options = run_args(&[]).unwrap();
+        assert_eq!(options.spec.handlers, 4);
+        assert_eq!(options.spec.threads, 1);
+        assert_eq!(options.spec.policy, Policy::Redirect);
+        assert_eq!(options.spec.when_full, WhenFull::Drop);
+        assert_eq!(options.spec.name, "127_0_0_1-8080");
+        assert_eq!(options.grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for extra in [
+            &["--handlers", "0"][..],
+            &["--handlers", "129"],
+            &["--backlog", "0"],
+            &["--threads", "0"],
+            &["--grace=-1"],
+            &["--name", "../x"],
+        ] {
+            let err = run_args(extra).unwrap_err();
+            assert_eq!(err.exit_code(), EXIT_USAGE, "{extra:?}: {err}");
+            assert!(err.to_string().contains(extra[0].split('=').next().unwrap()), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn policy_and_when_full_flags_parse() {
+        let options = run_args(&["--policy", "least-loaded", "--when-full", "refuse"]).unwrap();
+        assert_eq!(options.spec.policy, Policy::LeastLoaded);
+        assert_eq!(options.spec.when_full, WhenFull::Refuse);
+        assert!(Cli::try_parse_from(["parsrv", "run", "--listen", "1.2.3.4:5", "--handler", "ftp"]).is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! The control socket: a Unix socket per running group (root-only) through which other
+//! `parsrv` commands talk to the spawner. One JSON request line, one JSON response line.
+
+use std::{
+    fs,
+    io::{self, BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{Error, Result},
+    status::GroupStatus,
+};
+
+/// Where control sockets live; override with `PARSRV_RUN_DIR`.
+pub const RUN_DIR: &str = "/run/parsrv";
+pub const RUN_DIR_ENV: &str = "PARSRV_RUN_DIR";
+
+/// Longest request line a spawner reads.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client waits for a spawner's answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    Status(Box<GroupStatus>),
+    Error(String),
+}
+
+pub fn run_dir() -> PathBuf {
+    std::env::var_os(RUN_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
+}
+
+pub fn socket_path(group: &str) -> PathBuf {
+    run_dir().join(format!("{group}.sock"))
+}
+
+/// Whether a spawner answers at `path`.
+pub fn is_live(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// Names of the groups whose spawners answer, sorted.
+pub fn running_groups() -> Vec<String> {
+    let Ok(entries) = fs::read_dir(run_dir()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| is_live(&e.path()))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".sock")
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The group a command is about: the one named, or the only one running.
+pub fn resolve_group(name: Option<&str>) -> Result<String> {
+    let running = running_groups();
+    let known = if running.is_empty() {
+        "none is running".to_string()
+    } else {
+        running.join(", ")
+    };
+    match name {
+        Some(name) if running.iter().any(|r| r == name) => Ok(name.to_owned()),
+        Some(name) => Err(Error::GroupNotRunning {
+            which: format!(" named '{name}'"),
+            known,
+        }),
+        None => match running.as_slice() {
+            [only] => Ok(only.clone()),
+            [] => Err(Error::GroupNotRunning {
+                which: String::new(),
+                known,
+            }),
+            [first, ..] => Err(Error::GroupAmbiguous {
+                first: first.clone(),
+                known,
+            }),
+        },
+    }
+}
+
+/// Sends one request to the spawner of `group` and returns its answer.
+pub fn request(group: &str, request: &Request) -> Result<Response> {
+    let path = socket_path(group);
+    let talk = || -> io::Result<Response> {
+        let mut stream = UnixStream::connect(&path)?;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        let mut line = serde_json::to_string(request)?;
+        line.push('\n');
+        stream.write_all(line.as_bytes())?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer)?;
+        Ok(serde_json::from_str(&answer)?)
+    };
+    talk().map_err(Error::io(format!(
+        "talking to the spawner of group '{group}' at {}",
+        path.display()
+    )))
+}
+
+/// The spawner's end: removed from the file system when dropped.
+pub struct ControlSocket {
+    path: PathBuf,
+    listener: tokio::net::UnixListener,
+}
+
+impl ControlSocket {
+    /// Binds the group's control socket, replacing a stale file (the caller has checked
+    /// that no spawner answers there). Must be called inside a tokio runtime.
+    pub fn bind(group: &str) -> Result<Self> {
+        let dir = run_dir();
+        fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+        let path = socket_path(group);
+        match fs::remove_file(&path) {
+            Ok(()) => log::warn!("removed stale control socket {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("removing {}", path.display()))(e)),
+        }
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(Error::io(format!("binding control socket {}", path.display())))?;
+        let socket = ControlSocket { path, listener };
+        fs::set_permissions(&socket.path, fs::Permissions::from_mode(0o600))
+            .map_err(Error::io(format!("restricting {}", socket.path.display())))?;
+        Ok(socket)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves requests forever, answering each with `answer`.
+    pub async fn serve(&self, answer: impl Fn(Request) -> Response) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((stream, _)) = self.listener.accept().await else {
+                continue;
+            };
+            let (reader, mut writer) = stream.into_split();
+            let mut line = String::new();
+            let read = tokio::time::timeout(
+                CLIENT_TIMEOUT,
+                tokio::io::BufReader::new(reader.take(MAX_REQUEST)).read_line(&mut line),
+            )
+            .await;
+            let response = match read {
+                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                    Ok(request) => answer(request),
+                    Err(e) => Response::Error(format!("bad request: {e}")),
+                },
+                _ => continue,
+            };
+            let mut out = serde_json::to_string(&response).expect("serializable");
+            out.push('\n');
+            // A client that went away is its own problem; keep serving.
+            let _ = tokio::time::timeout(CLIENT_TIMEOUT, writer.write_all(out.as_bytes())).await;
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_responses_are_tagged_json() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"command":"status"}"#
+        );
+        let error = serde_json::to_string(&Response::Error("x".into())).unwrap();
+        assert_eq!(error, r#"{"error":"x"}"#);
+    }
+}

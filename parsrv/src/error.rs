@@ -1,0 +1,119 @@
+//! Errors a user can act on: each names the cause and the fix, and maps to an exit code.
+
+use std::{io, path::PathBuf};
+
+/// Exit code for bad command-line input (as clap uses for its own parse errors).
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code for everything that failed at run time.
+pub const EXIT_RUNTIME: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {option} '{value}': {reason}")]
+    InvalidOption {
+        option: &'static str,
+        value: String,
+        reason: String,
+    },
+
+    #[error(
+        "{addr} is already in use by a socket outside this group (another server, or another \
+         user's SO_REUSEPORT group): stop it or choose another --listen"
+    )]
+    AddressInUse { addr: std::net::SocketAddr },
+
+    #[error("cannot {action} {addr}: {source}")]
+    Socket {
+        action: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "parsrv run needs {missing} to load and attach its eBPF program: run it as root, or \
+         grant the capabilities (setcap cap_bpf,cap_perfmon,cap_sys_admin+ep on the binary)"
+    )]
+    MissingCapabilities { missing: String },
+
+    #[error(
+        "bpffs is not mounted at {path} and mounting it failed ({source}): mount it with \
+         `mount -t bpf bpf {path}`"
+    )]
+    NoBpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "kernel BTF not found at {path}: parsrv reads struct offsets from it; use a kernel \
+         built with CONFIG_DEBUG_INFO_BTF=y, or point PARSRV_VMLINUX_BTF at a BTF file that \
+         matches the running kernel"
+    )]
+    NoBtf { path: PathBuf },
+
+    #[error(
+        "kernel BTF at {path} lacks {what}: this kernel's layout is not one parsrv knows; \
+         report it with `uname -r`"
+    )]
+    BtfLayout { path: PathBuf, what: String },
+
+    #[error(
+        "this parsrv binary has no eBPF program embedded (the eBPF build failed or was \
+         skipped): build with `cargo xtask build`, which sets up the eBPF toolchain"
+    )]
+    NoEbpfObject,
+
+    #[error(
+        "group '{name}' is already running (control socket {socket} answers): stop it, or \
+         pick another --name"
+    )]
+    GroupRunning { name: String, socket: PathBuf },
+
+    #[error(
+        "no running parsrv group{which}: start one with `parsrv run`, or name one of: {known}"
+    )]
+    GroupNotRunning { which: String, known: String },
+
+    #[error("several parsrv groups are running ({known}): name one, e.g. `parsrv status {first}`")]
+    GroupAmbiguous { known: String, first: String },
+
+    #[error("{context}: {source:#}")]
+    Ebpf {
+        context: String,
+        #[source]
+        source: anyhow::Error,
+    },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::InvalidOption { .. } => EXIT_USAGE,
+            _ => EXIT_RUNTIME,
+        }
+    }
+
+    pub fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+
+    pub fn ebpf<E: Into<anyhow::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> Error {
+        let context = context.into();
+        move |source| Error::Ebpf {
+            context,
+            source: source.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,185 @@
+//! A socket group: N listening SO_REUSEPORT sockets on one address and port, one per handler.
+//! The kernel puts them in one reuseport group; the program picks among them.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd},
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::{
+    error::{Error, Result},
+    kernel::{self, QueueDepth},
+};
+
+/// One listening socket of the group.
+#[derive(Debug)]
+pub struct Listener {
+    socket: Socket,
+    cookie: u64,
+}
+
+impl Listener {
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    pub fn socket(&self) -> &Socket {
+        &self.socket
+    }
+
+    /// The accept queue, read exactly (TCP_INFO).
+    pub fn queue(&self) -> io::Result<QueueDepth> {
+        kernel::queue_depth(self.socket.as_fd())
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// The group's sockets, in slot order (slot i is the i-th socket to join the kernel's group).
+#[derive(Debug)]
+pub struct SocketGroup {
+    listen: SocketAddr,
+    backlog: u32,
+    listeners: Vec<Listener>,
+}
+
+impl SocketGroup {
+    /// Creates `count` listening sockets on `listen`, after making sure no socket outside
+    /// this group holds the address: with SO_REUSEPORT and the same uid, ours would silently
+    /// join a stranger's group and steer its connections.
+    pub fn bind(listen: SocketAddr, count: u32, backlog: u32) -> Result<Self> {
+        ensure_address_free(listen)?;
+        let mut group = SocketGroup {
+            listen,
+            backlog,
+            listeners: Vec::with_capacity(count as usize),
+        };
+        for _ in 0..count {
+            group.add_listener()?;
+        }
+        Ok(group)
+    }
+
+    /// Adds one listening socket to the group (the next slot).
+    pub fn add_listener(&mut self) -> Result<&Listener> {
+        let listen = self.listen;
+        let socket_error = |action| move |source| Error::Socket {
+            action,
+            addr: listen,
+            source,
+        };
+        let socket = Socket::new(Domain::for_address(listen), Type::STREAM, Some(Protocol::TCP))
+            .map_err(socket_error("create a socket for"))?;
+        socket
+            .set_reuse_port(true)
+            .map_err(socket_error("set SO_REUSEPORT on"))?;
+        // Lets a restarted spawner bind while connections of the last run sit in TIME_WAIT.
+        socket
+            .set_reuse_address(true)
+            .map_err(socket_error("set SO_REUSEADDR on"))?;
+        // Handler threads poll and then accept: a thread that loses the race must get
+        // EAGAIN, not block.
+        socket
+            .set_nonblocking(true)
+            .map_err(socket_error("set O_NONBLOCK on"))?;
+        socket.bind(&SockAddr::from(listen)).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                Error::AddressInUse { addr: listen }
+            } else {
+                socket_error("bind")(source)
+            }
+        })?;
+        socket
+            .listen(self.backlog.min(i32::MAX as u32) as i32)
+            .map_err(socket_error("listen on"))?;
+        let cookie =
+            kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
+        self.listeners.push(Listener { socket, cookie });
+        Ok(self.listeners.last().expect("just pushed"))
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    pub fn backlog(&self) -> u32 {
+        self.backlog
+    }
+
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+}
+
+/// Fails with [`Error::AddressInUse`] if any socket already listens on `addr` (or on a
+/// wildcard address covering it). A probe without SO_REUSEPORT cannot share the port, and
+/// SO_REUSEADDR lets it ignore TIME_WAIT leftovers, which are harmless.
+fn ensure_address_free(addr: SocketAddr) -> Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(
+        |source| Error::Socket {
+            action: "create a socket for",
+            addr,
+            source,
+        },
+    )?;
+    let _ = probe.set_reuse_address(true);
+    match probe.bind(&SockAddr::from(addr)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(Error::AddressInUse { addr }),
+        Err(source) => Err(Error::Socket {
+            action: "bind",
+            addr,
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    #[test]
+    fn builds_a_group_of_listeners_with_distinct_cookies() {
+        let addr = free_port();
+        let group = SocketGroup::bind(addr, 3, 7).unwrap();
+        assert_eq!(group.listeners().len(), 3);
+        let mut cookies: Vec<u64> = group.listeners().iter().map(Listener::cookie).collect();
+        cookies.dedup();
+        assert_eq!(cookies.len(), 3);
+        for listener in group.listeners() {
+            let queue = listener.queue().unwrap();
+            assert_eq!(queue, QueueDepth { depth: 0, capacity: 7 });
+            assert_eq!(listener.socket().local_addr().unwrap().as_socket(), Some(addr));
+        }
+    }
+
+    #[test]
+    fn refuses_an_address_a_plain_listener_holds() {
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = other.local_addr().unwrap();
+        let err = SocketGroup::bind(addr, 2, 8).unwrap_err();
+        assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
+        assert!(err.to_string().contains("choose another --listen"));
+    }
+
+    #[test]
+    fn refuses_to_join_a_foreign_reuseport_group() {
+        let foreign = SocketGroup::bind(free_port(), 1, 8).unwrap();
+        let err = SocketGroup::bind(foreign.listen_addr(), 2, 8).unwrap_err();
+        assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
+    }
+}

@@ -1,0 +1,400 @@
+//! The built-in handler processes (`echo`, `http`). The spawner starts each one with its own
+//! group socket as fd 3 and a shared counters page as fd 4.
+//!
+//! `--threads T` threads accept in parallel on that one socket: each waits in poll(), and
+//! when a connection arrives every waiting thread wakes; one accept() wins, the others get
+//! EAGAIN, count a lost race and go back to waiting. Accepted connections are served by a
+//! tokio runtime, so a slow client never holds an accepting thread.
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use memmap2::MmapMut;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+};
+
+use crate::config::HandlerKind;
+
+/// The handler's socket (as in systemd socket activation, SD_LISTEN_FDS_START).
+pub const LISTEN_FD: RawFd = 3;
+/// The shared [`HandlerStats`] page of a built-in handler.
+pub const STATS_FD: RawFd = 4;
+
+/// Counters a built-in handler keeps in memory shared with the spawner.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct HandlerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// accept() calls that found the queue already emptied by another thread (EAGAIN).
+    pub lost_races: AtomicU64,
+    /// Connections being served now.
+    pub active: AtomicU64,
+}
+
+/// A [`HandlerStats`] in a memfd: the spawner creates it once per slot (so counts survive
+/// handler restarts) and maps it; the handler maps the same page.
+pub struct SharedStats {
+    map: MmapMut,
+    fd: OwnedFd,
+}
+
+impl SharedStats {
+    pub fn create(slot: u32) -> io::Result<Self> {
+        let name = std::ffi::CString::new(format!("parsrv-handler-{slot}")).unwrap();
+        // SAFETY: valid name; the returned fd is owned below.
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fd from memfd_create.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let file = std::fs::File::from(fd);
+        file.set_len(size_of::<HandlerStats>() as u64)?;
+        Self::map(file.into())
+    }
+
+    fn map(fd: OwnedFd) -> io::Result<Self> {
+        let file = std::fs::File::from(fd);
+        // SAFETY: a memfd only parsrv's spawner and handler map; all access is atomic.
+        let map = unsafe { MmapMut::map_mut(&file)? };
+        if map.len() < size_of::<HandlerStats>() {
+            return Err(io::Error::other("handler stats page too small"));
+        }
+        Ok(SharedStats {
+            map,
+            fd: file.into(),
+        })
+    }
+
+    pub fn stats(&self) -> &HandlerStats {
+        // SAFETY: page-aligned mapping of at least size_of::<HandlerStats>() bytes; all
+        // fields are atomics, valid for any bit pattern (zero-filled at creation).
+        unsafe { &*self.map.as_ptr().cast::<HandlerStats>() }
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+}
+
+/// Runs a built-in handler on the socket at [`LISTEN_FD`] until SIGTERM or SIGINT.
+pub fn run(kind: HandlerKind, threads: u32, slot: u32) -> anyhow::Result<()> {
+    let listener = inherited_listener()?;
+    // SAFETY: fd 4 is ours, handed over by the spawner (checked by mapping it).
+    let stats = Arc::new(SharedStats::map(unsafe { OwnedFd::from_raw_fd(STATS_FD) })?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads as usize)
+        .thread_name("parsrv-serve")
+        .enable_all()
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    runtime.block_on(watch_stop_signals(stop.clone()))?;
+
+    let body: Arc<str> = format!("parsrv handler {slot} (pid {})\n", std::process::id()).into();
+    let acceptors: Vec<_> = (0..threads)
+        .map(|i| {
+            let listener = listener.try_clone()?;
+            let (stop, stats, body, runtime) =
+                (stop.clone(), stats.clone(), body.clone(), runtime.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("parsrv-accept-{i}"))
+                .spawn(move || accept_loop(listener, kind, &stop, &stats, &body, &runtime))
+        })
+        .collect::<io::Result<_>>()?;
+    for acceptor in acceptors {
+        acceptor.join().expect("accept thread panicked");
+    }
+    // Stopped: let connections in flight finish their current request; the spawner's grace
+    // period bounds this with SIGKILL.
+    while stats.stats().active.load(Ordering::Relaxed) > 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+fn inherited_listener() -> anyhow::Result<OwnedFd> {
+    let mut accepting: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on a plain fd number; fails harmlessly if it is not a socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            LISTEN_FD,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || accepting == 0 {
+        anyhow::bail!(
+            "fd {LISTEN_FD} is not a listening socket: `parsrv handler` is started by \
+             `parsrv run`, not by hand"
+        );
+    }
+    // SAFETY: checked above to be an open listening socket, handed to us by the spawner.
+    Ok(unsafe { OwnedFd::from_raw_fd(LISTEN_FD) })
+}
+
+async fn watch_stop_signals(stop: Arc<AtomicBool>) -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    Ok(())
+}
+
+/// How often a waiting thread looks at the stop flag.
+const STOP_POLL_MS: u8 = 200;
+
+fn accept_loop(
+    listener: OwnedFd,
+    kind: HandlerKind,
+    stop: &Arc<AtomicBool>,
+    stats: &Arc<SharedStats>,
+    body: &Arc<str>,
+    runtime: &tokio::runtime::Handle,
+) {
+    let counters = stats.stats();
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(STOP_POLL_MS)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                log::error!("poll on the handler socket failed: {e}");
+                return;
+            }
+        }
+        match accept(&listener) {
+            Ok(conn) => {
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
+                counters.active.fetch_add(1, Ordering::Relaxed);
+                let (stop, stats, body) = (stop.clone(), stats.clone(), body.clone());
+                runtime.spawn(async move {
+                    if let Err(e) = serve(conn, kind, &stop, &body).await {
+                        log::debug!("connection ended with {e}");
+                    }
+                    stats.stats().active.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                counters.lost_races.fetch_add(1, Ordering::Relaxed);
+            }
+            // The client gave up between the handshake and accept(), or a signal: retry.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
+                ) => {}
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on a readable socket.
+                log::error!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn accept(listener: &OwnedFd) -> io::Result<std::net::TcpStream> {
+    // SAFETY: accept4 on our listening fd; NULL address buffers are allowed.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh connected socket from accept4.
+    Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
+}
+
+async fn serve(
+    conn: std::net::TcpStream,
+    kind: HandlerKind,
+    stop: &AtomicBool,
+    body: &str,
+) -> io::Result<()> {
+    let mut stream = TcpStream::from_std(conn)?;
+    match kind {
+        HandlerKind::Echo => {
+            let (mut reader, mut writer) = stream.split();
+            tokio::io::copy(&mut reader, &mut writer).await?;
+            writer.shutdown().await
+        }
+        HandlerKind::Http => serve_http(stream, stop, body).await,
+    }
+}
+
+/// Longest request line or header line accepted.
+const MAX_LINE: u64 = 8 * 1024;
+/// Most header lines accepted in one request.
+const MAX_HEADERS: usize = 100;
+
+/// A small HTTP/1.1 server: every request gets `200 OK` with `body`; keep-alive unless the
+/// client asks to close (or speaks HTTP/1.0 without keep-alive) or the handler is stopping.
+async fn serve_http(stream: TcpStream, stop: &AtomicBool, body: &str) -> io::Result<()> {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    let mut line = String::new();
+    loop {
+        let Some(request) = read_request_head(&mut reader, &mut line).await? else {
+            return Ok(()); // the client closed between requests
+        };
+        let Ok(head) = request else {
+            writer
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await?;
+            return writer.shutdown().await;
+        };
+        // Discard a request body: the response does not depend on it.
+        tokio::io::copy(&mut (&mut reader).take(head.content_length), &mut tokio::io::sink())
+            .await?;
+        let close = head.close || stop.load(Ordering::Relaxed);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" },
+        );
+        writer.write_all(response.as_bytes()).await?;
+        if close {
+            return writer.shutdown().await;
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct RequestHead {
+    content_length: u64,
+    close: bool,
+}
+
+/// Reads one request head. `None` at a clean EOF before any byte; `Some(Err(()))` for a
+/// request this server will not parse.
+async fn read_request_head<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut String,
+) -> io::Result<Option<Result<RequestHead, ()>>> {
+    line.clear();
+    if (&mut *reader).take(MAX_LINE).read_line(line).await? == 0 {
+        return Ok(None);
+    }
+    let Some(version) = line.split_whitespace().nth(2) else {
+        return Ok(Some(Err(())));
+    };
+    let mut head = RequestHead {
+        content_length: 0,
+        close: version != "HTTP/1.1",
+    };
+    for _ in 0..MAX_HEADERS {
+        line.clear();
+        if (&mut *reader).take(MAX_LINE).read_line(line).await? == 0 {
+            return Ok(Some(Err(())));
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            return Ok(Some(Ok(head)));
+        }
+        let Some((name, value)) = header.split_once(':') else {
+            return Ok(Some(Err(())));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            match value.parse() {
+                Ok(length) => head.content_length = length,
+                Err(_) => return Ok(Some(Err(()))),
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            if value.eq_ignore_ascii_case("close") {
+                head.close = true;
+            } else if value.eq_ignore_ascii_case("keep-alive") {
+                head.close = false;
+            }
+        }
+    }
+    Ok(Some(Err(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn head(raw: &str) -> Option<Result<RequestHead, ()>> {
+        let mut reader = BufReader::new(raw.as_bytes());
+        read_request_head(&mut reader, &mut String::new()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn parses_request_heads() {
+        assert_eq!(head("").await, None);
+        assert_eq!(
+            head("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
+            Some(Ok(RequestHead { content_length: 0, close: false }))
+        );
+        assert_eq!(
+            head("POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n").await,
+            Some(Ok(RequestHead { content_length: 5, close: true }))
+        );
+        assert_eq!(
+            head("GET / HTTP/1.0\r\n\r\n").await,
+            Some(Ok(RequestHead { content_length: 0, close: true }))
+        );
+        assert_eq!(
+            head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").await,
+            Some(Ok(RequestHead { content_length: 0, close: false }))
+        );
+        assert_eq!(head("garbage\r\n\r\n").await, Some(Err(())));
+        assert_eq!(head("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n").await, Some(Err(())));
+        assert_eq!(head("GET / HTTP/1.1\r\nHost: x\r\n").await, Some(Err(())));
+    }
+
+    #[tokio::test]
+    async fn serves_keep_alive_then_close() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            serve_http(conn, &AtomicBool::new(false), "hi\n").await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).await.unwrap();
+        server.await.unwrap().unwrap();
+        assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply}");
+        assert_eq!(reply.matches("hi\n").count(), 2);
+        assert!(reply.contains("Connection: keep-alive") && reply.ends_with("Connection: close\r\n\r\nhi\n"));
+    }
+
+    #[test]
+    fn shared_stats_are_shared() {
+        let ours = SharedStats::create(0).unwrap();
+        let theirs = SharedStats::map(ours.fd().try_clone().unwrap()).unwrap();
+        theirs.stats().accepted.fetch_add(3, Ordering::Relaxed);
+        assert_eq!(ours.stats().accepted.load(Ordering::Relaxed), 3);
+    }
+}

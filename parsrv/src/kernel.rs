@@ -1,0 +1,309 @@
+//! What parsrv asks of the running kernel: struct offsets from BTF, capabilities, bpffs, and
+//! exact per-listener queue depths.
+
+use std::{
+    ffi::CString,
+    io, mem,
+    os::fd::{AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use btf_rs::{Btf, Type};
+use parsrv_common::KernelOffsets;
+
+use crate::error::{Error, Result};
+
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Overrides [`VMLINUX_BTF`], for kernels that ship BTF as a separate file.
+pub const VMLINUX_BTF_ENV: &str = "PARSRV_VMLINUX_BTF";
+
+pub fn vmlinux_btf_path() -> PathBuf {
+    std::env::var_os(VMLINUX_BTF_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(VMLINUX_BTF))
+}
+
+/// Reads the offsets the program needs from the running kernel's BTF.
+pub fn kernel_offsets() -> Result<KernelOffsets> {
+    let path = vmlinux_btf_path();
+    if !path.is_file() {
+        return Err(Error::NoBtf { path });
+    }
+    let btf = Btf::from_file(&path).map_err(|e| Error::BtfLayout {
+        path: path.clone(),
+        what: format!("a readable BTF ({e})"),
+    })?;
+    let layout = |structure: &str, members: &[&str], size: usize| {
+        member_offset(&btf, structure, members, size).map_err(|what| Error::BtfLayout {
+            path: path.clone(),
+            what,
+        })
+    };
+    Ok(KernelOffsets {
+        sk_ack_backlog: layout("sock", &["sk_ack_backlog"], 4)?,
+        sk_max_ack_backlog: layout("sock", &["sk_max_ack_backlog"], 4)?,
+        sk_reuseport_cb: layout("sock", &["sk_reuseport_cb"], 8)?,
+        skc_cookie: layout("sock", &["__sk_common", "skc_cookie"], 8)?,
+        accept_queue_qlen: layout("inet_connection_sock", &["icsk_accept_queue", "qlen"], 4)?,
+        reuseport_num_socks: layout("sock_reuseport", &["num_socks"], 2)?,
+        reuseport_socks: layout("sock_reuseport", &["socks"], 0)?,
+    })
+}
+
+/// Byte offset of `members` (a path through nested members, looking through anonymous
+/// structs and unions) inside struct `structure`. `size`, when not 0, is the byte size the
+/// program reads there, and must match the member's type, so that a kernel whose field
+/// changed width is refused instead of misread.
+fn member_offset(
+    btf: &Btf,
+    structure: &str,
+    members: &[&str],
+    size: usize,
+) -> Result<u32, String> {
+    let what = || format!("struct {structure}.{}", members.join("."));
+    let mut current = btf
+        .resolve_types_by_name(structure)
+        .map_err(|_| what())?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .ok_or_else(what)?;
+    let mut offset_bits = 0u32;
+    for name in members {
+        let (bits, ty) = find_member(btf, &current, name).ok_or_else(what)?;
+        offset_bits += bits;
+        current = ty;
+    }
+    if offset_bits % 8 != 0 {
+        return Err(format!("{} at a byte boundary", what()));
+    }
+    if size != 0 && type_size(btf, &current) != Some(size) {
+        return Err(format!("{} of {size} bytes", what()));
+    }
+    Ok(offset_bits / 8)
+}
+
+/// Finds `name` among the members of a struct or union, descending into anonymous members.
+/// Returns its bit offset and its type with typedefs and qualifiers peeled off.
+fn find_member(btf: &Btf, container: &Type, name: &str) -> Option<(u32, Type)> {
+    let (Type::Struct(s) | Type::Union(s)) = container else {
+        return None;
+    };
+    for member in &s.members {
+        let member_name = btf.resolve_name(member).unwrap_or_default();
+        let ty = peel(btf, btf.resolve_chained_type(member).ok()?)?;
+        if member_name == name {
+            return Some((member.bit_offset(), ty));
+        }
+        if member_name.is_empty() {
+            if let Some((bits, found)) = find_member(btf, &ty, name) {
+                return Some((member.bit_offset() + bits, found));
+            }
+        }
+    }
+    None
+}
+
+fn peel(btf: &Btf, mut ty: Type) -> Option<Type> {
+    loop {
+        match &ty {
+            Type::Typedef(_) | Type::Volatile(_) | Type::Const(_) | Type::Restrict(_)
+            | Type::TypeTag(_) => {
+                ty = btf.resolve_chained_type(ty.as_btf_type()?).ok()?;
+            }
+            _ => return Some(ty),
+        }
+    }
+}
+
+fn type_size(_btf: &Btf, ty: &Type) -> Option<usize> {
+    match ty {
+        Type::Int(i) => Some(i.size()),
+        Type::Ptr(_) => Some(8),
+        Type::Struct(s) | Type::Union(s) => Some(s.size()),
+        Type::Enum(e) => Some(e.size()),
+        _ => None,
+    }
+}
+
+// Linux capability numbers (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+fn effective_capabilities() -> io::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
+}
+
+fn has_capability(caps: u64, cap: u32) -> bool {
+    caps & (1 << cap) != 0
+}
+
+/// Fails with the list of missing capabilities unless this process may load and attach the
+/// program: CAP_BPF (load), CAP_PERFMON (bpf_probe_read_kernel and pointer reads in it).
+pub fn check_capabilities() -> Result<()> {
+    let caps = effective_capabilities().map_err(Error::io("reading /proc/self/status"))?;
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(cap, _)| !has_capability(caps, *cap))
+        .map(|(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingCapabilities {
+            missing: missing.join(" and "),
+        })
+    }
+}
+
+/// Where bpffs is expected.
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Makes sure bpffs is mounted at `path`, mounting it if it is not.
+pub fn ensure_bpffs(path: &Path) -> Result<()> {
+    if is_bpffs(path) {
+        return Ok(());
+    }
+    let no_bpffs = |source| Error::NoBpffs {
+        path: path.to_owned(),
+        source,
+    };
+    if !has_capability(effective_capabilities().unwrap_or(0), CAP_SYS_ADMIN) {
+        return Err(no_bpffs(io::Error::from_raw_os_error(libc::EPERM)));
+    }
+    std::fs::create_dir_all(path).map_err(no_bpffs)?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| no_bpffs(e.into()))?;
+    log::info!("mounted bpffs at {}", path.display());
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat: libc::statfs = unsafe { mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a statfs buffer of the right type.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// A listener's accept queue as the kernel reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueDepth {
+    /// Established connections waiting for accept() (`sk_ack_backlog`).
+    pub depth: u32,
+    /// `sk_max_ack_backlog`: min(listen backlog, net.core.somaxconn). The queue is full
+    /// above this: it holds `capacity + 1`.
+    pub capacity: u32,
+}
+
+/// Reads a listener's queue with getsockopt(TCP_INFO): on a LISTEN socket, tcpi_unacked is
+/// sk_ack_backlog and tcpi_sacked is sk_max_ack_backlog. Exact and lock-free.
+pub fn queue_depth(fd: BorrowedFd<'_>) -> io::Result<QueueDepth> {
+    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: buffer and length describe a tcp_info.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(QueueDepth {
+        depth: info.tcpi_unacked,
+        capacity: info.tcpi_sacked,
+    })
+}
+
+/// The socket's cookie, created on first use: the program finds listeners by cookie, and
+/// `skc_cookie` stays 0 until something asks for it.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: buffer and length describe a u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_bits() {
+        let caps = (1u64 << CAP_BPF) | (1 << CAP_SYS_ADMIN);
+        assert!(has_capability(caps, CAP_BPF));
+        assert!(!has_capability(caps, CAP_PERFMON));
+    }
+
+    /// Needs only a readable /sys/kernel/btf/vmlinux (no privilege), which every kernel
+    /// parsrv supports has; on a machine without it the test says so and fails.
+    #[test]
+    fn offsets_from_running_kernel_btf_are_plausible() {
+        let offsets = kernel_offsets().expect("kernel BTF");
+        // Layout facts that hold on every kernel: the queue fields are adjacent u32s,
+        // sock_common comes first in struct sock, and socks[] follows the header.
+        assert_eq!(offsets.sk_max_ack_backlog, offsets.sk_ack_backlog + 4);
+        assert!(offsets.skc_cookie < 136, "{offsets:?}");
+        assert!(offsets.reuseport_num_socks < offsets.reuseport_socks);
+        assert!(offsets.accept_queue_qlen > offsets.sk_reuseport_cb);
+    }
+
+    #[test]
+    fn a_missing_member_is_named() {
+        let btf = Btf::from_file(vmlinux_btf_path()).expect("kernel BTF");
+        let err = member_offset(&btf, "sock", &["no_such_member"], 4).unwrap_err();
+        assert_eq!(err, "struct sock.no_such_member");
+        let err = member_offset(&btf, "sock", &["sk_ack_backlog"], 8).unwrap_err();
+        assert!(err.contains("of 8 bytes"), "{err}");
+    }
+
+    #[test]
+    fn queue_depth_of_a_fresh_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let before = queue_depth(std::os::fd::AsFd::as_fd(&listener)).unwrap();
+        assert_eq!(before.depth, 0);
+        assert!(before.capacity > 0);
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // The handshake completes in the kernel: one connection waits for accept().
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while queue_depth(std::os::fd::AsFd::as_fd(&listener)).unwrap().depth == 0 {
+            assert!(std::time::Instant::now() < deadline, "connection never queued");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let cookie = socket_cookie(std::os::fd::AsFd::as_fd(&listener)).unwrap();
+        assert_ne!(cookie, 0);
+        assert_eq!(socket_cookie(std::os::fd::AsFd::as_fd(&listener)).unwrap(), cookie);
+    }
+}

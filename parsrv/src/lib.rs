@@ -1,0 +1,21 @@
+//! parsrv: many handler processes serve one port in parallel, with no dispatcher process.
+//!
+//! A spawner ([`spawner`]) creates a group of SO_REUSEPORT sockets on one address and port
+//! ([`group`]), one per handler process ([`handler`]). An SK_REUSEPORT eBPF program
+//! ([`program`], source in parsrv-ebpf) picks, in the kernel, for every new connection, a
+//! socket whose accept queue has room, reading the queues' real depth at offsets taken from
+//! the kernel's BTF ([`kernel`]). `parsrv status` ([`status`]) asks the spawner through its
+//! control socket ([`control`]).
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod group;
+pub mod handler;
+pub mod kernel;
+pub mod program;
+pub mod spawner;
+pub mod status;
+
+pub use error::{Error, Result};

@@ -1,0 +1,258 @@
+//! Loading the SK_REUSEPORT program, registering the group's sockets in its maps, attaching
+//! it to the group, pinning the maps, and reading its counters.
+
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, ReusePortSockArray},
+    programs::{ProgramError, SkReuseport},
+    Ebpf, EbpfLoader,
+};
+use parsrv_common::{names, GlobalCounters, ProgramConfig, SlotCounters, MAX_SOCKETS};
+
+use crate::{
+    error::{Error, Result},
+    group::Listener,
+};
+
+/// The object built from parsrv-ebpf; empty when the eBPF build was skipped (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/parsrv-ebpf.o"));
+
+/// True when this binary carries the eBPF object.
+pub fn object_embedded() -> bool {
+    !OBJECT.is_empty()
+}
+
+/// The loaded program and its maps. Dropping it unloads the program unless a group still
+/// holds it (detach explicitly with [`Steering::detach`]).
+pub struct Steering {
+    ebpf: Ebpf,
+    sockets: ReusePortSockArray<MapData>,
+    slot_by_cookie: HashMap<MapData, u64, u32>,
+    slot_counters: PerCpuArray<MapData, SlotCounters>,
+    global_counters: PerCpuArray<MapData, GlobalCounters>,
+    config: Array<MapData, ProgramConfig>,
+    /// Maps pinned in a staging directory, and where they go once published.
+    staged: Option<(Pins, PathBuf)>,
+}
+
+/// The program's own cost, from the kernel (needs kernel.bpf_stats_enabled=1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunStats {
+    pub program_id: u32,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    /// Whether kernel.bpf_stats_enabled is on (otherwise the two figures stay 0).
+    pub stats_enabled: bool,
+}
+
+impl Steering {
+    /// Loads the program with expected attach type SELECT_OR_MIGRATE and writes `config`.
+    ///
+    /// With `pin_dir`, the maps are pinned at once into a staging directory beside it, which
+    /// [`Steering::publish_pins`] renames to `pin_dir` in one step (so a reader never sees
+    /// half a set) and which is removed if anything fails before.
+    pub fn load(config: ProgramConfig, pin_dir: Option<&Path>) -> Result<Self> {
+        if !object_embedded() {
+            return Err(Error::NoEbpfObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
+        let program: &mut SkReuseport = ebpf
+            .program_mut(names::PROGRAM)
+            .ok_or_else(|| missing(names::PROGRAM))?
+            .try_into()
+            .map_err(Error::ebpf("the parsrv program has the wrong type"))?;
+        program.load().map_err(load_error)?;
+
+        let staged = pin_dir.map(Pins::staging).transpose()?;
+        let mut take = |name: &str| -> Result<Map> {
+            let map = ebpf.take_map(name).ok_or_else(|| missing(name))?;
+            if let Some(staged) = &staged {
+                map.pin(staged.0.join(name))
+                    .map_err(Error::ebpf(format!("pinning map {name}")))?;
+            }
+            Ok(map)
+        };
+        let sockets = take(names::SOCKETS)?;
+        let slot_by_cookie = take(names::SLOT_BY_COOKIE)?;
+        let slot_counters = take(names::SLOT_COUNTERS)?;
+        let global_counters = take(names::GLOBAL_COUNTERS)?;
+        let config_map = take(names::CONFIG)?;
+        let typed = |name: &str| Error::ebpf(format!("map {name} has the wrong type"));
+        let mut steering = Steering {
+            sockets: sockets.try_into().map_err(typed(names::SOCKETS))?,
+            slot_by_cookie: slot_by_cookie.try_into().map_err(typed(names::SLOT_BY_COOKIE))?,
+            slot_counters: slot_counters.try_into().map_err(typed(names::SLOT_COUNTERS))?,
+            global_counters: global_counters
+                .try_into()
+                .map_err(typed(names::GLOBAL_COUNTERS))?,
+            config: config_map.try_into().map_err(typed(names::CONFIG))?,
+            staged: staged.zip(pin_dir.map(Path::to_owned)),
+            ebpf,
+        };
+        steering.set_config(config)?;
+        Ok(steering)
+    }
+
+    /// Moves the staged pins to the directory given to [`Steering::load`]. The returned
+    /// guard removes them when dropped.
+    pub fn publish_pins(&mut self) -> Result<Option<Pins>> {
+        let Some((staged, dir)) = self.staged.take() else {
+            return Ok(None);
+        };
+        fs::rename(&staged.0, &dir)
+            .map_err(Error::io(format!("moving pinned maps to {}", dir.display())))?;
+        std::mem::forget(staged);
+        Ok(Some(Pins(dir)))
+    }
+
+    /// Replaces the program's configuration; it applies from the next connection on.
+    pub fn set_config(&mut self, config: ProgramConfig) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .map_err(Error::ebpf("writing the program's CONFIG"))
+    }
+
+    fn program(&self) -> &SkReuseport {
+        self.ebpf
+            .program(names::PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Steering::load")
+    }
+
+    /// Makes `listener` selectable as `slot`. The socket must already listen.
+    pub fn register(&mut self, slot: u32, listener: &Listener) -> Result<()> {
+        if slot >= MAX_SOCKETS {
+            return Err(Error::ebpf(format!("registering slot {slot}"))(anyhow::anyhow!(
+                "slots are 0 to {}",
+                MAX_SOCKETS - 1
+            )));
+        }
+        let context = format!("registering the socket of slot {slot}");
+        self.slot_by_cookie
+            .insert(listener.cookie(), slot, 0)
+            .map_err(Error::ebpf(context.clone()))?;
+        self.sockets
+            .set(slot, listener.socket(), 0)
+            .map_err(Error::ebpf(context))
+    }
+
+    /// Attaches the program to the reuseport group `member` belongs to. From then on it
+    /// picks the socket for every new connection to the group.
+    pub fn attach(&self, member: &Listener) -> Result<()> {
+        self.program()
+            .attach(member.as_fd())
+            .map_err(Error::ebpf("attaching the program to the socket group"))
+    }
+
+    /// Detaches whatever program the group of `member` has; the kernel's hash takes over.
+    pub fn detach(member: &impl AsFd) -> Result<()> {
+        SkReuseport::detach(member.as_fd())
+            .map_err(Error::ebpf("detaching the program from the socket group"))
+    }
+
+    /// Per-slot counters summed over CPUs, for slots `0..slots`.
+    pub fn slot_counters(&self, slots: u32) -> Result<Vec<SlotCounters>> {
+        (0..slots)
+            .map(|slot| {
+                let per_cpu = self
+                    .slot_counters
+                    .get(&slot, 0)
+                    .map_err(Error::ebpf("reading SLOT_COUNTERS"))?;
+                let mut sum = SlotCounters::default();
+                per_cpu.iter().for_each(|c| sum.add(c));
+                Ok(sum)
+            })
+            .collect()
+    }
+
+    /// Internal errors (each one a connection served by the kernel's hash), summed over CPUs.
+    pub fn global_counters(&self) -> Result<GlobalCounters> {
+        let per_cpu = self
+            .global_counters
+            .get(&0, 0)
+            .map_err(Error::ebpf("reading GLOBAL_COUNTERS"))?;
+        let mut sum = GlobalCounters::default();
+        per_cpu.iter().for_each(|c| sum.add(c));
+        Ok(sum)
+    }
+
+    pub fn run_stats(&self) -> Result<RunStats> {
+        let info = self
+            .program()
+            .info()
+            .map_err(Error::ebpf("reading the program's info"))?;
+        Ok(RunStats {
+            program_id: info.id(),
+            run_count: info.run_count(),
+            run_time_ns: info.run_time().as_nanos() as u64,
+            stats_enabled: fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+                .is_ok_and(|s| s.trim() == "1"),
+        })
+    }
+}
+
+fn missing(name: &str) -> Error {
+    Error::ebpf("the embedded eBPF object is not parsrv's")(anyhow::anyhow!("it has no {name}"))
+}
+
+fn load_error(e: ProgramError) -> Error {
+    if let ProgramError::LoadError { io_error, .. } = &e {
+        if io_error.raw_os_error() == Some(libc::EPERM) {
+            return Error::MissingCapabilities {
+                missing: "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (the kernel said EPERM)".into(),
+            };
+        }
+    }
+    Error::ebpf("the kernel refused the parsrv program (verifier log follows)")(e)
+}
+
+/// Pinned maps: removed (files and directory) when dropped.
+#[derive(Debug)]
+pub struct Pins(PathBuf);
+
+impl Pins {
+    /// A fresh staging directory beside `dir`, named for this process.
+    fn staging(dir: &Path) -> Result<Pins> {
+        let parent = dir.parent().expect("pin directory has a parent");
+        fs::create_dir_all(parent).map_err(Error::io(format!("creating {}", parent.display())))?;
+        // bpffs refuses '.' in names; group names cannot start with '_'.
+        let staging = parent.join(format!(
+            "_staging-{}-{}",
+            dir.file_name().expect("pin directory has a name").to_string_lossy(),
+            std::process::id()
+        ));
+        fs::create_dir(&staging).map_err(Error::io(format!("creating {}", staging.display())))?;
+        Ok(Pins(staging))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// Removes a pin directory left by a spawner that died without cleaning up.
+    pub fn remove_stale(dir: &Path) -> Result<()> {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => {
+                log::warn!("removed stale pins at {}", dir.display());
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing stale pins at {}", dir.display()))(e)),
+        }
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            log::error!("could not remove pins at {}: {e}", self.0.display());
+        }
+    }
+}

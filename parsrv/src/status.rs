@@ -1,0 +1,194 @@
+//! What `parsrv status` reports: the spawner builds a [`GroupStatus`] on request and the CLI
+//! prints it as a table or as JSON (the schema is documented in the README).
+
+use std::{fmt::Write as _, net::SocketAddr, path::PathBuf};
+
+use parsrv_common::{GlobalCounters, SlotCounters};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{HandlerKind, Policy, WhenFull},
+    kernel::QueueDepth,
+    program::RunStats,
+};
+
+/// Bumped on any incompatible change to the JSON.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub schema: u32,
+    pub name: String,
+    pub listen: SocketAddr,
+    pub policy: Policy,
+    pub when_full: WhenFull,
+    pub backlog: u32,
+    pub handler: HandlerKind,
+    pub threads: u32,
+    pub spawner_pid: u32,
+    /// Where the maps are pinned.
+    pub pins: Option<PathBuf>,
+    pub handlers: Vec<HandlerStatus>,
+    pub sockets: Vec<SocketStatus>,
+    /// Connections the program served by the kernel's hash because of an internal error.
+    pub errors: GlobalCounters,
+    pub program: RunStats,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerStatus {
+    pub slot: u32,
+    /// The current process, if one is running.
+    pub pid: Option<u32>,
+    pub alive: bool,
+    /// Times this slot's handler was started again after exiting.
+    pub restarts: u32,
+    /// How the last process of this slot ended, if one did.
+    pub last_exit: Option<String>,
+    pub accepted: u64,
+    /// accept() calls that lost the race to another thread of the handler (EAGAIN).
+    pub lost_races: u64,
+    pub active: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketStatus {
+    pub slot: u32,
+    pub cookie: u64,
+    /// Read with TCP_INFO when the status was taken; `None` if that failed.
+    pub queue: Option<QueueDepth>,
+    pub counters: SlotCounters,
+}
+
+impl GroupStatus {
+    /// Human-readable form.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "group {}  listen {}  policy {}  when-full {}  backlog {}  handler {} x{} threads  spawner pid {}",
+            self.name,
+            self.listen,
+            self.policy,
+            self.when_full,
+            self.backlog,
+            self.handler,
+            self.threads,
+            self.spawner_pid
+        );
+        let _ = writeln!(
+            out,
+            "{:>4} {:>8} {:>5} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
+            "slot", "pid", "alive", "restarts", "queue/max", "selected", "redirected", "dropped",
+            "refused", "migrated", "accepted", "lost-races"
+        );
+        for (handler, socket) in self.handlers.iter().zip(&self.sockets) {
+            let pid = handler.pid.map_or("-".to_string(), |p| p.to_string());
+            let queue = socket
+                .queue
+                .map_or("?".to_string(), |q| format!("{}/{}", q.depth, q.capacity));
+            let c = &socket.counters;
+            let _ = writeln!(
+                out,
+                "{:>4} {:>8} {:>5} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
+                handler.slot,
+                pid,
+                if handler.alive { "yes" } else { "NO" },
+                handler.restarts,
+                queue,
+                c.selected,
+                c.redirected_away,
+                c.dropped,
+                c.refused,
+                c.migrated_in,
+                handler.accepted,
+                handler.lost_races
+            );
+        }
+        let _ = write!(
+            out,
+            "program id {}: {} fail-open errors",
+            self.program.program_id,
+            self.errors.total()
+        );
+        if self.program.stats_enabled && self.program.run_count > 0 {
+            let _ = write!(
+                out,
+                ", {} runs, {:.0} ns/run",
+                self.program.run_count,
+                self.program.run_time_ns as f64 / self.program.run_count as f64
+            );
+        } else {
+            let _ = write!(out, " (run time: sysctl kernel.bpf_stats_enabled=1)");
+        }
+        if let Some(pins) = &self.pins {
+            let _ = write!(out, "\nmaps pinned at {}", pins.display());
+        }
+        out.push('\n');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> GroupStatus {
+        GroupStatus {
+            schema: SCHEMA_VERSION,
+            name: "web".into(),
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            policy: Policy::LeastLoaded,
+            when_full: WhenFull::Refuse,
+            backlog: 16,
+            handler: HandlerKind::Http,
+            threads: 2,
+            spawner_pid: 42,
+            pins: Some("/sys/fs/bpf/parsrv/web".into()),
+            handlers: vec![HandlerStatus {
+                slot: 0,
+                pid: Some(43),
+                alive: true,
+                accepted: 7,
+                lost_races: 2,
+                ..Default::default()
+            }],
+            sockets: vec![SocketStatus {
+                slot: 0,
+                cookie: 99,
+                queue: Some(QueueDepth { depth: 3, capacity: 16 }),
+                counters: SlotCounters {
+                    selected: 10,
+                    redirected_away: 1,
+                    ..Default::default()
+                },
+            }],
+            errors: GlobalCounters::default(),
+            program: RunStats {
+                program_id: 5,
+                run_count: 10,
+                run_time_ns: 700,
+                stats_enabled: true,
+            },
+        }
+    }
+
+    #[test]
+    fn json_round_trips_with_kebab_case_enums() {
+        let status = sample();
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(json.contains(r#""policy":"least-loaded""#), "{json}");
+        assert!(json.contains(r#""when_full":"refuse""#), "{json}");
+        assert_eq!(serde_json::from_str::<GroupStatus>(&json).unwrap(), status);
+    }
+
+    #[test]
+    fn table_shows_queue_counters_and_cost() {
+        let text = sample().render();
+        assert!(text.contains("policy least-loaded"), "{text}");
+        let row = text.lines().nth(2).unwrap();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["0", "43", "yes", "0", "3/16", "10", "1", "0", "0", "0", "7", "2"]);
+        assert!(text.contains("70 ns/run"), "{text}");
+    }
+}
