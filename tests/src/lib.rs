@@ -1,0 +1,524 @@
+//! Helpers for parsrv's privileged integration tests (tests/tests/*.rs).
+//!
+//! Every test runs inside [`in_netns`]: a network namespace of its own with only loopback,
+//! so tests cannot disturb each other or the host, and kernel counters read there
+//! ([`NetCounters`]) count only that test's traffic. Every load is bounded in connections
+//! and time. The tests are `#[ignore]`d so that a plain `cargo test` stays unprivileged;
+//! `cargo xtask test` runs them as root with `--ignored`.
+
+use std::{
+    fs,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::process::CommandExt,
+    },
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use parsrv::{
+    control::{self, Request, Response},
+    status::GroupStatus,
+};
+
+pub use parsrv;
+
+/// The parsrv binary under test (built by `cargo xtask test`, which sets PARSRV_BIN).
+pub fn parsrv_bin() -> PathBuf {
+    std::env::var_os("PARSRV_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/parsrv")
+        })
+}
+
+/// Runs `test` on a thread of its own inside a new network namespace with loopback up.
+/// Processes it starts inherit that namespace.
+pub fn in_netns<T: Send + 'static>(test: impl FnOnce() -> T + Send + 'static) -> T {
+    thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("unshare(CLONE_NEWNET): the integration tests must run as root");
+        loopback_up().expect("bringing up lo in the test's namespace");
+        test()
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+fn loopback_up() -> io::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    // SAFETY: ifreq is plain data; the ioctls read and write only it.
+    unsafe {
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Kernel TCP counters of the calling thread's network namespace.
+///
+/// Read from /proc/thread-self/net: /proc/net follows the main thread, whose namespace is
+/// not the test's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    pub listen_overflows: u64,
+    pub listen_drops: u64,
+    pub out_rsts: u64,
+    pub migrate_req_success: u64,
+    pub migrate_req_failure: u64,
+}
+
+impl NetCounters {
+    pub fn read() -> Self {
+        let netstat = fs::read_to_string("/proc/thread-self/net/netstat").expect("netstat");
+        let snmp = fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
+        NetCounters {
+            listen_overflows: counter(&netstat, "TcpExt", "ListenOverflows"),
+            listen_drops: counter(&netstat, "TcpExt", "ListenDrops"),
+            out_rsts: counter(&snmp, "Tcp", "OutRsts"),
+            migrate_req_success: counter(&netstat, "TcpExt", "TCPMigrateReqSuccess"),
+            migrate_req_failure: counter(&netstat, "TcpExt", "TCPMigrateReqFailure"),
+        }
+    }
+
+    /// What happened between `self` and `later`.
+    pub fn delta(&self, later: &Self) -> Self {
+        NetCounters {
+            listen_overflows: later.listen_overflows - self.listen_overflows,
+            listen_drops: later.listen_drops - self.listen_drops,
+            out_rsts: later.out_rsts - self.out_rsts,
+            migrate_req_success: later.migrate_req_success - self.migrate_req_success,
+            migrate_req_failure: later.migrate_req_failure - self.migrate_req_failure,
+        }
+    }
+}
+
+/// One counter from a /proc/net/{netstat,snmp} table: a header line and a value line that
+/// start with the same `prefix:`.
+fn counter(table: &str, prefix: &str, name: &str) -> u64 {
+    let prefix = format!("{prefix}:");
+    let mut lines = table.lines().filter(|l| l.starts_with(&prefix));
+    let (header, values) = (lines.next().expect("header"), lines.next().expect("values"));
+    header
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(h, _)| *h == name)
+        .unwrap_or_else(|| panic!("no {name} in {prefix}"))
+        .1
+        .parse()
+        .expect("a number")
+}
+
+/// A `parsrv run` process, stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct Spawner {
+    child: Option<Child>,
+    pub name: String,
+    log: PathBuf,
+}
+
+impl Spawner {
+    /// Starts `parsrv run --name NAME ARGS...` and waits until every handler is up.
+    pub fn start(name: &str, args: &[&str]) -> Spawner {
+        let log = std::env::temp_dir().join(format!("parsrv-test-{name}.log"));
+        let child = Command::new(parsrv_bin())
+            .args(["run", "--name", name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting parsrv run");
+        let mut spawner = Spawner {
+            child: Some(child),
+            name: name.to_owned(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = spawner.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("parsrv run exited early ({status}):\n{}", spawner.log());
+            }
+            if let Some(status) = spawner.try_status() {
+                if status.handlers.iter().all(|h| h.alive) {
+                    return spawner;
+                }
+            }
+            assert!(Instant::now() < deadline, "group never came up:\n{}", spawner.log());
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_status(&self) -> Option<GroupStatus> {
+        match control::request(&self.name, &Request::Status) {
+            Ok(Response::Status(status)) => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The group's status, as `parsrv status --json` reports it.
+    pub fn status(&self) -> GroupStatus {
+        self.try_status()
+            .unwrap_or_else(|| panic!("no status from {}:\n{}", self.name, self.log()))
+    }
+
+    /// Same, through the real CLI: `parsrv status NAME --json`.
+    pub fn status_via_cli(&self) -> GroupStatus {
+        let out = Command::new(parsrv_bin())
+            .args(["status", &self.name, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    pub fn handler_pid(&self, slot: usize) -> u32 {
+        self.status().handlers[slot].pid.expect("handler running")
+    }
+
+    /// Sends SIGTERM and waits for the spawner to exit (killing it after 20 s).
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        stop_child(&mut child)
+    }
+}
+
+fn stop_child(child: &mut Child) -> ExitStatus {
+    signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("parsrv run did not stop within 20 s of SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child);
+        }
+    }
+}
+
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+        .unwrap_or_else(|e| panic!("kill({pid}, {signal}): {e}"));
+}
+
+/// Waits until `done` holds, for at most `limit`; says whether it did.
+pub fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    done()
+}
+
+/// How one client connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Ok,
+    /// connect() did not complete in time: SYNs dropped.
+    ConnectTimeout,
+    /// connect() was answered with a RST.
+    Refused,
+    /// The connection was reset after it was established.
+    Reset,
+    /// Connected, but no complete answer in time.
+    NoAnswer,
+    Other,
+}
+
+fn classify(e: &io::Error) -> Outcome {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => Outcome::Reset,
+        _ => Outcome::Other,
+    }
+}
+
+/// Connects with a deadline.
+pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Outcome> {
+    TcpStream::connect_timeout(&addr, timeout).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Outcome::ConnectTimeout,
+        _ => classify(&e),
+    })
+}
+
+pub const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: parsrv-test\r\nConnection: close\r\n\r\n";
+
+/// Reads an HTTP answer to the end; returns it if it is a 200.
+pub fn read_answer(stream: &mut TcpStream, timeout: Duration) -> Result<String, Outcome> {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut answer = String::new();
+    match stream.read_to_string(&mut answer) {
+        Ok(_) if answer.starts_with("HTTP/1.1 200 OK") => Ok(answer),
+        Ok(_) => Err(Outcome::NoAnswer),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(Outcome::NoAnswer)
+        }
+        Err(e) => Err(classify(&e)),
+    }
+}
+
+/// One HTTP request on a new connection, each step within `timeout`.
+pub fn http_get(addr: SocketAddr, timeout: Duration) -> Outcome {
+    let mut stream = match connect(addr, timeout) {
+        Ok(s) => s,
+        Err(outcome) => return outcome,
+    };
+    if let Err(e) = stream.write_all(HTTP_REQUEST) {
+        return classify(&e);
+    }
+    match read_answer(&mut stream, timeout) {
+        Ok(_) => Outcome::Ok,
+        Err(outcome) => outcome,
+    }
+}
+
+/// What a bounded load produced.
+#[derive(Debug, Default, Clone)]
+pub struct LoadResult {
+    pub outcomes: Vec<Outcome>,
+}
+
+impl LoadResult {
+    pub fn count(&self, outcome: Outcome) -> usize {
+        self.outcomes.iter().filter(|o| **o == outcome).count()
+    }
+
+    pub fn failures(&self) -> usize {
+        self.outcomes.len() - self.count(Outcome::Ok)
+    }
+}
+
+/// `threads` clients each making `per_thread` HTTP requests, one connection each, every
+/// step within `timeout`. Bounded: at most threads x per_thread connections, each ending
+/// within about 2 x timeout.
+pub fn http_load(addr: SocketAddr, threads: usize, per_thread: usize, timeout: Duration) -> LoadResult {
+    let outcomes = Arc::new(Mutex::new(Vec::with_capacity(threads * per_thread)));
+    let clients: Vec<_> = (0..threads)
+        .map(|_| {
+            let outcomes = outcomes.clone();
+            thread::spawn(move || {
+                for _ in 0..per_thread {
+                    let outcome = http_get(addr, timeout);
+                    outcomes.lock().unwrap().push(outcome);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    let outcomes = Arc::try_unwrap(outcomes).unwrap().into_inner().unwrap();
+    LoadResult { outcomes }
+}
+
+/// A plain SO_REUSEPORT group with no program, for control runs in the same test: `count`
+/// sockets on `addr`; the sockets whose index is in `serving` get a thread that answers
+/// HTTP like parsrv's http handler; the others never accept. Stops when dropped.
+pub struct PlainGroup {
+    pub sockets: Vec<Arc<socket2::Socket>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    servers: Vec<thread::JoinHandle<()>>,
+}
+
+impl PlainGroup {
+    pub fn start(addr: SocketAddr, count: usize, backlog: i32, serving: &[usize]) -> PlainGroup {
+        let sockets: Vec<_> = (0..count)
+            .map(|_| {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )
+                .unwrap();
+                s.set_reuse_port(true).unwrap();
+                s.bind(&addr.into()).unwrap();
+                s.listen(backlog).unwrap();
+                s.set_nonblocking(true).unwrap();
+                Arc::new(s)
+            })
+            .collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let servers = serving
+            .iter()
+            .map(|&i| {
+                let (socket, stop) = (sockets[i].clone(), stop.clone());
+                thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match socket.accept() {
+                            Ok((conn, _)) => {
+                                let mut conn: TcpStream = conn.into();
+                                conn.set_nonblocking(false).unwrap();
+                                thread::spawn(move || answer_http(&mut conn));
+                            }
+                            Err(_) => thread::sleep(Duration::from_millis(1)),
+                        }
+                    }
+                })
+            })
+            .collect();
+        PlainGroup {
+            sockets,
+            stop,
+            servers,
+        }
+    }
+}
+
+fn answer_http(conn: &mut TcpStream) {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = conn.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nplain\n",
+    );
+}
+
+impl Drop for PlainGroup {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for server in self.servers.drain(..) {
+            let _ = server.join();
+        }
+    }
+}
+
+/// A copy of file descriptor `fd` of process `pid` (pidfd_getfd; needs root).
+pub fn fd_of_process(pid: u32, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: raw syscalls with plain integer arguments; results checked.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if copy < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(copy as RawFd))
+    }
+}
+
+/// Whether `fd` is a listening socket.
+pub fn is_listening(fd: &OwnedFd) -> bool {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && accepting == 1
+}
+
+/// IDs of loaded programs named like parsrv's.
+pub fn loaded_parsrv_programs() -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(parsrv_common::names::PROGRAM))
+        .map(|p| p.id())
+        .collect()
+}
+
+/// Whether any process's command line mentions `needle` (to find handlers left behind).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// Runs parsrv with `args` and `setup` applied in the child before exec; returns (exit
+/// code, stderr).
+pub fn run_parsrv(args: &[&str], setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static) -> (i32, String) {
+    let mut command = Command::new(parsrv_bin());
+    command.args(args).stdin(Stdio::null());
+    // SAFETY: the tests' setup closures only make system calls.
+    unsafe {
+        command.pre_exec(setup);
+    }
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(60));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn wait_output(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("parsrv did not exit within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Drops a capability from the bounding set: the exec'd program then lacks it even as root.
+pub fn drop_capability(cap: libc::c_int) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

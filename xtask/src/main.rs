@@ -1,1 +1,183 @@
-fn main(){}
+//! `cargo xtask`: everything that needs more than plain cargo. Every command first runs the
+//! set-up it depends on (idempotent, quick when already done).
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF program needs: apt packages (LLVM 22), the pinned
+    /// nightly with rust-src, bpf-linker built against that LLVM.
+    Setup,
+    /// Build the eBPF object (target/ebpf/bpfel-unknown-none/release/parsrv).
+    BuildEbpf,
+    /// Build the eBPF object, then parsrv with it embedded.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run a demo group in the foreground (as root): 127.0.0.1:8080, 4 http
+    /// handlers. Arguments after `--` replace the demo's `parsrv run` arguments.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the unit tests and the privileged integration tests (as root; each in
+    /// its own network namespace).
+    Test {
+        /// Only tests whose name contains this (passed to the test harness).
+        filter: Option<String>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse().command) {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::ensure_all(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Build { release } => build(release),
+        Task::Run { args } => run_demo(args),
+        Task::Test { filter } => test(filter),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Runs `command`, failing with `step` named if it does not succeed.
+pub fn run_step(step: &str, command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("{step}: cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{step} failed ({status}); the output above says why");
+    }
+    Ok(())
+}
+
+/// The object `parsrv`'s build.rs embeds.
+pub fn ebpf_object() -> PathBuf {
+    workspace_root().join("target/ebpf/bpfel-unknown-none/release/parsrv")
+}
+
+fn build_ebpf() -> Result<()> {
+    setup::ensure_all()?;
+    let root = workspace_root();
+    let mut cargo = Command::new("rustup");
+    cargo
+        .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "build", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"))
+        .current_dir(root.join("parsrv-ebpf"));
+    // Set by the cargo that runs xtask; they would point the nightly build at stable.
+    for var in ["RUSTC", "RUSTUP_TOOLCHAIN", "RUSTC_WORKSPACE_WRAPPER", "CARGO_TARGET_DIR"] {
+        cargo.env_remove(var);
+    }
+    run_step(
+        "building the eBPF program (parsrv-ebpf, nightly + bpf-linker)",
+        &mut cargo,
+    )?;
+    let object = ebpf_object();
+    let size = std::fs::metadata(&object)
+        .with_context(|| format!("the eBPF build produced no {}", object.display()))?
+        .len();
+    if size == 0 {
+        bail!("the eBPF build produced an empty {}", object.display());
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    build_ebpf()?;
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--package", "parsrv"]);
+    if release {
+        cargo.arg("--release");
+    }
+    run_step("building parsrv", cargo.current_dir(workspace_root()))
+}
+
+fn run_demo(args: Vec<String>) -> Result<()> {
+    build(true)?;
+    let args = if args.is_empty() {
+        ["run", "--listen", "127.0.0.1:8080", "--handlers", "4", "--handler", "http", "--threads", "2"]
+            .map(String::from)
+            .to_vec()
+    } else {
+        args
+    };
+    let parsrv = workspace_root().join("target/release/parsrv");
+    eprintln!(
+        "xtask: starting {} {}\n\
+         xtask: try, from another terminal:\n  \
+           curl http://127.0.0.1:8080/\n  \
+           {} status          (or --json)\n\
+         xtask: stop with Ctrl-C",
+        parsrv.display(),
+        args.join(" "),
+        parsrv.display()
+    );
+    run_step("running parsrv", Command::new(&parsrv).args(&args))
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    build(false)?;
+    let root = workspace_root();
+    let cargo = env!("CARGO");
+    run_step(
+        "unit tests",
+        Command::new(cargo)
+            .args(["test", "--workspace", "--exclude", "parsrv-integration-tests"])
+            .args(filter.iter())
+            .current_dir(&root),
+    )?;
+    // SAFETY-free check: geteuid via /proc, to refuse early with the fix named.
+    if !running_as_root() {
+        bail!("the privileged integration tests need root: run `cargo xtask test` as root");
+    }
+    run_step(
+        "privileged integration tests",
+        Command::new(cargo)
+            .args(["test", "--package", "parsrv-integration-tests", "--"])
+            .args(["--ignored", "--test-threads=1"])
+            .args(filter.iter())
+            .env("PARSRV_BIN", root.join("target/debug/parsrv"))
+            .current_dir(&root),
+    )
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|uids| uids.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}

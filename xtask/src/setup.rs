@@ -1,0 +1,140 @@
+//! Installs what the eBPF build needs, idempotently: each step first checks whether it is
+//! already done (a few milliseconds) and only then installs. Versions are pinned here; see
+//! ../shared/TOOLCHAIN.md for why these combinations.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::run_step;
+
+/// The nightly the eBPF crate builds with. It must carry the same LLVM major as bpf-linker
+/// (22): later nightlies moved to LLVM 23. Keep in sync with parsrv-ebpf/rust-toolchain.toml.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// bpf-linker's feature for Debian's LLVM.
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Debian packages bpf-linker links against.
+const APT_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+
+pub fn ensure_all() -> Result<()> {
+    ensure_apt_packages()?;
+    ensure_ebpf_toolchain()?;
+    ensure_bpf_linker()
+}
+
+fn ensure_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .into_iter()
+        .filter(|package| !apt_installed(package))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing {}", missing.join(" "));
+    if !crate::running_as_root() {
+        bail!(
+            "setup needs the apt packages {}: install them as root (apt-get install -y {0})",
+            missing.join(" ")
+        );
+    }
+    run_step(
+        "setup: apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    run_step(
+        "setup: apt-get install (LLVM 22 for bpf-linker)",
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn apt_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn ensure_ebpf_toolchain() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+        .output()
+        .context("setup: rustup is not on PATH (install it from rustup.rs)")?;
+    let components = String::from_utf8_lossy(&installed.stdout);
+    if installed.status.success() && components.lines().any(|c| c.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing Rust {EBPF_TOOLCHAIN} with rust-src (for the eBPF crate)");
+    run_step(
+        "setup: rustup toolchain install (the eBPF crate's nightly)",
+        Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]),
+    )
+}
+
+/// bpf-linker as cargo recorded installing it: version and features.
+fn bpf_linker_installed() -> Option<(String, Vec<String>, bool)> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo")))?;
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join(".crates2.json")).ok()?).ok()?;
+    let (key, info) = record["installs"]
+        .as_object()?
+        .iter()
+        .find(|(key, _)| key.starts_with("bpf-linker "))?;
+    let version = key.split_whitespace().nth(1)?.to_owned();
+    let features = info["features"]
+        .as_array()?
+        .iter()
+        .filter_map(|f| f.as_str().map(str::to_owned))
+        .collect();
+    let no_default = info["no_default_features"].as_bool().unwrap_or(false);
+    Some((version, features, no_default))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let runs = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if let Some((version, features, no_default)) = bpf_linker_installed() {
+        if runs
+            && version == BPF_LINKER_VERSION
+            && no_default
+            && features.iter().any(|f| f == BPF_LINKER_LLVM_FEATURE)
+        {
+            return Ok(());
+        }
+    }
+    eprintln!(
+        "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"
+    );
+    run_step(
+        "setup: cargo install bpf-linker (against Debian's LLVM 22)",
+        Command::new(env!("CARGO"))
+            .args(["install", "bpf-linker", "--locked", "--force"])
+            .args(["--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", BPF_LINKER_LLVM_FEATURE])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )?;
+    let runs = Command::new("bpf-linker").arg("--version").output();
+    match runs {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!(
+            "setup: bpf-linker was installed but does not run from PATH: add \
+             ~/.cargo/bin to PATH"
+        ),
+    }
+}
