@@ -13,9 +13,9 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(parsrv_ebpf_embedded)");
     println!("cargo:rerun-if-env-changed={OBJECT_ENV}");
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
-    let object = env::var_os(OBJECT_ENV).map(PathBuf::from).unwrap_or_else(|| {
-        manifest_dir.join("../target/ebpf/bpfel-unknown-none/release/parsrv")
-    });
+    let object = env::var_os(OBJECT_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir.join("../target/ebpf/bpfel-unknown-none/release/parsrv"));
     println!("cargo:rerun-if-changed={}", object.display());
 
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("parsrv-ebpf.o");

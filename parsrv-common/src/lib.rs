@@ -28,9 +28,20 @@ pub mod names {
     pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
     /// ARRAY of one [`ProgramConfig`](super::ProgramConfig).
     pub const CONFIG: &str = "CONFIG";
+    /// PERCPU_ARRAY of [`SlotCacheEntry`](super::SlotCacheEntry), indexed by position in
+    /// the kernel's `socks[]` (not pinned: private to the program).
+    pub const SLOT_CACHE: &str = "SLOT_CACHE";
+    /// PERCPU_ARRAY scratch space (not pinned: private to the program).
+    pub const SCRATCH: &str = "SCRATCH";
 
     /// Every map, in the order they are pinned.
-    pub const MAPS: [&str; 5] = [SOCKETS, SLOT_BY_COOKIE, SLOT_COUNTERS, GLOBAL_COUNTERS, CONFIG];
+    pub const MAPS: [&str; 5] = [
+        SOCKETS,
+        SLOT_BY_COOKIE,
+        SLOT_COUNTERS,
+        GLOBAL_COUNTERS,
+        CONFIG,
+    ];
 }
 
 /// Where a new connection goes while some socket has room.
@@ -82,6 +93,21 @@ pub struct ProgramConfig {
     pub policy: u32,
     /// One of [`when_full`].
     pub when_full: u32,
+    /// Bumped by userspace whenever it changes the group's membership (SOCKETS and
+    /// SLOT_BY_COOKIE): the program's per-CPU slot cache only trusts entries of the current
+    /// generation. Never 0, so that a zeroed cache entry never matches.
+    pub generation: u32,
+}
+
+/// What the program last learned about the listener at one position of the kernel's
+/// `socks[]`: its address and slot, valid while `generation` is the CONFIG's. It spares the
+/// per-connection path a cookie read and a hash lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SlotCacheEntry {
+    pub addr: u64,
+    pub slot: u32,
+    pub generation: u32,
 }
 
 /// Per-slot counters (per CPU in the kernel; userspace sums them).
@@ -146,7 +172,11 @@ impl GlobalCounters {
 
     /// All errors: connections served by the kernel's hash because the program failed open.
     pub fn total(&self) -> u64 {
-        self.no_config + self.read_failed + self.bad_group + self.unknown_socket + self.select_failed
+        self.no_config
+            + self.read_failed
+            + self.bad_group
+            + self.unknown_socket
+            + self.select_failed
     }
 }
 

@@ -18,13 +18,17 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
     },
     cty::c_void,
-    helpers::{bpf_probe_read_kernel, generated::bpf_loop},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{self, bpf_loop},
+    },
     macros::{map, sk_reuseport},
     maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use parsrv_common::{
-    policy, when_full, GlobalCounters, KernelOffsets, ProgramConfig, SlotCounters, MAX_SOCKETS,
+    policy, when_full, GlobalCounters, KernelOffsets, ProgramConfig, SlotCacheEntry, SlotCounters,
+    MAX_SOCKETS,
 };
 
 #[map]
@@ -42,6 +46,20 @@ static GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entr
 #[map]
 static CONFIG: Array<ProgramConfig> = Array::with_max_entries(1, 0);
 
+#[map]
+static SLOT_CACHE: PerCpuArray<SlotCacheEntry> = PerCpuArray::with_max_entries(MAX_SOCKETS, 0);
+
+/// Per-CPU scratch: a word to turn `ctx->sk` into a number (see [`address_of`]), and a copy
+/// of the group's `socks[]` for the scan.
+#[repr(C)]
+pub struct Scratch {
+    member: u64,
+    socks: [u64; MAX_SOCKETS as usize],
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// Why the program failed open.
 enum Error {
     ReadFailed,
@@ -57,6 +75,8 @@ struct Listener {
     /// `struct sock *`, as a plain number: the verifier forbids arithmetic on `ctx->sk`
     /// itself, so every address here comes out of `bpf_probe_read_kernel`.
     addr: u64,
+    /// Its position in the kernel's `socks[]` now.
+    index: u32,
     /// Connections the queue can still take without overflowing, counting handshakes in
     /// progress as taken: `max + 1 - established - pending`. The kernel calls a listener full
     /// when `sk_ack_backlog > sk_max_ack_backlog` (a listen(4) queue holds 5), and it checks
@@ -73,13 +93,31 @@ fn read<T>(addr: u64) -> Result<T, Error> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| Error::ReadFailed)
 }
 
+/// `ctx->sk` as a plain number. The verifier forbids arithmetic on a socket pointer and
+/// refuses to reload a spilled pointer as a number, but (with CAP_PERFMON) lets a pointer be
+/// stored in a map value, and a map value reads back as a number. Unlike laundering it
+/// through bpf_probe_read_kernel, this costs no helper call (the per-CPU lookup is inlined).
 #[inline(always)]
-fn listener(addr: u64, off: &KernelOffsets) -> Result<Listener, Error> {
-    let established: u32 = read(addr + off.sk_ack_backlog as u64)?;
-    let max: u32 = read(addr + off.sk_max_ack_backlog as u64)?;
+fn address_of(ctx: &SkReuseportContext) -> Result<u64, Error> {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Error::ReadFailed)?;
+    // SAFETY: reading a context field; then this CPU's scratch word, written and read back
+    // volatile so the compiler keeps the round trip through the map.
+    unsafe {
+        let member: *mut bpf_sock = (*ctx.md).__bindgen_anon_3.sk;
+        let word = core::ptr::addr_of_mut!((*scratch).member);
+        core::ptr::write_volatile(word as *mut *mut bpf_sock, member);
+        Ok(core::ptr::read_volatile(word))
+    }
+}
+
+#[inline(always)]
+fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, Error> {
+    // sk_max_ack_backlog follows sk_ack_backlog (the loader checks): one read for both.
+    let [established, max]: [u32; 2] = read(addr + off.sk_ack_backlog as u64)?;
     let pending: u32 = read(addr + off.accept_queue_qlen as u64)?;
     Ok(Listener {
         addr,
+        index,
         room: max as i64 + 1 - established as i64 - pending as i64,
         kernel_full: established > max,
     })
@@ -88,7 +126,8 @@ fn listener(addr: u64, off: &KernelOffsets) -> Result<Listener, Error> {
 /// State of the scan for the socket with the most room, shared with [`scan_step`].
 #[repr(C)]
 struct Scan {
-    socks: u64,
+    /// This CPU's copy of `socks[0..num)`.
+    socks: *const [u64; MAX_SOCKETS as usize],
     num: u64,
     first: u64,
     off: KernelOffsets,
@@ -111,8 +150,20 @@ fn most_room(
     first_listener: Listener,
     off: &KernelOffsets,
 ) -> Result<Listener, Error> {
+    // One read for every socket pointer instead of one per socket.
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(Error::ReadFailed)?;
+    // SAFETY: this CPU's scratch element; num <= MAX_SOCKETS was checked by the caller.
+    let copy = unsafe { core::ptr::addr_of_mut!((*scratch).socks) };
+    let len = num.min(MAX_SOCKETS) * 8;
+    // SAFETY: copies at most size_of_val(copy) bytes into it.
+    let rc = unsafe {
+        generated::bpf_probe_read_kernel(copy as *mut c_void, len, socks as *const c_void)
+    };
+    if rc != 0 {
+        return Err(Error::ReadFailed);
+    }
     let mut scan = Scan {
-        socks,
+        socks: copy,
         num: num as u64,
         first: first as u64,
         off: *off,
@@ -143,7 +194,10 @@ extern "C" fn scan_step(step: u64, scan: *mut c_void) -> i64 {
     if index >= scan.num {
         index -= scan.num;
     }
-    let candidate = read(scan.socks + index * 8).and_then(|addr| listener(addr, &scan.off));
+    // SAFETY: `socks` is this CPU's scratch copy; the mask keeps the index in bounds for
+    // the verifier (index < num <= MAX_SOCKETS already).
+    let addr = unsafe { (*scan.socks)[(index & (MAX_SOCKETS as u64 - 1)) as usize] };
+    let candidate = listener(addr, index as u32, &scan.off);
     match candidate {
         Ok(candidate) => {
             if candidate.room > scan.best.room {
@@ -197,11 +251,8 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
     let off = &config.offsets;
     let migrating = ctx.migrating_sk().is_some();
 
-    // `ctx->sk` is some member of the group (the closing listener during migration). Copy
-    // the pointer through the stack into a scalar so that we may add offsets to it.
-    // SAFETY: reading a field of the context the kernel handed us.
-    let member: *mut bpf_sock = unsafe { (*ctx.md).__bindgen_anon_3.sk };
-    let member: u64 = read(&member as *const *mut bpf_sock as u64)?;
+    // `ctx->sk` is some member of the group (the closing listener during migration).
+    let member = address_of(ctx)?;
 
     let group: u64 = read(member + off.sk_reuseport_cb as u64)?;
     if group == 0 {
@@ -218,7 +269,7 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
     // The kernel's own choice without a program: socks[reciprocal_scale(hash, num)]
     // (reuseport_select_sock_by_hash). A retransmitted SYN has the same hash.
     let first = ((ctx.hash() as u64 * num as u64) >> 32) as u32;
-    let hash_choice = listener(read(socks + first as u64 * 8)?, off)?;
+    let hash_choice = listener(read(socks + first as u64 * 8)?, first, off)?;
 
     let best = if config.policy == policy::REDIRECT && hash_choice.room > 0 {
         hash_choice // fast path: one listener read
@@ -247,7 +298,7 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
 
     match outcome {
         Outcome::Refuse { hash_choice } => {
-            let slot = slot_of(hash_choice.addr, off)?;
+            let slot = slot_of(&hash_choice, config)?;
             count_slot(slot, |c| c.refused += 1);
             Ok(SK_DROP)
         }
@@ -255,13 +306,13 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
             target,
             redirected_from,
         }) => {
-            let slot = slot_of(target.addr, off)?;
+            let slot = slot_of(&target, config)?;
             SOCKETS
                 .select_reuseport(ctx, slot)
                 .map_err(|_| Error::SelectFailed)?;
             if let Some(from) = redirected_from {
                 if !migrating {
-                    let from_slot = slot_of(from.addr, off)?;
+                    let from_slot = slot_of(&from, config)?;
                     count_slot(from_slot, |c| c.redirected_away += 1);
                 }
             }
@@ -279,15 +330,30 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
     }
 }
 
-/// The SOCKETS slot of a listener, through its cookie (userspace made each cookie exist with
-/// SO_COOKIE before registering the socket).
+/// The SOCKETS slot of a listener. Userspace made each listener's cookie exist (SO_COOKIE)
+/// and mapped it to its slot; this CPU remembers the answer per `socks[]` position for as
+/// long as userspace has not changed the group (CONFIG's generation).
 #[inline(always)]
-fn slot_of(addr: u64, off: &KernelOffsets) -> Result<u32, Error> {
-    let cookie: u64 = read(addr + off.skc_cookie as u64)?;
+fn slot_of(listener: &Listener, config: &ProgramConfig) -> Result<u32, Error> {
+    let cached = SLOT_CACHE
+        .get_ptr_mut(listener.index)
+        .ok_or(Error::BadGroup)?;
+    // SAFETY: this CPU's cache entry; nothing else runs on this CPU meanwhile.
+    let cached = unsafe { &mut *cached };
+    if cached.addr == listener.addr && cached.generation == config.generation {
+        return Ok(cached.slot);
+    }
+    let cookie: u64 = read(listener.addr + config.offsets.skc_cookie as u64)?;
     // SAFETY: plain u32 values, copied out at once.
-    unsafe { SLOT_BY_COOKIE.get(&cookie) }
+    let slot = unsafe { SLOT_BY_COOKIE.get(cookie) }
         .copied()
-        .ok_or(Error::UnknownSocket)
+        .ok_or(Error::UnknownSocket)?;
+    *cached = SlotCacheEntry {
+        addr: listener.addr,
+        slot,
+        generation: config.generation,
+    };
+    Ok(slot)
 }
 
 #[inline(always)]

@@ -77,7 +77,9 @@ impl RunArgs {
             });
         }
         let spec = GroupSpec {
-            name: self.name.unwrap_or_else(|| GroupSpec::default_name(&listen)),
+            name: self
+                .name
+                .unwrap_or_else(|| GroupSpec::default_name(&listen)),
             listen,
             handlers: self.handlers,
             backlog: self.backlog,
@@ -156,12 +158,20 @@ fn usage_error(e: clap::Error) -> i32 {
         };
     }
     let rendered = e.render().to_string();
-    let first = rendered
-        .lines()
+    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
         .next()
         .unwrap_or("invalid arguments")
         .trim_start_matches("error: ");
-    eprintln!("parsrv: {first} (see parsrv --help)");
+    // Keep clap's list of accepted values and its suggestions, on the same line.
+    let hints: Vec<&str> = lines
+        .filter(|l| l.starts_with('[') || l.starts_with("tip:"))
+        .collect();
+    if hints.is_empty() {
+        eprintln!("parsrv: {first} (see parsrv --help)");
+    } else {
+        eprintln!("parsrv: {first} {} (see parsrv --help)", hints.join(" "));
+    }
     EXIT_USAGE
 }
 
@@ -184,7 +194,10 @@ fn status(args: StatusArgs) -> Result<()> {
     match control::request(&group, &Request::Status)? {
         Response::Status(status) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&status).expect("serializable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("serializable")
+                );
             } else {
                 print!("{}", status.render());
                 if std::io::stdout().is_terminal() {
@@ -205,7 +218,14 @@ mod tests {
     use super::*;
 
     fn run_args(extra: &[&str]) -> Result<RunOptions> {
-        let mut argv = vec!["parsrv", "run", "--listen", "127.0.0.1:8080", "--handler", "echo"];
+        let mut argv = vec![
+            "parsrv",
+            "run",
+            "--listen",
+            "127.0.0.1:8080",
+            "--handler",
+            "echo",
+        ];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(args) => args.into_options(),
@@ -236,7 +256,11 @@ mod tests {
         ] {
             let err = run_args(extra).unwrap_err();
             assert_eq!(err.exit_code(), EXIT_USAGE, "{extra:?}: {err}");
-            assert!(err.to_string().contains(extra[0].split('=').next().unwrap()), "{extra:?}: {err}");
+            assert!(
+                err.to_string()
+                    .contains(extra[0].split('=').next().unwrap()),
+                "{extra:?}: {err}"
+            );
         }
     }
 
@@ -245,6 +269,14 @@ mod tests {
         let options = run_args(&["--policy", "least-loaded", "--when-full", "refuse"]).unwrap();
         assert_eq!(options.spec.policy, Policy::LeastLoaded);
         assert_eq!(options.spec.when_full, WhenFull::Refuse);
-        assert!(Cli::try_parse_from(["parsrv", "run", "--listen", "1.2.3.4:5", "--handler", "ftp"]).is_err());
+        assert!(Cli::try_parse_from([
+            "parsrv",
+            "run",
+            "--listen",
+            "1.2.3.4:5",
+            "--handler",
+            "ftp"
+        ])
+        .is_err());
     }
 }

@@ -203,7 +203,8 @@ mod tests {
 
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
-        let cases: [(&str, fn(&mut GroupSpec)); 8] = [
+        type Spoil = fn(&mut GroupSpec);
+        let cases: [(&str, Spoil); 8] = [
             ("--handlers", |s| s.handlers = 0),
             ("--handlers", |s| s.handlers = MAX_SOCKETS + 1),
             ("--backlog", |s| s.backlog = 0),
@@ -235,7 +236,10 @@ mod tests {
         assert!(parse_listen("[::1]:8080").unwrap().is_ipv6());
         for bad in ["localhost:80", "127.0.0.1", "127.0.0.1:99999", "::1:80", ""] {
             let err = parse_listen(bad).unwrap_err();
-            assert!(err.to_string().contains("expected ADDR:PORT"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("expected ADDR:PORT"),
+                "{bad}: {err}"
+            );
             assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
         }
     }
@@ -253,13 +257,19 @@ mod tests {
 
     #[test]
     fn enums_map_to_the_program_constants() {
-        assert_eq!(Policy::Redirect.to_program(), parsrv_common::policy::REDIRECT);
+        assert_eq!(
+            Policy::Redirect.to_program(),
+            parsrv_common::policy::REDIRECT
+        );
         assert_eq!(
             Policy::LeastLoaded.to_program(),
             parsrv_common::policy::LEAST_LOADED
         );
         assert_eq!(WhenFull::Drop.to_program(), parsrv_common::when_full::DROP);
-        assert_eq!(WhenFull::Refuse.to_program(), parsrv_common::when_full::REFUSE);
+        assert_eq!(
+            WhenFull::Refuse.to_program(),
+            parsrv_common::when_full::REFUSE
+        );
         assert_eq!(Policy::LeastLoaded.to_string(), "least-loaded");
     }
 }

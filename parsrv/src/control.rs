@@ -139,8 +139,10 @@ impl ControlSocket {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("removing {}", path.display()))(e)),
         }
-        let listener = tokio::net::UnixListener::bind(&path)
-            .map_err(Error::io(format!("binding control socket {}", path.display())))?;
+        let listener = tokio::net::UnixListener::bind(&path).map_err(Error::io(format!(
+            "binding control socket {}",
+            path.display()
+        )))?;
         let socket = ControlSocket { path, listener };
         fs::set_permissions(&socket.path, fs::Permissions::from_mode(0o600))
             .map_err(Error::io(format!("restricting {}", socket.path.display())))?;

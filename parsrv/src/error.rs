@@ -60,8 +60,8 @@ pub enum Error {
     BtfLayout { path: PathBuf, what: String },
 
     #[error(
-        "this parsrv binary has no eBPF program embedded (the eBPF build failed or was \
-         skipped): build with `cargo xtask build`, which sets up the eBPF toolchain"
+        "no eBPF program to load (this binary was built without it, or PARSRV_EBPF_OBJECT \
+         names an empty file): build with `cargo xtask build`, which sets up the eBPF toolchain"
     )]
     NoEbpfObject,
 

@@ -70,13 +70,19 @@ impl SocketGroup {
     /// Adds one listening socket to the group (the next slot).
     pub fn add_listener(&mut self) -> Result<&Listener> {
         let listen = self.listen;
-        let socket_error = |action| move |source| Error::Socket {
-            action,
-            addr: listen,
-            source,
+        let socket_error = |action| {
+            move |source| Error::Socket {
+                action,
+                addr: listen,
+                source,
+            }
         };
-        let socket = Socket::new(Domain::for_address(listen), Type::STREAM, Some(Protocol::TCP))
-            .map_err(socket_error("create a socket for"))?;
+        let socket = Socket::new(
+            Domain::for_address(listen),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(socket_error("create a socket for"))?;
         socket
             .set_reuse_port(true)
             .map_err(socket_error("set SO_REUSEPORT on"))?;
@@ -162,8 +168,17 @@ mod tests {
         assert_eq!(cookies.len(), 3);
         for listener in group.listeners() {
             let queue = listener.queue().unwrap();
-            assert_eq!(queue, QueueDepth { depth: 0, capacity: 7 });
-            assert_eq!(listener.socket().local_addr().unwrap().as_socket(), Some(addr));
+            assert_eq!(
+                queue,
+                QueueDepth {
+                    depth: 0,
+                    capacity: 7
+                }
+            );
+            assert_eq!(
+                listener.socket().local_addr().unwrap().as_socket(),
+                Some(addr)
+            );
         }
     }
 

@@ -105,8 +105,12 @@ pub fn run(kind: HandlerKind, threads: u32, slot: u32) -> anyhow::Result<()> {
     let acceptors: Vec<_> = (0..threads)
         .map(|i| {
             let listener = listener.try_clone()?;
-            let (stop, stats, body, runtime) =
-                (stop.clone(), stats.clone(), body.clone(), runtime.handle().clone());
+            let (stop, stats, body, runtime) = (
+                stop.clone(),
+                stats.clone(),
+                body.clone(),
+                runtime.handle().clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("parsrv-accept-{i}"))
                 .spawn(move || accept_loop(listener, kind, &stop, &stats, &body, &runtime))
@@ -183,32 +187,46 @@ fn accept_loop(
                 return;
             }
         }
-        match accept(&listener) {
-            Ok(conn) => {
-                counters.accepted.fetch_add(1, Ordering::Relaxed);
-                counters.active.fetch_add(1, Ordering::Relaxed);
-                let (stop, stats, body) = (stop.clone(), stats.clone(), body.clone());
-                runtime.spawn(async move {
-                    if let Err(e) = serve(conn, kind, &stop, &body).await {
-                        log::debug!("connection ended with {e}");
-                    }
-                    stats.stats().active.fetch_sub(1, Ordering::Relaxed);
-                });
+        let Some(conn) = accept_counted(&listener, counters) else {
+            continue;
+        };
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        let (stop, stats, body) = (stop.clone(), stats.clone(), body.clone());
+        runtime.spawn(async move {
+            if let Err(e) = serve(conn, kind, &stop, &body).await {
+                log::debug!("connection ended with {e}");
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                counters.lost_races.fetch_add(1, Ordering::Relaxed);
-            }
-            // The client gave up between the handshake and accept(), or a signal: retry.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
-                ) => {}
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning on a readable socket.
-                log::error!("accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            stats.stats().active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// One accept() after poll() said the socket is readable, counted: a connection, or a lost
+/// race when another thread took it first (EAGAIN).
+fn accept_counted(listener: &OwnedFd, counters: &HandlerStats) -> Option<std::net::TcpStream> {
+    match accept(listener) {
+        Ok(conn) => {
+            counters.accepted.fetch_add(1, Ordering::Relaxed);
+            Some(conn)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            counters.lost_races.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        // The client gave up between the handshake and accept(), or a signal: retry.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
+            ) =>
+        {
+            None
+        }
+        Err(e) => {
+            // EMFILE and friends: back off instead of spinning on a readable socket.
+            log::error!("accept failed: {e}");
+            std::thread::sleep(Duration::from_millis(50));
+            None
         }
     }
 }
@@ -264,13 +282,18 @@ async fn serve_http(stream: TcpStream, stop: &AtomicBool, body: &str) -> io::Res
         };
         let Ok(head) = request else {
             writer
-                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
                 .await?;
             return writer.shutdown().await;
         };
         // Discard a request body: the response does not depend on it.
-        tokio::io::copy(&mut (&mut reader).take(head.content_length), &mut tokio::io::sink())
-            .await?;
+        tokio::io::copy(
+            &mut (&mut reader).take(head.content_length),
+            &mut tokio::io::sink(),
+        )
+        .await?;
         let close = head.close || stop.load(Ordering::Relaxed);
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
@@ -342,7 +365,9 @@ mod tests {
 
     async fn head(raw: &str) -> Option<Result<RequestHead, ()>> {
         let mut reader = BufReader::new(raw.as_bytes());
-        read_request_head(&mut reader, &mut String::new()).await.unwrap()
+        read_request_head(&mut reader, &mut String::new())
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
@@ -350,22 +375,37 @@ mod tests {
         assert_eq!(head("").await, None);
         assert_eq!(
             head("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
-            Some(Ok(RequestHead { content_length: 0, close: false }))
+            Some(Ok(RequestHead {
+                content_length: 0,
+                close: false
+            }))
         );
         assert_eq!(
             head("POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n").await,
-            Some(Ok(RequestHead { content_length: 5, close: true }))
+            Some(Ok(RequestHead {
+                content_length: 5,
+                close: true
+            }))
         );
         assert_eq!(
             head("GET / HTTP/1.0\r\n\r\n").await,
-            Some(Ok(RequestHead { content_length: 0, close: true }))
+            Some(Ok(RequestHead {
+                content_length: 0,
+                close: true
+            }))
         );
         assert_eq!(
             head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").await,
-            Some(Ok(RequestHead { content_length: 0, close: false }))
+            Some(Ok(RequestHead {
+                content_length: 0,
+                close: false
+            }))
         );
         assert_eq!(head("garbage\r\n\r\n").await, Some(Err(())));
-        assert_eq!(head("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n").await, Some(Err(())));
+        assert_eq!(
+            head("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n").await,
+            Some(Err(()))
+        );
         assert_eq!(head("GET / HTTP/1.1\r\nHost: x\r\n").await, Some(Err(())));
     }
 
@@ -387,7 +427,29 @@ mod tests {
         server.await.unwrap().unwrap();
         assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply}");
         assert_eq!(reply.matches("hi\n").count(), 2);
-        assert!(reply.contains("Connection: keep-alive") && reply.ends_with("Connection: close\r\n\r\nhi\n"));
+        assert!(
+            reply.contains("Connection: keep-alive")
+                && reply.ends_with("Connection: close\r\n\r\nhi\n")
+        );
+    }
+
+    #[test]
+    fn accepts_count_connections_and_lost_races() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fd = OwnedFd::from(listener);
+        let counters = HandlerStats::default();
+        // Nothing queued: what a thread sees when a sibling took the connection first.
+        assert!(accept_counted(&fd, &counters).is_none());
+        assert_eq!(counters.lost_races.load(Ordering::Relaxed), 1);
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let accepted = (0..200).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            accept_counted(&fd, &counters)
+        });
+        assert!(accepted.is_some());
+        assert_eq!(counters.accepted.load(Ordering::Relaxed), 1);
     }
 
     #[test]

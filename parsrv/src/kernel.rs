@@ -40,7 +40,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
             what,
         })
     };
-    Ok(KernelOffsets {
+    let offsets = KernelOffsets {
         sk_ack_backlog: layout("sock", &["sk_ack_backlog"], 4)?,
         sk_max_ack_backlog: layout("sock", &["sk_max_ack_backlog"], 4)?,
         sk_reuseport_cb: layout("sock", &["sk_reuseport_cb"], 8)?,
@@ -48,19 +48,22 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
         accept_queue_qlen: layout("inet_connection_sock", &["icsk_accept_queue", "qlen"], 4)?,
         reuseport_num_socks: layout("sock_reuseport", &["num_socks"], 2)?,
         reuseport_socks: layout("sock_reuseport", &["socks"], 0)?,
-    })
+    };
+    // The program reads both queue fields with one 8-byte read.
+    if offsets.sk_max_ack_backlog != offsets.sk_ack_backlog + 4 {
+        return Err(Error::BtfLayout {
+            path,
+            what: "struct sock.sk_max_ack_backlog right after sk_ack_backlog".into(),
+        });
+    }
+    Ok(offsets)
 }
 
 /// Byte offset of `members` (a path through nested members, looking through anonymous
 /// structs and unions) inside struct `structure`. `size`, when not 0, is the byte size the
 /// program reads there, and must match the member's type, so that a kernel whose field
 /// changed width is refused instead of misread.
-fn member_offset(
-    btf: &Btf,
-    structure: &str,
-    members: &[&str],
-    size: usize,
-) -> Result<u32, String> {
+fn member_offset(btf: &Btf, structure: &str, members: &[&str], size: usize) -> Result<u32, String> {
     let what = || format!("struct {structure}.{}", members.join("."));
     let mut current = btf
         .resolve_types_by_name(structure)
@@ -74,7 +77,7 @@ fn member_offset(
         offset_bits += bits;
         current = ty;
     }
-    if offset_bits % 8 != 0 {
+    if !offset_bits.is_multiple_of(8) {
         return Err(format!("{} at a byte boundary", what()));
     }
     if size != 0 && type_size(btf, &current) != Some(size) {
@@ -107,7 +110,10 @@ fn find_member(btf: &Btf, container: &Type, name: &str) -> Option<(u32, Type)> {
 fn peel(btf: &Btf, mut ty: Type) -> Option<Type> {
     loop {
         match &ty {
-            Type::Typedef(_) | Type::Volatile(_) | Type::Const(_) | Type::Restrict(_)
+            Type::Typedef(_)
+            | Type::Volatile(_)
+            | Type::Const(_)
+            | Type::Restrict(_)
             | Type::TypeTag(_) => {
                 ty = btf.resolve_chained_type(ty.as_btf_type()?).ok()?;
             }
@@ -298,12 +304,22 @@ mod tests {
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         // The handshake completes in the kernel: one connection waits for accept().
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while queue_depth(std::os::fd::AsFd::as_fd(&listener)).unwrap().depth == 0 {
-            assert!(std::time::Instant::now() < deadline, "connection never queued");
+        while queue_depth(std::os::fd::AsFd::as_fd(&listener))
+            .unwrap()
+            .depth
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "connection never queued"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let cookie = socket_cookie(std::os::fd::AsFd::as_fd(&listener)).unwrap();
         assert_ne!(cookie, 0);
-        assert_eq!(socket_cookie(std::os::fd::AsFd::as_fd(&listener)).unwrap(), cookie);
+        assert_eq!(
+            socket_cookie(std::os::fd::AsFd::as_fd(&listener)).unwrap(),
+            cookie
+        );
     }
 }

@@ -22,9 +22,28 @@ use crate::{
 /// The object built from parsrv-ebpf; empty when the eBPF build was skipped (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/parsrv-ebpf.o"));
 
-/// True when this binary carries the eBPF object.
-pub fn object_embedded() -> bool {
-    !OBJECT.is_empty()
+/// Loads the object from this file instead of the embedded one (for working on the program
+/// without rebuilding parsrv; also how the tests feed it a broken object).
+pub const OBJECT_ENV: &str = "PARSRV_EBPF_OBJECT";
+
+/// The eBPF object to load: the file named by [`OBJECT_ENV`], or the embedded one.
+pub fn object() -> Result<std::borrow::Cow<'static, [u8]>> {
+    let bytes = match std::env::var_os(OBJECT_ENV) {
+        Some(path) => std::borrow::Cow::Owned(fs::read(&path).map_err(Error::io(format!(
+            "reading the eBPF object {} ({OBJECT_ENV})",
+            Path::new(&path).display()
+        )))?),
+        None => std::borrow::Cow::Borrowed(OBJECT),
+    };
+    if bytes.is_empty() {
+        return Err(Error::NoEbpfObject);
+    }
+    if !bytes.starts_with(b"\x7fELF") {
+        return Err(Error::ebpf("the eBPF object is not an ELF file")(
+            anyhow::anyhow!("rebuild it with `cargo xtask build`"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The loaded program and its maps. Dropping it unloads the program unless a group still
@@ -36,6 +55,8 @@ pub struct Steering {
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     global_counters: PerCpuArray<MapData, GlobalCounters>,
     config: Array<MapData, ProgramConfig>,
+    /// What CONFIG holds.
+    current: ProgramConfig,
     /// Maps pinned in a staging directory, and where they go once published.
     staged: Option<(Pins, PathBuf)>,
 }
@@ -57,11 +78,9 @@ impl Steering {
     /// [`Steering::publish_pins`] renames to `pin_dir` in one step (so a reader never sees
     /// half a set) and which is removed if anything fails before.
     pub fn load(config: ProgramConfig, pin_dir: Option<&Path>) -> Result<Self> {
-        if !object_embedded() {
-            return Err(Error::NoEbpfObject);
-        }
+        let object = object()?;
         let mut ebpf = EbpfLoader::new()
-            .load(OBJECT)
+            .load(&object)
             .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
         let program: &mut SkReuseport = ebpf
             .program_mut(names::PROGRAM)
@@ -87,16 +106,24 @@ impl Steering {
         let typed = |name: &str| Error::ebpf(format!("map {name} has the wrong type"));
         let mut steering = Steering {
             sockets: sockets.try_into().map_err(typed(names::SOCKETS))?,
-            slot_by_cookie: slot_by_cookie.try_into().map_err(typed(names::SLOT_BY_COOKIE))?,
-            slot_counters: slot_counters.try_into().map_err(typed(names::SLOT_COUNTERS))?,
+            slot_by_cookie: slot_by_cookie
+                .try_into()
+                .map_err(typed(names::SLOT_BY_COOKIE))?,
+            slot_counters: slot_counters
+                .try_into()
+                .map_err(typed(names::SLOT_COUNTERS))?,
             global_counters: global_counters
                 .try_into()
                 .map_err(typed(names::GLOBAL_COUNTERS))?,
             config: config_map.try_into().map_err(typed(names::CONFIG))?,
             staged: staged.zip(pin_dir.map(Path::to_owned)),
+            current: ProgramConfig {
+                generation: 1,
+                ..config
+            },
             ebpf,
         };
-        steering.set_config(config)?;
+        steering.write_config()?;
         Ok(steering)
     }
 
@@ -106,17 +133,39 @@ impl Steering {
         let Some((staged, dir)) = self.staged.take() else {
             return Ok(None);
         };
-        fs::rename(&staged.0, &dir)
-            .map_err(Error::io(format!("moving pinned maps to {}", dir.display())))?;
+        fs::rename(&staged.0, &dir).map_err(Error::io(format!(
+            "moving pinned maps to {}",
+            dir.display()
+        )))?;
         std::mem::forget(staged);
         Ok(Some(Pins(dir)))
     }
 
-    /// Replaces the program's configuration; it applies from the next connection on.
+    /// Replaces the program's offsets and policy; they apply from the next connection on.
+    /// (The generation stays parsrv's own.)
     pub fn set_config(&mut self, config: ProgramConfig) -> Result<()> {
+        self.current = ProgramConfig {
+            generation: self.current.generation,
+            ..config
+        };
+        self.write_config()
+    }
+
+    pub fn config(&self) -> ProgramConfig {
+        self.current
+    }
+
+    fn write_config(&mut self) -> Result<()> {
         self.config
-            .set(0, config, 0)
+            .set(0, self.current, 0)
             .map_err(Error::ebpf("writing the program's CONFIG"))
+    }
+
+    /// Tells the program that the group's membership changed: its cached slot of each
+    /// `socks[]` position is stale.
+    fn new_generation(&mut self) -> Result<()> {
+        self.current.generation = self.current.generation.wrapping_add(1).max(1);
+        self.write_config()
     }
 
     fn program(&self) -> &SkReuseport {
@@ -129,10 +178,9 @@ impl Steering {
     /// Makes `listener` selectable as `slot`. The socket must already listen.
     pub fn register(&mut self, slot: u32, listener: &Listener) -> Result<()> {
         if slot >= MAX_SOCKETS {
-            return Err(Error::ebpf(format!("registering slot {slot}"))(anyhow::anyhow!(
-                "slots are 0 to {}",
-                MAX_SOCKETS - 1
-            )));
+            return Err(Error::ebpf(format!("registering slot {slot}"))(
+                anyhow::anyhow!("slots are 0 to {}", MAX_SOCKETS - 1),
+            ));
         }
         let context = format!("registering the socket of slot {slot}");
         self.slot_by_cookie
@@ -140,7 +188,8 @@ impl Steering {
             .map_err(Error::ebpf(context.clone()))?;
         self.sockets
             .set(slot, listener.socket(), 0)
-            .map_err(Error::ebpf(context))
+            .map_err(Error::ebpf(context))?;
+        self.new_generation()
     }
 
     /// Attaches the program to the reuseport group `member` belongs to. From then on it
@@ -225,7 +274,9 @@ impl Pins {
         // bpffs refuses '.' in names; group names cannot start with '_'.
         let staging = parent.join(format!(
             "_staging-{}-{}",
-            dir.file_name().expect("pin directory has a name").to_string_lossy(),
+            dir.file_name()
+                .expect("pin directory has a name")
+                .to_string_lossy(),
             std::process::id()
         ));
         fs::create_dir(&staging).map_err(Error::io(format!("creating {}", staging.display())))?;
@@ -244,7 +295,10 @@ impl Pins {
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("removing stale pins at {}", dir.display()))(e)),
+            Err(e) => Err(Error::io(format!(
+                "removing stale pins at {}",
+                dir.display()
+            ))(e)),
         }
     }
 }

@@ -48,9 +48,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
     kernel::check_capabilities()?;
     let offsets = kernel::kernel_offsets()?;
-    if !crate::program::object_embedded() {
-        return Err(Error::NoEbpfObject);
-    }
+    crate::program::object()?;
     let control_path = control::socket_path(&spec.name);
     if control::is_live(&control_path) {
         return Err(Error::GroupRunning {
@@ -69,6 +67,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         offsets,
         policy: spec.policy.to_program(),
         when_full: spec.when_full.to_program(),
+        generation: 0, // Steering owns it
     };
     let mut steering = Steering::load(config, Some(&pin_dir))?;
     for (slot, listener) in (0..).zip(group.listeners()) {

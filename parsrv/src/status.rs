@@ -79,8 +79,18 @@ impl GroupStatus {
         let _ = writeln!(
             out,
             "{:>4} {:>8} {:>5} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
-            "slot", "pid", "alive", "restarts", "queue/max", "selected", "redirected", "dropped",
-            "refused", "migrated", "accepted", "lost-races"
+            "slot",
+            "pid",
+            "alive",
+            "restarts",
+            "queue/max",
+            "selected",
+            "redirected",
+            "dropped",
+            "refused",
+            "migrated",
+            "accepted",
+            "lost-races"
         );
         for (handler, socket) in self.handlers.iter().zip(&self.sockets) {
             let pid = handler.pid.map_or("-".to_string(), |p| p.to_string());
@@ -156,7 +166,10 @@ mod tests {
             sockets: vec![SocketStatus {
                 slot: 0,
                 cookie: 99,
-                queue: Some(QueueDepth { depth: 3, capacity: 16 }),
+                queue: Some(QueueDepth {
+                    depth: 3,
+                    capacity: 16,
+                }),
                 counters: SlotCounters {
                     selected: 10,
                     redirected_away: 1,
@@ -188,7 +201,10 @@ mod tests {
         assert!(text.contains("policy least-loaded"), "{text}");
         let row = text.lines().nth(2).unwrap();
         let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cells, ["0", "43", "yes", "0", "3/16", "10", "1", "0", "0", "0", "7", "2"]);
+        assert_eq!(
+            cells,
+            ["0", "43", "yes", "0", "3/16", "10", "1", "0", "0", "0", "7", "2"]
+        );
         assert!(text.contains("70 ns/run"), "{text}");
     }
 }

@@ -32,9 +32,7 @@ pub use parsrv;
 pub fn parsrv_bin() -> PathBuf {
     std::env::var_os("PARSRV_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/parsrv")
-        })
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/parsrv"))
 }
 
 /// Runs `test` on a thread of its own inside a new network namespace with loopback up.
@@ -133,8 +131,22 @@ pub struct Spawner {
 impl Spawner {
     /// Starts `parsrv run --name NAME ARGS...` and waits until every handler is up.
     pub fn start(name: &str, args: &[&str]) -> Spawner {
+        Self::start_with(name, args, || Ok(()))
+    }
+
+    /// Same, with `setup` run in the child before exec (namespaces, capabilities).
+    pub fn start_with(
+        name: &str,
+        args: &[&str],
+        setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
+    ) -> Spawner {
         let log = std::env::temp_dir().join(format!("parsrv-test-{name}.log"));
-        let child = Command::new(parsrv_bin())
+        let mut command = Command::new(parsrv_bin());
+        // SAFETY: the tests' setup closures only make system calls.
+        unsafe {
+            command.pre_exec(setup);
+        }
+        let child = command
             .args(["run", "--name", name])
             .args(args)
             .stdin(Stdio::null())
@@ -157,7 +169,11 @@ impl Spawner {
                     return spawner;
                 }
             }
-            assert!(Instant::now() < deadline, "group never came up:\n{}", spawner.log());
+            assert!(
+                Instant::now() < deadline,
+                "group never came up:\n{}",
+                spawner.log()
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -189,7 +205,11 @@ impl Spawner {
             .args(["status", &self.name, "--json"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
@@ -230,6 +250,29 @@ impl Drop for Spawner {
 pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
         .unwrap_or_else(|e| panic!("kill({pid}, {signal}): {e}"));
+}
+
+/// Stops a process with SIGSTOP and waits until every one of its threads has stopped: kill()
+/// returns before they do, and a thread already woken by a connection would still accept it.
+pub fn stop_process(pid: u32) {
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let all_stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|task| {
+                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        stat.rsplit_once(')')
+                            .and_then(|(_, rest)| rest.split_whitespace().next())
+                            == Some("T")
+                    })
+                })
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), all_stopped),
+        "process {pid} did not stop"
+    );
 }
 
 /// Waits until `done` holds, for at most `limit`; says whether it did.
@@ -284,7 +327,12 @@ pub fn read_answer(stream: &mut TcpStream, timeout: Duration) -> Result<String, 
     match stream.read_to_string(&mut answer) {
         Ok(_) if answer.starts_with("HTTP/1.1 200 OK") => Ok(answer),
         Ok(_) => Err(Outcome::NoAnswer),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
             Err(Outcome::NoAnswer)
         }
         Err(e) => Err(classify(&e)),
@@ -325,7 +373,12 @@ impl LoadResult {
 /// `threads` clients each making `per_thread` HTTP requests, one connection each, every
 /// step within `timeout`. Bounded: at most threads x per_thread connections, each ending
 /// within about 2 x timeout.
-pub fn http_load(addr: SocketAddr, threads: usize, per_thread: usize, timeout: Duration) -> LoadResult {
+pub fn http_load(
+    addr: SocketAddr,
+    threads: usize,
+    per_thread: usize,
+    timeout: Duration,
+) -> LoadResult {
     let outcomes = Arc::new(Mutex::new(Vec::with_capacity(threads * per_thread)));
     let clients: Vec<_> = (0..threads)
         .map(|_| {
@@ -408,9 +461,8 @@ fn answer_http(conn: &mut TcpStream) {
             Ok(n) => request.extend_from_slice(&buf[..n]),
         }
     }
-    let _ = conn.write_all(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nplain\n",
-    );
+    let _ =
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nplain\n");
 }
 
 impl Drop for PlainGroup {
@@ -473,7 +525,10 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
             continue;
         };
         if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle) {
+            if String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .contains(needle)
+            {
                 pids.push(pid);
             }
         }
@@ -483,7 +538,10 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 
 /// Runs parsrv with `args` and `setup` applied in the child before exec; returns (exit
 /// code, stderr).
-pub fn run_parsrv(args: &[&str], setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static) -> (i32, String) {
+pub fn run_parsrv(
+    args: &[&str],
+    setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
+) -> (i32, String) {
     let mut command = Command::new(parsrv_bin());
     command.args(args).stdin(Stdio::null());
     // SAFETY: the tests' setup closures only make system calls.
@@ -520,5 +578,21 @@ pub fn drop_capability(cap: libc::c_int) -> io::Result<()> {
     if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// In the child before exec: a private mount namespace in which bpffs is not mounted.
+pub fn without_bpffs() -> io::Result<()> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    // bpffs may be mounted more than once on the same path.
+    while umount2("/sys/fs/bpf", MntFlags::MNT_DETACH).is_ok() {}
     Ok(())
 }

@@ -2,11 +2,7 @@
 //! learns the kernel's own hash choice for each client 4-tuple with no program attached,
 //! then replays the same 4-tuples with the program.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use parsrv::{group::SocketGroup, kernel, program::Steering};
 use parsrv_common::{policy, when_full, ProgramConfig};
@@ -78,6 +74,7 @@ fn config(policy: u32) -> ProgramConfig {
         offsets: kernel::kernel_offsets().unwrap(),
         policy,
         when_full: when_full::DROP,
+        generation: 0, // Steering owns it
     }
 }
 
@@ -119,7 +116,10 @@ fn redirect_keeps_hash_choice_and_least_loaded_balances() {
         //    socket after the hash choice); the others keep their hash choice.
         let full = (0..4).max_by_key(|i| expected[*i]).unwrap();
         let f_ports: Vec<u16> = ports.clone().filter(|p| hash_choice[p] == full).collect();
-        assert!(f_ports.len() > BACKLOG as usize + 2, "too few ports hash to {full}");
+        assert!(
+            f_ports.len() > BACKLOG as usize + 2,
+            "too few ports hash to {full}"
+        );
         let (fill, rest) = f_ports.split_at(BACKLOG as usize + 1);
         let held: Vec<Socket> = fill
             .iter()
@@ -132,18 +132,32 @@ fn redirect_keeps_hash_choice_and_least_loaded_balances() {
         assert_eq!(h.depths()[full], BACKLOG + 1, "F is full");
         let before = steering.slot_counters(4).unwrap()[full];
         for &port in rest {
-            assert_eq!(h.landing(port), (full + 1) % 4, "port {port} hashed to full {full}");
+            assert_eq!(
+                h.landing(port),
+                (full + 1) % 4,
+                "port {port} hashed to full {full}"
+            );
         }
         for port in ports.clone().filter(|p| hash_choice[p] != full).take(10) {
             assert_eq!(h.landing(port), hash_choice[&port], "port {port}");
         }
         let after = steering.slot_counters(4).unwrap()[full];
-        assert_eq!(after.redirected_away - before.redirected_away, rest.len() as u64);
-        assert_eq!(after.selected, before.selected, "nothing went to the full socket");
+        assert_eq!(
+            after.redirected_away - before.redirected_away,
+            rest.len() as u64
+        );
+        assert_eq!(
+            after.selected, before.selected,
+            "nothing went to the full socket"
+        );
         for client in held {
             h.clear(client, full);
         }
-        assert_eq!(steering.global_counters().unwrap().total(), 0, "no fail-open");
+        assert_eq!(
+            steering.global_counters().unwrap().total(),
+            0,
+            "no fail-open"
+        );
 
         // An uneven set of connections: 4 whose hash choice is socket A, 2 for socket B.
         let mut by_count: Vec<usize> = (0..4).collect();
@@ -169,7 +183,10 @@ fn redirect_keeps_hash_choice_and_least_loaded_balances() {
             }
             let depths = h.depths();
             let spread = depths.iter().max().unwrap() - depths.iter().min().unwrap();
-            assert!(spread <= 1, "least-loaded let queues drift apart: {depths:?}");
+            assert!(
+                spread <= 1,
+                "least-loaded let queues drift apart: {depths:?}"
+            );
             held.push((client, index));
         }
         assert_eq!(h.depths().iter().sum::<u32>(), 6);

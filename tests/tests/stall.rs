@@ -6,7 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    connect, http_load, in_netns, signal, wait_for, NetCounters, Outcome, PlainGroup, Spawner,
+    connect, http_load, in_netns, signal, stop_process, wait_for, NetCounters, Outcome, PlainGroup,
+    Spawner,
 };
 
 const HANDLERS: usize = 4;
@@ -25,12 +26,20 @@ fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
         let spawner = Spawner::start(
             "test-stall",
             &[
-                "--listen", "127.0.0.1:8080", "--handlers", "4", "--backlog", "8",
-                "--handler", "http", "--threads", "2",
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "4",
+                "--backlog",
+                "8",
+                "--handler",
+                "http",
+                "--threads",
+                "2",
             ],
         );
         let stalled = spawner.handler_pid(0);
-        signal(stalled, Signal::SIGSTOP);
+        stop_process(stalled);
         // Fill the stalled handler's queue: open connections and hold them until its socket
         // holds BACKLOG + 1 (the kernel's "full"). Connections the others accept are held too.
         let mut held = Vec::new();
@@ -42,7 +51,10 @@ fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
             queue.depth > queue.capacity
         });
         assert!(full, "the stalled handler's queue never filled");
-        assert_eq!(spawner.status().sockets[0].queue.unwrap().depth, BACKLOG + 1);
+        assert_eq!(
+            spawner.status().sockets[0].queue.unwrap().depth,
+            BACKLOG + 1
+        );
 
         let before = NetCounters::read();
         let counters_before = spawner.status().sockets[0].counters;
@@ -65,7 +77,12 @@ fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
         // these connections, and it took none of them.
         assert!(stalled_socket.redirected_away > counters_before.redirected_away);
         assert_eq!(stalled_socket.selected, counters_before.selected);
-        assert_eq!(status.errors.total(), 0, "fail-open errors: {:?}", status.errors);
+        assert_eq!(
+            status.errors.total(),
+            0,
+            "fail-open errors: {:?}",
+            status.errors
+        );
         signal(stalled, Signal::SIGCONT);
         drop(held);
         assert!(spawner.stop().success());
@@ -83,7 +100,11 @@ fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
             control.count(Outcome::ConnectTimeout),
             kernel.listen_overflows,
         );
-        assert!(control.count(Outcome::ConnectTimeout) > 0, "{:?}", control.outcomes);
+        assert!(
+            control.count(Outcome::ConnectTimeout) > 0,
+            "{:?}",
+            control.outcomes
+        );
         assert!(kernel.listen_overflows > 0, "{kernel:?}");
         drop(plain);
     });

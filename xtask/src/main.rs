@@ -95,7 +95,12 @@ fn build_ebpf() -> Result<()> {
         .arg(root.join("target/ebpf"))
         .current_dir(root.join("parsrv-ebpf"));
     // Set by the cargo that runs xtask; they would point the nightly build at stable.
-    for var in ["RUSTC", "RUSTUP_TOOLCHAIN", "RUSTC_WORKSPACE_WRAPPER", "CARGO_TARGET_DIR"] {
+    for var in [
+        "RUSTC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+    ] {
         cargo.env_remove(var);
     }
     run_step(
@@ -125,9 +130,19 @@ fn build(release: bool) -> Result<()> {
 fn run_demo(args: Vec<String>) -> Result<()> {
     build(true)?;
     let args = if args.is_empty() {
-        ["run", "--listen", "127.0.0.1:8080", "--handlers", "4", "--handler", "http", "--threads", "2"]
-            .map(String::from)
-            .to_vec()
+        [
+            "run",
+            "--listen",
+            "127.0.0.1:8080",
+            "--handlers",
+            "4",
+            "--handler",
+            "http",
+            "--threads",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec()
     } else {
         args
     };
@@ -152,7 +167,12 @@ fn test(filter: Option<String>) -> Result<()> {
     run_step(
         "unit tests",
         Command::new(cargo)
-            .args(["test", "--workspace", "--exclude", "parsrv-integration-tests"])
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "parsrv-integration-tests",
+            ])
             .args(filter.iter())
             .current_dir(&root),
     )?;

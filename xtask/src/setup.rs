@@ -16,7 +16,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages bpf-linker links against.
-const APT_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+const APT_PACKAGES: [&str; 4] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
 
 pub fn ensure_all() -> Result<()> {
     ensure_apt_packages()?;
@@ -61,7 +66,13 @@ fn apt_installed(package: &str) -> bool {
 
 fn ensure_ebpf_toolchain() -> Result<()> {
     let installed = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ])
         .output()
         .context("setup: rustup is not on PATH (install it from rustup.rs)")?;
     let components = String::from_utf8_lossy(&installed.stdout);
@@ -126,7 +137,11 @@ fn ensure_bpf_linker() -> Result<()> {
         Command::new(env!("CARGO"))
             .args(["install", "bpf-linker", "--locked", "--force"])
             .args(["--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", BPF_LINKER_LLVM_FEATURE])
+            .args([
+                "--no-default-features",
+                "--features",
+                BPF_LINKER_LLVM_FEATURE,
+            ])
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )?;
     let runs = Command::new("bpf-linker").arg("--version").output();

@@ -1,0 +1,270 @@
+//! Bad input: one line naming the cause and the fix, exit code 2 for usage errors and 1 for
+//! runtime errors, and nothing left behind: no pins, no control socket, no process, no
+//! loaded program, nothing listening.
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use parsrv::{control, spawner::pin_dir};
+use parsrv_integration_tests::{
+    connect, drop_capability, in_netns, loaded_parsrv_programs, processes_mentioning, run_parsrv,
+    signal, without_bpffs, Outcome, Spawner,
+};
+
+const NAME: &str = "test-bad-input";
+
+fn run_group(extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["run", "--name", NAME, "--handler", "http"];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:8080"]);
+    }
+    args.extend_from_slice(extra);
+    args.into_iter().map(String::from).collect()
+}
+
+/// Runs parsrv with `args` (and `setup` before exec), and checks the error contract.
+fn expect_error(
+    args: &[String],
+    setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+    code: i32,
+    words: &[&str],
+) {
+    let programs_before = loaded_parsrv_programs();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (exit, stderr) = run_parsrv(&args, setup);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(exit, code, "{args:?}: {stderr}");
+    assert_eq!(lines.len(), 1, "{args:?}: not one line: {stderr}");
+    assert!(lines[0].starts_with("parsrv: "), "{stderr}");
+    for word in words {
+        assert!(
+            lines[0].contains(word),
+            "{args:?}: {stderr:?} lacks {word:?}"
+        );
+    }
+    assert!(!pin_dir(NAME).exists(), "{args:?} left pins");
+    assert!(
+        !control::socket_path(NAME).exists(),
+        "{args:?} left a control socket"
+    );
+    assert_eq!(
+        processes_mentioning(&format!("--name {NAME}")),
+        Vec::<u32>::new()
+    );
+    assert_eq!(
+        loaded_parsrv_programs(),
+        programs_before,
+        "{args:?} left a program"
+    );
+    eprintln!("{args:?} -> exit {exit}: {}", lines[0]);
+}
+
+fn nothing_listens() {
+    assert_eq!(
+        connect("127.0.0.1:8080".parse().unwrap(), Duration::from_secs(1)).unwrap_err(),
+        Outcome::Refused
+    );
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn usage_errors_exit_2_naming_the_option() {
+    in_netns(|| {
+        let ok = || Ok(());
+        for (extra, words) in [
+            (
+                &["--listen", "localhost:80"][..],
+                &["--listen", "ADDR:PORT"][..],
+            ),
+            (&["--listen", "127.0.0.1:0"], &["--listen", "fixed port"]),
+            (&["--handlers", "0"], &["--handlers", "1 to 128"]),
+            (&["--handlers", "129"], &["--handlers", "1 to 128"]),
+            (&["--backlog", "0"], &["--backlog", "at least 1"]),
+            (&["--threads", "0"], &["--threads"]),
+            (
+                &["--policy", "random"],
+                &[
+                    "random",
+                    "--policy",
+                    "possible values: redirect, least-loaded",
+                ],
+            ),
+            (&["--handlers", "many"], &["many", "--handlers"]),
+            (
+                &["--handler-kind", "http"],
+                &["--handler-kind", "--handler"],
+            ),
+        ] {
+            expect_error(&run_group(extra), ok, 2, words);
+        }
+        nothing_listens();
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn address_held_outside_the_group_is_refused() {
+    in_netns(|| {
+        // A plain listener.
+        let plain = std::net::TcpListener::bind("127.0.0.1:8080").unwrap();
+        expect_error(
+            &run_group(&[]),
+            || Ok(()),
+            1,
+            &["already in use", "--listen"],
+        );
+        drop(plain);
+
+        // Another user's SO_REUSEPORT listener: joining it would steer a stranger's group.
+        let mut stranger = Command::new("python3")
+            .args([
+                "-c",
+                "import socket,time\n\
+                 s=socket.socket()\n\
+                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+                 s.bind(('127.0.0.1', 8080)); s.listen(8)\n\
+                 print('ready', flush=True); time.sleep(60)",
+            ])
+            .uid(65534)
+            .gid(65534)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut ready = String::new();
+        BufReader::new(stranger.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "ready");
+        expect_error(&run_group(&[]), || Ok(()), 1, &["already in use"]);
+        signal(stranger.id(), nix::sys::signal::Signal::SIGKILL);
+        stranger.wait().unwrap();
+        nothing_listens();
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn missing_privileges_bpffs_btf_or_object_exit_1_naming_the_fix() {
+    in_netns(|| {
+        // Capabilities, dropped from the bounding set so that even root lacks them.
+        expect_error(
+            &run_group(&[]),
+            || drop_capability(39),
+            1,
+            &["CAP_BPF", "root"],
+        );
+        expect_error(
+            &run_group(&[]),
+            || drop_capability(38),
+            1,
+            &["CAP_PERFMON", "root"],
+        );
+
+        // No bpffs and no right to mount it.
+        expect_error(
+            &run_group(&[]),
+            || {
+                without_bpffs()?;
+                drop_capability(21) // CAP_SYS_ADMIN
+            },
+            1,
+            &["bpffs", "mount -t bpf bpf /sys/fs/bpf"],
+        );
+
+        // A kernel without BTF (as parsrv sees it).
+        std::env::set_var("PARSRV_VMLINUX_BTF", "/nonexistent/vmlinux");
+        expect_error(
+            &run_group(&[]),
+            || Ok(()),
+            1,
+            &["BTF", "CONFIG_DEBUG_INFO_BTF"],
+        );
+        std::env::remove_var("PARSRV_VMLINUX_BTF");
+
+        // A failed eBPF build: an empty object, then one that is not ELF.
+        let empty = std::env::temp_dir().join("parsrv-test-empty.o");
+        std::fs::write(&empty, b"").unwrap();
+        std::env::set_var("PARSRV_EBPF_OBJECT", &empty);
+        expect_error(
+            &run_group(&[]),
+            || Ok(()),
+            1,
+            &["eBPF", "cargo xtask build"],
+        );
+        std::fs::write(&empty, b"not an object").unwrap();
+        expect_error(
+            &run_group(&[]),
+            || Ok(()),
+            1,
+            &["not an ELF", "cargo xtask build"],
+        );
+        std::env::remove_var("PARSRV_EBPF_OBJECT");
+        nothing_listens();
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_second_run_of_a_running_group_is_refused_and_bpffs_is_mounted_when_missing() {
+    in_netns(|| {
+        // The spawner mounts bpffs itself where it is missing (a private mount namespace).
+        let spawner = Spawner::start_with(
+            NAME,
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "2",
+                "--handler",
+                "http",
+            ],
+            without_bpffs,
+        );
+        assert!(
+            spawner.log().contains("mounted bpffs at /sys/fs/bpf"),
+            "{}",
+            spawner.log()
+        );
+        // Same group name again: refused, and the running group is untouched.
+        let programs = loaded_parsrv_programs();
+        let (exit, stderr) = run_parsrv(
+            &[
+                "run",
+                "--name",
+                NAME,
+                "--listen",
+                "127.0.0.1:8081",
+                "--handler",
+                "echo",
+            ],
+            || Ok(()),
+        );
+        assert_eq!(exit, 1, "{stderr}");
+        assert!(
+            stderr.contains("already running") && stderr.contains("--name"),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1);
+        assert_eq!(loaded_parsrv_programs(), programs);
+        assert!(spawner.status().handlers.iter().all(|h| h.alive));
+        assert!(control::socket_path(NAME).exists());
+        assert!(spawner.stop().success());
+        assert!(!control::socket_path(NAME).exists());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn status_without_a_running_group_says_how_to_start_one() {
+    let (exit, stderr) = run_parsrv(&["status", "no-such-group"], || Ok(()));
+    assert_eq!(exit, 1, "{stderr}");
+    assert!(
+        stderr.contains("no running parsrv group named 'no-such-group'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("parsrv run"), "{stderr}");
+}
