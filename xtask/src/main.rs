@@ -36,8 +36,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build, then run the unit tests and the privileged integration tests (as root; each in
-    /// its own network namespace).
+    /// cargo fmt --check and cargo clippy -D warnings, for the workspace and the eBPF crate.
+    Lint,
+    /// Lint, build, then run the unit tests and the privileged integration tests (as root;
+    /// each in its own network namespace).
     Test {
         /// Only tests whose name contains this (passed to the test harness).
         filter: Option<String>,
@@ -57,6 +59,7 @@ fn run(task: Task) -> Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Build { release } => build(release),
         Task::Run { args } => run_demo(args),
+        Task::Lint => lint(),
         Task::Test { filter } => test(filter),
     }
 }
@@ -157,10 +160,74 @@ fn run_demo(args: Vec<String>) -> Result<()> {
         args.join(" "),
         parsrv.display()
     );
-    run_step("running parsrv", Command::new(&parsrv).args(&args))
+    // Replace xtask (cargo run already replaced cargo): Ctrl-C then reaches parsrv alone,
+    // which stops its handlers in order.
+    use std::os::unix::process::CommandExt as _;
+    let error = Command::new(&parsrv).args(&args).exec();
+    Err(error).with_context(|| format!("running {}", parsrv.display()))
+}
+
+/// The eBPF crate's cargo: its own nightly, its own workspace, without the variables the
+/// cargo running xtask set (they would point it at stable).
+fn ebpf_cargo() -> Command {
+    let root = workspace_root();
+    let mut cargo = Command::new("rustup");
+    cargo
+        .args(["run", setup::EBPF_TOOLCHAIN, "cargo"])
+        .current_dir(root.join("parsrv-ebpf"));
+    for var in [
+        "RUSTC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+    ] {
+        cargo.env_remove(var);
+    }
+    cargo
+}
+
+const EBPF_TARGET_ARGS: [&str; 4] = ["--target", "bpfel-unknown-none", "-Z", "build-std=core"];
+
+fn lint() -> Result<()> {
+    setup::ensure_all()?;
+    let root = workspace_root();
+    let cargo = env!("CARGO");
+    run_step(
+        "cargo fmt --check (workspace)",
+        Command::new(cargo)
+            .args(["fmt", "--all", "--check"])
+            .current_dir(&root),
+    )?;
+    run_step(
+        "cargo clippy (workspace)",
+        Command::new(cargo)
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(&root),
+    )?;
+    run_step(
+        "cargo fmt --check (parsrv-ebpf)",
+        ebpf_cargo().args(["fmt", "--check"]),
+    )?;
+    run_step(
+        "cargo clippy (parsrv-ebpf)",
+        ebpf_cargo()
+            .args(["clippy", "--release"])
+            .args(EBPF_TARGET_ARGS)
+            .arg("--target-dir")
+            .arg(root.join("target/ebpf"))
+            .args(["--", "-D", "warnings"]),
+    )
 }
 
 fn test(filter: Option<String>) -> Result<()> {
+    lint()?;
     build(false)?;
     let root = workspace_root();
     let cargo = env!("CARGO");
@@ -176,7 +243,6 @@ fn test(filter: Option<String>) -> Result<()> {
             .args(filter.iter())
             .current_dir(&root),
     )?;
-    // SAFETY-free check: geteuid via /proc, to refuse early with the fix named.
     if !running_as_root() {
         bail!("the privileged integration tests need root: run `cargo xtask test` as root");
     }

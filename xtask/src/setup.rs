@@ -11,6 +11,8 @@ use crate::run_step;
 /// The nightly the eBPF crate builds with. It must carry the same LLVM major as bpf-linker
 /// (22): later nightlies moved to LLVM 23. Keep in sync with parsrv-ebpf/rust-toolchain.toml.
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
+/// rust-src for -Z build-std; clippy and rustfmt for `cargo xtask lint`.
+const EBPF_COMPONENTS: [&str; 3] = ["rust-src", "clippy", "rustfmt"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker's feature for Debian's LLVM.
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
@@ -76,21 +78,25 @@ fn ensure_ebpf_toolchain() -> Result<()> {
         .output()
         .context("setup: rustup is not on PATH (install it from rustup.rs)")?;
     let components = String::from_utf8_lossy(&installed.stdout);
-    if installed.status.success() && components.lines().any(|c| c.starts_with("rust-src")) {
+    let has = |name: &str| components.lines().any(|c| c.starts_with(name));
+    if installed.status.success() && EBPF_COMPONENTS.iter().all(|c| has(c)) {
         return Ok(());
     }
-    eprintln!("xtask setup: installing Rust {EBPF_TOOLCHAIN} with rust-src (for the eBPF crate)");
+    eprintln!(
+        "xtask setup: installing Rust {EBPF_TOOLCHAIN} with {} (for the eBPF crate)",
+        EBPF_COMPONENTS.join(", ")
+    );
     run_step(
         "setup: rustup toolchain install (the eBPF crate's nightly)",
-        Command::new("rustup").args([
-            "toolchain",
-            "install",
-            EBPF_TOOLCHAIN,
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]),
+        Command::new("rustup")
+            .args([
+                "toolchain",
+                "install",
+                EBPF_TOOLCHAIN,
+                "--profile",
+                "minimal",
+            ])
+            .args(EBPF_COMPONENTS.iter().flat_map(|c| ["--component", c])),
     )
 }
 
