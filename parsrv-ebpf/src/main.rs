@@ -31,6 +31,9 @@ use parsrv_common::{
     MAX_SOCKETS,
 };
 
+// scan_step masks indices with MAX_SOCKETS - 1.
+const _: () = assert!(MAX_SOCKETS.is_power_of_two());
+
 #[map]
 static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SOCKETS, 0);
 
@@ -72,8 +75,7 @@ enum Error {
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Listener {
-    /// `struct sock *`, as a plain number: the verifier forbids arithmetic on `ctx->sk`
-    /// itself, so every address here comes out of `bpf_probe_read_kernel`.
+    /// `struct sock *` as a plain number (see [`address_of`]), so offsets can be added.
     addr: u64,
     /// Its position in the kernel's `socks[]` now.
     index: u32,
@@ -272,7 +274,7 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
     let hash_choice = listener(read(socks + first as u64 * 8)?, first, off)?;
 
     let best = if config.policy == policy::REDIRECT && hash_choice.room > 0 {
-        hash_choice // fast path: one listener read
+        hash_choice // fast path: only the hash choice was read
     } else {
         most_room(socks, num, first, hash_choice, off)?
     };
@@ -287,9 +289,10 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
     } else if config.when_full == when_full::REFUSE {
         Outcome::Refuse { hash_choice }
     } else {
-        // Silent drop: hand the SYN to a listener the kernel itself considers full, and it
-        // drops it (ListenOverflows) for the client to retransmit. If pending handshakes
-        // fill the queues but none is full yet, the hash choice takes the connection.
+        // Silent drop: hand the SYN to its hash choice. When that listener is full by the
+        // kernel's own test, the kernel drops the SYN (ListenOverflows, counted here as
+        // `dropped`) and the client retransmits into a fresh decision. When only pending
+        // handshakes made it look full, the kernel takes the connection (`selected`).
         Outcome::Select(Decision {
             target: hash_choice,
             redirected_from: None,

@@ -266,6 +266,36 @@ fn load_error(e: ProgramError) -> Error {
 #[derive(Debug)]
 pub struct Pins(PathBuf);
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_pins_and_only_this_groups_staging_are_removed() {
+        let root = std::env::temp_dir().join(format!("parsrv-pins-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for dir in [
+            "a",
+            "_staging-a-123",
+            "a-b",
+            "_staging-a-b-77",
+            "_staging-a-x",
+        ] {
+            fs::create_dir_all(root.join(dir).join("MAP")).unwrap();
+        }
+        Pins::remove_stale(&root.join("a")).unwrap();
+        let mut left: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["_staging-a-b-77", "_staging-a-x", "a-b"]);
+        Pins::remove_stale(&root.join("a")).unwrap(); // nothing left to remove: fine
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
+
 impl Pins {
     /// A fresh staging directory beside `dir`, named for this process.
     fn staging(dir: &Path) -> Result<Pins> {
@@ -287,19 +317,35 @@ impl Pins {
         &self.0
     }
 
-    /// Removes a pin directory left by a spawner that died without cleaning up.
+    /// Removes the pins (and any staging directory) left under `dir`'s name by a spawner that
+    /// died without cleaning up. The caller has made sure no spawner of that group runs.
     pub fn remove_stale(dir: &Path) -> Result<()> {
-        match fs::remove_dir_all(dir) {
-            Ok(()) => {
-                log::warn!("removed stale pins at {}", dir.display());
-                Ok(())
+        let mut stale = vec![dir.to_owned()];
+        if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
+            let prefix = format!("_staging-{}-", name.to_string_lossy());
+            if let Ok(entries) = fs::read_dir(parent) {
+                stale.extend(entries.flatten().map(|e| e.path()).filter(|path| {
+                    path.file_name()
+                        .and_then(|n| n.to_str()?.strip_prefix(&prefix))
+                        .is_some_and(|pid| {
+                            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+                        })
+                }));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!(
-                "removing stale pins at {}",
-                dir.display()
-            ))(e)),
         }
+        for path in stale {
+            match fs::remove_dir_all(&path) {
+                Ok(()) => log::warn!("removed stale pins at {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::io(format!(
+                        "removing stale pins at {}",
+                        path.display()
+                    ))(e))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
