@@ -266,36 +266,6 @@ fn load_error(e: ProgramError) -> Error {
 #[derive(Debug)]
 pub struct Pins(PathBuf);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stale_pins_and_only_this_groups_staging_are_removed() {
-        let root = std::env::temp_dir().join(format!("parsrv-pins-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        for dir in [
-            "a",
-            "_staging-a-123",
-            "a-b",
-            "_staging-a-b-77",
-            "_staging-a-x",
-        ] {
-            fs::create_dir_all(root.join(dir).join("MAP")).unwrap();
-        }
-        Pins::remove_stale(&root.join("a")).unwrap();
-        let mut left: Vec<String> = fs::read_dir(&root)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["_staging-a-b-77", "_staging-a-x", "a-b"]);
-        Pins::remove_stale(&root.join("a")).unwrap(); // nothing left to remove: fine
-        fs::remove_dir_all(&root).unwrap();
-    }
-}
-
 impl Pins {
     /// A fresh staging directory beside `dir`, named for this process.
     fn staging(dir: &Path) -> Result<Pins> {
@@ -354,5 +324,35 @@ impl Drop for Pins {
         if let Err(e) = fs::remove_dir_all(&self.0) {
             log::error!("could not remove pins at {}: {e}", self.0.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_pins_and_only_this_groups_staging_are_removed() {
+        let root = std::env::temp_dir().join(format!("parsrv-pins-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for dir in [
+            "a",
+            "_staging-a-123",
+            "a-b",
+            "_staging-a-b-77",
+            "_staging-a-x",
+        ] {
+            fs::create_dir_all(root.join(dir).join("MAP")).unwrap();
+        }
+        Pins::remove_stale(&root.join("a")).unwrap();
+        let mut left: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["_staging-a-b-77", "_staging-a-x", "a-b"]);
+        Pins::remove_stale(&root.join("a")).unwrap(); // nothing left to remove: fine
+        fs::remove_dir_all(&root).unwrap();
     }
 }
