@@ -46,10 +46,11 @@ pub struct RunArgs {
     /// Accept-queue length of each socket (capped by net.core.somaxconn).
     #[arg(long, default_value_t = 128, value_name = "B")]
     pub backlog: u32,
-    /// What each handler runs.
+    /// What each handler runs: a built-in server, or `exec` and a program after `--`.
     #[arg(long, value_enum)]
     pub handler: HandlerKind,
-    /// Threads accepting in parallel on each handler's socket.
+    /// Threads accepting in parallel on each handler's socket (exec handlers get it as
+    /// PARSRV_THREADS).
     #[arg(long, default_value_t = 1, value_name = "T")]
     pub threads: u32,
     /// Where a new connection goes while some socket has room.
@@ -64,6 +65,16 @@ pub struct RunArgs {
     /// Seconds a handler may take to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub grace: f64,
+    /// Pin handlers to these CPUs, round-robin by slot: `0-3`, `0,2`.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<String>,
+    /// Run handlers as this user (and group), without capabilities.
+    #[arg(long, value_name = "NAME[:GROUP]")]
+    pub user: Option<String>,
+    /// With --handler exec: the program each handler runs, and its arguments. It gets its
+    /// socket as fd 3 with LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES (socket activation).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 impl RunArgs {
@@ -87,6 +98,14 @@ impl RunArgs {
             threads: self.threads,
             policy: self.policy,
             when_full: self.when_full,
+            command: self.command,
+            cpus: self
+                .cpus
+                .as_deref()
+                .map(config::parse_cpus)
+                .transpose()?
+                .unwrap_or_default(),
+            user: self.user,
         };
         spec.validate()?;
         Ok(RunOptions {
@@ -105,6 +124,7 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// How the spawner starts a handler process (not for people).
 #[derive(Debug, Args)]
 pub struct HandlerArgs {
     #[arg(long, value_enum)]
@@ -113,6 +133,33 @@ pub struct HandlerArgs {
     pub threads: u32,
     #[arg(long, default_value_t = 0)]
     pub slot: u32,
+    #[arg(long, default_value = "")]
+    pub group: String,
+    #[arg(long)]
+    pub spawner: u32,
+    #[arg(long)]
+    pub uid: Option<u32>,
+    #[arg(long, requires = "uid")]
+    pub gid: Option<u32>,
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+impl HandlerArgs {
+    fn into_launch(self) -> handler::Launch {
+        handler::Launch {
+            kind: self.kind,
+            threads: self.threads,
+            slot: self.slot,
+            group: self.group,
+            spawner: self.spawner,
+            credentials: self.uid.map(|uid| config::Credentials {
+                uid,
+                gid: self.gid.unwrap_or(uid),
+            }),
+            command: self.command,
+        }
+    }
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -126,7 +173,7 @@ pub fn main() -> i32 {
         Command::Run(args) => args.into_options().and_then(spawner::run),
         Command::Status(args) => status(args),
         Command::Handler(args) => {
-            return match handler::run(args.kind, args.threads, args.slot) {
+            return match handler::launch(args.into_launch()) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("parsrv handler: {e:#}");
@@ -177,15 +224,13 @@ fn usage_error(e: clap::Error) -> i32 {
 
 fn init_logging(command: &Command) {
     use std::io::Write;
+    // A handler's output goes through its spawner, which prefixes it with slot and pid.
     let who = match command {
-        Command::Handler(args) => format!("parsrv handler {}", args.slot),
-        _ => "parsrv".to_string(),
+        Command::Handler(_) => String::new(),
+        _ => format!("parsrv[{}] ", std::process::id()),
     };
-    let pid = std::process::id();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(move |buf, record| {
-            writeln!(buf, "{who}[{pid}] {}: {}", record.level(), record.args())
-        })
+        .format(move |buf, record| writeln!(buf, "{who}{}: {}", record.level(), record.args()))
         .init();
 }
 
@@ -218,14 +263,10 @@ mod tests {
     use super::*;
 
     fn run_args(extra: &[&str]) -> Result<RunOptions> {
-        let mut argv = vec![
-            "parsrv",
-            "run",
-            "--listen",
-            "127.0.0.1:8080",
-            "--handler",
-            "echo",
-        ];
+        let mut argv = vec!["parsrv", "run", "--listen", "127.0.0.1:8080"];
+        if !extra.contains(&"--handler") {
+            argv.extend(["--handler", "echo"]);
+        }
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(args) => args.into_options(),
@@ -262,6 +303,29 @@ mod tests {
                 "{extra:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn exec_command_cpus_and_user_parse() {
+        let options = run_args(&[
+            "--handler",
+            "exec",
+            "--cpus",
+            "0",
+            "--user",
+            "root",
+            "--",
+            "sh",
+            "-c",
+            "exec true",
+        ])
+        .unwrap();
+        assert_eq!(options.spec.handler, HandlerKind::Exec);
+        assert_eq!(options.spec.command, ["sh", "-c", "exec true"]);
+        assert_eq!(options.spec.cpus, [0]);
+        assert_eq!(options.spec.user.as_deref(), Some("root"));
+        let err = run_args(&["--cpus", "x"]).unwrap_err();
+        assert_eq!(err.exit_code(), EXIT_USAGE);
     }
 
     #[test]

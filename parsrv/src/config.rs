@@ -57,6 +57,8 @@ pub enum HandlerKind {
     Echo,
     /// HTTP/1.1: 200 with a short text body, keep-alive.
     Http,
+    /// Any program given after `--`, handed its socket by socket activation (fd 3).
+    Exec,
 }
 
 macro_rules! display_as_value_enum {
@@ -83,9 +85,63 @@ pub struct GroupSpec {
     pub threads: u32,
     pub policy: Policy,
     pub when_full: WhenFull,
+    /// The program and its arguments, for `HandlerKind::Exec` (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// CPUs handlers are pinned to, round-robin by slot (empty: not pinned).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpus: Vec<u32>,
+    /// Who handlers run as (`NAME` or `NAME:GROUP`); `None`: as the spawner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// A user and group resolved from `--user`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl GroupSpec {
+    /// The CPU handler `slot` is pinned to, if any.
+    pub fn cpu_of(&self, slot: u32) -> Option<u32> {
+        (!self.cpus.is_empty()).then(|| self.cpus[slot as usize % self.cpus.len()])
+    }
+
+    /// Resolves `--user NAME[:GROUP]` (default group: the user's own).
+    pub fn credentials(&self) -> Result<Option<Credentials>> {
+        let Some(spec) = &self.user else {
+            return Ok(None);
+        };
+        let (user_name, group_name) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec.as_str(), None),
+        };
+        let user = nix::unistd::User::from_name(user_name)
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                invalid(
+                    "--user",
+                    spec,
+                    "no such user: create it, or name one from /etc/passwd",
+                )
+            })?;
+        let gid = match group_name {
+            None => user.gid.as_raw(),
+            Some(g) => nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| invalid("--user", spec, "no such group: name one from /etc/group"))?
+                .gid
+                .as_raw(),
+        };
+        Ok(Some(Credentials {
+            uid: user.uid.as_raw(),
+            gid,
+        }))
+    }
     /// The name a group gets when none is given: its address and port, with the characters
     /// bpffs refuses in names ('.', and ':' for readability) replaced by '_'.
     pub fn default_name(listen: &SocketAddr) -> String {
@@ -127,8 +183,121 @@ impl GroupSpec {
                 format!("must be 1 to {MAX_THREADS} accepting threads per handler"),
             ));
         }
+        match (self.handler, self.command.first()) {
+            (HandlerKind::Exec, None) => {
+                return Err(invalid(
+                    "--handler",
+                    "exec",
+                    "give the program after `--`, e.g. --handler exec -- gunicorn --bind fd://3 app:app",
+                ))
+            }
+            (HandlerKind::Exec, Some(program)) => {
+                find_program(program).map_err(|reason| invalid("--handler exec", program, reason))?;
+            }
+            (_, Some(program)) => {
+                return Err(invalid(
+                    "--handler",
+                    self.handler,
+                    format!("'{program}' after `--` needs --handler exec"),
+                ))
+            }
+            (_, None) => {}
+        }
+        let usable = usable_cpus();
+        if let Some(cpu) = self.cpus.iter().find(|c| !usable.contains(c)) {
+            return Err(invalid(
+                "--cpus",
+                cpu,
+                format!(
+                    "not a CPU this process may use; usable: {}",
+                    format_cpus(&usable)
+                ),
+            ));
+        }
+        self.credentials()?;
         Ok(())
     }
+}
+
+/// Where `program` resolves (a path, or a name looked up in PATH), if it can be executed.
+pub fn find_program(program: &str) -> std::result::Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let candidates: Vec<std::path::PathBuf> = if program.contains('/') {
+        vec![program.into()]
+    } else {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|dir| dir.join(program))
+            .collect()
+    };
+    let mut found_not_executable = None;
+    for path in candidates {
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
+                return Ok(path)
+            }
+            Ok(_) => found_not_executable = Some(path),
+            Err(_) => {}
+        }
+    }
+    Err(match found_not_executable {
+        Some(path) => format!("{} is not an executable file: chmod +x it", path.display()),
+        None if program.contains('/') => "no such file: check the path".to_string(),
+        None => "not found in PATH: give its full path, or install it".to_string(),
+    })
+}
+
+/// CPUs this process may run on (its affinity mask).
+pub fn usable_cpus() -> Vec<u32> {
+    nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| {
+            (0..nix::sched::CpuSet::count() as u32)
+                .filter(|&cpu| set.is_set(cpu as usize).unwrap_or(false))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Parses a CPU list: `0-3`, `0,2`, `0-1,4`.
+pub fn parse_cpus(list: &str) -> Result<Vec<u32>> {
+    let bad = |reason: &str| invalid("--cpus", list, reason.to_string());
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let part = part.trim();
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let (first, last): (u32, u32) = match (first.parse(), last.parse()) {
+            (Ok(a), Ok(b)) if a <= b => (a, b),
+            _ => return Err(bad("expected CPU numbers and ranges, e.g. 0-3 or 0,2")),
+        };
+        if last - first >= 4096 {
+            return Err(bad("range too large"));
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// `[0, 1, 2, 5]` -> `0-2,5`.
+pub fn format_cpus(cpus: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        while i + 1 < cpus.len() && cpus[i + 1] == cpus[i] + 1 {
+            i += 1;
+        }
+        parts.push(if cpus[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}-{}", cpus[i])
+        });
+        i += 1;
+    }
+    parts.join(",")
 }
 
 /// Enough for any machine parsrv targets; more threads per socket only add wake-ups.
@@ -186,6 +355,9 @@ mod tests {
             threads: 2,
             policy: Policy::Redirect,
             when_full: WhenFull::Drop,
+            command: vec![],
+            cpus: vec![],
+            user: None,
         }
     }
 
@@ -204,7 +376,7 @@ mod tests {
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
-        let cases: [(&str, Spoil); 8] = [
+        let cases: [(&str, Spoil); 15] = [
             ("--handlers", |s| s.handlers = 0),
             ("--handlers", |s| s.handlers = MAX_SOCKETS + 1),
             ("--backlog", |s| s.backlog = 0),
@@ -213,12 +385,63 @@ mod tests {
             ("--name", |s| s.name = "a/b".into()),
             ("--name", |s| s.name = "_staging".into()),
             ("--name", |s| s.name = "a.b".into()),
+            ("--handler", |s| s.handler = HandlerKind::Exec),
+            ("--handler", |s| s.command = vec!["true".into()]),
+            ("--handler exec", |s| {
+                s.handler = HandlerKind::Exec;
+                s.command = vec!["no-such-program-parsrv".into()];
+            }),
+            ("--handler exec", |s| {
+                s.handler = HandlerKind::Exec;
+                s.command = vec!["/etc/passwd".into()];
+            }),
+            ("--cpus", |s| s.cpus = vec![4095]),
+            ("--user", |s| s.user = Some("no-such-user-parsrv".into())),
+            ("--user", |s| {
+                s.user = Some("root:no-such-group-parsrv".into())
+            }),
         ];
         for (option, spoil) in cases {
             let mut s = spec();
             spoil(&mut s);
             assert_eq!(rejected_option(&s), option, "{s:?}");
         }
+    }
+
+    #[test]
+    fn exec_cpus_and_user_that_exist_are_accepted() {
+        let mut s = spec();
+        s.handler = HandlerKind::Exec;
+        s.command = vec!["true".into(), "--ignored".into()];
+        s.cpus = usable_cpus();
+        s.user = Some("root:root".into());
+        s.validate().unwrap();
+        assert_eq!(
+            s.credentials().unwrap(),
+            Some(Credentials { uid: 0, gid: 0 })
+        );
+        assert_eq!(s.cpu_of(0), Some(s.cpus[0]));
+        assert_eq!(
+            s.cpu_of(s.cpus.len() as u32),
+            Some(s.cpus[0]),
+            "round-robin"
+        );
+        assert!(find_program("sh").unwrap().is_absolute());
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_print() {
+        assert_eq!(parse_cpus("0-1").unwrap(), [0, 1]);
+        assert_eq!(parse_cpus("3,0-1, 1").unwrap(), [0, 1, 3]);
+        for bad in ["", "a", "2-1", "0-", "-1", "0-99999"] {
+            assert_eq!(
+                parse_cpus(bad).unwrap_err().exit_code(),
+                crate::error::EXIT_USAGE,
+                "{bad}"
+            );
+        }
+        assert_eq!(format_cpus(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        assert!(!usable_cpus().is_empty());
     }
 
     #[test]

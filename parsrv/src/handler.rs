@@ -23,12 +23,92 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::config::HandlerKind;
+use crate::config::{Credentials, HandlerKind};
 
 /// The handler's socket (as in systemd socket activation, SD_LISTEN_FDS_START).
-pub const LISTEN_FD: RawFd = 3;
-/// The shared [`HandlerStats`] page of a built-in handler.
+pub const LISTEN_FD: RawFd = crate::activation::FIRST_FD;
+/// The shared [`HandlerStats`] page of a built-in handler (exec handlers get none).
 pub const STATS_FD: RawFd = 4;
+/// Exported to exec handlers: `--threads`, the slot, the group name.
+pub const THREADS_ENV: &str = "PARSRV_THREADS";
+pub const SLOT_ENV: &str = "PARSRV_SLOT";
+pub const GROUP_ENV: &str = "PARSRV_GROUP";
+
+/// What a handler process is told by its spawner (as `parsrv handler` arguments).
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub kind: HandlerKind,
+    pub threads: u32,
+    pub slot: u32,
+    pub group: String,
+    /// The spawner's pid: the handler must die with it.
+    pub spawner: u32,
+    pub credentials: Option<Credentials>,
+    /// For exec handlers: the program and its arguments.
+    pub command: Vec<String>,
+}
+
+/// Becomes the handler: drops privileges if asked, then runs a built-in handler or execs
+/// the command (returning only if that fails).
+pub fn launch(launch: Launch) -> anyhow::Result<()> {
+    if let Some(credentials) = launch.credentials {
+        drop_privileges(credentials, launch.spawner)?;
+    }
+    match launch.kind {
+        HandlerKind::Exec => Err(exec_command(&launch)),
+        kind => run(kind, launch.threads, launch.slot),
+    }
+}
+
+/// Becomes `credentials` for good, with no capabilities left.
+fn drop_privileges(credentials: Credentials, spawner: u32) -> anyhow::Result<()> {
+    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+    let gid = Gid::from_raw(credentials.gid);
+    setgroups(&[gid])?;
+    setgid(gid)?;
+    setuid(Uid::from_raw(credentials.uid))?;
+    // A change of credentials clears the parent-death signal: arm it again, then make sure
+    // the spawner did not die meanwhile.
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    if nix::unistd::getppid().as_raw() as u32 != spawner {
+        anyhow::bail!("the spawner exited");
+    }
+    // Leaving uid 0 clears the capability sets (no SECBIT_KEEP_CAPS); check rather than trust.
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim);
+    if credentials.uid != 0 && effective != Some("0000000000000000") {
+        anyhow::bail!(
+            "capabilities survived the switch to uid {}",
+            credentials.uid
+        );
+    }
+    Ok(())
+}
+
+/// Execs the handler's command with the socket-activation variables set for this very
+/// process (exec keeps the pid). Returns only on failure.
+fn exec_command(launch: &Launch) -> anyhow::Error {
+    use crate::activation::{LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID};
+    use std::os::unix::process::CommandExt;
+    let program = &launch.command[0];
+    // Single-threaded here: setting the environment is safe.
+    std::env::set_var(LISTEN_FDS, "1");
+    std::env::set_var(LISTEN_PID, std::process::id().to_string());
+    std::env::set_var(LISTEN_FDNAMES, &launch.group);
+    std::env::set_var(THREADS_ENV, launch.threads.to_string());
+    std::env::set_var(SLOT_ENV, launch.slot.to_string());
+    std::env::set_var(GROUP_ENV, &launch.group);
+    let error = std::process::Command::new(program)
+        .args(&launch.command[1..])
+        .exec();
+    anyhow::anyhow!("cannot run {program}: {error}")
+}
 
 /// Counters a built-in handler keeps in memory shared with the spawner.
 #[repr(C)]
@@ -89,7 +169,7 @@ impl SharedStats {
 }
 
 /// Runs a built-in handler on the socket at [`LISTEN_FD`] until SIGTERM or SIGINT.
-pub fn run(kind: HandlerKind, threads: u32, slot: u32) -> anyhow::Result<()> {
+fn run(kind: HandlerKind, threads: u32, slot: u32) -> anyhow::Result<()> {
     let listener = inherited_listener()?;
     // SAFETY: fd 4 is ours, handed over by the spawner (checked by mapping it).
     let stats = Arc::new(SharedStats::map(unsafe { OwnedFd::from_raw_fd(STATS_FD) })?);
@@ -262,6 +342,7 @@ async fn serve(
             writer.shutdown().await
         }
         HandlerKind::Http => serve_http(stream, stop, body).await,
+        HandlerKind::Exec => unreachable!("exec handlers run their own program"),
     }
 }
 

@@ -262,9 +262,94 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// The inode number of a socket (as /proc shows it: `socket:[INODE]`).
+pub fn socket_inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(nix::sys::stat::fstat(fd)?.st_ino)
+}
+
+/// The listening TCP sockets process `pid` holds, as (inode, local address), read from
+/// /proc/PID/fd and /proc/PID/net/tcp{,6} (the process's own network namespace).
+pub fn listening_sockets(pid: u32) -> Vec<(u64, String)> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let held: std::collections::HashSet<u64> = fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            link.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(&"0A"), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if let Ok(inode) = inode.parse::<u64>() {
+                if held.contains(&inode) {
+                    found.push((inode, proc_net_address(local)));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// `0100007F:1F90` -> `127.0.0.1:8080`; 32-digit IPv6 forms -> `[addr]:port`.
+fn proc_net_address(field: &str) -> String {
+    let Some((addr, port)) = field.split_once(':') else {
+        return field.to_owned();
+    };
+    let port = u16::from_str_radix(port, 16).unwrap_or(0);
+    // The kernel prints each 32-bit word of the address in host byte order.
+    let bytes: Vec<u8> = (0..addr.len() / 8)
+        .filter_map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).ok())
+        .flat_map(u32::to_ne_bytes)
+        .collect();
+    match bytes.len() {
+        4 => format!(
+            "{}:{port}",
+            std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+        ),
+        16 => {
+            let octets: [u8; 16] = bytes.try_into().expect("16 bytes");
+            format!("[{}]:{port}", std::net::Ipv6Addr::from(octets))
+        }
+        _ => field.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_own_listening_sockets_with_addresses() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let found = listening_sockets(std::process::id());
+        for listener in [&v4, &v6] {
+            let inode = socket_inode(std::os::fd::AsFd::as_fd(listener)).unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            assert!(
+                found.contains(&(inode, addr.clone())),
+                "{addr} not in {found:?}"
+            );
+        }
+        assert_eq!(proc_net_address("0100007F:1F90"), "127.0.0.1:8080");
+    }
 
     #[test]
     fn capability_bits() {

@@ -5,8 +5,9 @@
 //! ([`program`], source in parsrv-ebpf) picks, in the kernel, for every new connection, a
 //! socket whose accept queue has room, reading the queues' real depth at offsets taken from
 //! the kernel's BTF ([`kernel`]). `parsrv status` ([`status`]) asks the spawner through its
-//! control socket ([`control`]).
+//! control socket ([`control`]). A handler program takes its socket with [`activation`].
 
+pub mod activation;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -280,7 +280,15 @@ impl Pins {
             std::process::id()
         ));
         fs::create_dir(&staging).map_err(Error::io(format!("creating {}", staging.display())))?;
-        Ok(Pins(staging))
+        let pins = Pins(staging);
+        // Root only, as the pins in it (0600): handlers run as other users must not reach the
+        // maps, and the group's directory keeps this mode when renamed into place.
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [parent, pins.0.as_path()] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(Error::io(format!("restricting {}", dir.display())))?;
+        }
+        Ok(pins)
     }
 
     pub fn dir(&self) -> &Path {

@@ -10,7 +10,7 @@
 use std::{
     cell::RefCell,
     io,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd, RawFd},
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     rc::Rc,
@@ -22,7 +22,7 @@ use parsrv_common::ProgramConfig;
 use tokio::sync::watch;
 
 use crate::{
-    config::GroupSpec,
+    config::{Credentials, GroupSpec, HandlerKind},
     control::{self, ControlSocket, Request, Response},
     error::{Error, Result},
     group::SocketGroup,
@@ -46,6 +46,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     spec.validate()?;
 
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
+    let credentials = spec.credentials()?;
     kernel::check_capabilities()?;
     let offsets = kernel::kernel_offsets()?;
     crate::program::object()?;
@@ -94,6 +95,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     let shared = Rc::new(Shared {
         spec,
         grace,
+        credentials,
         group,
         steering,
         slots,
@@ -129,6 +131,7 @@ impl Drop for Attachment {
 struct Shared {
     spec: GroupSpec,
     grace: Duration,
+    credentials: Option<Credentials>,
     group: SocketGroup,
     steering: Steering,
     slots: Vec<Slot>,
@@ -145,6 +148,10 @@ struct HandlerState {
     pid: Option<u32>,
     restarts: u32,
     last_exit: Option<String>,
+    /// When the next start is due, while the slot waits out its backoff.
+    restart_at: Option<Instant>,
+    /// The handler's pid once a warning about it was logged (warn once per process).
+    warned: Option<u32>,
 }
 
 async fn serve(shared: Rc<Shared>) -> Result<()> {
@@ -175,6 +182,7 @@ async fn serve(shared: Rc<Shared>) -> Result<()> {
             control.serve(|request| answer(&shared, request)).await;
         })
     };
+    let watching = tokio::task::spawn_local(watch_handlers(shared.clone()));
 
     tokio::select! {
         _ = interrupt.recv() => log::info!("SIGINT: stopping group {}", shared.spec.name),
@@ -184,6 +192,7 @@ async fn serve(shared: Rc<Shared>) -> Result<()> {
     for supervisor in supervisors {
         let _ = supervisor.await;
     }
+    watching.abort();
     answering.abort();
     let _ = answering.await; // drops the ControlSocket, which removes its file
     Ok(())
@@ -220,8 +229,12 @@ fn group_status(shared: &Shared) -> Result<GroupStatus> {
                 slot,
                 pid: state.pid,
                 alive: state.pid.is_some_and(process_alive),
+                cpu: spec.cpu_of(slot),
                 restarts: state.restarts,
                 last_exit: state.last_exit.clone(),
+                restart_in_ms: state
+                    .restart_at
+                    .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64),
                 accepted: stats.accepted.load(Ordering::Relaxed),
                 lost_races: stats.lost_races.load(Ordering::Relaxed),
                 active: stats.active.load(Ordering::Relaxed),
@@ -236,7 +249,10 @@ fn group_status(shared: &Shared) -> Result<GroupStatus> {
         when_full: spec.when_full,
         backlog: spec.backlog,
         handler: spec.handler,
+        command: spec.command.clone(),
         threads: spec.threads,
+        cpus: spec.cpus.clone(),
+        user: spec.user.clone(),
         spawner_pid: std::process::id(),
         pins: shared.pins.clone(),
         handlers,
@@ -299,9 +315,11 @@ async fn supervise(shared: Rc<Shared>, slot: u32, mut stop: watch::Receiver<bool
             Err(e) => log::error!("handler {slot}: cannot start: {e}"),
             Ok(mut child) => {
                 let pid = child.id().unwrap_or_default();
+                forward_output(&mut child, slot, pid);
                 {
                     let mut state = state.borrow_mut();
                     state.pid = Some(pid);
+                    state.restart_at = None;
                     if !first {
                         state.restarts += 1;
                     }
@@ -334,8 +352,9 @@ async fn supervise(shared: Rc<Shared>, slot: u32, mut stop: watch::Receiver<bool
         }
         let delay = backoff.next();
         if !delay.is_zero() {
-            log::warn!("handler {slot}: next start in {delay:?}");
+            log::warn!("handler {slot} keeps exiting: next start in {delay:?}");
         }
+        state.borrow_mut().restart_at = Some(Instant::now() + delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.changed() => return,
@@ -373,8 +392,15 @@ async fn stop_handler(child: &mut tokio::process::Child, pid: u32, grace: Durati
 fn spawn_handler(shared: &Shared, slot: u32) -> io::Result<tokio::process::Child> {
     let spec = &shared.spec;
     let listener = shared.group.listeners()[slot as usize].socket().as_raw_fd();
-    let stats = shared.slots[slot as usize].stats.fd().as_raw_fd();
-    let parent = std::process::id() as libc::pid_t;
+    // Exec handlers get their socket and nothing else.
+    let stats = (spec.handler != HandlerKind::Exec)
+        .then(|| shared.slots[slot as usize].stats.fd().as_raw_fd());
+    let cpus = spec.cpu_of(slot).map(|cpu| {
+        let mut set = nix::sched::CpuSet::new();
+        let _ = set.set(cpu as usize); // validated against the usable CPUs
+        set
+    });
+    let parent = std::process::id();
     // /proc/self/exe rather than current_exe(): still this very binary if the file was
     // replaced on disk since the spawner started.
     let mut command = tokio::process::Command::new("/proc/self/exe");
@@ -383,20 +409,147 @@ fn spawn_handler(shared: &Shared, slot: u32) -> io::Result<tokio::process::Child
         .args(["handler", "--kind", &spec.handler.to_string()])
         .args(["--threads", &spec.threads.to_string()])
         .args(["--slot", &slot.to_string()])
+        .args(["--group", &spec.name])
+        .args(["--spawner", &parent.to_string()]);
+    if let Some(credentials) = shared.credentials {
+        command
+            .args(["--uid", &credentials.uid.to_string()])
+            .args(["--gid", &credentials.gid.to_string()]);
+    }
+    if !spec.command.is_empty() {
+        command.arg("--").args(&spec.command);
+    }
+    command
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
-        command.pre_exec(move || place_handler_fds(listener, stats, parent));
+        command.pre_exec(move || place_handler(listener, stats, cpus, parent as libc::pid_t));
     }
     command.spawn()
 }
 
-/// In the forked child, before exec: put the handler's socket at fd 3 and its counters at
-/// fd 4 (everything else parsrv holds is close-on-exec, so these are all it inherits beside
-/// stdio), tie its life to the spawner's, and move it out of the terminal's process group so
-/// that Ctrl-C reaches only the spawner, which stops handlers in order.
-fn place_handler_fds(listener: RawFd, stats: RawFd, parent: libc::pid_t) -> io::Result<()> {
+/// Copies a handler's stdout and stderr to the spawner's stderr, a line at a time, each
+/// prefixed with the handler's slot and pid.
+fn forward_output(child: &mut tokio::process::Child, slot: u32, pid: u32) {
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+    fn copy(stream: impl AsyncRead + Unpin + 'static, slot: u32, pid: u32) {
+        tokio::task::spawn_local(async move {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                // Bounded: a handler printing without newlines cannot grow this forever.
+                match (&mut reader)
+                    .take(MAX_LOG_LINE)
+                    .read_until(b'\n', &mut line)
+                    .await
+                {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        eprintln!(
+                            "parsrv[{}] handler {slot}[{pid}]: {}",
+                            std::process::id(),
+                            text.trim_end_matches(['\n', '\r'])
+                        );
+                    }
+                }
+            }
+        });
+    }
+    if let Some(out) = child.stdout.take() {
+        copy(out, slot, pid);
+    }
+    if let Some(err) = child.stderr.take() {
+        copy(err, slot, pid);
+    }
+}
+
+/// Longest handler output line copied as one line.
+const MAX_LOG_LINE: u64 = 16 * 1024;
+
+/// How often handlers are checked for serving outside their socket.
+const WATCH_PERIOD: Duration = Duration::from_secs(2);
+/// How long a socket's queue may stay non-empty without ever shrinking before its handler
+/// is reported as not accepting.
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+
+/// Warns (once per handler process) about a handler that does not use the socket parsrv
+/// gave it: one that listens on a socket of its own, or whose queue never shrinks.
+async fn watch_handlers(shared: Rc<Shared>) {
+    let inodes: Vec<Option<u64>> = shared
+        .group
+        .listeners()
+        .iter()
+        .map(|l| kernel::socket_inode(l.socket().as_fd()).ok())
+        .collect();
+    let mut stuck_since: Vec<Option<(Instant, u32)>> = vec![None; inodes.len()];
+    loop {
+        tokio::time::sleep(WATCH_PERIOD).await;
+        for (slot, listener) in shared.group.listeners().iter().enumerate() {
+            let state = &shared.slots[slot].state;
+            let Some(pid) = state.borrow().pid else {
+                stuck_since[slot] = None;
+                continue;
+            };
+            if state.borrow().warned == Some(pid) {
+                continue;
+            }
+            let own = kernel::listening_sockets(pid)
+                .into_iter()
+                .find(|(inode, _)| Some(*inode) != inodes[slot]);
+            if let Some((_, addr)) = own {
+                log::warn!(
+                    "handler {slot} (pid {pid}) listens on {addr} itself instead of serving \
+                     the socket parsrv passed as fd 3: its connections bypass the group; make \
+                     it use fd 3 (gunicorn --bind fd://3, uvicorn --fd 3, LISTEN_FDS)"
+                );
+                state.borrow_mut().warned = Some(pid);
+                continue;
+            }
+            let depth = listener.queue().map(|q| q.depth).unwrap_or(0);
+            let stopped = process_stopped(pid);
+            stuck_since[slot] = match stuck_since[slot] {
+                _ if depth == 0 || stopped => None,
+                Some((since, last)) if depth >= last => Some((since, depth)),
+                _ => Some((Instant::now(), depth)),
+            };
+            if let Some((since, depth)) = stuck_since[slot] {
+                if since.elapsed() >= STUCK_AFTER {
+                    log::warn!(
+                        "handler {slot} (pid {pid}) has not taken a connection from its socket \
+                         in {STUCK_AFTER:?} ({depth} waiting): is it accepting on fd 3?"
+                    );
+                    state.borrow_mut().warned = Some(pid);
+                }
+            }
+        }
+    }
+}
+
+/// Stopped (SIGSTOP) or traced: not accepting, but not misconfigured either.
+fn process_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "T" || state == "t")
+    })
+}
+
+/// In the forked child, before exec: put the handler's socket at fd 3 and (built-in
+/// handlers) its counters at fd 4; everything else parsrv holds is close-on-exec, so these
+/// are all it inherits beside stdio. Pin it to its CPU, tie its life to the spawner's, and
+/// move it out of the terminal's process group so that Ctrl-C reaches only the spawner,
+/// which stops handlers in order.
+fn place_handler(
+    listener: RawFd,
+    stats: Option<RawFd>,
+    cpus: Option<nix::sched::CpuSet>,
+    parent: libc::pid_t,
+) -> io::Result<()> {
     fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
         if rc < 0 {
             Err(io::Error::last_os_error())
@@ -406,13 +559,21 @@ fn place_handler_fds(listener: RawFd, stats: RawFd, parent: libc::pid_t) -> io::
     }
     // SAFETY: plain fd and process syscalls on values owned by this (forked) process.
     unsafe {
-        // Copy both out of the way first: either source may sit at 3 or 4.
+        // Copy the sources out of the way first: either may sit at 3 or 4.
         let listener = check(libc::fcntl(listener, libc::F_DUPFD_CLOEXEC, 10))?;
-        let stats = check(libc::fcntl(stats, libc::F_DUPFD_CLOEXEC, 10))?;
+        let stats = match stats {
+            Some(fd) => Some(check(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))?),
+            None => None,
+        };
         check(libc::dup2(listener, LISTEN_FD))?;
-        check(libc::dup2(stats, STATS_FD))?;
         libc::close(listener);
-        libc::close(stats);
+        if let Some(stats) = stats {
+            check(libc::dup2(stats, STATS_FD))?;
+            libc::close(stats);
+        }
+        if let Some(cpus) = cpus {
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+        }
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
         // The spawner may have died before prctl took effect.
         if libc::getppid() != parent {

@@ -24,7 +24,16 @@ pub struct GroupStatus {
     pub when_full: WhenFull,
     pub backlog: u32,
     pub handler: HandlerKind,
+    /// The program exec handlers run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
     pub threads: u32,
+    /// CPUs handlers are pinned to (empty: not pinned).
+    #[serde(default)]
+    pub cpus: Vec<u32>,
+    /// Who handlers run as (`None`: as the spawner).
+    #[serde(default)]
+    pub user: Option<String>,
     pub spawner_pid: u32,
     /// Where the maps are pinned.
     pub pins: Option<PathBuf>,
@@ -41,10 +50,14 @@ pub struct HandlerStatus {
     /// The current process, if one is running.
     pub pid: Option<u32>,
     pub alive: bool,
+    /// The CPU it is pinned to (`--cpus`).
+    pub cpu: Option<u32>,
     /// Times this slot's handler was started again after exiting.
     pub restarts: u32,
     /// How the last process of this slot ended, if one did.
     pub last_exit: Option<String>,
+    /// While the slot waits out its restart backoff: how long until the next start.
+    pub restart_in_ms: Option<u64>,
     pub accepted: u64,
     /// accept() calls that lost the race to another thread of the handler (EAGAIN).
     pub lost_races: u64,
@@ -100,10 +113,11 @@ impl GroupStatus {
             let c = &socket.counters;
             let _ = writeln!(
                 out,
-                "{:>4} {:>8} {:>5} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
+                "{:>4} {:>8} {:>5} {:>3} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
                 handler.slot,
                 pid,
                 if handler.alive { "yes" } else { "NO" },
+                handler.cpu.map_or("-".to_string(), |c| c.to_string()),
                 handler.restarts,
                 queue,
                 c.selected,
@@ -114,6 +128,16 @@ impl GroupStatus {
                 handler.accepted,
                 handler.lost_races
             );
+        }
+        for handler in &self.handlers {
+            if let Some(wait) = handler.restart_in_ms {
+                let _ = writeln!(
+                    out,
+                    "handler {} {}: restarting in {wait} ms",
+                    handler.slot,
+                    handler.last_exit.as_deref().unwrap_or("exited")
+                );
+            }
         }
         let _ = write!(
             out,
@@ -152,13 +176,17 @@ mod tests {
             when_full: WhenFull::Refuse,
             backlog: 16,
             handler: HandlerKind::Http,
+            command: vec![],
             threads: 2,
+            cpus: vec![1],
+            user: None,
             spawner_pid: 42,
             pins: Some("/sys/fs/bpf/parsrv/web".into()),
             handlers: vec![HandlerStatus {
                 slot: 0,
                 pid: Some(43),
                 alive: true,
+                cpu: Some(1),
                 accepted: 7,
                 lost_races: 2,
                 ..Default::default()
@@ -203,7 +231,7 @@ mod tests {
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
             cells,
-            ["0", "43", "yes", "0", "3/16", "10", "1", "0", "0", "0", "7", "2"]
+            ["0", "43", "yes", "1", "0", "3/16", "10", "1", "0", "0", "0", "7", "2"]
         );
         assert!(text.contains("70 ns/run"), "{text}");
     }

@@ -1,0 +1,26 @@
+//! A complete parsrv handler in a few lines: take the group socket parsrv passes (socket
+//! activation), answer every HTTP request with who served it.
+//!
+//!     parsrv run --listen 127.0.0.1:8080 --handlers 4 --handler exec -- \
+//!         target/debug/examples/hello_handler
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let listener = parsrv::activation::tokio_listener()?;
+    let body = format!("hello from pid {}\n", std::process::id());
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let body = body.clone();
+        tokio::spawn(async move {
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).await; // one request per connection
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+        });
+    }
+}
