@@ -1,13 +1,26 @@
 //! A complete parsrv handler in a few lines: take the group socket parsrv passes (socket
-//! activation), answer every HTTP request with who served it.
+//! activation), answer every HTTP request with who served it, on as many threads as
+//! `parsrv run --threads` asks for.
 //!
-//!     parsrv run --listen 127.0.0.1:8080 --handlers 4 --handler exec -- \
+//!     parsrv run --listen 127.0.0.1:8080 --handlers 4 --threads 2 --handler exec -- \
 //!         target/debug/examples/hello_handler
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() {
+    let served = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(parsrv::activation::threads())
+        .enable_all()
+        .build()
+        .map_err(Into::into)
+        .and_then(|runtime| runtime.block_on(serve()));
+    if let Err(e) = served {
+        eprintln!("hello_handler: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let listener = parsrv::activation::tokio_listener()?;
     let body = format!("hello from pid {}\n", std::process::id());
     loop {

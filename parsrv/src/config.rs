@@ -188,11 +188,21 @@ impl GroupSpec {
                 return Err(invalid(
                     "--handler",
                     "exec",
-                    "give the program after `--`, e.g. --handler exec -- gunicorn --bind fd://3 app:app",
+                    "give the program after `--`, e.g. --handler exec -- uvicorn --fd 3 app:app",
                 ))
             }
             (HandlerKind::Exec, Some(program)) => {
-                find_program(program).map_err(|reason| invalid("--handler exec", program, reason))?;
+                let path = find_program(program)
+                    .map_err(|reason| invalid("--handler exec", program, reason))?;
+                if let (Some(credentials), Some(user)) = (self.credentials()?, &self.user) {
+                    executable_by(&path, credentials).map_err(|reason| {
+                        invalid(
+                            "--handler exec",
+                            program,
+                            format!("user {user} cannot run it: {reason}; install it where that user can reach it, or choose another --user"),
+                        )
+                    })?;
+                }
             }
             (_, Some(program)) => {
                 return Err(invalid(
@@ -244,6 +254,41 @@ pub fn find_program(program: &str) -> std::result::Result<std::path::PathBuf, St
         None if program.contains('/') => "no such file: check the path".to_string(),
         None => "not found in PATH: give its full path, or install it".to_string(),
     })
+}
+
+/// Whether a process with exactly these credentials (handlers keep no supplementary group)
+/// may execute `path`: search permission on every directory on the way, execute permission
+/// on the file. Permission bits only (no ACLs); root passes.
+pub fn executable_by(
+    path: &std::path::Path,
+    credentials: Credentials,
+) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if credentials.uid == 0 {
+        return Ok(());
+    }
+    let path = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let allowed = |meta: &std::fs::Metadata| {
+        let mode = meta.mode();
+        if meta.uid() == credentials.uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == credentials.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        }
+    };
+    for dir in path.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !allowed(&meta) {
+            return Err(format!("no search permission on {}", dir.display()));
+        }
+    }
+    let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !allowed(&meta) {
+        return Err(format!("no execute permission on {}", path.display()));
+    }
+    Ok(())
 }
 
 /// CPUs this process may run on (its affinity mask).
@@ -427,6 +472,30 @@ mod tests {
             "round-robin"
         );
         assert!(find_program("sh").unwrap().is_absolute());
+    }
+
+    #[test]
+    fn executable_by_walks_directories_and_mode_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let nobody = Credentials {
+            uid: 65534,
+            gid: 65534,
+        };
+        executable_by(std::path::Path::new("/bin/sh"), nobody).unwrap();
+        let dir = std::env::temp_dir().join(format!("parsrv-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join("prog");
+        std::fs::write(&program, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = executable_by(&program, nobody).unwrap_err();
+        assert!(err.starts_with("no execute permission"), "{err}");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        executable_by(&program, nobody).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = executable_by(&program, nobody).unwrap_err();
+        assert!(err.starts_with("no search permission on"), "{err}");
+        executable_by(&program, Credentials { uid: 0, gid: 0 }).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

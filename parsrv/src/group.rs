@@ -19,11 +19,19 @@ use crate::{
 pub struct Listener {
     socket: Socket,
     cookie: u64,
+    /// The accept-queue length the kernel set at listen() (min(backlog, somaxconn)).
+    capacity: u32,
 }
 
 impl Listener {
     pub fn cookie(&self) -> u64 {
         self.cookie
+    }
+
+    /// The queue length parsrv gave the socket; a handler that calls listen() again
+    /// changes the kernel's (see [`Listener::queue`]).
+    pub fn configured_capacity(&self) -> u32 {
+        self.capacity
     }
 
     pub fn socket(&self) -> &Socket {
@@ -107,7 +115,14 @@ impl SocketGroup {
             .map_err(socket_error("listen on"))?;
         let cookie =
             kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
-        self.listeners.push(Listener { socket, cookie });
+        let capacity = kernel::queue_depth(socket.as_fd())
+            .map_err(socket_error("read TCP_INFO of"))?
+            .capacity;
+        self.listeners.push(Listener {
+            socket,
+            cookie,
+            capacity,
+        });
         Ok(self.listeners.last().expect("just pushed"))
     }
 

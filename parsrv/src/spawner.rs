@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     rc::Rc,
-    sync::atomic::Ordering,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -26,7 +26,7 @@ use crate::{
     control::{self, ControlSocket, Request, Response},
     error::{Error, Result},
     group::SocketGroup,
-    handler::{SharedStats, LISTEN_FD, STATS_FD},
+    handler::{HandlerStats, SharedStats, LISTEN_FD, STATS_FD},
     kernel,
     program::{Pins, Steering},
     status::{self, GroupStatus, HandlerStatus, SocketStatus},
@@ -224,7 +224,11 @@ fn group_status(shared: &Shared) -> Result<GroupStatus> {
         .zip(&shared.slots)
         .map(|(slot, s)| {
             let state = s.state.borrow();
-            let stats = s.stats.stats();
+            // Only built-in handlers keep counters; an exec'd program's are its own.
+            let stats = (spec.handler != HandlerKind::Exec).then(|| s.stats.stats());
+            let count = |field: fn(&HandlerStats) -> &AtomicU64| {
+                stats.map(|stats| field(stats).load(Ordering::Relaxed))
+            };
             HandlerStatus {
                 slot,
                 pid: state.pid,
@@ -235,9 +239,9 @@ fn group_status(shared: &Shared) -> Result<GroupStatus> {
                 restart_in_ms: state
                     .restart_at
                     .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64),
-                accepted: stats.accepted.load(Ordering::Relaxed),
-                lost_races: stats.lost_races.load(Ordering::Relaxed),
-                active: stats.active.load(Ordering::Relaxed),
+                accepted: count(|s| &s.accepted),
+                lost_races: count(|s| &s.lost_races),
+                active: count(|s| &s.active),
             }
         })
         .collect();
@@ -478,7 +482,8 @@ const WATCH_PERIOD: Duration = Duration::from_secs(2);
 const STUCK_AFTER: Duration = Duration::from_secs(10);
 
 /// Warns (once per handler process) about a handler that does not use the socket parsrv
-/// gave it: one that listens on a socket of its own, or whose queue never shrinks.
+/// gave it as given: one that listens on a socket of its own, that changed the socket's
+/// queue length, or whose queue never shrinks.
 async fn watch_handlers(shared: Rc<Shared>) {
     let inodes: Vec<Option<u64>> = shared
         .group
@@ -505,12 +510,25 @@ async fn watch_handlers(shared: Rc<Shared>) {
                 log::warn!(
                     "handler {slot} (pid {pid}) listens on {addr} itself instead of serving \
                      the socket parsrv passed as fd 3: its connections bypass the group; make \
-                     it use fd 3 (gunicorn --bind fd://3, uvicorn --fd 3, LISTEN_FDS)"
+                     it use fd 3 (LISTEN_FDS, as gunicorn does by itself; uvicorn --fd 3)"
                 );
                 state.borrow_mut().warned = Some(pid);
                 continue;
             }
-            let depth = listener.queue().map(|q| q.depth).unwrap_or(0);
+            let queue = listener.queue().unwrap_or_default();
+            if queue.capacity != 0 && queue.capacity != listener.configured_capacity() {
+                log::warn!(
+                    "handler {slot} (pid {pid}) changed its socket's accept-queue length from {} \
+                     to {} (it called listen() again with its own backlog): give the server the \
+                     same backlog (e.g. uvicorn --backlog {}) so that --backlog holds",
+                    listener.configured_capacity(),
+                    queue.capacity,
+                    shared.spec.backlog
+                );
+                state.borrow_mut().warned = Some(pid);
+                continue;
+            }
+            let depth = queue.depth;
             let stopped = process_stopped(pid);
             stuck_since[slot] = match stuck_since[slot] {
                 _ if depth == 0 || stopped => None,
@@ -540,8 +558,7 @@ fn process_stopped(pid: u32) -> bool {
 }
 
 /// In the forked child, before exec: put the handler's socket at fd 3 and (built-in
-/// handlers) its counters at fd 4; everything else parsrv holds is close-on-exec, so these
-/// are all it inherits beside stdio. Pin it to its CPU, tie its life to the spawner's, and
+/// handlers) its counters at fd 4, and close every other fd beside stdio. Pin it to its CPU, tie its life to the spawner's, and
 /// move it out of the terminal's process group so that Ctrl-C reaches only the spawner,
 /// which stops handlers in order.
 fn place_handler(
@@ -570,6 +587,18 @@ fn place_handler(
         if let Some(stats) = stats {
             check(libc::dup2(stats, STATS_FD))?;
             libc::close(stats);
+        }
+        // Whatever parsrv itself inherited without close-on-exec must not reach the handler.
+        let first_unused = if stats.is_some() {
+            STATS_FD + 1
+        } else {
+            LISTEN_FD + 1
+        } as u32;
+        if libc::syscall(libc::SYS_close_range, first_unused, u32::MAX, 0) != 0 {
+            // Kernels before 5.9: close them one by one.
+            for fd in first_unused as RawFd..4096 {
+                libc::close(fd);
+            }
         }
         if let Some(cpus) = cpus {
             nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;

@@ -58,10 +58,12 @@ pub struct HandlerStatus {
     pub last_exit: Option<String>,
     /// While the slot waits out its restart backoff: how long until the next start.
     pub restart_in_ms: Option<u64>,
-    pub accepted: u64,
-    /// accept() calls that lost the race to another thread of the handler (EAGAIN).
-    pub lost_races: u64,
-    pub active: u64,
+    /// Built-in handlers only (`None` for exec handlers): connections accepted,
+    pub accepted: Option<u64>,
+    /// accept() calls that lost the race to another thread of the handler (EAGAIN),
+    pub lost_races: Option<u64>,
+    /// connections being served.
+    pub active: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +113,8 @@ impl GroupStatus {
                 .queue
                 .map_or("?".to_string(), |q| format!("{}/{}", q.depth, q.capacity));
             let c = &socket.counters;
-            let _ = writeln!(
+            let _ =
+                writeln!(
                 out,
                 "{:>4} {:>8} {:>5} {:>3} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
                 handler.slot,
@@ -125,8 +128,8 @@ impl GroupStatus {
                 c.dropped,
                 c.refused,
                 c.migrated_in,
-                handler.accepted,
-                handler.lost_races
+                handler.accepted.map_or("-".to_string(), |n| n.to_string()),
+                handler.lost_races.map_or("-".to_string(), |n| n.to_string()),
             );
         }
         for handler in &self.handlers {
@@ -187,8 +190,8 @@ mod tests {
                 pid: Some(43),
                 alive: true,
                 cpu: Some(1),
-                accepted: 7,
-                lost_races: 2,
+                accepted: Some(7),
+                lost_races: Some(2),
                 ..Default::default()
             }],
             sockets: vec![SocketStatus {

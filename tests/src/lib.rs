@@ -186,6 +186,11 @@ impl Spawner {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The file the spawner's output goes to (it outlives the spawner).
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
+    }
+
     fn try_status(&self) -> Option<GroupStatus> {
         match control::request(&self.name, &Request::Status) {
             Ok(Response::Status(status)) => Some(*status),
@@ -217,6 +222,28 @@ impl Spawner {
         self.status().handlers[slot].pid.expect("handler running")
     }
 
+    /// Sends HTTP requests to `addr` until socket `slot`'s queue is full by the kernel's
+    /// test (depth > capacity), holding the connections that wait there. Meant for a stopped
+    /// handler's slot: the live handlers answer their share at once, which keeps their
+    /// queues empty (an idle held connection would also block a one-at-a-time server).
+    pub fn fill_queue(&self, slot: usize, addr: SocketAddr) -> Vec<TcpStream> {
+        let mut held = Vec::new();
+        let full = wait_for(Duration::from_secs(30), || {
+            if let Ok(mut conn) = connect(addr, Duration::from_secs(3)) {
+                let _ = conn.write_all(HTTP_REQUEST);
+                // Answered: a live handler took it (keep its queue empty). Not answered:
+                // it waits in the stopped handler's queue; hold it there.
+                if read_answer(&mut conn, Duration::from_millis(500)).is_err() {
+                    held.push(conn);
+                }
+            }
+            let queue = self.status().sockets[slot].queue.unwrap();
+            queue.depth > queue.capacity
+        });
+        assert!(full, "socket {slot}'s queue never filled:\n{}", self.log());
+        held
+    }
+
     /// Sends SIGTERM and waits for the spawner to exit (killing it after 20 s).
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -225,6 +252,9 @@ impl Spawner {
 }
 
 fn stop_child(child: &mut Child) -> ExitStatus {
+    if let Some(status) = child.try_wait().unwrap() {
+        return status; // already gone (a test may have killed it)
+    }
     signal(child.id(), nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -273,6 +303,63 @@ pub fn stop_process(pid: u32) {
         wait_for(Duration::from_secs(5), all_stopped),
         "process {pid} did not stop"
     );
+}
+
+/// Processes whose process group is `pgid` (a handler and its children: parsrv puts each
+/// handler in a group of its own).
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // After "comm)": state ppid pgrp ...
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok())
+                    == Some(pgid)
+            })
+        })
+        .collect()
+}
+
+/// Stops a handler and every process it started (its process group), and waits until all
+/// their threads have stopped.
+pub fn stop_handler_group(pgid: u32) {
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    for pid in group_members(pgid) {
+        stop_process(pid);
+    }
+}
+
+/// Resumes a handler group stopped with [`stop_handler_group`].
+pub fn resume_handler_group(pgid: u32) {
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+}
+
+/// Where the example handlers are built (next to the parsrv binary under test).
+pub fn example(name: &str) -> PathBuf {
+    parsrv_bin().parent().unwrap().join("examples").join(name)
+}
+
+/// The virtualenv with gunicorn and uvicorn (`cargo xtask setup` installs it).
+pub fn pyenv() -> PathBuf {
+    std::env::var_os("PARSRV_PYENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv"))
+}
+
+/// The test applications under tests/apps.
+pub fn apps_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("apps")
 }
 
 /// Waits until `done` holds, for at most `limit`; says whether it did.

@@ -18,7 +18,10 @@ use parsrv_integration_tests::{
 const NAME: &str = "test-bad-input";
 
 fn run_group(extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["run", "--name", NAME, "--handler", "http"];
+    let mut args = vec!["run", "--name", NAME];
+    if !extra.contains(&"--handler") {
+        args.extend(["--handler", "http"]);
+    }
     if !extra.contains(&"--listen") {
         args.extend(["--listen", "127.0.0.1:8080"]);
     }
@@ -70,10 +73,19 @@ fn nothing_listens() {
     );
 }
 
+/// An executable in a directory only root may enter.
+const PRIVATE_SERVER: &str = "/tmp/parsrv-private/server";
+
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn usage_errors_exit_2_naming_the_option() {
     in_netns(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let private = std::path::Path::new(PRIVATE_SERVER).parent().unwrap();
+        std::fs::create_dir_all(private).unwrap();
+        std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(PRIVATE_SERVER, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(PRIVATE_SERVER, std::fs::Permissions::from_mode(0o755)).unwrap();
         let ok = || Ok(());
         for (extra, words) in [
             (
@@ -97,6 +109,43 @@ fn usage_errors_exit_2_naming_the_option() {
             (
                 &["--handler-kind", "http"],
                 &["--handler-kind", "--handler"],
+            ),
+            // Exec handlers, CPUs, users.
+            (
+                &["--handler", "exec"],
+                &["--handler", "give the program after `--`"],
+            ),
+            (
+                &["--handler", "exec", "--", "no-such-server"],
+                &["no-such-server", "not found in PATH"],
+            ),
+            (
+                &["--handler", "exec", "--", "/etc/passwd"],
+                &["/etc/passwd", "chmod +x"],
+            ),
+            (
+                &["--handler", "http", "--", "sleep"],
+                &["needs --handler exec"],
+            ),
+            (&["--cpus", "4095"], &["--cpus", "usable"]),
+            (&["--cpus", "0-x"], &["--cpus", "e.g. 0-3"]),
+            (
+                &["--user", "no-such-user-parsrv"],
+                &["--user", "no such user"],
+            ),
+            (
+                &[
+                    "--user",
+                    "nobody",
+                    "--handler",
+                    "exec",
+                    "--",
+                    PRIVATE_SERVER,
+                ],
+                &[
+                    "user nobody cannot run it",
+                    "no search permission on /tmp/parsrv-private",
+                ],
             ),
         ] {
             expect_error(&run_group(extra), ok, 2, words);

@@ -185,10 +185,10 @@ fn threads_accept_in_parallel_and_lost_races_are_counted() {
         }
         let handler = &spawner.status().handlers[0];
         eprintln!(
-            "{} accepted, {} lost races among 4 threads",
+            "{:?} accepted, {:?} lost races among 4 threads",
             handler.accepted, handler.lost_races
         );
-        assert_eq!(handler.accepted, REQUESTS);
+        assert_eq!(handler.accepted, Some(REQUESTS));
         // How many threads lose a race depends on scheduling (poll() re-checks readiness
         // after waking, so a late thread usually sleeps on); the accounting itself is unit
         // tested in parsrv's handler module.

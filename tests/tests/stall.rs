@@ -6,8 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    connect, http_load, in_netns, signal, stop_process, wait_for, NetCounters, Outcome, PlainGroup,
-    Spawner,
+    http_load, in_netns, signal, stop_process, NetCounters, Outcome, PlainGroup, Spawner,
 };
 
 const HANDLERS: usize = 4;
@@ -40,17 +39,9 @@ fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
         );
         let stalled = spawner.handler_pid(0);
         stop_process(stalled);
-        // Fill the stalled handler's queue: open connections and hold them until its socket
-        // holds BACKLOG + 1 (the kernel's "full"). Connections the others accept are held too.
-        let mut held = Vec::new();
-        let full = wait_for(Duration::from_secs(20), || {
-            if let Ok(conn) = connect(addr, TIMEOUT) {
-                held.push(conn);
-            }
-            let queue = spawner.status().sockets[0].queue.unwrap();
-            queue.depth > queue.capacity
-        });
-        assert!(full, "the stalled handler's queue never filled");
+        // Fill the stalled handler's queue to the kernel's "full" (BACKLOG + 1). Connections
+        // the others accept are held too.
+        let held = spawner.fill_queue(0, addr);
         assert_eq!(
             spawner.status().sockets[0].queue.unwrap().depth,
             BACKLOG + 1

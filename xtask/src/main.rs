@@ -55,7 +55,7 @@ fn main() {
 
 fn run(task: Task) -> Result<()> {
     match task {
-        Task::Setup => setup::ensure_all(),
+        Task::Setup => setup::ensure_all().and_then(|()| setup::ensure_python_servers()),
         Task::BuildEbpf => build_ebpf(),
         Task::Build { release } => build(release),
         Task::Run { args } => run_demo(args),
@@ -246,6 +246,13 @@ fn test(filter: Option<String>) -> Result<()> {
     if !running_as_root() {
         bail!("the privileged integration tests need root: run `cargo xtask test` as root");
     }
+    setup::ensure_python_servers()?;
+    run_step(
+        "building the example handlers",
+        Command::new(cargo)
+            .args(["build", "--package", "parsrv", "--examples"])
+            .current_dir(&root),
+    )?;
     run_step(
         "privileged integration tests",
         Command::new(cargo)
@@ -253,6 +260,7 @@ fn test(filter: Option<String>) -> Result<()> {
             .args(["--ignored", "--test-threads=1"])
             .args(filter.iter())
             .env("PARSRV_BIN", root.join("target/debug/parsrv"))
+            .env("PARSRV_PYENV", setup::pyenv())
             .current_dir(&root),
     )
 }

@@ -31,6 +31,38 @@ pub fn ensure_all() -> Result<()> {
     ensure_bpf_linker()
 }
 
+/// The virtualenv with the third-party servers the integration tests run as handlers.
+pub fn pyenv() -> std::path::PathBuf {
+    crate::workspace_root().join("target/pyenv")
+}
+
+/// Installs tests/apps/requirements.txt (pinned) into [`pyenv`], unless the same file was
+/// installed there already.
+pub fn ensure_python_servers() -> Result<()> {
+    let requirements = crate::workspace_root().join("tests/apps/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let stamp = pyenv().join("parsrv-requirements.txt");
+    if std::fs::read_to_string(&stamp).is_ok_and(|done| done == wanted) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: installing the test servers (gunicorn, uvicorn) into {}",
+        pyenv().display()
+    );
+    run_step(
+        "setup: python3 -m venv (test servers)",
+        Command::new("python3").args(["-m", "venv"]).arg(pyenv()),
+    )?;
+    run_step(
+        "setup: pip install -r tests/apps/requirements.txt",
+        Command::new(pyenv().join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
+    )?;
+    std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
+}
+
 fn ensure_apt_packages() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .into_iter()

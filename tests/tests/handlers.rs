@@ -1,0 +1,483 @@
+//! Any server as a handler: socket activation (fd 3, LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES),
+//! the Rust example, real third-party servers, privilege drop, CPU placement, supervision.
+
+use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+
+use parsrv::{config::usable_cpus, kernel, spawner::pin_dir};
+use parsrv_integration_tests::{
+    apps_dir, example, fd_of_process, http_get, http_load, in_netns, pyenv, read_answer,
+    resume_handler_group, stop_handler_group, wait_for, NetCounters, Outcome, Spawner,
+    HTTP_REQUEST,
+};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:8080".parse().unwrap()
+}
+
+fn proc_status(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+fn environ(pid: u32) -> Vec<String> {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+        .split('\0')
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
+    in_netns(|| {
+        let spawner = Spawner::start(
+            "test-exec-fds",
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "2",
+                "--threads",
+                "3",
+                "--handler",
+                "exec",
+                "--",
+                "sleep",
+                "60",
+            ],
+        );
+        let status = spawner.status();
+        for handler in &status.handlers {
+            let pid = handler.pid.unwrap();
+            // The protocol, for this very process (exec kept the pid).
+            let env = environ(pid);
+            for expected in [
+                "LISTEN_FDS=1".to_string(),
+                format!("LISTEN_PID={pid}"),
+                "LISTEN_FDNAMES=test-exec-fds".to_string(),
+                "PARSRV_THREADS=3".to_string(),
+                format!("PARSRV_SLOT={}", handler.slot),
+            ] {
+                assert!(
+                    env.contains(&expected),
+                    "handler {}: no {expected} in {env:?}",
+                    handler.slot
+                );
+            }
+            // Stdio and fd 3, nothing else; fd 3 is this slot's socket.
+            let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().parse().unwrap())
+                .collect();
+            fds.sort();
+            assert_eq!(fds, [0, 1, 2, 3], "handler {}", handler.slot);
+            let socket = fd_of_process(pid, 3).unwrap();
+            let cookie = kernel::socket_cookie(std::os::fd::AsFd::as_fd(&socket)).unwrap();
+            assert_eq!(cookie, status.sockets[handler.slot as usize].cookie);
+            // Exec handlers keep their own counters: status does not make them up.
+            assert_eq!(handler.accepted, None);
+        }
+        assert!(spawner.stop().success());
+    });
+}
+
+/// One of 4 handlers stopped (with all its processes) and its queue full: every request is
+/// still served, and the kernel drops nothing.
+fn stalled_handler_loses_nothing(name: &str, command: &[&str], answer_prefix: &str) {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:8080",
+        "--handlers",
+        "4",
+        "--backlog",
+        "16",
+        "--handler",
+        "exec",
+        "--",
+    ];
+    args.extend_from_slice(command);
+    let spawner = Spawner::start(name, &args);
+    // Until each server answers, connections just queue: wait for all four.
+    assert!(
+        wait_for(Duration::from_secs(30), || (0..12).all(|_| http_get(
+            addr(),
+            Duration::from_secs(3)
+        )
+            == Outcome::Ok)),
+        "{name} never served:\n{}",
+        spawner.log()
+    );
+    let stalled = spawner.handler_pid(0);
+    stop_handler_group(stalled);
+    let held = spawner.fill_queue(0, addr());
+
+    let before = NetCounters::read();
+    let result = http_load(addr(), 10, 20, Duration::from_secs(3));
+    let kernel = before.delta(&NetCounters::read());
+    let redirected = spawner.status().sockets[0].counters.redirected_away;
+    eprintln!(
+        "{name}: {} of {} requests failed, ListenOverflows +{}, {redirected} redirected away from the stalled handler",
+        result.failures(),
+        result.outcomes.len(),
+        kernel.listen_overflows
+    );
+    assert_eq!(
+        result.failures(),
+        0,
+        "{name}: {:?}\n{}",
+        result.outcomes,
+        spawner.log()
+    );
+    assert_eq!(kernel.listen_overflows, 0, "{name}: {kernel:?}");
+    assert!(
+        redirected > 0,
+        "{name}: the stalled socket was never the hash choice"
+    );
+    // A request really reaches the application.
+    let mut conn = std::net::TcpStream::connect(addr()).unwrap();
+    std::io::Write::write_all(&mut conn, HTTP_REQUEST).unwrap();
+    let answer = read_answer(&mut conn, Duration::from_secs(3)).unwrap();
+    assert!(answer.contains(answer_prefix), "{name}: {answer}");
+    resume_handler_group(stalled);
+    drop(held);
+    assert!(spawner.stop().success());
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn rust_example_outside_parsrv_says_how_to_start_it() {
+    let out = Command::new(example("hello_handler")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("LISTEN_FDS is not set"), "{stderr}");
+    assert!(
+        stderr.contains("parsrv run --handler exec -- <this program>"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn rust_example_handler_survives_a_stalled_one() {
+    in_netns(|| {
+        let hello = example("hello_handler");
+        stalled_handler_loses_nothing(
+            "test-exec-rust",
+            &[hello.to_str().unwrap()],
+            "hello from pid",
+        );
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn gunicorn_and_uvicorn_as_handlers_survive_a_stalled_one() {
+    in_netns(|| {
+        let apps = apps_dir();
+        let gunicorn = pyenv().join("bin/gunicorn");
+        let uvicorn = pyenv().join("bin/uvicorn");
+        // gunicorn reads LISTEN_FDS itself: no --bind at all.
+        stalled_handler_loses_nothing(
+            "test-exec-gunicorn",
+            &[
+                gunicorn.to_str().unwrap(),
+                "--workers",
+                "1",
+                "--chdir",
+                apps.to_str().unwrap(),
+                "wsgi_app:app",
+            ],
+            "gunicorn pid",
+        );
+        stalled_handler_loses_nothing(
+            "test-exec-uvicorn",
+            // uvicorn calls listen() again with its own backlog (2048 by default): give it ours.
+            &[
+                uvicorn.to_str().unwrap(),
+                "--fd",
+                "3",
+                "--backlog",
+                "16",
+                "--app-dir",
+                apps.to_str().unwrap(),
+                "asgi_app:app",
+            ],
+            "uvicorn pid",
+        );
+    });
+}
+
+/// Tries to open a pinned map (BPF_OBJ_GET) and prints the result, then stays up. Run as a
+/// handler, it shows what the handler itself can reach.
+const MAP_PROBE: &str = r#"
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+path = ctypes.create_string_buffer(sys.argv[1].encode())
+attr = (ctypes.c_uint64 * 4)(ctypes.addressof(path), 0, 0, 0)
+fd = libc.syscall(321, 7, ctypes.byref(attr), 32)  # x86_64 SYS_bpf, BPF_OBJ_GET
+print(f"probe obj_get={fd} errno={ctypes.get_errno()}", flush=True)
+if len(sys.argv) > 2:
+    time.sleep(60)
+"#;
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
+    in_netns(|| {
+        let name = "test-user";
+        let map = pin_dir(name).join(parsrv_common::names::CONFIG);
+        let map_arg = map.to_str().unwrap();
+        let spawner = Spawner::start(
+            name,
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "2",
+                "--user",
+                "nobody:nogroup",
+                "--handler",
+                "exec",
+                "--",
+                // /usr/bin: a root-only interpreter (under /root) would be refused upfront.
+                "/usr/bin/python3",
+                "-c",
+                MAP_PROBE,
+                map_arg,
+                "stay",
+            ],
+        );
+        for handler in spawner.status().handlers {
+            let pid = handler.pid.unwrap();
+            // Each handler starts as parsrv (root) and drops privileges before it serves
+            // or execs; wait for that, then check all of it.
+            assert!(wait_for(Duration::from_secs(5), || proc_status(pid, "Uid")
+                .starts_with("65534")));
+            assert_eq!(proc_status(pid, "Uid"), "65534\t65534\t65534\t65534");
+            assert_eq!(proc_status(pid, "Gid"), "65534\t65534\t65534\t65534");
+            assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
+            assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
+        }
+        // The handlers' own attempt to open the pinned map, as they logged it.
+        assert!(wait_for(Duration::from_secs(10), || spawner
+            .log()
+            .matches("probe obj_get=")
+            .count()
+            == 2));
+        let log = spawner.log();
+        for line in log.lines().filter(|l| l.contains("probe obj_get=")) {
+            assert!(
+                line.ends_with("probe obj_get=-1 errno=13")
+                    || line.ends_with("probe obj_get=-1 errno=1"),
+                "a handler reached the map: {line}"
+            );
+        }
+        // Control: the same probe as root opens it, so the probe can tell.
+        let out = Command::new("python3")
+            .args(["-c", MAP_PROBE, map_arg])
+            .output()
+            .unwrap();
+        let root = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            root.starts_with("probe obj_get=") && !root.contains("obj_get=-1"),
+            "{root}"
+        );
+        // The pins are root's alone.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::fs::metadata(pin_dir(name)).unwrap();
+        assert_eq!((dir.uid(), dir.permissions().mode() & 0o777), (0, 0o700));
+        assert_eq!(
+            std::fs::metadata(&map).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(spawner.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn cpus_place_handlers_round_robin() {
+    in_netns(|| {
+        let cpus = usable_cpus();
+        let list = cpus
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let spawner = Spawner::start(
+            "test-cpus",
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "3",
+                "--cpus",
+                &list,
+                "--handler",
+                "echo",
+            ],
+        );
+        for handler in spawner.status().handlers {
+            let expected = cpus[handler.slot as usize % cpus.len()];
+            assert_eq!(handler.cpu, Some(expected));
+            let pid = handler.pid.unwrap();
+            // Every thread of the handler (its accept threads and runtime) stays there.
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .flatten()
+            {
+                let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+                let allowed = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .unwrap();
+                assert_eq!(
+                    allowed.trim(),
+                    expected.to_string(),
+                    "handler {}",
+                    handler.slot
+                );
+            }
+        }
+        assert!(spawner.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
+    in_netns(|| {
+        // A handler that prints and exits at once, forever.
+        let spawner = Spawner::start_with(
+            "test-crash",
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "1",
+                "--handler",
+                "exec",
+                "--",
+                "sh",
+                "-c",
+                "echo crashing in slot $PARSRV_SLOT; sleep 0.2; exit 3",
+            ],
+            || Ok(()),
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let status = spawner.status();
+        let handler = &status.handlers[0];
+        eprintln!(
+            "after 3 s: {} restarts, {:?}",
+            handler.restarts, handler.last_exit
+        );
+        // Without backoff a 0.2 s crash loop would restart ~15 times in 3 s; with it
+        // (0, 0.1, 0.2, 0.4, 0.8, 1.6 s) about 5.
+        assert!(
+            (2..=8).contains(&handler.restarts),
+            "{} restarts",
+            handler.restarts
+        );
+        assert_eq!(handler.last_exit.as_deref(), Some("exited with code 3"));
+        let log = spawner.log();
+        assert!(log.contains("keeps exiting: next start in"), "{log}");
+        let prefixed = log
+            .lines()
+            .filter(|l| l.contains("]: crashing in slot 0") && l.contains(" handler 0["))
+            .count();
+        assert!(prefixed >= 2, "{log}");
+        assert!(spawner.stop().success());
+
+        // A handler that ignores SIGTERM is killed after --grace.
+        let spawner = Spawner::start(
+            "test-grace",
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "1",
+                "--grace",
+                "1",
+                "--handler",
+                "exec",
+                "--",
+                "sh",
+                "-c",
+                "trap '' TERM; while :; do sleep 0.1; done",
+            ],
+        );
+        let pid = spawner.handler_pid(0);
+        let log = spawner.log_path();
+        assert!(spawner.stop().success());
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        let log = std::fs::read_to_string(log).unwrap();
+        assert!(
+            log.contains("did not exit within 1s of SIGTERM: killed"),
+            "{log}"
+        );
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported() {
+    in_netns(|| {
+        let spawner = Spawner::start(
+            "test-own-port",
+            &[
+                "--listen", "127.0.0.1:8080", "--handlers", "1", "--handler", "exec", "--",
+                "python3", "-c",
+                "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',9999))\ns.listen()\ntime.sleep(60)",
+            ],
+        );
+        assert!(
+            wait_for(Duration::from_secs(10), || spawner
+                .log()
+                .contains("listens on 127.0.0.1:9999 itself")),
+            "{}",
+            spawner.log()
+        );
+        assert!(spawner.log().contains("make it use fd 3"));
+        assert!(spawner.stop().success());
+
+        // uvicorn's default backlog replaces parsrv's: reported.
+        let uvicorn = pyenv().join("bin/uvicorn");
+        let apps = apps_dir();
+        let spawner = Spawner::start(
+            "test-relisten",
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "1",
+                "--backlog",
+                "16",
+                "--handler",
+                "exec",
+                "--",
+                uvicorn.to_str().unwrap(),
+                "--fd",
+                "3",
+                "--app-dir",
+                apps.to_str().unwrap(),
+                "asgi_app:app",
+            ],
+        );
+        assert!(
+            wait_for(Duration::from_secs(15), || spawner
+                .log()
+                .contains("accept-queue length from 16 to 2048")),
+            "{}",
+            spawner.log()
+        );
+        assert_eq!(spawner.status().sockets[0].queue.unwrap().capacity, 2048);
+        assert!(spawner.stop().success());
+    });
+}
