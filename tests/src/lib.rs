@@ -186,6 +186,11 @@ impl Spawner {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most `limit`) until the spawner's output contains `text`; says whether it did.
+    pub fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
+        wait_for(limit, || self.log().contains(text))
+    }
+
     /// The file the spawner's output goes to (it outlives the spawner).
     pub fn log_path(&self) -> PathBuf {
         self.log.clone()

@@ -438,9 +438,7 @@ fn a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported() {
             ],
         );
         assert!(
-            wait_for(Duration::from_secs(10), || spawner
-                .log()
-                .contains("listens on 127.0.0.1:9999 itself")),
+            spawner.wait_for_log("listens on 127.0.0.1:9999 itself", Duration::from_secs(10)),
             "{}",
             spawner.log()
         );
@@ -471,9 +469,10 @@ fn a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported() {
             ],
         );
         assert!(
-            wait_for(Duration::from_secs(15), || spawner
-                .log()
-                .contains("accept-queue length from 16 to 2048")),
+            spawner.wait_for_log(
+                "accept-queue length from 16 to 2048",
+                Duration::from_secs(15)
+            ),
             "{}",
             spawner.log()
         );

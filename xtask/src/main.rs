@@ -90,25 +90,13 @@ pub fn ebpf_object() -> PathBuf {
 fn build_ebpf() -> Result<()> {
     setup::ensure_all()?;
     let root = workspace_root();
-    let mut cargo = Command::new("rustup");
-    cargo
-        .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "build", "--release"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(root.join("target/ebpf"))
-        .current_dir(root.join("parsrv-ebpf"));
-    // Set by the cargo that runs xtask; they would point the nightly build at stable.
-    for var in [
-        "RUSTC",
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-    ] {
-        cargo.env_remove(var);
-    }
     run_step(
         "building the eBPF program (parsrv-ebpf, nightly + bpf-linker)",
-        &mut cargo,
+        ebpf_cargo()
+            .args(["build", "--release"])
+            .args(EBPF_TARGET_ARGS)
+            .arg("--target-dir")
+            .arg(root.join("target/ebpf")),
     )?;
     let object = ebpf_object();
     let size = std::fs::metadata(&object)
