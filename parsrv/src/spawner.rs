@@ -332,6 +332,9 @@ async fn supervise(shared: Rc<Shared>, slot: u32, mut stop: watch::Receiver<bool
                 let started = Instant::now();
                 tokio::select! {
                     exit = child.wait() => {
+                        // Whatever it started (a server's workers, holding copies of fd 3)
+                        // must not outlive it and serve beside its successor.
+                        kill_group(pid, nix::sys::signal::Signal::SIGKILL);
                         let how = describe_exit(exit);
                         state.borrow_mut().last_exit = Some(how.clone());
                         state.borrow_mut().pid = None;
@@ -378,19 +381,28 @@ fn describe_exit(exit: io::Result<ExitStatus>) -> String {
     }
 }
 
-/// SIGTERM (and SIGCONT, in case it was stopped), then SIGKILL after `grace`.
+/// SIGTERM (and SIGCONT, in case it was stopped) to the handler's process group, then
+/// SIGKILL to the group after `grace`, and to whatever of it is left once the handler exits.
 async fn stop_handler(child: &mut tokio::process::Child, pid: u32, grace: Duration) -> String {
-    use nix::{sys::signal, unistd::Pid};
-    let pid = Pid::from_raw(pid as i32);
-    let _ = signal::kill(pid, signal::Signal::SIGTERM);
-    let _ = signal::kill(pid, signal::Signal::SIGCONT);
-    match tokio::time::timeout(grace, child.wait()).await {
+    use nix::sys::signal::Signal;
+    kill_group(pid, Signal::SIGTERM);
+    kill_group(pid, Signal::SIGCONT);
+    let how = match tokio::time::timeout(grace, child.wait()).await {
         Ok(exit) => describe_exit(exit),
         Err(_) => {
-            let _ = child.kill().await;
+            kill_group(pid, Signal::SIGKILL);
+            let _ = child.wait().await;
             format!("did not exit within {grace:?} of SIGTERM: killed")
         }
-    }
+    };
+    kill_group(pid, Signal::SIGKILL);
+    how
+}
+
+/// Signals handler `pid`'s process group (each handler leads one; see place_handler).
+fn kill_group(pid: u32, signal: nix::sys::signal::Signal) {
+    // ESRCH: the group is gone already.
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
 fn spawn_handler(shared: &Shared, slot: u32) -> io::Result<tokio::process::Child> {

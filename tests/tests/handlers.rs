@@ -14,6 +14,20 @@ fn addr() -> SocketAddr {
     "127.0.0.1:8080".parse().unwrap()
 }
 
+/// How many processes have exactly this argv.
+fn exact_processes(argv: &[&str]) -> usize {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == wanted))
+        .count()
+}
+
 fn proc_status(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -84,6 +98,18 @@ fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
             // Exec handlers keep their own counters: status does not make them up.
             assert_eq!(handler.accepted, None);
         }
+        // `sleep` never accepts: connections wait, the queue never shrinks, parsrv says so.
+        let _waiting: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(addr()).unwrap())
+            .collect();
+        assert!(
+            spawner.wait_for_log(
+                "has not taken a connection from its socket",
+                Duration::from_secs(20)
+            ),
+            "{}",
+            spawner.log()
+        );
         assert!(spawner.stop().success());
     });
 }
@@ -367,7 +393,7 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
                 "--",
                 "sh",
                 "-c",
-                "echo crashing in slot $PARSRV_SLOT; sleep 0.2; exit 3",
+                "sleep 300 & echo crashing in slot $PARSRV_SLOT; sleep 0.2; exit 3",
             ],
             || Ok(()),
         );
@@ -393,6 +419,13 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
             .filter(|l| l.contains("]: crashing in slot 0") && l.contains(" handler 0["))
             .count();
         assert!(prefixed >= 2, "{log}");
+        // What each incarnation left running was killed with it: at most the current
+        // one's `sleep 300` is alive, not one per restart.
+        let leftovers = exact_processes(&["sleep", "300"]);
+        assert!(
+            leftovers <= 1,
+            "{leftovers} background processes outlived their handler"
+        );
         assert!(spawner.stop().success());
 
         // A handler that ignores SIGTERM is killed after --grace.
