@@ -97,6 +97,15 @@ pub struct ProgramConfig {
     /// SLOT_BY_COOKIE): the program's per-CPU slot cache only trusts entries of the current
     /// generation. Never 0, so that a zeroed cache entry never matches.
     pub generation: u32,
+    /// Bits of [`flags`].
+    pub flags: u32,
+}
+
+/// Bits of `ProgramConfig::flags`.
+pub mod flags {
+    /// The group is draining before shutdown: refuse (RST) every new connection, while
+    /// queued ones are served and migration still works.
+    pub const DRAINING: u32 = 1;
 }
 
 /// What the program last learned about the listener at one position of the kernel's

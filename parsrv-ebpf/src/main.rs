@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use parsrv_common::{
-    policy, when_full, GlobalCounters, KernelOffsets, ProgramConfig, SlotCacheEntry, SlotCounters,
+    flags, policy, when_full, GlobalCounters, KernelOffsets, ProgramConfig, SlotCacheEntry, SlotCounters,
     MAX_SOCKETS,
 };
 
@@ -272,6 +272,12 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
     // (reuseport_select_sock_by_hash). A retransmitted SYN has the same hash.
     let first = ((ctx.hash() as u64 * num as u64) >> 32) as u32;
     let hash_choice = listener(read(socks + first as u64 * 8)?, first, off)?;
+
+    if config.flags & flags::DRAINING != 0 && !migrating {
+        let slot = slot_of(&hash_choice, config)?;
+        count_slot(slot, |c| c.refused += 1);
+        return Ok(SK_DROP);
+    }
 
     let best = if config.policy == policy::REDIRECT && hash_choice.room > 0 {
         hash_choice // fast path: only the hash choice was read

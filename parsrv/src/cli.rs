@@ -30,6 +30,9 @@ pub enum Command {
     Run(RunArgs),
     /// Show a running group: handlers, exact accept-queue depths, counters.
     Status(StatusArgs),
+    /// Change a running group.
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Run one built-in handler on the socket inherited as fd 3 (started by `parsrv run`).
     #[command(hide = true)]
     Handler(HandlerArgs),
@@ -40,9 +43,10 @@ pub struct RunArgs {
     /// Address and port every handler socket binds, e.g. 127.0.0.1:8080 or [::1]:8080.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: String,
-    /// Handler processes, one socket each (1 to 128).
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    pub handlers: u32,
+    /// Handler processes, one socket each (1 to 128): a count, or MIN..MAX to grow and
+    /// shrink with load.
+    #[arg(long, default_value = "4", value_name = "N|MIN..MAX")]
+    pub handlers: String,
     /// Accept-queue length of each socket (capped by net.core.somaxconn).
     #[arg(long, default_value_t = 128, value_name = "B")]
     pub backlog: u32,
@@ -62,9 +66,16 @@ pub struct RunArgs {
     /// Group name for pins and `parsrv status` [default: ADDR-PORT].
     #[arg(long)]
     pub name: Option<String>,
-    /// Seconds a handler may take to exit after SIGTERM before SIGKILL.
+    /// Seconds a handler may take to exit after SIGTERM before SIGKILL (and a drain).
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub grace: f64,
+    /// Seconds a replacement handler may take to become ready in a restart.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub ready_timeout: f64,
+    /// On SIGINT/SIGTERM, refuse new connections (RST) and let the queued ones be served
+    /// (at most --grace) before stopping the handlers.
+    #[arg(long)]
+    pub drain: bool,
     /// Pin handlers to these CPUs, round-robin by slot: `0-3`, `0,2`.
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
@@ -80,19 +91,27 @@ pub struct RunArgs {
 impl RunArgs {
     pub fn into_options(self) -> Result<RunOptions> {
         let listen = config::parse_listen(&self.listen)?;
-        if !(self.grace.is_finite() && (0.0..=3600.0).contains(&self.grace)) {
-            return Err(Error::InvalidOption {
-                option: "--grace",
-                value: self.grace.to_string(),
-                reason: "must be 0 to 3600 seconds".into(),
-            });
-        }
+        let (handlers, handlers_max) = config::parse_handlers(&self.handlers)?;
+        let seconds = |option: &'static str, value: f64| {
+            if value.is_finite() && (0.0..=3600.0).contains(&value) {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(Error::InvalidOption {
+                    option,
+                    value: value.to_string(),
+                    reason: "must be 0 to 3600 seconds".into(),
+                })
+            }
+        };
+        let grace = seconds("--grace", self.grace)?;
+        let ready_timeout = seconds("--ready-timeout", self.ready_timeout)?;
         let spec = GroupSpec {
             name: self
                 .name
                 .unwrap_or_else(|| GroupSpec::default_name(&listen)),
             listen,
-            handlers: self.handlers,
+            handlers,
+            handlers_max,
             backlog: self.backlog,
             handler: self.handler,
             threads: self.threads,
@@ -110,7 +129,9 @@ impl RunArgs {
         spec.validate()?;
         Ok(RunOptions {
             spec,
-            grace: Duration::from_secs_f64(self.grace),
+            grace,
+            ready_timeout,
+            drain: self.drain,
         })
     }
 }
@@ -122,6 +143,24 @@ pub struct StatusArgs {
     /// Print the stable JSON form (schema in the README) instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Grow or shrink a running group to N handlers (within the MIN..MAX it was started
+    /// with), losing no connection: removed sockets' queues migrate to the others.
+    Resize {
+        /// The group (see `parsrv status`).
+        group: String,
+        /// Handlers to run.
+        handlers: u32,
+    },
+    /// Replace every handler of a running group, one at a time, with no failed or reset
+    /// connection (e.g. after the handler's program changed on disk).
+    Restart {
+        /// The group (see `parsrv status`).
+        group: String,
+    },
 }
 
 /// How the spawner starts a handler process (not for people).
@@ -172,6 +211,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Run(args) => args.into_options().and_then(spawner::run),
         Command::Status(args) => status(args),
+        Command::Group(command) => group(command),
         Command::Handler(args) => {
             return match handler::launch(args.into_launch()) {
                 Ok(()) => 0,
@@ -234,6 +274,26 @@ fn init_logging(command: &Command) {
         .init();
 }
 
+fn group(command: GroupCommand) -> Result<()> {
+    let (group, request) = match command {
+        GroupCommand::Resize { group, handlers } => (group, Request::Resize { handlers }),
+        GroupCommand::Restart { group } => (group, Request::Restart),
+    };
+    let group = control::resolve_group(Some(&group))?;
+    match control::request(&group, &request)? {
+        Response::Done(message) => {
+            println!("{message}");
+            Ok(())
+        }
+        Response::Rejected(message) => Err(Error::Rejected(message)),
+        Response::Error(message) => Err(Error::Spawner { group, message }),
+        Response::Status(_) => Err(Error::Spawner {
+            group,
+            message: "answered with a status".into(),
+        }),
+    }
+}
+
 fn status(args: StatusArgs) -> Result<()> {
     let group = control::resolve_group(args.group.as_deref())?;
     match control::request(&group, &Request::Status)? {
@@ -251,10 +311,9 @@ fn status(args: StatusArgs) -> Result<()> {
             }
             Ok(())
         }
-        Response::Error(message) => Err(Error::Io {
-            context: format!("the spawner of group '{group}' could not report"),
-            source: std::io::Error::other(message),
-        }),
+        Response::Error(message) | Response::Rejected(message) | Response::Done(message) => {
+            Err(Error::Spawner { group, message })
+        }
     }
 }
 
@@ -277,7 +336,9 @@ mod tests {
     #[test]
     fn defaults_are_sane() {
         let options = run_args(&[]).unwrap();
-        assert_eq!(options.spec.handlers, 4);
+        assert_eq!((options.spec.handlers, options.spec.handlers_max), (4, 4));
+        assert!(!options.drain);
+        assert_eq!(options.ready_timeout, Duration::from_secs(10));
         assert_eq!(options.spec.threads, 1);
         assert_eq!(options.spec.policy, Policy::Redirect);
         assert_eq!(options.spec.when_full, WhenFull::Drop);
@@ -290,6 +351,9 @@ mod tests {
         for extra in [
             &["--handlers", "0"][..],
             &["--handlers", "129"],
+            &["--handlers", "4..2"],
+            &["--handlers", "1..x"],
+            &["--ready-timeout=-1"],
             &["--backlog", "0"],
             &["--threads", "0"],
             &["--grace=-1"],
@@ -326,6 +390,18 @@ mod tests {
         assert_eq!(options.spec.user.as_deref(), Some("root"));
         let err = run_args(&["--cpus", "x"]).unwrap_err();
         assert_eq!(err.exit_code(), EXIT_USAGE);
+    }
+
+    #[test]
+    fn handler_ranges_and_drain_parse() {
+        let options = run_args(&["--handlers", "2..6", "--drain"]).unwrap();
+        assert_eq!((options.spec.handlers, options.spec.handlers_max), (2, 6));
+        assert!(options.drain && options.spec.autoscaled());
+        let cli = Cli::try_parse_from(["parsrv", "group", "resize", "web", "3"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Group(GroupCommand::Resize { handlers: 3, .. })
+        ));
     }
 
     #[test]

@@ -79,7 +79,10 @@ pub struct GroupSpec {
     /// Names the bpffs pin directory and the control socket.
     pub name: String,
     pub listen: SocketAddr,
+    /// Handlers at start, and the least the group shrinks to (`--handlers N` or MIN..MAX).
     pub handlers: u32,
+    /// The most the group grows to; equal to `handlers` when the size is fixed.
+    pub handlers_max: u32,
     pub backlog: u32,
     pub handler: HandlerKind,
     pub threads: u32,
@@ -104,6 +107,11 @@ pub struct Credentials {
 }
 
 impl GroupSpec {
+    /// Whether the group grows and shrinks with load (`--handlers MIN..MAX`, MIN < MAX).
+    pub fn autoscaled(&self) -> bool {
+        self.handlers_max > self.handlers
+    }
+
     /// The CPU handler `slot` is pinned to, if any.
     pub fn cpu_of(&self, slot: u32) -> Option<u32> {
         (!self.cpus.is_empty()).then(|| self.cpus[slot as usize % self.cpus.len()])
@@ -162,12 +170,22 @@ impl GroupSpec {
                 "port 0 would give each socket a different port: name a fixed port",
             ));
         }
-        if !(1..=MAX_SOCKETS).contains(&self.handlers) {
+        let range = if self.autoscaled() {
+            format!("{}..{}", self.handlers, self.handlers_max)
+        } else {
+            self.handlers.to_string()
+        };
+        if !(1..=MAX_SOCKETS).contains(&self.handlers)
+            || !(1..=MAX_SOCKETS).contains(&self.handlers_max)
+        {
             return Err(invalid(
                 "--handlers",
-                self.handlers,
+                range,
                 format!("must be 1 to {MAX_SOCKETS} (the socket map's size)"),
             ));
+        }
+        if self.handlers_max < self.handlers {
+            return Err(invalid("--handlers", range, "MIN..MAX needs MIN <= MAX"));
         }
         if self.backlog == 0 {
             return Err(invalid(
@@ -375,6 +393,27 @@ fn invalid(option: &'static str, value: impl fmt::Display, reason: impl Into<Str
     }
 }
 
+/// Parses `--handlers`: `N` (fixed) or `MIN..MAX` (autoscaled between them).
+pub fn parse_handlers(value: &str) -> Result<(u32, u32)> {
+    let bad = || {
+        invalid(
+            "--handlers",
+            value,
+            "expected a count (4) or a range MIN..MAX (2..8)",
+        )
+    };
+    match value.split_once("..") {
+        Some((min, max)) => Ok((
+            min.trim().parse().map_err(|_| bad())?,
+            max.trim().parse().map_err(|_| bad())?,
+        )),
+        None => {
+            let n = value.trim().parse().map_err(|_| bad())?;
+            Ok((n, n))
+        }
+    }
+}
+
 /// Parses `ADDR:PORT` (`127.0.0.1:8080`, `[::1]:8080`, `0.0.0.0:80`), with the fix in the error.
 pub fn parse_listen(value: &str) -> Result<SocketAddr> {
     SocketAddr::from_str(value).map_err(|_| {
@@ -395,6 +434,7 @@ mod tests {
             name: "web".into(),
             listen: "127.0.0.1:8080".parse().unwrap(),
             handlers: 4,
+            handlers_max: 4,
             backlog: 64,
             handler: HandlerKind::Http,
             threads: 2,
@@ -421,9 +461,11 @@ mod tests {
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
-        let cases: [(&str, Spoil); 15] = [
+        let cases: [(&str, Spoil); 17] = [
             ("--handlers", |s| s.handlers = 0),
             ("--handlers", |s| s.handlers = MAX_SOCKETS + 1),
+            ("--handlers", |s| s.handlers_max = 2),
+            ("--handlers", |s| s.handlers_max = MAX_SOCKETS + 1),
             ("--backlog", |s| s.backlog = 0),
             ("--threads", |s| s.threads = 0),
             ("--listen", |s| s.listen.set_port(0)),
@@ -499,6 +541,23 @@ mod tests {
     }
 
     #[test]
+    fn handlers_parse_as_count_or_range() {
+        assert_eq!(parse_handlers("4").unwrap(), (4, 4));
+        assert_eq!(parse_handlers("2..8").unwrap(), (2, 8));
+        for bad in ["", "x", "2..", "..8", "2...8", "-1"] {
+            assert_eq!(
+                parse_handlers(bad).unwrap_err().exit_code(),
+                crate::error::EXIT_USAGE,
+                "{bad}"
+            );
+        }
+        let mut s = spec();
+        (s.handlers, s.handlers_max) = (2, 8);
+        s.validate().unwrap();
+        assert!(s.autoscaled());
+    }
+
+    #[test]
     fn cpu_lists_parse_and_print() {
         assert_eq!(parse_cpus("0-1").unwrap(), [0, 1]);
         assert_eq!(parse_cpus("3,0-1, 1").unwrap(), [0, 1, 3]);
@@ -517,6 +576,7 @@ mod tests {
     fn limits_are_inclusive() {
         let mut s = spec();
         s.handlers = MAX_SOCKETS;
+        s.handlers_max = MAX_SOCKETS;
         s.threads = MAX_THREADS;
         s.backlog = 1;
         s.validate().unwrap();

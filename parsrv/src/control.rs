@@ -22,19 +22,32 @@ pub const RUN_DIR_ENV: &str = "PARSRV_RUN_DIR";
 
 /// Longest request line a spawner reads.
 const MAX_REQUEST: u64 = 64 * 1024;
-/// How long a client waits for a spawner's answer.
+/// How long the spawner waits for a request line, and a status client for its answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for a change (resize, restart: handlers start and drain).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// Grow or shrink the group to this many handlers (within its MIN..MAX).
+    Resize {
+        handlers: u32,
+    },
+    /// Replace every handler, one at a time.
+    Restart,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Status(Box<GroupStatus>),
+    /// The change was made; what happened.
+    Done(String),
+    /// The request was refused as bad input (the spawner changed nothing).
+    Rejected(String),
+    /// The spawner failed to do what was asked.
     Error(String),
 }
 
@@ -105,7 +118,11 @@ pub fn request(group: &str, request: &Request) -> Result<Response> {
     let path = socket_path(group);
     let talk = || -> io::Result<Response> {
         let mut stream = UnixStream::connect(&path)?;
-        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        let wait = match request {
+            Request::Status => CLIENT_TIMEOUT,
+            _ => CHANGE_TIMEOUT,
+        };
+        stream.set_read_timeout(Some(wait))?;
         stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
         let mut line = serde_json::to_string(request)?;
         line.push('\n');
@@ -153,31 +170,40 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Serves requests forever, answering each with `answer`.
-    pub async fn serve(&self, answer: impl Fn(Request) -> Response) {
-        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    /// Serves requests forever, each connection in a task of its own (a restart may take
+    /// a while; status requests are answered meanwhile). Must run inside a LocalSet.
+    pub async fn serve<F, Fut>(&self, answer: F)
+    where
+        F: Fn(Request) -> Fut + Clone + 'static,
+        Fut: std::future::Future<Output = Response> + 'static,
+    {
         loop {
             let Ok((stream, _)) = self.listener.accept().await else {
                 continue;
             };
-            let (reader, mut writer) = stream.into_split();
-            let mut line = String::new();
-            let read = tokio::time::timeout(
-                CLIENT_TIMEOUT,
-                tokio::io::BufReader::new(reader.take(MAX_REQUEST)).read_line(&mut line),
-            )
-            .await;
-            let response = match read {
-                Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                    Ok(request) => answer(request),
-                    Err(e) => Response::Error(format!("bad request: {e}")),
-                },
-                _ => continue,
-            };
-            let mut out = serde_json::to_string(&response).expect("serializable");
-            out.push('\n');
-            // A client that went away is its own problem; keep serving.
-            let _ = tokio::time::timeout(CLIENT_TIMEOUT, writer.write_all(out.as_bytes())).await;
+            let answer = answer.clone();
+            tokio::task::spawn_local(async move {
+                use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+                let (reader, mut writer) = stream.into_split();
+                let mut line = String::new();
+                let read = tokio::time::timeout(
+                    CLIENT_TIMEOUT,
+                    tokio::io::BufReader::new(reader.take(MAX_REQUEST)).read_line(&mut line),
+                )
+                .await;
+                let response = match read {
+                    Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                        Ok(request) => answer(request).await,
+                        Err(e) => Response::Rejected(format!("bad request: {e}")),
+                    },
+                    _ => return,
+                };
+                let mut out = serde_json::to_string(&response).expect("serializable");
+                out.push('\n');
+                // A client that went away is its own problem.
+                let _ =
+                    tokio::time::timeout(CLIENT_TIMEOUT, writer.write_all(out.as_bytes())).await;
+            });
         }
     }
 }
@@ -200,5 +226,9 @@ mod tests {
         );
         let error = serde_json::to_string(&Response::Error("x".into())).unwrap();
         assert_eq!(error, r#"{"error":"x"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Resize { handlers: 3 }).unwrap(),
+            r#"{"command":"resize","handlers":3}"#
+        );
     }
 }

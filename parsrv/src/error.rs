@@ -79,6 +79,14 @@ pub enum Error {
     #[error("several parsrv groups are running ({known}): name one, e.g. `parsrv status {first}`")]
     GroupAmbiguous { known: String, first: String },
 
+    /// The spawner refused a request as bad input (and changed nothing).
+    #[error("{0}")]
+    Rejected(String),
+
+    /// The spawner failed to do what a request asked.
+    #[error("group '{group}': {message}")]
+    Spawner { group: String, message: String },
+
     #[error("{context}: {source:#}")]
     Ebpf {
         context: String,
@@ -97,7 +105,7 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::InvalidOption { .. } => EXIT_USAGE,
+            Error::InvalidOption { .. } | Error::Rejected(_) => EXIT_USAGE,
             _ => EXIT_RUNTIME,
         }
     }

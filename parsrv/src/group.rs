@@ -126,6 +126,12 @@ impl SocketGroup {
         Ok(self.listeners.last().expect("just pushed"))
     }
 
+    /// Takes the last socket (the highest slot) out of the group's list; dropping it closes
+    /// it. Shut it down first (`shutdown(Read)`) for its queue to migrate.
+    pub fn remove_last(&mut self) -> Option<Listener> {
+        self.listeners.pop()
+    }
+
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
     }

@@ -118,8 +118,11 @@ pub struct HandlerStats {
     pub accepted: AtomicU64,
     /// accept() calls that found the queue already emptied by another thread (EAGAIN).
     pub lost_races: AtomicU64,
-    /// Connections being served now.
+    /// Connections being served now (by every process of the slot).
     pub active: AtomicU64,
+    /// The pid of the last handler process of the slot that started accepting: the spawner
+    /// takes a replacement as ready once it shows here.
+    pub ready: AtomicU64,
 }
 
 /// A [`HandlerStats`] in a memfd: the spawner creates it once per slot (so counts survive
@@ -182,26 +185,36 @@ fn run(kind: HandlerKind, threads: u32, slot: u32) -> anyhow::Result<()> {
     runtime.block_on(watch_stop_signals(stop.clone()))?;
 
     let body: Arc<str> = format!("parsrv handler {slot} (pid {})\n", std::process::id()).into();
+    // This process's own connections, which it waits for when stopping; the shared count
+    // is the whole slot's (a replacement may be serving beside it).
+    let own_active = Arc::new(AtomicU64::new(0));
     let acceptors: Vec<_> = (0..threads)
         .map(|i| {
             let listener = listener.try_clone()?;
-            let (stop, stats, body, runtime) = (
+            let (stop, stats, body, runtime, own_active) = (
                 stop.clone(),
                 stats.clone(),
                 body.clone(),
                 runtime.handle().clone(),
+                own_active.clone(),
             );
             std::thread::Builder::new()
                 .name(format!("parsrv-accept-{i}"))
-                .spawn(move || accept_loop(listener, kind, &stop, &stats, &body, &runtime))
+                .spawn(move || {
+                    accept_loop(listener, kind, &stop, &stats, &own_active, &body, &runtime)
+                })
         })
         .collect::<io::Result<_>>()?;
+    stats
+        .stats()
+        .ready
+        .store(std::process::id() as u64, Ordering::Relaxed);
     for acceptor in acceptors {
         acceptor.join().expect("accept thread panicked");
     }
     // Stopped: let connections in flight finish their current request; the spawner's grace
     // period bounds this with SIGKILL.
-    while stats.stats().active.load(Ordering::Relaxed) > 0 {
+    while own_active.load(Ordering::Relaxed) > 0 {
         std::thread::sleep(Duration::from_millis(20));
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -253,6 +266,7 @@ fn accept_loop(
     kind: HandlerKind,
     stop: &Arc<AtomicBool>,
     stats: &Arc<SharedStats>,
+    own_active: &Arc<AtomicU64>,
     body: &Arc<str>,
     runtime: &tokio::runtime::Handle,
 ) {
@@ -267,31 +281,54 @@ fn accept_loop(
                 return;
             }
         }
-        let Some(conn) = accept_counted(&listener, counters) else {
-            continue;
+        let conn = match accept_counted(&listener, counters) {
+            Accepted::Connection(conn) => conn,
+            Accepted::Nothing => continue,
+            Accepted::Closed => {
+                // The spawner shut the socket down (the slot is being removed): its queue
+                // migrated to the others; finish what this process has and leave.
+                stop.store(true, Ordering::Relaxed);
+                return;
+            }
         };
         counters.active.fetch_add(1, Ordering::Relaxed);
-        let (stop, stats, body) = (stop.clone(), stats.clone(), body.clone());
+        own_active.fetch_add(1, Ordering::Relaxed);
+        let (stop, stats, body, own_active) = (
+            stop.clone(),
+            stats.clone(),
+            body.clone(),
+            own_active.clone(),
+        );
         runtime.spawn(async move {
             if let Err(e) = serve(conn, kind, &stop, &body).await {
                 log::debug!("connection ended with {e}");
             }
             stats.stats().active.fetch_sub(1, Ordering::Relaxed);
+            own_active.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
+/// What one accept() gave.
+enum Accepted {
+    Connection(std::net::TcpStream),
+    /// Nothing to take now: another thread was first (counted), or the client gave up.
+    Nothing,
+    /// The socket no longer listens (the spawner shut it down).
+    Closed,
+}
+
 /// One accept() after poll() said the socket is readable, counted: a connection, or a lost
 /// race when another thread took it first (EAGAIN).
-fn accept_counted(listener: &OwnedFd, counters: &HandlerStats) -> Option<std::net::TcpStream> {
+fn accept_counted(listener: &OwnedFd, counters: &HandlerStats) -> Accepted {
     match accept(listener) {
         Ok(conn) => {
             counters.accepted.fetch_add(1, Ordering::Relaxed);
-            Some(conn)
+            Accepted::Connection(conn)
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             counters.lost_races.fetch_add(1, Ordering::Relaxed);
-            None
+            Accepted::Nothing
         }
         // The client gave up between the handshake and accept(), or a signal: retry.
         Err(e)
@@ -300,13 +337,14 @@ fn accept_counted(listener: &OwnedFd, counters: &HandlerStats) -> Option<std::ne
                 Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
             ) =>
         {
-            None
+            Accepted::Nothing
         }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Accepted::Closed,
         Err(e) => {
             // EMFILE and friends: back off instead of spinning on a readable socket.
             log::error!("accept failed: {e}");
             std::thread::sleep(Duration::from_millis(50));
-            None
+            Accepted::Nothing
         }
     }
 }
@@ -522,15 +560,21 @@ mod tests {
         let fd = OwnedFd::from(listener);
         let counters = HandlerStats::default();
         // Nothing queued: what a thread sees when a sibling took the connection first.
-        assert!(accept_counted(&fd, &counters).is_none());
+        assert!(matches!(accept_counted(&fd, &counters), Accepted::Nothing));
         assert_eq!(counters.lost_races.load(Ordering::Relaxed), 1);
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let accepted = (0..200).find_map(|_| {
             std::thread::sleep(Duration::from_millis(5));
-            accept_counted(&fd, &counters)
+            match accept_counted(&fd, &counters) {
+                Accepted::Connection(conn) => Some(conn),
+                _ => None,
+            }
         });
         assert!(accepted.is_some());
         assert_eq!(counters.accepted.load(Ordering::Relaxed), 1);
+        // Shut down (what the spawner does to a slot it removes): the handler stops.
+        nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read).unwrap();
+        assert!(matches!(accept_counted(&fd, &counters), Accepted::Closed));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! control socket ([`control`]). A handler program takes its socket with [`activation`].
 
 pub mod activation;
+pub mod autoscale;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -18,5 +19,6 @@ pub mod kernel;
 pub mod program;
 pub mod spawner;
 pub mod status;
+pub mod supervisor;
 
 pub use error::{Error, Result};

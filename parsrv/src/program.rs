@@ -146,6 +146,7 @@ impl Steering {
     pub fn set_config(&mut self, config: ProgramConfig) -> Result<()> {
         self.current = ProgramConfig {
             generation: self.current.generation,
+            flags: self.current.flags,
             ..config
         };
         self.write_config()
@@ -190,6 +191,27 @@ impl Steering {
             .set(slot, listener.socket(), 0)
             .map_err(Error::ebpf(context))?;
         self.new_generation()
+    }
+
+    /// Forgets `slot` (whose socket has `cookie`): after its socket left the group.
+    pub fn unregister(&mut self, slot: u32, cookie: u64) -> Result<()> {
+        let context = format!("unregistering the socket of slot {slot}");
+        self.sockets
+            .clear_index(&slot)
+            .map_err(Error::ebpf(context.clone()))?;
+        // Its cookie may be gone already if registration failed halfway.
+        let _ = self.slot_by_cookie.remove(&cookie);
+        self.new_generation()
+    }
+
+    /// Draining: every new connection is refused (RST) while queued ones are served.
+    pub fn set_draining(&mut self, draining: bool) -> Result<()> {
+        if draining {
+            self.current.flags |= parsrv_common::flags::DRAINING;
+        } else {
+            self.current.flags &= !parsrv_common::flags::DRAINING;
+        }
+        self.write_config()
     }
 
     /// Attaches the program to the reuseport group `member` belongs to. From then on it

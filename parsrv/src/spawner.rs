@@ -1,18 +1,25 @@
-//! `parsrv run`: the spawner. It owns the group's sockets, the program and its pins, and the
-//! handler processes; it never touches a connection itself.
+//! `parsrv run`: the spawner. It owns the group's sockets, the program and its pins, and one
+//! supervised handler per socket ([`crate::supervisor`]); it never touches a connection.
 //!
-//! Order of work, each step undone by a guard if a later one fails: check privileges, BTF,
-//! bpffs and that the group is not already running; bind the sockets; load the program
-//! (maps pinned in a staging directory); register every socket; attach; publish the pins;
-//! start handlers. Shutdown (SIGINT/SIGTERM) runs it backwards: stop handlers (SIGTERM,
-//! grace period, SIGKILL), remove the control socket, detach, unpin.
+//! Start, each step undone by a guard if a later one fails: check privileges, BTF, bpffs and
+//! that the group is not already running; bind the sockets; load the program (maps pinned in
+//! a staging directory); register every socket; attach; publish the pins; start handlers.
+//!
+//! While running, the group can change size (`parsrv group resize`, or the autoscaler with
+//! `--handlers MIN..MAX`): a new slot gets a new socket, registered before its handler
+//! starts; the highest slot is removed by shutting its socket down (the kernel runs the
+//! program for every queued connection and pending handshake, which moves them to sockets
+//! with room), then retiring its handler (it finishes what it accepted). `parsrv group
+//! restart` or SIGUSR2 replaces every handler, one at a time, on its own socket.
+//!
+//! Stop (SIGINT/SIGTERM): with `--drain`, refuse new connections and let the queues empty
+//! first (bounded by `--grace`); then stop handlers (SIGTERM, grace period, SIGKILL),
+//! remove the control socket, detach, unpin.
 
 use std::{
-    cell::RefCell,
-    io,
-    os::fd::{AsFd, AsRawFd, RawFd},
+    cell::{Cell, RefCell},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
-    process::{ExitStatus, Stdio},
     rc::Rc,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -22,27 +29,39 @@ use parsrv_common::ProgramConfig;
 use tokio::sync::watch;
 
 use crate::{
-    config::{Credentials, GroupSpec, HandlerKind},
+    autoscale::{self, Autoscaler, Sample},
+    config::{GroupSpec, HandlerKind},
     control::{self, ControlSocket, Request, Response},
     error::{Error, Result},
     group::SocketGroup,
-    handler::{HandlerStats, SharedStats, LISTEN_FD, STATS_FD},
+    handler::HandlerStats,
     kernel,
     program::{Pins, Steering},
-    status::{self, GroupStatus, HandlerStatus, SocketStatus},
+    status::{self, GroupStatus, HandlerStatus, ScalingStatus, SocketStatus},
+    supervisor::{process_alive, process_stopped, Launcher, Slot},
 };
 
 /// Everything `parsrv run` needs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub spec: GroupSpec,
-    /// How long a handler may take to exit after SIGTERM before it gets SIGKILL.
+    /// How long a handler may take to exit after SIGTERM before it gets SIGKILL (and how
+    /// long a drain may take).
     pub grace: Duration,
+    /// How long a replacement handler may take to become ready in a restart.
+    pub ready_timeout: Duration,
+    /// On SIGINT/SIGTERM, refuse new connections and serve the queued ones before stopping.
+    pub drain: bool,
 }
 
 /// Runs the group until SIGINT or SIGTERM.
 pub fn run(options: RunOptions) -> Result<()> {
-    let RunOptions { spec, grace } = options;
+    let RunOptions {
+        spec,
+        grace,
+        ready_timeout,
+        drain,
+    } = options;
     spec.validate()?;
 
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
@@ -69,6 +88,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         policy: spec.policy.to_program(),
         when_full: spec.when_full.to_program(),
         generation: 0, // Steering owns it
+        flags: 0,
     };
     let mut steering = Steering::load(config, Some(&pin_dir))?;
     for (slot, listener) in (0..).zip(group.listeners()) {
@@ -83,30 +103,34 @@ pub fn run(options: RunOptions) -> Result<()> {
     );
     let pins = steering.publish_pins()?;
 
-    let slots = (0..spec.handlers)
-        .map(|slot| {
-            Ok(Slot {
-                stats: SharedStats::create(slot)
-                    .map_err(Error::io("creating a handler's shared counters"))?,
-                state: RefCell::default(),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let shared = Rc::new(Shared {
-        spec,
-        grace,
+    let launcher = Rc::new(Launcher {
+        spec: spec.clone(),
         credentials,
-        group,
-        steering,
-        slots,
-        pins: pins.as_ref().map(|p| p.dir().to_owned()),
+        grace,
+        ready_timeout,
     });
-
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(Error::io("starting the spawner's runtime"))?;
-    let result = tokio::task::LocalSet::new().block_on(&runtime, serve(shared.clone()));
+    let pins_dir = pins.as_ref().map(|p| p.dir().to_owned());
+    let result = tokio::task::LocalSet::new().block_on(&runtime, async move {
+        let (stop, stopped) = watch::channel(false);
+        let shared = Rc::new(Shared {
+            spec,
+            launcher,
+            drain,
+            group: RefCell::new(group),
+            steering: RefCell::new(steering),
+            slots: RefCell::default(),
+            pins: pins_dir,
+            membership: tokio::sync::Mutex::new(()),
+            stopped,
+            scaling: RefCell::default(),
+            draining: Cell::new(false),
+        });
+        serve(shared, stop).await
+    });
     drop(attached);
     drop(pins);
     result
@@ -130,67 +154,166 @@ impl Drop for Attachment {
 
 struct Shared {
     spec: GroupSpec,
-    grace: Duration,
-    credentials: Option<Credentials>,
-    group: SocketGroup,
-    steering: Steering,
-    slots: Vec<Slot>,
+    launcher: Rc<Launcher>,
+    drain: bool,
+    group: RefCell<SocketGroup>,
+    steering: RefCell<Steering>,
+    /// One per socket, in slot order (slot i serves socket i).
+    slots: RefCell<Vec<Rc<Slot>>>,
     pins: Option<PathBuf>,
-}
-
-struct Slot {
-    stats: SharedStats,
-    state: RefCell<HandlerState>,
+    /// Held while the group's membership changes (resize, restart): one change at a time.
+    membership: tokio::sync::Mutex<()>,
+    stopped: watch::Receiver<bool>,
+    scaling: RefCell<ScalingState>,
+    draining: Cell<bool>,
 }
 
 #[derive(Default)]
-struct HandlerState {
-    pid: Option<u32>,
-    restarts: u32,
-    last_exit: Option<String>,
-    /// When the next start is due, while the slot waits out its backoff.
-    restart_at: Option<Instant>,
-    /// The handler's pid once a warning about it was logged (warn once per process).
-    warned: Option<u32>,
+struct ScalingState {
+    decisions: u64,
+    last: Option<String>,
 }
 
-async fn serve(shared: Rc<Shared>) -> Result<()> {
+impl Shared {
+    fn handlers(&self) -> u32 {
+        self.slots.borrow().len() as u32
+    }
+
+    /// Adds a slot: a new socket, registered with the program, then its handler.
+    fn add_slot(&self) -> Result<()> {
+        let mut group = self.group.borrow_mut();
+        let index = group.listeners().len() as u32;
+        let listener = group.add_listener()?;
+        let fd = listener.socket().as_raw_fd();
+        if let Err(e) = self.steering.borrow_mut().register(index, listener) {
+            group.remove_last();
+            return Err(e);
+        }
+        drop(group);
+        let slot = Slot::start(self.launcher.clone(), index, fd, self.stopped.clone())
+            .map_err(Error::io("creating a handler's shared counters"))?;
+        self.slots.borrow_mut().push(slot);
+        Ok(())
+    }
+
+    /// Removes the highest slot without losing a connection: shutting its socket down makes
+    /// the kernel run the program for each queued connection and pending handshake, and the
+    /// program moves them to a socket with room; then the handler finishes what it had
+    /// accepted and is retired, and the socket is closed.
+    async fn remove_last_slot(&self) -> Result<()> {
+        let Some(slot) = self.slots.borrow().last().cloned() else {
+            return Ok(());
+        };
+        let cookie = {
+            let group = self.group.borrow();
+            let listener = &group.listeners()[slot.index as usize];
+            listener
+                .socket()
+                .shutdown(std::net::Shutdown::Read)
+                .map_err(Error::io(format!(
+                    "shutting down the socket of slot {}",
+                    slot.index
+                )))?;
+            listener.cookie()
+        };
+        self.steering.borrow_mut().unregister(slot.index, cookie)?;
+        slot.retire().await;
+        self.slots.borrow_mut().pop();
+        self.group.borrow_mut().remove_last();
+        Ok(())
+    }
+
+    /// Grows or shrinks the group to `target` handlers; the caller holds `membership`.
+    async fn resize_to(&self, target: u32) -> Result<()> {
+        while self.handlers() < target {
+            self.add_slot()?;
+        }
+        while self.handlers() > target {
+            self.remove_last_slot().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn serve(shared: Rc<Shared>, stop: watch::Sender<bool>) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(Error::io("installing a SIGINT handler"))?;
     let mut terminate =
         signal(SignalKind::terminate()).map_err(Error::io("installing a SIGTERM handler"))?;
+    let mut restart =
+        signal(SignalKind::user_defined2()).map_err(Error::io("installing a SIGUSR2 handler"))?;
     let control = ControlSocket::bind(&shared.spec.name)?;
-    let (stop, stopped) = watch::channel(false);
 
-    let supervisors: Vec<_> = (0..shared.spec.handlers)
-        .map(|slot| tokio::task::spawn_local(supervise(shared.clone(), slot, stopped.clone())))
-        .collect();
+    let initial: Vec<_> = {
+        let group = shared.group.borrow();
+        (0..)
+            .zip(group.listeners())
+            .map(|(i, l)| (i, l.socket().as_raw_fd()))
+            .collect()
+    };
+    for (index, fd) in initial {
+        let slot = Slot::start(shared.launcher.clone(), index, fd, shared.stopped.clone())
+            .map_err(Error::io("creating a handler's shared counters"))?;
+        shared.slots.borrow_mut().push(slot);
+    }
+    let spec = &shared.spec;
     log::info!(
-        "group {} serves {} with {} {} handlers (policy {}, when-full {}); status: parsrv status {}",
-        shared.spec.name,
-        shared.spec.listen,
-        shared.spec.handlers,
-        shared.spec.handler,
-        shared.spec.policy,
-        shared.spec.when_full,
-        shared.spec.name
+        "group {} serves {} with {} {} handlers{} (policy {}, when-full {}); status: parsrv status {}",
+        spec.name,
+        spec.listen,
+        spec.handlers,
+        spec.handler,
+        if spec.autoscaled() {
+            format!(" (autoscaled {}..{})", spec.handlers, spec.handlers_max)
+        } else {
+            String::new()
+        },
+        spec.policy,
+        spec.when_full,
+        spec.name
     );
     let answering = {
         let shared = shared.clone();
         tokio::task::spawn_local(async move {
-            control.serve(|request| answer(&shared, request)).await;
+            control
+                .serve(move |request| {
+                    let shared = shared.clone();
+                    async move { answer(&shared, request).await }
+                })
+                .await;
         })
     };
     let watching = tokio::task::spawn_local(watch_handlers(shared.clone()));
+    let scaling = spec
+        .autoscaled()
+        .then(|| tokio::task::spawn_local(autoscale(shared.clone())));
 
-    tokio::select! {
-        _ = interrupt.recv() => log::info!("SIGINT: stopping group {}", shared.spec.name),
-        _ = terminate.recv() => log::info!("SIGTERM: stopping group {}", shared.spec.name),
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => { log::info!("SIGINT: stopping group {}", shared.spec.name); break; }
+            _ = terminate.recv() => { log::info!("SIGTERM: stopping group {}", shared.spec.name); break; }
+            _ = restart.recv() => {
+                log::info!("SIGUSR2: restarting every handler of group {}", shared.spec.name);
+                let shared = shared.clone();
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = restart_all(&shared).await {
+                        log::error!("{e}");
+                    }
+                });
+            }
+        }
+    }
+    if let Some(scaling) = scaling {
+        scaling.abort();
+    }
+    if shared.drain {
+        drain(&shared).await;
     }
     let _ = stop.send(true);
-    for supervisor in supervisors {
-        let _ = supervisor.await;
+    let slots: Vec<_> = shared.slots.borrow().clone();
+    for slot in slots {
+        slot.finished().await;
     }
     watching.abort();
     answering.abort();
@@ -198,20 +321,163 @@ async fn serve(shared: Rc<Shared>) -> Result<()> {
     Ok(())
 }
 
-fn answer(shared: &Shared, request: Request) -> Response {
+/// Refuses new connections (the program answers them with a RST: clients fail fast and can
+/// go elsewhere) while the handlers empty the queues, for at most `--grace`.
+async fn drain(shared: &Shared) {
+    if let Err(e) = shared.steering.borrow_mut().set_draining(true) {
+        log::error!("cannot drain: {e}");
+        return;
+    }
+    shared.draining.set(true);
+    let queued = || -> u32 {
+        let group = shared.group.borrow();
+        group
+            .listeners()
+            .iter()
+            .map(|l| l.queue().map_or(0, |q| q.depth))
+            .sum()
+    };
+    let started = Instant::now();
+    let before = queued();
+    log::info!(
+        "draining group {}: new connections are refused, {before} queued",
+        shared.spec.name
+    );
+    while queued() > 0 && started.elapsed() < shared.launcher.grace {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match queued() {
+        0 => log::info!("drained in {:?}", started.elapsed()),
+        left => log::warn!(
+            "drain ran out of --grace ({:?}) with {left} connections still queued: they are reset",
+            shared.launcher.grace
+        ),
+    }
+}
+
+/// Replaces every handler, one at a time; stops at the first that fails (the old one keeps
+/// serving, and the group keeps its size).
+async fn restart_all(shared: &Shared) -> std::result::Result<String, String> {
+    let _changing = shared.membership.lock().await;
+    let slots: Vec<_> = shared.slots.borrow().clone();
+    for (done, slot) in slots.iter().enumerate() {
+        slot.replace().await.map_err(|e| {
+            format!(
+                "{e}; rolling restart stopped after {done} of {} handlers",
+                slots.len()
+            )
+        })?;
+    }
+    let message = format!(
+        "group {}: replaced all {} handlers, one at a time",
+        shared.spec.name,
+        slots.len()
+    );
+    log::info!("{message}");
+    Ok(message)
+}
+
+async fn answer(shared: &Rc<Shared>, request: Request) -> Response {
     match request {
         Request::Status => match group_status(shared) {
             Ok(status) => Response::Status(Box::new(status)),
             Err(e) => Response::Error(e.to_string()),
         },
+        Request::Resize { handlers } => {
+            let (min, max) = (shared.spec.handlers, shared.spec.handlers_max);
+            if !(min..=max).contains(&handlers) {
+                return Response::Rejected(format!(
+                    "cannot resize group {} to {handlers} handlers: it was started with --handlers {min}..{max}; \
+                     choose a count in that range (restart it with a wider --handlers to change the range)",
+                    shared.spec.name
+                ));
+            }
+            let _changing = shared.membership.lock().await;
+            let from = shared.handlers();
+            match shared.resize_to(handlers).await {
+                Ok(()) => {
+                    let message =
+                        format!("group {}: {from} -> {handlers} handlers", shared.spec.name);
+                    log::info!("{message} (by request)");
+                    Response::Done(message)
+                }
+                Err(e) => Response::Error(format!("resizing group {}: {e}", shared.spec.name)),
+            }
+        }
+        Request::Restart => match restart_all(shared).await {
+            Ok(message) => Response::Done(message),
+            Err(message) => Response::Error(message),
+        },
     }
+}
+
+/// Samples the group every [`autoscale::SAMPLE_EVERY`] and applies the policy's decisions.
+async fn autoscale(shared: Rc<Shared>) {
+    let mut scaler = Autoscaler::new(shared.spec.handlers, shared.spec.handlers_max);
+    let mut ticker = tokio::time::interval(autoscale::SAMPLE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticker.tick().await;
+        let Some(sample) = sample(&shared) else {
+            continue;
+        };
+        let Some(decision) = scaler.observe(sample) else {
+            continue;
+        };
+        // A resize or restart by hand is under way: its outcome counts, not ours.
+        let Ok(_changing) = shared.membership.try_lock() else {
+            continue;
+        };
+        log::info!(
+            "autoscale: {} -> {} handlers: {}",
+            decision.from,
+            decision.to,
+            decision.reason
+        );
+        {
+            let mut scaling = shared.scaling.borrow_mut();
+            scaling.decisions += 1;
+            scaling.last = Some(format!(
+                "{} -> {}: {}",
+                decision.from, decision.to, decision.reason
+            ));
+        }
+        if let Err(e) = shared.resize_to(decision.to).await {
+            log::error!("autoscale: resizing to {} failed: {e}", decision.to);
+        }
+    }
+}
+
+fn sample(shared: &Shared) -> Option<Sample> {
+    let handlers = shared.handlers();
+    let (queued, capacity) = {
+        let group = shared.group.borrow();
+        group
+            .listeners()
+            .iter()
+            .fold((0, 0), |(queued, capacity), l| match l.queue() {
+                Ok(q) => (queued + q.depth, capacity + q.capacity + 1),
+                Err(_) => (queued, capacity),
+            })
+    };
+    let counters = shared.steering.borrow().slot_counters(handlers).ok()?;
+    Some(Sample {
+        at: Instant::now(),
+        handlers,
+        queued,
+        capacity,
+        rejected: counters.iter().map(|c| c.dropped + c.refused).sum(),
+    })
 }
 
 fn group_status(shared: &Shared) -> Result<GroupStatus> {
     let spec = &shared.spec;
-    let counters = shared.steering.slot_counters(spec.handlers)?;
+    let steering = shared.steering.borrow();
+    let group = shared.group.borrow();
+    let slots = shared.slots.borrow();
+    let counters = steering.slot_counters(slots.len() as u32)?;
     let sockets = (0..)
-        .zip(shared.group.listeners())
+        .zip(group.listeners())
         .zip(counters)
         .map(|((slot, listener), counters)| SocketStatus {
             slot,
@@ -220,9 +486,9 @@ fn group_status(shared: &Shared) -> Result<GroupStatus> {
             counters,
         })
         .collect();
-    let handlers = (0..)
-        .zip(&shared.slots)
-        .map(|(slot, s)| {
+    let handlers = slots
+        .iter()
+        .map(|s| {
             let state = s.state.borrow();
             // Only built-in handlers keep counters; an exec'd program's are its own.
             let stats = (spec.handler != HandlerKind::Exec).then(|| s.stats.stats());
@@ -230,10 +496,10 @@ fn group_status(shared: &Shared) -> Result<GroupStatus> {
                 stats.map(|stats| field(stats).load(Ordering::Relaxed))
             };
             HandlerStatus {
-                slot,
+                slot: s.index,
                 pid: state.pid,
                 alive: state.pid.is_some_and(process_alive),
-                cpu: spec.cpu_of(slot),
+                cpu: spec.cpu_of(s.index),
                 restarts: state.restarts,
                 last_exit: state.last_exit.clone(),
                 restart_in_ms: state
@@ -245,6 +511,7 @@ fn group_status(shared: &Shared) -> Result<GroupStatus> {
             }
         })
         .collect();
+    let scaling = shared.scaling.borrow();
     Ok(GroupStatus {
         schema: status::SCHEMA_VERSION,
         name: spec.name.clone(),
@@ -259,233 +526,20 @@ fn group_status(shared: &Shared) -> Result<GroupStatus> {
         user: spec.user.clone(),
         spawner_pid: std::process::id(),
         pins: shared.pins.clone(),
+        scaling: ScalingStatus {
+            min: spec.handlers,
+            max: spec.handlers_max,
+            autoscaled: spec.autoscaled(),
+            decisions: scaling.decisions,
+            last_decision: scaling.last.clone(),
+        },
+        draining: shared.draining.get(),
         handlers,
         sockets,
-        errors: shared.steering.global_counters()?,
-        program: shared.steering.run_stats()?,
+        errors: steering.global_counters()?,
+        program: steering.run_stats()?,
     })
 }
-
-/// Running and not a zombie (a stopped process counts as alive: it still owns its slot).
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
-}
-
-/// Restart delays for a handler that keeps exiting: immediate the first time (its queue is
-/// waiting), then doubling up to a cap, back to immediate after a stable run.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const CAP: Duration = Duration::from_secs(5);
-    /// A handler that ran this long is considered healthy again.
-    const STABLE: Duration = Duration::from_secs(10);
-
-    fn next(&mut self) -> Duration {
-        let delay = match self.failures {
-            0 => Duration::ZERO,
-            n => Self::FIRST
-                .saturating_mul(1 << (n - 1).min(16))
-                .min(Self::CAP),
-        };
-        self.failures += 1;
-        delay
-    }
-
-    fn ran_for(&mut self, run: Duration) {
-        if run >= Self::STABLE {
-            self.failures = 0;
-        }
-    }
-}
-
-/// Keeps one slot's handler running until `stop`, then stops it.
-async fn supervise(shared: Rc<Shared>, slot: u32, mut stop: watch::Receiver<bool>) {
-    let mut backoff = Backoff::default();
-    let state = &shared.slots[slot as usize].state;
-    let mut first = true;
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        match spawn_handler(&shared, slot) {
-            Err(e) => log::error!("handler {slot}: cannot start: {e}"),
-            Ok(mut child) => {
-                let pid = child.id().unwrap_or_default();
-                forward_output(&mut child, slot, pid);
-                {
-                    let mut state = state.borrow_mut();
-                    state.pid = Some(pid);
-                    state.restart_at = None;
-                    if !first {
-                        state.restarts += 1;
-                    }
-                }
-                first = false;
-                let started = Instant::now();
-                tokio::select! {
-                    exit = child.wait() => {
-                        // Whatever it started (a server's workers, holding copies of fd 3)
-                        // must not outlive it and serve beside its successor.
-                        kill_group(pid, nix::sys::signal::Signal::SIGKILL);
-                        let how = describe_exit(exit);
-                        state.borrow_mut().last_exit = Some(how.clone());
-                        state.borrow_mut().pid = None;
-                        if *stop.borrow() {
-                            return;
-                        }
-                        backoff.ran_for(started.elapsed());
-                        log::warn!(
-                            "handler {slot} (pid {pid}) {how}; its socket keeps its queue, restarting"
-                        );
-                    }
-                    _ = stop.changed() => {
-                        let how = stop_handler(&mut child, pid, shared.grace).await;
-                        log::info!("handler {slot} (pid {pid}) {how}");
-                        let mut state = state.borrow_mut();
-                        state.last_exit = Some(how);
-                        state.pid = None;
-                        return;
-                    }
-                }
-            }
-        }
-        let delay = backoff.next();
-        if !delay.is_zero() {
-            log::warn!("handler {slot} keeps exiting: next start in {delay:?}");
-        }
-        state.borrow_mut().restart_at = Some(Instant::now() + delay);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-fn describe_exit(exit: io::Result<ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match exit {
-        Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => format!("exited with code {code}"),
-            (_, Some(signal)) => format!("was killed by signal {signal}"),
-            _ => format!("ended ({status})"),
-        },
-        Err(e) => format!("could not be waited for ({e})"),
-    }
-}
-
-/// SIGTERM (and SIGCONT, in case it was stopped) to the handler's process group, then
-/// SIGKILL to the group after `grace`, and to whatever of it is left once the handler exits.
-async fn stop_handler(child: &mut tokio::process::Child, pid: u32, grace: Duration) -> String {
-    use nix::sys::signal::Signal;
-    kill_group(pid, Signal::SIGTERM);
-    kill_group(pid, Signal::SIGCONT);
-    let how = match tokio::time::timeout(grace, child.wait()).await {
-        Ok(exit) => describe_exit(exit),
-        Err(_) => {
-            kill_group(pid, Signal::SIGKILL);
-            let _ = child.wait().await;
-            format!("did not exit within {grace:?} of SIGTERM: killed")
-        }
-    };
-    kill_group(pid, Signal::SIGKILL);
-    how
-}
-
-/// Signals handler `pid`'s process group (each handler leads one; see place_handler).
-fn kill_group(pid: u32, signal: nix::sys::signal::Signal) {
-    // ESRCH: the group is gone already.
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), signal);
-}
-
-fn spawn_handler(shared: &Shared, slot: u32) -> io::Result<tokio::process::Child> {
-    let spec = &shared.spec;
-    let listener = shared.group.listeners()[slot as usize].socket().as_raw_fd();
-    // Exec handlers get their socket and nothing else.
-    let stats = (spec.handler != HandlerKind::Exec)
-        .then(|| shared.slots[slot as usize].stats.fd().as_raw_fd());
-    let cpus = spec.cpu_of(slot).map(|cpu| {
-        let mut set = nix::sched::CpuSet::new();
-        let _ = set.set(cpu as usize); // validated against the usable CPUs
-        set
-    });
-    let parent = std::process::id();
-    // /proc/self/exe rather than current_exe(): still this very binary if the file was
-    // replaced on disk since the spawner started.
-    let mut command = tokio::process::Command::new("/proc/self/exe");
-    command
-        .arg0("parsrv")
-        .args(["handler", "--kind", &spec.handler.to_string()])
-        .args(["--threads", &spec.threads.to_string()])
-        .args(["--slot", &slot.to_string()])
-        .args(["--group", &spec.name])
-        .args(["--spawner", &parent.to_string()]);
-    if let Some(credentials) = shared.credentials {
-        command
-            .args(["--uid", &credentials.uid.to_string()])
-            .args(["--gid", &credentials.gid.to_string()]);
-    }
-    if !spec.command.is_empty() {
-        command.arg("--").args(&spec.command);
-    }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: the closure only makes async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(move || place_handler(listener, stats, cpus, parent as libc::pid_t));
-    }
-    command.spawn()
-}
-
-/// Copies a handler's stdout and stderr to the spawner's stderr, a line at a time, each
-/// prefixed with the handler's slot and pid.
-fn forward_output(child: &mut tokio::process::Child, slot: u32, pid: u32) {
-    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
-    fn copy(stream: impl AsyncRead + Unpin + 'static, slot: u32, pid: u32) {
-        tokio::task::spawn_local(async move {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                // Bounded: a handler printing without newlines cannot grow this forever.
-                match (&mut reader)
-                    .take(MAX_LOG_LINE)
-                    .read_until(b'\n', &mut line)
-                    .await
-                {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&line);
-                        eprintln!(
-                            "parsrv[{}] handler {slot}[{pid}]: {}",
-                            std::process::id(),
-                            text.trim_end_matches(['\n', '\r'])
-                        );
-                    }
-                }
-            }
-        });
-    }
-    if let Some(out) = child.stdout.take() {
-        copy(out, slot, pid);
-    }
-    if let Some(err) = child.stderr.take() {
-        copy(err, slot, pid);
-    }
-}
-
-/// Longest handler output line copied as one line.
-const MAX_LOG_LINE: u64 = 16 * 1024;
 
 /// How often handlers are checked for serving outside their socket.
 const WATCH_PERIOD: Duration = Duration::from_secs(2);
@@ -497,17 +551,15 @@ const STUCK_AFTER: Duration = Duration::from_secs(10);
 /// gave it as given: one that listens on a socket of its own, that changed the socket's
 /// queue length, or whose queue never shrinks.
 async fn watch_handlers(shared: Rc<Shared>) {
-    let inodes: Vec<Option<u64>> = shared
-        .group
-        .listeners()
-        .iter()
-        .map(|l| kernel::socket_inode(l.socket().as_fd()).ok())
-        .collect();
-    let mut stuck_since: Vec<Option<(Instant, u32)>> = vec![None; inodes.len()];
+    // Per slot: since when its queue has not shrunk, and how deep it was.
+    let mut stuck_since: Vec<Option<(Instant, u32)>> = Vec::new();
     loop {
         tokio::time::sleep(WATCH_PERIOD).await;
-        for (slot, listener) in shared.group.listeners().iter().enumerate() {
-            let state = &shared.slots[slot].state;
+        let group = shared.group.borrow();
+        let slots = shared.slots.borrow();
+        stuck_since.resize(slots.len(), None);
+        for (slot, listener) in group.listeners().iter().enumerate().take(slots.len()) {
+            let state = &slots[slot].state;
             let Some(pid) = state.borrow().pid else {
                 stuck_since[slot] = None;
                 continue;
@@ -515,9 +567,10 @@ async fn watch_handlers(shared: Rc<Shared>) {
             if state.borrow().warned == Some(pid) {
                 continue;
             }
+            let inode = kernel::socket_inode(listener.socket().as_fd()).ok();
             let own = kernel::listening_sockets(pid)
                 .into_iter()
-                .find(|(inode, _)| Some(*inode) != inodes[slot]);
+                .find(|(found, _)| Some(*found) != inode);
             if let Some((_, addr)) = own {
                 log::warn!(
                     "handler {slot} (pid {pid}) listens on {addr} itself instead of serving \
@@ -557,115 +610,5 @@ async fn watch_handlers(shared: Rc<Shared>) {
                 }
             }
         }
-    }
-}
-
-/// Stopped (SIGSTOP) or traced: not accepting, but not misconfigured either.
-fn process_stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "T" || state == "t")
-    })
-}
-
-/// In the forked child, before exec: put the handler's socket at fd 3 and (built-in
-/// handlers) its counters at fd 4, and close every other fd beside stdio. Pin it to its CPU, tie its life to the spawner's, and
-/// move it out of the terminal's process group so that Ctrl-C reaches only the spawner,
-/// which stops handlers in order.
-fn place_handler(
-    listener: RawFd,
-    stats: Option<RawFd>,
-    cpus: Option<nix::sched::CpuSet>,
-    parent: libc::pid_t,
-) -> io::Result<()> {
-    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    }
-    // SAFETY: plain fd and process syscalls on values owned by this (forked) process.
-    unsafe {
-        // Copy the sources out of the way first: either may sit at 3 or 4.
-        let listener = check(libc::fcntl(listener, libc::F_DUPFD_CLOEXEC, 10))?;
-        let stats = match stats {
-            Some(fd) => Some(check(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))?),
-            None => None,
-        };
-        check(libc::dup2(listener, LISTEN_FD))?;
-        libc::close(listener);
-        if let Some(stats) = stats {
-            check(libc::dup2(stats, STATS_FD))?;
-            libc::close(stats);
-        }
-        // Whatever parsrv itself inherited without close-on-exec must not reach the handler.
-        let first_unused = if stats.is_some() {
-            STATS_FD + 1
-        } else {
-            LISTEN_FD + 1
-        } as u32;
-        if libc::syscall(libc::SYS_close_range, first_unused, u32::MAX, 0) != 0 {
-            // Kernels before 5.9: close them one by one.
-            for fd in first_unused as RawFd..4096 {
-                libc::close(fd);
-            }
-        }
-        if let Some(cpus) = cpus {
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
-        }
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
-        // The spawner may have died before prctl took effect.
-        if libc::getppid() != parent {
-            return Err(io::Error::other("spawner exited"));
-        }
-        check(libc::setpgid(0, 0))?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_starts_immediate_doubles_caps_and_resets() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<_> = (0..10).map(|_| backoff.next()).collect();
-        assert_eq!(delays[0], Duration::ZERO);
-        assert_eq!(delays[1], Duration::from_millis(100));
-        assert_eq!(delays[2], Duration::from_millis(200));
-        assert_eq!(delays[3], Duration::from_millis(400));
-        assert_eq!(delays[9], Backoff::CAP);
-        backoff.ran_for(Duration::from_secs(1));
-        assert_eq!(backoff.next(), Backoff::CAP);
-        backoff.ran_for(Backoff::STABLE);
-        assert_eq!(backoff.next(), Duration::ZERO);
-    }
-
-    #[test]
-    fn process_alive_reads_proc() {
-        assert!(process_alive(std::process::id()));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        // Exited but not reaped: a zombie is not alive.
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(!process_alive(pid));
-        child.wait().unwrap();
-        assert!(!process_alive(pid));
-    }
-
-    #[test]
-    fn describes_exits() {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            describe_exit(Ok(ExitStatus::from_raw(3 << 8))),
-            "exited with code 3"
-        );
-        assert_eq!(
-            describe_exit(Ok(ExitStatus::from_raw(9))),
-            "was killed by signal 9"
-        );
     }
 }

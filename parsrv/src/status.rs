@@ -37,11 +37,27 @@ pub struct GroupStatus {
     pub spawner_pid: u32,
     /// Where the maps are pinned.
     pub pins: Option<PathBuf>,
+    pub scaling: ScalingStatus,
+    /// Refusing new connections while the queues empty, before stopping (`--drain`).
+    pub draining: bool,
     pub handlers: Vec<HandlerStatus>,
     pub sockets: Vec<SocketStatus>,
     /// Connections the program served by the kernel's hash because of an internal error.
     pub errors: GlobalCounters,
     pub program: RunStats,
+}
+
+/// The group's size limits and the autoscaler's last word.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScalingStatus {
+    pub min: u32,
+    pub max: u32,
+    /// Whether the autoscaler runs (MIN < MAX).
+    pub autoscaled: bool,
+    /// Resizes the autoscaler made.
+    pub decisions: u64,
+    /// The latest of them, with the numbers that caused it.
+    pub last_decision: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,12 +107,39 @@ impl GroupStatus {
             self.threads,
             self.spawner_pid
         );
+        if !self.command.is_empty() {
+            let _ = writeln!(out, "command: {}", self.command.join(" "));
+        }
+        if let Some(user) = &self.user {
+            let _ = writeln!(out, "handlers run as: {user}");
+        }
+        if self.scaling.autoscaled {
+            let _ = writeln!(
+                out,
+                "autoscaled {}..{}: {} handlers now, {} resizes{}",
+                self.scaling.min,
+                self.scaling.max,
+                self.handlers.len(),
+                self.scaling.decisions,
+                self.scaling
+                    .last_decision
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(", last {d}"))
+            );
+        }
+        if self.draining {
+            let _ = writeln!(
+                out,
+                "draining: new connections are refused until the queues are empty"
+            );
+        }
         let _ = writeln!(
             out,
-            "{:>4} {:>8} {:>5} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
+            "{:>4} {:>8} {:>5} {:>3} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
             "slot",
             "pid",
             "alive",
+            "cpu",
             "restarts",
             "queue/max",
             "selected",
@@ -185,6 +228,14 @@ mod tests {
             user: None,
             spawner_pid: 42,
             pins: Some("/sys/fs/bpf/parsrv/web".into()),
+            scaling: ScalingStatus {
+                min: 1,
+                max: 4,
+                autoscaled: true,
+                decisions: 2,
+                last_decision: Some("1 -> 2: queues 9/9 full".into()),
+            },
+            draining: false,
             handlers: vec![HandlerStatus {
                 slot: 0,
                 pid: Some(43),
@@ -230,7 +281,36 @@ mod tests {
     fn table_shows_queue_counters_and_cost() {
         let text = sample().render();
         assert!(text.contains("policy least-loaded"), "{text}");
-        let row = text.lines().nth(2).unwrap();
+        let header = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("slot"))
+            .unwrap();
+        assert_eq!(
+            header.split_whitespace().collect::<Vec<_>>(),
+            [
+                "slot",
+                "pid",
+                "alive",
+                "cpu",
+                "restarts",
+                "queue/max",
+                "selected",
+                "redirected",
+                "dropped",
+                "refused",
+                "migrated",
+                "accepted",
+                "lost-races"
+            ]
+        );
+        assert!(
+            text.contains("autoscaled 1..4: 1 handlers now, 2 resizes, last 1 -> 2"),
+            "{text}"
+        );
+        let row = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("0 "))
+            .unwrap();
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
             cells,

@@ -56,6 +56,7 @@ fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_wi
                 policy: policy::REDIRECT,
                 when_full: when_full::DROP,
                 generation: 0,
+                flags: 0,
             },
             None,
         )

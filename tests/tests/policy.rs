@@ -75,6 +75,7 @@ fn config(policy: u32) -> ProgramConfig {
         policy,
         when_full: when_full::DROP,
         generation: 0, // Steering owns it
+        flags: 0,
     }
 }
 

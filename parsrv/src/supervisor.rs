@@ -1,0 +1,543 @@
+//! One slot of a group: the handler process serving that slot's socket, kept running
+//! (restarted with backoff when it exits), replaced on request without a gap, and retired.
+//!
+//! Each slot has a task running [`supervise`]; the spawner talks to it through [`Slot`].
+
+use std::{
+    cell::RefCell,
+    io,
+    os::fd::{AsRawFd, RawFd},
+    process::{ExitStatus, Stdio},
+    rc::Rc,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    config::{Credentials, GroupSpec, HandlerKind},
+    handler::{SharedStats, LISTEN_FD, STATS_FD},
+};
+
+/// What every handler of a group is started with.
+pub struct Launcher {
+    pub spec: GroupSpec,
+    pub credentials: Option<Credentials>,
+    /// How long a handler may take to exit after SIGTERM before SIGKILL.
+    pub grace: Duration,
+    /// How long a replacement may take to become ready during a restart.
+    pub ready_timeout: Duration,
+}
+
+/// An exec'd program gives no sign of readiness parsrv can read; one that is still running
+/// this long after start counts as ready. (Built-in handlers say so themselves.)
+const EXEC_READY_AFTER: Duration = Duration::from_secs(1);
+
+/// What the spawner knows of a slot's handler, for `status`.
+#[derive(Default)]
+pub struct HandlerState {
+    pub pid: Option<u32>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    /// When the next start is due, while the slot waits out its backoff.
+    pub restart_at: Option<Instant>,
+    /// The handler's pid once a warning about it was logged (warn once per process).
+    pub warned: Option<u32>,
+}
+
+enum Command {
+    /// Start a new process on the slot's socket, wait until it is ready, then stop the old.
+    Replace(oneshot::Sender<Result<String, String>>),
+    /// Stop the handler for good (the slot is being removed, or the group stops).
+    Retire,
+}
+
+/// A slot as the spawner holds it.
+pub struct Slot {
+    pub index: u32,
+    /// The slot's socket (owned by the spawner's SocketGroup, which outlives the slot).
+    pub listen_fd: RawFd,
+    pub stats: SharedStats,
+    pub state: RefCell<HandlerState>,
+    commands: mpsc::UnboundedSender<Command>,
+    task: RefCell<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Slot {
+    /// Starts supervising a handler for socket `listen_fd` (inside a LocalSet).
+    pub fn start(
+        launcher: Rc<Launcher>,
+        index: u32,
+        listen_fd: RawFd,
+        stop: watch::Receiver<bool>,
+    ) -> io::Result<Rc<Slot>> {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let slot = Rc::new(Slot {
+            index,
+            listen_fd,
+            stats: SharedStats::create(index)?,
+            state: RefCell::default(),
+            commands,
+            task: RefCell::new(None),
+        });
+        let task = tokio::task::spawn_local(supervise(launcher, slot.clone(), stop, receiver));
+        *slot.task.borrow_mut() = Some(task);
+        Ok(slot)
+    }
+
+    /// Replaces the handler with a new process, with no moment where none accepts; keeps
+    /// the old one if the new one does not become ready.
+    pub async fn replace(&self) -> Result<String, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Replace(reply))
+            .map_err(|_| format!("handler {} is not supervised any more", self.index))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(format!("handler {} stopped during its restart", self.index)))
+    }
+
+    /// Stops the handler for good and waits until it is gone.
+    pub async fn retire(&self) {
+        let _ = self.commands.send(Command::Retire);
+        self.finished().await;
+    }
+
+    /// Waits for the supervising task to end.
+    pub async fn finished(&self) {
+        let task = self.task.borrow_mut().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A running handler process.
+struct Running {
+    child: tokio::process::Child,
+    pid: u32,
+    started: Instant,
+}
+
+impl Running {
+    fn start(launcher: &Launcher, slot: &Slot) -> io::Result<Running> {
+        let mut child = spawn_handler(launcher, slot)?;
+        let pid = child.id().unwrap_or_default();
+        forward_output(&mut child, slot.index, pid);
+        Ok(Running {
+            child,
+            pid,
+            started: Instant::now(),
+        })
+    }
+
+    /// Whether it serves its socket yet.
+    fn ready(&self, launcher: &Launcher, slot: &Slot) -> bool {
+        match launcher.spec.handler {
+            HandlerKind::Exec => self.started.elapsed() >= EXEC_READY_AFTER,
+            _ => slot.stats.stats().ready.load(Ordering::Relaxed) == self.pid as u64,
+        }
+    }
+}
+
+/// Keeps the slot's handler running until `stop` or a retirement, then stops it.
+async fn supervise(
+    launcher: Rc<Launcher>,
+    slot: Rc<Slot>,
+    mut stop: watch::Receiver<bool>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let index = slot.index;
+    let mut backoff = Backoff::default();
+    let mut first = true;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match Running::start(&launcher, &slot) {
+            Err(e) => log::error!("handler {index}: cannot start: {e}"),
+            Ok(mut running) => {
+                {
+                    let mut state = slot.state.borrow_mut();
+                    state.pid = Some(running.pid);
+                    state.restart_at = None;
+                    if !first {
+                        state.restarts += 1;
+                    }
+                }
+                first = false;
+                loop {
+                    tokio::select! {
+                        exit = running.child.wait() => {
+                            // Whatever it started (a server's workers, holding copies of fd
+                            // 3) must not outlive it and serve beside its successor.
+                            kill_group(running.pid, nix::sys::signal::Signal::SIGKILL);
+                            let how = describe_exit(exit);
+                            let mut state = slot.state.borrow_mut();
+                            state.last_exit = Some(how.clone());
+                            state.pid = None;
+                            if *stop.borrow() {
+                                return;
+                            }
+                            backoff.ran_for(running.started.elapsed());
+                            log::warn!(
+                                "handler {index} (pid {}) {how}; its socket keeps its queue, restarting",
+                                running.pid
+                            );
+                            break;
+                        }
+                        _ = stop.changed() => {
+                            retire(&launcher, &slot, running).await;
+                            return;
+                        }
+                        command = commands.recv() => match command {
+                            None | Some(Command::Retire) => {
+                                retire(&launcher, &slot, running).await;
+                                return;
+                            }
+                            Some(Command::Replace(reply)) => {
+                                let result = replace(&launcher, &slot, &mut running).await;
+                                let _ = reply.send(result);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let delay = backoff.next();
+        if !delay.is_zero() {
+            log::warn!("handler {index} keeps exiting: next start in {delay:?}");
+        }
+        slot.state.borrow_mut().restart_at = Some(Instant::now() + delay);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+            command = commands.recv() => match command {
+                None | Some(Command::Retire) => return,
+                // Not running: starting it is the restart.
+                Some(Command::Replace(reply)) => {
+                    let _ = reply.send(Ok(format!("handler {index} was waiting to restart: started now")));
+                }
+            }
+        }
+    }
+}
+
+async fn retire(launcher: &Launcher, slot: &Slot, mut running: Running) {
+    let how = stop_handler(&mut running.child, running.pid, launcher.grace).await;
+    log::info!("handler {} (pid {}) {how}", slot.index, running.pid);
+    let mut state = slot.state.borrow_mut();
+    state.last_exit = Some(how);
+    state.pid = None;
+}
+
+/// A rolling restart's step for one slot: the new process starts on the same socket beside
+/// the old one (both accept from the one queue), and only once it is ready is the old one
+/// stopped, gracefully. Nothing queued is touched, so nothing is lost.
+async fn replace(
+    launcher: &Launcher,
+    slot: &Slot,
+    running: &mut Running,
+) -> Result<String, String> {
+    let index = slot.index;
+    let old = running.pid;
+    let mut fresh = Running::start(launcher, slot).map_err(|e| {
+        format!("handler {index}: cannot start a replacement ({e}): kept pid {old} serving")
+    })?;
+    let new = fresh.pid;
+    let deadline = tokio::time::sleep(launcher.ready_timeout);
+    tokio::pin!(deadline);
+    let verdict = loop {
+        tokio::select! {
+            exit = fresh.child.wait() => break Err(format!("exited before it was ready ({})", describe_exit(exit))),
+            _ = &mut deadline => break Err(format!("was not ready within {:?}", launcher.ready_timeout)),
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                if fresh.ready(launcher, slot) {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    if let Err(why) = verdict {
+        kill_group(new, nix::sys::signal::Signal::SIGKILL);
+        let _ = fresh.child.wait().await;
+        let message =
+            format!("handler {index}: the replacement (pid {new}) {why}: kept pid {old} serving");
+        log::error!("{message}");
+        return Err(message);
+    }
+    let mut previous = std::mem::replace(running, fresh);
+    slot.state.borrow_mut().pid = Some(new);
+    let how = stop_handler(&mut previous.child, old, launcher.grace).await;
+    let message = format!("handler {index}: pid {old} replaced by pid {new} (the old one {how})");
+    log::info!("{message}");
+    Ok(message)
+}
+
+/// SIGTERM (and SIGCONT, in case it was stopped) to the handler's process group, then
+/// SIGKILL to the group after `grace`, and to whatever of it is left once the handler exits.
+async fn stop_handler(child: &mut tokio::process::Child, pid: u32, grace: Duration) -> String {
+    use nix::sys::signal::Signal;
+    kill_group(pid, Signal::SIGTERM);
+    kill_group(pid, Signal::SIGCONT);
+    let how = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(exit) => describe_exit(exit),
+        Err(_) => {
+            kill_group(pid, Signal::SIGKILL);
+            let _ = child.wait().await;
+            format!("did not exit within {grace:?} of SIGTERM: killed")
+        }
+    };
+    kill_group(pid, Signal::SIGKILL);
+    how
+}
+
+fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<tokio::process::Child> {
+    let spec = &launcher.spec;
+    let listener = slot.listen_fd;
+    // Exec handlers get their socket and nothing else.
+    let stats = (spec.handler != HandlerKind::Exec).then(|| slot.stats.fd().as_raw_fd());
+    let cpus = spec.cpu_of(slot.index).map(|cpu| {
+        let mut set = nix::sched::CpuSet::new();
+        let _ = set.set(cpu as usize); // validated against the usable CPUs
+        set
+    });
+    let parent = std::process::id();
+    // /proc/self/exe rather than current_exe(): still this very binary if the file was
+    // replaced on disk since the spawner started.
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    command
+        .arg0("parsrv")
+        .args(["handler", "--kind", &spec.handler.to_string()])
+        .args(["--threads", &spec.threads.to_string()])
+        .args(["--slot", &slot.index.to_string()])
+        .args(["--group", &spec.name])
+        .args(["--spawner", &parent.to_string()]);
+    if let Some(credentials) = launcher.credentials {
+        command
+            .args(["--uid", &credentials.uid.to_string()])
+            .args(["--gid", &credentials.gid.to_string()]);
+    }
+    if !spec.command.is_empty() {
+        command.arg("--").args(&spec.command);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || place_handler(listener, stats, cpus, parent as libc::pid_t));
+    }
+    command.spawn()
+}
+
+/// Restart delays for a handler that keeps exiting: immediate the first time (its queue is
+/// waiting), then doubling up to a cap, back to immediate after a stable run.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(5);
+    /// A handler that ran this long is considered healthy again.
+    const STABLE: Duration = Duration::from_secs(10);
+
+    fn next(&mut self) -> Duration {
+        let delay = match self.failures {
+            0 => Duration::ZERO,
+            n => Self::FIRST
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(Self::CAP),
+        };
+        self.failures += 1;
+        delay
+    }
+
+    fn ran_for(&mut self, run: Duration) {
+        if run >= Self::STABLE {
+            self.failures = 0;
+        }
+    }
+}
+
+fn describe_exit(exit: io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match exit {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (_, Some(signal)) => format!("was killed by signal {signal}"),
+            _ => format!("ended ({status})"),
+        },
+        Err(e) => format!("could not be waited for ({e})"),
+    }
+}
+
+/// Signals handler `pid`'s process group (each handler leads one; see place_handler).
+fn kill_group(pid: u32, signal: nix::sys::signal::Signal) {
+    // ESRCH: the group is gone already.
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+/// Copies a handler's stdout and stderr to the spawner's stderr, a line at a time, each
+/// prefixed with the handler's slot and pid.
+fn forward_output(child: &mut tokio::process::Child, slot: u32, pid: u32) {
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+    fn copy(stream: impl AsyncRead + Unpin + 'static, slot: u32, pid: u32) {
+        tokio::task::spawn_local(async move {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                // Bounded: a handler printing without newlines cannot grow this forever.
+                match (&mut reader)
+                    .take(MAX_LOG_LINE)
+                    .read_until(b'\n', &mut line)
+                    .await
+                {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        eprintln!(
+                            "parsrv[{}] handler {slot}[{pid}]: {}",
+                            std::process::id(),
+                            text.trim_end_matches(['\n', '\r'])
+                        );
+                    }
+                }
+            }
+        });
+    }
+    if let Some(out) = child.stdout.take() {
+        copy(out, slot, pid);
+    }
+    if let Some(err) = child.stderr.take() {
+        copy(err, slot, pid);
+    }
+}
+
+/// Longest handler output line copied as one line.
+const MAX_LOG_LINE: u64 = 16 * 1024;
+
+/// Stopped (SIGSTOP) or traced: not accepting, but not misconfigured either.
+pub(crate) fn process_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "T" || state == "t")
+    })
+}
+
+/// In the forked child, before exec: put the handler's socket at fd 3 and (built-in
+/// handlers) its counters at fd 4, and close every other fd beside stdio. Pin it to its CPU, tie its life to the spawner's, and
+/// move it out of the terminal's process group so that Ctrl-C reaches only the spawner,
+/// which stops handlers in order.
+fn place_handler(
+    listener: RawFd,
+    stats: Option<RawFd>,
+    cpus: Option<nix::sched::CpuSet>,
+    parent: libc::pid_t,
+) -> io::Result<()> {
+    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+    // SAFETY: plain fd and process syscalls on values owned by this (forked) process.
+    unsafe {
+        // Copy the sources out of the way first: either may sit at 3 or 4.
+        let listener = check(libc::fcntl(listener, libc::F_DUPFD_CLOEXEC, 10))?;
+        let stats = match stats {
+            Some(fd) => Some(check(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))?),
+            None => None,
+        };
+        check(libc::dup2(listener, LISTEN_FD))?;
+        libc::close(listener);
+        if let Some(stats) = stats {
+            check(libc::dup2(stats, STATS_FD))?;
+            libc::close(stats);
+        }
+        // Whatever parsrv itself inherited without close-on-exec must not reach the handler.
+        let first_unused = if stats.is_some() {
+            STATS_FD + 1
+        } else {
+            LISTEN_FD + 1
+        } as u32;
+        if libc::syscall(libc::SYS_close_range, first_unused, u32::MAX, 0) != 0 {
+            // Kernels before 5.9: close them one by one.
+            for fd in first_unused as RawFd..4096 {
+                libc::close(fd);
+            }
+        }
+        if let Some(cpus) = cpus {
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+        }
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+        // The spawner may have died before prctl took effect.
+        if libc::getppid() != parent {
+            return Err(io::Error::other("spawner exited"));
+        }
+        check(libc::setpgid(0, 0))?;
+    }
+    Ok(())
+}
+
+/// Running and not a zombie (a stopped process counts as alive: it still owns its slot).
+pub(crate) fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_immediate_doubles_caps_and_resets() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<_> = (0..10).map(|_| backoff.next()).collect();
+        assert_eq!(delays[0], Duration::ZERO);
+        assert_eq!(delays[1], Duration::from_millis(100));
+        assert_eq!(delays[2], Duration::from_millis(200));
+        assert_eq!(delays[3], Duration::from_millis(400));
+        assert_eq!(delays[9], Backoff::CAP);
+        backoff.ran_for(Duration::from_secs(1));
+        assert_eq!(backoff.next(), Backoff::CAP);
+        backoff.ran_for(Backoff::STABLE);
+        assert_eq!(backoff.next(), Duration::ZERO);
+    }
+
+    #[test]
+    fn process_alive_reads_proc() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie is not alive.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!process_alive(pid));
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
+
+    #[test]
+    fn describes_exits() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            describe_exit(Ok(ExitStatus::from_raw(3 << 8))),
+            "exited with code 3"
+        );
+        assert_eq!(
+            describe_exit(Ok(ExitStatus::from_raw(9))),
+            "was killed by signal 9"
+        );
+    }
+}
