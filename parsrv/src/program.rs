@@ -196,9 +196,13 @@ impl Steering {
     /// Forgets `slot` (whose socket has `cookie`): after its socket left the group.
     pub fn unregister(&mut self, slot: u32, cookie: u64) -> Result<()> {
         let context = format!("unregistering the socket of slot {slot}");
-        self.sockets
-            .clear_index(&slot)
-            .map_err(Error::ebpf(context.clone()))?;
+        match self.sockets.clear_index(&slot) {
+            Ok(()) => {}
+            // The kernel empties a socket's slot itself when the socket is shut down.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(Error::ebpf(context)(e)),
+        }
         // Its cookie may be gone already if registration failed halfway.
         let _ = self.slot_by_cookie.remove(&cookie);
         self.new_generation()

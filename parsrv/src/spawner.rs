@@ -216,11 +216,13 @@ impl Shared {
                 )))?;
             listener.cookie()
         };
-        self.steering.borrow_mut().unregister(slot.index, cookie)?;
+        // The socket has left the group for good: finish the removal whatever else fails,
+        // so that the group is never left with a slot whose socket is dead.
+        let forgotten = self.steering.borrow_mut().unregister(slot.index, cookie);
         slot.retire().await;
         self.slots.borrow_mut().pop();
         self.group.borrow_mut().remove_last();
-        Ok(())
+        forgotten
     }
 
     /// Grows or shrinks the group to `target` handlers; the caller holds `membership`.
