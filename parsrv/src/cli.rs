@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// (at most --grace) before stopping the handlers.
     #[arg(long)]
     pub drain: bool,
+    /// With --handlers MIN..MAX: change the size only by `parsrv group resize`, not with load.
+    #[arg(long)]
+    pub no_autoscale: bool,
     /// Pin handlers to these CPUs, round-robin by slot: `0-3`, `0,2`.
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
@@ -112,6 +115,7 @@ impl RunArgs {
             listen,
             handlers,
             handlers_max,
+            autoscale: !self.no_autoscale,
             backlog: self.backlog,
             handler: self.handler,
             threads: self.threads,

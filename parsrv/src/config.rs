@@ -83,6 +83,9 @@ pub struct GroupSpec {
     pub handlers: u32,
     /// The most the group grows to; equal to `handlers` when the size is fixed.
     pub handlers_max: u32,
+    /// Whether load changes the size within MIN..MAX (otherwise only `parsrv group resize`).
+    #[serde(default = "enabled")]
+    pub autoscale: bool,
     pub backlog: u32,
     pub handler: HandlerKind,
     pub threads: u32,
@@ -109,7 +112,7 @@ pub struct Credentials {
 impl GroupSpec {
     /// Whether the group grows and shrinks with load (`--handlers MIN..MAX`, MIN < MAX).
     pub fn autoscaled(&self) -> bool {
-        self.handlers_max > self.handlers
+        self.autoscale && self.handlers_max > self.handlers
     }
 
     /// The CPU handler `slot` is pinned to, if any.
@@ -363,6 +366,10 @@ pub fn format_cpus(cpus: &[u32]) -> String {
     parts.join(",")
 }
 
+fn enabled() -> bool {
+    true
+}
+
 /// Enough for any machine parsrv targets; more threads per socket only add wake-ups.
 pub const MAX_THREADS: u32 = 1024;
 
@@ -435,6 +442,7 @@ mod tests {
             listen: "127.0.0.1:8080".parse().unwrap(),
             handlers: 4,
             handlers_max: 4,
+            autoscale: true,
             backlog: 64,
             handler: HandlerKind::Http,
             threads: 2,

@@ -266,10 +266,10 @@ async fn serve(shared: Rc<Shared>, stop: watch::Sender<bool>) -> Result<()> {
         spec.listen,
         spec.handlers,
         spec.handler,
-        if spec.autoscaled() {
-            format!(" (autoscaled {}..{})", spec.handlers, spec.handlers_max)
-        } else {
-            String::new()
+        match (spec.autoscaled(), spec.handlers_max > spec.handlers) {
+            (true, _) => format!(" (autoscaled {}..{})", spec.handlers, spec.handlers_max),
+            (false, true) => format!(" (resizable {}..{})", spec.handlers, spec.handlers_max),
+            _ => String::new(),
         },
         spec.policy,
         spec.when_full,

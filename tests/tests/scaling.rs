@@ -1,0 +1,383 @@
+//! Growing, shrinking and restarting a group under load loses no connection: queues of
+//! removed sockets migrate (TCPMigrateReqSuccess rises, TCPMigrateReqFailure does not), no
+//! RST is sent, no client fails; a control without the program resets the same queue. The
+//! autoscaler follows a load step up and down. Drain serves the queue and refuses the new.
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use parsrv_integration_tests::{
+    apps_dir, connect, example, http_get, in_netns, parsrv_bin, read_answer, signal, stop_process,
+    wait_for, NetCounters, Outcome, PlainGroup, Spawner, HTTP_REQUEST,
+};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:8080".parse().unwrap()
+}
+
+/// Clients making one HTTP request per connection, back to back, until stopped (and at
+/// most `limit`); every outcome is kept.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    clients: Vec<thread::JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    fn start(addr: SocketAddr, clients: usize, limit: Duration) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + limit;
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, outcomes) = (stop.clone(), outcomes.clone());
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let outcome = http_get(addr, Duration::from_secs(5));
+                        outcomes.lock().unwrap().push(outcome);
+                    }
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            outcomes,
+            clients,
+        }
+    }
+
+    fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.join().unwrap();
+        }
+        Arc::try_unwrap(self.outcomes)
+            .unwrap()
+            .into_inner()
+            .unwrap()
+    }
+}
+
+fn parsrv_group(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(parsrv_bin())
+        .arg("group")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
+    in_netns(|| {
+        let name = "test-cycles";
+        let spawner = Spawner::start(
+            name,
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "2..3",
+                "--no-autoscale",
+                "--backlog",
+                "32",
+                "--handler",
+                "http",
+                "--threads",
+                "2",
+            ],
+        );
+        let before = NetCounters::read();
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(120));
+        const CYCLES: usize = 20;
+        for cycle in 0..CYCLES {
+            let (code, out, err) = parsrv_group(&["resize", name, "3"]);
+            assert_eq!(code, 0, "cycle {cycle}: {out}{err}");
+            // Hold the newest handler so that its queue has connections when its socket is
+            // removed: they must migrate, not be reset.
+            let newest = spawner.handler_pid(2);
+            stop_process(newest);
+            assert!(
+                wait_for(Duration::from_secs(10), || spawner.status().sockets[2]
+                    .queue
+                    .unwrap()
+                    .depth
+                    >= 2),
+                "cycle {cycle}: nothing queued at slot 2"
+            );
+            let (code, out, err) = parsrv_group(&["resize", name, "2"]);
+            assert_eq!(code, 0, "cycle {cycle}: {out}{err}");
+            assert_eq!(out.trim(), format!("group {name}: 3 -> 2 handlers"));
+        }
+        const RESTARTS: usize = 5;
+        for restart in 0..RESTARTS {
+            let old: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
+            let (code, out, err) = parsrv_group(&["restart", name]);
+            assert_eq!(code, 0, "restart {restart}: {out}{err}");
+            let new: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
+            assert!(
+                old.iter().zip(&new).all(|(o, n)| o != n),
+                "{old:?} -> {new:?}"
+            );
+        }
+        let outcomes = load.finish();
+        let kernel = before.delta(&NetCounters::read());
+        let failed = outcomes.iter().filter(|o| **o != Outcome::Ok).count();
+        let migrated: u64 = spawner
+            .status()
+            .sockets
+            .iter()
+            .map(|s| s.counters.migrated_in)
+            .sum();
+        eprintln!(
+            "{CYCLES} resize cycles + {RESTARTS} rolling restarts under load: {} requests, {failed} failed, \
+             {} resets seen by clients, kernel {kernel:?}, program migrated_in {migrated}",
+            outcomes.len(),
+            outcomes.iter().filter(|o| **o == Outcome::Reset).count(),
+        );
+        assert!(
+            outcomes.len() > 200,
+            "the load did not run: {}",
+            outcomes.len()
+        );
+        assert_eq!(
+            failed,
+            0,
+            "{:?}",
+            outcomes
+                .iter()
+                .filter(|o| **o != Outcome::Ok)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(kernel.out_rsts, 0, "{kernel:?}");
+        assert!(
+            kernel.migrate_req_success >= (2 * CYCLES) as u64,
+            "{kernel:?}"
+        );
+        assert_eq!(kernel.migrate_req_failure, 0, "{kernel:?}");
+        assert_eq!(
+            migrated, kernel.migrate_req_success,
+            "the program counted every migration"
+        );
+        assert_eq!(spawner.status().handlers.len(), 2);
+        assert!(spawner.stop().success());
+
+        // Control, same test: the same removal of a socket with a queue, with no program.
+        let control: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        let plain = PlainGroup::start(control, 2, 32, &[0]);
+        let load = SteadyLoad::start(control, 4, Duration::from_secs(30));
+        assert!(wait_for(Duration::from_secs(10), || {
+            parsrv::kernel::queue_depth(std::os::fd::AsFd::as_fd(&*plain.sockets[1]))
+                .unwrap()
+                .depth
+                >= 2
+        }));
+        let before = NetCounters::read();
+        plain.sockets[1].shutdown(std::net::Shutdown::Read).unwrap();
+        thread::sleep(Duration::from_millis(500));
+        let outcomes = load.finish();
+        let kernel = before.delta(&NetCounters::read());
+        let resets = outcomes.iter().filter(|o| **o == Outcome::Reset).count();
+        eprintln!("control without the program: {resets} client resets, kernel {kernel:?}");
+        assert!(kernel.out_rsts >= 2, "{kernel:?}");
+        assert!(resets >= 2, "{outcomes:?}");
+        assert_eq!(kernel.migrate_req_success, 0);
+        drop(plain);
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn autoscaler_grows_with_a_load_step_and_shrinks_back() {
+    in_netns(|| {
+        let server = apps_dir().join("slow_server.py");
+        let spawner = Spawner::start(
+            "test-autoscale",
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "1..4",
+                "--backlog",
+                "8",
+                "--handler",
+                "exec",
+                "--",
+                "/usr/bin/python3",
+                server.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(spawner.status().handlers.len(), 1);
+        // Step up: 8 clients back to back; one 20 ms handler keeps ~7 waiting in a queue of
+        // 9: overload.
+        let started = Instant::now();
+        let load = SteadyLoad::start(addr(), 8, Duration::from_secs(60));
+        let mut grew_after = None;
+        assert!(wait_for(Duration::from_secs(10), || {
+            let grown = spawner.status().handlers.len() > 1;
+            if grown && grew_after.is_none() {
+                grew_after = Some(started.elapsed());
+            }
+            grown
+        }));
+        thread::sleep(Duration::from_secs(3));
+        let peak = spawner.status().handlers.len();
+        let outcomes = load.finish();
+        let failed = outcomes.iter().filter(|o| **o != Outcome::Ok).count();
+        eprintln!(
+            "load step up: 2nd handler {:?} after the load started (includes the queue filling), \
+             {peak} handlers at the peak, {} requests, {failed} failed",
+            grew_after.unwrap(),
+            outcomes.len()
+        );
+        assert!(peak >= 2);
+        assert_eq!(failed, 0);
+        assert!(
+            spawner.log().contains("autoscale: 1 -> 2 handlers: queues"),
+            "{}",
+            spawner.log()
+        );
+        // Step down: idle queues shrink the group back, one step at a time, to MIN.
+        assert!(
+            wait_for(Duration::from_secs(30), || spawner.status().handlers.len()
+                == 1),
+            "{}",
+            spawner.log()
+        );
+        assert!(spawner.log().contains("-> 1 handlers: queues empty for"));
+        let status = spawner.status();
+        assert!(status.scaling.decisions >= 2);
+        assert!(status.scaling.last_decision.unwrap().starts_with("2 -> 1"));
+        assert!(spawner.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
+    in_netns(|| {
+        let flag = std::env::temp_dir().join("parsrv-test-not-ready");
+        let _ = std::fs::remove_file(&flag);
+        let hello = example("hello_handler");
+        let script = format!(
+            "if [ -e {} ]; then echo broken build; exit 1; fi; exec {}",
+            flag.display(),
+            hello.display()
+        );
+        let name = "test-not-ready";
+        let spawner = Spawner::start(
+            name,
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "2",
+                "--handler",
+                "exec",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        let before: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
+        std::fs::write(&flag, b"").unwrap();
+        let (code, out, err) = parsrv_group(&["restart", name]);
+        std::fs::remove_file(&flag).unwrap();
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(err.contains("exited before it was ready"), "{err}");
+        assert!(
+            err.contains(&format!("kept pid {} serving", before[0])),
+            "{err}"
+        );
+        assert!(
+            err.contains("rolling restart stopped after 0 of 2"),
+            "{err}"
+        );
+        let after: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
+        assert_eq!(after, before, "the group was changed");
+        assert_eq!(http_get(addr(), Duration::from_secs(3)), Outcome::Ok);
+
+        // Out of range and unknown group: refused, nothing changed.
+        let (code, _, err) = parsrv_group(&["resize", name, "3"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("started with --handlers 2..2"), "{err}");
+        assert_eq!(err.lines().count(), 1);
+        let (code, _, err) = parsrv_group(&["restart", "no-such-group"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("no running parsrv group named 'no-such-group'"),
+            "{err}"
+        );
+        assert_eq!(
+            (0..2).map(|s| spawner.handler_pid(s)).collect::<Vec<_>>(),
+            before
+        );
+        assert!(spawner.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn drain_serves_the_queue_and_refuses_new_connections() {
+    in_netns(|| {
+        let spawner = Spawner::start(
+            "test-drain",
+            &[
+                "--listen",
+                "127.0.0.1:8080",
+                "--handlers",
+                "2",
+                "--drain",
+                "--grace",
+                "10",
+                "--handler",
+                "http",
+            ],
+        );
+        let handlers: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
+        for &pid in &handlers {
+            stop_process(pid);
+        }
+        let mut queued: Vec<_> = (0..4)
+            .map(|_| {
+                let mut conn = connect(addr(), Duration::from_secs(2)).unwrap();
+                std::io::Write::write_all(&mut conn, HTTP_REQUEST).unwrap();
+                conn
+            })
+            .collect();
+        signal(spawner.pid(), Signal::SIGTERM);
+        assert!(spawner.wait_for_log("draining group test-drain", Duration::from_secs(5)));
+        assert!(spawner.status().draining);
+        // New connections are refused at once while the queue waits.
+        assert_eq!(
+            connect(addr(), Duration::from_secs(2)).unwrap_err(),
+            Outcome::Refused
+        );
+        for &pid in &handlers {
+            signal(pid, Signal::SIGCONT);
+        }
+        for conn in &mut queued {
+            read_answer(conn, Duration::from_secs(5))
+                .expect("queued request served during the drain");
+        }
+        let log = spawner.log_path();
+        assert!(spawner.stop().success());
+        let log = std::fs::read_to_string(log).unwrap();
+        assert!(log.contains("drained in"), "{log}");
+    });
+}
