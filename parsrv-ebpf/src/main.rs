@@ -27,8 +27,8 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use parsrv_common::{
-    flags, policy, when_full, GlobalCounters, KernelOffsets, ProgramConfig, SlotCacheEntry, SlotCounters,
-    MAX_SOCKETS,
+    flags, policy, when_full, GlobalCounters, KernelOffsets, ProgramConfig, SlotCacheEntry,
+    SlotCounters, MAX_SOCKETS,
 };
 
 // scan_step masks indices with MAX_SOCKETS - 1.

@@ -6,7 +6,7 @@
 //!   not counted), or the program dropped or refused connections since the last sample.
 //!   At most one step per [`UP_COOLDOWN`], so a new handler gets time to take load before
 //!   the next is added. With samples every [`SAMPLE_EVERY`], the first step starts within
-//!   about 80 ms of the overload starting.
+//!   about 50 ms of the overload starting.
 //! - **Down** by one handler after the queues stayed empty for [`IDLE_FOR`], at most one
 //!   step per [`DOWN_COOLDOWN`] (and never within it of a step up). The band between the
 //!   two (queues partly full) changes nothing: that is the hysteresis.
@@ -15,11 +15,11 @@
 use std::time::{Duration, Instant};
 
 /// How often the spawner samples the queues.
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 /// Queue occupancy (queued / capacity) that counts as overload.
 pub const OVERLOAD_OCCUPANCY: f64 = 0.5;
 /// How long overload must last before a step up.
-pub const OVERLOAD_FOR: Duration = Duration::from_millis(60);
+pub const OVERLOAD_FOR: Duration = Duration::from_millis(40);
 /// Least time between two steps up.
 pub const UP_COOLDOWN: Duration = Duration::from_millis(250);
 /// How long the queues must stay empty before a step down.
@@ -185,9 +185,9 @@ mod tests {
     }
 
     #[test]
-    fn sustained_overload_adds_a_handler_within_100_ms() {
+    fn sustained_overload_adds_a_handler_within_60_ms() {
         let mut feed = Feed::new(1, 4);
-        let decisions = feed.run(Duration::from_millis(100), 60, 0);
+        let decisions = feed.run(Duration::from_millis(60), 60, 0);
         assert_eq!(decisions.len(), 1, "{decisions:?}");
         assert_eq!((decisions[0].from, decisions[0].to), (1, 2));
         assert!(
@@ -222,9 +222,9 @@ mod tests {
             "{decisions:?}"
         );
         assert_eq!(feed.handlers, 3);
-        // Steps at least UP_COOLDOWN apart: 2 in the first 300 ms is impossible.
+        // Steps at least UP_COOLDOWN apart: 2 within 280 ms is impossible.
         let mut fast = Feed::new(1, 10);
-        assert_eq!(fast.run(Duration::from_millis(300), 80, 0).len(), 1);
+        assert_eq!(fast.run(Duration::from_millis(280), 80, 0).len(), 1);
     }
 
     #[test]

@@ -38,8 +38,17 @@ enum Task {
     },
     /// cargo fmt --check and cargo clippy -D warnings, for the workspace and the eBPF crate.
     Lint,
-    /// Lint, build, then run the unit tests and the privileged integration tests (as root;
-    /// each in its own network namespace).
+    /// Build (release), then run benchmark scenarios (as root; each in its own network
+    /// namespace): scale-up, restart. Prints tables with a baseline from the same run.
+    Bench {
+        /// Scenarios to run (default: all).
+        scenarios: Vec<String>,
+        /// A few seconds per scenario: checks the harness, not the figures.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Lint, build, then run the unit tests, the privileged integration tests (as root;
+    /// each in its own network namespace) and a quick run of every benchmark scenario.
     Test {
         /// Only tests whose name contains this (passed to the test harness).
         filter: Option<String>,
@@ -60,6 +69,7 @@ fn run(task: Task) -> Result<()> {
         Task::Build { release } => build(release),
         Task::Run { args } => run_demo(args),
         Task::Lint => lint(),
+        Task::Bench { scenarios, quick } => bench(scenarios, quick),
         Task::Test { filter } => test(filter),
     }
 }
@@ -250,7 +260,42 @@ fn test(filter: Option<String>) -> Result<()> {
             .env("PARSRV_BIN", root.join("target/debug/parsrv"))
             .env("PARSRV_PYENV", setup::pyenv())
             .current_dir(&root),
-    )
+    )?;
+    // Keeps the benchmark harness working; asserts nothing about the figures.
+    bench(Vec::new(), true)
+}
+
+/// Figures come from release builds; a quick run only checks the harness, on the debug
+/// build the tests already made.
+fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
+    let release = !quick;
+    build(release)?;
+    setup::ensure_python_servers()?;
+    if !running_as_root() {
+        bail!(
+            "the benchmarks need root (network namespaces, eBPF): run `cargo xtask bench` as root"
+        );
+    }
+    let root = workspace_root();
+    let profile = if release { "release" } else { "debug" };
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["run", "--quiet", "--package", "parsrv-integration-tests"]);
+    if release {
+        cargo.arg("--release");
+    }
+    cargo
+        .args(["--bin", "parsrv-bench", "--"])
+        .args(&scenarios)
+        .env(
+            "PARSRV_BIN",
+            root.join("target").join(profile).join("parsrv"),
+        )
+        .env("PARSRV_PYENV", setup::pyenv())
+        .current_dir(&root);
+    if quick {
+        cargo.arg("--quick");
+    }
+    run_step("benchmarks", &mut cargo)
 }
 
 fn running_as_root() -> bool {
