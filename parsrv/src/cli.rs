@@ -4,12 +4,16 @@ use std::{io::IsTerminal, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use std::path::PathBuf;
+
 use crate::{
     config::{self, GroupSpec, HandlerKind, Policy, WhenFull},
+    config_file::ConfigFile,
     control::{self, Request, Response},
     error::{Error, Result, EXIT_RUNTIME, EXIT_USAGE},
     handler,
     spawner::{self, RunOptions},
+    status::GroupStatus,
 };
 
 #[derive(Debug, Parser)]
@@ -26,8 +30,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a socket group, attach the steering program and run its handlers (as root).
+    /// Create socket groups (flags: one; --config FILE: any number), attach the steering
+    /// program and run their handlers (as root).
     Run(RunArgs),
+    /// Check a config file without touching the kernel: every problem, with line and column.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Show a running group: handlers, exact accept-queue depths, counters.
     Status(StatusArgs),
     /// Change a running group.
@@ -40,9 +50,16 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Address and port every handler socket binds, e.g. 127.0.0.1:8080 or [::1]:8080.
+    /// Run the groups of this TOML file (see the README) instead of one from flags; SIGHUP
+    /// reads it again.
+    #[arg(long, value_name = "FILE", conflicts_with_all = GROUP_FLAGS)]
+    pub config: Option<PathBuf>,
+    /// Serve Prometheus metrics of every group at http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
-    pub listen: String,
+    pub metrics: Option<String>,
+    /// Address and port every handler socket binds, e.g. 127.0.0.1:8080 or [::1]:8080.
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "config")]
+    pub listen: Option<String>,
     /// Handler processes, one socket each (1 to 128): a count, or MIN..MAX to grow and
     /// shrink with load.
     #[arg(long, default_value = "4", value_name = "N|MIN..MAX")]
@@ -51,8 +68,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 128, value_name = "B")]
     pub backlog: u32,
     /// What each handler runs: a built-in server, or `exec` and a program after `--`.
-    #[arg(long, value_enum)]
-    pub handler: HandlerKind,
+    #[arg(long, value_enum, required_unless_present = "config")]
+    pub handler: Option<HandlerKind>,
     /// Threads accepting in parallel on each handler's socket (exec handlers get it as
     /// PARSRV_THREADS).
     #[arg(long, default_value_t = 1, value_name = "T")]
@@ -91,23 +108,50 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// The flags that define one group: with --config, the file does.
+const GROUP_FLAGS: [&str; 15] = [
+    "listen",
+    "handler",
+    "handlers",
+    "backlog",
+    "threads",
+    "policy",
+    "when_full",
+    "name",
+    "grace",
+    "ready_timeout",
+    "drain",
+    "no_autoscale",
+    "cpus",
+    "user",
+    "command",
+];
+
 impl RunArgs {
     pub fn into_options(self) -> Result<RunOptions> {
-        let listen = config::parse_listen(&self.listen)?;
-        let (handlers, handlers_max) = config::parse_handlers(&self.handlers)?;
-        let seconds = |option: &'static str, value: f64| {
-            if value.is_finite() && (0.0..=3600.0).contains(&value) {
-                Ok(Duration::from_secs_f64(value))
-            } else {
-                Err(Error::InvalidOption {
-                    option,
-                    value: value.to_string(),
-                    reason: "must be 0 to 3600 seconds".into(),
-                })
-            }
+        let metrics = self
+            .metrics
+            .as_deref()
+            .map(config::parse_listen)
+            .transpose()
+            .map_err(|_| Error::InvalidOption {
+                option: "--metrics",
+                value: self.metrics.clone().unwrap_or_default(),
+                reason: "expected ADDR:PORT, e.g. 127.0.0.1:9100".into(),
+            })?;
+        if let Some(path) = self.config {
+            let file = ConfigFile::load(&path)?;
+            return Ok(RunOptions {
+                groups: file.groups,
+                metrics: metrics.or(file.metrics),
+                config: Some(path),
+            });
+        }
+        let (Some(listen), Some(handler)) = (self.listen, self.handler) else {
+            unreachable!("clap requires --listen and --handler without --config");
         };
-        let grace = seconds("--grace", self.grace)?;
-        let ready_timeout = seconds("--ready-timeout", self.ready_timeout)?;
+        let listen = config::parse_listen(&listen)?;
+        let (handlers, handlers_max) = config::parse_handlers(&self.handlers)?;
         let spec = GroupSpec {
             name: self
                 .name
@@ -117,7 +161,7 @@ impl RunArgs {
             handlers_max,
             autoscale: !self.no_autoscale,
             backlog: self.backlog,
-            handler: self.handler,
+            handler,
             threads: self.threads,
             policy: self.policy,
             when_full: self.when_full,
@@ -129,28 +173,55 @@ impl RunArgs {
                 .transpose()?
                 .unwrap_or_default(),
             user: self.user,
+            grace: self.grace,
+            ready_timeout: self.ready_timeout,
+            drain: self.drain,
         };
         spec.validate()?;
         Ok(RunOptions {
-            spec,
-            grace,
-            ready_timeout,
-            drain: self.drain,
+            groups: vec![spec],
+            metrics,
+            config: None,
         })
     }
 }
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The group (see `parsrv run --name`); may be left out when only one runs.
+    /// The group (see `parsrv run --name`); without it, every running group.
     pub group: Option<String>,
-    /// Print the stable JSON form (schema in the README) instead of a table.
-    #[arg(long)]
+    /// Print the stable JSON form (schema in the README) instead of a table: one object
+    /// for a named group, an array for all.
+    #[arg(long, conflicts_with = "watch")]
     pub json: bool,
+    /// Show it again every --interval, with rates per second.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between two --watch updates.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub interval: f64,
+    /// With --watch: stop after this many updates.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
+    /// Start groups in a running spawner: from a config file (--config) or flags as for
+    /// `parsrv run`. All or none: a group that fails leaves the spawner as it was.
+    Add {
+        /// The spawner (its pid, see `parsrv group list`); may be left out when one runs.
+        #[arg(long, value_name = "PID")]
+        spawner: Option<u32>,
+        #[command(flatten)]
+        group: Box<RunArgs>,
+    },
+    /// Stop a group gracefully (draining it if it was started with drain) and remove it.
+    Remove { group: String },
+    /// The running groups, with their spawners.
+    List,
+    /// A running group's settings, as a config file would give them.
+    Show { group: String },
     /// Grow or shrink a running group to N handlers (within the MIN..MAX it was started
     /// with), losing no connection: removed sockets' queues migrate to the others.
     Resize {
@@ -215,6 +286,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Run(args) => args.into_options().and_then(spawner::run),
         Command::Status(args) => status(args),
+        Command::Check { config } => check(&config),
         Command::Group(command) => group(command),
         Command::Handler(args) => {
             return match handler::launch(args.into_launch()) {
@@ -282,57 +354,187 @@ fn group(command: GroupCommand) -> Result<()> {
     let (group, request) = match command {
         GroupCommand::Resize { group, handlers } => (group, Request::Resize { handlers }),
         GroupCommand::Restart { group } => (group, Request::Restart),
+        GroupCommand::Remove { group } => (group, Request::Remove),
+        GroupCommand::Show { group } => (group, Request::Show),
+        GroupCommand::List => return list_groups(),
+        GroupCommand::Add { spawner, group } => {
+            if group.metrics.is_some() {
+                return Err(Error::InvalidOption {
+                    option: "--metrics",
+                    value: group.metrics.clone().unwrap_or_default(),
+                    reason: "metrics are set when the spawner starts (parsrv run --metrics)".into(),
+                });
+            }
+            let groups = group.into_options()?.groups;
+            let pid = control::resolve_spawner(spawner)?;
+            return done(
+                format!("spawner {pid}"),
+                control::request_spawner(pid, &Request::Add { groups })?,
+            );
+        }
     };
     let group = control::resolve_group(Some(&group))?;
-    match control::request(&group, &request)? {
+    done(group.clone(), control::request(&group, &request)?)
+}
+
+/// Prints what a spawner did, or turns its refusal into an error.
+fn done(whom: String, response: Response) -> Result<()> {
+    match response {
         Response::Done(message) => {
             println!("{message}");
             Ok(())
         }
+        Response::Spec(spec) => {
+            print!("{}", crate::config_file::to_toml(&[*spec]));
+            Ok(())
+        }
         Response::Rejected(message) => Err(Error::Rejected(message)),
-        Response::Error(message) => Err(Error::Spawner { group, message }),
+        Response::Error(message) => Err(Error::Spawner {
+            group: whom,
+            message,
+        }),
         Response::Status(_) => Err(Error::Spawner {
-            group,
+            group: whom,
             message: "answered with a status".into(),
         }),
     }
 }
 
-fn status(args: StatusArgs) -> Result<()> {
-    let group = control::resolve_group(args.group.as_deref())?;
-    match control::request(&group, &Request::Status)? {
-        Response::Status(status) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).expect("serializable")
-                );
-            } else {
-                print!("{}", status.render());
-                if std::io::stdout().is_terminal() {
-                    println!("(JSON: parsrv status {group} --json)");
-                }
-            }
-            Ok(())
-        }
-        Response::Error(message) | Response::Rejected(message) | Response::Done(message) => {
-            Err(Error::Spawner { group, message })
+fn list_groups() -> Result<()> {
+    let groups = control::running_groups();
+    println!(
+        "{:<24} {:<24} {:>8} {:<14} {:>8}",
+        "group", "listen", "handlers", "policy", "spawner"
+    );
+    for name in groups {
+        if let Ok(Response::Status(status)) = control::request(&name, &Request::Status) {
+            println!(
+                "{:<24} {:<24} {:>8} {:<14} {:>8}",
+                status.name,
+                status.listen.to_string(),
+                status.handlers.len(),
+                status.policy.to_string(),
+                status.spawner_pid
+            );
         }
     }
+    Ok(())
+}
+
+fn check(path: &std::path::Path) -> Result<()> {
+    let checked = crate::config_file::check(path)?;
+    for problem in &checked.problems {
+        println!(
+            "{}:{}:{}: {}{}",
+            path.display(),
+            problem.line,
+            problem.column,
+            if problem.warning { "warning: " } else { "" },
+            problem.message
+        );
+    }
+    match checked.file {
+        Some(file) => {
+            println!(
+                "{}: valid, {} group{}: {}",
+                path.display(),
+                file.groups.len(),
+                if file.groups.len() == 1 { "" } else { "s" },
+                file.groups
+                    .iter()
+                    .map(|g| g.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(())
+        }
+        None => Err(Error::Rejected(format!(
+            "{}: {} problem{}: fix them and check again",
+            path.display(),
+            checked.problems.len(),
+            if checked.problems.len() == 1 { "" } else { "s" }
+        ))),
+    }
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let names = match &args.group {
+        Some(name) => vec![control::resolve_group(Some(name))?],
+        None => {
+            let running = control::running_groups();
+            if running.is_empty() {
+                control::resolve_group(None)?; // says none is running
+            }
+            running
+        }
+    };
+    let fetch = |names: &[String]| -> Result<Vec<GroupStatus>> {
+        names
+            .iter()
+            .map(|name| match control::request(name, &Request::Status)? {
+                Response::Status(status) => Ok(*status),
+                other => Err(Error::Spawner {
+                    group: name.clone(),
+                    message: format!("could not report: {other:?}"),
+                }),
+            })
+            .collect()
+    };
+    if args.json {
+        let statuses = fetch(&names)?;
+        let json = match (&args.group, statuses.as_slice()) {
+            (Some(_), [one]) => serde_json::to_string_pretty(one),
+            _ => serde_json::to_string_pretty(&statuses),
+        };
+        println!("{}", json.expect("serializable"));
+        return Ok(());
+    }
+    if !args.watch {
+        for status in fetch(&names)? {
+            println!("{}", status.render());
+        }
+        return Ok(());
+    }
+    let interval = Duration::from_secs_f64(args.interval.clamp(0.05, 3600.0));
+    let mut previous: Option<(std::time::Instant, Vec<GroupStatus>)> = None;
+    for update in 0.. {
+        if args.count.is_some_and(|count| update >= count) {
+            break;
+        }
+        let now = std::time::Instant::now();
+        let statuses = fetch(&names)?;
+        if std::io::stdout().is_terminal() {
+            print!("\x1b[2J\x1b[H"); // clear the screen
+        }
+        for status in &statuses {
+            println!("{}", status.render());
+            let before = previous
+                .as_ref()
+                .and_then(|(at, old)| Some((*at, old.iter().find(|o| o.name == status.name)?)));
+            if let Some((at, old)) = before {
+                print!("{}", status.render_rates(old, now.duration_since(at)));
+            }
+        }
+        previous = Some((now, statuses));
+        std::thread::sleep(interval);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn run_args(extra: &[&str]) -> Result<RunOptions> {
+    fn run_args(extra: &[&str]) -> Result<GroupSpec> {
         let mut argv = vec!["parsrv", "run", "--listen", "127.0.0.1:8080"];
         if !extra.contains(&"--handler") {
             argv.extend(["--handler", "echo"]);
         }
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Run(args) => args.into_options(),
+            Command::Run(args) => args
+                .into_options()
+                .map(|o| o.groups.into_iter().next().unwrap()),
             other => panic!("{other:?}"),
         }
     }
@@ -340,14 +542,14 @@ mod tests {
     #[test]
     fn defaults_are_sane() {
         let options = run_args(&[]).unwrap();
-        assert_eq!((options.spec.handlers, options.spec.handlers_max), (4, 4));
+        assert_eq!((options.handlers, options.handlers_max), (4, 4));
         assert!(!options.drain);
-        assert_eq!(options.ready_timeout, Duration::from_secs(10));
-        assert_eq!(options.spec.threads, 1);
-        assert_eq!(options.spec.policy, Policy::Redirect);
-        assert_eq!(options.spec.when_full, WhenFull::Drop);
-        assert_eq!(options.spec.name, "127_0_0_1-8080");
-        assert_eq!(options.grace, Duration::from_secs(5));
+        assert_eq!(options.ready_timeout, 10.0);
+        assert_eq!(options.threads, 1);
+        assert_eq!(options.policy, Policy::Redirect);
+        assert_eq!(options.when_full, WhenFull::Drop);
+        assert_eq!(options.name, "127_0_0_1-8080");
+        assert_eq!(options.grace, 5.0);
     }
 
     #[test]
@@ -388,10 +590,10 @@ mod tests {
             "exec true",
         ])
         .unwrap();
-        assert_eq!(options.spec.handler, HandlerKind::Exec);
-        assert_eq!(options.spec.command, ["sh", "-c", "exec true"]);
-        assert_eq!(options.spec.cpus, [0]);
-        assert_eq!(options.spec.user.as_deref(), Some("root"));
+        assert_eq!(options.handler, HandlerKind::Exec);
+        assert_eq!(options.command, ["sh", "-c", "exec true"]);
+        assert_eq!(options.cpus, [0]);
+        assert_eq!(options.user.as_deref(), Some("root"));
         let err = run_args(&["--cpus", "x"]).unwrap_err();
         assert_eq!(err.exit_code(), EXIT_USAGE);
     }
@@ -399,8 +601,8 @@ mod tests {
     #[test]
     fn handler_ranges_and_drain_parse() {
         let options = run_args(&["--handlers", "2..6", "--drain"]).unwrap();
-        assert_eq!((options.spec.handlers, options.spec.handlers_max), (2, 6));
-        assert!(options.drain && options.spec.autoscaled());
+        assert_eq!((options.handlers, options.handlers_max), (2, 6));
+        assert!(options.drain && options.autoscaled());
         let cli = Cli::try_parse_from(["parsrv", "group", "resize", "web", "3"]).unwrap();
         assert!(matches!(
             cli.command,
@@ -411,8 +613,8 @@ mod tests {
     #[test]
     fn policy_and_when_full_flags_parse() {
         let options = run_args(&["--policy", "least-loaded", "--when-full", "refuse"]).unwrap();
-        assert_eq!(options.spec.policy, Policy::LeastLoaded);
-        assert_eq!(options.spec.when_full, WhenFull::Refuse);
+        assert_eq!(options.policy, Policy::LeastLoaded);
+        assert_eq!(options.when_full, WhenFull::Refuse);
         assert!(Cli::try_parse_from([
             "parsrv",
             "run",

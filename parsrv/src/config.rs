@@ -74,7 +74,7 @@ macro_rules! display_as_value_enum {
 display_as_value_enum!(Policy, WhenFull, HandlerKind);
 
 /// One group: a set of SO_REUSEPORT sockets on one address and port, one per handler.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupSpec {
     /// Names the bpffs pin directory and the control socket.
     pub name: String,
@@ -100,6 +100,21 @@ pub struct GroupSpec {
     /// Who handlers run as (`NAME` or `NAME:GROUP`); `None`: as the spawner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Seconds a handler may take to exit after SIGTERM before SIGKILL (and a drain).
+    pub grace: f64,
+    /// Seconds a replacement handler may take to become ready in a restart.
+    pub ready_timeout: f64,
+    /// Refuse new connections and serve the queued ones before stopping.
+    pub drain: bool,
+}
+
+/// Defaults shared by the flags and the config file.
+pub mod defaults {
+    pub const HANDLERS: u32 = 4;
+    pub const BACKLOG: u32 = 128;
+    pub const THREADS: u32 = 1;
+    pub const GRACE: f64 = 5.0;
+    pub const READY_TIMEOUT: f64 = 10.0;
 }
 
 /// A user and group resolved from `--user`.
@@ -165,15 +180,26 @@ impl GroupSpec {
 
     /// Checks every value; the first bad one is reported with its fix.
     pub fn validate(&self) -> Result<()> {
-        validate_name(&self.name)?;
+        match self.problems().into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
+    }
+
+    /// Every bad value, each with its fix (a config file reports them all at once).
+    pub fn problems(&self) -> Vec<Error> {
+        let mut problems = Vec::new();
+        if let Err(e) = validate_name(&self.name) {
+            problems.push(e);
+        }
         if self.listen.port() == 0 {
-            return Err(invalid(
+            problems.push(invalid(
                 "--listen",
                 self.listen,
                 "port 0 would give each socket a different port: name a fixed port",
             ));
         }
-        let range = if self.autoscaled() {
+        let range = if self.handlers_max != self.handlers {
             format!("{}..{}", self.handlers, self.handlers_max)
         } else {
             self.handlers.to_string()
@@ -181,62 +207,73 @@ impl GroupSpec {
         if !(1..=MAX_SOCKETS).contains(&self.handlers)
             || !(1..=MAX_SOCKETS).contains(&self.handlers_max)
         {
-            return Err(invalid(
+            problems.push(invalid(
                 "--handlers",
-                range,
+                &range,
                 format!("must be 1 to {MAX_SOCKETS} (the socket map's size)"),
             ));
-        }
-        if self.handlers_max < self.handlers {
-            return Err(invalid("--handlers", range, "MIN..MAX needs MIN <= MAX"));
+        } else if self.handlers_max < self.handlers {
+            problems.push(invalid("--handlers", &range, "MIN..MAX needs MIN <= MAX"));
         }
         if self.backlog == 0 {
-            return Err(invalid(
+            problems.push(invalid(
                 "--backlog",
                 self.backlog,
                 "must be at least 1 (the accept-queue length of each socket)",
             ));
         }
         if !(1..=MAX_THREADS).contains(&self.threads) {
-            return Err(invalid(
+            problems.push(invalid(
                 "--threads",
                 self.threads,
                 format!("must be 1 to {MAX_THREADS} accepting threads per handler"),
             ));
         }
+        for (option, seconds) in [
+            ("--grace", self.grace),
+            ("--ready-timeout", self.ready_timeout),
+        ] {
+            if !(seconds.is_finite() && (0.0..=3600.0).contains(&seconds)) {
+                problems.push(invalid(option, seconds, "must be 0 to 3600 seconds"));
+            }
+        }
+        let credentials = match self.credentials() {
+            Ok(credentials) => credentials,
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        };
         match (self.handler, self.command.first()) {
-            (HandlerKind::Exec, None) => {
-                return Err(invalid(
-                    "--handler",
-                    "exec",
-                    "give the program after `--`, e.g. --handler exec -- uvicorn --fd 3 app:app",
-                ))
-            }
-            (HandlerKind::Exec, Some(program)) => {
-                let path = find_program(program)
-                    .map_err(|reason| invalid("--handler exec", program, reason))?;
-                if let (Some(credentials), Some(user)) = (self.credentials()?, &self.user) {
-                    executable_by(&path, credentials).map_err(|reason| {
-                        invalid(
-                            "--handler exec",
-                            program,
-                            format!("user {user} cannot run it: {reason}; install it where that user can reach it, or choose another --user"),
-                        )
-                    })?;
+            (HandlerKind::Exec, None) => problems.push(invalid(
+                "--handler",
+                "exec",
+                "give the program after `--`, e.g. --handler exec -- uvicorn --fd 3 app:app",
+            )),
+            (HandlerKind::Exec, Some(program)) => match find_program(program) {
+                Err(reason) => problems.push(invalid("--handler exec", program, reason)),
+                Ok(path) => {
+                    if let (Some(credentials), Some(user)) = (credentials, &self.user) {
+                        if let Err(reason) = executable_by(&path, credentials) {
+                            problems.push(invalid(
+                                "--handler exec",
+                                program,
+                                format!("user {user} cannot run it: {reason}; install it where that user can reach it, or choose another --user"),
+                            ));
+                        }
+                    }
                 }
-            }
-            (_, Some(program)) => {
-                return Err(invalid(
-                    "--handler",
-                    self.handler,
-                    format!("'{program}' after `--` needs --handler exec"),
-                ))
-            }
+            },
+            (_, Some(program)) => problems.push(invalid(
+                "--handler",
+                self.handler,
+                format!("'{program}' after `--` needs --handler exec"),
+            )),
             (_, None) => {}
         }
         let usable = usable_cpus();
         if let Some(cpu) = self.cpus.iter().find(|c| !usable.contains(c)) {
-            return Err(invalid(
+            problems.push(invalid(
                 "--cpus",
                 cpu,
                 format!(
@@ -245,8 +282,15 @@ impl GroupSpec {
                 ),
             ));
         }
-        self.credentials()?;
-        Ok(())
+        problems
+    }
+
+    pub fn grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.grace)
+    }
+
+    pub fn ready_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.ready_timeout)
     }
 }
 
@@ -451,7 +495,27 @@ mod tests {
             command: vec![],
             cpus: vec![],
             user: None,
+            grace: 5.0,
+            ready_timeout: 10.0,
+            drain: false,
         }
+    }
+
+    #[test]
+    fn problems_are_all_reported() {
+        let mut s = spec();
+        s.backlog = 0;
+        s.threads = 0;
+        s.grace = -1.0;
+        let options: Vec<&str> = s
+            .problems()
+            .into_iter()
+            .map(|p| match p {
+                Error::InvalidOption { option, .. } => option,
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(options, ["--backlog", "--threads", "--grace"]);
     }
 
     fn rejected_option(spec: &GroupSpec) -> &'static str {

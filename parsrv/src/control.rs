@@ -27,10 +27,18 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client waits for a change (resize, restart: handlers start and drain).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(600);
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// The group's settings, as a config file would give them.
+    Show,
+    /// Stop the group (draining if it was started so) and forget it.
+    Remove,
+    /// To a spawner's own socket: start these groups (all or none).
+    Add {
+        groups: Vec<crate::config::GroupSpec>,
+    },
     /// Grow or shrink the group to this many handlers (within its MIN..MAX).
     Resize {
         handlers: u32,
@@ -43,6 +51,7 @@ pub enum Request {
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Status(Box<GroupStatus>),
+    Spec(Box<crate::config::GroupSpec>),
     /// The change was made; what happened.
     Done(String),
     /// The request was refused as bad input (the spawner changed nothing).
@@ -59,6 +68,50 @@ pub fn run_dir() -> PathBuf {
 
 pub fn socket_path(group: &str) -> PathBuf {
     run_dir().join(format!("{group}.sock"))
+}
+
+/// A spawner's own socket (for `parsrv group add`), apart from groups' names.
+pub fn spawner_socket_path(pid: u32) -> PathBuf {
+    run_dir().join("spawners").join(format!("{pid}.sock"))
+}
+
+/// Pids of the spawners that answer, sorted.
+pub fn running_spawners() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir(run_dir().join("spawners")) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| is_live(&e.path()))
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock")?.parse().ok())
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// The spawner a request is for: the one named, or the only one running.
+pub fn resolve_spawner(pid: Option<u32>) -> Result<u32> {
+    let running = running_spawners();
+    let known = if running.is_empty() {
+        "none is running".to_string()
+    } else {
+        running
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (pid, running.as_slice()) {
+        (Some(pid), _) if running.contains(&pid) => Ok(pid),
+        (None, [only]) => Ok(*only),
+        (None, [_, _, ..]) => Err(Error::Rejected(format!(
+            "several spawners are running ({known}): choose one with --spawner PID"
+        ))),
+        (which, _) => Err(Error::GroupNotRunning {
+            which: which.map_or(String::new(), |p| format!(" with spawner {p}")),
+            known: format!("spawners: {known}"),
+        }),
+    }
 }
 
 /// Whether a spawner answers at `path`.
@@ -115,9 +168,25 @@ pub fn resolve_group(name: Option<&str>) -> Result<String> {
 
 /// Sends one request to the spawner of `group` and returns its answer.
 pub fn request(group: &str, request: &Request) -> Result<Response> {
-    let path = socket_path(group);
+    request_at(
+        &socket_path(group),
+        &format!("the spawner of group '{group}'"),
+        request,
+    )
+}
+
+/// Sends one request to spawner `pid`'s own socket.
+pub fn request_spawner(pid: u32, request: &Request) -> Result<Response> {
+    request_at(
+        &spawner_socket_path(pid),
+        &format!("spawner {pid}"),
+        request,
+    )
+}
+
+fn request_at(path: &Path, whom: &str, request: &Request) -> Result<Response> {
     let talk = || -> io::Result<Response> {
-        let mut stream = UnixStream::connect(&path)?;
+        let mut stream = UnixStream::connect(path)?;
         let wait = match request {
             Request::Status => CLIENT_TIMEOUT,
             _ => CHANGE_TIMEOUT,
@@ -132,7 +201,7 @@ pub fn request(group: &str, request: &Request) -> Result<Response> {
         Ok(serde_json::from_str(&answer)?)
     };
     talk().map_err(Error::io(format!(
-        "talking to the spawner of group '{group}' at {}",
+        "talking to {whom} at {}",
         path.display()
     )))
 }
@@ -147,10 +216,20 @@ impl ControlSocket {
     /// Binds the group's control socket, replacing a stale file (the caller has checked
     /// that no spawner answers there). Must be called inside a tokio runtime.
     pub fn bind(group: &str) -> Result<Self> {
-        let dir = run_dir();
-        fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
-        let path = socket_path(group);
+        Self::bind_at(socket_path(group))
+    }
+
+    /// Binds this spawner's own socket.
+    pub fn bind_spawner() -> Result<Self> {
+        Self::bind_at(spawner_socket_path(std::process::id()))
+    }
+
+    fn bind_at(path: PathBuf) -> Result<Self> {
+        let dir = path.parent().expect("socket paths have a directory");
+        fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        for private in [run_dir().as_path(), dir] {
+            let _ = fs::set_permissions(private, fs::Permissions::from_mode(0o700));
+        }
         match fs::remove_file(&path) {
             Ok(()) => log::warn!("removed stale control socket {}", path.display()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -209,8 +209,39 @@ impl GroupStatus {
     }
 }
 
+impl GroupStatus {
+    /// Rates per second since `before`, per socket (for `status --watch`).
+    pub fn render_rates(&self, before: &GroupStatus, elapsed: std::time::Duration) -> String {
+        let seconds = elapsed.as_secs_f64().max(1e-3);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:>4} {:>11} {:>13} {:>10} {:>10} {:>11}   (per second, last {:.1} s)",
+            "slot", "selected/s", "redirected/s", "dropped/s", "refused/s", "migrated/s", seconds
+        );
+        for socket in &self.sockets {
+            let Some(old) = before.sockets.iter().find(|s| s.slot == socket.slot) else {
+                continue;
+            };
+            let rate = |new: u64, old: u64| new.saturating_sub(old) as f64 / seconds;
+            let (c, o) = (&socket.counters, &old.counters);
+            let _ = writeln!(
+                out,
+                "{:>4} {:>11.1} {:>13.1} {:>10.1} {:>10.1} {:>11.1}",
+                socket.slot,
+                rate(c.selected, o.selected),
+                rate(c.redirected_away, o.redirected_away),
+                rate(c.dropped, o.dropped),
+                rate(c.refused, o.refused),
+                rate(c.migrated_in, o.migrated_in)
+            );
+        }
+        out
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> GroupStatus {
@@ -266,6 +297,19 @@ mod tests {
                 stats_enabled: true,
             },
         }
+    }
+
+    #[test]
+    fn rates_are_deltas_per_second() {
+        let before = sample();
+        let mut after = sample();
+        after.sockets[0].counters.selected += 30;
+        let text = after.render_rates(&before, std::time::Duration::from_secs(2));
+        let row = text.lines().nth(1).unwrap();
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["0", "15.0", "0.0", "0.0", "0.0", "0.0"]
+        );
     }
 
     #[test]

@@ -1,0 +1,609 @@
+//! The config file (TOML): any number of groups under one spawner.
+//!
+//! ```toml
+//! metrics = "127.0.0.1:9100"      # optional: Prometheus metrics for every group
+//!
+//! [[group]]
+//! name = "web"
+//! listen = "127.0.0.1:8080"
+//! handler = "exec"                # echo | http | exec
+//! command = ["uvicorn", "--fd", "3", "app:app"]
+//! handlers = "2..8"               # or a count: 4
+//! ```
+//!
+//! Every key of a group is a flag of `parsrv run` (`when_full` is `--when-full`), read into
+//! the same model and checked by the same code, so both reject a bad value with the same
+//! words. Unknown keys are errors. Problems are reported all at once, each with its line and
+//! column.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::{
+    config::{self, defaults, GroupSpec, HandlerKind, Policy, WhenFull},
+    error::{Error, Result},
+};
+
+/// A group as written in the file (every key optional but `name`, `listen`, `handler`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    handler: Spanned<HandlerKind>,
+    command: Option<Spanned<Vec<String>>>,
+    handlers: Option<Spanned<Handlers>>,
+    backlog: Option<Spanned<u32>>,
+    threads: Option<Spanned<u32>>,
+    policy: Option<Spanned<Policy>>,
+    when_full: Option<Spanned<WhenFull>>,
+    cpus: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    grace: Option<Spanned<f64>>,
+    ready_timeout: Option<Spanned<f64>>,
+    drain: Option<Spanned<bool>>,
+    autoscale: Option<Spanned<bool>>,
+}
+
+/// `handlers = 4` or `handlers = "2..8"`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+enum Handlers {
+    Count(u32),
+    Range(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    metrics: Option<Spanned<String>>,
+    #[serde(default, rename = "group")]
+    groups: Vec<Spanned<RawGroup>>,
+}
+
+/// A valid config file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub groups: Vec<GroupSpec>,
+}
+
+/// One problem in a file, located.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    /// A warning does not make the file invalid.
+    pub warning: bool,
+}
+
+/// What `check` found.
+#[derive(Debug)]
+pub struct Checked {
+    pub file: Option<ConfigFile>,
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigFile {
+    /// Reads and checks `path`; any error (not warnings) fails, naming the first problem
+    /// and how many there are.
+    pub fn load(path: &Path) -> Result<ConfigFile> {
+        let checked = check(path)?;
+        let errors: Vec<&Problem> = checked.problems.iter().filter(|p| !p.warning).collect();
+        match (checked.file, errors.first()) {
+            (Some(file), None) => Ok(file),
+            (_, first) => Err(Error::Rejected(format!(
+                "{}: {} problem{} (`parsrv check --config {0}` lists them){}",
+                path.display(),
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" },
+                first.map_or(String::new(), |p| format!(
+                    "; first at {}:{}: {}",
+                    p.line, p.column, p.message
+                )),
+            ))),
+        }
+    }
+}
+
+/// Reads and checks a config file without touching the kernel.
+pub fn check(path: &Path) -> Result<Checked> {
+    let text =
+        std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    Ok(check_text(path, &text))
+}
+
+/// Checks config text (`path` only names it).
+pub fn check_text(path: &Path, text: &str) -> Checked {
+    let locate = |span: Range<usize>| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    };
+    let mut problems = Vec::new();
+    let mut problem = |span: Range<usize>, message: String, warning: bool| {
+        let (line, column) = locate(span);
+        problems.push(Problem {
+            line,
+            column,
+            message,
+            warning,
+        });
+    };
+    let raw: RawFile = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let message = e.message().trim().to_owned();
+            problem(e.span().unwrap_or(0..0), syntax_fix(&message), false);
+            return Checked {
+                file: None,
+                problems,
+            };
+        }
+    };
+    let metrics = raw
+        .metrics
+        .as_ref()
+        .and_then(|m| match config::parse_listen(m.get_ref()) {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problem(
+                    m.span(),
+                    format!(
+                        "invalid metrics '{}': expected ADDR:PORT, e.g. 127.0.0.1:9100",
+                        m.get_ref()
+                    ),
+                    false,
+                );
+                None
+            }
+        });
+    if raw.groups.is_empty() {
+        problem(
+            0..0,
+            "no [[group]]: define at least one group".into(),
+            false,
+        );
+    }
+    let mut groups = Vec::new();
+    let mut seen: BTreeMap<String, (Range<usize>, SocketAddr)> = BTreeMap::new();
+    for group in &raw.groups {
+        let (spec, spans) = match to_spec(group.get_ref()) {
+            Ok(found) => found,
+            Err((span, message)) => {
+                problem(span, message, false);
+                continue;
+            }
+        };
+        let name = spec.name.clone();
+        for e in spec.problems() {
+            let (span, message) = locate_problem(&e, &spans, group.span());
+            problem(span, format!("group '{name}': {message}"), false);
+        }
+        let here = spans["name"].clone();
+        if let Some((first, _)) = seen.get(&name) {
+            let (line, column) = locate(first.clone());
+            problem(
+                here.clone(),
+                format!("group name '{name}' is used twice (first at {line}:{column}): names must be unique"),
+                false,
+            );
+        }
+        for (other, (span, addr)) in &seen {
+            if other == &name {
+                continue;
+            }
+            let (line, column) = locate(span.clone());
+            if *addr == spec.listen {
+                problem(
+                    spans["listen"].clone(),
+                    format!(
+                        "groups '{other}' ({line}:{column}) and '{name}' both listen on {addr}: one address \
+                         and port is one group; merge them, or give one another port"
+                    ),
+                    false,
+                );
+            } else if addr.port() == spec.listen.port() && overlaps(*addr, spec.listen) {
+                problem(
+                    spans["listen"].clone(),
+                    format!(
+                        "groups '{other}' ({addr}, {line}:{column}) and '{name}' ({}) share port {}: the \
+                         kernel keeps 127.0.0.1, 0.0.0.0 and [::] as separate reuseport groups, and a \
+                         wildcard address cannot be bound beside a specific one on the same port; use \
+                         one address for the port, or different ports",
+                        spec.listen,
+                        addr.port()
+                    ),
+                    false,
+                );
+            }
+        }
+        seen.insert(name, (here, spec.listen));
+        groups.push(spec);
+    }
+    let valid = problems.iter().all(|p| p.warning);
+    Checked {
+        file: valid.then(|| ConfigFile {
+            path: path.to_owned(),
+            metrics,
+            groups,
+        }),
+        problems,
+    }
+}
+
+/// Adds the fix to toml's own messages where it helps.
+fn syntax_fix(message: &str) -> String {
+    if message.starts_with("unknown field") {
+        format!("{message} (a typo? unknown keys are errors)")
+    } else {
+        message.to_owned()
+    }
+}
+
+/// Two addresses on one port that the kernel would put in different reuseport groups while
+/// one covers the other: a wildcard beside a specific address of the same family, or the
+/// dual-stack [::] beside anything IPv4.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    let wildcard = |x: SocketAddr| x.ip().is_unspecified();
+    match (a, b) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
+            wildcard(a) || wildcard(b)
+        }
+        (SocketAddr::V6(v6), SocketAddr::V4(_)) | (SocketAddr::V4(_), SocketAddr::V6(v6)) => {
+            v6.ip().is_unspecified()
+        }
+    }
+}
+
+type Spans = BTreeMap<&'static str, Range<usize>>;
+
+/// Reads a group's values into the model (as the flags do), keeping where each key was.
+fn to_spec(raw: &RawGroup) -> std::result::Result<(GroupSpec, Spans), (Range<usize>, String)> {
+    let mut spans = Spans::new();
+    spans.insert("name", raw.name.span());
+    spans.insert("listen", raw.listen.span());
+    spans.insert("handler", raw.handler.span());
+    let mut keep = |key: &'static str, span: Option<Range<usize>>| {
+        if let Some(span) = span {
+            spans.insert(key, span);
+        }
+    };
+    keep("command", raw.command.as_ref().map(Spanned::span));
+    keep("handlers", raw.handlers.as_ref().map(Spanned::span));
+    keep("backlog", raw.backlog.as_ref().map(Spanned::span));
+    keep("threads", raw.threads.as_ref().map(Spanned::span));
+    keep("cpus", raw.cpus.as_ref().map(Spanned::span));
+    keep("user", raw.user.as_ref().map(Spanned::span));
+    keep("grace", raw.grace.as_ref().map(Spanned::span));
+    keep(
+        "ready_timeout",
+        raw.ready_timeout.as_ref().map(Spanned::span),
+    );
+    let located = |key: &'static str, e: Error| (spans_of(key, raw), file_words(&e));
+    let listen = config::parse_listen(raw.listen.get_ref()).map_err(|e| located("listen", e))?;
+    let (handlers, handlers_max) = match raw.handlers.as_ref().map(Spanned::get_ref) {
+        None => (defaults::HANDLERS, defaults::HANDLERS),
+        Some(Handlers::Count(n)) => (*n, *n),
+        Some(Handlers::Range(range)) => {
+            config::parse_handlers(range).map_err(|e| located("handlers", e))?
+        }
+    };
+    let cpus = match &raw.cpus {
+        Some(list) => config::parse_cpus(list.get_ref()).map_err(|e| located("cpus", e))?,
+        None => Vec::new(),
+    };
+    let value = |v: &Option<Spanned<u32>>, default| v.as_ref().map_or(default, |v| *v.get_ref());
+    let seconds = |v: &Option<Spanned<f64>>, default| v.as_ref().map_or(default, |v| *v.get_ref());
+    let spec = GroupSpec {
+        name: raw.name.get_ref().clone(),
+        listen,
+        handlers,
+        handlers_max,
+        autoscale: raw.autoscale.as_ref().is_none_or(|a| *a.get_ref()),
+        backlog: value(&raw.backlog, defaults::BACKLOG),
+        handler: *raw.handler.get_ref(),
+        threads: value(&raw.threads, defaults::THREADS),
+        policy: raw
+            .policy
+            .as_ref()
+            .map_or(Policy::default(), |p| *p.get_ref()),
+        when_full: raw
+            .when_full
+            .as_ref()
+            .map_or(WhenFull::default(), |w| *w.get_ref()),
+        command: raw
+            .command
+            .as_ref()
+            .map_or(Vec::new(), |c| c.get_ref().clone()),
+        cpus,
+        user: raw.user.as_ref().map(|u| u.get_ref().clone()),
+        grace: seconds(&raw.grace, defaults::GRACE),
+        ready_timeout: seconds(&raw.ready_timeout, defaults::READY_TIMEOUT),
+        drain: raw.drain.as_ref().is_some_and(|d| *d.get_ref()),
+    };
+    Ok((spec, spans))
+}
+
+fn spans_of(key: &str, raw: &RawGroup) -> Range<usize> {
+    match key {
+        "listen" => raw.listen.span(),
+        "handlers" => raw.handlers.as_ref().map_or(raw.name.span(), Spanned::span),
+        "cpus" => raw.cpus.as_ref().map_or(raw.name.span(), Spanned::span),
+        _ => raw.name.span(),
+    }
+}
+
+/// A model error in the file's words: the key, not the flag (`backlog`, not `--backlog`).
+fn file_words(e: &Error) -> String {
+    match e {
+        Error::InvalidOption {
+            option,
+            value,
+            reason,
+        } => {
+            format!("invalid {} '{value}': {reason}", file_key(option))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn file_key(option: &str) -> &'static str {
+    match option.trim_start_matches("--") {
+        "name" => "name",
+        "listen" => "listen",
+        "handlers" => "handlers",
+        "backlog" => "backlog",
+        "threads" => "threads",
+        "cpus" => "cpus",
+        "user" => "user",
+        "grace" => "grace",
+        "ready-timeout" => "ready_timeout",
+        "handler exec" => "command",
+        _ => "handler",
+    }
+}
+
+/// Where a model problem points: the key it is about, or the group.
+fn locate_problem(e: &Error, spans: &Spans, group: Range<usize>) -> (Range<usize>, String) {
+    let span = match e {
+        Error::InvalidOption { option, .. } => spans.get(file_key(option)).cloned(),
+        _ => None,
+    };
+    (span.unwrap_or(group), file_words(e))
+}
+
+/// The file form of groups (what `parsrv group show` prints): every field, explicitly.
+pub fn to_toml(groups: &[GroupSpec]) -> String {
+    #[derive(Serialize)]
+    struct OutGroup<'a> {
+        name: &'a str,
+        listen: String,
+        handler: HandlerKind,
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        command: &'a [String],
+        handlers: Handlers,
+        autoscale: bool,
+        backlog: u32,
+        threads: u32,
+        policy: Policy,
+        when_full: WhenFull,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cpus: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        grace: f64,
+        ready_timeout: f64,
+        drain: bool,
+    }
+    #[derive(Serialize)]
+    struct OutFile<'a> {
+        group: Vec<OutGroup<'a>>,
+    }
+    let file = OutFile {
+        group: groups
+            .iter()
+            .map(|g| OutGroup {
+                name: &g.name,
+                listen: g.listen.to_string(),
+                handler: g.handler,
+                command: &g.command,
+                handlers: if g.handlers == g.handlers_max {
+                    Handlers::Count(g.handlers)
+                } else {
+                    Handlers::Range(format!("{}..{}", g.handlers, g.handlers_max))
+                },
+                autoscale: g.autoscale,
+                backlog: g.backlog,
+                threads: g.threads,
+                policy: g.policy,
+                when_full: g.when_full,
+                cpus: (!g.cpus.is_empty()).then(|| config::format_cpus(&g.cpus)),
+                user: g.user.as_deref(),
+                grace: g.grace,
+                ready_timeout: g.ready_timeout,
+                drain: g.drain,
+            })
+            .collect(),
+    };
+    toml::to_string(&file).expect("serializable")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(text: &str) -> Checked {
+        check_text(Path::new("test.toml"), text)
+    }
+
+    fn messages(text: &str) -> Vec<String> {
+        checked(text)
+            .problems
+            .iter()
+            .map(|p| format!("{}:{}: {}", p.line, p.column, p.message))
+            .collect()
+    }
+
+    const TWO: &str = r#"
+metrics = "127.0.0.1:9100"
+
+[[group]]
+name = "web"
+listen = "127.0.0.1:8080"
+handler = "http"
+handlers = "2..6"
+
+[[group]]
+name = "echo"
+listen = "[::1]:7000"
+handler = "echo"
+"#;
+
+    #[test]
+    fn a_valid_file_gives_groups_with_defaults() {
+        let file = checked(TWO).file.unwrap();
+        assert_eq!(file.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(file.groups.len(), 2);
+        assert_eq!(
+            (file.groups[0].handlers, file.groups[0].handlers_max),
+            (2, 6)
+        );
+        let echo = &file.groups[1];
+        assert_eq!((echo.handlers, echo.backlog, echo.threads), (4, 128, 1));
+        assert_eq!(
+            (echo.grace, echo.ready_timeout, echo.drain),
+            (5.0, 10.0, false)
+        );
+    }
+
+    #[test]
+    fn every_problem_is_located_and_worded_like_the_flags() {
+        let found = messages(
+            r#"
+[[group]]
+name = "web"
+listen = "127.0.0.1:8080"
+handler = "http"
+backlog = 0
+threads = 0
+
+[[group]]
+name = "web"
+listen = "127.0.0.1:8080"
+handler = "echo"
+"#,
+        );
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(
+            found[0],
+            "6:11: group 'web': invalid backlog '0': must be at least 1 (the accept-queue length of each socket)"
+        );
+        assert_eq!(
+            found[1],
+            "7:11: group 'web': invalid threads '0': must be 1 to 1024 accepting threads per handler"
+        );
+        assert_eq!(
+            found[2],
+            "10:8: group name 'web' is used twice (first at 3:8): names must be unique"
+        );
+        // Two names on one address.
+        let same_address = messages(
+            "[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:8080\"\nhandler = \"http\"\n\
+             [[group]]\nname = \"b\"\nlisten = \"127.0.0.1:8080\"\nhandler = \"http\"\n",
+        );
+        assert_eq!(
+            same_address,
+            ["7:10: groups 'a' (2:8) and 'b' both listen on 127.0.0.1:8080: one address and port is one group; merge them, or give one another port"]
+        );
+        // The same words as the flag, with the key instead of the flag.
+        let flag = Error::InvalidOption {
+            option: "--backlog",
+            value: "0".into(),
+            reason: "must be at least 1 (the accept-queue length of each socket)".into(),
+        };
+        assert!(found[0].ends_with(&file_words(&flag)));
+    }
+
+    #[test]
+    fn syntax_types_unknown_keys_and_ranges_are_located() {
+        let cases = [
+            ("[[group]\nname = 1", 1),
+            ("[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nhandler = \"http\"\nbaclog = 3\n", 5),
+            ("[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nhandler = \"http\"\nbacklog = \"x\"\n", 5),
+            ("[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nhandler = \"http\"\nbacklog = -1\n", 5),
+            ("[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nhandler = \"ftp\"\n", 4),
+            ("[[group]]\nname = \"a\"\nlisten = \"nowhere\"\nhandler = \"http\"\n", 3),
+        ];
+        for (text, line) in cases {
+            let problems = checked(text).problems;
+            assert_eq!(problems.len(), 1, "{text}: {problems:?}");
+            assert_eq!(problems[0].line, line, "{text}: {problems:?}");
+            assert!(checked(text).file.is_none());
+        }
+        assert!(checked(cases[1].0).problems[0]
+            .message
+            .contains("unknown keys are errors"));
+        assert!(checked("").problems[0]
+            .message
+            .contains("define at least one group"));
+    }
+
+    #[test]
+    fn overlapping_addresses_on_one_port_are_explained() {
+        let text = r#"
+[[group]]
+name = "any"
+listen = "0.0.0.0:8080"
+handler = "http"
+
+[[group]]
+name = "local"
+listen = "127.0.0.1:8080"
+handler = "http"
+
+[[group]]
+name = "other-port"
+listen = "127.0.0.1:8081"
+handler = "http"
+"#;
+        let found = messages(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("9:10: groups 'any' (0.0.0.0:8080, 3:8) and 'local'"),
+            "{found:?}"
+        );
+        assert!(found[0].contains("separate reuseport groups"));
+        assert!(overlaps(
+            "[::]:1".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap()
+        ));
+        assert!(!overlaps(
+            "[::1]:1".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap()
+        ));
+    }
+
+    #[test]
+    fn show_output_reads_back_as_the_same_groups() {
+        let mut groups = checked(TWO).file.unwrap().groups;
+        groups[1].cpus = vec![0];
+        groups[1].user = Some("root".into());
+        groups[1].drain = true;
+        groups[1].autoscale = false;
+        let text = to_toml(&groups);
+        let again = checked(&text);
+        assert!(again.problems.is_empty(), "{:?}\n{text}", again.problems);
+        assert_eq!(again.file.unwrap().groups, groups);
+    }
+}

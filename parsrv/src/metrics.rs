@@ -1,0 +1,124 @@
+//! `--metrics ADDR:PORT`: Prometheus text exposition (version 0.0.4) of every group, built
+//! from the same status `parsrv status --json` shows.
+
+use std::fmt::Write as _;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::status::GroupStatus;
+
+/// Serves `GET /metrics` forever.
+pub async fn serve(listener: TcpListener, statuses: impl Fn() -> Vec<GroupStatus> + 'static) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let mut request = [0u8; 1024];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut request)).await;
+        let Ok(Ok(n)) = read else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&request[..n]);
+        let response = if head.starts_with("GET /metrics ") || head.starts_with("GET / ") {
+            let body = render(&statuses());
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        } else {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 20\r\nConnection: close\r\n\r\ntry GET /metrics \r\n\r\n".to_owned()
+        };
+        let _ = conn.write_all(response.as_bytes()).await;
+    }
+}
+
+/// One metric family: name, type, help, and its samples (labels, value).
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+/// The exposition text for these groups.
+pub fn render(groups: &[GroupStatus]) -> String {
+    let socket =
+        |name, kind, help, value: fn(&crate::status::SocketStatus) -> Option<f64>| Family {
+            name,
+            kind,
+            help,
+            samples: groups
+                .iter()
+                .flat_map(|g| {
+                    g.sockets.iter().filter_map(move |s| {
+                        value(s).map(|v| (format!("group=\"{}\",slot=\"{}\"", g.name, s.slot), v))
+                    })
+                })
+                .collect(),
+        };
+    let group = |name, kind, help, value: fn(&GroupStatus) -> Option<f64>| Family {
+        name,
+        kind,
+        help,
+        samples: groups
+            .iter()
+            .filter_map(|g| value(g).map(|v| (format!("group=\"{}\"", g.name), v)))
+            .collect(),
+    };
+    let families = [
+        socket("parsrv_socket_queue_depth", "gauge", "Connections waiting in the socket's accept queue (TCP_INFO).", |s| s.queue.map(|q| q.depth as f64)),
+        socket("parsrv_socket_queue_capacity", "gauge", "The socket's accept-queue limit (sk_max_ack_backlog; full above it).", |s| s.queue.map(|q| q.capacity as f64)),
+        socket("parsrv_socket_selected_total", "counter", "New connections the program steered to the socket.", |s| Some(s.counters.selected as f64)),
+        socket("parsrv_socket_redirected_away_total", "counter", "New connections whose hash choice was this socket but went elsewhere because it was full.", |s| Some(s.counters.redirected_away as f64)),
+        socket("parsrv_socket_dropped_total", "counter", "SYNs dropped while every socket was full (when-full drop).", |s| Some(s.counters.dropped as f64)),
+        socket("parsrv_socket_refused_total", "counter", "Connections refused with a RST while every socket was full or the group drained.", |s| Some(s.counters.refused as f64)),
+        socket("parsrv_socket_migrated_in_total", "counter", "Queued connections migrated here from a removed socket.", |s| Some(s.counters.migrated_in as f64)),
+        Family {
+            name: "parsrv_handler_restarts_total",
+            kind: "counter",
+            help: "Times a slot's handler was started again after it exited.",
+            samples: groups
+                .iter()
+                .flat_map(|g| {
+                    g.handlers.iter().map(move |h| {
+                        (format!("group=\"{}\",slot=\"{}\"", g.name, h.slot), h.restarts as f64)
+                    })
+                })
+                .collect(),
+        },
+        group("parsrv_group_handlers", "gauge", "Handlers the group runs now.", |g| Some(g.handlers.len() as f64)),
+        group("parsrv_program_errors_total", "counter", "Connections the program left to the kernel's hash after an internal error.", |g| Some(g.errors.total() as f64)),
+        group("parsrv_program_runs_total", "counter", "Runs of the program (needs kernel.bpf_stats_enabled=1).", |g| g.program.stats_enabled.then_some(g.program.run_count as f64)),
+        group("parsrv_program_run_seconds_total", "counter", "Time spent in the program (needs kernel.bpf_stats_enabled=1).", |g| g.program.stats_enabled.then_some(g.program.run_time_ns as f64 / 1e9)),
+    ];
+    let mut out = String::new();
+    for family in families.iter().filter(|f| !f.samples.is_empty()) {
+        let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
+        let _ = writeln!(out, "# TYPE {} {}", family.name, family.kind);
+        for (labels, value) in &family.samples {
+            let _ = writeln!(out, "{}{{{labels}}} {value}", family.name);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renders_families_with_labels() {
+        let status = crate::status::tests::sample();
+        let text = super::render(&[status]);
+        assert!(
+            text.contains("# TYPE parsrv_socket_queue_depth gauge\n"),
+            "{text}"
+        );
+        assert!(text.contains("parsrv_socket_queue_depth{group=\"web\",slot=\"0\"} 3\n"));
+        assert!(text.contains("parsrv_socket_selected_total{group=\"web\",slot=\"0\"} 10\n"));
+        assert!(text.contains("parsrv_group_handlers{group=\"web\"} 1\n"));
+        assert!(text.contains("parsrv_program_runs_total{group=\"web\"} 10\n"));
+    }
+}
