@@ -290,7 +290,10 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, Error>
         // connection: with every queue full, the least full one takes it.
         Outcome::Select(Decision {
             target: best,
-            redirected_from: (best.addr != hash_choice.addr).then_some(hash_choice),
+            // A redirect is a move away from a *full* hash choice; least-loaded picking a
+            // socket with more room than a hash choice that had some is not one.
+            redirected_from: (best.addr != hash_choice.addr && hash_choice.room <= 0)
+                .then_some(hash_choice),
         })
     } else if config.when_full == when_full::REFUSE {
         Outcome::Refuse { hash_choice }

@@ -107,9 +107,9 @@ pub fn resolve_spawner(pid: Option<u32>) -> Result<u32> {
         (None, [_, _, ..]) => Err(Error::Rejected(format!(
             "several spawners are running ({known}): choose one with --spawner PID"
         ))),
-        (which, _) => Err(Error::GroupNotRunning {
-            which: which.map_or(String::new(), |p| format!(" with spawner {p}")),
-            known: format!("spawners: {known}"),
+        (which, _) => Err(Error::NoSpawner {
+            which: which.map_or(String::new(), |p| format!(" with pid {p}")),
+            known,
         }),
     }
 }
@@ -219,9 +219,18 @@ impl ControlSocket {
         Self::bind_at(socket_path(group))
     }
 
-    /// Binds this spawner's own socket.
+    /// Binds this spawner's own socket, after removing those of spawners that died
+    /// without cleaning up (SIGKILL).
     pub fn bind_spawner() -> Result<Self> {
-        Self::bind_at(spawner_socket_path(std::process::id()))
+        let own = spawner_socket_path(std::process::id());
+        if let Ok(entries) = fs::read_dir(own.parent().expect("in a directory")) {
+            for entry in entries.flatten() {
+                if entry.path() != own && !is_live(&entry.path()) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        Self::bind_at(own)
     }
 
     fn bind_at(path: PathBuf) -> Result<Self> {

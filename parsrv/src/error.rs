@@ -76,6 +76,12 @@ pub enum Error {
     )]
     GroupNotRunning { which: String, known: String },
 
+    #[error("metrics address {addr} is already in use: choose another --metrics (or metrics = ...) port")]
+    MetricsInUse { addr: std::net::SocketAddr },
+
+    #[error("no running parsrv spawner{which}: start one with `parsrv run`; running: {known}")]
+    NoSpawner { which: String, known: String },
+
     #[error("several parsrv groups are running ({known}): name one, e.g. `parsrv status {first}`")]
     GroupAmbiguous { known: String, first: String },
 

@@ -78,11 +78,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         .map(|addr| {
             std::net::TcpListener::bind(addr).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AddrInUse {
-                    Error::InvalidOption {
-                        option: "--metrics",
-                        value: addr.to_string(),
-                        reason: "the address is in use: choose another port".into(),
-                    }
+                    Error::MetricsInUse { addr }
                 } else {
                     Error::io(format!("binding the metrics address {addr}"))(e)
                 }

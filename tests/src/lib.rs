@@ -134,6 +134,65 @@ impl Spawner {
         Self::start_with(name, args, || Ok(()))
     }
 
+    /// Starts `parsrv run --config FILE EXTRA...` and waits until every one of `groups` has
+    /// all its handlers up. `label` names the log.
+    pub fn start_config(
+        label: &str,
+        config: &std::path::Path,
+        groups: &[&str],
+        extra: &[&str],
+    ) -> Spawner {
+        let log = std::env::temp_dir().join(format!("parsrv-test-{label}.log"));
+        let child = Command::new(parsrv_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting parsrv run");
+        let mut spawner = Spawner {
+            child: Some(child),
+            name: groups.first().copied().unwrap_or(label).to_owned(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = spawner.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("parsrv run exited early ({status}):\n{}", spawner.log());
+            }
+            let up = groups.iter().all(|g| {
+                spawner
+                    .try_status_of(g)
+                    .is_some_and(|s| s.handlers.iter().all(|h| h.alive))
+            });
+            if up {
+                return spawner;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "groups never came up:\n{}",
+                spawner.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The status of another group of this spawner.
+    pub fn status_of(&self, group: &str) -> GroupStatus {
+        self.try_status_of(group)
+            .unwrap_or_else(|| panic!("no status from {group}:\n{}", self.log()))
+    }
+
+    fn try_status_of(&self, group: &str) -> Option<GroupStatus> {
+        match control::request(group, &Request::Status) {
+            Ok(Response::Status(status)) => Some(*status),
+            _ => None,
+        }
+    }
+
     /// Same, with `setup` run in the child before exec (namespaces, capabilities).
     pub fn start_with(
         name: &str,
@@ -182,6 +241,16 @@ impl Spawner {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Runs a parsrv command; returns (exit code, stdout, stderr).
+    pub fn parsrv(args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(parsrv_bin()).args(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -197,10 +266,7 @@ impl Spawner {
     }
 
     fn try_status(&self) -> Option<GroupStatus> {
-        match control::request(&self.name, &Request::Status) {
-            Ok(Response::Status(status)) => Some(*status),
-            _ => None,
-        }
+        self.try_status_of(&self.name)
     }
 
     /// The group's status, as `parsrv status --json` reports it.
