@@ -16,6 +16,7 @@ use std::{
     },
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -142,42 +143,16 @@ impl Spawner {
         groups: &[&str],
         extra: &[&str],
     ) -> Spawner {
-        let log = std::env::temp_dir().join(format!("parsrv-test-{label}.log"));
-        let child = Command::new(parsrv_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log).unwrap())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting parsrv run");
-        let mut spawner = Spawner {
-            child: Some(child),
-            name: groups.first().copied().unwrap_or(label).to_owned(),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = spawner.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("parsrv run exited early ({status}):\n{}", spawner.log());
-            }
-            let up = groups.iter().all(|g| {
+        let mut command = Command::new(parsrv_bin());
+        command.arg("run").arg("--config").arg(config).args(extra);
+        let first = groups.first().copied().unwrap_or(label);
+        Self::launch(label, first, command, |spawner| {
+            groups.iter().all(|g| {
                 spawner
                     .try_status_of(g)
                     .is_some_and(|s| s.handlers.iter().all(|h| h.alive))
-            });
-            if up {
-                return spawner;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "groups never came up:\n{}",
-                spawner.log()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+            })
+        })
     }
 
     /// The status of another group of this spawner.
@@ -199,15 +174,29 @@ impl Spawner {
         args: &[&str],
         setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
     ) -> Spawner {
-        let log = std::env::temp_dir().join(format!("parsrv-test-{name}.log"));
         let mut command = Command::new(parsrv_bin());
         // SAFETY: the tests' setup closures only make system calls.
         unsafe {
             command.pre_exec(setup);
         }
+        command.args(["run", "--name", name]).args(args);
+        Self::launch(name, name, command, |spawner| {
+            spawner
+                .try_status()
+                .is_some_and(|s| s.handlers.iter().all(|h| h.alive))
+        })
+    }
+
+    /// Runs `command` with its output in a log named after `label`, and waits (30 s at
+    /// most) until `up` says the spawner serves.
+    fn launch(
+        label: &str,
+        group: &str,
+        mut command: Command,
+        up: impl Fn(&Spawner) -> bool,
+    ) -> Spawner {
+        let log = std::env::temp_dir().join(format!("parsrv-test-{label}.log"));
         let child = command
-            .args(["run", "--name", name])
-            .args(args)
             .stdin(Stdio::null())
             .stdout(fs::File::create(&log).unwrap())
             .stderr(fs::File::create(&log).unwrap())
@@ -215,7 +204,7 @@ impl Spawner {
             .expect("starting parsrv run");
         let mut spawner = Spawner {
             child: Some(child),
-            name: name.to_owned(),
+            name: group.to_owned(),
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -223,14 +212,12 @@ impl Spawner {
             if let Some(status) = spawner.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("parsrv run exited early ({status}):\n{}", spawner.log());
             }
-            if let Some(status) = spawner.try_status() {
-                if status.handlers.iter().all(|h| h.alive) {
-                    return spawner;
-                }
+            if up(&spawner) {
+                return spawner;
             }
             assert!(
                 Instant::now() < deadline,
-                "group never came up:\n{}",
+                "never came up:\n{}",
                 spawner.log()
             );
             thread::sleep(Duration::from_millis(50));
@@ -512,6 +499,49 @@ pub fn http_get(addr: SocketAddr, timeout: Duration) -> Outcome {
     }
 }
 
+/// Clients making one HTTP request per connection, back to back, until stopped (and at
+/// most `limit`); every outcome is kept.
+pub struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    clients: Vec<thread::JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    pub fn start(addr: SocketAddr, clients: usize, limit: Duration) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + limit;
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, outcomes) = (stop.clone(), outcomes.clone());
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let outcome = http_get(addr, Duration::from_secs(3));
+                        outcomes.lock().unwrap().push(outcome);
+                    }
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            outcomes,
+            clients,
+        }
+    }
+
+    pub fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.join().unwrap();
+        }
+        Arc::try_unwrap(self.outcomes)
+            .unwrap()
+            .into_inner()
+            .unwrap()
+    }
+}
+
 /// What a bounded load produced.
 #[derive(Debug, Default, Clone)]
 pub struct LoadResult {
@@ -561,7 +591,7 @@ pub fn http_load(
 /// HTTP like parsrv's http handler; the others never accept. Stops when dropped.
 pub struct PlainGroup {
     pub sockets: Vec<Arc<socket2::Socket>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     servers: Vec<thread::JoinHandle<()>>,
 }
 
@@ -582,13 +612,13 @@ impl PlainGroup {
                 Arc::new(s)
             })
             .collect();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let servers = serving
             .iter()
             .map(|&i| {
                 let (socket, stop) = (sockets[i].clone(), stop.clone());
                 thread::spawn(move || {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    while !stop.load(Ordering::Relaxed) {
                         match socket.accept() {
                             Ok((conn, _)) => {
                                 let mut conn: TcpStream = conn.into();
@@ -625,7 +655,7 @@ fn answer_http(conn: &mut TcpStream) {
 
 impl Drop for PlainGroup {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         for server in self.servers.drain(..) {
             let _ = server.join();
         }

@@ -67,6 +67,14 @@ fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
             ],
         );
         let status = spawner.status();
+        // Each handler starts as parsrv and execs `sleep`; look once it has.
+        assert!(wait_for(Duration::from_secs(10), || status
+            .handlers
+            .iter()
+            .all(|h| {
+                std::fs::read_to_string(format!("/proc/{}/comm", h.pid.unwrap()))
+                    .is_ok_and(|comm| comm.trim() == "sleep")
+            })));
         for handler in &status.handlers {
             let pid = handler.pid.unwrap();
             // The protocol, for this very process (exec kept the pid).

@@ -6,10 +6,6 @@
 use std::{
     net::SocketAddr,
     process::Command,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -17,54 +13,11 @@ use std::{
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
     apps_dir, connect, example, http_get, in_netns, parsrv_bin, read_answer, signal, stop_process,
-    wait_for, NetCounters, Outcome, PlainGroup, Spawner, HTTP_REQUEST,
+    wait_for, NetCounters, Outcome, PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
 };
 
 fn addr() -> SocketAddr {
     "127.0.0.1:8080".parse().unwrap()
-}
-
-/// Clients making one HTTP request per connection, back to back, until stopped (and at
-/// most `limit`); every outcome is kept.
-struct SteadyLoad {
-    stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-    clients: Vec<thread::JoinHandle<()>>,
-}
-
-impl SteadyLoad {
-    fn start(addr: SocketAddr, clients: usize, limit: Duration) -> SteadyLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let deadline = Instant::now() + limit;
-        let clients = (0..clients)
-            .map(|_| {
-                let (stop, outcomes) = (stop.clone(), outcomes.clone());
-                thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let outcome = http_get(addr, Duration::from_secs(5));
-                        outcomes.lock().unwrap().push(outcome);
-                    }
-                })
-            })
-            .collect();
-        SteadyLoad {
-            stop,
-            outcomes,
-            clients,
-        }
-    }
-
-    fn finish(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::Relaxed);
-        for client in self.clients {
-            client.join().unwrap();
-        }
-        Arc::try_unwrap(self.outcomes)
-            .unwrap()
-            .into_inner()
-            .unwrap()
-    }
 }
 
 fn parsrv_group(args: &[&str]) -> (i32, String, String) {
@@ -293,6 +246,21 @@ fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
                 "-c",
                 &script,
             ],
+        );
+        // The handlers must be past their check (exec'd into the server) before the flag
+        // exists, or the first ones fail too.
+        let serving = || {
+            (0..2).all(|s| {
+                spawner.status().handlers[s].pid.is_some_and(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|comm| comm.trim() == "hello_handler")
+                })
+            })
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), serving),
+            "{}",
+            spawner.log()
         );
         let before: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
         std::fs::write(&flag, b"").unwrap();

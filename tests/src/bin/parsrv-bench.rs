@@ -16,14 +16,17 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     thread,
     time::{Duration, Instant},
 };
 
 use parsrv::control::{self, Request, Response};
-use parsrv_integration_tests::{apps_dir, http_get, in_netns, NetCounters, Outcome, Spawner};
+use parsrv_integration_tests::{apps_dir, in_netns, NetCounters, Outcome, Spawner, SteadyLoad};
+
+/// No client runs longer than this, whatever happens.
+const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
 const SCENARIOS: [&str; 2] = ["scale-up", "restart"];
 
@@ -64,49 +67,6 @@ fn main() {
 
 fn addr() -> SocketAddr {
     "127.0.0.1:8080".parse().unwrap()
-}
-
-/// Closed-loop clients, each making one HTTP request per connection, until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-    clients: Vec<thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        // Bounded whatever happens: no client runs past this.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let clients = (0..clients)
-            .map(|_| {
-                let (stop, outcomes) = (stop.clone(), outcomes.clone());
-                thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let outcome = http_get(addr, Duration::from_secs(3));
-                        outcomes.lock().unwrap().push(outcome);
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            outcomes,
-            clients,
-        }
-    }
-
-    fn finish(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::Relaxed);
-        for client in self.clients {
-            client.join().unwrap();
-        }
-        Arc::try_unwrap(self.outcomes)
-            .unwrap()
-            .into_inner()
-            .unwrap()
-    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -173,7 +133,7 @@ fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
         (stop, supervisor)
     });
 
-    let load = Load::start(addr(), 8);
+    let load = SteadyLoad::start(addr(), 8, LOAD_LIMIT);
     let mut onset: Option<(Instant, u64, NetCounters)> = None;
     let mut result = None;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -265,7 +225,7 @@ fn restart(quick: bool) {
             "http",
         ],
     );
-    let load = Load::start(addr(), 4);
+    let load = SteadyLoad::start(addr(), 4, LOAD_LIMIT);
     for _ in 0..restarts {
         match control::request("bench-restart", &Request::Restart) {
             Ok(Response::Done(_)) => {}
@@ -279,7 +239,7 @@ fn restart(quick: bool) {
     // Plain SO_REUSEPORT: each server in turn stops accepting, closes, and a new one opens.
     let control_addr: SocketAddr = "127.0.0.1:8081".parse().unwrap();
     let mut servers: Vec<PlainServer> = (0..2).map(|_| PlainServer::start(control_addr)).collect();
-    let load = Load::start(control_addr, 4);
+    let load = SteadyLoad::start(control_addr, 4, LOAD_LIMIT);
     thread::sleep(Duration::from_millis(200));
     for _ in 0..restarts {
         for server in &mut servers {
