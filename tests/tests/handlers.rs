@@ -455,6 +455,12 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
             ],
         );
         let pid = spawner.handler_pid(0);
+        // Stop only once the handler ignores SIGTERM (its trap is set: SigIgn bit 15).
+        let ignores_term = || {
+            u64::from_str_radix(&proc_status(pid, "SigIgn"), 16)
+                .is_ok_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+        };
+        assert!(wait_for(Duration::from_secs(10), ignores_term));
         let log = spawner.log_path();
         assert!(spawner.stop().success());
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
