@@ -33,6 +33,12 @@ pub enum Command {
     /// Create socket groups (flags: one; --config FILE: any number), attach the steering
     /// program and run their handlers (as root).
     Run(RunArgs),
+    /// Run the benchmark suite (the parsrv-bench binary built beside this one; as root).
+    Bench {
+        /// Scenarios and options, as for `cargo xtask bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Check a config file without touching the kernel: every problem, with line and column.
     Check {
         #[arg(long, value_name = "FILE")]
@@ -287,6 +293,7 @@ pub fn main() -> i32 {
         Command::Run(args) => args.into_options().and_then(spawner::run),
         Command::Status(args) => status(args),
         Command::Check { config } => check(&config),
+        Command::Bench { args } => bench(&args),
         Command::Group(command) => group(command),
         Command::Handler(args) => {
             return match handler::launch(args.into_launch()) {
@@ -419,6 +426,23 @@ fn list_groups() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Execs parsrv-bench from this binary's directory.
+fn bench(args: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(Error::io("finding this binary"))?;
+    let bench = exe.with_file_name("parsrv-bench");
+    if !bench.is_file() {
+        return Err(Error::Io {
+            context: format!("{} is not built", bench.display()),
+            source: std::io::Error::other(
+                "build it with `cargo xtask bench` (or cargo build -p parsrv-bench)",
+            ),
+        });
+    }
+    let error = std::process::Command::new(&bench).args(args).exec();
+    Err(Error::io(format!("running {}", bench.display()))(error))
 }
 
 fn check(path: &std::path::Path) -> Result<()> {

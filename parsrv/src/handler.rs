@@ -1,9 +1,10 @@
 //! The built-in handler processes (`echo`, `http`). The spawner starts each one with its own
 //! group socket as fd 3 and a shared counters page as fd 4.
 //!
-//! `--threads T` threads accept in parallel on that one socket: each waits in poll(), and
-//! when a connection arrives every waiting thread wakes; one accept() wins, the others get
-//! EAGAIN, count a lost race and go back to waiting. Accepted connections are served by a
+//! `--threads T` threads accept in parallel on that one socket: each waits in an epoll
+//! instance of its own, registered with EPOLLEXCLUSIVE, so that a new connection wakes one
+//! waiting thread (not all of them, as poll() would). A thread that still finds the queue
+//! emptied by another (EAGAIN) counts a lost race and goes back to waiting. Accepted connections are served by a
 //! tokio runtime, so a slow client never holds an accepting thread.
 
 use std::{
@@ -17,7 +18,7 @@ use std::{
 };
 
 use memmap2::MmapMut;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -147,7 +148,8 @@ impl SharedStats {
         Self::map(file.into())
     }
 
-    fn map(fd: OwnedFd) -> io::Result<Self> {
+    /// Maps a page created by [`SharedStats::create`] (in another process).
+    pub fn map(fd: OwnedFd) -> io::Result<Self> {
         let file = std::fs::File::from(fd);
         // SAFETY: a memfd only parsrv's spawner and handler map; all access is atomic.
         let map = unsafe { MmapMut::map_mut(&file)? };
@@ -259,7 +261,7 @@ async fn watch_stop_signals(stop: Arc<AtomicBool>) -> io::Result<()> {
 }
 
 /// How often a waiting thread looks at the stop flag.
-const STOP_POLL_MS: u8 = 200;
+const STOP_POLL_MS: u16 = 200;
 
 fn accept_loop(
     listener: OwnedFd,
@@ -271,13 +273,27 @@ fn accept_loop(
     runtime: &tokio::runtime::Handle,
 ) {
     let counters = stats.stats();
+    let waiting = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).and_then(|epoll| {
+        epoll.add(
+            listener.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, 0),
+        )?;
+        Ok(epoll)
+    });
+    let epoll = match waiting {
+        Ok(epoll) => epoll,
+        Err(e) => {
+            log::error!("cannot wait on the handler socket: {e}");
+            return;
+        }
+    };
+    let mut events = [EpollEvent::empty()];
     while !stop.load(Ordering::Relaxed) {
-        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(STOP_POLL_MS)) {
+        match epoll.wait(&mut events, EpollTimeout::from(STOP_POLL_MS)) {
             Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
             Ok(_) => {}
             Err(e) => {
-                log::error!("poll on the handler socket failed: {e}");
+                log::error!("waiting on the handler socket failed: {e}");
                 return;
             }
         }
@@ -318,7 +334,7 @@ enum Accepted {
     Closed,
 }
 
-/// One accept() after poll() said the socket is readable, counted: a connection, or a lost
+/// One accept() after epoll said the socket is readable, counted: a connection, or a lost
 /// race when another thread took it first (EAGAIN).
 fn accept_counted(listener: &OwnedFd, counters: &HandlerStats) -> Accepted {
     match accept(listener) {
@@ -364,6 +380,12 @@ fn accept(listener: &OwnedFd) -> io::Result<std::net::TcpStream> {
     }
     // SAFETY: a fresh connected socket from accept4.
     Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
+}
+
+/// Serves one accepted connection the way the built-in `http` handler does (the benchmark
+/// suite's dispatch models run exactly this code).
+pub async fn serve_http_connection(conn: std::net::TcpStream, body: &str) -> io::Result<()> {
+    serve(conn, HandlerKind::Http, &AtomicBool::new(false), body).await
 }
 
 async fn serve(

@@ -39,7 +39,8 @@ enum Task {
     /// cargo fmt --check and cargo clippy -D warnings, for the workspace and the eBPF crate.
     Lint,
     /// Build (release), then run benchmark scenarios (as root; each in its own network
-    /// namespace): scale-up, restart. Prints tables with a baseline from the same run.
+    /// namespace): uniform, stall, burst, slow-handler, prog-cost, scale-up, restart.
+    /// Prints tables and writes target/bench/DATE/ (report.md, CSV, PNG charts).
     Bench {
         /// Scenarios to run (default: all).
         scenarios: Vec<String>,
@@ -278,8 +279,15 @@ fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
     }
     let root = workspace_root();
     let profile = if release { "release" } else { "debug" };
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(&root)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["run", "--quiet", "--package", "parsrv-integration-tests"]);
+    cargo.args(["run", "--quiet", "--package", "parsrv-bench"]);
     if release {
         cargo.arg("--release");
     }
@@ -291,6 +299,7 @@ fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
             root.join("target").join(profile).join("parsrv"),
         )
         .env("PARSRV_PYENV", setup::pyenv())
+        .env("PARSRV_COMMIT", commit)
         .current_dir(&root);
     if quick {
         cargo.arg("--quick");

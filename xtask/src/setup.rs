@@ -17,12 +17,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker's feature for Debian's LLVM.
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Debian packages bpf-linker links against.
-const APT_PACKAGES: [&str; 4] = [
+/// Debian packages: what bpf-linker links against (LLVM 22), wrk (a third-party load
+/// generator the benchmarks confirm their figures with) and the font their charts use.
+const APT_PACKAGES: [&str; 6] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    "wrk",
+    "fonts-dejavu-core",
 ];
 
 pub fn ensure_all() -> Result<()> {

@@ -1,16 +1,5 @@
-//! `cargo xtask bench [SCENARIO...] [--quick]`: benchmark scenarios, each run in its own
-//! network namespace on loopback, bounded in time, printing a table with a baseline measured
-//! in the same run (this machine is shared and noisy: read ratios, not absolute figures).
-//!
-//! - `scale-up`: a load step overloads a group of slow handlers (20 ms per request, one at
-//!   a time). Figure: time from overload onset (queues >= 50 % full) to the new handler's
-//!   first accept, and connections dropped in between. Models: `parsrv` (its autoscaler)
-//!   and `tick-1s` (the same group resized by a supervisor that looks once a second, as
-//!   common process managers do).
-//! - `restart`: five rolling restarts of a 2-handler group under a steady load. Figure:
-//!   failed and reset requests. Models: `parsrv` (`parsrv group restart`) and `reuseport`
-//!   (plain SO_REUSEPORT: each server stops accepting, closes its socket, and a new one
-//!   opens, the way a rolling restart of separate processes goes).
+//! Scenarios about a group's life: `scale-up` (the autoscaler against a once-a-second
+//! supervisor) and `restart` (rolling restarts against plain SO_REUSEPORT servers).
 
 use std::{
     net::SocketAddr,
@@ -23,60 +12,17 @@ use std::{
 };
 
 use parsrv::control::{self, Request, Response};
-use parsrv_integration_tests::{apps_dir, in_netns, NetCounters, Outcome, Spawner, SteadyLoad};
+use parsrv_integration_tests::{apps_dir, NetCounters, Outcome, Spawner, SteadyLoad};
 
-/// No client runs longer than this, whatever happens.
-const LOAD_LIMIT: Duration = Duration::from_secs(120);
-
-const SCENARIOS: [&str; 2] = ["scale-up", "restart"];
-
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let mut wanted: Vec<&str> = args
-        .iter()
-        .map(String::as_str)
-        .filter(|a| *a != "--quick")
-        .collect();
-    if let Some(unknown) = wanted.iter().find(|w| !SCENARIOS.contains(w)) {
-        eprintln!(
-            "parsrv-bench: no scenario '{unknown}': choose from {}",
-            SCENARIOS.join(", ")
-        );
-        std::process::exit(2);
-    }
-    if wanted.is_empty() {
-        wanted = SCENARIOS.to_vec();
-    }
-    println!(
-        "# parsrv benchmarks ({} CPUs, kernel {}, {})\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim(),
-        if quick { "quick" } else { "full" }
-    );
-    for scenario in wanted {
-        match scenario {
-            "scale-up" => in_netns(move || scale_up(quick)),
-            "restart" => in_netns(move || restart(quick)),
-            _ => unreachable!(),
-        }
-    }
-}
-
-fn addr() -> SocketAddr {
-    "127.0.0.1:8080".parse().unwrap()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
+use crate::{
+    addr, median,
+    report::{Report, Table},
+    LOAD_LIMIT,
+};
 
 /// One scale-up run: returns (ms from overload onset to the new handler's first accept,
 /// connections the program dropped or refused in between, ListenOverflows in between).
-fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
+pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
     let server = apps_dir().join("slow_server.py");
     let mut args = vec![
         "--listen",
@@ -183,37 +129,40 @@ fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
     result.expect("the group never grew")
 }
 
-fn scale_up(quick: bool) {
+pub fn scale_up(report: &mut Report, quick: bool) {
     let runs = if quick { 1 } else { 3 };
-    println!("## scale-up: overload onset -> new handler's first accept (median of {runs})\n");
-    println!("| model | reaction (ms) | dropped/refused meanwhile | ListenOverflows meanwhile | ratio to parsrv |");
-    println!("|---|---|---|---|---|");
     let mut rows = Vec::new();
     for (model, tick) in [("parsrv", None), ("tick-1s", Some(Duration::from_secs(1)))] {
         let runs: Vec<_> = (0..runs)
             .map(|i| scale_up_run(&format!("bench-up-{i}"), tick))
             .collect();
-        let reaction = median(runs.iter().map(|r| r.0).collect());
-        let dropped = median(runs.iter().map(|r| r.1 as f64).collect());
-        let overflows = median(runs.iter().map(|r| r.2 as f64).collect());
-        rows.push((model, reaction, dropped, overflows));
+        rows.push((
+            model,
+            median(runs.iter().map(|r| r.0).collect()),
+            median(runs.iter().map(|r| r.1 as f64).collect()),
+            median(runs.iter().map(|r| r.2 as f64).collect()),
+        ));
     }
     let base = rows[0].1;
-    for (model, reaction, dropped, overflows) in rows {
-        println!(
-            "| {model} | {reaction:.0} | {dropped:.0} | {overflows:.0} | {:.1} |",
-            reaction / base
-        );
-    }
-    println!("\nTarget: parsrv <= 100 ms.\n");
+    let table = Table {
+        name: "scale-up",
+        title: format!("scale-up: overload onset -> new handler's first accept (median of {runs}; slow handlers, 20 ms/request, 8 clients, --handlers 1..4)"),
+        columns: vec!["model", "reaction (ms)", "dropped/refused meanwhile", "ListenOverflows meanwhile", "ratio to parsrv"],
+        rows: rows
+            .iter()
+            .map(|(m, r, d, o)| vec![m.to_string(), format!("{r:.0}"), format!("{d:.0}"), format!("{o:.0}"), format!("{:.1}", r / base)])
+            .collect(),
+    };
+    let verdict = if base <= 100.0 {
+        "met".to_string()
+    } else {
+        format!("MISSED by {:.0} ms", base - 100.0)
+    };
+    report.table(&table, &[format!("Target: parsrv <= 100 ms: {verdict}.")]);
 }
 
-fn restart(quick: bool) {
+pub fn restart(report: &mut Report, quick: bool) {
     let restarts = if quick { 2 } else { 5 };
-    println!("## restart: {restarts} rolling restarts of 2 handlers under 4 clients\n");
-    println!("| model | requests | failed | of which reset |");
-    println!("|---|---|---|---|");
-    // parsrv
     let spawner = Spawner::start(
         "bench-restart",
         &[
@@ -232,9 +181,8 @@ fn restart(quick: bool) {
             other => panic!("restart failed: {other:?}"),
         }
     }
-    let outcomes = load.finish();
+    let parsrv = load.finish();
     spawner.stop();
-    print_restart_row("parsrv", &outcomes);
 
     // Plain SO_REUSEPORT: each server in turn stops accepting, closes, and a new one opens.
     let control_addr: SocketAddr = "127.0.0.1:8081".parse().unwrap();
@@ -247,17 +195,39 @@ fn restart(quick: bool) {
             old.stop_and_close();
         }
     }
-    let outcomes = load.finish();
-    print_restart_row("reuseport", &outcomes);
-    println!("\nTarget: parsrv 0 failed, 0 reset.\n");
-}
-
-fn print_restart_row(model: &str, outcomes: &[Outcome]) {
-    println!(
-        "| {model} | {} | {} | {} |",
-        outcomes.len(),
-        outcomes.iter().filter(|o| **o != Outcome::Ok).count(),
-        outcomes.iter().filter(|o| **o == Outcome::Reset).count()
+    let plain = load.finish();
+    let row = |model: &str, outcomes: &[Outcome]| {
+        vec![
+            model.to_string(),
+            outcomes.len().to_string(),
+            outcomes
+                .iter()
+                .filter(|o| **o != Outcome::Ok)
+                .count()
+                .to_string(),
+            outcomes
+                .iter()
+                .filter(|o| **o == Outcome::Reset)
+                .count()
+                .to_string(),
+        ]
+    };
+    let failed = parsrv.iter().filter(|o| **o != Outcome::Ok).count();
+    report.table(
+        &Table {
+            name: "restart",
+            title: format!("restart: {restarts} rolling restarts of 2 handlers under 4 clients"),
+            columns: vec!["model", "requests", "failed", "of which reset"],
+            rows: vec![row("parsrv", &parsrv), row("reuseport", &plain)],
+        },
+        &[format!(
+            "Target: parsrv 0 failed, 0 reset: {}.",
+            if failed == 0 {
+                "met".to_string()
+            } else {
+                format!("MISSED ({failed} failed)")
+            }
+        )],
     );
 }
 
