@@ -5,8 +5,10 @@
 //!
 //! - `listener`: one acceptor process accepts every connection and hands it to a worker,
 //!   round-robin, over a Unix socket (SCM_RIGHTS): Figure 1 of the seeds' description.
-//! - `shared`: every worker accepts on one inherited socket: each waits in epoll with
-//!   EPOLLEXCLUSIVE (one waiter woken per connection), then accept()s.
+//! - `shared`: every worker accepts on one inherited socket with the handler's own accept
+//!   loop: poll(), then a non-blocking accept(). Every waiting worker wakes and the losers
+//!   get EAGAIN: neither EPOLLEXCLUSIVE nor blocking accept. The handler cannot use
+//!   EPOLLEXCLUSIVE: migrated connections may raise no wakeup (see parsrv's handler module).
 //! - `reuseport`: one SO_REUSEPORT socket per worker; the kernel's hash picks the socket.
 //! - `parsrv`: the real spawner and program (`parsrv run`), policy `redirect` or
 //!   `least-loaded`.

@@ -260,6 +260,23 @@ async fn replace(
         }
     };
     if let Err(why) = verdict {
+        // What it was doing, for whoever reads the error.
+        let seen = std::fs::read_to_string(format!("/proc/{new}/stat"))
+            .ok()
+            .and_then(|stat| {
+                Some(
+                    stat.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .next()?
+                        .to_owned(),
+                )
+            })
+            .zip(std::fs::read_to_string(format!("/proc/{new}/wchan")).ok())
+            .map_or(String::new(), |(state, wchan)| {
+                format!(" (state {state}, waiting in {wchan})")
+            });
+        let why = format!("{why}{seen}");
         kill_group(new, nix::sys::signal::Signal::SIGKILL);
         let _ = fresh.child.wait().await;
         let message =

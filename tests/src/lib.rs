@@ -508,7 +508,13 @@ pub struct SteadyLoad {
 }
 
 impl SteadyLoad {
-    pub fn start(addr: SocketAddr, clients: usize, limit: Duration) -> SteadyLoad {
+    /// `timeout` bounds each step of a request (connect, answer).
+    pub fn start(
+        addr: SocketAddr,
+        clients: usize,
+        limit: Duration,
+        timeout: Duration,
+    ) -> SteadyLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let deadline = Instant::now() + limit;
@@ -517,7 +523,7 @@ impl SteadyLoad {
                 let (stop, outcomes) = (stop.clone(), outcomes.clone());
                 thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let outcome = http_get(addr, Duration::from_secs(3));
+                        let outcome = http_get(addr, timeout);
                         outcomes.lock().unwrap().push(outcome);
                     }
                 })

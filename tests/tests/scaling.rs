@@ -55,26 +55,37 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
             ],
         );
         let before = NetCounters::read();
-        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(120));
+        // Requests a handler accepted just before the test stopped it wait until it is
+        // retired (and served then): late, not lost. Long step limits keep lateness apart
+        // from failure; resets and refusals are counted on their own.
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(120), Duration::from_secs(30));
         const CYCLES: usize = 20;
+        let mut answered_by_test = 0;
         for cycle in 0..CYCLES {
             let (code, out, err) = parsrv_group(&["resize", name, "3"]);
             assert_eq!(code, 0, "cycle {cycle}: {out}{err}");
-            // Hold the newest handler so that its queue has connections when its socket is
-            // removed: they must migrate, not be reset.
+            // Hold the newest handler, and queue requests at its socket (besides the steady
+            // clients' traffic): when the socket is removed they must migrate and be
+            // answered, not reset.
             let newest = spawner.handler_pid(2);
             stop_process(newest);
-            assert!(
-                wait_for(Duration::from_secs(10), || spawner.status().sockets[2]
-                    .queue
-                    .unwrap()
-                    .depth
-                    >= 2),
-                "cycle {cycle}: nothing queued at slot 2"
-            );
+            let mut queued = Vec::new();
+            let filled = wait_for(Duration::from_secs(10), || {
+                if let Ok(mut conn) = connect(addr(), Duration::from_secs(2)) {
+                    let _ = std::io::Write::write_all(&mut conn, HTTP_REQUEST);
+                    queued.push(conn);
+                }
+                spawner.status().sockets[2].queue.unwrap().depth >= 2
+            });
+            assert!(filled, "cycle {cycle}: nothing queued at slot 2");
             let (code, out, err) = parsrv_group(&["resize", name, "2"]);
             assert_eq!(code, 0, "cycle {cycle}: {out}{err}");
             assert_eq!(out.trim(), format!("group {name}: 3 -> 2 handlers"));
+            for conn in &mut queued {
+                read_answer(conn, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("cycle {cycle}: a queued request was lost: {e:?}"));
+            }
+            answered_by_test += queued.len();
         }
         const RESTARTS: usize = 5;
         for restart in 0..RESTARTS {
@@ -101,6 +112,9 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
              {} resets seen by clients, kernel {kernel:?}, program migrated_in {migrated}",
             outcomes.len(),
             outcomes.iter().filter(|o| **o == Outcome::Reset).count(),
+        );
+        eprintln!(
+            "{answered_by_test} requests queued at removed sockets by the test were all answered"
         );
         assert!(
             outcomes.len() > 200,
@@ -132,7 +146,7 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
         // Control, same test: the same removal of a socket with a queue, with no program.
         let control: SocketAddr = "127.0.0.1:8081".parse().unwrap();
         let plain = PlainGroup::start(control, 2, 32, &[0]);
-        let load = SteadyLoad::start(control, 4, Duration::from_secs(30));
+        let load = SteadyLoad::start(control, 4, Duration::from_secs(30), Duration::from_secs(5));
         assert!(wait_for(Duration::from_secs(10), || {
             parsrv::kernel::queue_depth(std::os::fd::AsFd::as_fd(&*plain.sockets[1]))
                 .unwrap()
@@ -178,7 +192,7 @@ fn autoscaler_grows_with_a_load_step_and_shrinks_back() {
         // Step up: 8 clients back to back; one 20 ms handler keeps ~7 waiting in a queue of
         // 9: overload.
         let started = Instant::now();
-        let load = SteadyLoad::start(addr(), 8, Duration::from_secs(60));
+        let load = SteadyLoad::start(addr(), 8, Duration::from_secs(60), Duration::from_secs(5));
         let mut grew_after = None;
         assert!(wait_for(Duration::from_secs(10), || {
             let grown = spawner.status().handlers.len() > 1;
