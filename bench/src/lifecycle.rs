@@ -52,18 +52,7 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
             while !flag.load(Ordering::Relaxed) {
                 thread::sleep(every);
                 if let Ok(Response::Status(status)) = control::request(&name, &Request::Status) {
-                    let queued: u32 = status
-                        .sockets
-                        .iter()
-                        .filter_map(|s| s.queue)
-                        .map(|q| q.depth)
-                        .sum();
-                    let capacity: u32 = status
-                        .sockets
-                        .iter()
-                        .filter_map(|s| s.queue)
-                        .map(|q| q.capacity + 1)
-                        .sum();
+                    let (queued, capacity) = status.queued_and_capacity();
                     let handlers = status.handlers.len() as u32;
                     if queued * 2 >= capacity && handlers < 4 {
                         let _ = control::request(
@@ -85,18 +74,7 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let status = spawner.status();
-        let queued: u32 = status
-            .sockets
-            .iter()
-            .filter_map(|s| s.queue)
-            .map(|q| q.depth)
-            .sum();
-        let capacity: u32 = status
-            .sockets
-            .iter()
-            .filter_map(|s| s.queue)
-            .map(|q| q.capacity + 1)
-            .sum();
+        let (queued, capacity) = status.queued_and_capacity();
         let rejected: u64 = status
             .sockets
             .iter()

@@ -210,6 +210,17 @@ impl GroupStatus {
 }
 
 impl GroupStatus {
+    /// Connections waiting in all the group's queues, and what the queues hold (sum of
+    /// max + 1): their occupancy.
+    pub fn queued_and_capacity(&self) -> (u32, u32) {
+        self.sockets
+            .iter()
+            .filter_map(|s| s.queue)
+            .fold((0, 0), |(queued, capacity), q| {
+                (queued + q.depth, capacity + q.capacity + 1)
+            })
+    }
+
     /// Rates per second since `before`, per socket (for `status --watch`).
     pub fn render_rates(&self, before: &GroupStatus, elapsed: std::time::Duration) -> String {
         let seconds = elapsed.as_secs_f64().max(1e-3);
@@ -297,6 +308,20 @@ pub(crate) mod tests {
                 stats_enabled: true,
             },
         }
+    }
+
+    #[test]
+    fn occupancy_sums_queues_and_their_room() {
+        let mut status = sample();
+        assert_eq!(status.queued_and_capacity(), (3, 17));
+        status.sockets.push(status.sockets[0].clone());
+        status.sockets[1].queue = None; // unreadable: not counted
+        assert_eq!(status.queued_and_capacity(), (3, 17));
+        status.sockets[1].queue = Some(QueueDepth {
+            depth: 9,
+            capacity: 8,
+        });
+        assert_eq!(status.queued_and_capacity(), (12, 26));
     }
 
     #[test]
