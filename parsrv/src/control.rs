@@ -254,10 +254,6 @@ impl ControlSocket {
         Ok(socket)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Serves requests forever, each connection in a task of its own (a restart may take
     /// a while; status requests are answered meanwhile). Must run inside a LocalSet.
     pub async fn serve<F, Fut>(&self, answer: F)

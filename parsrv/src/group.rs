@@ -136,10 +136,6 @@ impl SocketGroup {
         self.listen
     }
 
-    pub fn backlog(&self) -> u32 {
-        self.backlog
-    }
-
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners
     }

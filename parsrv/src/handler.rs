@@ -266,7 +266,6 @@ async fn watch_stop_signals(stop: Arc<AtomicBool>) -> io::Result<()> {
     Ok(())
 }
 
-/// How often a waiting thread looks at the stop flag.
 /// How often a waiting thread looks at the stop flag and at the queue.
 const STOP_POLL_MS: u8 = 200;
 

@@ -152,10 +152,6 @@ impl Steering {
         self.write_config()
     }
 
-    pub fn config(&self) -> ProgramConfig {
-        self.current
-    }
-
     fn write_config(&mut self) -> Result<()> {
         self.config
             .set(0, self.current, 0)

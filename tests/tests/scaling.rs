@@ -5,32 +5,25 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    apps_dir, connect, example, http_get, in_netns, parsrv_bin, read_answer, signal, stop_process,
-    wait_for, NetCounters, Outcome, PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
+    apps_dir, connect, example, http_get, in_netns, read_answer, signal, stop_process, wait_for,
+    NetCounters, Outcome, PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
 };
 
 fn addr() -> SocketAddr {
     "127.0.0.1:8080".parse().unwrap()
 }
 
+/// `parsrv group ARGS...`: (exit code, stdout, stderr).
 fn parsrv_group(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(parsrv_bin())
-        .arg("group")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut argv = vec!["group"];
+    argv.extend_from_slice(args);
+    Spawner::parsrv(&argv)
 }
 
 #[test]
