@@ -151,7 +151,8 @@ impl SlotCounters {
 }
 
 /// Internal errors. On each the program fails open: the kernel's hash choice serves the
-/// connection, and the error is counted here (per CPU; userspace sums them).
+/// connection, and the error is counted here (per CPU; userspace sums them). The program
+/// indexes the fields after `no_config` by its error code: keep their order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]

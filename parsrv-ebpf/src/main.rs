@@ -63,12 +63,15 @@ pub struct Scratch {
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// Why the program failed open.
+/// Why the program failed open. The discriminant is the error's field in GlobalCounters,
+/// counted after `no_config` (see [`count_failure`]).
+#[derive(Clone, Copy)]
+#[repr(u8)]
 enum Error {
-    ReadFailed,
-    BadGroup,
-    UnknownSocket,
-    SelectFailed,
+    ReadFailed = 0,
+    BadGroup = 1,
+    UnknownSocket = 2,
+    SelectFailed = 3,
 }
 
 /// One listener as the program sees it: its kernel address and how full its queue is.
@@ -237,12 +240,7 @@ pub fn parsrv_select(ctx: SkReuseportContext) -> u32 {
     match steer(&ctx, config) {
         Ok(verdict) => verdict,
         Err(error) => {
-            count_error(|c| match error {
-                Error::ReadFailed => c.read_failed += 1,
-                Error::BadGroup => c.bad_group += 1,
-                Error::UnknownSocket => c.unknown_socket += 1,
-                Error::SelectFailed => c.select_failed += 1,
-            });
+            count_failure(error);
             SK_PASS
         }
     }
@@ -382,6 +380,28 @@ fn count_error(update: impl FnOnce(&mut GlobalCounters)) {
         // SAFETY: as in count_slot.
         update(unsafe { &mut *counters });
     }
+}
+
+/// Counts a fail-open `error` in its GlobalCounters field.
+///
+/// The error may come back through the bpf_loop callback, which wrote it to this frame's
+/// stack. Linux 6.1's verifier then knows it only as "some u8", and LLVM compiles any choice
+/// of field to `&counters + 8 * error`: refused as a possible access past the map value.
+/// So the index is masked, and read through a volatile load first, because LLVM knows the
+/// enum's range and would drop a mask it can prove useless.
+#[inline(always)]
+fn count_failure(error: Error) {
+    const FIELDS: usize = size_of::<GlobalCounters>() / size_of::<u64>();
+    const _: () = assert!(FIELDS == 5 && size_of::<GlobalCounters>() == 5 * 8);
+    let code = error as u8;
+    // SAFETY: a read of a local.
+    let index = 1 + (unsafe { core::ptr::read_volatile(&code) } & 3) as usize;
+    count_error(|c| {
+        // SAFETY: GlobalCounters is repr(C) and Pod: five u64s, `no_config` first, then the
+        // errors in Error's order.
+        let fields = unsafe { &mut *(c as *mut GlobalCounters).cast::<[u64; FIELDS]>() };
+        fields[index] += 1;
+    });
 }
 
 #[cfg(not(test))]

@@ -46,6 +46,12 @@ pub enum Command {
     },
     /// Show a running group: handlers, exact accept-queue depths, counters.
     Status(StatusArgs),
+    /// Show which kernel features parsrv needs and whether this kernel has them; exits 1
+    /// when one is missing.
+    Kernel {
+        #[arg(long)]
+        json: bool,
+    },
     /// Change a running group.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -293,6 +299,7 @@ pub fn main() -> i32 {
         Command::Run(args) => args.into_options().and_then(spawner::run),
         Command::Status(args) => status(args),
         Command::Check { config } => check(&config),
+        Command::Kernel { json } => kernel_features(json),
         Command::Bench { args } => bench(&args),
         Command::Group(command) => group(command),
         Command::Handler(args) => {
@@ -443,6 +450,37 @@ fn bench(args: &[String]) -> Result<()> {
     }
     let error = std::process::Command::new(&bench).args(args).exec();
     Err(Error::io(format!("running {}", bench.display()))(error))
+}
+
+fn kernel_features(json: bool) -> Result<()> {
+    use crate::features::{minimum_kernel, KernelFeatures};
+    let probed = KernelFeatures::probe();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&probed).expect("plain data")
+        );
+    } else {
+        println!("kernel {}", probed.release);
+        println!("{:<36} {:>6}  {:<4} used for", "feature", "since", "here");
+        for probe in &probed.features {
+            println!(
+                "{:<36} {:>6}  {:<4} {}",
+                probe.name,
+                probe.since.to_string(),
+                if probe.present { "yes" } else { "NO" },
+                probe.feature.used_for()
+            );
+        }
+    }
+    probed.require_all().inspect(|()| {
+        if !json {
+            println!(
+                "parsrv can run here (it needs Linux {} or newer)",
+                minimum_kernel()
+            );
+        }
+    })
 }
 
 fn check(path: &std::path::Path) -> Result<()> {

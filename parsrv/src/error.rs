@@ -54,6 +54,17 @@ pub enum Error {
     NoBtf { path: PathBuf },
 
     #[error(
+        "kernel {release} lacks {feature} (Linux {since}+), which parsrv's program needs: run \
+         parsrv on Linux {minimum} or newer (`parsrv kernel` lists what it needs)"
+    )]
+    KernelFeature {
+        release: String,
+        feature: &'static str,
+        since: String,
+        minimum: String,
+    },
+
+    #[error(
         "kernel BTF at {path} lacks {what}: this kernel's layout is not one parsrv knows; \
          report it with `uname -r`"
     )]

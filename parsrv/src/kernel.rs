@@ -88,7 +88,7 @@ fn member_offset(btf: &Btf, structure: &str, members: &[&str], size: usize) -> R
 
 /// Finds `name` among the members of a struct or union, descending into anonymous members.
 /// Returns its bit offset and its type with typedefs and qualifiers peeled off.
-fn find_member(btf: &Btf, container: &Type, name: &str) -> Option<(u32, Type)> {
+pub(crate) fn find_member(btf: &Btf, container: &Type, name: &str) -> Option<(u32, Type)> {
     let (Type::Struct(s) | Type::Union(s)) = container else {
         return None;
     };
@@ -135,7 +135,7 @@ fn type_size(_btf: &Btf, ty: &Type) -> Option<usize> {
 // Linux capability numbers (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
+pub(crate) const CAP_BPF: u32 = 39;
 
 fn effective_capabilities() -> io::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;

@@ -4,8 +4,9 @@
 //! ([`group`]), one per handler process ([`handler`]). An SK_REUSEPORT eBPF program
 //! ([`program`], source in parsrv-ebpf) picks, in the kernel, for every new connection, a
 //! socket whose accept queue has room, reading the queues' real depth at offsets taken from
-//! the kernel's BTF ([`kernel`]). `parsrv status` ([`status`]) asks the spawner through its
-//! control socket ([`control`]). A handler program takes its socket with [`activation`].
+//! the kernel's BTF ([`kernel`]), on kernels that have every feature it needs ([`features`]).
+//! `parsrv status` ([`status`]) asks the spawner through its control socket ([`control`]).
+//! A handler program takes its socket with [`activation`].
 
 pub mod activation;
 pub mod autoscale;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod config_file;
 pub mod control;
 pub mod error;
+pub mod features;
 pub mod group;
 pub mod handler;
 pub mod kernel;

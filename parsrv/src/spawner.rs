@@ -66,6 +66,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     }
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
     kernel::check_capabilities()?;
+    crate::features::KernelFeatures::probe().require_all()?;
     let offsets = kernel::kernel_offsets()?;
     crate::program::object()?;
     for spec in &options.groups {

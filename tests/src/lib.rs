@@ -28,6 +28,67 @@ use parsrv::{
 };
 
 pub use parsrv;
+pub use parsrv::features::Feature;
+
+/// What every test that loads the steering program needs of the kernel.
+pub const PROGRAM: &[Feature] = &[
+    Feature::Btf,
+    Feature::SkReuseport,
+    Feature::CapBpf,
+    Feature::SelectOrMigrate,
+    Feature::ReuseportCtxSk,
+    Feature::BpfLoop,
+];
+
+/// Where skipped tests are listed, one `test: reason` line each (set by `cargo xtask test`,
+/// which prints them in its summary).
+pub const SKIPS_ENV: &str = "PARSRV_TEST_SKIPS";
+
+/// Whether the running kernel has `features`; call it first, and return when it says no.
+///
+/// A kernel older than the release that introduced a missing feature skips the test: this
+/// records why and returns false. A kernel that is new enough and still lacks one fails the
+/// test: that is a kernel built without the feature or a broken probe, not a reason to skip.
+pub fn kernel_has(features: &[Feature]) -> bool {
+    let probed = parsrv::features::KernelFeatures::probe();
+    let missing: Vec<Feature> = features
+        .iter()
+        .copied()
+        .filter(|&f| !probed.has(f))
+        .collect();
+    let Some(&first) = missing.first() else {
+        return true;
+    };
+    let version = probed
+        .version
+        .unwrap_or_else(|| panic!("cannot parse kernel release {}", probed.release));
+    for &feature in &missing {
+        assert!(
+            version < feature.since(),
+            "kernel {} should have {} (Linux {}+) but the probe found none",
+            probed.release,
+            feature.name(),
+            feature.since()
+        );
+    }
+    let test = thread::current().name().unwrap_or("?").to_owned();
+    let reason = format!(
+        "kernel {} predates {} (Linux {}+)",
+        probed.release,
+        first.name(),
+        first.since()
+    );
+    eprintln!("skipped {test}: {reason}");
+    if let Some(path) = std::env::var_os(SKIPS_ENV) {
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("opening the skip list");
+        writeln!(file, "{test}: {reason}").expect("writing the skip list");
+    }
+    false
+}
 
 /// The parsrv binary under test (built by `cargo xtask test`, which sets PARSRV_BIN).
 pub fn parsrv_bin() -> PathBuf {
@@ -104,6 +165,42 @@ impl NetCounters {
             migrate_req_failure: later.migrate_req_failure - self.migrate_req_failure,
         }
     }
+}
+
+/// Every counter of the calling thread's namespace, as `Table.Name`: to show, when an
+/// assertion on one fails, what else moved (TcpExt's TCPAbortOn* say why a RST was sent).
+pub fn all_net_counters() -> std::collections::BTreeMap<String, u64> {
+    let mut all = std::collections::BTreeMap::new();
+    for file in ["netstat", "snmp"] {
+        let table = fs::read_to_string(format!("/proc/thread-self/net/{file}")).expect(file);
+        let lines: Vec<&str> = table.lines().collect();
+        for pair in lines.chunks(2) {
+            let [header, values] = pair else { continue };
+            let mut names = header.split_whitespace();
+            let prefix = names.next().unwrap_or("").trim_end_matches(':');
+            for (name, value) in names.zip(values.split_whitespace().skip(1)) {
+                if let Ok(value) = value.parse() {
+                    all.insert(format!("{prefix}.{name}"), value);
+                }
+            }
+        }
+    }
+    all
+}
+
+/// The counters that changed between two [`all_net_counters`], as `name +delta`.
+pub fn changed_net_counters(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    after
+        .iter()
+        .filter_map(|(name, value)| {
+            let old = before.get(name).copied().unwrap_or(0);
+            (*value != old).then(|| format!("{name} {:+}", *value as i64 - old as i64))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One counter from a /proc/net/{netstat,snmp} table: a header line and a value line that

@@ -8,7 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::config_file;
 use parsrv_integration_tests::{
-    http_load, in_netns, pyenv, signal, stop_process, wait_for, NetCounters, Spawner,
+    http_load, in_netns, kernel_has, pyenv, signal, stop_process, wait_for, NetCounters, Spawner,
+    PROGRAM,
 };
 
 fn write_config(name: &str, text: &str) -> PathBuf {
@@ -38,6 +39,9 @@ policy = "least-loaded"
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn two_groups_steer_independently_and_metrics_match_status() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let config = write_config("two-groups", TWO_GROUPS);
         let spawner = Spawner::start_config("two-groups", &config, &["cfg-alpha", "cfg-beta"], &[]);
@@ -156,6 +160,9 @@ print(json.dumps(out))
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn every_field_round_trips_through_group_show() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let text = r#"
 [[group]]
@@ -199,6 +206,9 @@ drain = true
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn groups_come_and_go_with_add_remove_and_sighup_and_bad_commands_change_nothing() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let one = r#"
 [[group]]
@@ -363,6 +373,9 @@ handlers = 1
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn check_reports_every_problem_located_and_a_taken_metrics_port_is_refused() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let good = write_config("check-good", TWO_GROUPS);
         let (code, out, _) = Spawner::parsrv(&["check", "--config", good.to_str().unwrap()]);

@@ -5,9 +5,9 @@ use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use parsrv::{config::usable_cpus, kernel, spawner::pin_dir};
 use parsrv_integration_tests::{
-    apps_dir, example, fd_of_process, http_get, http_load, in_netns, pyenv, read_answer,
-    resume_handler_group, stop_handler_group, wait_for, NetCounters, Outcome, Spawner,
-    HTTP_REQUEST,
+    apps_dir, example, fd_of_process, http_get, http_load, in_netns, kernel_has, pyenv,
+    read_answer, resume_handler_group, stop_handler_group, wait_for, NetCounters, Outcome, Spawner,
+    HTTP_REQUEST, PROGRAM,
 };
 
 fn addr() -> SocketAddr {
@@ -49,6 +49,9 @@ fn environ(pid: u32) -> Vec<String> {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let spawner = Spawner::start(
             "test-exec-fds",
@@ -200,6 +203,9 @@ fn rust_example_outside_parsrv_says_how_to_start_it() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn rust_example_handler_survives_a_stalled_one() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let hello = example("hello_handler");
         stalled_handler_loses_nothing(
@@ -213,6 +219,9 @@ fn rust_example_handler_survives_a_stalled_one() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn gunicorn_and_uvicorn_as_handlers_survive_a_stalled_one() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let apps = apps_dir();
         let gunicorn = pyenv().join("bin/gunicorn");
@@ -264,6 +273,9 @@ if len(sys.argv) > 2:
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let name = "test-user";
         let map = pin_dir(name).join(parsrv_common::names::CONFIG);
@@ -338,6 +350,9 @@ fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn cpus_place_handlers_round_robin() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let cpus = usable_cpus();
         let list = cpus
@@ -387,6 +402,9 @@ fn cpus_place_handlers_round_robin() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         // A handler that prints and exits at once, forever.
         let spawner = Spawner::start_with(
@@ -475,6 +493,9 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let spawner = Spawner::start(
             "test-own-port",

@@ -7,9 +7,9 @@ use std::{io::Write, net::SocketAddr, path::Path, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::{control, kernel, spawner::pin_dir};
 use parsrv_integration_tests::{
-    connect, fd_of_process, http_get, in_netns, is_listening, loaded_parsrv_programs,
+    connect, fd_of_process, http_get, in_netns, is_listening, kernel_has, loaded_parsrv_programs,
     processes_mentioning, read_answer, signal, stop_process, wait_for, Outcome, Spawner,
-    HTTP_REQUEST,
+    HTTP_REQUEST, PROGRAM,
 };
 
 fn addr() -> SocketAddr {
@@ -19,6 +19,9 @@ fn addr() -> SocketAddr {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let spawner = Spawner::start(
             "test-respawn",
@@ -75,6 +78,9 @@ fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let spawner = Spawner::start(
             "test-status",
@@ -165,6 +171,9 @@ fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn threads_accept_in_parallel_and_lost_races_are_counted() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let spawner = Spawner::start(
             "test-threads",
@@ -225,6 +234,9 @@ fn leftovers(name: &str) -> Vec<String> {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn sigterm_and_sigint_stop_cleanly_and_leave_nothing_behind() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let programs_before = loaded_parsrv_programs();
         for (name, stop_signal) in [
@@ -273,6 +285,9 @@ fn sigterm_and_sigint_stop_cleanly_and_leave_nothing_behind() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn killed_spawner_leaves_no_orphan_and_the_next_run_cleans_its_pins() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let programs_before = loaded_parsrv_programs();
         let name = "test-spawner-kill";

@@ -6,7 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    http_load, in_netns, signal, stop_process, NetCounters, Outcome, PlainGroup, Spawner,
+    http_load, in_netns, kernel_has, signal, stop_process, NetCounters, Outcome, PlainGroup,
+    Spawner, PROGRAM,
 };
 
 const HANDLERS: usize = 4;
@@ -19,6 +20,9 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         // --- parsrv ---
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use parsrv_integration_tests::{
-    connect, in_netns, stop_process, wait_for, NetCounters, Outcome, Spawner,
+    connect, in_netns, kernel_has, stop_process, wait_for, NetCounters, Outcome, Spawner, PROGRAM,
 };
 
 const ATTEMPTS: usize = 4;
@@ -55,6 +55,9 @@ fn totals(spawner: &Spawner) -> (u64, u64) {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn when_full_drop_times_out_and_refuse_resets_counted_like_the_kernel() {
+    if !kernel_has(PROGRAM) {
+        return;
+    }
     in_netns(|| {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
 

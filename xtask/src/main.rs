@@ -2,10 +2,12 @@
 //! set-up it depends on (idempotent, quick when already done).
 
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -49,29 +51,123 @@ enum Task {
         quick: bool,
     },
     /// Lint, build, then run the unit tests, the privileged integration tests (as root;
-    /// each in its own network namespace) and a quick run of every benchmark scenario.
+    /// each in its own network namespace), a quick run of every benchmark scenario, and the
+    /// integration tests again in a VM on Debian's 6.1 kernel. With --vm: only the VM part.
     Test {
         /// Only tests whose name contains this (passed to the test harness).
         filter: Option<String>,
+        /// Only the integration tests, in VMs (needs no root): one per --kernel.
+        #[arg(long, conflicts_with = "no_vm")]
+        vm: bool,
+        /// Skip the VM part of the full run.
+        #[arg(long)]
+        no_vm: bool,
+        /// Kernels for the VMs: a Debian series (5.10, 6.1, 6.12), fetched and cached in
+        /// target/vm, or a bzImage path. Repeat, or separate with commas [default: 6.1 for
+        /// the full run; 5.10,6.1,6.12 with --vm].
+        #[arg(
+            long = "kernel",
+            value_name = "5.10|6.1|6.12|PATH",
+            value_delimiter = ','
+        )]
+        kernels: Vec<String>,
+        /// qemu accelerator: tcg works everywhere; kvm where /dev/kvm works.
+        #[arg(long, value_enum, default_value = "tcg")]
+        accel: vm::Accel,
+        /// Seconds one VM may run, from boot to power-off, before it is killed as hung.
+        #[arg(long, default_value_t = 1500, value_name = "SECONDS")]
+        timeout: u64,
     },
 }
 
+/// A step failed (a build, a test).
+pub const EXIT_FAILED: i32 = 1;
+/// Bad input: an option, a kernel path, a missing tool, a kernel parsrv cannot run on.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// A VM hung (killed at --timeout) or its kernel panicked.
+pub const EXIT_VM_HUNG: i32 = 3;
+
+/// An error with its own exit code; any other error exits with [`EXIT_FAILED`].
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Fatal {
+    pub fn error(code: i32, message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Fatal {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
 fn main() {
-    if let Err(e) = run(Cli::parse().command) {
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { EXIT_BAD_INPUT } else { 0 });
+    });
+    if let Err(e) = run(cli.command) {
         eprintln!("xtask: {e:#}");
-        std::process::exit(1);
+        let code = e.downcast_ref::<Fatal>().map_or(EXIT_FAILED, |f| f.code);
+        std::process::exit(code);
     }
 }
 
 fn run(task: Task) -> Result<()> {
     match task {
-        Task::Setup => setup::ensure_all().and_then(|()| setup::ensure_python_servers()),
+        Task::Setup => setup::ensure_all()
+            .and_then(|()| setup::ensure_python_servers())
+            .and_then(|()| setup::ensure_vm_packages()),
         Task::BuildEbpf => build_ebpf(),
         Task::Build { release } => build(release),
         Task::Run { args } => run_demo(args),
         Task::Lint => lint(),
         Task::Bench { scenarios, quick } => bench(scenarios, quick),
-        Task::Test { filter } => test(filter),
+        Task::Test {
+            filter,
+            vm,
+            no_vm,
+            kernels,
+            accel,
+            timeout,
+        } => {
+            let default_kernels: &[&str] = if vm {
+                &["5.10", "6.1", "6.12"]
+            } else {
+                &["6.1"]
+            };
+            let vm_options = vm::VmOptions {
+                kernels: if kernels.is_empty() {
+                    default_kernels.iter().map(|k| k.to_string()).collect()
+                } else {
+                    kernels
+                },
+                accel,
+                timeout: Duration::from_secs(timeout),
+                filter: filter.clone(),
+            };
+            if !vm {
+                test(filter.clone())?;
+                if no_vm {
+                    return Ok(());
+                }
+            }
+            // Without root, what is missing is reported by the VM runner (exit 2).
+            if running_as_root() {
+                setup::ensure_vm_packages()?;
+            }
+            vm::test(&vm_options)
+        }
     }
 }
 
@@ -98,7 +194,7 @@ pub fn ebpf_object() -> PathBuf {
     workspace_root().join("target/ebpf/bpfel-unknown-none/release/parsrv")
 }
 
-fn build_ebpf() -> Result<()> {
+pub(crate) fn build_ebpf() -> Result<()> {
     setup::ensure_all()?;
     let root = workspace_root();
     run_step(

@@ -28,8 +28,12 @@ const APT_PACKAGES: [&str; 6] = [
     "fonts-dejavu-core",
 ];
 
+/// What `cargo xtask test --vm` needs besides the build: qemu (TCG is enough) and a static
+/// busybox for the VM's shell and the commands some tests run as handlers (sh, sleep).
+const VM_APT_PACKAGES: [&str; 2] = ["qemu-system-x86", "busybox-static"];
+
 pub fn ensure_all() -> Result<()> {
-    ensure_apt_packages()?;
+    ensure_apt_packages(&APT_PACKAGES, "LLVM 22 for bpf-linker, test tools")?;
     ensure_ebpf_toolchain()?;
     ensure_bpf_linker()
 }
@@ -66,9 +70,15 @@ pub fn ensure_python_servers() -> Result<()> {
     std::fs::write(&stamp, wanted).with_context(|| format!("writing {}", stamp.display()))
 }
 
-fn ensure_apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .into_iter()
+/// The packages the VM tests need (see [`VM_APT_PACKAGES`]).
+pub fn ensure_vm_packages() -> Result<()> {
+    ensure_apt_packages(&VM_APT_PACKAGES, "qemu and busybox for the VM tests")
+}
+
+fn ensure_apt_packages(packages: &[&'static str], purpose: &str) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|package| !apt_installed(package))
         .collect();
     if missing.is_empty() {
@@ -86,7 +96,7 @@ fn ensure_apt_packages() -> Result<()> {
         Command::new("apt-get").args(["update", "-qq"]),
     )?;
     run_step(
-        "setup: apt-get install (LLVM 22 for bpf-linker)",
+        &format!("setup: apt-get install ({purpose})"),
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)

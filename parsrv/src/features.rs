@@ -1,0 +1,303 @@
+//! The kernel features parsrv needs, the Linux version that introduced each, and whether the
+//! running kernel has it.
+//!
+//! Each probe asks the kernel itself, not its version number: BTF enumerators and struct
+//! members for what the verifier accepts, /proc/sys for sysctls and capabilities. The
+//! version is only used to explain a missing feature (and by the tests, to tell "too old"
+//! from "should have it"). `parsrv kernel` prints the table; `parsrv run` refuses to start,
+//! naming the first missing feature, before it touches anything.
+
+use std::{fmt, fs, path::Path};
+
+use btf_rs::{Btf, Type};
+use serde::Serialize;
+
+use crate::{
+    error::{Error, Result},
+    kernel::{find_member, vmlinux_btf_path},
+};
+
+/// A kernel feature the steering program depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Feature {
+    /// /sys/kernel/btf/vmlinux: where the program's struct offsets come from.
+    Btf,
+    /// BPF_PROG_TYPE_SK_REUSEPORT.
+    SkReuseport,
+    /// CAP_BPF and CAP_PERFMON exist (before, only CAP_SYS_ADMIN allowed probe reads).
+    CapBpf,
+    /// BPF_SK_REUSEPORT_SELECT_OR_MIGRATE: the program also places migrating requests.
+    SelectOrMigrate,
+    /// `ctx->sk` (the listener the kernel's hash chose) in SK_REUSEPORT programs.
+    ReuseportCtxSk,
+    /// The bpf_loop helper, which bounds the verifier's work for the scan of all sockets.
+    BpfLoop,
+    /// net.ipv4.tcp_migrate_req: queued connections move off a closing listener.
+    TcpMigrateReq,
+}
+
+impl Feature {
+    /// Every feature, in the order a missing one is reported (BTF first: the others are
+    /// probed through it).
+    pub const ALL: [Feature; 7] = [
+        Feature::Btf,
+        Feature::SkReuseport,
+        Feature::CapBpf,
+        Feature::SelectOrMigrate,
+        Feature::ReuseportCtxSk,
+        Feature::TcpMigrateReq,
+        Feature::BpfLoop,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Feature::Btf => "kernel BTF (CONFIG_DEBUG_INFO_BTF)",
+            Feature::SkReuseport => "SK_REUSEPORT programs",
+            Feature::CapBpf => "CAP_BPF and CAP_PERFMON",
+            Feature::SelectOrMigrate => "SK_REUSEPORT_SELECT_OR_MIGRATE",
+            Feature::ReuseportCtxSk => "ctx->sk in SK_REUSEPORT programs",
+            Feature::TcpMigrateReq => "net.ipv4.tcp_migrate_req",
+            Feature::BpfLoop => "the bpf_loop helper",
+        }
+    }
+
+    /// The Linux release that introduced the feature.
+    pub fn since(self) -> KernelVersion {
+        let (major, minor) = match self {
+            Feature::Btf => (5, 4),
+            Feature::SkReuseport => (4, 19),
+            Feature::CapBpf => (5, 8),
+            Feature::SelectOrMigrate | Feature::ReuseportCtxSk | Feature::TcpMigrateReq => (5, 14),
+            Feature::BpfLoop => (5, 17),
+        };
+        KernelVersion { major, minor }
+    }
+
+    /// What parsrv uses it for.
+    pub fn used_for(self) -> &'static str {
+        match self {
+            Feature::Btf => "offsets of the queue fields the program reads",
+            Feature::SkReuseport => "the steering program itself",
+            Feature::CapBpf => "loading with probe reads without CAP_SYS_ADMIN's blanket",
+            Feature::SelectOrMigrate => "placing requests that migrate off a closing socket",
+            Feature::ReuseportCtxSk => "the group and hash choice of each connection",
+            Feature::TcpMigrateReq => "no queued connection lost when a handler goes",
+            Feature::BpfLoop => "scanning up to 128 sockets within the verifier's limit",
+        }
+    }
+}
+
+/// The oldest Linux release with every feature.
+pub fn minimum_kernel() -> KernelVersion {
+    Feature::ALL.iter().map(|f| f.since()).max().unwrap()
+}
+
+/// A Linux release, major.minor (serialized as "5.14").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl KernelVersion {
+    /// Parses the start of a release string such as `6.1.0-56-amd64` or `5.10.223`.
+    pub fn parse(release: &str) -> Option<Self> {
+        let mut parts = release.split(['.', '-', '+']);
+        let major = parts.next()?.parse().ok()?;
+        let minor_digits: String = parts
+            .next()?
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        Some(KernelVersion {
+            major,
+            minor: minor_digits.parse().ok()?,
+        })
+    }
+}
+
+impl Serialize for KernelVersion {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// What the running kernel has.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelFeatures {
+    pub release: String,
+    pub version: Option<KernelVersion>,
+    pub features: Vec<FeatureProbe>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FeatureProbe {
+    pub feature: Feature,
+    pub name: &'static str,
+    pub since: KernelVersion,
+    pub present: bool,
+}
+
+impl KernelFeatures {
+    /// Probes every feature of the running kernel.
+    pub fn probe() -> Self {
+        let btf = Btf::from_file(vmlinux_btf_path()).ok();
+        let proc_sys = Path::new("/proc/sys");
+        let features = Feature::ALL
+            .iter()
+            .map(|&feature| FeatureProbe {
+                feature,
+                name: feature.name(),
+                since: feature.since(),
+                present: probe(feature, btf.as_ref(), proc_sys),
+            })
+            .collect();
+        let release = kernel_release();
+        KernelFeatures {
+            version: KernelVersion::parse(&release),
+            release,
+            features,
+        }
+    }
+
+    pub fn has(&self, feature: Feature) -> bool {
+        self.features
+            .iter()
+            .any(|p| p.feature == feature && p.present)
+    }
+
+    pub fn missing(&self) -> impl Iterator<Item = Feature> + '_ {
+        self.features
+            .iter()
+            .filter(|p| !p.present)
+            .map(|p| p.feature)
+    }
+
+    /// Fails, naming the first missing feature and the fix, unless the kernel has them all.
+    pub fn require_all(&self) -> Result<()> {
+        match self.missing().next() {
+            None => Ok(()),
+            Some(Feature::Btf) => Err(Error::NoBtf {
+                path: vmlinux_btf_path(),
+            }),
+            Some(feature) => Err(Error::KernelFeature {
+                release: self.release.clone(),
+                feature: feature.name(),
+                since: feature.since().to_string(),
+                minimum: minimum_kernel().to_string(),
+            }),
+        }
+    }
+}
+
+/// Whether the kernel has `feature`. Features the kernel describes in its BTF are absent
+/// when there is no BTF to ask: parsrv cannot run without it anyway.
+fn probe(feature: Feature, btf: Option<&Btf>, proc_sys: &Path) -> bool {
+    let has_enumerator = |enumeration: &str, name: &str| {
+        btf.is_some_and(|btf| enumerators(btf, enumeration).iter().any(|n| n == name))
+    };
+    match feature {
+        Feature::Btf => btf.is_some(),
+        Feature::SkReuseport => has_enumerator("bpf_prog_type", "BPF_PROG_TYPE_SK_REUSEPORT"),
+        Feature::SelectOrMigrate => {
+            has_enumerator("bpf_attach_type", "BPF_SK_REUSEPORT_SELECT_OR_MIGRATE")
+        }
+        Feature::BpfLoop => has_enumerator("bpf_func_id", "BPF_FUNC_loop"),
+        // The program context (uapi sk_reuseport_md) gained `sk` in 5.14. Kernels whose BTF
+        // lacks the uapi struct tell by the kernel-side context's `migrating_sk`, which came
+        // in the same series (its own `sk` is older: it is not a sign).
+        Feature::ReuseportCtxSk => btf.is_some_and(|btf| {
+            struct_has(btf, "sk_reuseport_md", "sk").unwrap_or_else(|| {
+                struct_has(btf, "sk_reuseport_kern", "migrating_sk").unwrap_or(false)
+            })
+        }),
+        Feature::CapBpf => fs::read_to_string(proc_sys.join("kernel/cap_last_cap"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .is_some_and(|last| last >= crate::kernel::CAP_BPF),
+        Feature::TcpMigrateReq => proc_sys.join("net/ipv4/tcp_migrate_req").exists(),
+    }
+}
+
+fn enumerators(btf: &Btf, enumeration: &str) -> Vec<String> {
+    let Ok(types) = btf.resolve_types_by_name(enumeration) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for ty in types {
+        match ty {
+            Type::Enum(e) => {
+                names.extend(e.members.iter().filter_map(|m| btf.resolve_name(m).ok()))
+            }
+            Type::Enum64(e) => {
+                names.extend(e.members.iter().filter_map(|m| btf.resolve_name(m).ok()))
+            }
+            _ => {}
+        }
+    }
+    names
+}
+
+/// Whether struct `structure` has `member` (looking into anonymous unions, which is where
+/// uapi context pointers live); None if the BTF has no such struct.
+fn struct_has(btf: &Btf, structure: &str, member: &str) -> Option<bool> {
+    let ty = btf
+        .resolve_types_by_name(structure)
+        .ok()?
+        .into_iter()
+        .find(|ty| matches!(ty, Type::Struct(_)))?;
+    Some(find_member(btf, &ty, member).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_parse_to_major_minor() {
+        let v = |major, minor| Some(KernelVersion { major, minor });
+        assert_eq!(KernelVersion::parse("6.1.0-56-amd64"), v(6, 1));
+        assert_eq!(KernelVersion::parse("6.12.95+deb12-amd64"), v(6, 12));
+        assert_eq!(KernelVersion::parse("5.10.223"), v(5, 10));
+        assert_eq!(KernelVersion::parse("6.18.44-fc-v657"), v(6, 18));
+        assert_eq!(KernelVersion::parse("6.0-rc1"), v(6, 0));
+        assert_eq!(KernelVersion::parse("garbage"), None);
+        assert!(KernelVersion::parse("5.9.0").unwrap() < KernelVersion::parse("5.10.0").unwrap());
+    }
+
+    #[test]
+    fn the_minimum_kernel_is_the_newest_feature() {
+        assert_eq!(minimum_kernel().to_string(), "5.17");
+    }
+
+    #[test]
+    fn proc_sys_probes_read_what_they_name() {
+        let dir = std::env::temp_dir().join(format!("parsrv-features-{}", std::process::id()));
+        fs::create_dir_all(dir.join("kernel")).unwrap();
+        fs::create_dir_all(dir.join("net/ipv4")).unwrap();
+        fs::write(dir.join("kernel/cap_last_cap"), "37\n").unwrap();
+        assert!(!probe(Feature::CapBpf, None, &dir));
+        assert!(!probe(Feature::TcpMigrateReq, None, &dir));
+        fs::write(dir.join("kernel/cap_last_cap"), "40\n").unwrap();
+        fs::write(dir.join("net/ipv4/tcp_migrate_req"), "0\n").unwrap();
+        assert!(probe(Feature::CapBpf, None, &dir));
+        assert!(probe(Feature::TcpMigrateReq, None, &dir));
+        // Without BTF, what only BTF can tell is absent.
+        assert!(!probe(Feature::BpfLoop, None, &dir));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

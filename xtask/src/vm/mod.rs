@@ -1,0 +1,499 @@
+//! `cargo xtask test --vm`: the privileged integration tests, booted under qemu on other
+//! kernels.
+//!
+//! The test binaries, parsrv and its example handler are built statically (glibc,
+//! `+crt-static`), packed with a static busybox and our init (init.sh) into a newc
+//! initramfs, and booted with each kernel: Debian's 5.10, 6.1 and 6.12 packages (fetched
+//! without installing them, [`kernel`]) or any bzImage given by path. The init runs every
+//! test binary one test at a time and powers off; the runner reads the serial console
+//! ([`console`]) and fails on a failed test, a kernel panic, or a time-out.
+//!
+//! Nothing here needs root: qemu runs unprivileged with TCG, and the tests get root inside
+//! the VM. That is the point: a developer without root, or a release checked on the kernels
+//! people run.
+
+mod console;
+mod image;
+mod kernel;
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+pub use console::Outcome;
+
+#[cfg(test)]
+use crate::EXIT_FAILED;
+use crate::{Fatal, EXIT_BAD_INPUT, EXIT_VM_HUNG};
+
+/// Integration tests that need a Python server (gunicorn, uvicorn, prometheus_client or a
+/// python3 one-liner) as a handler or helper: the VM image has no Python. They run natively
+/// in `cargo xtask test`; the VM summary lists them as not run.
+pub const NEEDS_PYTHON: [&str; 6] = [
+    "address_held_outside_the_group_is_refused",
+    "two_groups_steer_independently_and_metrics_match_status",
+    "gunicorn_and_uvicorn_as_handlers_survive_a_stalled_one",
+    "handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps",
+    "a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported",
+    "autoscaler_grows_with_a_load_step_and_shrinks_back",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// Emulation: slow, works everywhere (KVM hangs on this project's CI machines).
+    Tcg,
+    /// Hardware virtualization, where /dev/kvm works.
+    Kvm,
+}
+
+pub struct VmOptions {
+    /// Debian series (5.10, 6.1, 6.12) or bzImage paths.
+    pub kernels: Vec<String>,
+    pub accel: Accel,
+    /// Per VM, from boot to power-off.
+    pub timeout: Duration,
+    /// Only tests whose name contains this.
+    pub filter: Option<String>,
+}
+
+/// What one VM reported.
+pub struct VmRun {
+    pub label: String,
+    pub outcome: Outcome,
+    pub took: Duration,
+}
+
+/// Builds the image once, boots every kernel in turn, prints a summary, and fails if any
+/// VM failed (after running them all, so one bad kernel does not hide the others).
+pub fn test(options: &VmOptions) -> Result<()> {
+    // Bad input first, before anything slow.
+    let qemu = find_qemu()?;
+    let specs = options
+        .kernels
+        .iter()
+        .map(|k| kernel::KernelSpec::parse(k))
+        .collect::<Result<Vec<_>>>()?;
+    let test_args = test_args(options)?;
+    let payload = image::build_static()?;
+    let vm_dir = crate::workspace_root().join("target/vm");
+    let initramfs = vm_dir.join("initramfs.cpio");
+    image::write_initramfs(&payload, &initramfs)?;
+
+    let mut runs = Vec::new();
+    let mut errors = Vec::new();
+    for spec in &specs {
+        let kernel = spec.resolve(&vm_dir)?;
+        eprintln!(
+            "xtask: booting {} ({}) with {:?}, time-out {} s",
+            kernel.label,
+            kernel.image.display(),
+            options.accel,
+            options.timeout.as_secs()
+        );
+        let log = vm_dir.join(format!("console-{}.log", kernel.label.replace('/', "_")));
+        match boot(&qemu, &kernel, &initramfs, &test_args, options, &log) {
+            Ok(run) => runs.push(run),
+            Err(e) => errors.push(e),
+        }
+    }
+    print_summary(&runs);
+    let failed: Vec<&VmRun> = runs.iter().filter(|r| !r.outcome.passed()).collect();
+    if let Some(first) = errors.into_iter().next() {
+        return Err(first);
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "tests failed in the VM for {}: the console output above says which",
+            failed
+                .iter()
+                .map(|r| r.label.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// What the init passes to every test binary after `--ignored --test-threads=1`, joined
+/// by commas for the kernel command line.
+fn test_args(options: &VmOptions) -> Result<String> {
+    let mut args: Vec<&str> = NEEDS_PYTHON
+        .iter()
+        .flat_map(|name| ["--skip", name])
+        .collect();
+    if let Some(filter) = &options.filter {
+        if filter.is_empty() || filter.contains([',', ' ', '\t', '\n']) {
+            return Err(Fatal::error(
+                EXIT_BAD_INPUT,
+                format!(
+                    "test filter {filter:?} cannot reach the VM (it travels on the kernel \
+                     command line): give part of a test name, without commas or spaces"
+                ),
+            ));
+        }
+        args.push(filter);
+    }
+    Ok(args.join(","))
+}
+
+/// qemu-system-x86_64 from $QEMU or PATH.
+fn find_qemu() -> Result<PathBuf> {
+    find_qemu_in(std::env::var_os("QEMU"), std::env::var_os("PATH"))
+}
+
+fn find_qemu_in(
+    qemu: Option<std::ffi::OsString>,
+    paths: Option<std::ffi::OsString>,
+) -> Result<PathBuf> {
+    if let Some(path) = qemu {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            return Err(Fatal::error(
+                EXIT_BAD_INPUT,
+                format!(
+                    "QEMU={} does not exist: point QEMU at qemu-system-x86_64, or unset it to \
+                     use the one on PATH",
+                    path.display()
+                ),
+            ));
+        }
+        return Ok(path);
+    }
+    let found = paths.and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("qemu-system-x86_64"))
+            .find(|candidate| candidate.is_file())
+    });
+    found.ok_or_else(|| {
+        Fatal::error(
+            EXIT_BAD_INPUT,
+            "qemu-system-x86_64 is not on PATH: install it (apt-get install qemu-system-x86; \
+             `cargo xtask setup` does as root), or set QEMU to its path",
+        )
+    })
+}
+
+/// Boots one kernel with the test image and follows its console until power-off, a panic
+/// or the time-out.
+fn boot(
+    qemu: &Path,
+    kernel: &kernel::Kernel,
+    initramfs: &Path,
+    test_args: &str,
+    options: &VmOptions,
+    log_path: &Path,
+) -> Result<VmRun> {
+    let (accel, cpu) = match options.accel {
+        Accel::Tcg => ("tcg", "max"),
+        Accel::Kvm => ("kvm", "host"),
+    };
+    let started = Instant::now();
+    let mut child = Command::new(qemu)
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .args(["-accel", accel, "-cpu", cpu, "-smp", "2", "-m", "2048"])
+        .arg("-kernel")
+        .arg(&kernel.image)
+        .arg("-initrd")
+        .arg(initramfs)
+        // panic=-1 reboots at once on a panic, and -no-reboot turns that into qemu exiting.
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 loglevel=4 panic=-1 oops=panic rdinit=/init parsrv.test-args={test_args}"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", qemu.display()))?;
+
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped");
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr = child.stderr.take().expect("piped");
+    let stderr = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+
+    let mut log =
+        fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut outcome = Outcome::default();
+    let deadline = started + options.timeout;
+    let label = &kernel.label;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                writeln!(log, "{line}").ok();
+                println!("[{label}] {line}");
+                outcome.feed(&line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Only the qemu this function started, by its own handle.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Fatal::error(
+                    EXIT_VM_HUNG,
+                    format!(
+                        "the VM with kernel {label} hung: no result after {} s, killed (last \
+                         console line: {:?}; whole console: {}); raise --timeout if it was \
+                         only slow",
+                        options.timeout.as_secs(),
+                        outcome.last_line,
+                        log_path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let status = child.wait().context("waiting for qemu")?;
+    let took = started.elapsed();
+    let qemu_errors = stderr.join().unwrap_or_default();
+    if let Some(panic) = &outcome.panic {
+        return Err(Fatal::error(
+            EXIT_VM_HUNG,
+            format!(
+                "kernel {label} panicked: {panic} (console: {})",
+                log_path.display()
+            ),
+        ));
+    }
+    if let Some(refusal) = &outcome.refused {
+        return Err(Fatal::error(EXIT_BAD_INPUT, refusal.explain(label)));
+    }
+    if outcome.done.is_none() {
+        let why = qemu_errors
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| format!("qemu said: {}", l.trim()))
+            .unwrap_or_else(|| format!("qemu exited with {status}"));
+        let code = if outcome.booted() { 1 } else { EXIT_BAD_INPUT };
+        return Err(Fatal::error(
+            code,
+            format!(
+                "the VM with kernel {label} stopped before the tests finished; {why} \
+                 (console: {})",
+                log_path.display()
+            ),
+        ));
+    }
+    Ok(VmRun {
+        label: label.clone(),
+        outcome,
+        took,
+    })
+}
+
+fn print_summary(runs: &[VmRun]) {
+    if runs.is_empty() {
+        return;
+    }
+    println!(
+        "\nVM test summary (tests needing Python not run in VMs: {}):",
+        NEEDS_PYTHON.len()
+    );
+    println!(
+        "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8}  result",
+        "kernel", "release", "passed", "failed", "skipped", "minutes"
+    );
+    for run in runs {
+        let o = &run.outcome;
+        println!(
+            "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8.1}  {}",
+            run.label,
+            o.release.as_deref().unwrap_or("?"),
+            o.passed,
+            o.failed,
+            o.skips.len(),
+            run.took.as_secs_f64() / 60.0,
+            if o.passed() { "ok" } else { "FAILED" }
+        );
+        for skip in &o.skips {
+            println!("    skipped {skip}");
+        }
+        for failure in &o.failures {
+            println!("    failed {failure}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A stand-in for qemu: a script that prints `console` as the VM's serial output,
+    /// `stderr` as qemu's own errors, then exits with `exit` (or sleeps, if None).
+    fn fake_qemu(name: &str, console: &str, stderr: &str, exit: Option<i32>) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-vm-{}-{name}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("qemu");
+        let end = match exit {
+            Some(code) => format!("exit {code}"),
+            None => "exec sleep 600".to_owned(),
+        };
+        fs::write(
+            &script,
+            format!("#!/bin/sh\nprintf '%s' '{console}'\nprintf '%s' '{stderr}' >&2\n{end}\n"),
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    fn boot_fake(qemu: &Path, timeout: Duration) -> Result<VmRun> {
+        let kernel = kernel::Kernel {
+            label: "fake".into(),
+            image: PathBuf::from("/nonexistent"),
+        };
+        let options = VmOptions {
+            kernels: Vec::new(),
+            accel: Accel::Tcg,
+            timeout,
+            filter: None,
+        };
+        let log = qemu.with_file_name("log");
+        let run = boot(qemu, &kernel, Path::new("/nonexistent"), "", &options, &log);
+        fs::remove_dir_all(qemu.parent().unwrap()).unwrap();
+        run
+    }
+
+    fn fatal(result: Result<VmRun>) -> (i32, String) {
+        let error = result.err().expect("an error");
+        let fatal = error.downcast_ref::<Fatal>().expect("a Fatal");
+        assert_eq!(fatal.message.lines().count(), 1, "{fatal}");
+        (fatal.code, fatal.message.clone())
+    }
+
+    #[test]
+    fn a_hung_vm_is_killed_at_the_time_out_and_reported_as_hung() {
+        let qemu = fake_qemu(
+            "hung",
+            "parsrv-vm: kernel 6.1\nparsrv-vm: run stall\n",
+            "",
+            None,
+        );
+        let started = Instant::now();
+        let (code, message) = fatal(boot_fake(&qemu, Duration::from_secs(2)));
+        assert_eq!(code, EXIT_VM_HUNG);
+        assert!(
+            message.contains("hung: no result after 2 s, killed"),
+            "{message}"
+        );
+        assert!(message.contains("parsrv-vm: run stall"), "{message}");
+        // Killed, not waited for: the fake sleeps for ten minutes.
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+
+    #[test]
+    fn panics_refusals_and_qemu_errors_each_get_their_exit_code() {
+        let panic = fake_qemu(
+            "panic",
+            "parsrv-vm: kernel 6.1\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n",
+            "",
+            Some(0),
+        );
+        let (code, message) = fatal(boot_fake(&panic, Duration::from_secs(30)));
+        assert_eq!(code, EXIT_VM_HUNG);
+        assert!(
+            message.contains("panicked: [ 1.0] Kernel panic"),
+            "{message}"
+        );
+
+        let no_btf = fake_qemu(
+            "no-btf",
+            "parsrv-vm: kernel 6.1\nparsrv-vm: error: no-btf\n",
+            "",
+            Some(0),
+        );
+        let (code, message) = fatal(boot_fake(&no_btf, Duration::from_secs(30)));
+        assert_eq!(code, EXIT_BAD_INPUT);
+        assert!(message.contains("CONFIG_DEBUG_INFO_BTF=y"), "{message}");
+
+        let no_bpf = fake_qemu(
+            "no-bpf",
+            "parsrv-vm: kernel 6.1\nparsrv-vm: error: no-bpf\n",
+            "",
+            Some(0),
+        );
+        let (code, message) = fatal(boot_fake(&no_bpf, Duration::from_secs(30)));
+        assert_eq!(code, EXIT_BAD_INPUT);
+        assert!(message.contains("CONFIG_BPF_SYSCALL=y"), "{message}");
+
+        let refused = fake_qemu(
+            "kvm",
+            "",
+            "qemu-system-x86_64: failed to initialize kvm: No such file\n",
+            Some(1),
+        );
+        let (code, message) = fatal(boot_fake(&refused, Duration::from_secs(30)));
+        assert_eq!(code, EXIT_BAD_INPUT);
+        assert!(
+            message.contains("qemu said: qemu-system-x86_64: failed to initialize kvm"),
+            "{message}"
+        );
+
+        let cut_short = fake_qemu(
+            "short",
+            "parsrv-vm: kernel 6.1\nparsrv-vm: run stall\n",
+            "",
+            Some(0),
+        );
+        let (code, message) = fatal(boot_fake(&cut_short, Duration::from_secs(30)));
+        assert_eq!(code, EXIT_FAILED);
+        assert!(
+            message.contains("stopped before the tests finished"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_finished_run_returns_its_outcome() {
+        let qemu = fake_qemu(
+            "done",
+            "parsrv-vm: kernel 6.1\ntest result: ok. 2 passed; 0 failed; 0 ignored\nparsrv-vm: exit stall 0\nparsrv-vm: done failed-binaries=0\n",
+            "",
+            Some(0),
+        );
+        let run = boot_fake(&qemu, Duration::from_secs(30)).unwrap();
+        assert!(run.outcome.passed());
+        assert_eq!(run.outcome.passed, 2);
+    }
+
+    #[test]
+    fn missing_qemu_is_bad_input_naming_the_fix() {
+        let error = find_qemu_in(None, Some("/nonexistent".into())).unwrap_err();
+        let fatal = error.downcast_ref::<Fatal>().unwrap();
+        assert_eq!(fatal.code, EXIT_BAD_INPUT);
+        assert!(
+            fatal.message.contains("apt-get install qemu-system-x86"),
+            "{fatal}"
+        );
+        let error = find_qemu_in(Some("/nonexistent/qemu".into()), None).unwrap_err();
+        assert!(error
+            .to_string()
+            .contains("QEMU=/nonexistent/qemu does not exist"));
+        let sh = find_qemu_in(Some("/bin/sh".into()), None).unwrap();
+        assert_eq!(sh, PathBuf::from("/bin/sh"));
+    }
+}
