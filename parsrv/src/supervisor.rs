@@ -277,7 +277,7 @@ async fn replace(
                 format!(" (state {state}, waiting in {wchan})")
             });
         let why = format!("{why}{seen}");
-        kill_group(new, nix::sys::signal::Signal::SIGKILL);
+        kill_handler(new, nix::sys::signal::Signal::SIGKILL);
         let _ = fresh.child.wait().await;
         let message =
             format!("handler {index}: the replacement (pid {new}) {why}: kept pid {old} serving");
@@ -296,12 +296,12 @@ async fn replace(
 /// SIGKILL to the group after `grace`, and to whatever of it is left once the handler exits.
 async fn stop_handler(child: &mut tokio::process::Child, pid: u32, grace: Duration) -> String {
     use nix::sys::signal::Signal;
-    kill_group(pid, Signal::SIGTERM);
-    kill_group(pid, Signal::SIGCONT);
+    kill_handler(pid, Signal::SIGTERM);
+    kill_handler(pid, Signal::SIGCONT);
     let how = match tokio::time::timeout(grace, child.wait()).await {
         Ok(exit) => describe_exit(exit),
         Err(_) => {
-            kill_group(pid, Signal::SIGKILL);
+            kill_handler(pid, Signal::SIGKILL);
             let _ = child.wait().await;
             format!("did not exit within {grace:?} of SIGTERM: killed")
         }
@@ -392,6 +392,18 @@ fn describe_exit(exit: io::Result<ExitStatus>) -> String {
         },
         Err(e) => format!("could not be waited for ({e})"),
     }
+}
+
+/// Signals handler `pid` and its process group; only while `pid` is a child not yet waited
+/// for (afterwards the number may be another process's).
+///
+/// The process itself is signalled, not only the group: until the child's pre_exec step has
+/// called setpgid there is no such group. A handler stopped (SIGSTOP) in that window and
+/// then retired got neither SIGTERM, SIGCONT nor SIGKILL, and its retirement waited forever
+/// (seen under emulation, where the window is wide, on Linux 6.1).
+fn kill_handler(pid: u32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+    kill_group(pid, signal);
 }
 
 /// Signals handler `pid`'s process group (each handler leads one; see place_handler).

@@ -327,7 +327,7 @@ fn status_without_a_running_group_says_how_to_start_one() {
     assert!(stderr.contains("parsrv run"), "{stderr}");
 }
 
-/// parsrv's probes agree with the release that introduced each feature (Debian's and
+/// parsrv's probes find every feature on a kernel whose release has it (Debian's and
 /// mainline's configurations enable them all), `parsrv kernel` exits 1 exactly when one is
 /// missing, and there `parsrv run` refuses with one line naming it, leaving nothing behind.
 /// On a new kernel the refusal is not reachable; the VM suite runs this on Linux 5.10.
@@ -346,7 +346,12 @@ fn kernel_features_follow_the_release_and_a_missing_one_is_refused_by_name() {
     for feature in report["features"].as_array().unwrap() {
         let since = KernelVersion::parse(feature["since"].as_str().unwrap()).unwrap();
         let present = feature["present"].as_bool().unwrap();
-        assert_eq!(present, version >= since, "{release}: {feature}");
+        // A kernel new enough must have it. An older one may too: distributions backport
+        // (Debian's 5.10 has net.ipv4.tcp_migrate_req), which is why parsrv probes.
+        assert!(
+            present || version < since,
+            "{release} should have it: {feature}"
+        );
         if !present {
             missing.push(feature["name"].as_str().unwrap().to_owned());
         }

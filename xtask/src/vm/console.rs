@@ -98,6 +98,9 @@ impl Outcome {
                         .push(format!("{binary} (exit {status})"));
                 }
             }
+        } else if let Some(hung) = said.strip_prefix("hung ") {
+            let binary = hung.split(':').next().unwrap_or(hung);
+            self.failures.push(format!("{binary} (hung, killed)"));
         } else if let Some(done) = said.strip_prefix("done failed-binaries=") {
             self.done = done.trim().parse().ok();
         }
@@ -168,11 +171,13 @@ mod tests {
              test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n\
              parsrv-vm: exit when_full 101\n\
              parsrv-vm: exit policy 134\n\
+             parsrv-vm: hung scaling: killed after 300 s; its processes and the spawners' logs:\n\
+             parsrv-vm: exit scaling 137\n\
              parsrv-vm: skip redirect_keeps: kernel 5.10.0-32-amd64 predates the bpf_loop helper (Linux 5.17+)\n\
              parsrv-vm: done failed-binaries=2\n",
         );
-        assert_eq!(o.failures, vec!["when_full_drop"]);
-        assert_eq!(o.failed_binaries.len(), 2);
+        assert_eq!(o.failures, vec!["when_full_drop", "scaling (hung, killed)"]);
+        assert_eq!(o.failed_binaries.len(), 3);
         assert_eq!(o.skips.len(), 1);
         assert!(!o.passed());
     }

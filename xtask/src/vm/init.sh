@@ -39,10 +39,29 @@ IFS=,
 set -- $args
 unset IFS
 failed=0
+# A binary still running after this long is hung: its processes are shown and killed, and
+# the next binary runs. The runner's --timeout covers the VM as a whole.
+limit=300
 for binary in $(cat /opt/parsrv/tests.list); do
     say "run $binary"
-    "/opt/parsrv/tests/$binary" --ignored --test-threads=1 "$@"
+    # --nocapture: a test's own progress lines reach the console as they happen, so the
+    # last one names where a hung test stopped.
+    timeout -s KILL "$limit" "/opt/parsrv/tests/$binary" --ignored --test-threads=1 --nocapture "$@"
     status=$?
+    if [ "$status" = 137 ]; then
+        say "hung $binary: killed after $limit s; its processes and the spawners' logs:"
+        for proc in /proc/[0-9]*; do
+            # Not this init, nor kernel threads (they have no executable).
+            [ "${proc#/proc/}" = 1 ] || [ ! -e "$proc/exe" ] && continue
+            echo "  pid ${proc#/proc/} $(cat "$proc/comm" 2>/dev/null) state $(cut -d' ' -f3 "$proc/stat" 2>/dev/null) wchan $(cat "$proc/wchan" 2>/dev/null)"
+        done
+        for log in /tmp/parsrv-test-*.log; do
+            [ -f "$log" ] && { echo "  == $log (last 40 lines)"; tail -n 40 "$log"; }
+        done
+        # Everything but this init: the next binary starts clean.
+        kill -9 -1
+        sleep 1
+    fi
     say "exit $binary $status"
     [ "$status" = 0 ] || failed=$((failed + 1))
 done
