@@ -152,6 +152,9 @@ fn run(task: Task) -> Result<()> {
                 timeout: Duration::from_secs(timeout),
                 filter: filter.clone(),
             };
+            if !no_vm {
+                vm_options.validate()?;
+            }
             if !vm {
                 test(filter.clone())?;
                 if no_vm {

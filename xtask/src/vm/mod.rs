@@ -68,6 +68,18 @@ pub struct VmOptions {
     pub filter: Option<String>,
 }
 
+impl VmOptions {
+    /// Checks the kernels and the filter, without fetching or building anything: a full
+    /// `cargo xtask test` calls it first, so bad input fails before the native suite runs.
+    pub fn validate(&self) -> Result<()> {
+        test_args(self)?;
+        for spec in &self.kernels {
+            kernel::KernelSpec::parse(spec)?;
+        }
+        Ok(())
+    }
+}
+
 /// What one VM reported.
 pub struct VmRun {
     pub label: String,
