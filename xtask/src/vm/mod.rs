@@ -424,64 +424,55 @@ mod tests {
 
     #[test]
     fn panics_refusals_and_qemu_errors_each_get_their_exit_code() {
-        let panic = fake_qemu(
-            "panic",
-            "parsrv-vm: kernel 6.1\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n",
-            "",
-            Some(0),
-        );
-        let (code, message) = fatal(boot_fake(&panic, Duration::from_secs(30)));
-        assert_eq!(code, EXIT_VM_HUNG);
-        assert!(
-            message.contains("panicked: [ 1.0] Kernel panic"),
-            "{message}"
-        );
-
-        let no_btf = fake_qemu(
-            "no-btf",
-            "parsrv-vm: kernel 6.1\nparsrv-vm: error: no-btf\n",
-            "",
-            Some(0),
-        );
-        let (code, message) = fatal(boot_fake(&no_btf, Duration::from_secs(30)));
-        assert_eq!(code, EXIT_BAD_INPUT);
-        assert!(message.contains("CONFIG_DEBUG_INFO_BTF=y"), "{message}");
-
-        let no_bpf = fake_qemu(
-            "no-bpf",
-            "parsrv-vm: kernel 6.1\nparsrv-vm: error: no-bpf\n",
-            "",
-            Some(0),
-        );
-        let (code, message) = fatal(boot_fake(&no_bpf, Duration::from_secs(30)));
-        assert_eq!(code, EXIT_BAD_INPUT);
-        assert!(message.contains("CONFIG_BPF_SYSCALL=y"), "{message}");
-
-        let refused = fake_qemu(
-            "kvm",
-            "",
-            "qemu-system-x86_64: failed to initialize kvm: No such file\n",
-            Some(1),
-        );
-        let (code, message) = fatal(boot_fake(&refused, Duration::from_secs(30)));
-        assert_eq!(code, EXIT_BAD_INPUT);
-        assert!(
-            message.contains("qemu said: qemu-system-x86_64: failed to initialize kvm"),
-            "{message}"
-        );
-
-        let cut_short = fake_qemu(
-            "short",
-            "parsrv-vm: kernel 6.1\nparsrv-vm: run stall\n",
-            "",
-            Some(0),
-        );
-        let (code, message) = fatal(boot_fake(&cut_short, Duration::from_secs(30)));
-        assert_eq!(code, EXIT_FAILED);
-        assert!(
-            message.contains("stopped before the tests finished"),
-            "{message}"
-        );
+        // (name, console, qemu's stderr, qemu's exit, expected exit code, words)
+        let cases = [
+            (
+                "panic",
+                "parsrv-vm: kernel 6.1\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n",
+                "",
+                0,
+                EXIT_VM_HUNG,
+                "panicked: [ 1.0] Kernel panic",
+            ),
+            (
+                "no-btf",
+                "parsrv-vm: kernel 6.1\nparsrv-vm: error: no-btf\n",
+                "",
+                0,
+                EXIT_BAD_INPUT,
+                "CONFIG_DEBUG_INFO_BTF=y",
+            ),
+            (
+                "no-bpf",
+                "parsrv-vm: kernel 6.1\nparsrv-vm: error: no-bpf\n",
+                "",
+                0,
+                EXIT_BAD_INPUT,
+                "CONFIG_BPF_SYSCALL=y",
+            ),
+            (
+                "kvm",
+                "",
+                "qemu-system-x86_64: failed to initialize kvm: No such file\n",
+                1,
+                EXIT_BAD_INPUT,
+                "qemu said: qemu-system-x86_64: failed to initialize kvm",
+            ),
+            (
+                "short",
+                "parsrv-vm: kernel 6.1\nparsrv-vm: run stall\n",
+                "",
+                0,
+                EXIT_FAILED,
+                "stopped before the tests finished",
+            ),
+        ];
+        for (name, console, stderr, exit, expected, words) in cases {
+            let qemu = fake_qemu(name, console, stderr, Some(exit));
+            let (code, message) = fatal(boot_fake(&qemu, Duration::from_secs(30)));
+            assert_eq!(code, expected, "{name}: {message}");
+            assert!(message.contains(words), "{name}: {message}");
+        }
     }
 
     #[test]
