@@ -295,6 +295,15 @@ pub fn main() -> i32 {
         Err(e) => return usage_error(e),
     };
     init_logging(&cli.command);
+    if !matches!(cli.command, Command::Run(_) | Command::Handler(_)) {
+        // A query piped into `head` ends quietly when the reader goes, as other Unix tools
+        // do (Rust ignores SIGPIPE, which would turn that into a panic). The spawner and
+        // handlers keep ignoring it: a closed log pipe must not kill them.
+        // SAFETY: setting a signal's disposition to its default, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => args.into_options().and_then(spawner::run),
         Command::Status(args) => status(args),

@@ -2,12 +2,7 @@
 //! runtime errors, and nothing left behind: no pins, no control socket, no process, no
 //! loaded program, nothing listening.
 
-use std::{
-    io::{BufRead, BufReader},
-    os::unix::process::CommandExt,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
 use parsrv::{control, features::KernelVersion, spawner::pin_dir};
 use parsrv_integration_tests::{
@@ -172,25 +167,44 @@ fn address_held_outside_the_group_is_refused() {
         drop(plain);
 
         // Another user's SO_REUSEPORT listener: joining it would steer a stranger's group.
-        let mut stranger = Command::new("python3")
-            .args([
-                "-c",
-                "import socket,time\n\
-                 s=socket.socket()\n\
-                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
-                 s.bind(('127.0.0.1', 8080)); s.listen(8)\n\
-                 print('ready', flush=True); time.sleep(60)",
-            ])
-            .uid(65534)
-            .gid(65534)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut ready = String::new();
-        BufReader::new(stranger.stdout.take().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
-        assert_eq!(ready.trim(), "ready");
+        // `sleep` as nobody, holding a socket its pre-exec step (after setuid) opened.
+        let mut stranger = Command::new("sleep");
+        stranger.arg("60").uid(65534).gid(65534);
+        // SAFETY: only raw system calls between fork and exec.
+        unsafe {
+            stranger.pre_exec(|| {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let one: libc::c_int = 1;
+                let address = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 8080u16.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let failed = fd < 0
+                    || libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_REUSEPORT,
+                        (&one as *const libc::c_int).cast(),
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    ) < 0
+                    || libc::bind(
+                        fd,
+                        (&address as *const libc::sockaddr_in).cast(),
+                        size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    ) < 0
+                    || libc::listen(fd, 8) < 0;
+                if failed {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        // spawn() returns once the child has exec'd: its socket listens by then.
+        let mut stranger = stranger.spawn().expect("a listener as nobody");
         expect_error(&run_group(&[]), || Ok(()), 1, &["already in use"]);
         signal(stranger.id(), nix::sys::signal::Signal::SIGKILL);
         stranger.wait().unwrap();

@@ -44,11 +44,13 @@ failed=0
 limit=300
 for binary in $(cat /opt/parsrv/tests.list); do
     say "run $binary"
+    started=$(date +%s)
     # --nocapture: a test's own progress lines reach the console as they happen, so the
     # last one names where a hung test stopped.
     timeout -s KILL "$limit" "/opt/parsrv/tests/$binary" --ignored --test-threads=1 --nocapture "$@"
     status=$?
-    if [ "$status" = 137 ]; then
+    # SIGKILLed at the limit (not by the OOM killer, which would be sooner).
+    if [ "$status" = 137 ] && [ $(($(date +%s) - started)) -ge "$limit" ]; then
         say "hung $binary: killed after $limit s; its processes and the spawners' logs:"
         for proc in /proc/[0-9]*; do
             # Not this init, nor kernel threads (they have no executable).

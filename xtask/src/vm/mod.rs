@@ -37,8 +37,7 @@ use crate::{Fatal, EXIT_BAD_INPUT, EXIT_VM_HUNG};
 /// Integration tests that need a Python server (gunicorn, uvicorn, prometheus_client or a
 /// python3 one-liner) as a handler or helper: the VM image has no Python. They run natively
 /// in `cargo xtask test`; the VM summary lists them as not run.
-pub const NEEDS_PYTHON: [&str; 6] = [
-    "address_held_outside_the_group_is_refused",
+pub const NEEDS_PYTHON: [&str; 5] = [
     "two_groups_steer_independently_and_metrics_match_status",
     "gunicorn_and_uvicorn_as_handlers_survive_a_stalled_one",
     "handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps",
@@ -115,7 +114,7 @@ pub fn test(options: &VmOptions) -> Result<()> {
             options.timeout.as_secs()
         );
         let log = vm_dir.join(format!("console-{}.log", kernel.label.replace('/', "_")));
-        match boot(&qemu, &kernel, &initramfs, &test_args, options, &log) {
+        match boot_retrying_early_panics(&qemu, &kernel, &initramfs, &test_args, options, &log) {
             Ok(run) => runs.push(run),
             Err(e) => errors.push(e),
         }
@@ -197,6 +196,35 @@ fn find_qemu_in(
     })
 }
 
+/// [`boot`], once more if the kernel panicked before our init printed a line: an emulator
+/// fault there (seen once, with one qemu thread per vCPU) says nothing of parsrv, and a
+/// kernel that cannot boot panics again. The first console stays in `*.early-panic.log`.
+fn boot_retrying_early_panics(
+    qemu: &Path,
+    kernel: &kernel::Kernel,
+    initramfs: &Path,
+    test_args: &str,
+    options: &VmOptions,
+    log_path: &Path,
+) -> Result<VmRun> {
+    let first = boot(qemu, kernel, initramfs, test_args, options, log_path);
+    let console = fs::read_to_string(log_path).unwrap_or_default();
+    let early_panic = first.is_err()
+        && console.contains("Kernel panic")
+        && !console.lines().any(|l| l.starts_with("parsrv-vm: "));
+    if !early_panic {
+        return first;
+    }
+    let kept = log_path.with_extension("early-panic.log");
+    fs::rename(log_path, &kept)?;
+    eprintln!(
+        "xtask: kernel {} panicked before the init ran ({}); booting it once more",
+        kernel.label,
+        kept.display()
+    );
+    boot(qemu, kernel, initramfs, test_args, options, log_path)
+}
+
 /// Boots one kernel with the test image and follows its console until power-off, a panic
 /// or the time-out.
 fn boot(
@@ -208,7 +236,10 @@ fn boot(
     log_path: &Path,
 ) -> Result<VmRun> {
     let (accel, cpu) = match options.accel {
-        Accel::Tcg => ("tcg", "max"),
+        // One host thread for both vCPUs. With one thread per vCPU (qemu 7.2 here), a 6.12
+        // guest died at boot with "Oops: int3" in code the kernel was patching while the
+        // other vCPU ran it (text_poke_bp): cross-modified code is not coherent there.
+        Accel::Tcg => ("tcg,thread=single", "max"),
         Accel::Kvm => ("kvm", "host"),
     };
     let started = Instant::now();
@@ -473,6 +504,62 @@ mod tests {
             assert_eq!(code, expected, "{name}: {message}");
             assert!(message.contains(words), "{name}: {message}");
         }
+    }
+
+    #[test]
+    fn only_a_panic_before_the_init_is_retried_once() {
+        let dir = std::env::temp_dir().join(format!("xtask-vm-{}-retry", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let boots = dir.join("boots");
+        // Panics before the init on its first boot, then runs cleanly.
+        let qemu = dir.join("qemu");
+        fs::write(
+            &qemu,
+            format!(
+                "#!/bin/sh\necho x >> {0}\nif [ $(wc -l < {0}) = 1 ]; then\n\
+                 printf '[ 1.1] Kernel panic - not syncing: Fatal exception\\n'; exit 0; fi\n\
+                 printf 'parsrv-vm: kernel 6.12\\ntest result: ok. 1 passed; 0 failed\\n\
+                 parsrv-vm: exit stall 0\\nparsrv-vm: done failed-binaries=0\\n'\n",
+                boots.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&qemu, fs::Permissions::from_mode(0o755)).unwrap();
+        let kernel = kernel::Kernel {
+            label: "fake".into(),
+            image: PathBuf::from("/nonexistent"),
+        };
+        let options = VmOptions {
+            kernels: Vec::new(),
+            accel: Accel::Tcg,
+            timeout: Duration::from_secs(30),
+            filter: None,
+        };
+        let log = dir.join("console.log");
+        let run = boot_retrying_early_panics(&qemu, &kernel, &dir, "", &options, &log).unwrap();
+        assert!(run.outcome.passed());
+        assert_eq!(fs::read_to_string(&boots).unwrap().lines().count(), 2);
+        assert!(fs::read_to_string(dir.join("console.early-panic.log"))
+            .unwrap()
+            .contains("Kernel panic"));
+
+        // A panic after the init started is the run's result: not retried.
+        fs::write(&boots, "").unwrap();
+        fs::write(
+            &qemu,
+            format!(
+                "#!/bin/sh\necho x >> {}\n\
+                 printf 'parsrv-vm: kernel 6.1\\n[ 9.9] Kernel panic - not syncing: oops\\n'\n",
+                boots.display()
+            ),
+        )
+        .unwrap();
+        let (code, _) = fatal(boot_retrying_early_panics(
+            &qemu, &kernel, &dir, "", &options, &log,
+        ));
+        assert_eq!(code, EXIT_VM_HUNG);
+        assert_eq!(fs::read_to_string(&boots).unwrap().lines().count(), 1);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
