@@ -110,6 +110,15 @@ impl Outcome {
         self.release.is_some()
     }
 
+    /// Every binary ran cleanly, and not one test passed, failed or was skipped.
+    pub fn ran_nothing(&self) -> bool {
+        self.done == Some(0)
+            && self.passed == 0
+            && self.failed == 0
+            && self.failures.is_empty()
+            && self.skips.is_empty()
+    }
+
     /// Every binary ran and exited 0, no test failed, and at least one test passed or was
     /// skipped with a reason (an empty run proves nothing).
     pub fn passed(&self) -> bool {
@@ -194,6 +203,7 @@ mod tests {
         assert!(skipped.passed());
         let empty = outcome("parsrv-vm: kernel 6.1\nparsrv-vm: done failed-binaries=0\n");
         assert!(!empty.passed());
+        assert!(empty.ran_nothing() && !skipped.ran_nothing());
     }
 
     #[test]

@@ -124,6 +124,17 @@ pub fn test(options: &VmOptions) -> Result<()> {
     if let Some(first) = errors.into_iter().next() {
         return Err(first);
     }
+    if !failed.is_empty() && failed.iter().all(|r| r.outcome.ran_nothing()) {
+        anyhow::bail!(
+            "no test ran in the VM{}: does the filter match a test name (one that needs no \
+             Python)?",
+            options
+                .filter
+                .as_ref()
+                .map(|f| format!(" (filter {f:?})"))
+                .unwrap_or_default()
+        );
+    }
     if !failed.is_empty() {
         anyhow::bail!(
             "tests failed in the VM for {}: the console output above says which",
