@@ -155,7 +155,12 @@ pub struct FeatureProbe {
 impl KernelFeatures {
     /// Probes every feature of the running kernel.
     pub fn probe() -> Self {
-        let btf = Btf::from_file(vmlinux_btf_path()).ok();
+        Self::probe_with(Btf::from_file(vmlinux_btf_path()).ok().as_ref())
+    }
+
+    /// Probes every feature, with the running kernel's BTF already parsed (None: it has
+    /// none).
+    pub fn probe_with(btf: Option<&Btf>) -> Self {
         let proc_sys = Path::new("/proc/sys");
         let features = Feature::ALL
             .iter()
@@ -163,7 +168,7 @@ impl KernelFeatures {
                 feature,
                 name: feature.name(),
                 since: feature.since(),
-                present: probe(feature, btf.as_ref(), proc_sys),
+                present: probe(feature, btf, proc_sys),
             })
             .collect();
         let release = kernel_release();

@@ -26,16 +26,26 @@ pub fn vmlinux_btf_path() -> PathBuf {
 
 /// Reads the offsets the program needs from the running kernel's BTF.
 pub fn kernel_offsets() -> Result<KernelOffsets> {
+    offsets_in(&vmlinux_btf()?)
+}
+
+/// The running kernel's BTF, parsed (once per start: it takes a while).
+pub fn vmlinux_btf() -> Result<Btf> {
     let path = vmlinux_btf_path();
     if !path.is_file() {
         return Err(Error::NoBtf { path });
     }
-    let btf = Btf::from_file(&path).map_err(|e| Error::BtfLayout {
+    Btf::from_file(&path).map_err(|e| Error::BtfLayout {
         path: path.clone(),
         what: format!("a readable BTF ({e})"),
-    })?;
+    })
+}
+
+/// The offsets the program needs, from the running kernel's parsed BTF.
+pub fn offsets_in(btf: &Btf) -> Result<KernelOffsets> {
+    let path = vmlinux_btf_path();
     let layout = |structure: &str, members: &[&str], size: usize| {
-        member_offset(&btf, structure, members, size).map_err(|what| Error::BtfLayout {
+        member_offset(btf, structure, members, size).map_err(|what| Error::BtfLayout {
             path: path.clone(),
             what,
         })

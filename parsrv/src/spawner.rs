@@ -66,8 +66,10 @@ pub fn run(options: RunOptions) -> Result<()> {
     }
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
     kernel::check_capabilities()?;
-    crate::features::KernelFeatures::probe().require_all()?;
-    let offsets = kernel::kernel_offsets()?;
+    let btf = kernel::vmlinux_btf()?;
+    crate::features::KernelFeatures::probe_with(Some(&btf)).require_all()?;
+    let offsets = kernel::offsets_in(&btf)?;
+    drop(btf); // some megabytes, not needed while serving
     crate::program::object()?;
     for spec in &options.groups {
         ensure_not_running(&spec.name)?;
