@@ -28,9 +28,14 @@ const APT_PACKAGES: [&str; 6] = [
     "fonts-dejavu-core",
 ];
 
-/// What `cargo xtask test --vm` needs besides the build: qemu (TCG is enough) and a static
-/// busybox for the VM's shell and the commands some tests run as handlers (sh, sleep).
-const VM_APT_PACKAGES: [&str; 2] = ["qemu-system-x86", "busybox-static"];
+/// What `cargo xtask test --vm` needs besides the build: qemu (TCG is enough), a static
+/// busybox for the VM's shell and the commands some tests run as handlers (sh, sleep), and
+/// the keys apt checks Debian's kernel packages with (present on Debian, not on Ubuntu).
+const VM_APT_PACKAGES: [&str; 3] = [
+    "qemu-system-x86",
+    "busybox-static",
+    "debian-archive-keyring",
+];
 
 pub fn ensure_all() -> Result<()> {
     ensure_apt_packages(&APT_PACKAGES, "LLVM 22 for bpf-linker, test tools")?;
