@@ -114,7 +114,15 @@ pub fn test(options: &VmOptions) -> Result<()> {
             options.timeout.as_secs()
         );
         let log = vm_dir.join(format!("console-{}.log", kernel.label.replace('/', "_")));
-        match boot_retrying_early_panics(&qemu, &kernel, &initramfs, &test_args, options, &log) {
+        let vm = Vm {
+            qemu: &qemu,
+            kernel: &kernel,
+            initramfs: &initramfs,
+            test_args: &test_args,
+            options,
+            log_path: &log,
+        };
+        match vm.boot_retrying_early_panics() {
             Ok(run) => runs.push(run),
             Err(e) => errors.push(e),
         }
@@ -207,158 +215,170 @@ fn find_qemu_in(
     })
 }
 
-/// [`boot`], once more if the kernel panicked before our init printed a line: an emulator
-/// fault there (seen once, with one qemu thread per vCPU) says nothing of parsrv, and a
-/// kernel that cannot boot panics again. The first console stays in `*.early-panic.log`.
-fn boot_retrying_early_panics(
-    qemu: &Path,
-    kernel: &kernel::Kernel,
-    initramfs: &Path,
-    test_args: &str,
-    options: &VmOptions,
-    log_path: &Path,
-) -> Result<VmRun> {
-    let first = boot(qemu, kernel, initramfs, test_args, options, log_path);
-    let console = fs::read_to_string(log_path).unwrap_or_default();
-    let early_panic = first.is_err()
-        && console.contains("Kernel panic")
-        && !console.lines().any(|l| l.starts_with("parsrv-vm: "));
-    if !early_panic {
-        return first;
-    }
-    let kept = log_path.with_extension("early-panic.log");
-    fs::rename(log_path, &kept)?;
-    eprintln!(
-        "xtask: kernel {} panicked before the init ran ({}); booting it once more",
-        kernel.label,
-        kept.display()
-    );
-    boot(qemu, kernel, initramfs, test_args, options, log_path)
+/// One kernel to boot with the test image.
+struct Vm<'a> {
+    qemu: &'a Path,
+    kernel: &'a kernel::Kernel,
+    initramfs: &'a Path,
+    /// The test binaries' arguments, joined by commas (see [`test_args`]).
+    test_args: &'a str,
+    options: &'a VmOptions,
+    /// Where the console is kept.
+    log_path: &'a Path,
 }
 
-/// Boots one kernel with the test image and follows its console until power-off, a panic
-/// or the time-out.
-fn boot(
-    qemu: &Path,
-    kernel: &kernel::Kernel,
-    initramfs: &Path,
-    test_args: &str,
-    options: &VmOptions,
-    log_path: &Path,
-) -> Result<VmRun> {
-    let (accel, cpu) = match options.accel {
-        // One host thread for both vCPUs. With one thread per vCPU (qemu 7.2 here), a 6.12
-        // guest died at boot with "Oops: int3" in code the kernel was patching while the
-        // other vCPU ran it (text_poke_bp): cross-modified code is not coherent there.
-        Accel::Tcg => ("tcg,thread=single", "max"),
-        Accel::Kvm => ("kvm", "host"),
-    };
-    let started = Instant::now();
-    let mut child = Command::new(qemu)
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio", "-no-reboot"])
-        .args(["-accel", accel, "-cpu", cpu, "-smp", "2", "-m", "2048"])
-        .arg("-kernel")
-        .arg(&kernel.image)
-        .arg("-initrd")
-        .arg(initramfs)
-        // panic=-1 reboots at once on a panic, and -no-reboot turns that into qemu exiting.
-        .arg("-append")
-        .arg(format!(
+impl Vm<'_> {
+    /// [`Vm::boot`], once more if the kernel panicked before our init printed a line: an
+    /// emulator fault there (seen once, with one qemu thread per vCPU) says nothing of
+    /// parsrv, and a kernel that cannot boot panics again. The first console stays in
+    /// `*.early-panic.log`.
+    fn boot_retrying_early_panics(&self) -> Result<VmRun> {
+        let Vm {
+            kernel, log_path, ..
+        } = *self;
+        let first = self.boot();
+        let console = fs::read_to_string(log_path).unwrap_or_default();
+        let early_panic = first.is_err()
+            && console.contains("Kernel panic")
+            && !console.lines().any(|l| l.starts_with("parsrv-vm: "));
+        if !early_panic {
+            return first;
+        }
+        let kept = log_path.with_extension("early-panic.log");
+        fs::rename(log_path, &kept)?;
+        eprintln!(
+            "xtask: kernel {} panicked before the init ran ({}); booting it once more",
+            kernel.label,
+            kept.display()
+        );
+        self.boot()
+    }
+
+    /// Boots one kernel with the test image and follows its console until power-off, a panic
+    /// or the time-out.
+    fn boot(&self) -> Result<VmRun> {
+        let Vm {
+            qemu,
+            kernel,
+            initramfs,
+            test_args,
+            options,
+            log_path,
+        } = *self;
+        let (accel, cpu) = match options.accel {
+            // One host thread for both vCPUs. With one thread per vCPU (qemu 7.2 here), a 6.12
+            // guest died at boot with "Oops: int3" in code the kernel was patching while the
+            // other vCPU ran it (text_poke_bp): cross-modified code is not coherent there.
+            Accel::Tcg => ("tcg,thread=single", "max"),
+            Accel::Kvm => ("kvm", "host"),
+        };
+        let started = Instant::now();
+        let mut child = Command::new(qemu)
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .args(["-accel", accel, "-cpu", cpu, "-smp", "2", "-m", "2048"])
+            .arg("-kernel")
+            .arg(&kernel.image)
+            .arg("-initrd")
+            .arg(initramfs)
+            // panic=-1 reboots at once on a panic, and -no-reboot turns that into qemu exiting.
+            .arg("-append")
+            .arg(format!(
             "console=ttyS0 loglevel=4 panic=-1 oops=panic rdinit=/init parsrv.test-args={test_args}"
         ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", qemu.display()))?;
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", qemu.display()))?;
 
-    let (lines_tx, lines) = mpsc::channel();
-    let stdout = child.stdout.take().expect("piped");
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).split(b'\n') {
-            let Ok(line) = line else { break };
-            let line = String::from_utf8_lossy(&line).trim_end().to_owned();
-            if lines_tx.send(line).is_err() {
-                break;
+        let (lines_tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
             }
-        }
-    });
-    let mut stderr = child.stderr.take().expect("piped");
-    let stderr = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
-        text
-    });
+        });
+        let mut stderr = child.stderr.take().expect("piped");
+        let stderr = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
 
-    let mut log =
-        fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let mut outcome = Outcome::default();
-    let deadline = started + options.timeout;
-    let label = &kernel.label;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                writeln!(log, "{line}").ok();
-                println!("[{label}] {line}");
-                outcome.feed(&line);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                // Only the qemu this function started, by its own handle.
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Fatal::error(
-                    EXIT_VM_HUNG,
-                    format!(
-                        "the VM with kernel {label} hung: no result after {} s, killed (last \
+        let mut log = fs::File::create(log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut outcome = Outcome::default();
+        let deadline = started + options.timeout;
+        let label = &kernel.label;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    writeln!(log, "{line}").ok();
+                    println!("[{label}] {line}");
+                    outcome.feed(&line);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Only the qemu this function started, by its own handle.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Fatal::error(
+                        EXIT_VM_HUNG,
+                        format!(
+                            "the VM with kernel {label} hung: no result after {} s, killed (last \
                          console line: {:?}; whole console: {}); raise --timeout if it was \
                          only slow",
-                        options.timeout.as_secs(),
-                        outcome.last_line,
-                        log_path.display()
-                    ),
-                ));
+                            options.timeout.as_secs(),
+                            outcome.last_line,
+                            log_path.display()
+                        ),
+                    ));
+                }
             }
         }
-    }
-    let status = child.wait().context("waiting for qemu")?;
-    let took = started.elapsed();
-    let qemu_errors = stderr.join().unwrap_or_default();
-    if let Some(panic) = &outcome.panic {
-        return Err(Fatal::error(
-            EXIT_VM_HUNG,
-            format!(
-                "kernel {label} panicked: {panic} (console: {})",
-                log_path.display()
-            ),
-        ));
-    }
-    if let Some(refusal) = &outcome.refused {
-        return Err(Fatal::error(EXIT_BAD_INPUT, refusal.explain(label)));
-    }
-    if outcome.done.is_none() {
-        let why = qemu_errors
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| format!("qemu said: {}", l.trim()))
-            .unwrap_or_else(|| format!("qemu exited with {status}"));
-        let code = if outcome.booted() { 1 } else { EXIT_BAD_INPUT };
-        return Err(Fatal::error(
-            code,
-            format!(
-                "the VM with kernel {label} stopped before the tests finished; {why} \
+        let status = child.wait().context("waiting for qemu")?;
+        let took = started.elapsed();
+        let qemu_errors = stderr.join().unwrap_or_default();
+        if let Some(panic) = &outcome.panic {
+            return Err(Fatal::error(
+                EXIT_VM_HUNG,
+                format!(
+                    "kernel {label} panicked: {panic} (console: {})",
+                    log_path.display()
+                ),
+            ));
+        }
+        if let Some(refusal) = &outcome.refused {
+            return Err(Fatal::error(EXIT_BAD_INPUT, refusal.explain(label)));
+        }
+        if outcome.done.is_none() {
+            let why = qemu_errors
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| format!("qemu said: {}", l.trim()))
+                .unwrap_or_else(|| format!("qemu exited with {status}"));
+            let code = if outcome.booted() { 1 } else { EXIT_BAD_INPUT };
+            return Err(Fatal::error(
+                code,
+                format!(
+                    "the VM with kernel {label} stopped before the tests finished; {why} \
                  (console: {})",
-                log_path.display()
-            ),
-        ));
+                    log_path.display()
+                ),
+            ));
+        }
+        Ok(VmRun {
+            label: label.clone(),
+            outcome,
+            took,
+        })
     }
-    Ok(VmRun {
-        label: label.clone(),
-        outcome,
-        took,
-    })
 }
 
 fn print_summary(runs: &[VmRun]) {
@@ -420,7 +440,13 @@ mod tests {
         script
     }
 
-    fn boot_fake(qemu: &Path, timeout: Duration) -> Result<VmRun> {
+    /// Runs `boot` on a VM whose qemu is `qemu` (a fake) and whose console goes to `log`.
+    fn with_fake_vm<T>(
+        qemu: &Path,
+        timeout: Duration,
+        log: &Path,
+        boot: impl FnOnce(&Vm) -> T,
+    ) -> T {
         let kernel = kernel::Kernel {
             label: "fake".into(),
             image: PathBuf::from("/nonexistent"),
@@ -431,8 +457,18 @@ mod tests {
             timeout,
             filter: None,
         };
-        let log = qemu.with_file_name("log");
-        let run = boot(qemu, &kernel, Path::new("/nonexistent"), "", &options, &log);
+        boot(&Vm {
+            qemu,
+            kernel: &kernel,
+            initramfs: Path::new("/nonexistent"),
+            test_args: "",
+            options: &options,
+            log_path: log,
+        })
+    }
+
+    fn boot_fake(qemu: &Path, timeout: Duration) -> Result<VmRun> {
+        let run = with_fake_vm(qemu, timeout, &qemu.with_file_name("log"), |vm| vm.boot());
         fs::remove_dir_all(qemu.parent().unwrap()).unwrap();
         run
     }
@@ -536,18 +572,13 @@ mod tests {
         )
         .unwrap();
         fs::set_permissions(&qemu, fs::Permissions::from_mode(0o755)).unwrap();
-        let kernel = kernel::Kernel {
-            label: "fake".into(),
-            image: PathBuf::from("/nonexistent"),
-        };
-        let options = VmOptions {
-            kernels: Vec::new(),
-            accel: Accel::Tcg,
-            timeout: Duration::from_secs(30),
-            filter: None,
-        };
         let log = dir.join("console.log");
-        let run = boot_retrying_early_panics(&qemu, &kernel, &dir, "", &options, &log).unwrap();
+        let retrying = |qemu: &Path| {
+            with_fake_vm(qemu, Duration::from_secs(30), &log, |vm| {
+                vm.boot_retrying_early_panics()
+            })
+        };
+        let run = retrying(&qemu).unwrap();
         assert!(run.outcome.passed());
         assert_eq!(fs::read_to_string(&boots).unwrap().lines().count(), 2);
         assert!(fs::read_to_string(dir.join("console.early-panic.log"))
@@ -565,9 +596,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let (code, _) = fatal(boot_retrying_early_panics(
-            &qemu, &kernel, &dir, "", &options, &log,
-        ));
+        let (code, _) = fatal(retrying(&qemu));
         assert_eq!(code, EXIT_VM_HUNG);
         assert_eq!(fs::read_to_string(&boots).unwrap().lines().count(), 1);
         fs::remove_dir_all(&dir).unwrap();
