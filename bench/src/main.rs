@@ -18,7 +18,7 @@ use std::{
 
 use load::{Connections, Spec};
 use models::{Model, Served};
-use parsrv_integration_tests::{in_netns, signal, NetCounters};
+use parsrv_integration_tests::{isolated, signal, NetCounters};
 use report::{Report, Table};
 
 /// No client of the lifecycle scenarios runs longer than this, whatever happens.
@@ -83,7 +83,7 @@ fn main() {
     for wanted in wanted {
         let scenario: &'static str = SCENARIOS.iter().find(|s| **s == wanted).expect("checked");
         // Each scenario in a network namespace of its own.
-        report = in_netns(move || {
+        report = isolated(move || {
             let mut report = report;
             match scenario {
                 "uniform" => uniform(&mut report, quick),

@@ -12,6 +12,7 @@ use crate::{
     control::{self, Request, Response},
     error::{Error, Result, EXIT_RUNTIME, EXIT_USAGE},
     handler,
+    output::ERROR_PREFIX,
     spawner::{self, RunOptions},
     status::GroupStatus,
 };
@@ -294,7 +295,7 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    init_logging(&cli.command);
+    crate::output::init_logging(matches!(cli.command, Command::Handler(_)));
     if !matches!(cli.command, Command::Run(_) | Command::Handler(_)) {
         // A query piped into `head` ends quietly when the reader goes, as other Unix tools
         // do (Rust ignores SIGPIPE, which would turn that into a panic). The spawner and
@@ -324,7 +325,7 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("parsrv: {e}");
+            eprintln!("{ERROR_PREFIX}{e}");
             e.exit_code()
         }
     }
@@ -354,23 +355,14 @@ fn usage_error(e: clap::Error) -> i32 {
         .filter(|l| l.starts_with('[') || l.starts_with("tip:"))
         .collect();
     if hints.is_empty() {
-        eprintln!("parsrv: {first} (see parsrv --help)");
+        eprintln!("{ERROR_PREFIX}{first} (see parsrv --help)");
     } else {
-        eprintln!("parsrv: {first} {} (see parsrv --help)", hints.join(" "));
+        eprintln!(
+            "{ERROR_PREFIX}{first} {} (see parsrv --help)",
+            hints.join(" ")
+        );
     }
     EXIT_USAGE
-}
-
-fn init_logging(command: &Command) {
-    use std::io::Write;
-    // A handler's output goes through its spawner, which prefixes it with slot and pid.
-    let who = match command {
-        Command::Handler(_) => String::new(),
-        _ => format!("parsrv[{}] ", std::process::id()),
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(move |buf, record| writeln!(buf, "{who}{}: {}", record.level(), record.args()))
-        .init();
 }
 
 fn group(command: GroupCommand) -> Result<()> {

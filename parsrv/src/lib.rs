@@ -6,7 +6,8 @@
 //! socket whose accept queue has room, reading the queues' real depth at offsets taken from
 //! the kernel's BTF ([`kernel`]), on kernels that have every feature it needs ([`features`]).
 //! `parsrv status` ([`status`]) asks the spawner through its control socket ([`control`]).
-//! A handler program takes its socket with [`activation`].
+//! A handler program takes its socket with [`activation`]. What goes to stdout and stderr,
+//! and how an error is told from a log line, is [`output`].
 
 pub mod activation;
 pub mod autoscale;
@@ -20,6 +21,7 @@ pub mod group;
 pub mod handler;
 pub mod kernel;
 pub mod metrics;
+pub mod output;
 pub mod program;
 pub mod spawner;
 pub mod status;

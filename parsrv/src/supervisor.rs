@@ -432,8 +432,8 @@ fn forward_output(child: &mut tokio::process::Child, slot: u32, pid: u32) {
                     Ok(_) => {
                         let text = String::from_utf8_lossy(&line);
                         eprintln!(
-                            "parsrv[{}] handler {slot}[{pid}]: {}",
-                            std::process::id(),
+                            "{}handler {slot}[{pid}]: {}",
+                            crate::output::log_prefix(std::process::id()),
                             text.trim_end_matches(['\n', '\r'])
                         );
                     }

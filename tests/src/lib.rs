@@ -1,10 +1,12 @@
 //! Helpers for parsrv's privileged integration tests (tests/tests/*.rs).
 //!
-//! Every test runs inside [`in_netns`]: a network namespace of its own with only loopback,
-//! so tests cannot disturb each other or the host, and kernel counters read there
-//! ([`NetCounters`]) count only that test's traffic. Every load is bounded in connections
-//! and time. The tests are `#[ignore]`d so that a plain `cargo test` stays unprivileged;
-//! `cargo xtask test` runs them as root with `--ignored`.
+//! Every test runs inside [`isolated`]: a network namespace of its own with only loopback,
+//! and a mount namespace of its own with a fresh bpffs at /sys/fs/bpf and an empty /run, so
+//! tests cannot disturb each other or the host, see no pins, control sockets or mounts of
+//! the host or of an earlier run, and kernel counters read there ([`NetCounters`]) count
+//! only that test's traffic. Every load is bounded in connections and time. The tests are
+//! `#[ignore]`d so that a plain `cargo test` stays unprivileged; `cargo xtask test` runs
+//! them as root with `--ignored`.
 
 use std::{
     fs,
@@ -71,13 +73,19 @@ pub fn kernel_has(features: &[Feature]) -> bool {
             feature.since()
         );
     }
-    let test = thread::current().name().unwrap_or("?").to_owned();
-    let reason = format!(
+    skip(&format!(
         "kernel {} predates {} (Linux {}+)",
         probed.release,
         first.name(),
         first.since()
-    );
+    ));
+    false
+}
+
+/// Records that the calling test skips its checks, and why (printed, and listed in
+/// `$PARSRV_TEST_SKIPS` for the summary). The test then returns.
+pub fn skip(reason: &str) {
+    let test = thread::current().name().unwrap_or("?").to_owned();
     eprintln!("skipped {test}: {reason}");
     if let Some(path) = std::env::var_os(SKIPS_ENV) {
         let mut file = fs::OpenOptions::new()
@@ -87,8 +95,12 @@ pub fn kernel_has(features: &[Feature]) -> bool {
             .expect("opening the skip list");
         writeln!(file, "{test}: {reason}").expect("writing the skip list");
     }
-    false
 }
+
+/// Set (to 1) by `cargo xtask test` and the VMs' init, which start the suite in the state
+/// of a machine that has just booted (no bpffs at /sys/fs/bpf, an empty /run): the tests
+/// then check that they did.
+pub const FRESH_MACHINE_ENV: &str = "PARSRV_TEST_FRESH_MACHINE";
 
 /// The parsrv binary under test (built by `cargo xtask test`, which sets PARSRV_BIN).
 pub fn parsrv_bin() -> PathBuf {
@@ -97,17 +109,79 @@ pub fn parsrv_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/parsrv"))
 }
 
-/// Runs `test` on a thread of its own inside a new network namespace with loopback up.
-/// Processes it starts inherit that namespace.
-pub fn in_netns<T: Send + 'static>(test: impl FnOnce() -> T + Send + 'static) -> T {
+/// Runs `test` on a thread of its own, in namespaces of its own, as on a machine that has
+/// just booted with parsrv's needs met:
+/// - a network namespace with only loopback, up;
+/// - a mount namespace (propagation private: nothing leaks back to the host) in which
+///   /sys/fs/bpf is a bpffs instance of its own, empty, with every earlier mount there
+///   detached (the host's, or one the xtask left out), and /run is an empty tmpfs, so the
+///   run directory (control sockets) does not exist yet.
+///
+/// Threads and processes the test starts inherit both namespaces; when the last of them
+/// ends, the bpffs instance and its pins go with it. A test that wants bpffs unmounted
+/// calls [`unmount_bpffs`] first.
+pub fn isolated<T: Send + 'static>(test: impl FnOnce() -> T + Send + 'static) -> T {
     thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("unshare(CLONE_NEWNET): the integration tests must run as root");
+        use nix::sched::CloneFlags;
+        // A thread may take namespaces of its own: unshare(CLONE_NEWNS) implies CLONE_FS,
+        // which gives this thread (and what it starts) its own root, cwd and mounts.
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS)
+            .expect("unshare(CLONE_NEWNET | CLONE_NEWNS): the integration tests must run as root");
         loopback_up().expect("bringing up lo in the test's namespace");
+        fresh_mounts().expect("mounting a fresh bpffs and /run in the test's namespace");
         test()
     })
     .join()
     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Where parsrv looks for bpffs (and so where each test mounts its own).
+pub const BPFFS: &str = parsrv::kernel::BPFFS;
+
+/// In the calling thread's (new) mount namespace: private propagation, a fresh bpffs, an
+/// empty /run.
+fn fresh_mounts() -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    unmount_bpffs();
+    mount_bpffs()?;
+    mount(
+        Some("tmpfs"),
+        "/run",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+}
+
+/// Detaches every bpffs mounted at /sys/fs/bpf in the calling thread's mount namespace (it
+/// can be mounted more than once on the same path): parsrv then finds none, as on a machine
+/// that has just booted. Only inside [`isolated`].
+pub fn unmount_bpffs() {
+    while nix::mount::umount2(BPFFS, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+}
+
+/// Mounts a new, empty bpffs instance at /sys/fs/bpf. Only inside [`isolated`].
+pub fn mount_bpffs() -> nix::Result<()> {
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+}
+
+/// Whether /sys/fs/bpf, as the calling thread sees it, is a bpffs.
+pub fn bpffs_mounted() -> bool {
+    nix::sys::statfs::statfs(BPFFS)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 fn loopback_up() -> io::Result<()> {
@@ -292,7 +366,10 @@ impl Spawner {
         mut command: Command,
         up: impl Fn(&Spawner) -> bool,
     ) -> Spawner {
-        let log = std::env::temp_dir().join(format!("parsrv-test-{label}.log"));
+        // Numbered: two tests may run spawners of the same name at once (each isolated).
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let number = STARTED.fetch_add(1, Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("parsrv-test-{label}-{number}.log"));
         let child = command
             .stdin(Stdio::null())
             .stdout(fs::File::create(&log).unwrap())
@@ -872,18 +949,10 @@ pub fn drop_capability(cap: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
-/// In the child before exec: a private mount namespace in which bpffs is not mounted.
-pub fn without_bpffs() -> io::Result<()> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )?;
-    // bpffs may be mounted more than once on the same path.
-    while umount2("/sys/fs/bpf", MntFlags::MNT_DETACH).is_ok() {}
-    Ok(())
+/// The error line of a failed parsrv command, checked against parsrv's output contract
+/// ([`parsrv::output`]): whatever it logged first, its stderr ends with exactly one line that
+/// is not a log line, starting `parsrv: `. Panics, showing the stderr, otherwise.
+pub fn error_line(stderr: &str) -> &str {
+    parsrv::output::error_line(stderr)
+        .unwrap_or_else(|| panic!("not log lines and then one error line:\n{stderr}"))
 }

@@ -6,8 +6,9 @@ use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
 use parsrv::{control, features::KernelVersion, spawner::pin_dir};
 use parsrv_integration_tests::{
-    connect, drop_capability, in_netns, kernel_has, loaded_parsrv_programs, processes_mentioning,
-    run_parsrv, signal, without_bpffs, Feature, Outcome, Spawner, PROGRAM,
+    bpffs_mounted, connect, drop_capability, error_line, isolated, kernel_has,
+    loaded_parsrv_programs, mount_bpffs, processes_mentioning, run_parsrv, signal, unmount_bpffs,
+    Feature, Outcome, Spawner, PROGRAM,
 };
 
 const NAME: &str = "test-bad-input";
@@ -24,25 +25,22 @@ fn run_group(extra: &[&str]) -> Vec<String> {
     args.into_iter().map(String::from).collect()
 }
 
-/// Runs parsrv with `args` (and `setup` before exec), and checks the error contract.
+/// Runs parsrv with `args` (and `setup` before exec), and checks the error contract: exit
+/// `code`, an error of one line (after any log lines) naming every one of `words`, nothing
+/// left behind. Returns its stderr.
 fn expect_error(
     args: &[String],
     setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
     code: i32,
     words: &[&str],
-) {
+) -> String {
     let programs_before = loaded_parsrv_programs();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (exit, stderr) = run_parsrv(&args, setup);
-    let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(exit, code, "{args:?}: {stderr}");
-    assert_eq!(lines.len(), 1, "{args:?}: not one line: {stderr}");
-    assert!(lines[0].starts_with("parsrv: "), "{stderr}");
+    let error = error_line(&stderr);
     for word in words {
-        assert!(
-            lines[0].contains(word),
-            "{args:?}: {stderr:?} lacks {word:?}"
-        );
+        assert!(error.contains(word), "{args:?}: {error:?} lacks {word:?}");
     }
     assert!(!pin_dir(NAME).exists(), "{args:?} left pins");
     assert!(
@@ -58,7 +56,8 @@ fn expect_error(
         programs_before,
         "{args:?} left a program"
     );
-    eprintln!("{args:?} -> exit {exit}: {}", lines[0]);
+    eprintln!("{args:?} -> exit {exit}: {error}");
+    stderr
 }
 
 fn nothing_listens() {
@@ -74,7 +73,7 @@ const PRIVATE_SERVER: &str = "/tmp/parsrv-private/server";
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn usage_errors_exit_2_naming_the_option() {
-    in_netns(|| {
+    isolated(|| {
         use std::os::unix::fs::PermissionsExt;
         let private = std::path::Path::new(PRIVATE_SERVER).parent().unwrap();
         std::fs::create_dir_all(private).unwrap();
@@ -155,15 +154,30 @@ fn address_held_outside_the_group_is_refused() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
-        // A plain listener.
+    isolated(|| {
+        // A plain listener, first on a machine that has just booted: parsrv mounts bpffs,
+        // logs that, and then refuses; the error is still one line of its own.
         let plain = std::net::TcpListener::bind("127.0.0.1:8080").unwrap();
-        expect_error(
+        unmount_bpffs();
+        let stderr = expect_error(
             &run_group(&[]),
             || Ok(()),
             1,
             &["already in use", "--listen"],
         );
+        let logs: Vec<&str> = stderr
+            .lines()
+            .filter(|l| parsrv::output::is_log_line(l))
+            .collect();
+        assert_eq!(logs.len(), 1, "{stderr}");
+        assert!(
+            logs[0].ends_with("] INFO: mounted bpffs at /sys/fs/bpf"),
+            "{stderr}"
+        );
+        // Where bpffs is mounted already, nothing is logged: the error alone.
+        assert!(bpffs_mounted());
+        let stderr = expect_error(&run_group(&[]), || Ok(()), 1, &["already in use"]);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
         drop(plain);
 
         // Another user's SO_REUSEPORT listener: joining it would steer a stranger's group.
@@ -218,7 +232,7 @@ fn missing_privileges_bpffs_btf_or_object_exit_1_naming_the_fix() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         // Capabilities, dropped from the bounding set so that even root lacks them.
         expect_error(
             &run_group(&[]),
@@ -234,15 +248,15 @@ fn missing_privileges_bpffs_btf_or_object_exit_1_naming_the_fix() {
         );
 
         // No bpffs and no right to mount it.
+        unmount_bpffs();
         expect_error(
             &run_group(&[]),
-            || {
-                without_bpffs()?;
-                drop_capability(21) // CAP_SYS_ADMIN
-            },
+            || drop_capability(21), // CAP_SYS_ADMIN
             1,
             &["bpffs", "mount -t bpf bpf /sys/fs/bpf"],
         );
+        assert!(!bpffs_mounted());
+        mount_bpffs().unwrap();
 
         // A kernel without BTF (as parsrv sees it).
         std::env::set_var("PARSRV_VMLINUX_BTF", "/nonexistent/vmlinux");
@@ -278,13 +292,12 @@ fn missing_privileges_bpffs_btf_or_object_exit_1_naming_the_fix() {
 
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
-fn a_second_run_of_a_running_group_is_refused_and_bpffs_is_mounted_when_missing() {
+fn a_second_run_of_a_running_group_is_refused() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
-        // The spawner mounts bpffs itself where it is missing (a private mount namespace).
-        let spawner = Spawner::start_with(
+    isolated(|| {
+        let spawner = Spawner::start(
             NAME,
             &[
                 "--listen",
@@ -294,12 +307,6 @@ fn a_second_run_of_a_running_group_is_refused_and_bpffs_is_mounted_when_missing(
                 "--handler",
                 "http",
             ],
-            without_bpffs,
-        );
-        assert!(
-            spawner.log().contains("mounted bpffs at /sys/fs/bpf"),
-            "{}",
-            spawner.log()
         );
         // Same group name again: refused, and the running group is untouched.
         let programs = loaded_parsrv_programs();
@@ -316,11 +323,11 @@ fn a_second_run_of_a_running_group_is_refused_and_bpffs_is_mounted_when_missing(
             || Ok(()),
         );
         assert_eq!(exit, 1, "{stderr}");
+        let error = error_line(&stderr);
         assert!(
-            stderr.contains("already running") && stderr.contains("--name"),
+            error.contains("already running") && error.contains("--name"),
             "{stderr}"
         );
-        assert_eq!(stderr.lines().count(), 1);
         assert_eq!(loaded_parsrv_programs(), programs);
         assert!(spawner.status().handlers.iter().all(|h| h.alive));
         assert!(control::socket_path(NAME).exists());
@@ -332,13 +339,16 @@ fn a_second_run_of_a_running_group_is_refused_and_bpffs_is_mounted_when_missing(
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn status_without_a_running_group_says_how_to_start_one() {
-    let (exit, stderr) = run_parsrv(&["status", "no-such-group"], || Ok(()));
-    assert_eq!(exit, 1, "{stderr}");
-    assert!(
-        stderr.contains("no running parsrv group named 'no-such-group'"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("parsrv run"), "{stderr}");
+    isolated(|| {
+        let (exit, stderr) = run_parsrv(&["status", "no-such-group"], || Ok(()));
+        assert_eq!(exit, 1, "{stderr}");
+        let error = error_line(&stderr);
+        assert!(
+            error.contains("no running parsrv group named 'no-such-group'"),
+            "{stderr}"
+        );
+        assert!(error.contains("parsrv run"), "{stderr}");
+    });
 }
 
 /// parsrv's probes find every feature on a kernel whose release has it (Debian's and
@@ -348,6 +358,10 @@ fn status_without_a_running_group_says_how_to_start_one() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn kernel_features_follow_the_release_and_a_missing_one_is_refused_by_name() {
+    isolated(kernel_features_follow_the_release);
+}
+
+fn kernel_features_follow_the_release() {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let version = KernelVersion::parse(release.trim()).expect("a kernel release");
     let out = Command::new(parsrv_integration_tests::parsrv_bin())
@@ -384,13 +398,11 @@ fn kernel_features_follow_the_release_and_a_missing_one_is_refused_by_name() {
         return;
     };
     eprintln!("kernel {release} lacks {missing:?}");
-    in_netns(move || {
-        expect_error(
-            &run_group(&[]),
-            || Ok(()),
-            1,
-            &[&first, "Linux 5.17", "parsrv kernel"],
-        );
-        nothing_listens();
-    });
+    expect_error(
+        &run_group(&[]),
+        || Ok(()),
+        1,
+        &[&first, "Linux 5.17", "parsrv kernel"],
+    );
+    nothing_listens();
 }

@@ -8,8 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::config_file;
 use parsrv_integration_tests::{
-    http_load, in_netns, kernel_has, pyenv, signal, stop_process, wait_for, NetCounters, Spawner,
-    PROGRAM,
+    error_line, http_load, isolated, kernel_has, pyenv, signal, stop_process, wait_for,
+    NetCounters, Spawner, PROGRAM,
 };
 
 fn write_config(name: &str, text: &str) -> PathBuf {
@@ -42,7 +42,7 @@ fn two_groups_steer_independently_and_metrics_match_status() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let config = write_config("two-groups", TWO_GROUPS);
         let spawner = Spawner::start_config("two-groups", &config, &["cfg-alpha", "cfg-beta"], &[]);
         // Stall one handler of alpha and fill its queue: alpha redirects, beta is untouched.
@@ -163,7 +163,7 @@ fn every_field_round_trips_through_group_show() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let text = r#"
 [[group]]
 name = "cfg-full"
@@ -209,7 +209,7 @@ fn groups_come_and_go_with_add_remove_and_sighup_and_bad_commands_change_nothing
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let one = r#"
 [[group]]
 name = "cfg-one"
@@ -293,8 +293,7 @@ handlers = 1
             argv.extend_from_slice(args);
             let (code, _, err) = Spawner::parsrv(&argv);
             assert_eq!(code, exit, "{args:?}: {err}");
-            assert!(err.contains(words), "{args:?}: {err}");
-            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(error_line(&err).contains(words), "{args:?}: {err}");
             assert_eq!(
                 running(),
                 ["cfg-one", "cfg-three", "cfg-two"],
@@ -309,7 +308,7 @@ handlers = 1
         let (code, _, err) = Spawner::parsrv(&["group", "remove", "cfg-nothing"]);
         assert_eq!(code, 1);
         assert!(
-            err.contains("no running parsrv group named 'cfg-nothing'"),
+            error_line(&err).contains("no running parsrv group named 'cfg-nothing'"),
             "{err}"
         );
 
@@ -366,7 +365,10 @@ handlers = 1
             "http",
         ]);
         assert_eq!(code, 1, "{err}");
-        assert!(err.contains("no running parsrv spawner"), "{err}");
+        assert!(
+            error_line(&err).contains("no running parsrv spawner"),
+            "{err}"
+        );
     });
 }
 
@@ -376,7 +378,7 @@ fn check_reports_every_problem_located_and_a_taken_metrics_port_is_refused() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let good = write_config("check-good", TWO_GROUPS);
         let (code, out, _) = Spawner::parsrv(&["check", "--config", good.to_str().unwrap()]);
         assert_eq!(code, 0);
@@ -407,12 +409,13 @@ fn check_reports_every_problem_located_and_a_taken_metrics_port_is_refused() {
             "{out}"
         );
         assert!(lines.iter().any(|l| l.starts_with(&format!("{path}:7:12: group 'x': invalid handlers '9..2'"))), "{out}");
-        assert!(err.contains("3 problems"), "{err}");
+        assert!(error_line(&err).contains("3 problems"), "{err}");
         // run refuses the same file, naming the first problem, and leaves nothing.
         let (code, _, err) = Spawner::parsrv(&["run", "--config", bad.to_str().unwrap()]);
         assert_eq!(code, 2, "{err}");
+        let error = error_line(&err);
         assert!(
-            err.contains("3 problems") && err.contains("parsrv check --config"),
+            error.contains("3 problems") && error.contains("parsrv check --config"),
             "{err}"
         );
         assert!(!parsrv::spawner::pin_dir("x").exists());
@@ -422,7 +425,7 @@ fn check_reports_every_problem_located_and_a_taken_metrics_port_is_refused() {
         let (code, _, err) = Spawner::parsrv(&["run", "--config", good.to_str().unwrap()]);
         assert_eq!(code, 1, "{err}");
         assert!(
-            err.contains("metrics address 127.0.0.1:9100 is already in use"),
+            error_line(&err).contains("metrics address 127.0.0.1:9100 is already in use"),
             "{err}"
         );
         assert!(!parsrv::spawner::pin_dir("cfg-alpha").exists());

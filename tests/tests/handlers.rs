@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use parsrv::{config::usable_cpus, kernel, spawner::pin_dir};
 use parsrv_integration_tests::{
-    apps_dir, example, fd_of_process, http_get, http_load, in_netns, kernel_has, pyenv,
+    apps_dir, example, fd_of_process, http_get, http_load, isolated, kernel_has, pyenv,
     read_answer, resume_handler_group, stop_handler_group, wait_for, NetCounters, Outcome, Spawner,
     HTTP_REQUEST, PROGRAM,
 };
@@ -52,7 +52,7 @@ fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let spawner = Spawner::start(
             "test-exec-fds",
             &[
@@ -206,7 +206,7 @@ fn rust_example_handler_survives_a_stalled_one() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let hello = example("hello_handler");
         stalled_handler_loses_nothing(
             "test-exec-rust",
@@ -222,7 +222,7 @@ fn gunicorn_and_uvicorn_as_handlers_survive_a_stalled_one() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let apps = apps_dir();
         let gunicorn = pyenv().join("bin/gunicorn");
         let uvicorn = pyenv().join("bin/uvicorn");
@@ -276,7 +276,7 @@ fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let name = "test-user";
         let map = pin_dir(name).join(parsrv_common::names::CONFIG);
         let map_arg = map.to_str().unwrap();
@@ -353,7 +353,7 @@ fn cpus_place_handlers_round_robin() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let cpus = usable_cpus();
         let list = cpus
             .iter()
@@ -405,7 +405,7 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         // A handler that prints and exits at once, forever.
         let spawner = Spawner::start_with(
             "test-crash",
@@ -496,7 +496,7 @@ fn a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let spawner = Spawner::start(
             "test-own-port",
             &[

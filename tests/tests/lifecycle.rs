@@ -7,7 +7,7 @@ use std::{io::Write, net::SocketAddr, path::Path, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::{control, kernel, spawner::pin_dir};
 use parsrv_integration_tests::{
-    connect, fd_of_process, http_get, in_netns, is_listening, kernel_has, loaded_parsrv_programs,
+    connect, fd_of_process, http_get, is_listening, isolated, kernel_has, loaded_parsrv_programs,
     processes_mentioning, read_answer, signal, stop_process, wait_for, Outcome, Spawner,
     HTTP_REQUEST, PROGRAM,
 };
@@ -22,7 +22,7 @@ fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let spawner = Spawner::start(
             "test-respawn",
             &[
@@ -81,7 +81,7 @@ fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let spawner = Spawner::start(
             "test-status",
             &[
@@ -174,7 +174,7 @@ fn threads_accept_in_parallel_and_lost_races_are_counted() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let spawner = Spawner::start(
             "test-threads",
             &[
@@ -237,7 +237,7 @@ fn sigterm_and_sigint_stop_cleanly_and_leave_nothing_behind() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let programs_before = loaded_parsrv_programs();
         for (name, stop_signal) in [
             ("test-sigterm", Signal::SIGTERM),
@@ -288,7 +288,7 @@ fn killed_spawner_leaves_no_orphan_and_the_next_run_cleans_its_pins() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let programs_before = loaded_parsrv_programs();
         let name = "test-spawner-kill";
         let args = [

@@ -10,7 +10,7 @@ use std::{
 
 use parsrv::{group::SocketGroup, kernel, program::Steering};
 use parsrv_common::{policy, when_full, ProgramConfig};
-use parsrv_integration_tests::{in_netns, kernel_has, wait_for, Feature, NetCounters, PROGRAM};
+use parsrv_integration_tests::{isolated, kernel_has, wait_for, Feature, NetCounters, PROGRAM};
 
 const QUEUED: usize = 6;
 
@@ -50,7 +50,7 @@ fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_wi
     if !kernel_has(&[PROGRAM, &[Feature::TcpMigrateReq]].concat()) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let group = SocketGroup::bind(addr, 2, 16).unwrap();
         let mut steering = Steering::load(

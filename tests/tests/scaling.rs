@@ -11,9 +11,9 @@ use std::{
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    all_net_counters, apps_dir, changed_net_counters, connect, example, http_get, in_netns,
-    kernel_has, read_answer, signal, stop_process, wait_for, NetCounters, Outcome, PlainGroup,
-    Spawner, SteadyLoad, HTTP_REQUEST, PROGRAM,
+    all_net_counters, apps_dir, changed_net_counters, connect, error_line, example, http_get,
+    isolated, kernel_has, read_answer, signal, stop_process, wait_for, NetCounters, Outcome,
+    PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST, PROGRAM,
 };
 
 fn addr() -> SocketAddr {
@@ -33,7 +33,7 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let name = "test-cycles";
         let spawner = Spawner::start(
             name,
@@ -206,7 +206,7 @@ fn autoscaler_grows_with_a_load_step_and_shrinks_back() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let server = apps_dir().join("slow_server.py");
         let spawner = Spawner::start(
             "test-autoscale",
@@ -275,7 +275,7 @@ fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let flag = std::env::temp_dir().join("parsrv-test-not-ready");
         let _ = std::fs::remove_file(&flag);
         let hello = example("hello_handler");
@@ -320,13 +320,14 @@ fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
         let (code, out, err) = parsrv_group(&["restart", name]);
         std::fs::remove_file(&flag).unwrap();
         assert_eq!(code, 1, "{out}{err}");
-        assert!(err.contains("exited before it was ready"), "{err}");
+        let error = error_line(&err);
+        assert!(error.contains("exited before it was ready"), "{err}");
         assert!(
-            err.contains(&format!("kept pid {} serving", before[0])),
+            error.contains(&format!("kept pid {} serving", before[0])),
             "{err}"
         );
         assert!(
-            err.contains("rolling restart stopped after 0 of 2"),
+            error.contains("rolling restart stopped after 0 of 2"),
             "{err}"
         );
         let after: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
@@ -336,12 +337,14 @@ fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
         // Out of range and unknown group: refused, nothing changed.
         let (code, _, err) = parsrv_group(&["resize", name, "3"]);
         assert_eq!(code, 2, "{err}");
-        assert!(err.contains("started with --handlers 2..2"), "{err}");
-        assert_eq!(err.lines().count(), 1);
+        assert!(
+            error_line(&err).contains("started with --handlers 2..2"),
+            "{err}"
+        );
         let (code, _, err) = parsrv_group(&["restart", "no-such-group"]);
         assert_eq!(code, 1, "{err}");
         assert!(
-            err.contains("no running parsrv group named 'no-such-group'"),
+            error_line(&err).contains("no running parsrv group named 'no-such-group'"),
             "{err}"
         );
         assert_eq!(
@@ -358,7 +361,7 @@ fn drain_serves_the_queue_and_refuses_new_connections() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let spawner = Spawner::start(
             "test-drain",
             &[

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    http_load, in_netns, kernel_has, signal, stop_process, NetCounters, Outcome, PlainGroup,
+    http_load, isolated, kernel_has, signal, stop_process, NetCounters, Outcome, PlainGroup,
     Spawner, PROGRAM,
 };
 
@@ -23,7 +23,7 @@ fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         // --- parsrv ---
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let spawner = Spawner::start(

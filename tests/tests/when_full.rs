@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use parsrv_integration_tests::{
-    connect, in_netns, kernel_has, stop_process, wait_for, NetCounters, Outcome, Spawner, PROGRAM,
+    connect, isolated, kernel_has, stop_process, wait_for, NetCounters, Outcome, Spawner, PROGRAM,
 };
 
 const ATTEMPTS: usize = 4;
@@ -58,7 +58,7 @@ fn when_full_drop_times_out_and_refuse_resets_counted_like_the_kernel() {
     if !kernel_has(PROGRAM) {
         return;
     }
-    in_netns(|| {
+    isolated(|| {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
 
         // drop: each attempt times out; within 1.5 s the client sends its SYN and one

@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything that needs more than plain cargo. Every command first runs the
 //! set-up it depends on (idempotent, quick when already done).
 
+mod fresh;
 mod setup;
 mod vm;
 
@@ -351,8 +352,8 @@ fn test(filter: Option<String>) -> Result<()> {
     let skips = root.join("target/test-skips.txt");
     let _ = std::fs::remove_file(&skips);
     run_step(
-        "privileged integration tests",
-        Command::new(cargo)
+        "privileged integration tests (as on a freshly booted machine: no bpffs, empty /run)",
+        fresh::as_on_a_fresh_machine(&mut Command::new(cargo))
             .args(["test", "--package", "parsrv-integration-tests", "--"])
             .args(["--ignored", "--test-threads=1"])
             .args(filter.iter())
@@ -390,6 +391,7 @@ fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     let mut cargo = Command::new(env!("CARGO"));
+    fresh::as_on_a_fresh_machine(&mut cargo);
     cargo.args(["run", "--quiet", "--package", "parsrv-bench"]);
     if release {
         cargo.arg("--release");

@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # PID 1 of parsrv's test VMs (packed into the initramfs by `cargo xtask test --vm`).
 #
-# Mounts what parsrv and the tests use, checks the kernel can run them at all, runs each
+# Mounts what the tests use (not bpffs: see below), checks the kernel can run them at all, runs each
 # integration test binary once (one test at a time, as on the host), and powers off. The
 # runner reads the serial console: every line it acts on starts with "parsrv-vm: ".
 # Exiting would panic the kernel ("Attempted to kill init"), so every path ends in poweroff.
@@ -22,14 +22,18 @@ say "kernel $(uname -r)"
 
 # Kernels parsrv cannot run on at all: the runner turns these into one error each.
 [ -e /proc/sys/kernel/unprivileged_bpf_disabled ] || refuse "no-bpf"
-mount -t bpf bpf /sys/fs/bpf || refuse "no-bpffs"
+# bpffs is left unmounted, as on a machine that has just booted: each test mounts its own,
+# and parsrv mounts it where it is missing.
+grep -qw bpf /proc/filesystems || refuse "no-bpffs"
 [ -e /sys/kernel/btf/vmlinux ] || refuse "no-btf"
 ip link set lo up
 
 # What parsrv finds here (informational: the tests decide what a missing feature means).
 /opt/parsrv/parsrv kernel
 
-export PARSRV_BIN=/opt/parsrv/parsrv PARSRV_TEST_SKIPS=/tmp/skips RUST_BACKTRACE=1
+# The tests check that they start from a fresh machine's state (no bpffs, no /run/parsrv).
+export PARSRV_BIN=/opt/parsrv/parsrv PARSRV_TEST_SKIPS=/tmp/skips RUST_BACKTRACE=1 \
+    PARSRV_TEST_FRESH_MACHINE=1
 # The runner passes the test binaries' arguments on the kernel command line, joined by
 # commas, so that one image serves every filter.
 for word in $(cat /proc/cmdline); do

@@ -426,17 +426,23 @@ mod tests {
     fn fake_qemu(name: &str, console: &str, stderr: &str, exit: Option<i32>) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("xtask-vm-{}-{name}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        let script = dir.join("qemu");
         let end = match exit {
             Some(code) => format!("exit {code}"),
             None => "exec sleep 600".to_owned(),
         };
+        let source = dir.join("qemu.sh");
         fs::write(
-            &script,
+            &source,
             format!("#!/bin/sh\nprintf '%s' '{console}'\nprintf '%s' '{stderr}' >&2\n{end}\n"),
         )
         .unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&source, fs::Permissions::from_mode(0o755)).unwrap();
+        // The executable is written by `cp`, never opened for writing in this process: a
+        // child that another test thread forks meanwhile would inherit that descriptor
+        // until its exec, and exec'ing the script then fails with ETXTBSY.
+        let script = dir.join("qemu");
+        let copied = Command::new("cp").arg(&source).arg(&script).status();
+        assert!(copied.is_ok_and(|s| s.success()), "cp {source:?}");
         script
     }
 
