@@ -10,7 +10,6 @@ use std::{env, fs, path::PathBuf};
 const OBJECT_ENV: &str = "PARSRV_EBPF_OBJECT";
 
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(parsrv_ebpf_embedded)");
     println!("cargo:rerun-if-env-changed={OBJECT_ENV}");
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let object = env::var_os(OBJECT_ENV)
@@ -20,10 +19,7 @@ fn main() {
 
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("parsrv-ebpf.o");
     match fs::read(&object) {
-        Ok(bytes) if !bytes.is_empty() => {
-            fs::write(&out, bytes).unwrap();
-            println!("cargo:rustc-cfg=parsrv_ebpf_embedded");
-        }
+        Ok(bytes) if !bytes.is_empty() => fs::write(&out, bytes).unwrap(),
         _ => fs::write(&out, []).unwrap(),
     }
 }

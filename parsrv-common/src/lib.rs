@@ -14,7 +14,8 @@ use bytemuck::{Pod, Zeroable};
 pub const MAX_SOCKETS: u32 = 128;
 
 /// Names of the program and maps in the eBPF object, and of their pins under the group's
-/// bpffs directory. The eBPF side names its statics exactly so (checked by a unit test there).
+/// bpffs directory. The eBPF side names its statics exactly so: a name that differs makes
+/// loading fail, naming it (`program::Steering::load`), in every privileged test.
 pub mod names {
     /// The SK_REUSEPORT program (section `sk_reuseport/migrate`).
     pub const PROGRAM: &str = "parsrv_select";
@@ -33,15 +34,6 @@ pub mod names {
     pub const SLOT_CACHE: &str = "SLOT_CACHE";
     /// PERCPU_ARRAY scratch space (not pinned: private to the program).
     pub const SCRATCH: &str = "SCRATCH";
-
-    /// Every map, in the order they are pinned.
-    pub const MAPS: [&str; 5] = [
-        SOCKETS,
-        SLOT_BY_COOKIE,
-        SLOT_COUNTERS,
-        GLOBAL_COUNTERS,
-        CONFIG,
-    ];
 }
 
 /// Where a new connection goes while some socket has room.

@@ -261,17 +261,7 @@ async fn replace(
     };
     if let Err(why) = verdict {
         // What it was doing, for whoever reads the error.
-        let seen = std::fs::read_to_string(format!("/proc/{new}/stat"))
-            .ok()
-            .and_then(|stat| {
-                Some(
-                    stat.rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .next()?
-                        .to_owned(),
-                )
-            })
+        let seen = process_state(new)
             .zip(std::fs::read_to_string(format!("/proc/{new}/wchan")).ok())
             .map_or(String::new(), |(state, wchan)| {
                 format!(" (state {state}, waiting in {wchan})")
@@ -454,11 +444,15 @@ const MAX_LOG_LINE: u64 = 16 * 1024;
 
 /// Stopped (SIGSTOP) or traced: not accepting, but not misconfigured either.
 pub(crate) fn process_stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "T" || state == "t")
-    })
+    process_state(pid).is_some_and(|state| state == 'T' || state == 't')
+}
+
+/// A process's state letter from /proc/PID/stat (R, S, D, T, t, Z, X, ...), or None if it
+/// is gone. The command name before it may hold spaces and parentheses: the state is the
+/// first field after the last ')'.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// In the forked child, before exec: put the handler's socket at fd 3 and (built-in
@@ -519,11 +513,7 @@ fn place_handler(
 
 /// Running and not a zombie (a stopped process counts as alive: it still owns its slot).
 pub(crate) fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
+    process_state(pid).is_some_and(|state| state != 'Z' && state != 'X')
 }
 
 #[cfg(test)]

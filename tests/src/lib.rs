@@ -46,6 +46,68 @@ pub const PROGRAM: &[Feature] = &[
 /// which prints them in its summary).
 pub const SKIPS_ENV: &str = "PARSRV_TEST_SKIPS";
 
+/// What a privileged test needs of the machine it runs on, stated by the test itself.
+#[derive(Clone, Debug, Default)]
+pub struct Needs {
+    kernel: Vec<Feature>,
+    python: bool,
+}
+
+impl Needs {
+    /// Root only (every privileged test needs it for its namespaces).
+    pub fn nothing() -> Needs {
+        Needs::default()
+    }
+
+    /// What loading parsrv's program needs of the kernel ([`PROGRAM`]).
+    pub fn program() -> Needs {
+        Needs {
+            kernel: PROGRAM.to_vec(),
+            python: false,
+        }
+    }
+
+    /// One kernel feature more.
+    pub fn and(mut self, feature: Feature) -> Needs {
+        self.kernel.push(feature);
+        self
+    }
+
+    /// Python with the test servers (gunicorn, uvicorn, prometheus_client) that `cargo
+    /// xtask setup` installs in [`pyenv`]; the VM image has none.
+    pub fn and_python(mut self) -> Needs {
+        self.python = true;
+        self
+    }
+}
+
+/// Set by an environment that has no Python by design (the VMs' init): tests that need it
+/// skip there, where anywhere else a missing Python fails them (the set-up installs it).
+pub const NO_PYTHON_ENV: &str = "PARSRV_TEST_NO_PYTHON";
+
+/// Runs a privileged test, inside [`isolated`], if the machine has what it `needs`. What
+/// it lacks either skips the test (a kernel older than the release that brought a feature;
+/// no Python where [`NO_PYTHON_ENV`] says so), recorded by [`skip`], or fails it (a kernel
+/// new enough that lacks a feature, a Python environment the set-up should have made).
+pub fn privileged(needs: Needs, test: impl FnOnce() + Send + 'static) {
+    if !kernel_has(&needs.kernel) {
+        return;
+    }
+    if needs.python {
+        if std::env::var_os(NO_PYTHON_ENV).is_some() {
+            skip("needs Python, which this environment has not (the VM image)");
+            return;
+        }
+        let python = pyenv().join("bin/python3");
+        assert!(
+            python.exists(),
+            "needs {}: run `cargo xtask setup`",
+            python.display()
+        );
+    }
+    isolated(test)
+}
+
 /// Whether the running kernel has `features`; call it first, and return when it says no.
 ///
 /// A kernel older than the release that introduced a missing feature skips the test: this

@@ -6,9 +6,9 @@ use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
 use parsrv::{control, features::KernelVersion, spawner::pin_dir};
 use parsrv_integration_tests::{
-    bpffs_mounted, connect, drop_capability, error_line, isolated, kernel_has,
-    loaded_parsrv_programs, mount_bpffs, processes_mentioning, run_parsrv, signal, unmount_bpffs,
-    Feature, Outcome, Spawner, PROGRAM,
+    bpffs_mounted, connect, drop_capability, error_line, loaded_parsrv_programs, mount_bpffs,
+    privileged, processes_mentioning, run_parsrv, signal, unmount_bpffs, Feature, Needs, Outcome,
+    Spawner,
 };
 
 const NAME: &str = "test-bad-input";
@@ -73,7 +73,7 @@ const PRIVATE_SERVER: &str = "/tmp/parsrv-private/server";
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn usage_errors_exit_2_naming_the_option() {
-    isolated(|| {
+    privileged(Needs::nothing(), || {
         use std::os::unix::fs::PermissionsExt;
         let private = std::path::Path::new(PRIVATE_SERVER).parent().unwrap();
         std::fs::create_dir_all(private).unwrap();
@@ -151,10 +151,7 @@ fn usage_errors_exit_2_naming_the_option() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn address_held_outside_the_group_is_refused() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         // A plain listener, first on a machine that has just booted: parsrv mounts bpffs,
         // logs that, and then refuses; the error is still one line of its own.
         let plain = std::net::TcpListener::bind("127.0.0.1:8080").unwrap();
@@ -229,10 +226,7 @@ fn address_held_outside_the_group_is_refused() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn missing_privileges_bpffs_btf_or_object_exit_1_naming_the_fix() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         // Capabilities, dropped from the bounding set so that even root lacks them.
         expect_error(
             &run_group(&[]),
@@ -293,10 +287,7 @@ fn missing_privileges_bpffs_btf_or_object_exit_1_naming_the_fix() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_second_run_of_a_running_group_is_refused() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let spawner = Spawner::start(
             NAME,
             &[
@@ -339,7 +330,7 @@ fn a_second_run_of_a_running_group_is_refused() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn status_without_a_running_group_says_how_to_start_one() {
-    isolated(|| {
+    privileged(Needs::nothing(), || {
         let (exit, stderr) = run_parsrv(&["status", "no-such-group"], || Ok(()));
         assert_eq!(exit, 1, "{stderr}");
         let error = error_line(&stderr);
@@ -358,7 +349,7 @@ fn status_without_a_running_group_says_how_to_start_one() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn kernel_features_follow_the_release_and_a_missing_one_is_refused_by_name() {
-    isolated(kernel_features_follow_the_release);
+    privileged(Needs::nothing(), kernel_features_follow_the_release);
 }
 
 fn kernel_features_follow_the_release() {

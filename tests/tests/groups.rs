@@ -8,8 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::config_file;
 use parsrv_integration_tests::{
-    error_line, http_load, isolated, kernel_has, pyenv, signal, stop_process, wait_for,
-    NetCounters, Spawner, PROGRAM,
+    error_line, http_load, privileged, pyenv, signal, stop_process, wait_for, Needs, NetCounters,
+    Spawner,
 };
 
 fn write_config(name: &str, text: &str) -> PathBuf {
@@ -39,10 +39,7 @@ policy = "least-loaded"
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn two_groups_steer_independently_and_metrics_match_status() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program().and_python(), || {
         let config = write_config("two-groups", TWO_GROUPS);
         let spawner = Spawner::start_config("two-groups", &config, &["cfg-alpha", "cfg-beta"], &[]);
         // Stall one handler of alpha and fill its queue: alpha redirects, beta is untouched.
@@ -160,10 +157,7 @@ print(json.dumps(out))
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn every_field_round_trips_through_group_show() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let text = r#"
 [[group]]
 name = "cfg-full"
@@ -206,10 +200,7 @@ drain = true
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn groups_come_and_go_with_add_remove_and_sighup_and_bad_commands_change_nothing() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let one = r#"
 [[group]]
 name = "cfg-one"
@@ -375,10 +366,7 @@ handlers = 1
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn check_reports_every_problem_located_and_a_taken_metrics_port_is_refused() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let good = write_config("check-good", TWO_GROUPS);
         let (code, out, _) = Spawner::parsrv(&["check", "--config", good.to_str().unwrap()]);
         assert_eq!(code, 0);

@@ -5,9 +5,9 @@ use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use parsrv::{config::usable_cpus, kernel, spawner::pin_dir};
 use parsrv_integration_tests::{
-    apps_dir, example, fd_of_process, http_get, http_load, isolated, kernel_has, pyenv,
-    read_answer, resume_handler_group, stop_handler_group, wait_for, NetCounters, Outcome, Spawner,
-    HTTP_REQUEST, PROGRAM,
+    apps_dir, example, fd_of_process, http_get, http_load, privileged, pyenv, read_answer,
+    resume_handler_group, stop_handler_group, wait_for, Needs, NetCounters, Outcome, Spawner,
+    HTTP_REQUEST,
 };
 
 fn addr() -> SocketAddr {
@@ -49,10 +49,7 @@ fn environ(pid: u32) -> Vec<String> {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let spawner = Spawner::start(
             "test-exec-fds",
             &[
@@ -190,23 +187,22 @@ fn stalled_handler_loses_nothing(name: &str, command: &[&str], answer_prefix: &s
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn rust_example_outside_parsrv_says_how_to_start_it() {
-    let out = Command::new(example("hello_handler")).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("LISTEN_FDS is not set"), "{stderr}");
-    assert!(
-        stderr.contains("parsrv run --handler exec -- <this program>"),
-        "{stderr}"
-    );
+    privileged(Needs::nothing(), || {
+        let out = Command::new(example("hello_handler")).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("LISTEN_FDS is not set"), "{stderr}");
+        assert!(
+            stderr.contains("parsrv run --handler exec -- <this program>"),
+            "{stderr}"
+        );
+    });
 }
 
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn rust_example_handler_survives_a_stalled_one() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let hello = example("hello_handler");
         stalled_handler_loses_nothing(
             "test-exec-rust",
@@ -219,10 +215,7 @@ fn rust_example_handler_survives_a_stalled_one() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn gunicorn_and_uvicorn_as_handlers_survive_a_stalled_one() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program().and_python(), || {
         let apps = apps_dir();
         let gunicorn = pyenv().join("bin/gunicorn");
         let uvicorn = pyenv().join("bin/uvicorn");
@@ -273,10 +266,7 @@ if len(sys.argv) > 2:
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program().and_python(), || {
         let name = "test-user";
         let map = pin_dir(name).join(parsrv_common::names::CONFIG);
         let map_arg = map.to_str().unwrap();
@@ -350,10 +340,7 @@ fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn cpus_place_handlers_round_robin() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let cpus = usable_cpus();
         let list = cpus
             .iter()
@@ -402,10 +389,7 @@ fn cpus_place_handlers_round_robin() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         // A handler that prints and exits at once, forever.
         let spawner = Spawner::start_with(
             "test-crash",
@@ -493,10 +477,7 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program().and_python(), || {
         let spawner = Spawner::start(
             "test-own-port",
             &[

@@ -13,8 +13,8 @@ use std::{
 
 use parsrv::{control, spawner::pin_dir};
 use parsrv_integration_tests::{
-    bpffs_mounted, http_get, isolated, kernel_has, mount_bpffs, skip, unmount_bpffs, Outcome,
-    Spawner, BPFFS, FRESH_MACHINE_ENV, PROGRAM,
+    bpffs_mounted, http_get, isolated, kernel_has, mount_bpffs, privileged, skip, unmount_bpffs,
+    Needs, Outcome, Spawner, BPFFS, FRESH_MACHINE_ENV, PROGRAM,
 };
 
 const ARGS: &[&str] = &["--listen", "127.0.0.1:8080", "--handler", "http"];
@@ -42,6 +42,8 @@ fn the_suite_starts_as_on_a_freshly_booted_machine() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn each_test_has_a_bpffs_and_run_directory_of_its_own_and_leaves_nothing() {
+    // Not inside `privileged`: this test looks at the suite's namespace, and makes two
+    // isolated tests of its own.
     if !kernel_has(PROGRAM) {
         return;
     }
@@ -110,10 +112,7 @@ fn bpffs_entries() -> Vec<String> {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn parsrv_mounts_bpffs_where_missing_and_uses_the_one_mounted() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         // Missing, as on a machine that has just booted: parsrv mounts it and says so once.
         unmount_bpffs();
         assert!(!bpffs_mounted());

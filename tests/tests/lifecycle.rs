@@ -7,9 +7,9 @@ use std::{io::Write, net::SocketAddr, path::Path, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::{control, kernel, spawner::pin_dir};
 use parsrv_integration_tests::{
-    connect, fd_of_process, http_get, is_listening, isolated, kernel_has, loaded_parsrv_programs,
-    processes_mentioning, read_answer, signal, stop_process, wait_for, Outcome, Spawner,
-    HTTP_REQUEST, PROGRAM,
+    connect, fd_of_process, http_get, is_listening, loaded_parsrv_programs, privileged,
+    processes_mentioning, read_answer, signal, stop_process, wait_for, Needs, Outcome, Spawner,
+    HTTP_REQUEST,
 };
 
 fn addr() -> SocketAddr {
@@ -19,10 +19,7 @@ fn addr() -> SocketAddr {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let spawner = Spawner::start(
             "test-respawn",
             &[
@@ -78,10 +75,7 @@ fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let spawner = Spawner::start(
             "test-status",
             &[
@@ -171,10 +165,7 @@ fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn threads_accept_in_parallel_and_lost_races_are_counted() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let spawner = Spawner::start(
             "test-threads",
             &[
@@ -234,10 +225,7 @@ fn leftovers(name: &str) -> Vec<String> {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn sigterm_and_sigint_stop_cleanly_and_leave_nothing_behind() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let programs_before = loaded_parsrv_programs();
         for (name, stop_signal) in [
             ("test-sigterm", Signal::SIGTERM),
@@ -285,10 +273,7 @@ fn sigterm_and_sigint_stop_cleanly_and_leave_nothing_behind() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn killed_spawner_leaves_no_orphan_and_the_next_run_cleans_its_pins() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let programs_before = loaded_parsrv_programs();
         let name = "test-spawner-kill";
         let args = [

@@ -10,7 +10,7 @@ use std::{
 
 use parsrv::{group::SocketGroup, kernel, program::Steering};
 use parsrv_common::{policy, when_full, ProgramConfig};
-use parsrv_integration_tests::{isolated, kernel_has, wait_for, Feature, NetCounters, PROGRAM};
+use parsrv_integration_tests::{privileged, wait_for, Feature, Needs, NetCounters};
 
 const QUEUED: usize = 6;
 
@@ -47,10 +47,7 @@ fn queue_on(group: &SocketGroup, index: usize, addr: SocketAddr) -> Vec<TcpStrea
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_without() {
-    if !kernel_has(&[PROGRAM, &[Feature::TcpMigrateReq]].concat()) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program().and(Feature::TcpMigrateReq), || {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let group = SocketGroup::bind(addr, 2, 16).unwrap();
         let mut steering = Steering::load(

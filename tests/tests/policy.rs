@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use parsrv::{group::SocketGroup, kernel, program::Steering};
 use parsrv_common::{policy, when_full, ProgramConfig};
-use parsrv_integration_tests::{isolated, kernel_has, wait_for, PROGRAM};
+use parsrv_integration_tests::{privileged, wait_for, Needs};
 use socket2::{Domain, Socket, Type};
 
 const SERVER: &str = "127.0.0.1:8080";
@@ -82,10 +82,7 @@ fn config(policy: u32) -> ProgramConfig {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn redirect_keeps_hash_choice_and_least_loaded_balances() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let h = Harness {
             group: SocketGroup::bind(SERVER.parse().unwrap(), 4, BACKLOG).unwrap(),
         };

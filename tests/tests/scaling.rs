@@ -12,8 +12,8 @@ use std::{
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
     all_net_counters, apps_dir, changed_net_counters, connect, error_line, example, http_get,
-    isolated, kernel_has, read_answer, signal, stop_process, wait_for, NetCounters, Outcome,
-    PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST, PROGRAM,
+    privileged, read_answer, signal, stop_process, wait_for, Needs, NetCounters, Outcome,
+    PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
 };
 
 fn addr() -> SocketAddr {
@@ -30,10 +30,7 @@ fn parsrv_group(args: &[&str]) -> (i32, String, String) {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let name = "test-cycles";
         let spawner = Spawner::start(
             name,
@@ -203,10 +200,7 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn autoscaler_grows_with_a_load_step_and_shrinks_back() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program().and_python(), || {
         let server = apps_dir().join("slow_server.py");
         let spawner = Spawner::start(
             "test-autoscale",
@@ -272,10 +266,7 @@ fn autoscaler_grows_with_a_load_step_and_shrinks_back() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let flag = std::env::temp_dir().join("parsrv-test-not-ready");
         let _ = std::fs::remove_file(&flag);
         let hello = example("hello_handler");
@@ -358,10 +349,7 @@ fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn drain_serves_the_queue_and_refuses_new_connections() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let spawner = Spawner::start(
             "test-drain",
             &[

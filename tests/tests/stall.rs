@@ -6,8 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    http_load, isolated, kernel_has, signal, stop_process, NetCounters, Outcome, PlainGroup,
-    Spawner, PROGRAM,
+    http_load, privileged, signal, stop_process, Needs, NetCounters, Outcome, PlainGroup, Spawner,
 };
 
 const HANDLERS: usize = 4;
@@ -20,10 +19,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         // --- parsrv ---
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let spawner = Spawner::start(

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use parsrv_integration_tests::{
-    connect, isolated, kernel_has, stop_process, wait_for, NetCounters, Outcome, Spawner, PROGRAM,
+    connect, privileged, stop_process, wait_for, Needs, NetCounters, Outcome, Spawner,
 };
 
 const ATTEMPTS: usize = 4;
@@ -55,10 +55,7 @@ fn totals(spawner: &Spawner) -> (u64, u64) {
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn when_full_drop_times_out_and_refuse_resets_counted_like_the_kernel() {
-    if !kernel_has(PROGRAM) {
-        return;
-    }
-    isolated(|| {
+    privileged(Needs::program(), || {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
 
         // drop: each attempt times out; within 1.5 s the client sends its SYN and one
