@@ -95,7 +95,7 @@ pub fn privileged(needs: Needs, test: impl FnOnce() + Send + 'static) {
     }
     if needs.python {
         if std::env::var_os(NO_PYTHON_ENV).is_some() {
-            skip("needs Python, which this environment has not (the VM image)");
+            skip("needs Python, which this environment lacks (the VM image has none)");
             return;
         }
         let python = pyenv().join("bin/python3");
@@ -175,9 +175,9 @@ pub fn parsrv_bin() -> PathBuf {
 /// just booted with parsrv's needs met:
 /// - a network namespace with only loopback, up;
 /// - a mount namespace (propagation private: nothing leaks back to the host) in which
-///   /sys/fs/bpf is a bpffs instance of its own, empty, with every earlier mount there
-///   detached (the host's, or one the xtask left out), and /run is an empty tmpfs, so the
-///   run directory (control sockets) does not exist yet.
+///   /sys/fs/bpf is a new bpffs instance of its own (holding only what the kernel puts in
+///   every new one), whatever was mounted there before is detached, and /run is an empty
+///   tmpfs, so the run directory (control sockets) does not exist yet.
 ///
 /// Threads and processes the test starts inherit both namespaces; when the last of them
 /// ends, the bpffs instance and its pins go with it. A test that wants bpffs unmounted

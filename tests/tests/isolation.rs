@@ -7,14 +7,17 @@
 use std::{
     os::unix::fs::MetadataExt,
     path::Path,
-    sync::{Arc, Barrier},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     thread,
 };
 
 use parsrv::{control, spawner::pin_dir};
 use parsrv_integration_tests::{
     bpffs_mounted, http_get, isolated, kernel_has, mount_bpffs, privileged, skip, unmount_bpffs,
-    Needs, Outcome, Spawner, BPFFS, FRESH_MACHINE_ENV, PROGRAM,
+    wait_for, Needs, Outcome, Spawner, BPFFS, FRESH_MACHINE_ENV, PROGRAM,
 };
 
 const ARGS: &[&str] = &["--listen", "127.0.0.1:8080", "--handler", "http"];
@@ -53,10 +56,10 @@ fn each_test_has_a_bpffs_and_run_directory_of_its_own_and_leaves_nothing() {
 
     // Two tests at once, with the same group name and address: each runs, in its own
     // network namespace, bpffs instance and run directory.
-    let both_started = Arc::new(Barrier::new(2));
+    let (started, checked) = (Rendezvous::new(), Rendezvous::new());
     let twins: Vec<_> = (0..2)
         .map(|_| {
-            let both_started = both_started.clone();
+            let (started, checked) = (started.clone(), checked.clone());
             thread::spawn(move || {
                 isolated(move || {
                     assert!(bpffs_mounted());
@@ -69,7 +72,7 @@ fn each_test_has_a_bpffs_and_run_directory_of_its_own_and_leaves_nothing() {
                     assert!(!run_dir().exists(), "{} exists", run_dir().display());
 
                     let spawner = Spawner::start("twin", ARGS);
-                    both_started.wait();
+                    started.meet();
                     assert!(pin_dir("twin").exists());
                     assert!(control::socket_path("twin").exists());
                     let pid = spawner.status().spawner_pid;
@@ -79,7 +82,7 @@ fn each_test_has_a_bpffs_and_run_directory_of_its_own_and_leaves_nothing() {
                         Outcome::Ok
                     );
                     // Both still running here: neither saw the other's pins or socket.
-                    both_started.wait();
+                    checked.meet();
                     assert!(spawner.stop().success());
                     pid
                 })
@@ -94,6 +97,25 @@ fn each_test_has_a_bpffs_and_run_directory_of_its_own_and_leaves_nothing() {
 }
 
 const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Where the two threads of a test wait for each other, for 30 s at most (a barrier would
+/// hang the suite if the other thread failed first).
+#[derive(Clone)]
+struct Rendezvous(Arc<AtomicUsize>);
+
+impl Rendezvous {
+    fn new() -> Rendezvous {
+        Rendezvous(Arc::new(AtomicUsize::new(0)))
+    }
+
+    fn meet(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let both = wait_for(std::time::Duration::from_secs(30), || {
+            self.0.load(Ordering::SeqCst) >= 2
+        });
+        assert!(both, "the other thread never got here");
+    }
+}
 
 /// What every new bpffs instance holds where the kernel has CONFIG_BPF_PRELOAD (the
 /// iterators `bpf_preload` adds to each mount); nothing where it has not.
