@@ -111,74 +111,83 @@ pub struct SlotCacheEntry {
     pub generation: u32,
 }
 
-/// Per-slot counters (per CPU in the kernel; userspace sums them).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
-pub struct SlotCounters {
-    /// New connections steered to this socket (including ones redirected here).
-    pub selected: u64,
-    /// New connections whose hash choice was this socket but which went elsewhere because this
-    /// socket was full.
-    pub redirected_away: u64,
-    /// SYNs dropped silently while every socket was full (`when-full drop`), counted on the
-    /// socket the kernel dropped them at.
-    pub dropped: u64,
-    /// Connections refused with a RST while every socket was full (`when-full refuse`), counted
-    /// on their hash choice.
-    pub refused: u64,
-    /// Queued connections or pending handshakes migrated here from a closing socket.
-    pub migrated_in: u64,
+/// One counter as people see it: its field (and JSON key), its column in `parsrv status`, and
+/// the help of its Prometheus metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    pub name: &'static str,
+    pub column: &'static str,
+    pub help: &'static str,
 }
 
-impl SlotCounters {
-    /// Sums per-CPU values.
-    pub fn add(&mut self, other: &Self) {
-        self.selected += other.selected;
-        self.redirected_away += other.redirected_away;
-        self.dropped += other.dropped;
-        self.refused += other.refused;
-        self.migrated_in += other.migrated_in;
+/// Declares a struct of `u64` counters once: the `#[repr(C)]` Pod struct both sides share
+/// (each field documented by its help text), its per-CPU sum (`add`), its values in field
+/// order (`values`) and the description of each (`COUNTERS`), from which userspace builds
+/// the status columns, the JSON keys and the metrics. A counter is added in one place: here.
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $field:ident => ($column:literal, $help:literal), )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+        #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+        pub struct $name {
+            $( #[doc = $help] pub $field: u64, )*
+        }
+
+        impl $name {
+            /// How many counters.
+            pub const COUNT: usize = Self::COUNTERS.len();
+            /// Their descriptions, in field order.
+            pub const COUNTERS: &'static [Counter] = &[
+                $( Counter { name: stringify!($field), column: $column, help: $help }, )*
+            ];
+
+            /// Sums per-CPU values.
+            pub fn add(&mut self, other: &Self) {
+                $( self.$field += other.$field; )*
+            }
+
+            /// The values, in the order of [`Self::COUNTERS`].
+            pub fn values(&self) -> [u64; Self::COUNT] {
+                [$( self.$field, )*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Per-slot counters (per CPU in the kernel; userspace sums them).
+    pub struct SlotCounters {
+        selected => ("selected", "New connections the program steered to the socket, including ones redirected to it."),
+        redirected_away => ("redirected", "New connections whose hash choice was this socket but went elsewhere because it was full."),
+        dropped => ("dropped", "SYNs dropped silently while every socket was full (when-full drop), counted on the socket the kernel dropped them at."),
+        refused => ("refused", "Connections refused with a RST while every socket was full (when-full refuse) or the group drained, counted on their hash choice."),
+        migrated_in => ("migrated", "Queued connections and pending handshakes migrated to the socket from a closing one."),
     }
 }
 
-/// Internal errors. On each the program fails open: the kernel's hash choice serves the
-/// connection, and the error is counted here (per CPU; userspace sums them). The program
-/// indexes the fields after `no_config` by its error code: keep their order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
-pub struct GlobalCounters {
-    /// The CONFIG element was missing (the loader did not write it).
-    pub no_config: u64,
-    /// A `bpf_probe_read_kernel` failed (bad offset or a racing teardown).
-    pub read_failed: u64,
-    /// The group had no live socket or more than [`MAX_SOCKETS`].
-    pub bad_group: u64,
-    /// A chosen socket's cookie was not in SLOT_BY_COOKIE (a socket parsrv did not register
-    /// joined the group).
-    pub unknown_socket: u64,
-    /// `bpf_sk_select_reuseport` refused the chosen slot.
-    pub select_failed: u64,
+counters! {
+    /// Internal errors. On each the program fails open: the kernel's hash choice serves the
+    /// connection, and the error is counted here (per CPU; userspace sums them). The program
+    /// indexes the fields after `no_config` by its error code: keep their order.
+    pub struct GlobalCounters {
+        no_config => ("no-config", "The CONFIG element was missing (the loader did not write it)."),
+        read_failed => ("read-failed", "A bpf_probe_read_kernel failed (bad offset or a racing teardown)."),
+        bad_group => ("bad-group", "The group had no live socket or more than MAX_SOCKETS."),
+        unknown_socket => ("unknown-socket", "A chosen socket's cookie was not in SLOT_BY_COOKIE (a socket parsrv did not register joined the group)."),
+        select_failed => ("select-failed", "bpf_sk_select_reuseport refused the chosen slot."),
+    }
 }
 
 impl GlobalCounters {
-    /// Sums per-CPU values.
-    pub fn add(&mut self, other: &Self) {
-        self.no_config += other.no_config;
-        self.read_failed += other.read_failed;
-        self.bad_group += other.bad_group;
-        self.unknown_socket += other.unknown_socket;
-        self.select_failed += other.select_failed;
-    }
-
     /// All errors: connections served by the kernel's hash because the program failed open.
     pub fn total(&self) -> u64 {
-        self.no_config
-            + self.read_failed
-            + self.bad_group
-            + self.unknown_socket
-            + self.select_failed
+        self.values().iter().sum()
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::{
 };
 
 use crate::status::GroupStatus;
+use parsrv_common::SlotCounters;
 
 /// Serves `GET /metrics` forever.
 pub async fn serve(listener: TcpListener, statuses: impl Fn() -> Vec<GroupStatus> + 'static) {
@@ -38,7 +39,7 @@ pub async fn serve(listener: TcpListener, statuses: impl Fn() -> Vec<GroupStatus
 
 /// One metric family: name, type, help, and its samples (labels, value).
 struct Family {
-    name: &'static str,
+    name: String,
     kind: &'static str,
     help: &'static str,
     samples: Vec<(String, f64)>,
@@ -47,21 +48,24 @@ struct Family {
 /// The exposition text for these groups.
 pub fn render(groups: &[GroupStatus]) -> String {
     let socket =
-        |name, kind, help, value: fn(&crate::status::SocketStatus) -> Option<f64>| Family {
-            name,
-            kind,
-            help,
-            samples: groups
-                .iter()
-                .flat_map(|g| {
-                    g.sockets.iter().filter_map(move |s| {
-                        value(s).map(|v| (format!("group=\"{}\",slot=\"{}\"", g.name, s.slot), v))
+        |name: &str, kind, help, value: &dyn Fn(&crate::status::SocketStatus) -> Option<f64>| {
+            Family {
+                name: name.to_owned(),
+                kind,
+                help,
+                samples: groups
+                    .iter()
+                    .flat_map(|g| {
+                        g.sockets.iter().filter_map(move |s| {
+                            value(s)
+                                .map(|v| (format!("group=\"{}\",slot=\"{}\"", g.name, s.slot), v))
+                        })
                     })
-                })
-                .collect(),
+                    .collect(),
+            }
         };
-    let group = |name, kind, help, value: fn(&GroupStatus) -> Option<f64>| Family {
-        name,
+    let group = |name: &str, kind, help, value: fn(&GroupStatus) -> Option<f64>| Family {
+        name: name.to_owned(),
         kind,
         help,
         samples: groups
@@ -69,32 +73,77 @@ pub fn render(groups: &[GroupStatus]) -> String {
             .filter_map(|g| value(g).map(|v| (format!("group=\"{}\"", g.name), v)))
             .collect(),
     };
-    let families = [
-        socket("parsrv_socket_queue_depth", "gauge", "Connections waiting in the socket's accept queue (TCP_INFO).", |s| s.queue.map(|q| q.depth as f64)),
-        socket("parsrv_socket_queue_capacity", "gauge", "The socket's accept-queue limit (sk_max_ack_backlog; full above it).", |s| s.queue.map(|q| q.capacity as f64)),
-        socket("parsrv_socket_selected_total", "counter", "New connections the program steered to the socket.", |s| Some(s.counters.selected as f64)),
-        socket("parsrv_socket_redirected_away_total", "counter", "New connections whose hash choice was this socket but went elsewhere because it was full.", |s| Some(s.counters.redirected_away as f64)),
-        socket("parsrv_socket_dropped_total", "counter", "SYNs dropped while every socket was full (when-full drop).", |s| Some(s.counters.dropped as f64)),
-        socket("parsrv_socket_refused_total", "counter", "Connections refused with a RST while every socket was full or the group drained.", |s| Some(s.counters.refused as f64)),
-        socket("parsrv_socket_migrated_in_total", "counter", "Queued connections migrated here from a removed socket.", |s| Some(s.counters.migrated_in as f64)),
+    let mut families = vec![
+        socket(
+            "parsrv_socket_queue_depth",
+            "gauge",
+            "Connections waiting in the socket's accept queue (TCP_INFO).",
+            &|s| s.queue.map(|q| q.depth as f64),
+        ),
+        socket(
+            "parsrv_socket_queue_capacity",
+            "gauge",
+            "The socket's accept-queue limit (sk_max_ack_backlog; full above it).",
+            &|s| s.queue.map(|q| q.capacity as f64),
+        ),
+    ];
+    // The program's per-socket counters, as parsrv-common describes them.
+    for (index, counter) in SlotCounters::COUNTERS.iter().enumerate() {
+        let name = format!("parsrv_socket_{}_total", counter.name);
+        families.push(socket(&name, "counter", counter.help, &|s| {
+            Some(s.counters.values()[index] as f64)
+        }));
+    }
+    families.extend([
         Family {
-            name: "parsrv_handler_restarts_total",
+            name: "parsrv_handler_restarts_total".to_owned(),
             kind: "counter",
             help: "Times a slot's handler was started again after it exited.",
             samples: groups
                 .iter()
                 .flat_map(|g| {
                     g.handlers.iter().map(move |h| {
-                        (format!("group=\"{}\",slot=\"{}\"", g.name, h.slot), h.restarts as f64)
+                        (
+                            format!("group=\"{}\",slot=\"{}\"", g.name, h.slot),
+                            h.restarts as f64,
+                        )
                     })
                 })
                 .collect(),
         },
-        group("parsrv_group_handlers", "gauge", "Handlers the group runs now.", |g| Some(g.handlers.len() as f64)),
-        group("parsrv_program_errors_total", "counter", "Connections the program left to the kernel's hash after an internal error.", |g| Some(g.errors.total() as f64)),
-        group("parsrv_program_runs_total", "counter", "Runs of the program (needs kernel.bpf_stats_enabled=1).", |g| g.program.stats_enabled.then_some(g.program.run_count as f64)),
-        group("parsrv_program_run_seconds_total", "counter", "Time spent in the program (needs kernel.bpf_stats_enabled=1).", |g| g.program.stats_enabled.then_some(g.program.run_time_ns as f64 / 1e9)),
-    ];
+        group(
+            "parsrv_group_handlers",
+            "gauge",
+            "Handlers the group runs now.",
+            |g| Some(g.handlers.len() as f64),
+        ),
+        group(
+            "parsrv_program_errors_total",
+            "counter",
+            "Connections the program left to the kernel's hash after an internal error.",
+            |g| Some(g.errors.total() as f64),
+        ),
+        group(
+            "parsrv_program_runs_total",
+            "counter",
+            "Runs of the program (needs kernel.bpf_stats_enabled=1).",
+            |g| {
+                g.program
+                    .stats_enabled
+                    .then_some(g.program.run_count as f64)
+            },
+        ),
+        group(
+            "parsrv_program_run_seconds_total",
+            "counter",
+            "Time spent in the program (needs kernel.bpf_stats_enabled=1).",
+            |g| {
+                g.program
+                    .stats_enabled
+                    .then_some(g.program.run_time_ns as f64 / 1e9)
+            },
+        ),
+    ]);
     let mut out = String::new();
     for family in families.iter().filter(|f| !f.samples.is_empty()) {
         let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
@@ -119,6 +168,19 @@ mod tests {
         assert!(text.contains("parsrv_socket_queue_depth{group=\"web\",slot=\"0\"} 3\n"));
         assert!(text.contains("parsrv_socket_selected_total{group=\"web\",slot=\"0\"} 10\n"));
         assert!(text.contains("parsrv_group_handlers{group=\"web\"} 1\n"));
+        // One counter family per described per-socket counter, with its help.
+        for counter in parsrv_common::SlotCounters::COUNTERS {
+            let name = format!("parsrv_socket_{}_total", counter.name);
+            assert!(
+                text.contains(&format!(
+                    "# HELP {name} {}\n# TYPE {name} counter\n",
+                    counter.help
+                )),
+                "{text}"
+            );
+        }
+        assert!(text.contains("parsrv_socket_redirected_away_total{group=\"web\",slot=\"0\"} 1\n"));
+        assert!(text.contains("parsrv_socket_migrated_in_total{group=\"web\",slot=\"0\"} 0\n"));
         assert!(text.contains("parsrv_program_runs_total{group=\"web\"} 10\n"));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, net::SocketAddr, path::PathBuf};
 
-use parsrv_common::{GlobalCounters, SlotCounters};
+use parsrv_common::{Counter, GlobalCounters, SlotCounters};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -133,46 +133,40 @@ impl GroupStatus {
                 "draining: new connections are refused until the queues are empty"
             );
         }
-        let _ = writeln!(
+        let _ = write!(
             out,
-            "{:>4} {:>8} {:>5} {:>3} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
-            "slot",
-            "pid",
-            "alive",
-            "cpu",
-            "restarts",
-            "queue/max",
-            "selected",
-            "redirected",
-            "dropped",
-            "refused",
-            "migrated",
-            "accepted",
-            "lost-races"
+            "{:>4} {:>8} {:>5} {:>3} {:>8} {:>11}",
+            "slot", "pid", "alive", "cpu", "restarts", "queue/max"
         );
+        for counter in SlotCounters::COUNTERS {
+            let _ = write!(out, " {:>w$}", counter.column, w = column_width(counter));
+        }
+        let _ = writeln!(out, " {:>9} {:>10}", "accepted", "lost-races");
         for (handler, socket) in self.handlers.iter().zip(&self.sockets) {
             let pid = handler.pid.map_or("-".to_string(), |p| p.to_string());
             let queue = socket
                 .queue
                 .map_or("?".to_string(), |q| format!("{}/{}", q.depth, q.capacity));
-            let c = &socket.counters;
-            let _ =
-                writeln!(
+            let _ = write!(
                 out,
-                "{:>4} {:>8} {:>5} {:>3} {:>8} {:>11} {:>9} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10}",
+                "{:>4} {:>8} {:>5} {:>3} {:>8} {:>11}",
                 handler.slot,
                 pid,
                 if handler.alive { "yes" } else { "NO" },
                 handler.cpu.map_or("-".to_string(), |c| c.to_string()),
                 handler.restarts,
                 queue,
-                c.selected,
-                c.redirected_away,
-                c.dropped,
-                c.refused,
-                c.migrated_in,
+            );
+            for (counter, value) in SlotCounters::COUNTERS.iter().zip(socket.counters.values()) {
+                let _ = write!(out, " {value:>w$}", w = column_width(counter));
+            }
+            let _ = writeln!(
+                out,
+                " {:>9} {:>10}",
                 handler.accepted.map_or("-".to_string(), |n| n.to_string()),
-                handler.lost_races.map_or("-".to_string(), |n| n.to_string()),
+                handler
+                    .lost_races
+                    .map_or("-".to_string(), |n| n.to_string()),
             );
         }
         for handler in &self.handlers {
@@ -191,6 +185,15 @@ impl GroupStatus {
             self.program.program_id,
             self.errors.total()
         );
+        let which: Vec<String> = GlobalCounters::COUNTERS
+            .iter()
+            .zip(self.errors.values())
+            .filter(|(_, n)| *n > 0)
+            .map(|(error, n)| format!("{} {n}", error.column))
+            .collect();
+        if !which.is_empty() {
+            let _ = write!(out, " ({})", which.join(", "));
+        }
         if self.program.stats_enabled && self.program.run_count > 0 {
             let _ = write!(
                 out,
@@ -209,6 +212,11 @@ impl GroupStatus {
     }
 }
 
+/// A counter's column in the status table: its title plus one (at least 8).
+fn column_width(counter: &Counter) -> usize {
+    (counter.column.len() + 1).max(8)
+}
+
 impl GroupStatus {
     /// Connections waiting in all the group's queues, and what the queues hold (sum of
     /// max + 1): their occupancy.
@@ -225,27 +233,29 @@ impl GroupStatus {
     pub fn render_rates(&self, before: &GroupStatus, elapsed: std::time::Duration) -> String {
         let seconds = elapsed.as_secs_f64().max(1e-3);
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{:>4} {:>11} {:>13} {:>10} {:>10} {:>11}   (per second, last {:.1} s)",
-            "slot", "selected/s", "redirected/s", "dropped/s", "refused/s", "migrated/s", seconds
-        );
+        // Each column as wide as its title plus one: "selected/s" takes 11.
+        let width = |counter: &Counter| counter.column.len() + 3;
+        let _ = write!(out, "{:>4}", "slot");
+        for counter in SlotCounters::COUNTERS {
+            let title = format!("{}/s", counter.column);
+            let _ = write!(out, " {title:>w$}", w = width(counter));
+        }
+        let _ = writeln!(out, "   (per second, last {seconds:.1} s)");
         for socket in &self.sockets {
             let Some(old) = before.sockets.iter().find(|s| s.slot == socket.slot) else {
                 continue;
             };
-            let rate = |new: u64, old: u64| new.saturating_sub(old) as f64 / seconds;
-            let (c, o) = (&socket.counters, &old.counters);
-            let _ = writeln!(
-                out,
-                "{:>4} {:>11.1} {:>13.1} {:>10.1} {:>10.1} {:>11.1}",
-                socket.slot,
-                rate(c.selected, o.selected),
-                rate(c.redirected_away, o.redirected_away),
-                rate(c.dropped, o.dropped),
-                rate(c.refused, o.refused),
-                rate(c.migrated_in, o.migrated_in)
-            );
+            let _ = write!(out, "{:>4}", socket.slot);
+            let now = socket.counters.values();
+            for ((counter, new), old) in SlotCounters::COUNTERS
+                .iter()
+                .zip(now)
+                .zip(old.counters.values())
+            {
+                let rate = new.saturating_sub(old) as f64 / seconds;
+                let _ = write!(out, " {rate:>w$.1}", w = width(counter));
+            }
+            out.push('\n');
         }
         out
     }
@@ -334,6 +344,53 @@ pub(crate) mod tests {
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),
             ["0", "15.0", "0.0", "0.0", "0.0", "0.0"]
+        );
+    }
+
+    #[test]
+    fn counters_json_keys_and_values_follow_their_descriptions() {
+        let counters = SlotCounters {
+            selected: 1,
+            redirected_away: 2,
+            dropped: 3,
+            refused: 4,
+            migrated_in: 5,
+        };
+        let json = serde_json::to_value(counters).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut names: Vec<&str> = SlotCounters::COUNTERS.iter().map(|c| c.name).collect();
+        names.sort(); // serde_json's map is sorted
+        assert_eq!(keys, names);
+        for (counter, value) in SlotCounters::COUNTERS.iter().zip(counters.values()) {
+            assert_eq!(json[counter.name], value, "{}", counter.name);
+        }
+        let mut sum = counters;
+        sum.add(&counters);
+        assert_eq!(sum.values(), [2, 4, 6, 8, 10]);
+        let errors = GlobalCounters {
+            read_failed: 2,
+            select_failed: 1,
+            ..Default::default()
+        };
+        assert_eq!(errors.total(), 3);
+        assert_eq!(GlobalCounters::COUNT, 5);
+    }
+
+    #[test]
+    fn the_table_names_which_errors_the_program_failed_open_on() {
+        let mut status = sample();
+        assert!(status.render().contains("5: 0 fail-open errors,"));
+        status.errors.read_failed = 2;
+        status.errors.select_failed = 1;
+        let text = status.render();
+        assert!(
+            text.contains("5: 3 fail-open errors (read-failed 2, select-failed 1),"),
+            "{text}"
         );
     }
 
