@@ -82,7 +82,7 @@ fn main() {
     let mut report = Report::new(dir, &header);
     for wanted in wanted {
         let scenario: &'static str = SCENARIOS.iter().find(|s| **s == wanted).expect("checked");
-        // Each scenario in a network namespace of its own.
+        // Each scenario in namespaces of its own (network; mounts with a fresh bpffs).
         report = isolated(move || {
             let mut report = report;
             match scenario {
