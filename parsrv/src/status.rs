@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, net::SocketAddr, path::PathBuf};
 
-use parsrv_common::{Counter, GlobalCounters, SlotCounters};
+use parsrv_common::{GlobalCounters, SlotCounters};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -139,7 +139,12 @@ impl GroupStatus {
             "slot", "pid", "alive", "cpu", "restarts", "queue/max"
         );
         for counter in SlotCounters::COUNTERS {
-            let _ = write!(out, " {:>w$}", counter.column, w = column_width(counter));
+            let _ = write!(
+                out,
+                " {:>w$}",
+                counter.column,
+                w = column_width(counter.column)
+            );
         }
         let _ = writeln!(out, " {:>9} {:>10}", "accepted", "lost-races");
         for (handler, socket) in self.handlers.iter().zip(&self.sockets) {
@@ -158,7 +163,7 @@ impl GroupStatus {
                 queue,
             );
             for (counter, value) in SlotCounters::COUNTERS.iter().zip(socket.counters.values()) {
-                let _ = write!(out, " {value:>w$}", w = column_width(counter));
+                let _ = write!(out, " {value:>w$}", w = column_width(counter.column));
             }
             let _ = writeln!(
                 out,
@@ -212,9 +217,9 @@ impl GroupStatus {
     }
 }
 
-/// A counter's column in the status table: its title plus one (at least 8).
-fn column_width(counter: &Counter) -> usize {
-    (counter.column.len() + 1).max(8)
+/// A counter's column in the status tables: as wide as its title plus one.
+fn column_width(title: &str) -> usize {
+    title.len() + 1
 }
 
 impl GroupStatus {
@@ -233,12 +238,13 @@ impl GroupStatus {
     pub fn render_rates(&self, before: &GroupStatus, elapsed: std::time::Duration) -> String {
         let seconds = elapsed.as_secs_f64().max(1e-3);
         let mut out = String::new();
-        // Each column as wide as its title plus one: "selected/s" takes 11.
-        let width = |counter: &Counter| counter.column.len() + 3;
+        let titles: Vec<String> = SlotCounters::COUNTERS
+            .iter()
+            .map(|counter| format!("{}/s", counter.column))
+            .collect();
         let _ = write!(out, "{:>4}", "slot");
-        for counter in SlotCounters::COUNTERS {
-            let title = format!("{}/s", counter.column);
-            let _ = write!(out, " {title:>w$}", w = width(counter));
+        for title in &titles {
+            let _ = write!(out, " {title:>w$}", w = column_width(title));
         }
         let _ = writeln!(out, "   (per second, last {seconds:.1} s)");
         for socket in &self.sockets {
@@ -247,13 +253,9 @@ impl GroupStatus {
             };
             let _ = write!(out, "{:>4}", socket.slot);
             let now = socket.counters.values();
-            for ((counter, new), old) in SlotCounters::COUNTERS
-                .iter()
-                .zip(now)
-                .zip(old.counters.values())
-            {
+            for ((title, new), old) in titles.iter().zip(now).zip(old.counters.values()) {
                 let rate = new.saturating_sub(old) as f64 / seconds;
-                let _ = write!(out, " {rate:>w$.1}", w = width(counter));
+                let _ = write!(out, " {rate:>w$.1}", w = column_width(title));
             }
             out.push('\n');
         }
@@ -340,6 +342,11 @@ pub(crate) mod tests {
         let mut after = sample();
         after.sockets[0].counters.selected += 30;
         let text = after.render_rates(&before, std::time::Duration::from_secs(2));
+        // Each column as wide as its title plus one.
+        assert_eq!(
+            text.lines().next().unwrap(),
+            "slot  selected/s  redirected/s  dropped/s  refused/s  migrated/s   (per second, last 2.0 s)"
+        );
         let row = text.lines().nth(1).unwrap();
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),

@@ -240,7 +240,8 @@ pub fn mount_bpffs() -> nix::Result<()> {
     )
 }
 
-/// Whether /sys/fs/bpf, as the calling thread sees it, is a bpffs.
+/// Whether /sys/fs/bpf, as the calling thread sees it, is a bpffs. Written apart from
+/// parsrv's own check (`kernel::ensure_bpffs`), which the tests judge.
 pub fn bpffs_mounted() -> bool {
     nix::sys::statfs::statfs(BPFFS)
         .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
