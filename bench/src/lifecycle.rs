@@ -52,7 +52,7 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
             while !flag.load(Ordering::Relaxed) {
                 thread::sleep(every);
                 if let Ok(Response::Status(status)) = control::request(&name, &Request::Status) {
-                    let (queued, capacity) = status.queued_and_capacity();
+                    let parsrv::kernel::Occupancy { queued, capacity } = status.occupancy();
                     let handlers = status.handlers.len() as u32;
                     if queued * 2 >= capacity && handlers < 4 {
                         let _ = control::request(
@@ -74,7 +74,7 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let status = spawner.status();
-        let (queued, capacity) = status.queued_and_capacity();
+        let parsrv::kernel::Occupancy { queued, capacity } = status.occupancy();
         let rejected: u64 = status
             .sockets
             .iter()

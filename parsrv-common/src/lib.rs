@@ -1,201 +1,25 @@
-//! Types and names shared by the parsrv SK_REUSEPORT program and its userspace.
+//! Types and names shared by parsrv's eBPF programs and their userspace: one module per
+//! program ([`reuseport`]: the SK_REUSEPORT program that picks a socket with room), and the
+//! way counters are declared once ([`counters`]).
 //!
 //! Everything here is `#[repr(C)]`, `bytemuck::Pod` and free of implicit padding, so the two
 //! sides agree on layout byte for byte. The eBPF side builds this crate `no_std`; userspace
-//! enables the `user` feature for aya's `Pod` marker.
+//! enables the `user` feature for aya's `Pod` marker and serde.
 #![no_std]
 
-use bytemuck::{Pod, Zeroable};
+#[macro_use]
+pub mod counters;
+pub mod reuseport;
 
-/// Slots in the socket array: the most handler sockets one group can have.
-///
-/// Equal to the kernel's initial `sock_reuseport` capacity (INIT_SOCKS), so a full group never
-/// makes the kernel reallocate `socks[]`, and the program's scan loop has a fixed bound.
-pub const MAX_SOCKETS: u32 = 128;
+pub use counters::Counter;
 
-/// Names of the program and maps in the eBPF object, and of their pins under the group's
-/// bpffs directory. The eBPF side names its statics exactly so: a name that differs makes
-/// loading fail, naming it (`program::Steering::load`), in every privileged test.
-pub mod names {
-    /// The SK_REUSEPORT program (section `sk_reuseport/migrate`).
-    pub const PROGRAM: &str = "parsrv_select";
-    /// REUSEPORT_SOCKARRAY: slot -> listening socket.
-    pub const SOCKETS: &str = "SOCKETS";
-    /// HASH: socket cookie -> slot, to map a listener found in the kernel's group to its slot.
-    pub const SLOT_BY_COOKIE: &str = "SLOT_BY_COOKIE";
-    /// PERCPU_ARRAY of [`SlotCounters`](super::SlotCounters), indexed by slot.
-    pub const SLOT_COUNTERS: &str = "SLOT_COUNTERS";
-    /// PERCPU_ARRAY of one [`GlobalCounters`](super::GlobalCounters).
-    pub const GLOBAL_COUNTERS: &str = "GLOBAL_COUNTERS";
-    /// ARRAY of one [`ProgramConfig`](super::ProgramConfig).
-    pub const CONFIG: &str = "CONFIG";
-    /// PERCPU_ARRAY of [`SlotCacheEntry`](super::SlotCacheEntry), indexed by position in
-    /// the kernel's `socks[]` (not pinned: private to the program).
-    pub const SLOT_CACHE: &str = "SLOT_CACHE";
-    /// PERCPU_ARRAY scratch space (not pinned: private to the program).
-    pub const SCRATCH: &str = "SCRATCH";
-}
-
-/// Where a new connection goes while some socket has room.
-pub mod policy {
-    /// Keep the kernel's hash choice when that socket has room, else the socket with most room.
-    pub const REDIRECT: u32 = 0;
-    /// Always the socket with the most room; ties go to the first one from the hash choice on.
-    pub const LEAST_LOADED: u32 = 1;
-}
-
-/// What happens to a new connection when every socket is full.
-pub mod when_full {
-    /// Drop the SYN silently (the kernel counts ListenOverflows); the client retransmits and is
-    /// steered again once a handler has made room.
-    pub const DROP: u32 = 0;
-    /// Answer with a RST: the client gets ECONNREFUSED at once.
-    pub const REFUSE: u32 = 1;
-}
-
-/// Byte offsets of the kernel struct members the program reads with `bpf_probe_read_kernel`.
-///
-/// They differ between kernel builds, so userspace takes them from the running kernel's BTF at
-/// load time; never hard-code them.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct KernelOffsets {
-    /// `struct sock.sk_ack_backlog` (u32): established children waiting in the accept queue.
-    pub sk_ack_backlog: u32,
-    /// `struct sock.sk_max_ack_backlog` (u32): min(listen backlog, net.core.somaxconn).
-    pub sk_max_ack_backlog: u32,
-    /// `struct sock.sk_reuseport_cb` (pointer to `struct sock_reuseport`).
-    pub sk_reuseport_cb: u32,
-    /// `struct sock.__sk_common.skc_cookie` (u64; 0 until SO_COOKIE or a diag dump made one).
-    pub skc_cookie: u32,
-    /// `inet_connection_sock.icsk_accept_queue.qlen` (u32): handshakes in progress.
-    pub accept_queue_qlen: u32,
-    /// `struct sock_reuseport.num_socks` (u16): live listeners in `socks[]`.
-    pub reuseport_num_socks: u32,
-    /// `struct sock_reuseport.socks` (flexible array of `struct sock *`).
-    pub reuseport_socks: u32,
-}
-
-/// The program's configuration: one element of the CONFIG array.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct ProgramConfig {
-    pub offsets: KernelOffsets,
-    /// One of [`policy`].
-    pub policy: u32,
-    /// One of [`when_full`].
-    pub when_full: u32,
-    /// Bumped by userspace whenever it changes the group's membership (SOCKETS and
-    /// SLOT_BY_COOKIE): the program's per-CPU slot cache only trusts entries of the current
-    /// generation. Never 0, so that a zeroed cache entry never matches.
-    pub generation: u32,
-    /// Bits of [`flags`].
-    pub flags: u32,
-}
-
-/// Bits of `ProgramConfig::flags`.
-pub mod flags {
-    /// The group is draining before shutdown: refuse (RST) every new connection, while
-    /// queued ones are served and migration still works.
-    pub const DRAINING: u32 = 1;
-}
-
-/// What the program last learned about the listener at one position of the kernel's
-/// `socks[]`: its address and slot, valid while `generation` is the CONFIG's. It spares the
-/// per-connection path a cookie read and a hash lookup.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct SlotCacheEntry {
-    pub addr: u64,
-    pub slot: u32,
-    pub generation: u32,
-}
-
-/// One counter as people see it: its field (and JSON key), its column in `parsrv status`, and
-/// the help of its Prometheus metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Counter {
-    pub name: &'static str,
-    pub column: &'static str,
-    pub help: &'static str,
-}
-
-/// Declares a struct of `u64` counters once: the `#[repr(C)]` Pod struct both sides share
-/// (each field documented by its help text), its per-CPU sum (`add`), its values in field
-/// order (`values`) and the description of each (`COUNTERS`), from which userspace builds
-/// the status columns, the JSON keys and the metrics. A counter is added in one place: here.
-macro_rules! counters {
-    (
-        $(#[$meta:meta])*
-        pub struct $name:ident {
-            $( $field:ident => ($column:literal, $help:literal), )*
-        }
-    ) => {
-        $(#[$meta])*
-        #[repr(C)]
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-        #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
-        pub struct $name {
-            $( #[doc = $help] pub $field: u64, )*
-        }
-
-        impl $name {
-            /// How many counters.
-            pub const COUNT: usize = Self::COUNTERS.len();
-            /// Their descriptions, in field order.
-            pub const COUNTERS: &'static [Counter] = &[
-                $( Counter { name: stringify!($field), column: $column, help: $help }, )*
-            ];
-
-            /// Sums per-CPU values.
-            pub fn add(&mut self, other: &Self) {
-                $( self.$field += other.$field; )*
-            }
-
-            /// The values, in the order of [`Self::COUNTERS`].
-            pub fn values(&self) -> [u64; Self::COUNT] {
-                [$( self.$field, )*]
-            }
-        }
-    };
-}
-
-counters! {
-    /// Per-slot counters (per CPU in the kernel; userspace sums them).
-    pub struct SlotCounters {
-        selected => ("selected", "New connections the program steered to the socket, including ones redirected to it."),
-        redirected_away => ("redirected", "New connections whose hash choice was this socket but went elsewhere because it was full."),
-        dropped => ("dropped", "SYNs dropped silently while every socket was full (when-full drop), counted on the socket the kernel dropped them at."),
-        refused => ("refused", "Connections refused with a RST while every socket was full (when-full refuse) or the group drained, counted on their hash choice."),
-        migrated_in => ("migrated", "Queued connections and pending handshakes migrated to the socket from a closing one."),
-    }
-}
-
-counters! {
-    /// Internal errors. On each the program fails open: the kernel's hash choice serves the
-    /// connection, and the error is counted here (per CPU; userspace sums them). The program
-    /// indexes the fields after `no_config` by its error code: keep their order.
-    pub struct GlobalCounters {
-        no_config => ("no-config", "The CONFIG element was missing (the loader did not write it)."),
-        read_failed => ("read-failed", "A bpf_probe_read_kernel failed (bad offset or a racing teardown)."),
-        bad_group => ("bad-group", "The group had no live socket or more than MAX_SOCKETS."),
-        unknown_socket => ("unknown-socket", "A chosen socket's cookie was not in SLOT_BY_COOKIE (a socket parsrv did not register joined the group)."),
-        select_failed => ("select-failed", "bpf_sk_select_reuseport refused the chosen slot."),
-    }
-}
-
-impl GlobalCounters {
-    /// All errors: connections served by the kernel's hash because the program failed open.
-    pub fn total(&self) -> u64 {
-        self.values().iter().sum()
-    }
-}
-
-#[cfg(feature = "user")]
-mod user {
-    // SAFETY: all are #[repr(C)], Pod (checked by bytemuck's derive: no padding, any bit
-    // pattern valid), as aya requires of map values.
-    unsafe impl aya::Pod for super::ProgramConfig {}
-    unsafe impl aya::Pod for super::SlotCounters {}
-    unsafe impl aya::Pod for super::GlobalCounters {}
+/// Names parsrv reserves under its bpffs directory (`/sys/fs/bpf/parsrv`). Group names
+/// start with a letter or digit, so nothing reserved can collide with a group.
+pub mod scope {
+    /// Prefix of the directory that holds the state of one network namespace (followed by
+    /// the namespace's inode number): state that belongs to no single group.
+    pub const NETNS_PREFIX: &str = "_netns-";
+    /// Prefix of a directory being filled before it is renamed into place (followed by what
+    /// it will be, and the pid of the process filling it).
+    pub const STAGING_PREFIX: &str = "_staging-";
 }

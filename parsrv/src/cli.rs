@@ -403,10 +403,10 @@ fn done(whom: String, response: Response) -> Result<()> {
             print!("{}", crate::config_file::to_toml(&[*spec]));
             Ok(())
         }
-        Response::Rejected(message) => Err(Error::Rejected(message)),
-        Response::Error(message) => Err(Error::Spawner {
+        Response::Failed(e) if e.is_usage() => Err(Error::Rejected(e.to_string())),
+        Response::Failed(e) => Err(Error::Spawner {
             group: whom,
-            message,
+            message: e.to_string(),
         }),
         Response::Status(_) => Err(Error::Spawner {
             group: whom,
@@ -425,10 +425,10 @@ fn list_groups() -> Result<()> {
         if let Ok(Response::Status(status)) = control::request(&name, &Request::Status) {
             println!(
                 "{:<24} {:<24} {:>8} {:<14} {:>8}",
-                status.name,
-                status.listen.to_string(),
+                status.spec.name,
+                status.spec.listen.to_string(),
                 status.handlers.len(),
-                status.policy.to_string(),
+                status.spec.policy.to_string(),
                 status.spawner_pid
             );
         }
@@ -571,9 +571,9 @@ fn status(args: StatusArgs) -> Result<()> {
         }
         for status in &statuses {
             println!("{}", status.render());
-            let before = previous
-                .as_ref()
-                .and_then(|(at, old)| Some((*at, old.iter().find(|o| o.name == status.name)?)));
+            let before = previous.as_ref().and_then(|(at, old)| {
+                Some((*at, old.iter().find(|o| o.spec.name == status.spec.name)?))
+            });
             if let Some((at, old)) = before {
                 print!("{}", status.render_rates(old, now.duration_since(at)));
             }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub use parsrv_common::MAX_SOCKETS;
+pub use parsrv_common::reuseport::MAX_SOCKETS;
 
 /// Where a new connection goes while some socket has room.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -23,8 +23,8 @@ pub enum Policy {
 impl Policy {
     pub fn to_program(self) -> u32 {
         match self {
-            Policy::Redirect => parsrv_common::policy::REDIRECT,
-            Policy::LeastLoaded => parsrv_common::policy::LEAST_LOADED,
+            Policy::Redirect => parsrv_common::reuseport::policy::REDIRECT,
+            Policy::LeastLoaded => parsrv_common::reuseport::policy::LEAST_LOADED,
         }
     }
 }
@@ -43,8 +43,8 @@ pub enum WhenFull {
 impl WhenFull {
     pub fn to_program(self) -> u32 {
         match self {
-            WhenFull::Drop => parsrv_common::when_full::DROP,
-            WhenFull::Refuse => parsrv_common::when_full::REFUSE,
+            WhenFull::Drop => parsrv_common::reuseport::when_full::DROP,
+            WhenFull::Refuse => parsrv_common::reuseport::when_full::REFUSE,
         }
     }
 }
@@ -125,6 +125,28 @@ pub struct Credentials {
 }
 
 impl GroupSpec {
+    /// A group on `listen` running `handler`, with every other setting at its default.
+    pub fn new(listen: SocketAddr, handler: HandlerKind) -> Self {
+        GroupSpec {
+            name: GroupSpec::default_name(&listen),
+            listen,
+            handlers: defaults::HANDLERS,
+            handlers_max: defaults::HANDLERS,
+            autoscale: true,
+            backlog: defaults::BACKLOG,
+            handler,
+            threads: defaults::THREADS,
+            policy: Policy::default(),
+            when_full: WhenFull::default(),
+            command: Vec::new(),
+            cpus: Vec::new(),
+            user: None,
+            grace: defaults::GRACE,
+            ready_timeout: defaults::READY_TIMEOUT,
+            drain: false,
+        }
+    }
+
     /// Whether the group grows and shrinks with load (`--handlers MIN..MAX`, MIN < MAX).
     pub fn autoscaled(&self) -> bool {
         self.autoscale && self.handlers_max > self.handlers
@@ -683,16 +705,19 @@ mod tests {
     fn enums_map_to_the_program_constants() {
         assert_eq!(
             Policy::Redirect.to_program(),
-            parsrv_common::policy::REDIRECT
+            parsrv_common::reuseport::policy::REDIRECT
         );
         assert_eq!(
             Policy::LeastLoaded.to_program(),
-            parsrv_common::policy::LEAST_LOADED
+            parsrv_common::reuseport::policy::LEAST_LOADED
         );
-        assert_eq!(WhenFull::Drop.to_program(), parsrv_common::when_full::DROP);
+        assert_eq!(
+            WhenFull::Drop.to_program(),
+            parsrv_common::reuseport::when_full::DROP
+        );
         assert_eq!(
             WhenFull::Refuse.to_program(),
-            parsrv_common::when_full::REFUSE
+            parsrv_common::reuseport::when_full::REFUSE
         );
         assert_eq!(Policy::LeastLoaded.to_string(), "least-loaded");
     }

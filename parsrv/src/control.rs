@@ -47,6 +47,16 @@ pub enum Request {
     Restart,
 }
 
+impl Request {
+    /// Its name on the wire.
+    pub fn verb(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| Some(v.get("command")?.as_str()?.to_owned()))
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
@@ -54,10 +64,53 @@ pub enum Response {
     Spec(Box<crate::config::GroupSpec>),
     /// The change was made; what happened.
     Done(String),
-    /// The request was refused as bad input (the spawner changed nothing).
-    Rejected(String),
-    /// The spawner failed to do what was asked.
-    Error(String),
+    /// The spawner did not do what was asked, and why.
+    Failed(ControlError),
+}
+
+/// Why a spawner did not do what a request asked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlError {
+    /// The request cannot be done as asked (bad input, out of range, a conflict); the
+    /// spawner changed nothing.
+    #[error("{0}")]
+    Refused(String),
+    /// The request was not understood.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// This socket does not take that request.
+    #[error("`{request}` is not taken here: {fix}")]
+    WrongSocket { request: String, fix: String },
+    /// The group is being removed and takes no more requests.
+    #[error("group {group} is stopping")]
+    Stopping { group: String },
+    /// The spawner tried and failed; the message says what it kept.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ControlError {
+    /// Whether the request was bad input (so the client exits with a usage error).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            ControlError::Refused(_)
+                | ControlError::BadRequest(_)
+                | ControlError::WrongSocket { .. }
+        )
+    }
+}
+
+impl From<Error> for ControlError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidOption { .. } | Error::Rejected(_) => {
+                ControlError::Refused(e.to_string())
+            }
+            other => ControlError::Failed(other.to_string()),
+        }
+    }
 }
 
 pub fn run_dir() -> PathBuf {
@@ -278,7 +331,7 @@ impl ControlSocket {
                 let response = match read {
                     Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
                         Ok(request) => answer(request).await,
-                        Err(e) => Response::Rejected(format!("bad request: {e}")),
+                        Err(e) => Response::Failed(ControlError::BadRequest(e.to_string())),
                     },
                     _ => return,
                 };
@@ -303,13 +356,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn errors_from_bad_input_are_refusals_and_the_rest_failures() {
+        let usage = ControlError::from(Error::Rejected("taken".into()));
+        assert_eq!(usage, ControlError::Refused("taken".into()));
+        assert!(usage.is_usage());
+        let failed = ControlError::from(Error::NoEbpfObject);
+        assert!(matches!(failed, ControlError::Failed(_)) && !failed.is_usage());
+        assert!(!ControlError::Stopping { group: "g".into() }.is_usage());
+    }
+
+    #[test]
     fn requests_and_responses_are_tagged_json() {
         assert_eq!(
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"command":"status"}"#
         );
-        let error = serde_json::to_string(&Response::Error("x".into())).unwrap();
-        assert_eq!(error, r#"{"error":"x"}"#);
+        let error = serde_json::to_string(&Response::Failed(ControlError::Failed("x".into())));
+        assert_eq!(error.unwrap(), r#"{"failed":{"failed":"x"}}"#);
+        assert_eq!(Request::Restart.verb(), "restart");
         assert_eq!(
             serde_json::to_string(&Request::Resize { handlers: 3 }).unwrap(),
             r#"{"command":"resize","handlers":3}"#

@@ -13,6 +13,7 @@ use btf_rs::{Btf, Type};
 use serde::Serialize;
 
 use crate::{
+    dataplane::Program,
     error::{Error, Result},
     kernel::{find_member, vmlinux_btf_path},
 };
@@ -91,6 +92,14 @@ impl Feature {
 /// The oldest Linux release with every feature.
 pub fn minimum_kernel() -> KernelVersion {
     Feature::ALL.iter().map(|f| f.since()).max().unwrap()
+}
+
+/// What `programs` need together, in [`Feature::ALL`]'s order.
+pub fn needed_by(programs: &[Program]) -> Vec<Feature> {
+    Feature::ALL
+        .into_iter()
+        .filter(|f| programs.iter().any(|p| p.requires().contains(f)))
+        .collect()
 }
 
 /// A Linux release, major.minor (serialized as "5.14").
@@ -192,9 +201,12 @@ impl KernelFeatures {
             .map(|p| p.feature)
     }
 
-    /// Fails, naming the first missing feature and the fix, unless the kernel has them all.
-    pub fn require_all(&self) -> Result<()> {
-        match self.missing().next() {
+    /// Fails, naming the first missing feature and the fix, unless the kernel has every
+    /// feature that `programs` need.
+    pub fn require_for(&self, programs: &[Program]) -> Result<()> {
+        let needed = needed_by(programs);
+        let minimum = needed.iter().map(|f| f.since()).max();
+        match self.missing().find(|f| needed.contains(f)) {
             None => Ok(()),
             Some(Feature::Btf) => Err(Error::NoBtf {
                 path: vmlinux_btf_path(),
@@ -203,9 +215,14 @@ impl KernelFeatures {
                 release: self.release.clone(),
                 feature: feature.name(),
                 since: feature.since().to_string(),
-                minimum: minimum_kernel().to_string(),
+                minimum: minimum.unwrap_or(feature.since()).to_string(),
             }),
         }
+    }
+
+    /// Fails unless the kernel has what every program parsrv has needs.
+    pub fn require_all(&self) -> Result<()> {
+        self.require_for(&Program::ALL)
     }
 }
 

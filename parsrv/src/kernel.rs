@@ -9,7 +9,7 @@ use std::{
 };
 
 use btf_rs::{Btf, Type};
-use parsrv_common::KernelOffsets;
+use parsrv_common::reuseport::KernelOffsets;
 
 use crate::error::{Error, Result};
 
@@ -225,6 +225,25 @@ pub struct QueueDepth {
     /// `sk_max_ack_backlog`: min(listen backlog, net.core.somaxconn). The queue is full
     /// above this: it holds `capacity + 1`.
     pub capacity: u32,
+}
+
+/// Several accept queues together: what waits in them, and what they hold (the sum of
+/// `capacity + 1`), for a group's occupancy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    pub queued: u32,
+    pub capacity: u32,
+}
+
+impl Occupancy {
+    pub fn of(queues: impl IntoIterator<Item = QueueDepth>) -> Self {
+        queues
+            .into_iter()
+            .fold(Occupancy::default(), |sum, q| Occupancy {
+                queued: sum.queued + q.depth,
+                capacity: sum.capacity + q.capacity + 1,
+            })
+    }
 }
 
 /// Reads a listener's queue with getsockopt(TCP_INFO): on a LISTEN socket, tcpi_unacked is

@@ -1,8 +1,8 @@
 //! parsrv: many handler processes serve one port in parallel, with no dispatcher process.
 //!
 //! A spawner ([`spawner`]) creates a group of SO_REUSEPORT sockets on one address and port
-//! ([`group`]), one per handler process ([`handler`]). An SK_REUSEPORT eBPF program
-//! ([`program`], source in parsrv-ebpf) picks, in the kernel, for every new connection, a
+//! ([`listeners`]), one per handler process ([`handler`]). An SK_REUSEPORT eBPF program
+//! ([`dataplane`], source in parsrv-ebpf) picks, in the kernel, for every new connection, a
 //! socket whose accept queue has room, reading the queues' real depth at offsets taken from
 //! the kernel's BTF ([`kernel`]), on kernels that have every feature it needs ([`features`]).
 //! `parsrv status` ([`status`]) asks the spawner through its control socket ([`control`]).
@@ -15,14 +15,14 @@ pub mod cli;
 pub mod config;
 pub mod config_file;
 pub mod control;
+pub mod dataplane;
 pub mod error;
 pub mod features;
-pub mod group;
 pub mod handler;
 pub mod kernel;
+pub mod listeners;
 pub mod metrics;
 pub mod output;
-pub mod program;
 pub mod spawner;
 pub mod status;
 pub mod supervisor;

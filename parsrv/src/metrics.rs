@@ -9,7 +9,7 @@ use tokio::{
 };
 
 use crate::status::GroupStatus;
-use parsrv_common::SlotCounters;
+use parsrv_common::reuseport::SlotCounters;
 
 /// Serves `GET /metrics` forever.
 pub async fn serve(listener: TcpListener, statuses: impl Fn() -> Vec<GroupStatus> + 'static) {
@@ -57,8 +57,9 @@ pub fn render(groups: &[GroupStatus]) -> String {
                     .iter()
                     .flat_map(|g| {
                         g.sockets.iter().filter_map(move |s| {
-                            value(s)
-                                .map(|v| (format!("group=\"{}\",slot=\"{}\"", g.name, s.slot), v))
+                            value(s).map(|v| {
+                                (format!("group=\"{}\",slot=\"{}\"", g.spec.name, s.slot), v)
+                            })
                         })
                     })
                     .collect(),
@@ -70,7 +71,7 @@ pub fn render(groups: &[GroupStatus]) -> String {
         help,
         samples: groups
             .iter()
-            .filter_map(|g| value(g).map(|v| (format!("group=\"{}\"", g.name), v)))
+            .filter_map(|g| value(g).map(|v| (format!("group=\"{}\"", g.spec.name), v)))
             .collect(),
     };
     let mut families = vec![
@@ -104,7 +105,7 @@ pub fn render(groups: &[GroupStatus]) -> String {
                 .flat_map(|g| {
                     g.handlers.iter().map(move |h| {
                         (
-                            format!("group=\"{}\",slot=\"{}\"", g.name, h.slot),
+                            format!("group=\"{}\",slot=\"{}\"", g.spec.name, h.slot),
                             h.restarts as f64,
                         )
                     })
@@ -169,7 +170,7 @@ mod tests {
         assert!(text.contains("parsrv_socket_selected_total{group=\"web\",slot=\"0\"} 10\n"));
         assert!(text.contains("parsrv_group_handlers{group=\"web\"} 1\n"));
         // One counter family per described per-socket counter, with its help.
-        for counter in parsrv_common::SlotCounters::COUNTERS {
+        for counter in parsrv_common::reuseport::SlotCounters::COUNTERS {
             let name = format!("parsrv_socket_{}_total", counter.name);
             assert!(
                 text.contains(&format!(

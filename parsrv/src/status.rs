@@ -1,39 +1,26 @@
 //! What `parsrv status` reports: the spawner builds a [`GroupStatus`] on request and the CLI
 //! prints it as a table or as JSON (the schema is documented in the README).
 
-use std::{fmt::Write as _, net::SocketAddr, path::PathBuf};
+use std::{fmt::Write as _, path::PathBuf};
 
-use parsrv_common::{GlobalCounters, SlotCounters};
+use parsrv_common::reuseport::{GlobalCounters, SlotCounters};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{HandlerKind, Policy, WhenFull},
-    kernel::QueueDepth,
-    program::RunStats,
+    config::GroupSpec,
+    dataplane::reuseport::RunStats,
+    kernel::{Occupancy, QueueDepth},
 };
 
-/// Bumped on any incompatible change to the JSON.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bumped on any incompatible change to the JSON. 2: the group's settings moved under
+/// `spec`, in the same form as everywhere else (`parsrv group show --json`, `group add`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupStatus {
     pub schema: u32,
-    pub name: String,
-    pub listen: SocketAddr,
-    pub policy: Policy,
-    pub when_full: WhenFull,
-    pub backlog: u32,
-    pub handler: HandlerKind,
-    /// The program exec handlers run.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub command: Vec<String>,
-    pub threads: u32,
-    /// CPUs handlers are pinned to (empty: not pinned).
-    #[serde(default)]
-    pub cpus: Vec<u32>,
-    /// Who handlers run as (`None`: as the spawner).
-    #[serde(default)]
-    pub user: Option<String>,
+    /// The group as it was started.
+    pub spec: GroupSpec,
     pub spawner_pid: u32,
     /// Where the maps are pinned.
     pub pins: Option<PathBuf>,
@@ -47,13 +34,9 @@ pub struct GroupStatus {
     pub program: RunStats,
 }
 
-/// The group's size limits and the autoscaler's last word.
+/// What the autoscaler did (its limits are the spec's `handlers` and `handlers_max`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScalingStatus {
-    pub min: u32,
-    pub max: u32,
-    /// Whether the autoscaler runs (MIN < MAX).
-    pub autoscaled: bool,
     /// Resizes the autoscaler made.
     pub decisions: u64,
     /// The latest of them, with the numbers that caused it.
@@ -94,31 +77,32 @@ pub struct SocketStatus {
 impl GroupStatus {
     /// Human-readable form.
     pub fn render(&self) -> String {
+        let spec = &self.spec;
         let mut out = String::new();
         let _ = writeln!(
             out,
             "group {}  listen {}  policy {}  when-full {}  backlog {}  handler {} x{} threads  spawner pid {}",
-            self.name,
-            self.listen,
-            self.policy,
-            self.when_full,
-            self.backlog,
-            self.handler,
-            self.threads,
+            spec.name,
+            spec.listen,
+            spec.policy,
+            spec.when_full,
+            spec.backlog,
+            spec.handler,
+            spec.threads,
             self.spawner_pid
         );
-        if !self.command.is_empty() {
-            let _ = writeln!(out, "command: {}", self.command.join(" "));
+        if !spec.command.is_empty() {
+            let _ = writeln!(out, "command: {}", spec.command.join(" "));
         }
-        if let Some(user) = &self.user {
+        if let Some(user) = &spec.user {
             let _ = writeln!(out, "handlers run as: {user}");
         }
-        if self.scaling.autoscaled {
+        if spec.autoscaled() {
             let _ = writeln!(
                 out,
                 "autoscaled {}..{}: {} handlers now, {} resizes{}",
-                self.scaling.min,
-                self.scaling.max,
+                spec.handlers,
+                spec.handlers_max,
                 self.handlers.len(),
                 self.scaling.decisions,
                 self.scaling
@@ -225,13 +209,8 @@ fn column_width(title: &str) -> usize {
 impl GroupStatus {
     /// Connections waiting in all the group's queues, and what the queues hold (sum of
     /// max + 1): their occupancy.
-    pub fn queued_and_capacity(&self) -> (u32, u32) {
-        self.sockets
-            .iter()
-            .filter_map(|s| s.queue)
-            .fold((0, 0), |(queued, capacity), q| {
-                (queued + q.depth, capacity + q.capacity + 1)
-            })
+    pub fn occupancy(&self) -> Occupancy {
+        Occupancy::of(self.sockets.iter().filter_map(|s| s.queue))
     }
 
     /// Rates per second since `before`, per socket (for `status --watch`).
@@ -266,26 +245,25 @@ impl GroupStatus {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::{HandlerKind, Policy, WhenFull};
 
     pub(crate) fn sample() -> GroupStatus {
         GroupStatus {
             schema: SCHEMA_VERSION,
-            name: "web".into(),
-            listen: "127.0.0.1:8080".parse().unwrap(),
-            policy: Policy::LeastLoaded,
-            when_full: WhenFull::Refuse,
-            backlog: 16,
-            handler: HandlerKind::Http,
-            command: vec![],
-            threads: 2,
-            cpus: vec![1],
-            user: None,
+            spec: GroupSpec {
+                name: "web".into(),
+                handlers: 1,
+                handlers_max: 4,
+                policy: Policy::LeastLoaded,
+                when_full: WhenFull::Refuse,
+                backlog: 16,
+                threads: 2,
+                cpus: vec![1],
+                ..GroupSpec::new("127.0.0.1:8080".parse().unwrap(), HandlerKind::Http)
+            },
             spawner_pid: 42,
             pins: Some("/sys/fs/bpf/parsrv/web".into()),
             scaling: ScalingStatus {
-                min: 1,
-                max: 4,
-                autoscaled: true,
                 decisions: 2,
                 last_decision: Some("1 -> 2: queues 9/9 full".into()),
             },
@@ -325,15 +303,24 @@ pub(crate) mod tests {
     #[test]
     fn occupancy_sums_queues_and_their_room() {
         let mut status = sample();
-        assert_eq!(status.queued_and_capacity(), (3, 17));
+        assert_eq!(
+            (status.occupancy().queued, status.occupancy().capacity),
+            (3, 17)
+        );
         status.sockets.push(status.sockets[0].clone());
         status.sockets[1].queue = None; // unreadable: not counted
-        assert_eq!(status.queued_and_capacity(), (3, 17));
+        assert_eq!(
+            (status.occupancy().queued, status.occupancy().capacity),
+            (3, 17)
+        );
         status.sockets[1].queue = Some(QueueDepth {
             depth: 9,
             capacity: 8,
         });
-        assert_eq!(status.queued_and_capacity(), (12, 26));
+        assert_eq!(
+            (status.occupancy().queued, status.occupancy().capacity),
+            (12, 26)
+        );
     }
 
     #[test]

@@ -943,7 +943,7 @@ pub fn is_listening(fd: &OwnedFd) -> bool {
 pub fn loaded_parsrv_programs() -> Vec<u32> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| p.name_as_str() == Some(parsrv_common::names::PROGRAM))
+        .filter(|p| p.name_as_str() == Some(parsrv_common::reuseport::names::PROGRAM))
         .map(|p| p.id())
         .collect()
 }

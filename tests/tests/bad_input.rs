@@ -4,7 +4,7 @@
 
 use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
-use parsrv::{control, features::KernelVersion, spawner::pin_dir};
+use parsrv::{control, dataplane::pins::group_dir as pin_dir, features::KernelVersion};
 use parsrv_integration_tests::{
     bpffs_mounted, connect, drop_capability, error_line, loaded_parsrv_programs, mount_bpffs,
     privileged, processes_mentioning, run_parsrv, signal, unmount_bpffs, Feature, Needs, Outcome,

@@ -76,7 +76,7 @@ fn two_groups_steer_independently_and_metrics_match_status() {
             "beta saw exactly its own 200 connections"
         );
         assert_eq!(beta_redirected, 0, "alpha's stall did not reach beta");
-        assert_eq!(beta_status.policy.to_string(), "least-loaded");
+        assert_eq!(beta_status.spec.policy.to_string(), "least-loaded");
         signal(stalled, Signal::SIGCONT);
         drop(held);
 
@@ -110,8 +110,10 @@ print(json.dumps(out))
         for status in &statuses {
             let metric = |name: &str, slot: &str| -> f64 {
                 *metrics
-                    .get(&format!("{name}|{}|{slot}", status.name))
-                    .unwrap_or_else(|| panic!("no {name} for {} {slot}: {metrics:?}", status.name))
+                    .get(&format!("{name}|{}|{slot}", status.spec.name))
+                    .unwrap_or_else(|| {
+                        panic!("no {name} for {} {slot}: {metrics:?}", status.spec.name)
+                    })
             };
             assert_eq!(
                 metric("parsrv_group_handlers", ""),
@@ -295,7 +297,7 @@ handlers = 1
         let (code, out, _) = Spawner::parsrv(&["group", "remove", "cfg-three"]);
         assert_eq!(code, 0);
         assert!(out.contains("drained and stopped"));
-        assert!(!parsrv::spawner::pin_dir("cfg-three").exists());
+        assert!(!parsrv::dataplane::pins::group_dir("cfg-three").exists());
         let (code, _, err) = Spawner::parsrv(&["group", "remove", "cfg-nothing"]);
         assert_eq!(code, 1);
         assert!(
@@ -406,7 +408,7 @@ fn check_reports_every_problem_located_and_a_taken_metrics_port_is_refused() {
             error.contains("3 problems") && error.contains("parsrv check --config"),
             "{err}"
         );
-        assert!(!parsrv::spawner::pin_dir("x").exists());
+        assert!(!parsrv::dataplane::pins::group_dir("x").exists());
 
         // A metrics port someone holds: refused before any group starts.
         let holder = std::net::TcpListener::bind("127.0.0.1:9100").unwrap();
@@ -416,7 +418,7 @@ fn check_reports_every_problem_located_and_a_taken_metrics_port_is_refused() {
             error_line(&err).contains("metrics address 127.0.0.1:9100 is already in use"),
             "{err}"
         );
-        assert!(!parsrv::spawner::pin_dir("cfg-alpha").exists());
+        assert!(!parsrv::dataplane::pins::group_dir("cfg-alpha").exists());
         assert!(!parsrv::control::socket_path("cfg-alpha").exists());
         drop(holder);
     });

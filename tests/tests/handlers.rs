@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
-use parsrv::{config::usable_cpus, kernel, spawner::pin_dir};
+use parsrv::{config::usable_cpus, dataplane::pins::group_dir as pin_dir, kernel};
 use parsrv_integration_tests::{
     apps_dir, example, fd_of_process, http_get, http_load, privileged, pyenv, read_answer,
     resume_handler_group, stop_handler_group, wait_for, Needs, NetCounters, Outcome, Spawner,
@@ -268,7 +268,7 @@ if len(sys.argv) > 2:
 fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
     privileged(Needs::program().and_python(), || {
         let name = "test-user";
-        let map = pin_dir(name).join(parsrv_common::names::CONFIG);
+        let map = pin_dir(name).join(parsrv_common::reuseport::names::CONFIG);
         let map_arg = map.to_str().unwrap();
         let spawner = Spawner::start(
             name,

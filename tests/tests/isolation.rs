@@ -14,7 +14,7 @@ use std::{
     thread,
 };
 
-use parsrv::{control, spawner::pin_dir};
+use parsrv::{control, dataplane::pins::group_dir as pin_dir};
 use parsrv_integration_tests::{
     bpffs_mounted, http_get, isolated, kernel_has, mount_bpffs, privileged, skip, unmount_bpffs,
     wait_for, Needs, Outcome, Spawner, BPFFS, FRESH_MACHINE_ENV, PROGRAM,

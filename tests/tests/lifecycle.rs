@@ -5,7 +5,7 @@
 use std::{io::Write, net::SocketAddr, path::Path, time::Duration};
 
 use nix::sys::signal::Signal;
-use parsrv::{control, kernel, spawner::pin_dir};
+use parsrv::{control, dataplane::pins::group_dir as pin_dir, kernel};
 use parsrv_integration_tests::{
     connect, fd_of_process, http_get, is_listening, loaded_parsrv_programs, privileged,
     processes_mentioning, read_answer, signal, stop_process, wait_for, Needs, Outcome, Spawner,
@@ -243,7 +243,9 @@ fn sigterm_and_sigint_stop_cleanly_and_leave_nothing_behind() {
                 ],
             );
             let handlers: Vec<u32> = (0..3).map(|s| spawner.handler_pid(s)).collect();
-            assert!(pin_dir(name).join(parsrv_common::names::SOCKETS).exists());
+            assert!(pin_dir(name)
+                .join(parsrv_common::reuseport::names::SOCKETS)
+                .exists());
             assert!(control::socket_path(name).exists());
             assert_eq!(loaded_parsrv_programs().len(), programs_before.len() + 1);
             assert_eq!(http_get(addr(), Duration::from_secs(3)), Outcome::Ok);

@@ -8,15 +8,15 @@ use std::{
     time::Duration,
 };
 
-use parsrv::{group::SocketGroup, kernel, program::Steering};
-use parsrv_common::{policy, when_full, ProgramConfig};
+use parsrv::{dataplane::reuseport::Steering, kernel, listeners::Listeners};
+use parsrv_common::reuseport::{policy, when_full, ProgramConfig};
 use parsrv_integration_tests::{privileged, wait_for, Feature, Needs, NetCounters};
 
 const QUEUED: usize = 6;
 
 /// Connects until socket `index` of `group` holds QUEUED connections (the others' are
 /// accepted and dropped); returns the clients queued there.
-fn queue_on(group: &SocketGroup, index: usize, addr: SocketAddr) -> Vec<TcpStream> {
+fn queue_on(group: &Listeners, index: usize, addr: SocketAddr) -> Vec<TcpStream> {
     let mut queued = Vec::new();
     for _ in 0..200 {
         if queued.len() == QUEUED {
@@ -49,7 +49,7 @@ fn queue_on(group: &SocketGroup, index: usize, addr: SocketAddr) -> Vec<TcpStrea
 fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_without() {
     privileged(Needs::program().and(Feature::TcpMigrateReq), || {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let group = SocketGroup::bind(addr, 2, 16).unwrap();
+        let group = Listeners::bind(addr, 2, 16).unwrap();
         let mut steering = Steering::load(
             ProgramConfig {
                 offsets: kernel::kernel_offsets().unwrap(),
@@ -103,7 +103,7 @@ fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_wi
         // Control: the same with no program attached (and the kernel's own hash migration
         // off, its default): the queue is reset.
         let addr: SocketAddr = "127.0.0.1:8081".parse().unwrap();
-        let group = SocketGroup::bind(addr, 2, 16).unwrap();
+        let group = Listeners::bind(addr, 2, 16).unwrap();
         let mut clients = queue_on(&group, 1, addr);
         let before = NetCounters::read();
         group.listeners()[1]

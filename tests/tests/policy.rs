@@ -4,8 +4,8 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use parsrv::{group::SocketGroup, kernel, program::Steering};
-use parsrv_common::{policy, when_full, ProgramConfig};
+use parsrv::{dataplane::reuseport::Steering, kernel, listeners::Listeners};
+use parsrv_common::reuseport::{policy, when_full, ProgramConfig};
 use parsrv_integration_tests::{privileged, wait_for, Needs};
 use socket2::{Domain, Socket, Type};
 
@@ -15,7 +15,7 @@ const FIRST_PORT: u16 = 20000;
 const PORTS: u16 = 80;
 
 struct Harness {
-    group: SocketGroup,
+    group: Listeners,
 }
 
 impl Harness {
@@ -84,7 +84,7 @@ fn config(policy: u32) -> ProgramConfig {
 fn redirect_keeps_hash_choice_and_least_loaded_balances() {
     privileged(Needs::program(), || {
         let h = Harness {
-            group: SocketGroup::bind(SERVER.parse().unwrap(), 4, BACKLOG).unwrap(),
+            group: Listeners::bind(SERVER.parse().unwrap(), 4, BACKLOG).unwrap(),
         };
         let ports = FIRST_PORT..FIRST_PORT + PORTS;
 

@@ -1,5 +1,6 @@
-//! Loading the SK_REUSEPORT program, registering the group's sockets in its maps, attaching
-//! it to the group, pinning the maps, and reading its counters.
+//! The SK_REUSEPORT program's userspace (eBPF side: `parsrv-ebpf/src/reuseport.rs`, shared
+//! types: `parsrv_common::reuseport`): loading it, registering the group's sockets in its
+//! maps, attaching it to the group, pinning the maps, and reading its counters.
 
 use std::{
     fs,
@@ -12,39 +13,15 @@ use aya::{
     programs::{ProgramError, SkReuseport},
     Ebpf, EbpfLoader,
 };
-use parsrv_common::{names, GlobalCounters, ProgramConfig, SlotCounters, MAX_SOCKETS};
-
-use crate::{
-    error::{Error, Result},
-    group::Listener,
+use parsrv_common::reuseport::{
+    flags, names, GlobalCounters, ProgramConfig, SlotCounters, MAX_SOCKETS,
 };
 
-/// The object built from parsrv-ebpf; empty when the eBPF build was skipped (see build.rs).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/parsrv-ebpf.o"));
-
-/// Loads the object from this file instead of the embedded one (for working on the program
-/// without rebuilding parsrv; also how the tests feed it a broken object).
-pub const OBJECT_ENV: &str = "PARSRV_EBPF_OBJECT";
-
-/// The eBPF object to load: the file named by [`OBJECT_ENV`], or the embedded one.
-pub fn object() -> Result<std::borrow::Cow<'static, [u8]>> {
-    let bytes = match std::env::var_os(OBJECT_ENV) {
-        Some(path) => std::borrow::Cow::Owned(fs::read(&path).map_err(Error::io(format!(
-            "reading the eBPF object {} ({OBJECT_ENV})",
-            Path::new(&path).display()
-        )))?),
-        None => std::borrow::Cow::Borrowed(OBJECT),
-    };
-    if bytes.is_empty() {
-        return Err(Error::NoEbpfObject);
-    }
-    if !bytes.starts_with(b"\x7fELF") {
-        return Err(Error::ebpf("the eBPF object is not an ELF file")(
-            anyhow::anyhow!("rebuild it with `cargo xtask build`"),
-        ));
-    }
-    Ok(bytes)
-}
+use super::{object, pins::Pins, EbpfObject};
+use crate::{
+    error::{Error, Result},
+    listeners::Listener,
+};
 
 /// The loaded program and its maps. Dropping it unloads the program unless a group still
 /// holds it (detach explicitly with [`Steering::detach`]).
@@ -78,7 +55,7 @@ impl Steering {
     /// [`Steering::publish_pins`] renames to `pin_dir` in one step (so a reader never sees
     /// half a set) and which is removed if anything fails before.
     pub fn load(config: ProgramConfig, pin_dir: Option<&Path>) -> Result<Self> {
-        let object = object()?;
+        let object = object(EbpfObject::Parsrv)?;
         let mut ebpf = EbpfLoader::new()
             .load(&object)
             .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
@@ -207,9 +184,9 @@ impl Steering {
     /// Draining: every new connection is refused (RST) while queued ones are served.
     pub fn set_draining(&mut self, draining: bool) -> Result<()> {
         if draining {
-            self.current.flags |= parsrv_common::flags::DRAINING;
+            self.current.flags |= flags::DRAINING;
         } else {
-            self.current.flags &= !parsrv_common::flags::DRAINING;
+            self.current.flags &= !flags::DRAINING;
         }
         self.write_config()
     }
@@ -282,107 +259,4 @@ fn load_error(e: ProgramError) -> Error {
         }
     }
     Error::ebpf("the kernel refused the parsrv program (verifier log follows)")(e)
-}
-
-/// Pinned maps: removed (files and directory) when dropped.
-#[derive(Debug)]
-pub struct Pins(PathBuf);
-
-impl Pins {
-    /// A fresh staging directory beside `dir`, named for this process.
-    fn staging(dir: &Path) -> Result<Pins> {
-        let parent = dir.parent().expect("pin directory has a parent");
-        fs::create_dir_all(parent).map_err(Error::io(format!("creating {}", parent.display())))?;
-        // bpffs refuses '.' in names; group names cannot start with '_'.
-        let staging = parent.join(format!(
-            "_staging-{}-{}",
-            dir.file_name()
-                .expect("pin directory has a name")
-                .to_string_lossy(),
-            std::process::id()
-        ));
-        fs::create_dir(&staging).map_err(Error::io(format!("creating {}", staging.display())))?;
-        let pins = Pins(staging);
-        // Root only, as the pins in it (0600): handlers run as other users must not reach the
-        // maps, and the group's directory keeps this mode when renamed into place.
-        use std::os::unix::fs::PermissionsExt;
-        for dir in [parent, pins.0.as_path()] {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(Error::io(format!("restricting {}", dir.display())))?;
-        }
-        Ok(pins)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.0
-    }
-
-    /// Removes the pins (and any staging directory) left under `dir`'s name by a spawner that
-    /// died without cleaning up. The caller has made sure no spawner of that group runs.
-    pub fn remove_stale(dir: &Path) -> Result<()> {
-        let mut stale = vec![dir.to_owned()];
-        if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
-            let prefix = format!("_staging-{}-", name.to_string_lossy());
-            if let Ok(entries) = fs::read_dir(parent) {
-                stale.extend(entries.flatten().map(|e| e.path()).filter(|path| {
-                    path.file_name()
-                        .and_then(|n| n.to_str()?.strip_prefix(&prefix))
-                        .is_some_and(|pid| {
-                            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
-                        })
-                }));
-            }
-        }
-        for path in stale {
-            match fs::remove_dir_all(&path) {
-                Ok(()) => log::warn!("removed stale pins at {}", path.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(Error::io(format!(
-                        "removing stale pins at {}",
-                        path.display()
-                    ))(e))
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0) {
-            log::error!("could not remove pins at {}: {e}", self.0.display());
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stale_pins_and_only_this_groups_staging_are_removed() {
-        let root = std::env::temp_dir().join(format!("parsrv-pins-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        for dir in [
-            "a",
-            "_staging-a-123",
-            "a-b",
-            "_staging-a-b-77",
-            "_staging-a-x",
-        ] {
-            fs::create_dir_all(root.join(dir).join("MAP")).unwrap();
-        }
-        Pins::remove_stale(&root.join("a")).unwrap();
-        let mut left: Vec<String> = fs::read_dir(&root)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["_staging-a-b-77", "_staging-a-x", "a-b"]);
-        Pins::remove_stale(&root.join("a")).unwrap(); // nothing left to remove: fine
-        fs::remove_dir_all(&root).unwrap();
-    }
 }

@@ -1,5 +1,5 @@
-//! A socket group: N listening SO_REUSEPORT sockets on one address and port, one per handler.
-//! The kernel puts them in one reuseport group; the program picks among them.
+//! A group's listening sockets: N SO_REUSEPORT sockets on one address and port, one per
+//! handler. The kernel puts them in one reuseport group; the program picks among them.
 
 use std::{
     io,
@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::{
     error::{Error, Result},
-    kernel::{self, QueueDepth},
+    kernel::{self, Occupancy, QueueDepth},
 };
 
 /// One listening socket of the group.
@@ -50,29 +50,29 @@ impl AsFd for Listener {
     }
 }
 
-/// The group's sockets, in slot order (slot i is the i-th socket to join the kernel's group).
+/// A group's listening sockets, in slot order (slot i is the i-th socket to join the kernel's group).
 #[derive(Debug)]
-pub struct SocketGroup {
+pub struct Listeners {
     listen: SocketAddr,
     backlog: u32,
     listeners: Vec<Listener>,
 }
 
-impl SocketGroup {
+impl Listeners {
     /// Creates `count` listening sockets on `listen`, after making sure no socket outside
     /// this group holds the address: with SO_REUSEPORT and the same uid, ours would silently
     /// join a stranger's group and steer its connections.
     pub fn bind(listen: SocketAddr, count: u32, backlog: u32) -> Result<Self> {
         ensure_address_free(listen)?;
-        let mut group = SocketGroup {
+        let mut listeners = Listeners {
             listen,
             backlog,
             listeners: Vec::with_capacity(count as usize),
         };
         for _ in 0..count {
-            group.add_listener()?;
+            listeners.add_listener()?;
         }
-        Ok(group)
+        Ok(listeners)
     }
 
     /// Adds one listening socket to the group (the next slot).
@@ -139,6 +139,11 @@ impl SocketGroup {
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners
     }
+
+    /// All queues together, read now (a socket whose read fails counts as empty).
+    pub fn occupancy(&self) -> Occupancy {
+        Occupancy::of(self.listeners.iter().filter_map(|l| l.queue().ok()))
+    }
 }
 
 /// Fails with [`Error::AddressInUse`] if any socket already listens on `addr` (or on a
@@ -178,7 +183,7 @@ mod tests {
     #[test]
     fn builds_a_group_of_listeners_with_distinct_cookies() {
         let addr = free_port();
-        let group = SocketGroup::bind(addr, 3, 7).unwrap();
+        let group = Listeners::bind(addr, 3, 7).unwrap();
         assert_eq!(group.listeners().len(), 3);
         let mut cookies: Vec<u64> = group.listeners().iter().map(Listener::cookie).collect();
         cookies.dedup();
@@ -203,15 +208,15 @@ mod tests {
     fn refuses_an_address_a_plain_listener_holds() {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = other.local_addr().unwrap();
-        let err = SocketGroup::bind(addr, 2, 8).unwrap_err();
+        let err = Listeners::bind(addr, 2, 8).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
         assert!(err.to_string().contains("choose another --listen"));
     }
 
     #[test]
     fn refuses_to_join_a_foreign_reuseport_group() {
-        let foreign = SocketGroup::bind(free_port(), 1, 8).unwrap();
-        let err = SocketGroup::bind(foreign.listen_addr(), 2, 8).unwrap_err();
+        let foreign = Listeners::bind(free_port(), 1, 8).unwrap();
+        let err = Listeners::bind(foreign.listen_addr(), 2, 8).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
     }
 }

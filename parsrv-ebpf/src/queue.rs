@@ -1,0 +1,177 @@
+//! A listener's accept queue, read exactly from the kernel, and the listener with the most
+//! room among a group's.
+//!
+//! `struct bpf_sock` has no backlog fields, so the program reads `struct sock` with
+//! `bpf_probe_read_kernel`, at offsets userspace took from the running kernel's BTF. A
+//! counter of selections minus accepts would drift (dropped SYNs are re-run, syncookies run
+//! twice, abandoned handshakes never reach accept), so none is kept.
+
+use aya_ebpf::{
+    bindings::bpf_sock,
+    cty::c_void,
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{self, bpf_loop},
+    },
+    macros::map,
+    maps::PerCpuArray,
+    programs::SkReuseportContext,
+};
+use parsrv_common::reuseport::{FailOpen, KernelOffsets, MAX_SOCKETS};
+
+// scan_step masks indices with MAX_SOCKETS - 1.
+const _: () = assert!(MAX_SOCKETS.is_power_of_two());
+
+/// Per-CPU scratch: a word to turn `ctx->sk` into a number (see [`address_of`]), and a copy
+/// of the group's `socks[]` for the scan.
+#[repr(C)]
+pub struct Scratch {
+    member: u64,
+    socks: [u64; MAX_SOCKETS as usize],
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// One listener as the program sees it: its kernel address and how full its queue is.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Listener {
+    /// `struct sock *` as a plain number (see [`address_of`]), so offsets can be added.
+    pub addr: u64,
+    /// Its position in the kernel's `socks[]` now.
+    pub index: u32,
+    /// Connections the queue can still take without overflowing, counting handshakes in
+    /// progress as taken: `max + 1 - established - pending`. The kernel calls a listener full
+    /// when `sk_ack_backlog > sk_max_ack_backlog` (a listen(4) queue holds 5), and it checks
+    /// that at SYN time, before the child exists; counting pending handshakes keeps
+    /// concurrent SYNs from overshooting. Negative when overcommitted.
+    pub room: i64,
+    /// The kernel itself would drop a SYN here now (`sk_acceptq_is_full`).
+    pub kernel_full: bool,
+}
+
+#[inline(always)]
+pub fn read<T>(addr: u64) -> Result<T, FailOpen> {
+    // SAFETY: bpf_probe_read_kernel never faults; a bad address gives an error.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| FailOpen::ReadFailed)
+}
+
+/// `ctx->sk` as a plain number. The verifier forbids arithmetic on a socket pointer and
+/// refuses to reload a spilled pointer as a number, but (with CAP_PERFMON) lets a pointer be
+/// stored in a map value, and a map value reads back as a number. Unlike laundering it
+/// through bpf_probe_read_kernel, this costs no helper call (the per-CPU lookup is inlined).
+#[inline(always)]
+pub fn address_of(ctx: &SkReuseportContext) -> Result<u64, FailOpen> {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(FailOpen::ReadFailed)?;
+    // SAFETY: reading a context field; then this CPU's scratch word, written and read back
+    // volatile so the compiler keeps the round trip through the map.
+    unsafe {
+        let member: *mut bpf_sock = (*ctx.md).__bindgen_anon_3.sk;
+        let word = core::ptr::addr_of_mut!((*scratch).member);
+        core::ptr::write_volatile(word as *mut *mut bpf_sock, member);
+        Ok(core::ptr::read_volatile(word))
+    }
+}
+
+#[inline(always)]
+pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, FailOpen> {
+    // sk_max_ack_backlog follows sk_ack_backlog (the loader checks): one read for both.
+    let [established, max]: [u32; 2] = read(addr + off.sk_ack_backlog as u64)?;
+    let pending: u32 = read(addr + off.accept_queue_qlen as u64)?;
+    Ok(Listener {
+        addr,
+        index,
+        room: max as i64 + 1 - established as i64 - pending as i64,
+        kernel_full: established > max,
+    })
+}
+
+/// State of the scan for the socket with the most room, shared with [`scan_step`].
+#[repr(C)]
+struct Scan {
+    /// This CPU's copy of `socks[0..num)`.
+    socks: *const [u64; MAX_SOCKETS as usize],
+    num: u64,
+    first: u64,
+    off: KernelOffsets,
+    best: Listener,
+    failed: bool,
+}
+
+/// The socket with the most room. The scan starts at the hash choice `first` so that ties
+/// go to it (and after it, in group order): under even load this keeps the kernel's spread
+/// instead of piling onto socket 0.
+///
+/// The walk runs under bpf_loop: the verifier checks [`scan_step`] once, whereas a plain
+/// loop of up to MAX_SOCKETS iterations is verified iteration by iteration and exceeds its
+/// one-million-instruction budget.
+#[inline(always)]
+pub fn most_room(
+    socks: u64,
+    num: u32,
+    first: u32,
+    first_listener: Listener,
+    off: &KernelOffsets,
+) -> Result<Listener, FailOpen> {
+    // One read for every socket pointer instead of one per socket.
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(FailOpen::ReadFailed)?;
+    // SAFETY: this CPU's scratch element; num <= MAX_SOCKETS was checked by the caller.
+    let copy = unsafe { core::ptr::addr_of_mut!((*scratch).socks) };
+    let len = num.min(MAX_SOCKETS) * 8;
+    // SAFETY: copies at most size_of_val(copy) bytes into it.
+    let rc = unsafe {
+        generated::bpf_probe_read_kernel(copy as *mut c_void, len, socks as *const c_void)
+    };
+    if rc != 0 {
+        return Err(FailOpen::ReadFailed);
+    }
+    let mut scan = Scan {
+        socks: copy,
+        num: num as u64,
+        first: first as u64,
+        off: *off,
+        best: first_listener,
+        failed: false,
+    };
+    // SAFETY: scan_step has the callback signature bpf_loop expects and reads only `scan`.
+    unsafe {
+        bpf_loop(
+            num - 1,
+            scan_step as *mut c_void,
+            &mut scan as *mut Scan as *mut c_void,
+            0,
+        );
+    }
+    if scan.failed {
+        return Err(FailOpen::ReadFailed);
+    }
+    Ok(scan.best)
+}
+
+/// One step of [`most_room`]: looks at the `step`-th socket after the hash choice.
+#[inline(never)]
+extern "C" fn scan_step(step: u64, scan: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer most_room gave it.
+    let scan = unsafe { &mut *(scan as *mut Scan) };
+    let mut index = scan.first + 1 + step;
+    if index >= scan.num {
+        index -= scan.num;
+    }
+    // SAFETY: `socks` is this CPU's scratch copy; the mask keeps the index in bounds for
+    // the verifier (index < num <= MAX_SOCKETS already).
+    let addr = unsafe { (*scan.socks)[(index & (MAX_SOCKETS as u64 - 1)) as usize] };
+    let candidate = listener(addr, index as u32, &scan.off);
+    match candidate {
+        Ok(candidate) => {
+            if candidate.room > scan.best.room {
+                scan.best = candidate;
+            }
+            0 // next step
+        }
+        Err(_) => {
+            scan.failed = true;
+            1 // stop
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The data plane: parsrv's eBPF programs and the kernel objects they keep, one module per
+//! program ([`reuseport`]), the pinned state that outlives a process ([`pins`] for a group's
+//! maps, [`netns`] for what belongs to a network namespace), and the table of embedded
+//! objects and of what each program needs from the kernel (this module).
+//!
+//! # Where the truth lives
+//!
+//! | state | where | who can read it |
+//! |---|---|---|
+//! | the group's sockets and their queues | the kernel: the reuseport group, held by the spawner's fds and each handler's fd 3 | anyone with an fd of one (a new spawner: `pidfd_getfd` from a handler) |
+//! | which socket is slot i | `SOCKETS`, `SLOT_BY_COOKIE` pinned at `/sys/fs/bpf/parsrv/GROUP/` | any root process |
+//! | policy, when-full, draining, the membership generation | `CONFIG`, pinned there too | any root process |
+//! | what the program counted | `SLOT_COUNTERS`, `GLOBAL_COUNTERS`, pinned there too | any root process |
+//! | the attached program | the kernel: attached to the reuseport group, lives as long as the group's sockets | `bpftool`, a new spawner through a socket |
+//! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
+//! | namespace-wide guard | `/sys/fs/bpf/parsrv/_netns-INODE/`, locked while a spawner claims an address | spawners of that namespace |
+//! | the spec beyond the program's part (handler command, user, grace...), handler pids and restart state, the autoscaler's memory | the running spawner's memory only | through its control socket |
+//!
+//! So today a new spawner can find from pins and the run directory alone: the group's
+//! membership, policy and counters, and whether a spawner still answers. It cannot yet run
+//! the group: the spec and the handlers are only in the old spawner. The next steps put them
+//! where a successor finds them: a group record (the spec and handler pids) published in the
+//! run directory by rename; sockets taken from live handlers with `pidfd_getfd`; a
+//! per-client dispatch table as one more map in the group's pin directory; an sk_lookup
+//! program, its link and its address table pinned in the namespace's directory, and a host
+//! dispatcher there as well, each a new module here with its own `Program` entry.
+
+pub mod netns;
+pub mod pins;
+pub mod reuseport;
+
+use std::{borrow::Cow, fs, path::Path};
+
+use crate::{
+    error::{Error, Result},
+    features::Feature,
+};
+
+/// An ELF object built from parsrv-ebpf and embedded in this binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EbpfObject {
+    /// `parsrv-ebpf`'s `parsrv` binary: every program, one file each.
+    Parsrv,
+}
+
+impl EbpfObject {
+    /// The object as built; empty when the eBPF build was skipped (see build.rs).
+    fn embedded(self) -> &'static [u8] {
+        match self {
+            EbpfObject::Parsrv => {
+                aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/parsrv-ebpf.o"))
+            }
+        }
+    }
+}
+
+/// Loads the object from this file instead of the embedded one (for working on the program
+/// without rebuilding parsrv; also how the tests feed it a broken object).
+pub const OBJECT_ENV: &str = "PARSRV_EBPF_OBJECT";
+
+/// An eBPF program parsrv loads: which object it is in, what it needs from the kernel, and
+/// what it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// Picks a socket with room for each new connection to a group ([`reuseport`]).
+    ReuseportSelect,
+}
+
+impl Program {
+    pub const ALL: [Program; 1] = [Program::ReuseportSelect];
+
+    /// Its name in the object.
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::ReuseportSelect => parsrv_common::reuseport::names::PROGRAM,
+        }
+    }
+
+    pub fn object(self) -> EbpfObject {
+        match self {
+            Program::ReuseportSelect => EbpfObject::Parsrv,
+        }
+    }
+
+    /// The kernel features it cannot run without, in the order a missing one is reported
+    /// (BTF first: the others are probed through it).
+    pub fn requires(self) -> &'static [Feature] {
+        match self {
+            Program::ReuseportSelect => &[
+                Feature::Btf,
+                Feature::SkReuseport,
+                Feature::CapBpf,
+                Feature::SelectOrMigrate,
+                Feature::ReuseportCtxSk,
+                Feature::TcpMigrateReq,
+                Feature::BpfLoop,
+            ],
+        }
+    }
+}
+
+/// The programs a spawner needs (every group needs the reuseport program today).
+pub fn programs_for_groups() -> &'static [Program] {
+    &[Program::ReuseportSelect]
+}
+
+/// The bytes of `object`: the file named by [`OBJECT_ENV`], or the embedded one.
+pub fn object(object: EbpfObject) -> Result<Cow<'static, [u8]>> {
+    let bytes = match std::env::var_os(OBJECT_ENV) {
+        Some(path) => Cow::Owned(fs::read(&path).map_err(Error::io(format!(
+            "reading the eBPF object {} ({OBJECT_ENV})",
+            Path::new(&path).display()
+        )))?),
+        None => Cow::Borrowed(object.embedded()),
+    };
+    if bytes.is_empty() {
+        return Err(Error::NoEbpfObject);
+    }
+    if !bytes.starts_with(b"\x7fELF") {
+        return Err(Error::ebpf("the eBPF object is not an ELF file")(
+            anyhow::anyhow!("rebuild it with `cargo xtask build`"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Checks that every program's object is there, before anything is created.
+pub fn check_objects(programs: &[Program]) -> Result<()> {
+    programs
+        .iter()
+        .try_for_each(|p| object(p.object()).map(drop))
+}

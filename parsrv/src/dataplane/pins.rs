@@ -1,0 +1,128 @@
+//! Pinned maps of a group, under `/sys/fs/bpf/parsrv/GROUP/`: filled in a staging directory
+//! and renamed into place in one step, so that a reader never sees half a set; removed with
+//! the group.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use parsrv_common::scope::STAGING_PREFIX;
+
+use crate::{
+    error::{Error, Result},
+    kernel,
+};
+
+/// parsrv's directory on bpffs.
+pub fn root() -> PathBuf {
+    Path::new(kernel::BPFFS).join("parsrv")
+}
+
+/// Where a group's maps are pinned.
+pub fn group_dir(group: &str) -> PathBuf {
+    root().join(group)
+}
+
+/// Pinned maps: removed (files and directory) when dropped.
+#[derive(Debug)]
+pub struct Pins(pub(super) PathBuf);
+
+impl Pins {
+    /// A fresh staging directory beside `dir`, named for this process.
+    pub(super) fn staging(dir: &Path) -> Result<Pins> {
+        let parent = dir.parent().expect("pin directory has a parent");
+        fs::create_dir_all(parent).map_err(Error::io(format!("creating {}", parent.display())))?;
+        // bpffs refuses '.' in names; group names cannot start with '_'.
+        let staging = parent.join(format!(
+            "{STAGING_PREFIX}{}-{}",
+            dir.file_name()
+                .expect("pin directory has a name")
+                .to_string_lossy(),
+            std::process::id()
+        ));
+        fs::create_dir(&staging).map_err(Error::io(format!("creating {}", staging.display())))?;
+        let pins = Pins(staging);
+        // Root only, as the pins in it (0600): handlers run as other users must not reach the
+        // maps, and the group's directory keeps this mode when renamed into place.
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [parent, pins.0.as_path()] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(Error::io(format!("restricting {}", dir.display())))?;
+        }
+        Ok(pins)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// Removes the pins (and any staging directory) left under `dir`'s name by a spawner that
+    /// died without cleaning up. The caller has made sure no spawner of that group runs.
+    pub fn remove_stale(dir: &Path) -> Result<()> {
+        let mut stale = vec![dir.to_owned()];
+        if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
+            let prefix = format!("{STAGING_PREFIX}{}-", name.to_string_lossy());
+            if let Ok(entries) = fs::read_dir(parent) {
+                stale.extend(entries.flatten().map(|e| e.path()).filter(|path| {
+                    path.file_name()
+                        .and_then(|n| n.to_str()?.strip_prefix(&prefix))
+                        .is_some_and(|pid| {
+                            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+                        })
+                }));
+            }
+        }
+        for path in stale {
+            match fs::remove_dir_all(&path) {
+                Ok(()) => log::warn!("removed stale pins at {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::io(format!(
+                        "removing stale pins at {}",
+                        path.display()
+                    ))(e))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            log::error!("could not remove pins at {}: {e}", self.0.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_pins_and_only_this_groups_staging_are_removed() {
+        let root = std::env::temp_dir().join(format!("parsrv-pins-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for dir in [
+            "a",
+            "_staging-a-123",
+            "a-b",
+            "_staging-a-b-77",
+            "_staging-a-x",
+        ] {
+            fs::create_dir_all(root.join(dir).join("MAP")).unwrap();
+        }
+        Pins::remove_stale(&root.join("a")).unwrap();
+        let mut left: Vec<String> = fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["_staging-a-b-77", "_staging-a-x", "a-b"]);
+        Pins::remove_stale(&root.join("a")).unwrap(); // nothing left to remove: fine
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

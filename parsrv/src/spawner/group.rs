@@ -1,0 +1,295 @@
+//! A running group: one value that owns its spec, its members (sockets, program maps,
+//! supervised handlers), its pins and attachment, and its tasks; it changes size, restarts
+//! its handlers, drains, reports its status and stops.
+//!
+//! It starts in steps, each undone if a later one fails, so that a refused group leaves
+//! nothing behind and disturbs no other: bind the sockets; load the program (maps pinned in
+//! a staging directory); register every socket; attach; publish the pins. The spawner then
+//! binds its control socket and starts its handlers.
+
+use std::{
+    cell::{Cell, RefCell},
+    path::PathBuf,
+    rc::Rc,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use parsrv_common::reuseport::{KernelOffsets, ProgramConfig};
+use tokio::sync::watch;
+
+use super::members::Members;
+use crate::{
+    config::{GroupSpec, HandlerKind},
+    control::ControlError,
+    dataplane::{
+        pins::{self, Pins},
+        reuseport::Steering,
+    },
+    error::{Error, Result},
+    handler::HandlerStats,
+    listeners::Listeners,
+    status::{self, GroupStatus, HandlerStatus, ScalingStatus, SocketStatus},
+    supervisor::{process_alive, Launcher},
+};
+
+/// Detaches the program from the group when dropped (holds a duplicate of a member socket).
+struct Attachment(socket2::Socket);
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Err(e) = Steering::detach(&self.0) {
+            log::error!("{e}");
+        }
+    }
+}
+
+pub(crate) struct RunningGroup {
+    pub spec: GroupSpec,
+    members: RefCell<Members>,
+    pins_dir: Option<PathBuf>,
+    /// Held while the membership changes (resize, restart): one change at a time.
+    pub membership: tokio::sync::Mutex<()>,
+    stop: watch::Sender<bool>,
+    scaling: RefCell<ScalingStatus>,
+    draining: Cell<bool>,
+    /// Detach and unpin, in that order, once the handlers are gone.
+    teardown: RefCell<Option<(Attachment, Option<Pins>)>>,
+    /// Its control socket, watchdog and autoscaler.
+    tasks: RefCell<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl RunningGroup {
+    /// Creates the group's sockets, program and pins; handlers start with
+    /// [`RunningGroup::start_handlers`]. On error, whatever it had created is gone again.
+    pub fn create(spec: GroupSpec, offsets: KernelOffsets) -> Result<Rc<RunningGroup>> {
+        let credentials = spec.credentials()?;
+        let pin_dir = pins::group_dir(&spec.name);
+        // The caller made sure that no spawner answers for this group, so pins under its
+        // name are a dead one's.
+        Pins::remove_stale(&pin_dir)?;
+        let listeners = Listeners::bind(spec.listen, spec.handlers, spec.backlog)?;
+        let config = ProgramConfig {
+            offsets,
+            policy: spec.policy.to_program(),
+            when_full: spec.when_full.to_program(),
+            generation: 0, // Steering owns it
+            flags: 0,
+        };
+        let steering = Steering::load(config, Some(&pin_dir))?;
+        let launcher = Rc::new(Launcher {
+            spec: spec.clone(),
+            credentials,
+            grace: spec.grace(),
+            ready_timeout: spec.ready_timeout(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let mut members = Members::register(listeners, steering, launcher, stopped)?;
+        members.steering().attach(&members.listeners()[0])?;
+        let attachment = Attachment(
+            members.listeners()[0]
+                .socket()
+                .try_clone()
+                .map_err(Error::io("duplicating a group socket"))?,
+        );
+        let pins = members.steering_mut().publish_pins()?;
+        Ok(Rc::new(RunningGroup {
+            pins_dir: pins.as_ref().map(|p| p.dir().to_owned()),
+            spec,
+            members: RefCell::new(members),
+            membership: tokio::sync::Mutex::new(()),
+            stop,
+            scaling: RefCell::default(),
+            draining: Cell::new(false),
+            teardown: RefCell::new(Some((attachment, pins))),
+            tasks: RefCell::default(),
+        }))
+    }
+
+    pub fn start_handlers(&self) -> Result<()> {
+        self.members.borrow_mut().start_handlers()
+    }
+
+    /// Keeps `task` until the group stops.
+    pub fn own_task(&self, task: tokio::task::JoinHandle<()>) {
+        self.tasks.borrow_mut().push(task);
+    }
+
+    pub fn members(&self) -> std::cell::Ref<'_, Members> {
+        self.members.borrow()
+    }
+
+    pub fn handlers(&self) -> u32 {
+        self.members.borrow().len()
+    }
+
+    /// Counts an autoscaler decision for `status`.
+    pub fn record_decision(&self, decision: String) {
+        let mut scaling = self.scaling.borrow_mut();
+        scaling.decisions += 1;
+        scaling.last_decision = Some(decision);
+    }
+
+    /// Stops the group: drain (if asked), handlers, tasks (the control socket goes), then
+    /// detach and unpin.
+    pub async fn stop(&self) {
+        if self.spec.drain {
+            self.drain().await;
+        }
+        let _ = self.stop.send(true);
+        let slots = self.members.borrow().slots().to_vec();
+        for slot in slots {
+            slot.finished().await;
+        }
+        for task in self.tasks.borrow_mut().drain(..) {
+            task.abort();
+        }
+        // Yield so that aborted tasks drop what they hold (the control socket file).
+        tokio::task::yield_now().await;
+        self.teardown.borrow_mut().take();
+        log::info!("group {} stopped", self.spec.name);
+    }
+
+    /// Removes the top slot without losing a connection (see [`Members::leave_top`]).
+    async fn remove_top_slot(&self) -> Result<()> {
+        let Some(leaving) = self.members.borrow_mut().leave_top()? else {
+            return Ok(());
+        };
+        leaving.slot.retire().await;
+        self.members.borrow_mut().remove_top();
+        leaving.forgotten
+    }
+
+    /// Grows or shrinks the group to `target` handlers; the caller holds `membership`.
+    pub async fn resize_to(&self, target: u32) -> Result<()> {
+        while self.handlers() < target {
+            self.members.borrow_mut().add()?;
+        }
+        while self.handlers() > target {
+            self.remove_top_slot().await?;
+        }
+        Ok(())
+    }
+
+    /// `parsrv group resize`: within the MIN..MAX the group was started with.
+    pub async fn resize(&self, handlers: u32) -> Result<String, ControlError> {
+        let (min, max) = (self.spec.handlers, self.spec.handlers_max);
+        if !(min..=max).contains(&handlers) {
+            return Err(ControlError::Refused(format!(
+                "cannot resize group {} to {handlers} handlers: it was started with --handlers {min}..{max}; \
+                 choose a count in that range (restart it with a wider --handlers to change the range)",
+                self.spec.name
+            )));
+        }
+        let _changing = self.membership.lock().await;
+        let from = self.handlers();
+        self.resize_to(handlers)
+            .await
+            .map_err(|e| ControlError::Failed(format!("resizing group {}: {e}", self.spec.name)))?;
+        let message = format!("group {}: {from} -> {handlers} handlers", self.spec.name);
+        log::info!("{message} (by request)");
+        Ok(message)
+    }
+
+    /// Refuses new connections (the program answers them with a RST: clients fail fast and can
+    /// go elsewhere) while the handlers empty the queues, for at most `--grace`.
+    async fn drain(&self) {
+        if let Err(e) = self.members.borrow_mut().steering_mut().set_draining(true) {
+            log::error!("cannot drain: {e}");
+            return;
+        }
+        self.draining.set(true);
+        let queued = || self.members.borrow().occupancy().queued;
+        let (started, grace) = (Instant::now(), self.spec.grace());
+        log::info!(
+            "draining group {}: new connections are refused, {} queued",
+            self.spec.name,
+            queued()
+        );
+        while queued() > 0 && started.elapsed() < grace {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match queued() {
+            0 => log::info!("drained in {:?}", started.elapsed()),
+            left => log::warn!(
+                "drain ran out of --grace ({grace:?}) with {left} connections still queued: they are reset"
+            ),
+        }
+    }
+
+    /// Replaces every handler, one at a time; stops at the first that fails (the old one keeps
+    /// serving, and the group keeps its size).
+    pub async fn restart_all(&self) -> Result<String, ControlError> {
+        let _changing = self.membership.lock().await;
+        let slots = self.members.borrow().slots().to_vec();
+        for (done, slot) in slots.iter().enumerate() {
+            slot.replace().await.map_err(|e| {
+                ControlError::Failed(format!(
+                    "{e}; rolling restart stopped after {done} of {} handlers",
+                    slots.len()
+                ))
+            })?;
+        }
+        let message = format!(
+            "group {}: replaced all {} handlers, one at a time",
+            self.spec.name,
+            slots.len()
+        );
+        log::info!("{message}");
+        Ok(message)
+    }
+
+    pub fn status(&self) -> Result<GroupStatus> {
+        let spec = &self.spec;
+        let members = self.members.borrow();
+        let counters = members.steering().slot_counters(members.len())?;
+        let sockets = members
+            .pairs()
+            .zip(counters)
+            .map(|((slot, listener), counters)| SocketStatus {
+                slot: slot.index,
+                cookie: listener.cookie(),
+                queue: listener.queue().ok(),
+                counters,
+            })
+            .collect();
+        let handlers = members
+            .slots()
+            .iter()
+            .map(|s| {
+                let state = s.state.borrow();
+                // Only built-in handlers keep counters; an exec'd program's are its own.
+                let stats = (spec.handler != HandlerKind::Exec).then(|| s.stats.stats());
+                let count = |field: fn(&HandlerStats) -> &AtomicU64| {
+                    stats.map(|stats| field(stats).load(Ordering::Relaxed))
+                };
+                HandlerStatus {
+                    slot: s.index,
+                    pid: state.pid,
+                    alive: state.pid.is_some_and(process_alive),
+                    cpu: spec.cpu_of(s.index),
+                    restarts: state.restarts,
+                    last_exit: state.last_exit.clone(),
+                    restart_in_ms: state
+                        .restart_at
+                        .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64),
+                    accepted: count(|s| &s.accepted),
+                    lost_races: count(|s| &s.lost_races),
+                    active: count(|s| &s.active),
+                }
+            })
+            .collect();
+        Ok(GroupStatus {
+            schema: status::SCHEMA_VERSION,
+            spec: spec.clone(),
+            spawner_pid: std::process::id(),
+            pins: self.pins_dir.clone(),
+            scaling: self.scaling.borrow().clone(),
+            draining: self.draining.get(),
+            handlers,
+            sockets,
+            errors: members.steering().global_counters()?,
+            program: members.steering().run_stats()?,
+        })
+    }
+}

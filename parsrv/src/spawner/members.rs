@@ -1,0 +1,146 @@
+//! A running group's members: its listening sockets, their registration in the program's
+//! maps, and the supervised handler of each. The rule "slot i = socket i = `SOCKETS[i]` =
+//! supervised slot i" is kept here and nowhere else: slots are only added and removed
+//! through [`Members`], at the top.
+
+use std::{os::fd::AsRawFd, rc::Rc};
+
+use tokio::sync::watch;
+
+use crate::{
+    dataplane::reuseport::Steering,
+    error::{Error, Result},
+    kernel::Occupancy,
+    listeners::{Listener, Listeners},
+    supervisor::{Launcher, Slot},
+};
+
+pub(crate) struct Members {
+    listeners: Listeners,
+    steering: Steering,
+    /// One per listener once handlers run (slot i serves listener i).
+    slots: Vec<Rc<Slot>>,
+    launcher: Rc<Launcher>,
+    /// Tells every slot's supervisor that the group stops.
+    stopped: watch::Receiver<bool>,
+}
+
+/// A slot on its way out: its socket is shut down and forgotten by the program; its handler
+/// is still finishing what it accepted.
+pub(crate) struct Leaving {
+    pub slot: Rc<Slot>,
+    /// Whether the program forgot the socket cleanly.
+    pub forgotten: Result<()>,
+}
+
+impl Members {
+    /// Registers every listener with the program, in slot order. Handlers start with
+    /// [`Members::start_handlers`], once the group is reachable.
+    pub fn register(
+        listeners: Listeners,
+        mut steering: Steering,
+        launcher: Rc<Launcher>,
+        stopped: watch::Receiver<bool>,
+    ) -> Result<Members> {
+        for (slot, listener) in (0..).zip(listeners.listeners()) {
+            steering.register(slot, listener)?;
+        }
+        Ok(Members {
+            listeners,
+            steering,
+            slots: Vec::new(),
+            launcher,
+            stopped,
+        })
+    }
+
+    /// Starts a handler for every listener that has none.
+    pub fn start_handlers(&mut self) -> Result<()> {
+        while self.slots.len() < self.listeners.listeners().len() {
+            self.start_handler()?;
+        }
+        Ok(())
+    }
+
+    fn start_handler(&mut self) -> Result<()> {
+        let index = self.slots.len() as u32;
+        let fd = self.listeners.listeners()[index as usize]
+            .socket()
+            .as_raw_fd();
+        let slot = Slot::start(self.launcher.clone(), index, fd, self.stopped.clone())
+            .map_err(Error::io("creating a handler's shared counters"))?;
+        self.slots.push(slot);
+        Ok(())
+    }
+
+    /// How many slots have a supervised handler.
+    pub fn len(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    pub fn slots(&self) -> &[Rc<Slot>] {
+        &self.slots
+    }
+
+    pub fn listeners(&self) -> &[Listener] {
+        self.listeners.listeners()
+    }
+
+    /// Each slot with its listener.
+    pub fn pairs(&self) -> impl Iterator<Item = (&Rc<Slot>, &Listener)> {
+        self.slots.iter().zip(self.listeners.listeners())
+    }
+
+    pub fn steering(&self) -> &Steering {
+        &self.steering
+    }
+
+    pub fn steering_mut(&mut self) -> &mut Steering {
+        &mut self.steering
+    }
+
+    /// All the group's queues, read now.
+    pub fn occupancy(&self) -> Occupancy {
+        self.listeners.occupancy()
+    }
+
+    /// Adds a slot at the top: a new socket, registered before its handler starts.
+    pub fn add(&mut self) -> Result<()> {
+        let index = self.listeners.listeners().len() as u32;
+        let listener = self.listeners.add_listener()?;
+        if let Err(e) = self.steering.register(index, listener) {
+            self.listeners.remove_last();
+            return Err(e);
+        }
+        self.start_handler()
+    }
+
+    /// Takes the top slot out of the group: shutting its socket down makes the kernel run
+    /// the program for each queued connection and pending handshake, and the program moves
+    /// them to a socket with room. The caller retires the handler, then calls
+    /// [`Members::remove_top`].
+    pub fn leave_top(&mut self) -> Result<Option<Leaving>> {
+        let Some(slot) = self.slots.last().cloned() else {
+            return Ok(None);
+        };
+        let listener = &self.listeners.listeners()[slot.index as usize];
+        listener
+            .socket()
+            .shutdown(std::net::Shutdown::Read)
+            .map_err(Error::io(format!(
+                "shutting down the socket of slot {}",
+                slot.index
+            )))?;
+        // The socket has left the group for good: the removal goes on whatever else fails,
+        // so that the group is never left with a slot whose socket is dead.
+        let cookie = listener.cookie();
+        let forgotten = self.steering.unregister(slot.index, cookie);
+        Ok(Some(Leaving { slot, forgotten }))
+    }
+
+    /// Forgets the top slot and closes its socket, once its handler is gone.
+    pub fn remove_top(&mut self) {
+        self.slots.pop();
+        self.listeners.remove_last();
+    }
+}

@@ -1,0 +1,277 @@
+//! `parsrv run`: the spawner. It runs one or more groups ([`group::RunningGroup`]); each owns
+//! its sockets, its instance of the program and its pins, and one supervised handler per
+//! socket ([`members`], [`crate::supervisor`]). The spawner never touches a connection.
+//!
+//! This module starts and stops groups and waits for signals. The rest has a file each:
+//! answering control requests ([`dispatch`]), SIGHUP ([`reload`]), the autoscaler's loop
+//! ([`autoscaling`]) and the warnings about handlers that do not use their socket
+//! ([`watchdog`]).
+//!
+//! While running, a group can change size (`parsrv group resize`, or its autoscaler): a new
+//! slot gets a new socket, registered before its handler starts; the highest slot is removed
+//! by shutting its socket down (the kernel runs the program for every queued connection and
+//! pending handshake, which moves them to sockets with room), then retiring its handler.
+//! `parsrv group restart` or SIGUSR2 replaces every handler, one at a time. Groups come and
+//! go: `parsrv group add` (through the spawner's own control socket), `parsrv group
+//! remove`, and SIGHUP.
+//!
+//! Stop (SIGINT/SIGTERM), group by group: with `drain`, refuse new connections and let the
+//! queues empty first (bounded by `grace`); then stop handlers (SIGTERM, grace period,
+//! SIGKILL), remove the control socket, detach, unpin.
+
+mod autoscaling;
+mod dispatch;
+mod group;
+mod members;
+mod reload;
+mod watchdog;
+
+use std::{cell::RefCell, collections::BTreeMap, net::SocketAddr, path::PathBuf, rc::Rc};
+
+use parsrv_common::reuseport::KernelOffsets;
+
+use self::group::RunningGroup;
+use crate::{
+    config::GroupSpec,
+    control::{self, ControlError, ControlSocket},
+    dataplane::{self, netns::NetnsLock},
+    error::{Error, Result},
+    features::KernelFeatures,
+    kernel, metrics,
+    status::GroupStatus,
+};
+
+/// Everything `parsrv run` needs.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The groups to run (validated, names and addresses distinct).
+    pub groups: Vec<GroupSpec>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+    /// The config file the groups came from: SIGHUP reads it again.
+    pub config: Option<PathBuf>,
+}
+
+/// Runs the groups until SIGINT or SIGTERM.
+pub fn run(options: RunOptions) -> Result<()> {
+    for spec in &options.groups {
+        spec.validate()?;
+    }
+    // Checks that touch nothing come first, so a refusal leaves nothing behind.
+    kernel::check_capabilities()?;
+    let programs = dataplane::programs_for_groups();
+    let btf = kernel::vmlinux_btf()?;
+    KernelFeatures::probe_with(Some(&btf)).require_for(programs)?;
+    let offsets = kernel::offsets_in(&btf)?;
+    drop(btf); // some megabytes, not needed while serving
+    dataplane::check_objects(programs)?;
+    for spec in &options.groups {
+        ensure_not_running(&spec.name)?;
+    }
+    kernel::ensure_bpffs(std::path::Path::new(kernel::BPFFS))?;
+    // Bound now, so that a port in use fails before any group starts.
+    let metrics = options
+        .metrics
+        .map(|addr| {
+            std::net::TcpListener::bind(addr).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    Error::MetricsInUse { addr }
+                } else {
+                    Error::io(format!("binding the metrics address {addr}"))(e)
+                }
+            })
+        })
+        .transpose()?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the spawner's runtime"))?;
+    tokio::task::LocalSet::new().block_on(&runtime, async move {
+        let spawner = Rc::new(Spawner {
+            offsets,
+            config: options.config,
+            groups: RefCell::default(),
+        });
+        for spec in options.groups {
+            if let Err(e) = spawner.start_group(spec) {
+                spawner.stop_all().await;
+                return Err(e);
+            }
+        }
+        spawner.serve(metrics).await
+    })
+}
+
+fn ensure_not_running(name: &str) -> Result<()> {
+    let control_path = control::socket_path(name);
+    if control::is_live(&control_path) {
+        return Err(Error::GroupRunning {
+            name: name.to_owned(),
+            socket: control_path,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) struct Spawner {
+    offsets: KernelOffsets,
+    config: Option<PathBuf>,
+    groups: RefCell<BTreeMap<String, Rc<RunningGroup>>>,
+}
+
+impl Spawner {
+    fn group(&self, name: &str) -> Option<Rc<RunningGroup>> {
+        self.groups.borrow().get(name).cloned()
+    }
+
+    /// Starts a group. On error, whatever it had created is gone again.
+    fn start_group(self: &Rc<Self>, spec: GroupSpec) -> Result<Rc<RunningGroup>> {
+        spec.validate()?;
+        if let Some(other) = self
+            .groups
+            .borrow()
+            .values()
+            .find(|g| g.spec.listen == spec.listen || g.spec.name == spec.name)
+        {
+            return Err(Error::Rejected(format!(
+                "group '{}' ({}) is already served here as '{}' ({}): give the new group its own name and address",
+                spec.name, spec.listen, other.spec.name, other.spec.listen
+            )));
+        }
+        // Another spawner of this namespace may be starting a group right now: from the
+        // check that the name is free to the bound control socket, and from the check that
+        // the address is free to the bound sockets, one spawner at a time.
+        let claim = NetnsLock::acquire()?;
+        ensure_not_running(&spec.name)?;
+        let group = RunningGroup::create(spec, self.offsets)?;
+        let control = ControlSocket::bind(&group.spec.name)?;
+        drop(claim);
+        group.start_handlers()?;
+        let answering = {
+            let (spawner, name) = (self.clone(), group.spec.name.clone());
+            tokio::task::spawn_local(async move {
+                control
+                    .serve(move |request| {
+                        let (spawner, name) = (spawner.clone(), name.clone());
+                        async move { spawner.answer(&name, request).await }
+                    })
+                    .await;
+            })
+        };
+        group.own_task(answering);
+        group.own_task(tokio::task::spawn_local(watchdog::watch(group.clone())));
+        if group.spec.autoscaled() {
+            group.own_task(tokio::task::spawn_local(autoscaling::run(group.clone())));
+        }
+        let spec = &group.spec;
+        log::info!(
+            "group {} serves {} with {} {} handlers{} (policy {}, when-full {}); status: parsrv status {}",
+            spec.name,
+            spec.listen,
+            spec.handlers,
+            spec.handler,
+            match (spec.autoscaled(), spec.handlers_max > spec.handlers) {
+                (true, _) => format!(" (autoscaled {}..{})", spec.handlers, spec.handlers_max),
+                (false, true) => format!(" (resizable {}..{})", spec.handlers, spec.handlers_max),
+                _ => String::new(),
+            },
+            spec.policy,
+            spec.when_full,
+            spec.name
+        );
+        self.groups
+            .borrow_mut()
+            .insert(group.spec.name.clone(), group.clone());
+        Ok(group)
+    }
+
+    /// Stops and forgets one group. It answers `status` while it drains and stops.
+    async fn remove_group(&self, name: &str) -> bool {
+        let Some(group) = self.group(name) else {
+            return false;
+        };
+        group.stop().await;
+        self.groups.borrow_mut().remove(name);
+        true
+    }
+
+    async fn stop_all(&self) {
+        let names: Vec<String> = self.groups.borrow().keys().cloned().collect();
+        for name in names {
+            self.remove_group(&name).await;
+        }
+    }
+
+    fn statuses(&self) -> Vec<GroupStatus> {
+        let groups: Vec<_> = self.groups.borrow().values().cloned().collect();
+        groups.iter().filter_map(|g| g.status().ok()).collect()
+    }
+
+    async fn serve(self: Rc<Self>, metrics: Option<std::net::TcpListener>) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let installing = |kind: &str| Error::io(format!("installing a {kind} handler"));
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(installing("SIGINT"))?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(installing("SIGTERM"))?;
+        let mut restart = signal(SignalKind::user_defined2()).map_err(installing("SIGUSR2"))?;
+        let mut reload = signal(SignalKind::hangup()).map_err(installing("SIGHUP"))?;
+        let own = ControlSocket::bind_spawner()?;
+        let answering = {
+            let spawner = self.clone();
+            tokio::task::spawn_local(async move {
+                own.serve(move |request| {
+                    let spawner = spawner.clone();
+                    async move { spawner.answer_spawner(request).await }
+                })
+                .await;
+            })
+        };
+        let exporting = match metrics {
+            Some(listener) => {
+                let listener = tokio::net::TcpListener::from_std({
+                    listener
+                        .set_nonblocking(true)
+                        .map_err(Error::io("the metrics socket"))?;
+                    listener
+                })
+                .map_err(Error::io("the metrics socket"))?;
+                log::info!(
+                    "metrics: http://{}/metrics",
+                    listener
+                        .local_addr()
+                        .map_err(Error::io("the metrics socket"))?
+                );
+                let spawner = self.clone();
+                Some(tokio::task::spawn_local(metrics::serve(
+                    listener,
+                    move || spawner.statuses(),
+                )))
+            }
+            None => None,
+        };
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break; }
+                _ = terminate.recv() => { log::info!("SIGTERM: stopping"); break; }
+                _ = restart.recv() => {
+                    log::info!("SIGUSR2: restarting every handler of every group");
+                    let groups: Vec<_> = self.groups.borrow().values().cloned().collect();
+                    tokio::task::spawn_local(async move {
+                        for group in groups {
+                            if let Err(ControlError::Failed(e)) = group.restart_all().await {
+                                log::error!("{e}");
+                            }
+                        }
+                    });
+                }
+                _ = reload.recv() => self.reload().await,
+            }
+        }
+        answering.abort();
+        if let Some(exporting) = exporting {
+            exporting.abort();
+        }
+        self.stop_all().await;
+        Ok(())
+    }
+}

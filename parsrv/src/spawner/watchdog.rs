@@ -1,0 +1,81 @@
+//! Warns (once per handler process) about a handler that does not use the socket parsrv
+//! gave it as given: one that listens on a socket of its own, that changed the socket's
+//! queue length, or whose queue never shrinks.
+
+use std::{
+    os::fd::AsFd,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use super::group::RunningGroup;
+use crate::{kernel, supervisor::process_stopped};
+
+/// How often handlers are checked for serving outside their socket.
+const WATCH_PERIOD: Duration = Duration::from_secs(2);
+/// How long a socket's queue may stay non-empty without ever shrinking before its handler
+/// is reported as not accepting.
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+
+/// Checks the group's handlers every [`WATCH_PERIOD`] until the group stops.
+pub(super) async fn watch(group: Rc<RunningGroup>) {
+    // Per slot: since when its queue has not shrunk, and how deep it was.
+    let mut stuck_since: Vec<Option<(Instant, u32)>> = Vec::new();
+    loop {
+        tokio::time::sleep(WATCH_PERIOD).await;
+        let members = group.members();
+        stuck_since.resize(members.len() as usize, None);
+        for (slot, (supervised, listener)) in members.pairs().enumerate() {
+            let state = &supervised.state;
+            let Some(pid) = state.borrow().pid else {
+                stuck_since[slot] = None;
+                continue;
+            };
+            if state.borrow().warned == Some(pid) {
+                continue;
+            }
+            let inode = kernel::socket_inode(listener.socket().as_fd()).ok();
+            let own = kernel::listening_sockets(pid)
+                .into_iter()
+                .find(|(found, _)| Some(*found) != inode);
+            if let Some((_, addr)) = own {
+                log::warn!(
+                    "handler {slot} (pid {pid}) listens on {addr} itself instead of serving \
+                     the socket parsrv passed as fd 3: its connections bypass the group; make \
+                     it use fd 3 (LISTEN_FDS, as gunicorn does by itself; uvicorn --fd 3)"
+                );
+                state.borrow_mut().warned = Some(pid);
+                continue;
+            }
+            let queue = listener.queue().unwrap_or_default();
+            if queue.capacity != 0 && queue.capacity != listener.configured_capacity() {
+                log::warn!(
+                    "handler {slot} (pid {pid}) changed its socket's accept-queue length from {} \
+                     to {} (it called listen() again with its own backlog): give the server the \
+                     same backlog (e.g. uvicorn --backlog {}) so that --backlog holds",
+                    listener.configured_capacity(),
+                    queue.capacity,
+                    group.spec.backlog
+                );
+                state.borrow_mut().warned = Some(pid);
+                continue;
+            }
+            let depth = queue.depth;
+            let stopped = process_stopped(pid);
+            stuck_since[slot] = match stuck_since[slot] {
+                _ if depth == 0 || stopped => None,
+                Some((since, last)) if depth >= last => Some((since, depth)),
+                _ => Some((Instant::now(), depth)),
+            };
+            if let Some((since, depth)) = stuck_since[slot] {
+                if since.elapsed() >= STUCK_AFTER {
+                    log::warn!(
+                        "handler {slot} (pid {pid}) has not taken a connection from its socket \
+                         in {STUCK_AFTER:?} ({depth} waiting): is it accepting on fd 3?"
+                    );
+                    state.borrow_mut().warned = Some(pid);
+                }
+            }
+        }
+    }
+}
