@@ -128,6 +128,11 @@ impl Spawner {
     /// Starts a group. On error, whatever it had created is gone again.
     fn start_group(self: &Rc<Self>, spec: GroupSpec) -> Result<Rc<RunningGroup>> {
         spec.validate()?;
+        // Another spawner of this namespace may be starting a group right now: from the
+        // check that the name is free to the bound control socket, and from the check that
+        // the address is free to the bound sockets, one spawner at a time.
+        let claim = NetnsLock::acquire()?;
+        ensure_not_running(&spec.name)?;
         if let Some(other) = self
             .groups
             .borrow()
@@ -139,11 +144,6 @@ impl Spawner {
                 spec.name, spec.listen, other.spec.name, other.spec.listen
             )));
         }
-        // Another spawner of this namespace may be starting a group right now: from the
-        // check that the name is free to the bound control socket, and from the check that
-        // the address is free to the bound sockets, one spawner at a time.
-        let claim = NetnsLock::acquire()?;
-        ensure_not_running(&spec.name)?;
         let group = RunningGroup::create(spec, self.offsets)?;
         let control = ControlSocket::bind(&group.spec.name)?;
         drop(claim);
