@@ -7,13 +7,13 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 use crate::{
-    config::{self, GroupSpec, HandlerKind, Policy, WhenFull},
     config_file::ConfigFile,
     control::{self, Request, Response},
     error::{Error, Result, EXIT_RUNTIME, EXIT_USAGE},
     handler,
     output::ERROR_PREFIX,
     spawner::{self, RunOptions},
+    spec::{self, GroupSpec},
     status::GroupStatus,
 };
 
@@ -27,6 +27,21 @@ use crate::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses `parsrv run FLAGS...` (`argv` with the program name) into the group the flags
+    /// define: how a config file's keys are read.
+    pub fn try_parse_group(argv: Vec<String>) -> std::result::Result<GroupSpec, clap::Error> {
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(RunArgs {
+                group: Some(spec), ..
+            }) => Ok(spec.named()),
+            _ => Err(clap::Error::new(
+                clap::error::ErrorKind::MissingRequiredArgument,
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,94 +73,29 @@ pub enum Command {
     Group(GroupCommand),
     /// Run one built-in handler on the socket inherited as fd 3 (started by `parsrv run`).
     #[command(hide = true)]
-    Handler(HandlerArgs),
+    Handler(handler::Launch),
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Run the groups of this TOML file (see the README) instead of one from flags; SIGHUP
     /// reads it again.
-    #[arg(long, value_name = "FILE", conflicts_with_all = GROUP_FLAGS)]
+    #[arg(long, value_name = "FILE", conflicts_with = "GroupSpec")]
     pub config: Option<PathBuf>,
     /// Serve Prometheus metrics of every group at http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
-    /// Address and port every handler socket binds, e.g. 127.0.0.1:8080 or [::1]:8080.
-    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "config")]
-    pub listen: Option<String>,
-    /// Handler processes, one socket each (1 to 128): a count, or MIN..MAX to grow and
-    /// shrink with load.
-    #[arg(long, default_value = "4", value_name = "N|MIN..MAX")]
-    pub handlers: String,
-    /// Accept-queue length of each socket (capped by net.core.somaxconn).
-    #[arg(long, default_value_t = 128, value_name = "B")]
-    pub backlog: u32,
-    /// What each handler runs: a built-in server, or `exec` and a program after `--`.
-    #[arg(long, value_enum, required_unless_present = "config")]
-    pub handler: Option<HandlerKind>,
-    /// Threads accepting in parallel on each handler's socket (exec handlers get it as
-    /// PARSRV_THREADS).
-    #[arg(long, default_value_t = 1, value_name = "T")]
-    pub threads: u32,
-    /// Where a new connection goes while some socket has room.
-    #[arg(long, value_enum, default_value_t)]
-    pub policy: Policy,
-    /// What happens when every socket is full.
-    #[arg(long = "when-full", value_enum, default_value_t)]
-    pub when_full: WhenFull,
-    /// Group name for pins and `parsrv status` [default: ADDR-PORT].
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Seconds a handler may take to exit after SIGTERM before SIGKILL (and a drain).
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
-    pub grace: f64,
-    /// Seconds a replacement handler may take to become ready in a restart.
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
-    pub ready_timeout: f64,
-    /// On SIGINT/SIGTERM, refuse new connections (RST) and let the queued ones be served
-    /// (at most --grace) before stopping the handlers.
-    #[arg(long)]
-    pub drain: bool,
-    /// With --handlers MIN..MAX: change the size only by `parsrv group resize`, not with load.
-    #[arg(long)]
-    pub no_autoscale: bool,
-    /// Pin handlers to these CPUs, round-robin by slot: `0-3`, `0,2`.
-    #[arg(long, value_name = "LIST")]
-    pub cpus: Option<String>,
-    /// Run handlers as this user (and group), without capabilities.
-    #[arg(long, value_name = "NAME[:GROUP]")]
-    pub user: Option<String>,
-    /// With --handler exec: the program each handler runs, and its arguments. It gets its
-    /// socket as fd 3 with LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES (socket activation).
-    #[arg(last = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
+    /// The group, when not from --config.
+    #[command(flatten)]
+    pub group: Option<GroupSpec>,
 }
-
-/// The flags that define one group: with --config, the file does.
-const GROUP_FLAGS: [&str; 15] = [
-    "listen",
-    "handler",
-    "handlers",
-    "backlog",
-    "threads",
-    "policy",
-    "when_full",
-    "name",
-    "grace",
-    "ready_timeout",
-    "drain",
-    "no_autoscale",
-    "cpus",
-    "user",
-    "command",
-];
 
 impl RunArgs {
     pub fn into_options(self) -> Result<RunOptions> {
         let metrics = self
             .metrics
             .as_deref()
-            .map(config::parse_listen)
+            .map(spec::parse_listen)
             .transpose()
             .map_err(|_| Error::InvalidOption {
                 option: "--metrics",
@@ -160,36 +110,10 @@ impl RunArgs {
                 config: Some(path),
             });
         }
-        let (Some(listen), Some(handler)) = (self.listen, self.handler) else {
+        let Some(spec) = self.group else {
             unreachable!("clap requires --listen and --handler without --config");
         };
-        let listen = config::parse_listen(&listen)?;
-        let (handlers, handlers_max) = config::parse_handlers(&self.handlers)?;
-        let spec = GroupSpec {
-            name: self
-                .name
-                .unwrap_or_else(|| GroupSpec::default_name(&listen)),
-            listen,
-            handlers,
-            handlers_max,
-            autoscale: !self.no_autoscale,
-            backlog: self.backlog,
-            handler,
-            threads: self.threads,
-            policy: self.policy,
-            when_full: self.when_full,
-            command: self.command,
-            cpus: self
-                .cpus
-                .as_deref()
-                .map(config::parse_cpus)
-                .transpose()?
-                .unwrap_or_default(),
-            user: self.user,
-            grace: self.grace,
-            ready_timeout: self.ready_timeout,
-            drain: self.drain,
-        };
+        let spec = spec.named();
         spec.validate()?;
         Ok(RunOptions {
             groups: vec![spec],
@@ -251,44 +175,6 @@ pub enum GroupCommand {
     },
 }
 
-/// How the spawner starts a handler process (not for people).
-#[derive(Debug, Args)]
-pub struct HandlerArgs {
-    #[arg(long, value_enum)]
-    pub kind: HandlerKind,
-    #[arg(long, default_value_t = 1)]
-    pub threads: u32,
-    #[arg(long, default_value_t = 0)]
-    pub slot: u32,
-    #[arg(long, default_value = "")]
-    pub group: String,
-    #[arg(long)]
-    pub spawner: u32,
-    #[arg(long)]
-    pub uid: Option<u32>,
-    #[arg(long, requires = "uid")]
-    pub gid: Option<u32>,
-    #[arg(last = true)]
-    pub command: Vec<String>,
-}
-
-impl HandlerArgs {
-    fn into_launch(self) -> handler::Launch {
-        handler::Launch {
-            kind: self.kind,
-            threads: self.threads,
-            slot: self.slot,
-            group: self.group,
-            spawner: self.spawner,
-            credentials: self.uid.map(|uid| config::Credentials {
-                uid,
-                gid: self.gid.unwrap_or(uid),
-            }),
-            command: self.command,
-        }
-    }
-}
-
 /// Parses the command line, runs it, and returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -313,7 +199,7 @@ pub fn main() -> i32 {
         Command::Bench { args } => bench(&args),
         Command::Group(command) => group(command),
         Command::Handler(args) => {
-            return match handler::launch(args.into_launch()) {
+            return match handler::launch(args) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("parsrv handler: {e:#}");
@@ -587,14 +473,21 @@ fn status(args: StatusArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{HandlerKind, HandlerRange, Policy, WhenFull};
 
+    /// The group `parsrv run` gets from these flags; a parse error as the usage error it is.
     fn run_args(extra: &[&str]) -> Result<GroupSpec> {
         let mut argv = vec!["parsrv", "run", "--listen", "127.0.0.1:8080"];
         if !extra.contains(&"--handler") {
             argv.extend(["--handler", "echo"]);
         }
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).unwrap().command {
+        let cli = Cli::try_parse_from(argv).map_err(|e| Error::InvalidOption {
+            option: "flags",
+            value: String::new(),
+            reason: e.to_string(),
+        })?;
+        match cli.command {
             Command::Run(args) => args
                 .into_options()
                 .map(|o| o.groups.into_iter().next().unwrap()),
@@ -603,9 +496,25 @@ mod tests {
     }
 
     #[test]
+    fn a_config_file_or_a_group_from_flags_never_both() {
+        let cli = Cli::try_parse_from(["parsrv", "run", "--config", "x.toml"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Run(RunArgs { group: None, .. })
+        ));
+        for argv in [
+            &["parsrv", "run", "--config", "x.toml", "--backlog", "3"][..],
+            &["parsrv", "run"],
+            &["parsrv", "run", "--listen", "127.0.0.1:1"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+    }
+
+    #[test]
     fn defaults_are_sane() {
         let options = run_args(&[]).unwrap();
-        assert_eq!((options.handlers, options.handlers_max), (4, 4));
+        assert_eq!(options.handlers, HandlerRange { min: 4, max: 4 });
         assert!(!options.drain);
         assert_eq!(options.ready_timeout, 10.0);
         assert_eq!(options.threads, 1);
@@ -655,7 +564,7 @@ mod tests {
         .unwrap();
         assert_eq!(options.handler, HandlerKind::Exec);
         assert_eq!(options.command, ["sh", "-c", "exec true"]);
-        assert_eq!(options.cpus, [0]);
+        assert_eq!(options.cpus.0, [0]);
         assert_eq!(options.user.as_deref(), Some("root"));
         let err = run_args(&["--cpus", "x"]).unwrap_err();
         assert_eq!(err.exit_code(), EXIT_USAGE);
@@ -664,7 +573,7 @@ mod tests {
     #[test]
     fn handler_ranges_and_drain_parse() {
         let options = run_args(&["--handlers", "2..6", "--drain"]).unwrap();
-        assert_eq!((options.handlers, options.handlers_max), (2, 6));
+        assert_eq!(options.handlers, HandlerRange { min: 2, max: 6 });
         assert!(options.drain && options.autoscaled());
         let cli = Cli::try_parse_from(["parsrv", "group", "resize", "web", "3"]).unwrap();
         assert!(matches!(

@@ -11,10 +11,11 @@
 //! handlers = "2..8"               # or a count: 4
 //! ```
 //!
-//! Every key of a group is a flag of `parsrv run` (`when_full` is `--when-full`), read into
-//! the same model and checked by the same code, so both reject a bad value with the same
-//! words. Unknown keys are errors. Problems are reported all at once, each with its line and
-//! column.
+//! Every key of a group is a flag of `parsrv run` (`when_full` is `--when-full`; a switch
+//! such as `drain` is a boolean): a group's keys are turned into those flags and parsed by
+//! the very parser of the command line into the one model, [`GroupSpec`], and checked by
+//! the same code, so both reject a bad value with the same words. Unknown keys are errors.
+//! Problems are reported all at once, each with its line and column.
 
 use std::{
     collections::BTreeMap,
@@ -23,42 +24,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use clap::{ArgAction, Args as _};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::{
-    config::{self, defaults, GroupSpec, HandlerKind, Policy, WhenFull},
     error::{Error, Result},
+    spec::{self, GroupSpec},
 };
 
-/// A group as written in the file (every key optional but `name`, `listen`, `handler`).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGroup {
-    name: Spanned<String>,
-    listen: Spanned<String>,
-    handler: Spanned<HandlerKind>,
-    command: Option<Spanned<Vec<String>>>,
-    handlers: Option<Spanned<Handlers>>,
-    backlog: Option<Spanned<u32>>,
-    threads: Option<Spanned<u32>>,
-    policy: Option<Spanned<Policy>>,
-    when_full: Option<Spanned<WhenFull>>,
-    cpus: Option<Spanned<String>>,
-    user: Option<Spanned<String>>,
-    grace: Option<Spanned<f64>>,
-    ready_timeout: Option<Spanned<f64>>,
-    drain: Option<Spanned<bool>>,
-    autoscale: Option<Spanned<bool>>,
-}
-
-/// `handlers = 4` or `handlers = "2..8"`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(untagged)]
-enum Handlers {
-    Count(u32),
-    Range(String),
-}
+/// A group as written in the file: its keys, each with where it is.
+type RawGroup = BTreeMap<String, Spanned<toml::Value>>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,7 +130,7 @@ pub fn check_text(path: &Path, text: &str) -> Checked {
     let metrics = raw
         .metrics
         .as_ref()
-        .and_then(|m| match config::parse_listen(m.get_ref()) {
+        .and_then(|m| match spec::parse_listen(m.get_ref()) {
             Ok(addr) => Some(addr),
             Err(_) => {
                 problem(
@@ -178,7 +154,7 @@ pub fn check_text(path: &Path, text: &str) -> Checked {
     let mut groups = Vec::new();
     let mut seen: BTreeMap<String, (Range<usize>, SocketAddr)> = BTreeMap::new();
     for group in &raw.groups {
-        let (spec, spans) = match to_spec(group.get_ref()) {
+        let (spec, spans) = match to_spec(group.get_ref(), group.span()) {
             Ok(found) => found,
             Err((span, message)) => {
                 problem(span, message, false);
@@ -266,82 +242,120 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     }
 }
 
-type Spans = BTreeMap<&'static str, Range<usize>>;
+type Spans = BTreeMap<String, Range<usize>>;
 
-/// Reads a group's values into the model (as the flags do), keeping where each key was.
-fn to_spec(raw: &RawGroup) -> std::result::Result<(GroupSpec, Spans), (Range<usize>, String)> {
-    let mut spans = Spans::new();
-    spans.insert("name", raw.name.span());
-    spans.insert("listen", raw.listen.span());
-    spans.insert("handler", raw.handler.span());
-    let mut keep = |key: &'static str, span: Option<Range<usize>>| {
-        if let Some(span) = span {
-            spans.insert(key, span);
-        }
-    };
-    keep("command", raw.command.as_ref().map(Spanned::span));
-    keep("handlers", raw.handlers.as_ref().map(Spanned::span));
-    keep("backlog", raw.backlog.as_ref().map(Spanned::span));
-    keep("threads", raw.threads.as_ref().map(Spanned::span));
-    keep("cpus", raw.cpus.as_ref().map(Spanned::span));
-    keep("user", raw.user.as_ref().map(Spanned::span));
-    keep("grace", raw.grace.as_ref().map(Spanned::span));
-    keep(
-        "ready_timeout",
-        raw.ready_timeout.as_ref().map(Spanned::span),
-    );
-    let located = |key: &'static str, e: Error| (spans_of(key, raw), file_words(&e));
-    let listen = config::parse_listen(raw.listen.get_ref()).map_err(|e| located("listen", e))?;
-    let (handlers, handlers_max) = match raw.handlers.as_ref().map(Spanned::get_ref) {
-        None => (defaults::HANDLERS, defaults::HANDLERS),
-        Some(Handlers::Count(n)) => (*n, *n),
-        Some(Handlers::Range(range)) => {
-            config::parse_handlers(range).map_err(|e| located("handlers", e))?
-        }
-    };
-    let cpus = match &raw.cpus {
-        Some(list) => config::parse_cpus(list.get_ref()).map_err(|e| located("cpus", e))?,
-        None => Vec::new(),
-    };
-    let value = |v: &Option<Spanned<u32>>, default| v.as_ref().map_or(default, |v| *v.get_ref());
-    let seconds = |v: &Option<Spanned<f64>>, default| v.as_ref().map_or(default, |v| *v.get_ref());
-    let spec = GroupSpec {
-        name: raw.name.get_ref().clone(),
-        listen,
-        handlers,
-        handlers_max,
-        autoscale: raw.autoscale.as_ref().is_none_or(|a| *a.get_ref()),
-        backlog: value(&raw.backlog, defaults::BACKLOG),
-        handler: *raw.handler.get_ref(),
-        threads: value(&raw.threads, defaults::THREADS),
-        policy: raw
-            .policy
-            .as_ref()
-            .map_or(Policy::default(), |p| *p.get_ref()),
-        when_full: raw
-            .when_full
-            .as_ref()
-            .map_or(WhenFull::default(), |w| *w.get_ref()),
-        command: raw
-            .command
-            .as_ref()
-            .map_or(Vec::new(), |c| c.get_ref().clone()),
-        cpus,
-        user: raw.user.as_ref().map(|u| u.get_ref().clone()),
-        grace: seconds(&raw.grace, defaults::GRACE),
-        ready_timeout: seconds(&raw.ready_timeout, defaults::READY_TIMEOUT),
-        drain: raw.drain.as_ref().is_some_and(|d| *d.get_ref()),
-    };
-    Ok((spec, spans))
+/// The flags a group's keys stand for: each setting of [`GroupSpec`], by key.
+fn settings() -> Vec<clap::Arg> {
+    GroupSpec::augment_args(clap::Command::new("group"))
+        .get_arguments()
+        .filter(|a| a.get_id() != "help")
+        .cloned()
+        .collect()
 }
 
-fn spans_of(key: &str, raw: &RawGroup) -> Range<usize> {
-    match key {
-        "listen" => raw.listen.span(),
-        "handlers" => raw.handlers.as_ref().map_or(raw.name.span(), Spanned::span),
-        "cpus" => raw.cpus.as_ref().map_or(raw.name.span(), Spanned::span),
-        _ => raw.name.span(),
+/// Reads a group's keys into the model with the command line's parser, keeping where each
+/// key was.
+fn to_spec(
+    raw: &RawGroup,
+    group: Range<usize>,
+) -> std::result::Result<(GroupSpec, Spans), (Range<usize>, String)> {
+    let settings = settings();
+    let spans: Spans = raw.iter().map(|(k, v)| (k.clone(), v.span())).collect();
+    if !raw.contains_key("name") {
+        return Err((group, "missing field `name`".into()));
     }
+    let mut argv: Vec<String> = vec!["parsrv".into(), "run".into()];
+    let mut command: Vec<String> = Vec::new();
+    for (key, value) in raw {
+        let span = value.span();
+        let Some(setting) = settings.iter().find(|a| a.get_id() == key.as_str()) else {
+            let known: Vec<String> = settings
+                .iter()
+                .map(|a| format!("`{}`", a.get_id()))
+                .collect();
+            return Err((
+                span,
+                format!(
+                    "unknown field `{key}`, expected one of {} (a typo? unknown keys are errors)",
+                    known.join(", ")
+                ),
+            ));
+        };
+        let wrong = |what: &str| (span.clone(), format!("invalid {key}: expected {what}"));
+        match (setting.get_action(), value.get_ref()) {
+            (ArgAction::SetTrue | ArgAction::SetFalse, toml::Value::Boolean(on)) => {
+                // A switch's flag sets the value opposite to its default.
+                if *on == matches!(setting.get_action(), ArgAction::SetTrue) {
+                    argv.push(format!(
+                        "--{}",
+                        setting.get_long().expect("switches are long")
+                    ));
+                }
+            }
+            (ArgAction::SetTrue | ArgAction::SetFalse, _) => return Err(wrong("true or false")),
+            (_, toml::Value::Array(items)) if setting.is_last_set() => {
+                for item in items {
+                    match item.as_str() {
+                        Some(word) => command.push(word.to_owned()),
+                        None => return Err(wrong("an array of strings")),
+                    }
+                }
+            }
+            (_, _) if setting.is_last_set() => return Err(wrong("an array of strings")),
+            (_, toml::Value::String(text)) => argv.push(format!(
+                "--{}={text}",
+                setting.get_long().expect("options are long")
+            )),
+            (_, scalar @ (toml::Value::Integer(_) | toml::Value::Float(_))) => argv.push(format!(
+                "--{}={scalar}",
+                setting.get_long().expect("options are long")
+            )),
+            (_, _) => return Err(wrong("a string or a number")),
+        }
+    }
+    if !command.is_empty() {
+        argv.push("--".into());
+        argv.extend(command);
+    }
+    match crate::cli::Cli::try_parse_group(argv) {
+        Ok(spec) => Ok((spec, spans)),
+        Err(e) => {
+            use clap::error::{ContextKind, ContextValue, ErrorKind};
+            let flag = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(arg)) => arg.clone(),
+                Some(ContextValue::Strings(args)) => args.first().cloned().unwrap_or_default(),
+                _ => String::new(),
+            };
+            let key = key_of(flag.split([' ', '=']).next().unwrap_or(""));
+            let span = spans.get(&key).cloned().unwrap_or(group);
+            let message = match (e.kind(), e.get(ContextKind::InvalidValue)) {
+                (ErrorKind::MissingRequiredArgument, _) => format!("missing field `{key}`"),
+                (_, Some(ContextValue::String(value))) => {
+                    let reason = std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| match e.get(ContextKind::ValidValue) {
+                            Some(ContextValue::Strings(valid)) => {
+                                format!("expected one of {}", valid.join(", "))
+                            }
+                            _ => "not a valid value".into(),
+                        });
+                    format!("invalid {key} '{value}': {reason}")
+                }
+                _ => e.kind().to_string(),
+            };
+            Err((span, message))
+        }
+    }
+}
+
+/// The key of a flag (`--ready-timeout` -> `ready_timeout`; `--no-autoscale` ->
+/// `autoscale`), or `command` for the program after `--`.
+fn key_of(flag: &str) -> String {
+    let long = flag.trim_start_matches("--");
+    settings()
+        .iter()
+        .find(|a| a.get_long() == Some(long) || a.get_id() == long)
+        .map_or_else(|| "command".to_owned(), |a| a.get_id().to_string())
 }
 
 /// A model error in the file's words: the key, not the flag (`backlog`, not `--backlog`).
@@ -352,91 +366,29 @@ fn file_words(e: &Error) -> String {
             value,
             reason,
         } => {
-            format!("invalid {} '{value}': {reason}", file_key(option))
+            format!("invalid {} '{value}': {reason}", key_of(option))
         }
         other => other.to_string(),
-    }
-}
-
-fn file_key(option: &str) -> &'static str {
-    match option.trim_start_matches("--") {
-        "name" => "name",
-        "listen" => "listen",
-        "handlers" => "handlers",
-        "backlog" => "backlog",
-        "threads" => "threads",
-        "cpus" => "cpus",
-        "user" => "user",
-        "grace" => "grace",
-        "ready-timeout" => "ready_timeout",
-        "handler exec" => "command",
-        _ => "handler",
     }
 }
 
 /// Where a model problem points: the key it is about, or the group.
 fn locate_problem(e: &Error, spans: &Spans, group: Range<usize>) -> (Range<usize>, String) {
     let span = match e {
-        Error::InvalidOption { option, .. } => spans.get(file_key(option)).cloned(),
+        Error::InvalidOption { option, .. } => spans.get(&key_of(option)).cloned(),
         _ => None,
     };
     (span.unwrap_or(group), file_words(e))
 }
 
-/// The file form of groups (what `parsrv group show` prints): every field, explicitly.
+/// The file form of groups (what `parsrv group show` prints): every key, explicitly; the
+/// spec's own serde form.
 pub fn to_toml(groups: &[GroupSpec]) -> String {
     #[derive(Serialize)]
-    struct OutGroup<'a> {
-        name: &'a str,
-        listen: String,
-        handler: HandlerKind,
-        #[serde(skip_serializing_if = "<[String]>::is_empty")]
-        command: &'a [String],
-        handlers: Handlers,
-        autoscale: bool,
-        backlog: u32,
-        threads: u32,
-        policy: Policy,
-        when_full: WhenFull,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        cpus: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        user: Option<&'a str>,
-        grace: f64,
-        ready_timeout: f64,
-        drain: bool,
-    }
-    #[derive(Serialize)]
     struct OutFile<'a> {
-        group: Vec<OutGroup<'a>>,
+        group: &'a [GroupSpec],
     }
-    let file = OutFile {
-        group: groups
-            .iter()
-            .map(|g| OutGroup {
-                name: &g.name,
-                listen: g.listen.to_string(),
-                handler: g.handler,
-                command: &g.command,
-                handlers: if g.handlers == g.handlers_max {
-                    Handlers::Count(g.handlers)
-                } else {
-                    Handlers::Range(format!("{}..{}", g.handlers, g.handlers_max))
-                },
-                autoscale: g.autoscale,
-                backlog: g.backlog,
-                threads: g.threads,
-                policy: g.policy,
-                when_full: g.when_full,
-                cpus: (!g.cpus.is_empty()).then(|| config::format_cpus(&g.cpus)),
-                user: g.user.as_deref(),
-                grace: g.grace,
-                ready_timeout: g.ready_timeout,
-                drain: g.drain,
-            })
-            .collect(),
-    };
-    toml::to_string(&file).expect("serializable")
+    toml::to_string(&OutFile { group: groups }).expect("serializable")
 }
 
 #[cfg(test)]
@@ -476,11 +428,14 @@ handler = "echo"
         assert_eq!(file.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(file.groups.len(), 2);
         assert_eq!(
-            (file.groups[0].handlers, file.groups[0].handlers_max),
-            (2, 6)
+            file.groups[0].handlers,
+            spec::HandlerRange { min: 2, max: 6 }
         );
         let echo = &file.groups[1];
-        assert_eq!((echo.handlers, echo.backlog, echo.threads), (4, 128, 1));
+        assert_eq!(
+            (echo.handlers.to_string(), echo.backlog, echo.threads),
+            ("4".into(), 128, 1)
+        );
         assert_eq!(
             (echo.grace, echo.ready_timeout, echo.drain),
             (5.0, 10.0, false)
@@ -595,9 +550,42 @@ handler = "http"
     }
 
     #[test]
+    fn every_setting_is_one_flag_one_key_and_one_json_field() {
+        let mut spec = GroupSpec::new("127.0.0.1:1".parse().unwrap(), spec::HandlerKind::Exec);
+        (spec.cpus, spec.user) = (spec::CpuList(vec![0]), Some("root".into()));
+        spec.command = vec!["true".into()];
+        let keys: Vec<String> = match toml::Value::try_from(&spec).unwrap() {
+            toml::Value::Table(table) => table.keys().cloned().collect(),
+            other => panic!("{other:?}"),
+        };
+        let mut flags: Vec<String> = settings().iter().map(|a| a.get_id().to_string()).collect();
+        let mut json: Vec<String> = match serde_json::to_value(&spec).unwrap() {
+            serde_json::Value::Object(fields) => fields.keys().cloned().collect(),
+            other => panic!("{other:?}"),
+        };
+        let mut keys = keys;
+        for list in [&mut keys, &mut flags, &mut json] {
+            list.sort();
+        }
+        assert_eq!(keys, flags);
+        assert_eq!(json, flags);
+        // A switch's key is a boolean; other values are not taken for one.
+        let drain = |value: &str| {
+            messages(&format!(
+                "[[group]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nhandler = \"http\"\ndrain = {value}\n"
+            ))
+        };
+        assert!(drain("true").is_empty());
+        assert_eq!(
+            drain("\"yes\""),
+            ["5:9: invalid drain: expected true or false"]
+        );
+    }
+
+    #[test]
     fn show_output_reads_back_as_the_same_groups() {
         let mut groups = checked(TWO).file.unwrap().groups;
-        groups[1].cpus = vec![0];
+        groups[1].cpus = spec::CpuList(vec![0]);
         groups[1].user = Some("root".into());
         groups[1].drain = true;
         groups[1].autoscale = false;

@@ -37,7 +37,7 @@ pub enum Request {
     Remove,
     /// To a spawner's own socket: start these groups (all or none).
     Add {
-        groups: Vec<crate::config::GroupSpec>,
+        groups: Vec<crate::spec::GroupSpec>,
     },
     /// Grow or shrink the group to this many handlers (within its MIN..MAX).
     Resize {
@@ -61,7 +61,7 @@ impl Request {
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Status(Box<GroupStatus>),
-    Spec(Box<crate::config::GroupSpec>),
+    Spec(Box<crate::spec::GroupSpec>),
     /// The change was made; what happened.
     Done(String),
     /// The spawner did not do what was asked, and why.

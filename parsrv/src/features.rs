@@ -307,6 +307,36 @@ mod tests {
     }
 
     #[test]
+    fn each_program_requires_only_its_own_features() {
+        // Every feature is needed by some program (none is probed for nothing).
+        assert_eq!(needed_by(&Program::ALL), Feature::ALL);
+        let kernel = |missing: &[Feature]| KernelFeatures {
+            release: "test".into(),
+            version: None,
+            features: Feature::ALL
+                .into_iter()
+                .map(|feature| FeatureProbe {
+                    feature,
+                    name: feature.name(),
+                    since: feature.since(),
+                    present: !missing.contains(&feature),
+                })
+                .collect(),
+        };
+        // A kernel that lacks a feature fails only for the programs that need it, naming it.
+        let without_loop = kernel(&[Feature::BpfLoop]);
+        without_loop.require_for(&[]).unwrap();
+        let err = without_loop.require_for(&Program::ALL).unwrap_err();
+        assert!(err.to_string().contains(Feature::BpfLoop.name()), "{err}");
+        kernel(&[]).require_all().unwrap();
+        // BTF first: without it the others cannot be probed.
+        let err = kernel(&[Feature::BpfLoop, Feature::Btf])
+            .require_all()
+            .unwrap_err();
+        assert!(matches!(err, Error::NoBtf { .. }), "{err}");
+    }
+
+    #[test]
     fn proc_sys_probes_read_what_they_name() {
         let dir = std::env::temp_dir().join(format!("parsrv-features-{}", std::process::id()));
         fs::create_dir_all(dir.join("kernel")).unwrap();

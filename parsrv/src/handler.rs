@@ -30,7 +30,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::config::{Credentials, HandlerKind};
+use crate::spec::{Credentials, HandlerKind};
 
 /// The handler's socket (as in systemd socket activation, SD_LISTEN_FDS_START).
 pub const LISTEN_FD: RawFd = crate::activation::FIRST_FD;
@@ -41,18 +41,58 @@ pub const THREADS_ENV: &str = "PARSRV_THREADS";
 pub const SLOT_ENV: &str = "PARSRV_SLOT";
 pub const GROUP_ENV: &str = "PARSRV_GROUP";
 
-/// What a handler process is told by its spawner (as `parsrv handler` arguments).
-#[derive(Clone, Debug)]
+/// What a handler process is told by its spawner: the arguments of the hidden `parsrv
+/// handler` command. The spawner writes them with [`Launch::to_args`] and the handler parses
+/// them with clap, from this one declaration.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct Launch {
+    #[arg(long, value_enum)]
     pub kind: HandlerKind,
+    #[arg(long, default_value_t = 1)]
     pub threads: u32,
+    #[arg(long, default_value_t = 0)]
     pub slot: u32,
+    #[arg(long, default_value = "")]
     pub group: String,
     /// The spawner's pid: the handler must die with it.
+    #[arg(long)]
     pub spawner: u32,
+    /// Who to become before serving.
+    #[arg(long, value_parser = credentials_value)]
     pub credentials: Option<Credentials>,
     /// For exec handlers: the program and its arguments.
+    #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+impl Launch {
+    /// The arguments after `parsrv handler` that parse back to this launch.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--kind={}", self.kind),
+            format!("--threads={}", self.threads),
+            format!("--slot={}", self.slot),
+            format!("--group={}", self.group),
+            format!("--spawner={}", self.spawner),
+        ];
+        if let Some(Credentials { uid, gid }) = self.credentials {
+            args.push(format!("--credentials={uid}:{gid}"));
+        }
+        if !self.command.is_empty() {
+            args.push("--".into());
+            args.extend(self.command.iter().cloned());
+        }
+        args
+    }
+}
+
+/// `UID:GID`, as [`Launch::to_args`] writes it.
+fn credentials_value(value: &str) -> Result<Credentials, String> {
+    let (uid, gid) = value.split_once(':').ok_or("expected UID:GID")?;
+    Ok(Credentials {
+        uid: uid.parse().map_err(|_| "bad uid")?,
+        gid: gid.parse().map_err(|_| "bad gid")?,
+    })
 }
 
 /// Becomes the handler: drops privileges if asked, then runs a built-in handler or execs
@@ -495,6 +535,34 @@ async fn read_request_head<R: tokio::io::AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn launch_arguments_parse_back_to_the_same_launch() {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Handler {
+            #[command(flatten)]
+            launch: Launch,
+        }
+        let mut launch = Launch {
+            kind: HandlerKind::Exec,
+            threads: 3,
+            slot: 7,
+            group: "web-1".into(),
+            spawner: 4242,
+            credentials: Some(Credentials {
+                uid: 65534,
+                gid: 100,
+            }),
+            command: vec!["sh".into(), "-c".into(), "exec --odd --flags".into()],
+        };
+        for _ in 0..2 {
+            let argv = std::iter::once("handler".to_owned()).chain(launch.to_args());
+            let matches = <Handler as clap::CommandFactory>::command().get_matches_from(argv);
+            assert_eq!(Handler::from_arg_matches(&matches).unwrap().launch, launch);
+            (launch.credentials, launch.command, launch.kind) = (None, vec![], HandlerKind::Http);
+        }
+    }
 
     async fn head(raw: &str) -> Option<Result<RequestHead, ()>> {
         let mut reader = BufReader::new(raw.as_bytes());

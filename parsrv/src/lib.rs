@@ -12,7 +12,6 @@
 pub mod activation;
 pub mod autoscale;
 pub mod cli;
-pub mod config;
 pub mod config_file;
 pub mod control;
 pub mod dataplane;
@@ -24,6 +23,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod output;
 pub mod spawner;
+pub mod spec;
 pub mod status;
 pub mod supervisor;
 

@@ -7,9 +7,9 @@ use parsrv_common::reuseport::{GlobalCounters, SlotCounters};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::GroupSpec,
     dataplane::reuseport::RunStats,
     kernel::{Occupancy, QueueDepth},
+    spec::GroupSpec,
 };
 
 /// Bumped on any incompatible change to the JSON. 2: the group's settings moved under
@@ -100,9 +100,8 @@ impl GroupStatus {
         if spec.autoscaled() {
             let _ = writeln!(
                 out,
-                "autoscaled {}..{}: {} handlers now, {} resizes{}",
+                "autoscaled {}: {} handlers now, {} resizes{}",
                 spec.handlers,
-                spec.handlers_max,
                 self.handlers.len(),
                 self.scaling.decisions,
                 self.scaling
@@ -245,20 +244,19 @@ impl GroupStatus {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{HandlerKind, Policy, WhenFull};
+    use crate::spec::{CpuList, HandlerKind, HandlerRange, Policy, WhenFull};
 
     pub(crate) fn sample() -> GroupStatus {
         GroupStatus {
             schema: SCHEMA_VERSION,
             spec: GroupSpec {
                 name: "web".into(),
-                handlers: 1,
-                handlers_max: 4,
+                handlers: HandlerRange { min: 1, max: 4 },
                 policy: Policy::LeastLoaded,
                 when_full: WhenFull::Refuse,
                 backlog: 16,
                 threads: 2,
-                cpus: vec![1],
+                cpus: CpuList(vec![1]),
                 ..GroupSpec::new("127.0.0.1:8080".parse().unwrap(), HandlerKind::Http)
             },
             spawner_pid: 42,

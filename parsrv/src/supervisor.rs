@@ -16,8 +16,8 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    config::{Credentials, GroupSpec, HandlerKind},
-    handler::{SharedStats, LISTEN_FD, STATS_FD},
+    handler::{Launch, SharedStats, LISTEN_FD, STATS_FD},
+    spec::{Credentials, GroupSpec, HandlerKind},
 };
 
 /// What every handler of a group is started with.
@@ -313,23 +313,20 @@ fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<tokio::process:
     let parent = std::process::id();
     // /proc/self/exe rather than current_exe(): still this very binary if the file was
     // replaced on disk since the spawner started.
+    let launch = Launch {
+        kind: spec.handler,
+        threads: spec.threads,
+        slot: slot.index,
+        group: spec.name.clone(),
+        spawner: parent,
+        credentials: launcher.credentials,
+        command: spec.command.clone(),
+    };
     let mut command = tokio::process::Command::new("/proc/self/exe");
     command
         .arg0("parsrv")
-        .args(["handler", "--kind", &spec.handler.to_string()])
-        .args(["--threads", &spec.threads.to_string()])
-        .args(["--slot", &slot.index.to_string()])
-        .args(["--group", &spec.name])
-        .args(["--spawner", &parent.to_string()]);
-    if let Some(credentials) = launcher.credentials {
-        command
-            .args(["--uid", &credentials.uid.to_string()])
-            .args(["--gid", &credentials.gid.to_string()]);
-    }
-    if !spec.command.is_empty() {
-        command.arg("--").args(&spec.command);
-    }
-    command
+        .arg("handler")
+        .args(launch.to_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

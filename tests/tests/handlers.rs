@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
-use parsrv::{config::usable_cpus, dataplane::pins::group_dir as pin_dir, kernel};
+use parsrv::{dataplane::pins::group_dir as pin_dir, kernel, spec::usable_cpus};
 use parsrv_integration_tests::{
     apps_dir, example, fd_of_process, http_get, http_load, privileged, pyenv, read_answer,
     resume_handler_group, stop_handler_group, wait_for, Needs, NetCounters, Outcome, Spawner,

@@ -8,7 +8,7 @@ use crate::autoscale::{self, Autoscaler, Sample};
 
 /// Samples the group every [`autoscale::SAMPLE_EVERY`] and applies the policy's decisions.
 pub(super) async fn run(group: Rc<RunningGroup>) {
-    let mut scaler = Autoscaler::new(group.spec.handlers, group.spec.handlers_max);
+    let mut scaler = Autoscaler::new(group.spec.handlers.min, group.spec.handlers.max);
     let mut ticker = tokio::time::interval(autoscale::SAMPLE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {

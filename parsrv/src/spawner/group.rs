@@ -20,7 +20,6 @@ use tokio::sync::watch;
 
 use super::members::Members;
 use crate::{
-    config::{GroupSpec, HandlerKind},
     control::ControlError,
     dataplane::{
         pins::{self, Pins},
@@ -29,6 +28,7 @@ use crate::{
     error::{Error, Result},
     handler::HandlerStats,
     listeners::Listeners,
+    spec::{GroupSpec, HandlerKind},
     status::{self, GroupStatus, HandlerStatus, ScalingStatus, SocketStatus},
     supervisor::{process_alive, Launcher},
 };
@@ -68,7 +68,7 @@ impl RunningGroup {
         // The caller made sure that no spawner answers for this group, so pins under its
         // name are a dead one's.
         Pins::remove_stale(&pin_dir)?;
-        let listeners = Listeners::bind(spec.listen, spec.handlers, spec.backlog)?;
+        let listeners = Listeners::bind(spec.listen, spec.handlers.min, spec.backlog)?;
         let config = ProgramConfig {
             offsets,
             policy: spec.policy.to_program(),
@@ -173,7 +173,7 @@ impl RunningGroup {
 
     /// `parsrv group resize`: within the MIN..MAX the group was started with.
     pub async fn resize(&self, handlers: u32) -> Result<String, ControlError> {
-        let (min, max) = (self.spec.handlers, self.spec.handlers_max);
+        let (min, max) = (self.spec.handlers.min, self.spec.handlers.max);
         if !(min..=max).contains(&handlers) {
             return Err(ControlError::Refused(format!(
                 "cannot resize group {} to {handlers} handlers: it was started with --handlers {min}..{max}; \

@@ -32,12 +32,12 @@ use parsrv_common::reuseport::KernelOffsets;
 
 use self::group::RunningGroup;
 use crate::{
-    config::GroupSpec,
     control::{self, ControlError, ControlSocket},
     dataplane::{self, netns::NetnsLock},
     error::{Error, Result},
     features::KernelFeatures,
     kernel, metrics,
+    spec::GroupSpec,
     status::GroupStatus,
 };
 
@@ -169,11 +169,11 @@ impl Spawner {
             "group {} serves {} with {} {} handlers{} (policy {}, when-full {}); status: parsrv status {}",
             spec.name,
             spec.listen,
-            spec.handlers,
+            spec.handlers.min,
             spec.handler,
-            match (spec.autoscaled(), spec.handlers_max > spec.handlers) {
-                (true, _) => format!(" (autoscaled {}..{})", spec.handlers, spec.handlers_max),
-                (false, true) => format!(" (resizable {}..{})", spec.handlers, spec.handlers_max),
+            match (spec.autoscaled(), spec.handlers.max > spec.handlers.min) {
+                (true, _) => format!(" (autoscaled {})", spec.handlers),
+                (false, true) => format!(" (resizable {})", spec.handlers),
                 _ => String::new(),
             },
             spec.policy,

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, rc::Rc};
 
 use super::Spawner;
-use crate::{config::GroupSpec, config_file::ConfigFile};
+use crate::{config_file::ConfigFile, spec::GroupSpec};
 
 impl Spawner {
     /// SIGHUP: reads the config file again; starts the groups it adds, stops (draining) the

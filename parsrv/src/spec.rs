@@ -1,7 +1,14 @@
-//! The validated model of one socket group. The CLI builds it from flags; every check lives
-//! here so that every way of defining a group rejects the same values with the same words.
+//! A group's spec: the one model of a group's settings. Each setting is declared once, as a
+//! field of [`GroupSpec`] with its flag, default and help: `parsrv run` and `parsrv group
+//! add` parse it from flags, a config file's keys are the same flags without the dashes
+//! ([`crate::config_file`] parses them with the same parser), the JSON of `status` and of
+//! control requests is its serde form, and `group show` prints that form as TOML. Every
+//! check lives here, so every way of defining a group rejects the same values with the same
+//! words.
 
 use std::{fmt, net::SocketAddr, str::FromStr};
+
+use clap::ArgAction;
 
 use serde::{Deserialize, Serialize};
 
@@ -74,48 +81,182 @@ macro_rules! display_as_value_enum {
 display_as_value_enum!(Policy, WhenFull, HandlerKind);
 
 /// One group: a set of SO_REUSEPORT sockets on one address and port, one per handler.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Each field is one setting: its doc comment is the flag's help, its name the config key
+/// and JSON key, its `arg` the flag and default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
 pub struct GroupSpec {
-    /// Names the bpffs pin directory and the control socket.
+    /// Group name for pins and `parsrv status` [default: ADDR-PORT].
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub name: String,
+    /// Address and port every handler socket binds, e.g. 127.0.0.1:8080 or [::1]:8080.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = listen_value)]
     pub listen: SocketAddr,
-    /// Handlers at start, and the least the group shrinks to (`--handlers N` or MIN..MAX).
-    pub handlers: u32,
-    /// The most the group grows to; equal to `handlers` when the size is fixed.
-    pub handlers_max: u32,
-    /// Whether load changes the size within MIN..MAX (otherwise only `parsrv group resize`).
-    #[serde(default = "enabled")]
-    pub autoscale: bool,
-    pub backlog: u32,
+    /// What each handler runs: a built-in server, or `exec` and a program after `--`.
+    #[arg(long, value_enum)]
     pub handler: HandlerKind,
+    /// Handler processes, one socket each (1 to 128): a count, or MIN..MAX to grow and
+    /// shrink with load.
+    #[arg(long, default_value = "4", value_name = "N|MIN..MAX")]
+    pub handlers: HandlerRange,
+    /// With --handlers MIN..MAX: change the size only by `parsrv group resize`, not with
+    /// load (config key: `autoscale = false`).
+    #[arg(long = "no-autoscale", action = ArgAction::SetFalse)]
+    pub autoscale: bool,
+    /// Accept-queue length of each socket (capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 128, value_name = "B")]
+    pub backlog: u32,
+    /// Threads accepting in parallel on each handler's socket (exec handlers get it as
+    /// PARSRV_THREADS).
+    #[arg(long, default_value_t = 1, value_name = "T")]
     pub threads: u32,
+    /// Where a new connection goes while some socket has room.
+    #[arg(long, value_enum, default_value_t)]
     pub policy: Policy,
+    /// What happens when every socket is full.
+    #[arg(long, value_enum, default_value_t)]
     pub when_full: WhenFull,
-    /// The program and its arguments, for `HandlerKind::Exec` (empty otherwise).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub command: Vec<String>,
-    /// CPUs handlers are pinned to, round-robin by slot (empty: not pinned).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub cpus: Vec<u32>,
-    /// Who handlers run as (`NAME` or `NAME:GROUP`); `None`: as the spawner.
+    /// Pin handlers to these CPUs, round-robin by slot: `0-3`, `0,2`.
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "",
+        hide_default_value = true
+    )]
+    #[serde(default, skip_serializing_if = "CpuList::is_empty")]
+    pub cpus: CpuList,
+    /// Run handlers as this user (and group), without capabilities.
+    #[arg(long, value_name = "NAME[:GROUP]")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Seconds a handler may take to exit after SIGTERM before SIGKILL (and a drain).
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub grace: f64,
     /// Seconds a replacement handler may take to become ready in a restart.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub ready_timeout: f64,
-    /// Refuse new connections and serve the queued ones before stopping.
+    /// On SIGINT/SIGTERM, refuse new connections (RST) and let the queued ones be served
+    /// (at most --grace) before stopping the handlers.
+    #[arg(long)]
     pub drain: bool,
+    /// With --handler exec: the program each handler runs, and its arguments. It gets its
+    /// socket as fd 3 with LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES (socket activation).
+    #[arg(last = true, value_name = "COMMAND")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
 }
 
-/// Defaults shared by the flags and the config file.
-pub mod defaults {
-    pub const HANDLERS: u32 = 4;
-    pub const BACKLOG: u32 = 128;
-    pub const THREADS: u32 = 1;
-    pub const GRACE: f64 = 5.0;
-    pub const READY_TIMEOUT: f64 = 10.0;
+/// `--handlers`: a fixed count (`4`, min = max) or a range `MIN..MAX`. In a file and in JSON
+/// it is the number or the string, as on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandlerRange {
+    pub min: u32,
+    pub max: u32,
 }
+
+impl FromStr for HandlerRange {
+    type Err = String;
+
+    fn from_str(value: &str) -> std::result::Result<Self, String> {
+        let bad = || "expected a count (4) or a range MIN..MAX (2..8)".to_string();
+        let number = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
+        match value.split_once("..") {
+            Some((min, max)) => Ok(HandlerRange {
+                min: number(min)?,
+                max: number(max)?,
+            }),
+            None => number(value).map(|n| HandlerRange { min: n, max: n }),
+        }
+    }
+}
+
+impl fmt::Display for HandlerRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}..{}", self.min, self.max)
+        }
+    }
+}
+
+impl Serialize for HandlerRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.min == self.max {
+            s.serialize_u32(self.min)
+        } else {
+            s.collect_str(self)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HandlerRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Count(u32),
+            Range(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Count(n) => Ok(HandlerRange { min: n, max: n }),
+            Form::Range(range) => range.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `--cpus`: CPU numbers, written as a list of numbers and ranges (`0-3`, `0,2`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuList(pub Vec<u32>);
+
+impl CpuList {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromStr for CpuList {
+    type Err = String;
+
+    fn from_str(list: &str) -> std::result::Result<Self, String> {
+        if list.is_empty() {
+            return Ok(CpuList::default());
+        }
+        parse_cpus(list).map(CpuList).map_err(|e| match e {
+            Error::InvalidOption { reason, .. } => reason,
+            other => other.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for CpuList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_cpus(&self.0))
+    }
+}
+
+impl Serialize for CpuList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CpuList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `--listen`'s parser, with the fix in its words.
+fn listen_value(value: &str) -> std::result::Result<SocketAddr, String> {
+    SocketAddr::from_str(value).map_err(|_| LISTEN_FORM.to_string())
+}
+
+const LISTEN_FORM: &str =
+    "expected ADDR:PORT with a numeric address, e.g. 127.0.0.1:8080 or [::1]:8080";
 
 /// A user and group resolved from `--user`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,36 +266,47 @@ pub struct Credentials {
 }
 
 impl GroupSpec {
-    /// A group on `listen` running `handler`, with every other setting at its default.
+    /// A group on `listen` running `handler`, with every other setting at its default (the
+    /// flags' defaults: they are declared once, on the fields).
     pub fn new(listen: SocketAddr, handler: HandlerKind) -> Self {
-        GroupSpec {
-            name: GroupSpec::default_name(&listen),
-            listen,
-            handlers: defaults::HANDLERS,
-            handlers_max: defaults::HANDLERS,
-            autoscale: true,
-            backlog: defaults::BACKLOG,
-            handler,
-            threads: defaults::THREADS,
-            policy: Policy::default(),
-            when_full: WhenFull::default(),
-            command: Vec::new(),
-            cpus: Vec::new(),
-            user: None,
-            grace: defaults::GRACE,
-            ready_timeout: defaults::READY_TIMEOUT,
-            drain: false,
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            spec: GroupSpec,
         }
+        let (listen, handler) = (listen.to_string(), handler.to_string());
+        let matches = <Defaults as clap::CommandFactory>::command().get_matches_from([
+            "defaults",
+            "--listen",
+            &listen,
+            "--handler",
+            &handler,
+        ]);
+        Defaults::from_arg_matches(&matches)
+            .expect("the defaults parse")
+            .spec
+            .named()
+    }
+
+    /// This spec with its name filled in when none was given (`--name` defaults to the
+    /// address).
+    pub fn named(mut self) -> Self {
+        if self.name.is_empty() {
+            self.name = GroupSpec::default_name(&self.listen);
+        }
+        self
     }
 
     /// Whether the group grows and shrinks with load (`--handlers MIN..MAX`, MIN < MAX).
     pub fn autoscaled(&self) -> bool {
-        self.autoscale && self.handlers_max > self.handlers
+        self.autoscale && self.handlers.max > self.handlers.min
     }
 
     /// The CPU handler `slot` is pinned to, if any.
     pub fn cpu_of(&self, slot: u32) -> Option<u32> {
-        (!self.cpus.is_empty()).then(|| self.cpus[slot as usize % self.cpus.len()])
+        let cpus = &self.cpus.0;
+        (!cpus.is_empty()).then(|| cpus[slot as usize % cpus.len()])
     }
 
     /// Resolves `--user NAME[:GROUP]` (default group: the user's own).
@@ -221,20 +373,15 @@ impl GroupSpec {
                 "port 0 would give each socket a different port: name a fixed port",
             ));
         }
-        let range = if self.handlers_max != self.handlers {
-            format!("{}..{}", self.handlers, self.handlers_max)
-        } else {
-            self.handlers.to_string()
-        };
-        if !(1..=MAX_SOCKETS).contains(&self.handlers)
-            || !(1..=MAX_SOCKETS).contains(&self.handlers_max)
-        {
+        let range = self.handlers.to_string();
+        let HandlerRange { min, max } = self.handlers;
+        if !(1..=MAX_SOCKETS).contains(&min) || !(1..=MAX_SOCKETS).contains(&max) {
             problems.push(invalid(
                 "--handlers",
                 &range,
                 format!("must be 1 to {MAX_SOCKETS} (the socket map's size)"),
             ));
-        } else if self.handlers_max < self.handlers {
+        } else if max < min {
             problems.push(invalid("--handlers", &range, "MIN..MAX needs MIN <= MAX"));
         }
         if self.backlog == 0 {
@@ -294,7 +441,7 @@ impl GroupSpec {
             (_, None) => {}
         }
         let usable = usable_cpus();
-        if let Some(cpu) = self.cpus.iter().find(|c| !usable.contains(c)) {
+        if let Some(cpu) = self.cpus.0.iter().find(|c| !usable.contains(c)) {
             problems.push(invalid(
                 "--cpus",
                 cpu,
@@ -432,10 +579,6 @@ pub fn format_cpus(cpus: &[u32]) -> String {
     parts.join(",")
 }
 
-fn enabled() -> bool {
-    true
-}
-
 /// Enough for any machine parsrv targets; more threads per socket only add wake-ups.
 pub const MAX_THREADS: u32 = 1024;
 
@@ -466,36 +609,9 @@ fn invalid(option: &'static str, value: impl fmt::Display, reason: impl Into<Str
     }
 }
 
-/// Parses `--handlers`: `N` (fixed) or `MIN..MAX` (autoscaled between them).
-pub fn parse_handlers(value: &str) -> Result<(u32, u32)> {
-    let bad = || {
-        invalid(
-            "--handlers",
-            value,
-            "expected a count (4) or a range MIN..MAX (2..8)",
-        )
-    };
-    match value.split_once("..") {
-        Some((min, max)) => Ok((
-            min.trim().parse().map_err(|_| bad())?,
-            max.trim().parse().map_err(|_| bad())?,
-        )),
-        None => {
-            let n = value.trim().parse().map_err(|_| bad())?;
-            Ok((n, n))
-        }
-    }
-}
-
 /// Parses `ADDR:PORT` (`127.0.0.1:8080`, `[::1]:8080`, `0.0.0.0:80`), with the fix in the error.
 pub fn parse_listen(value: &str) -> Result<SocketAddr> {
-    SocketAddr::from_str(value).map_err(|_| {
-        invalid(
-            "--listen",
-            value,
-            "expected ADDR:PORT with a numeric address, e.g. 127.0.0.1:8080 or [::1]:8080",
-        )
-    })
+    listen_value(value).map_err(|reason| invalid("--listen", value, reason))
 }
 
 #[cfg(test)]
@@ -505,21 +621,9 @@ mod tests {
     fn spec() -> GroupSpec {
         GroupSpec {
             name: "web".into(),
-            listen: "127.0.0.1:8080".parse().unwrap(),
-            handlers: 4,
-            handlers_max: 4,
-            autoscale: true,
             backlog: 64,
-            handler: HandlerKind::Http,
             threads: 2,
-            policy: Policy::Redirect,
-            when_full: WhenFull::Drop,
-            command: vec![],
-            cpus: vec![],
-            user: None,
-            grace: 5.0,
-            ready_timeout: 10.0,
-            drain: false,
+            ..GroupSpec::new("127.0.0.1:8080".parse().unwrap(), HandlerKind::Http)
         }
     }
 
@@ -556,10 +660,10 @@ mod tests {
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
         let cases: [(&str, Spoil); 17] = [
-            ("--handlers", |s| s.handlers = 0),
-            ("--handlers", |s| s.handlers = MAX_SOCKETS + 1),
-            ("--handlers", |s| s.handlers_max = 2),
-            ("--handlers", |s| s.handlers_max = MAX_SOCKETS + 1),
+            ("--handlers", |s| s.handlers.min = 0),
+            ("--handlers", |s| s.handlers.min = MAX_SOCKETS + 1),
+            ("--handlers", |s| s.handlers.max = 2),
+            ("--handlers", |s| s.handlers.max = MAX_SOCKETS + 1),
             ("--backlog", |s| s.backlog = 0),
             ("--threads", |s| s.threads = 0),
             ("--listen", |s| s.listen.set_port(0)),
@@ -576,7 +680,7 @@ mod tests {
                 s.handler = HandlerKind::Exec;
                 s.command = vec!["/etc/passwd".into()];
             }),
-            ("--cpus", |s| s.cpus = vec![4095]),
+            ("--cpus", |s| s.cpus = CpuList(vec![4095])),
             ("--user", |s| s.user = Some("no-such-user-parsrv".into())),
             ("--user", |s| {
                 s.user = Some("root:no-such-group-parsrv".into())
@@ -594,17 +698,17 @@ mod tests {
         let mut s = spec();
         s.handler = HandlerKind::Exec;
         s.command = vec!["true".into(), "--ignored".into()];
-        s.cpus = usable_cpus();
+        s.cpus = CpuList(usable_cpus());
         s.user = Some("root:root".into());
         s.validate().unwrap();
         assert_eq!(
             s.credentials().unwrap(),
             Some(Credentials { uid: 0, gid: 0 })
         );
-        assert_eq!(s.cpu_of(0), Some(s.cpus[0]));
+        assert_eq!(s.cpu_of(0), Some(s.cpus.0[0]));
         assert_eq!(
-            s.cpu_of(s.cpus.len() as u32),
-            Some(s.cpus[0]),
+            s.cpu_of(s.cpus.0.len() as u32),
+            Some(s.cpus.0[0]),
             "round-robin"
         );
         assert!(find_program("sh").unwrap().is_absolute());
@@ -636,17 +740,16 @@ mod tests {
 
     #[test]
     fn handlers_parse_as_count_or_range() {
-        assert_eq!(parse_handlers("4").unwrap(), (4, 4));
-        assert_eq!(parse_handlers("2..8").unwrap(), (2, 8));
+        let range = |min, max| HandlerRange { min, max };
+        assert_eq!("4".parse(), Ok(range(4, 4)));
+        assert_eq!("2..8".parse(), Ok(range(2, 8)));
+        assert_eq!(range(2, 8).to_string(), "2..8");
+        assert_eq!(range(4, 4).to_string(), "4");
         for bad in ["", "x", "2..", "..8", "2...8", "-1"] {
-            assert_eq!(
-                parse_handlers(bad).unwrap_err().exit_code(),
-                crate::error::EXIT_USAGE,
-                "{bad}"
-            );
+            assert!(bad.parse::<HandlerRange>().is_err(), "{bad}");
         }
         let mut s = spec();
-        (s.handlers, s.handlers_max) = (2, 8);
+        s.handlers = range(2, 8);
         s.validate().unwrap();
         assert!(s.autoscaled());
     }
@@ -669,8 +772,10 @@ mod tests {
     #[test]
     fn limits_are_inclusive() {
         let mut s = spec();
-        s.handlers = MAX_SOCKETS;
-        s.handlers_max = MAX_SOCKETS;
+        s.handlers = HandlerRange {
+            min: MAX_SOCKETS,
+            max: MAX_SOCKETS,
+        };
         s.threads = MAX_THREADS;
         s.backlog = 1;
         s.validate().unwrap();
