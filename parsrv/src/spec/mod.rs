@@ -6,7 +6,13 @@
 //! check lives here, so every way of defining a group rejects the same values with the same
 //! words.
 
-use std::{fmt, net::SocketAddr, str::FromStr};
+mod host;
+mod values;
+
+pub use host::{executable_by, find_program, usable_cpus};
+pub use values::{format_cpus, parse_cpus, parse_listen, CpuList, HandlerRange};
+
+use std::{fmt, net::SocketAddr};
 
 use clap::ArgAction;
 
@@ -91,7 +97,7 @@ pub struct GroupSpec {
     #[arg(long, default_value = "", hide_default_value = true)]
     pub name: String,
     /// Address and port every handler socket binds, e.g. 127.0.0.1:8080 or [::1]:8080.
-    #[arg(long, value_name = "ADDR:PORT", value_parser = listen_value)]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = values::listen_value)]
     pub listen: SocketAddr,
     /// What each handler runs: a built-in server, or `exec` and a program after `--`.
     #[arg(long, value_enum)]
@@ -146,117 +152,6 @@ pub struct GroupSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
 }
-
-/// `--handlers`: a fixed count (`4`, min = max) or a range `MIN..MAX`. In a file and in JSON
-/// it is the number or the string, as on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HandlerRange {
-    pub min: u32,
-    pub max: u32,
-}
-
-impl FromStr for HandlerRange {
-    type Err = String;
-
-    fn from_str(value: &str) -> std::result::Result<Self, String> {
-        let bad = || "expected a count (4) or a range MIN..MAX (2..8)".to_string();
-        let number = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
-        match value.split_once("..") {
-            Some((min, max)) => Ok(HandlerRange {
-                min: number(min)?,
-                max: number(max)?,
-            }),
-            None => number(value).map(|n| HandlerRange { min: n, max: n }),
-        }
-    }
-}
-
-impl fmt::Display for HandlerRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.min == self.max {
-            write!(f, "{}", self.min)
-        } else {
-            write!(f, "{}..{}", self.min, self.max)
-        }
-    }
-}
-
-impl Serialize for HandlerRange {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        if self.min == self.max {
-            s.serialize_u32(self.min)
-        } else {
-            s.collect_str(self)
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for HandlerRange {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            Count(u32),
-            Range(String),
-        }
-        match Form::deserialize(d)? {
-            Form::Count(n) => Ok(HandlerRange { min: n, max: n }),
-            Form::Range(range) => range.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// `--cpus`: CPU numbers, written as a list of numbers and ranges (`0-3`, `0,2`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CpuList(pub Vec<u32>);
-
-impl CpuList {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl FromStr for CpuList {
-    type Err = String;
-
-    fn from_str(list: &str) -> std::result::Result<Self, String> {
-        if list.is_empty() {
-            return Ok(CpuList::default());
-        }
-        parse_cpus(list).map(CpuList).map_err(|e| match e {
-            Error::InvalidOption { reason, .. } => reason,
-            other => other.to_string(),
-        })
-    }
-}
-
-impl fmt::Display for CpuList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_cpus(&self.0))
-    }
-}
-
-impl Serialize for CpuList {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for CpuList {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// `--listen`'s parser, with the fix in its words.
-fn listen_value(value: &str) -> std::result::Result<SocketAddr, String> {
-    SocketAddr::from_str(value).map_err(|_| LISTEN_FORM.to_string())
-}
-
-const LISTEN_FORM: &str =
-    "expected ADDR:PORT with a numeric address, e.g. 127.0.0.1:8080 or [::1]:8080";
 
 /// A user and group resolved from `--user`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -463,122 +358,6 @@ impl GroupSpec {
     }
 }
 
-/// Where `program` resolves (a path, or a name looked up in PATH), if it can be executed.
-pub fn find_program(program: &str) -> std::result::Result<std::path::PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let candidates: Vec<std::path::PathBuf> = if program.contains('/') {
-        vec![program.into()]
-    } else {
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .map(|dir| dir.join(program))
-            .collect()
-    };
-    let mut found_not_executable = None;
-    for path in candidates {
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
-                return Ok(path)
-            }
-            Ok(_) => found_not_executable = Some(path),
-            Err(_) => {}
-        }
-    }
-    Err(match found_not_executable {
-        Some(path) => format!("{} is not an executable file: chmod +x it", path.display()),
-        None if program.contains('/') => "no such file: check the path".to_string(),
-        None => "not found in PATH: give its full path, or install it".to_string(),
-    })
-}
-
-/// Whether a process with exactly these credentials (handlers keep no supplementary group)
-/// may execute `path`: search permission on every directory on the way, execute permission
-/// on the file. Permission bits only (no ACLs); root passes.
-pub fn executable_by(
-    path: &std::path::Path,
-    credentials: Credentials,
-) -> std::result::Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    if credentials.uid == 0 {
-        return Ok(());
-    }
-    let path = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let allowed = |meta: &std::fs::Metadata| {
-        let mode = meta.mode();
-        if meta.uid() == credentials.uid {
-            mode & 0o100 != 0
-        } else if meta.gid() == credentials.gid {
-            mode & 0o010 != 0
-        } else {
-            mode & 0o001 != 0
-        }
-    };
-    for dir in path.ancestors().skip(1) {
-        let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        if !allowed(&meta) {
-            return Err(format!("no search permission on {}", dir.display()));
-        }
-    }
-    let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if !allowed(&meta) {
-        return Err(format!("no execute permission on {}", path.display()));
-    }
-    Ok(())
-}
-
-/// CPUs this process may run on (its affinity mask).
-pub fn usable_cpus() -> Vec<u32> {
-    nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-        .map(|set| {
-            (0..nix::sched::CpuSet::count() as u32)
-                .filter(|&cpu| set.is_set(cpu as usize).unwrap_or(false))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Parses a CPU list: `0-3`, `0,2`, `0-1,4`.
-pub fn parse_cpus(list: &str) -> Result<Vec<u32>> {
-    let bad = |reason: &str| invalid("--cpus", list, reason.to_string());
-    let mut cpus = Vec::new();
-    for part in list.split(',') {
-        let part = part.trim();
-        let (first, last) = match part.split_once('-') {
-            Some((a, b)) => (a.trim(), b.trim()),
-            None => (part, part),
-        };
-        let (first, last): (u32, u32) = match (first.parse(), last.parse()) {
-            (Ok(a), Ok(b)) if a <= b => (a, b),
-            _ => return Err(bad("expected CPU numbers and ranges, e.g. 0-3 or 0,2")),
-        };
-        if last - first >= 4096 {
-            return Err(bad("range too large"));
-        }
-        cpus.extend(first..=last);
-    }
-    cpus.sort_unstable();
-    cpus.dedup();
-    Ok(cpus)
-}
-
-/// `[0, 1, 2, 5]` -> `0-2,5`.
-pub fn format_cpus(cpus: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let start = cpus[i];
-        while i + 1 < cpus.len() && cpus[i + 1] == cpus[i] + 1 {
-            i += 1;
-        }
-        parts.push(if cpus[i] == start {
-            start.to_string()
-        } else {
-            format!("{start}-{}", cpus[i])
-        });
-        i += 1;
-    }
-    parts.join(",")
-}
-
 /// Enough for any machine parsrv targets; more threads per socket only add wake-ups.
 pub const MAX_THREADS: u32 = 1024;
 
@@ -601,17 +380,16 @@ fn validate_name(name: &str) -> Result<()> {
     }
 }
 
-fn invalid(option: &'static str, value: impl fmt::Display, reason: impl Into<String>) -> Error {
+pub(crate) fn invalid(
+    option: &'static str,
+    value: impl fmt::Display,
+    reason: impl Into<String>,
+) -> Error {
     Error::InvalidOption {
         option,
         value: value.to_string(),
         reason: reason.into(),
     }
-}
-
-/// Parses `ADDR:PORT` (`127.0.0.1:8080`, `[::1]:8080`, `0.0.0.0:80`), with the fix in the error.
-pub fn parse_listen(value: &str) -> Result<SocketAddr> {
-    listen_value(value).map_err(|reason| invalid("--listen", value, reason))
 }
 
 #[cfg(test)]
@@ -649,6 +427,17 @@ mod tests {
             Err(Error::InvalidOption { option, .. }) => option,
             other => panic!("expected a rejection, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_handler_range_autoscales_unless_told_not_to() {
+        let mut s = spec();
+        assert!(!s.autoscaled());
+        s.handlers = HandlerRange { min: 2, max: 8 };
+        s.validate().unwrap();
+        assert!(s.autoscaled());
+        s.autoscale = false;
+        assert!(!s.autoscaled());
     }
 
     #[test]
@@ -715,61 +504,6 @@ mod tests {
     }
 
     #[test]
-    fn executable_by_walks_directories_and_mode_bits() {
-        use std::os::unix::fs::PermissionsExt;
-        let nobody = Credentials {
-            uid: 65534,
-            gid: 65534,
-        };
-        executable_by(std::path::Path::new("/bin/sh"), nobody).unwrap();
-        let dir = std::env::temp_dir().join(format!("parsrv-exec-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let program = dir.join("prog");
-        std::fs::write(&program, "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let err = executable_by(&program, nobody).unwrap_err();
-        assert!(err.starts_with("no execute permission"), "{err}");
-        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
-        executable_by(&program, nobody).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let err = executable_by(&program, nobody).unwrap_err();
-        assert!(err.starts_with("no search permission on"), "{err}");
-        executable_by(&program, Credentials { uid: 0, gid: 0 }).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn handlers_parse_as_count_or_range() {
-        let range = |min, max| HandlerRange { min, max };
-        assert_eq!("4".parse(), Ok(range(4, 4)));
-        assert_eq!("2..8".parse(), Ok(range(2, 8)));
-        assert_eq!(range(2, 8).to_string(), "2..8");
-        assert_eq!(range(4, 4).to_string(), "4");
-        for bad in ["", "x", "2..", "..8", "2...8", "-1"] {
-            assert!(bad.parse::<HandlerRange>().is_err(), "{bad}");
-        }
-        let mut s = spec();
-        s.handlers = range(2, 8);
-        s.validate().unwrap();
-        assert!(s.autoscaled());
-    }
-
-    #[test]
-    fn cpu_lists_parse_and_print() {
-        assert_eq!(parse_cpus("0-1").unwrap(), [0, 1]);
-        assert_eq!(parse_cpus("3,0-1, 1").unwrap(), [0, 1, 3]);
-        for bad in ["", "a", "2-1", "0-", "-1", "0-99999"] {
-            assert_eq!(
-                parse_cpus(bad).unwrap_err().exit_code(),
-                crate::error::EXIT_USAGE,
-                "{bad}"
-            );
-        }
-        assert_eq!(format_cpus(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
-        assert!(!usable_cpus().is_empty());
-    }
-
-    #[test]
     fn limits_are_inclusive() {
         let mut s = spec();
         s.handlers = HandlerRange {
@@ -779,20 +513,6 @@ mod tests {
         s.threads = MAX_THREADS;
         s.backlog = 1;
         s.validate().unwrap();
-    }
-
-    #[test]
-    fn listen_parses_v4_and_v6_and_explains_bad_input() {
-        assert_eq!(parse_listen("127.0.0.1:80").unwrap().port(), 80);
-        assert!(parse_listen("[::1]:8080").unwrap().is_ipv6());
-        for bad in ["localhost:80", "127.0.0.1", "127.0.0.1:99999", "::1:80", ""] {
-            let err = parse_listen(bad).unwrap_err();
-            assert!(
-                err.to_string().contains("expected ADDR:PORT"),
-                "{bad}: {err}"
-            );
-            assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
-        }
     }
 
     #[test]

@@ -1,0 +1,172 @@
+//! Handler processes. The spawner starts each with `parsrv handler` ([`Launch`]): it drops
+//! privileges if asked, then runs a built-in handler ([`builtin`]: `echo`, `http`) or execs
+//! the group's program with the socket-activation protocol. Built-in handlers keep counters
+//! in a page shared with the spawner ([`stats`]).
+
+mod builtin;
+mod stats;
+
+pub use builtin::serve_http_connection;
+pub use stats::{HandlerStats, SharedStats};
+
+use std::os::fd::RawFd;
+
+use crate::spec::{Credentials, HandlerKind};
+
+/// The handler's socket (as in systemd socket activation, SD_LISTEN_FDS_START).
+pub const LISTEN_FD: RawFd = crate::activation::FIRST_FD;
+/// The shared [`HandlerStats`] page of a built-in handler (exec handlers get none).
+pub const STATS_FD: RawFd = 4;
+/// Exported to exec handlers: `--threads`, the slot, the group name.
+pub const THREADS_ENV: &str = "PARSRV_THREADS";
+pub const SLOT_ENV: &str = "PARSRV_SLOT";
+pub const GROUP_ENV: &str = "PARSRV_GROUP";
+
+/// What a handler process is told by its spawner: the arguments of the hidden `parsrv
+/// handler` command. The spawner writes them with [`Launch::to_args`] and the handler parses
+/// them with clap, from this one declaration.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct Launch {
+    #[arg(long, value_enum)]
+    pub kind: HandlerKind,
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+    #[arg(long, default_value_t = 0)]
+    pub slot: u32,
+    #[arg(long, default_value = "")]
+    pub group: String,
+    /// The spawner's pid: the handler must die with it.
+    #[arg(long)]
+    pub spawner: u32,
+    /// Who to become before serving.
+    #[arg(long, value_parser = credentials_value)]
+    pub credentials: Option<Credentials>,
+    /// For exec handlers: the program and its arguments.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+impl Launch {
+    /// The arguments after `parsrv handler` that parse back to this launch.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--kind={}", self.kind),
+            format!("--threads={}", self.threads),
+            format!("--slot={}", self.slot),
+            format!("--group={}", self.group),
+            format!("--spawner={}", self.spawner),
+        ];
+        if let Some(Credentials { uid, gid }) = self.credentials {
+            args.push(format!("--credentials={uid}:{gid}"));
+        }
+        if !self.command.is_empty() {
+            args.push("--".into());
+            args.extend(self.command.iter().cloned());
+        }
+        args
+    }
+}
+
+/// `UID:GID`, as [`Launch::to_args`] writes it.
+fn credentials_value(value: &str) -> Result<Credentials, String> {
+    let (uid, gid) = value.split_once(':').ok_or("expected UID:GID")?;
+    Ok(Credentials {
+        uid: uid.parse().map_err(|_| "bad uid")?,
+        gid: gid.parse().map_err(|_| "bad gid")?,
+    })
+}
+
+/// Becomes the handler: drops privileges if asked, then runs a built-in handler or execs
+/// the command (returning only if that fails).
+pub fn launch(launch: Launch) -> anyhow::Result<()> {
+    if let Some(credentials) = launch.credentials {
+        drop_privileges(credentials, launch.spawner)?;
+    }
+    match launch.kind {
+        HandlerKind::Exec => Err(exec_command(&launch)),
+        kind => builtin::run(kind, launch.threads, launch.slot),
+    }
+}
+
+/// Becomes `credentials` for good, with no capabilities left.
+fn drop_privileges(credentials: Credentials, spawner: u32) -> anyhow::Result<()> {
+    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+    let gid = Gid::from_raw(credentials.gid);
+    setgroups(&[gid])?;
+    setgid(gid)?;
+    setuid(Uid::from_raw(credentials.uid))?;
+    // A change of credentials clears the parent-death signal: arm it again, then make sure
+    // the spawner did not die meanwhile.
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if nix::unistd::getppid().as_raw() as u32 != spawner {
+        anyhow::bail!("the spawner exited");
+    }
+    // Leaving uid 0 clears the capability sets (no SECBIT_KEEP_CAPS); check rather than trust.
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim);
+    if credentials.uid != 0 && effective != Some("0000000000000000") {
+        anyhow::bail!(
+            "capabilities survived the switch to uid {}",
+            credentials.uid
+        );
+    }
+    Ok(())
+}
+
+/// Execs the handler's command with the socket-activation variables set for this very
+/// process (exec keeps the pid). Returns only on failure.
+fn exec_command(launch: &Launch) -> anyhow::Error {
+    use crate::activation::{LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID};
+    use std::os::unix::process::CommandExt;
+    let program = &launch.command[0];
+    // Single-threaded here: setting the environment is safe.
+    std::env::set_var(LISTEN_FDS, "1");
+    std::env::set_var(LISTEN_PID, std::process::id().to_string());
+    std::env::set_var(LISTEN_FDNAMES, &launch.group);
+    std::env::set_var(THREADS_ENV, launch.threads.to_string());
+    std::env::set_var(SLOT_ENV, launch.slot.to_string());
+    std::env::set_var(GROUP_ENV, &launch.group);
+    let error = std::process::Command::new(program)
+        .args(&launch.command[1..])
+        .exec();
+    anyhow::anyhow!("cannot run {program}: {error}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_arguments_parse_back_to_the_same_launch() {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Handler {
+            #[command(flatten)]
+            launch: Launch,
+        }
+        let mut launch = Launch {
+            kind: HandlerKind::Exec,
+            threads: 3,
+            slot: 7,
+            group: "web-1".into(),
+            spawner: 4242,
+            credentials: Some(Credentials {
+                uid: 65534,
+                gid: 100,
+            }),
+            command: vec!["sh".into(), "-c".into(), "exec --odd --flags".into()],
+        };
+        for _ in 0..2 {
+            let argv = std::iter::once("handler".to_owned()).chain(launch.to_args());
+            let matches = <Handler as clap::CommandFactory>::command().get_matches_from(argv);
+            assert_eq!(Handler::from_arg_matches(&matches).unwrap().launch, launch);
+            (launch.credentials, launch.command, launch.kind) = (None, vec![], HandlerKind::Http);
+        }
+    }
+}
