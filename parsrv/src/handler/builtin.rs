@@ -32,6 +32,7 @@ use tokio::{
 use super::{HandlerStats, SharedStats, LISTEN_FD, STATS_FD};
 use crate::spec::HandlerKind;
 
+/// Runs a built-in handler on the socket at [`LISTEN_FD`] until SIGTERM or SIGINT.
 pub(super) fn run(kind: HandlerKind, threads: u32, slot: u32) -> anyhow::Result<()> {
     let listener = inherited_listener()?;
     // SAFETY: fd 4 is ours, handed over by the spawner (checked by mapping it).

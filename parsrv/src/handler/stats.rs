@@ -71,8 +71,6 @@ impl SharedStats {
     }
 }
 
-/// Runs a built-in handler on the socket at [`LISTEN_FD`] until SIGTERM or SIGINT.
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -139,6 +139,38 @@ fn count_before(result: &str, what: &str) -> u32 {
         .unwrap_or(0)
 }
 
+/// The table of every VM's run, and what each skipped or failed.
+pub fn print_summary(runs: &[super::VmRun]) {
+    if runs.is_empty() {
+        return;
+    }
+    println!("\nVM test summary (tests that need Python skip in VMs, each saying so):");
+    println!(
+        "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8}  result",
+        "kernel", "release", "passed", "failed", "skipped", "minutes"
+    );
+    for run in runs {
+        let o = &run.outcome;
+        println!(
+            "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8.1}  {}",
+            run.label,
+            o.release.as_deref().unwrap_or("?"),
+            // libtest counts a skipped test as passed.
+            o.passed.saturating_sub(o.skips.len() as u32),
+            o.failed,
+            o.skips.len(),
+            run.took.as_secs_f64() / 60.0,
+            if o.passed() { "ok" } else { "FAILED" }
+        );
+        for skip in &o.skips {
+            println!("    skipped {skip}");
+        }
+        for failure in &o.failures {
+            println!("    failed {failure}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,7 +116,7 @@ pub fn test(options: &VmOptions) -> Result<()> {
             Err(e) => errors.push(e),
         }
     }
-    print_summary(&runs);
+    console::print_summary(&runs);
     let failed: Vec<&VmRun> = runs.iter().filter(|r| !r.outcome.passed()).collect();
     if let Some(first) = errors.into_iter().next() {
         return Err(first);
@@ -363,37 +363,6 @@ impl Vm<'_> {
             outcome,
             took,
         })
-    }
-}
-
-fn print_summary(runs: &[VmRun]) {
-    if runs.is_empty() {
-        return;
-    }
-    println!("\nVM test summary (tests that need Python skip in VMs, each saying so):");
-    println!(
-        "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8}  result",
-        "kernel", "release", "passed", "failed", "skipped", "minutes"
-    );
-    for run in runs {
-        let o = &run.outcome;
-        println!(
-            "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8.1}  {}",
-            run.label,
-            o.release.as_deref().unwrap_or("?"),
-            // libtest counts a skipped test as passed.
-            o.passed.saturating_sub(o.skips.len() as u32),
-            o.failed,
-            o.skips.len(),
-            run.took.as_secs_f64() / 60.0,
-            if o.passed() { "ok" } else { "FAILED" }
-        );
-        for skip in &o.skips {
-            println!("    skipped {skip}");
-        }
-        for failure in &o.failures {
-            println!("    failed {failure}");
-        }
     }
 }
 
