@@ -12,7 +12,7 @@ use std::{
 };
 
 use parsrv::control::{self, Request, Response};
-use parsrv_integration_tests::{apps_dir, NetCounters, Outcome, Spawner, SteadyLoad};
+use parsrv_integration_tests::{apps_dir, group, HandlerKind, NetCounters, Outcome, SteadyLoad};
 
 use crate::{
     addr, median,
@@ -24,25 +24,15 @@ use crate::{
 /// connections the program dropped or refused in between, ListenOverflows in between).
 pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
     let server = apps_dir().join("slow_server.py");
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:8080",
-        "--handlers",
-        "1..4",
-        "--backlog",
-        "8",
-    ];
+    let mut slow = group(name, HandlerKind::Exec)
+        .handlers_between(1, 4)
+        .backlog(8)
+        .command(&["/usr/bin/python3", server.to_str().unwrap()]);
     if tick.is_some() {
-        args.push("--no-autoscale");
+        // The baseline: its own once-a-second supervisor resizes, not parsrv's autoscaler.
+        slow = slow.no_autoscale();
     }
-    args.extend([
-        "--handler",
-        "exec",
-        "--",
-        "/usr/bin/python3",
-        server.to_str().unwrap(),
-    ]);
-    let spawner = Spawner::start(name, &args);
+    let spawner = slow.start();
     // The once-a-second supervisor of the baseline.
     let ticking = tick.map(|every| {
         let name = name.to_owned();
@@ -141,17 +131,9 @@ pub fn scale_up(report: &mut Report, quick: bool) {
 
 pub fn restart(report: &mut Report, quick: bool) {
     let restarts = if quick { 2 } else { 5 };
-    let spawner = Spawner::start(
-        "bench-restart",
-        &[
-            "--listen",
-            "127.0.0.1:8080",
-            "--handlers",
-            "2",
-            "--handler",
-            "http",
-        ],
-    );
+    let spawner = group("bench-restart", HandlerKind::Http)
+        .handlers(2)
+        .start();
     let load = SteadyLoad::start(addr(), 4, LOAD_LIMIT, Duration::from_secs(3));
     // A failed restart is a finding for the report, not a crash of the suite.
     let mut restart_errors = Vec::new();

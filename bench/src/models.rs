@@ -25,7 +25,7 @@ use std::{
 };
 
 use parsrv::handler::SharedStats;
-use parsrv_integration_tests::{parsrv_bin, Spawner};
+use parsrv_integration_tests::{group, parsrv_bin, HandlerKind, Policy, Spawner};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Model {
@@ -70,25 +70,16 @@ impl Served {
         match model {
             Model::ParsrvRedirect | Model::ParsrvLeastLoaded => {
                 let policy = if model == Model::ParsrvRedirect {
-                    "redirect"
+                    Policy::Redirect
                 } else {
-                    "least-loaded"
+                    Policy::LeastLoaded
                 };
-                let spawner = Spawner::start(
-                    "bench",
-                    &[
-                        "--listen",
-                        &addr.to_string(),
-                        "--handlers",
-                        &workers.to_string(),
-                        "--backlog",
-                        &backlog.to_string(),
-                        "--handler",
-                        "http",
-                        "--policy",
-                        policy,
-                    ],
-                );
+                let spawner = group("bench", HandlerKind::Http)
+                    .listen(&addr.to_string())
+                    .handlers(workers as u32)
+                    .backlog(backlog)
+                    .policy(policy)
+                    .start();
                 let pids = spawner
                     .status()
                     .handlers

@@ -24,13 +24,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use clap::{ArgAction, Args as _};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::{
     error::{Error, Result},
-    spec::{self, GroupSpec},
+    spec::{self, flags, GroupSpec},
 };
 
 /// A group as written in the file: its keys, each with where it is.
@@ -244,118 +243,19 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 
 type Spans = BTreeMap<String, Range<usize>>;
 
-/// The flags a group's keys stand for: each setting of [`GroupSpec`], by key.
-fn settings() -> Vec<clap::Arg> {
-    GroupSpec::augment_args(clap::Command::new("group"))
-        .get_arguments()
-        .filter(|a| a.get_id() != "help")
-        .cloned()
-        .collect()
-}
-
 /// Reads a group's keys into the model with the command line's parser, keeping where each
 /// key was.
 fn to_spec(
     raw: &RawGroup,
     group: Range<usize>,
 ) -> std::result::Result<(GroupSpec, Spans), (Range<usize>, String)> {
-    let settings = settings();
     let spans: Spans = raw.iter().map(|(k, v)| (k.clone(), v.span())).collect();
     if !raw.contains_key("name") {
         return Err((group, "missing field `name`".into()));
     }
-    let mut argv: Vec<String> = vec!["parsrv".into(), "run".into()];
-    let mut command: Vec<String> = Vec::new();
-    for (key, value) in raw {
-        let span = value.span();
-        let Some(setting) = settings.iter().find(|a| a.get_id() == key.as_str()) else {
-            let known: Vec<String> = settings
-                .iter()
-                .map(|a| format!("`{}`", a.get_id()))
-                .collect();
-            return Err((
-                span,
-                format!(
-                    "unknown field `{key}`, expected one of {} (a typo? unknown keys are errors)",
-                    known.join(", ")
-                ),
-            ));
-        };
-        let wrong = |what: &str| (span.clone(), format!("invalid {key}: expected {what}"));
-        match (setting.get_action(), value.get_ref()) {
-            (ArgAction::SetTrue | ArgAction::SetFalse, toml::Value::Boolean(on)) => {
-                // A switch's flag sets the value opposite to its default.
-                if *on == matches!(setting.get_action(), ArgAction::SetTrue) {
-                    argv.push(format!(
-                        "--{}",
-                        setting.get_long().expect("switches are long")
-                    ));
-                }
-            }
-            (ArgAction::SetTrue | ArgAction::SetFalse, _) => return Err(wrong("true or false")),
-            (_, toml::Value::Array(items)) if setting.is_last_set() => {
-                for item in items {
-                    match item.as_str() {
-                        Some(word) => command.push(word.to_owned()),
-                        None => return Err(wrong("an array of strings")),
-                    }
-                }
-            }
-            (_, _) if setting.is_last_set() => return Err(wrong("an array of strings")),
-            (_, toml::Value::String(text)) => argv.push(format!(
-                "--{}={text}",
-                setting.get_long().expect("options are long")
-            )),
-            (_, scalar @ (toml::Value::Integer(_) | toml::Value::Float(_))) => argv.push(format!(
-                "--{}={scalar}",
-                setting.get_long().expect("options are long")
-            )),
-            (_, _) => return Err(wrong("a string or a number")),
-        }
-    }
-    if !command.is_empty() {
-        argv.push("--".into());
-        argv.extend(command);
-    }
-    match crate::cli::Cli::try_parse_group(argv) {
-        Ok(spec) => Ok((spec, spans)),
-        Err(e) => {
-            use clap::error::{ContextKind, ContextValue, ErrorKind};
-            let flag = match e.get(ContextKind::InvalidArg) {
-                Some(ContextValue::String(arg)) => arg.clone(),
-                Some(ContextValue::Strings(args)) => args.first().cloned().unwrap_or_default(),
-                _ => String::new(),
-            };
-            let key = key_of(flag.split([' ', '=']).next().unwrap_or(""));
-            let span = spans.get(&key).cloned().unwrap_or(group);
-            let message = match (e.kind(), e.get(ContextKind::InvalidValue)) {
-                (ErrorKind::MissingRequiredArgument, _) => format!("missing field `{key}`"),
-                (_, Some(ContextValue::String(value))) => {
-                    let reason = std::error::Error::source(&e)
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| match e.get(ContextKind::ValidValue) {
-                            Some(ContextValue::Strings(valid)) => {
-                                format!("expected one of {}", valid.join(", "))
-                            }
-                            _ => "not a valid value".into(),
-                        });
-                    format!("invalid {key} '{value}': {reason}")
-                }
-                _ => e.kind().to_string(),
-            };
-            Err((span, message))
-        }
-    }
-}
-
-/// The key of a flag (`--ready-timeout` -> `ready_timeout`; `--no-autoscale` ->
-/// `autoscale`), or `command` for the program after `--`.
-fn key_of(flag: &str) -> String {
-    let long = flag.trim_start_matches("--");
-    settings()
-        .iter()
-        .find(|a| a.get_long() == Some(long) || a.get_id() == long)
-        .map_or_else(|| "command".to_owned(), |a| a.get_id().to_string())
+    flags::from_keys(raw.iter().map(|(k, v)| (k.as_str(), v.get_ref())))
+        .map(|spec| (spec, spans.clone()))
+        .map_err(|e| (spans.get(&e.key).cloned().unwrap_or(group), e.message))
 }
 
 /// A model error in the file's words: the key, not the flag (`backlog`, not `--backlog`).
@@ -366,7 +266,7 @@ fn file_words(e: &Error) -> String {
             value,
             reason,
         } => {
-            format!("invalid {} '{value}': {reason}", key_of(option))
+            format!("invalid {} '{value}': {reason}", flags::key_of(option))
         }
         other => other.to_string(),
     }
@@ -375,7 +275,7 @@ fn file_words(e: &Error) -> String {
 /// Where a model problem points: the key it is about, or the group.
 fn locate_problem(e: &Error, spans: &Spans, group: Range<usize>) -> (Range<usize>, String) {
     let span = match e {
-        Error::InvalidOption { option, .. } => spans.get(&key_of(option)).cloned(),
+        Error::InvalidOption { option, .. } => spans.get(&flags::key_of(option)).cloned(),
         _ => None,
     };
     (span.unwrap_or(group), file_words(e))
@@ -558,17 +458,20 @@ handler = "http"
             toml::Value::Table(table) => table.keys().cloned().collect(),
             other => panic!("{other:?}"),
         };
-        let mut flags: Vec<String> = settings().iter().map(|a| a.get_id().to_string()).collect();
+        let mut flag_ids: Vec<String> = flags::settings()
+            .iter()
+            .map(|a| a.get_id().to_string())
+            .collect();
         let mut json: Vec<String> = match serde_json::to_value(&spec).unwrap() {
             serde_json::Value::Object(fields) => fields.keys().cloned().collect(),
             other => panic!("{other:?}"),
         };
         let mut keys = keys;
-        for list in [&mut keys, &mut flags, &mut json] {
+        for list in [&mut keys, &mut flag_ids, &mut json] {
             list.sort();
         }
-        assert_eq!(keys, flags);
-        assert_eq!(json, flags);
+        assert_eq!(keys, flag_ids);
+        assert_eq!(json, flag_ids);
         // A switch's key is a boolean; other values are not taken for one.
         let drain = |value: &str| {
             messages(&format!(

@@ -6,9 +6,9 @@ use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
 use parsrv::{control, dataplane::pins::group_dir as pin_dir, features::KernelVersion};
 use parsrv_integration_tests::{
-    bpffs_mounted, connect, drop_capability, error_line, loaded_parsrv_programs, mount_bpffs,
-    privileged, processes_mentioning, run_parsrv, signal, unmount_bpffs, Feature, Needs, Outcome,
-    Spawner,
+    addr, bpffs_mounted, connect, drop_capability, error_line, group, loaded_parsrv_programs,
+    mount_bpffs, privileged, processes_mentioning, run_parsrv, signal, unmount_bpffs, Feature,
+    HandlerKind, Needs, Outcome,
 };
 
 const NAME: &str = "test-bad-input";
@@ -62,7 +62,7 @@ fn expect_error(
 
 fn nothing_listens() {
     assert_eq!(
-        connect("127.0.0.1:8080".parse().unwrap(), Duration::from_secs(1)).unwrap_err(),
+        connect(addr(), Duration::from_secs(1)).unwrap_err(),
         Outcome::Refused
     );
 }
@@ -288,17 +288,7 @@ fn missing_privileges_bpffs_btf_or_object_exit_1_naming_the_fix() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_second_run_of_a_running_group_is_refused() {
     privileged(Needs::program(), || {
-        let spawner = Spawner::start(
-            NAME,
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "2",
-                "--handler",
-                "http",
-            ],
-        );
+        let spawner = group(NAME, HandlerKind::Http).handlers(2).start();
         // Same group name again: refused, and the running group is untouched.
         let programs = loaded_parsrv_programs();
         let (exit, stderr) = run_parsrv(

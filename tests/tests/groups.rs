@@ -8,8 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::config_file;
 use parsrv_integration_tests::{
-    error_line, http_load, privileged, pyenv, signal, stop_process, wait_for, Needs, NetCounters,
-    Spawner,
+    addr, error_line, http_load, privileged, pyenv, signal, stop_process, wait_for, Needs,
+    NetCounters, Spawner,
 };
 
 fn write_config(name: &str, text: &str) -> PathBuf {
@@ -43,7 +43,7 @@ fn two_groups_steer_independently_and_metrics_match_status() {
         let config = write_config("two-groups", TWO_GROUPS);
         let spawner = Spawner::start_config("two-groups", &config, &["cfg-alpha", "cfg-beta"], &[]);
         // Stall one handler of alpha and fill its queue: alpha redirects, beta is untouched.
-        let alpha: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let alpha: SocketAddr = addr();
         let beta: SocketAddr = "127.0.0.1:8081".parse().unwrap();
         let stalled = spawner.status_of("cfg-alpha").handlers[0].pid.unwrap();
         stop_process(stalled);

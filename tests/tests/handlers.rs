@@ -1,18 +1,14 @@
 //! Any server as a handler: socket activation (fd 3, LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES),
 //! the Rust example, real third-party servers, privilege drop, CPU placement, supervision.
 
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use parsrv::{dataplane::pins::group_dir as pin_dir, kernel, spec::usable_cpus};
 use parsrv_integration_tests::{
-    apps_dir, example, fd_of_process, http_get, http_load, privileged, pyenv, read_answer,
-    resume_handler_group, stop_handler_group, wait_for, Needs, NetCounters, Outcome, Spawner,
-    HTTP_REQUEST,
+    addr, apps_dir, example, fd_of_process, group, http_get, http_load, privileged, pyenv,
+    read_answer, resume_handler_group, stop_handler_group, wait_for, HandlerKind, Needs,
+    NetCounters, Outcome, HTTP_REQUEST,
 };
-
-fn addr() -> SocketAddr {
-    "127.0.0.1:8080".parse().unwrap()
-}
 
 /// How many processes have exactly this argv.
 fn exact_processes(argv: &[&str]) -> usize {
@@ -50,22 +46,11 @@ fn environ(pid: u32) -> Vec<String> {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
     privileged(Needs::program(), || {
-        let spawner = Spawner::start(
-            "test-exec-fds",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "2",
-                "--threads",
-                "3",
-                "--handler",
-                "exec",
-                "--",
-                "sleep",
-                "60",
-            ],
-        );
+        let spawner = group("test-exec-fds", HandlerKind::Exec)
+            .handlers(2)
+            .threads(3)
+            .command(&["sleep", "60"])
+            .start();
         let status = spawner.status();
         // Each handler starts as parsrv and execs `sleep`; look once it has.
         assert!(wait_for(Duration::from_secs(10), || status
@@ -125,19 +110,11 @@ fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
 /// One of 4 handlers stopped (with all its processes) and its queue full: every request is
 /// still served, and the kernel drops nothing.
 fn stalled_handler_loses_nothing(name: &str, command: &[&str], answer_prefix: &str) {
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:8080",
-        "--handlers",
-        "4",
-        "--backlog",
-        "16",
-        "--handler",
-        "exec",
-        "--",
-    ];
-    args.extend_from_slice(command);
-    let spawner = Spawner::start(name, &args);
+    let spawner = group(name, HandlerKind::Exec)
+        .handlers(4)
+        .backlog(16)
+        .command(command)
+        .start();
     // Until each server answers, connections just queue: wait for all four.
     assert!(
         wait_for(Duration::from_secs(30), || (0..12).all(|_| http_get(
@@ -270,26 +247,18 @@ fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
         let name = "test-user";
         let map = pin_dir(name).join(parsrv_common::reuseport::names::CONFIG);
         let map_arg = map.to_str().unwrap();
-        let spawner = Spawner::start(
-            name,
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "2",
-                "--user",
-                "nobody:nogroup",
-                "--handler",
-                "exec",
-                "--",
+        let spawner = group(name, HandlerKind::Exec)
+            .handlers(2)
+            .with(|g| g.user = Some("nobody:nogroup".into()))
+            .command(&[
                 // /usr/bin: a root-only interpreter (under /root) would be refused upfront.
                 "/usr/bin/python3",
                 "-c",
                 MAP_PROBE,
                 map_arg,
                 "stay",
-            ],
-        );
+            ])
+            .start();
         for handler in spawner.status().handlers {
             let pid = handler.pid.unwrap();
             // Each handler starts as parsrv (root) and drops privileges before it serves
@@ -347,19 +316,10 @@ fn cpus_place_handlers_round_robin() {
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let spawner = Spawner::start(
-            "test-cpus",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "3",
-                "--cpus",
-                &list,
-                "--handler",
-                "echo",
-            ],
-        );
+        let spawner = group("test-cpus", HandlerKind::Echo)
+            .handlers(3)
+            .with(|g| g.cpus = list.parse().unwrap())
+            .start();
         for handler in spawner.status().handlers {
             let expected = cpus[handler.slot as usize % cpus.len()];
             assert_eq!(handler.cpu, Some(expected));
@@ -391,22 +351,14 @@ fn cpus_place_handlers_round_robin() {
 fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
     privileged(Needs::program(), || {
         // A handler that prints and exits at once, forever.
-        let spawner = Spawner::start_with(
-            "test-crash",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "1",
-                "--handler",
-                "exec",
-                "--",
+        let spawner = group("test-crash", HandlerKind::Exec)
+            .handlers(1)
+            .command(&[
                 "sh",
                 "-c",
                 "sleep 300 & echo crashing in slot $PARSRV_SLOT; sleep 0.2; exit 3",
-            ],
-            || Ok(()),
-        );
+            ])
+            .start();
         std::thread::sleep(Duration::from_secs(3));
         let status = spawner.status();
         let handler = &status.handlers[0];
@@ -439,23 +391,11 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
         assert!(spawner.stop().success());
 
         // A handler that ignores SIGTERM is killed after --grace.
-        let spawner = Spawner::start(
-            "test-grace",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "1",
-                "--grace",
-                "1",
-                "--handler",
-                "exec",
-                "--",
-                "sh",
-                "-c",
-                "trap '' TERM; while :; do sleep 0.1; done",
-            ],
-        );
+        let spawner = group("test-grace", HandlerKind::Exec)
+            .handlers(1)
+            .grace(1.0)
+            .command(&["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
+            .start();
         let pid = spawner.handler_pid(0);
         // Stop only once the handler ignores SIGTERM (its trap is set: SigIgn bit 15).
         let ignores_term = || {
@@ -478,14 +418,14 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported() {
     privileged(Needs::program().and_python(), || {
-        let spawner = Spawner::start(
-            "test-own-port",
-            &[
-                "--listen", "127.0.0.1:8080", "--handlers", "1", "--handler", "exec", "--",
-                "python3", "-c",
+        let spawner = group("test-own-port", HandlerKind::Exec)
+            .handlers(1)
+            .command(&[
+                "python3",
+                "-c",
                 "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',9999))\ns.listen()\ntime.sleep(60)",
-            ],
-        );
+            ])
+            .start();
         assert!(
             spawner.wait_for_log("listens on 127.0.0.1:9999 itself", Duration::from_secs(10)),
             "{}",
@@ -497,26 +437,18 @@ fn a_handler_that_binds_its_own_port_or_changes_the_backlog_is_reported() {
         // uvicorn's default backlog replaces parsrv's: reported.
         let uvicorn = pyenv().join("bin/uvicorn");
         let apps = apps_dir();
-        let spawner = Spawner::start(
-            "test-relisten",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "1",
-                "--backlog",
-                "16",
-                "--handler",
-                "exec",
-                "--",
+        let spawner = group("test-relisten", HandlerKind::Exec)
+            .handlers(1)
+            .backlog(16)
+            .command(&[
                 uvicorn.to_str().unwrap(),
                 "--fd",
                 "3",
                 "--app-dir",
                 apps.to_str().unwrap(),
                 "asgi_app:app",
-            ],
-        );
+            ])
+            .start();
         assert!(
             spawner.wait_for_log(
                 "accept-queue length from 16 to 2048",

@@ -16,11 +16,9 @@ use std::{
 
 use parsrv::{control, dataplane::pins::group_dir as pin_dir};
 use parsrv_integration_tests::{
-    bpffs_mounted, http_get, isolated, kernel_has, mount_bpffs, privileged, skip, unmount_bpffs,
-    wait_for, Needs, Outcome, Spawner, BPFFS, FRESH_MACHINE_ENV, PROGRAM,
+    addr, bpffs_mounted, group, http_get, isolated, kernel_has, mount_bpffs, privileged, skip,
+    unmount_bpffs, wait_for, HandlerKind, Needs, Outcome, BPFFS, FRESH_MACHINE_ENV, PROGRAM,
 };
-
-const ARGS: &[&str] = &["--listen", "127.0.0.1:8080", "--handler", "http"];
 
 /// The run directory parsrv uses by default (tests never set `PARSRV_RUN_DIR`).
 fn run_dir() -> &'static Path {
@@ -71,16 +69,13 @@ fn each_test_has_a_bpffs_and_run_directory_of_its_own_and_leaves_nothing() {
                     );
                     assert!(!run_dir().exists(), "{} exists", run_dir().display());
 
-                    let spawner = Spawner::start("twin", ARGS);
+                    let spawner = group("twin", HandlerKind::Http).start();
                     started.meet();
                     assert!(pin_dir("twin").exists());
                     assert!(control::socket_path("twin").exists());
                     let pid = spawner.status().spawner_pid;
                     assert_eq!(pid, spawner.pid(), "another test's spawner answered");
-                    assert_eq!(
-                        http_get("127.0.0.1:8080".parse().unwrap(), TIMEOUT),
-                        Outcome::Ok
-                    );
+                    assert_eq!(http_get(addr(), TIMEOUT), Outcome::Ok);
                     // Both still running here: neither saw the other's pins or socket.
                     checked.meet();
                     assert!(spawner.stop().success());
@@ -138,7 +133,7 @@ fn parsrv_mounts_bpffs_where_missing_and_uses_the_one_mounted() {
         // Missing, as on a machine that has just booted: parsrv mounts it and says so once.
         unmount_bpffs();
         assert!(!bpffs_mounted());
-        let spawner = Spawner::start("bpffs-missing", ARGS);
+        let spawner = group("bpffs-missing", HandlerKind::Http).start();
         let mounted = format!(
             "{}INFO: mounted bpffs at {BPFFS}",
             parsrv::output::log_prefix(spawner.pid())
@@ -157,7 +152,7 @@ fn parsrv_mounts_bpffs_where_missing_and_uses_the_one_mounted() {
         mount_bpffs().unwrap();
         let mark = Path::new(BPFFS).join("mark");
         std::fs::create_dir(&mark).unwrap();
-        let spawner = Spawner::start("bpffs-there", ARGS);
+        let spawner = group("bpffs-there", HandlerKind::Http).start();
         assert!(
             !spawner.log().contains("mounted bpffs"),
             "{}",

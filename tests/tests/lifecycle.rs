@@ -2,37 +2,24 @@
 //! queued connection, exact status, one socket per handler, parallel accept, shutdown that
 //! leaves nothing behind, and no orphans when the spawner itself is killed.
 
-use std::{io::Write, net::SocketAddr, path::Path, time::Duration};
+use std::{io::Write, path::Path, time::Duration};
 
 use nix::sys::signal::Signal;
 use parsrv::{control, dataplane::pins::group_dir as pin_dir, kernel};
 use parsrv_integration_tests::{
-    connect, fd_of_process, http_get, is_listening, loaded_parsrv_programs, privileged,
-    processes_mentioning, read_answer, signal, stop_process, wait_for, Needs, Outcome, Spawner,
-    HTTP_REQUEST,
+    addr, connect, fd_of_process, group, http_get, is_listening, loaded_parsrv_programs,
+    privileged, processes_mentioning, read_answer, signal, stop_process, wait_for, HandlerKind,
+    Needs, Outcome, HTTP_REQUEST,
 };
-
-fn addr() -> SocketAddr {
-    "127.0.0.1:8080".parse().unwrap()
-}
 
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
     privileged(Needs::program(), || {
-        let spawner = Spawner::start(
-            "test-respawn",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "2",
-                "--backlog",
-                "16",
-                "--handler",
-                "http",
-            ],
-        );
+        let spawner = group("test-respawn", HandlerKind::Http)
+            .handlers(2)
+            .backlog(16)
+            .start();
         let old = spawner.handler_pid(0);
         stop_process(old);
         // Requests wait in the stopped handler's queue (handler 1 answers the others).
@@ -76,19 +63,10 @@ fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
     privileged(Needs::program(), || {
-        let spawner = Spawner::start(
-            "test-status",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "3",
-                "--backlog",
-                "8",
-                "--handler",
-                "echo",
-            ],
-        );
+        let spawner = group("test-status", HandlerKind::Echo)
+            .handlers(3)
+            .backlog(8)
+            .start();
         let pids: Vec<u32> = (0..3).map(|slot| spawner.handler_pid(slot)).collect();
         for &pid in &pids {
             stop_process(pid);
@@ -166,19 +144,10 @@ fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn threads_accept_in_parallel_and_lost_races_are_counted() {
     privileged(Needs::program(), || {
-        let spawner = Spawner::start(
-            "test-threads",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "1",
-                "--handler",
-                "http",
-                "--threads",
-                "4",
-            ],
-        );
+        let spawner = group("test-threads", HandlerKind::Http)
+            .handlers(1)
+            .threads(4)
+            .start();
         const REQUESTS: u64 = 300;
         for _ in 0..REQUESTS {
             assert_eq!(http_get(addr(), Duration::from_secs(3)), Outcome::Ok);
@@ -231,17 +200,7 @@ fn sigterm_and_sigint_stop_cleanly_and_leave_nothing_behind() {
             ("test-sigterm", Signal::SIGTERM),
             ("test-sigint", Signal::SIGINT),
         ] {
-            let spawner = Spawner::start(
-                name,
-                &[
-                    "--listen",
-                    "127.0.0.1:8080",
-                    "--handlers",
-                    "3",
-                    "--handler",
-                    "http",
-                ],
-            );
+            let spawner = group(name, HandlerKind::Http).handlers(3).start();
             let handlers: Vec<u32> = (0..3).map(|s| spawner.handler_pid(s)).collect();
             assert!(pin_dir(name)
                 .join(parsrv_common::reuseport::names::SOCKETS)
@@ -278,15 +237,8 @@ fn killed_spawner_leaves_no_orphan_and_the_next_run_cleans_its_pins() {
     privileged(Needs::program(), || {
         let programs_before = loaded_parsrv_programs();
         let name = "test-spawner-kill";
-        let args = [
-            "--listen",
-            "127.0.0.1:8080",
-            "--handlers",
-            "2",
-            "--handler",
-            "echo",
-        ];
-        let spawner = Spawner::start(name, &args);
+        let echo_group = || group(name, HandlerKind::Echo).handlers(2);
+        let spawner = echo_group().start();
         let handlers: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
         signal(spawner.pid(), Signal::SIGKILL);
         assert!(wait_for(Duration::from_secs(5), || handlers
@@ -298,7 +250,7 @@ fn killed_spawner_leaves_no_orphan_and_the_next_run_cleans_its_pins() {
         assert!(pin_dir(name).exists());
         drop(spawner);
 
-        let again = Spawner::start(name, &args);
+        let again = echo_group().start();
         assert!(
             again.log().contains("removed stale pins"),
             "{}",

@@ -10,7 +10,7 @@ use std::{
 
 use parsrv::{dataplane::reuseport::Steering, kernel, listeners::Listeners};
 use parsrv_common::reuseport::{policy, when_full, ProgramConfig};
-use parsrv_integration_tests::{privileged, wait_for, Feature, Needs, NetCounters};
+use parsrv_integration_tests::{addr, privileged, wait_for, Feature, Needs, NetCounters};
 
 const QUEUED: usize = 6;
 
@@ -48,7 +48,7 @@ fn queue_on(group: &Listeners, index: usize, addr: SocketAddr) -> Vec<TcpStream>
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_without() {
     privileged(Needs::program().and(Feature::TcpMigrateReq), || {
-        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let addr: SocketAddr = addr();
         let group = Listeners::bind(addr, 2, 16).unwrap();
         let mut steering = Steering::load(
             ProgramConfig {

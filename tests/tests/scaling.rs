@@ -11,14 +11,10 @@ use std::{
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    all_net_counters, apps_dir, changed_net_counters, connect, error_line, example, http_get,
-    privileged, read_answer, signal, stop_process, wait_for, Needs, NetCounters, Outcome,
-    PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
+    addr, all_net_counters, apps_dir, changed_net_counters, connect, error_line, example, group,
+    http_get, privileged, read_answer, signal, stop_process, wait_for, HandlerKind, Needs,
+    NetCounters, Outcome, PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
 };
-
-fn addr() -> SocketAddr {
-    "127.0.0.1:8080".parse().unwrap()
-}
 
 /// `parsrv group ARGS...`: (exit code, stdout, stderr).
 fn parsrv_group(args: &[&str]) -> (i32, String, String) {
@@ -32,22 +28,12 @@ fn parsrv_group(args: &[&str]) -> (i32, String, String) {
 fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
     privileged(Needs::program(), || {
         let name = "test-cycles";
-        let spawner = Spawner::start(
-            name,
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "2..3",
-                "--no-autoscale",
-                "--backlog",
-                "32",
-                "--handler",
-                "http",
-                "--threads",
-                "2",
-            ],
-        );
+        let spawner = group(name, HandlerKind::Http)
+            .handlers_between(2, 3)
+            .no_autoscale()
+            .backlog(32)
+            .threads(2)
+            .start();
         // Some 15 000 short connections end here: let every one keep its TIME_WAIT (a
         // small VM's default bucket count overflows, and then a late segment of a finished
         // connection is answered with a RST). This namespace's own setting.
@@ -202,22 +188,11 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
 fn autoscaler_grows_with_a_load_step_and_shrinks_back() {
     privileged(Needs::program().and_python(), || {
         let server = apps_dir().join("slow_server.py");
-        let spawner = Spawner::start(
-            "test-autoscale",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "1..4",
-                "--backlog",
-                "8",
-                "--handler",
-                "exec",
-                "--",
-                "/usr/bin/python3",
-                server.to_str().unwrap(),
-            ],
-        );
+        let spawner = group("test-autoscale", HandlerKind::Exec)
+            .handlers_between(1, 4)
+            .backlog(8)
+            .command(&["/usr/bin/python3", server.to_str().unwrap()])
+            .start();
         assert_eq!(spawner.status().handlers.len(), 1);
         // Step up: 8 clients back to back; one 20 ms handler keeps ~7 waiting in a queue of
         // 9: overload.
@@ -276,21 +251,10 @@ fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
             hello.display()
         );
         let name = "test-not-ready";
-        let spawner = Spawner::start(
-            name,
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "2",
-                "--handler",
-                "exec",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ],
-        );
+        let spawner = group(name, HandlerKind::Exec)
+            .handlers(2)
+            .command(&["sh", "-c", &script])
+            .start();
         // The handlers must be past their check (exec'd into the server) before the flag
         // exists, or the first ones fail too.
         let serving = || {
@@ -350,20 +314,11 @@ fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn drain_serves_the_queue_and_refuses_new_connections() {
     privileged(Needs::program(), || {
-        let spawner = Spawner::start(
-            "test-drain",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "2",
-                "--drain",
-                "--grace",
-                "10",
-                "--handler",
-                "http",
-            ],
-        );
+        let spawner = group("test-drain", HandlerKind::Http)
+            .handlers(2)
+            .drain()
+            .grace(10.0)
+            .start();
         let handlers: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
         for &pid in &handlers {
             stop_process(pid);

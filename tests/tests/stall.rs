@@ -6,7 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    http_load, privileged, signal, stop_process, Needs, NetCounters, Outcome, PlainGroup, Spawner,
+    addr, group, http_load, privileged, signal, stop_process, HandlerKind, Needs, NetCounters,
+    Outcome, PlainGroup,
 };
 
 const HANDLERS: usize = 4;
@@ -21,22 +22,12 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
     privileged(Needs::program(), || {
         // --- parsrv ---
-        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let spawner = Spawner::start(
-            "test-stall",
-            &[
-                "--listen",
-                "127.0.0.1:8080",
-                "--handlers",
-                "4",
-                "--backlog",
-                "8",
-                "--handler",
-                "http",
-                "--threads",
-                "2",
-            ],
-        );
+        let addr: SocketAddr = addr();
+        let spawner = group("test-stall", HandlerKind::Http)
+            .handlers(4)
+            .backlog(8)
+            .threads(2)
+            .start();
         let stalled = spawner.handler_pid(0);
         stop_process(stalled);
         // Fill the stalled handler's queue to the kernel's "full" (BACKLOG + 1). Connections

@@ -5,32 +5,23 @@
 use std::{net::SocketAddr, time::Duration};
 
 use parsrv_integration_tests::{
-    connect, privileged, stop_process, wait_for, Needs, NetCounters, Outcome, Spawner,
+    addr, connect, group, privileged, stop_process, wait_for, HandlerKind, Needs, NetCounters,
+    Outcome, Spawner, WhenFull,
 };
 
 const ATTEMPTS: usize = 4;
 
 /// Starts a group of 2 stalled handlers (backlog 2) with their queues full.
-fn full_group(name: &str, when_full: &str) -> (Spawner, Vec<std::net::TcpStream>) {
-    let spawner = Spawner::start(
-        name,
-        &[
-            "--listen",
-            "127.0.0.1:8080",
-            "--handlers",
-            "2",
-            "--backlog",
-            "2",
-            "--handler",
-            "echo",
-            "--when-full",
-            when_full,
-        ],
-    );
+fn full_group(name: &str, when_full: WhenFull) -> (Spawner, Vec<std::net::TcpStream>) {
+    let spawner = group(name, HandlerKind::Echo)
+        .handlers(2)
+        .backlog(2)
+        .when_full(when_full)
+        .start();
     for slot in 0..2 {
         stop_process(spawner.handler_pid(slot));
     }
-    let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let addr: SocketAddr = addr();
     let mut held = Vec::new();
     // 2 sockets x (backlog + 1): six connections fill the group.
     for _ in 0..6 {
@@ -56,11 +47,11 @@ fn totals(spawner: &Spawner) -> (u64, u64) {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn when_full_drop_times_out_and_refuse_resets_counted_like_the_kernel() {
     privileged(Needs::program(), || {
-        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let addr: SocketAddr = addr();
 
         // drop: each attempt times out; within 1.5 s the client sends its SYN and one
         // retransmission (1 s later), and both are steered and dropped.
-        let (spawner, held) = full_group("test-full-drop", "drop");
+        let (spawner, held) = full_group("test-full-drop", WhenFull::Drop);
         let (dropped_before, _) = totals(&spawner);
         let before = NetCounters::read();
         for _ in 0..ATTEMPTS {
@@ -85,7 +76,7 @@ fn when_full_drop_times_out_and_refuse_resets_counted_like_the_kernel() {
         assert!(spawner.stop().success());
 
         // refuse: each attempt is refused at once, one RST each.
-        let (spawner, held) = full_group("test-full-refuse", "refuse");
+        let (spawner, held) = full_group("test-full-refuse", WhenFull::Refuse);
         let (_, refused_before) = totals(&spawner);
         let before = NetCounters::read();
         for _ in 0..ATTEMPTS {

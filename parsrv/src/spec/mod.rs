@@ -6,6 +6,7 @@
 //! check lives here, so every way of defining a group rejects the same values with the same
 //! words.
 
+pub mod flags;
 mod host;
 mod values;
 

@@ -1,0 +1,182 @@
+//! Clients: single connections, bounded steady loads, and how each connection ended.
+
+use std::{
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::atomic::{AtomicBool, Ordering},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Waits until `done` holds, for at most `limit`; says whether it did.
+pub fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    done()
+}
+
+/// How one client connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Ok,
+    /// connect() did not complete in time: SYNs dropped.
+    ConnectTimeout,
+    /// connect() was answered with a RST.
+    Refused,
+    /// The connection was reset after it was established.
+    Reset,
+    /// Connected, but no complete answer in time.
+    NoAnswer,
+    Other,
+}
+
+fn classify(e: &io::Error) -> Outcome {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => Outcome::Reset,
+        _ => Outcome::Other,
+    }
+}
+
+/// Connects with a deadline.
+pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Outcome> {
+    TcpStream::connect_timeout(&addr, timeout).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Outcome::ConnectTimeout,
+        _ => classify(&e),
+    })
+}
+
+pub const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: parsrv-test\r\nConnection: close\r\n\r\n";
+
+/// Reads an HTTP answer to the end; returns it if it is a 200.
+pub fn read_answer(stream: &mut TcpStream, timeout: Duration) -> Result<String, Outcome> {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut answer = String::new();
+    match stream.read_to_string(&mut answer) {
+        Ok(_) if answer.starts_with("HTTP/1.1 200 OK") => Ok(answer),
+        Ok(_) => Err(Outcome::NoAnswer),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(Outcome::NoAnswer)
+        }
+        Err(e) => Err(classify(&e)),
+    }
+}
+
+/// One HTTP request on a new connection, each step within `timeout`.
+pub fn http_get(addr: SocketAddr, timeout: Duration) -> Outcome {
+    let mut stream = match connect(addr, timeout) {
+        Ok(s) => s,
+        Err(outcome) => return outcome,
+    };
+    if let Err(e) = stream.write_all(HTTP_REQUEST) {
+        return classify(&e);
+    }
+    match read_answer(&mut stream, timeout) {
+        Ok(_) => Outcome::Ok,
+        Err(outcome) => outcome,
+    }
+}
+
+/// Clients making one HTTP request per connection, back to back, until stopped (and at
+/// most `limit`); every outcome is kept.
+pub struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    clients: Vec<thread::JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    /// `timeout` bounds each step of a request (connect, answer).
+    pub fn start(
+        addr: SocketAddr,
+        clients: usize,
+        limit: Duration,
+        timeout: Duration,
+    ) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + limit;
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, outcomes) = (stop.clone(), outcomes.clone());
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let outcome = http_get(addr, timeout);
+                        outcomes.lock().unwrap().push(outcome);
+                    }
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            outcomes,
+            clients,
+        }
+    }
+
+    pub fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.join().unwrap();
+        }
+        Arc::try_unwrap(self.outcomes)
+            .unwrap()
+            .into_inner()
+            .unwrap()
+    }
+}
+
+/// What a bounded load produced.
+#[derive(Debug, Default, Clone)]
+pub struct LoadResult {
+    pub outcomes: Vec<Outcome>,
+}
+
+impl LoadResult {
+    pub fn count(&self, outcome: Outcome) -> usize {
+        self.outcomes.iter().filter(|o| **o == outcome).count()
+    }
+
+    pub fn failures(&self) -> usize {
+        self.outcomes.len() - self.count(Outcome::Ok)
+    }
+}
+
+/// `threads` clients each making `per_thread` HTTP requests, one connection each, every
+/// step within `timeout`. Bounded: at most threads x per_thread connections, each ending
+/// within about 2 x timeout.
+pub fn http_load(
+    addr: SocketAddr,
+    threads: usize,
+    per_thread: usize,
+    timeout: Duration,
+) -> LoadResult {
+    let outcomes = Arc::new(Mutex::new(Vec::with_capacity(threads * per_thread)));
+    let clients: Vec<_> = (0..threads)
+        .map(|_| {
+            let outcomes = outcomes.clone();
+            thread::spawn(move || {
+                for _ in 0..per_thread {
+                    let outcome = http_get(addr, timeout);
+                    outcomes.lock().unwrap().push(outcome);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    let outcomes = Arc::try_unwrap(outcomes).unwrap().into_inner().unwrap();
+    LoadResult { outcomes }
+}

@@ -1,0 +1,146 @@
+//! What a test needs (root, kernel features, Python) and what happens when it is missing:
+//! [`privileged`] runs the test, skips it, or fails it.
+
+use std::{
+    fs,
+    io::{self, Write},
+    thread,
+};
+
+use crate::*;
+
+/// What every test that loads the steering program needs of the kernel.
+pub const PROGRAM: &[Feature] = &[
+    Feature::Btf,
+    Feature::SkReuseport,
+    Feature::CapBpf,
+    Feature::SelectOrMigrate,
+    Feature::ReuseportCtxSk,
+    Feature::BpfLoop,
+];
+
+/// Where skipped tests are listed, one `test: reason` line each (set by `cargo xtask test`,
+/// which prints them in its summary).
+pub const SKIPS_ENV: &str = "PARSRV_TEST_SKIPS";
+
+/// What a privileged test needs of the machine it runs on, stated by the test itself.
+#[derive(Clone, Debug, Default)]
+pub struct Needs {
+    kernel: Vec<Feature>,
+    python: bool,
+}
+
+impl Needs {
+    /// Root only (every privileged test needs it for its namespaces).
+    pub fn nothing() -> Needs {
+        Needs::default()
+    }
+
+    /// What loading parsrv's program needs of the kernel ([`PROGRAM`]).
+    pub fn program() -> Needs {
+        Needs {
+            kernel: PROGRAM.to_vec(),
+            python: false,
+        }
+    }
+
+    /// One kernel feature more.
+    pub fn and(mut self, feature: Feature) -> Needs {
+        self.kernel.push(feature);
+        self
+    }
+
+    /// Python with the test servers (gunicorn, uvicorn, prometheus_client) that `cargo
+    /// xtask setup` installs in [`pyenv`]; the VM image has none.
+    pub fn and_python(mut self) -> Needs {
+        self.python = true;
+        self
+    }
+}
+
+/// Set by an environment that has no Python by design (the VMs' init): tests that need it
+/// skip there, where anywhere else a missing Python fails them (the set-up installs it).
+pub const NO_PYTHON_ENV: &str = "PARSRV_TEST_NO_PYTHON";
+
+/// Runs a privileged test, inside [`isolated`], if the machine has what it `needs`. What
+/// it lacks either skips the test (a kernel older than the release that brought a feature;
+/// no Python where [`NO_PYTHON_ENV`] says so), recorded by [`skip`], or fails it (a kernel
+/// new enough that lacks a feature, a Python environment the set-up should have made).
+pub fn privileged(needs: Needs, test: impl FnOnce() + Send + 'static) {
+    if !kernel_has(&needs.kernel) {
+        return;
+    }
+    if needs.python {
+        if std::env::var_os(NO_PYTHON_ENV).is_some() {
+            skip("needs Python, which this environment lacks (the VM image has none)");
+            return;
+        }
+        let python = pyenv().join("bin/python3");
+        assert!(
+            python.exists(),
+            "needs {}: run `cargo xtask setup`",
+            python.display()
+        );
+    }
+    isolated(test)
+}
+
+/// Whether the running kernel has `features`; call it first, and return when it says no.
+///
+/// A kernel older than the release that introduced a missing feature skips the test: this
+/// records why and returns false. A kernel that is new enough and still lacks one fails the
+/// test: that is a kernel built without the feature or a broken probe, not a reason to skip.
+pub fn kernel_has(features: &[Feature]) -> bool {
+    let probed = parsrv::features::KernelFeatures::probe();
+    let missing: Vec<Feature> = features
+        .iter()
+        .copied()
+        .filter(|&f| !probed.has(f))
+        .collect();
+    let Some(&first) = missing.first() else {
+        return true;
+    };
+    let version = probed
+        .version
+        .unwrap_or_else(|| panic!("cannot parse kernel release {}", probed.release));
+    for &feature in &missing {
+        assert!(
+            version < feature.since(),
+            "kernel {} should have {} (Linux {}+) but the probe found none",
+            probed.release,
+            feature.name(),
+            feature.since()
+        );
+    }
+    skip(&format!(
+        "kernel {} predates {} (Linux {}+)",
+        probed.release,
+        first.name(),
+        first.since()
+    ));
+    false
+}
+
+/// Records that the calling test skips its checks, and why (printed, and listed in
+/// `$PARSRV_TEST_SKIPS` for the summary). The test then returns.
+pub fn skip(reason: &str) {
+    let test = thread::current().name().unwrap_or("?").to_owned();
+    eprintln!("skipped {test}: {reason}");
+    if let Some(path) = std::env::var_os(SKIPS_ENV) {
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("opening the skip list");
+        writeln!(file, "{test}: {reason}").expect("writing the skip list");
+    }
+}
+
+/// Drops a capability from the bounding set: the exec'd program then lacks it even as root.
+pub fn drop_capability(cap: libc::c_int) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
