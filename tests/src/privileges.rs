@@ -9,16 +9,6 @@ use std::{
 
 use crate::*;
 
-/// What every test that loads the steering program needs of the kernel.
-pub const PROGRAM: &[Feature] = &[
-    Feature::Btf,
-    Feature::SkReuseport,
-    Feature::CapBpf,
-    Feature::SelectOrMigrate,
-    Feature::ReuseportCtxSk,
-    Feature::BpfLoop,
-];
-
 /// Where skipped tests are listed, one `test: reason` line each (set by `cargo xtask test`,
 /// which prints them in its summary).
 pub const SKIPS_ENV: &str = "PARSRV_TEST_SKIPS";
@@ -36,10 +26,13 @@ impl Needs {
         Needs::default()
     }
 
-    /// What loading parsrv's program needs of the kernel ([`PROGRAM`]).
+    /// What running parsrv's program needs of the kernel: the list `parsrv run` checks
+    /// ([`parsrv::dataplane::Program::requires`]).
     pub fn program() -> Needs {
         Needs {
-            kernel: PROGRAM.to_vec(),
+            kernel: parsrv::dataplane::Program::ReuseportSelect
+                .requires()
+                .to_vec(),
             python: false,
         }
     }

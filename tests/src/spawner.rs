@@ -33,8 +33,10 @@ pub fn addr() -> SocketAddr {
 /// A group to start, described with the model parsrv itself uses ([`GroupSpec`]): the
 /// builder sets what a test cares about, and everything else keeps parsrv's defaults.
 ///
-/// ```ignore
+/// ```no_run
+/// use parsrv_integration_tests::{group, HandlerKind};
 /// let spawner = group("test-stall", HandlerKind::Http).handlers(4).backlog(8).threads(2).start();
+/// # drop(spawner);
 /// ```
 #[must_use]
 pub struct GroupBuilder {

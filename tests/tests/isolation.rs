@@ -17,7 +17,7 @@ use std::{
 use parsrv::{control, dataplane::pins::group_dir as pin_dir};
 use parsrv_integration_tests::{
     addr, bpffs_mounted, group, http_get, isolated, kernel_has, mount_bpffs, privileged, skip,
-    unmount_bpffs, wait_for, HandlerKind, Needs, Outcome, BPFFS, FRESH_MACHINE_ENV, PROGRAM,
+    unmount_bpffs, wait_for, HandlerKind, Needs, Outcome, BPFFS, FRESH_MACHINE_ENV,
 };
 
 /// The run directory parsrv uses by default (tests never set `PARSRV_RUN_DIR`).
@@ -45,7 +45,7 @@ fn the_suite_starts_as_on_a_freshly_booted_machine() {
 fn each_test_has_a_bpffs_and_run_directory_of_its_own_and_leaves_nothing() {
     // Not inside `privileged`: this test looks at the suite's namespace, and makes two
     // isolated tests of its own.
-    if !kernel_has(PROGRAM) {
+    if !kernel_has(parsrv::dataplane::Program::ReuseportSelect.requires()) {
         return;
     }
     // The suite's own view, through the main thread's root (/proc/self is the process).
