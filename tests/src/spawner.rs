@@ -152,6 +152,18 @@ impl GroupBuilder {
     }
 }
 
+/// Runs `command` to its end and returns its stdout; panics with its stderr unless it
+/// succeeded.
+pub fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().expect("running a command");
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
 /// The parsrv binary under test (built by `cargo xtask test`, which sets PARSRV_BIN).
 pub fn parsrv_bin() -> PathBuf {
     std::env::var_os("PARSRV_BIN")
@@ -301,16 +313,8 @@ impl Spawner {
 
     /// Same, through the real CLI: `parsrv status NAME --json`.
     pub fn status_via_cli(&self) -> GroupStatus {
-        let out = Command::new(parsrv_bin())
-            .args(["status", &self.name, "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("status JSON")
+        let json = stdout_of(Command::new(parsrv_bin()).args(["status", &self.name, "--json"]));
+        serde_json::from_str(&json).expect("status JSON")
     }
 
     pub fn handler_pid(&self, slot: usize) -> u32 {

@@ -8,8 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::config_file;
 use parsrv_integration_tests::{
-    addr, error_line, http_load, privileged, pyenv, signal, stop_process, wait_for, Needs,
-    NetCounters, Spawner,
+    addr, error_line, http_load, privileged, pyenv, signal, stdout_of, stop_process, wait_for,
+    Needs, NetCounters, Spawner,
 };
 
 fn write_config(name: &str, text: &str) -> PathBuf {
@@ -96,17 +96,8 @@ for family in text_string_to_metric_families(text):
         out[key] = sample.value
 print(json.dumps(out))
 "#;
-        let out = Command::new(pyenv().join("bin/python3"))
-            .args(["-c", script])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let metrics: std::collections::BTreeMap<String, f64> =
-            serde_json::from_slice(&out.stdout).unwrap();
+        let out = stdout_of(Command::new(pyenv().join("bin/python3")).args(["-c", script]));
+        let metrics: std::collections::BTreeMap<String, f64> = serde_json::from_str(&out).unwrap();
         for status in &statuses {
             let metric = |name: &str, slot: &str| -> f64 {
                 *metrics
