@@ -79,6 +79,9 @@ macro_rules! counters {
         }
 
         impl $index {
+            /// Every counter, in field order.
+            pub const ALL: [Self; $name::COUNT] = [$( Self::$variant, )*];
+
             /// Adds one to this counter of `counters`.
             ///
             /// The index is bounded by a comparison the verifier can see. Without it, LLVM

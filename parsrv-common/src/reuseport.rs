@@ -147,3 +147,20 @@ mod user {
     unsafe impl aya::Pod for super::SlotCounters {}
     unsafe impl aya::Pod for super::GlobalCounters {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_fail_open_error_counts_in_its_own_field() {
+        for (index, error) in FailOpen::ALL.into_iter().enumerate() {
+            let mut counters = GlobalCounters::default();
+            error.increment(&mut counters);
+            let mut expected = [0; GlobalCounters::COUNT];
+            expected[index] = 1;
+            assert_eq!(counters.values(), expected, "{error:?}");
+            assert_eq!(counters.total(), 1);
+        }
+    }
+}
