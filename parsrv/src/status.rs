@@ -327,16 +327,20 @@ pub(crate) mod tests {
         let mut after = sample();
         after.sockets[0].counters.selected += 30;
         let text = after.render_rates(&before, std::time::Duration::from_secs(2));
-        // Each column as wide as its title plus one.
+        // Each column as wide as its title plus one, one per counter in field order.
+        let columns: String = SlotCounters::COUNTERS
+            .iter()
+            .map(|c| format!("  {}/s", c.column))
+            .collect();
         assert_eq!(
             text.lines().next().unwrap(),
-            "slot  selected/s  redirected/s  dropped/s  refused/s  migrated/s   (per second, last 2.0 s)"
+            format!("slot{columns}   (per second, last 2.0 s)")
         );
+        assert_eq!(SlotCounters::COUNTERS[0].name, "selected");
         let row = text.lines().nth(1).unwrap();
-        assert_eq!(
-            row.split_whitespace().collect::<Vec<_>>(),
-            ["0", "15.0", "0.0", "0.0", "0.0", "0.0"]
-        );
+        let mut expected = vec!["0", "15.0"];
+        expected.resize(SlotCounters::COUNT + 1, "0.0");
+        assert_eq!(row.split_whitespace().collect::<Vec<_>>(), expected);
     }
 
     #[test]
@@ -400,24 +404,12 @@ pub(crate) mod tests {
             .lines()
             .find(|l| l.trim_start().starts_with("slot"))
             .unwrap();
-        assert_eq!(
-            header.split_whitespace().collect::<Vec<_>>(),
-            [
-                "slot",
-                "pid",
-                "alive",
-                "cpu",
-                "restarts",
-                "queue/max",
-                "selected",
-                "redirected",
-                "dropped",
-                "refused",
-                "migrated",
-                "accepted",
-                "lost-races"
-            ]
-        );
+        // The handler's columns, then one per counter in field order, then the handler's
+        // own counters.
+        let mut columns = vec!["slot", "pid", "alive", "cpu", "restarts", "queue/max"];
+        columns.extend(SlotCounters::COUNTERS.iter().map(|c| c.column));
+        columns.extend(["accepted", "lost-races"]);
+        assert_eq!(header.split_whitespace().collect::<Vec<_>>(), columns);
         assert!(
             text.contains("autoscaled 1..4: 1 handlers now, 2 resizes, last 1 -> 2"),
             "{text}"
@@ -426,11 +418,15 @@ pub(crate) mod tests {
             .lines()
             .find(|l| l.trim_start().starts_with("0 "))
             .unwrap();
-        let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(
-            cells,
-            ["0", "43", "yes", "1", "0", "3/16", "10", "1", "0", "0", "0", "7", "2"]
-        );
+        let counters = sample().sockets[0].counters.values().map(|v| v.to_string());
+        let mut cells: Vec<String> = ["0", "43", "yes", "1", "0", "3/16"]
+            .map(String::from)
+            .into();
+        cells.extend(counters);
+        cells.extend(["7", "2"].map(String::from));
+        assert_eq!(row.split_whitespace().collect::<Vec<_>>(), cells);
+        // The sample's counters, where the test can see them: selected 10, redirected 1.
+        assert!(row.contains(" 10 ") && cells[6..8] == ["10", "1"], "{row}");
         assert!(text.contains("70 ns/run"), "{text}");
     }
 }
