@@ -46,9 +46,33 @@ pub struct HandlerState {
     pub warned: Option<u32>,
 }
 
+/// Why a handler was not replaced; the old one keeps serving in each case.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceError {
+    #[error("handler {slot} is not supervised any more")]
+    NotSupervised { slot: u32 },
+    #[error("handler {slot} stopped during its restart")]
+    Stopped { slot: u32 },
+    #[error("handler {slot}: cannot start a replacement ({source}): kept pid {old} serving")]
+    CannotStart {
+        slot: u32,
+        old: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("handler {slot}: the replacement (pid {new}) {why}: kept pid {old} serving")]
+    NotReady {
+        slot: u32,
+        new: u32,
+        old: u32,
+        /// What the replacement did instead, and where it was waiting.
+        why: String,
+    },
+}
+
 enum Command {
     /// Start a new process on the slot's socket, wait until it is ready, then stop the old.
-    Replace(oneshot::Sender<Result<String, String>>),
+    Replace(oneshot::Sender<Result<String, ReplaceError>>),
     /// Stop the handler for good (the slot is being removed, or the group stops).
     Retire,
 }
@@ -88,14 +112,13 @@ impl Slot {
 
     /// Replaces the handler with a new process, with no moment where none accepts; keeps
     /// the old one if the new one does not become ready.
-    pub async fn replace(&self) -> Result<String, String> {
+    pub async fn replace(&self) -> Result<String, ReplaceError> {
+        let slot = self.index;
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Replace(reply))
-            .map_err(|_| format!("handler {} is not supervised any more", self.index))?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(format!("handler {} stopped during its restart", self.index)))
+            .map_err(|_| ReplaceError::NotSupervised { slot })?;
+        answer.await.unwrap_or(Err(ReplaceError::Stopped { slot }))
     }
 
     /// Stops the handler for good and waits until it is gone.
@@ -239,11 +262,13 @@ async fn replace(
     launcher: &Launcher,
     slot: &Slot,
     running: &mut Running,
-) -> Result<String, String> {
+) -> Result<String, ReplaceError> {
     let index = slot.index;
     let old = running.pid;
-    let mut fresh = Running::start(launcher, slot).map_err(|e| {
-        format!("handler {index}: cannot start a replacement ({e}): kept pid {old} serving")
+    let mut fresh = Running::start(launcher, slot).map_err(|source| ReplaceError::CannotStart {
+        slot: index,
+        old,
+        source,
     })?;
     let new = fresh.pid;
     let deadline = tokio::time::sleep(launcher.ready_timeout);
@@ -266,13 +291,16 @@ async fn replace(
             .map_or(String::new(), |(state, wchan)| {
                 format!(" (state {state}, waiting in {wchan})")
             });
-        let why = format!("{why}{seen}");
         kill_handler(new, nix::sys::signal::Signal::SIGKILL);
         let _ = fresh.child.wait().await;
-        let message =
-            format!("handler {index}: the replacement (pid {new}) {why}: kept pid {old} serving");
-        log::error!("{message}");
-        return Err(message);
+        let error = ReplaceError::NotReady {
+            slot: index,
+            new,
+            old,
+            why: format!("{why}{seen}"),
+        };
+        log::error!("{error}");
+        return Err(error);
     }
     let mut previous = std::mem::replace(running, fresh);
     slot.state.borrow_mut().pid = Some(new);
