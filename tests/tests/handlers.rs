@@ -52,13 +52,17 @@ fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
             .command(&["sleep", "60"])
             .start();
         let status = spawner.status();
-        // Each handler starts as parsrv and execs `sleep`; look once it has.
+        // Each handler starts as parsrv and execs `sleep`; look once it has. The kernel
+        // renames the process before it lays out the new environment: until then
+        // /proc/PID/environ reads empty (seen once in a slow VM).
         assert!(wait_for(Duration::from_secs(10), || status
             .handlers
             .iter()
             .all(|h| {
-                std::fs::read_to_string(format!("/proc/{}/comm", h.pid.unwrap()))
+                let pid = h.pid.unwrap();
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
                     .is_ok_and(|comm| comm.trim() == "sleep")
+                    && environ(pid).iter().any(|v| !v.is_empty())
             })));
         for handler in &status.handlers {
             let pid = handler.pid.unwrap();
