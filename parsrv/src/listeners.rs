@@ -55,6 +55,8 @@ impl AsFd for Listener {
 pub struct Listeners {
     listen: SocketAddr,
     backlog: u32,
+    /// O_NONBLOCK on every socket (see [`Listeners::set_nonblocking`]).
+    nonblocking: bool,
     listeners: Vec<Listener>,
 }
 
@@ -67,6 +69,7 @@ impl Listeners {
         let mut listeners = Listeners {
             listen,
             backlog,
+            nonblocking: true,
             listeners: Vec::with_capacity(count as usize),
         };
         for _ in 0..count {
@@ -98,11 +101,9 @@ impl Listeners {
         socket
             .set_reuse_address(true)
             .map_err(socket_error("set SO_REUSEADDR on"))?;
-        // Handler threads poll and then accept: a thread that loses the race must get
-        // EAGAIN, not block.
         socket
-            .set_nonblocking(true)
-            .map_err(socket_error("set O_NONBLOCK on"))?;
+            .set_nonblocking(self.nonblocking)
+            .map_err(socket_error("set the blocking mode of"))?;
         socket.bind(&SockAddr::from(listen)).map_err(|source| {
             if source.kind() == io::ErrorKind::AddrInUse {
                 Error::AddressInUse { addr: listen }
@@ -124,6 +125,26 @@ impl Listeners {
             capacity,
         });
         Ok(self.listeners.last().expect("just pushed"))
+    }
+
+    /// Sets O_NONBLOCK on every socket, now and added later. A socket starts non-blocking;
+    /// what a handler gets as fd 3 is the same open file, so this is the mode it inherits
+    /// (systemd passes sockets blocking unless NonBlocking=yes). Nothing in the spawner
+    /// accepts or reads on the sockets, so either mode suits it.
+    pub fn set_nonblocking(&mut self, nonblocking: bool) -> Result<()> {
+        self.nonblocking = nonblocking;
+        let listen = self.listen;
+        for listener in &self.listeners {
+            listener
+                .socket
+                .set_nonblocking(nonblocking)
+                .map_err(|source| Error::Socket {
+                    action: "set the blocking mode of",
+                    addr: listen,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Takes the last socket (the highest slot) out of the group's list; dropping it closes

@@ -143,12 +143,18 @@ impl GroupBuilder {
         self.start_with(|| Ok(()))
     }
 
+    /// Starts `parsrv run` with this group and waits only until the spawner answers: for
+    /// handlers that are not expected to stay up.
+    pub fn start_answering(self) -> Spawner {
+        Spawner::start_with(&self.spec.name, &self.args(), || Ok(()), false)
+    }
+
     /// Same, with `setup` run in the child before exec (namespaces, capabilities).
     pub fn start_with(
         self,
         setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
     ) -> Spawner {
-        Spawner::start_with(&self.spec.name, &self.args(), setup)
+        Spawner::start_with(&self.spec.name, &self.args(), setup, true)
     }
 }
 
@@ -219,6 +225,7 @@ impl Spawner {
         name: &str,
         args: &[String],
         setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
+        handlers_up: bool,
     ) -> Spawner {
         let mut command = Command::new(parsrv_bin());
         // SAFETY: the tests' setup closures only make system calls.
@@ -229,7 +236,7 @@ impl Spawner {
         Self::launch(name, name, command, |spawner| {
             spawner
                 .try_status()
-                .is_some_and(|s| s.handlers.iter().all(|h| h.alive))
+                .is_some_and(|s| !handlers_up || s.handlers.iter().all(|h| h.alive))
         })
     }
 

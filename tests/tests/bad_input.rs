@@ -100,6 +100,7 @@ fn usage_errors_exit_2_naming_the_option() {
                 ],
             ),
             (&["--handlers", "many"], &["many", "--handlers"]),
+            (&["--nonblocking=maybe"], &["maybe", "--nonblocking"]),
             (
                 &["--handler-kind", "http"],
                 &["--handler-kind", "--handler"],

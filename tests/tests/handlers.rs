@@ -160,9 +160,89 @@ fn stalled_handler_loses_nothing(name: &str, command: &[&str], answer_prefix: &s
     std::io::Write::write_all(&mut conn, HTTP_REQUEST).unwrap();
     let answer = read_answer(&mut conn, Duration::from_secs(3)).unwrap();
     assert!(answer.contains(answer_prefix), "{name}: {answer}");
+    // No server died on the way (a server that cannot take fd 3 as given exits at once).
+    let restarts: Vec<u32> = spawner
+        .status()
+        .handlers
+        .iter()
+        .map(|h| h.restarts)
+        .collect();
+    assert_eq!(restarts, [0; 4], "{name}: restarted\n{}", spawner.log());
     resume_handler_group(stalled);
     drop(held);
     assert!(spawner.stop().success());
+}
+
+/// Whether fd `fd` of process `pid` has O_NONBLOCK (its open file's flags, from fdinfo).
+fn nonblocking(pid: u32, fd: i32) -> bool {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+        .unwrap();
+    flags & libc::O_NONBLOCK as u32 != 0
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn blocking_accept_handler_as_written_for_systemd_survives_a_stalled_one() {
+    privileged(Needs::program(), || {
+        let blocking = example("blocking_handler");
+        stalled_handler_loses_nothing(
+            "test-exec-blocking",
+            &[blocking.to_str().unwrap()],
+            "blocking handler pid",
+        );
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn fd_3_is_blocking_as_systemd_passes_it_unless_nonblocking_is_asked() {
+    privileged(Needs::program(), || {
+        // By default: blocking, for an exec'd program.
+        let spawner = group("test-fd-mode", HandlerKind::Exec)
+            .handlers(1)
+            .command(&["sleep", "60"])
+            .start();
+        let pid = spawner.handler_pid(0);
+        assert!(
+            !nonblocking(pid, 3),
+            "fd 3 of an exec handler is non-blocking"
+        );
+        assert!(spawner.stop().success());
+
+        // --nonblocking: O_NONBLOCK, as systemd's NonBlocking=yes. A server written for a
+        // blocking socket then fails its first accept() and exits, over and over: what the
+        // default spares it.
+        let spawner = group("test-fd-mode", HandlerKind::Exec)
+            .handlers(1)
+            .with(|g| g.nonblocking = true)
+            .command(&[example("blocking_handler").to_str().unwrap()])
+            .start_answering();
+        assert!(
+            spawner.wait_for_log("blocking_handler: accept:", Duration::from_secs(10)),
+            "{}",
+            spawner.log()
+        );
+        assert!(wait_for(Duration::from_secs(10), || spawner
+            .status()
+            .handlers[0]
+            .restarts
+            > 0));
+        assert!(spawner.stop().success());
+
+        // Built-in handlers poll and accept with several threads: they make it non-blocking
+        // themselves, whatever the group says.
+        let spawner = group("test-fd-mode", HandlerKind::Http)
+            .handlers(1)
+            .threads(2)
+            .start();
+        assert!(nonblocking(spawner.handler_pid(0), 3));
+        assert!(http_get(addr(), Duration::from_secs(3)) == Outcome::Ok);
+        assert!(spawner.stop().success());
+    });
 }
 
 #[test]

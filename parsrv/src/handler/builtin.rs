@@ -102,7 +102,13 @@ fn inherited_listener() -> anyhow::Result<OwnedFd> {
         );
     }
     // SAFETY: checked above to be an open listening socket, handed to us by the spawner.
-    Ok(unsafe { OwnedFd::from_raw_fd(LISTEN_FD) })
+    let listener = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
+    // Threads poll and then accept: a thread that loses the race must get EAGAIN, not
+    // block. fd 3 comes blocking unless the group says otherwise (as systemd passes it).
+    let flags = nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(listener)
 }
 
 async fn watch_stop_signals(stop: Arc<AtomicBool>) -> io::Result<()> {

@@ -68,7 +68,8 @@ impl RunningGroup {
         // The caller made sure that no spawner answers for this group, so pins under its
         // name are a dead one's.
         Pins::remove_stale(&pin_dir)?;
-        let listeners = Listeners::bind(spec.listen, spec.handlers.min, spec.backlog)?;
+        let mut listeners = Listeners::bind(spec.listen, spec.handlers.min, spec.backlog)?;
+        listeners.set_nonblocking(spec.nonblocking)?;
         let config = ProgramConfig {
             offsets,
             policy: spec.policy.to_program(),

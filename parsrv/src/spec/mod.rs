@@ -143,6 +143,11 @@ pub struct GroupSpec {
     /// Seconds a replacement handler may take to become ready in a restart.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub ready_timeout: f64,
+    /// Pass each handler its socket in non-blocking mode (O_NONBLOCK), as systemd's
+    /// NonBlocking=yes does; by default it is blocking, as systemd passes it. Built-in
+    /// handlers set the mode they need themselves.
+    #[arg(long)]
+    pub nonblocking: bool,
     /// On SIGINT/SIGTERM, refuse new connections (RST) and let the queued ones be served
     /// (at most --grace) before stopping the handlers.
     #[arg(long)]

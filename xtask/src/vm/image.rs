@@ -21,10 +21,14 @@ const INIT: &str = include_str!("init.sh");
 /// as handlers. The busybox-static package's binary needs no library.
 const BUSYBOX: &str = "/bin/busybox";
 
+/// The example handlers the tests run (`parsrv/examples/`).
+const EXAMPLES: [&str; 2] = ["hello_handler", "blocking_handler"];
+
 /// Statically linked binaries for the VM.
 pub struct Payload {
     pub parsrv: PathBuf,
-    pub hello_handler: PathBuf,
+    /// (example name, path), for [`EXAMPLES`].
+    pub examples: Vec<(&'static str, PathBuf)>,
     /// (test binary name, path): one per tests/tests/*.rs.
     pub tests: Vec<(String, PathBuf)>,
 }
@@ -43,19 +47,11 @@ pub fn build_static() -> Result<Payload> {
         cargo
     };
     crate::run_step(
-        "building parsrv and its example handler (static, for the VM)",
-        static_cargo().args([
-            "build",
-            "--release",
-            "--target",
-            TARGET,
-            "--package",
-            "parsrv",
-            "--bin",
-            "parsrv",
-            "--example",
-            "hello_handler",
-        ]),
+        "building parsrv and its example handlers (static, for the VM)",
+        static_cargo()
+            .args(["build", "--release", "--target", TARGET])
+            .args(["--package", "parsrv", "--bin", "parsrv"])
+            .args(EXAMPLES.iter().flat_map(|name| ["--example", name])),
     )?;
     let out = root.join("target").join(TARGET).join("release");
 
@@ -98,7 +94,10 @@ pub fn build_static() -> Result<Payload> {
     tests.sort();
     Ok(Payload {
         parsrv: out.join("parsrv"),
-        hello_handler: out.join("examples/hello_handler"),
+        examples: EXAMPLES
+            .iter()
+            .map(|name| (*name, out.join("examples").join(name)))
+            .collect(),
         tests,
     })
 }
@@ -154,7 +153,9 @@ pub fn write_initramfs(payload: &Payload, out: &Path) -> Result<()> {
     )?;
     archive.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
     archive.copy("opt/parsrv/parsrv", &payload.parsrv)?;
-    archive.copy("opt/parsrv/examples/hello_handler", &payload.hello_handler)?;
+    for (name, path) in &payload.examples {
+        archive.copy(&format!("opt/parsrv/examples/{name}"), path)?;
+    }
     let mut list = String::new();
     for (name, path) in &payload.tests {
         archive.copy(&format!("opt/parsrv/tests/{name}"), path)?;
@@ -176,8 +177,9 @@ pub fn write_initramfs(payload: &Payload, out: &Path) -> Result<()> {
 /// What the image is made of: every file's path, size and modification time, and the init.
 fn fingerprint(payload: &Payload) -> Result<String> {
     let mut text = format!("{INIT}\n");
-    let files = [Path::new(BUSYBOX), &payload.parsrv, &payload.hello_handler]
+    let files = [Path::new(BUSYBOX), &payload.parsrv]
         .into_iter()
+        .chain(payload.examples.iter().map(|(_, path)| path.as_path()))
         .chain(payload.tests.iter().map(|(_, path)| path.as_path()));
     for file in files {
         let meta = fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;

@@ -1,0 +1,37 @@
+//! A handler written only against the socket-activation protocol, as a server written for
+//! systemd would be: one blocking `accept()` loop on the socket passed as fd 3, one
+//! connection at a time, and an accept error ends it. It works because parsrv passes fd 3
+//! blocking, as systemd does; with `--nonblocking` (systemd's `NonBlocking=yes`) accept()
+//! fails with EAGAIN at once and this server exits, as such a server would under systemd.
+//!
+//!     parsrv run --listen 127.0.0.1:8080 --handlers 4 --handler exec -- \
+//!         target/debug/examples/blocking_handler
+
+use std::io::{Read, Write};
+
+fn main() {
+    let listener = match parsrv::activation::listener() {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("blocking_handler: {e}");
+            std::process::exit(1);
+        }
+    };
+    let body = format!("blocking handler pid {}\n", std::process::id());
+    for conn in listener.incoming() {
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                eprintln!("blocking_handler: accept: {e}");
+                std::process::exit(1);
+            }
+        };
+        let mut request = [0u8; 4096];
+        let _ = conn.read(&mut request); // one request per connection
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(response.as_bytes());
+    }
+}
