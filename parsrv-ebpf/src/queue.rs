@@ -47,7 +47,11 @@ pub struct Listener {
     /// that at SYN time, before the child exists; counting pending handshakes keeps
     /// concurrent SYNs from overshooting. Negative when overcommitted.
     pub room: i64,
-    /// The kernel itself would drop a SYN here now (`sk_acceptq_is_full`).
+    /// Room by the kernel's own test alone: `max + 1 - established`. Pending handshakes are
+    /// left out: under a SYN flood they fill every SYN queue while the accept queues stay
+    /// empty, and the kernel still serves clients (with syncookies).
+    pub free: i64,
+    /// The kernel itself would drop a SYN here now (`sk_acceptq_is_full`): `free <= 0`.
     pub kernel_full: bool,
 }
 
@@ -83,6 +87,7 @@ pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, 
         addr,
         index,
         room: max as i64 + 1 - established as i64 - pending as i64,
+        free: max as i64 + 1 - established as i64,
         kernel_full: established > max,
     })
 }
@@ -96,10 +101,19 @@ struct Scan {
     first: u64,
     off: KernelOffsets,
     best: Listener,
+    most_free: Listener,
     failed: bool,
 }
 
-/// The socket with the most room. The scan starts at the hash choice `first` so that ties
+/// What a scan found: the socket with the most room, and the one with the most room by the
+/// kernel's own test.
+pub struct Found {
+    pub best: Listener,
+    pub most_free: Listener,
+}
+
+/// The socket with the most room, and the one with the most room by the kernel's test
+/// alone. The scan starts at the hash choice `first` so that ties
 /// go to it (and after it, in group order): under even load this keeps the kernel's spread
 /// instead of piling onto socket 0.
 ///
@@ -113,7 +127,7 @@ pub fn most_room(
     first: u32,
     first_listener: Listener,
     off: &KernelOffsets,
-) -> Result<Listener, FailOpen> {
+) -> Result<Found, FailOpen> {
     // One read for every socket pointer instead of one per socket.
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(FailOpen::ReadFailed)?;
     // SAFETY: this CPU's scratch element; num <= MAX_SOCKETS was checked by the caller.
@@ -132,6 +146,7 @@ pub fn most_room(
         first: first as u64,
         off: *off,
         best: first_listener,
+        most_free: first_listener,
         failed: false,
     };
     // SAFETY: scan_step has the callback signature bpf_loop expects and reads only `scan`.
@@ -146,7 +161,10 @@ pub fn most_room(
     if scan.failed {
         return Err(FailOpen::ReadFailed);
     }
-    Ok(scan.best)
+    Ok(Found {
+        best: scan.best,
+        most_free: scan.most_free,
+    })
 }
 
 /// One step of [`most_room`]: looks at the `step`-th socket after the hash choice.
@@ -166,6 +184,9 @@ extern "C" fn scan_step(step: u64, scan: *mut c_void) -> i64 {
         Ok(candidate) => {
             if candidate.room > scan.best.room {
                 scan.best = candidate;
+            }
+            if candidate.free > scan.most_free.free {
+                scan.most_free = candidate;
             }
             0 // next step
         }

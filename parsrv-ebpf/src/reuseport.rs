@@ -18,7 +18,7 @@ use parsrv_common::reuseport::{
 
 use crate::{
     counting::count,
-    queue::{address_of, listener, most_room, read, Listener},
+    queue::{address_of, listener, most_room, read, Found, Listener},
 };
 
 #[map]
@@ -96,29 +96,43 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, FailOp
         return Ok(SK_DROP);
     }
 
-    let best = if config.policy == policy::REDIRECT && hash_choice.room > 0 {
-        hash_choice // fast path: only the hash choice was read
+    let found = if config.policy == policy::REDIRECT && hash_choice.room > 0 {
+        // Fast path: only the hash choice was read.
+        Found {
+            best: hash_choice,
+            most_free: hash_choice,
+        }
     } else {
         most_room(socks, num, first, hash_choice, off)?
     };
-
-    let outcome = if best.room > 0 || migrating {
+    // Every queue looks full, but only because of handshakes in progress: a SYN flood fills
+    // the SYN queues while the accept queues stay empty, and the kernel would serve this
+    // client (syncookies). So does parsrv: the socket with the most room by the kernel's
+    // own test takes it. Refusing or dropping is only for queues full of connections.
+    let target = if found.best.room > 0 || migrating {
         // Migration does not check the target's fullness and a SK_DROP would reset the
         // connection: with every queue full, the least full one takes it.
+        Some(found.best)
+    } else if found.most_free.free > 0 {
+        Some(found.most_free)
+    } else {
+        None
+    };
+
+    let outcome = if let Some(target) = target {
         Outcome::Select(Decision {
-            target: best,
+            target,
             // A redirect is a move away from a *full* hash choice; least-loaded picking a
             // socket with more room than a hash choice that had some is not one.
-            redirected_from: (best.addr != hash_choice.addr && hash_choice.room <= 0)
+            redirected_from: (target.addr != hash_choice.addr && hash_choice.room <= 0)
                 .then_some(hash_choice),
         })
     } else if config.when_full == when_full::REFUSE {
         Outcome::Refuse { hash_choice }
     } else {
-        // Silent drop: hand the SYN to its hash choice. When that listener is full by the
-        // kernel's own test, the kernel drops the SYN (ListenOverflows, counted here as
-        // `dropped`) and the client retransmits into a fresh decision. When only pending
-        // handshakes made it look full, the kernel takes the connection (`selected`).
+        // Silent drop: hand the SYN to its hash choice, full by the kernel's own test, so the
+        // kernel drops the SYN (ListenOverflows, counted here as `dropped`) and the client
+        // retransmits into a fresh decision.
         Outcome::Select(Decision {
             target: hash_choice,
             redirected_from: None,

@@ -10,9 +10,11 @@
 //!
 //! By concern: [`privileges`] (what a test needs, skip or fail), [`namespaces`] (each test
 //! isolated), [`spawner`] (running parsrv, and the [`group`] builder), [`load`] (clients),
-//! [`plain`] (the plain SO_REUSEPORT control), [`netstat`] (the kernel's counters),
+//! [`plain`] (the plain SO_REUSEPORT control), [`flood`] (spoofed SYNs), [`netstat`] (the
+//! kernel's counters),
 //! [`processes`] (handlers seen from outside).
 
+pub mod flood;
 pub mod load;
 pub mod namespaces;
 pub mod netstat;
@@ -21,6 +23,7 @@ pub mod privileges;
 pub mod processes;
 pub mod spawner;
 
+pub use flood::*;
 pub use load::*;
 pub use namespaces::*;
 pub use netstat::*;
