@@ -19,6 +19,8 @@ use crate::{
 pub struct Listener {
     socket: Socket,
     cookie: u64,
+    /// Out of the group (shut down) while its handler waits to restart.
+    parked: bool,
     /// The accept-queue length the kernel set at listen() (min(backlog, somaxconn)).
     capacity: u32,
 }
@@ -36,6 +38,11 @@ impl Listener {
 
     pub fn socket(&self) -> &Socket {
         &self.socket
+    }
+
+    /// Whether it is out of the group (see [`Listeners::park`]).
+    pub fn parked(&self) -> bool {
+        self.parked
     }
 
     /// The accept queue, read exactly (TCP_INFO).
@@ -122,6 +129,7 @@ impl Listeners {
         self.listeners.push(Listener {
             socket,
             cookie,
+            parked: false,
             capacity,
         });
         Ok(self.listeners.last().expect("just pushed"))
@@ -143,6 +151,46 @@ impl Listeners {
                     addr: listen,
                     source,
                 })?;
+        }
+        Ok(())
+    }
+
+    /// Takes socket `index` out of the kernel's group for a while: shut down, it leaves the
+    /// group, the kernel runs the program for each connection queued on it (which moves them
+    /// to sockets with room), and no new connection comes to it. It stays bound, and open in
+    /// every process that holds it. [`Listeners::unpark`] puts it back.
+    pub fn park(&mut self, index: usize) -> Result<()> {
+        let listen = self.listen;
+        let listener = &mut self.listeners[index];
+        if !listener.parked {
+            listener
+                .socket
+                .shutdown(std::net::Shutdown::Read)
+                .map_err(|source| Error::Socket {
+                    action: "take out of the group (shutdown) the socket on",
+                    addr: listen,
+                    source,
+                })?;
+            listener.parked = true;
+        }
+        Ok(())
+    }
+
+    /// Puts a parked socket back: listen() again makes the kernel add it to its group again
+    /// (the same socket, cookie and fd everywhere), with the queue length it had.
+    pub fn unpark(&mut self, index: usize) -> Result<()> {
+        let (listen, backlog) = (self.listen, self.backlog);
+        let listener = &mut self.listeners[index];
+        if listener.parked {
+            listener
+                .socket
+                .listen(backlog.min(i32::MAX as u32) as i32)
+                .map_err(|source| Error::Socket {
+                    action: "listen again on",
+                    addr: listen,
+                    source,
+                })?;
+            listener.parked = false;
         }
         Ok(())
     }

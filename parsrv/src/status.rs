@@ -71,6 +71,10 @@ pub struct SocketStatus {
     pub cookie: u64,
     /// Read with TCP_INFO when the status was taken; `None` if that failed.
     pub queue: Option<QueueDepth>,
+    /// Out of the kernel's group while its handler waits to restart: its queue moved to
+    /// the other sockets and it gets no new connection.
+    #[serde(default)]
+    pub parked: bool,
     pub counters: SlotCounters,
 }
 
@@ -157,13 +161,18 @@ impl GroupStatus {
                     .map_or("-".to_string(), |n| n.to_string()),
             );
         }
-        for handler in &self.handlers {
+        for (handler, socket) in self.handlers.iter().zip(&self.sockets) {
             if let Some(wait) = handler.restart_in_ms {
                 let _ = writeln!(
                     out,
-                    "handler {} {}: restarting in {wait} ms",
+                    "handler {} {}: restarting in {wait} ms{}",
                     handler.slot,
-                    handler.last_exit.as_deref().unwrap_or("exited")
+                    handler.last_exit.as_deref().unwrap_or("exited"),
+                    if socket.parked {
+                        " (its socket is out of the group meanwhile)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
@@ -287,6 +296,7 @@ pub(crate) mod tests {
                     redirected_away: 1,
                     ..Default::default()
                 },
+                ..Default::default()
             }],
             errors: GlobalCounters::default(),
             program: RunStats {

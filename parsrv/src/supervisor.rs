@@ -20,6 +20,17 @@ use crate::{
     spec::{Credentials, GroupSpec, HandlerKind},
 };
 
+/// What a slot's supervisor may do with its socket in the kernel's group: take it out while
+/// the slot waits out a restart delay, so that its queue moves to live handlers and no new
+/// connection waits for a handler that is not there; put it back before the next handler
+/// starts.
+pub trait SocketParking {
+    /// Takes the slot's socket out, if another slot has a handler; says whether it did.
+    fn park(&self, slot: u32) -> crate::Result<bool>;
+    /// Puts it back (nothing to do if it is in).
+    fn unpark(&self, slot: u32) -> crate::Result<()>;
+}
+
 /// What every handler of a group is started with.
 pub struct Launcher {
     pub spec: GroupSpec,
@@ -28,6 +39,28 @@ pub struct Launcher {
     pub grace: Duration,
     /// How long a replacement may take to become ready during a restart.
     pub ready_timeout: Duration,
+    /// The group's sockets, set once the group exists.
+    pub parking: std::cell::OnceCell<std::rc::Weak<dyn SocketParking>>,
+}
+
+impl Launcher {
+    fn park(&self, slot: u32) -> bool {
+        let Some(parking) = self.parking.get().and_then(std::rc::Weak::upgrade) else {
+            return false;
+        };
+        parking.park(slot).unwrap_or_else(|e| {
+            log::error!("handler {slot}: cannot take its socket out of the group: {e}");
+            false
+        })
+    }
+
+    fn unpark(&self, slot: u32) {
+        if let Some(parking) = self.parking.get().and_then(std::rc::Weak::upgrade) {
+            if let Err(e) = parking.unpark(slot) {
+                log::error!("handler {slot}: cannot put its socket back in the group: {e}");
+            }
+        }
+    }
 }
 
 /// An exec'd program gives no sign of readiness parsrv can read; one that is still running
@@ -178,6 +211,8 @@ async fn supervise(
         if *stop.borrow() {
             return;
         }
+        // Back in the group before the handler looks at its socket.
+        launcher.unpark(index);
         match Running::start(&launcher, &slot) {
             Err(e) => log::error!("handler {index}: cannot start: {e}"),
             Ok(mut running) => {
@@ -229,8 +264,16 @@ async fn supervise(
             }
         }
         let delay = backoff.next();
+        // Started again at once, the successor serves the queue. A delayed one would leave
+        // it, and every new connection the program sends here, waiting: they go to the
+        // live handlers instead.
         if !delay.is_zero() {
-            log::warn!("handler {index} keeps exiting: next start in {delay:?}");
+            let moved = if launcher.park(index) {
+                "; its socket is out of the group meanwhile, its queue moved to the others"
+            } else {
+                ""
+            };
+            log::warn!("handler {index} keeps exiting: next start in {delay:?}{moved}");
         }
         slot.state.borrow_mut().restart_at = Some(Instant::now() + delay);
         tokio::select! {

@@ -168,16 +168,26 @@ impl Steering {
 
     /// Forgets `slot` (whose socket has `cookie`): after its socket left the group.
     pub fn unregister(&mut self, slot: u32, cookie: u64) -> Result<()> {
-        let context = format!("unregistering the socket of slot {slot}");
+        self.forget_socket(slot)?;
+        // Its cookie may be gone already if registration failed halfway.
+        let _ = self.slot_by_cookie.remove(&cookie);
+        self.new_generation()
+    }
+
+    /// Empties `slot`'s SOCKETS entry, keeping its cookie: its socket left the group for a
+    /// while ([`Steering::register`] puts it back).
+    pub fn forget_socket(&mut self, slot: u32) -> Result<()> {
         match self.sockets.clear_index(&slot) {
             Ok(()) => {}
             // The kernel empties a socket's slot itself when the socket is shut down.
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(Error::ebpf(context)(e)),
+            Err(e) => {
+                return Err(Error::ebpf(format!(
+                    "unregistering the socket of slot {slot}"
+                ))(e))
+            }
         }
-        // Its cookie may be gone already if registration failed halfway.
-        let _ = self.slot_by_cookie.remove(&cookie);
         self.new_generation()
     }
 

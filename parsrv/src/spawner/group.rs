@@ -30,7 +30,7 @@ use crate::{
     listeners::Listeners,
     spec::{GroupSpec, HandlerKind},
     status::{self, GroupStatus, HandlerStatus, ScalingStatus, SocketStatus},
-    supervisor::{process_alive, Launcher},
+    supervisor::{process_alive, Launcher, SocketParking},
 };
 
 /// Detaches the program from the group when dropped (holds a duplicate of a member socket).
@@ -41,6 +41,16 @@ impl Drop for Attachment {
         if let Err(e) = Steering::detach(&self.0) {
             log::error!("{e}");
         }
+    }
+}
+
+impl SocketParking for RunningGroup {
+    fn park(&self, slot: u32) -> Result<bool> {
+        self.members.borrow_mut().park(slot)
+    }
+
+    fn unpark(&self, slot: u32) -> Result<()> {
+        self.members.borrow_mut().unpark(slot)
     }
 }
 
@@ -83,9 +93,10 @@ impl RunningGroup {
             credentials,
             grace: spec.grace(),
             ready_timeout: spec.ready_timeout(),
+            parking: Default::default(),
         });
         let (stop, stopped) = watch::channel(false);
-        let mut members = Members::register(listeners, steering, launcher, stopped)?;
+        let mut members = Members::register(listeners, steering, launcher.clone(), stopped)?;
         members.steering().attach(&members.listeners()[0])?;
         let attachment = Attachment(
             members.listeners()[0]
@@ -94,7 +105,7 @@ impl RunningGroup {
                 .map_err(Error::io("duplicating a group socket"))?,
         );
         let pins = members.steering_mut().publish_pins()?;
-        Ok(Rc::new(RunningGroup {
+        let group = Rc::new(RunningGroup {
             pins_dir: pins.as_ref().map(|p| p.dir().to_owned()),
             spec,
             members: RefCell::new(members),
@@ -104,7 +115,10 @@ impl RunningGroup {
             draining: Cell::new(false),
             teardown: RefCell::new(Some((attachment, pins))),
             tasks: RefCell::default(),
-        }))
+        });
+        let parking: std::rc::Weak<dyn SocketParking> = Rc::downgrade(&group) as _;
+        let _ = launcher.parking.set(parking);
+        Ok(group)
     }
 
     pub fn start_handlers(&self) -> Result<()> {
@@ -251,6 +265,7 @@ impl RunningGroup {
                 slot: slot.index,
                 cookie: listener.cookie(),
                 queue: listener.queue().ok(),
+                parked: listener.parked(),
                 counters,
             })
             .collect();

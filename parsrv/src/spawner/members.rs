@@ -115,6 +115,33 @@ impl Members {
         self.start_handler()
     }
 
+    /// Takes slot `index`'s socket out of the group while its handler waits to restart, if
+    /// another slot has a handler to take its connections (otherwise they are better off
+    /// waiting in its queue). Says whether it did.
+    pub fn park(&mut self, index: u32) -> Result<bool> {
+        let others_live = self
+            .slots
+            .iter()
+            .any(|s| s.index != index && s.state.borrow().pid.is_some());
+        if !others_live || self.listeners.listeners()[index as usize].parked() {
+            return Ok(false);
+        }
+        self.listeners.park(index as usize)?;
+        // The kernel emptied the socket's SOCKETS entry; its cookie stays known.
+        self.steering.forget_socket(index)?;
+        Ok(true)
+    }
+
+    /// Puts slot `index`'s socket back in the group, before its next handler starts.
+    pub fn unpark(&mut self, index: u32) -> Result<()> {
+        if !self.listeners.listeners()[index as usize].parked() {
+            return Ok(());
+        }
+        self.listeners.unpark(index as usize)?;
+        self.steering
+            .register(index, &self.listeners.listeners()[index as usize])
+    }
+
     /// Takes the top slot out of the group: shutting its socket down makes the kernel run
     /// the program for each queued connection and pending handshake, and the program moves
     /// them to a socket with room. The caller retires the handler, then calls
@@ -124,13 +151,16 @@ impl Members {
             return Ok(None);
         };
         let listener = &self.listeners.listeners()[slot.index as usize];
-        listener
-            .socket()
-            .shutdown(std::net::Shutdown::Read)
-            .map_err(Error::io(format!(
-                "shutting down the socket of slot {}",
-                slot.index
-            )))?;
+        // A parked socket is out of the group already.
+        if !listener.parked() {
+            listener
+                .socket()
+                .shutdown(std::net::Shutdown::Read)
+                .map_err(Error::io(format!(
+                    "shutting down the socket of slot {}",
+                    slot.index
+                )))?;
+        }
         // The socket has left the group for good: the removal goes on whatever else fails,
         // so that the group is never left with a slot whose socket is dead.
         let cookie = listener.cookie();
