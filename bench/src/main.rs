@@ -4,6 +4,7 @@
 //! machine is shared and noisy: read the ratios). Results go to a folder (`report.md`, CSV,
 //! PNG charts) labelled with machine, date, commit and parameters.
 
+mod faults;
 mod lifecycle;
 mod load;
 mod models;
@@ -24,7 +25,7 @@ use report::{Report, Table};
 /// No client of the lifecycle scenarios runs longer than this, whatever happens.
 pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "uniform",
     "stall",
     "burst",
@@ -32,6 +33,7 @@ const SCENARIOS: [&str; 7] = [
     "prog-cost",
     "scale-up",
     "restart",
+    "faults",
 ];
 
 fn main() {
@@ -93,6 +95,7 @@ fn main() {
                 "prog-cost" => prog_cost(&mut report, quick),
                 "scale-up" => lifecycle::scale_up(&mut report, quick),
                 "restart" => lifecycle::restart(&mut report, quick),
+                "faults" => faults::faults(&mut report, quick),
                 _ => unreachable!(),
             }
             report

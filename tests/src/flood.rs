@@ -9,6 +9,7 @@
 //! with no tool, module or netfilter rule (the VMs have none).
 
 use std::{
+    collections::HashMap,
     io,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd,
@@ -19,6 +20,8 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
+
+use crate::{addr, all_net_counters, wait_for, Outcome, SteadyLoad};
 
 /// Where the spoofed SYNs come from.
 pub const SPOOFED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
@@ -162,4 +165,55 @@ pub fn pending_handshakes() -> usize {
         .skip(1)
         .filter(|line| line.split_whitespace().nth(3) == Some("03"))
         .count()
+}
+
+/// What real clients saw under a flood.
+#[derive(Debug)]
+pub struct Flooded {
+    pub requests: usize,
+    pub failed: usize,
+    /// How the failed ones ended, counted.
+    pub failures: HashMap<Outcome, usize>,
+    /// Syncookies the kernel sent meanwhile: its SYN queues overflowed.
+    pub syncookies_sent: u64,
+    pub spoofed_syns: u64,
+}
+
+fn syncookies_sent() -> u64 {
+    all_net_counters()
+        .get("TcpExt.SyncookiesSent")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Floods whatever serves [`addr`] with `per_second` spoofed SYNs until `full` handshakes
+/// are pending (the SYN queues are full), then runs 4 real clients for `load_for` under the
+/// flood.
+pub fn flooded_load(full: usize, per_second: u32, load_for: Duration) -> Flooded {
+    let std::net::SocketAddr::V4(target) = addr() else {
+        unreachable!("the test address is IPv4");
+    };
+    let cookies_before = syncookies_sent();
+    let flood = SynFlood::start(target, per_second, load_for * 4).expect("flooding");
+    assert!(
+        wait_for(Duration::from_secs(10), || pending_handshakes() >= full),
+        "the flood never filled the SYN queues: {} pending",
+        pending_handshakes()
+    );
+    let started = Instant::now();
+    let load = SteadyLoad::start(addr(), 4, load_for, Duration::from_secs(3));
+    thread::sleep(load_for.saturating_sub(started.elapsed()));
+    let outcomes = load.finish();
+    let spoofed_syns = flood.finish();
+    let mut failures = HashMap::new();
+    for outcome in outcomes.iter().filter(|o| **o != Outcome::Ok) {
+        *failures.entry(*outcome).or_insert(0) += 1;
+    }
+    Flooded {
+        requests: outcomes.len(),
+        failed: failures.values().sum(),
+        failures,
+        syncookies_sent: syncookies_sent() - cookies_before,
+        spoofed_syns,
+    }
 }

@@ -10,10 +10,11 @@
 //!
 //! By concern: [`privileges`] (what a test needs, skip or fail), [`namespaces`] (each test
 //! isolated), [`spawner`] (running parsrv, and the [`group`] builder), [`load`] (clients),
-//! [`plain`] (the plain SO_REUSEPORT control), [`flood`] (spoofed SYNs), [`netstat`] (the
+//! [`plain`] (the plain SO_REUSEPORT control), [`flood`] (spoofed SYNs), [`faults`] (kill loops), [`netstat`] (the
 //! kernel's counters),
 //! [`processes`] (handlers seen from outside).
 
+pub mod faults;
 pub mod flood;
 pub mod load;
 pub mod namespaces;
@@ -23,6 +24,7 @@ pub mod privileges;
 pub mod processes;
 pub mod spawner;
 
+pub use faults::*;
 pub use flood::*;
 pub use load::*;
 pub use namespaces::*;

@@ -29,6 +29,9 @@ impl PlainGroup {
                 )
                 .unwrap();
                 s.set_reuse_port(true).unwrap();
+                // As parsrv's own sockets: without it, the TIME_WAIT connections of this
+                // group would keep the next server (parsrv in the same test) off the port.
+                s.set_reuse_address(true).unwrap();
                 s.bind(&addr.into()).unwrap();
                 s.listen(backlog).unwrap();
                 s.set_nonblocking(true).unwrap();

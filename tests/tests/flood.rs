@@ -8,70 +8,16 @@
 //! clients make HTTP requests for 3 s; the same in the same test with a plain SO_REUSEPORT
 //! group as the control.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use parsrv_integration_tests::{
-    addr, all_net_counters, group, pending_handshakes, privileged, wait_for, HandlerKind, Needs,
-    Outcome, PlainGroup, Policy, SteadyLoad, SynFlood, WhenFull,
+    addr, flooded_load, group, privileged, HandlerKind, Needs, PlainGroup, Policy, WhenFull,
 };
 
 const FLOOD_PER_SECOND: u32 = 3000;
 const LOAD_FOR: Duration = Duration::from_secs(3);
 const HANDLERS: usize = 2;
 const BACKLOG: u32 = 8;
-
-/// What the real clients saw under a flood.
-#[derive(Debug)]
-struct Flooded {
-    requests: usize,
-    failed: usize,
-    /// How the failed ones ended, counted.
-    failures: HashMap<Outcome, usize>,
-    syncookies_sent: u64,
-    spoofed_syns: u64,
-}
-
-fn syncookies_sent() -> u64 {
-    all_net_counters()
-        .get("TcpExt.SyncookiesSent")
-        .copied()
-        .unwrap_or(0)
-}
-
-/// Floods whatever serves `addr()`, and meanwhile runs the real clients.
-fn flooded_load() -> Flooded {
-    let std::net::SocketAddr::V4(target) = addr() else {
-        unreachable!("the test address is IPv4");
-    };
-    let cookies_before = syncookies_sent();
-    let flood = SynFlood::start(target, FLOOD_PER_SECOND, LOAD_FOR * 4).expect("flooding");
-    // The flood holds every SYN queue full before the clients start.
-    let full = HANDLERS * BACKLOG as usize;
-    assert!(
-        wait_for(Duration::from_secs(10), || pending_handshakes() >= full),
-        "the flood never filled the SYN queues: {} pending",
-        pending_handshakes()
-    );
-    let started = Instant::now();
-    let load = SteadyLoad::start(addr(), 4, LOAD_FOR, Duration::from_secs(3));
-    std::thread::sleep(LOAD_FOR.saturating_sub(started.elapsed()));
-    let outcomes = load.finish();
-    let spoofed_syns = flood.finish();
-    let mut failures = HashMap::new();
-    for outcome in outcomes.iter().filter(|o| **o != Outcome::Ok) {
-        *failures.entry(*outcome).or_insert(0) += 1;
-    }
-    Flooded {
-        requests: outcomes.len(),
-        failed: failures.values().sum(),
-        failures,
-        syncookies_sent: syncookies_sent() - cookies_before,
-        spoofed_syns,
-    }
-}
 
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
@@ -88,7 +34,7 @@ fn a_syn_flood_never_makes_parsrv_refuse_a_client_the_kernel_serves() {
                     .policy(policy)
                     .when_full(when_full)
                     .start();
-                let run = flooded_load();
+                let run = flooded_load(HANDLERS * BACKLOG as usize, FLOOD_PER_SECOND, LOAD_FOR);
                 let status = spawner.status();
                 let refused: u64 = status.sockets.iter().map(|s| s.counters.refused).sum();
                 let dropped: u64 = status.sockets.iter().map(|s| s.counters.dropped).sum();
@@ -117,7 +63,7 @@ fn a_syn_flood_never_makes_parsrv_refuse_a_client_the_kernel_serves() {
             BACKLOG as i32,
             &(0..HANDLERS).collect::<Vec<_>>(),
         );
-        let control = flooded_load();
+        let control = flooded_load(HANDLERS * BACKLOG as usize, FLOOD_PER_SECOND, LOAD_FOR);
         drop(plain);
         eprintln!("control (plain SO_REUSEPORT): {control:?}");
         assert!(control.syncookies_sent > 0, "{control:?}");

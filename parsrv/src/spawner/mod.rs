@@ -268,10 +268,11 @@ impl Spawner {
             }
         }
         answering.abort();
+        // The monitoring endpoint answers while groups drain and stop: /healthz says 503.
+        self.stop_all().await;
         if let Some(exporting) = exporting {
             exporting.abort();
         }
-        self.stop_all().await;
         Ok(())
     }
 }

@@ -1,41 +1,15 @@
 //! `--metrics ADDR:PORT`: Prometheus text exposition (version 0.0.4) of every group, built
-//! from the same status `parsrv status --json` shows.
+//! from the same status `parsrv status --json` shows, served with `/status` and `/healthz`
+//! by [`serve`].
+
+mod serve;
+
+pub use serve::{health, serve, HEAD_TIMEOUT, MAX_CONNECTIONS};
 
 use std::fmt::Write as _;
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
-
 use crate::status::GroupStatus;
 use parsrv_common::reuseport::SlotCounters;
-
-/// Serves `GET /metrics` forever.
-pub async fn serve(listener: TcpListener, statuses: impl Fn() -> Vec<GroupStatus> + 'static) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let mut request = [0u8; 1024];
-        let read =
-            tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut request)).await;
-        let Ok(Ok(n)) = read else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&request[..n]);
-        let response = if head.starts_with("GET /metrics ") || head.starts_with("GET / ") {
-            let body = render(&statuses());
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-        } else {
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 20\r\nConnection: close\r\n\r\ntry GET /metrics \r\n\r\n".to_owned()
-        };
-        let _ = conn.write_all(response.as_bytes()).await;
-    }
-}
 
 /// One metric family: name, type, help, and its samples (labels, value).
 struct Family {

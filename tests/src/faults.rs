@@ -1,0 +1,103 @@
+//! Faults as operators meet them, shared by the tests and the benchmark: handlers SIGKILLed
+//! at random under load ([`kill_loop`]).
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use parsrv::status::GroupStatus;
+
+use crate::{addr, signal, wait_for, Outcome, Spawner, SteadyLoad};
+
+/// What a kill loop did and cost.
+#[derive(Debug)]
+pub struct KillLoop {
+    pub kills: usize,
+    pub requests: u64,
+    pub failed: u64,
+    /// Requests a handler had accepted and never answered: lost with a killed process
+    /// (`accepted` of the handlers' shared counters, minus the answered).
+    pub lost_in_flight: u64,
+    /// Requests that never connected (timed out or refused).
+    pub never_connected: usize,
+    /// Looks at a slot waiting out a restart delay while another had a handler.
+    pub waiting: usize,
+    /// Of those, how many found the slot's socket still in the group.
+    pub waiting_in_the_group: usize,
+    /// Connections the program sent to a socket while it was out of the group.
+    pub sent_to_parked: u64,
+}
+
+/// Kills a random handler of `spawner`'s group (built-in handlers) every `every`, `kills`
+/// times, under a steady load of `clients`; then waits for every handler to be back.
+pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usize) -> KillLoop {
+    let handlers = spawner.status().handlers.len();
+    let load = SteadyLoad::start(
+        addr(),
+        clients,
+        every * kills as u32 * 2 + Duration::from_secs(5),
+        Duration::from_secs(3),
+    );
+    // A fixed sequence of victims (xorshift), so that runs compare.
+    let mut state: u32 = 0x2545_f491;
+    let mut result = KillLoop {
+        kills: 0,
+        requests: 0,
+        failed: 0,
+        lost_in_flight: 0,
+        never_connected: 0,
+        waiting: 0,
+        waiting_in_the_group: 0,
+        sent_to_parked: 0,
+    };
+    let mut previous: Option<GroupStatus> = None;
+    for _ in 0..kills {
+        std::thread::sleep(every);
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let status = spawner.status();
+        let live = status.handlers.iter().filter(|h| h.pid.is_some()).count();
+        for (handler, socket) in status.handlers.iter().zip(&status.sockets) {
+            if handler.pid.is_none() && handler.restart_in_ms.is_some_and(|ms| ms > 0) && live > 0 {
+                result.waiting += 1;
+                result.waiting_in_the_group += usize::from(!socket.parked);
+            }
+            let before = previous.as_ref().map(|p| &p.sockets[socket.slot as usize]);
+            if let Some(before) = before.filter(|b| b.parked && socket.parked) {
+                result.sent_to_parked += socket.counters.selected - before.counters.selected;
+            }
+        }
+        if let Some(pid) = status.handlers[state as usize % handlers].pid {
+            signal(pid, Signal::SIGKILL);
+            result.kills += 1;
+        }
+        previous = Some(status);
+    }
+    // The load goes on while the last victims come back, then stops.
+    std::thread::sleep(Duration::from_secs(1));
+    let outcomes = load.finish();
+    assert!(
+        wait_for(Duration::from_secs(15), || spawner
+            .status()
+            .handlers
+            .iter()
+            .all(|h| h.alive)),
+        "handlers did not come back:\n{}",
+        spawner.log()
+    );
+    let accepted: u64 = spawner
+        .status()
+        .handlers
+        .iter()
+        .filter_map(|h| h.accepted)
+        .sum();
+    let answered = outcomes.iter().filter(|o| **o == Outcome::Ok).count() as u64;
+    result.requests = outcomes.len() as u64;
+    result.failed = result.requests - answered;
+    result.lost_in_flight = accepted - answered;
+    result.never_connected = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::ConnectTimeout | Outcome::Refused))
+        .count();
+    result
+}
