@@ -132,7 +132,7 @@ mod tests {
     #[test]
     fn health_names_the_group_that_does_not_serve() {
         let serving = crate::status::tests::sample();
-        assert_eq!(health(&[serving.clone()]).0, StatusCode::OK);
+        assert_eq!(health(std::slice::from_ref(&serving)).0, StatusCode::OK);
         assert_eq!(health(&[]).0, StatusCode::SERVICE_UNAVAILABLE);
         let mut draining = serving.clone();
         draining.draining = true;
