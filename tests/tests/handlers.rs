@@ -239,8 +239,9 @@ fn fd_3_is_blocking_as_systemd_passes_it_unless_nonblocking_is_asked() {
             .handlers(1)
             .threads(2)
             .start();
-        assert!(nonblocking(spawner.handler_pid(0), 3));
+        // Once it serves it has set the mode (a process is alive before it gets there).
         assert!(http_get(addr(), Duration::from_secs(3)) == Outcome::Ok);
+        assert!(nonblocking(spawner.handler_pid(0), 3));
         assert!(spawner.stop().success());
     });
 }
