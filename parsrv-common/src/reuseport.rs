@@ -31,6 +31,11 @@ pub mod names {
     pub const SLOT_CACHE: &str = "SLOT_CACHE";
     /// PERCPU_ARRAY scratch space (not pinned: private to the program).
     pub const SCRATCH: &str = "SCRATCH";
+    /// PERCPU_ARRAY of one u64: when the CPU last reported a fail-open error to the log
+    /// (not pinned: private to the program).
+    pub const LAST_REPORT: &str = "LAST_REPORT";
+    /// aya-log's ring buffer of log records, read by the spawner (aya-log names it).
+    pub const LOGS: &str = "AYA_LOGS";
 }
 
 /// Where a new connection goes while some socket has room.

@@ -7,6 +7,7 @@
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::bpf_ktime_get_ns,
     macros::{map, sk_reuseport},
     maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
@@ -61,9 +62,37 @@ pub fn parsrv_select(ctx: SkReuseportContext) -> u32 {
     };
     verdict.unwrap_or_else(|error| {
         count(&GLOBAL_COUNTERS, 0, |counters| error.increment(counters));
+        report(&ctx, error);
         SK_PASS
     })
 }
+
+/// Tells the spawner's log that the program failed open, and why, at most once a second
+/// per CPU (GLOBAL_COUNTERS counts every one). Only on the error path: the fast path does not
+/// pay for it.
+#[inline(never)]
+fn report(ctx: &SkReuseportContext, error: FailOpen) {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(last) = LAST_REPORT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's element; nothing else runs on this CPU meanwhile.
+    let last = unsafe { &mut *last };
+    if *last != 0 && now.wrapping_sub(*last) < REPORT_EVERY_NS {
+        return;
+    }
+    *last = now;
+    // The spawner turns the code into the counter's name (GlobalCounters::COUNTERS).
+    aya_log_ebpf::error!(ctx, "fail-open {} hash {}", error as u8, ctx.hash());
+}
+
+/// At most one report per CPU this often.
+const REPORT_EVERY_NS: u64 = 1_000_000_000;
+
+/// When this CPU last reported a fail-open error (not pinned: private to the program).
+#[map]
+static LAST_REPORT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, FailOpen> {

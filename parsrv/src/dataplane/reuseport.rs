@@ -241,6 +241,21 @@ impl Steering {
         Ok(sum)
     }
 
+    /// The program's log records, named for `group` (once: the ring buffer has one reader).
+    pub fn take_log(&mut self, group: &str) -> Result<ProgramLog> {
+        aya_log::EbpfLogger::init_with_logger(
+            &mut self.ebpf,
+            FailOpenLog {
+                group: group.to_owned(),
+            },
+        )
+        .map(ProgramLog)
+        .map_err(Error::ebpf(format!(
+            "reading the program's log ({})",
+            names::LOGS
+        )))
+    }
+
     pub fn run_stats(&self) -> Result<RunStats> {
         let info = self
             .program()
@@ -254,6 +269,59 @@ impl Steering {
                 .is_ok_and(|s| s.trim() == "1"),
         })
     }
+}
+
+/// The program's log records (aya-log), for the spawner's log: reports of fail-open errors,
+/// which the program sends at most once a second per CPU.
+pub struct ProgramLog(aya_log::EbpfLogger<FailOpenLog>);
+
+impl ProgramLog {
+    /// Writes what the program reported since the last call to the spawner's log.
+    pub fn flush(&mut self) {
+        self.0.flush();
+    }
+}
+
+impl std::os::fd::AsRawFd for ProgramLog {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Turns the program's `fail-open CODE hash HASH` records into a line that names the group
+/// and the error (by its counter's description).
+pub struct FailOpenLog {
+    group: String,
+}
+
+impl log::Log for FailOpenLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let text = record.args().to_string();
+        let mut words = text.split_whitespace();
+        let parsed = match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("fail-open"), Some(code), Some("hash"), Some(hash)) => {
+                code.parse::<usize>().ok().zip(hash.parse::<u32>().ok())
+            }
+            _ => None,
+        };
+        let group = &self.group;
+        match parsed.and_then(|(code, hash)| Some((GlobalCounters::COUNTERS.get(code)?, hash))) {
+            Some((counter, hash)) => log::warn!(
+                "group {group}: the program failed open ({}: {}) for a connection with hash \
+                 {hash:#010x}, which the kernel's hash choice serves; reported at most once a \
+                 second per CPU, `parsrv status` counts every one",
+                counter.column,
+                counter.help.trim_end_matches('.')
+            ),
+            None => log::warn!("group {group}: the program says: {text}"),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 fn missing(name: &str) -> Error {

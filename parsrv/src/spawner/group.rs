@@ -23,7 +23,7 @@ use crate::{
     control::ControlError,
     dataplane::{
         pins::{self, Pins},
-        reuseport::Steering,
+        reuseport::{ProgramLog, Steering},
     },
     error::{Error, Result},
     handler::HandlerStats,
@@ -67,6 +67,27 @@ pub(crate) struct RunningGroup {
     teardown: RefCell<Option<(Attachment, Option<Pins>)>>,
     /// Its control socket, watchdog and autoscaler.
     tasks: RefCell<Vec<tokio::task::JoinHandle<()>>>,
+    /// The program's log records, until a task forwards them ([`forward_program_log`]).
+    program_log: RefCell<Option<ProgramLog>>,
+}
+
+/// Writes the program's log records to the spawner's log as they come (inside a LocalSet).
+pub async fn forward_program_log(log: ProgramLog) {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the fd is the ring buffer's, owned by `log`, which the AsyncFd owns and never
+    // changes: it stays open and the same for the AsyncFd's whole life.
+    let Ok(mut ready) = (unsafe { AsyncFd::register_with_interest(log, Interest::READABLE) })
+    else {
+        log::error!("cannot wait for the program's log records: they are not shown");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = ready.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 impl RunningGroup {
@@ -104,6 +125,7 @@ impl RunningGroup {
                 .try_clone()
                 .map_err(Error::io("duplicating a group socket"))?,
         );
+        let program_log = members.steering_mut().take_log(&spec.name)?;
         let pins = members.steering_mut().publish_pins()?;
         let group = Rc::new(RunningGroup {
             pins_dir: pins.as_ref().map(|p| p.dir().to_owned()),
@@ -114,11 +136,17 @@ impl RunningGroup {
             scaling: RefCell::default(),
             draining: Cell::new(false),
             teardown: RefCell::new(Some((attachment, pins))),
+            program_log: RefCell::new(Some(program_log)),
             tasks: RefCell::default(),
         });
         let parking: std::rc::Weak<dyn SocketParking> = Rc::downgrade(&group) as _;
         let _ = launcher.parking.set(parking);
         Ok(group)
+    }
+
+    /// The program's log records, for [`forward_program_log`] (once).
+    pub fn take_program_log(&self) -> Option<ProgramLog> {
+        self.program_log.borrow_mut().take()
     }
 
     pub fn start_handlers(&self) -> Result<()> {

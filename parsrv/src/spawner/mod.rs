@@ -161,6 +161,9 @@ impl Spawner {
         };
         group.own_task(answering);
         group.own_task(tokio::task::spawn_local(watchdog::watch(group.clone())));
+        if let Some(log) = group.take_program_log() {
+            group.own_task(tokio::task::spawn_local(group::forward_program_log(log)));
+        }
         if group.spec.autoscaled() {
             group.own_task(tokio::task::spawn_local(autoscaling::run(group.clone())));
         }
