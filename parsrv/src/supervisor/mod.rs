@@ -7,7 +7,7 @@ use std::{
     cell::RefCell,
     io,
     os::fd::{AsRawFd, RawFd},
-    process::{ExitStatus, Stdio},
+    process::Stdio,
     rc::Rc,
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -16,9 +16,15 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    handler::{Launch, SharedStats, LISTEN_FD, STATS_FD},
+    handler::{Launch, SharedStats},
     spec::{Credentials, GroupSpec, HandlerKind},
 };
+
+mod process;
+
+pub use process::process_state;
+use process::{describe_exit, forward_output, kill_group, kill_handler, place_handler};
+pub(crate) use process::{process_alive, process_stopped};
 
 /// What a slot's supervisor may do with its socket in the kernel's group: take it out while
 /// the slot waits out a restart delay, so that its queue moves to live handlers and no new
@@ -30,7 +36,6 @@ pub trait SocketParking {
     /// Puts it back (nothing to do if it is in).
     fn unpark(&self, slot: u32) -> crate::Result<()>;
 }
-
 /// What every handler of a group is started with.
 pub struct Launcher {
     pub spec: GroupSpec,
@@ -42,7 +47,6 @@ pub struct Launcher {
     /// The group's sockets, set once the group exists.
     pub parking: std::cell::OnceCell<std::rc::Weak<dyn SocketParking>>,
 }
-
 impl Launcher {
     fn park(&self, slot: u32) -> bool {
         let Some(parking) = self.parking.get().and_then(std::rc::Weak::upgrade) else {
@@ -62,11 +66,9 @@ impl Launcher {
         }
     }
 }
-
 /// An exec'd program gives no sign of readiness parsrv can read; one that is still running
 /// this long after start counts as ready. (Built-in handlers say so themselves.)
 const EXEC_READY_AFTER: Duration = Duration::from_secs(1);
-
 /// What the spawner knows of a slot's handler, for `status`.
 #[derive(Default)]
 pub struct HandlerState {
@@ -78,7 +80,6 @@ pub struct HandlerState {
     /// The handler's pid once a warning about it was logged (warn once per process).
     pub warned: Option<u32>,
 }
-
 /// Why a handler was not replaced; the old one keeps serving in each case.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplaceError {
@@ -102,14 +103,12 @@ pub enum ReplaceError {
         why: String,
     },
 }
-
 enum Command {
     /// Start a new process on the slot's socket, wait until it is ready, then stop the old.
     Replace(oneshot::Sender<Result<String, ReplaceError>>),
     /// Stop the handler for good (the slot is being removed, or the group stops).
     Retire,
 }
-
 /// A slot as the spawner holds it.
 pub struct Slot {
     pub index: u32,
@@ -120,7 +119,6 @@ pub struct Slot {
     commands: mpsc::UnboundedSender<Command>,
     task: RefCell<Option<tokio::task::JoinHandle<()>>>,
 }
-
 impl Slot {
     /// Starts supervising a handler for socket `listen_fd` (inside a LocalSet).
     pub fn start(
@@ -168,14 +166,12 @@ impl Slot {
         }
     }
 }
-
 /// A running handler process.
 struct Running {
     child: tokio::process::Child,
     pid: u32,
     started: Instant,
 }
-
 impl Running {
     fn start(launcher: &Launcher, slot: &Slot) -> io::Result<Running> {
         let mut child = spawn_handler(launcher, slot)?;
@@ -196,7 +192,6 @@ impl Running {
         }
     }
 }
-
 /// Keeps the slot's handler running until `stop` or a retirement, then stops it.
 async fn supervise(
     launcher: Rc<Launcher>,
@@ -289,7 +284,6 @@ async fn supervise(
         }
     }
 }
-
 async fn retire(launcher: &Launcher, slot: &Slot, mut running: Running) {
     let how = stop_handler(&mut running.child, running.pid, launcher.grace).await;
     log::info!("handler {} (pid {}) {how}", slot.index, running.pid);
@@ -297,7 +291,6 @@ async fn retire(launcher: &Launcher, slot: &Slot, mut running: Running) {
     state.last_exit = Some(how);
     state.pid = None;
 }
-
 /// A rolling restart's step for one slot: the new process starts on the same socket beside
 /// the old one (both accept from the one queue), and only once it is ready is the old one
 /// stopped, gracefully. Nothing queued is touched, so nothing is lost.
@@ -352,7 +345,6 @@ async fn replace(
     log::info!("{message}");
     Ok(message)
 }
-
 /// SIGTERM (and SIGCONT, in case it was stopped) to the handler's process group, then
 /// SIGKILL to the group after `grace`, and to whatever of it is left once the handler exits.
 async fn stop_handler(child: &mut tokio::process::Child, pid: u32, grace: Duration) -> String {
@@ -370,7 +362,6 @@ async fn stop_handler(child: &mut tokio::process::Child, pid: u32, grace: Durati
     kill_group(pid, Signal::SIGKILL);
     how
 }
-
 fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<tokio::process::Child> {
     let spec = &launcher.spec;
     let listener = slot.listen_fd;
@@ -408,14 +399,12 @@ fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<tokio::process:
     }
     command.spawn()
 }
-
 /// Restart delays for a handler that keeps exiting: immediate the first time (its queue is
 /// waiting), then doubling up to a cap, back to immediate after a stable run.
 #[derive(Debug, Default)]
 struct Backoff {
     failures: u32,
 }
-
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
     const CAP: Duration = Duration::from_secs(5);
@@ -440,150 +429,6 @@ impl Backoff {
     }
 }
 
-fn describe_exit(exit: io::Result<ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match exit {
-        Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => format!("exited with code {code}"),
-            (_, Some(signal)) => format!("was killed by signal {signal}"),
-            _ => format!("ended ({status})"),
-        },
-        Err(e) => format!("could not be waited for ({e})"),
-    }
-}
-
-/// Signals handler `pid` and its process group; only while `pid` is a child not yet waited
-/// for (afterwards the number may be another process's).
-///
-/// The process itself is signalled, not only the group: until the child's pre_exec step has
-/// called setpgid there is no such group. A handler stopped (SIGSTOP) in that window and
-/// then retired got neither SIGTERM, SIGCONT nor SIGKILL, and its retirement waited forever
-/// (seen under emulation, where the window is wide, on Linux 6.1).
-fn kill_handler(pid: u32, signal: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
-    kill_group(pid, signal);
-}
-
-/// Signals handler `pid`'s process group (each handler leads one; see place_handler).
-fn kill_group(pid: u32, signal: nix::sys::signal::Signal) {
-    // ESRCH: the group is gone already.
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), signal);
-}
-
-/// Copies a handler's stdout and stderr to the spawner's stderr, a line at a time, each
-/// prefixed with the handler's slot and pid.
-fn forward_output(child: &mut tokio::process::Child, slot: u32, pid: u32) {
-    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
-    fn copy(stream: impl AsyncRead + Unpin + 'static, slot: u32, pid: u32) {
-        tokio::task::spawn_local(async move {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                // Bounded: a handler printing without newlines cannot grow this forever.
-                match (&mut reader)
-                    .take(MAX_LOG_LINE)
-                    .read_until(b'\n', &mut line)
-                    .await
-                {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&line);
-                        eprintln!(
-                            "{}handler {slot}[{pid}]: {}",
-                            crate::output::log_prefix(std::process::id()),
-                            text.trim_end_matches(['\n', '\r'])
-                        );
-                    }
-                }
-            }
-        });
-    }
-    if let Some(out) = child.stdout.take() {
-        copy(out, slot, pid);
-    }
-    if let Some(err) = child.stderr.take() {
-        copy(err, slot, pid);
-    }
-}
-
-/// Longest handler output line copied as one line.
-const MAX_LOG_LINE: u64 = 16 * 1024;
-
-/// Stopped (SIGSTOP) or traced: not accepting, but not misconfigured either.
-pub(crate) fn process_stopped(pid: u32) -> bool {
-    process_state(pid).is_some_and(|state| state == 'T' || state == 't')
-}
-
-/// A process's state letter from /proc/PID/stat (R, S, D, T, t, Z, X, ...), or None if it
-/// is gone. The command name before it may hold spaces and parentheses: the state is the
-/// first field after the last ')'.
-pub fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-/// In the forked child, before exec: put the handler's socket at fd 3 and (built-in
-/// handlers) its counters at fd 4, and close every other fd beside stdio. Pin it to its CPU, tie its life to the spawner's, and
-/// move it out of the terminal's process group so that Ctrl-C reaches only the spawner,
-/// which stops handlers in order.
-fn place_handler(
-    listener: RawFd,
-    stats: Option<RawFd>,
-    cpus: Option<nix::sched::CpuSet>,
-    parent: libc::pid_t,
-) -> io::Result<()> {
-    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    }
-    // SAFETY: plain fd and process syscalls on values owned by this (forked) process.
-    unsafe {
-        // Copy the sources out of the way first: either may sit at 3 or 4.
-        let listener = check(libc::fcntl(listener, libc::F_DUPFD_CLOEXEC, 10))?;
-        let stats = match stats {
-            Some(fd) => Some(check(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))?),
-            None => None,
-        };
-        check(libc::dup2(listener, LISTEN_FD))?;
-        libc::close(listener);
-        if let Some(stats) = stats {
-            check(libc::dup2(stats, STATS_FD))?;
-            libc::close(stats);
-        }
-        // Whatever parsrv itself inherited without close-on-exec must not reach the handler.
-        let first_unused = if stats.is_some() {
-            STATS_FD + 1
-        } else {
-            LISTEN_FD + 1
-        } as u32;
-        if libc::syscall(libc::SYS_close_range, first_unused, u32::MAX, 0) != 0 {
-            // Kernels before 5.9: close them one by one.
-            for fd in first_unused as RawFd..4096 {
-                libc::close(fd);
-            }
-        }
-        if let Some(cpus) = cpus {
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
-        }
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
-        // The spawner may have died before prctl took effect.
-        if libc::getppid() != parent {
-            return Err(io::Error::other("spawner exited"));
-        }
-        check(libc::setpgid(0, 0))?;
-    }
-    Ok(())
-}
-
-/// Running and not a zombie (a stopped process counts as alive: it still owns its slot).
-pub(crate) fn process_alive(pid: u32) -> bool {
-    process_state(pid).is_some_and(|state| state != 'Z' && state != 'X')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,30 +446,5 @@ mod tests {
         assert_eq!(backoff.next(), Backoff::CAP);
         backoff.ran_for(Backoff::STABLE);
         assert_eq!(backoff.next(), Duration::ZERO);
-    }
-
-    #[test]
-    fn process_alive_reads_proc() {
-        assert!(process_alive(std::process::id()));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        // Exited but not reaped: a zombie is not alive.
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(!process_alive(pid));
-        child.wait().unwrap();
-        assert!(!process_alive(pid));
-    }
-
-    #[test]
-    fn describes_exits() {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            describe_exit(Ok(ExitStatus::from_raw(3 << 8))),
-            "exited with code 3"
-        );
-        assert_eq!(
-            describe_exit(Ok(ExitStatus::from_raw(9))),
-            "was killed by signal 9"
-        );
     }
 }

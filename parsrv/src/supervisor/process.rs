@@ -1,0 +1,181 @@
+//! The handler as a process: how it is placed before exec (its fds, process group, CPU,
+//! parent-death signal), its output forwarded line by line, signals to it and to its
+//! process group, and what /proc says of it.
+
+use std::{io, os::fd::RawFd, process::ExitStatus};
+
+use crate::handler::{LISTEN_FD, STATS_FD};
+
+pub(super) fn describe_exit(exit: io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match exit {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (_, Some(signal)) => format!("was killed by signal {signal}"),
+            _ => format!("ended ({status})"),
+        },
+        Err(e) => format!("could not be waited for ({e})"),
+    }
+}
+
+/// Signals handler `pid` and its process group; only while `pid` is a child not yet waited
+/// for (afterwards the number may be another process's).
+///
+/// The process itself is signalled, not only the group: until the child's pre_exec step has
+/// called setpgid there is no such group. A handler stopped (SIGSTOP) in that window and
+/// then retired got neither SIGTERM, SIGCONT nor SIGKILL, and its retirement waited forever
+/// (seen under emulation, where the window is wide, on Linux 6.1).
+pub(super) fn kill_handler(pid: u32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+    kill_group(pid, signal);
+}
+
+/// Signals handler `pid`'s process group (each handler leads one; see place_handler).
+pub(super) fn kill_group(pid: u32, signal: nix::sys::signal::Signal) {
+    // ESRCH: the group is gone already.
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
+/// Copies a handler's stdout and stderr to the spawner's stderr, a line at a time, each
+/// prefixed with the handler's slot and pid.
+pub(super) fn forward_output(child: &mut tokio::process::Child, slot: u32, pid: u32) {
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+    fn copy(stream: impl AsyncRead + Unpin + 'static, slot: u32, pid: u32) {
+        tokio::task::spawn_local(async move {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                // Bounded: a handler printing without newlines cannot grow this forever.
+                match (&mut reader)
+                    .take(MAX_LOG_LINE)
+                    .read_until(b'\n', &mut line)
+                    .await
+                {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        eprintln!(
+                            "{}handler {slot}[{pid}]: {}",
+                            crate::output::log_prefix(std::process::id()),
+                            text.trim_end_matches(['\n', '\r'])
+                        );
+                    }
+                }
+            }
+        });
+    }
+    if let Some(out) = child.stdout.take() {
+        copy(out, slot, pid);
+    }
+    if let Some(err) = child.stderr.take() {
+        copy(err, slot, pid);
+    }
+}
+
+/// Longest handler output line copied as one line.
+const MAX_LOG_LINE: u64 = 16 * 1024;
+
+/// Stopped (SIGSTOP) or traced: not accepting, but not misconfigured either.
+pub(crate) fn process_stopped(pid: u32) -> bool {
+    process_state(pid).is_some_and(|state| state == 'T' || state == 't')
+}
+
+/// A process's state letter from /proc/PID/stat (R, S, D, T, t, Z, X, ...), or None if it
+/// is gone. The command name before it may hold spaces and parentheses: the state is the
+/// first field after the last ')'.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// In the forked child, before exec: put the handler's socket at fd 3 and (built-in
+/// handlers) its counters at fd 4, and close every other fd beside stdio. Pin it to its CPU, tie its life to the spawner's, and
+/// move it out of the terminal's process group so that Ctrl-C reaches only the spawner,
+/// which stops handlers in order.
+pub(super) fn place_handler(
+    listener: RawFd,
+    stats: Option<RawFd>,
+    cpus: Option<nix::sched::CpuSet>,
+    parent: libc::pid_t,
+) -> io::Result<()> {
+    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+    // SAFETY: plain fd and process syscalls on values owned by this (forked) process.
+    unsafe {
+        // Copy the sources out of the way first: either may sit at 3 or 4.
+        let listener = check(libc::fcntl(listener, libc::F_DUPFD_CLOEXEC, 10))?;
+        let stats = match stats {
+            Some(fd) => Some(check(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))?),
+            None => None,
+        };
+        check(libc::dup2(listener, LISTEN_FD))?;
+        libc::close(listener);
+        if let Some(stats) = stats {
+            check(libc::dup2(stats, STATS_FD))?;
+            libc::close(stats);
+        }
+        // Whatever parsrv itself inherited without close-on-exec must not reach the handler.
+        let first_unused = if stats.is_some() {
+            STATS_FD + 1
+        } else {
+            LISTEN_FD + 1
+        } as u32;
+        if libc::syscall(libc::SYS_close_range, first_unused, u32::MAX, 0) != 0 {
+            // Kernels before 5.9: close them one by one.
+            for fd in first_unused as RawFd..4096 {
+                libc::close(fd);
+            }
+        }
+        if let Some(cpus) = cpus {
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+        }
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+        // The spawner may have died before prctl took effect.
+        if libc::getppid() != parent {
+            return Err(io::Error::other("spawner exited"));
+        }
+        check(libc::setpgid(0, 0))?;
+    }
+    Ok(())
+}
+
+/// Running and not a zombie (a stopped process counts as alive: it still owns its slot).
+pub(crate) fn process_alive(pid: u32) -> bool {
+    process_state(pid).is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_alive_reads_proc() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie is not alive.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!process_alive(pid));
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
+
+    #[test]
+    fn describes_exits() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            describe_exit(Ok(ExitStatus::from_raw(3 << 8))),
+            "exited with code 3"
+        );
+        assert_eq!(
+            describe_exit(Ok(ExitStatus::from_raw(9))),
+            "was killed by signal 9"
+        );
+    }
+}
