@@ -19,6 +19,9 @@ pub struct KillLoop {
     pub lost_in_flight: u64,
     /// Requests that never connected (timed out or refused).
     pub never_connected: usize,
+    /// The kernel's counters over the loop: a migration that failed, or a SYN dropped on a
+    /// full queue, would be a loss no kill explains.
+    pub kernel: crate::NetCounters,
     /// Looks at a slot waiting out a restart delay while another had a handler.
     pub waiting: usize,
     /// Of those, how many found the slot's socket still in the group.
@@ -39,7 +42,9 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usiz
     );
     // A fixed sequence of victims (xorshift), so that runs compare.
     let mut state: u32 = 0x2545_f491;
+    let counters_before = crate::NetCounters::read();
     let mut result = KillLoop {
+        kernel: crate::NetCounters::default(),
         kills: 0,
         requests: 0,
         failed: 0,
@@ -76,6 +81,7 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usiz
     // The load goes on while the last victims come back, then stops.
     std::thread::sleep(Duration::from_secs(1));
     let outcomes = load.finish();
+    result.kernel = counters_before.delta(&crate::NetCounters::read());
     assert!(
         wait_for(Duration::from_secs(15), || spawner
             .status()

@@ -31,13 +31,23 @@ fn a_kill_loop_loses_only_what_killed_handlers_had_accepted() {
             (0, 0),
             "a slot waiting to restart kept receiving connections"
         );
-        assert_eq!(
-            run.failed,
-            run.lost_in_flight,
-            "a request failed that no killed handler had accepted\n{}",
+        // Every failed request was accepted by a process that was then killed. The handler
+        // counts a connection right after accept() returns: a kill in between loses one it
+        // never counted, at most one per accepting thread (2) per kill. Anything else would
+        // show in the kernel's counters (a failed migration, a SYN dropped on a full queue)
+        // or as a client that never connected.
+        assert!(
+            run.failed >= run.lost_in_flight
+                && run.failed - run.lost_in_flight <= 2 * run.kills as u64,
+            "a request failed that no killed handler had accepted: {run:?}\n{}",
             spawner.log()
         );
-        assert_eq!(run.never_connected, 0);
+        assert_eq!(run.never_connected, 0, "{run:?}");
+        assert_eq!(
+            (run.kernel.migrate_req_failure, run.kernel.listen_overflows),
+            (0, 0),
+            "{run:?}"
+        );
         assert!(spawner.stop().success());
     });
 }
