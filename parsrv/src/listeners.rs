@@ -88,13 +88,7 @@ impl Listeners {
     /// Adds one listening socket to the group (the next slot).
     pub fn add_listener(&mut self) -> Result<&Listener> {
         let listen = self.listen;
-        let socket_error = |action| {
-            move |source| Error::Socket {
-                action,
-                addr: listen,
-                source,
-            }
-        };
+        let socket_error = |action| socket_error(action, listen);
         let socket = Socket::new(
             Domain::for_address(listen),
             Type::STREAM,
@@ -119,7 +113,7 @@ impl Listeners {
             }
         })?;
         socket
-            .listen(self.backlog.min(i32::MAX as u32) as i32)
+            .listen(listen_backlog(self.backlog))
             .map_err(socket_error("listen on"))?;
         let cookie =
             kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
@@ -146,11 +140,7 @@ impl Listeners {
             listener
                 .socket
                 .set_nonblocking(nonblocking)
-                .map_err(|source| Error::Socket {
-                    action: "set the blocking mode of",
-                    addr: listen,
-                    source,
-                })?;
+                .map_err(socket_error("set the blocking mode of", listen))?;
         }
         Ok(())
     }
@@ -166,11 +156,10 @@ impl Listeners {
             listener
                 .socket
                 .shutdown(std::net::Shutdown::Read)
-                .map_err(|source| Error::Socket {
-                    action: "take out of the group (shutdown) the socket on",
-                    addr: listen,
-                    source,
-                })?;
+                .map_err(socket_error(
+                    "take out of the group (shutdown) the socket on",
+                    listen,
+                ))?;
             listener.parked = true;
         }
         Ok(())
@@ -184,12 +173,8 @@ impl Listeners {
         if listener.parked {
             listener
                 .socket
-                .listen(backlog.min(i32::MAX as u32) as i32)
-                .map_err(|source| Error::Socket {
-                    action: "listen again on",
-                    addr: listen,
-                    source,
-                })?;
+                .listen(listen_backlog(backlog))
+                .map_err(socket_error("listen again on", listen))?;
             listener.parked = false;
         }
         Ok(())
@@ -215,26 +200,31 @@ impl Listeners {
     }
 }
 
+/// The error of `action` on a socket for `addr`.
+fn socket_error(action: &'static str, addr: SocketAddr) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Socket {
+        action,
+        addr,
+        source,
+    }
+}
+
+/// listen()'s backlog argument for `backlog` (an int in the kernel's API).
+fn listen_backlog(backlog: u32) -> i32 {
+    backlog.min(i32::MAX as u32) as i32
+}
+
 /// Fails with [`Error::AddressInUse`] if any socket already listens on `addr` (or on a
 /// wildcard address covering it). A probe without SO_REUSEPORT cannot share the port, and
 /// SO_REUSEADDR lets it ignore TIME_WAIT leftovers, which are harmless.
 fn ensure_address_free(addr: SocketAddr) -> Result<()> {
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(
-        |source| Error::Socket {
-            action: "create a socket for",
-            addr,
-            source,
-        },
-    )?;
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(socket_error("create a socket for", addr))?;
     let _ = probe.set_reuse_address(true);
     match probe.bind(&SockAddr::from(addr)) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(Error::AddressInUse { addr }),
-        Err(source) => Err(Error::Socket {
-            action: "bind",
-            addr,
-            source,
-        }),
+        Err(source) => Err(socket_error("bind", addr)(source)),
     }
 }
 
