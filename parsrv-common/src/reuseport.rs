@@ -38,6 +38,14 @@ pub mod names {
     pub const LOGS: &str = "AYA_LOGS";
 }
 
+/// The queue length (listen backlog) of a socket whose slot has no ready handler: the
+/// spawner calls listen(fd, 0) when a handler dies and listen(fd, backlog) once the next
+/// one is ready. The program ranks such a socket below every socket with a handler, so it
+/// gets a new connection only when none of those has room, and keeps what it has queued for
+/// the next handler. The state lives in the socket itself (no map, no extra read: the
+/// program reads the backlog anyway), and `--backlog` is at least 1, so 0 means only this.
+pub const NO_HANDLER_BACKLOG: u32 = 0;
+
 /// Where a new connection goes while some socket has room.
 pub mod policy {
     /// Keep the kernel's hash choice when that socket has room, else the socket with most room.

@@ -17,7 +17,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::SkReuseportContext,
 };
-use parsrv_common::reuseport::{FailOpen, KernelOffsets, MAX_SOCKETS};
+use parsrv_common::reuseport::{FailOpen, KernelOffsets, MAX_SOCKETS, NO_HANDLER_BACKLOG};
 
 // scan_step masks indices with MAX_SOCKETS - 1.
 const _: () = assert!(MAX_SOCKETS.is_power_of_two());
@@ -45,7 +45,8 @@ pub struct Listener {
     /// progress as taken: `max + 1 - established - pending`. The kernel calls a listener full
     /// when `sk_ack_backlog > sk_max_ack_backlog` (a listen(4) queue holds 5), and it checks
     /// that at SYN time, before the child exists; counting pending handshakes keeps
-    /// concurrent SYNs from overshooting. Negative when overcommitted.
+    /// concurrent SYNs from overshooting. Negative when overcommitted, and far below any
+    /// other socket's when the slot has no ready handler ([`NO_HANDLER_BACKLOG`]).
     pub room: i64,
     /// Room by the kernel's own test alone: `max + 1 - established`. Pending handshakes are
     /// left out: under a SYN flood they fill every SYN queue while the accept queues stay
@@ -83,11 +84,21 @@ pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, 
     // sk_max_ack_backlog follows sk_ack_backlog (the loader checks): one read for both.
     let [established, max]: [u32; 2] = read(addr + off.sk_ack_backlog as u64)?;
     let pending: u32 = read(addr + off.accept_queue_qlen as u64)?;
+    // No ready handler: rank it below every socket that has one, whatever their queues
+    // (u32 counts cannot reach 2^40). Neither room nor free is positive, so it is chosen
+    // only when every socket is full, as its hash choice (`when-full drop`), and then the
+    // kernel's own test (established > 0) still lets one connection wait for the next
+    // handler.
+    let limit = if max == NO_HANDLER_BACKLOG {
+        -(1 << 40)
+    } else {
+        max as i64
+    };
     Ok(Listener {
         addr,
         index,
-        room: max as i64 + 1 - established as i64 - pending as i64,
-        free: max as i64 + 1 - established as i64,
+        room: limit + 1 - established as i64 - pending as i64,
+        free: limit + 1 - established as i64,
         kernel_full: established > max,
     })
 }

@@ -9,18 +9,36 @@ use std::{
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use parsrv_common::reuseport::NO_HANDLER_BACKLOG;
+
 use crate::{
     error::{Error, Result},
     kernel::{self, Occupancy, QueueDepth},
 };
+
+/// Where a socket stands in the kernel's group, set by the spawner as its slot's handler
+/// comes and goes ([`Listeners::set_state`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SocketState {
+    /// In the group with its full queue length.
+    #[default]
+    Serving,
+    /// In the group with queue length 0 (`NO_HANDLER_BACKLOG`) while its slot has no ready
+    /// handler: the program sends it a new connection only when no other socket has room,
+    /// and what it has queued waits for the next handler.
+    AwaitingHandler,
+    /// Out of the group (shut down) while its handler waits out a restart delay: its queue
+    /// moved to the other sockets.
+    Parked,
+}
 
 /// One listening socket of the group.
 #[derive(Debug)]
 pub struct Listener {
     socket: Socket,
     cookie: u64,
-    /// Out of the group (shut down) while its handler waits to restart.
-    parked: bool,
+    state: SocketState,
     /// The accept-queue length the kernel set at listen() (min(backlog, somaxconn)).
     capacity: u32,
 }
@@ -40,9 +58,8 @@ impl Listener {
         &self.socket
     }
 
-    /// Whether it is out of the group (see [`Listeners::park`]).
-    pub fn parked(&self) -> bool {
-        self.parked
+    pub fn state(&self) -> SocketState {
+        self.state
     }
 
     /// The accept queue, read exactly (TCP_INFO).
@@ -123,7 +140,7 @@ impl Listeners {
         self.listeners.push(Listener {
             socket,
             cookie,
-            parked: false,
+            state: SocketState::Serving,
             capacity,
         });
         Ok(self.listeners.last().expect("just pushed"))
@@ -145,39 +162,54 @@ impl Listeners {
         Ok(())
     }
 
-    /// Takes socket `index` out of the kernel's group for a while: shut down, it leaves the
-    /// group, the kernel runs the program for each connection queued on it (which moves them
-    /// to sockets with room), and no new connection comes to it. It stays bound, and open in
-    /// every process that holds it. [`Listeners::unpark`] puts it back.
-    pub fn park(&mut self, index: usize) -> Result<()> {
-        let listen = self.listen;
-        let listener = &mut self.listeners[index];
-        if !listener.parked {
-            listener
-                .socket
-                .shutdown(std::net::Shutdown::Read)
-                .map_err(socket_error(
-                    "take out of the group (shutdown) the socket on",
-                    listen,
-                ))?;
-            listener.parked = true;
-        }
-        Ok(())
-    }
-
-    /// Puts a parked socket back: listen() again makes the kernel add it to its group again
-    /// (the same socket, cookie and fd everywhere), with the queue length it had.
-    pub fn unpark(&mut self, index: usize) -> Result<()> {
+    /// Moves socket `index` to `wanted`; says whether it came back from `Parked` (and so
+    /// needs registering with the program again).
+    ///
+    /// - `Parked`: shut down, the socket leaves the group; the kernel runs the program for
+    ///   each connection queued on it (which moves them to sockets with room), and no new
+    ///   connection comes to it. It stays bound, and open in every process that holds it.
+    /// - `AwaitingHandler` and `Serving`: listen() again sets the queue length, and puts a
+    ///   parked socket back in the group (the same socket, cookie and fd everywhere).
+    ///
+    /// From `AwaitingHandler` to `Serving`, a queue length the kernel shows as non-zero was
+    /// set by the new handler itself (a server that calls listen() on its inherited socket,
+    /// as gunicorn does): it is left as the handler set it.
+    pub fn set_state(&mut self, index: usize, wanted: SocketState) -> Result<bool> {
         let (listen, backlog) = (self.listen, self.backlog);
         let listener = &mut self.listeners[index];
-        if listener.parked {
-            listener
-                .socket
-                .listen(listen_backlog(backlog))
-                .map_err(socket_error("listen again on", listen))?;
-            listener.parked = false;
+        let was = listener.state;
+        if was == wanted {
+            return Ok(false);
         }
-        Ok(())
+        match wanted {
+            SocketState::Parked => {
+                listener
+                    .socket
+                    .shutdown(std::net::Shutdown::Read)
+                    .map_err(socket_error(
+                        "take out of the group (shutdown) the socket on",
+                        listen,
+                    ))?
+            }
+            SocketState::AwaitingHandler => listener
+                .socket
+                .listen(NO_HANDLER_BACKLOG as i32)
+                .map_err(socket_error("set queue length 0 (no handler) on", listen))?,
+            SocketState::Serving => {
+                let set_by_handler = was == SocketState::AwaitingHandler
+                    && listener
+                        .queue()
+                        .is_ok_and(|q| q.capacity != NO_HANDLER_BACKLOG);
+                if !set_by_handler {
+                    listener
+                        .socket
+                        .listen(listen_backlog(backlog))
+                        .map_err(socket_error("listen again on", listen))?;
+                }
+            }
+        }
+        listener.state = wanted;
+        Ok(was == SocketState::Parked)
     }
 
     /// Takes the last socket (the highest slot) out of the group's list; dropping it closes

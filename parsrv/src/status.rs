@@ -9,12 +9,14 @@ use serde::{Deserialize, Serialize};
 use crate::{
     dataplane::reuseport::RunStats,
     kernel::{Occupancy, QueueDepth},
+    listeners::SocketState,
     spec::GroupSpec,
 };
 
 /// Bumped on any incompatible change to the JSON. 2: the group's settings moved under
 /// `spec`, in the same form as everywhere else (`parsrv group show --json`, `group add`).
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: `sockets[].parked` became `sockets[].state`; `handlers[].ready`.
+pub const SCHEMA_VERSION: u32 = 3;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupStatus {
@@ -49,6 +51,9 @@ pub struct HandlerStatus {
     /// The current process, if one is running.
     pub pid: Option<u32>,
     pub alive: bool,
+    /// Whether the handler said it serves (built-in handlers), or has run for a second
+    /// (exec handlers); until then its socket waits for it if other slots serve.
+    pub ready: bool,
     /// The CPU it is pinned to (`--cpus`).
     pub cpu: Option<u32>,
     /// Times this slot's handler was started again after exiting.
@@ -71,10 +76,9 @@ pub struct SocketStatus {
     pub cookie: u64,
     /// Read with TCP_INFO when the status was taken; `None` if that failed.
     pub queue: Option<QueueDepth>,
-    /// Out of the kernel's group while its handler waits to restart: its queue moved to
-    /// the other sockets and it gets no new connection.
-    #[serde(default)]
-    pub parked: bool,
+    /// Whether it takes its share of new connections, waits for its slot's next handler, or
+    /// is out of the group while the handler waits out a restart delay.
+    pub state: SocketState,
     pub counters: SlotCounters,
 }
 
@@ -162,13 +166,20 @@ impl GroupStatus {
             );
         }
         for (handler, socket) in self.handlers.iter().zip(&self.sockets) {
+            if handler.restart_in_ms.is_none() && socket.state == SocketState::AwaitingHandler {
+                let _ = writeln!(
+                    out,
+                    "handler {}: not ready yet; its socket takes new connections only when the others are full",
+                    handler.slot
+                );
+            }
             if let Some(wait) = handler.restart_in_ms {
                 let _ = writeln!(
                     out,
                     "handler {} {}: restarting in {wait} ms{}",
                     handler.slot,
                     handler.last_exit.as_deref().unwrap_or("exited"),
-                    if socket.parked {
+                    if socket.state == SocketState::Parked {
                         " (its socket is out of the group meanwhile)"
                     } else {
                         ""

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use parsrv::status::GroupStatus;
+use parsrv::{listeners::SocketState, status::GroupStatus};
 
 use crate::{addr, signal, wait_for, Outcome, Spawner, SteadyLoad};
 
@@ -26,8 +26,9 @@ pub struct KillLoop {
     pub waiting: usize,
     /// Of those, how many found the slot's socket still in the group.
     pub waiting_in_the_group: usize,
-    /// Connections the program sent to a socket while it was out of the group.
-    pub sent_to_parked: u64,
+    /// Connections the program sent to a socket while it was out of the group, or waiting
+    /// for its handler, at two looks in a row (other slots had room all along).
+    pub sent_while_not_serving: u64,
 }
 
 /// Kills a random handler of `spawner`'s group (built-in handlers) every `every`, `kills`
@@ -52,7 +53,7 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usiz
         never_connected: 0,
         waiting: 0,
         waiting_in_the_group: 0,
-        sent_to_parked: 0,
+        sent_while_not_serving: 0,
     };
     let mut previous: Option<GroupStatus> = None;
     for _ in 0..kills {
@@ -65,11 +66,25 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usiz
         for (handler, socket) in status.handlers.iter().zip(&status.sockets) {
             if handler.pid.is_none() && handler.restart_in_ms.is_some_and(|ms| ms > 0) && live > 0 {
                 result.waiting += 1;
-                result.waiting_in_the_group += usize::from(!socket.parked);
+                result.waiting_in_the_group += usize::from(socket.state != SocketState::Parked);
             }
-            let before = previous.as_ref().map(|p| &p.sockets[socket.slot as usize]);
-            if let Some(before) = before.filter(|b| b.parked && socket.parked) {
-                result.sent_to_parked += socket.counters.selected - before.counters.selected;
+            // Not serving at both looks, and no handler started in between: the same spell.
+            let before = previous.as_ref().map(|p| {
+                (
+                    &p.sockets[socket.slot as usize],
+                    &p.handlers[socket.slot as usize],
+                )
+            });
+            let not_serving = |s: &parsrv::status::SocketStatus| s.state != SocketState::Serving;
+            let same_spell = |(b, h): &(
+                &parsrv::status::SocketStatus,
+                &parsrv::status::HandlerStatus,
+            )| {
+                not_serving(b) && not_serving(socket) && h.restarts == handler.restarts
+            };
+            if let Some((before, _)) = before.filter(same_spell) {
+                result.sent_while_not_serving +=
+                    socket.counters.selected - before.counters.selected;
             }
         }
         if let Some(pid) = status.handlers[state as usize % handlers].pid {

@@ -27,7 +27,7 @@ fn a_kill_loop_loses_only_what_killed_handlers_had_accepted() {
         assert!(run.kills >= KILLS * 3 / 4, "only {} kills", run.kills);
         assert!(run.waiting > 0, "the loop never made a restart wait");
         assert_eq!(
-            (run.waiting_in_the_group, run.sent_to_parked),
+            (run.waiting_in_the_group, run.sent_while_not_serving),
             (0, 0),
             "a slot waiting to restart kept receiving connections"
         );

@@ -5,11 +5,11 @@
 use std::{io::Write, path::Path, time::Duration};
 
 use nix::sys::signal::Signal;
-use parsrv::{control, dataplane::pins::group_dir as pin_dir, kernel};
+use parsrv::{control, dataplane::pins::group_dir as pin_dir, kernel, listeners::SocketState};
 use parsrv_integration_tests::{
-    addr, connect, fd_of_process, group, http_get, is_listening, loaded_parsrv_programs,
+    addr, connect, example, fd_of_process, group, http_get, is_listening, loaded_parsrv_programs,
     privileged, processes_mentioning, read_answer, signal, stop_process, wait_for, HandlerKind,
-    Needs, Outcome, HTTP_REQUEST,
+    Needs, NetCounters, Outcome, HTTP_REQUEST,
 };
 
 #[test]
@@ -258,5 +258,88 @@ fn killed_spawner_leaves_no_orphan_and_the_next_run_cleans_its_pins() {
         );
         assert!(again.stop().success());
         assert_eq!(leftovers(name), Vec::<String>::new());
+    });
+}
+
+/// Sequential requests; each slot's `selected` counter before and after.
+fn selected_over(spawner: &parsrv_integration_tests::Spawner, requests: usize) -> Vec<u64> {
+    let before = spawner.status();
+    for _ in 0..requests {
+        assert_eq!(http_get(addr(), Duration::from_secs(3)), Outcome::Ok);
+    }
+    let after = spawner.status();
+    before
+        .sockets
+        .iter()
+        .zip(&after.sockets)
+        .map(|(b, a)| a.counters.selected - b.counters.selected)
+        .collect()
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_restarted_handler_gets_new_connections_only_once_it_is_ready() {
+    privileged(Needs::program(), || {
+        // Exec handlers count as ready after a second of running: a window wide enough to
+        // look at. Both sockets take connections while both handlers are ready.
+        let spawner = group("test-awaiting", HandlerKind::Exec)
+            .handlers(2)
+            .backlog(8)
+            .command(&[example("blocking_handler").to_str().unwrap()])
+            .start_answering();
+        let serving = |status: &parsrv::status::GroupStatus| {
+            status.handlers.iter().all(|h| h.ready)
+                && status.sockets.iter().all(|s| {
+                    s.state == SocketState::Serving && s.queue.is_some_and(|q| q.capacity == 8)
+                })
+        };
+        assert!(wait_for(Duration::from_secs(10), || serving(
+            &spawner.status()
+        )));
+        // The control: the kernel's hash sends some of 40 connections to each socket (all
+        // to one: odds 2^-39).
+        let spread = selected_over(&spawner, 40);
+        assert!(spread.iter().all(|&n| n > 0), "{spread:?}");
+
+        // Killed, the handler of slot 0 is started again at once, and its socket waits for
+        // it: queue length 0 (as the kernel reports it), no new connection while slot 1
+        // has room.
+        let old = spawner.handler_pid(0);
+        let netstat = NetCounters::read();
+        signal(old, Signal::SIGKILL);
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                let status = spawner.status();
+                status.handlers[0].pid.is_some_and(|p| p != old)
+                    && status.sockets[0].state == SocketState::AwaitingHandler
+            }),
+            "{}",
+            spawner.log()
+        );
+        let status = spawner.status();
+        assert!(!status.handlers[0].ready);
+        assert_eq!(status.sockets[0].queue.unwrap().capacity, 0);
+        assert!(status.render().contains("handler 0: not ready yet"));
+        let while_waiting = selected_over(&spawner, 10);
+        // All of them within the second before the successor counts as ready.
+        assert_eq!(
+            spawner.status().sockets[0].state,
+            SocketState::AwaitingHandler,
+            "10 requests took the successor's whole second to be ready: cannot tell"
+        );
+        assert_eq!(while_waiting, [0, 10], "{}", spawner.log());
+        assert_eq!(
+            NetCounters::read().delta(&netstat).listen_overflows,
+            0,
+            "a SYN was dropped"
+        );
+
+        // Ready, it takes its share again, at the configured queue length.
+        assert!(wait_for(Duration::from_secs(10), || serving(
+            &spawner.status()
+        )));
+        let spread = selected_over(&spawner, 40);
+        assert!(spread[0] > 0, "{spread:?}");
+        assert!(spawner.stop().success());
     });
 }

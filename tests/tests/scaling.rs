@@ -55,6 +55,12 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
             // Hold the newest handler, and queue requests at its socket (besides the steady
             // clients' traffic): when the socket is removed they must migrate and be
             // answered, not reset.
+            // Once it is ready: until then its socket takes no new connection while the
+            // others have room, and a handler stopped before would never fill it.
+            assert!(wait_for(Duration::from_secs(10), || spawner
+                .status()
+                .handlers[2]
+                .ready));
             let newest = spawner.handler_pid(2);
             stop_process(newest);
             let mut queued = Vec::new();

@@ -27,10 +27,10 @@ use crate::{
     },
     error::{Error, Result},
     handler::HandlerStats,
-    listeners::Listeners,
+    listeners::{Listeners, SocketState},
     spec::{GroupSpec, HandlerKind},
     status::{self, GroupStatus, HandlerStatus, ScalingStatus, SocketStatus},
-    supervisor::{process_alive, Launcher, SocketParking},
+    supervisor::{process_alive, Launcher, SlotSockets},
 };
 
 /// Detaches the program from the group when dropped (holds a duplicate of a member socket).
@@ -44,13 +44,19 @@ impl Drop for Attachment {
     }
 }
 
-impl SocketParking for RunningGroup {
-    fn park(&self, slot: u32) -> Result<bool> {
-        self.members.borrow_mut().park(slot)
+impl SlotSockets for RunningGroup {
+    fn handler_starting(&self, slot: u32) -> Result<SocketState> {
+        self.members.borrow_mut().handler_starting(slot)
     }
 
-    fn unpark(&self, slot: u32) -> Result<()> {
-        self.members.borrow_mut().unpark(slot)
+    fn handler_ready(&self, slot: u32) -> Result<SocketState> {
+        self.members.borrow_mut().handler_ready(slot)
+    }
+
+    fn handler_gone(&self, slot: u32, restart_delayed: bool) -> Result<SocketState> {
+        self.members
+            .borrow_mut()
+            .handler_gone(slot, restart_delayed)
     }
 }
 
@@ -114,7 +120,7 @@ impl RunningGroup {
             credentials,
             grace: spec.grace(),
             ready_timeout: spec.ready_timeout(),
-            parking: Default::default(),
+            sockets: Default::default(),
         });
         let (stop, stopped) = watch::channel(false);
         let mut members = Members::register(listeners, steering, launcher.clone(), stopped)?;
@@ -139,8 +145,8 @@ impl RunningGroup {
             program_log: RefCell::new(Some(program_log)),
             tasks: RefCell::default(),
         });
-        let parking: std::rc::Weak<dyn SocketParking> = Rc::downgrade(&group) as _;
-        let _ = launcher.parking.set(parking);
+        let sockets: std::rc::Weak<dyn SlotSockets> = Rc::downgrade(&group) as _;
+        let _ = launcher.sockets.set(sockets);
         Ok(group)
     }
 
@@ -293,7 +299,7 @@ impl RunningGroup {
                 slot: slot.index,
                 cookie: listener.cookie(),
                 queue: listener.queue().ok(),
-                parked: listener.parked(),
+                state: listener.state(),
                 counters,
             })
             .collect();
@@ -311,6 +317,7 @@ impl RunningGroup {
                     slot: s.index,
                     pid: state.pid,
                     alive: state.pid.is_some_and(process_alive),
+                    ready: state.ready,
                     cpu: spec.cpu_of(s.index),
                     restarts: state.restarts,
                     last_exit: state.last_exit.clone(),

@@ -11,7 +11,7 @@ use crate::{
     dataplane::reuseport::Steering,
     error::{Error, Result},
     kernel::Occupancy,
-    listeners::{Listener, Listeners},
+    listeners::{Listener, Listeners, SocketState},
     supervisor::{Launcher, Slot},
 };
 
@@ -115,31 +115,58 @@ impl Members {
         self.start_handler()
     }
 
-    /// Takes slot `index`'s socket out of the group while its handler waits to restart, if
-    /// another slot has a handler to take its connections (otherwise they are better off
-    /// waiting in its queue). Says whether it did.
-    pub fn park(&mut self, index: u32) -> Result<bool> {
-        let others_live = self
-            .slots
-            .iter()
-            .any(|s| s.index != index && s.state.borrow().pid.is_some());
-        if !others_live || self.listeners.listeners()[index as usize].parked() {
-            return Ok(false);
-        }
-        self.listeners.park(index as usize)?;
-        // The kernel emptied the socket's SOCKETS entry; its cookie stays known.
-        self.steering.forget_socket(index)?;
-        Ok(true)
+    /// Whether a slot other than `index` has a ready handler on a serving socket, to take
+    /// the connections a socket without a handler should not wait with.
+    fn others_serve(&self, index: u32) -> bool {
+        self.pairs().any(|(slot, listener)| {
+            slot.index != index
+                && slot.state.borrow().ready
+                && listener.state() == SocketState::Serving
+        })
     }
 
-    /// Puts slot `index`'s socket back in the group, before its next handler starts.
-    pub fn unpark(&mut self, index: u32) -> Result<()> {
-        if !self.listeners.listeners()[index as usize].parked() {
-            return Ok(());
+    /// Slot `index`'s handler is about to start: its socket must be in the group (a handler
+    /// accepting on a parked socket gets EINVAL), and while other slots serve it waits for
+    /// its handler to be ready before it takes new connections.
+    pub fn handler_starting(&mut self, index: u32) -> Result<SocketState> {
+        let wanted = if self.others_serve(index) {
+            SocketState::AwaitingHandler
+        } else {
+            SocketState::Serving
+        };
+        self.set_state(index, wanted)
+    }
+
+    /// Slot `index`'s handler is ready: its socket takes its share again.
+    pub fn handler_ready(&mut self, index: u32) -> Result<SocketState> {
+        self.set_state(index, SocketState::Serving)
+    }
+
+    /// Slot `index`'s handler exited. While other slots serve, its socket gets no new
+    /// connection they can take: kept in the group with its queue when the next handler
+    /// starts at once (it serves the queue), out of it when the restart is delayed (the
+    /// queue moves to live handlers). Otherwise its queue is the best place a connection
+    /// can wait, at full length.
+    pub fn handler_gone(&mut self, index: u32, restart_delayed: bool) -> Result<SocketState> {
+        let wanted = match (self.others_serve(index), restart_delayed) {
+            (false, _) => SocketState::Serving,
+            (true, false) => SocketState::AwaitingHandler,
+            (true, true) => SocketState::Parked,
+        };
+        self.set_state(index, wanted)
+    }
+
+    fn set_state(&mut self, index: u32, wanted: SocketState) -> Result<SocketState> {
+        let was = self.listeners.listeners()[index as usize].state();
+        let back_in = self.listeners.set_state(index as usize, wanted)?;
+        if back_in {
+            self.steering
+                .register(index, &self.listeners.listeners()[index as usize])?;
+        } else if wanted == SocketState::Parked && was != SocketState::Parked {
+            // The kernel emptied the socket's SOCKETS entry; its cookie stays known.
+            self.steering.forget_socket(index)?;
         }
-        self.listeners.unpark(index as usize)?;
-        self.steering
-            .register(index, &self.listeners.listeners()[index as usize])
+        Ok(wanted)
     }
 
     /// Takes the top slot out of the group: shutting its socket down makes the kernel run
@@ -152,7 +179,7 @@ impl Members {
         };
         let listener = &self.listeners.listeners()[slot.index as usize];
         // A parked socket is out of the group already.
-        if !listener.parked() {
+        if listener.state() != SocketState::Parked {
             listener
                 .socket()
                 .shutdown(std::net::Shutdown::Read)

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     handler::{Launch, SharedStats},
+    listeners::SocketState,
     spec::{Credentials, GroupSpec, HandlerKind},
 };
 
@@ -26,15 +27,16 @@ pub use process::process_state;
 use process::{describe_exit, forward_output, kill_group, kill_handler, place_handler};
 pub(crate) use process::{process_alive, process_stopped};
 
-/// What a slot's supervisor may do with its socket in the kernel's group: take it out while
-/// the slot waits out a restart delay, so that its queue moves to live handlers and no new
-/// connection waits for a handler that is not there; put it back before the next handler
-/// starts.
-pub trait SocketParking {
-    /// Takes the slot's socket out, if another slot has a handler; says whether it did.
-    fn park(&self, slot: u32) -> crate::Result<bool>;
-    /// Puts it back (nothing to do if it is in).
-    fn unpark(&self, slot: u32) -> crate::Result<()>;
+/// What a slot's supervisor tells the group as its handler comes and goes; the group decides
+/// where the slot's socket stands ([`SocketState`]) so that no new connection waits for a
+/// handler that is not there while another could take it.
+pub trait SlotSockets {
+    /// A handler is about to start on the slot's socket.
+    fn handler_starting(&self, slot: u32) -> crate::Result<SocketState>;
+    /// It is ready (see [`Running::ready`]).
+    fn handler_ready(&self, slot: u32) -> crate::Result<SocketState>;
+    /// It exited; the next one starts at once or after a delay.
+    fn handler_gone(&self, slot: u32, restart_delayed: bool) -> crate::Result<SocketState>;
 }
 /// What every handler of a group is started with.
 pub struct Launcher {
@@ -45,30 +47,27 @@ pub struct Launcher {
     /// How long a replacement may take to become ready during a restart.
     pub ready_timeout: Duration,
     /// The group's sockets, set once the group exists.
-    pub parking: std::cell::OnceCell<std::rc::Weak<dyn SocketParking>>,
+    pub sockets: std::cell::OnceCell<std::rc::Weak<dyn SlotSockets>>,
 }
 impl Launcher {
-    fn park(&self, slot: u32) -> bool {
-        let Some(parking) = self.parking.get().and_then(std::rc::Weak::upgrade) else {
-            return false;
-        };
-        parking.park(slot).unwrap_or_else(|e| {
-            log::error!("handler {slot}: cannot take its socket out of the group: {e}");
-            false
-        })
-    }
-
-    fn unpark(&self, slot: u32) {
-        if let Some(parking) = self.parking.get().and_then(std::rc::Weak::upgrade) {
-            if let Err(e) = parking.unpark(slot) {
-                log::error!("handler {slot}: cannot put its socket back in the group: {e}");
-            }
-        }
+    /// Tells the group's sockets about slot `slot` (a no-op before the group exists, or
+    /// once it is gone); a failure is logged, and the slot carries on.
+    fn tell(
+        &self,
+        slot: u32,
+        event: impl FnOnce(&dyn SlotSockets) -> crate::Result<SocketState>,
+    ) -> Option<SocketState> {
+        let sockets = self.sockets.get().and_then(std::rc::Weak::upgrade)?;
+        event(&*sockets)
+            .inspect_err(|e| log::error!("handler {slot}: cannot set its socket's state: {e}"))
+            .ok()
     }
 }
 /// An exec'd program gives no sign of readiness parsrv can read; one that is still running
 /// this long after start counts as ready. (Built-in handlers say so themselves.)
 const EXEC_READY_AFTER: Duration = Duration::from_secs(1);
+/// How often a starting handler is checked for readiness.
+const READY_POLL: Duration = Duration::from_millis(5);
 /// What the spawner knows of a slot's handler, for `status`.
 #[derive(Default)]
 pub struct HandlerState {
@@ -77,6 +76,8 @@ pub struct HandlerState {
     pub last_exit: Option<String>,
     /// When the next start is due, while the slot waits out its backoff.
     pub restart_at: Option<Instant>,
+    /// Whether the running handler is ready (see [`Running::ready`]).
+    pub ready: bool,
     /// The handler's pid once a warning about it was logged (warn once per process).
     pub warned: Option<u32>,
 }
@@ -207,7 +208,7 @@ async fn supervise(
             return;
         }
         // Back in the group before the handler looks at its socket.
-        launcher.unpark(index);
+        launcher.tell(index, |s| s.handler_starting(index));
         match Running::start(&launcher, &slot) {
             Err(e) => log::error!("handler {index}: cannot start: {e}"),
             Ok(mut running) => {
@@ -220,6 +221,7 @@ async fn supervise(
                     }
                 }
                 first = false;
+                let mut ready = false;
                 loop {
                     tokio::select! {
                         exit = running.child.wait() => {
@@ -227,18 +229,27 @@ async fn supervise(
                             // 3) must not outlive it and serve beside its successor.
                             kill_group(running.pid, nix::sys::signal::Signal::SIGKILL);
                             let how = describe_exit(exit);
-                            let mut state = slot.state.borrow_mut();
-                            state.last_exit = Some(how.clone());
-                            state.pid = None;
+                            {
+                                let mut state = slot.state.borrow_mut();
+                                state.last_exit = Some(how.clone());
+                                state.pid = None;
+                                state.ready = false;
+                            }
                             if *stop.borrow() {
                                 return;
                             }
                             backoff.ran_for(running.started.elapsed());
-                            log::warn!(
-                                "handler {index} (pid {}) {how}; its socket keeps its queue, restarting",
-                                running.pid
-                            );
+                            log::warn!("handler {index} (pid {}) {how}", running.pid);
                             break;
+                        }
+                        // Polled only until the handler is ready, which takes milliseconds
+                        // for a built-in one (a second for an exec'd one).
+                        _ = tokio::time::sleep(READY_POLL), if !ready => {
+                            if running.ready(&launcher, &slot) {
+                                ready = true;
+                                slot.state.borrow_mut().ready = true;
+                                launcher.tell(index, |s| s.handler_ready(index));
+                            }
                         }
                         _ = stop.changed() => {
                             retire(&launcher, &slot, running).await;
@@ -259,16 +270,23 @@ async fn supervise(
             }
         }
         let delay = backoff.next();
-        // Started again at once, the successor serves the queue. A delayed one would leave
-        // it, and every new connection the program sends here, waiting: they go to the
-        // live handlers instead.
-        if !delay.is_zero() {
-            let moved = if launcher.park(index) {
-                "; its socket is out of the group meanwhile, its queue moved to the others"
-            } else {
-                ""
-            };
-            log::warn!("handler {index} keeps exiting: next start in {delay:?}{moved}");
+        // Started again at once, the successor serves the queue; until it is ready, new
+        // connections go to the live handlers. A delayed one would leave the queue waiting:
+        // it moves to the live handlers.
+        let socket = launcher.tell(index, |s| s.handler_gone(index, !delay.is_zero()));
+        let socket = match socket {
+            Some(SocketState::Parked) => {
+                "its socket is out of the group meanwhile, its queue moved to the others"
+            }
+            Some(SocketState::AwaitingHandler) => {
+                "its socket keeps its queue and takes new connections only when the others are full"
+            }
+            _ => "its socket keeps its queue",
+        };
+        if delay.is_zero() {
+            log::warn!("handler {index}: restarting; {socket}");
+        } else {
+            log::warn!("handler {index} keeps exiting: next start in {delay:?}; {socket}");
         }
         slot.state.borrow_mut().restart_at = Some(Instant::now() + delay);
         tokio::select! {
