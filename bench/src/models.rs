@@ -115,12 +115,7 @@ impl Served {
                             "--slot",
                             &i.to_string(),
                         ]);
-                        command.args([
-                            "--group",
-                            "bench",
-                            "--spawner",
-                            &std::process::id().to_string(),
-                        ]);
+                        command.args(["--group", "bench"]);
                         spawn_with_fds(command, &[socket, page])
                     })
                     .collect();

@@ -71,6 +71,18 @@ pub enum Command {
     /// Change a running group.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Stop a group and remove everything it has: through its spawner if one answers (as
+    /// `group remove`), otherwise (its spawner died and its handlers serve on) by taking it
+    /// over and stopping it.
+    Stop { group: String },
+    /// Replace a running spawner by the parsrv binary now at its path (install the new one
+    /// there first): the same process executes it, and the new image adopts every group;
+    /// handlers and connections are not touched.
+    Upgrade {
+        /// The spawner (its pid, see `parsrv group list`); may be left out when one runs.
+        #[arg(long, value_name = "PID")]
+        spawner: Option<u32>,
+    },
     /// Run one built-in handler on the socket inherited as fd 3 (started by `parsrv run`).
     #[command(hide = true)]
     Handler(handler::Launch),
@@ -198,6 +210,8 @@ pub fn main() -> i32 {
         Command::Kernel { json } => kernel_features(json),
         Command::Bench { args } => bench(&args),
         Command::Group(command) => group(command),
+        Command::Stop { group } => stop(&group),
+        Command::Upgrade { spawner } => upgrade(spawner),
         Command::Handler(args) => {
             return match handler::launch(args) {
                 Ok(()) => 0,
@@ -276,6 +290,55 @@ fn group(command: GroupCommand) -> Result<()> {
     };
     let group = control::resolve_group(Some(&group))?;
     done(group.clone(), control::request(&group, &request)?)
+}
+
+fn stop(group: &str) -> Result<()> {
+    if control::is_live(&control::socket_path(group)) {
+        return done(group.to_owned(), control::request(group, &Request::Remove)?);
+    }
+    println!("{}", spawner::stop_orphan(group)?);
+    Ok(())
+}
+
+/// Asks the spawner to re-execute itself, then waits until the new image answers for
+/// every group it had.
+fn upgrade(spawner: Option<u32>) -> Result<()> {
+    let pid = control::resolve_spawner(spawner)?;
+    let groups: Vec<(String, u64)> = control::running_groups()
+        .into_iter()
+        .filter_map(|name| match control::request(&name, &Request::Status) {
+            Ok(Response::Status(status)) if status.spawner_pid == pid => {
+                Some((name, status.spawner_started_ms))
+            }
+            _ => None,
+        })
+        .collect();
+    done(
+        format!("spawner {pid}"),
+        control::request_spawner(pid, &Request::Upgrade)?,
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for (name, before) in groups {
+        loop {
+            match control::request(&name, &Request::Status) {
+                Ok(Response::Status(status)) if status.spawner_started_ms != before => {
+                    println!(
+                        "group {name}: adopted by the new image (parsrv {}), handlers {:?}",
+                        status.spawner_version,
+                        status.handlers.iter().filter_map(|h| h.pid).collect::<Vec<_>>()
+                    );
+                    break;
+                }
+                _ if std::time::Instant::now() > deadline => {
+                    return Err(Error::Rejected(format!(
+                        "group {name} was not adopted by the new image within 60 s: see spawner {pid}'s log"
+                    )))
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Prints what a spawner did, or turns its refusal into an error.

@@ -45,6 +45,9 @@ pub enum Request {
     },
     /// Replace every handler, one at a time.
     Restart,
+    /// To a spawner's own socket: execute the parsrv binary at its path again, in this
+    /// process; the new image adopts every group.
+    Upgrade,
 }
 
 impl Request {
@@ -170,6 +173,16 @@ pub fn resolve_spawner(pid: Option<u32>) -> Result<u32> {
 /// Whether a spawner answers at `path`.
 pub fn is_live(path: &Path) -> bool {
     UnixStream::connect(path).is_ok()
+}
+
+/// If a spawner answers at `path`: `Some` of its pid (SO_PEERCRED; `None` if unreadable).
+pub fn answering_pid(path: &Path) -> Option<Option<u32>> {
+    let stream = UnixStream::connect(path).ok()?;
+    Some(
+        nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .map(|cred| cred.pid() as u32),
+    )
 }
 
 /// Names of the groups whose spawners answer, sorted.

@@ -77,10 +77,26 @@ pub enum Error {
     NoEbpfObject,
 
     #[error(
-        "group '{name}' is already running (control socket {socket} answers): stop it, or \
-         pick another --name"
+        "group '{name}' is already running under spawner {}{} (control socket {socket} answers): stop it, or \
+         pick another --name",
+        spawner.map_or("?".to_string(), |pid| pid.to_string()),
+        if *spawner == Some(std::process::id()) { " (this one)" } else { "" }
     )]
-    GroupRunning { name: String, socket: PathBuf },
+    GroupRunning {
+        name: String,
+        socket: PathBuf,
+        /// The pid at the other end of the control socket (SO_PEERCRED).
+        spawner: Option<u32>,
+    },
+
+    #[error(
+        "group '{name}' runs (handlers {pids:?}) with other settings: {differences}; run it as it runs to adopt it, or stop it first (`parsrv stop {name}`)"
+    )]
+    GroupDiffers {
+        name: String,
+        pids: Vec<u32>,
+        differences: String,
+    },
 
     #[error(
         "no running parsrv group{which}: start one with `parsrv run`, or name one of: {known}"
@@ -122,7 +138,9 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::InvalidOption { .. } | Error::Rejected(_) => EXIT_USAGE,
+            Error::InvalidOption { .. } | Error::Rejected(_) | Error::GroupDiffers { .. } => {
+                EXIT_USAGE
+            }
             _ => EXIT_RUNTIME,
         }
     }

@@ -102,6 +102,49 @@ impl Listeners {
         Ok(listeners)
     }
 
+    /// Takes over the sockets of a running group ([`crate::spawner`]'s adoption), in slot
+    /// order; where a slot's socket is gone (`None`), a new one joins the kernel's group,
+    /// which the surviving sockets keep alive.
+    pub fn adopt(listen: SocketAddr, backlog: u32, sockets: Vec<Option<Socket>>) -> Result<Self> {
+        let mut listeners = Listeners {
+            listen,
+            backlog,
+            nonblocking: true,
+            listeners: Vec::with_capacity(sockets.len()),
+        };
+        for socket in sockets {
+            match socket {
+                Some(socket) => {
+                    let read = |action| socket_error(action, listen);
+                    let cookie =
+                        kernel::socket_cookie(socket.as_fd()).map_err(read("read SO_COOKIE of"))?;
+                    let capacity = kernel::queue_depth(socket.as_fd())
+                        .map_err(read("read TCP_INFO of"))?
+                        .capacity;
+                    listeners.listeners.push(Listener {
+                        socket,
+                        cookie,
+                        // A socket whose handler was not ready when the last spawner went.
+                        state: if capacity == NO_HANDLER_BACKLOG {
+                            SocketState::AwaitingHandler
+                        } else {
+                            SocketState::Serving
+                        },
+                        capacity: if capacity == NO_HANDLER_BACKLOG {
+                            backlog
+                        } else {
+                            capacity
+                        },
+                    });
+                }
+                None => {
+                    listeners.add_listener()?;
+                }
+            }
+        }
+        Ok(listeners)
+    }
+
     /// Adds one listening socket to the group (the next slot).
     pub fn add_listener(&mut self) -> Result<&Listener> {
         let listen = self.listen;

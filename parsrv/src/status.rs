@@ -24,6 +24,12 @@ pub struct GroupStatus {
     /// The group as it was started.
     pub spec: GroupSpec,
     pub spawner_pid: u32,
+    /// The spawner's version and when its image started (a `parsrv upgrade` keeps the pid
+    /// and changes this), in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub spawner_version: String,
+    #[serde(default)]
+    pub spawner_started_ms: u64,
     /// Where the maps are pinned.
     pub pins: Option<PathBuf>,
     pub scaling: ScalingStatus,
@@ -280,6 +286,8 @@ pub(crate) mod tests {
                 ..GroupSpec::new("127.0.0.1:8080".parse().unwrap(), HandlerKind::Http)
             },
             spawner_pid: 42,
+            spawner_version: "0.0.0".into(),
+            spawner_started_ms: 1,
             pins: Some("/sys/fs/bpf/parsrv/web".into()),
             scaling: ScalingStatus {
                 decisions: 2,

@@ -62,13 +62,15 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usiz
         state ^= state >> 17;
         state ^= state << 5;
         let status = spawner.status();
-        let live = status.handlers.iter().filter(|h| h.pid.is_some()).count();
+        // Slots with a ready handler, to which a waiting slot leaves its connections.
+        let live = status.handlers.iter().filter(|h| h.ready).count();
         for (handler, socket) in status.handlers.iter().zip(&status.sockets) {
             if handler.pid.is_none() && handler.restart_in_ms.is_some_and(|ms| ms > 0) && live > 0 {
                 result.waiting += 1;
                 result.waiting_in_the_group += usize::from(socket.state != SocketState::Parked);
             }
-            // Not serving at both looks, and no handler started in between: the same spell.
+            // Not serving at both looks, the same process (or none) and no start in between:
+            // the same spell.
             let before = previous.as_ref().map(|p| {
                 (
                     &p.sockets[socket.slot as usize],
@@ -80,7 +82,9 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usiz
                 &parsrv::status::SocketStatus,
                 &parsrv::status::HandlerStatus,
             )| {
-                not_serving(b) && not_serving(socket) && h.restarts == handler.restarts
+                not_serving(b)
+                    && not_serving(socket)
+                    && (h.restarts, h.pid) == (handler.restarts, handler.pid)
             };
             if let Some((before, _)) = before.filter(same_spell) {
                 result.sent_while_not_serving +=

@@ -6,7 +6,7 @@ use std::{
     io::{self, Write},
     net::{SocketAddr, TcpStream},
     os::unix::process::CommandExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::Ordering,
     thread,
@@ -156,6 +156,11 @@ impl GroupBuilder {
     ) -> Spawner {
         Spawner::start_with(&self.spec.name, &self.args(), setup, true)
     }
+
+    /// Same, running the parsrv binary at `binary` (a copy the test may replace).
+    pub fn start_binary(self, binary: &Path) -> Spawner {
+        Spawner::start_from(binary, &self.spec.name, &self.args(), || Ok(()), true)
+    }
 }
 
 /// Runs `command` to its end and returns its stdout; panics with its stderr unless it
@@ -227,7 +232,17 @@ impl Spawner {
         setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
         handlers_up: bool,
     ) -> Spawner {
-        let mut command = Command::new(parsrv_bin());
+        Self::start_from(&parsrv_bin(), name, args, setup, handlers_up)
+    }
+
+    fn start_from(
+        binary: &Path,
+        name: &str,
+        args: &[String],
+        setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
+        handlers_up: bool,
+    ) -> Spawner {
+        let mut command = Command::new(binary);
         // SAFETY: the tests' setup closures only make system calls.
         unsafe {
             command.pre_exec(setup);
@@ -314,8 +329,31 @@ impl Spawner {
 
     /// The group's status, as `parsrv status --json` reports it.
     pub fn status(&self) -> GroupStatus {
-        self.try_status()
-            .unwrap_or_else(|| panic!("no status from {}:\n{}", self.name, self.log()))
+        match control::request(&self.name, &Request::Status) {
+            Ok(Response::Status(status)) => *status,
+            other => {
+                // Where the spawner is, for whoever reads the failure.
+                let pid = self.pid();
+                let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .map(|tasks| {
+                        tasks
+                            .flatten()
+                            .map(|t| {
+                                let read = |f: &str| {
+                                    std::fs::read_to_string(t.path().join(f)).unwrap_or_default()
+                                };
+                                format!("{:?} {} {}", t.file_name(), read("wchan"), read("stack"))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                panic!(
+                    "no status from {}: {other:?}\nspawner threads: {threads:#?}\n{}",
+                    self.name,
+                    self.log()
+                )
+            }
+        }
     }
 
     /// Same, through the real CLI: `parsrv status NAME --json`.
@@ -353,7 +391,18 @@ impl Spawner {
     /// Sends SIGTERM and waits for the spawner to exit (killing it after 20 s).
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        stop_child(&mut child)
+        let status = stop_child(&mut child);
+        stop_orphan(&self.name);
+        status
+    }
+}
+
+/// A test that killed its spawner leaves the group's handlers serving: stop them as an
+/// operator would (`parsrv stop`), so that nothing outlives the test.
+fn stop_orphan(name: &str) {
+    if parsrv::spawner::record_path(name).exists() && !control::is_live(&control::socket_path(name))
+    {
+        let _ = Spawner::parsrv(&["stop", name]);
     }
 }
 
@@ -379,6 +428,7 @@ impl Drop for Spawner {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child);
+            stop_orphan(&self.name);
         }
     }
 }

@@ -307,7 +307,8 @@ fn a_second_run_of_a_running_group_is_refused() {
         assert_eq!(exit, 1, "{stderr}");
         let error = error_line(&stderr);
         assert!(
-            error.contains("already running") && error.contains("--name"),
+            error.contains(&format!("already running under spawner {}", spawner.pid()))
+                && error.contains("--name"),
             "{stderr}"
         );
         assert_eq!(loaded_parsrv_programs(), programs);

@@ -81,14 +81,23 @@ fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
                     handler.slot
                 );
             }
-            // Stdio and fd 3, nothing else; fd 3 is this slot's socket.
+            // Stdio, fd 3 and fd 5, nothing else; fd 3 is this slot's socket, fd 5 the read
+            // end of the pipe its stdout and stderr go to (held so that its writes never
+            // fail while no spawner reads: handlers outlive their spawner).
             let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
                 .unwrap()
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().parse().unwrap())
                 .collect();
             fds.sort();
-            assert_eq!(fds, [0, 1, 2, 3], "handler {}", handler.slot);
+            assert_eq!(fds, [0, 1, 2, 3, 5], "handler {}", handler.slot);
+            let link = |fd: i32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+            assert!(
+                link(5).to_string_lossy().starts_with("pipe:"),
+                "{:?}",
+                link(5)
+            );
+            assert_eq!((link(1), link(2)), (link(5), link(5)));
             let socket = fd_of_process(pid, 3).unwrap();
             let cookie = kernel::socket_cookie(std::os::fd::AsFd::as_fd(&socket)).unwrap();
             assert_eq!(cookie, status.sockets[handler.slot as usize].cookie);

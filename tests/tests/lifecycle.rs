@@ -233,7 +233,7 @@ fn sigterm_and_sigint_stop_cleanly_and_leave_nothing_behind() {
 
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
-fn killed_spawner_leaves_no_orphan_and_the_next_run_cleans_its_pins() {
+fn a_stale_record_and_pins_of_a_dead_group_are_removed_by_the_next_run() {
     privileged(Needs::program(), || {
         let programs_before = loaded_parsrv_programs();
         let name = "test-spawner-kill";
@@ -241,23 +241,28 @@ fn killed_spawner_leaves_no_orphan_and_the_next_run_cleans_its_pins() {
         let spawner = echo_group().start();
         let handlers: Vec<u32> = (0..2).map(|s| spawner.handler_pid(s)).collect();
         signal(spawner.pid(), Signal::SIGKILL);
+        // The handlers outlive their spawner (see adoption.rs); here they die too, and with
+        // them the group: only the pins (held by bpffs) and the record remain.
+        for pid in &handlers {
+            signal(*pid, Signal::SIGKILL);
+        }
         assert!(wait_for(Duration::from_secs(5), || handlers
             .iter()
             .all(|h| !Path::new(&format!("/proc/{h}")).exists())));
-        // The group died with the process; only the pins (held by bpffs) remain.
-        assert!(wait_for(Duration::from_secs(5), || loaded_parsrv_programs(
-        ) == programs_before));
+        // The program stays loaded while pinned (for a spawner to adopt it).
         assert!(pin_dir(name).exists());
-        drop(spawner);
+        assert!(parsrv::spawner::record_path(name).exists());
 
         let again = echo_group().start();
-        assert!(
-            again.log().contains("removed stale pins"),
-            "{}",
-            again.log()
-        );
+        let log = again.log();
+        assert!(log.contains("no handler of the last run is left"), "{log}");
+        assert!(log.contains("removed stale pins"), "{log}");
         assert!(again.stop().success());
         assert_eq!(leftovers(name), Vec::<String>::new());
+        assert!(!parsrv::spawner::record_path(name).exists());
+        assert!(wait_for(Duration::from_secs(5), || loaded_parsrv_programs(
+        ) == programs_before));
+        drop(spawner);
     });
 }
 

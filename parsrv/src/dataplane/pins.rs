@@ -53,6 +53,11 @@ impl Pins {
         Ok(pins)
     }
 
+    /// The pins of a running group this spawner adopts: its own from now on.
+    pub fn adopt(dir: PathBuf) -> Pins {
+        Pins(dir)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.0
     }

@@ -26,7 +26,7 @@ use crate::{
 /// The loaded program and its maps. Dropping it unloads the program unless a group still
 /// holds it (detach explicitly with [`Steering::detach`]).
 pub struct Steering {
-    ebpf: Ebpf,
+    loaded: Loaded,
     sockets: ReusePortSockArray<MapData>,
     slot_by_cookie: HashMap<MapData, u64, u32>,
     slot_counters: PerCpuArray<MapData, SlotCounters>,
@@ -36,6 +36,13 @@ pub struct Steering {
     current: ProgramConfig,
     /// Maps pinned in a staging directory, and where they go once published.
     staged: Option<(Pins, PathBuf)>,
+}
+
+/// Where the program came from: loaded from the embedded object by this spawner, or
+/// taken from the pins of a group this spawner adopted.
+enum Loaded {
+    Object(Ebpf),
+    Adopted(Box<SkReuseport>),
 }
 
 /// The program's own cost, from the kernel (needs kernel.bpf_stats_enabled=1).
@@ -67,6 +74,13 @@ impl Steering {
         program.load().map_err(load_error)?;
 
         let staged = pin_dir.map(Pins::staging).transpose()?;
+        // The program too: a spawner that adopts the group re-attaches it and reads its
+        // info and log.
+        if let Some(staged) = &staged {
+            program
+                .pin(staged.0.join(names::PROGRAM))
+                .map_err(Error::ebpf("pinning the program"))?;
+        }
         let mut take = |name: &str| -> Result<Map> {
             let map = ebpf.take_map(name).ok_or_else(|| missing(name))?;
             if let Some(staged) = &staged {
@@ -98,9 +112,59 @@ impl Steering {
                 generation: 1,
                 ..config
             },
-            ebpf,
+            loaded: Loaded::Object(ebpf),
         };
         steering.write_config()?;
+        Ok(steering)
+    }
+
+    /// Takes over the program and maps a running group pinned at `pin_dir` (its spawner is
+    /// gone), and writes `config`, keeping the group's generation going.
+    pub fn adopt(config: ProgramConfig, pin_dir: &Path) -> Result<Self> {
+        let from_pin = |name: &str| -> Result<Map> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(Error::ebpf(format!(
+                "opening pinned map {}",
+                path.display()
+            )))?;
+            Map::from_map_data(data).map_err(Error::ebpf(format!("pinned map {name}")))
+        };
+        let typed = |name: &str| Error::ebpf(format!("map {name} has the wrong type"));
+        let config_map: Array<MapData, ProgramConfig> = from_pin(names::CONFIG)?
+            .try_into()
+            .map_err(typed(names::CONFIG))?;
+        let running = config_map
+            .get(&0, 0)
+            .map_err(Error::ebpf("reading the program's CONFIG"))?;
+        let program = SkReuseport::from_pin(
+            pin_dir.join(names::PROGRAM),
+            aya::programs::SkReuseportAttachType::SelectOrMigrate,
+        )
+        .map_err(Error::ebpf("opening the pinned program"))?;
+        let mut steering = Steering {
+            loaded: Loaded::Adopted(Box::new(program)),
+            sockets: from_pin(names::SOCKETS)?
+                .try_into()
+                .map_err(typed(names::SOCKETS))?,
+            slot_by_cookie: from_pin(names::SLOT_BY_COOKIE)?
+                .try_into()
+                .map_err(typed(names::SLOT_BY_COOKIE))?,
+            slot_counters: from_pin(names::SLOT_COUNTERS)?
+                .try_into()
+                .map_err(typed(names::SLOT_COUNTERS))?,
+            global_counters: from_pin(names::GLOBAL_COUNTERS)?
+                .try_into()
+                .map_err(typed(names::GLOBAL_COUNTERS))?,
+            config: config_map,
+            staged: None,
+            // Not draining: a spawner that died draining left the group to whoever adopts it.
+            current: ProgramConfig {
+                generation: running.generation,
+                flags: 0,
+                ..config
+            },
+        };
+        steering.new_generation()?;
         Ok(steering)
     }
 
@@ -143,10 +207,13 @@ impl Steering {
     }
 
     fn program(&self) -> &SkReuseport {
-        self.ebpf
-            .program(names::PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded in Steering::load")
+        match &self.loaded {
+            Loaded::Object(ebpf) => ebpf
+                .program(names::PROGRAM)
+                .and_then(|p| p.try_into().ok())
+                .expect("loaded in Steering::load"),
+            Loaded::Adopted(program) => program,
+        }
     }
 
     /// Makes `listener` selectable as `slot`. The socket must already listen.
@@ -243,12 +310,14 @@ impl Steering {
 
     /// The program's log records, named for `group` (once: the ring buffer has one reader).
     pub fn take_log(&mut self, group: &str) -> Result<ProgramLog> {
-        aya_log::EbpfLogger::init_with_logger(
-            &mut self.ebpf,
-            FailOpenLog {
-                group: group.to_owned(),
-            },
-        )
+        let logger = FailOpenLog {
+            group: group.to_owned(),
+        };
+        let program_id = self.run_stats()?.program_id;
+        match &mut self.loaded {
+            Loaded::Object(ebpf) => aya_log::EbpfLogger::init_with_logger(ebpf, logger),
+            Loaded::Adopted(_) => aya_log::EbpfLogger::init_from_id_with_logger(program_id, logger),
+        }
         .map(ProgramLog)
         .map_err(Error::ebpf(format!(
             "reading the program's log ({})",

@@ -17,6 +17,11 @@ use crate::spec::{Credentials, HandlerKind};
 pub const LISTEN_FD: RawFd = crate::activation::FIRST_FD;
 /// The shared [`HandlerStats`] page of a built-in handler (exec handlers get none).
 pub const STATS_FD: RawFd = 4;
+/// The read end of the pipe the handler's stdout and stderr go to. The handler never reads
+/// it: holding it keeps its own writes from failing (EPIPE, SIGPIPE) while no spawner
+/// runs, and a spawner that adopts the handler takes a copy of it to forward the output
+/// again. (What is written meanwhile waits in the pipe, up to its size.)
+pub const OUTPUT_FD: RawFd = 5;
 /// Exported to exec handlers: `--threads`, the slot, the group name.
 pub const THREADS_ENV: &str = "PARSRV_THREADS";
 pub const SLOT_ENV: &str = "PARSRV_SLOT";
@@ -35,9 +40,6 @@ pub struct Launch {
     pub slot: u32,
     #[arg(long, default_value = "")]
     pub group: String,
-    /// The spawner's pid: the handler must die with it.
-    #[arg(long)]
-    pub spawner: u32,
     /// Who to become before serving.
     #[arg(long, value_parser = credentials_value)]
     pub credentials: Option<Credentials>,
@@ -54,7 +56,6 @@ impl Launch {
             format!("--threads={}", self.threads),
             format!("--slot={}", self.slot),
             format!("--group={}", self.group),
-            format!("--spawner={}", self.spawner),
         ];
         if let Some(Credentials { uid, gid }) = self.credentials {
             args.push(format!("--credentials={uid}:{gid}"));
@@ -80,7 +81,7 @@ fn credentials_value(value: &str) -> Result<Credentials, String> {
 /// the command (returning only if that fails).
 pub fn launch(launch: Launch) -> anyhow::Result<()> {
     if let Some(credentials) = launch.credentials {
-        drop_privileges(credentials, launch.spawner)?;
+        drop_privileges(credentials)?;
     }
     match launch.kind {
         HandlerKind::Exec => Err(exec_command(&launch)),
@@ -89,21 +90,12 @@ pub fn launch(launch: Launch) -> anyhow::Result<()> {
 }
 
 /// Becomes `credentials` for good, with no capabilities left.
-fn drop_privileges(credentials: Credentials, spawner: u32) -> anyhow::Result<()> {
+fn drop_privileges(credentials: Credentials) -> anyhow::Result<()> {
     use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
     let gid = Gid::from_raw(credentials.gid);
     setgroups(&[gid])?;
     setgid(gid)?;
     setuid(Uid::from_raw(credentials.uid))?;
-    // A change of credentials clears the parent-death signal: arm it again, then make sure
-    // the spawner did not die meanwhile.
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    if nix::unistd::getppid().as_raw() as u32 != spawner {
-        anyhow::bail!("the spawner exited");
-    }
     // Leaving uid 0 clears the capability sets (no SECBIT_KEEP_CAPS); check rather than trust.
     let status = std::fs::read_to_string("/proc/self/status")?;
     let effective = status
@@ -155,7 +147,6 @@ mod tests {
             threads: 3,
             slot: 7,
             group: "web-1".into(),
-            spawner: 4242,
             credentials: Some(Credentials {
                 uid: 65534,
                 gid: 100,

@@ -36,9 +36,13 @@ impl Spawner {
                 }
                 Response::Done(format!("started {}", started.join(", ")))
             }
+            Request::Upgrade => match self.upgrade() {
+                Ok(message) => Response::Done(message),
+                Err(e) => Response::Failed(e.into()),
+            },
             other => Response::Failed(ControlError::WrongSocket {
                 request: other.verb(),
-                fix: "a spawner's own socket only takes `add`; send it to the group's socket"
+                fix: "a spawner's own socket only takes `add` and `upgrade`; send it to the group's socket"
                     .into(),
             }),
         }
@@ -67,9 +71,9 @@ impl Spawner {
             }
             Request::Resize { handlers } => done(group.resize(handlers).await),
             Request::Restart => done(group.restart_all().await),
-            Request::Add { .. } => Response::Failed(ControlError::WrongSocket {
-                request: "add".into(),
-                fix: "add groups through the spawner: `parsrv group add`".into(),
+            Request::Add { .. } | Request::Upgrade => Response::Failed(ControlError::WrongSocket {
+                request: request.verb(),
+                fix: "send it to the spawner: `parsrv group add`, `parsrv upgrade`".into(),
             }),
         }
     }

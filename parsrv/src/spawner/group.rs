@@ -18,7 +18,11 @@ use std::{
 use parsrv_common::reuseport::{KernelOffsets, ProgramConfig};
 use tokio::sync::watch;
 
-use super::members::Members;
+use super::{
+    adopt::Adoption,
+    members::Members,
+    record::{GroupRecord, HandlerRecord, SlotRecord},
+};
 use crate::{
     control::ControlError,
     dataplane::{
@@ -30,7 +34,7 @@ use crate::{
     listeners::{Listeners, SocketState},
     spec::{GroupSpec, HandlerKind},
     status::{self, GroupStatus, HandlerStatus, ScalingStatus, SocketStatus},
-    supervisor::{process_alive, Launcher, SlotSockets},
+    supervisor::{process_alive, process_start_time, Launcher, SlotEvent, SlotEvents},
 };
 
 /// Detaches the program from the group when dropped (holds a duplicate of a member socket).
@@ -44,19 +48,23 @@ impl Drop for Attachment {
     }
 }
 
-impl SlotSockets for RunningGroup {
-    fn handler_starting(&self, slot: u32) -> Result<SocketState> {
-        self.members.borrow_mut().handler_starting(slot)
-    }
-
-    fn handler_ready(&self, slot: u32) -> Result<SocketState> {
-        self.members.borrow_mut().handler_ready(slot)
-    }
-
-    fn handler_gone(&self, slot: u32, restart_delayed: bool) -> Result<SocketState> {
-        self.members
-            .borrow_mut()
-            .handler_gone(slot, restart_delayed)
+impl SlotEvents for RunningGroup {
+    fn on(&self, slot: u32, event: SlotEvent) -> Result<SocketState> {
+        let state = {
+            let mut members = self.members.borrow_mut();
+            match event {
+                SlotEvent::Starting => members.handler_starting(slot)?,
+                SlotEvent::Started => members.listeners()[slot as usize].state(),
+                SlotEvent::Ready => members.handler_ready(slot)?,
+                SlotEvent::Gone { restart_delayed } => {
+                    members.handler_gone(slot, restart_delayed)?
+                }
+            }
+        };
+        if event != SlotEvent::Starting {
+            self.save_record()?;
+        }
+        Ok(state)
     }
 }
 
@@ -99,14 +107,16 @@ pub async fn forward_program_log(log: ProgramLog) {
 impl RunningGroup {
     /// Creates the group's sockets, program and pins; handlers start with
     /// [`RunningGroup::start_handlers`]. On error, whatever it had created is gone again.
-    pub fn create(spec: GroupSpec, offsets: KernelOffsets) -> Result<Rc<RunningGroup>> {
+    ///
+    /// With `adoption`, the group's handlers, sockets, program and pins are those a spawner
+    /// that is gone left running; slots whose handler is gone get a new socket.
+    pub fn create(
+        spec: GroupSpec,
+        offsets: KernelOffsets,
+        adoption: Option<Adoption>,
+    ) -> Result<Rc<RunningGroup>> {
         let credentials = spec.credentials()?;
         let pin_dir = pins::group_dir(&spec.name);
-        // The caller made sure that no spawner answers for this group, so pins under its
-        // name are a dead one's.
-        Pins::remove_stale(&pin_dir)?;
-        let mut listeners = Listeners::bind(spec.listen, spec.handlers.min, spec.backlog)?;
-        listeners.set_nonblocking(spec.nonblocking)?;
         let config = ProgramConfig {
             offsets,
             policy: spec.policy.to_program(),
@@ -114,16 +124,50 @@ impl RunningGroup {
             generation: 0, // Steering owns it
             flags: 0,
         };
-        let steering = Steering::load(config, Some(&pin_dir))?;
+        let (mut listeners, steering, adopted) = match adoption {
+            None => {
+                // The caller made sure that no spawner answers for this group and that no
+                // handler of it runs, so pins under its name are a dead one's.
+                Pins::remove_stale(&pin_dir)?;
+                let listeners = Listeners::bind(spec.listen, spec.handlers.min, spec.backlog)?;
+                let steering = Steering::load(config, Some(&pin_dir))?;
+                (listeners, steering, Vec::new())
+            }
+            Some(adoption) => {
+                let mut steering = Steering::adopt(config, &pin_dir)?;
+                let (mut sockets, mut handlers) = (Vec::new(), Vec::new());
+                for (index, (slot, recorded)) in
+                    (0..).zip(adoption.slots.into_iter().zip(&adoption.record.slots))
+                {
+                    match slot {
+                        Some(slot) => {
+                            sockets.push(Some(slot.socket));
+                            handlers.push(Some(slot.handler));
+                        }
+                        None => {
+                            // Its socket closed with its handler; a new one takes the slot.
+                            steering.unregister(index, recorded.cookie)?;
+                            sockets.push(None);
+                            handlers.push(None);
+                        }
+                    }
+                }
+                let listeners = Listeners::adopt(spec.listen, spec.backlog, sockets)?;
+                (listeners, steering, handlers)
+            }
+        };
+        let adopting = !adopted.is_empty();
+        listeners.set_nonblocking(spec.nonblocking)?;
         let launcher = Rc::new(Launcher {
             spec: spec.clone(),
             credentials,
             grace: spec.grace(),
             ready_timeout: spec.ready_timeout(),
-            sockets: Default::default(),
+            group: Default::default(),
         });
         let (stop, stopped) = watch::channel(false);
-        let mut members = Members::register(listeners, steering, launcher.clone(), stopped)?;
+        let mut members =
+            Members::register(listeners, steering, launcher.clone(), stopped, adopted)?;
         members.steering().attach(&members.listeners()[0])?;
         let attachment = Attachment(
             members.listeners()[0]
@@ -132,7 +176,11 @@ impl RunningGroup {
                 .map_err(Error::io("duplicating a group socket"))?,
         );
         let program_log = members.steering_mut().take_log(&spec.name)?;
-        let pins = members.steering_mut().publish_pins()?;
+        let pins = if adopting {
+            Some(Pins::adopt(pin_dir))
+        } else {
+            members.steering_mut().publish_pins()?
+        };
         let group = Rc::new(RunningGroup {
             pins_dir: pins.as_ref().map(|p| p.dir().to_owned()),
             spec,
@@ -145,9 +193,37 @@ impl RunningGroup {
             program_log: RefCell::new(Some(program_log)),
             tasks: RefCell::default(),
         });
-        let sockets: std::rc::Weak<dyn SlotSockets> = Rc::downgrade(&group) as _;
-        let _ = launcher.sockets.set(sockets);
+        let events: std::rc::Weak<dyn SlotEvents> = Rc::downgrade(&group) as _;
+        let _ = launcher.group.set(events);
         Ok(group)
+    }
+
+    /// Writes what a spawner that adopts the group needs ([`GroupRecord`]).
+    pub fn save_record(&self) -> Result<()> {
+        let members = self.members.borrow();
+        let slots = members
+            .pairs()
+            .map(|(slot, listener)| {
+                let state = slot.state.borrow();
+                SlotRecord {
+                    cookie: listener.cookie(),
+                    handler: state.pid.and_then(|pid| {
+                        Some(HandlerRecord {
+                            pid,
+                            start_time: process_start_time(pid)?,
+                            restarts: state.restarts,
+                            ready: state.ready,
+                        })
+                    }),
+                }
+            })
+            .collect();
+        GroupRecord {
+            spawner_pid: std::process::id(),
+            spec: self.spec.clone(),
+            slots,
+        }
+        .write()
     }
 
     /// The program's log records, for [`forward_program_log`] (once).
@@ -195,7 +271,21 @@ impl RunningGroup {
         }
         // Yield so that aborted tasks drop what they hold (the control socket file).
         tokio::task::yield_now().await;
+        // Detach through a socket in the kernel's group: a parked one (shut down) is not.
+        if let Some((attachment, _)) = self.teardown.borrow_mut().as_mut() {
+            let member = self
+                .members
+                .borrow()
+                .listeners()
+                .iter()
+                .find(|l| l.state() != SocketState::Parked)
+                .and_then(|l| l.socket().try_clone().ok());
+            if let Some(member) = member {
+                attachment.0 = member;
+            }
+        }
         self.teardown.borrow_mut().take();
+        GroupRecord::remove(&self.spec.name);
         log::info!("group {} stopped", self.spec.name);
     }
 
@@ -217,7 +307,7 @@ impl RunningGroup {
         while self.handlers() > target {
             self.remove_top_slot().await?;
         }
-        Ok(())
+        self.save_record()
     }
 
     /// `parsrv group resize`: within the MIN..MAX the group was started with.
@@ -334,6 +424,8 @@ impl RunningGroup {
             schema: status::SCHEMA_VERSION,
             spec: spec.clone(),
             spawner_pid: std::process::id(),
+            spawner_version: env!("CARGO_PKG_VERSION").into(),
+            spawner_started_ms: super::executed().started_ms,
             pins: self.pins_dir.clone(),
             scaling: self.scaling.borrow().clone(),
             draining: self.draining.get(),

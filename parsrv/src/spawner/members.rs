@@ -12,7 +12,7 @@ use crate::{
     error::{Error, Result},
     kernel::Occupancy,
     listeners::{Listener, Listeners, SocketState},
-    supervisor::{Launcher, Slot},
+    supervisor::{AdoptedHandler, Launcher, Slot},
 };
 
 pub(crate) struct Members {
@@ -23,6 +23,11 @@ pub(crate) struct Members {
     launcher: Rc<Launcher>,
     /// Tells every slot's supervisor that the group stops.
     stopped: watch::Receiver<bool>,
+    /// Handlers taken over from a spawner that is gone, by slot, until their slot starts.
+    adopted: Vec<Option<AdoptedHandler>>,
+    /// The top slot while it is being removed: its socket left the group for good, and
+    /// what its handler does meanwhile must not bring it back (listen() would).
+    leaving: Option<u32>,
 }
 
 /// A slot on its way out: its socket is shut down and forgotten by the program; its handler
@@ -41,9 +46,19 @@ impl Members {
         mut steering: Steering,
         launcher: Rc<Launcher>,
         stopped: watch::Receiver<bool>,
+        adopted: Vec<Option<AdoptedHandler>>,
     ) -> Result<Members> {
-        for (slot, listener) in (0..).zip(listeners.listeners()) {
-            steering.register(slot, listener)?;
+        for ((slot, listener), adopted) in (0..).zip(listeners.listeners()).zip(
+            adopted
+                .iter()
+                .map(Option::is_some)
+                .chain(std::iter::repeat(false)),
+        ) {
+            // An adopted handler's socket is in the maps already (a socket can be in one
+            // REUSEPORT_SOCKARRAY slot only: setting it again fails with EBUSY).
+            if !adopted {
+                steering.register(slot, listener)?;
+            }
         }
         Ok(Members {
             listeners,
@@ -51,6 +66,8 @@ impl Members {
             slots: Vec::new(),
             launcher,
             stopped,
+            adopted,
+            leaving: None,
         })
     }
 
@@ -67,8 +84,15 @@ impl Members {
         let fd = self.listeners.listeners()[index as usize]
             .socket()
             .as_raw_fd();
-        let slot = Slot::start(self.launcher.clone(), index, fd, self.stopped.clone())
-            .map_err(Error::io("creating a handler's shared counters"))?;
+        let adopted = self.adopted.get_mut(index as usize).and_then(Option::take);
+        let slot = Slot::start(
+            self.launcher.clone(),
+            index,
+            fd,
+            self.stopped.clone(),
+            adopted,
+        )
+        .map_err(Error::io("creating a handler's shared counters"))?;
         self.slots.push(slot);
         Ok(())
     }
@@ -120,6 +144,7 @@ impl Members {
     fn others_serve(&self, index: u32) -> bool {
         self.pairs().any(|(slot, listener)| {
             slot.index != index
+                && Some(slot.index) != self.leaving
                 && slot.state.borrow().ready
                 && listener.state() == SocketState::Serving
         })
@@ -137,9 +162,36 @@ impl Members {
         self.set_state(index, wanted)
     }
 
-    /// Slot `index`'s handler is ready: its socket takes its share again.
+    /// Slot `index`'s handler is ready: its socket takes its share again. Slots whose
+    /// handler went while none was ready kept their sockets serving (their queues were the
+    /// best place then); now there is one to leave new connections to, and they step back
+    /// as [`Members::handler_gone`] would have had them.
     pub fn handler_ready(&mut self, index: u32) -> Result<SocketState> {
-        self.set_state(index, SocketState::Serving)
+        let state = self.set_state(index, SocketState::Serving)?;
+        let now = std::time::Instant::now();
+        let handlerless: Vec<(u32, bool)> = self
+            .pairs()
+            .filter(|(slot, listener)| {
+                slot.index != index
+                    && listener.state() == SocketState::Serving
+                    && slot.state.borrow().pid.is_none()
+            })
+            .map(|(slot, _)| {
+                let delayed = slot.state.borrow().restart_at.is_some_and(|at| at > now);
+                (slot.index, delayed)
+            })
+            .collect();
+        for (other, delayed) in handlerless {
+            self.set_state(
+                other,
+                if delayed {
+                    SocketState::Parked
+                } else {
+                    SocketState::AwaitingHandler
+                },
+            )?;
+        }
+        Ok(state)
     }
 
     /// Slot `index`'s handler exited. While other slots serve, its socket gets no new
@@ -158,6 +210,9 @@ impl Members {
 
     fn set_state(&mut self, index: u32, wanted: SocketState) -> Result<SocketState> {
         let was = self.listeners.listeners()[index as usize].state();
+        if self.leaving == Some(index) {
+            return Ok(was);
+        }
         let back_in = self.listeners.set_state(index as usize, wanted)?;
         if back_in {
             self.steering
@@ -190,6 +245,7 @@ impl Members {
         }
         // The socket has left the group for good: the removal goes on whatever else fails,
         // so that the group is never left with a slot whose socket is dead.
+        self.leaving = Some(slot.index);
         let cookie = listener.cookie();
         let forgotten = self.steering.unregister(slot.index, cookie);
         Ok(Some(Leaving { slot, forgotten }))
@@ -197,6 +253,7 @@ impl Members {
 
     /// Forgets the top slot and closes its socket, once its handler is gone.
     pub fn remove_top(&mut self) {
+        self.leaving = None;
         self.slots.pop();
         self.listeners.remove_last();
     }

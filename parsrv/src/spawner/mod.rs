@@ -19,10 +19,12 @@
 //! queues empty first (bounded by `grace`); then stop handlers (SIGTERM, grace period,
 //! SIGKILL), remove the control socket, detach, unpin.
 
+mod adopt;
 mod autoscaling;
 mod dispatch;
 mod group;
 mod members;
+mod record;
 mod reload;
 mod watchdog;
 
@@ -54,6 +56,7 @@ pub struct RunOptions {
 
 /// Runs the groups until SIGINT or SIGTERM.
 pub fn run(options: RunOptions) -> Result<()> {
+    executed();
     for spec in &options.groups {
         spec.validate()?;
     }
@@ -92,6 +95,7 @@ pub fn run(options: RunOptions) -> Result<()> {
             offsets,
             config: options.config,
             groups: RefCell::default(),
+            upgrading: tokio::sync::Notify::new(),
         });
         for spec in options.groups {
             if let Err(e) = spawner.start_group(spec) {
@@ -103,21 +107,121 @@ pub fn run(options: RunOptions) -> Result<()> {
     })
 }
 
+/// Where group `name`'s record is kept while it runs (see [`record`]).
+pub fn record_path(name: &str) -> PathBuf {
+    record::GroupRecord::path(name)
+}
+
+/// `parsrv stop GROUP` when no spawner answers for it: takes over what its last spawner
+/// left running and stops it as that spawner would have (handlers, program, pins, record).
+pub fn stop_orphan(name: &str) -> Result<String> {
+    let Some(record) = record::GroupRecord::read(name) else {
+        return Err(Error::GroupNotRunning {
+            which: format!(" named '{name}'"),
+            known: "none answers and no spawner left one running".into(),
+        });
+    };
+    kernel::check_capabilities()?;
+    let offsets = kernel::offsets_in(&kernel::vmlinux_btf()?)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting a runtime"))?;
+    tokio::task::LocalSet::new().block_on(&runtime, async move {
+        let claim = NetnsLock::acquire()?;
+        ensure_not_running(name)?;
+        let spec = record.spec.clone();
+        let Some(adoption) = adopt::Adoption::take(record) else {
+            record::GroupRecord::remove(name);
+            dataplane::pins::Pins::remove_stale(&dataplane::pins::group_dir(name))?;
+            return Ok(format!(
+                "group {name}: none of its handlers ran any more; removed what its last spawner left"
+            ));
+        };
+        let pids = adoption.pids();
+        let group = RunningGroup::create(spec, offsets, Some(adoption))?;
+        drop(claim);
+        group.start_handlers()?;
+        group.stop().await;
+        Ok(format!(
+            "group {name}: its handlers {pids:?} (left by a spawner that is gone) stopped, program detached, pins removed"
+        ))
+    })
+}
+
 fn ensure_not_running(name: &str) -> Result<()> {
     let control_path = control::socket_path(name);
-    if control::is_live(&control_path) {
+    if let Some(spawner) = control::answering_pid(&control_path) {
         return Err(Error::GroupRunning {
             name: name.to_owned(),
             socket: control_path,
+            spawner,
         });
     }
     Ok(())
+}
+
+/// The handlers of `spec`'s group that a spawner now gone left running, taken over; `None`
+/// if there are none (its record, if any, is stale: the group starts anew). Refused if the
+/// running group is not what `spec` asks for: nothing is changed then.
+fn adopt_if_running(spec: &GroupSpec) -> Result<Option<adopt::Adoption>> {
+    let Some(record) = record::GroupRecord::read(&spec.name) else {
+        return Ok(None);
+    };
+    let Some(adoption) = adopt::Adoption::take(record) else {
+        log::info!(
+            "group {}: no handler of the last run is left; starting anew",
+            spec.name
+        );
+        record::GroupRecord::remove(&spec.name);
+        return Ok(None);
+    };
+    let differences = adoption.record.differences(spec);
+    if !differences.is_empty() {
+        return Err(Error::GroupDiffers {
+            name: spec.name.clone(),
+            pids: adoption.pids(),
+            differences: differences.join(", "),
+        });
+    }
+    log::info!(
+        "group {}: adopting its running handlers (pids {:?}) from spawner {}",
+        spec.name,
+        adoption.pids(),
+        adoption.record.spawner_pid
+    );
+    Ok(Some(adoption))
 }
 
 pub(crate) struct Spawner {
     offsets: KernelOffsets,
     config: Option<PathBuf>,
     groups: RefCell<BTreeMap<String, Rc<RunningGroup>>>,
+    /// Told by `parsrv upgrade`: the serve loop re-executes the binary.
+    upgrading: tokio::sync::Notify,
+}
+
+/// This spawner as it was executed, for `parsrv upgrade` and `status`: the binary's path
+/// and arguments (read at start: the file may be replaced later, which is the point),
+/// and when this image started.
+pub struct Executed {
+    pub binary: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
+    /// Milliseconds since the Unix epoch.
+    pub started_ms: u64,
+}
+
+static EXECUTED: std::sync::OnceLock<Executed> = std::sync::OnceLock::new();
+
+/// How this spawner was executed (set when `run` starts).
+pub fn executed() -> &'static Executed {
+    EXECUTED.get_or_init(|| Executed {
+        binary: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        args: std::env::args_os().skip(1).collect(),
+        started_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    })
 }
 
 impl Spawner {
@@ -144,7 +248,8 @@ impl Spawner {
                 spec.name, spec.listen, other.spec.name, other.spec.listen
             )));
         }
-        let group = RunningGroup::create(spec, self.offsets)?;
+        let adoption = adopt_if_running(&spec)?;
+        let group = RunningGroup::create(spec, self.offsets, adoption)?;
         let control = ControlSocket::bind(&group.spec.name)?;
         drop(claim);
         group.start_handlers()?;
@@ -204,6 +309,46 @@ impl Spawner {
         for name in names {
             self.remove_group(&name).await;
         }
+    }
+
+    /// `parsrv upgrade`: checks that the binary at this spawner's path can be executed,
+    /// then has the serve loop execute it ([`Spawner::reexecute`]).
+    fn upgrade(&self) -> Result<String> {
+        let binary = &executed().binary;
+        let usable = std::fs::metadata(binary).map(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.is_file() && m.permissions().mode() & 0o111 != 0
+        });
+        if !usable.unwrap_or(false) {
+            return Err(Error::Rejected(format!(
+                "cannot upgrade: {} is not an executable file now; install the new parsrv there first",
+                binary.display()
+            )));
+        }
+        self.upgrading.notify_one();
+        Ok(format!(
+            "spawner {} re-executes {}: its groups carry on, adopted by the new binary",
+            std::process::id(),
+            binary.display()
+        ))
+    }
+
+    /// Replaces this process's image with the binary at its path, same arguments and
+    /// environment. Nothing is stopped: handlers keep serving (they are still this
+    /// process's children), the program stays attached, the records under the run directory
+    /// are current, and the new image adopts every group as a spawner started after a crash
+    /// would. Returns only on failure.
+    fn reexecute(&self) -> std::io::Error {
+        use std::os::unix::process::CommandExt;
+        let executed = executed();
+        log::info!(
+            "upgrade: executing {} {:?}",
+            executed.binary.display(),
+            executed.args
+        );
+        std::process::Command::new(&executed.binary)
+            .args(&executed.args)
+            .exec()
     }
 
     fn statuses(&self) -> Vec<GroupStatus> {
@@ -268,6 +413,12 @@ impl Spawner {
                     });
                 }
                 _ = reload.recv() => self.reload().await,
+                _ = self.upgrading.notified() => {
+                    // Let the answer to `parsrv upgrade` reach its client first.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let error = self.reexecute();
+                    log::error!("upgrade: {error}; this spawner carries on");
+                }
             }
         }
         answering.abort();

@@ -6,7 +6,7 @@
 use std::{
     cell::RefCell,
     io,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     process::Stdio,
     rc::Rc,
     sync::atomic::Ordering,
@@ -21,22 +21,34 @@ use crate::{
     spec::{Credentials, GroupSpec, HandlerKind},
 };
 
+mod pidfd;
 mod process;
 
+pub use pidfd::{process_start_time, PidFd};
 pub use process::process_state;
-use process::{describe_exit, forward_output, kill_group, kill_handler, place_handler};
+use process::{
+    describe_exit, forward_output, kill_group, kill_handler, output_pipe, place_handler,
+};
 pub(crate) use process::{process_alive, process_stopped};
 
-/// What a slot's supervisor tells the group as its handler comes and goes; the group decides
-/// where the slot's socket stands ([`SocketState`]) so that no new connection waits for a
-/// handler that is not there while another could take it.
-pub trait SlotSockets {
+/// What a slot's supervisor tells the group as its handler comes and goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotEvent {
     /// A handler is about to start on the slot's socket.
-    fn handler_starting(&self, slot: u32) -> crate::Result<SocketState>;
+    Starting,
+    /// It runs (its pid is in the slot's state), spawned or adopted.
+    Started,
     /// It is ready (see [`Running::ready`]).
-    fn handler_ready(&self, slot: u32) -> crate::Result<SocketState>;
+    Ready,
     /// It exited; the next one starts at once or after a delay.
-    fn handler_gone(&self, slot: u32, restart_delayed: bool) -> crate::Result<SocketState>;
+    Gone { restart_delayed: bool },
+}
+
+/// The group's side of [`SlotEvent`]s: it decides where the slot's socket stands
+/// ([`SocketState`]) so that no new connection waits for a handler that is not there while
+/// another could take it, and records the change for a spawner that adopts the group.
+pub trait SlotEvents {
+    fn on(&self, slot: u32, event: SlotEvent) -> crate::Result<SocketState>;
 }
 /// What every handler of a group is started with.
 pub struct Launcher {
@@ -46,20 +58,17 @@ pub struct Launcher {
     pub grace: Duration,
     /// How long a replacement may take to become ready during a restart.
     pub ready_timeout: Duration,
-    /// The group's sockets, set once the group exists.
-    pub sockets: std::cell::OnceCell<std::rc::Weak<dyn SlotSockets>>,
+    /// The group, set once it exists.
+    pub group: std::cell::OnceCell<std::rc::Weak<dyn SlotEvents>>,
 }
 impl Launcher {
-    /// Tells the group's sockets about slot `slot` (a no-op before the group exists, or
-    /// once it is gone); a failure is logged, and the slot carries on.
-    fn tell(
-        &self,
-        slot: u32,
-        event: impl FnOnce(&dyn SlotSockets) -> crate::Result<SocketState>,
-    ) -> Option<SocketState> {
-        let sockets = self.sockets.get().and_then(std::rc::Weak::upgrade)?;
-        event(&*sockets)
-            .inspect_err(|e| log::error!("handler {slot}: cannot set its socket's state: {e}"))
+    /// Tells the group about slot `slot` (a no-op before the group exists, or once it is
+    /// gone); a failure is logged, and the slot carries on.
+    fn tell(&self, slot: u32, event: SlotEvent) -> Option<SocketState> {
+        let group = self.group.get().and_then(std::rc::Weak::upgrade)?;
+        group
+            .on(slot, event)
+            .inspect_err(|e| log::error!("handler {slot}: {event:?}: {e}"))
             .ok()
     }
 }
@@ -121,23 +130,31 @@ pub struct Slot {
     task: RefCell<Option<tokio::task::JoinHandle<()>>>,
 }
 impl Slot {
-    /// Starts supervising a handler for socket `listen_fd` (inside a LocalSet).
+    /// Starts supervising slot `index`, whose socket is `listen_fd` (inside a LocalSet): its
+    /// `adopted` handler if it has one, otherwise a new one.
     pub fn start(
         launcher: Rc<Launcher>,
         index: u32,
         listen_fd: RawFd,
         stop: watch::Receiver<bool>,
+        mut adopted: Option<AdoptedHandler>,
     ) -> io::Result<Rc<Slot>> {
+        // An adopted built-in handler counts on in the page it has; otherwise a new one.
+        let stats = match adopted.as_mut().and_then(|a| a.stats.take()) {
+            Some(stats) => stats,
+            None => SharedStats::create(index)?,
+        };
         let (commands, receiver) = mpsc::unbounded_channel();
         let slot = Rc::new(Slot {
             index,
             listen_fd,
-            stats: SharedStats::create(index)?,
+            stats,
             state: RefCell::default(),
             commands,
             task: RefCell::new(None),
         });
-        let task = tokio::task::spawn_local(supervise(launcher, slot.clone(), stop, receiver));
+        let task =
+            tokio::task::spawn_local(supervise(launcher, slot.clone(), stop, receiver, adopted));
         *slot.task.borrow_mut() = Some(task);
         Ok(slot)
     }
@@ -167,22 +184,72 @@ impl Slot {
         }
     }
 }
+/// A handler another spawner started (one that died, or this process before it re-executed
+/// itself), taken over with what the slot needs of it.
+pub struct AdoptedHandler {
+    pub process: PidFd,
+    /// A copy of the read end of its output pipe ([`crate::handler::OUTPUT_FD`]), if it
+    /// still has one.
+    pub output: Option<OwnedFd>,
+    /// A built-in handler's counters page ([`crate::handler::STATS_FD`]).
+    pub stats: Option<SharedStats>,
+    pub restarts: u32,
+    pub ready: bool,
+}
+
+/// A handler process: spawned by this spawner, or adopted.
+enum HandlerProcess {
+    Spawned(tokio::process::Child),
+    Adopted(PidFd),
+}
+
 /// A running handler process.
 struct Running {
-    child: tokio::process::Child,
+    process: HandlerProcess,
     pid: u32,
     started: Instant,
 }
 impl Running {
     fn start(launcher: &Launcher, slot: &Slot) -> io::Result<Running> {
-        let mut child = spawn_handler(launcher, slot)?;
+        let (child, output) = spawn_handler(launcher, slot)?;
         let pid = child.id().unwrap_or_default();
-        forward_output(&mut child, slot.index, pid);
+        forward_output(output, slot.index, pid);
         Ok(Running {
-            child,
+            process: HandlerProcess::Spawned(child),
             pid,
             started: Instant::now(),
         })
+    }
+
+    fn adopt(handler: AdoptedHandler, slot: &Slot) -> Running {
+        let pid = handler.process.pid();
+        if let Some(output) = handler.output {
+            forward_output(output, slot.index, pid);
+        }
+        Running {
+            process: HandlerProcess::Adopted(handler.process),
+            pid,
+            started: Instant::now(),
+        }
+    }
+
+    /// Waits until it exits, and says how.
+    async fn exited(&mut self) -> String {
+        match &mut self.process {
+            HandlerProcess::Spawned(child) => describe_exit(child.wait().await),
+            HandlerProcess::Adopted(process) => process.exited().await,
+        }
+    }
+
+    /// Signals the process and its process group.
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        match &self.process {
+            HandlerProcess::Spawned(_) => kill_handler(self.pid, signal),
+            HandlerProcess::Adopted(process) => {
+                let _ = process.signal(signal);
+                kill_group(self.pid, signal);
+            }
+        }
     }
 
     /// Whether it serves its socket yet.
@@ -199,36 +266,49 @@ async fn supervise(
     slot: Rc<Slot>,
     mut stop: watch::Receiver<bool>,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    mut adopted: Option<AdoptedHandler>,
 ) {
     let index = slot.index;
     let mut backoff = Backoff::default();
     let mut first = true;
     loop {
-        if *stop.borrow() {
+        // An adopted handler is taken charge of even if the group is stopping already
+        // (`parsrv stop` of a group whose spawner is gone): so it is stopped, not dropped.
+        if adopted.is_none() && *stop.borrow() {
             return;
         }
-        // Back in the group before the handler looks at its socket.
-        launcher.tell(index, |s| s.handler_starting(index));
-        match Running::start(&launcher, &slot) {
+        let started = match adopted.take() {
+            Some(handler) => {
+                let ready = handler.ready;
+                slot.state.borrow_mut().restarts = handler.restarts;
+                Ok((Running::adopt(handler, &slot), ready))
+            }
+            None => {
+                // Back in the group before the handler looks at its socket.
+                launcher.tell(index, SlotEvent::Starting);
+                Running::start(&launcher, &slot).map(|running| (running, false))
+            }
+        };
+        match started {
             Err(e) => log::error!("handler {index}: cannot start: {e}"),
-            Ok(mut running) => {
+            Ok((mut running, mut ready)) => {
                 {
                     let mut state = slot.state.borrow_mut();
                     state.pid = Some(running.pid);
                     state.restart_at = None;
+                    state.ready = ready;
                     if !first {
                         state.restarts += 1;
                     }
                 }
                 first = false;
-                let mut ready = false;
+                launcher.tell(index, SlotEvent::Started);
                 loop {
                     tokio::select! {
-                        exit = running.child.wait() => {
+                        how = running.exited() => {
                             // Whatever it started (a server's workers, holding copies of fd
                             // 3) must not outlive it and serve beside its successor.
                             kill_group(running.pid, nix::sys::signal::Signal::SIGKILL);
-                            let how = describe_exit(exit);
                             {
                                 let mut state = slot.state.borrow_mut();
                                 state.last_exit = Some(how.clone());
@@ -248,7 +328,7 @@ async fn supervise(
                             if running.ready(&launcher, &slot) {
                                 ready = true;
                                 slot.state.borrow_mut().ready = true;
-                                launcher.tell(index, |s| s.handler_ready(index));
+                                launcher.tell(index, SlotEvent::Ready);
                             }
                         }
                         _ = stop.changed() => {
@@ -273,7 +353,12 @@ async fn supervise(
         // Started again at once, the successor serves the queue; until it is ready, new
         // connections go to the live handlers. A delayed one would leave the queue waiting:
         // it moves to the live handlers.
-        let socket = launcher.tell(index, |s| s.handler_gone(index, !delay.is_zero()));
+        let socket = launcher.tell(
+            index,
+            SlotEvent::Gone {
+                restart_delayed: !delay.is_zero(),
+            },
+        );
         let socket = match socket {
             Some(SocketState::Parked) => {
                 "its socket is out of the group meanwhile, its queue moved to the others"
@@ -303,7 +388,7 @@ async fn supervise(
     }
 }
 async fn retire(launcher: &Launcher, slot: &Slot, mut running: Running) {
-    let how = stop_handler(&mut running.child, running.pid, launcher.grace).await;
+    let how = stop_handler(&mut running, launcher.grace).await;
     log::info!("handler {} (pid {}) {how}", slot.index, running.pid);
     let mut state = slot.state.borrow_mut();
     state.last_exit = Some(how);
@@ -329,7 +414,7 @@ async fn replace(
     tokio::pin!(deadline);
     let verdict = loop {
         tokio::select! {
-            exit = fresh.child.wait() => break Err(format!("exited before it was ready ({})", describe_exit(exit))),
+            how = fresh.exited() => break Err(format!("exited before it was ready ({how})")),
             _ = &mut deadline => break Err(format!("was not ready within {:?}", launcher.ready_timeout)),
             _ = tokio::time::sleep(Duration::from_millis(10)) => {
                 if fresh.ready(launcher, slot) {
@@ -345,8 +430,8 @@ async fn replace(
             .map_or(String::new(), |(state, wchan)| {
                 format!(" (state {state}, waiting in {wchan})")
             });
-        kill_handler(new, nix::sys::signal::Signal::SIGKILL);
-        let _ = fresh.child.wait().await;
+        fresh.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = fresh.exited().await;
         let error = ReplaceError::NotReady {
             slot: index,
             new,
@@ -358,29 +443,30 @@ async fn replace(
     }
     let mut previous = std::mem::replace(running, fresh);
     slot.state.borrow_mut().pid = Some(new);
-    let how = stop_handler(&mut previous.child, old, launcher.grace).await;
+    let how = stop_handler(&mut previous, launcher.grace).await;
     let message = format!("handler {index}: pid {old} replaced by pid {new} (the old one {how})");
     log::info!("{message}");
     Ok(message)
 }
 /// SIGTERM (and SIGCONT, in case it was stopped) to the handler's process group, then
 /// SIGKILL to the group after `grace`, and to whatever of it is left once the handler exits.
-async fn stop_handler(child: &mut tokio::process::Child, pid: u32, grace: Duration) -> String {
+async fn stop_handler(running: &mut Running, grace: Duration) -> String {
     use nix::sys::signal::Signal;
-    kill_handler(pid, Signal::SIGTERM);
-    kill_handler(pid, Signal::SIGCONT);
-    let how = match tokio::time::timeout(grace, child.wait()).await {
-        Ok(exit) => describe_exit(exit),
+    running.signal(Signal::SIGTERM);
+    running.signal(Signal::SIGCONT);
+    let how = match tokio::time::timeout(grace, running.exited()).await {
+        Ok(how) => how,
         Err(_) => {
-            kill_handler(pid, Signal::SIGKILL);
-            let _ = child.wait().await;
+            running.signal(Signal::SIGKILL);
+            let _ = running.exited().await;
             format!("did not exit within {grace:?} of SIGTERM: killed")
         }
     };
-    kill_group(pid, Signal::SIGKILL);
+    kill_group(running.pid, Signal::SIGKILL);
     how
 }
-fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<tokio::process::Child> {
+/// Starts a handler process; returns it and the read end of its output pipe.
+fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<(tokio::process::Child, OwnedFd)> {
     let spec = &launcher.spec;
     let listener = slot.listen_fd;
     // Exec handlers get their socket and nothing else.
@@ -390,32 +476,33 @@ fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<tokio::process:
         let _ = set.set(cpu as usize); // validated against the usable CPUs
         set
     });
-    let parent = std::process::id();
-    // /proc/self/exe rather than current_exe(): still this very binary if the file was
-    // replaced on disk since the spawner started.
     let launch = Launch {
         kind: spec.handler,
         threads: spec.threads,
         slot: slot.index,
         group: spec.name.clone(),
-        spawner: parent,
         credentials: launcher.credentials,
         command: spec.command.clone(),
     };
+    let (output, output_writer) = output_pipe()?;
+    let output_raw = output.as_raw_fd();
+    // /proc/self/exe rather than current_exe(): still this very binary if the file was
+    // replaced on disk since the spawner started.
     let mut command = tokio::process::Command::new("/proc/self/exe");
     command
         .arg0("parsrv")
         .arg("handler")
         .args(launch.to_args())
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stdout(Stdio::from(output_writer.try_clone()?))
+        .stderr(Stdio::from(output_writer))
+        // A handler outlives whatever happens to this spawner; orderly paths retire it.
+        .kill_on_drop(false);
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
-        command.pre_exec(move || place_handler(listener, stats, cpus, parent as libc::pid_t));
+        command.pre_exec(move || place_handler(listener, stats, output_raw, cpus));
     }
-    command.spawn()
+    Ok((command.spawn()?, output))
 }
 /// Restart delays for a handler that keeps exiting: immediate the first time (its queue is
 /// waiting), then doubling up to a cap, back to immediate after a stable run.

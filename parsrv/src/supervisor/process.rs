@@ -1,10 +1,17 @@
-//! The handler as a process: how it is placed before exec (its fds, process group, CPU,
-//! parent-death signal), its output forwarded line by line, signals to it and to its
-//! process group, and what /proc says of it.
+//! The handler as a process: how it is placed before exec (its fds, process group, CPU),
+//! its output forwarded line by line, signals to it and to its process group, and what
+//! /proc says of it.
+//!
+//! A handler does not die with its spawner: it keeps serving its socket, and the next
+//! spawner adopts it ([`super::pidfd`]).
 
-use std::{io, os::fd::RawFd, process::ExitStatus};
+use std::{
+    io,
+    os::fd::{OwnedFd, RawFd},
+    process::ExitStatus,
+};
 
-use crate::handler::{LISTEN_FD, STATS_FD};
+use crate::handler::{LISTEN_FD, OUTPUT_FD, STATS_FD};
 
 pub(super) fn describe_exit(exit: io::Result<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -36,41 +43,52 @@ pub(super) fn kill_group(pid: u32, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
-/// Copies a handler's stdout and stderr to the spawner's stderr, a line at a time, each
-/// prefixed with the handler's slot and pid.
-pub(super) fn forward_output(child: &mut tokio::process::Child, slot: u32, pid: u32) {
-    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
-    fn copy(stream: impl AsyncRead + Unpin + 'static, slot: u32, pid: u32) {
-        tokio::task::spawn_local(async move {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                // Bounded: a handler printing without newlines cannot grow this forever.
-                match (&mut reader)
-                    .take(MAX_LOG_LINE)
-                    .read_until(b'\n', &mut line)
-                    .await
-                {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&line);
-                        eprintln!(
-                            "{}handler {slot}[{pid}]: {}",
-                            crate::output::log_prefix(std::process::id()),
-                            text.trim_end_matches(['\n', '\r'])
-                        );
-                    }
+/// The pipe a handler's stdout and stderr go to: `(read end, write end)`, both
+/// close-on-exec. Made as large as the system allows by default (1 MiB), for what a handler
+/// writes while no spawner forwards it.
+pub(super) fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on an fd owned here; failure only leaves the default size.
+    unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    Ok((read, write))
+}
+
+/// Copies what a handler writes (the read end of its [`output_pipe`]) to the spawner's
+/// stderr, a line at a time, each prefixed with the handler's slot and pid. Ends when
+/// every write end is closed (the handler and all it started are gone).
+pub(super) fn forward_output(output: OwnedFd, slot: u32, pid: u32) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let stream = match tokio::net::unix::pipe::Receiver::from_owned_fd(output) {
+        Ok(stream) => stream,
+        Err(e) => {
+            log::error!("handler {slot}[{pid}]: its output cannot be forwarded: {e}");
+            return;
+        }
+    };
+    tokio::task::spawn_local(async move {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // Bounded: a handler printing without newlines cannot grow this forever.
+            match (&mut reader)
+                .take(MAX_LOG_LINE)
+                .read_until(b'\n', &mut line)
+                .await
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&line);
+                    eprintln!(
+                        "{}handler {slot}[{pid}]: {}",
+                        crate::output::log_prefix(std::process::id()),
+                        text.trim_end_matches(['\n', '\r'])
+                    );
                 }
             }
-        });
-    }
-    if let Some(out) = child.stdout.take() {
-        copy(out, slot, pid);
-    }
-    if let Some(err) = child.stderr.take() {
-        copy(err, slot, pid);
-    }
+        }
+    });
 }
 
 /// Longest handler output line copied as one line.
@@ -89,15 +107,16 @@ pub fn process_state(pid: u32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-/// In the forked child, before exec: put the handler's socket at fd 3 and (built-in
-/// handlers) its counters at fd 4, and close every other fd beside stdio. Pin it to its CPU, tie its life to the spawner's, and
-/// move it out of the terminal's process group so that Ctrl-C reaches only the spawner,
-/// which stops handlers in order.
+/// In the forked child, before exec: put the handler's socket at fd 3, (built-in handlers)
+/// its counters at fd 4 and the read end of its output pipe at fd 5, and close every other
+/// fd beside stdio. Pin it to its CPU and move it out of the terminal's session so that
+/// Ctrl-C reaches only the spawner, which stops handlers in order. Nothing ties its life to
+/// the spawner's: it keeps serving if the spawner dies.
 pub(super) fn place_handler(
     listener: RawFd,
     stats: Option<RawFd>,
+    output: RawFd,
     cpus: Option<nix::sched::CpuSet>,
-    parent: libc::pid_t,
 ) -> io::Result<()> {
     fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
         if rc < 0 {
@@ -108,24 +127,28 @@ pub(super) fn place_handler(
     }
     // SAFETY: plain fd and process syscalls on values owned by this (forked) process.
     unsafe {
-        // Copy the sources out of the way first: either may sit at 3 or 4.
+        // Copy the sources out of the way first: any may sit at 3, 4 or 5.
         let listener = check(libc::fcntl(listener, libc::F_DUPFD_CLOEXEC, 10))?;
         let stats = match stats {
             Some(fd) => Some(check(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))?),
             None => None,
         };
+        let output = check(libc::fcntl(output, libc::F_DUPFD_CLOEXEC, 10))?;
         check(libc::dup2(listener, LISTEN_FD))?;
         libc::close(listener);
-        if let Some(stats) = stats {
-            check(libc::dup2(stats, STATS_FD))?;
-            libc::close(stats);
+        match stats {
+            Some(stats) => {
+                check(libc::dup2(stats, STATS_FD))?;
+                libc::close(stats);
+            }
+            None => {
+                libc::close(STATS_FD);
+            }
         }
+        check(libc::dup2(output, OUTPUT_FD))?;
+        libc::close(output);
         // Whatever parsrv itself inherited without close-on-exec must not reach the handler.
-        let first_unused = if stats.is_some() {
-            STATS_FD + 1
-        } else {
-            LISTEN_FD + 1
-        } as u32;
+        let first_unused = OUTPUT_FD as u32 + 1;
         if libc::syscall(libc::SYS_close_range, first_unused, u32::MAX, 0) != 0 {
             // Kernels before 5.9: close them one by one.
             for fd in first_unused as RawFd..4096 {
@@ -135,12 +158,10 @@ pub(super) fn place_handler(
         if let Some(cpus) = cpus {
             nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
         }
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
-        // The spawner may have died before prctl took effect.
-        if libc::getppid() != parent {
-            return Err(io::Error::other("spawner exited"));
-        }
-        check(libc::setpgid(0, 0))?;
+        // A session of its own (and so a process group, id = pid): no terminal's hangup
+        // or Ctrl-C reaches it, and the spawner's death orphans no process group (which
+        // would send SIGHUP to a handler stopped at that moment).
+        check(libc::setsid())?;
     }
     Ok(())
 }

@@ -1,0 +1,433 @@
+//! No single point of failure: the spawner dies (SIGKILL) and the group keeps serving; the
+//! next `parsrv run` of the group adopts its handlers (same pids); `parsrv upgrade`
+//! replaces the spawner's binary under load; `parsrv stop` stops a group whose spawner is
+//! gone. Each against a control in the same test and the kernel's counters.
+
+use std::{
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use parsrv::{dataplane::pins::group_dir as pin_dir, handler::SharedStats};
+use parsrv_integration_tests::{
+    addr, connect, error_line, fd_of_process, group, loaded_parsrv_programs, parsrv_bin,
+    privileged, read_answer, signal, stop_process, wait_for, GroupBuilder, HandlerKind, Needs,
+    NetCounters, Outcome, Spawner, SteadyLoad, HTTP_REQUEST,
+};
+
+fn http_group(name: &str) -> GroupBuilder {
+    group(name, HandlerKind::Http).handlers(4).threads(2)
+}
+
+fn pids(spawner: &Spawner) -> Vec<Option<u32>> {
+    spawner.status().handlers.iter().map(|h| h.pid).collect()
+}
+
+fn failed(outcomes: &[Outcome]) -> usize {
+    outcomes.iter().filter(|o| **o != Outcome::Ok).count()
+}
+
+/// Running, not a zombie waiting for whichever process it was reparented to.
+fn alive(pid: u32) -> bool {
+    parsrv::supervisor::process_state(pid).is_some_and(|s| s != 'Z' && s != 'X')
+}
+
+/// Kills `spawner` and waits until it is gone (its handlers are not).
+fn kill_spawner(spawner: &Spawner) {
+    signal(spawner.pid(), Signal::SIGKILL);
+    assert!(wait_for(Duration::from_secs(5), || !alive(spawner.pid())));
+}
+
+/// The control: parsrv's built-in http handler run alone on a socket of its own (fd 3, as
+/// parsrv passes it), with no spawner. What a server process's death costs without parsrv.
+fn plain_server() -> (Child, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr().into()).unwrap();
+    socket.listen(64).unwrap();
+    let stats = SharedStats::create(0).unwrap();
+    let (listen, page) = (socket.as_raw_fd(), stats.fd().as_raw_fd());
+    let mut command = Command::new(parsrv_bin());
+    command
+        .args([
+            "handler",
+            "--kind=http",
+            "--threads=2",
+            "--slot=0",
+            "--group=plain",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 only, async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(listen, 3) < 0 || libc::dup2(page, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap();
+    std::mem::forget(stats); // the handler maps it for its life
+    (child, socket)
+}
+
+/// What the group left: its pins, record and handler processes.
+fn leftovers(name: &str, handlers: &[u32]) -> Vec<String> {
+    let mut left = Vec::new();
+    if pin_dir(name).exists() {
+        left.push(format!("pins {}", pin_dir(name).display()));
+    }
+    if parsrv::spawner::record_path(name).exists() {
+        left.push("record".into());
+    }
+    left.extend(
+        handlers
+            .iter()
+            .filter(|p| alive(**p))
+            .map(|p| format!("handler {p}")),
+    );
+    left
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_killed_spawner_loses_no_connection_and_the_next_run_adopts_its_handlers() {
+    privileged(Needs::program(), || {
+        // Control: the server process dies under the same load, and nothing takes over.
+        let (mut server, socket) = plain_server();
+        assert!(wait_for(Duration::from_secs(10), || connect(
+            addr(),
+            Duration::from_secs(1)
+        )
+        .is_ok()));
+        drop(socket); // the server holds it alone, as a handler does without its spawner
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(3), Duration::from_secs(1));
+        sleep(Duration::from_secs(1));
+        server.kill().unwrap();
+        server.wait().unwrap();
+        let control = load.finish();
+        eprintln!(
+            "control: {} requests, {} failed after the server died",
+            control.len(),
+            failed(&control)
+        );
+        assert!(failed(&control) > 0, "the control lost nothing");
+
+        let programs_before = loaded_parsrv_programs();
+        let name = "test-adopt";
+        let spawner = http_group(name).start();
+        let handlers = pids(&spawner);
+        let kernel = NetCounters::read();
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(30), Duration::from_secs(3));
+        sleep(Duration::from_secs(1));
+        kill_spawner(&spawner);
+        // Two seconds with no spawner: the handlers serve on, the program steers.
+        sleep(Duration::from_secs(2));
+        assert!(handlers.iter().flatten().all(|p| alive(*p)));
+        let again = http_group(name).start();
+        assert_eq!(pids(&again), handlers, "{}", again.log());
+        assert!(
+            again.log().contains("adopting its running handlers"),
+            "{}",
+            again.log()
+        );
+        assert!(again.status().handlers.iter().all(|h| h.restarts == 0));
+        sleep(Duration::from_secs(1));
+        let outcomes = load.finish();
+        let kernel = kernel.delta(&NetCounters::read());
+        eprintln!(
+            "parsrv: {} requests, {} failed across the spawner's death and adoption; kernel {kernel:?}",
+            outcomes.len(),
+            failed(&outcomes)
+        );
+        assert!(outcomes.len() > 100);
+        assert_eq!(failed(&outcomes), 0, "{}", again.log());
+        assert_eq!(
+            (kernel.listen_overflows, kernel.migrate_req_failure),
+            (0, 0)
+        );
+        drop(spawner);
+        assert!(again.stop().success());
+        let handlers: Vec<u32> = handlers.into_iter().flatten().collect();
+        assert!(wait_for(Duration::from_secs(5), || leftovers(
+            name, &handlers
+        )
+        .is_empty()));
+        assert!(wait_for(Duration::from_secs(5), || loaded_parsrv_programs(
+        ) == programs_before));
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn twenty_spawner_kills_and_adoptions_under_load_lose_no_connection() {
+    privileged(Needs::program(), || {
+        let name = "test-adopt-cycles";
+        let mut spawner = http_group(name).start();
+        let handlers = pids(&spawner);
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(120), Duration::from_secs(3));
+        for cycle in 0..20 {
+            kill_spawner(&spawner);
+            sleep(Duration::from_millis(100));
+            let old = spawner;
+            spawner = http_group(name).start();
+            drop(old);
+            assert_eq!(pids(&spawner), handlers, "cycle {cycle}: {}", spawner.log());
+        }
+        let outcomes = load.finish();
+        eprintln!(
+            "20 kill/adopt cycles: {} requests, {} failed",
+            outcomes.len(),
+            failed(&outcomes)
+        );
+        assert_eq!(failed(&outcomes), 0);
+        assert!(spawner.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_handler_that_dies_with_no_spawner_loses_nothing_queued_and_its_slot_starts_anew() {
+    privileged(Needs::program(), || {
+        let name = "test-adopt-dead";
+        let spawner = http_group(name).backlog(16).start();
+        let handlers = pids(&spawner);
+        kill_spawner(&spawner);
+        // Handler 0 stalls with requests in its queue (read through its own fd 3).
+        let victim = handlers[0].unwrap();
+        stop_process(victim);
+        let socket = fd_of_process(victim, 3).unwrap();
+        let mut queued = Vec::new();
+        assert!(wait_for(Duration::from_secs(10), || {
+            let mut conn = connect(addr(), Duration::from_secs(2)).unwrap();
+            std::io::Write::write_all(&mut conn, HTTP_REQUEST).unwrap();
+            queued.push(conn);
+            parsrv::kernel::queue_depth(std::os::fd::AsFd::as_fd(&socket))
+                .unwrap()
+                .depth
+                >= 3
+        }));
+        drop(socket);
+        let kernel = NetCounters::read();
+        // It dies: its socket closes (no spawner holds it), the kernel migrates its queue
+        // through the program to the others.
+        signal(victim, Signal::SIGKILL);
+        for conn in &mut queued {
+            read_answer(conn, Duration::from_secs(10)).expect("a queued request was lost");
+        }
+        let kernel = kernel.delta(&NetCounters::read());
+        assert!(kernel.migrate_req_success > 0, "{kernel:?}");
+        assert_eq!(kernel.migrate_req_failure, 0);
+
+        let again = http_group(name).backlog(16).start();
+        let now = pids(&again);
+        assert_ne!(now[0], handlers[0]);
+        assert_eq!(now[1..], handlers[1..], "{}", again.log());
+        assert!(again.log().contains("handler 0 (pid"), "{}", again.log());
+        drop(spawner);
+        assert!(again.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn adoption_refuses_other_settings_and_a_racing_spawner_and_a_reused_pid() {
+    privileged(Needs::program(), || {
+        let name = "test-adopt-refuse";
+        let spawner = http_group(name).start();
+        let handlers = pids(&spawner);
+        kill_spawner(&spawner);
+
+        // Other settings: exit 2, the keys named, nothing touched.
+        let (code, _, stderr) = Spawner::parsrv(
+            &[
+                &["run"][..],
+                &http_group(name)
+                    .backlog(7)
+                    .args()
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            ]
+            .concat(),
+        );
+        assert_eq!(code, 2, "{stderr}");
+        let line = error_line(&stderr);
+        assert!(
+            line.contains("runs (handlers") && line.contains("backlog (running: "),
+            "{line}"
+        );
+        assert!(handlers.iter().flatten().all(|p| alive(*p)));
+
+        // Two spawners at once: one adopts, the other exits 1 naming the winner.
+        let args = http_group(name).args();
+        let start = || {
+            Command::new(parsrv_bin())
+                .arg("run")
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (mut a, mut b) = (start(), start());
+        let winner = loop {
+            if let Some(status) = a.try_wait().unwrap() {
+                break (b, a.id(), status, a.wait_with_output().unwrap().stderr);
+            }
+            if let Some(status) = b.try_wait().unwrap() {
+                break (a, b.id(), status, b.wait_with_output().unwrap().stderr);
+            }
+            sleep(Duration::from_millis(20));
+        };
+        let (mut winner, _, loser_status, loser_err) = winner;
+        let loser_err = String::from_utf8_lossy(&loser_err).into_owned();
+        assert_eq!(loser_status.code(), Some(1), "{loser_err}");
+        assert!(
+            error_line(&loser_err)
+                .contains(&format!("already running under spawner {}", winner.id())),
+            "{loser_err}"
+        );
+        assert!(wait_for(Duration::from_secs(10), || {
+            Spawner::parsrv(&["status", name, "--json"]).0 == 0
+        }));
+        let (_, status, _) = Spawner::parsrv(&["status", name, "--json"]);
+        let status: parsrv::status::GroupStatus = serde_json::from_str(&status).unwrap();
+        assert_eq!(status.spawner_pid, winner.id());
+        assert_eq!(
+            status.handlers.iter().map(|h| h.pid).collect::<Vec<_>>(),
+            handlers
+        );
+
+        // A reused pid: the record names slot 1's pid with another start time (as if the
+        // handler had died and its pid gone to another process): not adopted, its slot
+        // starts anew, and the process named is not touched.
+        signal(winner.id(), Signal::SIGKILL);
+        winner.wait().unwrap();
+        let path = parsrv::spawner::record_path(name);
+        let mut record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let start_time = &mut record["slots"][1]["handler"]["start_time"];
+        *start_time = (start_time.as_u64().unwrap() + 1).into();
+        std::fs::write(&path, record.to_string()).unwrap();
+        let again = http_group(name).start();
+        let now = pids(&again);
+        assert_ne!(now[1], handlers[1], "{}", again.log());
+        assert_eq!(
+            (now[0], now[2], now[3]),
+            (handlers[0], handlers[2], handlers[3])
+        );
+        assert!(
+            again.log().contains("is another process now"),
+            "{}",
+            again.log()
+        );
+        // The process the record named is not parsrv's any more: it was left alone, so it
+        // still runs (and is stopped here, as the orphan it is).
+        let stranger = handlers[1].unwrap();
+        assert!(alive(stranger));
+        signal(stranger, Signal::SIGKILL);
+        drop(spawner);
+        assert!(again.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn parsrv_stop_stops_a_group_whose_spawner_is_gone_and_leaves_nothing() {
+    privileged(Needs::program(), || {
+        let programs_before = loaded_parsrv_programs();
+        let name = "test-adopt-stop";
+        let spawner = http_group(name).start();
+        let handlers: Vec<u32> = pids(&spawner).into_iter().flatten().collect();
+        kill_spawner(&spawner);
+        sleep(Duration::from_millis(200));
+        // Still serving.
+        assert_eq!(
+            parsrv_integration_tests::http_get(addr(), Duration::from_secs(3)),
+            Outcome::Ok
+        );
+        let (code, stdout, stderr) = Spawner::parsrv(&["stop", name]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(
+            stdout.contains("stopped, program detached, pins removed"),
+            "{stdout}"
+        );
+        assert_eq!(leftovers(name, &handlers), Vec::<String>::new());
+        assert!(wait_for(Duration::from_secs(5), || loaded_parsrv_programs(
+        ) == programs_before));
+        assert_eq!(
+            connect(addr(), Duration::from_secs(1)).unwrap_err(),
+            Outcome::Refused
+        );
+        // Nothing left to stop: a one-line error, exit 1.
+        let (code, _, stderr) = Spawner::parsrv(&["stop", name]);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(
+            error_line(&stderr).contains("no running parsrv group"),
+            "{stderr}"
+        );
+        drop(spawner);
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_upgrade_under_load_loses_no_connection_and_runs_the_new_binary() {
+    privileged(Needs::program(), || {
+        // The spawner runs from a copy that the test replaces, as a package upgrade does.
+        let dir = std::env::temp_dir().join(format!("parsrv-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let binary = dir.join("parsrv");
+        std::fs::copy(parsrv_bin(), &binary).unwrap();
+        let name = "test-upgrade";
+        let spawner = http_group(name).start_binary(&binary);
+        let before = spawner.status();
+        let inode =
+            |path: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+        let old_inode = inode(&binary);
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(30), Duration::from_secs(3));
+        sleep(Duration::from_secs(1));
+        // The new binary: another file at the same path (write beside, rename over).
+        let staged = dir.join("parsrv.new");
+        std::fs::copy(parsrv_bin(), &staged).unwrap();
+        std::fs::rename(&staged, &binary).unwrap();
+        assert_ne!(inode(&binary), old_inode);
+        let (code, stdout, stderr) =
+            Spawner::parsrv(&["upgrade", "--spawner", &spawner.pid().to_string()]);
+        assert_eq!(code, 0, "{stdout}{stderr}\n{}", spawner.log());
+        assert!(
+            stdout.contains(&format!("group {name}: adopted by the new image")),
+            "{stdout}"
+        );
+        let after = spawner.status();
+        assert_eq!(after.spawner_pid, before.spawner_pid);
+        assert!(after.spawner_started_ms > before.spawner_started_ms);
+        assert_eq!(
+            after.handlers.iter().map(|h| h.pid).collect::<Vec<_>>(),
+            before.handlers.iter().map(|h| h.pid).collect::<Vec<_>>()
+        );
+        // The kernel's word for which file the spawner runs now.
+        let running = std::fs::metadata(format!("/proc/{}/exe", spawner.pid())).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&running),
+            inode(&binary)
+        );
+        sleep(Duration::from_secs(1));
+        let outcomes = load.finish();
+        eprintln!(
+            "upgrade under load: {} requests, {} failed",
+            outcomes.len(),
+            failed(&outcomes)
+        );
+        assert!(outcomes.len() > 100);
+        assert_eq!(failed(&outcomes), 0, "{}", spawner.log());
+        assert!(spawner.stop().success());
+        std::fs::remove_dir_all(&dir).unwrap();
+    });
+}
