@@ -9,6 +9,7 @@ mod lifecycle;
 mod load;
 mod models;
 mod report;
+mod spawner_kill;
 
 use std::{
     net::SocketAddr,
@@ -25,7 +26,7 @@ use report::{Report, Table};
 /// No client of the lifecycle scenarios runs longer than this, whatever happens.
 pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "uniform",
     "stall",
     "burst",
@@ -34,6 +35,7 @@ const SCENARIOS: [&str; 8] = [
     "scale-up",
     "restart",
     "faults",
+    "spawner-kill",
 ];
 
 fn main() {
@@ -96,6 +98,7 @@ fn main() {
                 "scale-up" => lifecycle::scale_up(&mut report, quick),
                 "restart" => lifecycle::restart(&mut report, quick),
                 "faults" => faults::faults(&mut report, quick),
+                "spawner-kill" => spawner_kill::spawner_kill(&mut report, quick),
                 _ => unreachable!(),
             }
             report

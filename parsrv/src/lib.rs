@@ -22,6 +22,7 @@ pub mod kernel;
 pub mod listeners;
 pub mod metrics;
 pub mod output;
+pub mod service_manager;
 pub mod spawner;
 pub mod spec;
 pub mod status;

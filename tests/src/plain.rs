@@ -87,3 +87,55 @@ impl Drop for PlainGroup {
         }
     }
 }
+
+/// parsrv's built-in http handler run alone on a socket of its own (fd 3, as parsrv passes
+/// it; its counters page as fd 4), with no spawner: what a server process's death costs
+/// without parsrv, the control for spawner deaths. Waits until it answers; kill it by its
+/// [`std::process::Child`].
+pub fn lone_server(addr: SocketAddr) -> std::process::Child {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(64).unwrap();
+    let stats = parsrv::handler::SharedStats::create(0).unwrap();
+    let (listen, page) = (socket.as_raw_fd(), stats.fd().as_raw_fd());
+    let mut command = std::process::Command::new(crate::parsrv_bin());
+    command
+        .args([
+            "handler",
+            "--kind=http",
+            "--threads=2",
+            "--slot=0",
+            "--group=lone",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: fcntl and dup2 only, async-signal-safe. Both are copied above 10 first: either
+    // may sit at 3 or 4 already, where dup2 onto itself would keep close-on-exec.
+    unsafe {
+        command.pre_exec(move || {
+            let listen = libc::fcntl(listen, libc::F_DUPFD_CLOEXEC, 10);
+            let page = libc::fcntl(page, libc::F_DUPFD_CLOEXEC, 10);
+            if listen < 0 || page < 0 || libc::dup2(listen, 3) < 0 || libc::dup2(page, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap();
+    // The server holds both alone now, as a handler without its spawner does.
+    drop(socket);
+    drop(stats);
+    assert!(crate::wait_for(Duration::from_secs(10), || crate::connect(
+        addr,
+        Duration::from_secs(1)
+    )
+    .is_ok()));
+    child
+}

@@ -43,6 +43,8 @@ pub struct GroupBuilder {
     pub spec: GroupSpec,
     /// Flags of `parsrv run` that are not the group's (`--metrics`).
     extra: Vec<String>,
+    /// Environment variables for `parsrv run` (NOTIFY_SOCKET, ...).
+    envs: Vec<(String, String)>,
 }
 
 /// A group named `name` on [`ADDR`], running `handler`, with parsrv's defaults.
@@ -53,6 +55,7 @@ pub fn group(name: &str, handler: HandlerKind) -> GroupBuilder {
             ..GroupSpec::new(addr(), handler)
         },
         extra: Vec::new(),
+        envs: Vec::new(),
     }
 }
 
@@ -138,6 +141,12 @@ impl GroupBuilder {
         args
     }
 
+    /// Sets an environment variable of `parsrv run`.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// Starts `parsrv run` with this group and waits until every handler is up.
     pub fn start(self) -> Spawner {
         self.start_with(|| Ok(()))
@@ -146,7 +155,7 @@ impl GroupBuilder {
     /// Starts `parsrv run` with this group and waits only until the spawner answers: for
     /// handlers that are not expected to stay up.
     pub fn start_answering(self) -> Spawner {
-        Spawner::start_with(&self.spec.name, &self.args(), || Ok(()), false)
+        Spawner::start_from(&parsrv_bin(), &self, || Ok(()), false)
     }
 
     /// Same, with `setup` run in the child before exec (namespaces, capabilities).
@@ -154,12 +163,12 @@ impl GroupBuilder {
         self,
         setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
     ) -> Spawner {
-        Spawner::start_with(&self.spec.name, &self.args(), setup, true)
+        Spawner::start_from(&parsrv_bin(), &self, setup, true)
     }
 
     /// Same, running the parsrv binary at `binary` (a copy the test may replace).
     pub fn start_binary(self, binary: &Path) -> Spawner {
-        Spawner::start_from(binary, &self.spec.name, &self.args(), || Ok(()), true)
+        Spawner::start_from(binary, &self, || Ok(()), true)
     }
 }
 
@@ -200,6 +209,23 @@ impl Spawner {
     ) -> Spawner {
         let mut command = Command::new(parsrv_bin());
         command.arg("run").arg("--config").arg(config).args(extra);
+        Self::launch_config(label, groups, command)
+    }
+
+    /// [`Spawner::start_config`] with environment variables (NOTIFY_SOCKET, ...).
+    pub fn start_config_with_env(
+        label: &str,
+        config: &std::path::Path,
+        groups: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Spawner {
+        let mut command = Command::new(parsrv_bin());
+        command.arg("run").arg("--config").arg(config);
+        command.envs(envs.iter().copied());
+        Self::launch_config(label, groups, command)
+    }
+
+    fn launch_config(label: &str, groups: &[&str], command: Command) -> Spawner {
         let first = groups.first().copied().unwrap_or(label);
         Self::launch(label, first, command, |spawner| {
             groups.iter().all(|g| {
@@ -226,23 +252,15 @@ impl Spawner {
     /// Starts `parsrv run ARGS...` serving group `name`, with `setup` run in the child
     /// before exec (namespaces, capabilities), and waits until every handler is up. Tests
     /// start groups through [`group`].
-    fn start_with(
-        name: &str,
-        args: &[String],
-        setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
-        handlers_up: bool,
-    ) -> Spawner {
-        Self::start_from(&parsrv_bin(), name, args, setup, handlers_up)
-    }
-
     fn start_from(
         binary: &Path,
-        name: &str,
-        args: &[String],
+        group: &GroupBuilder,
         setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
         handlers_up: bool,
     ) -> Spawner {
+        let (name, args) = (&group.spec.name, group.args());
         let mut command = Command::new(binary);
+        command.envs(group.envs.iter().map(|(k, v)| (k, v)));
         // SAFETY: the tests' setup closures only make system calls.
         unsafe {
             command.pre_exec(setup);

@@ -4,19 +4,18 @@
 //! gone. Each against a control in the same test and the kernel's counters.
 
 use std::{
-    os::{fd::AsRawFd, unix::process::CommandExt},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread::sleep,
     time::Duration,
 };
 
 use nix::sys::signal::Signal;
-use parsrv::{dataplane::pins::group_dir as pin_dir, handler::SharedStats};
+use parsrv::dataplane::pins::group_dir as pin_dir;
 use parsrv_integration_tests::{
-    addr, connect, error_line, fd_of_process, group, loaded_parsrv_programs, parsrv_bin,
-    privileged, read_answer, signal, stop_process, wait_for, GroupBuilder, HandlerKind, Needs,
-    NetCounters, Outcome, Spawner, SteadyLoad, HTTP_REQUEST,
+    addr, connect, error_line, fd_of_process, group, loaded_parsrv_programs, lone_server,
+    parsrv_bin, privileged, read_answer, signal, stop_process, wait_for, GroupBuilder, HandlerKind,
+    Needs, NetCounters, Outcome, Spawner, SteadyLoad, HTTP_REQUEST,
 };
 
 fn http_group(name: &str) -> GroupBuilder {
@@ -42,40 +41,6 @@ fn kill_spawner(spawner: &Spawner) {
     assert!(wait_for(Duration::from_secs(5), || !alive(spawner.pid())));
 }
 
-/// The control: parsrv's built-in http handler run alone on a socket of its own (fd 3, as
-/// parsrv passes it), with no spawner. What a server process's death costs without parsrv.
-fn plain_server() -> (Child, socket2::Socket) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_reuse_address(true).unwrap();
-    socket.bind(&addr().into()).unwrap();
-    socket.listen(64).unwrap();
-    let stats = SharedStats::create(0).unwrap();
-    let (listen, page) = (socket.as_raw_fd(), stats.fd().as_raw_fd());
-    let mut command = Command::new(parsrv_bin());
-    command
-        .args([
-            "handler",
-            "--kind=http",
-            "--threads=2",
-            "--slot=0",
-            "--group=plain",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: dup2 only, async-signal-safe.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::dup2(listen, 3) < 0 || libc::dup2(page, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = command.spawn().unwrap();
-    std::mem::forget(stats); // the handler maps it for its life
-    (child, socket)
-}
-
 /// What the group left: its pins, record and handler processes.
 fn leftovers(name: &str, handlers: &[u32]) -> Vec<String> {
     let mut left = Vec::new();
@@ -99,13 +64,7 @@ fn leftovers(name: &str, handlers: &[u32]) -> Vec<String> {
 fn a_killed_spawner_loses_no_connection_and_the_next_run_adopts_its_handlers() {
     privileged(Needs::program(), || {
         // Control: the server process dies under the same load, and nothing takes over.
-        let (mut server, socket) = plain_server();
-        assert!(wait_for(Duration::from_secs(10), || connect(
-            addr(),
-            Duration::from_secs(1)
-        )
-        .is_ok()));
-        drop(socket); // the server holds it alone, as a handler does without its spawner
+        let mut server = lone_server(addr());
         let load = SteadyLoad::start(addr(), 4, Duration::from_secs(3), Duration::from_secs(1));
         sleep(Duration::from_secs(1));
         server.kill().unwrap();

@@ -38,7 +38,7 @@ use crate::{
     dataplane::{self, netns::NetnsLock},
     error::{Error, Result},
     features::KernelFeatures,
-    kernel, metrics,
+    kernel, metrics, service_manager,
     spec::GroupSpec,
     status::GroupStatus,
 };
@@ -103,6 +103,7 @@ pub fn run(options: RunOptions) -> Result<()> {
                 return Err(e);
             }
         }
+        service_manager::ready(spawner.groups.borrow().len());
         spawner.serve(metrics).await
     })
 }
@@ -374,6 +375,7 @@ impl Spawner {
                 .await;
             })
         };
+        let watchdog = tokio::task::spawn_local(service_manager::watchdog());
         let exporting = match metrics {
             Some(listener) => {
                 let listener = tokio::net::TcpListener::from_std({
@@ -412,15 +414,24 @@ impl Spawner {
                         }
                     });
                 }
-                _ = reload.recv() => self.reload().await,
+                _ = reload.recv() => {
+                    service_manager::reloading();
+                    self.reload().await;
+                    service_manager::ready(self.groups.borrow().len());
+                }
                 _ = self.upgrading.notified() => {
                     // Let the answer to `parsrv upgrade` reach its client first.
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    // The new image says READY=1 once it has adopted every group.
+                    service_manager::reloading();
                     let error = self.reexecute();
                     log::error!("upgrade: {error}; this spawner carries on");
+                    service_manager::ready(self.groups.borrow().len());
                 }
             }
         }
+        service_manager::stopping();
+        watchdog.abort();
         answering.abort();
         // The monitoring endpoint answers while groups drain and stop: /healthz says 503.
         self.stop_all().await;

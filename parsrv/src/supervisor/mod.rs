@@ -498,6 +498,10 @@ fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<(tokio::process
         .stderr(Stdio::from(output_writer))
         // A handler outlives whatever happens to this spawner; orderly paths retire it.
         .kill_on_drop(false);
+    // The service manager talks to the spawner, not to its handlers.
+    for variable in crate::service_manager::VARIABLES {
+        command.env_remove(variable);
+    }
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
         command.pre_exec(move || place_handler(listener, stats, output_raw, cpus));

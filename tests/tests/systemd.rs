@@ -1,0 +1,185 @@
+//! parsrv under systemd: the unit file in `dist/` passes `systemd-analyze verify`, and the
+//! spawner speaks the notify protocol to a NOTIFY_SOCKET the test owns, as systemd would
+//! read it: READY=1 once the group serves, WATCHDOG=1 at half of WATCHDOG_USEC, RELOADING=1
+//! (with MONOTONIC_USEC) then READY=1 around SIGHUP, STOPPING=1 on SIGTERM; handlers never
+//! see the protocol's variables.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use parsrv_integration_tests::{
+    http_get, parsrv_bin, privileged, signal, skip, Needs, Outcome, NO_PYTHON_ENV,
+};
+
+fn unit_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist/parsrv.service")
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn the_unit_file_passes_systemd_analyze_verify() {
+    privileged(Needs::nothing(), || {
+        let analyze = Command::new("systemd-analyze").arg("--version").output();
+        if analyze.is_err() && std::env::var_os(NO_PYTHON_ENV).is_some() {
+            skip("needs systemd-analyze, which the VM image lacks");
+            return;
+        }
+        analyze.expect("systemd-analyze (Debian package systemd)");
+        let text = std::fs::read_to_string(unit_file()).unwrap();
+        for line in [
+            "Type=notify",
+            "KillMode=process",
+            "WatchdogSec=",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "RuntimeDirectoryPreserve=restart",
+        ] {
+            assert!(text.contains(line), "the unit file lacks {line}");
+        }
+        // verify checks that ExecStart's program exists: the binary under test stands in
+        // for /usr/local/bin/parsrv.
+        let dir = std::env::temp_dir().join(format!("parsrv-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let unit = dir.join("parsrv.service");
+        std::fs::write(
+            &unit,
+            text.replace("/usr/local/bin/parsrv", parsrv_bin().to_str().unwrap()),
+        )
+        .unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{said}");
+        assert!(!said.contains("parsrv.service"), "{said}");
+        // The control: a unit with a mistake fails the same check.
+        std::fs::write(&unit, text.replace("Type=notify", "Type=notifyy")).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("notifyy"),
+            "{out:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    });
+}
+
+/// The notify messages received by `deadline`, each split into its lines.
+fn messages_until(socket: &UnixDatagram, deadline: Instant, until: &str) -> Vec<Vec<String>> {
+    let mut messages = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while Instant::now() < deadline {
+        socket
+            .set_read_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ))
+            .unwrap();
+        let Ok(len) = socket.recv(&mut buffer) else {
+            break;
+        };
+        let lines: Vec<String> = String::from_utf8_lossy(&buffer[..len])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let done = lines.iter().any(|l| l == until);
+        messages.push(lines);
+        if done {
+            break;
+        }
+    }
+    messages
+}
+
+fn has(messages: &[Vec<String>], line: &str) -> bool {
+    messages.iter().flatten().any(|l| l == line)
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn the_spawner_speaks_the_notify_protocol_and_handlers_do_not_see_it() {
+    privileged(Needs::program(), || {
+        let dir = std::env::temp_dir().join(format!("parsrv-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        let config = dir.join("parsrv.toml");
+        std::fs::write(
+            &config,
+            "[[group]]\nname = \"test-notify\"\nlisten = \"127.0.0.1:8080\"\nhandler = \"http\"\nhandlers = 2\n",
+        )
+        .unwrap();
+        let spawner = parsrv_integration_tests::Spawner::start_config_with_env(
+            "test-notify",
+            &config,
+            &["test-notify"],
+            &[
+                ("NOTIFY_SOCKET", path.to_str().unwrap()),
+                ("WATCHDOG_USEC", "400000"),
+            ],
+        );
+        // READY=1, and by then the group serves.
+        let ready = messages_until(&socket, Instant::now() + Duration::from_secs(10), "READY=1");
+        assert!(has(&ready, "READY=1"), "{ready:?}\n{}", spawner.log());
+        assert_eq!(
+            http_get(parsrv_integration_tests::addr(), Duration::from_secs(3)),
+            Outcome::Ok
+        );
+        // The watchdog: pings at half of 400 ms, from the event loop.
+        let pings = messages_until(&socket, Instant::now() + Duration::from_secs(1), "never");
+        let count = pings
+            .iter()
+            .filter(|m| m.iter().any(|l| l == "WATCHDOG=1"))
+            .count();
+        assert!((3..=8).contains(&count), "{count} pings in 1 s: {pings:?}");
+        // Handlers see none of it.
+        for handler in spawner.status_of("test-notify").handlers {
+            let environ = std::fs::read(format!("/proc/{}/environ", handler.pid.unwrap())).unwrap();
+            let environ = String::from_utf8_lossy(&environ);
+            for variable in parsrv::service_manager::VARIABLES {
+                assert!(
+                    !environ.contains(&format!("{variable}=")),
+                    "{variable} in a handler"
+                );
+            }
+        }
+        // SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1.
+        signal(spawner.pid(), Signal::SIGHUP);
+        let reload = messages_until(&socket, Instant::now() + Duration::from_secs(10), "READY=1");
+        let reloading = reload
+            .iter()
+            .position(|m| m.iter().any(|l| l == "RELOADING=1"))
+            .unwrap_or_else(|| panic!("no RELOADING=1: {reload:?}"));
+        assert!(
+            reload[reloading]
+                .iter()
+                .any(|l| l.starts_with("MONOTONIC_USEC=")),
+            "{reload:?}"
+        );
+        assert!(
+            reload[reloading..].iter().flatten().any(|l| l == "READY=1"),
+            "{reload:?}"
+        );
+        // SIGTERM: STOPPING=1.
+        let pid = spawner.pid();
+        signal(pid, Signal::SIGTERM);
+        let stopping = messages_until(
+            &socket,
+            Instant::now() + Duration::from_secs(20),
+            "STOPPING=1",
+        );
+        assert!(has(&stopping, "STOPPING=1"), "{stopping:?}");
+        assert!(spawner.stop().success());
+        std::fs::remove_dir_all(&dir).unwrap();
+    });
+}
