@@ -102,6 +102,10 @@ fn usage_errors_exit_2_naming_the_option() {
             (&["--handlers", "many"], &["many", "--handlers"]),
             (&["--nonblocking=maybe"], &["maybe", "--nonblocking"]),
             (
+                &["--handler", "http", "--notify"],
+                &["--notify", "only for --handler exec"],
+            ),
+            (
                 &["--handler-kind", "http"],
                 &["--handler-kind", "--handler"],
             ),

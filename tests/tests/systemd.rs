@@ -2,7 +2,8 @@
 //! spawner speaks the notify protocol to a NOTIFY_SOCKET the test owns, as systemd would
 //! read it: READY=1 once the group serves, WATCHDOG=1 at half of WATCHDOG_USEC, RELOADING=1
 //! (with MONOTONIC_USEC) then READY=1 around SIGHUP, STOPPING=1 on SIGTERM; handlers never
-//! see the protocol's variables.
+//! see the spawner's variables. With `--notify`, each exec handler gets a NOTIFY_SOCKET of
+//! its own and is ready when it says READY=1 (gunicorn, for real).
 
 use std::{
     os::unix::net::UnixDatagram,
@@ -13,7 +14,8 @@ use std::{
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    http_get, parsrv_bin, privileged, signal, skip, Needs, Outcome, NO_PYTHON_ENV,
+    apps_dir, group, http_get, parsrv_bin, privileged, pyenv, signal, skip, wait_for, HandlerKind,
+    Needs, Outcome, NO_PYTHON_ENV,
 };
 
 fn unit_file() -> PathBuf {
@@ -181,5 +183,84 @@ fn the_spawner_speaks_the_notify_protocol_and_handlers_do_not_see_it() {
         assert!(has(&stopping, "STOPPING=1"), "{stopping:?}");
         assert!(spawner.stop().success());
         std::fs::remove_dir_all(&dir).unwrap();
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn with_notify_an_exec_handler_is_ready_when_it_says_ready_and_not_before() {
+    privileged(Needs::program().and_python(), || {
+        let markers = std::env::temp_dir().join(format!("parsrv-slow-boot-{}", std::process::id()));
+        std::fs::create_dir_all(&markers).unwrap();
+        let gunicorn = pyenv().join("bin/gunicorn");
+        let apps = apps_dir();
+        // gunicorn --preload loads the app (3 s) before it says READY=1 (sd_notify).
+        let command = [
+            gunicorn.to_str().unwrap(),
+            "--preload",
+            "--workers",
+            "1",
+            "--chdir",
+            apps.to_str().unwrap(),
+            "slow_boot_app:app",
+        ];
+        // Looks at the status until both handlers are ready; counts the looks where a
+        // handler was taken as ready before its app had loaded.
+        let run = |name: &str, notify: bool| -> (usize, Vec<String>) {
+            let spawner = group(name, HandlerKind::Exec)
+                .handlers(2)
+                .with(|g| g.notify = notify)
+                .command(&command)
+                .env("SLOW_BOOT_MARKER", markers.to_str().unwrap())
+                .start_answering();
+            let mut premature = 0;
+            assert!(
+                wait_for(Duration::from_secs(30), || {
+                    let status = spawner.status();
+                    premature += status
+                        .handlers
+                        .iter()
+                        .filter(|h| h.ready && !markers.join(h.pid.unwrap().to_string()).exists())
+                        .count();
+                    status.handlers.iter().all(|h| h.ready)
+                }),
+                "{}",
+                spawner.log()
+            );
+            let environ = spawner
+                .status()
+                .handlers
+                .iter()
+                .map(|h| {
+                    let environ =
+                        std::fs::read(format!("/proc/{}/environ", h.pid.unwrap())).unwrap();
+                    String::from_utf8_lossy(&environ)
+                        .split('\0')
+                        .find(|v| v.starts_with("NOTIFY_SOCKET="))
+                        .unwrap_or("")
+                        .to_owned()
+                })
+                .collect();
+            assert!(spawner.stop().success());
+            (premature, environ)
+        };
+        let (premature, environ) = run("test-notify-gunicorn", true);
+        assert_eq!(
+            premature, 0,
+            "a handler was ready before gunicorn said READY=1"
+        );
+        assert_eq!(
+            environ,
+            [
+                "NOTIFY_SOCKET=@parsrv-notify/test-notify-gunicorn/0",
+                "NOTIFY_SOCKET=@parsrv-notify/test-notify-gunicorn/1"
+            ]
+        );
+        // The control: without --notify, the one-second rule takes it as ready two seconds
+        // before it is, and the handler gets no NOTIFY_SOCKET.
+        let (premature, environ) = run("test-plain-gunicorn", false);
+        assert!(premature > 0, "the control never saw a premature readiness");
+        assert_eq!(environ, ["", ""]);
+        std::fs::remove_dir_all(&markers).unwrap();
     });
 }

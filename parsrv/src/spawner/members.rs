@@ -92,7 +92,9 @@ impl Members {
             self.stopped.clone(),
             adopted,
         )
-        .map_err(Error::io("creating a handler's shared counters"))?;
+        .map_err(Error::io(
+            "creating a handler's counters page and notify socket",
+        ))?;
         self.slots.push(slot);
         Ok(())
     }

@@ -148,6 +148,11 @@ pub struct GroupSpec {
     /// handlers set the mode they need themselves.
     #[arg(long)]
     pub nonblocking: bool,
+    /// Exec handlers speak systemd's notify protocol: each gets a NOTIFY_SOCKET of its own
+    /// and is ready once it sends READY=1 (as a unit with Type=notify), instead of after a
+    /// second of running. For servers that do (gunicorn). Built-in handlers say so anyway.
+    #[arg(long)]
+    pub notify: bool,
     /// On SIGINT/SIGTERM, refuse new connections (RST) and let the queued ones be served
     /// (at most --grace) before stopping the handlers.
     #[arg(long)]
@@ -314,6 +319,13 @@ impl GroupSpec {
                 None
             }
         };
+        if self.notify && self.handler != HandlerKind::Exec {
+            problems.push(invalid(
+                "--notify",
+                self.handler,
+                "only for --handler exec: built-in handlers report readiness themselves",
+            ));
+        }
         match (self.handler, self.command.first()) {
             (HandlerKind::Exec, None) => problems.push(invalid(
                 "--handler",

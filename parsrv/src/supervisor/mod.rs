@@ -21,6 +21,7 @@ use crate::{
     spec::{Credentials, GroupSpec, HandlerKind},
 };
 
+mod notify;
 mod pidfd;
 mod process;
 
@@ -125,6 +126,8 @@ pub struct Slot {
     /// The slot's socket (owned by the spawner's SocketGroup, which outlives the slot).
     pub listen_fd: RawFd,
     pub stats: SharedStats,
+    /// With `--notify`: the socket its exec handler says READY=1 on.
+    notify: Option<notify::NotifySocket>,
     pub state: RefCell<HandlerState>,
     commands: mpsc::UnboundedSender<Command>,
     task: RefCell<Option<tokio::task::JoinHandle<()>>>,
@@ -144,11 +147,17 @@ impl Slot {
             Some(stats) => stats,
             None => SharedStats::create(index)?,
         };
+        let notify = launcher
+            .spec
+            .notify
+            .then(|| notify::NotifySocket::bind(&launcher.spec.name, index))
+            .transpose()?;
         let (commands, receiver) = mpsc::unbounded_channel();
         let slot = Rc::new(Slot {
             index,
             listen_fd,
             stats,
+            notify,
             state: RefCell::default(),
             commands,
             task: RefCell::new(None),
@@ -255,7 +264,10 @@ impl Running {
     /// Whether it serves its socket yet.
     fn ready(&self, launcher: &Launcher, slot: &Slot) -> bool {
         match launcher.spec.handler {
-            HandlerKind::Exec => self.started.elapsed() >= EXEC_READY_AFTER,
+            HandlerKind::Exec => match &slot.notify {
+                Some(notify) => notify.said_ready(self.pid),
+                None => self.started.elapsed() >= EXEC_READY_AFTER,
+            },
             _ => slot.stats.stats().ready.load(Ordering::Relaxed) == self.pid as u64,
         }
     }
@@ -501,6 +513,10 @@ fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<(tokio::process
     // The service manager talks to the spawner, not to its handlers.
     for variable in crate::service_manager::VARIABLES {
         command.env_remove(variable);
+    }
+    // Its own, with --notify.
+    if let Some(notify) = &slot.notify {
+        command.env("NOTIFY_SOCKET", notify.address());
     }
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {
