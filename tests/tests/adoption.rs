@@ -390,3 +390,50 @@ fn an_upgrade_under_load_loses_no_connection_and_runs_the_new_binary() {
         std::fs::remove_dir_all(&dir).unwrap();
     });
 }
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_adopted_group_resizes_restarts_and_drains_like_its_own() {
+    privileged(Needs::program(), || {
+        let name = "test-adopt-manage";
+        let build = || {
+            group(name, HandlerKind::Http)
+                .handlers_between(2, 3)
+                .no_autoscale()
+                .threads(2)
+                .drain()
+        };
+        let spawner = build().start();
+        let first: Vec<u32> = pids(&spawner).into_iter().flatten().collect();
+        kill_spawner(&spawner);
+        let again = build().start();
+        assert_eq!(
+            pids(&again).into_iter().flatten().collect::<Vec<_>>(),
+            first
+        );
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(60), Duration::from_secs(3));
+        let group_command = |args: &[&str]| {
+            let (code, out, err) = Spawner::parsrv(&[&["group"][..], args].concat());
+            assert_eq!(code, 0, "{args:?}: {out}{err}\n{}", again.log());
+        };
+        group_command(&["resize", name, "3"]);
+        assert_eq!(again.status().handlers.len(), 3);
+        group_command(&["resize", name, "2"]);
+        // The adopted handlers are replaced one at a time (stopped through their pidfds).
+        group_command(&["restart", name]);
+        let replaced: Vec<u32> = pids(&again).into_iter().flatten().collect();
+        assert!(
+            replaced.iter().all(|p| !first.contains(p)),
+            "{first:?} -> {replaced:?}"
+        );
+        assert!(first.iter().all(|p| !alive(*p)));
+        let outcomes = load.finish();
+        assert_eq!(failed(&outcomes), 0, "{}", again.log());
+        drop(spawner);
+        let log = again.log_path();
+        assert!(again.stop().success());
+        let log = std::fs::read_to_string(log).unwrap();
+        assert!(log.contains("draining group"), "{log}");
+        assert_eq!(leftovers(name, &replaced), Vec::<String>::new());
+    });
+}
