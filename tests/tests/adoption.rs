@@ -65,10 +65,12 @@ fn a_killed_spawner_loses_no_connection_and_the_next_run_adopts_its_handlers() {
     privileged(Needs::program(), || {
         // Control: the server process dies under the same load, and nothing takes over.
         let mut server = lone_server(addr());
-        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(3), Duration::from_secs(1));
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(5), Duration::from_secs(1));
         sleep(Duration::from_secs(1));
         server.kill().unwrap();
         server.wait().unwrap();
+        // As long as parsrv's group will go without a spawner below.
+        sleep(Duration::from_secs(2));
         let control = load.finish();
         eprintln!(
             "control: {} requests, {} failed after the server died",
