@@ -325,14 +325,24 @@ fn upgrade(spawner: Option<u32>) -> Result<()> {
                     println!(
                         "group {name}: adopted by the new image (parsrv {}), handlers {:?}",
                         status.spawner_version,
-                        status.handlers.iter().filter_map(|h| h.pid).collect::<Vec<_>>()
+                        status
+                            .handlers
+                            .iter()
+                            .filter_map(|h| h.pid)
+                            .collect::<Vec<_>>()
                     );
                     break;
                 }
+                // A runtime failure (exit 1), not a usage error.
                 _ if std::time::Instant::now() > deadline => {
-                    return Err(Error::Rejected(format!(
-                        "group {name} was not adopted by the new image within 60 s: see spawner {pid}'s log"
-                    )))
+                    return Err(Error::io(format!("waiting for spawner {pid}'s new image"))(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "group {name} was not adopted within 60 s: see the spawner's log"
+                            ),
+                        ),
+                    ))
                 }
                 _ => std::thread::sleep(std::time::Duration::from_millis(50)),
             }

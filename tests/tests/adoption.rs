@@ -354,13 +354,27 @@ fn an_upgrade_under_load_loses_no_connection_and_runs_the_new_binary() {
         let old_inode = inode(&binary);
         let load = SteadyLoad::start(addr(), 4, Duration::from_secs(30), Duration::from_secs(3));
         sleep(Duration::from_secs(1));
+        // A path with no executable file: refused, and the spawner carries on as it was.
+        use std::os::unix::fs::PermissionsExt;
+        let pid = spawner.pid().to_string();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (code, _, stderr) = Spawner::parsrv(&["upgrade", "--spawner", &pid]);
+        assert_ne!(code, 0);
+        assert!(
+            error_line(&stderr).contains("install the new parsrv there first"),
+            "{stderr}"
+        );
+        assert_eq!(
+            spawner.status().spawner_started_ms,
+            before.spawner_started_ms
+        );
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
         // The new binary: another file at the same path (write beside, rename over).
         let staged = dir.join("parsrv.new");
         std::fs::copy(parsrv_bin(), &staged).unwrap();
         std::fs::rename(&staged, &binary).unwrap();
         assert_ne!(inode(&binary), old_inode);
-        let (code, stdout, stderr) =
-            Spawner::parsrv(&["upgrade", "--spawner", &spawner.pid().to_string()]);
+        let (code, stdout, stderr) = Spawner::parsrv(&["upgrade", "--spawner", &pid]);
         assert_eq!(code, 0, "{stdout}{stderr}\n{}", spawner.log());
         assert!(
             stdout.contains(&format!("group {name}: adopted by the new image")),
