@@ -11,19 +11,18 @@
 //! | which socket is slot i | `SOCKETS`, `SLOT_BY_COOKIE` pinned at `/sys/fs/bpf/parsrv/GROUP/` | any root process |
 //! | policy, when-full, draining, the membership generation | `CONFIG`, pinned there too | any root process |
 //! | what the program counted | `SLOT_COUNTERS`, `GLOBAL_COUNTERS`, pinned there too | any root process |
-//! | the attached program | the kernel: attached to the reuseport group, lives as long as the group's sockets | `bpftool`, a new spawner through a socket |
+//! | the attached program | the kernel: attached to the reuseport group, and pinned beside the maps (`parsrv_select`) | `bpftool`, a spawner that adopts the group (it reopens the pin) |
 //! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
 //! | namespace-wide guard | `/sys/fs/bpf/parsrv/_netns-INODE/`, locked while a spawner claims an address | spawners of that namespace |
-//! | the spec beyond the program's part (handler command, user, grace...), handler pids and restart state, the autoscaler's memory | the running spawner's memory only | through its control socket |
+//! | the spec, and per slot its socket's cookie and its handler's pid, start time, restarts | the group record `/run/parsrv/GROUP.json`, rewritten by rename (`spawner::record`) | any root process |
+//! | whether a slot's socket takes new connections | the socket itself: queue length 0 while its slot has no ready handler, shut down while parked | the program, TCP_INFO |
+//! | the autoscaler's memory, backoff timers | the running spawner's memory only | through its control socket |
 //!
-//! So today a new spawner can find from pins and the run directory alone: the group's
-//! membership, policy and counters, and whether a spawner still answers. It cannot yet run
-//! the group: the spec and the handlers are only in the old spawner. The next steps put them
-//! where a successor finds them: a group record (the spec and handler pids) published in the
-//! run directory by rename; sockets taken from live handlers with `pidfd_getfd`; a
-//! per-client dispatch table as one more map in the group's pin directory; an sk_lookup
-//! program, its link and its address table pinned in the namespace's directory, and a host
-//! dispatcher there as well, each a new module here with its own `Program` entry.
+//! So a new spawner finds a whole group from the pins, the run directory and the handlers'
+//! fds, and adopts it (`spawner::adopt`). The next steps keep to this split: a per-client
+//! dispatch table as one more map in the group's pin directory; an sk_lookup program, its
+//! link and its address table pinned in the namespace's directory, and a host dispatcher
+//! there as well, each a new module here with its own `Program` entry.
 
 pub mod netns;
 pub mod pins;
