@@ -47,6 +47,9 @@ pub async fn watchdog() {
     };
     log::info!("service manager watchdog: every {interval:?}; pinging at half that");
     let mut ticks = tokio::time::interval((interval / 2).max(Duration::from_millis(1)));
+    // After a stall, one ping, not a burst of the missed ones: the stall is what the
+    // watchdog is for.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         notify(&[NotifyState::Watchdog]);

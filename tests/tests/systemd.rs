@@ -143,7 +143,8 @@ fn the_spawner_speaks_the_notify_protocol_and_handlers_do_not_see_it() {
             .iter()
             .filter(|m| m.iter().any(|l| l == "WATCHDOG=1"))
             .count();
-        assert!((3..=8).contains(&count), "{count} pings in 1 s: {pings:?}");
+        // 5 expected; a slow VM may miss some, and a burst would show as more.
+        assert!((2..=7).contains(&count), "{count} pings in 1 s: {pings:?}");
         // Handlers see none of it.
         for handler in spawner.status_of("test-notify").handlers {
             let environ = std::fs::read(format!("/proc/{}/environ", handler.pid.unwrap())).unwrap();
