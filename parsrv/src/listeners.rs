@@ -44,6 +44,22 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// A listening socket on `listen`, serving, with its cookie and the queue length the
+    /// kernel gives it now.
+    fn of(socket: Socket, listen: SocketAddr) -> Result<Listener> {
+        let cookie = kernel::socket_cookie(socket.as_fd())
+            .map_err(socket_error("read SO_COOKIE of", listen))?;
+        let capacity = kernel::queue_depth(socket.as_fd())
+            .map_err(socket_error("read TCP_INFO of", listen))?
+            .capacity;
+        Ok(Listener {
+            socket,
+            cookie,
+            state: SocketState::Serving,
+            capacity,
+        })
+    }
+
     pub fn cookie(&self) -> u64 {
         self.cookie
     }
@@ -115,27 +131,13 @@ impl Listeners {
         for socket in sockets {
             match socket {
                 Some(socket) => {
-                    let read = |action| socket_error(action, listen);
-                    let cookie =
-                        kernel::socket_cookie(socket.as_fd()).map_err(read("read SO_COOKIE of"))?;
-                    let capacity = kernel::queue_depth(socket.as_fd())
-                        .map_err(read("read TCP_INFO of"))?
-                        .capacity;
-                    listeners.listeners.push(Listener {
-                        socket,
-                        cookie,
-                        // A socket whose handler was not ready when the last spawner went.
-                        state: if capacity == NO_HANDLER_BACKLOG {
-                            SocketState::AwaitingHandler
-                        } else {
-                            SocketState::Serving
-                        },
-                        capacity: if capacity == NO_HANDLER_BACKLOG {
-                            backlog
-                        } else {
-                            capacity
-                        },
-                    });
+                    let mut listener = Listener::of(socket, listen)?;
+                    // A socket whose handler was not ready when the last spawner went.
+                    if listener.capacity == NO_HANDLER_BACKLOG {
+                        listener.state = SocketState::AwaitingHandler;
+                        listener.capacity = backlog;
+                    }
+                    listeners.listeners.push(listener);
                 }
                 None => {
                     listeners.add_listener()?;
@@ -175,17 +177,7 @@ impl Listeners {
         socket
             .listen(listen_backlog(self.backlog))
             .map_err(socket_error("listen on"))?;
-        let cookie =
-            kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
-        let capacity = kernel::queue_depth(socket.as_fd())
-            .map_err(socket_error("read TCP_INFO of"))?
-            .capacity;
-        self.listeners.push(Listener {
-            socket,
-            cookie,
-            state: SocketState::Serving,
-            capacity,
-        });
+        self.listeners.push(Listener::of(socket, listen)?);
         Ok(self.listeners.last().expect("just pushed"))
     }
 
