@@ -121,18 +121,7 @@ impl Steering {
     /// Takes over the program and maps a running group pinned at `pin_dir` (its spawner is
     /// gone), and writes `config`, keeping the group's generation going.
     pub fn adopt(config: ProgramConfig, pin_dir: &Path) -> Result<Self> {
-        let from_pin = |name: &str| -> Result<Map> {
-            let path = pin_dir.join(name);
-            let data = MapData::from_pin(&path).map_err(Error::ebpf(format!(
-                "opening pinned map {}",
-                path.display()
-            )))?;
-            Map::from_map_data(data).map_err(Error::ebpf(format!("pinned map {name}")))
-        };
-        let typed = |name: &str| Error::ebpf(format!("map {name} has the wrong type"));
-        let config_map: Array<MapData, ProgramConfig> = from_pin(names::CONFIG)?
-            .try_into()
-            .map_err(typed(names::CONFIG))?;
+        let config_map: Array<MapData, ProgramConfig> = pinned(pin_dir, names::CONFIG)?;
         let running = config_map
             .get(&0, 0)
             .map_err(Error::ebpf("reading the program's CONFIG"))?;
@@ -143,18 +132,10 @@ impl Steering {
         .map_err(Error::ebpf("opening the pinned program"))?;
         let mut steering = Steering {
             loaded: Loaded::Adopted(Box::new(program)),
-            sockets: from_pin(names::SOCKETS)?
-                .try_into()
-                .map_err(typed(names::SOCKETS))?,
-            slot_by_cookie: from_pin(names::SLOT_BY_COOKIE)?
-                .try_into()
-                .map_err(typed(names::SLOT_BY_COOKIE))?,
-            slot_counters: from_pin(names::SLOT_COUNTERS)?
-                .try_into()
-                .map_err(typed(names::SLOT_COUNTERS))?,
-            global_counters: from_pin(names::GLOBAL_COUNTERS)?
-                .try_into()
-                .map_err(typed(names::GLOBAL_COUNTERS))?,
+            sockets: pinned(pin_dir, names::SOCKETS)?,
+            slot_by_cookie: pinned(pin_dir, names::SLOT_BY_COOKIE)?,
+            slot_counters: pinned(pin_dir, names::SLOT_COUNTERS)?,
+            global_counters: pinned(pin_dir, names::GLOBAL_COUNTERS)?,
             config: config_map,
             staged: None,
             // Not draining: a spawner that died draining left the group to whoever adopts it.
@@ -391,6 +372,18 @@ impl log::Log for FailOpenLog {
     }
 
     fn flush(&self) {}
+}
+
+/// Map `name` pinned in `pin_dir`, as the type the program declares it with.
+fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(Error::ebpf(format!(
+        "opening pinned map {}",
+        path.display()
+    )))?;
+    Map::from_map_data(data)
+        .and_then(T::try_from)
+        .map_err(Error::ebpf(format!("pinned map {name} (wrong type?)")))
 }
 
 fn missing(name: &str) -> Error {

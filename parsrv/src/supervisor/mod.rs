@@ -315,6 +315,11 @@ async fn supervise(
                 }
                 first = false;
                 launcher.tell(index, SlotEvent::Started);
+                // An adopted handler that was ready: its socket serves at full length, even
+                // if the last spawner died between the two steps.
+                if ready {
+                    launcher.tell(index, SlotEvent::Ready);
+                }
                 loop {
                     tokio::select! {
                         how = running.exited() => {
