@@ -4,6 +4,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
+pub mod affinity;
+
 /// Slots in the socket array: the most handler sockets one group can have.
 ///
 /// Equal to the kernel's initial `sock_reuseport` capacity (INIT_SOCKS), so a full group never
@@ -29,6 +31,11 @@ pub mod names {
     /// PERCPU_ARRAY of [`SlotCacheEntry`](super::SlotCacheEntry), indexed by position in
     /// the kernel's `socks[]` (not pinned: private to the program).
     pub const SLOT_CACHE: &str = "SLOT_CACHE";
+    /// LRU_HASH of [`ClientKey`](affinity::ClientKey) -> [`DispatchEntry`](affinity::DispatchEntry):
+    /// the dispatch table of client affinity, sized by userspace at load time.
+    pub const DISPATCH_TABLE: &str = "DISPATCH_TABLE";
+    /// PERCPU_ARRAY of one [`AffinityCounters`](affinity::AffinityCounters).
+    pub const AFFINITY_COUNTERS: &str = "AFFINITY_COUNTERS";
     /// PERCPU_ARRAY scratch space (not pinned: private to the program).
     pub const SCRATCH: &str = "SCRATCH";
     /// PERCPU_ARRAY of one u64: when the CPU last reported a fail-open error to the log
@@ -101,6 +108,8 @@ pub struct ProgramConfig {
     pub generation: u32,
     /// Bits of [`flags`].
     pub flags: u32,
+    pub _reserved: u32,
+    pub affinity: affinity::AffinityConfig,
 }
 
 /// Bits of `ProgramConfig::flags`.
@@ -142,6 +151,7 @@ counters! {
         bad_group / BadGroup => ("bad-group", "The group had no live socket or more than MAX_SOCKETS."),
         unknown_socket / UnknownSocket => ("unknown-socket", "A chosen socket's cookie was not in SLOT_BY_COOKIE (a socket parsrv did not register joined the group)."),
         select_failed / SelectFailed => ("select-failed", "bpf_sk_select_reuseport refused the chosen slot."),
+        no_client / NoClient => ("no-client", "The client's address could not be read from the packet or the migrating socket (client affinity)."),
     }
 }
 

@@ -5,6 +5,7 @@
 //!   has room.
 //! - [`queue`]: reading a listener's accept queue from the kernel, and finding the listener
 //!   with the most room among many.
+//! - [`affinity`]: client affinity: the client of a connection and the dispatch table.
 //! - [`counting`]: per-CPU counters.
 //!
 //! Types and map names shared with userspace are declared once in parsrv-common, one module
@@ -12,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod counting;
 mod queue;
 mod reuseport;

@@ -13,11 +13,13 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use parsrv_common::reuseport::{
+    affinity::{self as shared_affinity, DispatchEntry},
     flags, policy, when_full, FailOpen, GlobalCounters, ProgramConfig, SlotCacheEntry,
     SlotCounters, MAX_SOCKETS,
 };
 
 use crate::{
+    affinity,
     counting::count,
     queue::{address_of, listener, most_room, read, Found, Listener},
 };
@@ -40,19 +42,57 @@ static CONFIG: Array<ProgramConfig> = Array::with_max_entries(1, 0);
 #[map]
 static SLOT_CACHE: PerCpuArray<SlotCacheEntry> = PerCpuArray::with_max_entries(MAX_SOCKETS, 0);
 
+/// The group as the program found it for one connection.
+struct Group {
+    /// Address of the kernel's `socks[]`, and how many live listeners it holds.
+    socks: u64,
+    num: u32,
+    /// The kernel's hash choice: its position, and the listener there.
+    first: u32,
+    hash_choice: Listener,
+    /// The connection is migrating off `member`, a closing listener.
+    migrating: bool,
+    member: u64,
+}
+
 /// What the program decided for one connection.
 struct Decision {
     target: Listener,
-    /// Set when the hash choice was full and the connection went elsewhere.
-    redirected_from: Option<Listener>,
+    slot: u32,
+    /// The slot of a full hash choice the connection was steered away from, or
+    /// [`NOT_REDIRECTED`]. (Not an `Option`: LLVM fills a `None`'s payload with whatever a
+    /// register holds, a pointer included, and the verifier refuses arithmetic on it.)
+    redirected_from: u32,
+    /// Already selected: following a client's entry selects its slot to learn whether the
+    /// entry still holds.
+    selected: bool,
 }
 
 enum Outcome {
-    /// Select `Decision::target` and pass.
+    /// Select `Decision::slot` (unless done) and pass.
     Select(Decision),
-    /// Every socket is full and `when-full refuse`: answer with a RST.
-    Refuse { hash_choice: Listener },
+    /// Answer with a RST, counted on `slot`.
+    Refuse { slot: u32 },
 }
+
+/// Where a client's entry led.
+enum Followed {
+    /// Its socket was selected.
+    Selected(Decision),
+    /// Its socket is in the group but cannot take the connection now.
+    Full { target: Listener, slot: u32 },
+    /// Idle for longer than the time-out.
+    Expired,
+    /// Its socket left the group, was replaced, or is the one closing.
+    Stale,
+}
+
+/// `Decision::redirected_from` of a connection that went where it was meant to.
+const NOT_REDIRECTED: u32 = u32::MAX;
+
+/// A listener reached through a client's entry rather than through `socks[]`: its position
+/// there is not needed (its slot is in the entry).
+const NOT_FROM_SOCKS: u32 = u32::MAX;
 
 #[sk_reuseport(migrate)]
 pub fn parsrv_select(ctx: SkReuseportContext) -> u32 {
@@ -102,29 +142,48 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, FailOp
     // `ctx->sk` is some member of the group (the closing listener during migration).
     let member = address_of(ctx)?;
 
-    let group: u64 = read(member + off.sk_reuseport_cb as u64)?;
-    if group == 0 {
+    let reuse: u64 = read(member + off.sk_reuseport_cb as u64)?;
+    if reuse == 0 {
         return Err(FailOpen::BadGroup);
     }
     // Live listeners only: during migration the closing one has already moved to the
     // closed part of socks[].
-    let num = read::<u16>(group + off.reuseport_num_socks as u64)? as u32;
+    let num = read::<u16>(reuse + off.reuseport_num_socks as u64)? as u32;
     if num == 0 || num > MAX_SOCKETS {
         return Err(FailOpen::BadGroup);
     }
-    let socks = group + off.reuseport_socks as u64;
+    let socks = reuse + off.reuseport_socks as u64;
 
     // The kernel's own choice without a program: socks[reciprocal_scale(hash, num)]
     // (reuseport_select_sock_by_hash). A retransmitted SYN has the same hash.
     let first = ((ctx.hash() as u64 * num as u64) >> 32) as u32;
     let hash_choice = listener(read(socks + first as u64 * 8)?, first, off)?;
+    let group = Group {
+        socks,
+        num,
+        first,
+        hash_choice,
+        migrating,
+        member,
+    };
 
-    if config.flags & flags::DRAINING != 0 && !migrating {
-        let slot = slot_of(&hash_choice, config)?;
-        count(&SLOT_COUNTERS, slot, |c| c.refused += 1);
-        return Ok(SK_DROP);
-    }
+    let outcome = if config.flags & flags::DRAINING != 0 && !migrating {
+        Outcome::Refuse {
+            slot: slot_of(&hash_choice, config)?,
+        }
+    } else if config.affinity.mode == shared_affinity::mode::CLIENT {
+        steer_client(ctx, config, &group)?
+    } else {
+        decide(config, &group)?
+    };
+    finish(ctx, outcome, migrating)
+}
 
+/// The policy's choice for a connection on its own: the hash choice or the socket with most
+/// room, or what `when-full` says when every socket is full.
+#[inline(always)]
+fn decide(config: &ProgramConfig, group: &Group) -> Result<Outcome, FailOpen> {
+    let hash_choice = group.hash_choice;
     let found = if config.policy == policy::REDIRECT && hash_choice.room > 0 {
         // Fast path: only the hash choice was read.
         Found {
@@ -132,13 +191,19 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, FailOp
             most_free: hash_choice,
         }
     } else {
-        most_room(socks, num, first, hash_choice, off)?
+        most_room(
+            group.socks,
+            group.num,
+            group.first,
+            hash_choice,
+            &config.offsets,
+        )?
     };
     // Every queue looks full, but only because of handshakes in progress: a SYN flood fills
     // the SYN queues while the accept queues stay empty, and the kernel would serve this
     // client (syncookies). So does parsrv: the socket with the most room by the kernel's
     // own test takes it. Refusing or dropping is only for queues full of connections.
-    let target = if found.best.room > 0 || migrating {
+    let target = if found.best.room > 0 || group.migrating {
         // Migration does not check the target's fullness and a SK_DROP would reset the
         // connection: with every queue full, the least full one takes it.
         Some(found.best)
@@ -147,46 +212,222 @@ fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, FailOp
     } else {
         None
     };
-
-    let outcome = if let Some(target) = target {
-        Outcome::Select(Decision {
+    Ok(match target {
+        Some(target) => Outcome::Select(Decision {
             target,
+            slot: slot_of(&target, config)?,
             // A redirect is a move away from a *full* hash choice; least-loaded picking a
             // socket with more room than a hash choice that had some is not one.
-            redirected_from: (target.addr != hash_choice.addr && hash_choice.room <= 0)
-                .then_some(hash_choice),
-        })
-    } else if config.when_full == when_full::REFUSE {
-        Outcome::Refuse { hash_choice }
-    } else {
+            redirected_from: if target.addr != hash_choice.addr && hash_choice.room <= 0 {
+                slot_of(&hash_choice, config)?
+            } else {
+                NOT_REDIRECTED
+            },
+            selected: false,
+        }),
+        None if config.when_full == when_full::REFUSE => Outcome::Refuse {
+            slot: slot_of(&hash_choice, config)?,
+        },
         // Silent drop: hand the SYN to its hash choice, full by the kernel's own test, so the
         // kernel drops the SYN (ListenOverflows, counted here as `dropped`) and the client
         // retransmits into a fresh decision.
-        Outcome::Select(Decision {
+        None => Outcome::Select(Decision {
             target: hash_choice,
-            redirected_from: None,
-        })
-    };
+            slot: slot_of(&hash_choice, config)?,
+            redirected_from: NOT_REDIRECTED,
+            selected: false,
+        }),
+    })
+}
 
+/// Client affinity: the connection goes where its client's entry in the dispatch table
+/// says; a client without one is decided by the policy and placed under the client lock.
+#[inline(always)]
+fn steer_client(
+    ctx: &SkReuseportContext,
+    config: &ProgramConfig,
+    group: &Group,
+) -> Result<Outcome, FailOpen> {
+    let client = affinity::client_of(ctx, &config.affinity)?;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = affinity::entry_of(&client) {
+        // SAFETY: a map value; other CPUs may write last_seen_ns meanwhile, which a torn
+        // read of it can only make look older or newer by one refresh.
+        let held = unsafe { *entry };
+        match follow(ctx, config, group, &held, now)? {
+            Followed::Selected(decision) => {
+                // Refreshed coarsely: a write per connection would bounce the entry's cache
+                // line between CPUs for an idle clock that needs no precision.
+                if now.wrapping_sub(held.last_seen_ns) > config.affinity.timeout_ns >> 3 {
+                    // SAFETY: a plain store into the map value.
+                    unsafe { (*entry).last_seen_ns = now };
+                }
+                affinity::tally(|c| c.hits += 1);
+                return Ok(Outcome::Select(decision));
+            }
+            Followed::Full { target, slot } => {
+                if config.affinity.when_full == shared_affinity::when_full::KEEP {
+                    return Ok(keep(config, target, slot));
+                }
+                let outcome = decide(config, group)?;
+                if let Outcome::Select(decision) = &outcome {
+                    if decision.target.addr != held.socket && !decision.target.kernel_full {
+                        let moved = entry_for(config, decision, now)?;
+                        affinity::replace(&client, &moved);
+                        affinity::tally(|c| c.moved += 1);
+                    }
+                }
+                return Ok(outcome);
+            }
+            Followed::Expired => {
+                affinity::tally(|c| c.expired += 1);
+                affinity::forget(&client);
+            }
+            Followed::Stale => {
+                affinity::tally(|c| c.stale += 1);
+                affinity::forget(&client);
+            }
+        }
+    }
+    // A client without an entry: the policy decides, and the client lock records it.
+    let outcome = decide(config, group)?;
+    let Outcome::Select(decision) = &outcome else {
+        return Ok(outcome);
+    };
+    if decision.target.kernel_full {
+        // Every socket is full and the kernel drops this SYN: nothing was decided.
+        return Ok(outcome);
+    }
+    let entry = entry_for(config, decision, now)?;
+    if affinity::place(&client, &entry).is_ok() {
+        affinity::tally(|c| c.new_clients += 1);
+        return Ok(outcome);
+    }
+    // Another CPU placed this client's entry between our lookup and our insert: follow it,
+    // whatever its socket's queue, so both connections reach one handler.
+    affinity::tally(|c| c.lock_races += 1);
+    if let Some(winner) = affinity::entry_of(&client) {
+        // SAFETY: a map value, copied.
+        let winner = unsafe { *winner };
+        let target = listener(winner.socket, NOT_FROM_SOCKS, &config.offsets)?;
+        if SOCKETS.select_reuseport(ctx, winner.slot).is_ok() {
+            return Ok(Outcome::Select(Decision {
+                target,
+                slot: winner.slot,
+                redirected_from: NOT_REDIRECTED,
+                selected: true,
+            }));
+        }
+    }
+    Ok(outcome)
+}
+
+/// Follows a client's entry: selects its socket if the entry still holds and the socket
+/// can take the connection.
+#[inline(always)]
+fn follow(
+    ctx: &SkReuseportContext,
+    config: &ProgramConfig,
+    group: &Group,
+    entry: &DispatchEntry,
+    now: u64,
+) -> Result<Followed, FailOpen> {
+    if now.wrapping_sub(entry.last_seen_ns) > config.affinity.timeout_ns {
+        return Ok(Followed::Expired);
+    }
+    if group.migrating && entry.socket == group.member {
+        // Its socket is the one closing: the client goes with its connection.
+        return Ok(Followed::Stale);
+    }
+    // Still the socket the entry was made for (a cookie is never reused), and still the
+    // group's under that slot.
+    let cookie: u64 = read(entry.socket + config.offsets.skc_cookie as u64)?;
+    // SAFETY: plain u32 values, copied out at once.
+    let registered = unsafe { SLOT_BY_COOKIE.get(cookie) }.copied();
+    if cookie != entry.cookie || registered != Some(entry.slot) {
+        return Ok(Followed::Stale);
+    }
+    let target = listener(entry.socket, NOT_FROM_SOCKS, &config.offsets)?;
+    if target.room <= 0 && !group.migrating {
+        return Ok(Followed::Full {
+            target,
+            slot: entry.slot,
+        });
+    }
+    // The kernel empties a listener's SOCKETS slot when it stops listening, before
+    // userspace forgets its cookie: a refusal here means it is gone.
+    if SOCKETS.select_reuseport(ctx, entry.slot).is_err() {
+        return Ok(Followed::Stale);
+    }
+    Ok(Followed::Selected(Decision {
+        target,
+        slot: entry.slot,
+        redirected_from: NOT_REDIRECTED,
+        selected: true,
+    }))
+}
+
+/// `affinity-when-full keep`: the client waits for its own socket.
+#[inline(always)]
+fn keep(config: &ProgramConfig, target: Listener, slot: u32) -> Outcome {
+    if target.kernel_full {
+        affinity::tally(|c| c.waited += 1);
+        if config.when_full == when_full::REFUSE {
+            return Outcome::Refuse { slot };
+        }
+    } else {
+        // Full only by handshakes in progress (or awaiting its handler with an empty
+        // queue): the kernel still takes it.
+        affinity::tally(|c| c.hits += 1);
+    }
+    // The kernel drops the SYN at a full socket; the client retransmits into a new decision.
+    Outcome::Select(Decision {
+        target,
+        slot,
+        redirected_from: NOT_REDIRECTED,
+        selected: false,
+    })
+}
+
+/// The entry that sends a client where `decision` sent this connection.
+#[inline(always)]
+fn entry_for(
+    config: &ProgramConfig,
+    decision: &Decision,
+    now: u64,
+) -> Result<DispatchEntry, FailOpen> {
+    Ok(DispatchEntry {
+        socket: decision.target.addr,
+        cookie: read(decision.target.addr + config.offsets.skc_cookie as u64)?,
+        decided_ns: now,
+        last_seen_ns: now,
+        slot: decision.slot,
+        _reserved: 0,
+    })
+}
+
+/// Carries out an outcome and counts it on its slot.
+#[inline(always)]
+fn finish(ctx: &SkReuseportContext, outcome: Outcome, migrating: bool) -> Result<u32, FailOpen> {
     match outcome {
-        Outcome::Refuse { hash_choice } => {
-            let slot = slot_of(&hash_choice, config)?;
+        Outcome::Refuse { slot } => {
             count(&SLOT_COUNTERS, slot, |c| c.refused += 1);
             Ok(SK_DROP)
         }
         Outcome::Select(Decision {
             target,
+            slot,
             redirected_from,
+            selected,
         }) => {
-            let slot = slot_of(&target, config)?;
-            SOCKETS
-                .select_reuseport(ctx, slot)
-                .map_err(|_| FailOpen::SelectFailed)?;
-            if let Some(from) = redirected_from {
-                if !migrating {
-                    let from_slot = slot_of(&from, config)?;
-                    count(&SLOT_COUNTERS, from_slot, |c| c.redirected_away += 1);
-                }
+            if !selected {
+                SOCKETS
+                    .select_reuseport(ctx, slot)
+                    .map_err(|_| FailOpen::SelectFailed)?;
+            }
+            if redirected_from != NOT_REDIRECTED && !migrating {
+                count(&SLOT_COUNTERS, redirected_from, |c| c.redirected_away += 1);
             }
             count(&SLOT_COUNTERS, slot, |c| {
                 if migrating {

@@ -71,6 +71,15 @@ pub enum Command {
     /// Change a running group.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// List the clients of a group with client affinity: each client (its address cut to
+    /// the group's prefix), the slot and handler its connections go to, and since when.
+    Affinity {
+        group: String,
+        /// Only this client (any address of it: it is cut to the prefix).
+        client: Option<std::net::IpAddr>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop a group and remove everything it has: through its spawner if one answers (as
     /// `group remove`), otherwise (its spawner died and its handlers serve on) by taking it
     /// over and stopping it.
@@ -211,6 +220,11 @@ pub fn main() -> i32 {
         Command::Bench { args } => bench(&args),
         Command::Group(command) => group(command),
         Command::Stop { group } => stop(&group),
+        Command::Affinity {
+            group,
+            client,
+            json,
+        } => affinity(&group, client, json),
         Command::Upgrade { spawner } => upgrade(spawner),
         Command::Handler(args) => {
             return match handler::launch(args) {
@@ -292,6 +306,41 @@ fn group(command: GroupCommand) -> Result<()> {
     done(group.clone(), control::request(&group, &request)?)
 }
 
+fn affinity(group: &str, client: Option<std::net::IpAddr>, json: bool) -> Result<()> {
+    let entries = match control::request(group, &Request::Affinity { client })? {
+        Response::Affinity(entries) => entries,
+        other => return done(group.to_owned(), other),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&entries).expect("plain data")
+        );
+        return Ok(());
+    }
+    if let (Some(client), true) = (client, entries.is_empty()) {
+        return Err(Error::Rejected(format!(
+            "group {group} has no entry for client {client}: it has not connected, or its \
+             entry expired or was forgotten"
+        )));
+    }
+    println!(
+        "{:<40} {:>4} {:>8} {:>10} {:>10}",
+        "client", "slot", "pid", "age-s", "idle-s"
+    );
+    for e in &entries {
+        println!(
+            "{:<40} {:>4} {:>8} {:>10.1} {:>10.1}",
+            e.entry.client.to_string(),
+            e.entry.slot,
+            e.pid.map_or("-".to_string(), |p| p.to_string()),
+            e.entry.age_ms as f64 / 1e3,
+            e.entry.idle_ms as f64 / 1e3
+        );
+    }
+    Ok(())
+}
+
 fn stop(group: &str) -> Result<()> {
     if control::is_live(&control::socket_path(group)) {
         return done(group.to_owned(), control::request(group, &Request::Remove)?);
@@ -367,9 +416,9 @@ fn done(whom: String, response: Response) -> Result<()> {
             group: whom,
             message: e.to_string(),
         }),
-        Response::Status(_) => Err(Error::Spawner {
+        Response::Status(_) | Response::Affinity(_) => Err(Error::Spawner {
             group: whom,
-            message: "answered with a status".into(),
+            message: "answered with something other than what was asked".into(),
         }),
     }
 }

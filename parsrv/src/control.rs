@@ -45,6 +45,11 @@ pub enum Request {
     },
     /// Replace every handler, one at a time.
     Restart,
+    /// The dispatch table's entries (client affinity), of one client if given.
+    Affinity {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<std::net::IpAddr>,
+    },
     /// To a spawner's own socket: execute the parsrv binary at its path again, in this
     /// process; the new image adopts every group.
     Upgrade,
@@ -65,6 +70,7 @@ impl Request {
 pub enum Response {
     Status(Box<GroupStatus>),
     Spec(Box<crate::spec::GroupSpec>),
+    Affinity(Vec<crate::status::AffinityEntry>),
     /// The change was made; what happened.
     Done(String),
     /// The spawner did not do what was asked, and why.

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use parsrv_common::reuseport::{GlobalCounters, SlotCounters};
+use parsrv_common::reuseport::{affinity::AffinityCounters, GlobalCounters, SlotCounters};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -40,6 +40,19 @@ pub struct GroupStatus {
     /// Connections the program served by the kernel's hash because of an internal error.
     pub errors: GlobalCounters,
     pub program: RunStats,
+    /// With `--affinity client`: the dispatch table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<AffinityStatus>,
+}
+
+/// The dispatch table of a group with client affinity.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffinityStatus {
+    /// Clients with an entry that has not expired.
+    pub entries: u64,
+    /// Entries the table holds at most (`--affinity-table`).
+    pub capacity: u32,
+    pub counters: AffinityCounters,
 }
 
 /// What the autoscaler did (its limits are the spec's `handlers` and `handlers_max`).
@@ -86,6 +99,14 @@ pub struct SocketStatus {
     /// is out of the group while the handler waits out a restart delay.
     pub state: SocketState,
     pub counters: SlotCounters,
+}
+
+/// One client of `parsrv affinity`: its entry, and the handler its slot runs now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffinityEntry {
+    #[serde(flatten)]
+    pub entry: crate::dataplane::affinity::ClientEntry,
+    pub pid: Option<u32>,
 }
 
 impl GroupStatus {
@@ -192,6 +213,24 @@ impl GroupStatus {
                     }
                 );
             }
+        }
+        if let Some(affinity) = &self.affinity {
+            let _ = write!(
+                out,
+                "affinity client (prefix {}, timeout {} s, when full {}): {} of {} entries;",
+                spec.affinity_prefix,
+                spec.affinity_timeout,
+                spec.affinity_when_full,
+                affinity.entries,
+                affinity.capacity
+            );
+            for (counter, value) in AffinityCounters::COUNTERS
+                .iter()
+                .zip(affinity.counters.values())
+            {
+                let _ = write!(out, " {} {value}", counter.column);
+            }
+            out.push('\n');
         }
         let _ = write!(
             out,
@@ -324,6 +363,15 @@ pub(crate) mod tests {
                 run_time_ns: 700,
                 stats_enabled: true,
             },
+            affinity: Some(AffinityStatus {
+                entries: 2,
+                capacity: 64,
+                counters: AffinityCounters {
+                    hits: 5,
+                    lock_races: 1,
+                    ..Default::default()
+                },
+            }),
         }
     }
 

@@ -10,7 +10,8 @@
 //! | the group's sockets and their queues | the kernel: the reuseport group, held by the spawner's fds and each handler's fd 3 | anyone with an fd of one (a new spawner: `pidfd_getfd` from a handler) |
 //! | which socket is slot i | `SOCKETS`, `SLOT_BY_COOKIE` pinned at `/sys/fs/bpf/parsrv/GROUP/` | any root process |
 //! | policy, when-full, draining, the membership generation | `CONFIG`, pinned there too | any root process |
-//! | what the program counted | `SLOT_COUNTERS`, `GLOBAL_COUNTERS`, pinned there too | any root process |
+//! | what the program counted | `SLOT_COUNTERS`, `GLOBAL_COUNTERS`, `AFFINITY_COUNTERS`, pinned there too | any root process |
+//! | which handler each client goes to (client affinity) | `DISPATCH_TABLE`, pinned there too; written only by the program | any root process (`parsrv affinity`) |
 //! | the attached program | the kernel: attached to the reuseport group, and pinned beside the maps (`parsrv_select`) | `bpftool`, a spawner that adopts the group (it reopens the pin) |
 //! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
 //! | namespace-wide guard | `/sys/fs/bpf/parsrv/_netns-INODE/`, locked while a spawner claims an address | spawners of that namespace |
@@ -19,11 +20,12 @@
 //! | the autoscaler's memory, backoff timers | the running spawner's memory only | through its control socket |
 //!
 //! So a new spawner finds a whole group from the pins, the run directory and the handlers'
-//! fds, and adopts it (`spawner::adopt`). The next steps keep to this split: a per-client
-//! dispatch table as one more map in the group's pin directory; an sk_lookup program, its
+//! fds, and adopts it (`spawner::adopt`), its clients' entries included. The next steps keep
+//! to this split: an sk_lookup program, its
 //! link and its address table pinned in the namespace's directory, and a host dispatcher
 //! there as well, each a new module here with its own `Program` entry.
 
+pub mod affinity;
 pub mod netns;
 pub mod pins;
 pub mod reuseport;

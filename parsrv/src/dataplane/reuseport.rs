@@ -17,7 +17,7 @@ use parsrv_common::reuseport::{
     flags, names, GlobalCounters, ProgramConfig, SlotCounters, MAX_SOCKETS,
 };
 
-use super::{object, pins::Pins, EbpfObject};
+use super::{affinity::DispatchTable, object, pins::Pins, EbpfObject};
 use crate::{
     error::{Error, Result},
     listeners::Listener,
@@ -32,6 +32,7 @@ pub struct Steering {
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     global_counters: PerCpuArray<MapData, GlobalCounters>,
     config: Array<MapData, ProgramConfig>,
+    dispatch_table: DispatchTable,
     /// What CONFIG holds.
     current: ProgramConfig,
     /// Maps pinned in a staging directory, and where they go once published.
@@ -56,16 +57,29 @@ pub struct RunStats {
 }
 
 impl Steering {
-    /// Loads the program with expected attach type SELECT_OR_MIGRATE and writes `config`.
+    /// Loads the program with expected attach type SELECT_OR_MIGRATE and writes `config`,
+    /// with a dispatch table of `table_size` entries.
     ///
     /// With `pin_dir`, the maps are pinned at once into a staging directory beside it, which
     /// [`Steering::publish_pins`] renames to `pin_dir` in one step (so a reader never sees
     /// half a set) and which is removed if anything fails before.
-    pub fn load(config: ProgramConfig, pin_dir: Option<&Path>) -> Result<Self> {
+    pub fn load(config: ProgramConfig, table_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
         let object = object(EbpfObject::Parsrv)?;
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::DISPATCH_TABLE, table_size)
             .load(&object)
-            .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
+            .map_err(|e| match &e {
+                // The only map sized at run time: too big for this machine's memory.
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    Error::Rejected(format!(
+                        "--affinity-table {table_size}: the kernel could not allocate a \
+                         dispatch table that large (ENOMEM); give fewer entries"
+                    ))
+                }
+                _ => Error::ebpf("loading the parsrv eBPF object")(e),
+            })?;
         let program: &mut SkReuseport = ebpf
             .program_mut(names::PROGRAM)
             .ok_or_else(|| missing(names::PROGRAM))?
@@ -94,6 +108,8 @@ impl Steering {
         let slot_counters = take(names::SLOT_COUNTERS)?;
         let global_counters = take(names::GLOBAL_COUNTERS)?;
         let config_map = take(names::CONFIG)?;
+        let dispatch_table = take(names::DISPATCH_TABLE)?;
+        let affinity_counters = take(names::AFFINITY_COUNTERS)?;
         let typed = |name: &str| Error::ebpf(format!("map {name} has the wrong type"));
         let mut steering = Steering {
             sockets: sockets.try_into().map_err(typed(names::SOCKETS))?,
@@ -107,6 +123,15 @@ impl Steering {
                 .try_into()
                 .map_err(typed(names::GLOBAL_COUNTERS))?,
             config: config_map.try_into().map_err(typed(names::CONFIG))?,
+            dispatch_table: DispatchTable {
+                entries: dispatch_table
+                    .try_into()
+                    .map_err(typed(names::DISPATCH_TABLE))?,
+                counters: affinity_counters
+                    .try_into()
+                    .map_err(typed(names::AFFINITY_COUNTERS))?,
+                capacity: table_size,
+            },
             staged: staged.zip(pin_dir.map(Path::to_owned)),
             current: ProgramConfig {
                 generation: 1,
@@ -137,6 +162,7 @@ impl Steering {
             slot_counters: pinned(pin_dir, names::SLOT_COUNTERS)?,
             global_counters: pinned(pin_dir, names::GLOBAL_COUNTERS)?,
             config: config_map,
+            dispatch_table: adopt_dispatch_table(pin_dir)?,
             staged: None,
             // Not draining: a spawner that died draining left the group to whoever adopts it.
             current: ProgramConfig {
@@ -289,6 +315,11 @@ impl Steering {
         Ok(sum)
     }
 
+    /// The dispatch table of client affinity.
+    pub fn dispatch_table(&self) -> &DispatchTable {
+        &self.dispatch_table
+    }
+
     /// The program's log records, named for `group` (once: the ring buffer has one reader).
     pub fn take_log(&mut self, group: &str) -> Result<ProgramLog> {
         let logger = FailOpenLog {
@@ -372,6 +403,20 @@ impl log::Log for FailOpenLog {
     }
 
     fn flush(&self) {}
+}
+
+/// The dispatch table a running group pinned, with the size its spawner gave it.
+fn adopt_dispatch_table(pin_dir: &Path) -> Result<DispatchTable> {
+    let path = pin_dir.join(names::DISPATCH_TABLE);
+    let capacity = MapData::from_pin(&path)
+        .and_then(|data| data.info())
+        .map_err(Error::ebpf(format!("opening pinned map {}", path.display())))?
+        .max_entries();
+    Ok(DispatchTable {
+        entries: pinned(pin_dir, names::DISPATCH_TABLE)?,
+        counters: pinned(pin_dir, names::AFFINITY_COUNTERS)?,
+        capacity,
+    })
 }
 
 /// Map `name` pinned in `pin_dir`, as the type the program declares it with.

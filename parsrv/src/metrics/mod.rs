@@ -9,7 +9,7 @@ pub use serve::{health, serve, HEAD_TIMEOUT, MAX_CONNECTIONS};
 use std::fmt::Write as _;
 
 use crate::status::GroupStatus;
-use parsrv_common::reuseport::SlotCounters;
+use parsrv_common::reuseport::{affinity::AffinityCounters, SlotCounters};
 
 /// One metric family: name, type, help, and its samples (labels, value).
 struct Family {
@@ -119,6 +119,39 @@ pub fn render(groups: &[GroupStatus]) -> String {
             },
         ),
     ]);
+    // Client affinity: the dispatch table, and what the dispatchers did, as parsrv-common
+    // describes it.
+    families.extend([
+        group(
+            "parsrv_affinity_entries",
+            "gauge",
+            "Clients with an unexpired entry in the dispatch table.",
+            |g| g.affinity.as_ref().map(|a| a.entries as f64),
+        ),
+        group(
+            "parsrv_affinity_capacity",
+            "gauge",
+            "Entries the dispatch table holds at most.",
+            |g| g.affinity.as_ref().map(|a| a.capacity as f64),
+        ),
+    ]);
+    for (index, counter) in AffinityCounters::COUNTERS.iter().enumerate() {
+        families.push(Family {
+            name: format!("parsrv_affinity_{}_total", counter.name),
+            kind: "counter",
+            help: counter.help,
+            samples: groups
+                .iter()
+                .filter_map(|g| {
+                    let affinity = g.affinity.as_ref()?;
+                    Some((
+                        format!("group=\"{}\"", g.spec.name),
+                        affinity.counters.values()[index] as f64,
+                    ))
+                })
+                .collect(),
+        });
+    }
     let mut out = String::new();
     for family in families.iter().filter(|f| !f.samples.is_empty()) {
         let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
@@ -157,5 +190,7 @@ mod tests {
         assert!(text.contains("parsrv_socket_redirected_away_total{group=\"web\",slot=\"0\"} 1\n"));
         assert!(text.contains("parsrv_socket_migrated_in_total{group=\"web\",slot=\"0\"} 0\n"));
         assert!(text.contains("parsrv_program_runs_total{group=\"web\"} 10\n"));
+        assert!(text.contains("parsrv_affinity_entries{group=\"web\"} 2\n"));
+        assert!(text.contains("parsrv_affinity_lock_races_total{group=\"web\"} 1\n"));
     }
 }

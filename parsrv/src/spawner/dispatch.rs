@@ -71,6 +71,10 @@ impl Spawner {
             }
             Request::Resize { handlers } => done(group.resize(handlers).await),
             Request::Restart => done(group.restart_all().await),
+            Request::Affinity { client } => match group.affinity_entries(client) {
+                Ok(entries) => Response::Affinity(entries),
+                Err(e) => Response::Failed(e),
+            },
             Request::Add { .. } | Request::Upgrade => Response::Failed(ControlError::WrongSocket {
                 request: request.verb(),
                 fix: "send it to the spawner: `parsrv group add`, `parsrv upgrade`".into(),

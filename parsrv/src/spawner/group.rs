@@ -32,8 +32,11 @@ use crate::{
     error::{Error, Result},
     handler::HandlerStats,
     listeners::{Listeners, SocketState},
-    spec::{GroupSpec, HandlerKind},
-    status::{self, GroupStatus, HandlerStatus, ScalingStatus, SocketStatus},
+    spec::{Affinity, GroupSpec, HandlerKind},
+    status::{
+        self, AffinityEntry, AffinityStatus, GroupStatus, HandlerStatus, ScalingStatus,
+        SocketStatus,
+    },
     supervisor::{process_alive, process_start_time, Launcher, SlotEvent, SlotEvents},
 };
 
@@ -123,6 +126,8 @@ impl RunningGroup {
             when_full: spec.when_full.to_program(),
             generation: 0, // Steering owns it
             flags: 0,
+            _reserved: 0,
+            affinity: spec.affinity_config(),
         };
         let (mut listeners, steering, adopted) = match adoption {
             None => {
@@ -130,7 +135,7 @@ impl RunningGroup {
                 // handler of it runs, so pins under its name are a dead one's.
                 Pins::remove_stale(&pin_dir)?;
                 let listeners = Listeners::bind(spec.listen, spec.handlers.min, spec.backlog)?;
-                let steering = Steering::load(config, Some(&pin_dir))?;
+                let steering = Steering::load(config, spec.dispatch_table_size(), Some(&pin_dir))?;
                 (listeners, steering, Vec::new())
             }
             Some(adoption) => {
@@ -433,6 +438,55 @@ impl RunningGroup {
             sockets,
             errors: members.steering().global_counters()?,
             program: members.steering().run_stats()?,
+            affinity: self.affinity_status(&members)?,
         })
+    }
+
+    fn affinity_status(&self, members: &Members) -> Result<Option<AffinityStatus>> {
+        if self.spec.affinity == Affinity::None {
+            return Ok(None);
+        }
+        let table = members.steering().dispatch_table();
+        Ok(Some(AffinityStatus {
+            entries: table.entries(self.spec.affinity_config().timeout_ns)?.len() as u64,
+            capacity: table.capacity(),
+            counters: table.counters()?,
+        }))
+    }
+
+    /// The dispatch table's entries (of `client` only, if given), with each slot's handler.
+    pub fn affinity_entries(
+        &self,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Vec<AffinityEntry>, ControlError> {
+        if self.spec.affinity == Affinity::None {
+            return Err(ControlError::Refused(format!(
+                "group {} runs without client affinity (--affinity none): it has no dispatch table",
+                self.spec.name
+            )));
+        }
+        let config = self.spec.affinity_config();
+        let wanted = client.map(|c| crate::dataplane::affinity::client_key(c, config.mask_v4, config.mask_v6));
+        let members = self.members.borrow();
+        let entries = members.steering().dispatch_table().entries(config.timeout_ns)?;
+        let pid_of = |slot: u32| {
+            members
+                .slots()
+                .iter()
+                .find(|s| s.index == slot)
+                .and_then(|s| s.state.borrow().pid)
+        };
+        Ok(entries
+            .into_iter()
+            .filter(|e| {
+                wanted.is_none_or(|key| {
+                    crate::dataplane::affinity::client_addr(&key) == e.client
+                })
+            })
+            .map(|entry| AffinityEntry {
+                pid: pid_of(entry.slot),
+                entry,
+            })
+            .collect())
     }
 }

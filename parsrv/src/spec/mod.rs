@@ -11,7 +11,7 @@ mod host;
 mod values;
 
 pub use host::{executable_by, find_program, usable_cpus};
-pub use values::{format_cpus, parse_cpus, parse_listen, CpuList, HandlerRange};
+pub use values::{format_cpus, parse_cpus, parse_listen, ClientPrefix, CpuList, HandlerRange};
 
 use std::{fmt, net::SocketAddr};
 
@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub use parsrv_common::reuseport::MAX_SOCKETS;
+pub use parsrv_common::reuseport::{
+    affinity::{DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE},
+    MAX_SOCKETS,
+};
 
 /// Where a new connection goes while some socket has room.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -63,6 +66,30 @@ impl WhenFull {
     }
 }
 
+/// Whether a client's connections all go to one handler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Affinity {
+    /// Every connection is steered on its own.
+    #[default]
+    None,
+    /// Every connection of a client (its source address, see --affinity-prefix) goes to the
+    /// handler its first one went to, recorded in the kernel's dispatch table.
+    Client,
+}
+
+/// What happens to a client's connection when its handler's queue is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AffinityWhenFull {
+    /// The socket with most room takes it, and the client moves there for good.
+    #[default]
+    Move,
+    /// The client waits for its handler: the SYN is dropped and retransmitted (or refused,
+    /// with --when-full refuse).
+    Keep,
+}
+
 /// The code each handler process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -85,7 +112,7 @@ macro_rules! display_as_value_enum {
         }
     )*};
 }
-display_as_value_enum!(Policy, WhenFull, HandlerKind);
+display_as_value_enum!(Policy, WhenFull, Affinity, AffinityWhenFull, HandlerKind);
 
 /// One group: a set of SO_REUSEPORT sockets on one address and port, one per handler.
 ///
@@ -124,6 +151,24 @@ pub struct GroupSpec {
     /// What happens when every socket is full.
     #[arg(long, value_enum, default_value_t)]
     pub when_full: WhenFull,
+    /// Keep each client on one handler (`client`), or steer every connection on its own.
+    #[arg(long, value_enum, default_value_t)]
+    pub affinity: Affinity,
+    /// With --affinity client: how many leading bits of the source address name a client,
+    /// for IPv4 and IPv6.
+    #[arg(long, default_value_t, value_name = "V4LEN,V6LEN")]
+    pub affinity_prefix: ClientPrefix,
+    /// With --affinity client: seconds a client may stay idle before its entry expires and
+    /// its next connection is decided again.
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
+    pub affinity_timeout: f64,
+    /// With --affinity client: clients the dispatch table holds; beyond that the least
+    /// recently seen are forgotten. All of it is allocated at start (~100 bytes each).
+    #[arg(long, default_value_t = DEFAULT_TABLE_SIZE, value_name = "ENTRIES")]
+    pub affinity_table: u32,
+    /// With --affinity client: what happens when a client's handler has no room.
+    #[arg(long, value_enum, default_value_t)]
+    pub affinity_when_full: AffinityWhenFull,
     /// Pin handlers to these CPUs, round-robin by slot: `0-3`, `0,2`.
     #[arg(
         long,
@@ -312,6 +357,7 @@ impl GroupSpec {
                 problems.push(invalid(option, seconds, "must be 0 to 3600 seconds"));
             }
         }
+        problems.extend(self.affinity_problems());
         let credentials = match self.credentials() {
             Ok(credentials) => credentials,
             Err(e) => {
@@ -367,6 +413,81 @@ impl GroupSpec {
         problems
     }
 
+    fn affinity_problems(&self) -> Vec<Error> {
+        let mut problems = Vec::new();
+        let ClientPrefix { v4, v6 } = self.affinity_prefix;
+        if !(1..=32).contains(&v4) || !(1..=128).contains(&v6) {
+            problems.push(invalid(
+                "--affinity-prefix",
+                self.affinity_prefix,
+                "IPv4 lengths are 1 to 32 and IPv6 lengths 1 to 128, e.g. 32,64",
+            ));
+        }
+        if !(self.affinity_timeout.is_finite()
+            && (MIN_AFFINITY_TIMEOUT..=MAX_AFFINITY_TIMEOUT).contains(&self.affinity_timeout))
+        {
+            problems.push(invalid(
+                "--affinity-timeout",
+                self.affinity_timeout,
+                format!("must be {MIN_AFFINITY_TIMEOUT} to {MAX_AFFINITY_TIMEOUT} seconds of idle time"),
+            ));
+        }
+        if !(1..=MAX_TABLE_SIZE).contains(&self.affinity_table) {
+            problems.push(invalid(
+                "--affinity-table",
+                self.affinity_table,
+                format!("must be 1 to {MAX_TABLE_SIZE} entries (the kernel's limit for a hash map)"),
+            ));
+        }
+        if self.affinity == Affinity::None {
+            let defaults = GroupSpec::new(self.listen, self.handler);
+            let given = [
+                ("--affinity-prefix", self.affinity_prefix != defaults.affinity_prefix),
+                ("--affinity-timeout", self.affinity_timeout != defaults.affinity_timeout),
+                ("--affinity-table", self.affinity_table != defaults.affinity_table),
+                ("--affinity-when-full", self.affinity_when_full != defaults.affinity_when_full),
+            ];
+            if let Some((option, _)) = given.iter().find(|(_, given)| *given) {
+                problems.push(invalid(
+                    option,
+                    "given",
+                    "only applies with --affinity client: add it, or drop this option",
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The program's affinity settings.
+    pub fn affinity_config(&self) -> parsrv_common::reuseport::affinity::AffinityConfig {
+        use parsrv_common::reuseport::affinity::{mode, when_full, AffinityConfig};
+        let (mask_v4, mask_v6) =
+            AffinityConfig::masks(self.affinity_prefix.v4 as u8, self.affinity_prefix.v6 as u8);
+        AffinityConfig {
+            mode: match self.affinity {
+                Affinity::None => mode::NONE,
+                Affinity::Client => mode::CLIENT,
+            },
+            when_full: match self.affinity_when_full {
+                AffinityWhenFull::Move => when_full::MOVE,
+                AffinityWhenFull::Keep => when_full::KEEP,
+            },
+            timeout_ns: (self.affinity_timeout * 1e9) as u64,
+            mask_v6,
+            mask_v4,
+            _reserved: 0,
+        }
+    }
+
+    /// Entries of the dispatch table the kernel allocates: one when affinity is off (a map
+    /// cannot be empty).
+    pub fn dispatch_table_size(&self) -> u32 {
+        match self.affinity {
+            Affinity::None => 1,
+            Affinity::Client => self.affinity_table,
+        }
+    }
+
     pub fn grace(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.grace)
     }
@@ -375,6 +496,11 @@ impl GroupSpec {
         std::time::Duration::from_secs_f64(self.ready_timeout)
     }
 }
+
+/// Bounds of `--affinity-timeout`, seconds: below a second, entries would expire between a
+/// browser's connections; a week is longer than any session worth keeping.
+pub const MIN_AFFINITY_TIMEOUT: f64 = 1.0;
+pub const MAX_AFFINITY_TIMEOUT: f64 = 7.0 * 86400.0;
 
 /// Enough for any machine parsrv targets; more threads per socket only add wake-ups.
 pub const MAX_THREADS: u32 = 1024;
@@ -466,7 +592,31 @@ mod tests {
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
-        let cases: [(&str, Spoil); 17] = [
+        let cases: [(&str, Spoil); 24] = [
+            ("--affinity-prefix", |s| {
+                s.affinity = Affinity::Client;
+                s.affinity_prefix.v4 = 33;
+            }),
+            ("--affinity-prefix", |s| {
+                s.affinity = Affinity::Client;
+                s.affinity_prefix.v6 = 0;
+            }),
+            ("--affinity-timeout", |s| {
+                s.affinity = Affinity::Client;
+                s.affinity_timeout = 0.0;
+            }),
+            ("--affinity-table", |s| {
+                s.affinity = Affinity::Client;
+                s.affinity_table = 0;
+            }),
+            ("--affinity-table", |s| {
+                s.affinity = Affinity::Client;
+                s.affinity_table = MAX_TABLE_SIZE + 1;
+            }),
+            ("--affinity-timeout", |s| s.affinity_timeout = 60.0),
+            ("--affinity-when-full", |s| {
+                s.affinity_when_full = AffinityWhenFull::Keep
+            }),
             ("--handlers", |s| s.handlers.min = 0),
             ("--handlers", |s| s.handlers.min = MAX_SOCKETS + 1),
             ("--handlers", |s| s.handlers.max = 2),

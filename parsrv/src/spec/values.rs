@@ -68,6 +68,54 @@ impl<'de> Deserialize<'de> for HandlerRange {
     }
 }
 
+/// `--affinity-prefix V4LEN,V6LEN`: how much of a client's source address names the client
+/// (32,64: an IPv4 address, an IPv6 /64, which one host or home network usually has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientPrefix {
+    pub v4: u32,
+    pub v6: u32,
+}
+
+impl Default for ClientPrefix {
+    fn default() -> Self {
+        ClientPrefix { v4: 32, v6: 64 }
+    }
+}
+
+impl FromStr for ClientPrefix {
+    type Err = String;
+
+    fn from_str(value: &str) -> std::result::Result<Self, String> {
+        let bad = || "expected two prefix lengths V4LEN,V6LEN, e.g. 32,64".to_string();
+        let (v4, v6) = value.split_once(',').ok_or_else(bad)?;
+        let number = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
+        Ok(ClientPrefix {
+            v4: number(v4)?,
+            v6: number(v6)?,
+        })
+    }
+}
+
+impl fmt::Display for ClientPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.v4, self.v6)
+    }
+}
+
+impl Serialize for ClientPrefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientPrefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// `--cpus`: CPU numbers, written as a list of numbers and ranges (`0-3`, `0,2`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CpuList(pub Vec<u32>);

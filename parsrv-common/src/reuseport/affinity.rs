@@ -1,0 +1,146 @@
+//! Client affinity in the SK_REUSEPORT program (eBPF side: `parsrv-ebpf/src/affinity.rs`,
+//! userspace: `parsrv::dataplane::affinity`), in the terms of seed 003: the program on each
+//! CPU is a dispatcher; DISPATCH_TABLE is their shared dispatch table, one entry per client
+//! naming the listener chosen for it; the first connection of a client that has no entry
+//! places one with an insert that fails if another CPU placed it first (the client lock), and
+//! the loser follows the winner's entry.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Whether a group keeps clients on one handler (`ProgramConfig::affinity.mode`).
+pub mod mode {
+    /// Every connection is steered on its own.
+    pub const NONE: u32 = 0;
+    /// Every connection of a client goes to the listener its entry names.
+    pub const CLIENT: u32 = 1;
+}
+
+/// What happens to a client's connection when the listener its entry names cannot take it.
+pub mod when_full {
+    /// The socket with most room takes it, and the client's entry moves there.
+    pub const MOVE: u32 = 0;
+    /// The client waits for its listener: the SYN goes to it and the kernel drops it (or the
+    /// program refuses it with `when-full refuse`).
+    pub const KEEP: u32 = 1;
+}
+
+/// Entries the dispatch table holds by default (about 100 bytes each in the kernel, all
+/// allocated when the group starts: LRU maps are preallocated).
+pub const DEFAULT_TABLE_SIZE: u32 = 65_536;
+
+/// The most entries the kernel accepts in a hash map: its bucket array, one 16-byte bucket
+/// per entry rounded up to a power of two, must stay below 4 GiB (`htab_map_alloc`).
+pub const MAX_TABLE_SIZE: u32 = 1 << 28;
+
+/// The first three words of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as the address
+/// lies in memory: IPv4 clients are keyed so, so one key type serves both families and a
+/// dual-stack socket's IPv4 clients are the same clients whichever way they arrive.
+pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+/// A client: its source address cut to the configured prefix, words in network byte order
+/// as they lie in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ClientKey {
+    pub addr: [u32; 4],
+}
+
+/// The listener a client's connections go to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DispatchEntry {
+    /// The listener's `struct sock *`, to read its queue without looking for it.
+    pub socket: u64,
+    /// Its socket cookie: the entry holds only while SLOT_BY_COOKIE maps this cookie to
+    /// `slot` (a socket replaced or removed is noticed and the client re-decided).
+    pub cookie: u64,
+    /// When the entry was placed or last moved (CLOCK_MONOTONIC, ns).
+    pub decided_ns: u64,
+    /// When a connection of the client last used it; an entry idle longer than the
+    /// time-out is expired and the client decided again.
+    pub last_seen_ns: u64,
+    pub slot: u32,
+    pub _reserved: u32,
+}
+
+/// The affinity settings, part of `ProgramConfig`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityConfig {
+    /// One of [`mode`].
+    pub mode: u32,
+    /// One of [`when_full`].
+    pub when_full: u32,
+    /// Idle time after which a client's entry expires, ns.
+    pub timeout_ns: u64,
+    /// Masks of the client prefix, as they lie in memory: IPv6 (all four words) and IPv4
+    /// (the last word of a mapped address).
+    pub mask_v6: [u32; 4],
+    pub mask_v4: u32,
+    pub _reserved: u32,
+}
+
+impl AffinityConfig {
+    /// Masks that keep the first `v4_len` bits of an IPv4 address and `v6_len` of an IPv6
+    /// one.
+    pub fn masks(v4_len: u8, v6_len: u8) -> (u32, [u32; 4]) {
+        let v4 = u32::MAX.checked_shl(32 - u32::from(v4_len.min(32))).unwrap_or(0);
+        let v6 = u128::MAX.checked_shl(128 - u32::from(v6_len.min(128))).unwrap_or(0);
+        let bytes = v6.to_be_bytes();
+        let word = |i: usize| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+        (
+            u32::from_ne_bytes(v4.to_be_bytes()),
+            [word(0), word(1), word(2), word(3)],
+        )
+    }
+}
+
+counters! {
+    /// What the dispatchers did (per CPU in the kernel; userspace sums them).
+    pub struct AffinityCounters {
+        hits => ("hits", "Connections that followed their client's entry in the dispatch table."),
+        new_clients => ("new", "Clients without an entry whose first connection placed one (took the client lock)."),
+        lock_races => ("races", "First connections of a client that lost the client lock to another CPU deciding the same client at the same time, and followed the winner's entry."),
+        moved => ("moved", "Entries moved to another socket because the client's own was full (affinity-when-full move)."),
+        waited => ("waited", "Connections held for their client's full socket (affinity-when-full keep): dropped for a retransmit, or refused."),
+        expired => ("expired", "Entries found idle for longer than the time-out, and the client decided again."),
+        stale => ("stale", "Entries whose socket had left the group (removed or replaced), and the client decided again."),
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: #[repr(C)], Pod (checked by bytemuck's derive), as aya requires.
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::DispatchEntry {}
+    unsafe impl aya::Pod for super::AffinityCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(words: [u32; 4]) -> [u8; 16] {
+        bytemuck::cast(words)
+    }
+
+    #[test]
+    fn masks_keep_the_prefix_bytes_in_packet_order() {
+        let (v4, v6) = AffinityConfig::masks(24, 64);
+        assert_eq!(v4.to_ne_bytes(), [255, 255, 255, 0]);
+        assert_eq!(bytes(v6), [[255; 8], [0; 8]].concat()[..]);
+        let (v4, v6) = AffinityConfig::masks(32, 128);
+        assert_eq!((v4, v6), (u32::MAX, [u32::MAX; 4]));
+        let (v4, v6) = AffinityConfig::masks(0, 0);
+        assert_eq!((v4, v6), (0, [0; 4]));
+        let (_, v6) = AffinityConfig::masks(32, 60);
+        assert_eq!(bytes(v6)[7], 0xf0);
+    }
+
+    #[test]
+    fn the_mapped_prefix_is_ffff_in_memory() {
+        let mut words = [0; 4];
+        words[..3].copy_from_slice(&V4_MAPPED_PREFIX);
+        assert_eq!(&bytes(words)[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+    }
+}
