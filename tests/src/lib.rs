@@ -9,11 +9,12 @@
 //! them as root with `--ignored`.
 //!
 //! By concern: [`privileges`] (what a test needs, skip or fail), [`namespaces`] (each test
-//! isolated), [`spawner`] (running parsrv, and the [`group`] builder), [`load`] (clients),
+//! isolated), [`clients`] (many source addresses), [`spawner`] (running parsrv, and the [`group`] builder), [`load`] (clients),
 //! [`plain`] (the plain SO_REUSEPORT control), [`flood`] (spoofed SYNs), [`faults`] (kill loops), [`netstat`] (the
 //! kernel's counters),
 //! [`processes`] (handlers seen from outside).
 
+pub mod clients;
 pub mod faults;
 pub mod flood;
 pub mod load;
@@ -24,6 +25,7 @@ pub mod privileges;
 pub mod processes;
 pub mod spawner;
 
+pub use clients::*;
 pub use faults::*;
 pub use flood::*;
 pub use load::*;
@@ -36,4 +38,4 @@ pub use spawner::*;
 
 pub use parsrv;
 pub use parsrv::features::Feature;
-pub use parsrv::spec::{HandlerKind, Policy, WhenFull};
+pub use parsrv::spec::{Affinity, AffinityWhenFull, HandlerKind, Policy, WhenFull};

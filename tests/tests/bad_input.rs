@@ -126,6 +126,43 @@ fn usage_errors_exit_2_naming_the_option() {
                 &["--handler", "http", "--", "sleep"],
                 &["needs --handler exec"],
             ),
+            // Client affinity.
+            (
+                &["--affinity", "client", "--affinity-prefix", "33,64"],
+                &["--affinity-prefix", "1 to 32"],
+            ),
+            (
+                &["--affinity", "client", "--affinity-prefix", "24,129"],
+                &["--affinity-prefix", "1 to 128"],
+            ),
+            (
+                &["--affinity", "client", "--affinity-prefix", "24"],
+                &["--affinity-prefix", "V4LEN,V6LEN"],
+            ),
+            (
+                &["--affinity", "client", "--affinity-timeout", "0"],
+                &["--affinity-timeout", "1 to 604800"],
+            ),
+            (
+                &["--affinity", "client", "--affinity-table", "0"],
+                &["--affinity-table", "1 to 134217728"],
+            ),
+            (
+                &["--affinity", "client", "--affinity-table", "134217729"],
+                &["--affinity-table", "kernel's limit"],
+            ),
+            (
+                &["--affinity-timeout", "60"],
+                &["--affinity-timeout", "--affinity client"],
+            ),
+            (
+                &["--affinity-when-full", "keep"],
+                &["--affinity-when-full", "--affinity client"],
+            ),
+            (
+                &["--affinity", "sticky"],
+                &["sticky", "--affinity", "possible values: none, client"],
+            ),
             (&["--cpus", "4095"], &["--cpus", "usable"]),
             (&["--cpus", "0-x"], &["--cpus", "e.g. 0-3"]),
             (

@@ -55,9 +55,9 @@ fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_wi
                 offsets: kernel::kernel_offsets().unwrap(),
                 policy: policy::REDIRECT,
                 when_full: when_full::DROP,
-                generation: 0,
-                flags: 0,
+                ..Default::default()
             },
+            1,
             None,
         )
         .unwrap();

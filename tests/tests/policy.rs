@@ -74,8 +74,7 @@ fn config(policy: u32) -> ProgramConfig {
         offsets: kernel::kernel_offsets().unwrap(),
         policy,
         when_full: when_full::DROP,
-        generation: 0, // Steering owns it
-        flags: 0,
+        ..Default::default() // the generation is Steering's
     }
 }
 
@@ -93,7 +92,7 @@ fn redirect_keeps_hash_choice_and_least_loaded_balances() {
 
         // 2. Program attached, policy redirect, room everywhere: every connection keeps
         //    its hash choice.
-        let mut steering = Steering::load(config(policy::REDIRECT), None).unwrap();
+        let mut steering = Steering::load(config(policy::REDIRECT), 1, None).unwrap();
         for (slot, listener) in (0..).zip(h.group.listeners()) {
             steering.register(slot, listener).unwrap();
         }

@@ -29,8 +29,9 @@ pub mod when_full {
 pub const DEFAULT_TABLE_SIZE: u32 = 65_536;
 
 /// The most entries the kernel accepts in a hash map: its bucket array, one 16-byte bucket
-/// per entry rounded up to a power of two, must stay below 4 GiB (`htab_map_alloc`).
-pub const MAX_TABLE_SIZE: u32 = 1 << 28;
+/// per entry rounded up to a power of two, must stay below 4 GiB (`htab_map_alloc`), so
+/// 2^27. (Whether the machine has the memory for that many is found when loading.)
+pub const MAX_TABLE_SIZE: u32 = 1 << 27;
 
 /// The first three words of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as the address
 /// lies in memory: IPv4 clients are keyed so, so one key type serves both families and a
