@@ -34,7 +34,19 @@ pub struct Spec {
     pub rate: Option<f64>,
     /// Limit for each step (connect, answer).
     pub timeout: Duration,
+    /// 0: every request from 127.0.0.1 for `/`. N: requests come from N clients in turn,
+    /// client i from its own address ([`client_source`]) asking for `/c/i`, so that a
+    /// server can tell clients apart (through a proxy too).
+    pub client_addresses: u32,
 }
+
+/// The source address of client `i` of a load with `client_addresses`: 127.3.0.1 onwards.
+pub fn client_source(i: u32) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, 3, (i / 250) as u8, (i % 250 + 1) as u8).into()
+}
+
+/// Which client sends the next request of a load with `client_addresses` (in turn).
+static NEXT_CLIENT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// What one load run measured.
 pub struct Outcome {
@@ -187,10 +199,13 @@ async fn one_request(
     reuse: Option<TcpStream>,
 ) -> Measured {
     let timeout = spec.timeout;
+    let client = (spec.client_addresses > 0).then(|| {
+        NEXT_CLIENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % spec.client_addresses
+    });
     let (mut stream, connected) = match reuse {
         Some(stream) => (stream, started),
         None => {
-            let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            let stream = match tokio::time::timeout(timeout, connect(addr, client)).await {
                 Err(_) => return Err("connect-timeout"),
                 Ok(Err(e)) => return Err(classify(&e)),
                 Ok(Ok(stream)) => stream,
@@ -199,13 +214,16 @@ async fn one_request(
         }
     };
     let connect_us = connected.duration_since(started).as_micros() as u64;
-    let request = if spec.connections == Connections::KeepAlive {
-        REQUEST_KEEP
-    } else {
-        REQUEST_CLOSE
+    let request = match (client, spec.connections) {
+        (Some(client), _) => {
+            format!("GET /c/{client} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                .into_bytes()
+        }
+        (None, Connections::KeepAlive) => REQUEST_KEEP.to_vec(),
+        (None, Connections::PerRequest) => REQUEST_CLOSE.to_vec(),
     };
     let exchange = async {
-        stream.write_all(request).await?;
+        stream.write_all(&request).await?;
         read_answer(&mut stream).await
     };
     match tokio::time::timeout(timeout, exchange).await {
@@ -218,6 +236,16 @@ async fn one_request(
         }
         Ok(Ok(false)) => Err("bad-answer"),
     }
+}
+
+/// Connects from client `client`'s address, or from any.
+async fn connect(addr: SocketAddr, client: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(client) = client else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(client_source(client), 0))?;
+    socket.connect(addr).await
 }
 
 /// Reads one HTTP answer (head and Content-Length body); true for a 200.

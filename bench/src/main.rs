@@ -4,6 +4,7 @@
 //! machine is shared and noisy: read the ratios). Results go to a folder (`report.md`, CSV,
 //! PNG charts) labelled with machine, date, commit and parameters.
 
+mod affinity;
 mod faults;
 mod lifecycle;
 mod load;
@@ -26,7 +27,7 @@ use report::{Report, Table};
 /// No client of the lifecycle scenarios runs longer than this, whatever happens.
 pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "uniform",
     "stall",
     "burst",
@@ -36,6 +37,7 @@ const SCENARIOS: [&str; 9] = [
     "restart",
     "faults",
     "spawner-kill",
+    "affinity",
 ];
 
 fn main() {
@@ -43,6 +45,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("acceptor") => models::acceptor(args[1].parse().expect("worker count")),
         Some("worker") => models::worker(),
+        Some("sticky-worker") => affinity::sticky_worker(),
         _ => {}
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -99,6 +102,7 @@ fn main() {
                 "restart" => lifecycle::restart(&mut report, quick),
                 "faults" => faults::faults(&mut report, quick),
                 "spawner-kill" => spawner_kill::spawner_kill(&mut report, quick),
+                "affinity" => affinity::affinity(&mut report, quick),
                 _ => unreachable!(),
             }
             report
@@ -182,6 +186,7 @@ fn open_loop(rate: f64, duration: Duration) -> Spec {
         connections: Connections::PerRequest,
         rate: Some(rate),
         timeout: Duration::from_secs(3),
+        client_addresses: 0,
     }
 }
 
@@ -192,6 +197,7 @@ fn closed(clients: usize, duration: Duration) -> Spec {
         connections: Connections::PerRequest,
         rate: None,
         timeout: Duration::from_secs(3),
+        client_addresses: 0,
     }
 }
 
@@ -441,6 +447,7 @@ fn burst(report: &mut Report, quick: bool) {
             } else {
                 Duration::from_secs(4)
             },
+            client_addresses: 0,
         };
         let outcome = load::run(addr(), spec);
         let recovery = started.elapsed();

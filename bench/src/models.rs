@@ -34,6 +34,8 @@ pub enum Model {
     Reuseport,
     ParsrvRedirect,
     ParsrvLeastLoaded,
+    /// `redirect` with `--affinity client` (not in [`Model::ALL`]: the `affinity` scenario's).
+    ParsrvAffinity,
 }
 
 impl Model {
@@ -52,6 +54,7 @@ impl Model {
             Model::Reuseport => "reuseport",
             Model::ParsrvRedirect => "parsrv redirect",
             Model::ParsrvLeastLoaded => "parsrv least-loaded",
+            Model::ParsrvAffinity => "parsrv affinity client",
         }
     }
 }
@@ -68,17 +71,22 @@ pub struct Served {
 impl Served {
     pub fn start(model: Model, workers: usize, backlog: u32, addr: SocketAddr) -> Served {
         match model {
-            Model::ParsrvRedirect | Model::ParsrvLeastLoaded => {
-                let policy = if model == Model::ParsrvRedirect {
-                    Policy::Redirect
-                } else {
+            Model::ParsrvRedirect | Model::ParsrvLeastLoaded | Model::ParsrvAffinity => {
+                let policy = if model == Model::ParsrvLeastLoaded {
                     Policy::LeastLoaded
+                } else {
+                    Policy::Redirect
                 };
                 let spawner = group("bench", HandlerKind::Http)
                     .listen(&addr.to_string())
                     .handlers(workers as u32)
                     .backlog(backlog)
                     .policy(policy)
+                    .with(|s| {
+                        if model == Model::ParsrvAffinity {
+                            s.affinity = parsrv_integration_tests::Affinity::Client;
+                        }
+                    })
                     .start();
                 let pids = spawner
                     .status()
@@ -199,7 +207,7 @@ impl Served {
     }
 }
 
-fn listening(addr: SocketAddr, backlog: u32, reuse_port: bool) -> socket2::Socket {
+pub(crate) fn listening(addr: SocketAddr, backlog: u32, reuse_port: bool) -> socket2::Socket {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -217,7 +225,7 @@ fn listening(addr: SocketAddr, backlog: u32, reuse_port: bool) -> socket2::Socke
 }
 
 /// Starts `command` with `fds` at 3, 4, ... and nothing else inherited; it dies with us.
-fn spawn_with_fds(mut command: Command, fds: &[RawFd]) -> Child {
+pub(crate) fn spawn_with_fds(mut command: Command, fds: &[RawFd]) -> Child {
     let fds = fds.to_vec();
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: only async-signal-safe system calls between fork and exec.

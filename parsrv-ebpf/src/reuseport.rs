@@ -50,9 +50,8 @@ struct Group {
     /// The kernel's hash choice: its position, and the listener there.
     first: u32,
     hash_choice: Listener,
-    /// The connection is migrating off `member`, a closing listener.
+    /// The connection is migrating off a closing listener.
     migrating: bool,
-    member: u64,
 }
 
 /// What the program decided for one connection.
@@ -136,47 +135,59 @@ static LAST_REPORT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, FailOpen> {
-    let off = &config.offsets;
     let migrating = ctx.migrating_sk().is_some();
-
     // `ctx->sk` is some member of the group (the closing listener during migration).
     let member = address_of(ctx)?;
-
-    let reuse: u64 = read(member + off.sk_reuseport_cb as u64)?;
-    if reuse == 0 {
-        return Err(FailOpen::BadGroup);
-    }
-    // Live listeners only: during migration the closing one has already moved to the
-    // closed part of socks[].
-    let num = read::<u16>(reuse + off.reuseport_num_socks as u64)? as u32;
-    if num == 0 || num > MAX_SOCKETS {
-        return Err(FailOpen::BadGroup);
-    }
-    let socks = reuse + off.reuseport_socks as u64;
-
-    // The kernel's own choice without a program: socks[reciprocal_scale(hash, num)]
-    // (reuseport_select_sock_by_hash). A retransmitted SYN has the same hash.
-    let first = ((ctx.hash() as u64 * num as u64) >> 32) as u32;
-    let hash_choice = listener(read(socks + first as u64 * 8)?, first, off)?;
-    let group = Group {
-        socks,
-        num,
-        first,
-        hash_choice,
-        migrating,
-        member,
-    };
-
-    let outcome = if config.flags & flags::DRAINING != 0 && !migrating {
-        Outcome::Refuse {
-            slot: slot_of(&hash_choice, config)?,
-        }
-    } else if config.affinity.mode == shared_affinity::mode::CLIENT {
-        steer_client(ctx, config, &group)?
+    let draining = config.flags & flags::DRAINING != 0 && !migrating;
+    let outcome = if !draining && config.affinity.mode == shared_affinity::mode::CLIENT {
+        // Before reading the group: a client that follows its entry needs none of it.
+        steer_client(ctx, config, member, migrating)?
     } else {
-        decide(config, &group)?
+        let group = Group::of(ctx, config, member, migrating)?;
+        if draining {
+            Outcome::Refuse {
+                slot: slot_of(&group.hash_choice, config)?,
+            }
+        } else {
+            decide(config, &group)?
+        }
     };
     finish(ctx, outcome, migrating)
+}
+
+impl Group {
+    /// The group `member` belongs to, and the kernel's hash choice in it.
+    #[inline(always)]
+    fn of(
+        ctx: &SkReuseportContext,
+        config: &ProgramConfig,
+        member: u64,
+        migrating: bool,
+    ) -> Result<Group, FailOpen> {
+        let off = &config.offsets;
+        let reuse: u64 = read(member + off.sk_reuseport_cb as u64)?;
+        if reuse == 0 {
+            return Err(FailOpen::BadGroup);
+        }
+        // Live listeners only: during migration the closing one has already moved to the
+        // closed part of socks[].
+        let num = read::<u16>(reuse + off.reuseport_num_socks as u64)? as u32;
+        if num == 0 || num > MAX_SOCKETS {
+            return Err(FailOpen::BadGroup);
+        }
+        let socks = reuse + off.reuseport_socks as u64;
+        // The kernel's own choice without a program: socks[reciprocal_scale(hash, num)]
+        // (reuseport_select_sock_by_hash). A retransmitted SYN has the same hash.
+        let first = ((ctx.hash() as u64 * num as u64) >> 32) as u32;
+        let hash_choice = listener(read(socks + first as u64 * 8)?, first, off)?;
+        Ok(Group {
+            socks,
+            num,
+            first,
+            hash_choice,
+            migrating,
+        })
+    }
 }
 
 /// The policy's choice for a connection on its own: the hash choice or the socket with most
@@ -246,7 +257,8 @@ fn decide(config: &ProgramConfig, group: &Group) -> Result<Outcome, FailOpen> {
 fn steer_client(
     ctx: &SkReuseportContext,
     config: &ProgramConfig,
-    group: &Group,
+    member: u64,
+    migrating: bool,
 ) -> Result<Outcome, FailOpen> {
     let client = affinity::client_of(ctx, &config.affinity)?;
     // SAFETY: a helper without arguments.
@@ -255,7 +267,7 @@ fn steer_client(
         // SAFETY: a map value; other CPUs may write last_seen_ns meanwhile, which a torn
         // read of it can only make look older or newer by one refresh.
         let held = unsafe { *entry };
-        match follow(ctx, config, group, &held, now)? {
+        match follow(ctx, config, entry, &held, member, migrating, now)? {
             Followed::Selected(decision) => {
                 // Refreshed coarsely: a write per connection would bounce the entry's cache
                 // line between CPUs for an idle clock that needs no precision.
@@ -270,7 +282,8 @@ fn steer_client(
                 if config.affinity.when_full == shared_affinity::when_full::KEEP {
                     return Ok(keep(config, target, slot));
                 }
-                let outcome = decide(config, group)?;
+                let group = Group::of(ctx, config, member, migrating)?;
+                let outcome = decide(config, &group)?;
                 if let Outcome::Select(decision) = &outcome {
                     if decision.target.addr != held.socket && !decision.target.kernel_full {
                         let moved = entry_for(config, decision, now)?;
@@ -291,7 +304,8 @@ fn steer_client(
         }
     }
     // A client without an entry: the policy decides, and the client lock records it.
-    let outcome = decide(config, group)?;
+    let group = Group::of(ctx, config, member, migrating)?;
+    let outcome = decide(config, &group)?;
     let Outcome::Select(decision) = &outcome else {
         return Ok(outcome);
     };
@@ -326,30 +340,39 @@ fn steer_client(
 /// Follows a client's entry: selects its socket if the entry still holds and the socket
 /// can take the connection.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn follow(
     ctx: &SkReuseportContext,
     config: &ProgramConfig,
-    group: &Group,
+    stored: *mut DispatchEntry,
     entry: &DispatchEntry,
+    member: u64,
+    migrating: bool,
     now: u64,
 ) -> Result<Followed, FailOpen> {
     if now.wrapping_sub(entry.last_seen_ns) > config.affinity.timeout_ns {
         return Ok(Followed::Expired);
     }
-    if group.migrating && entry.socket == group.member {
+    if migrating && entry.socket == member {
         // Its socket is the one closing: the client goes with its connection.
         return Ok(Followed::Stale);
     }
-    // Still the socket the entry was made for (a cookie is never reused), and still the
-    // group's under that slot.
-    let cookie: u64 = read(entry.socket + config.offsets.skc_cookie as u64)?;
-    // SAFETY: plain u32 values, copied out at once.
-    let registered = unsafe { SLOT_BY_COOKIE.get(cookie) }.copied();
-    if cookie != entry.cookie || registered != Some(entry.slot) {
-        return Ok(Followed::Stale);
+    if entry.generation != config.generation {
+        // The group's membership changed since the entry was checked: is it still the
+        // socket the entry was made for (a cookie is never reused), and still the group's
+        // under that slot? Until the next change, the answer holds, which spares the
+        // per-connection path a probe read and a hash lookup.
+        let cookie: u64 = read(entry.socket + config.offsets.skc_cookie as u64)?;
+        // SAFETY: plain u32 values, copied out at once.
+        let registered = unsafe { SLOT_BY_COOKIE.get(cookie) }.copied();
+        if cookie != entry.cookie || registered != Some(entry.slot) {
+            return Ok(Followed::Stale);
+        }
+        // SAFETY: a plain store into the map value.
+        unsafe { (*stored).generation = config.generation };
     }
     let target = listener(entry.socket, NOT_FROM_SOCKS, &config.offsets)?;
-    if target.room <= 0 && !group.migrating {
+    if target.room <= 0 && !migrating {
         return Ok(Followed::Full {
             target,
             slot: entry.slot,
@@ -403,7 +426,7 @@ fn entry_for(
         decided_ns: now,
         last_seen_ns: now,
         slot: decision.slot,
-        _reserved: 0,
+        generation: config.generation,
     })
 }
 

@@ -164,8 +164,7 @@ fn every_client_reaches_one_handler_and_clients_spread_over_all_of_them() {
         assert_eq!(listing.as_array().unwrap().len(), 1, "{listing}");
         assert_eq!(listing[0]["pid"], pid, "{listing}");
         assert_eq!(
-            listing[0]["client"],
-            "2001:db8:c::",
+            listing[0]["client"], "2001:db8:c::",
             "cut to the /64: {listing}"
         );
         assert!(spawner.stop().success());
@@ -234,8 +233,7 @@ fn first_connections_of_a_client_decided_on_two_cpus_at_once_reach_one_handler()
                     thread::spawn(move || {
                         let mut set = nix::sched::CpuSet::new();
                         set.set(cpu as usize).unwrap();
-                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-                            .unwrap();
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
                         round
                             .iter()
                             .map(|&client| {
@@ -275,7 +273,10 @@ fn first_connections_of_a_client_decided_on_two_cpus_at_once_reach_one_handler()
             "clients split over handlers: {split:?}; {after:?}; table: {}",
             Spawner::parsrv(&["affinity", "test-affinity-race"]).1
         );
-        assert!(races > 0, "no race in {clients} clients: nothing was tested");
+        assert!(
+            races > 0,
+            "no race in {clients} clients: nothing was tested"
+        );
         // Each client placed exactly once, whoever won; and every connection that found no
         // entry and did not place one is a race the lock decided.
         assert_eq!(new, clients as u64, "{after:?}");
@@ -406,7 +407,10 @@ fn with_keep_a_full_handlers_clients_wait_for_it_and_no_other_client_does() {
         );
         assert!(outcomes.iter().all(|o| *o == Err(Outcome::ConnectTimeout)));
         assert!(after.waited - before.waited >= waiting.len() as u64);
-        assert!(kernel.listen_overflows >= waiting.len() as u64, "{kernel:?}");
+        assert!(
+            kernel.listen_overflows >= waiting.len() as u64,
+            "{kernel:?}"
+        );
         assert_eq!(after.moved, before.moved);
         // Once it serves again, its clients are still its own.
         signal(stalled, Signal::SIGCONT);
@@ -434,13 +438,21 @@ fn an_idle_clients_entry_expires_and_it_is_decided_again() {
         request_from(busy, addr(), TIMEOUT).unwrap();
         thread::sleep(Duration::from_millis(1500));
         let status = spawner.status();
-        assert_eq!(status.affinity.as_ref().unwrap().entries, 0, "both idle now");
+        assert_eq!(
+            status.affinity.as_ref().unwrap().entries,
+            0,
+            "both idle now"
+        );
         request_from(idle, addr(), TIMEOUT).unwrap();
         let after = counters(&spawner.status());
         eprintln!("expiry: before {before:?}, after {after:?}");
         assert_eq!(after.expired - before.expired, 1);
         assert_eq!(after.hits - before.hits, 1);
-        assert_eq!(after.new_clients - before.new_clients, 2, "busy once, idle again");
+        assert_eq!(
+            after.new_clients - before.new_clients,
+            2,
+            "busy once, idle again"
+        );
         assert_eq!(spawner.status().affinity.unwrap().entries, 1);
         assert!(spawner.stop().success());
     });
@@ -488,8 +500,7 @@ fn a_rolling_restart_keeps_every_client_on_its_slot() {
 
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
-fn resizing_down_re_decides_the_removed_slots_clients_and_migrates_queued_ones_with_their_entry(
-) {
+fn resizing_down_re_decides_the_removed_slots_clients_and_migrates_queued_ones_with_their_entry() {
     privileged(Needs::program(), || {
         let name = "test-affinity-resize";
         let spawner = affinity_group(name)
@@ -499,6 +510,12 @@ fn resizing_down_re_decides_the_removed_slots_clients_and_migrates_queued_ones_w
             .start();
         let (code, _, stderr) = Spawner::parsrv(&["group", "resize", name, "4"]);
         assert_eq!(code, 0, "{stderr}");
+        // New clients go only to sockets whose handler is ready.
+        assert!(wait_for(Duration::from_secs(10), || spawner
+            .status()
+            .handlers
+            .iter()
+            .all(|h| h.ready)));
         let clients = v4_clients(40);
         let slot_of = slots(&spawner.status());
         let home: BTreeMap<IpAddr, u32> = clients
@@ -513,7 +530,9 @@ fn resizing_down_re_decides_the_removed_slots_clients_and_migrates_queued_ones_w
         let migrant = *home.iter().find(|(_, s)| **s == 3).unwrap().0;
         let mut queued = connect_from(migrant, addr(), TIMEOUT).unwrap();
         std::io::Write::write_all(&mut queued, HTTP_REQUEST).unwrap();
-        assert!(wait_for(Duration::from_secs(5), || spawner.status().sockets[3]
+        assert!(wait_for(Duration::from_secs(5), || spawner
+            .status()
+            .sockets[3]
             .queue
             .unwrap()
             .depth
@@ -533,7 +552,10 @@ fn resizing_down_re_decides_the_removed_slots_clients_and_migrates_queued_ones_w
             if slot >= 2 {
                 removed_clients += 1;
             } else {
-                assert_eq!(remaining[&pid], slot, "client {client} of a kept slot moved");
+                assert_eq!(
+                    remaining[&pid], slot,
+                    "client {client} of a kept slot moved"
+                );
             }
         }
         let after = counters(&spawner.status());

@@ -376,6 +376,7 @@ fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
     let release = !quick;
     build(release)?;
     setup::ensure_python_servers()?;
+    setup::ensure_bench_packages()?;
     if !running_as_root() {
         bail!(
             "the benchmarks need root (network namespaces, eBPF): run `cargo xtask bench` as root"

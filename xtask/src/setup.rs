@@ -37,6 +37,14 @@ const VM_APT_PACKAGES: [&str; 3] = [
     "debian-archive-keyring",
 ];
 
+/// What the benchmarks compare parsrv with, from Debian: HAProxy (the `affinity` scenario's
+/// `balance source`).
+const BENCH_APT_PACKAGES: [&str; 1] = ["haproxy"];
+
+pub fn ensure_bench_packages() -> Result<()> {
+    ensure_apt_packages(&BENCH_APT_PACKAGES, "HAProxy for the benchmarks")
+}
+
 pub fn ensure_all() -> Result<()> {
     ensure_apt_packages(&APT_PACKAGES, "LLVM 22 for bpf-linker, test tools")?;
     ensure_ebpf_toolchain()?;

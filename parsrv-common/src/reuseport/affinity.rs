@@ -61,7 +61,9 @@ pub struct DispatchEntry {
     /// time-out is expired and the client decided again.
     pub last_seen_ns: u64,
     pub slot: u32,
-    pub _reserved: u32,
+    /// The membership generation (`ProgramConfig::generation`) at which `cookie` was last
+    /// found registered under `slot`: while it is current, the entry holds without checking.
+    pub generation: u32,
 }
 
 /// The affinity settings, part of `ProgramConfig`.
@@ -85,8 +87,12 @@ impl AffinityConfig {
     /// Masks that keep the first `v4_len` bits of an IPv4 address and `v6_len` of an IPv6
     /// one.
     pub fn masks(v4_len: u8, v6_len: u8) -> (u32, [u32; 4]) {
-        let v4 = u32::MAX.checked_shl(32 - u32::from(v4_len.min(32))).unwrap_or(0);
-        let v6 = u128::MAX.checked_shl(128 - u32::from(v6_len.min(128))).unwrap_or(0);
+        let v4 = u32::MAX
+            .checked_shl(32 - u32::from(v4_len.min(32)))
+            .unwrap_or(0);
+        let v6 = u128::MAX
+            .checked_shl(128 - u32::from(v6_len.min(128)))
+            .unwrap_or(0);
         let bytes = v6.to_be_bytes();
         let word = |i: usize| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
         (
@@ -142,6 +148,9 @@ mod tests {
     fn the_mapped_prefix_is_ffff_in_memory() {
         let mut words = [0; 4];
         words[..3].copy_from_slice(&V4_MAPPED_PREFIX);
-        assert_eq!(&bytes(words)[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(
+            &bytes(words)[..12],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+        );
     }
 }

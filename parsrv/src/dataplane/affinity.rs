@@ -126,7 +126,10 @@ mod tests {
         let key = client_key("127.1.2.3".parse().unwrap(), v4, v6);
         assert_eq!(client_addr(&key), "127.1.2.0".parse::<IpAddr>().unwrap());
         let key = client_key("2001:db8:1:2:3:4:5:6".parse().unwrap(), v4, v6);
-        assert_eq!(client_addr(&key), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_addr(&key),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
         // An IPv4 client through an IPv6 socket is the IPv4 client.
         let mapped = client_key("::ffff:127.1.2.3".parse().unwrap(), v4, v6);
         assert_eq!(mapped, client_key("127.1.2.3".parse().unwrap(), v4, v6));

@@ -410,7 +410,10 @@ fn adopt_dispatch_table(pin_dir: &Path) -> Result<DispatchTable> {
     let path = pin_dir.join(names::DISPATCH_TABLE);
     let capacity = MapData::from_pin(&path)
         .and_then(|data| data.info())
-        .map_err(Error::ebpf(format!("opening pinned map {}", path.display())))?
+        .map_err(Error::ebpf(format!(
+            "opening pinned map {}",
+            path.display()
+        )))?
         .max_entries();
     Ok(DispatchTable {
         entries: pinned(pin_dir, names::DISPATCH_TABLE)?,

@@ -466,9 +466,13 @@ impl RunningGroup {
             )));
         }
         let config = self.spec.affinity_config();
-        let wanted = client.map(|c| crate::dataplane::affinity::client_key(c, config.mask_v4, config.mask_v6));
+        let wanted = client
+            .map(|c| crate::dataplane::affinity::client_key(c, config.mask_v4, config.mask_v6));
         let members = self.members.borrow();
-        let entries = members.steering().dispatch_table().entries(config.timeout_ns)?;
+        let entries = members
+            .steering()
+            .dispatch_table()
+            .entries(config.timeout_ns)?;
         let pid_of = |slot: u32| {
             members
                 .slots()
@@ -479,9 +483,7 @@ impl RunningGroup {
         Ok(entries
             .into_iter()
             .filter(|e| {
-                wanted.is_none_or(|key| {
-                    crate::dataplane::affinity::client_addr(&key) == e.client
-                })
+                wanted.is_none_or(|key| crate::dataplane::affinity::client_addr(&key) == e.client)
             })
             .map(|entry| AffinityEntry {
                 pid: pid_of(entry.slot),

@@ -429,23 +429,39 @@ impl GroupSpec {
             problems.push(invalid(
                 "--affinity-timeout",
                 self.affinity_timeout,
-                format!("must be {MIN_AFFINITY_TIMEOUT} to {MAX_AFFINITY_TIMEOUT} seconds of idle time"),
+                format!(
+                    "must be {MIN_AFFINITY_TIMEOUT} to {MAX_AFFINITY_TIMEOUT} seconds of idle time"
+                ),
             ));
         }
         if !(1..=MAX_TABLE_SIZE).contains(&self.affinity_table) {
             problems.push(invalid(
                 "--affinity-table",
                 self.affinity_table,
-                format!("must be 1 to {MAX_TABLE_SIZE} entries (the kernel's limit for a hash map)"),
+                format!(
+                    "must be 1 to {MAX_TABLE_SIZE} entries (the kernel's limit for a hash map)"
+                ),
             ));
         }
         if self.affinity == Affinity::None {
             let defaults = GroupSpec::new(self.listen, self.handler);
             let given = [
-                ("--affinity-prefix", self.affinity_prefix != defaults.affinity_prefix),
-                ("--affinity-timeout", self.affinity_timeout != defaults.affinity_timeout),
-                ("--affinity-table", self.affinity_table != defaults.affinity_table),
-                ("--affinity-when-full", self.affinity_when_full != defaults.affinity_when_full),
+                (
+                    "--affinity-prefix",
+                    self.affinity_prefix != defaults.affinity_prefix,
+                ),
+                (
+                    "--affinity-timeout",
+                    self.affinity_timeout != defaults.affinity_timeout,
+                ),
+                (
+                    "--affinity-table",
+                    self.affinity_table != defaults.affinity_table,
+                ),
+                (
+                    "--affinity-when-full",
+                    self.affinity_when_full != defaults.affinity_when_full,
+                ),
             ];
             if let Some((option, _)) = given.iter().find(|(_, given)| *given) {
                 problems.push(invalid(
