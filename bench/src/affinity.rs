@@ -336,6 +336,13 @@ fn haproxy_config(servers: &[SocketAddr]) -> String {
     config
 }
 
+/// What one sticky run measured.
+struct Run {
+    rate: f64,
+    p99_ms: f64,
+    failed: BTreeMap<&'static str, u64>,
+}
+
 fn sticky(report: &mut Report, quick: bool) {
     let rounds = if quick { 1 } else { 3 };
     let duration = seconds(quick, 5);
@@ -345,9 +352,8 @@ fn sticky(report: &mut Report, quick: bool) {
         ..crate::closed(16, duration)
     };
     let all = [Sticky::ParsrvAffinity, Sticky::Parsrv, Sticky::Haproxy];
-    // (how, stalled) -> per round (conn/s, p99 ms, failures by kind)
-    let mut results: BTreeMap<(usize, bool), Vec<(f64, f64, BTreeMap<&'static str, u64>)>> =
-        BTreeMap::new();
+    // (how, stalled) -> one per round
+    let mut results: BTreeMap<(usize, bool), Vec<Run>> = BTreeMap::new();
     for round in 0..rounds {
         for stalled in [false, true] {
             let mut order: Vec<usize> = (0..all.len()).collect();
@@ -370,22 +376,22 @@ fn sticky(report: &mut Report, quick: bool) {
                 let outcome = load::run(addr(), spec);
                 drop(held);
                 running.stop();
-                results.entry((index, stalled)).or_default().push((
-                    outcome.per_second(),
-                    outcome.ms(0.99),
-                    outcome.failed.clone(),
-                ));
+                results.entry((index, stalled)).or_default().push(Run {
+                    rate: outcome.per_second(),
+                    p99_ms: outcome.ms(0.99),
+                    failed: outcome.failed.clone(),
+                });
             }
         }
     }
     let mut rows = Vec::new();
     let mut medians: BTreeMap<(usize, bool), (f64, f64)> = BTreeMap::new();
     for ((index, stalled), runs) in &results {
-        let rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
-        let p99s: Vec<f64> = runs.iter().map(|r| r.1).collect();
+        let rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
+        let p99s: Vec<f64> = runs.iter().map(|r| r.p99_ms).collect();
         let mut failed: BTreeMap<&str, u64> = BTreeMap::new();
         for run in runs {
-            for (kind, n) in &run.2 {
+            for (kind, n) in &run.failed {
                 *failed.entry(kind).or_default() += n;
             }
         }
@@ -420,7 +426,7 @@ fn sticky(report: &mut Report, quick: bool) {
     let (vs_plain, _) = ratio(0, 1, false);
     let stalled_failures: u64 = results[&(0, true)]
         .iter()
-        .map(|r| r.2.values().sum::<u64>())
+        .map(|r| r.failed.values().sum::<u64>())
         .sum();
     report.table(
         &Table {
