@@ -492,7 +492,13 @@ handler = "http"
         groups[1].user = Some("root".into());
         groups[1].drain = true;
         groups[1].autoscale = false;
+        groups[0].affinity = spec::Affinity::Client;
+        groups[0].affinity_prefix = spec::ClientPrefix { v4: 24, v6: 48 };
+        groups[0].affinity_timeout = 60.0;
+        groups[0].affinity_table = 1024;
+        groups[0].affinity_when_full = spec::AffinityWhenFull::Keep;
         let text = to_toml(&groups);
+        assert!(text.contains("affinity_prefix = \"24,48\""), "{text}");
         let again = checked(&text);
         assert!(again.problems.is_empty(), "{:?}\n{text}", again.problems);
         assert_eq!(again.file.unwrap().groups, groups);
