@@ -6,8 +6,9 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use parsrv_common::reuseport::affinity::{
-    AffinityCounters, ClientKey, DispatchEntry, V4_MAPPED_PREFIX,
+use parsrv_common::reuseport::{
+    affinity::{AffinityCounters, ClientKey, DispatchEntry, V4_MAPPED_PREFIX},
+    names,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,13 +38,12 @@ pub struct ClientEntry {
 impl DispatchTable {
     /// The dispatchers' counters, summed over CPUs.
     pub fn counters(&self) -> Result<AffinityCounters> {
-        let per_cpu = self
-            .counters
-            .get(&0, 0)
-            .map_err(Error::ebpf("reading AFFINITY_COUNTERS"))?;
-        let mut sum = AffinityCounters::default();
-        per_cpu.iter().for_each(|c| sum.add(c));
-        Ok(sum)
+        super::sum_over_cpus(
+            &self.counters,
+            0,
+            AffinityCounters::add,
+            names::AFFINITY_COUNTERS,
+        )
     }
 
     pub fn capacity(&self) -> u32 {

@@ -37,6 +37,22 @@ use crate::{
     features::Feature,
 };
 
+/// Element `index` of a per-CPU map of counters, summed over the CPUs with `add` (the
+/// `counters!` struct's own).
+pub(crate) fn sum_over_cpus<T: aya::Pod + Default>(
+    map: &aya::maps::PerCpuArray<aya::maps::MapData, T>,
+    index: u32,
+    add: fn(&mut T, &T),
+    name: &str,
+) -> Result<T> {
+    let per_cpu = map
+        .get(&index, 0)
+        .map_err(Error::ebpf(format!("reading {name}")))?;
+    let mut sum = T::default();
+    per_cpu.iter().for_each(|c| add(&mut sum, c));
+    Ok(sum)
+}
+
 /// An ELF object built from parsrv-ebpf and embedded in this binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EbpfObject {

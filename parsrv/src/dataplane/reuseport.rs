@@ -17,7 +17,7 @@ use parsrv_common::reuseport::{
     flags, names, GlobalCounters, ProgramConfig, SlotCounters, MAX_SOCKETS,
 };
 
-use super::{affinity::DispatchTable, object, pins::Pins, EbpfObject};
+use super::{affinity::DispatchTable, object, pins::Pins, sum_over_cpus, EbpfObject};
 use crate::{
     error::{Error, Result},
     listeners::Listener,
@@ -293,26 +293,24 @@ impl Steering {
     pub fn slot_counters(&self, slots: u32) -> Result<Vec<SlotCounters>> {
         (0..slots)
             .map(|slot| {
-                let per_cpu = self
-                    .slot_counters
-                    .get(&slot, 0)
-                    .map_err(Error::ebpf("reading SLOT_COUNTERS"))?;
-                let mut sum = SlotCounters::default();
-                per_cpu.iter().for_each(|c| sum.add(c));
-                Ok(sum)
+                sum_over_cpus(
+                    &self.slot_counters,
+                    slot,
+                    SlotCounters::add,
+                    names::SLOT_COUNTERS,
+                )
             })
             .collect()
     }
 
     /// Internal errors (each one a connection served by the kernel's hash), summed over CPUs.
     pub fn global_counters(&self) -> Result<GlobalCounters> {
-        let per_cpu = self
-            .global_counters
-            .get(&0, 0)
-            .map_err(Error::ebpf("reading GLOBAL_COUNTERS"))?;
-        let mut sum = GlobalCounters::default();
-        per_cpu.iter().for_each(|c| sum.add(c));
-        Ok(sum)
+        sum_over_cpus(
+            &self.global_counters,
+            0,
+            GlobalCounters::add,
+            names::GLOBAL_COUNTERS,
+        )
     }
 
     /// The dispatch table of client affinity.
