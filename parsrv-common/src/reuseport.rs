@@ -59,6 +59,10 @@ pub mod policy {
     pub const REDIRECT: u32 = 0;
     /// Always the socket with the most room; ties go to the first one from the hash choice on.
     pub const LEAST_LOADED: u32 = 1;
+    /// The power of two choices: the hash choice or one other socket picked at random,
+    /// whichever has more room (ties to the hash choice); the socket with most room only
+    /// when both are full.
+    pub const TWO_CHOICES: u32 = 2;
 }
 
 /// What happens to a new connection when every socket is full.

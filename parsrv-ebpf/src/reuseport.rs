@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{map, sk_reuseport},
     maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
@@ -201,6 +201,11 @@ fn decide(config: &ProgramConfig, group: &Group) -> Result<Outcome, FailOpen> {
             best: hash_choice,
             most_free: hash_choice,
         }
+    } else if let Some(best) = two_choices(config, group)? {
+        Found {
+            best,
+            most_free: best,
+        }
     } else {
         most_room(
             group.socks,
@@ -249,6 +254,36 @@ fn decide(config: &ProgramConfig, group: &Group) -> Result<Outcome, FailOpen> {
             selected: false,
         }),
     })
+}
+
+/// The power of two choices (`policy::TWO_CHOICES`): the hash choice or one other socket
+/// at random, whichever has more room, without looking at the rest. `None` when the policy
+/// is another, or both have no room (then every socket is looked at, so that a connection is
+/// dropped only when all are full).
+#[inline(always)]
+fn two_choices(config: &ProgramConfig, group: &Group) -> Result<Option<Listener>, FailOpen> {
+    if config.policy != policy::TWO_CHOICES || group.num < 2 {
+        return Ok(None);
+    }
+    let hash_choice = group.hash_choice;
+    // Another position than the hash choice, uniformly: 0..num-1, skipping `first`.
+    // SAFETY: a helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let mut index = ((random as u64 * (group.num - 1) as u64) >> 32) as u32;
+    if index >= group.first {
+        index += 1;
+    }
+    let other = listener(
+        read(group.socks + index as u64 * 8)?,
+        index,
+        &config.offsets,
+    )?;
+    let best = if other.room > hash_choice.room {
+        other
+    } else {
+        hash_choice
+    };
+    Ok((best.room > 0).then_some(best))
 }
 
 /// Client affinity: the connection goes where its client's entry in the dispatch table

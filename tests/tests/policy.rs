@@ -208,3 +208,70 @@ fn redirect_keeps_hash_choice_and_least_loaded_balances() {
         Steering::detach(h.group.listeners()[0].socket()).unwrap();
     });
 }
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn two_choices_never_takes_a_full_socket_and_looks_at_all_when_both_choices_are_full() {
+    privileged(Needs::program(), || {
+        let h = Harness {
+            group: Listeners::bind(SERVER.parse().unwrap(), 4, BACKLOG).unwrap(),
+        };
+        let ports = FIRST_PORT..FIRST_PORT + PORTS;
+        let hash_choice: BTreeMap<u16, usize> = ports.clone().map(|p| (p, h.landing(p))).collect();
+        let mut steering = Steering::load(config(policy::REDIRECT), 1, None).unwrap();
+        for (slot, listener) in (0..).zip(h.group.listeners()) {
+            steering.register(slot, listener).unwrap();
+        }
+        steering.attach(&h.group.listeners()[0]).unwrap();
+
+        // Sockets 0, 1 and 2 full (redirect keeps each hash choice while it has room);
+        // socket 3 empty.
+        let mut held = Vec::new();
+        let mut used = std::collections::BTreeSet::new();
+        for socket in 0..3 {
+            let mine: Vec<u16> = ports
+                .clone()
+                .filter(|p| hash_choice[p] == socket)
+                .take(BACKLOG as usize + 1)
+                .collect();
+            assert_eq!(
+                mine.len(),
+                BACKLOG as usize + 1,
+                "too few ports hash to {socket}"
+            );
+            for port in mine {
+                let (client, index) = h.connect_from(port);
+                assert_eq!(index, socket);
+                used.insert(port);
+                held.push((client, index));
+            }
+        }
+        assert_eq!(h.depths(), [BACKLOG + 1, BACKLOG + 1, BACKLOG + 1, 0]);
+
+        // Two choices: a connection whose hash choice is full goes to its random other if
+        // that has room, and when the random other is full too, to the one socket with room:
+        // whatever the hash and the draw, every one lands on socket 3, none is dropped.
+        steering.set_config(config(policy::TWO_CHOICES)).unwrap();
+        let before = steering.slot_counters(4).unwrap();
+        let rest: Vec<u16> = ports
+            .clone()
+            .filter(|p| !used.contains(p) && hash_choice[p] != 3)
+            .take(BACKLOG as usize + 1)
+            .collect();
+        for &port in &rest {
+            let (client, index) = h.connect_from(port);
+            assert_eq!(index, 3, "port {port} (hash choice {})", hash_choice[&port]);
+            held.push((client, index));
+        }
+        let after = steering.slot_counters(4).unwrap();
+        assert_eq!(after[3].selected - before[3].selected, rest.len() as u64);
+        for full in 0..3 {
+            assert_eq!(after[full].selected, before[full].selected, "socket {full}");
+        }
+        assert_eq!(steering.global_counters().unwrap().total(), 0);
+        for (client, index) in held {
+            h.clear(client, index);
+        }
+        Steering::detach(h.group.listeners()[0].socket()).unwrap();
+    });
+}

@@ -35,6 +35,9 @@ pub enum Policy {
     Redirect,
     /// Always the socket with the most room (ties broken by hash).
     LeastLoaded,
+    /// The hash choice or one other socket at random, whichever has more room (the power
+    /// of two choices); every socket is looked at only when both are full.
+    TwoChoices,
 }
 
 impl Policy {
@@ -42,6 +45,7 @@ impl Policy {
         match self {
             Policy::Redirect => parsrv_common::reuseport::policy::REDIRECT,
             Policy::LeastLoaded => parsrv_common::reuseport::policy::LEAST_LOADED,
+            Policy::TwoChoices => parsrv_common::reuseport::policy::TWO_CHOICES,
         }
     }
 }
@@ -727,6 +731,10 @@ mod tests {
         assert_eq!(
             WhenFull::Refuse.to_program(),
             parsrv_common::reuseport::when_full::REFUSE
+        );
+        assert_eq!(
+            Policy::TwoChoices.to_program(),
+            parsrv_common::reuseport::policy::TWO_CHOICES
         );
         assert_eq!(Policy::LeastLoaded.to_string(), "least-loaded");
     }
