@@ -9,6 +9,7 @@ mod faults;
 mod lifecycle;
 mod load;
 mod models;
+mod overhead;
 mod report;
 mod spawner_kill;
 
@@ -27,7 +28,7 @@ use report::{Report, Table};
 /// No client of the lifecycle scenarios runs longer than this, whatever happens.
 pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "uniform",
     "stall",
     "burst",
@@ -38,6 +39,7 @@ const SCENARIOS: [&str; 10] = [
     "faults",
     "spawner-kill",
     "affinity",
+    "overhead",
 ];
 
 fn main() {
@@ -103,6 +105,7 @@ fn main() {
                 "faults" => faults::faults(&mut report, quick),
                 "spawner-kill" => spawner_kill::spawner_kill(&mut report, quick),
                 "affinity" => affinity::affinity(&mut report, quick),
+                "overhead" => overhead::overhead(&mut report, quick),
                 _ => unreachable!(),
             }
             report
@@ -534,7 +537,11 @@ fn prog_cost(report: &mut Report, quick: bool) {
     let mut rows = Vec::new();
     let mut at_16 = None;
     for &n in sizes {
-        for policy in [Model::ParsrvRedirect, Model::ParsrvLeastLoaded] {
+        for policy in [
+            Model::ParsrvRedirect,
+            Model::ParsrvTwoChoices,
+            Model::ParsrvLeastLoaded,
+        ] {
             let served = Served::start(policy, n, 128, addr());
             let before = served.spawner().unwrap().status().program;
             let outcome = load::run(addr(), closed(8, duration));

@@ -34,17 +34,19 @@ pub enum Model {
     Reuseport,
     ParsrvRedirect,
     ParsrvLeastLoaded,
+    ParsrvTwoChoices,
     /// `redirect` with `--affinity client` (not in [`Model::ALL`]: the `affinity` scenario's).
     ParsrvAffinity,
 }
 
 impl Model {
-    pub const ALL: [Model; 5] = [
+    pub const ALL: [Model; 6] = [
         Model::Listener,
         Model::Shared,
         Model::Reuseport,
         Model::ParsrvRedirect,
         Model::ParsrvLeastLoaded,
+        Model::ParsrvTwoChoices,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +56,7 @@ impl Model {
             Model::Reuseport => "reuseport",
             Model::ParsrvRedirect => "parsrv redirect",
             Model::ParsrvLeastLoaded => "parsrv least-loaded",
+            Model::ParsrvTwoChoices => "parsrv two-choices",
             Model::ParsrvAffinity => "parsrv affinity client",
         }
     }
@@ -71,11 +74,14 @@ pub struct Served {
 impl Served {
     pub fn start(model: Model, workers: usize, backlog: u32, addr: SocketAddr) -> Served {
         match model {
-            Model::ParsrvRedirect | Model::ParsrvLeastLoaded | Model::ParsrvAffinity => {
-                let policy = if model == Model::ParsrvLeastLoaded {
-                    Policy::LeastLoaded
-                } else {
-                    Policy::Redirect
+            Model::ParsrvRedirect
+            | Model::ParsrvLeastLoaded
+            | Model::ParsrvTwoChoices
+            | Model::ParsrvAffinity => {
+                let policy = match model {
+                    Model::ParsrvLeastLoaded => Policy::LeastLoaded,
+                    Model::ParsrvTwoChoices => Policy::TwoChoices,
+                    _ => Policy::Redirect,
                 };
                 let spawner = group("bench", HandlerKind::Http)
                     .listen(&addr.to_string())
