@@ -48,7 +48,14 @@ fn switches(pid: u32) -> u64 {
 /// `perf stat -a` for `duration`: (task-clock ms, context switches) of the whole machine.
 fn perf_stat(duration: Duration) -> Option<(f64, f64)> {
     let out = Command::new("perf")
-        .args(["stat", "-a", "-x,", "-e", "task-clock,context-switches", "--"])
+        .args([
+            "stat",
+            "-a",
+            "-x,",
+            "-e",
+            "task-clock,context-switches",
+            "--",
+        ])
         .arg("sleep")
         .arg(format!("{}", duration.as_secs_f64()))
         .output()
@@ -146,7 +153,11 @@ pub fn overhead(report: &mut Report, quick: bool) {
                 }
             }
         }
-        let rate: Vec<f64> = parsrv.iter().zip(&plain).map(|(p, r)| p.rate / r.rate).collect();
+        let rate: Vec<f64> = parsrv
+            .iter()
+            .zip(&plain)
+            .map(|(p, r)| p.rate / r.rate)
+            .collect();
         let p99: Vec<f64> = parsrv
             .iter()
             .zip(&plain)

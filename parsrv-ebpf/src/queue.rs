@@ -143,7 +143,15 @@ pub fn most_room(
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(FailOpen::ReadFailed)?;
     // SAFETY: this CPU's scratch element; num <= MAX_SOCKETS was checked by the caller.
     let copy = unsafe { core::ptr::addr_of_mut!((*scratch).socks) };
-    let len = num.min(MAX_SOCKETS) * 8;
+    // The caller checked num <= MAX_SOCKETS, so LLVM drops a bound written here; but Linux
+    // 6.1's verifier loses the caller's check when the value goes through the stack, and
+    // refuses the copy's length. A volatile read keeps a check LLVM cannot drop.
+    // SAFETY: a read of a local.
+    let num = unsafe { core::ptr::read_volatile(&num) };
+    if num == 0 || num > MAX_SOCKETS {
+        return Err(FailOpen::BadGroup);
+    }
+    let len = num * 8;
     // SAFETY: copies at most size_of_val(copy) bytes into it.
     let rc = unsafe {
         generated::bpf_probe_read_kernel(copy as *mut c_void, len, socks as *const c_void)

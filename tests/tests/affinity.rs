@@ -105,17 +105,24 @@ fn every_client_reaches_one_handler_and_clients_spread_over_all_of_them() {
         };
 
         // --- parsrv, --affinity client, on [::] (IPv4 clients arrive mapped) ---
+        // Queues long enough for every connection at once: a full one would move clients
+        // (`move`), which is not what this test is about (a slow VM accepts late).
         let spawner = affinity_group("test-affinity-spread")
             .listen("[::]:8080")
             .handlers(4)
             .threads(2)
+            .backlog(1024)
             .start();
         let before = counters(&spawner.status());
         let answers = concurrent_requests(&clients, service(8080), PER_CLIENT);
         let pids = pids_by_client(&answers);
         let split: Vec<_> = pids.iter().filter(|(_, p)| p.len() > 1).collect();
-        assert!(split.is_empty(), "clients split over handlers: {split:?}");
         let status = spawner.status();
+        assert!(
+            split.is_empty(),
+            "clients split over handlers: {split:?}; {:?}",
+            status.affinity
+        );
         let mut per_handler: BTreeMap<u32, usize> = status
             .handlers
             .iter()
@@ -174,6 +181,7 @@ fn every_client_reaches_one_handler_and_clients_spread_over_all_of_them() {
             .listen("[::]:8081")
             .handlers(4)
             .threads(2)
+            .backlog(1024)
             .start();
         let answers = concurrent_requests(&clients, service(8081), PER_CLIENT);
         let split = pids_by_client(&answers)
