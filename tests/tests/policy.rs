@@ -69,6 +69,25 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Four listeners; the kernel's own hash choice for each source port, learnt with no
+    /// program; then the program attached with `redirect`.
+    fn attached() -> (Harness, BTreeMap<u16, usize>, Steering) {
+        let h = Harness {
+            group: Listeners::bind(SERVER.parse().unwrap(), 4, BACKLOG).unwrap(),
+        };
+        let hash_choice = (FIRST_PORT..FIRST_PORT + PORTS)
+            .map(|p| (p, h.landing(p)))
+            .collect();
+        let mut steering = Steering::load(config(policy::REDIRECT), 1, None).unwrap();
+        for (slot, listener) in (0..).zip(h.group.listeners()) {
+            steering.register(slot, listener).unwrap();
+        }
+        steering.attach(&h.group.listeners()[0]).unwrap();
+        (h, hash_choice, steering)
+    }
+}
+
 fn config(policy: u32) -> ProgramConfig {
     ProgramConfig {
         offsets: kernel::kernel_offsets().unwrap(),
@@ -82,21 +101,11 @@ fn config(policy: u32) -> ProgramConfig {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn redirect_keeps_hash_choice_and_least_loaded_balances() {
     privileged(Needs::program(), || {
-        let h = Harness {
-            group: Listeners::bind(SERVER.parse().unwrap(), 4, BACKLOG).unwrap(),
-        };
+        // 1. No program: the kernel's hash choice for each source port. 2. Program
+        //    attached, policy redirect, room everywhere: every connection keeps its hash
+        //    choice.
+        let (h, hash_choice, mut steering) = Harness::attached();
         let ports = FIRST_PORT..FIRST_PORT + PORTS;
-
-        // 1. No program: the kernel's hash choice for each source port.
-        let hash_choice: BTreeMap<u16, usize> = ports.clone().map(|p| (p, h.landing(p))).collect();
-
-        // 2. Program attached, policy redirect, room everywhere: every connection keeps
-        //    its hash choice.
-        let mut steering = Steering::load(config(policy::REDIRECT), 1, None).unwrap();
-        for (slot, listener) in (0..).zip(h.group.listeners()) {
-            steering.register(slot, listener).unwrap();
-        }
-        steering.attach(&h.group.listeners()[0]).unwrap();
         for port in ports.clone() {
             assert_eq!(h.landing(port), hash_choice[&port], "port {port} moved");
         }
@@ -213,16 +222,8 @@ fn redirect_keeps_hash_choice_and_least_loaded_balances() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn two_choices_never_takes_a_full_socket_and_looks_at_all_when_both_choices_are_full() {
     privileged(Needs::program(), || {
-        let h = Harness {
-            group: Listeners::bind(SERVER.parse().unwrap(), 4, BACKLOG).unwrap(),
-        };
+        let (h, hash_choice, mut steering) = Harness::attached();
         let ports = FIRST_PORT..FIRST_PORT + PORTS;
-        let hash_choice: BTreeMap<u16, usize> = ports.clone().map(|p| (p, h.landing(p))).collect();
-        let mut steering = Steering::load(config(policy::REDIRECT), 1, None).unwrap();
-        for (slot, listener) in (0..).zip(h.group.listeners()) {
-            steering.register(slot, listener).unwrap();
-        }
-        steering.attach(&h.group.listeners()[0]).unwrap();
 
         // Sockets 0, 1 and 2 full (redirect keeps each hash choice while it has room);
         // socket 3 empty.
