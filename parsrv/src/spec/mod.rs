@@ -452,25 +452,29 @@ impl GroupSpec {
             let given = [
                 (
                     "--affinity-prefix",
+                    self.affinity_prefix.to_string(),
                     self.affinity_prefix != defaults.affinity_prefix,
                 ),
                 (
                     "--affinity-timeout",
+                    self.affinity_timeout.to_string(),
                     self.affinity_timeout != defaults.affinity_timeout,
                 ),
                 (
                     "--affinity-table",
+                    self.affinity_table.to_string(),
                     self.affinity_table != defaults.affinity_table,
                 ),
                 (
                     "--affinity-when-full",
+                    self.affinity_when_full.to_string(),
                     self.affinity_when_full != defaults.affinity_when_full,
                 ),
             ];
-            if let Some((option, _)) = given.iter().find(|(_, given)| *given) {
+            if let Some((option, value, _)) = given.iter().find(|(_, _, given)| *given) {
                 problems.push(invalid(
                     option,
-                    "given",
+                    value,
                     "only applies with --affinity client: add it, or drop this option",
                 ));
             }
