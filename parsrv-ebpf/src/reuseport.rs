@@ -306,7 +306,7 @@ fn steer_client(
             Followed::Selected(decision) => {
                 // Refreshed coarsely: a write per connection would bounce the entry's cache
                 // line between CPUs for an idle clock that needs no precision.
-                if now.wrapping_sub(held.last_seen_ns) > config.affinity.timeout_ns >> 3 {
+                if held.idle_ns(now) > config.affinity.timeout_ns >> 3 {
                     // SAFETY: a plain store into the map value.
                     unsafe { (*entry).last_seen_ns = now };
                 }
@@ -385,7 +385,7 @@ fn follow(
     migrating: bool,
     now: u64,
 ) -> Result<Followed, FailOpen> {
-    if now.wrapping_sub(entry.last_seen_ns) > config.affinity.timeout_ns {
+    if entry.idle_ns(now) > config.affinity.timeout_ns {
         return Ok(Followed::Expired);
     }
     if migrating && entry.socket == member {

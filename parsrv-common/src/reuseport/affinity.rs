@@ -66,6 +66,16 @@ pub struct DispatchEntry {
     pub generation: u32,
 }
 
+impl DispatchEntry {
+    /// How long the client has been idle at `now`. Another CPU may have refreshed
+    /// `last_seen_ns` with a clock it read after ours (it placed the entry between our
+    /// clock read and our lookup): such an entry is not idle at all, not idle for 2^64 ns.
+    #[inline(always)]
+    pub fn idle_ns(&self, now: u64) -> u64 {
+        now.saturating_sub(self.last_seen_ns)
+    }
+}
+
 /// The affinity settings, part of `ProgramConfig`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -142,6 +152,17 @@ mod tests {
         assert_eq!((v4, v6), (0, [0; 4]));
         let (_, v6) = AffinityConfig::masks(32, 60);
         assert_eq!(bytes(v6)[7], 0xf0);
+    }
+
+    #[test]
+    fn an_entry_refreshed_by_a_later_clock_is_not_idle() {
+        let entry = DispatchEntry {
+            last_seen_ns: 1_000,
+            ..Default::default()
+        };
+        assert_eq!(entry.idle_ns(1_500), 500);
+        // Placed by another CPU after this one read its clock: idle 0, not expired.
+        assert_eq!(entry.idle_ns(999), 0);
     }
 
     #[test]

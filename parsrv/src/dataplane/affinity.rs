@@ -63,7 +63,7 @@ impl DispatchTable {
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(Error::ebpf("reading DISPATCH_TABLE")(e)),
             };
-            let idle = now.saturating_sub(entry.last_seen_ns);
+            let idle = entry.idle_ns(now);
             if idle > timeout_ns {
                 continue;
             }
