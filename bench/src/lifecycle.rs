@@ -20,9 +20,19 @@ use crate::{
     LOAD_LIMIT,
 };
 
-/// One scale-up run: returns (ms from overload onset to the new handler's first accept,
-/// connections the program dropped or refused in between, ListenOverflows in between).
-pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
+/// What one scale-up run measured.
+pub struct ScaleUp {
+    /// ms from the overload's onset to the new handler's first accept.
+    pub reaction_ms: f64,
+    /// ms from the onset to the resize decision (the detection), when the status says it.
+    pub decided_ms: Option<f64>,
+    /// Connections the program dropped or refused in between, and ListenOverflows.
+    pub rejected: u64,
+    pub overflows: u64,
+}
+
+/// One scale-up run.
+pub fn scale_up_run(name: &str, tick: Option<Duration>) -> ScaleUp {
     let server = apps_dir().join("slow_server.py");
     let mut slow = group(name, HandlerKind::Exec)
         .handlers_between(1, 4)
@@ -60,6 +70,8 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
 
     let load = SteadyLoad::start(addr(), 8, LOAD_LIMIT, Duration::from_secs(3));
     let mut onset: Option<(Instant, u64, NetCounters)> = None;
+    let mut decided: Option<f64> = None;
+    let decisions_before = spawner.status().scaling.decisions;
     let mut result = None;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -73,16 +85,22 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
         if onset.is_none() && queued * 2 >= capacity {
             onset = Some((Instant::now(), rejected, NetCounters::read()));
         }
+        if let (Some((at, ..)), None) = (&onset, decided) {
+            if status.scaling.decisions > decisions_before || status.sockets.len() > 1 {
+                decided = Some(at.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
         if let (Some((at, rejected_then, kernel_then)), Some(new)) = (&onset, status.sockets.get(1))
         {
             // The new handler has taken a connection from its queue.
             let taken = new.counters.selected + new.counters.migrated_in;
             if taken > 0 && new.queue.is_some_and(|q| (q.depth as u64) < taken) {
-                result = Some((
-                    at.elapsed().as_secs_f64() * 1000.0,
-                    rejected - rejected_then,
-                    kernel_then.delta(&NetCounters::read()).listen_overflows,
-                ));
+                result = Some(ScaleUp {
+                    reaction_ms: at.elapsed().as_secs_f64() * 1000.0,
+                    decided_ms: decided,
+                    rejected: rejected - rejected_then,
+                    overflows: kernel_then.delta(&NetCounters::read()).listen_overflows,
+                });
                 break;
             }
         }
@@ -98,35 +116,78 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> (f64, u64, u64) {
 }
 
 pub fn scale_up(report: &mut Report, quick: bool) {
-    let runs = if quick { 1 } else { 3 };
+    let runs = if quick { 1 } else { 7 };
     let mut rows = Vec::new();
-    for (model, tick) in [("parsrv", None), ("tick-1s", Some(Duration::from_secs(1)))] {
-        let runs: Vec<_> = (0..runs)
-            .map(|i| scale_up_run(&format!("bench-up-{i}"), tick))
-            .collect();
-        rows.push((
-            model,
-            median(runs.iter().map(|r| r.0).collect()),
-            median(runs.iter().map(|r| r.1 as f64).collect()),
-            median(runs.iter().map(|r| r.2 as f64).collect()),
-        ));
+    let mut medians = Vec::new();
+    // Interleaved: parsrv, tick, parsrv, tick, ...
+    let mut results: [Vec<ScaleUp>; 2] = [Vec::new(), Vec::new()];
+    let models = [("parsrv", None), ("tick-1s", Some(Duration::from_secs(1)))];
+    for i in 0..runs {
+        for (m, (_, tick)) in models.iter().enumerate() {
+            results[m].push(scale_up_run(&format!("bench-up-{i}"), *tick));
+        }
     }
-    let base = rows[0].1;
+    for ((model, _), runs) in models.iter().zip(&results) {
+        let reaction: Vec<f64> = runs.iter().map(|r| r.reaction_ms).collect();
+        let decided: Vec<f64> = runs.iter().filter_map(|r| r.decided_ms).collect();
+        let started: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| Some(r.reaction_ms - r.decided_ms?))
+            .collect();
+        let fmt = |v: &[f64]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                let lo = v.iter().copied().fold(f64::MAX, f64::min);
+                let hi = v.iter().copied().fold(f64::MIN, f64::max);
+                format!("{:.0} ({lo:.0}-{hi:.0})", median(v.to_vec()))
+            }
+        };
+        medians.push(median(reaction.clone()));
+        rows.push(vec![
+            model.to_string(),
+            fmt(&reaction),
+            fmt(&decided),
+            fmt(&started),
+            format!(
+                "{:.0}",
+                median(runs.iter().map(|r| r.rejected as f64).collect())
+            ),
+            format!(
+                "{:.0}",
+                median(runs.iter().map(|r| r.overflows as f64).collect())
+            ),
+        ]);
+    }
+    let base = medians[0];
+    for (row, m) in rows.iter_mut().zip(&medians) {
+        row.push(format!("{:.1}", m / base));
+    }
     let table = Table {
         name: "scale-up",
-        title: format!("scale-up: overload onset -> new handler's first accept (median of {runs}; slow handlers, 20 ms/request, 8 clients, --handlers 1..4)"),
-        columns: vec!["model", "reaction (ms)", "dropped/refused meanwhile", "ListenOverflows meanwhile", "ratio to parsrv"],
-        rows: rows
-            .iter()
-            .map(|(m, r, d, o)| vec![m.to_string(), format!("{r:.0}"), format!("{d:.0}"), format!("{o:.0}"), format!("{:.1}", r / base)])
-            .collect(),
+        title: format!("scale-up: overload onset -> new handler's first accept (median (min-max) of {runs}, interleaved; slow Python handlers, 20 ms/request, 8 clients, --handlers 1..4)"),
+        columns: vec![
+            "model",
+            "reaction (ms)",
+            "onset -> decision (ms)",
+            "decision -> first accept (ms)",
+            "dropped/refused meanwhile",
+            "ListenOverflows meanwhile",
+            "ratio to parsrv",
+        ],
+        rows,
     };
-    let verdict = if base <= 100.0 {
+    let verdict = if base <= 50.0 {
         "met".to_string()
     } else {
-        format!("MISSED by {:.0} ms", base - 100.0)
+        format!("MISSED by {:.0} ms", base - 50.0)
     };
-    report.table(&table, &[format!("Target: parsrv <= 100 ms: {verdict}.")]);
+    report.table(
+        &table,
+        &[format!(
+            "Target: parsrv <= 50 ms: {verdict}. The decision is parsrv's; what follows it is starting the handler (a Python interpreter here) until it accepts."
+        )],
+    );
 }
 
 pub fn restart(report: &mut Report, quick: bool) {

@@ -6,7 +6,15 @@
 //! when perf is installed), the program's own run time (bpf_stats), and the spawner's
 //! wake-ups, under load and idle.
 
-use std::{process::Command, thread, time::Duration};
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use nix::sys::socket::{getsockopt, sockopt};
 
 use crate::{
     addr, load, median,
@@ -189,7 +197,6 @@ pub fn overhead(report: &mut Report, quick: bool) {
             median_of(&parsrv, |s| s.spawner_wakeups, 0),
         ]);
     }
-    let _ = std::fs::write(STATS, was.trim());
     // The spawner with nothing to do: its wake-ups per second.
     let served = Served::start(Model::ParsrvRedirect, 4, 128, addr());
     let idle = seconds(quick, 5);
@@ -220,5 +227,195 @@ pub fn overhead(report: &mut Report, quick: bool) {
             rows,
         },
         &notes,
+    );
+    program_alone(report, quick);
+    let _ = std::fs::write(STATS, was.trim());
+}
+
+/// A running spawner's program, taken off and put back on its group: through copies of the
+/// spawner's own fds (pidfd_getfd), so that the very same handler processes serve with and
+/// without it. What differs between the two is the program alone (and the kernel's call of
+/// it), not the spawner, the handlers or how they were started.
+struct ProgramSwitch {
+    listener: OwnedFd,
+    program: OwnedFd,
+}
+
+impl ProgramSwitch {
+    fn of(spawner: u32) -> io::Result<ProgramSwitch> {
+        // SAFETY: plain system calls; a returned fd is ours.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, spawner, 0) };
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just opened.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        let copy = |fd: RawFd| -> io::Result<OwnedFd> {
+            // SAFETY: as above.
+            let local = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+            if local < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a fresh fd from pidfd_getfd.
+            Ok(unsafe { OwnedFd::from_raw_fd(local as RawFd) })
+        };
+        let (mut listener, mut program) = (None, None);
+        for entry in std::fs::read_dir(format!("/proc/{spawner}/fd"))?.flatten() {
+            let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
+                continue;
+            };
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if program.is_none() && target == "anon_inode:bpf-prog" {
+                let info = std::fs::read_to_string(format!("/proc/{spawner}/fdinfo/{fd}"))?;
+                // BPF_PROG_TYPE_SK_REUSEPORT
+                if info
+                    .lines()
+                    .any(|l| l.split_whitespace().eq(["prog_type:", "21"]))
+                {
+                    program = Some(copy(fd)?);
+                }
+            } else if listener.is_none() && target.starts_with("socket:") {
+                let socket = copy(fd)?;
+                // A listening TCP socket of the group (not the control socket, a Unix one).
+                if getsockopt(&socket, sockopt::AcceptConn).unwrap_or(false)
+                    && getsockopt(&socket, sockopt::ReusePort).unwrap_or(false)
+                {
+                    listener = Some(socket);
+                }
+            }
+        }
+        match (listener, program) {
+            (Some(listener), Some(program)) => Ok(ProgramSwitch { listener, program }),
+            _ => Err(io::Error::other("no listener or no SK_REUSEPORT program")),
+        }
+    }
+
+    /// Attaches the program to the group, or detaches whatever program it has.
+    fn set(&self, attached: bool) -> io::Result<()> {
+        let (option, value) = if attached {
+            (libc::SO_ATTACH_REUSEPORT_EBPF, self.program.as_raw_fd())
+        } else {
+            (libc::SO_DETACH_REUSEPORT_BPF, 0)
+        };
+        // SAFETY: setsockopt on our copy of the listener with an int value.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                &value as *const RawFd as *const libc::c_void,
+                std::mem::size_of::<RawFd>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let error = io::Error::last_os_error();
+            // Detaching a group without a program: already as wanted.
+            if attached || error.raw_os_error() != Some(libc::ENOENT) {
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One load run against a group as it is now: (conn/s, p99 ms, machine CPU ms, program ns
+/// in total).
+fn run_as_is(served: &Served, n: usize, duration: Duration) -> (f64, f64, Option<f64>, u64) {
+    let spec = crate::closed(2 * n, duration);
+    let spawner = served.spawner().expect("a parsrv model");
+    let before = spawner.status().program.run_time_ns;
+    let (outcome, perf) = thread::scope(|scope| {
+        let perf = scope.spawn(|| perf_stat(duration));
+        let outcome = load::run(addr(), spec);
+        (outcome, perf.join().unwrap())
+    });
+    let program_ns = spawner.status().program.run_time_ns - before;
+    (
+        outcome.per_second(),
+        outcome.ms(0.99),
+        perf.map(|(ms, _)| ms),
+        program_ns,
+    )
+}
+
+/// The program alone: the same handlers with the program attached and detached, in
+/// interleaved pairs, and the program's share of the machine's CPU time.
+fn program_alone(report: &mut Report, quick: bool) {
+    let sizes: &[usize] = if quick { &[2] } else { &[2, 8, 16] };
+    let pairs = if quick { 2 } else { 8 };
+    let duration = seconds(quick, 3);
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let served = Served::start(Model::ParsrvRedirect, n, 128, addr());
+        let switch = ProgramSwitch::of(served.spawner().unwrap().pid())
+            .expect("taking the spawner's program and listener");
+        let _ = load::run(
+            addr(),
+            load::Spec {
+                duration: Duration::from_millis(300),
+                ..crate::closed(2 * n, duration)
+            },
+        );
+        let (mut rate, mut p99, mut share) = (Vec::new(), Vec::new(), Vec::new());
+        for pair in 0..pairs {
+            let mut with = None;
+            let mut without = None;
+            let order = if pair % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for attached in order {
+                switch
+                    .set(attached)
+                    .expect("attaching or detaching the program");
+                let result = run_as_is(&served, n, duration);
+                if attached {
+                    if let (Some(cpu_ms), program_ns) = (result.2, result.3) {
+                        share.push(program_ns as f64 / (cpu_ms * 1e6) * 100.0);
+                    }
+                    with = Some(result);
+                } else {
+                    assert_eq!(result.3, 0, "the program ran while detached");
+                    without = Some(result);
+                }
+            }
+            let (with, without) = (with.unwrap(), without.unwrap());
+            rate.push(with.0 / without.0);
+            p99.push(with.1 / without.1);
+        }
+        switch.set(true).expect("attaching the program back");
+        served.stop();
+        rows.push(vec![
+            n.to_string(),
+            pairs.to_string(),
+            spread(&rate),
+            spread(&p99),
+            if share.is_empty() {
+                "-".into()
+            } else {
+                format!("{:.2}", median(share))
+            },
+        ]);
+    }
+    report.table(
+        &Table {
+            name: "program-alone",
+            title: format!(
+                "the program alone: the same parsrv handlers with the program attached / detached, {pairs} interleaved pairs of {duration:?}, closed loop, 2 clients per worker"
+            ),
+            columns: vec![
+                "N",
+                "pairs",
+                "conn/s ratio median (min-max)",
+                "p99 ratio median (min-max)",
+                "program % of machine CPU (bpf_stats / perf task-clock)",
+            ],
+            rows,
+        },
+        &["Detached, the kernel's hash picks the socket, exactly as plain SO_REUSEPORT: a ratio below 1 is what running the program costs, told apart from the spawner and from how the handlers were started.".into()],
     );
 }

@@ -43,7 +43,30 @@ pub mod names {
     pub const LAST_REPORT: &str = "LAST_REPORT";
     /// aya-log's ring buffer of log records, read by the spawner (aya-log names it).
     pub const LOGS: &str = "AYA_LOGS";
+    /// RINGBUF of [`QueueAlert`](super::QueueAlert)s: a queue at least half full, which
+    /// wakes the autoscaler when it sleeps.
+    pub const QUEUE_ALERTS: &str = "QUEUE_ALERTS";
+    /// PERCPU_ARRAY of one u64: when the CPU last sent a queue alert (not pinned: private to
+    /// the program).
+    pub const LAST_ALERT: &str = "LAST_ALERT";
 }
+
+/// A connection went to a socket whose queue is (with it) at least half full. Sent at most
+/// once per [`ALERT_EVERY_NS`] per CPU, so an overloaded group costs its spawner a few
+/// records, not one per connection; a group whose queues stay below half sends none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct QueueAlert {
+    pub slot: u32,
+    pub _reserved: u32,
+}
+
+/// At most one [`QueueAlert`] per CPU this often.
+pub const ALERT_EVERY_NS: u64 = 10_000_000;
+
+/// Bytes of the QUEUE_ALERTS ring: room for 512 alerts (8 bytes of record header each),
+/// far more than a sleeping reader can be sent before it wakes.
+pub const QUEUE_ALERTS_BYTES: u32 = 8192;
 
 /// The queue length (listen backlog) of a socket whose slot has no ready handler: the
 /// spawner calls listen(fd, 0) when a handler dies and listen(fd, backlog) once the next

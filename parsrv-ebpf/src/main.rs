@@ -6,6 +6,7 @@
 //! - [`queue`]: reading a listener's accept queue from the kernel, and finding the listener
 //!   with the most room among many.
 //! - [`affinity`]: client affinity: the client of a connection and the dispatch table.
+//! - [`alerts`]: telling userspace that a queue is at least half full.
 //! - [`counting`]: per-CPU counters.
 //!
 //! Types and map names shared with userspace are declared once in parsrv-common, one module
@@ -14,6 +15,7 @@
 #![no_main]
 
 mod affinity;
+mod alerts;
 mod counting;
 mod queue;
 mod reuseport;

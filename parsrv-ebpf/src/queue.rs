@@ -54,6 +54,24 @@ pub struct Listener {
     pub free: i64,
     /// The kernel itself would drop a SYN here now (`sk_acceptq_is_full`): `free <= 0`.
     pub kernel_full: bool,
+    /// Its queue length (`sk_max_ack_backlog`), or a large negative number when it has no
+    /// ready handler.
+    pub limit: i64,
+}
+
+impl Listener {
+    /// 1 if, with one more connection, its queue is at least half full (handshakes
+    /// counted), else 0; always 0 for a socket without a handler. Computed with the sign
+    /// bit, not a comparison: BPF has no conditional set, so a bool costs a branch, and a
+    /// branch here doubles the paths the verifier walks through the whole program.
+    #[inline(always)]
+    pub fn half_full(&self) -> u32 {
+        let taken_after = self.limit + 2 - self.room;
+        // limit - 2 * taken_after < 0  <=>  2 * taken_after >= limit + 1.
+        let half = ((self.limit - 2 * taken_after) as u64 >> 63) as u32;
+        let has_handler = 1 - ((self.limit as u64) >> 63) as u32;
+        half & has_handler
+    }
 }
 
 #[inline(always)]
@@ -100,6 +118,7 @@ pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, 
         room: limit + 1 - established as i64 - pending as i64,
         free: limit + 1 - established as i64,
         kernel_full: established > max,
+        limit,
     })
 }
 

@@ -19,7 +19,7 @@ use parsrv_common::reuseport::{
 };
 
 use crate::{
-    affinity,
+    affinity, alerts,
     counting::count,
     queue::{address_of, listener, most_room, read, Found, Listener},
 };
@@ -99,12 +99,31 @@ pub fn parsrv_select(ctx: SkReuseportContext) -> u32 {
         Some(config) => steer(&ctx, config),
         None => Err(FailOpen::NoConfig),
     };
-    verdict.unwrap_or_else(|error| {
-        count(&GLOBAL_COUNTERS, 0, |counters| error.increment(counters));
-        report(&ctx, error);
-        SK_PASS
-    })
+    match verdict {
+        Ok(Verdict { action, alert }) => {
+            // Once, here, where every path has merged: called from `finish`, the alert
+            // would be verified again on each of the program's paths.
+            if alert != NO_ALERT {
+                alerts::alert(alert - 1);
+            }
+            action
+        }
+        Err(error) => {
+            count(&GLOBAL_COUNTERS, 0, |counters| error.increment(counters));
+            report(&ctx, error);
+            SK_PASS
+        }
+    }
 }
+
+/// What the program answers the kernel, and which slot to send a queue alert for.
+struct Verdict {
+    action: u32,
+    /// The slot + 1, or [`NO_ALERT`].
+    alert: u32,
+}
+
+const NO_ALERT: u32 = 0;
 
 /// Tells the spawner's log that the program failed open, and why, at most once a second
 /// per CPU (GLOBAL_COUNTERS counts every one). Only on the error path: the fast path does not
@@ -134,7 +153,7 @@ const REPORT_EVERY_NS: u64 = 1_000_000_000;
 static LAST_REPORT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
-fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<u32, FailOpen> {
+fn steer(ctx: &SkReuseportContext, config: &ProgramConfig) -> Result<Verdict, FailOpen> {
     let migrating = ctx.migrating_sk().is_some();
     // `ctx->sk` is some member of the group (the closing listener during migration).
     let member = address_of(ctx)?;
@@ -467,11 +486,18 @@ fn entry_for(
 
 /// Carries out an outcome and counts it on its slot.
 #[inline(always)]
-fn finish(ctx: &SkReuseportContext, outcome: Outcome, migrating: bool) -> Result<u32, FailOpen> {
+fn finish(
+    ctx: &SkReuseportContext,
+    outcome: Outcome,
+    migrating: bool,
+) -> Result<Verdict, FailOpen> {
     match outcome {
         Outcome::Refuse { slot } => {
             count(&SLOT_COUNTERS, slot, |c| c.refused += 1);
-            Ok(SK_DROP)
+            Ok(Verdict {
+                action: SK_DROP,
+                alert: slot + 1,
+            })
         }
         Outcome::Select(Decision {
             target,
@@ -496,7 +522,13 @@ fn finish(ctx: &SkReuseportContext, outcome: Outcome, migrating: bool) -> Result
                     c.selected += 1;
                 }
             });
-            Ok(SK_PASS)
+            // A queue filling up (or every queue full): the autoscaler may be asleep.
+            // Arithmetic, not a branch: this runs on every path of the program.
+            let alert = target.half_full() & (!migrating) as u32;
+            Ok(Verdict {
+                action: SK_PASS,
+                alert: alert * (slot + 1),
+            })
         }
     }
 }

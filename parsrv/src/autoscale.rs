@@ -6,11 +6,16 @@
 //!   not counted), or the program dropped or refused connections since the last sample.
 //!   At most one step per [`UP_COOLDOWN`], so a new handler gets time to take load before
 //!   the next is added. With samples every [`SAMPLE_EVERY`], the first step starts within
-//!   about 50 ms of the overload starting.
+//!   about 30 ms of the overload starting.
 //! - **Down** by one handler after the queues stayed empty for [`IDLE_FOR`], at most one
 //!   step per [`DOWN_COOLDOWN`] (and never within it of a step up). The band between the
 //!   two (queues partly full) changes nothing: that is the hysteresis.
 //! - Never below MIN or above MAX.
+//!
+//! The spawner samples only while there is something to see: after [`QUIET_FOR`] of empty
+//! queues it stops, and sleeps until the program alerts it (a connection went to a queue at
+//! least half full, `dataplane::alerts`) or until a step down is due
+//! ([`Autoscaler::next_step_down`]). An idle group costs its spawner no wake-up.
 
 use std::time::{Duration, Instant};
 
@@ -18,14 +23,17 @@ use std::time::{Duration, Instant};
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 /// Queue occupancy (queued / capacity) that counts as overload.
 pub const OVERLOAD_OCCUPANCY: f64 = 0.5;
-/// How long overload must last before a step up.
-pub const OVERLOAD_FOR: Duration = Duration::from_millis(40);
+/// How long overload must last before a step up: three samples in a row, so that one
+/// burst that the handlers absorb at once does not start a process.
+pub const OVERLOAD_FOR: Duration = Duration::from_millis(20);
 /// Least time between two steps up.
 pub const UP_COOLDOWN: Duration = Duration::from_millis(250);
 /// How long the queues must stay empty before a step down.
 pub const IDLE_FOR: Duration = Duration::from_secs(3);
 /// Least time between a step and a step down.
 pub const DOWN_COOLDOWN: Duration = Duration::from_secs(3);
+/// Empty queues for this long and the spawner stops sampling until an alert.
+pub const QUIET_FOR: Duration = Duration::from_millis(100);
 
 /// One look at the group.
 #[derive(Clone, Copy, Debug)]
@@ -73,6 +81,19 @@ impl Autoscaler {
     fn cooled(&self, now: Instant, cooldown: Duration) -> bool {
         self.last_change
             .is_none_or(|at| now.duration_since(at) >= cooldown)
+    }
+
+    /// When a step down becomes possible if the queues stay empty: None when the group is at
+    /// MIN or its queues were not empty at the last sample.
+    pub fn next_step_down(&self, handlers: u32) -> Option<Instant> {
+        if handlers <= self.min {
+            return None;
+        }
+        let idle_enough = self.idle_since? + IDLE_FOR;
+        Some(match self.last_change {
+            Some(at) => idle_enough.max(at + DOWN_COOLDOWN),
+            None => idle_enough,
+        })
     }
 
     /// Takes a sample; returns the change to make now, if any.
@@ -185,9 +206,9 @@ mod tests {
     }
 
     #[test]
-    fn sustained_overload_adds_a_handler_within_60_ms() {
+    fn sustained_overload_adds_a_handler_within_40_ms() {
         let mut feed = Feed::new(1, 4);
-        let decisions = feed.run(Duration::from_millis(60), 60, 0);
+        let decisions = feed.run(Duration::from_millis(40), 60, 0);
         assert_eq!(decisions.len(), 1, "{decisions:?}");
         assert_eq!((decisions[0].from, decisions[0].to), (1, 2));
         assert!(
@@ -200,7 +221,7 @@ mod tests {
     #[test]
     fn a_short_spike_does_not_scale() {
         let mut feed = Feed::new(1, 4);
-        assert!(feed.run(Duration::from_millis(40), 90, 0).is_empty());
+        assert!(feed.run(OVERLOAD_FOR, 90, 0).is_empty());
         assert!(feed.run(Duration::from_millis(200), 10, 0).is_empty());
     }
 
@@ -222,9 +243,10 @@ mod tests {
             "{decisions:?}"
         );
         assert_eq!(feed.handlers, 3);
-        // Steps at least UP_COOLDOWN apart: 2 within 280 ms is impossible.
+        // Steps at least UP_COOLDOWN apart, the first after OVERLOAD_FOR and a sample: two
+        // within UP_COOLDOWN + OVERLOAD_FOR are impossible.
         let mut fast = Feed::new(1, 10);
-        assert_eq!(fast.run(Duration::from_millis(280), 80, 0).len(), 1);
+        assert_eq!(fast.run(UP_COOLDOWN + OVERLOAD_FOR, 80, 0).len(), 1);
     }
 
     #[test]
@@ -251,5 +273,28 @@ mod tests {
         // Idle at once: the step down waits for IDLE_FOR and DOWN_COOLDOWN.
         assert!(feed.run(Duration::from_millis(2900), 0, 0).is_empty());
         assert_eq!(feed.run(Duration::from_millis(200), 0, 0).len(), 1);
+    }
+
+    #[test]
+    fn a_sleeping_autoscaler_knows_when_the_next_step_down_is_due() {
+        let mut feed = Feed::new(1, 4);
+        feed.run(Duration::from_millis(100), 60, 0);
+        assert_eq!(feed.handlers, 2);
+        let grown_at = feed.start + Duration::from_millis(30);
+        // Queues not empty at the last sample: nothing is due.
+        assert_eq!(feed.scaler.next_step_down(feed.handlers), None);
+        feed.run(Duration::from_millis(10), 0, 0);
+        let idle_since = feed.start + feed.now;
+        // Both the idle time and the cooldown since the step up must pass.
+        assert_eq!(
+            feed.scaler.next_step_down(feed.handlers),
+            Some((idle_since + IDLE_FOR).max(grown_at + DOWN_COOLDOWN))
+        );
+        // At MIN, nothing is ever due.
+        assert_eq!(feed.scaler.next_step_down(1), None);
+        // And the step comes when it said.
+        let due = feed.scaler.next_step_down(feed.handlers).unwrap();
+        let decisions = feed.run(due - (feed.start + feed.now), 0, 0);
+        assert_eq!(decisions.len(), 1, "{decisions:?}");
     }
 }

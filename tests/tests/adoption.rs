@@ -298,6 +298,78 @@ fn adoption_refuses_other_settings_and_a_racing_spawner_and_a_reused_pid() {
     });
 }
 
+/// The scheduler's autogroup of `pid` (`/autogroup-N nice K`), where the kernel has them.
+fn autogroup(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/autogroup"))
+        .ok()
+        .and_then(|s| Some(s.split_whitespace().next()?.to_owned()))
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn handlers_share_the_spawners_session_and_a_stopped_one_outlives_its_death() {
+    use nix::unistd::{getpgid, getsid, Pid};
+    use std::os::unix::process::CommandExt;
+    privileged(Needs::program(), || {
+        let name = "test-adopt-session";
+        let spawner = group(name, HandlerKind::Http).handlers(2).start();
+        let handlers: Vec<u32> = pids(&spawner).into_iter().flatten().collect();
+        let session = |pid: u32| getsid(Some(Pid::from_raw(pid as i32))).unwrap();
+        // Control: a process in a session of its own is in another autogroup.
+        let mut control = Command::new("sleep");
+        control.arg("30");
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            control.pre_exec(|| {
+                nix::unistd::setsid()?;
+                Ok(())
+            });
+        }
+        let mut control = control.spawn().unwrap();
+        let control_group = autogroup(control.id());
+        signal(control.id(), Signal::SIGKILL);
+        control.wait().unwrap();
+        for &handler in &handlers {
+            assert_eq!(
+                session(handler),
+                session(spawner.pid()),
+                "handler {handler}"
+            );
+            assert_eq!(
+                getpgid(Some(Pid::from_raw(handler as i32)))
+                    .unwrap()
+                    .as_raw() as u32,
+                handler,
+                "a process group of its own"
+            );
+            if let Some(group) = autogroup(handler) {
+                assert_eq!(Some(&group), autogroup(spawner.pid()).as_ref());
+                assert_ne!(Some(group), control_group, "the control shares it");
+            }
+        }
+        // A handler stopped when its spawner dies: the kernel sends its orphaned process
+        // group SIGHUP then SIGCONT; it keeps serving.
+        stop_process(handlers[0]);
+        kill_spawner(&spawner);
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                parsrv::supervisor::process_state(handlers[0]).is_some_and(|s| s != 'T')
+            }),
+            "still stopped: {:?}",
+            parsrv::supervisor::process_state(handlers[0])
+        );
+        assert!(alive(handlers[0]), "the SIGHUP killed it");
+        let answered: Vec<Outcome> = (0..20)
+            .map(|_| parsrv_integration_tests::http_get(addr(), Duration::from_secs(3)))
+            .collect();
+        assert!(answered.iter().all(|o| *o == Outcome::Ok), "{answered:?}");
+        let (code, _, stderr) = Spawner::parsrv(&["stop", name]);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(leftovers(name, &handlers), Vec::<String>::new());
+        drop(spawner);
+    });
+}
+
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn parsrv_stop_stops_a_group_whose_spawner_is_gone_and_leaves_nothing() {

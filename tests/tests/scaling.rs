@@ -244,6 +244,89 @@ fn autoscaler_grows_with_a_load_step_and_shrinks_back() {
     });
 }
 
+/// Context switches of every thread of `pid` so far: each one a wake-up (or a preemption).
+fn wakeups(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Wake-ups of `pid` over `period`.
+fn wakeups_over(pid: u32, period: Duration) -> u64 {
+    let before = wakeups(pid);
+    thread::sleep(period);
+    wakeups(pid) - before
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_idle_autoscaler_sleeps_until_a_queue_fills_to_half() {
+    privileged(Needs::program(), || {
+        let spawner = group("test-autoscale-sleep", HandlerKind::Http)
+            .handlers_between(1, 3)
+            .backlog(8)
+            .start();
+        let pid = spawner.pid();
+        // Settle: the autoscaler stops sampling after QUIET_FOR of empty queues.
+        thread::sleep(Duration::from_millis(500));
+        let idle = wakeups_over(pid, Duration::from_secs(2));
+        // Below half: 2 connections wait in the stopped handler's queue of 9. No alert.
+        let handler = spawner.status().handlers[0].pid.unwrap();
+        stop_process(handler);
+        let mut held: Vec<_> = (0..2)
+            .map(|_| connect(addr(), Duration::from_secs(2)).unwrap())
+            .collect();
+        let below_half = wakeups_over(pid, Duration::from_secs(1));
+        assert_eq!(spawner.status().handlers.len(), 1);
+        // Half full: the 5th connection makes the program alert; the spawner wakes, samples
+        // 5/9 queued and grows the group.
+        held.extend((0..3).map(|_| connect(addr(), Duration::from_secs(2)).unwrap()));
+        let grew = wait_for(Duration::from_secs(5), || {
+            spawner.status().handlers.len() == 2
+        });
+        // Control: awake while connections wait (5 queued of 18 now), it samples every
+        // 10 ms, and the same count sees it.
+        let awake = wakeups_over(pid, Duration::from_secs(1));
+        eprintln!(
+            "spawner wake-ups: idle {idle} in 2 s, 2 of 9 queued {below_half} in 1 s, \
+             awake with 5 queued {awake} in 1 s; grew: {grew}"
+        );
+        assert!(
+            grew,
+            "no step up after the queue reached half: {}",
+            spawner.log()
+        );
+        assert!(
+            spawner
+                .log()
+                .contains("autoscale: 1 -> 2 handlers: queues 5/9"),
+            "{}",
+            spawner.log()
+        );
+        assert!(idle <= 20, "an idle autoscaler woke {idle} times in 2 s");
+        assert!(
+            below_half <= 10,
+            "woke {below_half} times in 1 s below half"
+        );
+        assert!(
+            awake >= 30,
+            "awake, the autoscaler sampled only {awake} times in 1 s"
+        );
+        signal(handler, Signal::SIGCONT);
+        drop(held);
+        assert!(spawner.stop().success());
+    });
+}
+
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_replacement_that_never_gets_ready_leaves_the_old_handler_serving() {

@@ -11,6 +11,7 @@
 //! | which socket is slot i | `SOCKETS`, `SLOT_BY_COOKIE` pinned at `/sys/fs/bpf/parsrv/GROUP/` | any root process |
 //! | policy, when-full, draining, the membership generation | `CONFIG`, pinned there too | any root process |
 //! | what the program counted | `SLOT_COUNTERS`, `GLOBAL_COUNTERS`, `AFFINITY_COUNTERS`, pinned there too | any root process |
+//! | queue alerts (a queue at least half full), which wake a sleeping autoscaler | `QUEUE_ALERTS` ring, pinned there too; written only by the program | its one reader, the autoscaler of the spawner in charge |
 //! | which handler each client goes to (client affinity) | `DISPATCH_TABLE`, pinned there too; written only by the program | any root process (`parsrv affinity`) |
 //! | the attached program | the kernel: attached to the reuseport group, and pinned beside the maps (`parsrv_select`) | `bpftool`, a spawner that adopts the group (it reopens the pin) |
 //! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
@@ -26,6 +27,7 @@
 //! there as well, each a new module here with its own `Program` entry.
 
 pub mod affinity;
+pub mod alerts;
 pub mod netns;
 pub mod pins;
 pub mod reuseport;

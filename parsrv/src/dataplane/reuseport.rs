@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, ReusePortSockArray, RingBuf},
     programs::{ProgramError, SkReuseport},
     Ebpf, EbpfLoader,
 };
@@ -33,6 +33,9 @@ pub struct Steering {
     global_counters: PerCpuArray<MapData, GlobalCounters>,
     config: Array<MapData, ProgramConfig>,
     dispatch_table: DispatchTable,
+    /// The program's queue alerts, until the autoscaler takes them ([`Steering::take_alerts`]).
+    /// None from the pins of a group whose program sends none (an older parsrv's).
+    alerts: Option<RingBuf<MapData>>,
     /// What CONFIG holds.
     current: ProgramConfig,
     /// Maps pinned in a staging directory, and where they go once published.
@@ -110,6 +113,7 @@ impl Steering {
         let config_map = take(names::CONFIG)?;
         let dispatch_table = take(names::DISPATCH_TABLE)?;
         let affinity_counters = take(names::AFFINITY_COUNTERS)?;
+        let alerts = take(names::QUEUE_ALERTS)?;
         let typed = |name: &str| Error::ebpf(format!("map {name} has the wrong type"));
         let mut steering = Steering {
             sockets: sockets.try_into().map_err(typed(names::SOCKETS))?,
@@ -132,6 +136,7 @@ impl Steering {
                     .map_err(typed(names::AFFINITY_COUNTERS))?,
                 capacity: table_size,
             },
+            alerts: Some(alerts.try_into().map_err(typed(names::QUEUE_ALERTS))?),
             staged: staged.zip(pin_dir.map(Path::to_owned)),
             current: ProgramConfig {
                 generation: 1,
@@ -163,6 +168,7 @@ impl Steering {
             global_counters: pinned(pin_dir, names::GLOBAL_COUNTERS)?,
             config: config_map,
             dispatch_table: adopt_dispatch_table(pin_dir)?,
+            alerts: pinned(pin_dir, names::QUEUE_ALERTS).ok(),
             staged: None,
             // Not draining: a spawner that died draining left the group to whoever adopts it.
             current: ProgramConfig {
@@ -173,6 +179,11 @@ impl Steering {
         };
         steering.new_generation()?;
         Ok(steering)
+    }
+
+    /// The program's queue alerts, for the one reader that sleeps on them (the autoscaler).
+    pub fn take_alerts(&mut self) -> Option<RingBuf<MapData>> {
+        self.alerts.take()
     }
 
     /// Moves the staged pins to the directory given to [`Steering::load`]. The returned

@@ -1,21 +1,60 @@
-//! The autoscaler's loop (`--handlers MIN..MAX`): samples the group and applies the
-//! decisions of the policy in [`crate::autoscale`].
+//! The autoscaler's loop (`--handlers MIN..MAX`): samples the group while there is
+//! something to see, applies the decisions of the policy in [`crate::autoscale`], and sleeps
+//! on the program's queue alerts while the queues stay empty.
 
 use std::{rc::Rc, time::Instant};
 
 use super::group::RunningGroup;
-use crate::autoscale::{self, Autoscaler, Sample};
+use crate::{
+    autoscale::{self, Autoscaler, Sample},
+    dataplane::alerts::QueueAlerts,
+};
 
-/// Samples the group every [`autoscale::SAMPLE_EVERY`] and applies the policy's decisions.
+/// Samples the group every [`autoscale::SAMPLE_EVERY`] while its queues hold connections,
+/// and applies the policy's decisions. After [`autoscale::QUIET_FOR`] of empty queues it
+/// sleeps until a queue alert or a due step down; without alerts (a group adopted from an
+/// older parsrv) it samples all the time.
 pub(super) async fn run(group: Rc<RunningGroup>) {
     let mut scaler = Autoscaler::new(group.spec.handlers.min, group.spec.handlers.max);
+    let mut alerts = group.take_queue_alerts().and_then(|ring| {
+        QueueAlerts::new(ring)
+            .map_err(|e| {
+                log::warn!("autoscale: cannot wait for queue alerts ({e}): sampling all the time")
+            })
+            .ok()
+    });
     let mut ticker = tokio::time::interval(autoscale::SAMPLE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut quiet_since: Option<Instant> = None;
     loop {
-        ticker.tick().await;
+        let quiet = quiet_since.is_some_and(|at| at.elapsed() >= autoscale::QUIET_FOR);
+        if let Some(ring) = alerts.as_mut().filter(|_| quiet) {
+            // Alerts sent while awake are old news.
+            ring.discard();
+            let due = scaler.next_step_down(group.members().len());
+            let woken = tokio::select! {
+                woken = ring.next() => woken,
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => Ok(()),
+            };
+            if let Err(e) = woken {
+                log::error!(
+                    "autoscale: waiting for queue alerts failed ({e}): sampling all the time"
+                );
+                alerts = None;
+            }
+            quiet_since = None;
+            ticker.reset();
+        } else {
+            ticker.tick().await;
+        }
         let Some(sample) = sample(&group) else {
             continue;
         };
+        if sample.queued == 0 {
+            quiet_since.get_or_insert(sample.at);
+        } else {
+            quiet_since = None;
+        }
         let Some(decision) = scaler.observe(sample) else {
             continue;
         };

@@ -249,6 +249,11 @@ impl RunningGroup {
         self.members.borrow()
     }
 
+    /// The program's queue alerts, for the autoscaler (the one reader).
+    pub fn take_queue_alerts(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.members.borrow_mut().steering_mut().take_alerts()
+    }
+
     pub fn handlers(&self) -> u32 {
         self.members.borrow().len()
     }
