@@ -32,11 +32,5 @@ pub fn alert(slot: u32) {
     }
     *last = now;
     // A full ring (a reader that does not read) loses the alert: nothing to do about it here.
-    let _ = QUEUE_ALERTS.output::<QueueAlert>(
-        QueueAlert {
-            slot,
-            _reserved: 0,
-        },
-        0,
-    );
+    let _ = QUEUE_ALERTS.output::<QueueAlert>(QueueAlert { slot, _reserved: 0 }, 0);
 }
