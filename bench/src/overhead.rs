@@ -15,6 +15,7 @@ use std::{
 };
 
 use nix::sys::socket::{getsockopt, sockopt};
+use parsrv_integration_tests::context_switches;
 
 use crate::{
     addr, load, median,
@@ -33,24 +34,6 @@ struct Sample {
     /// parsrv only: the program's ns per run, and the spawner's wake-ups per second.
     program_ns: Option<f64>,
     spawner_wakeups: Option<f64>,
-}
-
-/// Context switches of every thread of `pid` so far: each one a wake-up (or a preemption).
-fn switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
 }
 
 /// `perf stat -a` for `duration`: (task-clock ms, context switches) of the whole machine.
@@ -90,7 +73,7 @@ fn run(model: Model, n: usize, duration: Duration) -> Sample {
     );
     let spawner = served.spawner();
     let program_before = spawner.map(|s| s.status().program);
-    let switches_before = spawner.map(|s| switches(s.pid()));
+    let switches_before = spawner.map(|s| context_switches(s.pid()));
     let (outcome, perf) = thread::scope(|scope| {
         // Counted over the load's middle: its start and end are the harness's.
         let perf = scope.spawn(|| {
@@ -103,7 +86,7 @@ fn run(model: Model, n: usize, duration: Duration) -> Sample {
     let program = spawner.map(|s| s.status().program);
     let wakeups = spawner
         .zip(switches_before)
-        .map(|(s, before)| (switches(s.pid()) - before) as f64 / duration.as_secs_f64());
+        .map(|(s, before)| (context_switches(s.pid()) - before) as f64 / duration.as_secs_f64());
     served.stop();
     let program_ns = program_before.zip(program).and_then(|(before, after)| {
         let runs = after.run_count - before.run_count;
@@ -201,9 +184,9 @@ pub fn overhead(report: &mut Report, quick: bool) {
     let served = Served::start(Model::ParsrvRedirect, 4, 128, addr());
     let idle = seconds(quick, 5);
     let pid = served.spawner().unwrap().pid();
-    let before = switches(pid);
+    let before = context_switches(pid);
     thread::sleep(idle);
-    let idle_wakeups = (switches(pid) - before) as f64 / idle.as_secs_f64();
+    let idle_wakeups = (context_switches(pid) - before) as f64 / idle.as_secs_f64();
     served.stop();
     notes.push(format!(
         "Idle (4 handlers, no connection, {idle:?}): the spawner woke {idle_wakeups:.0} times a second."

@@ -3,11 +3,12 @@
 //! half, and still see an overload start within a connection.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
 use parsrv_common::reuseport::{QueueAlert, ALERT_EVERY_NS, QUEUE_ALERTS_BYTES};
+
+use crate::counting::due;
 
 #[map]
 static QUEUE_ALERTS: RingBuf = RingBuf::with_byte_size(QUEUE_ALERTS_BYTES, 0);
@@ -20,17 +21,9 @@ static LAST_ALERT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// inlined: only connections to a half-full queue call it.
 #[inline(never)]
 pub fn alert(slot: u32) {
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(last) = LAST_ALERT.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's element; nothing else runs on this CPU meanwhile.
-    let last = unsafe { &mut *last };
-    if *last != 0 && now.wrapping_sub(*last) < ALERT_EVERY_NS {
+    if !due(&LAST_ALERT, ALERT_EVERY_NS) {
         return;
     }
-    *last = now;
     // A full ring (a reader that does not read) loses the alert: nothing to do about it here.
     let _ = QUEUE_ALERTS.output::<QueueAlert>(QueueAlert { slot, _reserved: 0 }, 0);
 }

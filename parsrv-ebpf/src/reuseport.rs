@@ -20,7 +20,7 @@ use parsrv_common::reuseport::{
 
 use crate::{
     affinity, alerts,
-    counting::count,
+    counting::{count, due},
     queue::{address_of, listener, most_room, read, Found, Listener},
 };
 
@@ -130,17 +130,9 @@ const NO_ALERT: u32 = 0;
 /// pay for it.
 #[inline(never)]
 fn report(ctx: &SkReuseportContext, error: FailOpen) {
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(last) = LAST_REPORT.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's element; nothing else runs on this CPU meanwhile.
-    let last = unsafe { &mut *last };
-    if *last != 0 && now.wrapping_sub(*last) < REPORT_EVERY_NS {
+    if !due(&LAST_REPORT, REPORT_EVERY_NS) {
         return;
     }
-    *last = now;
     // The spawner turns the code into the counter's name (GlobalCounters::COUNTERS).
     aya_log_ebpf::error!(ctx, "fail-open {} hash {}", error as u8, ctx.hash());
 }

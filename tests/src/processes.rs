@@ -14,6 +14,25 @@ pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
         .unwrap_or_else(|e| panic!("kill({pid}, {signal}): {e}"));
 }
 
+/// Context switches of every thread of `pid` so far (voluntary and not): each one a wake-up
+/// or a preemption. 0 for a process that is gone.
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// Stops a process with SIGSTOP and waits until every one of its threads has stopped: kill()
 /// returns before they do, and a thread already woken by a connection would still accept it.
 pub fn stop_process(pid: u32) {

@@ -11,9 +11,9 @@ use std::{
 
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
-    addr, all_net_counters, apps_dir, changed_net_counters, connect, error_line, example, group,
-    http_get, privileged, read_answer, signal, stop_process, wait_for, HandlerKind, Needs,
-    NetCounters, Outcome, PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
+    addr, all_net_counters, apps_dir, changed_net_counters, connect, context_switches, error_line,
+    example, group, http_get, privileged, read_answer, signal, stop_process, wait_for, HandlerKind,
+    Needs, NetCounters, Outcome, PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
 };
 
 /// `parsrv group ARGS...`: (exit code, stdout, stderr).
@@ -244,27 +244,11 @@ fn autoscaler_grows_with_a_load_step_and_shrinks_back() {
     });
 }
 
-/// Context switches of every thread of `pid` so far: each one a wake-up (or a preemption).
-fn wakeups(pid: u32) -> u64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
-}
-
 /// Wake-ups of `pid` over `period`.
 fn wakeups_over(pid: u32, period: Duration) -> u64 {
-    let before = wakeups(pid);
+    let before = context_switches(pid);
     thread::sleep(period);
-    wakeups(pid) - before
+    context_switches(pid) - before
 }
 
 #[test]
