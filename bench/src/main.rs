@@ -221,55 +221,79 @@ fn ratio_line(name: &str, value: f64, target: f64, higher_is_better: bool) -> St
     }
 }
 
+/// `median (min-max)` of `values`, with `digits` decimals.
+pub fn spread(values: &[f64], digits: usize) -> String {
+    let lo = values.iter().copied().fold(f64::MAX, f64::min);
+    let hi = values.iter().copied().fold(f64::MIN, f64::max);
+    format!(
+        "{:.digits$} ({lo:.digits$}-{hi:.digits$})",
+        median(values.to_vec())
+    )
+}
+
 fn uniform(report: &mut Report, quick: bool) {
     let sizes: &[usize] = if quick { &[2] } else { &[2, 4, 8] };
-    let duration = seconds(quick, 5);
+    let rounds = if quick { 1 } else { 3 };
+    let duration = seconds(quick, 4);
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut chart = Vec::new();
     for &n in sizes {
-        let mut rate = std::collections::BTreeMap::new();
-        let mut fair = std::collections::BTreeMap::new();
+        // Every model once per round, the order rotated each round, so that a slow moment
+        // of the machine does not always fall on the same model; ratios are taken within a
+        // round.
+        let mut runs: std::collections::BTreeMap<&str, Vec<(load::Outcome, f64)>> =
+            std::collections::BTreeMap::new();
+        for round in 0..rounds {
+            let mut order = Model::ALL.to_vec();
+            order.rotate_left(round % Model::ALL.len());
+            for model in order {
+                let (outcome, accepted, _) =
+                    measure(model, n, 128, closed(2 * n, duration), |_| {});
+                let fair = fairness(&accepted);
+                runs.entry(model.name()).or_default().push((outcome, fair));
+            }
+        }
         for model in Model::ALL {
-            let (outcome, accepted, _) = measure(model, n, 128, closed(2 * n, duration), |_| {});
+            let samples = &runs[model.name()];
+            let of = |f: &dyn Fn(&(load::Outcome, f64)) -> f64| -> Vec<f64> {
+                samples.iter().map(f).collect()
+            };
+            let rate = of(&|s| s.0.per_second());
             rows.push(vec![
                 n.to_string(),
                 model.name().into(),
-                format!("{:.0}", outcome.per_second()),
-                format!("{:.2}", outcome.ms(0.5)),
-                format!("{:.2}", outcome.ms(0.99)),
-                format!("{:.2}", outcome.ms(0.999)),
-                format!("{:.2}", outcome.connect_ms(0.99)),
-                format!("{:.2}", fairness(&accepted)),
-                outcome.failures().to_string(),
+                spread(&rate, 0),
+                format!("{:.2}", median(of(&|s| s.0.ms(0.5)))),
+                spread(&of(&|s| s.0.ms(0.99)), 2),
+                format!("{:.2}", median(of(&|s| s.0.ms(0.999)))),
+                format!("{:.2}", median(of(&|s| s.0.connect_ms(0.99)))),
+                format!("{:.2}", median(of(&|s| s.1))),
+                samples
+                    .iter()
+                    .map(|s| s.0.failures())
+                    .sum::<u64>()
+                    .to_string(),
             ]);
             if n == sizes[sizes.len() / 2] {
-                chart.push((model.name().to_string(), outcome.per_second()));
+                chart.push((model.name().to_string(), median(rate)));
             }
-            rate.insert(model.name(), outcome.per_second());
-            fair.insert(model.name(), fairness(&accepted));
         }
-        let parsrv = rate["parsrv redirect"];
+        let ratio = |a: &str, b: &str| -> Vec<f64> {
+            runs[a]
+                .iter()
+                .zip(&runs[b])
+                .map(|(x, y)| x.0.per_second() / y.0.per_second())
+                .collect()
+        };
+        let to_reuseport = ratio("parsrv redirect", "reuseport");
+        let to_listener = ratio("parsrv redirect", "listener");
+        let fair: Vec<f64> = runs["parsrv redirect"].iter().map(|s| s.1).collect();
         notes.push(format!(
-            "N={n}: {} {} {}",
-            ratio_line(
-                "parsrv/reuseport throughput",
-                parsrv / rate["reuseport"],
-                0.97,
-                true
-            ),
-            ratio_line(
-                "parsrv/listener throughput",
-                parsrv / rate["listener"],
-                1.5,
-                true
-            ),
-            ratio_line(
-                "parsrv fairness max/min",
-                fair["parsrv redirect"],
-                1.2,
-                false
-            ),
+            "N={n} (medians of {rounds} rounds, min-max): parsrv/reuseport throughput {}; parsrv/listener {}; {}",
+            spread(&to_reuseport, 2),
+            spread(&to_listener, 2),
+            ratio_line("parsrv fairness max/min", median(fair), 1.2, false),
         ));
     }
     let keep_alive = Spec {
@@ -298,7 +322,7 @@ fn uniform(report: &mut Report, quick: bool) {
     report.table(
         &Table {
             name: "uniform",
-            title: format!("uniform: closed loop, 2 clients per worker, a connection per request, {duration:?}"),
+            title: format!("uniform: closed loop, 2 clients per worker, a connection per request, {rounds} rounds of {duration:?} in rotating order (median, min-max)"),
             columns: vec!["N", "model", "conn/s", "p50 ms", "p99 ms", "p99.9 ms", "connect p99 ms", "fairness max/min", "failed"],
             rows,
         },

@@ -105,9 +105,7 @@ fn run(model: Model, n: usize, duration: Duration) -> Sample {
 }
 
 fn spread(values: &[f64]) -> String {
-    let lo = values.iter().copied().fold(f64::MAX, f64::min);
-    let hi = values.iter().copied().fold(f64::MIN, f64::max);
-    format!("{:.3} ({lo:.3}-{hi:.3})", median(values.to_vec()))
+    crate::spread(values, 3)
 }
 
 fn median_of(samples: &[Sample], field: fn(&Sample) -> Option<f64>, digits: usize) -> String {
