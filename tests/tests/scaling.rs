@@ -12,8 +12,9 @@ use std::{
 use nix::sys::signal::Signal;
 use parsrv_integration_tests::{
     addr, all_net_counters, apps_dir, changed_net_counters, connect, context_switches, error_line,
-    example, group, http_get, privileged, read_answer, signal, stop_process, wait_for, HandlerKind,
-    Needs, NetCounters, Outcome, PlainGroup, Spawner, SteadyLoad, HTTP_REQUEST,
+    example, group, http_get, privileged, read_answer, signal, stop_process, wait_for,
+    GroupBuilder, HandlerKind, Needs, NetCounters, Outcome, PlainGroup, Spawner, SteadyLoad,
+    HTTP_REQUEST,
 };
 
 /// `parsrv group ARGS...`: (exit code, stdout, stderr).
@@ -251,14 +252,43 @@ fn wakeups_over(pid: u32, period: Duration) -> u64 {
     context_switches(pid) - before
 }
 
+fn autoscaled(name: &str) -> GroupBuilder {
+    group(name, HandlerKind::Http)
+        .handlers_between(1, 3)
+        .backlog(8)
+}
+
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn an_idle_autoscaler_sleeps_until_a_queue_fills_to_half() {
     privileged(Needs::program(), || {
-        let spawner = group("test-autoscale-sleep", HandlerKind::Http)
-            .handlers_between(1, 3)
-            .backlog(8)
-            .start();
+        sleeps_until_half(autoscaled("test-autoscale-sleep").start());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_adopting_spawner_sleeps_on_the_programs_queue_alerts_too() {
+    privileged(Needs::program(), || {
+        let name = "test-autoscale-adopt";
+        let first = autoscaled(name).start();
+        let handler = first.status().handlers[0].pid;
+        signal(first.pid(), Signal::SIGKILL);
+        assert!(wait_for(Duration::from_secs(5), || {
+            parsrv::supervisor::process_state(first.pid()).is_none_or(|s| s == 'Z')
+        }));
+        // The next spawner adopts the group, its pinned alert ring included.
+        let adopting = autoscaled(name).start();
+        assert_eq!(adopting.status().handlers[0].pid, handler, "not adopted");
+        sleeps_until_half(adopting);
+        drop(first);
+    });
+}
+
+/// An idle autoscaler wakes (almost) never, not even with a queue below half; a queue
+/// reaching half wakes it and it grows the group; awake, it samples.
+fn sleeps_until_half(spawner: Spawner) {
+    {
         let pid = spawner.pid();
         // Settle: the autoscaler stops sampling after QUIET_FOR of empty queues.
         thread::sleep(Duration::from_millis(500));
@@ -308,7 +338,7 @@ fn an_idle_autoscaler_sleeps_until_a_queue_fills_to_half() {
         signal(handler, Signal::SIGCONT);
         drop(held);
         assert!(spawner.stop().success());
-    });
+    }
 }
 
 #[test]
