@@ -285,6 +285,34 @@ fn an_adopting_spawner_sleeps_on_the_programs_queue_alerts_too() {
     });
 }
 
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_resize_by_hand_wakes_a_sleeping_autoscaler_which_shrinks_back_when_idle() {
+    privileged(Needs::program(), || {
+        let name = "test-autoscale-hand";
+        let spawner = autoscaled(name).start();
+        // Asleep at MIN, with no step down due.
+        thread::sleep(Duration::from_millis(500));
+        let (code, _, stderr) = parsrv_group(&["resize", name, "3"]);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(spawner.status().handlers.len(), 3);
+        // Idle: one step down per 3 s, back to MIN.
+        let shrank = wait_for(Duration::from_secs(15), || {
+            spawner.status().handlers.len() == 1
+        });
+        assert!(
+            shrank,
+            "still {} handlers: {}",
+            spawner.status().handlers.len(),
+            spawner.log()
+        );
+        assert!(spawner
+            .log()
+            .contains("autoscale: 2 -> 1 handlers: queues empty for"));
+        assert!(spawner.stop().success());
+    });
+}
+
 /// An idle autoscaler wakes (almost) never, not even with a queue below half; a queue
 /// reaching half wakes it and it grows the group; awake, it samples.
 fn sleeps_until_half(spawner: Spawner) {

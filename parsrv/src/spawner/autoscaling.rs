@@ -35,6 +35,8 @@ pub(super) async fn run(group: Rc<RunningGroup>) {
             let woken = tokio::select! {
                 woken = ring.next() => woken,
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => Ok(()),
+                // A resize by hand: the size the step down is measured from changed.
+                _ = group.resized.notified() => Ok(()),
             };
             if let Err(e) = woken {
                 log::error!(

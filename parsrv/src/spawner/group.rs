@@ -77,6 +77,9 @@ pub(crate) struct RunningGroup {
     pins_dir: Option<PathBuf>,
     /// Held while the membership changes (resize, restart): one change at a time.
     pub membership: tokio::sync::Mutex<()>,
+    /// Notified after every resize, by hand or not: a sleeping autoscaler learns that a
+    /// step down may have become due.
+    pub resized: tokio::sync::Notify,
     stop: watch::Sender<bool>,
     scaling: RefCell<ScalingStatus>,
     draining: Cell<bool>,
@@ -191,6 +194,7 @@ impl RunningGroup {
             spec,
             members: RefCell::new(members),
             membership: tokio::sync::Mutex::new(()),
+            resized: tokio::sync::Notify::new(),
             stop,
             scaling: RefCell::default(),
             draining: Cell::new(false),
@@ -317,6 +321,7 @@ impl RunningGroup {
         while self.handlers() > target {
             self.remove_top_slot().await?;
         }
+        self.resized.notify_waiters();
         self.save_record()
     }
 
