@@ -113,10 +113,8 @@ fn inherited_listener() -> anyhow::Result<OwnedFd> {
 
 async fn watch_stop_signals(stop: Arc<AtomicBool>) -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    // The kernel's SIGHUP to a stopped handler whose spawner died (see
-    // supervisor::process::place_handler) is not a reason to stop serving.
-    // SAFETY: sets the disposition of one signal, before any thread waits on it.
-    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+    // (SIGHUP is ignored already: the spawner set it before exec, see
+    // supervisor::process::place_handler.)
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {

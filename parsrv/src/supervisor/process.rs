@@ -167,8 +167,13 @@ pub(super) fn place_handler(
         // clients of a local benchmark included (measured: 0.85x the throughput of the
         // same handlers in one session at N=16; `bench overhead`). The cost: when the
         // spawner dies while a handler is stopped (SIGSTOP, a debugger), the kernel sends
-        // that orphaned group SIGHUP then SIGCONT. Built-in handlers ignore SIGHUP.
+        // that orphaned group SIGHUP then SIGCONT. Built-in handlers ignore SIGHUP, from
+        // here on (an ignored signal stays ignored across exec): a handler still starting
+        // when stopped would otherwise die of it. Exec'd servers keep the default.
         check(libc::setpgid(0, 0))?;
+        if stats.is_some() {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        }
     }
     Ok(())
 }
