@@ -164,8 +164,9 @@ pub(super) fn place_handler(
         // Not a session of its own: with sched_autogroup (Debian's and Ubuntu's default
         // where no CPU cgroup is set), every new session is a scheduling group of its own,
         // and N handlers would take N shares of the CPU against every other process, the
-        // clients of a local benchmark included (measured: 0.85x the throughput of the
-        // same handlers in one session at N=16; `bench overhead`). The cost: when the
+        // clients of a local benchmark included (`bench overhead`, N=16: parsrv against
+        // plain SO_REUSEPORT workers was 0.84x with autogroups and 0.99x without, with
+        // handlers in sessions of their own; 0.98x with autogroups since). The cost: when the
         // spawner dies while a handler is stopped (SIGSTOP, a debugger), the kernel sends
         // that orphaned group SIGHUP then SIGCONT. Built-in handlers ignore SIGHUP, from
         // here on (an ignored signal stays ignored across exec): a handler still starting
