@@ -1,5 +1,6 @@
 //! Types and names shared by parsrv's eBPF programs and their userspace: one module per
-//! program ([`reuseport`]: the SK_REUSEPORT program that picks a socket with room), and the
+//! program ([`reuseport`]: the SK_REUSEPORT program that picks a socket with room;
+//! [`lookup`]: the sk_lookup program that serves one group on several addresses), and the
 //! way counters are declared once ([`counters`]).
 //!
 //! Everything here is `#[repr(C)]`, `bytemuck::Pod` and free of implicit padding, so the two
@@ -9,6 +10,7 @@
 
 #[macro_use]
 pub mod counters;
+pub mod lookup;
 pub mod reuseport;
 
 pub use counters::Counter;

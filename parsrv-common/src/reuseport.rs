@@ -18,7 +18,11 @@ pub const MAX_SOCKETS: u32 = 128;
 pub mod names {
     /// The SK_REUSEPORT program (section `sk_reuseport/migrate`).
     pub const PROGRAM: &str = "parsrv_select";
-    /// REUSEPORT_SOCKARRAY: slot -> listening socket.
+    /// SOCKMAP: slot -> listening socket. A SOCKMAP, not a REUSEPORT_SOCKARRAY, so that the
+    /// sk_lookup program ([`crate::lookup`]) can hand connections to the same sockets: a
+    /// socket can be in only one of the two kinds, and `bpf_sk_select_reuseport` takes both.
+    /// Slots are the group's across all its addresses (each address is a reuseport group of
+    /// its own in the kernel).
     pub const SOCKETS: &str = "SOCKETS";
     /// HASH: socket cookie -> slot, to map a listener found in the kernel's group to its slot.
     pub const SLOT_BY_COOKIE: &str = "SLOT_BY_COOKIE";
@@ -135,7 +139,9 @@ pub struct ProgramConfig {
     pub generation: u32,
     /// Bits of [`flags`].
     pub flags: u32,
-    pub _reserved: u32,
+    /// One past the highest slot registered: the sk_lookup program ([`crate::lookup`]) scans
+    /// slots `0..slots`.
+    pub slots: u32,
     pub affinity: affinity::AffinityConfig,
 }
 

@@ -3,6 +3,10 @@
 //! - [`reuseport`]: the SK_REUSEPORT program. For every new connection (and every connection
 //!   migrating off a closing listener) it picks a listener of the group whose accept queue
 //!   has room.
+//! - [`lookup`]: the sk_lookup program. For every new connection to an address and port of a
+//!   group on several addresses, it keeps the connection at the address asked for while a
+//!   socket there has room, else hands it to the socket with most room on another address.
+//! - [`sockets`]: the group's sockets by slot, which both programs choose from.
 //! - [`queue`]: reading a listener's accept queue from the kernel, and finding the listener
 //!   with the most room among many.
 //! - [`affinity`]: client affinity: the client of a connection and the dispatch table.
@@ -17,8 +21,10 @@
 mod affinity;
 mod alerts;
 mod counting;
+mod lookup;
 mod queue;
 mod reuseport;
+mod sockets;
 
 #[cfg(not(test))]
 #[panic_handler]

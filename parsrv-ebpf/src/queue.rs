@@ -80,19 +80,26 @@ pub fn read<T>(addr: u64) -> Result<T, FailOpen> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| FailOpen::ReadFailed)
 }
 
-/// `ctx->sk` as a plain number. The verifier forbids arithmetic on a socket pointer and
-/// refuses to reload a spilled pointer as a number, but (with CAP_PERFMON) lets a pointer be
-/// stored in a map value, and a map value reads back as a number. Unlike laundering it
-/// through bpf_probe_read_kernel, this costs no helper call (the per-CPU lookup is inlined).
+/// `ctx->sk` as a plain number (see [`address_of_sock`]).
 #[inline(always)]
 pub fn address_of(ctx: &SkReuseportContext) -> Result<u64, FailOpen> {
+    // SAFETY: reading a context field.
+    address_of_sock(unsafe { (*ctx.md).__bindgen_anon_3.sk })
+}
+
+/// A socket pointer the verifier tracks (a context's `sk`, or one a map lookup returned) as
+/// a plain number. The verifier forbids arithmetic on a socket pointer and refuses to reload
+/// a spilled pointer as a number, but (with CAP_PERFMON) lets a pointer be stored in a map
+/// value, and a map value reads back as a number. Unlike laundering it through
+/// bpf_probe_read_kernel, this costs no helper call (the per-CPU lookup is inlined).
+#[inline(always)]
+pub fn address_of_sock(sk: *mut bpf_sock) -> Result<u64, FailOpen> {
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(FailOpen::ReadFailed)?;
-    // SAFETY: reading a context field; then this CPU's scratch word, written and read back
-    // volatile so the compiler keeps the round trip through the map.
+    // SAFETY: this CPU's scratch word, written and read back volatile so the compiler keeps
+    // the round trip through the map.
     unsafe {
-        let member: *mut bpf_sock = (*ctx.md).__bindgen_anon_3.sk;
         let word = core::ptr::addr_of_mut!((*scratch).member);
-        core::ptr::write_volatile(word as *mut *mut bpf_sock, member);
+        core::ptr::write_volatile(word as *mut *mut bpf_sock, sk);
         Ok(core::ptr::read_volatile(word))
     }
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{map, sk_reuseport},
-    maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::SkReuseportContext,
 };
 use parsrv_common::reuseport::{
@@ -22,10 +22,8 @@ use crate::{
     affinity, alerts,
     counting::{count, due},
     queue::{address_of, listener, most_room, read, Found, Listener},
+    sockets::select,
 };
-
-#[map]
-static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static SLOT_BY_COOKIE: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
@@ -36,8 +34,9 @@ static SLOT_COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::with_max_entries(
 #[map]
 static GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1, 0);
 
+/// Shared with the sk_lookup program, which takes the kernel offsets from it.
 #[map]
-static CONFIG: Array<ProgramConfig> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<ProgramConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 static SLOT_CACHE: PerCpuArray<SlotCacheEntry> = PerCpuArray::with_max_entries(MAX_SOCKETS, 0);
@@ -371,7 +370,7 @@ fn steer_client(
         // SAFETY: a map value, copied.
         let winner = unsafe { *winner };
         let target = listener(winner.socket, NOT_FROM_SOCKS, &config.offsets)?;
-        if SOCKETS.select_reuseport(ctx, winner.slot).is_ok() {
+        if select(ctx, winner.slot).is_ok() {
             return Ok(Outcome::Select(Decision {
                 target,
                 slot: winner.slot,
@@ -426,7 +425,7 @@ fn follow(
     }
     // The kernel empties a listener's SOCKETS slot when it stops listening, before
     // userspace forgets its cookie: a refusal here means it is gone.
-    if SOCKETS.select_reuseport(ctx, entry.slot).is_err() {
+    if select(ctx, entry.slot).is_err() {
         return Ok(Followed::Stale);
     }
     Ok(Followed::Selected(Decision {
@@ -498,9 +497,7 @@ fn finish(
             selected,
         }) => {
             if !selected {
-                SOCKETS
-                    .select_reuseport(ctx, slot)
-                    .map_err(|_| FailOpen::SelectFailed)?;
+                select(ctx, slot).map_err(|_| FailOpen::SelectFailed)?;
             }
             if redirected_from != NOT_REDIRECTED && !migrating {
                 count(&SLOT_COUNTERS, redirected_from, |c| c.redirected_away += 1);

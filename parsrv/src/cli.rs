@@ -434,7 +434,7 @@ fn list_groups() -> Result<()> {
             println!(
                 "{:<24} {:<24} {:>8} {:<14} {:>8}",
                 status.spec.name,
-                status.spec.listen.to_string(),
+                status.spec.listen_text(),
                 status.handlers.len(),
                 status.spec.policy.to_string(),
                 status.spawner_pid

@@ -151,7 +151,7 @@ pub fn check_text(path: &Path, text: &str) -> Checked {
         );
     }
     let mut groups = Vec::new();
-    let mut seen: BTreeMap<String, (Range<usize>, SocketAddr)> = BTreeMap::new();
+    let mut seen: BTreeMap<String, (Range<usize>, GroupSpec)> = BTreeMap::new();
     for group in &raw.groups {
         let (spec, spans) = match to_spec(group.get_ref(), group.span()) {
             Ok(found) => found,
@@ -174,36 +174,38 @@ pub fn check_text(path: &Path, text: &str) -> Checked {
                 false,
             );
         }
-        for (other, (span, addr)) in &seen {
+        for (other, (span, others)) in &seen {
             if other == &name {
                 continue;
             }
             let (line, column) = locate(span.clone());
-            if *addr == spec.listen {
-                problem(
-                    spans["listen"].clone(),
-                    format!(
-                        "groups '{other}' ({line}:{column}) and '{name}' both listen on {addr}: one address \
-                         and port is one group; merge them, or give one another port"
-                    ),
-                    false,
-                );
-            } else if addr.port() == spec.listen.port() && overlaps(*addr, spec.listen) {
-                problem(
-                    spans["listen"].clone(),
-                    format!(
-                        "groups '{other}' ({addr}, {line}:{column}) and '{name}' ({}) share port {}: the \
-                         kernel keeps 127.0.0.1, 0.0.0.0 and [::] as separate reuseport groups, and a \
-                         wildcard address cannot be bound beside a specific one on the same port; use \
-                         one address for the port, or different ports",
-                        spec.listen,
-                        addr.port()
-                    ),
-                    false,
-                );
-            }
+            let Some((theirs, ours)) = others.overlap_with(&spec) else {
+                continue;
+            };
+            let wildcard = |l: &spec::Listen| l.is_single() && l.addr.is_unspecified();
+            let message = if theirs == ours {
+                format!(
+                    "groups '{other}' ({line}:{column}) and '{name}' both listen on {ours}: one \
+                     address and port is one group; merge them, or give one another port"
+                )
+            } else if wildcard(&theirs) || wildcard(&ours) {
+                format!(
+                    "groups '{other}' ({theirs}, {line}:{column}) and '{name}' ({ours}) share port {}: \
+                     the kernel keeps 127.0.0.1, 0.0.0.0 and [::] as separate reuseport groups, and \
+                     a wildcard address cannot be bound beside a specific one on the same port; use \
+                     one address for the port, or different ports",
+                    ours.first_port.max(theirs.first_port)
+                )
+            } else {
+                format!(
+                    "groups '{other}' ({theirs}, {line}:{column}) and '{name}' ({ours}) overlap: a \
+                     connection to an address and port in both would match two groups; give each \
+                     its own addresses or ports"
+                )
+            };
+            problem(spans["listen"].clone(), message, false);
         }
-        seen.insert(name, (here, spec.listen));
+        seen.insert(name, (here, spec.clone()));
         groups.push(spec);
     }
     let valid = problems.iter().all(|p| p.warning);
@@ -229,18 +231,6 @@ fn syntax_fix(message: &str) -> String {
 /// Two addresses on one port that the kernel would put in different reuseport groups while
 /// one covers the other: a wildcard beside a specific address of the same family, or the
 /// dual-stack [::] beside anything IPv4.
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    let wildcard = |x: SocketAddr| x.ip().is_unspecified();
-    match (a, b) {
-        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
-            wildcard(a) || wildcard(b)
-        }
-        (SocketAddr::V6(v6), SocketAddr::V4(_)) | (SocketAddr::V4(_), SocketAddr::V6(v6)) => {
-            v6.ip().is_unspecified()
-        }
-    }
-}
-
 type Spans = BTreeMap<String, Range<usize>>;
 
 /// Reads a group's keys into the model with the command line's parser, keeping where each
@@ -439,14 +429,47 @@ handler = "http"
             "{found:?}"
         );
         assert!(found[0].contains("separate reuseport groups"));
-        assert!(overlaps(
-            "[::]:1".parse().unwrap(),
-            "127.0.0.1:1".parse().unwrap()
-        ));
-        assert!(!overlaps(
-            "[::1]:1".parse().unwrap(),
-            "127.0.0.1:1".parse().unwrap()
-        ));
+    }
+
+    #[test]
+    fn groups_whose_prefixes_or_port_ranges_overlap_are_refused() {
+        let text = r#"
+[[group]]
+name = "range"
+listen = ["127.0.0.2:8080", "127.0.0.0/29:9000-9009"]
+handlers = 2
+handler = "http"
+
+[[group]]
+name = "inside"
+listen = "127.0.0.5:9005"
+handler = "http"
+"#;
+        let found = messages(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("10:10: groups 'range' (127.0.0.0/29:9000-9009, 3:8) and 'inside' (127.0.0.5:9005) overlap"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn several_addresses_round_trip_through_the_file_form() {
+        let text = r#"
+[[group]]
+name = "two"
+listen = ["127.0.0.2:8080", "[::1]:8000-8099"]
+handlers = 2
+handler = "http"
+"#;
+        let file = checked(text).file.expect("valid");
+        let spec = &file.groups[0];
+        assert_eq!(spec.listen_text(), "127.0.0.2:8080 [::1]:8000-8099");
+        let again = checked(&to_toml(&file.groups))
+            .file
+            .expect("its own form is valid");
+        assert_eq!(&again.groups[0], spec);
+        assert!(to_toml(&file.groups).contains(r#"listen = ["127.0.0.2:8080", "[::1]:8000-8099"]"#));
     }
 
     #[test]

@@ -36,12 +36,14 @@ pub enum Feature {
     BpfLoop,
     /// net.ipv4.tcp_migrate_req: queued connections move off a closing listener.
     TcpMigrateReq,
+    /// BPF_PROG_TYPE_SK_LOOKUP: a group on several addresses, a prefix or a port range.
+    SkLookup,
 }
 
 impl Feature {
     /// Every feature, in the order a missing one is reported (BTF first: the others are
     /// probed through it).
-    pub const ALL: [Feature; 7] = [
+    pub const ALL: [Feature; 8] = [
         Feature::Btf,
         Feature::SkReuseport,
         Feature::CapBpf,
@@ -49,6 +51,7 @@ impl Feature {
         Feature::ReuseportCtxSk,
         Feature::TcpMigrateReq,
         Feature::BpfLoop,
+        Feature::SkLookup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +63,7 @@ impl Feature {
             Feature::ReuseportCtxSk => "ctx->sk in SK_REUSEPORT programs",
             Feature::TcpMigrateReq => "net.ipv4.tcp_migrate_req",
             Feature::BpfLoop => "the bpf_loop helper",
+            Feature::SkLookup => "SK_LOOKUP programs",
         }
     }
 
@@ -71,6 +75,7 @@ impl Feature {
             Feature::CapBpf => (5, 8),
             Feature::SelectOrMigrate | Feature::ReuseportCtxSk | Feature::TcpMigrateReq => (5, 14),
             Feature::BpfLoop => (5, 17),
+            Feature::SkLookup => (5, 9),
         };
         KernelVersion { major, minor }
     }
@@ -85,6 +90,7 @@ impl Feature {
             Feature::ReuseportCtxSk => "the group and hash choice of each connection",
             Feature::TcpMigrateReq => "no queued connection lost when a handler goes",
             Feature::BpfLoop => "scanning up to 128 sockets within the verifier's limit",
+            Feature::SkLookup => "one group on several addresses, prefixes and port ranges",
         }
     }
 }
@@ -239,6 +245,7 @@ fn probe(feature: Feature, btf: Option<&Btf>, proc_sys: &Path) -> bool {
             has_enumerator("bpf_attach_type", "BPF_SK_REUSEPORT_SELECT_OR_MIGRATE")
         }
         Feature::BpfLoop => has_enumerator("bpf_func_id", "BPF_FUNC_loop"),
+        Feature::SkLookup => has_enumerator("bpf_prog_type", "BPF_PROG_TYPE_SK_LOOKUP"),
         // The program context (uapi sk_reuseport_md) gained `sk` in 5.14. Kernels whose BTF
         // lacks the uapi struct tell by the kernel-side context's `migrating_sk`, which came
         // in the same series (its own `sk` is older: it is not a sign).

@@ -229,7 +229,7 @@ pub struct QueueDepth {
 
 /// Several accept queues together: what waits in them, and what they hold (the sum of
 /// `capacity + 1`), for a group's occupancy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Occupancy {
     pub queued: u32,
     pub capacity: u32,

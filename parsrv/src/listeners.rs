@@ -1,5 +1,7 @@
-//! A group's listening sockets: N SO_REUSEPORT sockets on one address and port, one per
-//! handler. The kernel puts them in one reuseport group; the program picks among them.
+//! A group's listening sockets: N SO_REUSEPORT sockets, one per handler, on the group's
+//! addresses (slot i on address i % addresses). The kernel puts the sockets of one address in
+//! one reuseport group; the SK_REUSEPORT program picks among them, and the sk_lookup program
+//! moves connections between addresses.
 
 use std::{
     io,
@@ -37,6 +39,9 @@ pub enum SocketState {
 #[derive(Debug)]
 pub struct Listener {
     socket: Socket,
+    /// Where it is bound, and the index of that address among the group's.
+    addr: SocketAddr,
+    entry: u32,
     cookie: u64,
     state: SocketState,
     /// The accept-queue length the kernel set at listen() (min(backlog, somaxconn)).
@@ -46,7 +51,7 @@ pub struct Listener {
 impl Listener {
     /// A listening socket on `listen`, serving, with its cookie and the queue length the
     /// kernel gives it now.
-    fn of(socket: Socket, listen: SocketAddr) -> Result<Listener> {
+    fn of(socket: Socket, listen: SocketAddr, entry: u32) -> Result<Listener> {
         let cookie = kernel::socket_cookie(socket.as_fd())
             .map_err(socket_error("read SO_COOKIE of", listen))?;
         let capacity = kernel::queue_depth(socket.as_fd())
@@ -54,6 +59,8 @@ impl Listener {
             .capacity;
         Ok(Listener {
             socket,
+            addr: listen,
+            entry,
             cookie,
             state: SocketState::Serving,
             capacity,
@@ -62,6 +69,16 @@ impl Listener {
 
     pub fn cookie(&self) -> u64 {
         self.cookie
+    }
+
+    /// The address and port it is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The index of its address among the group's (its `--listen` entry).
+    pub fn entry(&self) -> u32 {
+        self.entry
     }
 
     /// The queue length parsrv gave the socket; a handler that calls listen() again
@@ -93,7 +110,8 @@ impl AsFd for Listener {
 /// A group's listening sockets, in slot order (slot i is the i-th socket to join the kernel's group).
 #[derive(Debug)]
 pub struct Listeners {
-    listen: SocketAddr,
+    /// The addresses the sockets bind, one per `--listen` entry.
+    addrs: Vec<SocketAddr>,
     backlog: u32,
     /// O_NONBLOCK on every socket (see [`Listeners::set_nonblocking`]).
     nonblocking: bool,
@@ -101,13 +119,15 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Creates `count` listening sockets on `listen`, after making sure no socket outside
-    /// this group holds the address: with SO_REUSEPORT and the same uid, ours would silently
-    /// join a stranger's group and steer its connections.
-    pub fn bind(listen: SocketAddr, count: u32, backlog: u32) -> Result<Self> {
-        ensure_address_free(listen)?;
+    /// Creates `count` listening sockets on `addrs` (slot i on `addrs[i % len]`), after making
+    /// sure no socket outside this group holds an address: with SO_REUSEPORT and the same
+    /// uid, ours would silently join a stranger's group and steer its connections.
+    pub fn bind(addrs: &[SocketAddr], count: u32, backlog: u32) -> Result<Self> {
+        addrs
+            .iter()
+            .try_for_each(|addr| ensure_address_free(*addr))?;
         let mut listeners = Listeners {
-            listen,
+            addrs: addrs.to_vec(),
             backlog,
             nonblocking: true,
             listeners: Vec::with_capacity(count as usize),
@@ -121,9 +141,9 @@ impl Listeners {
     /// Takes over the sockets of a running group ([`crate::spawner`]'s adoption), in slot
     /// order; where a slot's socket is gone (`None`), a new one joins the kernel's group,
     /// which the surviving sockets keep alive.
-    pub fn adopt(listen: SocketAddr, backlog: u32, sockets: Vec<Option<Socket>>) -> Result<Self> {
+    pub fn adopt(addrs: &[SocketAddr], backlog: u32, sockets: Vec<Option<Socket>>) -> Result<Self> {
         let mut listeners = Listeners {
-            listen,
+            addrs: addrs.to_vec(),
             backlog,
             nonblocking: true,
             listeners: Vec::with_capacity(sockets.len()),
@@ -131,7 +151,8 @@ impl Listeners {
         for socket in sockets {
             match socket {
                 Some(socket) => {
-                    let mut listener = Listener::of(socket, listen)?;
+                    let (listen, entry) = listeners.next_addr();
+                    let mut listener = Listener::of(socket, listen, entry)?;
                     // A socket whose handler was not ready when the last spawner went.
                     if listener.capacity == NO_HANDLER_BACKLOG {
                         listener.state = SocketState::AwaitingHandler;
@@ -147,9 +168,15 @@ impl Listeners {
         Ok(listeners)
     }
 
+    /// The address the next slot's socket binds, and its index.
+    fn next_addr(&self) -> (SocketAddr, u32) {
+        let entry = self.listeners.len() % self.addrs.len();
+        (self.addrs[entry], entry as u32)
+    }
+
     /// Adds one listening socket to the group (the next slot).
     pub fn add_listener(&mut self) -> Result<&Listener> {
-        let listen = self.listen;
+        let (listen, entry) = self.next_addr();
         let socket_error = |action| socket_error(action, listen);
         let socket = Socket::new(
             Domain::for_address(listen),
@@ -177,7 +204,7 @@ impl Listeners {
         socket
             .listen(listen_backlog(self.backlog))
             .map_err(socket_error("listen on"))?;
-        self.listeners.push(Listener::of(socket, listen)?);
+        self.listeners.push(Listener::of(socket, listen, entry)?);
         Ok(self.listeners.last().expect("just pushed"))
     }
 
@@ -187,12 +214,11 @@ impl Listeners {
     /// accepts or reads on the sockets, so either mode suits it.
     pub fn set_nonblocking(&mut self, nonblocking: bool) -> Result<()> {
         self.nonblocking = nonblocking;
-        let listen = self.listen;
         for listener in &self.listeners {
             listener
                 .socket
                 .set_nonblocking(nonblocking)
-                .map_err(socket_error("set the blocking mode of", listen))?;
+                .map_err(socket_error("set the blocking mode of", listener.addr))?;
         }
         Ok(())
     }
@@ -210,8 +236,9 @@ impl Listeners {
     /// set by the new handler itself (a server that calls listen() on its inherited socket,
     /// as gunicorn does): it is left as the handler set it.
     pub fn set_state(&mut self, index: usize, wanted: SocketState) -> Result<bool> {
-        let (listen, backlog) = (self.listen, self.backlog);
+        let backlog = self.backlog;
         let listener = &mut self.listeners[index];
+        let listen = listener.addr;
         let was = listener.state;
         if was == wanted {
             return Ok(false);
@@ -253,8 +280,9 @@ impl Listeners {
         self.listeners.pop()
     }
 
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
+    /// The addresses the sockets bind, one per `--listen` entry.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     pub fn listeners(&self) -> &[Listener] {
@@ -279,6 +307,40 @@ fn socket_error(action: &'static str, addr: SocketAddr) -> impl FnOnce(io::Error
 /// listen()'s backlog argument for `backlog` (an int in the kernel's API).
 fn listen_backlog(backlog: u32) -> i32 {
     backlog.min(i32::MAX as u32) as i32
+}
+
+/// Fails with a usage error naming the fix if an entry's addresses are not this host's: its
+/// bound address, and for an IPv4 prefix its last address too (an IPv4 `local` route makes
+/// every address of it bindable; IPv6 binds only assigned addresses, so a prefix's other
+/// addresses are left to the routing table: see the README).
+pub fn ensure_local(listen: &crate::spec::Listen) -> Result<()> {
+    let mut probes = vec![listen.bind_addr()];
+    if listen.addr.is_ipv4() && !listen.is_single() {
+        probes.push(SocketAddr::new(listen.last_addr(), 0));
+    }
+    for addr in probes {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(socket_error("create a socket for", addr))?;
+        let _ = probe.set_reuse_address(true);
+        let _ = probe.set_reuse_port(true);
+        match probe.bind(&SockAddr::from(SocketAddr::new(addr.ip(), 0))) {
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                return Err(crate::spec::invalid(
+                    "--listen",
+                    listen,
+                    format!(
+                        "{} is not an address of this host: add it (ip addr add {}/{} dev lo), \
+                         or name one it has",
+                        addr.ip(),
+                        addr.ip(),
+                        if addr.is_ipv4() { 32 } else { 128 }
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Fails with [`Error::AddressInUse`] if any socket already listens on `addr` (or on a
@@ -309,7 +371,7 @@ mod tests {
     #[test]
     fn builds_a_group_of_listeners_with_distinct_cookies() {
         let addr = free_port();
-        let group = Listeners::bind(addr, 3, 7).unwrap();
+        let group = Listeners::bind(&[addr], 3, 7).unwrap();
         assert_eq!(group.listeners().len(), 3);
         let mut cookies: Vec<u64> = group.listeners().iter().map(Listener::cookie).collect();
         cookies.dedup();
@@ -334,15 +396,15 @@ mod tests {
     fn refuses_an_address_a_plain_listener_holds() {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = other.local_addr().unwrap();
-        let err = Listeners::bind(addr, 2, 8).unwrap_err();
+        let err = Listeners::bind(&[addr], 2, 8).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
         assert!(err.to_string().contains("choose another --listen"));
     }
 
     #[test]
     fn refuses_to_join_a_foreign_reuseport_group() {
-        let foreign = Listeners::bind(free_port(), 1, 8).unwrap();
-        let err = Listeners::bind(foreign.listen_addr(), 2, 8).unwrap_err();
+        let foreign = Listeners::bind(&[free_port()], 1, 8).unwrap();
+        let err = Listeners::bind(foreign.addrs(), 2, 8).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
     }
 }

@@ -3,14 +3,17 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use parsrv_common::reuseport::{affinity::AffinityCounters, GlobalCounters, SlotCounters};
+use parsrv_common::{
+    lookup::AddressCounters,
+    reuseport::{affinity::AffinityCounters, GlobalCounters, SlotCounters},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::reuseport::RunStats,
     kernel::{Occupancy, QueueDepth},
     listeners::SocketState,
-    spec::GroupSpec,
+    spec::{GroupSpec, Listen},
 };
 
 /// Bumped on any incompatible change to the JSON. 2: the group's settings moved under
@@ -43,6 +46,24 @@ pub struct GroupStatus {
     /// With `--affinity client`: the dispatch table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<AffinityStatus>,
+    /// A group on several addresses, a prefix or a port range: each `--listen` entry, in
+    /// order (slot i's socket is bound to entry i % entries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<AddressStatus>,
+}
+
+/// One `--listen` entry of a group served by the sk_lookup program.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressStatus {
+    pub listen: Listen,
+    /// Where its sockets are bound.
+    pub bound: std::net::SocketAddr,
+    /// The slots whose sockets are bound there.
+    pub slots: Vec<u32>,
+    /// Their queues together, read when the status was taken.
+    pub queue: Occupancy,
+    /// What the sk_lookup program did with connections for this entry.
+    pub counters: AddressCounters,
 }
 
 /// The dispatch table of a group with client affinity.
@@ -118,7 +139,7 @@ impl GroupStatus {
             out,
             "group {}  listen {}  policy {}  when-full {}  backlog {}  handler {} x{} threads  spawner pid {}",
             spec.name,
-            spec.listen,
+            spec.listen_text(),
             spec.policy,
             spec.when_full,
             spec.backlog,
@@ -213,6 +234,25 @@ impl GroupStatus {
                     }
                 );
             }
+        }
+        for address in &self.addresses {
+            let slots: Vec<String> = address.slots.iter().map(u32::to_string).collect();
+            let _ = write!(
+                out,
+                "address {} (bound {}, slots {}): queues {}/{};",
+                address.listen,
+                address.bound,
+                slots.join(","),
+                address.queue.queued,
+                address.queue.capacity
+            );
+            for (counter, value) in AddressCounters::COUNTERS
+                .iter()
+                .zip(address.counters.values())
+            {
+                let _ = write!(out, " {} {value}", counter.column);
+            }
+            let _ = writeln!(out);
         }
         if let Some(affinity) = &self.affinity {
             let _ = write!(
@@ -372,7 +412,35 @@ pub(crate) mod tests {
                     ..Default::default()
                 },
             }),
+            addresses: vec![AddressStatus {
+                listen: "127.0.0.0/29:8080-8081".parse().unwrap(),
+                bound: "127.0.0.1:8080".parse().unwrap(),
+                slots: vec![0],
+                queue: Occupancy {
+                    queued: 3,
+                    capacity: 17,
+                },
+                counters: AddressCounters {
+                    served: 4,
+                    moved_away: 2,
+                    ..Default::default()
+                },
+            }],
         }
+    }
+
+    #[test]
+    fn each_address_shows_its_slots_queues_and_counters() {
+        let text = sample().render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("address "))
+            .expect("an address line");
+        assert_eq!(
+            line,
+            "address 127.0.0.0/29:8080-8081 (bound 127.0.0.1:8080, slots 0): queues 3/17; \
+             served 4 moved-away 2 moved-in 0 all-full 0 no-socket 0"
+        );
     }
 
     #[test]

@@ -157,3 +157,70 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     }
     pids
 }
+
+/// IDs of network-namespace links (sk_lookup attachments) whose program is parsrv's lookup
+/// program.
+pub fn parsrv_lookup_links() -> Vec<u32> {
+    let ours: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(parsrv_common::lookup::names::PROGRAM))
+        .map(|p| p.id())
+        .collect();
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter(|l| {
+            matches!(l.link_type(), Ok(aya::programs::links::LinkType::Netns))
+                && ours.contains(&l.program_id())
+        })
+        .map(|l| l.id())
+        .collect()
+}
+
+/// The local addresses (what getsockname gives) of the established TCP connections process
+/// `pid` holds open, read from its fds' socket inodes and its namespace's /proc/net/tcp{,6}.
+pub fn established_local_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|fd| fs::read_link(fd.path()).ok())
+                .filter_map(|link| {
+                    let link = link.to_string_lossy().into_owned();
+                    Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (10th field); 01 is ESTABLISHED.
+            if fields.len() < 10 || fields[3] != "01" || !inodes.iter().any(|i| i == fields[9]) {
+                continue;
+            }
+            let Some((addr, port)) = fields[1].split_once(':') else {
+                continue;
+            };
+            let port = u16::from_str_radix(port, 16).unwrap_or(0);
+            // Each 32-bit word of the address (network order in memory) is printed as a
+            // number of this host's byte order.
+            let bytes: Vec<u8> = (0..addr.len() / 8)
+                .filter_map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).ok())
+                .flat_map(u32::to_ne_bytes)
+                .collect();
+            let ip = match <[u8; 4]>::try_from(bytes.as_slice()) {
+                Ok(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+                Err(_) => match <[u8; 16]>::try_from(bytes.as_slice()) {
+                    Ok(v6) => IpAddr::V6(Ipv6Addr::from(v6)),
+                    Err(_) => continue,
+                },
+            };
+            found.push(SocketAddr::new(ip, port));
+        }
+    }
+    found
+}

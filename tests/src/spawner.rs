@@ -52,7 +52,7 @@ pub fn group(name: &str, handler: HandlerKind) -> GroupBuilder {
     GroupBuilder {
         spec: GroupSpec {
             name: name.to_owned(),
-            ..GroupSpec::new(addr(), handler)
+            ..GroupSpec::new(ADDR.parse().unwrap(), handler)
         },
         extra: Vec::new(),
         envs: Vec::new(),
@@ -61,7 +61,16 @@ pub fn group(name: &str, handler: HandlerKind) -> GroupBuilder {
 
 impl GroupBuilder {
     pub fn listen(mut self, addr: &str) -> Self {
-        self.spec.listen = addr.parse().expect("a test address");
+        self.spec.listen = vec![addr.parse().expect("a test address")];
+        self
+    }
+
+    /// Several `--listen` entries (addresses, or prefixes and port ranges).
+    pub fn listen_on(mut self, entries: &[&str]) -> Self {
+        self.spec.listen = entries
+            .iter()
+            .map(|e| e.parse().expect("a test address"))
+            .collect();
         self
     }
 

@@ -74,12 +74,12 @@ impl Harness {
     /// program; then the program attached with `redirect`.
     fn attached() -> (Harness, BTreeMap<u16, usize>, Steering) {
         let h = Harness {
-            group: Listeners::bind(SERVER.parse().unwrap(), 4, BACKLOG).unwrap(),
+            group: Listeners::bind(&[SERVER.parse().unwrap()], 4, BACKLOG).unwrap(),
         };
         let hash_choice = (FIRST_PORT..FIRST_PORT + PORTS)
             .map(|p| (p, h.landing(p)))
             .collect();
-        let mut steering = Steering::load(config(policy::REDIRECT), 1, None).unwrap();
+        let mut steering = Steering::load(config(policy::REDIRECT), 1, None, None).unwrap();
         for (slot, listener) in (0..).zip(h.group.listeners()) {
             steering.register(slot, listener).unwrap();
         }

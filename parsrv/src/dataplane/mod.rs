@@ -28,6 +28,7 @@
 
 pub mod affinity;
 pub mod alerts;
+pub mod lookup;
 pub mod netns;
 pub mod pins;
 pub mod reuseport;
@@ -83,38 +84,61 @@ pub const OBJECT_ENV: &str = "PARSRV_EBPF_OBJECT";
 pub enum Program {
     /// Picks a socket with room for each new connection to a group ([`reuseport`]).
     ReuseportSelect,
+    /// Moves a connection from a full address of a group to another, and serves prefixes
+    /// and port ranges ([`lookup`]).
+    AddressLookup,
 }
 
 impl Program {
-    pub const ALL: [Program; 1] = [Program::ReuseportSelect];
+    pub const ALL: [Program; 2] = [Program::ReuseportSelect, Program::AddressLookup];
 
     /// Its name in the object.
     pub fn name(self) -> &'static str {
         match self {
             Program::ReuseportSelect => parsrv_common::reuseport::names::PROGRAM,
+            Program::AddressLookup => parsrv_common::lookup::names::PROGRAM,
         }
     }
 
     pub fn object(self) -> EbpfObject {
         match self {
-            Program::ReuseportSelect => EbpfObject::Parsrv,
+            Program::ReuseportSelect | Program::AddressLookup => EbpfObject::Parsrv,
         }
     }
 
     /// The kernel features it cannot run without, in the order a missing one is reported
     /// (BTF first: the others are probed through it).
     pub fn requires(self) -> &'static [Feature] {
+        // features' test checks that no feature is left unused.
         match self {
-            // Every feature parsrv probes is, so far, for this program; a program of
-            // another type lists its own here (features' test checks none is left unused).
-            Program::ReuseportSelect => &Feature::ALL,
+            Program::ReuseportSelect => &[
+                Feature::Btf,
+                Feature::SkReuseport,
+                Feature::CapBpf,
+                Feature::SelectOrMigrate,
+                Feature::ReuseportCtxSk,
+                Feature::TcpMigrateReq,
+                Feature::BpfLoop,
+            ],
+            // It reads queues with probe reads (CAP_PERFMON) and scans with bpf_loop.
+            Program::AddressLookup => &[
+                Feature::Btf,
+                Feature::CapBpf,
+                Feature::BpfLoop,
+                Feature::SkLookup,
+            ],
         }
     }
 }
 
-/// The programs a spawner needs (every group needs the reuseport program today).
-pub fn programs_for_groups() -> &'static [Program] {
-    &[Program::ReuseportSelect]
+/// The programs a spawner needs for `groups`: the reuseport program always, the lookup
+/// program for a group on several addresses, a prefix or a port range.
+pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
+    let mut programs = vec![Program::ReuseportSelect];
+    if groups.iter().any(crate::spec::GroupSpec::needs_lookup) {
+        programs.push(Program::AddressLookup);
+    }
+    programs
 }
 
 /// The bytes of `object`: the file named by [`OBJECT_ENV`], or the embedded one.

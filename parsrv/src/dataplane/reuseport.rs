@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, ReusePortSockArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf, SockMap},
     programs::{ProgramError, SkReuseport},
     Ebpf, EbpfLoader,
 };
@@ -17,22 +17,34 @@ use parsrv_common::reuseport::{
     flags, names, GlobalCounters, ProgramConfig, SlotCounters, MAX_SOCKETS,
 };
 
-use super::{affinity::DispatchTable, object, pins::Pins, sum_over_cpus, EbpfObject};
+use super::{
+    affinity::DispatchTable,
+    lookup::{self, AddressLookup},
+    object,
+    pins::Pins,
+    sum_over_cpus, EbpfObject,
+};
 use crate::{
     error::{Error, Result},
     listeners::Listener,
+    spec::Listen,
 };
 
 /// The loaded program and its maps. Dropping it unloads the program unless a group still
 /// holds it (detach explicitly with [`Steering::detach`]).
 pub struct Steering {
     loaded: Loaded,
-    sockets: ReusePortSockArray<MapData>,
+    sockets: SockMap<MapData>,
     slot_by_cookie: HashMap<MapData, u64, u32>,
     slot_counters: PerCpuArray<MapData, SlotCounters>,
     global_counters: PerCpuArray<MapData, GlobalCounters>,
     config: Array<MapData, ProgramConfig>,
     dispatch_table: DispatchTable,
+    /// The sk_lookup program's maps (present in every group; its program is attached only
+    /// for a group on several addresses, a prefix or a port range).
+    addresses: AddressLookup,
+    /// The sk_lookup program's link when it is not pinned (a group loaded without pins).
+    lookup_link: Option<aya::programs::links::FdLink>,
     /// The program's queue alerts, until the autoscaler takes them ([`Steering::take_alerts`]).
     /// None from the pins of a group whose program sends none (an older parsrv's).
     alerts: Option<RingBuf<MapData>>,
@@ -61,12 +73,20 @@ pub struct RunStats {
 
 impl Steering {
     /// Loads the program with expected attach type SELECT_OR_MIGRATE and writes `config`,
-    /// with a dispatch table of `table_size` entries.
+    /// with a dispatch table of `table_size` entries. With `lookup` (a group on several
+    /// addresses, a prefix or a port range), the sk_lookup program is loaded too, its rules
+    /// written, and attached to this process's network namespace (its link pinned with the
+    /// maps).
     ///
     /// With `pin_dir`, the maps are pinned at once into a staging directory beside it, which
     /// [`Steering::publish_pins`] renames to `pin_dir` in one step (so a reader never sees
     /// half a set) and which is removed if anything fails before.
-    pub fn load(config: ProgramConfig, table_size: u32, pin_dir: Option<&Path>) -> Result<Self> {
+    pub fn load(
+        config: ProgramConfig,
+        table_size: u32,
+        pin_dir: Option<&Path>,
+        lookup: Option<&[Listen]>,
+    ) -> Result<Self> {
         let object = object(EbpfObject::Parsrv)?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::DISPATCH_TABLE, table_size)
@@ -114,6 +134,12 @@ impl Steering {
         let dispatch_table = take(names::DISPATCH_TABLE)?;
         let affinity_counters = take(names::AFFINITY_COUNTERS)?;
         let alerts = take(names::QUEUE_ALERTS)?;
+        let [rules, slot_listen, address_counters] = lookup::MAPS;
+        let mut addresses =
+            AddressLookup::from_maps([take(rules)?, take(slot_listen)?, take(address_counters)?])?;
+        if let Some(listen) = lookup {
+            addresses.set_rules(listen)?;
+        }
         let typed = |name: &str| Error::ebpf(format!("map {name} has the wrong type"));
         let mut steering = Steering {
             sockets: sockets.try_into().map_err(typed(names::SOCKETS))?,
@@ -137,6 +163,8 @@ impl Steering {
                 capacity: table_size,
             },
             alerts: Some(alerts.try_into().map_err(typed(names::QUEUE_ALERTS))?),
+            addresses,
+            lookup_link: None,
             staged: staged.zip(pin_dir.map(Path::to_owned)),
             current: ProgramConfig {
                 generation: 1,
@@ -145,7 +173,27 @@ impl Steering {
             loaded: Loaded::Object(ebpf),
         };
         steering.write_config()?;
+        if lookup.is_some() {
+            steering.attach_lookup()?;
+        }
         Ok(steering)
+    }
+
+    /// Loads the sk_lookup program and attaches it to the network namespace; its link is
+    /// pinned with the maps (or kept here without pins).
+    fn attach_lookup(&mut self) -> Result<()> {
+        let Loaded::Object(ebpf) = &mut self.loaded else {
+            unreachable!("only a freshly loaded object attaches");
+        };
+        let link = lookup::attach(ebpf)?;
+        match &self.staged {
+            Some((staged, _)) => {
+                link.pin(staged.0.join(parsrv_common::lookup::names::LINK))
+                    .map_err(Error::ebpf("pinning the sk_lookup link"))?;
+            }
+            None => self.lookup_link = Some(link),
+        }
+        Ok(())
     }
 
     /// Takes over the program and maps a running group pinned at `pin_dir` (its spawner is
@@ -168,6 +216,8 @@ impl Steering {
             global_counters: pinned(pin_dir, names::GLOBAL_COUNTERS)?,
             config: config_map,
             dispatch_table: adopt_dispatch_table(pin_dir)?,
+            addresses: AddressLookup::adopt(pin_dir)?,
+            lookup_link: None,
             alerts: pinned(pin_dir, names::QUEUE_ALERTS).ok(),
             staged: None,
             // Not draining: a spawner that died draining left the group to whoever adopts it.
@@ -248,6 +298,10 @@ impl Steering {
         self.sockets
             .set(slot, listener.socket(), 0)
             .map_err(Error::ebpf(context))?;
+        let v6_only = listener.addr().is_ipv6() && listener.socket().only_v6().unwrap_or(true);
+        self.addresses
+            .set_slot(slot, Some((listener.entry(), v6_only)))?;
+        self.current.slots = self.current.slots.max(slot + 1);
         self.new_generation()
     }
 
@@ -256,6 +310,7 @@ impl Steering {
         self.forget_socket(slot)?;
         // Its cookie may be gone already if registration failed halfway.
         let _ = self.slot_by_cookie.remove(&cookie);
+        self.addresses.set_slot(slot, None)?;
         self.new_generation()
     }
 
@@ -288,7 +343,7 @@ impl Steering {
 
     /// Attaches the program to the reuseport group `member` belongs to. From then on it
     /// picks the socket for every new connection to the group.
-    pub fn attach(&self, member: &Listener) -> Result<()> {
+    pub fn attach(&self, member: &impl AsFd) -> Result<()> {
         self.program()
             .attach(member.as_fd())
             .map_err(Error::ebpf("attaching the program to the socket group"))
@@ -322,6 +377,11 @@ impl Steering {
             GlobalCounters::add,
             names::GLOBAL_COUNTERS,
         )
+    }
+
+    /// The sk_lookup program's maps: per-address counters.
+    pub fn addresses(&self) -> &AddressLookup {
+        &self.addresses
     }
 
     /// The dispatch table of client affinity.

@@ -9,7 +9,10 @@ pub use serve::{health, serve, HEAD_TIMEOUT, MAX_CONNECTIONS};
 use std::fmt::Write as _;
 
 use crate::status::GroupStatus;
-use parsrv_common::reuseport::{affinity::AffinityCounters, SlotCounters};
+use parsrv_common::{
+    lookup::AddressCounters,
+    reuseport::{affinity::AffinityCounters, SlotCounters},
+};
 
 /// One metric family: name, type, help, and its samples (labels, value).
 struct Family {
@@ -148,6 +151,25 @@ pub fn render(groups: &[GroupStatus]) -> String {
                         format!("group=\"{}\"", g.spec.name),
                         affinity.counters.values()[index] as f64,
                     ))
+                })
+                .collect(),
+        });
+    }
+    // A group on several addresses: what the sk_lookup program did, per `--listen` entry.
+    for (index, counter) in AddressCounters::COUNTERS.iter().enumerate() {
+        families.push(Family {
+            name: format!("parsrv_address_{}_total", counter.name),
+            kind: "counter",
+            help: counter.help,
+            samples: groups
+                .iter()
+                .flat_map(|g| {
+                    g.addresses.iter().map(move |a| {
+                        (
+                            format!("group=\"{}\",listen=\"{}\"", g.spec.name, a.listen),
+                            a.counters.values()[index] as f64,
+                        )
+                    })
                 })
                 .collect(),
         });

@@ -31,22 +31,45 @@ use crate::{
     },
     error::{Error, Result},
     handler::HandlerStats,
+    kernel::Occupancy,
     listeners::{Listeners, SocketState},
     spec::{Affinity, GroupSpec, HandlerKind},
     status::{
-        self, AffinityEntry, AffinityStatus, GroupStatus, HandlerStatus, ScalingStatus,
-        SocketStatus,
+        self, AddressStatus, AffinityEntry, AffinityStatus, GroupStatus, HandlerStatus,
+        ScalingStatus, SocketStatus,
     },
     supervisor::{process_alive, process_start_time, Launcher, SlotEvent, SlotEvents},
 };
 
-/// Detaches the program from the group when dropped (holds a duplicate of a member socket).
-struct Attachment(socket2::Socket);
+/// Detaches the program from the group when dropped: it holds a duplicate of a member
+/// socket of each address (each address is a reuseport group of its own in the kernel).
+struct Attachment(Vec<socket2::Socket>);
+
+impl Attachment {
+    /// A duplicate of a socket of each address that is in its kernel group (not parked).
+    fn of(listeners: &[crate::listeners::Listener], addresses: usize) -> Result<Attachment> {
+        (0..addresses as u32)
+            .filter_map(|entry| {
+                listeners
+                    .iter()
+                    .find(|l| l.entry() == entry && l.state() != SocketState::Parked)
+            })
+            .map(|l| {
+                l.socket()
+                    .try_clone()
+                    .map_err(Error::io("duplicating a group socket"))
+            })
+            .collect::<Result<_>>()
+            .map(Attachment)
+    }
+}
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        if let Err(e) = Steering::detach(&self.0) {
-            log::error!("{e}");
+        for member in &self.0 {
+            if let Err(e) = Steering::detach(member) {
+                log::error!("{e}");
+            }
         }
     }
 }
@@ -129,7 +152,7 @@ impl RunningGroup {
             when_full: spec.when_full.to_program(),
             generation: 0, // Steering owns it
             flags: 0,
-            _reserved: 0,
+            slots: 0, // Steering owns it
             affinity: spec.affinity_config(),
         };
         let (mut listeners, steering, adopted) = match adoption {
@@ -137,8 +160,17 @@ impl RunningGroup {
                 // The caller made sure that no spawner answers for this group and that no
                 // handler of it runs, so pins under its name are a dead one's.
                 Pins::remove_stale(&pin_dir)?;
-                let listeners = Listeners::bind(spec.listen, spec.handlers.min, spec.backlog)?;
-                let steering = Steering::load(config, spec.dispatch_table_size(), Some(&pin_dir))?;
+                spec.listen
+                    .iter()
+                    .try_for_each(crate::listeners::ensure_local)?;
+                let listeners =
+                    Listeners::bind(&spec.bind_addrs(), spec.handlers.min, spec.backlog)?;
+                let steering = Steering::load(
+                    config,
+                    spec.dispatch_table_size(),
+                    Some(&pin_dir),
+                    spec.needs_lookup().then_some(spec.listen.as_slice()),
+                )?;
                 (listeners, steering, Vec::new())
             }
             Some(adoption) => {
@@ -160,7 +192,7 @@ impl RunningGroup {
                         }
                     }
                 }
-                let listeners = Listeners::adopt(spec.listen, spec.backlog, sockets)?;
+                let listeners = Listeners::adopt(&spec.bind_addrs(), spec.backlog, sockets)?;
                 (listeners, steering, handlers)
             }
         };
@@ -176,13 +208,10 @@ impl RunningGroup {
         let (stop, stopped) = watch::channel(false);
         let mut members =
             Members::register(listeners, steering, launcher.clone(), stopped, adopted)?;
-        members.steering().attach(&members.listeners()[0])?;
-        let attachment = Attachment(
-            members.listeners()[0]
-                .socket()
-                .try_clone()
-                .map_err(Error::io("duplicating a group socket"))?,
-        );
+        let attachment = Attachment::of(members.listeners(), spec.listen.len())?;
+        for member in &attachment.0 {
+            members.steering().attach(member)?;
+        }
         let program_log = members.steering_mut().take_log(&spec.name)?;
         let pins = if adopting {
             Some(Pins::adopt(pin_dir))
@@ -287,15 +316,10 @@ impl RunningGroup {
         tokio::task::yield_now().await;
         // Detach through a socket in the kernel's group: a parked one (shut down) is not.
         if let Some((attachment, _)) = self.teardown.borrow_mut().as_mut() {
-            let member = self
-                .members
-                .borrow()
-                .listeners()
-                .iter()
-                .find(|l| l.state() != SocketState::Parked)
-                .and_then(|l| l.socket().try_clone().ok());
-            if let Some(member) = member {
-                attachment.0 = member;
+            if let Ok(members) =
+                Attachment::of(self.members.borrow().listeners(), self.spec.listen.len())
+            {
+                *attachment = members;
             }
         }
         self.teardown.borrow_mut().take();
@@ -449,7 +473,37 @@ impl RunningGroup {
             errors: members.steering().global_counters()?,
             program: members.steering().run_stats()?,
             affinity: self.affinity_status(&members)?,
+            addresses: self.address_status(&members)?,
         })
+    }
+
+    /// Each `--listen` entry of a group the sk_lookup program serves.
+    fn address_status(&self, members: &Members) -> Result<Vec<AddressStatus>> {
+        if !self.spec.needs_lookup() {
+            return Ok(Vec::new());
+        }
+        let counters = members
+            .steering()
+            .addresses()
+            .counters(self.spec.listen.len())?;
+        Ok((0..)
+            .zip(self.spec.listen.iter().zip(counters))
+            .map(|(entry, (listen, counters))| {
+                let own: Vec<_> = members
+                    .listeners()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.entry() == entry)
+                    .collect();
+                AddressStatus {
+                    listen: *listen,
+                    bound: listen.bind_addr(),
+                    slots: own.iter().map(|(slot, _)| *slot as u32).collect(),
+                    queue: Occupancy::of(own.iter().filter_map(|(_, l)| l.queue().ok())),
+                    counters,
+                }
+            })
+            .collect())
     }
 
     fn affinity_status(&self, members: &Members) -> Result<Option<AffinityStatus>> {

@@ -62,12 +62,12 @@ pub fn run(options: RunOptions) -> Result<()> {
     }
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
     kernel::check_capabilities()?;
-    let programs = dataplane::programs_for_groups();
+    let programs = dataplane::programs_for_groups(&options.groups);
     let btf = kernel::vmlinux_btf()?;
-    KernelFeatures::probe_with(Some(&btf)).require_for(programs)?;
+    KernelFeatures::probe_with(Some(&btf)).require_for(&programs)?;
     let offsets = kernel::offsets_in(&btf)?;
     drop(btf); // some megabytes, not needed while serving
-    dataplane::check_objects(programs)?;
+    dataplane::check_objects(&programs)?;
     for spec in &options.groups {
         ensure_not_running(&spec.name)?;
     }
@@ -148,6 +148,28 @@ pub fn stop_orphan(name: &str) -> Result<String> {
             "group {name}: its handlers {pids:?} (left by a spawner that is gone) stopped, program detached, pins removed"
         ))
     })
+}
+
+/// Refuses a group whose addresses and ports overlap a group another spawner runs: the
+/// kernel would split connections between two groups' sockets, or two sk_lookup programs
+/// would claim the same connections. (Exact addresses are also refused by the bind check;
+/// prefixes and port ranges only here.)
+fn ensure_no_overlap_with_running(spec: &GroupSpec) -> Result<()> {
+    for name in control::running_groups() {
+        if name == spec.name {
+            continue;
+        }
+        let Some(record) = record::GroupRecord::read(&name) else {
+            continue;
+        };
+        if let Some((ours, theirs)) = spec.overlap_with(&record.spec) {
+            return Err(Error::Rejected(format!(
+                "group '{}' ({ours}) overlaps group '{name}' ({theirs}), which spawner {} runs:                  a connection would match both; give the new group other addresses or ports",
+                spec.name, record.spawner_pid
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn ensure_not_running(name: &str) -> Result<()> {
@@ -242,13 +264,17 @@ impl Spawner {
             .groups
             .borrow()
             .values()
-            .find(|g| g.spec.listen == spec.listen || g.spec.name == spec.name)
+            .find(|g| g.spec.overlap_with(&spec).is_some() || g.spec.name == spec.name)
         {
             return Err(Error::Rejected(format!(
                 "group '{}' ({}) is already served here as '{}' ({}): give the new group its own name and address",
-                spec.name, spec.listen, other.spec.name, other.spec.listen
+                spec.name,
+                spec.listen_text(),
+                other.spec.name,
+                other.spec.listen_text()
             )));
         }
+        ensure_no_overlap_with_running(&spec)?;
         let adoption = adopt_if_running(&spec)?;
         let group = RunningGroup::create(spec, self.offsets, adoption)?;
         let control = ControlSocket::bind(&group.spec.name)?;
@@ -277,7 +303,7 @@ impl Spawner {
         log::info!(
             "group {} serves {} with {} {} handlers{} (policy {}, when-full {}); status: parsrv status {}",
             spec.name,
-            spec.listen,
+            spec.listen_text(),
             spec.handlers.min,
             spec.handler,
             match (spec.autoscaled(), spec.handlers.max > spec.handlers.min) {

@@ -98,6 +98,15 @@ fn args_of_keys<'a>(
                 }
             }
             (_, _) if setting.is_last_set() => return Err(wrong("an array of strings")),
+            // A setting given more than once (`listen = ["A", "B"]` is `--listen A --listen B`).
+            (ArgAction::Append, toml::Value::Array(items)) => {
+                for item in items {
+                    let text = item
+                        .as_str()
+                        .ok_or_else(|| wrong("a string or an array of strings"))?;
+                    args.push(format!("--{long}={text}"));
+                }
+            }
             (_, toml::Value::String(text)) => args.push(format!("--{long}={text}")),
             (_, scalar @ (toml::Value::Integer(_) | toml::Value::Float(_))) => {
                 args.push(format!("--{long}={scalar}"))

@@ -8,9 +8,11 @@
 
 pub mod flags;
 mod host;
+mod listen;
 mod values;
 
 pub use host::{executable_by, find_program, usable_cpus};
+pub use listen::Listen;
 pub use values::{format_cpus, parse_cpus, parse_listen, ClientPrefix, CpuList, HandlerRange};
 
 use std::{fmt, net::SocketAddr};
@@ -128,9 +130,14 @@ pub struct GroupSpec {
     /// Group name for pins and `parsrv status` [default: ADDR-PORT].
     #[arg(long, default_value = "", hide_default_value = true)]
     pub name: String,
-    /// Address and port every handler socket binds, e.g. 127.0.0.1:8080 or [::1]:8080.
-    #[arg(long, value_name = "ADDR:PORT", value_parser = values::listen_value)]
-    pub listen: SocketAddr,
+    /// Address and port the handler sockets bind, e.g. 127.0.0.1:8080 or [::1]:8080. Give it
+    /// again for more addresses (each gets its own handlers: slot i binds entry i % entries);
+    /// a prefix and a port range (127.0.0.0/24:8080, [::1]:8000-8099) serve addresses and
+    /// ports nobody binds. A connection to a full address goes to another's sockets.
+    #[arg(long, value_name = "ADDR:PORT", required = true, action = ArgAction::Append,
+          value_parser = listen::parse)]
+    #[serde(with = "listen::one_or_many")]
+    pub listen: Vec<Listen>,
     /// What each handler runs: a built-in server, or `exec` and a program after `--`.
     #[arg(long, value_enum)]
     pub handler: HandlerKind,
@@ -223,21 +230,27 @@ pub struct Credentials {
 impl GroupSpec {
     /// A group on `listen` running `handler`, with every other setting at its default (the
     /// flags' defaults: they are declared once, on the fields).
-    pub fn new(listen: SocketAddr, handler: HandlerKind) -> Self {
+    pub fn new(listen: Listen, handler: HandlerKind) -> Self {
+        GroupSpec::on(&[listen], handler)
+    }
+
+    /// A group on several entries (see [`GroupSpec::new`]).
+    pub fn on(listen: &[Listen], handler: HandlerKind) -> Self {
         use clap::{FromArgMatches, Parser};
         #[derive(Parser)]
         struct Defaults {
             #[command(flatten)]
             spec: GroupSpec,
         }
-        let (listen, handler) = (listen.to_string(), handler.to_string());
-        let matches = <Defaults as clap::CommandFactory>::command().get_matches_from([
-            "defaults",
-            "--listen",
-            &listen,
-            "--handler",
-            &handler,
-        ]);
+        let mut args = vec![
+            "defaults".to_owned(),
+            "--handler".to_owned(),
+            handler.to_string(),
+        ];
+        for entry in listen {
+            args.push(format!("--listen={entry}"));
+        }
+        let matches = <Defaults as clap::CommandFactory>::command().get_matches_from(args);
         Defaults::from_arg_matches(&matches)
             .expect("the defaults parse")
             .spec
@@ -248,9 +261,38 @@ impl GroupSpec {
     /// address).
     pub fn named(mut self) -> Self {
         if self.name.is_empty() {
-            self.name = GroupSpec::default_name(&self.listen);
+            self.name = GroupSpec::default_name(&self.bind_addrs()[0]);
         }
         self
+    }
+
+    /// The entries as `status` and logs show them: `127.0.0.2:80 127.0.0.3:80`.
+    pub fn listen_text(&self) -> String {
+        let entries: Vec<String> = self.listen.iter().map(ToString::to_string).collect();
+        entries.join(" ")
+    }
+
+    /// The first pair of entries, one of this group's and one of `other`'s, that a connection
+    /// could match both of.
+    pub fn overlap_with(&self, other: &GroupSpec) -> Option<(Listen, Listen)> {
+        self.listen.iter().find_map(|a| {
+            other
+                .listen
+                .iter()
+                .find(|b| a.overlaps(b))
+                .map(|b| (*a, *b))
+        })
+    }
+
+    /// Where each entry's sockets bind, in entry order.
+    pub fn bind_addrs(&self) -> Vec<SocketAddr> {
+        self.listen.iter().map(Listen::bind_addr).collect()
+    }
+
+    /// Whether the group needs the sk_lookup program: more than one entry, or a prefix or
+    /// a port range.
+    pub fn needs_lookup(&self) -> bool {
+        !matches!(self.listen.as_slice(), [one] if one.is_single())
     }
 
     /// Whether the group grows and shrinks with load (`--handlers MIN..MAX`, MIN < MAX).
@@ -315,19 +357,62 @@ impl GroupSpec {
         }
     }
 
+    /// What is wrong with the `--listen` entries as a whole.
+    fn listen_problems(&self) -> Vec<Error> {
+        use parsrv_common::lookup::{MAX_LISTENS, MAX_RULES};
+        let mut problems = Vec::new();
+        for entry in &self.listen {
+            if entry.first_port == 0 {
+                problems.push(invalid(
+                    "--listen",
+                    entry,
+                    "port 0 would give each socket a different port: name a fixed port",
+                ));
+            }
+        }
+        for (i, a) in self.listen.iter().enumerate() {
+            if let Some(b) = self.listen[..i].iter().find(|b| b.overlaps(a)) {
+                problems.push(invalid(
+                    "--listen",
+                    a,
+                    format!(
+                        "overlaps --listen {b} of the same group: a connection would match                          both; give each address and port once"
+                    ),
+                ));
+            }
+        }
+        let rules: u32 = self.listen.iter().map(Listen::rule_count).sum();
+        if self.listen.len() > MAX_LISTENS as usize || rules > MAX_RULES {
+            problems.push(invalid(
+                "--listen",
+                self.listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+                format!(
+                    "{} entries with {rules} ports in all: a group serves at most {MAX_LISTENS}                      entries and {MAX_RULES} ports; split it into several groups",
+                    self.listen.len()
+                ),
+            ));
+        }
+        if (self.handlers.min as usize) < self.listen.len() {
+            problems.push(invalid(
+                "--handlers",
+                self.handlers,
+                format!(
+                    "each --listen entry needs its own handler, and there are {}: give at least                      {} (as MIN with MIN..MAX)",
+                    self.listen.len(),
+                    self.listen.len()
+                ),
+            ));
+        }
+        problems
+    }
+
     /// Every bad value, each with its fix (a config file reports them all at once).
     pub fn problems(&self) -> Vec<Error> {
         let mut problems = Vec::new();
         if let Err(e) = validate_name(&self.name) {
             problems.push(e);
         }
-        if self.listen.port() == 0 {
-            problems.push(invalid(
-                "--listen",
-                self.listen,
-                "port 0 would give each socket a different port: name a fixed port",
-            ));
-        }
+        problems.extend(self.listen_problems());
         let range = self.handlers.to_string();
         let HandlerRange { min, max } = self.handlers;
         if !(1..=MAX_SOCKETS).contains(&min) || !(1..=MAX_SOCKETS).contains(&max) {
@@ -448,7 +533,7 @@ impl GroupSpec {
             ));
         }
         if self.affinity == Affinity::None {
-            let defaults = GroupSpec::new(self.listen, self.handler);
+            let defaults = GroupSpec::on(&self.listen, self.handler);
             let given = [
                 (
                     "--affinity-prefix",
@@ -616,7 +701,7 @@ mod tests {
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
-        let cases: [(&str, Spoil); 24] = [
+        let cases: [(&str, Spoil); 27] = [
             ("--affinity-prefix", |s| {
                 s.affinity = Affinity::Client;
                 s.affinity_prefix.v4 = 33;
@@ -647,7 +732,15 @@ mod tests {
             ("--handlers", |s| s.handlers.max = MAX_SOCKETS + 1),
             ("--backlog", |s| s.backlog = 0),
             ("--threads", |s| s.threads = 0),
-            ("--listen", |s| s.listen.set_port(0)),
+            ("--listen", |s| s.listen[0].first_port = 0),
+            ("--listen", |s| s.listen.push(s.listen[0])),
+            ("--listen", |s| {
+                s.listen.push("127.0.0.0/8:1-65535".parse().unwrap())
+            }),
+            ("--handlers", |s| {
+                s.handlers.min = 1;
+                s.listen.push("127.0.0.2:80".parse().unwrap());
+            }),
             ("--name", |s| s.name = "a/b".into()),
             ("--name", |s| s.name = "_staging".into()),
             ("--name", |s| s.name = "a.b".into()),

@@ -1,0 +1,304 @@
+//! One group on several addresses (seed 004, claim 6): sockets bound to different addresses
+//! form one list. A connection for an address whose sockets are all full goes to a socket of
+//! another address with room, keeping the address the client asked for; a prefix and a port
+//! range are served by sockets bound to one address; nothing else in the namespace is
+//! touched. Each test runs in its own network namespace, whose loopback holds 127.0.0.0/8
+//! (and the IPv6 addresses a test adds).
+
+use std::{
+    io::Write,
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use parsrv::dataplane::pins::group_dir as pin_dir;
+use parsrv_integration_tests::{
+    connect, established_local_addrs, group, parsrv_lookup_links, privileged, read_answer, signal,
+    stop_process, wait_for, Feature, HandlerKind, Needs, NetCounters, Outcome, PlainGroup, Spawner,
+    HTTP_REQUEST,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn needs() -> Needs {
+    Needs::program().and(Feature::SkLookup)
+}
+
+fn at(addr: &str) -> SocketAddr {
+    addr.parse().unwrap()
+}
+
+/// One HTTP request to `addr`; the body of the answer.
+fn ask(addr: SocketAddr, timeout: Duration) -> Result<String, Outcome> {
+    let mut stream = connect(addr, timeout)?;
+    stream.write_all(HTTP_REQUEST).map_err(|_| Outcome::Reset)?;
+    let answer = read_answer(&mut stream, timeout)?;
+    Ok(answer
+        .rsplit("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The pid in a built-in handler's answer (`parsrv handler SLOT (pid PID)`).
+fn pid_in(body: &str) -> Option<u32> {
+    parsrv_integration_tests::answering_pid(body)
+}
+
+/// Stops the handlers of `slots` and fills their queues through `addr` (the other slots of
+/// the address are stopped as well, so what `addr` gets waits there).
+fn stop_and_fill(spawner: &Spawner, slots: &[usize], addr: SocketAddr) -> Vec<TcpStream> {
+    for &slot in slots {
+        stop_process(spawner.handler_pid(slot));
+    }
+    slots
+        .iter()
+        .flat_map(|&slot| spawner.fill_queue(slot, addr))
+        .collect()
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_full_address_sends_its_connections_to_another_addresss_handlers_keeping_the_address() {
+    privileged(needs(), || {
+        let (full, other) = (at("127.0.0.2:8080"), at("127.0.0.3:8080"));
+        // Control first, in the same namespace: two plain SO_REUSEPORT groups on two
+        // addresses, the first one's sockets never accepting. Nothing moves its clients.
+        {
+            let _stuck = PlainGroup::start(at("127.0.0.4:8080"), 2, 4, &[]);
+            let _serving = PlainGroup::start(at("127.0.0.5:8080"), 2, 4, &[0, 1]);
+            assert_eq!(ask(at("127.0.0.5:8080"), TIMEOUT).as_deref(), Ok("plain\n"));
+            let failed = (0..30)
+                .filter(|_| ask(at("127.0.0.4:8080"), Duration::from_millis(300)).is_err())
+                .count();
+            assert_eq!(failed, 30, "the plain control's stuck address answered");
+        }
+
+        let spawner = group("two-addresses", HandlerKind::Http)
+            .listen_on(&["127.0.0.2:8080", "127.0.0.3:8080"])
+            .handlers(4)
+            .backlog(4)
+            .no_autoscale()
+            .start();
+        let status = spawner.status();
+        assert_eq!(status.addresses.len(), 2);
+        assert_eq!(status.addresses[0].slots, [0, 2]);
+        assert_eq!(status.addresses[1].slots, [1, 3]);
+        assert_eq!(parsrv_lookup_links().len(), 1, "one sk_lookup link");
+        // Both addresses served while nothing is full: each by its own handlers.
+        let own = |addr| pid_in(&ask(addr, TIMEOUT).unwrap()).unwrap();
+        assert!([0, 2].map(|s| spawner.handler_pid(s)).contains(&own(full)));
+        assert!([1, 3].map(|s| spawner.handler_pid(s)).contains(&own(other)));
+
+        let _held = stop_and_fill(&spawner, &[0, 2], full);
+        let takers = [1, 3].map(|s| spawner.handler_pid(s));
+        let before = spawner.status().addresses;
+        let kernel = NetCounters::read();
+        let answered: Vec<Result<String, Outcome>> = (0..200).map(|_| ask(full, TIMEOUT)).collect();
+        let kernel = kernel.delta(&NetCounters::read());
+        let failed = answered.iter().filter(|a| a.is_err()).count();
+        assert_eq!(failed, 0, "{failed} of 200 failed:\n{}", spawner.log());
+        for body in answered.iter().flatten() {
+            let pid = pid_in(body).expect("a handler's answer");
+            assert!(
+                takers.contains(&pid),
+                "answered by {pid}, not by 127.0.0.3's handlers"
+            );
+        }
+        assert_eq!(kernel.listen_overflows, 0, "the kernel dropped SYNs");
+        let after = spawner.status().addresses;
+        let moved = |i: usize, f: fn(&parsrv_common::lookup::AddressCounters) -> u64| {
+            f(&after[i].counters) - f(&before[i].counters)
+        };
+        assert_eq!(moved(0, |c| c.moved_away), 200);
+        assert_eq!(moved(1, |c| c.moved_in), 200);
+        assert_eq!(moved(0, |c| c.served), 0);
+
+        // The handlers that took them see the address the client asked for as the local one.
+        let open: Vec<TcpStream> = (0..20).map(|_| connect(full, TIMEOUT).unwrap()).collect();
+        let locals = || -> Vec<SocketAddr> {
+            takers
+                .iter()
+                .flat_map(|&pid| established_local_addrs(pid))
+                .collect()
+        };
+        assert!(
+            wait_for(Duration::from_secs(5), || locals()
+                .iter()
+                .filter(|a| **a == full)
+                .count()
+                >= open.len()),
+            "local addresses of the takers' connections: {:?}",
+            locals()
+        );
+        assert!(!locals().contains(&other), "a connection kept 127.0.0.3");
+        drop(open);
+        assert!(spawner.stop().success());
+        assert_eq!(parsrv_lookup_links(), Vec::<u32>::new(), "a link was left");
+        assert!(!pin_dir("two-addresses").exists());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_ipv4_address_overflows_to_dual_stack_ipv6_sockets_and_ipv6_never_to_ipv4_ones() {
+    privileged(needs(), || {
+        // The kernel hands an IPv4 connection only to a dual-stack IPv6 socket: one bound to
+        // [::] (binding a specific IPv6 address makes a socket IPv6-only).
+        let (v4, v6) = (at("127.0.0.2:8080"), at("[::1]:8081"));
+        let spawner = group("two-families", HandlerKind::Http)
+            .listen_on(&["127.0.0.2:8080", "[::]:8081"])
+            .handlers(4)
+            .backlog(4)
+            .no_autoscale()
+            .start();
+        let _held = stop_and_fill(&spawner, &[0, 2], v4);
+        let takers = [1, 3].map(|s| spawner.handler_pid(s));
+        let answered: Vec<_> = (0..50).map(|_| ask(v4, TIMEOUT)).collect();
+        assert_eq!(answered.iter().filter(|a| a.is_err()).count(), 0);
+        for body in answered.iter().flatten() {
+            assert!(takers.contains(&pid_in(body).unwrap()));
+        }
+        // An IPv4 connection on an IPv6 socket: the local address is 127.0.0.2, mapped.
+        let open: Vec<TcpStream> = (0..5).map(|_| connect(v4, TIMEOUT).unwrap()).collect();
+        let mapped = at("[::ffff:127.0.0.2]:8080");
+        assert!(wait_for(Duration::from_secs(5), || takers
+            .iter()
+            .flat_map(|&pid| established_local_addrs(pid))
+            .filter(|a| *a == mapped)
+            .count()
+            >= open.len()));
+        drop(open);
+
+        // The other way the kernel refuses (an IPv6 connection to an IPv4 socket): with the
+        // IPv6 handlers stopped and full, IPv6 clients wait, and nothing is sent to IPv4.
+        for slot in [0, 2] {
+            signal(spawner.handler_pid(slot), Signal::SIGCONT);
+        }
+        let _held_v6 = stop_and_fill(&spawner, &[1, 3], v6);
+        let before = spawner.status().addresses;
+        let failed = (0..5)
+            .filter(|_| ask(v6, Duration::from_millis(500)).is_err())
+            .count();
+        let after = spawner.status().addresses;
+        assert_eq!(failed, 5);
+        assert_eq!(after[1].counters.moved_away, before[1].counters.moved_away);
+        assert!(after[1].counters.all_full >= before[1].counters.all_full + 5);
+        for slot in [1, 3] {
+            signal(spawner.handler_pid(slot), Signal::SIGCONT);
+        }
+        assert!(spawner.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_prefix_and_port_range_reach_one_group_and_nothing_else_in_the_namespace_is_touched() {
+    privileged(needs(), || {
+        // Plain servers on an address outside the prefix, and on a port outside the range.
+        let outside_addr = at("127.0.0.16:9001");
+        let outside_port = at("127.0.0.10:9004");
+        let _plain = [
+            PlainGroup::start(outside_addr, 1, 16, &[0]),
+            PlainGroup::start(outside_port, 1, 16, &[0]),
+        ];
+        let plain_answers = || {
+            for addr in [outside_addr, outside_port] {
+                assert_eq!(ask(addr, TIMEOUT).as_deref(), Ok("plain\n"), "{addr}");
+            }
+        };
+        plain_answers();
+
+        let spawner = group("prefix", HandlerKind::Http)
+            .listen_on(&["127.0.0.8/29:9001-9003"])
+            .handlers(2)
+            .no_autoscale()
+            .start();
+        let pids = [0, 1].map(|s| spawner.handler_pid(s));
+        let mut asked = Vec::new();
+        for host in 8..16 {
+            for port in 9001..=9003 {
+                let addr = SocketAddr::new(IpAddr::from([127, 0, 0, host]), port);
+                let body = ask(addr, TIMEOUT).unwrap_or_else(|e| panic!("{addr}: {e:?}"));
+                assert!(pids.contains(&pid_in(&body).unwrap()), "{addr}: {body}");
+                asked.push(addr);
+            }
+        }
+        assert_eq!(asked.len(), 24);
+        // Each connection's local address is the one asked for.
+        let open: Vec<TcpStream> = asked
+            .iter()
+            .map(|a| connect(*a, TIMEOUT).unwrap())
+            .collect();
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                let locals: Vec<SocketAddr> = pids
+                    .iter()
+                    .flat_map(|&pid| established_local_addrs(pid))
+                    .collect();
+                asked.iter().all(|a| locals.contains(a))
+            }),
+            "not every address asked for is a local address of a handler's connection"
+        );
+        drop(open);
+        plain_answers();
+        let status = spawner.status();
+        assert!(status.addresses[0].counters.served >= 48);
+        assert!(spawner.stop().success());
+        plain_answers();
+        assert_eq!(parsrv_lookup_links(), Vec::<u32>::new());
+        // Without the group, the prefix is nobody's again.
+        assert_eq!(
+            connect(at("127.0.0.12:9002"), TIMEOUT).unwrap_err(),
+            Outcome::Refused
+        );
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_killed_group_leaves_nothing_that_steers_once_its_sockets_are_gone() {
+    privileged(needs(), || {
+        let spawner = group("killed", HandlerKind::Http)
+            .listen_on(&["127.0.0.2:8080", "127.0.0.0/29:9000"])
+            .handlers(2)
+            .no_autoscale()
+            .start();
+        let handlers = [0, 1].map(|s| spawner.handler_pid(s));
+        assert!(ask(at("127.0.0.5:9000"), TIMEOUT).is_ok());
+        // The spawner dies: its handlers serve on, every address included (the link is
+        // pinned, not held by the spawner).
+        signal(spawner.pid(), Signal::SIGKILL);
+        assert!(wait_for(Duration::from_secs(5), || !std::path::Path::new(
+            &format!("/proc/{}", spawner.pid())
+        )
+        .exists()
+            || std::fs::read_to_string(format!(
+                "/proc/{}/stat",
+                spawner.pid()
+            ))
+            .is_ok_and(|s| s.contains(") Z"))));
+        for addr in ["127.0.0.2:8080", "127.0.0.5:9000", "127.0.0.1:9000"] {
+            let body = ask(at(addr), TIMEOUT).unwrap_or_else(|e| panic!("{addr}: {e:?}"));
+            assert!(handlers.contains(&pid_in(&body).unwrap()));
+        }
+        // Then the handlers: the group's sockets are gone.
+        for pid in handlers {
+            signal(pid, Signal::SIGKILL);
+        }
+        assert!(wait_for(Duration::from_secs(5), || matches!(
+            connect(at("127.0.0.2:8080"), Duration::from_millis(300)),
+            Err(Outcome::Refused)
+        )));
+        // A plain server started on the prefix's other address gets its own connections.
+        let plain = PlainGroup::start(at("127.0.0.5:9000"), 1, 16, &[0]);
+        assert_eq!(ask(at("127.0.0.5:9000"), TIMEOUT).as_deref(), Ok("plain\n"));
+        assert_eq!(
+            connect(at("127.0.0.6:9000"), TIMEOUT).unwrap_err(),
+            Outcome::Refused
+        );
+        drop(plain);
+        drop(spawner);
+    });
+}
