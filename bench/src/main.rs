@@ -4,6 +4,7 @@
 //! machine is shared and noisy: read the ratios). Results go to a folder (`report.md`, CSV,
 //! PNG charts) labelled with machine, date, commit and parameters.
 
+mod addresses;
 mod affinity;
 mod faults;
 mod lifecycle;
@@ -28,7 +29,7 @@ use report::{Report, Table};
 /// No client of the lifecycle scenarios runs longer than this, whatever happens.
 pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "uniform",
     "stall",
     "burst",
@@ -40,6 +41,7 @@ const SCENARIOS: [&str; 11] = [
     "spawner-kill",
     "affinity",
     "overhead",
+    "addresses",
 ];
 
 fn main() {
@@ -106,6 +108,7 @@ fn main() {
                 "spawner-kill" => spawner_kill::spawner_kill(&mut report, quick),
                 "affinity" => affinity::affinity(&mut report, quick),
                 "overhead" => overhead::overhead(&mut report, quick),
+                "addresses" => addresses::addresses(&mut report, quick),
                 _ => unreachable!(),
             }
             report

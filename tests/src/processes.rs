@@ -224,3 +224,14 @@ pub fn established_local_addrs(pid: u32) -> Vec<std::net::SocketAddr> {
     }
     found
 }
+
+/// (runs, run time in ns) of the loaded programs named `name`, summed (the figures count
+/// while kernel.bpf_stats_enabled is 1).
+pub fn program_runs(name: &str) -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(name))
+        .fold((0, 0), |(runs, ns), p| {
+            (runs + p.run_count(), ns + p.run_time().as_nanos() as u64)
+        })
+}

@@ -140,6 +140,40 @@ fn a_full_address_sends_its_connections_to_another_addresss_handlers_keeping_the
     });
 }
 
+/// Under syncookies the final ACK finds no request socket, so the kernel looks for a listener
+/// again and the sk_lookup program runs again. With `tcp_syncookies=2` every connection goes
+/// so: each must still complete on the address its SYN was moved to (a cookie is accepted
+/// by any listener that sent cookies lately, and the program decides the same way while the
+/// queues stand still).
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn connections_moved_to_another_address_complete_when_every_handshake_is_a_syncookie() {
+    privileged(needs(), || {
+        // This test's own network namespace: the setting is the namespace's.
+        std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2").unwrap();
+        let (full, other) = (at("127.0.0.2:8080"), at("127.0.0.3:8080"));
+        let spawner = group("syncookies", HandlerKind::Http)
+            .listen_on(&["127.0.0.2:8080", "127.0.0.3:8080"])
+            .handlers(4)
+            .backlog(4)
+            .no_autoscale()
+            .start();
+        assert!(ask(other, TIMEOUT).is_ok());
+        let _held = stop_and_fill(&spawner, &[0, 2], full);
+        let before = spawner.status().addresses;
+        let answered: Vec<_> = (0..100).map(|_| ask(full, TIMEOUT)).collect();
+        let after = spawner.status().addresses;
+        let failed = answered.iter().filter(|a| a.is_err()).count();
+        assert_eq!(failed, 0, "{failed} of 100 failed:\n{}", spawner.log());
+        // Each connection ran the program twice (SYN, then the final ACK), both times moved.
+        assert_eq!(
+            after[0].counters.moved_away - before[0].counters.moved_away,
+            200
+        );
+        assert!(spawner.stop().success());
+    });
+}
+
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn an_ipv4_address_overflows_to_dual_stack_ipv6_sockets_and_ipv6_never_to_ipv4_ones() {
@@ -194,7 +228,7 @@ fn an_ipv4_address_overflows_to_dual_stack_ipv6_sockets_and_ipv6_never_to_ipv4_o
 
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
-fn a_prefix_and_port_range_reach_one_group_and_nothing_else_in_the_namespace_is_touched() {
+fn a_prefix_of_addresses_and_a_port_range_reach_one_group_and_nothing_else_is_touched() {
     privileged(needs(), || {
         // Plain servers on an address outside the prefix, and on a port outside the range.
         let outside_addr = at("127.0.0.16:9001");
@@ -256,9 +290,60 @@ fn a_prefix_and_port_range_reach_one_group_and_nothing_else_in_the_namespace_is_
     });
 }
 
+/// Kills `spawner` and waits until it is gone (its handlers are not).
+fn kill_spawner(spawner: &Spawner) {
+    signal(spawner.pid(), Signal::SIGKILL);
+    let alive = || parsrv::supervisor::process_state(spawner.pid()).is_some_and(|s| s != 'Z');
+    assert!(wait_for(Duration::from_secs(5), || !alive()));
+}
+
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
-fn a_killed_group_leaves_nothing_that_steers_once_its_sockets_are_gone() {
+fn a_spawner_that_adopts_a_group_on_several_addresses_keeps_moving_its_connections() {
+    privileged(needs(), || {
+        let (full, other) = (at("127.0.0.2:8080"), at("127.0.0.3:8080"));
+        let two = || {
+            group("adopted-addresses", HandlerKind::Http)
+                .listen_on(&["127.0.0.2:8080", "127.0.0.3:8080"])
+                .handlers(4)
+                .backlog(4)
+                .no_autoscale()
+        };
+        let first = two().start();
+        let handlers: Vec<u32> = (0..4).map(|s| first.handler_pid(s)).collect();
+        kill_spawner(&first);
+        let again = two().start();
+        assert!(
+            again.log().contains("adopting its running handlers"),
+            "{}",
+            again.log()
+        );
+        assert_eq!(
+            (0..4).map(|s| again.handler_pid(s)).collect::<Vec<_>>(),
+            handlers
+        );
+        let _held = stop_and_fill(&again, &[0, 2], full);
+        let failed = (0..50).filter(|_| ask(full, TIMEOUT).is_err()).count();
+        assert_eq!(
+            failed,
+            0,
+            "{failed} of 50 failed after adoption:\n{}",
+            again.log()
+        );
+        let status = again.status();
+        assert!(status.addresses[0].counters.moved_away >= 50);
+        assert!(ask(other, TIMEOUT).is_ok());
+        for slot in [0, 2] {
+            signal(again.handler_pid(slot), Signal::SIGCONT);
+        }
+        assert!(again.stop().success());
+        drop(first);
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_killed_group_on_several_addresses_leaves_nothing_that_steers_once_its_sockets_go() {
     privileged(needs(), || {
         let spawner = group("killed", HandlerKind::Http)
             .listen_on(&["127.0.0.2:8080", "127.0.0.0/29:9000"])

@@ -7,8 +7,8 @@ use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 use parsrv::{control, dataplane::pins::group_dir as pin_dir, features::KernelVersion};
 use parsrv_integration_tests::{
     addr, bpffs_mounted, connect, drop_capability, error_line, group, loaded_parsrv_programs,
-    mount_bpffs, privileged, processes_mentioning, run_parsrv, signal, unmount_bpffs, Feature,
-    HandlerKind, Needs, Outcome,
+    mount_bpffs, parsrv_lookup_links, privileged, processes_mentioning, run_parsrv, signal,
+    unmount_bpffs, Feature, HandlerKind, Needs, Outcome,
 };
 
 const NAME: &str = "test-bad-input";
@@ -87,6 +87,37 @@ fn usage_errors_exit_2_naming_the_option() {
                 &["--listen", "ADDR:PORT"][..],
             ),
             (&["--listen", "127.0.0.1:0"], &["--listen", "fixed port"]),
+            // Several addresses, prefixes and port ranges.
+            (
+                &["--listen", "127.0.0.1:9000-8000"],
+                &["--listen", "upside down", "8000-9000"],
+            ),
+            (
+                &["--listen", "127.0.0.0/64:80"],
+                &["--listen", "not 0 to 32", "IPv4"],
+            ),
+            (
+                &["--listen", "[127.0.0.0/8]:80"],
+                &["--listen", "ADDR:PORT"],
+            ),
+            (
+                &["--listen", "127.0.0.0/29:80", "--listen", "127.0.0.2:80"],
+                &[
+                    "--listen '127.0.0.2:80'",
+                    "overlaps --listen 127.0.0.0/29:80",
+                ],
+            ),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.2:80",
+                    "--listen",
+                    "127.0.0.3:80",
+                    "--handlers",
+                    "1",
+                ],
+                &["--handlers", "its own handler", "at least 2"],
+            ),
             (&["--handlers", "0"], &["--handlers", "1 to 128"]),
             (&["--handlers", "129"], &["--handlers", "1 to 128"]),
             (&["--backlog", "0"], &["--backlog", "at least 1"]),
@@ -187,6 +218,63 @@ fn usage_errors_exit_2_naming_the_option() {
             expect_error(&run_group(extra), ok, 2, words);
         }
         nothing_listens();
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn addresses_not_on_this_host_and_overlapping_groups_exit_2_leaving_no_link() {
+    privileged(Needs::program().and(Feature::SkLookup), || {
+        let ok = || Ok(());
+        for listen in [
+            &["--listen", "192.0.2.1:8080"][..],
+            &["--listen", "127.0.0.2:8080", "--listen", "192.0.2.0/29:80"],
+            &[
+                "--listen",
+                "127.0.0.2:8080",
+                "--listen",
+                "198.51.100.0/24:80",
+            ],
+        ] {
+            let mut args = listen.to_vec();
+            args.extend(["--handlers", "3"]);
+            expect_error(
+                &run_group(&args),
+                ok,
+                2,
+                &["--listen", "not an address of this host", "ip addr add"],
+            );
+            assert_eq!(
+                parsrv_lookup_links(),
+                Vec::<u32>::new(),
+                "{listen:?} left a link"
+            );
+        }
+        // A group that serves a prefix nobody binds: another group inside it is refused,
+        // naming both; the bind check alone would not see it (nothing is bound there).
+        let running = group("prefix-owner", HandlerKind::Http)
+            .listen_on(&["127.0.0.0/29:9000"])
+            .handlers(1)
+            .start();
+        let links = parsrv_lookup_links();
+        assert_eq!(links.len(), 1);
+        expect_error(
+            &run_group(&["--listen", "127.0.0.5:9000"]),
+            ok,
+            2,
+            &[
+                "127.0.0.5:9000",
+                "overlaps group 'prefix-owner'",
+                "127.0.0.0/29:9000",
+            ],
+        );
+        assert_eq!(
+            parsrv_lookup_links(),
+            links,
+            "the refusal changed the links"
+        );
+        assert!(running.stop().success());
+        assert_eq!(parsrv_lookup_links(), Vec::<u32>::new());
     });
 }
 

@@ -224,6 +224,8 @@ impl Steering {
             current: ProgramConfig {
                 generation: running.generation,
                 flags: 0,
+                // The slots registered so far: adopted sockets are not registered again.
+                slots: running.slots,
                 ..config
             },
         };
@@ -251,11 +253,12 @@ impl Steering {
     }
 
     /// Replaces the program's offsets and policy; they apply from the next connection on.
-    /// (The generation stays parsrv's own.)
+    /// (The generation, flags and registered slots stay parsrv's own.)
     pub fn set_config(&mut self, config: ProgramConfig) -> Result<()> {
         self.current = ProgramConfig {
             generation: self.current.generation,
             flags: self.current.flags,
+            slots: self.current.slots,
             ..config
         };
         self.write_config()

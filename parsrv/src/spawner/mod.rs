@@ -164,7 +164,8 @@ fn ensure_no_overlap_with_running(spec: &GroupSpec) -> Result<()> {
         };
         if let Some((ours, theirs)) = spec.overlap_with(&record.spec) {
             return Err(Error::Rejected(format!(
-                "group '{}' ({ours}) overlaps group '{name}' ({theirs}), which spawner {} runs:                  a connection would match both; give the new group other addresses or ports",
+                "group '{}' ({ours}) overlaps group '{name}' ({theirs}), which spawner {} runs: \
+                 a connection would match both; give the new group other addresses or ports",
                 spec.name, record.spawner_pid
             )));
         }

@@ -376,7 +376,8 @@ impl GroupSpec {
                     "--listen",
                     a,
                     format!(
-                        "overlaps --listen {b} of the same group: a connection would match                          both; give each address and port once"
+                        "overlaps --listen {b} of the same group: a connection would match \
+                         both; give each address and port once"
                     ),
                 ));
             }
@@ -385,19 +386,26 @@ impl GroupSpec {
         if self.listen.len() > MAX_LISTENS as usize || rules > MAX_RULES {
             problems.push(invalid(
                 "--listen",
-                self.listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+                self.listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 format!(
-                    "{} entries with {rules} ports in all: a group serves at most {MAX_LISTENS}                      entries and {MAX_RULES} ports; split it into several groups",
+                    "{} entries with {rules} ports in all: a group serves at most {MAX_LISTENS} \
+                     entries and {MAX_RULES} ports; split it into several groups",
                     self.listen.len()
                 ),
             ));
         }
-        if (self.handlers.min as usize) < self.listen.len() {
+        // (A count below 1 is --handlers' own problem, reported with its range.)
+        if self.handlers.min >= 1 && (self.handlers.min as usize) < self.listen.len() {
             problems.push(invalid(
                 "--handlers",
                 self.handlers,
                 format!(
-                    "each --listen entry needs its own handler, and there are {}: give at least                      {} (as MIN with MIN..MAX)",
+                    "each --listen entry needs its own handler, and there are {}: give at least \
+                     {} (as MIN with MIN..MAX)",
                     self.listen.len(),
                     self.listen.len()
                 ),
