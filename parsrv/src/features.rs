@@ -335,6 +335,15 @@ mod tests {
         without_loop.require_for(&[]).unwrap();
         let err = without_loop.require_for(&Program::ALL).unwrap_err();
         assert!(err.to_string().contains(Feature::BpfLoop.name()), "{err}");
+        // A kernel without sk_lookup runs groups on one address, and refuses the others.
+        let without_lookup = kernel(&[Feature::SkLookup]);
+        without_lookup
+            .require_for(&[Program::ReuseportSelect])
+            .unwrap();
+        let err = without_lookup
+            .require_for(&[Program::ReuseportSelect, Program::AddressLookup])
+            .unwrap_err();
+        assert!(err.to_string().contains("SK_LOOKUP programs"), "{err}");
         kernel(&[]).require_all().unwrap();
         // BTF first: without it the others cannot be probed.
         let err = kernel(&[Feature::BpfLoop, Feature::Btf])

@@ -15,8 +15,8 @@ use nix::sys::signal::Signal;
 use parsrv::dataplane::pins::group_dir as pin_dir;
 use parsrv_integration_tests::{
     connect, established_local_addrs, group, parsrv_lookup_links, privileged, read_answer, signal,
-    stop_process, wait_for, Feature, HandlerKind, Needs, NetCounters, Outcome, PlainGroup, Spawner,
-    HTTP_REQUEST,
+    stop_process, wait_for, Feature, GroupBuilder, HandlerKind, Needs, NetCounters, Outcome,
+    PlainGroup, Spawner, HTTP_REQUEST,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,6 +44,16 @@ fn ask(addr: SocketAddr, timeout: Duration) -> Result<String, Outcome> {
 /// The pid in a built-in handler's answer (`parsrv handler SLOT (pid PID)`).
 fn pid_in(body: &str) -> Option<u32> {
     parsrv_integration_tests::answering_pid(body)
+}
+
+/// A group on two entries with two handlers each (slots 0 and 2 on the first, 1 and 3 on
+/// the second), queues of 4.
+fn two_handlers_each(name: &str, listen: &[&str; 2]) -> GroupBuilder {
+    group(name, HandlerKind::Http)
+        .listen_on(listen)
+        .handlers(4)
+        .backlog(4)
+        .no_autoscale()
 }
 
 /// Stops the handlers of `slots` and fills their queues through `addr` (the other slots of
@@ -75,12 +85,8 @@ fn a_full_address_sends_its_connections_to_another_addresss_handlers_keeping_the
             assert_eq!(failed, 30, "the plain control's stuck address answered");
         }
 
-        let spawner = group("two-addresses", HandlerKind::Http)
-            .listen_on(&["127.0.0.2:8080", "127.0.0.3:8080"])
-            .handlers(4)
-            .backlog(4)
-            .no_autoscale()
-            .start();
+        let spawner =
+            two_handlers_each("two-addresses", &["127.0.0.2:8080", "127.0.0.3:8080"]).start();
         let status = spawner.status();
         assert_eq!(status.addresses.len(), 2);
         assert_eq!(status.addresses[0].slots, [0, 2]);
@@ -152,12 +158,8 @@ fn connections_moved_to_another_address_complete_when_every_handshake_is_a_synco
         // This test's own network namespace: the setting is the namespace's.
         std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2").unwrap();
         let (full, other) = (at("127.0.0.2:8080"), at("127.0.0.3:8080"));
-        let spawner = group("syncookies", HandlerKind::Http)
-            .listen_on(&["127.0.0.2:8080", "127.0.0.3:8080"])
-            .handlers(4)
-            .backlog(4)
-            .no_autoscale()
-            .start();
+        let spawner =
+            two_handlers_each("syncookies", &["127.0.0.2:8080", "127.0.0.3:8080"]).start();
         assert!(ask(other, TIMEOUT).is_ok());
         let _held = stop_and_fill(&spawner, &[0, 2], full);
         let before = spawner.status().addresses;
@@ -181,12 +183,7 @@ fn an_ipv4_address_overflows_to_dual_stack_ipv6_sockets_and_ipv6_never_to_ipv4_o
         // The kernel hands an IPv4 connection only to a dual-stack IPv6 socket: one bound to
         // [::] (binding a specific IPv6 address makes a socket IPv6-only).
         let (v4, v6) = (at("127.0.0.2:8080"), at("[::1]:8081"));
-        let spawner = group("two-families", HandlerKind::Http)
-            .listen_on(&["127.0.0.2:8080", "[::]:8081"])
-            .handlers(4)
-            .backlog(4)
-            .no_autoscale()
-            .start();
+        let spawner = two_handlers_each("two-families", &["127.0.0.2:8080", "[::]:8081"]).start();
         let _held = stop_and_fill(&spawner, &[0, 2], v4);
         let takers = [1, 3].map(|s| spawner.handler_pid(s));
         let answered: Vec<_> = (0..50).map(|_| ask(v4, TIMEOUT)).collect();
@@ -302,13 +299,7 @@ fn kill_spawner(spawner: &Spawner) {
 fn a_spawner_that_adopts_a_group_on_several_addresses_keeps_moving_its_connections() {
     privileged(needs(), || {
         let (full, other) = (at("127.0.0.2:8080"), at("127.0.0.3:8080"));
-        let two = || {
-            group("adopted-addresses", HandlerKind::Http)
-                .listen_on(&["127.0.0.2:8080", "127.0.0.3:8080"])
-                .handlers(4)
-                .backlog(4)
-                .no_autoscale()
-        };
+        let two = || two_handlers_each("adopted-addresses", &["127.0.0.2:8080", "127.0.0.3:8080"]);
         let first = two().start();
         let handlers: Vec<u32> = (0..4).map(|s| first.handler_pid(s)).collect();
         kill_spawner(&first);

@@ -322,9 +322,10 @@ impl Steering {
     pub fn forget_socket(&mut self, slot: u32) -> Result<()> {
         match self.sockets.clear_index(&slot) {
             Ok(()) => {}
-            // The kernel empties a socket's slot itself when the socket is shut down.
+            // The kernel empties a socket's slot itself when the socket is shut down or
+            // closed; deleting an empty SOCKMAP slot says EINVAL (`__sock_map_delete`).
             Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                if matches!(e.io_error.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
             Err(e) => {
                 return Err(Error::ebpf(format!(
                     "unregistering the socket of slot {slot}"

@@ -213,6 +213,14 @@ mod tests {
         assert!(text.contains("parsrv_socket_migrated_in_total{group=\"web\",slot=\"0\"} 0\n"));
         assert!(text.contains("parsrv_program_runs_total{group=\"web\"} 10\n"));
         assert!(text.contains("parsrv_affinity_entries{group=\"web\"} 2\n"));
+        // Several addresses: each entry's counters, labelled with the entry.
+        assert!(text.contains(
+            "parsrv_address_moved_away_total{group=\"web\",listen=\"127.0.0.0/29:8080-8081\"} 2\n"
+        ));
+        for counter in parsrv_common::lookup::AddressCounters::COUNTERS {
+            let name = format!("parsrv_address_{}_total", counter.name);
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{text}");
+        }
         assert!(text.contains("parsrv_affinity_lock_races_total{group=\"web\"} 1\n"));
     }
 }

@@ -256,6 +256,12 @@ impl Spawner {
     /// Starts a group. On error, whatever it had created is gone again.
     fn start_group(self: &Rc<Self>, spec: GroupSpec) -> Result<Rc<RunningGroup>> {
         spec.validate()?;
+        if spec.needs_lookup() {
+            // `parsrv run` checked the kernel for its own groups; one added later may need
+            // the sk_lookup program, which they did not.
+            KernelFeatures::probe()
+                .require_for(&dataplane::programs_for_groups(std::slice::from_ref(&spec)))?;
+        }
         // Another spawner of this namespace may be starting a group right now: from the
         // check that the name is free to the bound control socket, and from the check that
         // the address is free to the bound sockets, one spawner at a time.
