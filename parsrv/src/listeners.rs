@@ -110,8 +110,9 @@ impl AsFd for Listener {
 /// A group's listening sockets, in slot order (slot i is the i-th socket to join the kernel's group).
 #[derive(Debug)]
 pub struct Listeners {
-    /// The addresses the sockets bind, one per `--listen` entry.
-    addrs: Vec<SocketAddr>,
+    /// Where the slots' sockets bind, a pattern that repeats: slot i binds
+    /// `pattern[i % len]` (each `--listen` entry's address, its `=COUNT` times).
+    pattern: Vec<SocketAddr>,
     backlog: u32,
     /// O_NONBLOCK on every socket (see [`Listeners::set_nonblocking`]).
     nonblocking: bool,
@@ -119,15 +120,16 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Creates `count` listening sockets on `addrs` (slot i on `addrs[i % len]`), after making
-    /// sure no socket outside this group holds an address: with SO_REUSEPORT and the same
-    /// uid, ours would silently join a stranger's group and steer its connections.
-    pub fn bind(addrs: &[SocketAddr], count: u32, backlog: u32) -> Result<Self> {
-        addrs
+    /// Creates `count` listening sockets on the addresses of `pattern` (slot i on
+    /// `pattern[i % len]`), after making sure no socket outside this group holds an address:
+    /// with SO_REUSEPORT and the same uid, ours would silently join a stranger's group and
+    /// steer its connections.
+    pub fn bind(pattern: &[SocketAddr], count: u32, backlog: u32) -> Result<Self> {
+        pattern
             .iter()
             .try_for_each(|addr| ensure_address_free(*addr))?;
         let mut listeners = Listeners {
-            addrs: addrs.to_vec(),
+            pattern: pattern.to_vec(),
             backlog,
             nonblocking: true,
             listeners: Vec::with_capacity(count as usize),
@@ -141,9 +143,13 @@ impl Listeners {
     /// Takes over the sockets of a running group ([`crate::spawner`]'s adoption), in slot
     /// order; where a slot's socket is gone (`None`), a new one joins the kernel's group,
     /// which the surviving sockets keep alive.
-    pub fn adopt(addrs: &[SocketAddr], backlog: u32, sockets: Vec<Option<Socket>>) -> Result<Self> {
+    pub fn adopt(
+        pattern: &[SocketAddr],
+        backlog: u32,
+        sockets: Vec<Option<Socket>>,
+    ) -> Result<Self> {
         let mut listeners = Listeners {
-            addrs: addrs.to_vec(),
+            pattern: pattern.to_vec(),
             backlog,
             nonblocking: true,
             listeners: Vec::with_capacity(sockets.len()),
@@ -168,10 +174,21 @@ impl Listeners {
         Ok(listeners)
     }
 
-    /// The address the next slot's socket binds, and its index.
+    /// The address the next slot's socket binds, and the index of its entry (its place
+    /// among the pattern's distinct addresses: each entry binds an address of its own).
     fn next_addr(&self) -> (SocketAddr, u32) {
-        let entry = self.listeners.len() % self.addrs.len();
-        (self.addrs[entry], entry as u32)
+        let addr = self.pattern[self.listeners.len() % self.pattern.len()];
+        let mut distinct: Vec<SocketAddr> = Vec::new();
+        for a in &self.pattern {
+            if !distinct.contains(a) {
+                distinct.push(*a);
+            }
+        }
+        let entry = distinct
+            .iter()
+            .position(|a| *a == addr)
+            .expect("in the pattern");
+        (addr, entry as u32)
     }
 
     /// Adds one listening socket to the group (the next slot).
@@ -280,9 +297,9 @@ impl Listeners {
         self.listeners.pop()
     }
 
-    /// The addresses the sockets bind, one per `--listen` entry.
-    pub fn addrs(&self) -> &[SocketAddr] {
-        &self.addrs
+    /// Where the slots' sockets bind (see [`Listeners::bind`]).
+    pub fn pattern(&self) -> &[SocketAddr] {
+        &self.pattern
     }
 
     pub fn listeners(&self) -> &[Listener] {
@@ -393,6 +410,27 @@ mod tests {
     }
 
     #[test]
+    fn slots_bind_the_pattern_round_after_round() {
+        let (a, b) = (free_port(), "127.0.0.2:0".parse::<SocketAddr>().unwrap());
+        let b = std::net::TcpListener::bind(b)
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let group = Listeners::bind(&[a, a, b], 5, 8).unwrap();
+        let placed: Vec<(SocketAddr, u32)> = group
+            .listeners()
+            .iter()
+            .map(|l| {
+                (
+                    l.socket().local_addr().unwrap().as_socket().unwrap(),
+                    l.entry(),
+                )
+            })
+            .collect();
+        assert_eq!(placed, [(a, 0), (a, 0), (b, 1), (a, 0), (a, 0)]);
+    }
+
+    #[test]
     fn refuses_an_address_a_plain_listener_holds() {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = other.local_addr().unwrap();
@@ -404,7 +442,7 @@ mod tests {
     #[test]
     fn refuses_to_join_a_foreign_reuseport_group() {
         let foreign = Listeners::bind(&[free_port()], 1, 8).unwrap();
-        let err = Listeners::bind(foreign.addrs(), 2, 8).unwrap_err();
+        let err = Listeners::bind(foreign.pattern(), 2, 8).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
     }
 }

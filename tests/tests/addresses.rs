@@ -287,6 +287,27 @@ fn a_prefix_of_addresses_and_a_port_range_reach_one_group_and_nothing_else_is_to
     });
 }
 
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_address_with_a_count_gets_that_many_sockets_in_each_round_of_slots() {
+    privileged(needs(), || {
+        let spawner = group("counted", HandlerKind::Http)
+            .listen_on(&["127.0.0.2:8080=3", "127.0.0.3:8080"])
+            .handlers(5)
+            .no_autoscale()
+            .start();
+        let status = spawner.status();
+        assert_eq!(status.addresses[0].slots, [0, 1, 2, 4]);
+        assert_eq!(status.addresses[1].slots, [3]);
+        let only = spawner.handler_pid(3);
+        for _ in 0..10 {
+            let body = ask(at("127.0.0.3:8080"), TIMEOUT).unwrap();
+            assert_eq!(pid_in(&body), Some(only), "{body}");
+        }
+        assert!(spawner.stop().success());
+    });
+}
+
 /// Kills `spawner` and waits until it is gone (its handlers are not).
 fn kill_spawner(spawner: &Spawner) {
     signal(spawner.pid(), Signal::SIGKILL);

@@ -164,7 +164,7 @@ impl RunningGroup {
                     .iter()
                     .try_for_each(crate::listeners::ensure_local)?;
                 let listeners =
-                    Listeners::bind(&spec.bind_addrs(), spec.handlers.min, spec.backlog)?;
+                    Listeners::bind(&spec.slot_pattern(), spec.handlers.min, spec.backlog)?;
                 let steering = Steering::load(
                     config,
                     spec.dispatch_table_size(),
@@ -192,7 +192,7 @@ impl RunningGroup {
                         }
                     }
                 }
-                let listeners = Listeners::adopt(&spec.bind_addrs(), spec.backlog, sockets)?;
+                let listeners = Listeners::adopt(&spec.slot_pattern(), spec.backlog, sockets)?;
                 (listeners, steering, handlers)
             }
         };

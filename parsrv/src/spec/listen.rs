@@ -3,7 +3,9 @@
 //! `[::1]:8000-8099`) that nobody binds: the group's sockets for it bind one address and port
 //! of it ([`Listen::bind_addr`]) and the sk_lookup program hands them the rest. A group may
 //! have several entries (`--listen` given again, `listen = [...]` in a file); each has its own
-//! sockets (slot `i` binds entry `i % entries`).
+//! sockets: `ADDR=COUNT` gives an entry COUNT sockets in each round of the slots (slot `i`
+//! binds the entry at `i % total` of the pattern each entry repeated COUNT times, in order;
+//! by default COUNT is 1: round-robin).
 
 use std::{
     fmt,
@@ -24,10 +26,16 @@ pub struct Listen {
     pub prefix: u8,
     pub first_port: u16,
     pub last_port: u16,
+    /// Sockets of this entry in each round of slots (`=COUNT`, default 1).
+    pub count: u32,
 }
 
 pub(super) const LISTEN_FORM: &str = "expected ADDR:PORT with a numeric address (127.0.0.1:8080, \
-     [::1]:8080), or a prefix and a port range (127.0.0.0/24:8080, [::1]:8000-8099)";
+     [::1]:8080), or a prefix and a port range (127.0.0.0/24:8080, [::1]:8000-8099), and \
+     optionally =COUNT sockets (127.0.0.1:8080=3)";
+
+/// The most sockets one entry may ask for in a round (`=COUNT`): a group's most sockets.
+const MAX_COUNT: u32 = parsrv_common::reuseport::MAX_SOCKETS;
 
 impl Listen {
     fn full(addr: IpAddr) -> u8 {
@@ -45,6 +53,7 @@ impl Listen {
             prefix: Listen::full(addr.ip()),
             first_port: addr.port(),
             last_port: addr.port(),
+            count: 1,
         }
     }
 
@@ -158,6 +167,18 @@ impl FromStr for Listen {
 
     fn from_str(value: &str) -> Result<Self, String> {
         let form = || LISTEN_FORM.to_string();
+        let (value, count) = match value.rsplit_once('=') {
+            Some((value, count)) => match count.trim().parse::<u32>() {
+                Ok(n) if (1..=MAX_COUNT).contains(&n) => (value, n),
+                _ => {
+                    return Err(format!(
+                        "=COUNT '{count}' is not 1 to {MAX_COUNT}: the sockets this entry gets \
+                         in each round of slots"
+                    ))
+                }
+            },
+            None => (value, 1),
+        };
         // The port part is after the last ':' outside brackets.
         let (host, ports) = if let Some(rest) = value.strip_prefix('[') {
             let (host, ports) = rest.split_once("]:").ok_or_else(form)?;
@@ -202,6 +223,7 @@ impl FromStr for Listen {
             prefix,
             first_port,
             last_port,
+            count,
         };
         // The first address of the prefix, whatever was written.
         let bits = 128 - full as u32 + prefix as u32;
@@ -228,10 +250,14 @@ impl fmt::Display for Listen {
             IpAddr::V6(_) => write!(f, "[{host}]:")?,
         }
         if self.first_port == self.last_port {
-            write!(f, "{}", self.first_port)
+            write!(f, "{}", self.first_port)?;
         } else {
-            write!(f, "{}-{}", self.first_port, self.last_port)
+            write!(f, "{}-{}", self.first_port, self.last_port)?;
         }
+        if self.count != 1 {
+            write!(f, "={}", self.count)?;
+        }
+        Ok(())
     }
 }
 
@@ -294,6 +320,8 @@ mod tests {
             "[::1]:8000-8099",
             "[2001:db8::/64]:443",
             "127.0.0.8/29:9001-9003",
+            "127.0.0.2:8080=3",
+            "[::1]:8000-8099=2",
         ] {
             assert_eq!(listen(text).to_string(), text);
         }
@@ -311,6 +339,8 @@ mod tests {
             ("127.0.0.0/33:80", "not 0 to 32"),
             ("[::1/129]:80", "not 0 to 128"),
             ("localhost:80", "numeric address"),
+            ("127.0.0.1:80=0", "not 1 to 128"),
+            ("127.0.0.1:80=x", "not 1 to 128"),
         ] {
             let err = bad.parse::<Listen>().unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");

@@ -261,7 +261,7 @@ impl GroupSpec {
     /// address).
     pub fn named(mut self) -> Self {
         if self.name.is_empty() {
-            self.name = GroupSpec::default_name(&self.bind_addrs()[0]);
+            self.name = GroupSpec::default_name(&self.listen[0].bind_addr());
         }
         self
     }
@@ -284,9 +284,13 @@ impl GroupSpec {
         })
     }
 
-    /// Where each entry's sockets bind, in entry order.
-    pub fn bind_addrs(&self) -> Vec<SocketAddr> {
-        self.listen.iter().map(Listen::bind_addr).collect()
+    /// Where the slots' sockets bind, as a pattern that repeats: each entry's bound address,
+    /// its COUNT times, in entry order (slot i binds `pattern[i % len]`).
+    pub fn slot_pattern(&self) -> Vec<SocketAddr> {
+        self.listen
+            .iter()
+            .flat_map(|l| std::iter::repeat_n(l.bind_addr(), l.count as usize))
+            .collect()
     }
 
     /// Whether the group needs the sk_lookup program: more than one entry, or a prefix or
@@ -399,15 +403,14 @@ impl GroupSpec {
             ));
         }
         // (A count below 1 is --handlers' own problem, reported with its range.)
-        if self.handlers.min >= 1 && (self.handlers.min as usize) < self.listen.len() {
+        let round: u32 = self.listen.iter().map(|l| l.count).sum();
+        if self.handlers.min >= 1 && self.listen.len() > 1 && self.handlers.min < round {
             problems.push(invalid(
                 "--handlers",
                 self.handlers,
                 format!(
-                    "each --listen entry needs its own handler, and there are {}: give at least \
-                     {} (as MIN with MIN..MAX)",
-                    self.listen.len(),
-                    self.listen.len()
+                    "each --listen entry needs its own handlers, {round} in a round of slots \
+                     (one per entry, or its =COUNT): give at least {round} (as MIN with MIN..MAX)"
                 ),
             ));
         }
@@ -709,7 +712,7 @@ mod tests {
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
-        let cases: [(&str, Spoil); 27] = [
+        let cases: [(&str, Spoil); 28] = [
             ("--affinity-prefix", |s| {
                 s.affinity = Affinity::Client;
                 s.affinity_prefix.v4 = 33;
@@ -748,6 +751,10 @@ mod tests {
             ("--handlers", |s| {
                 s.handlers.min = 1;
                 s.listen.push("127.0.0.2:80".parse().unwrap());
+            }),
+            ("--handlers", |s| {
+                s.handlers = HandlerRange { min: 3, max: 3 };
+                s.listen.push("127.0.0.2:80=3".parse().unwrap());
             }),
             ("--name", |s| s.name = "a/b".into()),
             ("--name", |s| s.name = "_staging".into()),
