@@ -1,7 +1,7 @@
 //! The data plane: parsrv's eBPF programs and the kernel objects they keep, one module per
-//! program ([`reuseport`]), the pinned state that outlives a process ([`pins`] for a group's
-//! maps, [`netns`] for what belongs to a network namespace), and the table of embedded
-//! objects and of what each program needs from the kernel (this module).
+//! program ([`reuseport`], [`lookup`]), the pinned state that outlives a process ([`pins`]
+//! for a group's maps, [`netns`] for what belongs to a network namespace), and the table of
+//! embedded objects and of what each program needs from the kernel (this module).
 //!
 //! # Where the truth lives
 //!
@@ -14,6 +14,7 @@
 //! | queue alerts (a queue at least half full), which wake a sleeping autoscaler | `QUEUE_ALERTS` ring, pinned there too; written only by the program | its one reader, the autoscaler of the spawner in charge |
 //! | which handler each client goes to (client affinity) | `DISPATCH_TABLE`, pinned there too; written only by the program | any root process (`parsrv affinity`) |
 //! | the attached program | the kernel: attached to the reuseport group, and pinned beside the maps (`parsrv_select`) | `bpftool`, a spawner that adopts the group (it reopens the pin) |
+//! | a group on several addresses: its (prefix, port) rules, each slot's entry, per-address counters, the sk_lookup program's link to the namespace | `LOOKUP_RULES`, `SLOT_LISTEN`, `ADDRESS_COUNTERS`, `parsrv_lookup_link`, pinned there too ([`lookup`]) | any root process; the link outlives a killed spawner and goes with the pins |
 //! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
 //! | namespace-wide guard | `/sys/fs/bpf/parsrv/_netns-INODE/`, locked while a spawner claims an address | spawners of that namespace |
 //! | the spec, and per slot its socket's cookie and its handler's pid, start time, restarts | the group record `/run/parsrv/GROUP.json`, rewritten by rename (`spawner::record`) | any root process |
@@ -21,10 +22,9 @@
 //! | the autoscaler's memory, backoff timers | the running spawner's memory only | through its control socket |
 //!
 //! So a new spawner finds a whole group from the pins, the run directory and the handlers'
-//! fds, and adopts it (`spawner::adopt`), its clients' entries included. The next steps keep
-//! to this split: an sk_lookup program, its
-//! link and its address table pinned in the namespace's directory, and a host dispatcher
-//! there as well, each a new module here with its own `Program` entry.
+//! fds, and adopts it (`spawner::adopt`), its clients' entries and addresses included. The
+//! next step keeps to this split: a host dispatcher, a new module here with its own
+//! `Program` entry.
 
 pub mod affinity;
 pub mod alerts;

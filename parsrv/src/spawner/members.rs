@@ -54,8 +54,7 @@ impl Members {
                 .map(Option::is_some)
                 .chain(std::iter::repeat(false)),
         ) {
-            // An adopted handler's socket is in the maps already (a socket can be in one
-            // REUSEPORT_SOCKARRAY slot only: setting it again fails with EBUSY).
+            // An adopted handler's socket is in the maps already, its slot's entry too.
             if !adopted {
                 steering.register(slot, listener)?;
             }
