@@ -235,3 +235,18 @@ pub fn program_runs(name: &str) -> (u64, u64) {
             (runs + p.run_count(), ns + p.run_time().as_nanos() as u64)
         })
 }
+
+/// Running, not a zombie waiting for whichever process it was reparented to.
+pub fn alive(pid: u32) -> bool {
+    parsrv::supervisor::process_state(pid).is_some_and(|s| s != 'Z' && s != 'X')
+}
+
+/// Kills `spawner` with SIGKILL and waits until it is gone (its handlers are not).
+pub fn kill_spawner(spawner: &crate::Spawner) {
+    signal(spawner.pid(), nix::sys::signal::Signal::SIGKILL);
+    assert!(
+        wait_for(Duration::from_secs(5), || !alive(spawner.pid())),
+        "spawner {} outlived SIGKILL",
+        spawner.pid()
+    );
+}

@@ -14,9 +14,9 @@ use std::{
 use nix::sys::signal::Signal;
 use parsrv::dataplane::pins::group_dir as pin_dir;
 use parsrv_integration_tests::{
-    connect, established_local_addrs, group, parsrv_lookup_links, privileged, read_answer, signal,
-    stop_process, wait_for, Feature, GroupBuilder, HandlerKind, Needs, NetCounters, Outcome,
-    PlainGroup, Spawner, HTTP_REQUEST,
+    connect, established_local_addrs, group, kill_spawner, parsrv_lookup_links, privileged,
+    read_answer, signal, stop_process, wait_for, Feature, GroupBuilder, HandlerKind, Needs,
+    NetCounters, Outcome, PlainGroup, Spawner, HTTP_REQUEST,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -306,13 +306,6 @@ fn an_address_with_a_count_gets_that_many_sockets_in_each_round_of_slots() {
         }
         assert!(spawner.stop().success());
     });
-}
-
-/// Kills `spawner` and waits until it is gone (its handlers are not).
-fn kill_spawner(spawner: &Spawner) {
-    signal(spawner.pid(), Signal::SIGKILL);
-    let alive = || parsrv::supervisor::process_state(spawner.pid()).is_some_and(|s| s != 'Z');
-    assert!(wait_for(Duration::from_secs(5), || !alive()));
 }
 
 #[test]

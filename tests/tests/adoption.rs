@@ -13,9 +13,9 @@ use std::{
 use nix::sys::signal::Signal;
 use parsrv::dataplane::pins::group_dir as pin_dir;
 use parsrv_integration_tests::{
-    addr, connect, error_line, fd_of_process, group, loaded_parsrv_programs, lone_server,
-    parsrv_bin, privileged, read_answer, signal, stop_process, wait_for, GroupBuilder, HandlerKind,
-    Needs, NetCounters, Outcome, Spawner, SteadyLoad, HTTP_REQUEST,
+    addr, alive, connect, error_line, fd_of_process, group, kill_spawner, loaded_parsrv_programs,
+    lone_server, parsrv_bin, privileged, read_answer, signal, stop_process, wait_for, GroupBuilder,
+    HandlerKind, Needs, NetCounters, Outcome, Spawner, SteadyLoad, HTTP_REQUEST,
 };
 
 fn http_group(name: &str) -> GroupBuilder {
@@ -28,17 +28,6 @@ fn pids(spawner: &Spawner) -> Vec<Option<u32>> {
 
 fn failed(outcomes: &[Outcome]) -> usize {
     outcomes.iter().filter(|o| **o != Outcome::Ok).count()
-}
-
-/// Running, not a zombie waiting for whichever process it was reparented to.
-fn alive(pid: u32) -> bool {
-    parsrv::supervisor::process_state(pid).is_some_and(|s| s != 'Z' && s != 'X')
-}
-
-/// Kills `spawner` and waits until it is gone (its handlers are not).
-fn kill_spawner(spawner: &Spawner) {
-    signal(spawner.pid(), Signal::SIGKILL);
-    assert!(wait_for(Duration::from_secs(5), || !alive(spawner.pid())));
 }
 
 /// What the group left: its pins, record and handler processes.
