@@ -160,8 +160,10 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
         );
         assert_eq!(kernel.migrate_req_failure, 0, "{kernel:?}");
         assert_eq!(
-            migrated, kernel.migrate_req_success,
-            "the program counted every migration"
+            migrated,
+            kernel.migrate_req_success,
+            "the program counted every migration; its fail-open errors: {:?}",
+            spawner.status().errors
         );
         assert_eq!(spawner.status().handlers.len(), 2);
         assert!(spawner.stop().success());
