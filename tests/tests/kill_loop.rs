@@ -46,6 +46,7 @@ fn a_kill_loop_loses_only_what_killed_handlers_had_accepted() {
         // The program's fail-open errors, by cause: a connection the kernel's hash placed
         // can land on a socket without a handler.
         let errors = spawner.status().errors;
+        eprintln!("program fail-open errors: {errors:?}");
         assert_eq!(
             (run.kernel.migrate_req_failure, run.kernel.listen_overflows),
             (0, 0),

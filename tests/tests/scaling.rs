@@ -117,6 +117,7 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
         eprintln!(
             "{answered_by_test} requests queued at removed sockets by the test were all answered"
         );
+        eprintln!("program fail-open errors: {:?}", spawner.status().errors);
         assert!(
             outcomes.len() > 200,
             "the load did not run: {}",
