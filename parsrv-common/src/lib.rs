@@ -1,6 +1,7 @@
 //! Types and names shared by parsrv's eBPF programs and their userspace: one module per
 //! program ([`reuseport`]: the SK_REUSEPORT program that picks a socket with room;
-//! [`lookup`]: the sk_lookup program that serves one group on several addresses), and the
+//! [`lookup`]: the sk_lookup program that serves one group on several addresses;
+//! [`cluster`]: the tc program that dispatches a cluster's clients between hosts), and the
 //! way counters are declared once ([`counters`]).
 //!
 //! Everything here is `#[repr(C)]`, `bytemuck::Pod` and free of implicit padding, so the two
@@ -10,6 +11,7 @@
 
 #[macro_use]
 pub mod counters;
+pub mod cluster;
 pub mod lookup;
 pub mod reuseport;
 

@@ -6,6 +6,9 @@
 //! - [`lookup`]: the sk_lookup program. For every new connection to an address and port of a
 //!   group on several addresses, it keeps the connection at the address asked for while a
 //!   socket there has room, else hands it to the socket with most room on another address.
+//! - [`cluster`]: the host dispatcher, a tc program. For the packets of a cluster's service it
+//!   looks the client up in the host's copy of the cluster's dispatch table: served here, or
+//!   forwarded to the host that serves it, or locked and decided here for a new client.
 //! - [`sockets`]: the group's sockets by slot, which both programs choose from.
 //! - [`queue`]: reading a listener's accept queue from the kernel, and finding the listener
 //!   with the most room among many.
@@ -20,6 +23,7 @@
 
 mod affinity;
 mod alerts;
+mod cluster;
 mod counting;
 mod lookup;
 mod queue;

@@ -92,9 +92,34 @@ pub enum Command {
         #[arg(long, value_name = "PID")]
         spawner: Option<u32>,
     },
+    /// Run this host's part of a cluster of hosts behind ECMP (the config file's
+    /// `[cluster]`), and look at it.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Run one built-in handler on the socket inherited as fd 3 (started by `parsrv run`).
     #[command(hide = true)]
     Handler(handler::Launch),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Run the agent (as root): load and attach the host dispatcher, keep the dispatch table
+    /// in step with the peers. Until SIGTERM or SIGINT, which withdraw the host and detach
+    /// the dispatcher.
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// This host, its peers, the dispatch table and the dispatcher's counters.
+    Status {
+        /// The cluster (`name` in `[cluster]`).
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop taking new clients (runs the `draining` command, which withdraws the route);
+    /// the clients this host serves stay.
+    Drain { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -203,7 +228,10 @@ pub fn main() -> i32 {
         Err(e) => return usage_error(e),
     };
     crate::output::init_logging(matches!(cli.command, Command::Handler(_)));
-    if !matches!(cli.command, Command::Run(_) | Command::Handler(_)) {
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::Handler(_) | Command::Cluster(ClusterCommand::Run { .. })
+    ) {
         // A query piped into `head` ends quietly when the reader goes, as other Unix tools
         // do (Rust ignores SIGPIPE, which would turn that into a panic). The spawner and
         // handlers keep ignoring it: a closed log pipe must not kill them.
@@ -226,6 +254,7 @@ pub fn main() -> i32 {
             json,
         } => affinity(&group, client, json),
         Command::Upgrade { spawner } => upgrade(spawner),
+        Command::Cluster(command) => cluster(command),
         Command::Handler(args) => {
             return match handler::launch(args) {
                 Ok(()) => 0,
@@ -241,6 +270,39 @@ pub fn main() -> i32 {
         Err(e) => {
             eprintln!("{ERROR_PREFIX}{e}");
             e.exit_code()
+        }
+    }
+}
+
+fn cluster(command: ClusterCommand) -> Result<()> {
+    use crate::cluster;
+    match command {
+        ClusterCommand::Run { config } => {
+            let file = ConfigFile::load(&config)?;
+            let spec = file.cluster.ok_or_else(|| {
+                Error::Rejected(format!(
+                    "{} has no [cluster] section: add one (see the README's Cluster section)",
+                    config.display()
+                ))
+            })?;
+            cluster::run(spec)
+        }
+        ClusterCommand::Status { name, json } => {
+            let status = cluster::status(&name)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("serializable")
+                );
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+        ClusterCommand::Drain { name } => {
+            cluster::drain(&name)?;
+            println!("cluster {name}: this host takes no new clients");
+            Ok(())
         }
     }
 }

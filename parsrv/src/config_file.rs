@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::{
+    cluster::ClusterSpec,
     error::{Error, Result},
     spec::{self, flags, GroupSpec},
 };
@@ -41,6 +42,7 @@ struct RawFile {
     metrics: Option<Spanned<String>>,
     #[serde(default, rename = "group")]
     groups: Vec<Spanned<RawGroup>>,
+    cluster: Option<Spanned<toml::Value>>,
 }
 
 /// A valid config file.
@@ -49,6 +51,8 @@ pub struct ConfigFile {
     pub path: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub groups: Vec<GroupSpec>,
+    /// This host's place in a cluster (`parsrv cluster run` reads it; `parsrv run` does not).
+    pub cluster: Option<ClusterSpec>,
 }
 
 /// One problem in a file, located.
@@ -208,12 +212,31 @@ pub fn check_text(path: &Path, text: &str) -> Checked {
         seen.insert(name, (here, spec.clone()));
         groups.push(spec);
     }
+    let cluster = raw.cluster.as_ref().and_then(|section| {
+        match ClusterSpec::deserialize(section.get_ref().clone()) {
+            Ok(spec) => {
+                for message in spec.problems() {
+                    problem(section.span(), format!("[cluster]: {message}"), false);
+                }
+                Some(spec)
+            }
+            Err(e) => {
+                problem(
+                    section.span(),
+                    format!("[cluster]: {}", e.message().trim()),
+                    false,
+                );
+                None
+            }
+        }
+    });
     let valid = problems.iter().all(|p| p.warning);
     Checked {
         file: valid.then(|| ConfigFile {
             path: path.to_owned(),
             metrics,
             groups,
+            cluster,
         }),
         problems,
     }

@@ -38,12 +38,15 @@ pub enum Feature {
     TcpMigrateReq,
     /// BPF_PROG_TYPE_SK_LOOKUP: a group on several addresses, a prefix or a port range.
     SkLookup,
+    /// tcx links (BPF_TCX_INGRESS): the cluster's host dispatcher, attached as a link that
+    /// can be pinned and so outlives its agent.
+    Tcx,
 }
 
 impl Feature {
     /// Every feature, in the order a missing one is reported (BTF first: the others are
     /// probed through it).
-    pub const ALL: [Feature; 8] = [
+    pub const ALL: [Feature; 9] = [
         Feature::Btf,
         Feature::SkReuseport,
         Feature::CapBpf,
@@ -52,6 +55,7 @@ impl Feature {
         Feature::TcpMigrateReq,
         Feature::BpfLoop,
         Feature::SkLookup,
+        Feature::Tcx,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +68,7 @@ impl Feature {
             Feature::TcpMigrateReq => "net.ipv4.tcp_migrate_req",
             Feature::BpfLoop => "the bpf_loop helper",
             Feature::SkLookup => "SK_LOOKUP programs",
+            Feature::Tcx => "tcx links (BPF_TCX_INGRESS)",
         }
     }
 
@@ -76,6 +81,7 @@ impl Feature {
             Feature::SelectOrMigrate | Feature::ReuseportCtxSk | Feature::TcpMigrateReq => (5, 14),
             Feature::BpfLoop => (5, 17),
             Feature::SkLookup => (5, 9),
+            Feature::Tcx => (6, 6),
         };
         KernelVersion { major, minor }
     }
@@ -91,13 +97,18 @@ impl Feature {
             Feature::TcpMigrateReq => "no queued connection lost when a handler goes",
             Feature::BpfLoop => "scanning up to 128 sockets within the verifier's limit",
             Feature::SkLookup => "one group on several addresses, prefixes and port ranges",
+            Feature::Tcx => "the host dispatcher of a cluster (parsrv cluster run)",
         }
     }
 }
 
-/// The oldest Linux release with every feature.
+/// The oldest Linux release with every feature groups need (`parsrv run`).
 pub fn minimum_kernel() -> KernelVersion {
-    Feature::ALL.iter().map(|f| f.since()).max().unwrap()
+    needed_by(&Program::GROUPS)
+        .iter()
+        .map(|f| f.since())
+        .max()
+        .unwrap()
 }
 
 /// What `programs` need together, in [`Feature::ALL`]'s order.
@@ -165,6 +176,9 @@ pub struct FeatureProbe {
     pub name: &'static str,
     pub since: KernelVersion,
     pub present: bool,
+    /// Needed to run groups (`parsrv run`); the others serve one command only (the
+    /// cluster dispatcher).
+    pub required: bool,
 }
 
 impl KernelFeatures {
@@ -184,6 +198,7 @@ impl KernelFeatures {
                 name: feature.name(),
                 since: feature.since(),
                 present: probe(feature, btf, proc_sys),
+                required: needed_by(&Program::GROUPS).contains(&feature),
             })
             .collect();
         let release = kernel_release();
@@ -226,9 +241,10 @@ impl KernelFeatures {
         }
     }
 
-    /// Fails unless the kernel has what every program parsrv has needs.
+    /// Fails unless the kernel has what groups need (every program but the cluster's
+    /// dispatcher, which `parsrv cluster run` checks).
     pub fn require_all(&self) -> Result<()> {
-        self.require_for(&Program::ALL)
+        self.require_for(&Program::GROUPS)
     }
 }
 
@@ -246,6 +262,7 @@ fn probe(feature: Feature, btf: Option<&Btf>, proc_sys: &Path) -> bool {
         }
         Feature::BpfLoop => has_enumerator("bpf_func_id", "BPF_FUNC_loop"),
         Feature::SkLookup => has_enumerator("bpf_prog_type", "BPF_PROG_TYPE_SK_LOOKUP"),
+        Feature::Tcx => has_enumerator("bpf_attach_type", "BPF_TCX_INGRESS"),
         // The program context (uapi sk_reuseport_md) gained `sk` in 5.14. Kernels whose BTF
         // lacks the uapi struct tell by the kernel-side context's `migrating_sk`, which came
         // in the same series (its own `sk` is older: it is not a sign).
@@ -327,6 +344,7 @@ mod tests {
                     name: feature.name(),
                     since: feature.since(),
                     present: !missing.contains(&feature),
+                    required: true,
                 })
                 .collect(),
         };
@@ -350,6 +368,13 @@ mod tests {
             .require_all()
             .unwrap_err();
         assert!(matches!(err, Error::NoBtf { .. }), "{err}");
+        // A kernel without tcx runs groups, and refuses the cluster's dispatcher.
+        let without_tcx = kernel(&[Feature::Tcx]);
+        without_tcx.require_all().unwrap();
+        let err = without_tcx
+            .require_for(&[Program::ClusterDispatch])
+            .unwrap_err();
+        assert!(err.to_string().contains("tcx"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod activation;
 pub mod autoscale;
 pub mod cli;
+pub mod cluster;
 pub mod config_file;
 pub mod control;
 pub mod dataplane;

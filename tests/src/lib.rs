@@ -15,6 +15,7 @@
 //! [`processes`] (handlers seen from outside).
 
 pub mod clients;
+pub mod cluster;
 pub mod faults;
 pub mod flood;
 pub mod load;

@@ -492,7 +492,8 @@ fn kernel_features_follow_the_release() {
             present || version < since,
             "{release} should have it: {feature}"
         );
-        if !present {
+        // Only what groups need decides the exit code (tcx serves the cluster dispatcher).
+        if !present && feature["required"].as_bool().unwrap() {
             missing.push(feature["name"].as_str().unwrap().to_owned());
         }
     }

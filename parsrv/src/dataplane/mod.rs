@@ -1,5 +1,5 @@
 //! The data plane: parsrv's eBPF programs and the kernel objects they keep, one module per
-//! program ([`reuseport`], [`lookup`]), the pinned state that outlives a process ([`pins`]
+//! program ([`reuseport`], [`lookup`], [`cluster`]), the pinned state that outlives a process ([`pins`]
 //! for a group's maps, [`netns`] for what belongs to a network namespace), and the table of
 //! embedded objects and of what each program needs from the kernel (this module).
 //!
@@ -15,6 +15,7 @@
 //! | which handler each client goes to (client affinity) | `DISPATCH_TABLE`, pinned there too; written only by the program | any root process (`parsrv affinity`) |
 //! | the attached program | the kernel: attached to the reuseport group, and pinned beside the maps (`parsrv_select`) | `bpftool`, a spawner that adopts the group (it reopens the pin) |
 //! | a group on several addresses: its (prefix, port) rules, each slot's entry, per-address counters, the sk_lookup program's link to the namespace | `LOOKUP_RULES`, `SLOT_LISTEN`, `ADDRESS_COUNTERS`, `parsrv_lookup_link`, pinned there too ([`lookup`]) | any root process; the link outlives a killed spawner and goes with the pins |
+//! | a cluster's dispatch table, hosts (MAC, state, room), the dispatcher's counters and its tcx link to the interface | `CLUSTER_*` and `parsrv_cluster_link` pinned at `/sys/fs/bpf/parsrv/_cluster-NAME/` ([`cluster`]) | any root process; the agent that adopts them; the dispatcher runs on after its agent dies |
 //! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
 //! | namespace-wide guard | `/sys/fs/bpf/parsrv/_netns-INODE/`, locked while a spawner claims an address | spawners of that namespace |
 //! | the spec, and per slot its socket's cookie and its handler's pid, start time, restarts | the group record `/run/parsrv/GROUP.json`, rewritten by rename (`spawner::record`) | any root process |
@@ -28,6 +29,7 @@
 
 pub mod affinity;
 pub mod alerts;
+pub mod cluster;
 pub mod lookup;
 pub mod netns;
 pub mod pins;
@@ -87,22 +89,34 @@ pub enum Program {
     /// Moves a connection from a full address of a group to another, and serves prefixes
     /// and port ranges ([`lookup`]).
     AddressLookup,
+    /// The host dispatcher of a cluster ([`cluster`]).
+    ClusterDispatch,
 }
 
 impl Program {
-    pub const ALL: [Program; 2] = [Program::ReuseportSelect, Program::AddressLookup];
+    pub const ALL: [Program; 3] = [
+        Program::ReuseportSelect,
+        Program::AddressLookup,
+        Program::ClusterDispatch,
+    ];
+
+    /// What groups may need (`parsrv run`, `parsrv kernel`'s verdict).
+    pub const GROUPS: [Program; 2] = [Program::ReuseportSelect, Program::AddressLookup];
 
     /// Its name in the object.
     pub fn name(self) -> &'static str {
         match self {
             Program::ReuseportSelect => parsrv_common::reuseport::names::PROGRAM,
             Program::AddressLookup => parsrv_common::lookup::names::PROGRAM,
+            Program::ClusterDispatch => parsrv_common::cluster::names::PROGRAM,
         }
     }
 
     pub fn object(self) -> EbpfObject {
         match self {
-            Program::ReuseportSelect | Program::AddressLookup => EbpfObject::Parsrv,
+            Program::ReuseportSelect | Program::AddressLookup | Program::ClusterDispatch => {
+                EbpfObject::Parsrv
+            }
         }
     }
 
@@ -127,6 +141,7 @@ impl Program {
                 Feature::BpfLoop,
                 Feature::SkLookup,
             ],
+            Program::ClusterDispatch => &[Feature::Btf, Feature::CapBpf, Feature::Tcx],
         }
     }
 }

@@ -1,0 +1,318 @@
+//! The host dispatcher: a tc program on the host's interface towards the routers, for the
+//! packets of the cluster's service address and port (shared types and the design:
+//! `parsrv_common::cluster`). Every other packet passes untouched.
+//!
+//! tc rather than XDP: the packet stays an skb, so a locally generated packet's pending
+//! checksum (CHECKSUM_PARTIAL) survives being sent out again, which native XDP_TX on veth
+//! loses; and it needs no XDP program on the peer device.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        BPF_F_CURRENT_NETNS, BPF_NOEXIST, TC_ACT_OK,
+    },
+    cty::c_void,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp},
+    },
+    macros::{classifier, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TcContext,
+    EbpfContext,
+};
+use parsrv_common::cluster::{
+    home_score, host_state, ClientEntry, ClusterConfig, Decision, DispatchCounters, Host, MAX_HOSTS,
+};
+
+use crate::counting::count;
+
+#[map]
+static CLUSTER_CONFIG: Array<ClusterConfig> = Array::with_max_entries(1, 0);
+
+/// Sized by userspace (`table_size`); every map of the object is created for every group
+/// too, so the object's own sizes stay small.
+#[map]
+static CLUSTER_CLIENTS: LruHashMap<[u8; 4], ClientEntry> = LruHashMap::with_max_entries(1, 0);
+
+#[map]
+static CLUSTER_HOSTS: Array<Host> = Array::with_max_entries(MAX_HOSTS + 1, 0);
+
+#[map]
+static CLUSTER_PEER_MACS: HashMap<[u8; 8], u16> = HashMap::with_max_entries(MAX_HOSTS, 0);
+
+#[map]
+static CLUSTER_DECISIONS: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+#[map]
+static CLUSTER_COUNTERS: PerCpuArray<DispatchCounters> = PerCpuArray::with_max_entries(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const TCP_LISTEN: u32 = 10;
+
+/// How often an entry's `last_seen_ns` is written at most: every packet writing it would
+/// bounce its cache line between CPUs, and expiry counts in seconds.
+const TOUCH_EVERY_NS: u64 = 1_000_000_000;
+
+#[classifier]
+pub fn parsrv_cluster(ctx: TcContext) -> i32 {
+    dispatch(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+/// The service's packet as the dispatcher needs it.
+struct Packet {
+    client: [u8; 4],
+    tuple: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    /// A SYN without ACK: the packet opens a connection.
+    opens: bool,
+}
+
+#[inline(always)]
+fn dispatch(ctx: &TcContext) -> Result<i32, ()> {
+    let config = CLUSTER_CONFIG.get(0).ok_or(())?;
+    let Some(packet) = service_packet(ctx, config)? else {
+        return Ok(TC_ACT_OK);
+    };
+    let this = config.this_host;
+    let source: [u8; 6] = ctx.load(6).map_err(|_| ())?;
+    let mut peer_key = [0u8; 8];
+    peer_key[..6].copy_from_slice(&source);
+    // SAFETY: a plain value, copied.
+    if let Some(&sender) = unsafe { CLUSTER_PEER_MACS.get(&peer_key) } {
+        // Another host's dispatcher sent it here. It is this host's (the entry that made
+        // the peer send it may not have reached us yet), unless this host is the client's
+        // locking dispatcher and the peer is not: then it came for the lock. A packet from
+        // the locking dispatcher is always kept, so no packet is forwarded more than twice.
+        let home = home(packet.client);
+        if home != this || sender == home {
+            tally(|c| c.from_peer += 1);
+            return Ok(TC_ACT_OK);
+        }
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(stored) = CLUSTER_CLIENTS.get_ptr_mut(&packet.client) else {
+        return without_entry(ctx, config, &packet, now);
+    };
+    // SAFETY: a map value; `last_seen_ns` is advisory, a lost update is harmless.
+    let entry = unsafe {
+        if now.wrapping_sub((*stored).last_seen_ns) > TOUCH_EVERY_NS {
+            (*stored).last_seen_ns = now;
+        }
+        *stored
+    };
+    if entry.host == this {
+        tally(|c| c.local += 1);
+        return Ok(TC_ACT_OK);
+    }
+    let host = CLUSTER_HOSTS.get(entry.host as u32).ok_or(())?;
+    if host.state == host_state::ABSENT {
+        tally(|c| c.host_gone += 1);
+        if !packet.opens {
+            // Its connection went with its host.
+            return Ok(TC_ACT_OK);
+        }
+        // The client is decided again, from this connection on.
+        let _ = CLUSTER_CLIENTS.remove(&packet.client);
+        return without_entry(ctx, config, &packet, now);
+    }
+    if !packet.opens && open_here(ctx, &packet) {
+        tally(|c| c.own_connection += 1);
+        return Ok(TC_ACT_OK);
+    }
+    forward(ctx, config, entry.host)
+}
+
+/// A client without an entry: to its locking dispatcher, which locks and decides on a
+/// packet that opens a connection.
+#[inline(always)]
+fn without_entry(
+    ctx: &TcContext,
+    config: &ClusterConfig,
+    packet: &Packet,
+    now: u64,
+) -> Result<i32, ()> {
+    let home = home(packet.client);
+    if home != config.this_host && home != NO_HOST {
+        tally(|c| c.to_home += 1);
+        return forward(ctx, config, home);
+    }
+    if !packet.opens {
+        tally(|c| c.no_entry += 1);
+        return Ok(TC_ACT_OK);
+    }
+    match lock_and_decide(packet, config, now) {
+        Some(entry) if entry.host != config.this_host => forward(ctx, config, entry.host),
+        _ => Ok(TC_ACT_OK),
+    }
+}
+
+/// No host (the tables are empty or every host is gone).
+const NO_HOST: u16 = 0;
+
+/// The client's locking dispatcher: of the hosts up, the one with the highest
+/// [`home_score`].
+#[inline(always)]
+fn home(client: [u8; 4]) -> u16 {
+    let mut best = NO_HOST;
+    let mut best_score = 0u32;
+    for id in 1..=MAX_HOSTS {
+        let Some(host) = CLUSTER_HOSTS.get(id) else {
+            break;
+        };
+        if host.state == host_state::ABSENT {
+            continue;
+        }
+        let score = home_score(client, id as u16);
+        if best == NO_HOST || score > best_score || (score == best_score && id as u16 > best) {
+            best = id as u16;
+            best_score = score;
+        }
+    }
+    best
+}
+
+/// The packet's client and connection if it is TCP to the service address and port.
+#[inline(always)]
+fn service_packet(ctx: &TcContext, config: &ClusterConfig) -> Result<Option<Packet>, ()> {
+    let proto: u16 = ctx.load(12).map_err(|_| ())?;
+    if u16::from_be(proto) != ETH_P_IP {
+        return Ok(None);
+    }
+    let version_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let protocol: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| ())?;
+    let daddr: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
+    if version_ihl >> 4 != 4 || protocol != IPPROTO_TCP || daddr != config.service_addr {
+        return Ok(None);
+    }
+    let tcp = ETH_HLEN + ((version_ihl & 0x0f) as usize) * 4;
+    let ports: [u8; 4] = ctx.load(tcp).map_err(|_| ())?;
+    if ports[2..4] != config.service_port {
+        return Ok(None);
+    }
+    let saddr: [u8; 4] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
+    let flags: u8 = ctx.load(tcp + 13).map_err(|_| ())?;
+    Ok(Some(Packet {
+        client: saddr,
+        tuple: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: u32::from_ne_bytes(saddr),
+            daddr: u32::from_ne_bytes(daddr),
+            sport: u16::from_ne_bytes([ports[0], ports[1]]),
+            dport: u16::from_ne_bytes([ports[2], ports[3]]),
+        },
+        opens: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+    }))
+}
+
+/// Places the client lock and decides in one step (seed 003, claim 32: the lock is placed
+/// when there is no entry and no lock): an insert that fails if the client has an entry,
+/// checked under the bucket's lock, so of two CPUs exactly one places it and the other
+/// follows. The entry names the ready host with most room; the agent broadcasts it.
+#[inline(always)]
+fn lock_and_decide(packet: &Packet, config: &ClusterConfig, now: u64) -> Option<ClientEntry> {
+    let Some(host) = most_room() else {
+        tally(|c| c.no_host += 1);
+        return None;
+    };
+    let entry = ClientEntry {
+        host,
+        locker: config.this_host,
+        _pad: 0,
+        locked_ns: now,
+        last_seen_ns: now,
+    };
+    if CLUSTER_CLIENTS
+        .insert(&packet.client, &entry, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        tally(|c| c.lock_races += 1);
+        // SAFETY: a plain value, copied.
+        return unsafe { CLUSTER_CLIENTS.get(&packet.client) }.copied();
+    }
+    tally(|c| c.locked += 1);
+    // Taken until the host's next report, so the next new clients spread.
+    if let Some(chosen) = CLUSTER_HOSTS.get_ptr_mut(host as u32) {
+        // SAFETY: a map value; racing CPUs may lose a decrement: the figure is advisory
+        // and replaced at the next report.
+        unsafe { (*chosen).room -= 1 };
+    }
+    // If the ring is full the entry is not broadcast: the client's packets that reach
+    // another host then find no entry there; a new connection there locks again, and the
+    // earlier lock wins when both entries meet.
+    let _ = CLUSTER_DECISIONS.output::<Decision>(
+        &Decision {
+            client: packet.client,
+            _pad: 0,
+            entry,
+        },
+        0,
+    );
+    Some(entry)
+}
+
+/// The ready host with most room (the lowest id on a tie).
+#[inline(always)]
+fn most_room() -> Option<u16> {
+    let mut best: Option<(u16, i32)> = None;
+    for id in 1..=MAX_HOSTS {
+        let Some(host) = CLUSTER_HOSTS.get(id) else {
+            break;
+        };
+        if host.state != host_state::READY {
+            continue;
+        }
+        if best.is_none_or(|(_, room)| host.room > room) {
+            best = Some((id as u16, host.room));
+        }
+    }
+    best.map(|(id, _)| id)
+}
+
+/// Whether the packet belongs to a connection open (or opening, or closing) on this host:
+/// the kernel's own lookup finds a socket other than a listener.
+#[inline(always)]
+fn open_here(ctx: &TcContext, packet: &Packet) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv4: packet.tuple },
+    };
+    // SAFETY: the helper reads the IPv4 part of the tuple, whose size it is given; a socket
+    // it returns is released before returning.
+    unsafe {
+        let sock = bpf_skc_lookup_tcp(
+            ctx.as_ptr() as *mut c_void,
+            &mut tuple,
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sock.is_null() {
+            return false;
+        }
+        let state = (*sock).state;
+        bpf_sk_release(sock as *mut c_void);
+        state != TCP_LISTEN
+    }
+}
+
+/// Sends the packet to `host` on the same segment: its MAC as destination, ours as source
+/// (which tells its dispatcher the packet is its own), out of the interface it came in by.
+#[inline(always)]
+fn forward(ctx: &TcContext, config: &ClusterConfig, host: u16) -> Result<i32, ()> {
+    let target = CLUSTER_HOSTS.get(host as u32).ok_or(())?;
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&target.mac);
+    macs[6..].copy_from_slice(&config.mac);
+    ctx.store(0, &macs, 0).map_err(|_| ())?;
+    tally(|c| c.forwarded += 1);
+    // SAFETY: a helper taking plain values; it answers TC_ACT_REDIRECT.
+    Ok(unsafe { bpf_redirect(config.ifindex, 0) } as i32)
+}
+
+#[inline(always)]
+fn tally(update: impl FnOnce(&mut DispatchCounters)) {
+    count(&CLUSTER_COUNTERS, 0, update)
+}

@@ -1,0 +1,763 @@
+//! The host's cluster agent: keeps its dispatcher's table in step with its peers' (sends the
+//! entries its dispatcher places, takes theirs), shares its load, notices peers that go
+//! silent, expires its idle clients, and tells the routing daemon when the host takes new
+//! clients and when it stops.
+//!
+//! One thread, one tokio LocalSet; the state is shared between its tasks by `Rc<RefCell>`
+//! and never held across an await.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use parsrv_common::cluster::{host_state, Host};
+use tokio::{
+    io::{unix::AsyncFd, AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::mpsc,
+};
+
+use super::{
+    protocol::{self, HostState, Message, WireEntry, ENTRIES_PER_MESSAGE, MAX_LINE},
+    spec::ClusterSpec,
+    status::{ClusterStatus, MessageCounters, PeerStatus, TableStatus},
+    table,
+};
+use crate::{
+    control::{self, Request, Response},
+    dataplane::cluster::{decision_from, Dispatcher},
+    error::{Error, Result},
+};
+
+/// How often the agent sends its load (the heartbeat) and looks at its peers.
+const HEARTBEAT: Duration = Duration::from_millis(100);
+/// How often it reads its group's queues.
+const LOAD_EVERY: Duration = Duration::from_millis(500);
+/// How often it looks for expired clients.
+const EXPIRY_EVERY: Duration = Duration::from_secs(2);
+/// Pause before dialing a peer again.
+const REDIAL: Duration = Duration::from_millis(200);
+/// Time a peer has to say hello on a new connection.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct PeerView {
+    address: SocketAddr,
+    mac: Option<[u8; 6]>,
+    state: HostState,
+    room: i32,
+    last_heard: Option<Instant>,
+    /// Heard within the time-out: its MAC is in the dispatcher and its clients are its own.
+    present: bool,
+    /// Its whole table has arrived (since it was last present).
+    synced: bool,
+    /// Was present, then went silent: its clients' entries were removed.
+    gone: bool,
+    /// This agent's connection to it, while up.
+    outbox: Option<mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+pub struct Agent {
+    spec: ClusterSpec,
+    mac: [u8; 6],
+    dispatcher: Dispatcher,
+    state: HostState,
+    room: i32,
+    started: Instant,
+    peers: BTreeMap<u16, PeerView>,
+    messages: MessageCounters,
+    /// Clients of this host seen without a connection, and since when.
+    idle_since: BTreeMap<Ipv4Addr, Instant>,
+}
+
+type Shared = Rc<RefCell<Agent>>;
+
+impl Agent {
+    pub fn new(spec: ClusterSpec, mac: [u8; 6], dispatcher: Dispatcher) -> Agent {
+        let peers = spec
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.host,
+                    PeerView {
+                        address: p.address,
+                        mac: None,
+                        state: HostState::Joining,
+                        room: 0,
+                        last_heard: None,
+                        present: false,
+                        synced: false,
+                        gone: false,
+                        outbox: None,
+                    },
+                )
+            })
+            .collect();
+        Agent {
+            spec,
+            mac,
+            dispatcher,
+            state: HostState::Joining,
+            room: 0,
+            started: Instant::now(),
+            peers,
+            messages: MessageCounters::default(),
+            idle_since: BTreeMap::new(),
+        }
+    }
+
+    /// Runs until the future `stop` completes; then the host withdraws (the draining
+    /// command) and the caller decides what happens to the dispatcher.
+    pub async fn run(
+        self,
+        ring: RingBuf<MapData>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let listener = TcpListener::bind(self.spec.address)
+            .await
+            .map_err(Error::io(format!(
+                "listening for peers on {}",
+                self.spec.address
+            )))?;
+        let control = control_listener(&self.spec.name)?;
+        let agent: Shared = Rc::new(RefCell::new(self));
+        agent.borrow_mut().write_own_host()?;
+        let peer_ids: Vec<u16> = agent.borrow().peers.keys().copied().collect();
+        for id in peer_ids {
+            tokio::task::spawn_local(dial(agent.clone(), id));
+        }
+        tokio::task::spawn_local(accept(agent.clone(), listener));
+        tokio::task::spawn_local(broadcast_decisions(agent.clone(), ring));
+        tokio::task::spawn_local(heartbeat(agent.clone()));
+        tokio::task::spawn_local(read_load(agent.clone()));
+        tokio::task::spawn_local(expire(agent.clone()));
+        tokio::task::spawn_local(serve_control(agent.clone(), control));
+        stop.await;
+        let draining = {
+            let mut agent = agent.borrow_mut();
+            agent.state = HostState::Draining;
+            let _ = agent.write_own_host();
+            agent.spec.draining.clone()
+        };
+        run_hook(&draining, "draining").await;
+        let _ = std::fs::remove_file(control_path(&agent.borrow().spec.name));
+        Ok(())
+    }
+
+    fn this_host(&self) -> u16 {
+        self.spec.host
+    }
+
+    fn write_own_host(&mut self) -> Result<()> {
+        let state = match self.state {
+            HostState::Ready => host_state::READY,
+            HostState::Joining | HostState::Draining => host_state::DRAINING,
+        };
+        self.dispatcher.set_host(
+            self.this_host(),
+            Host {
+                mac: self.mac,
+                state,
+                room: self.room,
+                _pad: 0,
+            },
+            false,
+        )
+    }
+
+    fn write_peer(&mut self, id: u16) -> Result<()> {
+        let peer = &self.peers[&id];
+        let Some(mac) = peer.mac else {
+            return Ok(());
+        };
+        let state = match (peer.present, peer.state) {
+            (false, _) => host_state::ABSENT,
+            (true, HostState::Ready) => host_state::READY,
+            (true, _) => host_state::DRAINING,
+        };
+        self.dispatcher.set_host(
+            id,
+            Host {
+                mac,
+                state,
+                room: peer.room,
+                _pad: 0,
+            },
+            true,
+        )
+    }
+
+    /// Whether entries naming `host` hold: this host, or a peer not known to be gone (one
+    /// not heard from yet may just be slower to connect than its peers' tables).
+    fn not_gone(&self, host: u16) -> bool {
+        host == self.this_host() || self.peers.get(&host).is_some_and(|p| !p.gone)
+    }
+
+    fn send_all(&mut self, message: &Message) {
+        let line = protocol::encode(message);
+        for peer in self.peers.values_mut() {
+            if let Some(outbox) = &peer.outbox {
+                if outbox.send(line.clone()).is_err() {
+                    peer.outbox = None;
+                }
+            }
+        }
+    }
+
+    /// This host's whole table, in messages.
+    fn table_messages(&self) -> Vec<Message> {
+        let entries: Vec<WireEntry> = self
+            .dispatcher
+            .clients()
+            .iter()
+            .map(|(client, entry)| WireEntry::new(*client, entry))
+            .collect();
+        entries
+            .chunks(ENTRIES_PER_MESSAGE)
+            .map(|chunk| Message::Entries {
+                entries: chunk.to_vec(),
+            })
+            .collect()
+    }
+
+    /// Takes in a message from peer `from`.
+    fn receive(&mut self, from: u16, message: Message) {
+        let now_ns = monotonic_ns();
+        match message {
+            Message::Hello { .. } => {}
+            Message::Load { state, room } => {
+                let peer = self.peers.get_mut(&from).expect("a configured peer");
+                peer.state = state;
+                peer.room = room;
+                if let Err(e) = self.write_peer(from) {
+                    log::error!("recording host {from}'s load: {e}");
+                }
+            }
+            Message::Entries { entries } => {
+                for wire in entries {
+                    let theirs = wire.entry(now_ns);
+                    let client = wire.client.octets();
+                    let ours = self.dispatcher.client(client);
+                    if table::takes(ours.as_ref(), &theirs, |h| self.not_gone(h)) {
+                        if let Err(e) = self.dispatcher.set_client(client, theirs) {
+                            log::error!("writing {}'s entry: {e}", wire.client);
+                        }
+                        self.messages.taken += 1;
+                    } else if ours.is_some_and(|o| o != theirs && o.locked_ns != theirs.locked_ns) {
+                        self.messages.lost += 1;
+                    }
+                }
+            }
+            Message::Synced => {
+                self.peers.get_mut(&from).expect("a configured peer").synced = true;
+            }
+            Message::Forget { clients } => {
+                for client in clients {
+                    // Only the host that served it forgets a client; an entry placed since
+                    // (another host's) stays.
+                    if self
+                        .dispatcher
+                        .client(client.octets())
+                        .is_some_and(|e| e.host == from)
+                    {
+                        self.dispatcher.forget_client(client.octets());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A peer heard from for the first time, or again after it was gone.
+    fn heard(&mut self, from: u16) {
+        let peer = self.peers.get_mut(&from).expect("a configured peer");
+        peer.last_heard = Some(Instant::now());
+        if !peer.present {
+            peer.present = true;
+            peer.gone = false;
+            log::info!("host {from} is up");
+            if let Err(e) = self.write_peer(from) {
+                log::error!("recording host {from}: {e}");
+            }
+        }
+    }
+
+    /// Peers silent for longer than the time-out are gone: their clients' entries go (their
+    /// connections went with them), and the clients are decided again.
+    fn check_peers(&mut self) {
+        let timeout = self.spec.peer_timeout();
+        let gone: Vec<u16> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.present && p.last_heard.is_none_or(|t| t.elapsed() > timeout))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            log::warn!("host {id} is gone (silent for more than {timeout:?})");
+            let peer = self.peers.get_mut(&id).expect("listed");
+            peer.present = false;
+            peer.synced = false;
+            peer.gone = true;
+            if let Err(e) = self.write_peer(id) {
+                log::error!("recording host {id} as gone: {e}");
+            }
+            for (client, entry) in self.dispatcher.clients() {
+                if entry.host == id {
+                    self.dispatcher.forget_client(client);
+                    self.messages.host_left += 1;
+                }
+            }
+        }
+        // Joining until every peer has been heard from and has sent its table, or one
+        // time-out has passed (the others are down): taking clients before would pass
+        // packets of live connections that this host does not know to its own stack.
+        if self.state == HostState::Joining {
+            let all_heard = self.peers.values().all(|p| p.present && p.synced);
+            if all_heard || self.started.elapsed() > timeout {
+                self.state = HostState::Ready;
+                log::info!("host {} is ready", self.this_host());
+                let _ = self.write_own_host();
+                let ready = self.spec.ready.clone();
+                tokio::task::spawn_local(async move { run_hook(&ready, "ready").await });
+            }
+        }
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let clients = self.dispatcher.clients();
+        let served_by = |host: u16| clients.iter().filter(|(_, e)| e.host == host).count();
+        ClusterStatus {
+            name: self.spec.name.clone(),
+            host: self.this_host(),
+            agent_pid: std::process::id(),
+            state: self.state,
+            room: self.room,
+            service: self.spec.service.into(),
+            interface: self.spec.interface.clone(),
+            peers: self
+                .peers
+                .iter()
+                .map(|(id, p)| PeerStatus {
+                    host: *id,
+                    address: p.address,
+                    state: p.present.then_some(p.state),
+                    room: p.room,
+                    heard_ms_ago: p.last_heard.map(|t| t.elapsed().as_millis() as u64),
+                    connected: p.outbox.is_some(),
+                    clients: served_by(*id),
+                })
+                .collect(),
+            table: TableStatus {
+                clients: clients.len(),
+                served_here: served_by(self.this_host()),
+                locked_here: clients
+                    .iter()
+                    .filter(|(_, e)| e.locker == self.this_host())
+                    .count(),
+            },
+            dispatcher: self.dispatcher.counters().unwrap_or_default(),
+            messages: self.messages,
+        }
+    }
+}
+
+/// Keeps a connection to peer `id` up, and sends on it: hello, this host's table, then
+/// whatever is broadcast.
+async fn dial(agent: Shared, id: u16) {
+    let (target, local) = {
+        let agent = agent.borrow();
+        (agent.peers[&id].address, agent.spec.address)
+    };
+    loop {
+        match connect(target, local).await {
+            Ok(mut stream) => {
+                let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+                let first: Vec<Vec<u8>> = {
+                    let mut agent = agent.borrow_mut();
+                    let hello = Message::Hello {
+                        cluster: agent.spec.name.clone(),
+                        host: agent.this_host(),
+                        mac: protocol::format_mac(agent.mac),
+                    };
+                    let load = Message::Load {
+                        state: agent.state,
+                        room: agent.room,
+                    };
+                    agent.peers.get_mut(&id).expect("configured").outbox = Some(tx);
+                    std::iter::once(hello)
+                        .chain(std::iter::once(load))
+                        .chain(agent.table_messages())
+                        .chain(std::iter::once(Message::Synced))
+                        .map(|m| protocol::encode(&m))
+                        .collect()
+                };
+                let mut failed = false;
+                for line in first {
+                    if stream.write_all(&line).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+                while !failed {
+                    let Some(line) = rx.recv().await else { break };
+                    failed = stream.write_all(&line).await.is_err();
+                }
+                agent
+                    .borrow_mut()
+                    .peers
+                    .get_mut(&id)
+                    .expect("configured")
+                    .outbox = None;
+                log::debug!("connection to host {id} ended");
+            }
+            Err(e) => log::debug!("dialing host {id} at {target}: {e}"),
+        }
+        tokio::time::sleep(REDIAL).await;
+    }
+}
+
+/// Connects from this host's agent address (its IP is what peers check).
+async fn connect(target: SocketAddr, local: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(local.ip(), 0))?;
+    let stream = tokio::time::timeout(Duration::from_secs(1), socket.connect(target))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Takes the connections peers open, each read in a task of its own.
+async fn accept(agent: Shared, listener: TcpListener) {
+    loop {
+        let Ok((stream, from)) = listener.accept().await else {
+            continue;
+        };
+        tokio::task::spawn_local(read_peer(agent.clone(), stream, from));
+    }
+}
+
+async fn read_peer(agent: Shared, stream: TcpStream, from: SocketAddr) {
+    let (expected, cluster) = {
+        let agent = agent.borrow();
+        (
+            agent.spec.peer_at(from.ip()).map(|p| p.host),
+            agent.spec.name.clone(),
+        )
+    };
+    let refuse = |why: String| {
+        log::warn!("refused a connection from {from}: {why}");
+        agent.borrow_mut().messages.refused += 1;
+    };
+    let Some(expected) = expected else {
+        return refuse("not a configured peer".into());
+    };
+    let mut lines = BufReader::new(stream).lines();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, lines.next_line()).await;
+    let Ok(Ok(Some(hello))) = hello else {
+        return refuse("no hello".into());
+    };
+    let mac = match protocol::decode(&hello) {
+        Ok(Message::Hello {
+            cluster: theirs,
+            host,
+            mac,
+        }) if theirs == cluster && host == expected => protocol::parse_mac(&mac),
+        Ok(Message::Hello { cluster, host, .. }) => return refuse(format!(
+            "hello from host {host} of cluster '{cluster}', expected host {expected} of this one"
+        )),
+        _ => return refuse("the first message is not a hello".into()),
+    };
+    let Some(mac) = mac else {
+        return refuse("a hello without a valid MAC".into());
+    };
+    {
+        let mut agent = agent.borrow_mut();
+        agent.peers.get_mut(&expected).expect("configured").mac = Some(mac);
+        agent.heard(expected);
+    }
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) if line.len() <= MAX_LINE => line,
+            Ok(Some(_)) => return refuse(format!("a line longer than {MAX_LINE} bytes")),
+            Ok(None) | Err(_) => return,
+        };
+        match protocol::decode(&line) {
+            Ok(message) => {
+                let mut agent = agent.borrow_mut();
+                agent.heard(expected);
+                agent.receive(expected, message);
+            }
+            Err(e) => return refuse(format!("an unreadable message from host {expected}: {e}")),
+        }
+    }
+}
+
+/// Sends on to every peer each entry the dispatcher places.
+async fn broadcast_decisions(agent: Shared, ring: RingBuf<MapData>) {
+    // SAFETY: the ring owns its fd, which stays open (and the same) until the AsyncFd drops
+    // it.
+    let mut ring =
+        match unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
+            Ok(ring) => ring,
+            Err(e) => {
+                log::error!("watching the dispatcher's ring: {}", e.into_parts().1);
+                return;
+            }
+        };
+    loop {
+        let Ok(mut ready) = ring.readable_mut().await else {
+            return;
+        };
+        // The kernel wakes the reader when a record arrives with nothing unread before it:
+        // empty the ring before waiting again.
+        let mut entries = Vec::new();
+        while let Some(item) = ready.get_inner_mut().next() {
+            if let Some(decision) = decision_from(&item) {
+                entries.push(WireEntry::new(decision.client, &decision.entry));
+            }
+        }
+        ready.clear_ready();
+        if entries.is_empty() {
+            continue;
+        }
+        let mut agent = agent.borrow_mut();
+        agent.messages.broadcast += entries.len() as u64;
+        for chunk in entries.chunks(ENTRIES_PER_MESSAGE) {
+            agent.send_all(&Message::Entries {
+                entries: chunk.to_vec(),
+            });
+        }
+    }
+}
+
+/// Sends this host's load every beat, and looks at its peers.
+async fn heartbeat(agent: Shared) {
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    loop {
+        beat.tick().await;
+        let mut agent = agent.borrow_mut();
+        let load = Message::Load {
+            state: agent.state,
+            room: agent.room,
+        };
+        agent.send_all(&load);
+        agent.check_peers();
+    }
+}
+
+/// Reads the free places of the local group's queues (its sockets that take connections).
+async fn read_load(agent: Shared) {
+    let group = agent.borrow().spec.group.clone();
+    let mut every = tokio::time::interval(LOAD_EVERY);
+    loop {
+        every.tick().await;
+        let asked = group.clone();
+        let room =
+            tokio::task::spawn_blocking(move || match control::request(&asked, &Request::Status) {
+                Ok(Response::Status(status)) => Some(
+                    status
+                        .sockets
+                        .iter()
+                        .filter(|s| s.state == crate::listeners::SocketState::Serving)
+                        .filter_map(|s| s.queue)
+                        .map(|q| q.capacity as i32 + 1 - q.depth as i32)
+                        .sum::<i32>(),
+                ),
+                _ => None,
+            })
+            .await
+            .ok()
+            .flatten();
+        let mut agent = agent.borrow_mut();
+        match room {
+            Some(room) => agent.room = room,
+            None => log::debug!(
+                "group '{group}' did not answer: the room stays {}",
+                agent.room
+            ),
+        }
+        if let Err(e) = agent.write_own_host() {
+            log::error!("recording this host's load: {e}");
+        }
+    }
+}
+
+/// Forgets this host's clients that have had no connection here for the idle time-out, and
+/// tells the peers.
+async fn expire(agent: Shared) {
+    let mut every = tokio::time::interval(EXPIRY_EVERY);
+    loop {
+        every.tick().await;
+        let service = agent.borrow().spec.service;
+        let connected = tokio::task::spawn_blocking(move || clients_connected(service))
+            .await
+            .unwrap_or_default();
+        let mut agent = agent.borrow_mut();
+        let this = agent.this_host();
+        let timeout = agent.spec.idle_timeout();
+        let mut expired = Vec::new();
+        let mine: BTreeSet<Ipv4Addr> = agent
+            .dispatcher
+            .clients()
+            .into_iter()
+            .filter(|(_, e)| e.host == this)
+            .map(|(c, _)| Ipv4Addr::from(c))
+            .collect();
+        agent
+            .idle_since
+            .retain(|c, _| mine.contains(c) && !connected.contains(c));
+        for client in mine {
+            if connected.contains(&client) {
+                continue;
+            }
+            let since = *agent.idle_since.entry(client).or_insert_with(Instant::now);
+            if since.elapsed() >= timeout {
+                expired.push(client);
+            }
+        }
+        if expired.is_empty() {
+            continue;
+        }
+        for client in &expired {
+            agent.dispatcher.forget_client(client.octets());
+            agent.idle_since.remove(client);
+        }
+        agent.messages.expired += expired.len() as u64;
+        agent.send_all(&Message::Forget { clients: expired });
+    }
+}
+
+/// The clients with a TCP connection to `service` in this network namespace (any state but
+/// LISTEN), from /proc/net/tcp.
+fn clients_connected(service: std::net::SocketAddrV4) -> BTreeSet<Ipv4Addr> {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return BTreeSet::new();
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(service.ip().octets()),
+        service.port()
+    );
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let (ours, theirs, state) = (fields.next()?, fields.next()?, fields.next()?);
+            if ours != local || state == "0A" {
+                return None;
+            }
+            let addr = u32::from_str_radix(theirs.split(':').next()?, 16).ok()?;
+            Some(Ipv4Addr::from(addr.to_ne_bytes()))
+        })
+        .collect()
+}
+
+/// Runs a routing hook (`ready` or `draining`), logging its outcome.
+async fn run_hook(command: &[String], what: &str) {
+    let Some((program, args)) = command.split_first() else {
+        return;
+    };
+    match tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+    {
+        Ok(out) if out.status.success() => log::info!("{what} command {command:?} done"),
+        Ok(out) => log::error!(
+            "{what} command {command:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => log::error!("{what} command {command:?} could not start: {e}"),
+    }
+}
+
+/// Where `parsrv cluster status` finds the agent of cluster `name`.
+pub fn control_path(name: &str) -> std::path::PathBuf {
+    control::run_dir().join(format!("cluster-{name}.sock"))
+}
+
+fn control_listener(name: &str) -> Result<tokio::net::UnixListener> {
+    let path = control_path(name);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    }
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        return Err(Error::Rejected(format!(
+            "an agent of cluster '{name}' already runs on this host ({}): stop it first",
+            path.display()
+        )));
+    }
+    let _ = std::fs::remove_file(&path);
+    tokio::net::UnixListener::bind(&path).map_err(Error::io(format!("binding {}", path.display())))
+}
+
+/// Answers `parsrv cluster status` and `parsrv cluster drain`: one request line, one answer.
+async fn serve_control(agent: Shared, listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::task::spawn_local(async move {
+            let (reader, mut writer) = stream.into_split();
+            let mut lines = BufReader::new(reader).lines();
+            let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await
+            else {
+                return;
+            };
+            let answer = match line.trim() {
+                "status" => serde_json::to_string(&agent.borrow().status()).expect("serializable"),
+                "drain" => {
+                    let command = {
+                        let mut agent = agent.borrow_mut();
+                        agent.state = HostState::Draining;
+                        let _ = agent.write_own_host();
+                        agent.spec.draining.clone()
+                    };
+                    run_hook(&command, "draining").await;
+                    "\"draining\"".to_owned()
+                }
+                other => serde_json::to_string(&format!("unknown request '{other}'"))
+                    .expect("serializable"),
+            };
+            let _ = writer.write_all(format!("{answer}\n").as_bytes()).await;
+        });
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, as the dispatcher's bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_tcp_addresses_read_as_the_kernel_writes_them() {
+        // 203.0.113.10:80 as /proc/net/tcp prints it on a little-endian machine.
+        let service: std::net::SocketAddrV4 = "203.0.113.10:80".parse().unwrap();
+        let local = format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(service.ip().octets()),
+            service.port()
+        );
+        if cfg!(target_endian = "little") {
+            assert_eq!(local, "0A7100CB:0050");
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Several hosts behind ECMP (seed 003 across hosts): each host runs a dispatcher (a tc
+//! program, [`crate::dataplane::cluster`]) with a local copy of the cluster's dispatch table,
+//! and an agent ([`agent`]) that keeps the copies in step over TCP with the configured peers
+//! ([`protocol`], [`table`]). The routers spread the service address over the hosts (Linux
+//! ECMP, fed by a routing daemon that the agent's `ready` and `draining` commands drive);
+//! when their choice changes, the packets of a connection that reach another host are sent
+//! on to the host that has it, so no connection breaks.
+//!
+//! `parsrv cluster run --config FILE` runs the agent for the file's `[cluster]` section
+//! ([`spec`]); the groups of the same file run under `parsrv run` as before. The two are
+//! separate processes on purpose: either may die and be started again while the other and
+//! the dispatcher (pinned) keep serving.
+
+pub mod agent;
+pub mod protocol;
+pub mod spec;
+pub mod status;
+pub mod table;
+
+use std::{
+    io::{BufRead, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    time::Duration,
+};
+
+use parsrv_common::cluster::ClusterConfig;
+
+pub use spec::ClusterSpec;
+pub use status::ClusterStatus;
+
+use crate::{
+    dataplane::cluster::{pin_dir, remove_dir, Dispatcher},
+    error::{Error, Result},
+    kernel,
+};
+
+/// This host as the dispatcher needs it: the interface's index and MAC. Checks what the
+/// config file alone cannot: the interface exists, and the service address is on this host.
+pub fn check_host(spec: &ClusterSpec) -> Result<(u32, [u8; 6])> {
+    let ifindex = nix::net::if_::if_nametoindex(spec.interface.as_str()).map_err(|_| {
+        Error::Rejected(format!(
+            "interface '{}' does not exist in this network namespace: give the interface \
+             towards the routers (`ip link` lists them)",
+            spec.interface
+        ))
+    })?;
+    let mac = nix::ifaddrs::getifaddrs()
+        .ok()
+        .and_then(|mut addrs| {
+            addrs.find_map(|a| {
+                (a.interface_name == spec.interface)
+                    .then(|| a.address?.as_link_addr()?.addr())
+                    .flatten()
+            })
+        })
+        .filter(|mac| mac.iter().any(|b| *b != 0))
+        .ok_or_else(|| {
+            Error::Rejected(format!(
+                "interface '{}' has no MAC address: the dispatcher forwards on an Ethernet \
+                 segment (a veth, a bridge port, a NIC), not on '{}'",
+                spec.interface, spec.interface
+            ))
+        })?;
+    let probe = std::net::TcpListener::bind((spec.service_ip(), 0));
+    if let Err(e) = probe {
+        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            return Err(Error::Rejected(format!(
+                "service address {} is not on this host: add it to the loopback device \
+                 (`ip addr add {}/32 dev lo`), as every host of the cluster has it",
+                spec.service_ip(),
+                spec.service_ip()
+            )));
+        }
+    }
+    Ok((ifindex, mac))
+}
+
+/// Runs the agent of `spec` until SIGINT or SIGTERM; then the host withdraws and the
+/// dispatcher is detached (its pins removed). A SIGKILLed agent leaves the dispatcher
+/// running on its last table, and the next agent takes it over.
+pub fn run(spec: ClusterSpec) -> Result<()> {
+    let problems = spec.problems();
+    if let Some(first) = problems.first() {
+        return Err(Error::Rejected(format!("[cluster] {first}")));
+    }
+    kernel::check_capabilities()?;
+    crate::features::KernelFeatures::probe()
+        .require_for(&[crate::dataplane::Program::ClusterDispatch])?;
+    let (ifindex, mac) = check_host(&spec)?;
+    kernel::ensure_bpffs(std::path::Path::new(kernel::BPFFS))?;
+    let config = ClusterConfig {
+        service_addr: spec.service_ip().octets(),
+        service_port: spec.service.port().to_be_bytes(),
+        this_host: spec.host,
+        ifindex,
+        mac,
+        _pad: [0; 2],
+    };
+    let dir = pin_dir(&spec.name, spec.host);
+    let adopted = match Dispatcher::adopt(&dir) {
+        Ok((dispatcher, ring)) if dispatcher.config().ok() == Some(config) => {
+            log::info!(
+                "took over the dispatcher at {} with {} clients",
+                dir.display(),
+                dispatcher.clients().len()
+            );
+            Some((dispatcher, ring))
+        }
+        Ok(_) => {
+            log::warn!(
+                "the dispatcher at {} has another config: replacing it",
+                dir.display()
+            );
+            remove_dir(&dir)?;
+            None
+        }
+        Err(_) => {
+            remove_dir(&dir)?;
+            None
+        }
+    };
+    let (dispatcher, ring) = match adopted {
+        Some(found) => found,
+        None => Dispatcher::load(config, spec.table_size, &spec.interface, &dir)?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the runtime"))?;
+    let local = tokio::task::LocalSet::new();
+    let agent = agent::Agent::new(spec, mac, dispatcher);
+    let result = local.block_on(&runtime, agent.run(ring, stop_signal()));
+    // Detach: the host has left the cluster.
+    remove_dir(&dir)?;
+    result
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Asks the agent of cluster `name` on this host (one line), and returns its answer.
+fn ask(name: &str, request: &str) -> Result<String> {
+    let path = agent::control_path(name);
+    let talk = || -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(&path)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(format!("{request}\n").as_bytes())?;
+        let mut answer = String::new();
+        std::io::BufReader::new(stream).read_line(&mut answer)?;
+        Ok(answer)
+    };
+    talk().map_err(|e| {
+        Error::Rejected(format!(
+            "no agent of cluster '{name}' answers at {} ({e}): start it with `parsrv cluster run --config FILE`",
+            path.display()
+        ))
+    })
+}
+
+pub fn status(name: &str) -> Result<ClusterStatus> {
+    let answer = ask(name, "status")?;
+    serde_json::from_str(&answer).map_err(|e| {
+        Error::ebpf(format!("reading the status of cluster '{name}'"))(anyhow::anyhow!(e))
+    })
+}
+
+pub fn drain(name: &str) -> Result<()> {
+    ask(name, "drain").map(drop)
+}
+
+/// A client's address as the table keys it.
+pub fn client_key(client: Ipv4Addr) -> [u8; 4] {
+    client.octets()
+}

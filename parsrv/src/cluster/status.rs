@@ -1,0 +1,128 @@
+//! `parsrv cluster status`: this host, its peers as it sees them, its table and its
+//! dispatcher's counters. One model, sent as JSON by the agent and rendered by the CLI.
+
+use std::net::SocketAddr;
+
+use parsrv_common::cluster::DispatchCounters;
+use serde::{Deserialize, Serialize};
+
+use super::protocol::HostState;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub host: u16,
+    pub agent_pid: u32,
+    pub state: HostState,
+    pub room: i32,
+    pub service: SocketAddr,
+    pub interface: String,
+    pub peers: Vec<PeerStatus>,
+    pub table: TableStatus,
+    pub dispatcher: DispatchCounters,
+    pub messages: MessageCounters,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub host: u16,
+    pub address: SocketAddr,
+    /// None: never heard from, or gone (silent for longer than the peer time-out).
+    pub state: Option<HostState>,
+    pub room: i32,
+    /// Milliseconds since its last message.
+    pub heard_ms_ago: Option<u64>,
+    /// Whether this agent's connection to it is up.
+    pub connected: bool,
+    /// Clients of the table it serves.
+    pub clients: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableStatus {
+    pub clients: usize,
+    /// Served by this host.
+    pub served_here: usize,
+    /// Locked and decided by this host's dispatcher.
+    pub locked_here: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageCounters {
+    /// Entries this host's dispatcher placed and the agent broadcast.
+    pub broadcast: u64,
+    /// Entries received from peers and written into the table.
+    pub taken: u64,
+    /// Entries received that lost against the one in the table (an earlier lock).
+    pub lost: u64,
+    /// Entries removed because their host left.
+    pub host_left: u64,
+    /// Entries of this host's clients that expired (and were forgotten everywhere).
+    pub expired: u64,
+    /// Connections refused: not from a configured peer, or a wrong hello.
+    pub refused: u64,
+}
+
+impl ClusterStatus {
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let state = |s: Option<HostState>| match s {
+            Some(HostState::Joining) => "joining",
+            Some(HostState::Ready) => "ready",
+            Some(HostState::Draining) => "draining",
+            None => "gone",
+        };
+        let _ = writeln!(
+            out,
+            "cluster {}: host {} ({}, room {}), service {} on {}, agent pid {}",
+            self.name,
+            self.host,
+            state(Some(self.state)),
+            self.room,
+            self.service,
+            self.interface,
+            self.agent_pid
+        );
+        let _ = writeln!(
+            out,
+            "table: {} clients, {} served here, {} locked here",
+            self.table.clients, self.table.served_here, self.table.locked_here
+        );
+        let _ = writeln!(
+            out,
+            "{:>5} {:<22} {:<9} {:>6} {:>9} {:>7} {:>8}",
+            "peer", "address", "state", "room", "heard", "link", "clients"
+        );
+        for peer in &self.peers {
+            let heard = peer
+                .heard_ms_ago
+                .map_or("never".to_owned(), |ms| format!("{ms}ms"));
+            let _ = writeln!(
+                out,
+                "{:>5} {:<22} {:<9} {:>6} {:>9} {:>7} {:>8}",
+                peer.host,
+                peer.address.to_string(),
+                state(peer.state),
+                peer.room,
+                heard,
+                if peer.connected { "up" } else { "down" },
+                peer.clients
+            );
+        }
+        let values = self.dispatcher.values();
+        let counters: Vec<String> = DispatchCounters::COUNTERS
+            .iter()
+            .zip(values)
+            .map(|(c, v)| format!("{} {v}", c.column))
+            .collect();
+        let _ = writeln!(out, "dispatcher: {}", counters.join(", "));
+        let m = &self.messages;
+        let _ = writeln!(
+            out,
+            "entries: {} broadcast, {} taken, {} lost to an earlier lock, {} removed with their host, {} expired; {} connections refused",
+            m.broadcast, m.taken, m.lost, m.host_left, m.expired, m.refused
+        );
+        out
+    }
+}

@@ -1,0 +1,671 @@
+//! Several hosts behind a router, as network namespaces of the test's own (inside its
+//! [`isolated`] namespaces, so their names, /run/netns and bpffs pins are the test's only):
+//!
+//! ```text
+//!  clients (198.51.100.10-..) --- router --- br0 (192.0.2.1/24) --- host 1 (192.0.2.11)
+//!        198.51.100.0/24        203.0.113.10/32 via ECMP     +------ host 2 (192.0.2.12)
+//!                                                            +------ host 3 (192.0.2.13)
+//! ```
+//!
+//! Every host has the service address 203.0.113.10 on its lo and runs a group on
+//! 203.0.113.10:8080 (echo handlers); the router's route to it is a multipath route over
+//! the hosts with an L4 hash (`fib_multipath_hash_policy=1`), as routers fed by BGP do.
+//! Only documentation ranges, never routed out of these namespaces.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::*;
+
+pub const SERVICE: &str = "203.0.113.10";
+pub const SERVICE_PORT: u16 = 8080;
+pub const CLUSTER: &str = "web";
+
+pub struct ClusterHost {
+    pub id: u16,
+    pub ns: String,
+    pub addr: Ipv4Addr,
+    pub run_dir: PathBuf,
+    pub config: PathBuf,
+    pub spawner: Option<Child>,
+    pub agent: Option<Child>,
+}
+
+pub struct Topology {
+    pub router: String,
+    pub clients: String,
+    pub client_addrs: Vec<Ipv4Addr>,
+    pub hosts: Vec<ClusterHost>,
+    dir: PathBuf,
+}
+
+/// Runs `ip ARGS` and fails the test if it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
+        .output()
+        .expect("running sysctl");
+    assert!(out.status.success(), "sysctl {key} in {ns}: {out:?}");
+}
+
+impl Topology {
+    /// Builds the router, `hosts` hosts (ids 1..) and a client namespace with `clients`
+    /// addresses. Nothing runs on the hosts yet.
+    pub fn build(hosts: u16, clients: usize) -> Topology {
+        let tag = std::process::id();
+        let router = format!("r{tag}");
+        let client_ns = format!("c{tag}");
+        let dir = std::env::temp_dir().join(format!("parsrv-cluster-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for ns in [&router, &client_ns] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&[
+            "-n", &router, "link", "add", "r0", "type", "veth", "peer", "name", "c0", "netns",
+            &client_ns,
+        ]);
+        ip(&["-n", &router, "addr", "add", "198.51.100.1/24", "dev", "r0"]);
+        ip(&["-n", &router, "link", "set", "r0", "up"]);
+        ip(&["-n", &router, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &router, "addr", "add", "192.0.2.1/24", "dev", "br0"]);
+        ip(&["-n", &router, "link", "set", "br0", "up"]);
+        sysctl(&router, "net.ipv4.ip_forward", "1");
+        sysctl(&router, "net.ipv4.fib_multipath_hash_policy", "1");
+        let client_addrs: Vec<Ipv4Addr> = (0..clients)
+            .map(|i| Ipv4Addr::new(198, 51, 100, 10 + i as u8))
+            .collect();
+        for addr in &client_addrs {
+            ip(&[
+                "-n",
+                &client_ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "c0",
+            ]);
+        }
+        ip(&["-n", &client_ns, "link", "set", "c0", "up"]);
+        ip(&[
+            "-n",
+            &client_ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.51.100.1",
+        ]);
+        let mut topology = Topology {
+            router,
+            clients: client_ns,
+            client_addrs,
+            hosts: Vec::new(),
+            dir,
+        };
+        for id in 1..=hosts {
+            topology.add_host(id, hosts);
+        }
+        topology
+    }
+
+    fn add_host(&mut self, id: u16, hosts: u16) {
+        let ns = format!("h{id}-{}", std::process::id());
+        let addr = Ipv4Addr::new(192, 0, 2, 10 + id as u8);
+        ip(&["netns", "add", &ns]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let port = format!("rh{id}");
+        ip(&[
+            "-n",
+            &self.router,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ]);
+        ip(&["-n", &self.router, "link", "set", &port, "master", "br0"]);
+        ip(&["-n", &self.router, "link", "set", &port, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{SERVICE}/32"),
+            "dev",
+            "lo",
+        ]);
+        ip(&["-n", &ns, "route", "add", "default", "via", "192.0.2.1"]);
+        let run_dir = self.dir.join(format!("run-{id}"));
+        let config = self.dir.join(format!("host-{id}.toml"));
+        let peers: Vec<String> = (1..=hosts)
+            .filter(|&p| p != id)
+            .map(|p| format!("{{ host = {p}, address = \"192.0.2.{}:7946\" }}", 10 + p))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                r#"[[group]]
+name = "web{id}"
+listen = "{SERVICE}:{SERVICE_PORT}"
+handler = "echo"
+handlers = 2
+
+[cluster]
+name = "{CLUSTER}"
+host = {id}
+address = "{addr}:7946"
+interface = "eth0"
+service = "{SERVICE}:{SERVICE_PORT}"
+group = "web{id}"
+peers = [{}]
+peer_timeout_ms = 1000
+"#,
+                peers.join(", ")
+            ),
+        )
+        .unwrap();
+        self.hosts.push(ClusterHost {
+            id,
+            ns,
+            addr,
+            run_dir,
+            config,
+            spawner: None,
+            agent: None,
+        });
+    }
+
+    pub fn host(&self, id: u16) -> &ClusterHost {
+        &self.hosts[id as usize - 1]
+    }
+
+    fn host_mut(&mut self, id: u16) -> &mut ClusterHost {
+        &mut self.hosts[id as usize - 1]
+    }
+
+    /// `parsrv ARGS` in host `id`'s namespace and run directory.
+    pub fn parsrv(&self, id: u16, args: &[&str]) -> Command {
+        let host = self.host(id);
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", host.ns))
+            .arg("--")
+            .arg(parsrv_bin())
+            .args(args)
+            .env("PARSRV_RUN_DIR", &host.run_dir);
+        command
+    }
+
+    /// Output of `parsrv ARGS` in host `id`: (exit code, stdout, stderr).
+    pub fn parsrv_output(&self, id: u16, args: &[&str]) -> (i32, String, String) {
+        let out = self.parsrv(id, args).output().expect("running parsrv");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts host `id`'s group, and waits until it answers.
+    pub fn start_group(&mut self, id: u16) {
+        let config = self.host(id).config.clone();
+        let log = File::create(self.dir.join(format!("spawner-{id}.log"))).unwrap();
+        let child = self
+            .parsrv(id, &["run", "--config", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting parsrv run");
+        self.host_mut(id).spawner = Some(child);
+        let name = format!("web{id}");
+        assert!(
+            wait_for(Duration::from_secs(20), || self
+                .parsrv_output(id, &["status", &name, "--json"])
+                .0
+                == 0),
+            "host {id}'s group did not start: {}",
+            self.log(&format!("spawner-{id}.log"))
+        );
+    }
+
+    /// Starts host `id`'s agent (it loads and attaches the dispatcher).
+    pub fn start_agent(&mut self, id: u16) {
+        let config = self.host(id).config.clone();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("agent-{id}.log")))
+            .unwrap();
+        let child = self
+            .parsrv(
+                id,
+                &["cluster", "run", "--config", config.to_str().unwrap()],
+            )
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting parsrv cluster run");
+        self.host_mut(id).agent = Some(child);
+        assert!(
+            wait_for(Duration::from_secs(20), || self
+                .cluster_status(id)
+                .is_some()),
+            "host {id}'s agent did not answer: {}",
+            self.log(&format!("agent-{id}.log"))
+        );
+    }
+
+    /// Waits until every agent in `ids` is ready and sees the others of `ids` ready.
+    pub fn wait_ready(&self, ids: &[u16]) {
+        let ready = || {
+            ids.iter().all(|&id| {
+                self.cluster_status(id).is_some_and(|s| {
+                    s["state"] == "ready"
+                        && s["peers"].as_array().unwrap().iter().all(|p| {
+                            !ids.contains(&(p["host"].as_u64().unwrap() as u16))
+                                || p["state"] == "ready"
+                        })
+                })
+            })
+        };
+        assert!(
+            wait_for(Duration::from_secs(20), ready),
+            "the agents did not all get ready: {:?}",
+            ids.iter()
+                .map(|&id| self.cluster_status(id))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    pub fn cluster_status(&self, id: u16) -> Option<serde_json::Value> {
+        let (code, out, _) = self.parsrv_output(id, &["cluster", "status", CLUSTER, "--json"]);
+        (code == 0).then(|| serde_json::from_str(&out).expect("status JSON"))
+    }
+
+    /// Stops host `id`'s agent with SIGTERM and waits for it.
+    pub fn stop_agent(&mut self, id: u16) {
+        if let Some(mut agent) = self.host_mut(id).agent.take() {
+            send_signal(agent.id(), libc::SIGTERM);
+            wait_child(&mut agent, Duration::from_secs(10));
+        }
+    }
+
+    /// SIGKILLs host `id`'s agent.
+    pub fn kill_agent(&mut self, id: u16) {
+        if let Some(mut agent) = self.host_mut(id).agent.take() {
+            send_signal(agent.id(), libc::SIGKILL);
+            let _ = agent.wait();
+        }
+    }
+
+    /// The host as a machine that died: its link to the segment goes down, and its agent
+    /// and group are killed.
+    pub fn kill_host(&mut self, id: u16) {
+        let router = self.router.clone();
+        ip(&["-n", &router, "link", "set", &format!("rh{id}"), "down"]);
+        self.kill_agent(id);
+        let handlers: Vec<u32> = self
+            .parsrv_output(id, &["status", &format!("web{id}"), "--json"])
+            .1
+            .parse::<serde_json::Value>()
+            .ok()
+            .and_then(|s| {
+                s["handlers"].as_array().map(|hs| {
+                    hs.iter()
+                        .filter_map(|h| h["pid"].as_u64())
+                        .map(|p| p as u32)
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        if let Some(mut spawner) = self.host_mut(id).spawner.take() {
+            send_signal(spawner.id(), libc::SIGKILL);
+            let _ = spawner.wait();
+        }
+        // Each handler leads a process group of its own.
+        for pid in handlers {
+            signal_group(pid, libc::SIGKILL);
+        }
+    }
+
+    /// The router's route to the service: a classic multipath route over `ids`.
+    pub fn route_over(&self, ids: &[u16]) {
+        let mut args: Vec<String> = [
+            "-n",
+            &self.router,
+            "route",
+            "replace",
+            &format!("{SERVICE}/32"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for id in ids {
+            args.extend([
+                "nexthop".into(),
+                "via".into(),
+                self.host(*id).addr.to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ip(&args);
+    }
+
+    /// Where each established connection to the service is: (client address, client
+    /// port) -> host (read in each host's namespace).
+    pub fn connection_hosts(&self) -> BTreeMap<(Ipv4Addr, u16), u16> {
+        let mut servers = BTreeMap::new();
+        for host in &self.hosts {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &host.ns, "cat", "/proc/net/tcp"])
+                .output()
+                .unwrap();
+            let local = format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(SERVICE.parse::<Ipv4Addr>().unwrap().octets()),
+                SERVICE_PORT
+            );
+            for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() > 3 && f[1] == local && f[3] == "01" {
+                    let (addr, port) = f[2].split_once(':').unwrap();
+                    let addr = u32::from_str_radix(addr, 16).unwrap();
+                    let port = u16::from_str_radix(port, 16).unwrap();
+                    servers.insert((Ipv4Addr::from(addr.to_ne_bytes()), port), host.id);
+                }
+            }
+        }
+        servers
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// Every host's agent and spawner log.
+    pub fn logs(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|h| {
+                format!(
+                    "--- agent {}:\n{}--- spawner {}:\n{}",
+                    h.id,
+                    self.log(&format!("agent-{}.log", h.id)),
+                    h.id,
+                    self.log(&format!("spawner-{}.log", h.id))
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let ids: Vec<u16> = self.hosts.iter().map(|h| h.id).collect();
+        for id in ids {
+            self.stop_agent(id);
+            if let Some(mut spawner) = self.host_mut(id).spawner.take() {
+                send_signal(spawner.id(), libc::SIGTERM);
+                wait_child(&mut spawner, Duration::from_secs(10));
+            }
+        }
+        for host in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", &host.ns]).status();
+        }
+        for ns in [&self.router, &self.clients] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: a signal to a process this test started.
+    unsafe { libc::kill(pid as i32, signal) };
+}
+
+fn signal_group(pid: u32, signal: i32) {
+    // SAFETY: a signal to the process group of a process this test started (it leads it).
+    unsafe { libc::kill(-(pid as i32), signal) };
+}
+
+fn wait_child(child: &mut Child, limit: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// How one long-lived connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Still exchanging data when the test stopped it.
+    Alive,
+    /// Never connected.
+    NoConnect(String),
+    /// Broke: an error or an echo that did not come back in time.
+    Broken(String),
+}
+
+/// Long-lived connections from many clients, each sending a line and reading its echo
+/// every few tens of milliseconds until stopped (bounded: `limit`).
+pub struct LongLived {
+    stop: Arc<AtomicBool>,
+    /// Per connection: close it (gracefully) now.
+    closes: Vec<Arc<AtomicBool>>,
+    threads: Vec<thread::JoinHandle<Ended>>,
+    /// Round trips done, per connection.
+    pub rounds: Vec<Arc<AtomicU64>>,
+    /// Each connection's client port (0 until connected).
+    ports: Vec<Arc<AtomicU32>>,
+    pub clients: Vec<Ipv4Addr>,
+    broken: Arc<Mutex<Vec<(usize, String)>>>,
+}
+
+impl LongLived {
+    /// Opens `per_client` connections from each of `clients` (addresses of the topology's
+    /// client namespace), all at once, and waits until all are established (or failed).
+    pub fn open(
+        topology: &Topology,
+        clients: &[Ipv4Addr],
+        per_client: usize,
+        limit: Duration,
+    ) -> LongLived {
+        let stop = Arc::new(AtomicBool::new(false));
+        let broken = Arc::new(Mutex::new(Vec::new()));
+        let mut threads = Vec::new();
+        let mut rounds = Vec::new();
+        let mut closes = Vec::new();
+        let mut ports = Vec::new();
+        let mut connection_clients = Vec::new();
+        let connected = Arc::new(AtomicU64::new(0));
+        let service: SocketAddr = format!("{SERVICE}:{SERVICE_PORT}").parse().unwrap();
+        for (index, client) in clients
+            .iter()
+            .flat_map(|c| std::iter::repeat_n(*c, per_client))
+            .enumerate()
+        {
+            let ns = format!("/run/netns/{}", topology.clients);
+            let (stop, broken, count, connected) = (
+                stop.clone(),
+                broken.clone(),
+                Arc::new(AtomicU64::new(0)),
+                connected.clone(),
+            );
+            let close = Arc::new(AtomicBool::new(false));
+            closes.push(close.clone());
+            let port = Arc::new(AtomicU32::new(0));
+            ports.push(port.clone());
+            rounds.push(count.clone());
+            connection_clients.push(client);
+            threads.push(thread::spawn(move || {
+                let netns = File::open(&ns).unwrap();
+                nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let ended = converse(
+                    client,
+                    service,
+                    [&stop, &close],
+                    &count,
+                    &port,
+                    &connected,
+                    limit,
+                );
+                if let Ended::Broken(why) = &ended {
+                    broken.lock().unwrap().push((index, why.clone()));
+                }
+                ended
+            }));
+        }
+        let total = threads.len() as u64;
+        wait_for(Duration::from_secs(30), || {
+            connected.load(Ordering::SeqCst) >= total
+        });
+        LongLived {
+            stop,
+            closes,
+            threads,
+            rounds,
+            ports,
+            clients: connection_clients,
+            broken,
+        }
+    }
+
+    /// Closes connection `index` (its client's side, gracefully); the others go on.
+    pub fn close(&self, index: usize) {
+        self.closes[index].store(true, Ordering::SeqCst);
+    }
+
+    /// Each client's server hosts, by where its connections of this load are.
+    pub fn hosts_of_clients(&self, topology: &Topology) -> BTreeMap<Ipv4Addr, BTreeSet<u16>> {
+        let hosts = topology.connection_hosts();
+        let mut by_client: BTreeMap<Ipv4Addr, BTreeSet<u16>> = BTreeMap::new();
+        for (client, port) in self.clients.iter().zip(&self.ports) {
+            let port = port.load(Ordering::SeqCst) as u16;
+            if let Some(host) = hosts.get(&(*client, port)) {
+                by_client.entry(*client).or_default().insert(*host);
+            }
+        }
+        by_client
+    }
+
+    /// Connections broken so far.
+    pub fn broken(&self) -> usize {
+        self.broken.lock().unwrap().len()
+    }
+
+    /// Round trips of each connection so far.
+    pub fn progress(&self) -> Vec<u64> {
+        self.rounds
+            .iter()
+            .map(|r| r.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    pub fn finish(self) -> Vec<Ended> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect()
+    }
+}
+
+fn converse(
+    client: Ipv4Addr,
+    service: SocketAddr,
+    stops: [&AtomicBool; 2],
+    rounds: &AtomicU64,
+    port: &AtomicU32,
+    connected: &AtomicU64,
+    limit: Duration,
+) -> Ended {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(client.into(), 0).into())
+        .unwrap();
+    let result = socket.connect_timeout(&service.into(), Duration::from_secs(5));
+    if let Err(e) = result {
+        connected.fetch_add(1, Ordering::SeqCst);
+        return Ended::NoConnect(e.to_string());
+    }
+    let local = socket.local_addr().unwrap().as_socket().unwrap();
+    port.store(local.port() as u32, Ordering::SeqCst);
+    connected.fetch_add(1, Ordering::SeqCst);
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let start = Instant::now();
+    let mut round = 0u64;
+    while !stops.iter().any(|s| s.load(Ordering::SeqCst)) && start.elapsed() < limit {
+        let line = format!("{round:015}\n");
+        if let Err(e) = stream.write_all(line.as_bytes()) {
+            return Ended::Broken(format!("write: {e}"));
+        }
+        let mut echo = [0u8; 16];
+        if let Err(e) = stream.read_exact(&mut echo) {
+            return Ended::Broken(format!("read: {e}"));
+        }
+        if echo != line.as_bytes() {
+            return Ended::Broken("a wrong echo".into());
+        }
+        round += 1;
+        rounds.store(round, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(30));
+    }
+    Ended::Alive
+}
