@@ -425,6 +425,50 @@ peer_timeout_ms = 1000
         servers
     }
 
+    /// Programs attached to host `id`'s eth0 ingress by tcx (read in its namespace).
+    pub fn tcx_programs(&self, id: u16) -> usize {
+        let ns = format!("/run/netns/{}", self.host(id).ns);
+        thread::spawn(move || {
+            nix::sched::setns(
+                File::open(ns).unwrap(),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .unwrap();
+            aya::programs::SchedClassifier::query_tcx("eth0", aya::programs::TcAttachType::Ingress)
+                .map(|(_, programs)| programs.len())
+                .unwrap_or(0)
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Host `id`'s config file, for a test to change.
+    pub fn config_text(&self, id: u16) -> String {
+        std::fs::read_to_string(&self.host(id).config).unwrap()
+    }
+
+    /// Writes a config file beside the hosts' and returns its path.
+    pub fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs `f` on a thread in host `id`'s network namespace.
+    pub fn in_host<T: Send + 'static>(&self, id: u16, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = format!("/run/netns/{}", self.host(id).ns);
+        thread::spawn(move || {
+            nix::sched::setns(
+                File::open(ns).unwrap(),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
@@ -599,6 +643,16 @@ impl LongLived {
             }
         }
         by_client
+    }
+
+    /// The connections broken so far, by index.
+    pub fn broken_indices(&self) -> BTreeSet<usize> {
+        self.broken
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(i, _)| *i)
+            .collect()
     }
 
     /// Connections broken so far.

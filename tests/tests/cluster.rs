@@ -15,8 +15,8 @@ use std::{
 };
 
 use parsrv_integration_tests::{
-    cluster::{Ended, LongLived, Topology},
-    privileged, wait_for, Feature, Needs,
+    cluster::{ip, Ended, LongLived, Topology},
+    parsrv_bin, privileged, wait_for, Feature, Needs,
 };
 
 /// Connections per client: parallel connections of one client must meet at one host.
@@ -227,5 +227,364 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
             newcomers_ended.iter().all(|e| *e == Ended::Alive),
             "{newcomers_ended:?}"
         );
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn cluster_host_killed_outright_loses_only_its_own_connections_and_its_clients_are_decided_again() {
+    privileged(needs(), || {
+        let mut topology = Topology::build(3, 45);
+        for id in 1..=3 {
+            topology.start_group(id);
+        }
+        topology.route_over(&[1, 2, 3]);
+        for id in 1..=3 {
+            topology.start_agent(id);
+        }
+        topology.wait_ready(&[1, 2, 3]);
+        let clients = topology.client_addrs.clone();
+        let load = LongLived::open(&topology, &clients, 2, Duration::from_secs(90));
+        thread::sleep(Duration::from_millis(300));
+        let hosts = load.hosts_of_clients(&topology);
+        assert_eq!(hosts.len(), clients.len(), "{hosts:?}");
+        assert_one_host_per_client(&hosts, &topology);
+        eprintln!("clients per host: {:?}", count_by_host(&hosts));
+        let on_3: BTreeSet<Ipv4Addr> = hosts
+            .iter()
+            .filter(|(_, h)| h.contains(&3))
+            .map(|(c, _)| *c)
+            .collect();
+        assert!(!on_3.is_empty(), "no client on host 3: {hosts:?}");
+        let of_3: BTreeSet<usize> = (0..load.clients.len())
+            .filter(|&i| on_3.contains(&load.clients[i]))
+            .collect();
+
+        // Host 3 dies: link down, every process of it killed. The routers stop sending to
+        // it (here by hand, as a routing daemon does when its session to the host drops).
+        let killed = std::time::Instant::now();
+        topology.kill_host(3);
+        topology.route_over(&[1, 2]);
+        let gone_everywhere = || {
+            [1, 2].iter().all(|&id| {
+                topology.cluster_status(id).unwrap()["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["host"] == 3 && p["state"].is_null())
+            })
+        };
+        assert!(
+            wait_for(Duration::from_secs(5), gone_everywhere),
+            "hosts 1 and 2 did not notice that host 3 died"
+        );
+        let noticed = killed.elapsed();
+        thread::sleep(Duration::from_secs(4));
+        let broken = load.broken_indices();
+        eprintln!(
+            "host 3 killed: peers noticed within {noticed:?} (time-out 1 s); {} connections \
+             broken, {} were on host 3, of {}",
+            broken.len(),
+            of_3.len(),
+            load.clients.len()
+        );
+        assert_eq!(
+            broken,
+            of_3,
+            "only host 3's connections may break\n{}",
+            topology.logs()
+        );
+        let removed: u64 = [1, 2]
+            .iter()
+            .map(|&id| {
+                topology.cluster_status(id).unwrap()["messages"]["host_left"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum();
+        assert_eq!(
+            removed,
+            2 * on_3.len() as u64,
+            "each peer removes host 3's entries"
+        );
+
+        // Its clients come back and are decided again, onto hosts that are up.
+        let on_3: Vec<Ipv4Addr> = on_3.into_iter().collect();
+        let again = LongLived::open(&topology, &on_3, 1, Duration::from_secs(20));
+        thread::sleep(Duration::from_millis(500));
+        let hosts = again.hosts_of_clients(&topology);
+        assert_eq!(hosts.len(), on_3.len(), "{hosts:?}");
+        assert!(hosts.values().all(|h| !h.contains(&3)), "{hosts:?}");
+        assert_eq!(again.broken(), 0);
+        let ended = again.finish();
+        assert!(ended.iter().all(|e| *e == Ended::Alive), "{ended:?}");
+        load.finish();
+    });
+}
+
+/// Bad input: exit 2, one line naming the cause and the fix, and nothing left behind (no
+/// program on the interface, no pin, no control socket). A connection from a host that is
+/// not a configured peer, or that says it is another host, is refused.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
+    privileged(needs(), || {
+        let mut topology = Topology::build(2, 1);
+        let good = topology.config_text(1);
+        let cases: [(&str, String, &[&str]); 6] = [
+            (
+                "duplicate host id",
+                good.replace("{ host = 2,", "{ host = 1,"),
+                &["host id 1 is used twice"],
+            ),
+            (
+                "service address not on this host",
+                good.replace(
+                    "service = \"203.0.113.10:8080\"",
+                    "service = \"203.0.113.99:8080\"",
+                ),
+                &["203.0.113.99 is not on this host", "ip addr add"],
+            ),
+            (
+                "interface that does not exist",
+                good.replace("interface = \"eth0\"", "interface = \"eth9\""),
+                &["interface 'eth9' does not exist", "ip link"],
+            ),
+            (
+                "interface without a MAC",
+                good.replace("interface = \"eth0\"", "interface = \"lo\""),
+                &["'lo' has no MAC address"],
+            ),
+            (
+                "an unknown key",
+                good.replace("peer_timeout_ms", "peer_timeout"),
+                &["unknown field `peer_timeout`"],
+            ),
+            (
+                "no [cluster] section",
+                good[..good.find("[cluster]").unwrap()].to_owned(),
+                &["has no [cluster] section"],
+            ),
+        ];
+        for (what, text, expected) in cases {
+            let path = topology.write_config("bad.toml", &text);
+            let (code, out, err) =
+                topology.parsrv_output(1, &["cluster", "run", "--config", path.to_str().unwrap()]);
+            eprintln!("{what}: exit {code}: {}", err.trim());
+            assert_eq!(code, 2, "{what}: {out}{err}");
+            assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
+            for words in expected {
+                assert!(err.contains(words), "{what}: {err:?} lacks {words:?}");
+            }
+            assert_eq!(
+                topology.tcx_programs(1),
+                0,
+                "{what}: a program was left on eth0"
+            );
+            let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf/parsrv")
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(pins.is_empty(), "{what}: pins left: {pins:?}");
+            assert!(
+                !topology.host(1).run_dir.join("cluster-web.sock").exists(),
+                "{what}: a control socket was left"
+            );
+        }
+        // `parsrv check` finds the config problems too, with a line number.
+        let path = topology.write_config("bad.toml", &cases_dup(&good));
+        let out = std::process::Command::new(parsrv_bin())
+            .args(["check", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains("[cluster]: host id 1 is used twice"),
+            "{text}"
+        );
+
+        // A good agent refuses whoever is not a configured peer, and a peer's address that
+        // says it is another host.
+        topology.start_group(1);
+        topology.start_agent(1);
+        assert_eq!(topology.tcx_programs(1), 1);
+        let refused = || {
+            topology.cluster_status(1).unwrap()["messages"]["refused"]
+                .as_u64()
+                .unwrap()
+        };
+        // From the router (192.0.2.1): not a peer.
+        let hello = r#"{"type":"hello","cluster":"web","host":2,"mac":"02:00:00:00:00:02"}"#;
+        let router = format!("/run/netns/{}", topology.router);
+        let send = move |from_ns: String, bind: &str, line: &str| {
+            let (bind, line) = (bind.to_owned(), line.to_owned());
+            std::thread::spawn(move || {
+                nix::sched::setns(
+                    std::fs::File::open(from_ns).unwrap(),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )
+                .unwrap();
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                socket
+                    .bind(
+                        &format!("{bind}:0")
+                            .parse::<std::net::SocketAddr>()
+                            .unwrap()
+                            .into(),
+                    )
+                    .unwrap();
+                socket
+                    .connect(
+                        &"192.0.2.11:7946"
+                            .parse::<std::net::SocketAddr>()
+                            .unwrap()
+                            .into(),
+                    )
+                    .unwrap();
+                let mut stream: std::net::TcpStream = socket.into();
+                use std::io::{Read, Write};
+                stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .unwrap();
+                // The agent closes a refused connection.
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).is_ok()
+            })
+            .join()
+            .unwrap()
+        };
+        assert!(
+            send(router.clone(), "192.0.2.1", hello),
+            "the connection was not closed"
+        );
+        assert!(wait_for(Duration::from_secs(3), || refused() == 1));
+        // From host 2's address, claiming to be host 3 of the cluster.
+        let host2 = format!("/run/netns/{}", topology.host(2).ns);
+        let liar = r#"{"type":"hello","cluster":"web","host":3,"mac":"02:00:00:00:00:03"}"#;
+        assert!(send(host2.clone(), "192.0.2.12", liar));
+        assert!(wait_for(Duration::from_secs(3), || refused() == 2));
+        // From host 2's address, of another cluster.
+        let other = r#"{"type":"hello","cluster":"db","host":2,"mac":"02:00:00:00:00:02"}"#;
+        assert!(send(host2, "192.0.2.12", other));
+        assert!(wait_for(Duration::from_secs(3), || refused() == 3));
+        let status = topology.cluster_status(1).unwrap();
+        assert!(status["peers"][0]["heard_ms_ago"].is_null(), "{status}");
+        assert!(topology
+            .log("agent-1.log")
+            .contains("not a configured peer"));
+
+        // Stopped: the dispatcher is detached and its pins removed.
+        topology.stop_agent(1);
+        assert_eq!(topology.tcx_programs(1), 0);
+        assert!(!std::path::Path::new("/sys/fs/bpf/parsrv/_cluster-web-1").exists());
+        let _ = ip;
+    });
+}
+
+fn cases_dup(good: &str) -> String {
+    good.replace("{ host = 2,", "{ host = 1,")
+}
+
+/// Two dispatchers lock one new client at the same moment (here: while they cannot reach
+/// each other, so each sees only itself), each deciding for itself. When their agents
+/// meet, both tables settle on the earlier lock; the client's next connections go to that
+/// host whichever host the routers hash them to, and the connection made under the other
+/// lock keeps working where it is.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
+    privileged(needs(), || {
+        let mut topology = Topology::build(2, 1);
+        for id in 1..=2 {
+            topology.start_group(id);
+        }
+        topology.route_over(&[1, 2]);
+        // The agents cannot reach each other (the hosts' traffic to and from clients goes
+        // through the router, the agents' directly).
+        let h1 = topology.host(1).ns.clone();
+        let h2 = topology.host(2).ns.clone();
+        ip(&["-n", &h1, "route", "add", "blackhole", "192.0.2.12/32"]);
+        ip(&["-n", &h2, "route", "add", "blackhole", "192.0.2.11/32"]);
+        topology.start_agent(1);
+        topology.start_agent(2);
+        // Alone, each gets ready after one peer time-out.
+        assert!(wait_for(Duration::from_secs(5), || [1, 2].iter().all(
+            |&id| topology.cluster_status(id).unwrap()["state"] == "ready"
+        )));
+        let client = topology.client_addrs.clone();
+        // Connections until one lands on each host.
+        let mut kept: BTreeMap<u16, LongLived> = BTreeMap::new();
+        for _ in 0..40 {
+            let one = LongLived::open(&topology, &client, 1, Duration::from_secs(60));
+            thread::sleep(Duration::from_millis(100));
+            let hosts = one.hosts_of_clients(&topology);
+            let host = *hosts[&client[0]].iter().next().unwrap();
+            if kept.contains_key(&host) {
+                one.finish();
+            } else {
+                kept.insert(host, one);
+            }
+            if kept.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            kept.len(),
+            2,
+            "the route never hashed the client to both hosts"
+        );
+        let entry = |id: u16| {
+            let (_, out, _) = topology.parsrv_output(id, &["cluster", "status", "web", "--json"]);
+            let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+            (
+                status["table"]["served_here"].as_u64().unwrap(),
+                status["table"]["locked_here"].as_u64().unwrap(),
+            )
+        };
+        assert_eq!(entry(1), (1, 1), "host 1 locked the client for itself");
+        assert_eq!(entry(2), (1, 1), "host 2 locked the client for itself");
+
+        // They meet.
+        ip(&["-n", &h1, "route", "del", "blackhole", "192.0.2.12/32"]);
+        ip(&["-n", &h2, "route", "del", "blackhole", "192.0.2.11/32"]);
+        topology.wait_ready(&[1, 2]);
+        let agreed = || {
+            let served: Vec<u64> = [1, 2].iter().map(|&id| entry(id).0).collect();
+            served.iter().sum::<u64>() == 1
+        };
+        assert!(
+            wait_for(Duration::from_secs(5), agreed),
+            "the tables did not settle on one host: {:?} {:?}",
+            entry(1),
+            entry(2)
+        );
+        // The earlier lock: the first connection's host (it was placed first).
+        let winner = if entry(1).0 == 1 { 1 } else { 2 };
+        let lost: u64 = [1, 2]
+            .iter()
+            .map(|&id| {
+                topology.cluster_status(id).unwrap()["messages"]["lost"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum();
+        assert_eq!(lost, 1, "one side's entry lost to the other");
+        eprintln!("two simultaneous locks: both tables settled on host {winner}");
+        // New connections of the client: all on the winner, whatever the hash.
+        let later = LongLived::open(&topology, &[client[0]; 6], 1, Duration::from_secs(30));
+        thread::sleep(Duration::from_millis(300));
+        let hosts = later.hosts_of_clients(&topology);
+        assert_eq!(hosts[&client[0]], BTreeSet::from([winner]), "{hosts:?}");
+        // Both first connections still work, the loser's through its own host.
+        thread::sleep(Duration::from_secs(1));
+        for (host, one) in kept {
+            assert_eq!(one.broken(), 0, "the connection on host {host} broke");
+            let ended = one.finish();
+            assert_eq!(ended, vec![Ended::Alive], "host {host}");
+        }
+        assert!(later.finish().iter().all(|e| *e == Ended::Alive));
     });
 }

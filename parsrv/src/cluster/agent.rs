@@ -470,9 +470,11 @@ async fn read_peer(agent: Shared, stream: TcpStream, from: SocketAddr) {
             host,
             mac,
         }) if theirs == cluster && host == expected => protocol::parse_mac(&mac),
-        Ok(Message::Hello { cluster, host, .. }) => return refuse(format!(
+        Ok(Message::Hello { cluster, host, .. }) => {
+            return refuse(format!(
             "hello from host {host} of cluster '{cluster}', expected host {expected} of this one"
-        )),
+        ))
+        }
         _ => return refuse("the first message is not a hello".into()),
     };
     let Some(mac) = mac else {
