@@ -588,3 +588,55 @@ fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
         assert!(later.finish().iter().all(|e| *e == Ended::Alive));
     });
 }
+
+/// The routing daemon for real: BIRD on the router and on each host, BGP between them. A host
+/// is announced when its agent is ready and withdrawn when it drains; the router's kernel
+/// route follows, and no connection breaks while it changes.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn cluster_bird_announces_ready_hosts_and_withdraws_a_draining_one_breaking_no_connection() {
+    privileged(needs(), || {
+        let mut topology = Topology::build(3, 40);
+        for id in 1..=3 {
+            topology.start_group(id);
+        }
+        topology.start_bird();
+        assert!(
+            topology.router_next_hops().is_empty(),
+            "announced before any agent was ready"
+        );
+        topology.start_agent(1);
+        topology.start_agent(2);
+        topology.wait_ready(&[1, 2]);
+        topology.wait_route(&[1, 2]);
+        let clients = topology.client_addrs.clone();
+        let load = LongLived::open(&topology, &clients, 2, Duration::from_secs(90));
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(load.broken(), 0);
+
+        topology.start_agent(3);
+        topology.wait_ready(&[1, 2, 3]);
+        topology.wait_route(&[1, 2, 3]);
+        thread::sleep(Duration::from_millis(500));
+
+        let (code, out, err) = topology.parsrv_output(1, &["cluster", "drain", "web"]);
+        assert_eq!(code, 0, "{out}{err}");
+        topology.wait_route(&[2, 3]);
+        thread::sleep(Duration::from_secs(4));
+        let before = load.progress();
+        thread::sleep(Duration::from_secs(1));
+        let after = load.progress();
+        let broken = load.broken();
+        let stalled = before.iter().zip(&after).filter(|(b, a)| a <= b).count();
+        let forwarded = dispatcher_total(&topology, &[1, 2, 3], "forwarded");
+        let ended = load.finish();
+        eprintln!(
+            "BIRD: host 3 announced on ready, host 1 withdrawn on drain: {broken} of {} \
+             connections broken, {forwarded} packets forwarded",
+            ended.len()
+        );
+        assert_eq!(broken, 0, "{ended:?}\n{}", topology.logs());
+        assert_eq!(stalled, 0);
+        assert!(forwarded > 0);
+    });
+}

@@ -18,14 +18,16 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: what bpf-linker links against (LLVM 22), wrk (a third-party load
-/// generator the benchmarks confirm their figures with) and the font their charts use.
-const APT_PACKAGES: [&str; 6] = [
+/// generator the benchmarks confirm their figures with), the font their charts use, and
+/// BIRD (the routing daemon the cluster tests announce the service address with).
+const APT_PACKAGES: [&str; 7] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "wrk",
     "fonts-dejavu-core",
+    "bird2",
 ];
 
 /// What `cargo xtask test --vm` needs besides the build: qemu (TCG is enough), a static
