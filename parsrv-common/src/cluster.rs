@@ -167,6 +167,19 @@ pub fn home_of(client: [u8; 4], hosts: impl IntoIterator<Item = u16>) -> Option<
         .max_by_key(|&host| (home_score(client, host), host))
 }
 
+counters! {
+    /// What a host's agent did with the table's entries and its peers' connections (kept
+    /// by the agent; not shared with the program).
+    pub struct AgentCounters {
+        broadcast => ("broadcast", "Entries this host's dispatcher placed and the agent broadcast."),
+        taken => ("taken", "Entries received from peers and written into the table."),
+        lost => ("lost", "Entries received that lost against an earlier lock in the table."),
+        host_left => ("host-left", "Entries removed because their host left (silent for longer than the peer time-out)."),
+        expired => ("expired", "Entries of this host's clients that expired (and were forgotten everywhere)."),
+        refused => ("refused", "Connections refused: not from a configured peer, or a wrong hello."),
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: #[repr(C)], Pod (bytemuck's derive checks there is no padding).

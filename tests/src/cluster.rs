@@ -208,6 +208,7 @@ service = "{SERVICE}:{SERVICE_PORT}"
 group = "web{id}"
 peers = [{}]
 peer_timeout_ms = 1000
+metrics = "{addr}:9101"
 "#,
                 peers.join(", ")
             ),
@@ -579,6 +580,41 @@ peer_timeout_ms = 1000
             aya::programs::SchedClassifier::query_tcx("eth0", aya::programs::TcAttachType::Ingress)
                 .map(|(_, programs)| programs.len())
                 .unwrap_or(0)
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// `GET path` from host `id`'s agent's metrics endpoint (from the router): its status
+    /// code and body.
+    pub fn scrape(&self, id: u16, path: &str) -> (u16, String) {
+        let router = format!("/run/netns/{}", self.router);
+        let target = SocketAddr::new(self.host(id).addr.into(), 9101);
+        let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+        thread::spawn(move || {
+            nix::sched::setns(
+                File::open(router).unwrap(),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .unwrap();
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            let code = answer
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = answer
+                .split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b)
+                .to_owned();
+            (code, body)
         })
         .join()
         .unwrap()

@@ -18,6 +18,7 @@ pub const SKIPS_ENV: &str = "PARSRV_TEST_SKIPS";
 pub struct Needs {
     kernel: Vec<Feature>,
     python: bool,
+    network_tools: bool,
 }
 
 impl Needs {
@@ -34,6 +35,7 @@ impl Needs {
                 .requires()
                 .to_vec(),
             python: false,
+            network_tools: false,
         }
     }
 
@@ -49,7 +51,18 @@ impl Needs {
         self.python = true;
         self
     }
+
+    /// What the cluster tests build hosts and routers with: iproute2 (netns, veth,
+    /// bridge), util-linux's nsenter and BIRD (`cargo xtask setup` installs it); the VM
+    /// image has only busybox.
+    pub fn and_network_tools(mut self) -> Needs {
+        self.network_tools = true;
+        self
+    }
 }
+
+/// Set by an environment without iproute2, nsenter and BIRD by design (the VMs' init).
+pub const NO_NETWORK_TOOLS_ENV: &str = "PARSRV_TEST_NO_NETWORK_TOOLS";
 
 /// Set by an environment that has no Python by design (the VMs' init): tests that need it
 /// skip there, where anywhere else a missing Python fails them (the set-up installs it).
@@ -74,6 +87,18 @@ pub fn privileged(needs: Needs, test: impl FnOnce() + Send + 'static) {
             "needs {}: run `cargo xtask setup`",
             python.display()
         );
+    }
+    if needs.network_tools {
+        if std::env::var_os(NO_NETWORK_TOOLS_ENV).is_some() {
+            skip("needs iproute2, nsenter and BIRD, which this environment lacks (the VM image has busybox only)");
+            return;
+        }
+        for tool in ["ip", "nsenter", "bird", "birdc"] {
+            assert!(
+                std::process::Command::new(tool).arg("-h").output().is_ok(),
+                "needs {tool}: run `cargo xtask setup` (apt packages iproute2, util-linux, bird2)"
+            );
+        }
     }
     isolated(test)
 }

@@ -23,7 +23,7 @@ use parsrv_integration_tests::{
 const PER_CLIENT: usize = 3;
 
 fn needs() -> Needs {
-    Needs::program().and(Feature::Tcx)
+    Needs::program().and(Feature::Tcx).and_network_tools()
 }
 
 /// Sums a dispatcher counter over the hosts.
@@ -149,6 +149,24 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
             forwarded > 0,
             "no packet was forwarded: the changes moved nothing"
         );
+        // Prometheus sees the same counters as the status.
+        let (code, metrics) = topology.scrape(1, "/metrics");
+        assert_eq!(code, 200);
+        let scraped = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{{cluster=\"web\",host=\"1\"}}")))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+        };
+        let from_status = topology.cluster_status(1).unwrap()["dispatcher"]["locked"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(scraped("parsrv_cluster_packets_locked_total"), from_status);
+        assert!(
+            metrics.contains("parsrv_cluster_peer_up{cluster=\"web\",host=\"1\",peer=\"3\"} 1\n"),
+            "{metrics}"
+        );
 
         // Host 2 drains: out of the route (what its routing daemon does on `draining`),
         // and no new client goes there; its own clients stay.
@@ -162,6 +180,9 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
                 .iter()
                 .any(|p| p["host"] == 2 && p["state"] == "draining")
         }));
+        // Its health check says so (a load balancer would leave it out); host 1's does not.
+        assert_eq!(topology.scrape(2, "/healthz").0, 503);
+        assert_eq!(topology.scrape(1, "/healthz").0, 200);
         let newcomers = LongLived::open(&topology, &later, 1, Duration::from_secs(30));
         thread::sleep(Duration::from_millis(500));
         let newcomers_hosts = newcomers.hosts_of_clients(&topology);

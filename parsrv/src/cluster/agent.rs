@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use parsrv_common::cluster::{host_state, Host};
+use parsrv_common::cluster::{host_state, AgentCounters, Host};
 use tokio::{
     io::{unix::AsyncFd, AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -25,7 +25,7 @@ use tokio::{
 use super::{
     protocol::{self, HostState, Message, WireEntry, ENTRIES_PER_MESSAGE, MAX_LINE},
     spec::ClusterSpec,
-    status::{ClusterStatus, MessageCounters, PeerStatus, TableStatus},
+    status::{ClusterStatus, PeerStatus, TableStatus},
     table,
 };
 use crate::{
@@ -69,7 +69,7 @@ pub struct Agent {
     room: i32,
     started: Instant,
     peers: BTreeMap<u16, PeerView>,
-    messages: MessageCounters,
+    messages: AgentCounters,
     /// Clients of this host seen without a connection, and since when.
     idle_since: BTreeMap<Ipv4Addr, Instant>,
 }
@@ -106,7 +106,7 @@ impl Agent {
             room: 0,
             started: Instant::now(),
             peers,
-            messages: MessageCounters::default(),
+            messages: AgentCounters::default(),
             idle_since: BTreeMap::new(),
         }
     }
@@ -125,7 +125,21 @@ impl Agent {
                 self.spec.address
             )))?;
         let control = control_listener(&self.spec.name)?;
+        let metrics = match self.spec.metrics {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(Error::io(format!("listening for metrics on {addr}")))?,
+            ),
+            None => None,
+        };
         let agent: Shared = Rc::new(RefCell::new(self));
+        if let Some(listener) = metrics {
+            let agent = agent.clone();
+            tokio::task::spawn_local(crate::metrics::serve(listener, move || {
+                agent.borrow().status()
+            }));
+        }
         agent.borrow_mut().write_own_host()?;
         let peer_ids: Vec<u16> = agent.borrow().peers.keys().copied().collect();
         for id in peer_ids {

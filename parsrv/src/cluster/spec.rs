@@ -11,6 +11,7 @@
 //! peers = [{ host = 2, address = "192.0.2.12:7946" }, { host = 3, address = "192.0.2.13:7946" }]
 //! ready = ["birdc", "enable", "service"]     # optional: run when this host takes clients
 //! draining = ["birdc", "disable", "service"] # optional: run when it stops taking new ones
+//! metrics = "127.0.0.1:9101"                # optional: Prometheus, /status, /healthz
 //! ```
 
 use std::{
@@ -48,6 +49,9 @@ pub struct ClusterSpec {
     /// Command run when this host stops taking new clients (withdraw the route).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub draining: Vec<String>,
+    /// Prometheus metrics, `/status` and `/healthz` of this host's agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

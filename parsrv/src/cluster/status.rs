@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use parsrv_common::cluster::DispatchCounters;
+use parsrv_common::cluster::{AgentCounters, DispatchCounters};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::HostState;
@@ -20,7 +20,7 @@ pub struct ClusterStatus {
     pub peers: Vec<PeerStatus>,
     pub table: TableStatus,
     pub dispatcher: DispatchCounters,
-    pub messages: MessageCounters,
+    pub messages: AgentCounters,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,22 +45,6 @@ pub struct TableStatus {
     pub served_here: usize,
     /// Locked and decided by this host's dispatcher.
     pub locked_here: usize,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MessageCounters {
-    /// Entries this host's dispatcher placed and the agent broadcast.
-    pub broadcast: u64,
-    /// Entries received from peers and written into the table.
-    pub taken: u64,
-    /// Entries received that lost against the one in the table (an earlier lock).
-    pub lost: u64,
-    /// Entries removed because their host left.
-    pub host_left: u64,
-    /// Entries of this host's clients that expired (and were forgotten everywhere).
-    pub expired: u64,
-    /// Connections refused: not from a configured peer, or a wrong hello.
-    pub refused: u64,
 }
 
 impl ClusterStatus {
@@ -110,18 +94,23 @@ impl ClusterStatus {
                 peer.clients
             );
         }
-        let values = self.dispatcher.values();
-        let counters: Vec<String> = DispatchCounters::COUNTERS
-            .iter()
-            .zip(values)
-            .map(|(c, v)| format!("{} {v}", c.column))
-            .collect();
-        let _ = writeln!(out, "dispatcher: {}", counters.join(", "));
-        let m = &self.messages;
+        let line = |counters: &[parsrv_common::Counter], values: &[u64]| {
+            counters
+                .iter()
+                .zip(values)
+                .map(|(c, v)| format!("{} {v}", c.column))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let _ = writeln!(
             out,
-            "entries: {} broadcast, {} taken, {} lost to an earlier lock, {} removed with their host, {} expired; {} connections refused",
-            m.broadcast, m.taken, m.lost, m.host_left, m.expired, m.refused
+            "dispatcher: {}",
+            line(DispatchCounters::COUNTERS, &self.dispatcher.values())
+        );
+        let _ = writeln!(
+            out,
+            "agent: {}",
+            line(AgentCounters::COUNTERS, &self.messages.values())
         );
         out
     }

@@ -1,10 +1,11 @@
 //! `--metrics ADDR:PORT`: Prometheus text exposition (version 0.0.4) of every group, built
 //! from the same status `parsrv status --json` shows, served with `/status` and `/healthz`
-//! by [`serve`].
+//! by [`serve`]; and the same for a cluster agent ([`cluster`], `metrics` in `[cluster]`).
 
+mod cluster;
 mod serve;
 
-pub use serve::{health, serve, HEAD_TIMEOUT, MAX_CONNECTIONS};
+pub use serve::{health, serve, Exposed, HEAD_TIMEOUT, MAX_CONNECTIONS};
 
 use std::fmt::Write as _;
 
@@ -174,6 +175,11 @@ pub fn render(groups: &[GroupStatus]) -> String {
                 .collect(),
         });
     }
+    write(&families)
+}
+
+/// The exposition text of `families` (those without samples left out).
+fn write(families: &[Family]) -> String {
     let mut out = String::new();
     for family in families.iter().filter(|f| !f.samples.is_empty()) {
         let _ = writeln!(out, "# HELP {} {}", family.name, family.help);

@@ -26,10 +26,37 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// How long a connection may take to send a request head (and may stay idle between two).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What an endpoint shows: the groups of a spawner, or a cluster agent's host.
+pub trait Exposed {
+    /// `/metrics`.
+    fn metrics(&self) -> String;
+    /// `/status`.
+    fn json(&self) -> String;
+    /// `/healthz`.
+    fn health(&self) -> (StatusCode, String);
+}
+
+impl Exposed for Vec<GroupStatus> {
+    fn metrics(&self) -> String {
+        super::render(self)
+    }
+
+    fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("plain data") + "\n"
+    }
+
+    fn health(&self) -> (StatusCode, String) {
+        health(self)
+    }
+}
+
 /// Serves the endpoint until the task is dropped (inside a LocalSet: `statuses` reads the
 /// spawner's state, which lives on its thread).
-pub async fn serve(listener: TcpListener, statuses: impl Fn() -> Vec<GroupStatus> + 'static) {
-    let statuses: Rc<dyn Fn() -> Vec<GroupStatus>> = Rc::new(statuses);
+pub async fn serve<T: Exposed + 'static>(
+    listener: TcpListener,
+    statuses: impl Fn() -> T + 'static,
+) {
+    let statuses: Rc<dyn Fn() -> T> = Rc::new(statuses);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -56,9 +83,9 @@ pub async fn serve(listener: TcpListener, statuses: impl Fn() -> Vec<GroupStatus
     }
 }
 
-fn answer(
+fn answer<T: Exposed>(
     request: &Request<Incoming>,
-    statuses: &dyn Fn() -> Vec<GroupStatus>,
+    statuses: &dyn Fn() -> T,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return reply(
@@ -71,15 +98,11 @@ fn answer(
         "/metrics" | "/" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            super::render(&statuses()),
+            statuses().metrics(),
         ),
-        "/status" => reply(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string_pretty(&statuses()).expect("plain data") + "\n",
-        ),
+        "/status" => reply(StatusCode::OK, "application/json", statuses().json()),
         "/healthz" => {
-            let (status, why) = health(&statuses());
+            let (status, why) = statuses().health();
             reply(status, "text/plain", why + "\n")
         }
         _ => reply(

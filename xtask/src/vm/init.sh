@@ -32,9 +32,10 @@ ip link set lo up
 /opt/parsrv/parsrv kernel
 
 # The tests check that they start from a fresh machine's state (no bpffs, no /run/parsrv);
-# those that need Python skip, saying so: this image has none.
+# those that need Python, or iproute2, nsenter and BIRD (the cluster's), skip, saying so:
+# this image has none.
 export PARSRV_BIN=/opt/parsrv/parsrv PARSRV_TEST_SKIPS=/tmp/skips RUST_BACKTRACE=1 \
-    PARSRV_TEST_FRESH_MACHINE=1 PARSRV_TEST_NO_PYTHON=1
+    PARSRV_TEST_FRESH_MACHINE=1 PARSRV_TEST_NO_PYTHON=1 PARSRV_TEST_NO_NETWORK_TOOLS=1
 # The runner passes the test binaries' arguments on the kernel command line, joined by
 # commas, so that one image serves every filter.
 for word in $(cat /proc/cmdline); do
