@@ -82,7 +82,7 @@ fn dispatch(ctx: &TcContext) -> Result<i32, ()> {
     let mut peer_key = [0u8; 8];
     peer_key[..6].copy_from_slice(&source);
     // SAFETY: a plain value, copied.
-    if let Some(&sender) = unsafe { CLUSTER_PEER_MACS.get(&peer_key) } {
+    if let Some(&sender) = unsafe { CLUSTER_PEER_MACS.get(peer_key) } {
         // Another host's dispatcher sent it here. It is this host's (the entry that made
         // the peer send it may not have reached us yet), unless this host is the client's
         // locking dispatcher and the peer is not: then it came for the lock. A packet from
@@ -95,7 +95,7 @@ fn dispatch(ctx: &TcContext) -> Result<i32, ()> {
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(stored) = CLUSTER_CLIENTS.get_ptr_mut(&packet.client) else {
+    let Some(stored) = CLUSTER_CLIENTS.get_ptr_mut(packet.client) else {
         return without_entry(ctx, config, &packet, now);
     };
     // SAFETY: a map value; `last_seen_ns` is advisory, a lost update is harmless.
@@ -117,7 +117,7 @@ fn dispatch(ctx: &TcContext) -> Result<i32, ()> {
             return Ok(TC_ACT_OK);
         }
         // The client is decided again, from this connection on.
-        let _ = CLUSTER_CLIENTS.remove(&packet.client);
+        let _ = CLUSTER_CLIENTS.remove(packet.client);
         return without_entry(ctx, config, &packet, now);
     }
     if !packet.opens && open_here(ctx, &packet) {
@@ -226,12 +226,12 @@ fn lock_and_decide(packet: &Packet, config: &ClusterConfig, now: u64) -> Option<
         last_seen_ns: now,
     };
     if CLUSTER_CLIENTS
-        .insert(&packet.client, &entry, BPF_NOEXIST as u64)
+        .insert(packet.client, entry, BPF_NOEXIST as u64)
         .is_err()
     {
         tally(|c| c.lock_races += 1);
         // SAFETY: a plain value, copied.
-        return unsafe { CLUSTER_CLIENTS.get(&packet.client) }.copied();
+        return unsafe { CLUSTER_CLIENTS.get(packet.client) }.copied();
     }
     tally(|c| c.locked += 1);
     // Taken until the host's next report, so the next new clients spread.

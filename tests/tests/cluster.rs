@@ -543,10 +543,13 @@ fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
             thread::sleep(Duration::from_millis(100));
             let hosts = one.hosts_of_clients(&topology);
             let host = *hosts[&client[0]].iter().next().unwrap();
-            if kept.contains_key(&host) {
-                one.finish();
-            } else {
-                kept.insert(host, one);
+            match kept.entry(host) {
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    one.finish();
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(one);
+                }
             }
             if kept.len() == 2 {
                 break;

@@ -657,11 +657,7 @@ fn clients_connected(service: std::net::SocketAddrV4) -> BTreeSet<Ipv4Addr> {
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
         return BTreeSet::new();
     };
-    let local = format!(
-        "{:08X}:{:04X}",
-        u32::from_ne_bytes(service.ip().octets()),
-        service.port()
-    );
+    let local = proc_net_tcp_addr(service);
     table
         .lines()
         .skip(1)
@@ -675,6 +671,16 @@ fn clients_connected(service: std::net::SocketAddrV4) -> BTreeSet<Ipv4Addr> {
             Some(Ipv4Addr::from(addr.to_ne_bytes()))
         })
         .collect()
+}
+
+/// `addr` as /proc/net/tcp prints it: the address as the kernel's u32 in hex, the port in
+/// hex.
+fn proc_net_tcp_addr(addr: std::net::SocketAddrV4) -> String {
+    format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(addr.ip().octets()),
+        addr.port()
+    )
 }
 
 /// Runs a routing hook (`ready` or `draining`), logging its outcome.
@@ -767,13 +773,8 @@ mod tests {
     fn proc_net_tcp_addresses_read_as_the_kernel_writes_them() {
         // 203.0.113.10:80 as /proc/net/tcp prints it on a little-endian machine.
         let service: std::net::SocketAddrV4 = "203.0.113.10:80".parse().unwrap();
-        let local = format!(
-            "{:08X}:{:04X}",
-            u32::from_ne_bytes(service.ip().octets()),
-            service.port()
-        );
         if cfg!(target_endian = "little") {
-            assert_eq!(local, "0A7100CB:0050");
+            assert_eq!(proc_net_tcp_addr(service), "0A7100CB:0050");
         }
     }
 }

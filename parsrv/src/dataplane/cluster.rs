@@ -77,7 +77,7 @@ impl Dispatcher {
                 .map_err(Error::ebpf(format!("pinning map {name}")))?;
             Ok(map)
         };
-        let maps = MAPS.map(|name| take(name));
+        let maps = MAPS.map(&mut take);
         let decisions: RingBuf<MapData> = take(names::DECISIONS)?
             .try_into()
             .map_err(Error::ebpf("map CLUSTER_DECISIONS has the wrong type"))?;
