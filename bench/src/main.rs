@@ -6,6 +6,7 @@
 
 mod addresses;
 mod affinity;
+mod cluster;
 mod faults;
 mod lifecycle;
 mod load;
@@ -29,7 +30,7 @@ use report::{Report, Table};
 /// No client of the lifecycle scenarios runs longer than this, whatever happens.
 pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "uniform",
     "stall",
     "burst",
@@ -42,6 +43,7 @@ const SCENARIOS: [&str; 12] = [
     "affinity",
     "overhead",
     "addresses",
+    "cluster",
 ];
 
 fn main() {
@@ -109,6 +111,7 @@ fn main() {
                 "affinity" => affinity::affinity(&mut report, quick),
                 "overhead" => overhead::overhead(&mut report, quick),
                 "addresses" => addresses::addresses(&mut report, quick),
+                "cluster" => cluster::cluster(&mut report, quick),
                 _ => unreachable!(),
             }
             report
