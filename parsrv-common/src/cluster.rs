@@ -68,7 +68,8 @@ pub struct ClusterConfig {
     pub ifindex: u32,
     /// This host's MAC on it (the source of forwarded packets).
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The highest host id of the cluster: the per-host loops stop there.
+    pub max_host: u16,
 }
 
 /// A client's entry in the dispatch table.
@@ -79,7 +80,8 @@ pub struct ClientEntry {
     pub host: u16,
     /// The host whose dispatcher placed the client lock and decided.
     pub locker: u16,
-    pub _pad: u32,
+    /// [`entry_flags`]: this host's own, not broadcast.
+    pub flags: u32,
     /// When the lock was placed (CLOCK_MONOTONIC, ns), with `locker` the order that settles
     /// two locks placed at once on different hosts: the lower (`locked_ns`, `locker`) holds.
     pub locked_ns: u64,
@@ -93,6 +95,14 @@ impl ClientEntry {
     pub fn wins_over(&self, other: &ClientEntry) -> bool {
         (self.locked_ns, self.locker) <= (other.locked_ns, other.locker)
     }
+}
+
+/// [`ClientEntry::flags`].
+pub mod entry_flags {
+    /// This host decided the client for itself before an earlier lock elsewhere won: it may
+    /// still have connections of the client, which stay here (the dispatcher looks for a
+    /// local socket before forwarding the client's packets).
+    pub const MAY_HAVE_OWN: u32 = 1;
 }
 
 /// A host of the cluster as this dispatcher knows it.

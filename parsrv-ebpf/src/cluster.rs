@@ -22,7 +22,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use parsrv_common::cluster::{
-    home_score, host_state, ClientEntry, ClusterConfig, Decision, DispatchCounters, Host, MAX_HOSTS,
+    entry_flags, home_score, host_state, ClientEntry, ClusterConfig, Decision, DispatchCounters, Host, MAX_HOSTS,
 };
 
 use crate::counting::count;
@@ -78,24 +78,31 @@ fn dispatch(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_OK);
     };
     let this = config.this_host;
-    let source: [u8; 6] = ctx.load(6).map_err(|_| ())?;
+    // SAFETY: in bounds (checked by `at`); plain bytes.
+    let source = unsafe { *at::<[u8; 6]>(ctx, 6).ok_or(())? };
     let mut peer_key = [0u8; 8];
     peer_key[..6].copy_from_slice(&source);
+    let stored = CLUSTER_CLIENTS.get_ptr_mut(packet.client);
     // SAFETY: a plain value, copied.
     if let Some(&sender) = unsafe { CLUSTER_PEER_MACS.get(peer_key) } {
         // Another host's dispatcher sent it here. It is this host's (the entry that made
         // the peer send it may not have reached us yet), unless this host is the client's
         // locking dispatcher and the peer is not: then it came for the lock. A packet from
         // the locking dispatcher is always kept, so no packet is forwarded more than twice.
-        let home = home(packet.client);
-        if home != this || sender == home {
+        // (The common case first: the entry names this host.)
+        // SAFETY: a map value, read once.
+        let ours = stored.is_some_and(|e| unsafe { (*e).host } == this);
+        if ours || {
+            let home = home(packet.client, config);
+            home != this || sender == home
+        } {
             tally(|c| c.from_peer += 1);
             return Ok(TC_ACT_OK);
         }
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(stored) = CLUSTER_CLIENTS.get_ptr_mut(packet.client) else {
+    let Some(stored) = stored else {
         return without_entry(ctx, config, &packet, now);
     };
     // SAFETY: a map value; `last_seen_ns` is advisory, a lost update is harmless.
@@ -120,7 +127,9 @@ fn dispatch(ctx: &TcContext) -> Result<i32, ()> {
         let _ = CLUSTER_CLIENTS.remove(packet.client);
         return without_entry(ctx, config, &packet, now);
     }
-    if !packet.opens && open_here(ctx, &packet) {
+    // Only a host whose own lock lost to an earlier one can have connections of a client
+    // served elsewhere (the agent marks that entry): a socket lookup for those only.
+    if !packet.opens && entry.flags & entry_flags::MAY_HAVE_OWN != 0 && open_here(ctx, &packet) {
         tally(|c| c.own_connection += 1);
         return Ok(TC_ACT_OK);
     }
@@ -136,7 +145,7 @@ fn without_entry(
     packet: &Packet,
     now: u64,
 ) -> Result<i32, ()> {
-    let home = home(packet.client);
+    let home = home(packet.client, config);
     if home != config.this_host && home != NO_HOST {
         tally(|c| c.to_home += 1);
         return forward(ctx, config, home);
@@ -157,10 +166,13 @@ const NO_HOST: u16 = 0;
 /// The client's locking dispatcher: of the hosts up, the one with the highest
 /// [`home_score`].
 #[inline(always)]
-fn home(client: [u8; 4]) -> u16 {
+fn home(client: [u8; 4], config: &ClusterConfig) -> u16 {
     let mut best = NO_HOST;
     let mut best_score = 0u32;
     for id in 1..=MAX_HOSTS {
+        if id > config.max_host as u32 {
+            break;
+        }
         let Some(host) = CLUSTER_HOSTS.get(id) else {
             break;
         };
@@ -176,35 +188,62 @@ fn home(client: [u8; 4]) -> u16 {
     best
 }
 
-/// The packet's client and connection if it is TCP to the service address and port.
+/// A pointer to a `T` at `offset` in the packet, if the packet's linear data holds it (the
+/// verifier's bounds check).
+#[inline(always)]
+fn at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Bytes of an IPv4 TCP packet up to the TCP flags, without IP options.
+const HEADERS: usize = ETH_HLEN + 20 + 14;
+
+/// The packet's client and connection if it is TCP to the service address and port. Read
+/// in place (direct packet access: a few loads, where a helper call per field costs more);
+/// headers not in the linear data yet are pulled in first.
 #[inline(always)]
 fn service_packet(ctx: &TcContext, config: &ClusterConfig) -> Result<Option<Packet>, ()> {
-    let proto: u16 = ctx.load(12).map_err(|_| ())?;
-    if u16::from_be(proto) != ETH_P_IP {
+    if at::<[u8; HEADERS]>(ctx, 0).is_none() {
+        // Too short, or not linear: pull, and give up on a packet shorter than that.
+        if ctx.pull_data(HEADERS as u32).is_err() {
+            return Ok(None);
+        }
+    }
+    let ip = at::<[u8; 20]>(ctx, ETH_HLEN).ok_or(())?;
+    let proto = at::<[u8; 2]>(ctx, 12).ok_or(())?;
+    // SAFETY: in bounds, checked by `at`; plain bytes.
+    let (proto, ip) = unsafe { (*proto, *ip) };
+    if u16::from_be_bytes(proto) != ETH_P_IP
+        || ip[0] >> 4 != 4
+        || ip[9] != IPPROTO_TCP
+        || ip[16..20] != config.service_addr
+    {
         return Ok(None);
     }
-    let version_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    let protocol: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| ())?;
-    let daddr: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
-    if version_ihl >> 4 != 4 || protocol != IPPROTO_TCP || daddr != config.service_addr {
+    let tcp = ETH_HLEN + ((ip[0] & 0x0f) as usize) * 4;
+    if at::<[u8; 14]>(ctx, tcp).is_none() && ctx.pull_data((tcp + 14) as u32).is_err() {
         return Ok(None);
     }
-    let tcp = ETH_HLEN + ((version_ihl & 0x0f) as usize) * 4;
-    let ports: [u8; 4] = ctx.load(tcp).map_err(|_| ())?;
-    if ports[2..4] != config.service_port {
+    let header = at::<[u8; 14]>(ctx, tcp).ok_or(())?;
+    // SAFETY: in bounds, checked by `at`.
+    let header = unsafe { *header };
+    if header[2..4] != config.service_port {
         return Ok(None);
     }
-    let saddr: [u8; 4] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
-    let flags: u8 = ctx.load(tcp + 13).map_err(|_| ())?;
+    let client = [ip[12], ip[13], ip[14], ip[15]];
     Ok(Some(Packet {
-        client: saddr,
+        client,
         tuple: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: u32::from_ne_bytes(saddr),
-            daddr: u32::from_ne_bytes(daddr),
-            sport: u16::from_ne_bytes([ports[0], ports[1]]),
-            dport: u16::from_ne_bytes([ports[2], ports[3]]),
+            saddr: u32::from_ne_bytes(client),
+            daddr: u32::from_ne_bytes(config.service_addr),
+            sport: u16::from_ne_bytes([header[0], header[1]]),
+            dport: u16::from_ne_bytes([header[2], header[3]]),
         },
-        opens: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        opens: header[13] & (TCP_SYN | TCP_ACK) == TCP_SYN,
     }))
 }
 
@@ -214,14 +253,14 @@ fn service_packet(ctx: &TcContext, config: &ClusterConfig) -> Result<Option<Pack
 /// follows. The entry names the ready host with most room; the agent broadcasts it.
 #[inline(always)]
 fn lock_and_decide(packet: &Packet, config: &ClusterConfig, now: u64) -> Option<ClientEntry> {
-    let Some(host) = most_room() else {
+    let Some(host) = most_room(config) else {
         tally(|c| c.no_host += 1);
         return None;
     };
     let entry = ClientEntry {
         host,
         locker: config.this_host,
-        _pad: 0,
+        flags: 0,
         locked_ns: now,
         last_seen_ns: now,
     };
@@ -256,9 +295,12 @@ fn lock_and_decide(packet: &Packet, config: &ClusterConfig, now: u64) -> Option<
 
 /// The ready host with most room (the lowest id on a tie).
 #[inline(always)]
-fn most_room() -> Option<u16> {
+fn most_room(config: &ClusterConfig) -> Option<u16> {
     let mut best: Option<(u16, i32)> = None;
     for id in 1..=MAX_HOSTS {
+        if id > config.max_host as u32 {
+            break;
+        }
         let Some(host) = CLUSTER_HOSTS.get(id) else {
             break;
         };
@@ -303,10 +345,13 @@ fn open_here(ctx: &TcContext, packet: &Packet) -> bool {
 #[inline(always)]
 fn forward(ctx: &TcContext, config: &ClusterConfig, host: u16) -> Result<i32, ()> {
     let target = CLUSTER_HOSTS.get(host as u32).ok_or(())?;
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&target.mac);
-    macs[6..].copy_from_slice(&config.mac);
-    ctx.store(0, &macs, 0).map_err(|_| ())?;
+    let macs = at::<[u8; 12]>(ctx, 0).ok_or(())?;
+    // SAFETY: in bounds (checked by `at`), and tc programs may write the packet.
+    unsafe {
+        let macs = &mut *macs;
+        macs[..6].copy_from_slice(&target.mac);
+        macs[6..].copy_from_slice(&config.mac);
+    }
     tally(|c| c.forwarded += 1);
     // SAFETY: a helper taking plain values; it answers TC_ACT_REDIRECT.
     Ok(unsafe { bpf_redirect(config.ifindex, 0) } as i32)

@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use parsrv_common::cluster::{host_state, AgentCounters, Host};
+use parsrv_common::cluster::{entry_flags, host_state, AgentCounters, Host};
 use tokio::{
     io::{unix::AsyncFd, AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -258,6 +258,11 @@ impl Agent {
                     let client = wire.client.octets();
                     let ours = self.dispatcher.client(client);
                     if table::takes(ours.as_ref(), &theirs, |h| self.not_gone(h)) {
+                        let mut theirs = theirs;
+                        if ours.is_some_and(|o| o.host == self.this_host()) {
+                            // Connections made under our lock stay here.
+                            theirs.flags |= entry_flags::MAY_HAVE_OWN;
+                        }
                         if let Err(e) = self.dispatcher.set_client(client, theirs) {
                             log::error!("writing {}'s entry: {e}", wire.client);
                         }

@@ -95,7 +95,13 @@ pub fn run(spec: ClusterSpec) -> Result<()> {
         this_host: spec.host,
         ifindex,
         mac,
-        _pad: [0; 2],
+        max_host: spec
+            .peers
+            .iter()
+            .map(|p| p.host)
+            .chain([spec.host])
+            .max()
+            .expect("this host at least"),
     };
     let dir = pin_dir(&spec.name, spec.host);
     let adopted = match Dispatcher::adopt(&dir) {

@@ -77,7 +77,7 @@ impl WireEntry {
         ClientEntry {
             host: self.host,
             locker: self.locker,
-            _pad: 0,
+            flags: 0,
             locked_ns: self.locked_ns,
             last_seen_ns: now_ns,
         }
