@@ -50,8 +50,11 @@ fn short_connections(topology: &Topology, duration: Duration) -> (u64, u64, Dura
             let ns = format!("/run/netns/{}", topology.clients);
             let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
             thread::spawn(move || {
-                nix::sched::setns(File::open(ns).unwrap(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .unwrap();
+                nix::sched::setns(
+                    File::open(ns).unwrap(),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )
+                .unwrap();
                 while !stop.load(Ordering::Relaxed) {
                     match one_echo(client, service) {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
@@ -67,7 +70,11 @@ fn short_connections(topology: &Topology, duration: Duration) -> (u64, u64, Dura
     for t in threads {
         t.join().unwrap();
     }
-    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), elapsed)
+    (
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        elapsed,
+    )
 }
 
 fn one_echo(client: Ipv4Addr, service: SocketAddr) -> std::io::Result<()> {

@@ -39,6 +39,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build, then show a cluster (as root): a router and three hosts in network namespaces,
+    /// BIRD and parsrv on each, clients with long-lived connections; prints where the
+    /// connections go while a host joins, drains and leaves. Removes everything after.
+    ClusterDemo,
     /// cargo fmt --check and cargo clippy -D warnings, for the workspace and the eBPF crate.
     Lint,
     /// Build (release), then run benchmark scenarios (as root; each in its own network
@@ -133,6 +137,7 @@ fn run(task: Task) -> Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Build { release } => build(release),
         Task::Run { args } => run_demo(args),
+        Task::ClusterDemo => cluster_demo(),
         Task::Lint => lint(),
         Task::Bench { scenarios, quick } => bench(scenarios, quick),
         Task::Test {
@@ -260,6 +265,31 @@ fn run_demo(args: Vec<String>) -> Result<()> {
     use std::os::unix::process::CommandExt as _;
     let error = Command::new(&parsrv).args(&args).exec();
     Err(error).with_context(|| format!("running {}", parsrv.display()))
+}
+
+fn cluster_demo() -> Result<()> {
+    // Set-up (bird2 included) comes with the build.
+    build(false)?;
+    if !running_as_root() {
+        return Err(Fatal::error(
+            EXIT_BAD_INPUT,
+            "the cluster demo needs root (network namespaces, eBPF): run `cargo xtask cluster-demo` as root",
+        ));
+    }
+    let root = workspace_root();
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "parsrv-bench",
+            "--bin",
+            "cluster-demo",
+        ])
+        .env("PARSRV_BIN", root.join("target/debug/parsrv"))
+        .current_dir(&root);
+    run_step("the cluster demo", &mut cargo)
 }
 
 /// The eBPF crate's cargo: its own nightly, its own workspace, without the variables the
