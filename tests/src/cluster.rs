@@ -541,6 +541,66 @@ metrics = "{addr}:9101"
         );
     }
 
+    /// The router's route to the service through a resilient nexthop group over `ids`
+    /// (64 buckets; only the buckets of a removed host move).
+    pub fn resilient_over(&self, ids: &[u16]) {
+        for host in &self.hosts {
+            let id = host.id.to_string();
+            let addr = host.addr.to_string();
+            ip(&[
+                "-n",
+                &self.router,
+                "nexthop",
+                "replace",
+                "id",
+                &id,
+                "via",
+                &addr,
+                "dev",
+                "br0",
+            ]);
+        }
+        let group: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+        let group = group.join("/");
+        ip(&[
+            "-n",
+            &self.router,
+            "nexthop",
+            "replace",
+            "id",
+            "100",
+            "group",
+            &group,
+            "type",
+            "resilient",
+            "buckets",
+            "64",
+            "idle_timer",
+            "5",
+            "unbalanced_timer",
+            "0",
+        ]);
+        ip(&[
+            "-n",
+            &self.router,
+            "route",
+            "replace",
+            &format!("{SERVICE}/32"),
+            "nhid",
+            "100",
+        ]);
+    }
+
+    /// Appends `line` to every host's config file (its `[cluster]` section is the last).
+    pub fn add_to_configs(&self, line: &str) {
+        for host in &self.hosts {
+            let mut text = std::fs::read_to_string(&host.config).unwrap();
+            text += line;
+            text += "\n";
+            std::fs::write(&host.config, text).unwrap();
+        }
+    }
+
     /// Where each established connection to the service is: (client address, client
     /// port) -> host (read in each host's namespace).
     pub fn connection_hosts(&self) -> BTreeMap<(Ipv4Addr, u16), u16> {
@@ -825,6 +885,11 @@ impl LongLived {
             }
         }
         by_client
+    }
+
+    /// Connection `index`'s client port (0 until it connected).
+    pub fn port(&self, index: usize) -> u16 {
+        self.ports[index].load(Ordering::SeqCst) as u16
     }
 
     /// The connections broken so far, by index.

@@ -90,6 +90,35 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
             "plain ECMP broke only {control_broken} of {total}: the control did not show the problem"
         );
 
+        // Control 2: a resilient nexthop group. Only the removed host's buckets move, so
+        // exactly its connections break.
+        topology.resilient_over(&[1, 2, 3]);
+        let control = LongLived::open(&topology, &first, PER_CLIENT, Duration::from_secs(60));
+        thread::sleep(Duration::from_millis(500));
+        let on_3: BTreeSet<usize> = {
+            let hosts = topology.connection_hosts();
+            (0..control.clients.len())
+                .filter(|&i| {
+                    let port = control.port(i);
+                    hosts.get(&(control.clients[i], port)) == Some(&3)
+                })
+                .collect()
+        };
+        topology.resilient_over(&[1, 2]);
+        thread::sleep(Duration::from_secs(4));
+        let resilient_broken = control.broken_indices();
+        control.finish();
+        eprintln!(
+            "control, resilient nexthop group: 1 host of 3 removed: {} of {total} connections broken, {} were on the removed host",
+            resilient_broken.len(),
+            on_3.len()
+        );
+        assert!(!on_3.is_empty());
+        assert_eq!(
+            resilient_broken, on_3,
+            "a resilient group breaks exactly the removed host's flows"
+        );
+
         // The dispatchers. Hosts 1 and 2 first; host 3 joins under load.
         topology.route_over(&[1, 2]);
         topology.start_agent(1);
@@ -666,5 +695,61 @@ fn cluster_bird_announces_ready_hosts_and_withdraws_a_draining_one_breaking_no_c
         assert_eq!(broken, 0, "{ended:?}\n{}", topology.logs());
         assert_eq!(stalled, 0);
         assert!(forwarded > 0);
+    });
+}
+
+/// A client's entry expires on the host that serves it once the client has had no
+/// connection there for the idle time-out, and that host tells the others.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn cluster_an_idle_clients_entry_expires_on_every_host() {
+    privileged(needs(), || {
+        let mut topology = Topology::build(2, 2);
+        topology.add_to_configs("idle_timeout_s = 2");
+        for id in 1..=2 {
+            topology.start_group(id);
+        }
+        topology.route_over(&[1, 2]);
+        for id in 1..=2 {
+            topology.start_agent(id);
+        }
+        topology.wait_ready(&[1, 2]);
+        let clients = topology.client_addrs.clone();
+        let table = |id: u16| {
+            topology.cluster_status(id).unwrap()["table"]["clients"]
+                .as_u64()
+                .unwrap()
+        };
+        // One client stays connected; the other leaves.
+        let staying = LongLived::open(&topology, &clients[..1], 1, Duration::from_secs(30));
+        let leaving = LongLived::open(&topology, &clients[1..], 1, Duration::from_secs(30));
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!((table(1), table(2)), (2, 2));
+        leaving.close(0);
+        leaving.finish();
+        // Idle for 2 s, checked every 2 s: gone within about 4 s, everywhere.
+        assert!(
+            wait_for(Duration::from_secs(8), || (table(1), table(2)) == (1, 1)),
+            "the idle client's entry did not expire: {} {}",
+            table(1),
+            table(2)
+        );
+        thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            (table(1), table(2)),
+            (1, 1),
+            "the connected client's entry must stay"
+        );
+        let expired: u64 = [1, 2]
+            .iter()
+            .map(|&id| {
+                topology.cluster_status(id).unwrap()["messages"]["expired"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum();
+        assert_eq!(expired, 1, "expired once, by its host");
+        assert_eq!(staying.broken(), 0);
+        staying.finish();
     });
 }
