@@ -630,19 +630,11 @@ metrics = "{addr}:9101"
 
     /// Programs attached to host `id`'s eth0 ingress by tcx (read in its namespace).
     pub fn tcx_programs(&self, id: u16) -> usize {
-        let ns = format!("/run/netns/{}", self.host(id).ns);
-        thread::spawn(move || {
-            nix::sched::setns(
-                File::open(ns).unwrap(),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )
-            .unwrap();
+        self.in_host(id, || {
             aya::programs::SchedClassifier::query_tcx("eth0", aya::programs::TcAttachType::Ingress)
                 .map(|(_, programs)| programs.len())
                 .unwrap_or(0)
         })
-        .join()
-        .unwrap()
     }
 
     /// `GET path` from host `id`'s agent's metrics endpoint (from the router): its status
@@ -694,17 +686,7 @@ metrics = "{addr}:9101"
 
     /// Runs `f` on a thread in host `id`'s network namespace.
     pub fn in_host<T: Send + 'static>(&self, id: u16, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = format!("/run/netns/{}", self.host(id).ns);
-        thread::spawn(move || {
-            nix::sched::setns(
-                File::open(ns).unwrap(),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )
-            .unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
+        in_netns(&self.host(id).ns, f)
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -750,6 +732,21 @@ impl Drop for Topology {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `f` on a thread of its own in network namespace `ns` (a name under /run/netns).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        nix::sched::setns(
+            File::open(path).unwrap(),
+            nix::sched::CloneFlags::CLONE_NEWNET,
+        )
+        .unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
 }
 
 fn send_signal(pid: u32, signal: i32) {

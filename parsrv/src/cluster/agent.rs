@@ -30,7 +30,10 @@ use super::{
 };
 use crate::{
     control::{self, Request, Response},
-    dataplane::cluster::{decision_from, Dispatcher},
+    dataplane::{
+        cluster::{decision_from, Dispatcher},
+        monotonic_ns,
+    },
     error::{Error, Result},
 };
 
@@ -761,13 +764,6 @@ async fn serve_control(agent: Shared, listener: tokio::net::UnixListener) {
             let _ = writer.write_all(format!("{answer}\n").as_bytes()).await;
         });
     }
-}
-
-/// CLOCK_MONOTONIC in ns, as the dispatcher's bpf_ktime_get_ns.
-pub fn monotonic_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always there");
-    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
 #[cfg(test)]

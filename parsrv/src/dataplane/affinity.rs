@@ -12,6 +12,7 @@ use parsrv_common::reuseport::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::monotonic_ns;
 use crate::error::{Error, Result};
 
 /// The dispatch table and its counters.
@@ -106,13 +107,6 @@ pub fn client_key(client: IpAddr, mask_v4: u32, mask_v6: [u32; 4]) -> ClientKey 
         }
     }
     ClientKey { addr }
-}
-
-/// CLOCK_MONOTONIC, the program's `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always there");
-    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
 #[cfg(test)]

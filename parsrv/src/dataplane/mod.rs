@@ -42,6 +42,13 @@ use crate::{
     features::Feature,
 };
 
+/// CLOCK_MONOTONIC in ns: the clock of the programs' `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
 /// Element `index` of a per-CPU map of counters, summed over the CPUs with `add` (the
 /// `counters!` struct's own).
 pub(crate) fn sum_over_cpus<T: aya::Pod + Default>(
