@@ -22,7 +22,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use parsrv_common::cluster::{
-    entry_flags, home_score, host_state, ClientEntry, ClusterConfig, Decision, DispatchCounters, Host, MAX_HOSTS,
+    entry_flags, home_score, host_state, ClientEntry, ClusterConfig, Decision, DispatchCounters,
+    Host, MAX_HOSTS,
 };
 
 use crate::counting::count;
