@@ -121,7 +121,9 @@ pub struct Host {
 
 /// [`Host::state`].
 pub mod host_state {
-    /// Unknown, or gone: nothing is sent there; its clients are decided again.
+    /// Unknown, or gone silent: no new client goes there, and its clients' new connections
+    /// are decided again; packets of their open connections still go there (it may be only
+    /// its agent that died).
     pub const ABSENT: u16 = 0;
     /// Takes new clients.
     pub const READY: u16 = 1;
@@ -150,8 +152,8 @@ counters! {
         lock_races => ("lock-races", "New clients another CPU of this host locked first (followed)."),
         to_home => ("to-home", "Packets of a client without an entry here, sent to its locking dispatcher."),
         no_entry => ("no-entry", "Packets of a client without an entry that open no connection, at its locking dispatcher: passed to the local stack."),
-        no_host => ("no-host", "New clients that found no ready host, passed to the local stack."),
-        host_gone => ("host-gone", "Packets of a client whose host is gone: a new connection is decided again, others passed."),
+        no_host => ("no-host", "Packets passed to the local stack for want of a host: a new client that found no ready host, or a host whose MAC is not known yet."),
+        host_gone => ("host-gone", "Packets of a client whose host went silent: a new connection is decided again, others still sent there."),
     }
 }
 
@@ -184,7 +186,7 @@ counters! {
         broadcast => ("broadcast", "Entries this host's dispatcher placed and the agent broadcast."),
         taken => ("taken", "Entries received from peers and written into the table."),
         lost => ("lost", "Entries received that lost against an earlier lock in the table."),
-        host_left => ("host-left", "Entries removed because their host left (silent for longer than the peer time-out)."),
+        host_left => ("host-left", "Entries removed because their host went silent and stayed so for the idle time-out."),
         expired => ("expired", "Entries of this host's clients that expired (and were forgotten everywhere)."),
         refused => ("refused", "Connections refused: not from a configured peer, or a wrong hello."),
     }

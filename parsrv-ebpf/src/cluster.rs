@@ -120,13 +120,14 @@ fn dispatch(ctx: &TcContext) -> Result<i32, ()> {
     let host = CLUSTER_HOSTS.get(entry.host as u32).ok_or(())?;
     if host.state == host_state::ABSENT {
         tally(|c| c.host_gone += 1);
-        if !packet.opens {
-            // Its connection went with its host.
-            return Ok(TC_ACT_OK);
+        if packet.opens {
+            // The client is decided again, from this connection on.
+            let _ = CLUSTER_CLIENTS.remove(packet.client);
+            return without_entry(ctx, config, &packet, now);
         }
-        // The client is decided again, from this connection on.
-        let _ = CLUSTER_CLIENTS.remove(packet.client);
-        return without_entry(ctx, config, &packet, now);
+        // Its host went silent: maybe only its agent died, and its dispatcher and handlers
+        // serve on (seed 002), so its connections' packets still go there. If the host is
+        // dead they are lost either way.
     }
     // Only a host whose own lock lost to an earlier one can have connections of a client
     // served elsewhere (the agent marks that entry): a socket lookup for those only.
@@ -346,6 +347,12 @@ fn open_here(ctx: &TcContext, packet: &Packet) -> bool {
 #[inline(always)]
 fn forward(ctx: &TcContext, config: &ClusterConfig, host: u16) -> Result<i32, ()> {
     let target = CLUSTER_HOSTS.get(host as u32).ok_or(())?;
+    if target.mac == [0; 6] {
+        // A host not heard from yet (an entry from a peer's table came first): its MAC is
+        // unknown, so the local stack is the only place to go.
+        tally(|c| c.no_host += 1);
+        return Ok(TC_ACT_OK);
+    }
     let macs = at::<[u8; 12]>(ctx, 0).ok_or(())?;
     // SAFETY: in bounds (checked by `at`), and tc programs may write the packet.
     unsafe {

@@ -344,19 +344,6 @@ fn cluster_host_killed_outright_loses_only_its_own_connections_and_its_clients_a
             "only host 3's connections may break\n{}",
             topology.logs()
         );
-        let removed: u64 = [1, 2]
-            .iter()
-            .map(|&id| {
-                topology.cluster_status(id).unwrap()["messages"]["host_left"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .sum();
-        assert_eq!(
-            removed,
-            2 * on_3.len() as u64,
-            "each peer removes host 3's entries"
-        );
 
         // Its clients come back and are decided again, onto hosts that are up.
         let on_3: Vec<Ipv4Addr> = on_3.into_iter().collect();
@@ -571,11 +558,14 @@ fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
         let client = topology.client_addrs.clone();
         // Connections until one lands on each host.
         let mut kept: BTreeMap<u16, LongLived> = BTreeMap::new();
+        // The host of the first connection locked the client first (one machine: one clock).
+        let mut first_lock = None;
         for _ in 0..40 {
             let one = LongLived::open(&topology, &client, 1, Duration::from_secs(60));
             thread::sleep(Duration::from_millis(100));
             let hosts = one.hosts_of_clients(&topology);
             let host = *hosts[&client[0]].iter().next().unwrap();
+            first_lock.get_or_insert(host);
             match kept.entry(host) {
                 std::collections::btree_map::Entry::Occupied(_) => {
                     one.finish();
@@ -618,17 +608,9 @@ fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
             entry(1),
             entry(2)
         );
-        // The earlier lock: the first connection's host (it was placed first).
+        // The earlier lock holds: the first connection's host.
         let winner = if entry(1).0 == 1 { 1 } else { 2 };
-        let lost: u64 = [1, 2]
-            .iter()
-            .map(|&id| {
-                topology.cluster_status(id).unwrap()["messages"]["lost"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .sum();
-        assert_eq!(lost, 1, "one side's entry lost to the other");
+        assert_eq!(Some(winner), first_lock, "the later lock won");
         eprintln!("two simultaneous locks: both tables settled on host {winner}");
         // New connections of the client: all on the winner, whatever the hash.
         let later = LongLived::open(&topology, &[client[0]; 6], 1, Duration::from_secs(30));
@@ -723,8 +705,14 @@ fn cluster_an_idle_clients_entry_expires_on_every_host() {
         // One client stays connected; the other leaves.
         let staying = LongLived::open(&topology, &clients[..1], 1, Duration::from_secs(30));
         let leaving = LongLived::open(&topology, &clients[1..], 1, Duration::from_secs(30));
-        thread::sleep(Duration::from_millis(300));
-        assert_eq!((table(1), table(2)), (2, 2));
+        // Both entries reach both tables (a broadcast: within a moment, later on a loaded
+        // machine).
+        assert!(
+            wait_for(Duration::from_secs(5), || (table(1), table(2)) == (2, 2)),
+            "{} {}",
+            table(1),
+            table(2)
+        );
         leaving.close(0);
         leaving.finish();
         // Idle for 2 s, checked every 2 s: gone within about 4 s, everywhere.
@@ -751,5 +739,98 @@ fn cluster_an_idle_clients_entry_expires_on_every_host() {
         assert_eq!(expired, 1, "expired once, by its host");
         assert_eq!(staying.broken(), 0);
         staying.finish();
+    });
+}
+
+/// Seed 002 across hosts: a host's agent SIGKILLed under load takes nothing down. Its
+/// dispatcher (pinned) goes on forwarding and keeping its clients' packets, its peers take no
+/// new client there but still send it its clients' packets, and the route may change
+/// meanwhile. The next agent takes the dispatcher and its table over.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn cluster_an_agent_killed_outright_breaks_nothing_and_the_next_takes_its_dispatcher_over() {
+    privileged(needs(), || {
+        let mut topology = Topology::build(3, 45);
+        for id in 1..=3 {
+            topology.start_group(id);
+        }
+        topology.route_over(&[1, 2, 3]);
+        for id in 1..=3 {
+            topology.start_agent(id);
+        }
+        topology.wait_ready(&[1, 2, 3]);
+        let (first, later) = topology.client_addrs.split_at(40);
+        let (first, later) = (first.to_vec(), later.to_vec());
+        let load = LongLived::open(&topology, &first, 2, Duration::from_secs(90));
+        thread::sleep(Duration::from_millis(300));
+        let on_1 = load
+            .hosts_of_clients(&topology)
+            .values()
+            .filter(|h| h.contains(&1))
+            .count();
+        assert!(on_1 > 0, "no client on host 1");
+
+        topology.kill_agent(1);
+        assert!(
+            wait_for(Duration::from_secs(5), || [2, 3].iter().all(|&id| {
+                topology.cluster_status(id).unwrap()["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["host"] == 1 && p["state"].is_null())
+            })),
+            "hosts 2 and 3 did not notice that host 1's agent died"
+        );
+        assert_eq!(
+            topology.tcx_programs(1),
+            1,
+            "the dispatcher went with its agent"
+        );
+        // The route changes while host 1 has no agent: its clients' packets reach it
+        // through the others.
+        for hosts in [&[2u16, 3][..], &[3], &[1, 2, 3], &[2]] {
+            topology.route_over(hosts);
+            thread::sleep(Duration::from_millis(600));
+        }
+        // New clients meanwhile go to the hosts whose agents answer.
+        let newcomers = LongLived::open(&topology, &later, 1, Duration::from_secs(60));
+        thread::sleep(Duration::from_millis(300));
+        let new_hosts = newcomers.hosts_of_clients(&topology);
+        assert_eq!(new_hosts.len(), later.len(), "{new_hosts:?}");
+        assert!(new_hosts.values().all(|h| !h.contains(&1)), "{new_hosts:?}");
+        thread::sleep(Duration::from_secs(4));
+        assert_eq!(load.broken(), 0, "{}", topology.logs());
+
+        // The next agent takes the pinned dispatcher and its table over.
+        topology.start_agent(1);
+        topology.wait_ready(&[1, 2, 3]);
+        assert!(
+            topology
+                .log("agent-1.log")
+                .contains("took over the dispatcher"),
+            "{}",
+            topology.log("agent-1.log")
+        );
+        let table = topology.cluster_status(1).unwrap()["table"]["clients"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            table >= first.len() as u64,
+            "the table was not kept: {table} entries"
+        );
+        for hosts in [&[1u16, 3][..], &[1, 2, 3]] {
+            topology.route_over(hosts);
+            thread::sleep(Duration::from_millis(600));
+        }
+        thread::sleep(Duration::from_secs(4));
+        let broken = load.broken() + newcomers.broken();
+        eprintln!(
+            "agent 1 SIGKILLed under load, 4 route changes without it, then a new agent: \
+             {broken} of {} connections broken ({on_1} clients on host 1)",
+            load.clients.len() + newcomers.clients.len()
+        );
+        assert_eq!(broken, 0, "{}", topology.logs());
+        newcomers.finish();
+        load.finish();
     });
 }

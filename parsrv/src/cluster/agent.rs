@@ -58,8 +58,9 @@ struct PeerView {
     present: bool,
     /// Its whole table has arrived (since it was last present).
     synced: bool,
-    /// Was present, then went silent: its clients' entries were removed.
-    gone: bool,
+    /// Was present, then went silent (since then): no new client goes there; its clients'
+    /// entries stay for the idle time-out (it may be only its agent that died).
+    gone_since: Option<Instant>,
     /// This agent's connection to it, while up.
     outbox: Option<mpsc::UnboundedSender<Vec<u8>>>,
 }
@@ -95,7 +96,7 @@ impl Agent {
                         last_heard: None,
                         present: false,
                         synced: false,
-                        gone: false,
+                        gone_since: None,
                         outbox: None,
                     },
                 )
@@ -212,7 +213,11 @@ impl Agent {
     /// Whether entries naming `host` hold: this host, or a peer not known to be gone (one
     /// not heard from yet may just be slower to connect than its peers' tables).
     fn not_gone(&self, host: u16) -> bool {
-        host == self.this_host() || self.peers.get(&host).is_some_and(|p| !p.gone)
+        host == self.this_host()
+            || self
+                .peers
+                .get(&host)
+                .is_some_and(|p| p.gone_since.is_none())
     }
 
     fn send_all(&mut self, message: &Message) {
@@ -300,7 +305,7 @@ impl Agent {
         peer.last_heard = Some(Instant::now());
         if !peer.present {
             peer.present = true;
-            peer.gone = false;
+            peer.gone_since = None;
             log::info!("host {from} is up");
             if let Err(e) = self.write_peer(from) {
                 log::error!("recording host {from}: {e}");
@@ -308,8 +313,10 @@ impl Agent {
         }
     }
 
-    /// Peers silent for longer than the time-out are gone: their clients' entries go (their
-    /// connections went with them), and the clients are decided again.
+    /// Peers silent for longer than the time-out are gone: no new client goes there, and
+    /// their clients' next connections are decided again. Their clients' entries stay for
+    /// the idle time-out ([`Agent::forget_long_gone`]): it may be only the agent that died,
+    /// and its dispatcher and handlers serve on.
     fn check_peers(&mut self) {
         let timeout = self.spec.peer_timeout();
         let gone: Vec<u16> = self
@@ -323,15 +330,9 @@ impl Agent {
             let peer = self.peers.get_mut(&id).expect("listed");
             peer.present = false;
             peer.synced = false;
-            peer.gone = true;
+            peer.gone_since = Some(Instant::now());
             if let Err(e) = self.write_peer(id) {
                 log::error!("recording host {id} as gone: {e}");
-            }
-            for (client, entry) in self.dispatcher.clients() {
-                if entry.host == id {
-                    self.dispatcher.forget_client(client);
-                    self.messages.host_left += 1;
-                }
             }
         }
         // Joining until every peer has been heard from and has sent its table, or one
@@ -345,6 +346,27 @@ impl Agent {
                 let _ = self.write_own_host();
                 let ready = self.spec.ready.clone();
                 tokio::task::spawn_local(async move { run_hook(&ready, "ready").await });
+            }
+        }
+    }
+
+    /// Forgets the clients of hosts silent for longer than the idle time-out: nobody else
+    /// would expire them.
+    fn forget_long_gone(&mut self) {
+        let timeout = self.spec.idle_timeout();
+        let long_gone: BTreeSet<u16> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.gone_since.is_some_and(|t| t.elapsed() >= timeout))
+            .map(|(id, _)| *id)
+            .collect();
+        if long_gone.is_empty() {
+            return;
+        }
+        for (client, entry) in self.dispatcher.clients() {
+            if long_gone.contains(&entry.host) {
+                self.dispatcher.forget_client(client);
+                self.messages.host_left += 1;
             }
         }
     }
@@ -625,6 +647,7 @@ async fn expire(agent: Shared) {
             .await
             .unwrap_or_default();
         let mut agent = agent.borrow_mut();
+        agent.forget_long_gone();
         let this = agent.this_host();
         let timeout = agent.spec.idle_timeout();
         let mut expired = Vec::new();
