@@ -142,6 +142,22 @@ impl Topology {
         topology
     }
 
+    /// [`Topology::build`], then every host's group and agent, the route over all hosts, and
+    /// every agent ready.
+    pub fn serving(hosts: u16, clients: usize) -> Topology {
+        let mut topology = Topology::build(hosts, clients);
+        let ids: Vec<u16> = (1..=hosts).collect();
+        for &id in &ids {
+            topology.start_group(id);
+        }
+        topology.route_over(&ids);
+        for &id in &ids {
+            topology.start_agent(id);
+        }
+        topology.wait_ready(&ids);
+        topology
+    }
+
     fn add_host(&mut self, id: u16, hosts: u16) {
         let ns = format!("h{id}-{}", std::process::id());
         let addr = Ipv4Addr::new(192, 0, 2, 10 + id as u8);
@@ -640,15 +656,9 @@ metrics = "{addr}:9101"
     /// `GET path` from host `id`'s agent's metrics endpoint (from the router): its status
     /// code and body.
     pub fn scrape(&self, id: u16, path: &str) -> (u16, String) {
-        let router = format!("/run/netns/{}", self.router);
         let target = SocketAddr::new(self.host(id).addr.into(), 9101);
         let request = format!("GET {path} HTTP/1.0\r\n\r\n");
-        thread::spawn(move || {
-            nix::sched::setns(
-                File::open(router).unwrap(),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )
-            .unwrap();
+        in_netns(&self.router, move || {
             let mut stream =
                 std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).unwrap();
             stream
@@ -668,8 +678,6 @@ metrics = "{addr}:9101"
                 .to_owned();
             (code, body)
         })
-        .join()
-        .unwrap()
     }
 
     /// Host `id`'s config file, for a test to change.

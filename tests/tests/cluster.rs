@@ -284,15 +284,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn cluster_host_killed_outright_loses_only_its_own_connections_and_its_clients_are_decided_again() {
     privileged(needs(), || {
-        let mut topology = Topology::build(3, 45);
-        for id in 1..=3 {
-            topology.start_group(id);
-        }
-        topology.route_over(&[1, 2, 3]);
-        for id in 1..=3 {
-            topology.start_agent(id);
-        }
-        topology.wait_ready(&[1, 2, 3]);
+        let mut topology = Topology::serving(3, 45);
         let clients = topology.client_addrs.clone();
         let load = LongLived::open(&topology, &clients, 2, Duration::from_secs(90));
         thread::sleep(Duration::from_millis(300));
@@ -750,15 +742,7 @@ fn cluster_an_idle_clients_entry_expires_on_every_host() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn cluster_an_agent_killed_outright_breaks_nothing_and_the_next_takes_its_dispatcher_over() {
     privileged(needs(), || {
-        let mut topology = Topology::build(3, 45);
-        for id in 1..=3 {
-            topology.start_group(id);
-        }
-        topology.route_over(&[1, 2, 3]);
-        for id in 1..=3 {
-            topology.start_agent(id);
-        }
-        topology.wait_ready(&[1, 2, 3]);
+        let mut topology = Topology::serving(3, 45);
         let (first, later) = topology.client_addrs.split_at(40);
         let (first, later) = (first.to_vec(), later.to_vec());
         let load = LongLived::open(&topology, &first, 2, Duration::from_secs(90));
