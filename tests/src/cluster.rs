@@ -657,26 +657,9 @@ metrics = "{addr}:9101"
     /// code and body.
     pub fn scrape(&self, id: u16, path: &str) -> (u16, String) {
         let target = SocketAddr::new(self.host(id).addr.into(), 9101);
-        let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+        let path = path.to_owned();
         in_netns(&self.router, move || {
-            let mut stream =
-                std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3)).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
-            stream.write_all(request.as_bytes()).unwrap();
-            let mut answer = String::new();
-            stream.read_to_string(&mut answer).unwrap();
-            let code = answer
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            let body = answer
-                .split_once("\r\n\r\n")
-                .map_or("", |(_, b)| b)
-                .to_owned();
-            (code, body)
+            get_page(target, &path, Duration::from_secs(3)).expect("the agent's endpoint")
         })
     }
 

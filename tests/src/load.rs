@@ -180,3 +180,30 @@ pub fn http_load(
     let outcomes = Arc::try_unwrap(outcomes).unwrap().into_inner().unwrap();
     LoadResult { outcomes }
 }
+
+/// `GET path` over a fresh connection to `address`, with `timeout` for each step: the status
+/// code (0 if the answer has none) and the body.
+pub fn get_page(
+    address: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect_timeout(&address, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: parsrv-test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    Ok((code, body))
+}

@@ -2,42 +2,21 @@
 //! keep a scrape out, `/status` is the `status --json` array, and `/healthz` tells a load
 //! balancer whether every group serves (200) or not (503: draining, no live handler).
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{net::TcpStream, time::Duration};
 
 use nix::sys::signal::Signal;
 use parsrv::status::GroupStatus;
 use parsrv_integration_tests::{
-    addr, group, privileged, signal, stop_handler_group, wait_for, HandlerKind, Needs,
+    addr, get_page, group, privileged, signal, stop_handler_group, wait_for, HandlerKind, Needs,
 };
 
 const METRICS: &str = "127.0.0.1:9100";
 /// Idle connections held open to the endpoint while it must still answer.
 const IDLE: usize = 200;
 
-/// `GET path` with `timeout` for each step; the status code and the body.
+/// `GET path` from the endpoint with `timeout` for each step.
 fn get(path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let address: SocketAddr = METRICS.parse().unwrap();
-    let mut conn = TcpStream::connect_timeout(&address, timeout)?;
-    conn.set_read_timeout(Some(timeout))?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: parsrv-test\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)?;
-    let code = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_owned());
-    Ok((code, body))
+    get_page(METRICS.parse().unwrap(), path, timeout)
 }
 
 #[test]
