@@ -14,7 +14,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp},
+        generated::{bpf_loop, bpf_redirect, bpf_sk_release, bpf_skc_lookup_tcp},
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -169,25 +169,75 @@ const NO_HOST: u16 = 0;
 /// [`home_score`].
 #[inline(always)]
 fn home(client: [u8; 4], config: &ClusterConfig) -> u16 {
-    let mut best = NO_HOST;
-    let mut best_score = 0u32;
-    for id in 1..=MAX_HOSTS {
-        if id > config.max_host as u32 {
-            break;
-        }
-        let Some(host) = CLUSTER_HOSTS.get(id) else {
-            break;
-        };
-        if host.state == host_state::ABSENT {
-            continue;
-        }
-        let score = home_score(client, id as u16);
-        if best == NO_HOST || score > best_score || (score == best_score && id as u16 > best) {
-            best = id as u16;
-            best_score = score;
-        }
+    walk_hosts(config, client, home_step)
+}
+
+/// One host of [`home`] (id `index + 1`): 0 to go on, 1 to stop.
+#[inline(never)]
+extern "C" fn home_step(index: u64, _unused: *mut c_void) -> i64 {
+    let id = index as u32 + 1;
+    let Some(walk) = CLUSTER_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch element, filled by walk_hosts before the loop.
+    let walk = unsafe { &mut *walk };
+    let Some(host) = CLUSTER_HOSTS.get(id) else {
+        return 1;
+    };
+    if host.state == host_state::ABSENT {
+        return 0;
     }
-    best
+    let score = home_score(walk.client, id as u16);
+    // Ids rise, so `>=` gives a tie to the higher id.
+    if walk.best == NO_HOST as u32 || score >= walk.best_score {
+        walk.best = id;
+        walk.best_score = score;
+    }
+    0
+}
+
+/// The state of a walk over the hosts ([`home`], [`most_room`]), in this CPU's
+/// CLUSTER_SCRATCH: never on the caller's stack, so the verifier checks each step once (the
+/// rule in parsrv-ebpf's crate docs, "Verification cost").
+#[repr(C)]
+struct HostWalk {
+    client: [u8; 4],
+    /// The host found so far, or NO_HOST, and its score (home) or room (most_room).
+    best: u32,
+    best_score: u32,
+    best_room: i32,
+}
+
+#[map]
+static CLUSTER_SCRATCH: PerCpuArray<HostWalk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Runs `step` for hosts 1..=max_host under bpf_loop and returns the host it found.
+#[inline(always)]
+fn walk_hosts(
+    config: &ClusterConfig,
+    client: [u8; 4],
+    step: extern "C" fn(u64, *mut c_void) -> i64,
+) -> u16 {
+    let Some(walk) = CLUSTER_SCRATCH.get_ptr_mut(0) else {
+        return NO_HOST;
+    };
+    // SAFETY: this CPU's scratch element; nothing else runs on this CPU until the program
+    // returns. `step` has the callback signature bpf_loop expects and finds its state itself.
+    unsafe {
+        *walk = HostWalk {
+            client,
+            best: NO_HOST as u32,
+            best_score: 0,
+            best_room: 0,
+        };
+        bpf_loop(
+            (config.max_host as u32).min(MAX_HOSTS),
+            step as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+        (*walk).best as u16
+    }
 }
 
 /// A pointer to a `T` at `offset` in the packet, if the packet's linear data holds it (the
@@ -298,22 +348,29 @@ fn lock_and_decide(packet: &Packet, config: &ClusterConfig, now: u64) -> Option<
 /// The ready host with most room (the lowest id on a tie).
 #[inline(always)]
 fn most_room(config: &ClusterConfig) -> Option<u16> {
-    let mut best: Option<(u16, i32)> = None;
-    for id in 1..=MAX_HOSTS {
-        if id > config.max_host as u32 {
-            break;
-        }
-        let Some(host) = CLUSTER_HOSTS.get(id) else {
-            break;
-        };
-        if host.state != host_state::READY {
-            continue;
-        }
-        if best.is_none_or(|(_, room)| host.room > room) {
-            best = Some((id as u16, host.room));
-        }
+    let best = walk_hosts(config, [0; 4], most_room_step);
+    (best != NO_HOST).then_some(best)
+}
+
+/// One host of [`most_room`] (id `index + 1`): 0 to go on, 1 to stop.
+#[inline(never)]
+extern "C" fn most_room_step(index: u64, _unused: *mut c_void) -> i64 {
+    let id = index as u32 + 1;
+    let Some(walk) = CLUSTER_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch element, filled by walk_hosts before the loop.
+    let walk = unsafe { &mut *walk };
+    let Some(host) = CLUSTER_HOSTS.get(id) else {
+        return 1;
+    };
+    if host.state == host_state::READY
+        && (walk.best == NO_HOST as u32 || host.room > walk.best_room)
+    {
+        walk.best = id;
+        walk.best_room = host.room;
     }
-    best.map(|(id, _)| id)
+    0
 }
 
 /// Whether the packet belongs to a connection open (or opening, or closing) on this host:

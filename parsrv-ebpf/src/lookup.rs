@@ -111,7 +111,7 @@ fn steer(ctx: &SkLookupContext) -> Result<(), FailOpen> {
     let counted = rule.listen;
 
     // 1. A socket of the requested entry with room (the scan stops at the first).
-    let own = scan(config, rule.listen + 1, family, Among::Own);
+    let own = scan(config, rule.listen + 1, family, Among::Own)?;
     if own.room_slot != NONE {
         count(&ADDRESS_COUNTERS, counted, |c| c.served += 1);
         if rule.bound == 0 {
@@ -120,7 +120,7 @@ fn steer(ctx: &SkLookupContext) -> Result<(), FailOpen> {
         return Ok(());
     }
     // 2. The socket with most room among the other entries'.
-    let other = scan(config, rule.listen + 1, family, Among::Others);
+    let other = scan(config, rule.listen + 1, family, Among::Others)?;
     if other.room_slot != NONE {
         count(&ADDRESS_COUNTERS, counted, |c| c.moved_away += 1);
         count(&ADDRESS_COUNTERS, other.room_listen, |c| c.moved_in += 1);
@@ -166,8 +166,11 @@ enum Among {
 /// "No slot".
 const NONE: u32 = u32::MAX;
 
-/// A scan over the group's slots, under bpf_loop (see [`scan_slot`]).
+/// A scan over the group's slots, under bpf_loop (see [`scan_slot`]). Its state lives in
+/// this CPU's LOOKUP_SCRATCH, never on the caller's stack: the callback gets no context (the
+/// rule in parsrv-ebpf's crate docs, "Verification cost").
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Scan {
     off: KernelOffsets,
     /// The listen entry + 1 of the connection.
@@ -183,35 +186,44 @@ struct Scan {
     any_slot: u32,
 }
 
+#[map]
+static LOOKUP_SCRATCH: PerCpuArray<Scan> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
-fn scan(config: &ProgramConfig, tag: u32, family: u32, among: Among) -> Scan {
-    let mut scan = Scan {
-        off: config.offsets,
-        tag,
-        family,
-        among,
-        room_slot: NONE,
-        room_listen: 0,
-        room: 0,
-        any_slot: NONE,
-    };
-    // SAFETY: scan_slot has the callback signature bpf_loop expects and reads only `scan`.
+fn scan(config: &ProgramConfig, tag: u32, family: u32, among: Among) -> Result<Scan, FailOpen> {
+    let state = LOOKUP_SCRATCH.get_ptr_mut(0).ok_or(FailOpen::ReadFailed)?;
+    // SAFETY: this CPU's scratch element; nothing else runs on this CPU until the program
+    // returns. scan_slot has the callback signature bpf_loop expects and finds its state
+    // itself.
     unsafe {
+        *state = Scan {
+            off: config.offsets,
+            tag,
+            family,
+            among,
+            room_slot: NONE,
+            room_listen: 0,
+            room: 0,
+            any_slot: NONE,
+        };
         bpf_loop(
             config.slots.min(MAX_SOCKETS),
             scan_slot as *mut c_void,
-            &mut scan as *mut Scan as *mut c_void,
+            core::ptr::null_mut(),
             0,
         );
+        Ok(*state)
     }
-    scan
 }
 
 /// One slot of [`scan`]: 0 to go on, 1 to stop.
 #[inline(never)]
-extern "C" fn scan_slot(slot: u64, scan: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the pointer scan gave it.
-    let scan = unsafe { &mut *(scan as *mut Scan) };
+extern "C" fn scan_slot(slot: u64, _unused: *mut c_void) -> i64 {
+    let Some(scan) = LOOKUP_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch element, which scan filled before the loop.
+    let scan = unsafe { &mut *scan };
     let slot = slot as u32;
     let Some(&value) = SLOT_LISTEN.get(slot) else {
         return 1;

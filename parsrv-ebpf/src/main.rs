@@ -18,6 +18,35 @@
 //!
 //! Types and map names shared with userspace are declared once in parsrv-common, one module
 //! per program.
+//!
+//! # Verification cost
+//!
+//! The kernel's verifier walks every path of a program and refuses it after one million
+//! instructions processed. How close a program comes depends on the kernel build and on the
+//! code the compiler emits: the steering program once passed on one build of Linux 6.18.44
+//! and was refused on another. So every program stays under **100,000** (a tenfold margin),
+//! and the figure is measured, not assumed: `parsrv kernel` prints it per program,
+//! `parsrv status` per group, and the integration test `tests/tests/verifier.rs` fails above
+//! it, natively and in every VM of the kernel matrix. The rules that keep it low:
+//!
+//! - **No bpf_loop callback keeps running state on the caller's stack.** Since Linux 6.7 the
+//!   verifier re-checks a callback until the caller's state repeats; a best-so-far value the
+//!   callback writes into the caller's stack gets a new range on each pass, the state never
+//!   repeats, and the walk runs to the budget (1,000,001 processed for `parsrv_select`,
+//!   18,435 once its scan state moved into a map value). Keep the state in a per-CPU map
+//!   value (`SCRATCH`, `LOOKUP_SCRATCH`, `CLUSTER_SCRATCH`), whose contents the verifier does
+//!   not track, and pass the callback a NULL context.
+//! - **Loops over many elements run under bpf_loop**, so the body is verified once and not
+//!   once per iteration; a plain bounded loop is only for a few iterations without branches
+//!   that carry state (the cluster dispatcher's two 16-host loops took 802,296 as plain
+//!   loops, 2,386 under bpf_loop).
+//! - **Work shared by every path comes once, where the paths have merged** (the queue alert in
+//!   `parsrv_select`), and values that would need a branch are computed with arithmetic
+//!   ([`queue::Listener::half_full`]): each branch doubles the paths behind it.
+//!
+//! Runtime settings (policy, when-full, affinity) are read from CONFIG, a map: the verifier
+//! walks every path whatever they say, so one figure per program covers every configuration
+//! (the test checks that each configuration's group reports it).
 #![no_std]
 #![no_main]
 

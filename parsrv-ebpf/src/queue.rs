@@ -22,12 +22,13 @@ use parsrv_common::reuseport::{FailOpen, KernelOffsets, MAX_SOCKETS, NO_HANDLER_
 // scan_step masks indices with MAX_SOCKETS - 1.
 const _: () = assert!(MAX_SOCKETS.is_power_of_two());
 
-/// Per-CPU scratch: a word to turn `ctx->sk` into a number (see [`address_of`]), and a copy
-/// of the group's `socks[]` for the scan.
+/// Per-CPU scratch: a word to turn `ctx->sk` into a number (see [`address_of`]), a copy of
+/// the group's `socks[]` for the scan, and the scan's state.
 #[repr(C)]
 pub struct Scratch {
     member: u64,
     socks: [u64; MAX_SOCKETS as usize],
+    scan: Scan,
 }
 
 #[map]
@@ -129,17 +130,16 @@ pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, 
     })
 }
 
-/// State of the scan for the socket with the most room, shared with [`scan_step`].
+/// The scan's state, in this CPU's [`Scratch`] (never on the caller's stack, see
+/// [`most_room`]): what it reads, set before the loop, and what it found so far.
 #[repr(C)]
 struct Scan {
-    /// This CPU's copy of `socks[0..num)`.
-    socks: *const [u64; MAX_SOCKETS as usize],
     num: u64,
     first: u64,
     off: KernelOffsets,
     best: Listener,
     most_free: Listener,
-    failed: bool,
+    failed: u64,
 }
 
 /// What a scan found: the socket with the most room, and the one with the most room by the
@@ -154,9 +154,14 @@ pub struct Found {
 /// go to it (and after it, in group order): under even load this keeps the kernel's spread
 /// instead of piling onto socket 0.
 ///
-/// The walk runs under bpf_loop: the verifier checks [`scan_step`] once, whereas a plain
-/// loop of up to MAX_SOCKETS iterations is verified iteration by iteration and exceeds its
-/// one-million-instruction budget.
+/// The walk runs under bpf_loop: the verifier checks [`scan_step`] on its own, whereas a
+/// plain loop of up to MAX_SOCKETS iterations is verified iteration by iteration. The scan's
+/// running state lives in the per-CPU [`Scratch`] map value and the callback gets no context:
+/// since Linux 6.7 the verifier re-verifies a callback until the caller's state repeats, and
+/// best-so-far values kept on the caller's stack got a new range on every pass, so it never
+/// repeated and the program crossed the one-million-instruction budget (parsrv-ebpf's
+/// crate docs, "Verification cost"). A map value's contents are not tracked, so the state
+/// repeats at once.
 #[inline(always)]
 pub fn most_room(
     socks: u64,
@@ -165,7 +170,6 @@ pub fn most_room(
     first_listener: Listener,
     off: &KernelOffsets,
 ) -> Result<Found, FailOpen> {
-    // One read for every socket pointer instead of one per socket.
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(FailOpen::ReadFailed)?;
     // SAFETY: this CPU's scratch element; num <= MAX_SOCKETS was checked by the caller.
     let copy = unsafe { core::ptr::addr_of_mut!((*scratch).socks) };
@@ -178,6 +182,7 @@ pub fn most_room(
         return Err(FailOpen::BadGroup);
     }
     let len = num * 8;
+    // One read for every socket pointer instead of one per socket.
     // SAFETY: copies at most size_of_val(copy) bytes into it.
     let rc = unsafe {
         generated::bpf_probe_read_kernel(copy as *mut c_void, len, socks as *const c_void)
@@ -185,47 +190,47 @@ pub fn most_room(
     if rc != 0 {
         return Err(FailOpen::ReadFailed);
     }
-    let mut scan = Scan {
-        socks: copy,
-        num: num as u64,
-        first: first as u64,
-        off: *off,
-        best: first_listener,
-        most_free: first_listener,
-        failed: false,
-    };
-    // SAFETY: scan_step has the callback signature bpf_loop expects and reads only `scan`.
+    // SAFETY: this CPU's scratch element; nothing else runs on this CPU until the program
+    // returns.
     unsafe {
-        bpf_loop(
-            num - 1,
-            scan_step as *mut c_void,
-            &mut scan as *mut Scan as *mut c_void,
-            0,
-        );
+        (*scratch).scan = Scan {
+            num: num as u64,
+            first: first as u64,
+            off: *off,
+            best: first_listener,
+            most_free: first_listener,
+            failed: 0,
+        };
+        // scan_step has the callback signature bpf_loop expects and finds its state itself.
+        bpf_loop(num - 1, scan_step as *mut c_void, core::ptr::null_mut(), 0);
+        let scan = &(*scratch).scan;
+        if scan.failed != 0 {
+            return Err(FailOpen::ReadFailed);
+        }
+        Ok(Found {
+            best: scan.best,
+            most_free: scan.most_free,
+        })
     }
-    if scan.failed {
-        return Err(FailOpen::ReadFailed);
-    }
-    Ok(Found {
-        best: scan.best,
-        most_free: scan.most_free,
-    })
 }
 
-/// One step of [`most_room`]: looks at the `step`-th socket after the hash choice.
+/// One step of [`most_room`]: looks at the `step`-th socket after the hash choice. 0 to go
+/// on, 1 to stop.
 #[inline(never)]
-extern "C" fn scan_step(step: u64, scan: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop hands back the pointer most_room gave it.
-    let scan = unsafe { &mut *(scan as *mut Scan) };
+extern "C" fn scan_step(step: u64, _unused: *mut c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch element, which most_room filled before the loop.
+    let scratch = unsafe { &mut *scratch };
+    let scan = &mut scratch.scan;
     let mut index = scan.first + 1 + step;
     if index >= scan.num {
         index -= scan.num;
     }
-    // SAFETY: `socks` is this CPU's scratch copy; the mask keeps the index in bounds for
-    // the verifier (index < num <= MAX_SOCKETS already).
-    let addr = unsafe { (*scan.socks)[(index & (MAX_SOCKETS as u64 - 1)) as usize] };
-    let candidate = listener(addr, index as u32, &scan.off);
-    match candidate {
+    // The mask keeps the index in bounds for the verifier (index < num <= MAX_SOCKETS).
+    let addr = scratch.socks[(index & (MAX_SOCKETS as u64 - 1)) as usize];
+    match listener(addr, index as u32, &scan.off) {
         Ok(candidate) => {
             if candidate.room > scan.best.room {
                 scan.best = candidate;
@@ -233,11 +238,11 @@ extern "C" fn scan_step(step: u64, scan: *mut c_void) -> i64 {
             if candidate.free > scan.most_free.free {
                 scan.most_free = candidate;
             }
-            0 // next step
+            0
         }
         Err(_) => {
-            scan.failed = true;
-            1 // stop
+            scan.failed = 1;
+            1
         }
     }
 }
