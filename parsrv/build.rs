@@ -1,10 +1,13 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`.
+//! Embeds the eBPF object built by `cargo xtask build-ebpf`, and tells the binary what it
+//! embedded: the object's SHA-256 and the toolchain that built it (`parsrv --version`).
 //!
 //! The object comes from a separate nightly build (parsrv-ebpf is its own workspace), so a
 //! plain `cargo build` or `cargo clippy` of this crate must work without it: then an empty
 //! placeholder is embedded, and `parsrv run` says how to build the real one.
 
 use std::{env, fs, path::PathBuf};
+
+use sha2::{Digest, Sha256};
 
 /// Overrides where the object is taken from.
 const OBJECT_ENV: &str = "PARSRV_EBPF_OBJECT";
@@ -16,10 +19,25 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest_dir.join("../target/ebpf/bpfel-unknown-none/release/parsrv"));
     println!("cargo:rerun-if-changed={}", object.display());
+    // Written by xtask beside the object: "nightly-... (rustc ...), bpf-linker ... (LLVM ...)".
+    let toolchain_note = object.with_extension("toolchain");
+    println!("cargo:rerun-if-changed={}", toolchain_note.display());
 
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("parsrv-ebpf.o");
-    match fs::read(&object) {
-        Ok(bytes) if !bytes.is_empty() => fs::write(&out, bytes).unwrap(),
-        _ => fs::write(&out, []).unwrap(),
-    }
+    let bytes = fs::read(&object).unwrap_or_default();
+    fs::write(&out, &bytes).unwrap();
+    let (hash, toolchain) = if bytes.is_empty() {
+        ("none".to_owned(), "no eBPF object embedded".to_owned())
+    } else {
+        let hash: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let toolchain = fs::read_to_string(&toolchain_note)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "an unrecorded toolchain (not built by xtask)".to_owned());
+        (hash, toolchain)
+    };
+    println!("cargo:rustc-env=PARSRV_EBPF_OBJECT_SHA256={hash}");
+    println!("cargo:rustc-env=PARSRV_EBPF_TOOLCHAIN={toolchain}");
 }

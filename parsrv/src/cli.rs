@@ -21,6 +21,7 @@ use crate::{
 #[command(
     name = "parsrv",
     version,
+    long_version = crate::build_info::LONG_VERSION,
     about = "Many handler processes serve one port in parallel; an eBPF program steers each new \
              connection, in the kernel, to a handler socket whose accept queue has room."
 )]
@@ -524,15 +525,30 @@ fn bench(args: &[String]) -> Result<()> {
 }
 
 fn kernel_features(json: bool) -> Result<()> {
-    use crate::features::{minimum_kernel, KernelFeatures};
+    use crate::dataplane::verification::{self, thousands, VerifierCost};
+    use crate::features::{kernel_build, minimum_kernel, KernelFeatures};
     let probed = KernelFeatures::probe();
+    let (programs, refused) = verification::report(&probed);
     if json {
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            #[serde(flatten)]
+            features: &'a KernelFeatures,
+            /// `uname -r (uname -v)`.
+            build: String,
+            programs: &'a [verification::ProgramReport],
+        }
+        let report = Report {
+            features: &probed,
+            build: kernel_build(),
+            programs: &programs,
+        };
         println!(
             "{}",
-            serde_json::to_string_pretty(&probed).expect("plain data")
+            serde_json::to_string_pretty(&report).expect("plain data")
         );
     } else {
-        println!("kernel {}", probed.release);
+        println!("kernel {}", kernel_build());
         println!("{:<36} {:>6}  {:<4} used for", "feature", "since", "here");
         for probe in &probed.features {
             println!(
@@ -543,6 +559,25 @@ fn kernel_features(json: bool) -> Result<()> {
                 probe.feature.used_for()
             );
         }
+        println!(
+            "verifier cost (parsrv keeps each program under {} insns processed):",
+            thousands(verification::MARGIN_BUDGET)
+        );
+        for program in &programs {
+            let figure = match &program.not_loaded {
+                Some(why) => format!("not loaded: {why}"),
+                None => VerifierCost {
+                    program: program.program.clone(),
+                    verified_insns: program.verified_insns,
+                    limit: program.limit,
+                }
+                .describe(),
+            };
+            println!("  {:<16} {figure}", program.program);
+        }
+    }
+    if let Some(refusal) = refused {
+        return Err(refusal);
     }
     probed.require_all().inspect(|()| {
         if !json {

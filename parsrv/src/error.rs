@@ -70,6 +70,9 @@ pub enum Error {
     )]
     BtfLayout { path: PathBuf, what: String },
 
+    #[error(transparent)]
+    VerifierRefused(Box<crate::dataplane::verification::VerifierRefusal>),
+
     #[error(
         "no eBPF program to load (this binary was built without it, or PARSRV_EBPF_OBJECT \
          names an empty file): build with `cargo xtask build`, which sets up the eBPF toolchain"

@@ -11,6 +11,7 @@
 
 pub mod activation;
 pub mod autoscale;
+pub mod build_info;
 pub mod cli;
 pub mod cluster;
 pub mod config_file;

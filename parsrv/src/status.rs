@@ -287,6 +287,13 @@ impl GroupStatus {
         if !which.is_empty() {
             let _ = write!(out, " ({})", which.join(", "));
         }
+        if let Some(insns) = self.program.verified_insns {
+            let _ = write!(
+                out,
+                ", verified in {} insns",
+                crate::dataplane::verification::thousands(insns)
+            );
+        }
         if self.program.stats_enabled && self.program.run_count > 0 {
             let _ = write!(
                 out,
@@ -402,6 +409,7 @@ pub(crate) mod tests {
                 run_count: 10,
                 run_time_ns: 700,
                 stats_enabled: true,
+                verified_insns: Some(18_435),
             },
             affinity: Some(AffinityStatus {
                 entries: 2,

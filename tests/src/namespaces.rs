@@ -26,18 +26,24 @@ pub const FRESH_MACHINE_ENV: &str = "PARSRV_TEST_FRESH_MACHINE";
 /// ends, the bpffs instance and its pins go with it. A test that wants bpffs unmounted
 /// calls [`unmount_bpffs`] first.
 pub fn isolated<T: Send + 'static>(test: impl FnOnce() -> T + Send + 'static) -> T {
-    thread::spawn(move || {
-        use nix::sched::CloneFlags;
-        // A thread may take namespaces of its own: unshare(CLONE_NEWNS) implies CLONE_FS,
-        // which gives this thread (and what it starts) its own root, cwd and mounts.
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS)
-            .expect("unshare(CLONE_NEWNET | CLONE_NEWNS): the integration tests must run as root");
-        loopback_up().expect("bringing up lo in the test's namespace");
-        fresh_mounts().expect("mounting a fresh bpffs and /run in the test's namespace");
-        test()
-    })
-    .join()
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    // Named after the test, which a skip or a figure recorded inside names.
+    let name = thread::current().name().unwrap_or("?").to_owned();
+    thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            use nix::sched::CloneFlags;
+            // A thread may take namespaces of its own: unshare(CLONE_NEWNS) implies CLONE_FS,
+            // which gives this thread (and what it starts) its own root, cwd and mounts.
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).expect(
+                "unshare(CLONE_NEWNET | CLONE_NEWNS): the integration tests must run as root",
+            );
+            loopback_up().expect("bringing up lo in the test's namespace");
+            fresh_mounts().expect("mounting a fresh bpffs and /run in the test's namespace");
+            test()
+        })
+        .expect("starting the test's thread")
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Where parsrv looks for bpffs (and so where each test mounts its own).

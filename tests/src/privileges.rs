@@ -154,6 +154,25 @@ pub fn skip(reason: &str) {
     }
 }
 
+/// Where [`figure`] lists what tests measured, for the run's summary.
+pub const FIGURES_ENV: &str = "PARSRV_TEST_FIGURES";
+
+/// Records a figure the calling test measured (printed, and listed in `$PARSRV_TEST_FIGURES`,
+/// which `cargo xtask test` prints after the run, natively and for each VM), so that CI's
+/// log shows how far each limit is, run after run, and not only when a test fails.
+pub fn figure(line: &str) {
+    let test = thread::current().name().unwrap_or("?").to_owned();
+    eprintln!("figure {test}: {line}");
+    if let Some(path) = std::env::var_os(FIGURES_ENV) {
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("opening the figure list");
+        writeln!(file, "{test}: {line}").expect("writing the figure list");
+    }
+}
+
 /// Drops a capability from the bounding set: the exec'd program then lacks it even as root.
 pub fn drop_capability(cap: libc::c_int) -> io::Result<()> {
     // SAFETY: prctl with integer arguments.

@@ -416,9 +416,15 @@ impl Spawner {
     }
 
     /// Sends SIGTERM and waits for the spawner to exit (killing it after 20 s).
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends `stop` (SIGTERM or SIGINT) and waits for the spawner to exit (killing it after
+    /// 20 s).
+    pub fn stop_with(mut self, stop: nix::sys::signal::Signal) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        let status = stop_child(&mut child);
+        let status = stop_child(&mut child, stop);
         stop_orphan(&self.name);
         status
     }
@@ -433,11 +439,11 @@ fn stop_orphan(name: &str) {
     }
 }
 
-fn stop_child(child: &mut Child) -> ExitStatus {
+fn stop_child(child: &mut Child, stop: nix::sys::signal::Signal) -> ExitStatus {
     if let Some(status) = child.try_wait().unwrap() {
         return status; // already gone (a test may have killed it)
     }
-    signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+    signal(child.id(), stop);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -445,7 +451,7 @@ fn stop_child(child: &mut Child) -> ExitStatus {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("parsrv run did not stop within 20 s of SIGTERM");
+            panic!("parsrv run did not stop within 20 s of {stop}");
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -454,7 +460,7 @@ fn stop_child(child: &mut Child) -> ExitStatus {
 impl Drop for Spawner {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            stop_child(&mut child);
+            stop_child(&mut child, nix::sys::signal::Signal::SIGTERM);
             stop_orphan(&self.name);
         }
     }

@@ -219,6 +219,46 @@ pub(crate) fn build_ebpf() -> Result<()> {
     if size == 0 {
         bail!("the eBPF build produced an empty {}", object.display());
     }
+    record_ebpf_toolchain(&object)
+}
+
+/// Writes beside the object what built it, for parsrv's build.rs (`parsrv --version`, and a
+/// verifier refusal names it): the nightly, bpf-linker and the LLVM it links against.
+/// Rewritten only when it changes, so that parsrv is not rebuilt for nothing.
+fn record_ebpf_toolchain(object: &std::path::Path) -> Result<()> {
+    let first_line = |command: &mut Command| -> Result<String> {
+        let out = command
+            .output()
+            .with_context(|| format!("running {command:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "{command:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned())
+    };
+    let rustc = first_line(Command::new("rustup").args([
+        "run",
+        setup::EBPF_TOOLCHAIN,
+        "rustc",
+        "--version",
+    ]))?;
+    let linker = first_line(Command::new("bpf-linker").arg("--version"))?;
+    let llvm = first_line(Command::new(setup::llvm_config()).arg("--version"))?;
+    let note = format!(
+        "{} ({rustc}), {linker} (LLVM {llvm})\n",
+        setup::EBPF_TOOLCHAIN
+    );
+    let path = object.with_extension("toolchain");
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(note.as_str()) {
+        std::fs::write(&path, note).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -383,6 +423,9 @@ fn test(filter: Option<String>) -> Result<()> {
     // Tests skipped on a kernel too old for them list themselves here.
     let skips = root.join("target/test-skips.txt");
     let _ = std::fs::remove_file(&skips);
+    // And what they measured, printed after them (see the tests' `figure`).
+    let figures = root.join("target/test-figures.txt");
+    let _ = std::fs::remove_file(&figures);
     run_step(
         "privileged integration tests (as on a freshly booted machine: no bpffs, empty /run)",
         fresh::as_on_a_fresh_machine(&mut Command::new(cargo))
@@ -392,11 +435,15 @@ fn test(filter: Option<String>) -> Result<()> {
             .env("PARSRV_BIN", root.join("target/debug/parsrv"))
             .env("PARSRV_PYENV", setup::pyenv())
             .env("PARSRV_TEST_SKIPS", &skips)
+            .env("PARSRV_TEST_FIGURES", &figures)
             .current_dir(&root),
     )?;
     match std::fs::read_to_string(&skips) {
         Ok(list) => eprintln!("xtask: skipped on this kernel:\n{list}"),
         Err(_) => eprintln!("xtask: no integration test skipped on this kernel"),
+    }
+    if let Ok(list) = std::fs::read_to_string(&figures) {
+        eprintln!("xtask: figures the tests measured on this kernel:\n{list}");
     }
     // Keeps the benchmark harness working; asserts nothing about the figures.
     bench(Vec::new(), true)

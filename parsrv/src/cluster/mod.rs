@@ -87,6 +87,7 @@ pub fn run(spec: ClusterSpec) -> Result<()> {
     kernel::check_capabilities()?;
     crate::features::KernelFeatures::probe()
         .require_for(&[crate::dataplane::Program::ClusterDispatch])?;
+    crate::dataplane::verification::check(&[crate::dataplane::Program::ClusterDispatch])?;
     let (ifindex, mac) = check_host(&spec)?;
     kernel::ensure_bpffs(std::path::Path::new(kernel::BPFFS))?;
     let config = ClusterConfig {

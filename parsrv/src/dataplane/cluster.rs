@@ -93,7 +93,7 @@ impl Dispatcher {
             .map_err(Error::ebpf("the dispatcher program has the wrong type"))?;
         program
             .load()
-            .map_err(Error::ebpf("the kernel refused the dispatcher program"))?;
+            .map_err(|e| super::verification::refusal(super::Program::ClusterDispatch, e))?;
         let id = program
             .attach(interface, TcAttachType::Ingress)
             .map_err(Error::ebpf(format!(

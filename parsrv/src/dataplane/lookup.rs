@@ -118,7 +118,7 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<FdLink> {
         .map_err(Error::ebpf("the lookup program has the wrong type"))?;
     program
         .load()
-        .map_err(Error::ebpf("the kernel refused the sk_lookup program"))?;
+        .map_err(|e| super::verification::refusal(super::Program::AddressLookup, e))?;
     let netns = File::open("/proc/self/ns/net")
         .map_err(Error::io("opening this process's network namespace"))?;
     let link = program.attach(&netns).map_err(Error::ebpf(

@@ -34,6 +34,7 @@ pub mod lookup;
 pub mod netns;
 pub mod pins;
 pub mod reuseport;
+pub mod verification;
 
 use std::{borrow::Cow, fs, path::Path};
 
@@ -148,7 +149,12 @@ impl Program {
                 Feature::BpfLoop,
                 Feature::SkLookup,
             ],
-            Program::ClusterDispatch => &[Feature::Btf, Feature::CapBpf, Feature::Tcx],
+            Program::ClusterDispatch => &[
+                Feature::Btf,
+                Feature::CapBpf,
+                Feature::BpfLoop,
+                Feature::Tcx,
+            ],
         }
     }
 }

@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf, SockMap},
-    programs::{ProgramError, SkReuseport},
+    programs::{sk_reuseport::SkReuseportError, ProgramError, SkReuseport},
     Ebpf, EbpfLoader,
 };
 use parsrv_common::reuseport::{
@@ -22,7 +22,7 @@ use super::{
     lookup::{self, AddressLookup},
     object,
     pins::Pins,
-    sum_over_cpus, EbpfObject,
+    sum_over_cpus, verification, EbpfObject, Program,
 };
 use crate::{
     error::{Error, Result},
@@ -69,6 +69,10 @@ pub struct RunStats {
     pub run_time_ns: u64,
     /// Whether kernel.bpf_stats_enabled is on (otherwise the two figures stay 0).
     pub stats_enabled: bool,
+    /// Instructions the verifier processed to load it (Linux 5.16+; absent from an older
+    /// spawner's status).
+    #[serde(default)]
+    pub verified_insns: Option<u32>,
 }
 
 impl Steering {
@@ -108,7 +112,9 @@ impl Steering {
             .ok_or_else(|| missing(names::PROGRAM))?
             .try_into()
             .map_err(Error::ebpf("the parsrv program has the wrong type"))?;
-        program.load().map_err(load_error)?;
+        program
+            .load()
+            .map_err(|e| verification::refusal(Program::ReuseportSelect, e))?;
 
         let staged = pin_dir.map(Pins::staging).transpose()?;
         // The program too: a spawner that adopts the group re-attaches it and reads its
@@ -354,9 +360,17 @@ impl Steering {
     }
 
     /// Detaches whatever program the group of `member` has; the kernel's hash takes over.
+    /// Done too when there is nothing to detach: the kernel answers ENOENT once `member` has
+    /// left its group (shut down or closed, as every socket is at the end of a stop: the
+    /// group and its program went with the last one) or when the group has no program.
     pub fn detach(member: &impl AsFd) -> Result<()> {
-        SkReuseport::detach(member.as_fd())
-            .map_err(Error::ebpf("detaching the program from the socket group"))
+        match SkReuseport::detach(member.as_fd()) {
+            Err(ProgramError::SkReuseportError(SkReuseportError::SetsockoptError {
+                io_error,
+                ..
+            })) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            done => done.map_err(Error::ebpf("detaching the program from the socket group")),
+        }
     }
 
     /// Per-slot counters summed over CPUs, for slots `0..slots`.
@@ -421,6 +435,7 @@ impl Steering {
             run_time_ns: info.run_time().as_nanos() as u64,
             stats_enabled: fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
                 .is_ok_and(|s| s.trim() == "1"),
+            verified_insns: info.verified_instruction_count().filter(|&n| n > 0),
         })
     }
 }
@@ -509,15 +524,4 @@ fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &s
 
 fn missing(name: &str) -> Error {
     Error::ebpf("the embedded eBPF object is not parsrv's")(anyhow::anyhow!("it has no {name}"))
-}
-
-fn load_error(e: ProgramError) -> Error {
-    if let ProgramError::LoadError { io_error, .. } = &e {
-        if io_error.raw_os_error() == Some(libc::EPERM) {
-            return Error::MissingCapabilities {
-                missing: "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (the kernel said EPERM)".into(),
-            };
-        }
-    }
-    Error::ebpf("the kernel refused the parsrv program (verifier log follows)")(e)
 }

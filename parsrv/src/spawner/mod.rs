@@ -68,6 +68,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     let offsets = kernel::offsets_in(&btf)?;
     drop(btf); // some megabytes, not needed while serving
     dataplane::check_objects(&programs)?;
+    dataplane::verification::check(&programs)?;
     for spec in &options.groups {
         ensure_not_running(&spec.name)?;
     }

@@ -41,6 +41,8 @@ pub struct Outcome {
     pub failures: Vec<String>,
     /// `test: reason` of every skipped test.
     pub skips: Vec<String>,
+    /// `test: figure` of every figure a test recorded (verifier costs, ...).
+    pub figures: Vec<String>,
     /// Test binaries that exited non-zero (a crash counts even without a result line).
     pub failed_binaries: Vec<String>,
     /// The init's last line: how many binaries failed.
@@ -87,6 +89,8 @@ impl Outcome {
             });
         } else if let Some(skip) = said.strip_prefix("skip ") {
             self.skips.push(skip.to_owned());
+        } else if let Some(figure) = said.strip_prefix("figure ") {
+            self.figures.push(figure.to_owned());
         } else if let Some(exit) = said.strip_prefix("exit ") {
             let mut words = exit.split_whitespace();
             if let (Some(binary), Some(status)) = (words.next(), words.next()) {
@@ -168,6 +172,9 @@ pub fn print_summary(runs: &[super::VmRun]) {
         for failure in &o.failures {
             println!("    failed {failure}");
         }
+        for figure in &o.figures {
+            println!("    figure {figure}");
+        }
     }
 }
 
@@ -200,6 +207,23 @@ mod tests {
         assert_eq!((o.passed, o.failed), (5, 0));
         assert!(o.failed_binaries.is_empty());
         assert!(o.passed());
+    }
+
+    #[test]
+    fn figures_the_tests_recorded_are_collected_for_the_summary() {
+        let o = outcome(
+            "parsrv-vm: kernel 6.12.48+deb12-amd64
+             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out
+             parsrv-vm: exit verifier 0
+             parsrv-vm: figure every_program: parsrv_select 18,435 insns processed of 1,000,000 (1.8%)
+             parsrv-vm: done failed-binaries=0
+",
+        );
+        assert_eq!(
+            o.figures,
+            vec!["every_program: parsrv_select 18,435 insns processed of 1,000,000 (1.8%)"]
+        );
+        assert!(o.skips.is_empty() && o.passed());
     }
 
     #[test]

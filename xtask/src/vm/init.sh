@@ -34,7 +34,7 @@ ip link set lo up
 # The tests check that they start from a fresh machine's state (no bpffs, no /run/parsrv);
 # those that need Python, or iproute2, nsenter and BIRD (the cluster's), skip, saying so:
 # this image has none.
-export PARSRV_BIN=/opt/parsrv/parsrv PARSRV_TEST_SKIPS=/tmp/skips RUST_BACKTRACE=1 \
+export PARSRV_BIN=/opt/parsrv/parsrv PARSRV_TEST_SKIPS=/tmp/skips PARSRV_TEST_FIGURES=/tmp/figures RUST_BACKTRACE=1 \
     PARSRV_TEST_FRESH_MACHINE=1 PARSRV_TEST_NO_PYTHON=1 PARSRV_TEST_NO_NETWORK_TOOLS=1
 # The runner passes the test binaries' arguments on the kernel command line, joined by
 # commas, so that one image serves every filter.
@@ -74,5 +74,6 @@ for binary in $(cat /opt/parsrv/tests.list); do
     [ "$status" = 0 ] || failed=$((failed + 1))
 done
 [ -s /tmp/skips ] && sed 's/^/parsrv-vm: skip /' /tmp/skips
+[ -s /tmp/figures ] && sed 's/^/parsrv-vm: figure /' /tmp/figures
 say "done failed-binaries=$failed"
 stop

@@ -1,0 +1,401 @@
+//! What the kernel's verifier spends on each program, and what a refusal tells the user.
+//!
+//! The verifier walks every path of a program and gives up after [`VERIFIER_LIMIT`]
+//! instructions processed. How close a program comes depends on the kernel build and on the
+//! code the compiler emits, so parsrv keeps every program under [`MARGIN_BUDGET`] (a tenfold
+//! margin), and measures it: `parsrv kernel` loads each program and reports the figure,
+//! `parsrv run` checks the programs its groups need before it creates anything, and the
+//! status of a group carries its program's figure. The rules that keep the figure low are in
+//! parsrv-ebpf's crate docs ("Verification cost").
+//!
+//! A refusal is one line ([`Error::VerifierRefused`]) naming the program, the figure, the
+//! verifier's own reason, the kernel build and the eBPF toolchain; the whole log goes to a
+//! file in the run directory, named in that line.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{Program as AyaProgram, ProgramError},
+    Ebpf, EbpfLoader,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{object, Program};
+use crate::{
+    build_info,
+    error::{Error, Result},
+    features::kernel_build,
+};
+
+/// The kernel's budget of instructions processed per program load
+/// (BPF_COMPLEXITY_LIMIT_INSNS, for programs loaded with CAP_BPF or CAP_SYS_ADMIN).
+pub const VERIFIER_LIMIT: u32 = 1_000_000;
+
+/// What parsrv keeps each program under: a tenth of [`VERIFIER_LIMIT`]. The tests fail above
+/// it, on every kernel they run on.
+pub const MARGIN_BUDGET: u32 = VERIFIER_LIMIT / 10;
+
+/// What the verifier spent on one program of the running kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifierCost {
+    /// The program's name in the object.
+    pub program: String,
+    /// Instructions the verifier processed (`bpf_prog_info.verified_insns`, Linux 5.16+);
+    /// None on older kernels, where a successful load is all there is to know.
+    pub verified_insns: Option<u32>,
+    /// The kernel's budget, [`VERIFIER_LIMIT`].
+    pub limit: u32,
+}
+
+impl VerifierCost {
+    /// The figure as a line for people: "18,353 of 1,000,000 (1.8%)".
+    pub fn describe(&self) -> String {
+        match self.verified_insns {
+            Some(insns) => format!(
+                "{} insns processed of {} ({:.1}%)",
+                thousands(insns),
+                thousands(self.limit),
+                insns as f64 * 100.0 / self.limit as f64
+            ),
+            None => "loaded (this kernel does not report verified_insns: Linux 5.16+)".into(),
+        }
+    }
+}
+
+/// Loads `program` from its object, as `parsrv run` would but attaching and pinning nothing,
+/// reads what the verifier spent, and unloads it. A refusal is [`Error::VerifierRefused`].
+pub fn measure(program: Program) -> Result<VerifierCost> {
+    let bytes = object(program.object())?;
+    let mut ebpf = EbpfLoader::new()
+        .load(&bytes)
+        .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
+    load(&mut ebpf, program)?;
+    cost_of(&ebpf, program)
+}
+
+/// Loads `program` of the parsed object `ebpf` into the kernel, with a refusal turned into
+/// [`Error::VerifierRefused`].
+pub fn load(ebpf: &mut Ebpf, program: Program) -> Result<()> {
+    let loaded = match ebpf.program_mut(program.name()) {
+        Some(AyaProgram::SkReuseport(p)) => p.load(),
+        Some(AyaProgram::SkLookup(p)) => p.load(),
+        Some(AyaProgram::SchedClassifier(p)) => p.load(),
+        Some(_) => {
+            return Err(Error::ebpf(format!(
+                "{} has the wrong type",
+                program.name()
+            ))(anyhow::anyhow!(
+                "the eBPF object is not this parsrv's: rebuild it"
+            )))
+        }
+        None => {
+            return Err(Error::ebpf("the eBPF object is not this parsrv's")(
+                anyhow::anyhow!("it has no {}", program.name()),
+            ))
+        }
+    };
+    loaded.map_err(|e| refusal(program, e))
+}
+
+/// What the verifier spent on `program`, loaded in `ebpf`.
+pub fn cost_of(ebpf: &Ebpf, program: Program) -> Result<VerifierCost> {
+    let info = ebpf
+        .program(program.name())
+        .ok_or_else(|| Error::ebpf("the eBPF object is not this parsrv's")(anyhow::anyhow!("")))?
+        .info()
+        .map_err(Error::ebpf(format!("reading {}'s info", program.name())))?;
+    Ok(VerifierCost {
+        program: program.name().into(),
+        verified_insns: info.verified_instruction_count().filter(|&n| n > 0),
+        limit: VERIFIER_LIMIT,
+    })
+}
+
+/// Turns a failed load of `program` into the error a user reads: the verifier's refusal on
+/// one line, its whole log in a file; other failures (EPERM) as they were.
+pub fn refusal(program: Program, error: ProgramError) -> Error {
+    let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = &error
+    else {
+        return Error::ebpf(format!("loading {}", program.name()))(error);
+    };
+    if io_error.raw_os_error() == Some(libc::EPERM) {
+        return Error::MissingCapabilities {
+            missing: "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (the kernel said EPERM)".into(),
+        };
+    }
+    let bytes = object(program.object()).unwrap_or_default();
+    let bytes = bytes.as_ref();
+    let log = verifier_log.to_string();
+    let path = log_path(program);
+    let saved = save_log(&path, program, io_error, &log, bytes);
+    let summary = Refusal::of(&log);
+    Error::VerifierRefused(Box::new(VerifierRefusal {
+        program: program.name(),
+        processed: summary.processed.map_or_else(
+            || "no count in the log".into(),
+            |n| format!("{} insns processed", thousands(n)),
+        ),
+        limit: thousands(VERIFIER_LIMIT),
+        reason: summary.reason.unwrap_or_else(|| io_error.to_string()),
+        kernel: kernel_build(),
+        toolchain: object_identity(bytes),
+        log: match saved {
+            Ok(()) => path.display().to_string(),
+            Err(e) => format!("not written to {} ({e})", path.display()),
+        },
+    }))
+}
+
+/// The verifier's refusal of a program, as one line: [`Error::VerifierRefused`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the kernel's verifier refused {program} ({processed}, limit {limit}): {reason}; \
+     kernel {kernel}; eBPF {toolchain}; full log: {log}"
+)]
+pub struct VerifierRefusal {
+    pub program: &'static str,
+    /// "N insns processed".
+    pub processed: String,
+    pub limit: String,
+    /// The verifier's own words (the last line before its statistics).
+    pub reason: String,
+    /// `uname -r (uname -v)`.
+    pub kernel: String,
+    /// The object's hash and the toolchain that built it (or the file it came from).
+    pub toolchain: String,
+    /// The file with the whole log, or why it could not be written.
+    pub log: String,
+}
+
+/// Where the verifier's log of a refused `program` goes: the run directory, which only root
+/// writes.
+pub fn log_path(program: Program) -> PathBuf {
+    crate::control::run_dir().join(format!("verifier-{}.log", program.name()))
+}
+
+/// Writes the log beside `path` and renames it there, so that a reader sees a whole file
+/// and a link planted at `path` is replaced, not followed.
+fn save_log(
+    path: &Path,
+    program: Program,
+    io_error: &std::io::Error,
+    log: &str,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let dir = path.parent().expect("a file in the run directory");
+    std::fs::create_dir_all(dir)?;
+    let staging = dir.join(format!(
+        ".verifier-{}.{}",
+        program.name(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staging);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&staging)
+        .and_then(|mut file| {
+            writeln!(
+                file,
+                "# the kernel's verifier refused {} ({io_error})\n# kernel {}\n# eBPF {}\n",
+                program.name(),
+                kernel_build(),
+                object_identity(bytes)
+            )?;
+            file.write_all(log.as_bytes())
+        });
+    written
+        .and_then(|()| std::fs::rename(&staging, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&staging);
+        })
+}
+
+/// What a verifier log says in short.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Refusal {
+    /// From its last line, "processed N insns (limit ...)".
+    pub processed: Option<u32>,
+    /// The verifier's own reason: the last line before its closing statistics.
+    pub reason: Option<String>,
+}
+
+impl Refusal {
+    pub fn of(log: &str) -> Refusal {
+        let processed = log.lines().rev().find_map(|line| {
+            line.strip_prefix("processed ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+        // The statistics the verifier prints after its verdict, whatever the verdict.
+        let statistics = |line: &str| {
+            line.is_empty()
+                || line.starts_with("processed ")
+                || line.starts_with("verification time ")
+                || line.starts_with("stack depth ")
+                || line.starts_with("-- END PROG LOAD LOG --")
+        };
+        let reason = log
+            .lines()
+            .map(str::trim)
+            .rev()
+            .find(|line| !statistics(line))
+            .map(str::to_owned);
+        Refusal { processed, reason }
+    }
+}
+
+/// The eBPF object as a user can name it: its hash, and the toolchain that built it (the
+/// embedded object's) or the file it came from.
+pub fn object_identity(bytes: &[u8]) -> String {
+    let hash = build_info::short_sha256(bytes);
+    match std::env::var_os(super::OBJECT_ENV) {
+        Some(path) => format!(
+            "object {} (sha256 {hash}, from {})",
+            Path::new(&path).display(),
+            super::OBJECT_ENV
+        ),
+        None => format!(
+            "object sha256 {hash}, built with {}",
+            build_info::EBPF_TOOLCHAIN
+        ),
+    }
+}
+
+/// Loads each of `programs` once, before a command creates anything, so that a refusal
+/// leaves nothing behind; logs what each cost.
+pub fn check(programs: &[Program]) -> Result<()> {
+    for &program in programs {
+        let cost = measure(program)?;
+        log::info!("verifier: {} {}", program.name(), cost.describe());
+    }
+    Ok(())
+}
+
+/// One program in `parsrv kernel`'s report: its cost here, or why it was not loaded.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProgramReport {
+    pub program: String,
+    /// What the verifier spent; None when the program was not loaded (see `not_loaded`) or
+    /// the kernel does not report it.
+    pub verified_insns: Option<u32>,
+    pub limit: u32,
+    /// [`MARGIN_BUDGET`]: what parsrv's tests keep every program under.
+    pub budget: u32,
+    /// Why it was not loaded: a missing kernel feature or capability, or the verifier's
+    /// refusal (its one line).
+    pub not_loaded: Option<String>,
+}
+
+/// Loads every program the running kernel can run (with the capabilities to) and reports
+/// what each cost; the first refusal comes back as well, for the exit status.
+pub fn report(features: &crate::features::KernelFeatures) -> (Vec<ProgramReport>, Option<Error>) {
+    let privileged = crate::kernel::check_capabilities();
+    let mut refused = None;
+    let reports = Program::ALL
+        .iter()
+        .map(|&program| {
+            let measured = features
+                .require_for(&[program])
+                .and_then(|()| {
+                    privileged
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| Error::Rejected(e.to_string()))
+                })
+                .and_then(|()| measure(program));
+            let (verified_insns, not_loaded) = match measured {
+                Ok(cost) => (cost.verified_insns, None),
+                Err(e) => {
+                    let line = e.to_string();
+                    if matches!(e, Error::VerifierRefused(_)) && refused.is_none() {
+                        refused = Some(e);
+                    }
+                    (None, Some(line))
+                }
+            };
+            ProgramReport {
+                program: program.name().into(),
+                verified_insns,
+                limit: VERIFIER_LIMIT,
+                budget: MARGIN_BUDGET,
+                not_loaded,
+            }
+        })
+        .collect();
+    (reports, refused)
+}
+
+/// 1234567 as "1,234,567".
+pub fn thousands(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end of the refusal a fresh machine met (6.18.44-fc-v1252, the landed program).
+    const TOO_LARGE: &str = "\
+2962: (6d) if r9 s> r5 goto pc-40     ; frame1: R5=scalar(id=114126)
+; scan.most_free = candidate; @ queue.rs:234
+2963: (7b) *(u64 *)(r6 +144) = r2
+BPF program is too large. Processed 1000001 insn
+verification time 7057441 usec
+stack depth 328+0+24+24+0
+processed 1000001 insns (limit 1000000) max_states_per_insn 37 total_states 31773 peak_states 61250 mark_read 0
+";
+
+    #[test]
+    fn a_refusal_is_summed_up_by_its_count_and_the_verifiers_reason() {
+        assert_eq!(
+            Refusal::of(TOO_LARGE),
+            Refusal {
+                processed: Some(1_000_001),
+                reason: Some("BPF program is too large. Processed 1000001 insn".into()),
+            }
+        );
+        let invalid = "0: R1=ctx() R10=fp0\n0: (79) r0 = *(u64 *)(r10 -8)\ninvalid read from stack off -8+0 size 8\nprocessed 1 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0\n";
+        assert_eq!(
+            Refusal::of(invalid),
+            Refusal {
+                processed: Some(1),
+                reason: Some("invalid read from stack off -8+0 size 8".into()),
+            }
+        );
+        assert_eq!(Refusal::of(""), Refusal::default());
+    }
+
+    #[test]
+    fn figures_read_with_thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(18_353), "18,353");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+        let cost = VerifierCost {
+            program: "parsrv_select".into(),
+            verified_insns: Some(18_353),
+            limit: VERIFIER_LIMIT,
+        };
+        assert_eq!(
+            cost.describe(),
+            "18,353 insns processed of 1,000,000 (1.8%)"
+        );
+    }
+}
