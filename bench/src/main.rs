@@ -87,10 +87,11 @@ fn main() {
     let header = format!(
         "# parsrv benchmarks\n\nMachine: {} CPUs, kernel {}. Date: {now}. Commit: {commit}. Run: {}.\n\
          Loopback in a network namespace of its own per scenario; every model serves with parsrv's \
-         built-in HTTP handler code, one thread per worker.",
+         built-in HTTP handler code, one thread per worker.\n\n{}",
         thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        if quick { "quick (checks the harness; figures mean little)" } else { "full" }
+        parsrv::features::kernel_build(),
+        if quick { "quick (checks the harness; figures mean little)" } else { "full" },
+        verification_table()
     );
     let mut report = Report::new(dir, &header);
     for wanted in wanted {
@@ -119,6 +120,41 @@ fn main() {
     }
     let path = report.finish();
     println!("\nreport: {}", path.display());
+}
+
+/// What the verifier spent on each program of the parsrv under test, on this kernel (`parsrv
+/// kernel --json`), and which object that is: the margin to the verifier's budget, kept with
+/// the figures it was measured beside.
+fn verification_table() -> String {
+    use parsrv::dataplane::verification::{thousands, ProgramReport};
+    let bin = parsrv_integration_tests::parsrv_bin();
+    let version = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace('\n', "; "))
+        .unwrap_or_default();
+    let programs: Vec<ProgramReport> = std::process::Command::new(&bin)
+        .args(["kernel", "--json"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|report| serde_json::from_value(report["programs"].clone()).ok())
+        .unwrap_or_default();
+    let mut table = format!(
+        "Binary: {version}.\n\n| program | verifier: insns processed | of the 1,000,000 budget |\n|---|---|---|\n"
+    );
+    for p in programs {
+        let (insns, share) = match (p.verified_insns, &p.not_loaded) {
+            (Some(n), _) => (
+                thousands(n),
+                format!("{:.1} %", n as f64 * 100.0 / p.limit as f64),
+            ),
+            (None, Some(why)) => ("not loaded".into(), why.clone()),
+            (None, None) => ("loaded (no figure before 5.16)".into(), String::new()),
+        };
+        table.push_str(&format!("| `{}` | {insns} | {share} |\n", p.program));
+    }
+    table
 }
 
 pub fn addr() -> SocketAddr {

@@ -212,12 +212,11 @@ mod tests {
     #[test]
     fn figures_the_tests_recorded_are_collected_for_the_summary() {
         let o = outcome(
-            "parsrv-vm: kernel 6.12.48+deb12-amd64
-             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out
-             parsrv-vm: exit verifier 0
-             parsrv-vm: figure every_program: parsrv_select 18,435 insns processed of 1,000,000 (1.8%)
-             parsrv-vm: done failed-binaries=0
-",
+            "parsrv-vm: kernel 6.12.48+deb12-amd64\n\
+             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+             parsrv-vm: exit verifier 0\n\
+             parsrv-vm: figure every_program: parsrv_select 18,435 insns processed of 1,000,000 (1.8%)\n\
+             parsrv-vm: done failed-binaries=0\n",
         );
         assert_eq!(
             o.figures,
