@@ -131,7 +131,11 @@ fn verification_table() -> String {
     let version = std::process::Command::new(&bin)
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace('\n', "; "))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .replace('\n', "; ")
+        })
         .unwrap_or_default();
     let programs: Vec<ProgramReport> = std::process::Command::new(&bin)
         .args(["kernel", "--json"])
