@@ -432,7 +432,7 @@ impl Spawner {
 
 /// A test that killed its spawner leaves the group's handlers serving: stop them as an
 /// operator would (`parsrv stop`), so that nothing outlives the test.
-fn stop_orphan(name: &str) {
+pub fn stop_orphan(name: &str) {
     if parsrv::spawner::record_path(name).exists() && !control::is_live(&control::socket_path(name))
     {
         let _ = Spawner::parsrv(&["stop", name]);

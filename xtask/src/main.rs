@@ -429,7 +429,14 @@ fn test(filter: Option<String>) -> Result<()> {
     run_step(
         "privileged integration tests (as on a freshly booted machine: no bpffs, empty /run)",
         fresh::as_on_a_fresh_machine(&mut Command::new(cargo))
-            .args(["test", "--package", "parsrv-integration-tests", "--"])
+            // Every binary, even after one failed: one CI run shows every failure.
+            .args([
+                "test",
+                "--no-fail-fast",
+                "--package",
+                "parsrv-integration-tests",
+                "--",
+            ])
             .args(["--ignored", "--test-threads=1"])
             .args(filter.iter())
             .env("PARSRV_BIN", root.join("target/debug/parsrv"))

@@ -271,11 +271,12 @@ pub fn object_identity(bytes: &[u8]) -> String {
 }
 
 /// Loads each of `programs` once, before a command creates anything, so that a refusal
-/// leaves nothing behind; logs what each cost.
+/// leaves nothing behind; logs what each cost (debug: `parsrv status` and `parsrv kernel`
+/// show it, and a refused start stays one line).
 pub fn check(programs: &[Program]) -> Result<()> {
     for &program in programs {
         let cost = measure(program)?;
-        log::info!("verifier: {} {}", program.name(), cost.describe());
+        log::debug!("verifier: {} {}", program.name(), cost.describe());
     }
     Ok(())
 }

@@ -286,6 +286,11 @@ impl Spawner {
         let adoption = adopt_if_running(&spec)?;
         let group = RunningGroup::create(spec, self.offsets, adoption)?;
         let control = ControlSocket::bind(&group.spec.name)?;
+        // The record too, before the claim goes: a spawner that claims the namespace next
+        // then finds this group by its record and refuses an overlapping group naming it,
+        // every time, rather than meeting its bound sockets (a bare "address in use") when
+        // it comes before the record.
+        group.save_record()?;
         drop(claim);
         group.start_handlers()?;
         let answering = {
