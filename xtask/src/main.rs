@@ -272,22 +272,14 @@ fn build(release: bool) -> Result<()> {
     run_step("building parsrv", cargo.current_dir(workspace_root()))
 }
 
+/// The demo's `parsrv` arguments, shared with the test that runs it as a user would
+/// (tests/tests/demo.rs).
+const DEMO_ARGS: &str = include_str!("demo.args");
+
 fn run_demo(args: Vec<String>) -> Result<()> {
     build(true)?;
     let args = if args.is_empty() {
-        [
-            "run",
-            "--listen",
-            "127.0.0.1:8080",
-            "--handlers",
-            "4",
-            "--handler",
-            "http",
-            "--threads",
-            "2",
-        ]
-        .map(String::from)
-        .to_vec()
+        DEMO_ARGS.split_whitespace().map(String::from).collect()
     } else {
         args
     };
