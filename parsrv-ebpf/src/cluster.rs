@@ -175,24 +175,29 @@ fn home(client: [u8; 4], config: &ClusterConfig) -> u16 {
 /// One host of [`home`] (id `index + 1`): 0 to go on, 1 to stop.
 #[inline(never)]
 extern "C" fn home_step(index: u64, _unused: *mut c_void) -> i64 {
+    visit_host(index, |walk, id, host| {
+        if host.state == host_state::ABSENT {
+            return;
+        }
+        let score = home_score(walk.client, id as u16);
+        // Ids rise, so `>=` gives a tie to the higher id.
+        if walk.best == NO_HOST as u32 || score >= walk.best_score {
+            walk.best = id;
+            walk.best_score = score;
+        }
+    })
+}
+
+/// A step of [`walk_hosts`]: `visit` host `index + 1` with the walk's state. 0 to go on, 1
+/// to stop (past the table).
+#[inline(always)]
+fn visit_host(index: u64, visit: impl FnOnce(&mut HostWalk, u32, &Host)) -> i64 {
     let id = index as u32 + 1;
-    let Some(walk) = CLUSTER_SCRATCH.get_ptr_mut(0) else {
+    let (Some(walk), Some(host)) = (CLUSTER_SCRATCH.get_ptr_mut(0), CLUSTER_HOSTS.get(id)) else {
         return 1;
     };
     // SAFETY: this CPU's scratch element, filled by walk_hosts before the loop.
-    let walk = unsafe { &mut *walk };
-    let Some(host) = CLUSTER_HOSTS.get(id) else {
-        return 1;
-    };
-    if host.state == host_state::ABSENT {
-        return 0;
-    }
-    let score = home_score(walk.client, id as u16);
-    // Ids rise, so `>=` gives a tie to the higher id.
-    if walk.best == NO_HOST as u32 || score >= walk.best_score {
-        walk.best = id;
-        walk.best_score = score;
-    }
+    visit(unsafe { &mut *walk }, id, host);
     0
 }
 
@@ -355,22 +360,14 @@ fn most_room(config: &ClusterConfig) -> Option<u16> {
 /// One host of [`most_room`] (id `index + 1`): 0 to go on, 1 to stop.
 #[inline(never)]
 extern "C" fn most_room_step(index: u64, _unused: *mut c_void) -> i64 {
-    let id = index as u32 + 1;
-    let Some(walk) = CLUSTER_SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's scratch element, filled by walk_hosts before the loop.
-    let walk = unsafe { &mut *walk };
-    let Some(host) = CLUSTER_HOSTS.get(id) else {
-        return 1;
-    };
-    if host.state == host_state::READY
-        && (walk.best == NO_HOST as u32 || host.room > walk.best_room)
-    {
-        walk.best = id;
-        walk.best_room = host.room;
-    }
-    0
+    visit_host(index, |walk, id, host| {
+        if host.state == host_state::READY
+            && (walk.best == NO_HOST as u32 || host.room > walk.best_room)
+        {
+            walk.best = id;
+            walk.best_room = host.room;
+        }
+    })
 }
 
 /// Whether the packet belongs to a connection open (or opening, or closing) on this host:

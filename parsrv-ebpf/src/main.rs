@@ -39,7 +39,7 @@
 //! - **Loops over many elements run under bpf_loop**, so the body is verified once and not
 //!   once per iteration; a plain bounded loop is only for a few iterations without branches
 //!   that carry state (the cluster dispatcher's two 16-host loops took 802,296 as plain
-//!   loops, 2,386 under bpf_loop).
+//!   loops, 2,354 under bpf_loop).
 //! - **Work shared by every path comes once, where the paths have merged** (the queue alert in
 //!   `parsrv_select`), and values that would need a branch are computed with arithmetic
 //!   ([`queue::Listener::half_full`]): each branch doubles the paths behind it.
