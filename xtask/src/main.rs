@@ -3,6 +3,7 @@
 
 mod fresh;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{
@@ -86,6 +87,22 @@ enum Task {
         #[arg(long, default_value_t = 1500, value_name = "SECONDS")]
         timeout: u64,
     },
+    /// Run one privileged integration test (or those whose name contains TEST) many times,
+    /// as the suite runs it, optionally beside CPU hogs, and keep the whole output of every
+    /// failed run under target/soak/ (as root). Finds flakes; never retries them away.
+    Soak {
+        /// The test's name, or part of it.
+        test: String,
+        /// Only the test with exactly this name (its path in the binary: `kill_loop::...`
+        /// is not needed; the name alone).
+        #[arg(long)]
+        exact: bool,
+        #[arg(long, default_value_t = 30)]
+        runs: u32,
+        /// Threads that keep CPUs busy for the whole soak.
+        #[arg(long, default_value_t = 0)]
+        hogs: u32,
+    },
 }
 
 /// A step failed (a build, a test).
@@ -142,6 +159,17 @@ fn run(task: Task) -> Result<()> {
         Task::ClusterDemo => cluster_demo(),
         Task::Lint => lint(),
         Task::Bench { scenarios, quick } => bench(scenarios, quick),
+        Task::Soak {
+            test,
+            exact,
+            runs,
+            hogs,
+        } => soak::soak(&soak::SoakOptions {
+            test,
+            exact,
+            runs,
+            hogs,
+        }),
         Task::Test {
             filter,
             vm,
@@ -262,7 +290,7 @@ fn record_ebpf_toolchain(object: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> Result<()> {
+pub(crate) fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut cargo = Command::new(env!("CARGO"));
     cargo.args(["build", "--package", "parsrv"]);
@@ -491,7 +519,7 @@ fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
     run_step("benchmarks", &mut cargo)
 }
 
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

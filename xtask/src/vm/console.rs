@@ -134,7 +134,7 @@ impl Outcome {
 
 /// The number right before `what` in a libtest summary such as
 /// `ok. 5 passed; 1 failed; 0 ignored; ...`.
-fn count_before(result: &str, what: &str) -> u32 {
+pub(crate) fn count_before(result: &str, what: &str) -> u32 {
     result
         .split(';')
         .find_map(|part| part.trim_end().strip_suffix(what))

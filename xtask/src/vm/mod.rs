@@ -12,7 +12,7 @@
 //! the VM. That is the point: a developer without root, or a release checked on the kernels
 //! people run.
 
-mod console;
+pub(crate) mod console;
 mod image;
 mod kernel;
 
