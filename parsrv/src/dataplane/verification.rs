@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     programs::{Program as AyaProgram, ProgramError},
-    Ebpf, EbpfLoader,
+    EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
 
@@ -72,39 +72,22 @@ pub fn measure(program: Program) -> Result<VerifierCost> {
     let mut ebpf = EbpfLoader::new()
         .load(&bytes)
         .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
-    load(&mut ebpf, program)?;
-    cost_of(&ebpf, program)
-}
-
-/// Loads `program` of the parsed object `ebpf` into the kernel, with a refusal turned into
-/// [`Error::VerifierRefused`].
-pub fn load(ebpf: &mut Ebpf, program: Program) -> Result<()> {
+    let not_ours = || {
+        Error::ebpf("the eBPF object is not this parsrv's")(anyhow::anyhow!(
+            "it has no {} of the right type: rebuild it with `cargo xtask build`",
+            program.name()
+        ))
+    };
     let loaded = match ebpf.program_mut(program.name()) {
         Some(AyaProgram::SkReuseport(p)) => p.load(),
         Some(AyaProgram::SkLookup(p)) => p.load(),
         Some(AyaProgram::SchedClassifier(p)) => p.load(),
-        Some(_) => {
-            return Err(Error::ebpf(format!(
-                "{} has the wrong type",
-                program.name()
-            ))(anyhow::anyhow!(
-                "the eBPF object is not this parsrv's: rebuild it"
-            )))
-        }
-        None => {
-            return Err(Error::ebpf("the eBPF object is not this parsrv's")(
-                anyhow::anyhow!("it has no {}", program.name()),
-            ))
-        }
+        _ => return Err(not_ours()),
     };
-    loaded.map_err(|e| refusal(program, e))
-}
-
-/// What the verifier spent on `program`, loaded in `ebpf`.
-pub fn cost_of(ebpf: &Ebpf, program: Program) -> Result<VerifierCost> {
+    loaded.map_err(|e| refusal(program, e))?;
     let info = ebpf
         .program(program.name())
-        .ok_or_else(|| Error::ebpf("the eBPF object is not this parsrv's")(anyhow::anyhow!("")))?
+        .ok_or_else(not_ours)?
         .info()
         .map_err(Error::ebpf(format!("reading {}'s info", program.name())))?;
     Ok(VerifierCost {
@@ -299,19 +282,14 @@ pub struct ProgramReport {
 /// Loads every program the running kernel can run (with the capabilities to) and reports
 /// what each cost; the first refusal comes back as well, for the exit status.
 pub fn report(features: &crate::features::KernelFeatures) -> (Vec<ProgramReport>, Option<Error>) {
-    let privileged = crate::kernel::check_capabilities();
     let mut refused = None;
     let reports = Program::ALL
         .iter()
         .map(|&program| {
+            // Its kernel features, then the capabilities to load it, then the load.
             let measured = features
                 .require_for(&[program])
-                .and_then(|()| {
-                    privileged
-                        .as_ref()
-                        .map(|_| ())
-                        .map_err(|e| Error::Rejected(e.to_string()))
-                })
+                .and_then(|()| crate::kernel::check_capabilities())
                 .and_then(|()| measure(program));
             let (verified_insns, not_loaded) = match measured {
                 Ok(cost) => (cost.verified_insns, None),
