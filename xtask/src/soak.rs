@@ -51,7 +51,8 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
     crate::run_step(
         "building the integration tests",
         Command::new(cargo)
-            .args(["test", "--no-run", "--package", "parsrv-integration-tests"])
+            .args(["test", "--no-run", "--tests"])
+            .args(["--package", "parsrv-integration-tests"])
             .current_dir(&root),
     )?;
     let dir = root.join("target/soak").join(sanitize(&options.test));
@@ -78,13 +79,9 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
         let log = dir.join(format!("run-{run}.log"));
         let took = Instant::now();
         let out = fresh::as_on_a_fresh_machine(&mut Command::new(cargo))
-            .args([
-                "test",
-                "--quiet",
-                "--package",
-                "parsrv-integration-tests",
-                "--",
-            ])
+            // --tests: the integration tests, not the harness's doc examples.
+            .args(["test", "--quiet", "--tests"])
+            .args(["--package", "parsrv-integration-tests", "--"])
             .args(["--ignored", "--test-threads=1", "--nocapture"])
             .arg(&options.test)
             .args(options.exact.then_some("--exact"))
@@ -145,7 +142,8 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
         // The lines that say why, for a log read from CI's output.
         let text = fs::read_to_string(log).unwrap_or_default();
         for line in text.lines().filter(|l| {
-            l.contains("panicked at")
+            l.starts_with("error")
+                || l.contains("panicked at")
                 || l.contains("assertion")
                 || l.contains("left:")
                 || l.contains("right:")
