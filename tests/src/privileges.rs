@@ -142,16 +142,7 @@ pub fn kernel_has(features: &[Feature]) -> bool {
 /// Records that the calling test skips its checks, and why (printed, and listed in
 /// `$PARSRV_TEST_SKIPS` for the summary). The test then returns.
 pub fn skip(reason: &str) {
-    let test = thread::current().name().unwrap_or("?").to_owned();
-    eprintln!("skipped {test}: {reason}");
-    if let Some(path) = std::env::var_os(SKIPS_ENV) {
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .expect("opening the skip list");
-        writeln!(file, "{test}: {reason}").expect("writing the skip list");
-    }
+    report("skipped", SKIPS_ENV, reason);
 }
 
 /// Where [`figure`] lists what tests measured, for the run's summary.
@@ -161,15 +152,20 @@ pub const FIGURES_ENV: &str = "PARSRV_TEST_FIGURES";
 /// which `cargo xtask test` prints after the run, natively and for each VM), so that CI's
 /// log shows how far each limit is, run after run, and not only when a test fails.
 pub fn figure(line: &str) {
+    report("figure", FIGURES_ENV, line);
+}
+
+/// Prints `what TEST: line` and appends `TEST: line` to the file `list_env` names, if any.
+fn report(what: &str, list_env: &str, line: &str) {
     let test = thread::current().name().unwrap_or("?").to_owned();
-    eprintln!("figure {test}: {line}");
-    if let Some(path) = std::env::var_os(FIGURES_ENV) {
+    eprintln!("{what} {test}: {line}");
+    if let Some(path) = std::env::var_os(list_env) {
         let mut file = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)
-            .expect("opening the figure list");
-        writeln!(file, "{test}: {line}").expect("writing the figure list");
+            .open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.to_string_lossy()));
+        writeln!(file, "{test}: {line}").expect("writing the list");
     }
 }
 
