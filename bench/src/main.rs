@@ -126,7 +126,6 @@ fn main() {
 /// kernel --json`), and which object that is: the margin to the verifier's budget, kept with
 /// the figures it was measured beside.
 fn verification_table() -> String {
-    use parsrv::dataplane::verification::{thousands, ProgramReport};
     let bin = parsrv_integration_tests::parsrv_bin();
     let version = std::process::Command::new(&bin)
         .arg("--version")
@@ -137,26 +136,9 @@ fn verification_table() -> String {
                 .replace('\n', "; ")
         })
         .unwrap_or_default();
-    let programs: Vec<ProgramReport> = std::process::Command::new(&bin)
-        .args(["kernel", "--json"])
-        .output()
-        .ok()
-        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-        .and_then(|report| serde_json::from_value(report["programs"].clone()).ok())
-        .unwrap_or_default();
-    let mut table = format!(
-        "Binary: {version}.\n\n| program | verifier: insns processed | of the 1,000,000 budget |\n|---|---|---|\n"
-    );
-    for p in programs {
-        let (insns, share) = match (p.verified_insns, &p.not_loaded) {
-            (Some(n), _) => (
-                thousands(n),
-                format!("{:.1} %", n as f64 * 100.0 / p.limit as f64),
-            ),
-            (None, Some(why)) => ("not loaded".into(), why.clone()),
-            (None, None) => ("loaded (no figure before 5.16)".into(), String::new()),
-        };
-        table.push_str(&format!("| `{}` | {insns} | {share} |\n", p.program));
+    let mut table = format!("Binary: {version}.\n\n| program | verifier cost here |\n|---|---|\n");
+    for p in parsrv_integration_tests::kernel_report(&[]).programs {
+        table.push_str(&format!("| `{}` | {} |\n", p.program, p.describe()));
     }
     table
 }

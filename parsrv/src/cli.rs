@@ -525,7 +525,7 @@ fn bench(args: &[String]) -> Result<()> {
 }
 
 fn kernel_features(json: bool) -> Result<()> {
-    use crate::dataplane::verification::{self, thousands, VerifierCost};
+    use crate::dataplane::verification::{self, thousands};
     use crate::features::{kernel_build, minimum_kernel, KernelFeatures};
     let probed = KernelFeatures::probe();
     let (programs, refused) = verification::report(&probed);
@@ -564,16 +564,7 @@ fn kernel_features(json: bool) -> Result<()> {
             thousands(verification::MARGIN_BUDGET)
         );
         for program in &programs {
-            let figure = match &program.not_loaded {
-                Some(why) => format!("not loaded: {why}"),
-                None => VerifierCost {
-                    program: program.program.clone(),
-                    verified_insns: program.verified_insns,
-                    limit: program.limit,
-                }
-                .describe(),
-            };
-            println!("  {:<16} {figure}", program.program);
+            println!("  {:<16} {}", program.program, program.describe());
         }
     }
     if let Some(refusal) = refused {

@@ -36,22 +36,12 @@ fn reports_verified_insns() -> bool {
         .is_some_and(|v| v >= VERIFIED_INSNS_SINCE)
 }
 
-/// `parsrv kernel --json`: the exit code and the programs' part.
+/// `parsrv kernel --json` with `envs`: its exit code, its programs' part, and its stderr;
+/// checks that it names this kernel's build.
 fn kernel_report(envs: &[(&str, &Path)]) -> (i32, Vec<ProgramReport>, String) {
-    let out = Command::new(parsrv_integration_tests::parsrv_bin())
-        .args(["kernel", "--json"])
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("parsrv kernel --json ({e}):\n{stdout}"));
-    assert_eq!(report["build"], kernel_build(), "{report}");
-    (
-        out.status.code().unwrap_or(-1),
-        serde_json::from_value(report["programs"].clone()).expect("the programs' report"),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let report = parsrv_integration_tests::kernel_report(envs);
+    assert_eq!(report.build, kernel_build(), "{report:?}");
+    (report.code, report.programs, report.stderr)
 }
 
 #[test]
@@ -211,6 +201,11 @@ fn a_refused_program_is_one_line_and_a_log_file_and_leaves_nothing_behind() {
         let variant = std::env::temp_dir().join("parsrv-test-refused.o");
         std::fs::write(&variant, refused_variant(Program::ReuseportSelect)).unwrap();
         let log = parsrv::dataplane::verification::log_path(Program::ReuseportSelect);
+        // A link planted where the log goes is replaced, not followed.
+        let victim = std::env::temp_dir().join("parsrv-test-refused-victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, &log).unwrap();
         let out = Command::new(parsrv_integration_tests::parsrv_bin())
             .args(["run", "--listen", &addr().to_string(), "--handler", "echo"])
             .args(["--name", "test-refused"])
@@ -231,6 +226,8 @@ fn a_refused_program_is_one_line_and_a_log_file_and_leaves_nothing_behind() {
             line.ends_with(&format!("full log: {}", log.display())),
             "{line}"
         );
+        assert!(std::fs::symlink_metadata(&log).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
         let written = std::fs::read_to_string(&log).expect("the verifier's log");
         assert!(written.contains("R5 !read_ok"), "{written}");
         assert!(written.contains(&kernel_build()), "{written}");

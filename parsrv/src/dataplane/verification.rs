@@ -38,36 +38,24 @@ pub const VERIFIER_LIMIT: u32 = 1_000_000;
 /// it, on every kernel they run on.
 pub const MARGIN_BUDGET: u32 = VERIFIER_LIMIT / 10;
 
-/// What the verifier spent on one program of the running kernel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VerifierCost {
-    /// The program's name in the object.
-    pub program: String,
-    /// Instructions the verifier processed (`bpf_prog_info.verified_insns`, Linux 5.16+);
-    /// None on older kernels, where a successful load is all there is to know.
-    pub verified_insns: Option<u32>,
-    /// The kernel's budget, [`VERIFIER_LIMIT`].
-    pub limit: u32,
-}
-
-impl VerifierCost {
-    /// The figure as a line for people: "18,353 of 1,000,000 (1.8%)".
-    pub fn describe(&self) -> String {
-        match self.verified_insns {
-            Some(insns) => format!(
-                "{} insns processed of {} ({:.1}%)",
-                thousands(insns),
-                thousands(self.limit),
-                insns as f64 * 100.0 / self.limit as f64
-            ),
-            None => "loaded (this kernel does not report verified_insns: Linux 5.16+)".into(),
-        }
+/// A figure for people: "18,435 insns processed of 1,000,000 (1.8%)", or what a kernel
+/// without `verified_insns` (before 5.16) allows to say.
+pub fn describe(verified_insns: Option<u32>) -> String {
+    match verified_insns {
+        Some(insns) => format!(
+            "{} insns processed of {} ({:.1}%)",
+            thousands(insns),
+            thousands(VERIFIER_LIMIT),
+            insns as f64 * 100.0 / VERIFIER_LIMIT as f64
+        ),
+        None => "loaded (this kernel does not report verified_insns: Linux 5.16+)".into(),
     }
 }
 
 /// Loads `program` from its object, as `parsrv run` would but attaching and pinning nothing,
-/// reads what the verifier spent, and unloads it. A refusal is [`Error::VerifierRefused`].
-pub fn measure(program: Program) -> Result<VerifierCost> {
+/// reads what the verifier spent (`bpf_prog_info.verified_insns`; None before Linux 5.16),
+/// and unloads it. A refusal is [`Error::VerifierRefused`].
+pub fn measure(program: Program) -> Result<Option<u32>> {
     let bytes = object(program.object())?;
     let mut ebpf = EbpfLoader::new()
         .load(&bytes)
@@ -90,11 +78,7 @@ pub fn measure(program: Program) -> Result<VerifierCost> {
         .ok_or_else(not_ours)?
         .info()
         .map_err(Error::ebpf(format!("reading {}'s info", program.name())))?;
-    Ok(VerifierCost {
-        program: program.name().into(),
-        verified_insns: info.verified_instruction_count().filter(|&n| n > 0),
-        limit: VERIFIER_LIMIT,
-    })
+    Ok(info.verified_instruction_count().filter(|&n| n > 0))
 }
 
 /// Turns a failed load of `program` into the error a user reads: the verifier's refusal on
@@ -258,8 +242,8 @@ pub fn object_identity(bytes: &[u8]) -> String {
 /// show it, and a refused start stays one line).
 pub fn check(programs: &[Program]) -> Result<()> {
     for &program in programs {
-        let cost = measure(program)?;
-        log::debug!("verifier: {} {}", program.name(), cost.describe());
+        let verified_insns = measure(program)?;
+        log::debug!("verifier: {} {}", program.name(), describe(verified_insns));
     }
     Ok(())
 }
@@ -279,6 +263,16 @@ pub struct ProgramReport {
     pub not_loaded: Option<String>,
 }
 
+impl ProgramReport {
+    /// Its figure for people, or why it was not loaded.
+    pub fn describe(&self) -> String {
+        match &self.not_loaded {
+            Some(why) => format!("not loaded: {why}"),
+            None => describe(self.verified_insns),
+        }
+    }
+}
+
 /// Loads every program the running kernel can run (with the capabilities to) and reports
 /// what each cost; the first refusal comes back as well, for the exit status.
 pub fn report(features: &crate::features::KernelFeatures) -> (Vec<ProgramReport>, Option<Error>) {
@@ -292,7 +286,7 @@ pub fn report(features: &crate::features::KernelFeatures) -> (Vec<ProgramReport>
                 .and_then(|()| crate::kernel::check_capabilities())
                 .and_then(|()| measure(program));
             let (verified_insns, not_loaded) = match measured {
-                Ok(cost) => (cost.verified_insns, None),
+                Ok(verified_insns) => (verified_insns, None),
                 Err(e) => {
                     let line = e.to_string();
                     if matches!(e, Error::VerifierRefused(_)) && refused.is_none() {
@@ -367,14 +361,20 @@ processed 1000001 insns (limit 1000000) max_states_per_insn 37 total_states 3177
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(18_353), "18,353");
         assert_eq!(thousands(1_000_000), "1,000,000");
-        let cost = VerifierCost {
+        assert_eq!(
+            describe(Some(18_353)),
+            "18,353 insns processed of 1,000,000 (1.8%)"
+        );
+        let refused = ProgramReport {
             program: "parsrv_select".into(),
-            verified_insns: Some(18_353),
+            verified_insns: None,
             limit: VERIFIER_LIMIT,
+            budget: MARGIN_BUDGET,
+            not_loaded: Some("the kernel's verifier refused parsrv_select".into()),
         };
         assert_eq!(
-            cost.describe(),
-            "18,353 insns processed of 1,000,000 (1.8%)"
+            refused.describe(),
+            "not loaded: the kernel's verifier refused parsrv_select"
         );
     }
 }
