@@ -72,13 +72,22 @@ pub const ALERT_EVERY_NS: u64 = 10_000_000;
 /// far more than a sleeping reader can be sent before it wakes.
 pub const QUEUE_ALERTS_BYTES: u32 = 8192;
 
-/// The queue length (listen backlog) of a socket whose slot has no ready handler: the
-/// spawner calls listen(fd, 0) when a handler dies and listen(fd, backlog) once the next
-/// one is ready. The program ranks such a socket below every socket with a handler, so it
-/// gets a new connection only when none of those has room, and keeps what it has queued for
-/// the next handler. The state lives in the socket itself (no map, no extra read: the
-/// program reads the backlog anyway), and `--backlog` is at least 1, so 0 means only this.
-pub const NO_HANDLER_BACKLOG: u32 = 0;
+/// The `SO_INCOMING_CPU` of a socket whose slot has no ready handler: the spawner sets it
+/// when a handler dies and sets it back to -1 (the kernel's "none") once the next one is
+/// ready. The program ranks such a socket below every socket with a handler, so it gets a
+/// new connection only when none of those has room, and keeps what it has queued for the
+/// next handler.
+///
+/// Why this field: the state must live in the socket itself (the program scans the kernel's
+/// `socks[]`, which has no slot numbers) and must not change what the kernel admits. The
+/// earlier marker, `listen(fd, 0)`, did: a handshake already in flight to the socket
+/// overflowed at its final ACK when the queue held a connection (ListenOverflows +1 each).
+/// A listener's `sk_incoming_cpu` is never updated by the kernel (only established and UDP
+/// sockets record their CPU), TCP's listener lookup only compares it with the current CPU
+/// (which a negative number never equals), and a negative value leaves the reuseport
+/// group's own count of CPU-bound sockets alone (`reuseport_update_incoming_cpu`). A child
+/// inherits it until its first packet overwrites it.
+pub const NO_HANDLER_MARK: i32 = -2;
 
 /// Where a new connection goes while some socket has room.
 pub mod policy {
@@ -116,6 +125,9 @@ pub struct KernelOffsets {
     pub sk_reuseport_cb: u32,
     /// `struct sock.__sk_common.skc_cookie` (u64; 0 until SO_COOKIE or a diag dump made one).
     pub skc_cookie: u32,
+    /// `struct sock.__sk_common.skc_incoming_cpu` (i32): [`NO_HANDLER_MARK`] while the
+    /// socket's slot has no ready handler.
+    pub skc_incoming_cpu: u32,
     /// `inet_connection_sock.icsk_accept_queue.qlen` (u32): handshakes in progress.
     pub accept_queue_qlen: u32,
     /// `struct sock_reuseport.num_socks` (u16): live listeners in `socks[]`.
@@ -142,6 +154,8 @@ pub struct ProgramConfig {
     /// One past the highest slot registered: the sk_lookup program ([`crate::lookup`]) scans
     /// slots `0..slots`.
     pub slots: u32,
+    /// Explicit padding (Pod): `affinity` is 8-byte aligned.
+    pub _reserved: u32,
     pub affinity: affinity::AffinityConfig,
 }
 

@@ -17,7 +17,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::SkReuseportContext,
 };
-use parsrv_common::reuseport::{FailOpen, KernelOffsets, MAX_SOCKETS, NO_HANDLER_BACKLOG};
+use parsrv_common::reuseport::{FailOpen, KernelOffsets, MAX_SOCKETS, NO_HANDLER_MARK};
 
 // scan_step masks indices with MAX_SOCKETS - 1.
 const _: () = assert!(MAX_SOCKETS.is_power_of_two());
@@ -47,7 +47,7 @@ pub struct Listener {
     /// when `sk_ack_backlog > sk_max_ack_backlog` (a listen(4) queue holds 5), and it checks
     /// that at SYN time, before the child exists; counting pending handshakes keeps
     /// concurrent SYNs from overshooting. Negative when overcommitted, and far below any
-    /// other socket's when the slot has no ready handler ([`NO_HANDLER_BACKLOG`]).
+    /// other socket's when the slot has no ready handler ([`NO_HANDLER_MARK`]).
     pub room: i64,
     /// Room by the kernel's own test alone: `max + 1 - established`. Pending handshakes are
     /// left out: under a SYN flood they fill every SYN queue while the accept queues stay
@@ -110,12 +110,13 @@ pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, 
     // sk_max_ack_backlog follows sk_ack_backlog (the loader checks): one read for both.
     let [established, max]: [u32; 2] = read(addr + off.sk_ack_backlog as u64)?;
     let pending: u32 = read(addr + off.accept_queue_qlen as u64)?;
+    let incoming_cpu: i32 = read(addr + off.skc_incoming_cpu as u64)?;
     // No ready handler: rank it below every socket that has one, whatever their queues
     // (u32 counts cannot reach 2^40). Neither room nor free is positive, so it is chosen
-    // only when every socket is full, as its hash choice (`when-full drop`), and then the
-    // kernel's own test (established > 0) still lets one connection wait for the next
-    // handler.
-    let limit = if max == NO_HANDLER_BACKLOG {
+    // only when every socket lacks a handler or room (see `decide`). Its queue length is
+    // left as it was, so that what the kernel admits does not change: a handshake in
+    // flight still completes into its queue, for the next handler.
+    let limit = if incoming_cpu == NO_HANDLER_MARK {
         -(1 << 40)
     } else {
         max as i64

@@ -229,41 +229,43 @@ fn decide(config: &ProgramConfig, group: &Group) -> Result<Outcome, FailOpen> {
     // the SYN queues while the accept queues stay empty, and the kernel would serve this
     // client (syncookies). So does parsrv: the socket with the most room by the kernel's
     // own test takes it. Refusing or dropping is only for queues full of connections.
-    let target = if found.best.room > 0 || group.migrating {
-        // Migration does not check the target's fullness and a SK_DROP would reset the
-        // connection: with every queue full, the least full one takes it.
-        Some(found.best)
-    } else if found.most_free.free > 0 {
-        Some(found.most_free)
+    //
+    // When even that finds no room: `when-full refuse` answers with a RST; `drop` hands the
+    // SYN to the socket with the most room by the kernel's test, which is full by that test,
+    // so the kernel drops it (ListenOverflows, counted here as `dropped`) and the client
+    // retransmits into a fresh decision. Ties go to the hash choice (the scan starts there).
+    // Not the hash choice as such: a socket without a handler keeps its queue length, and
+    // the kernel would queue the SYN there for the next handler while every served queue
+    // is full. When no socket has a handler, one without takes it and it waits.
+    let room_found = found.best.room > 0 || group.migrating;
+    if !room_found && found.most_free.free <= 0 && config.when_full == when_full::REFUSE {
+        return Ok(Outcome::Refuse {
+            slot: slot_of(&hash_choice, config)?,
+        });
+    }
+    // Migration does not check the target's fullness and a SK_DROP would reset the
+    // connection: with every queue full, the least full one takes it.
+    let target = if room_found {
+        found.best
     } else {
-        None
+        found.most_free
     };
-    Ok(match target {
-        Some(target) => Outcome::Select(Decision {
-            target,
-            slot: slot_of(&target, config)?,
-            // A redirect is a move away from a *full* hash choice; least-loaded picking a
-            // socket with more room than a hash choice that had some is not one.
-            redirected_from: if target.addr != hash_choice.addr && hash_choice.room <= 0 {
-                slot_of(&hash_choice, config)?
-            } else {
-                NOT_REDIRECTED
-            },
-            selected: false,
-        }),
-        None if config.when_full == when_full::REFUSE => Outcome::Refuse {
-            slot: slot_of(&hash_choice, config)?,
+    Ok(Outcome::Select(Decision {
+        target,
+        slot: slot_of(&target, config)?,
+        // A redirect is a move away from a *full* hash choice to a socket that takes the
+        // connection; least-loaded picking a socket with more room than a hash choice that
+        // had some is not one, nor is a drop.
+        redirected_from: if target.addr != hash_choice.addr
+            && hash_choice.room <= 0
+            && !target.kernel_full
+        {
+            slot_of(&hash_choice, config)?
+        } else {
+            NOT_REDIRECTED
         },
-        // Silent drop: hand the SYN to its hash choice, full by the kernel's own test, so the
-        // kernel drops the SYN (ListenOverflows, counted here as `dropped`) and the client
-        // retransmits into a fresh decision.
-        None => Outcome::Select(Decision {
-            target: hash_choice,
-            slot: slot_of(&hash_choice, config)?,
-            redirected_from: NOT_REDIRECTED,
-            selected: false,
-        }),
-    })
+        selected: false,
+    }))
 }
 
 /// The power of two choices (`policy::TWO_CHOICES`): the hash choice or one other socket

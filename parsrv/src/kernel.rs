@@ -55,6 +55,7 @@ pub fn offsets_in(btf: &Btf) -> Result<KernelOffsets> {
         sk_max_ack_backlog: layout("sock", &["sk_max_ack_backlog"], 4)?,
         sk_reuseport_cb: layout("sock", &["sk_reuseport_cb"], 8)?,
         skc_cookie: layout("sock", &["__sk_common", "skc_cookie"], 8)?,
+        skc_incoming_cpu: layout("sock", &["__sk_common", "skc_incoming_cpu"], 4)?,
         accept_queue_qlen: layout("inet_connection_sock", &["icsk_accept_queue", "qlen"], 4)?,
         reuseport_num_socks: layout("sock_reuseport", &["num_socks"], 2)?,
         reuseport_socks: layout("sock_reuseport", &["socks"], 0)?,
@@ -268,6 +269,45 @@ pub fn queue_depth(fd: BorrowedFd<'_>) -> io::Result<QueueDepth> {
         depth: info.tcpi_unacked,
         capacity: info.tcpi_sacked,
     })
+}
+
+/// A socket's `SO_INCOMING_CPU` (-1 unless set): on a listener, parsrv's "no handler"
+/// mark ([`parsrv_common::reuseport::NO_HANDLER_MARK`]).
+pub fn incoming_cpu(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    let mut cpu = 0i32;
+    let mut len = mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: buffer and length describe an i32.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&mut cpu as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cpu)
+}
+
+/// Sets a socket's `SO_INCOMING_CPU` (see [`incoming_cpu`]); any value is taken.
+pub fn set_incoming_cpu(fd: BorrowedFd<'_>, cpu: i32) -> io::Result<()> {
+    // SAFETY: the value is an i32 of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&cpu as *const i32).cast(),
+            mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The socket's cookie, created on first use: the program finds listeners by cookie, and

@@ -11,7 +11,7 @@ use std::{
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use parsrv_common::reuseport::NO_HANDLER_BACKLOG;
+use parsrv_common::reuseport::NO_HANDLER_MARK;
 
 use crate::{
     error::{Error, Result},
@@ -26,8 +26,8 @@ pub enum SocketState {
     /// In the group with its full queue length.
     #[default]
     Serving,
-    /// In the group with queue length 0 (`NO_HANDLER_BACKLOG`) while its slot has no ready
-    /// handler: the program sends it a new connection only when no other socket has room,
+    /// In the group, marked (`NO_HANDLER_MARK`, its queue length unchanged) while its slot
+    /// has no ready handler: the program sends it a new connection only when no other socket has room,
     /// and what it has queued waits for the next handler.
     AwaitingHandler,
     /// Out of the group (shut down) while its handler waits out a restart delay: its queue
@@ -160,9 +160,8 @@ impl Listeners {
                     let (listen, entry) = listeners.next_addr();
                     let mut listener = Listener::of(socket, listen, entry)?;
                     // A socket whose handler was not ready when the last spawner went.
-                    if listener.capacity == NO_HANDLER_BACKLOG {
+                    if kernel::incoming_cpu(listener.as_fd()).ok() == Some(NO_HANDLER_MARK) {
                         listener.state = SocketState::AwaitingHandler;
-                        listener.capacity = backlog;
                     }
                     listeners.listeners.push(listener);
                 }
@@ -248,10 +247,11 @@ impl Listeners {
     ///   connection comes to it. It stays bound, and open in every process that holds it.
     /// - `AwaitingHandler` and `Serving`: listen() again sets the queue length, and puts a
     ///   parked socket back in the group (the same socket, cookie and fd everywhere).
-    ///
-    /// From `AwaitingHandler` to `Serving`, a queue length the kernel shows as non-zero was
-    /// set by the new handler itself (a server that calls listen() on its inherited socket,
-    /// as gunicorn does): it is left as the handler set it.
+    /// - `AwaitingHandler`: the socket is marked (`SO_INCOMING_CPU` = `NO_HANDLER_MARK`),
+    ///   which the program reads; `Serving` clears the mark. Neither touches the queue
+    ///   length, so what the kernel admits stays as it was: a handshake in flight when the
+    ///   handler died still completes into the queue, and a handler that called listen()
+    ///   on its inherited socket (as gunicorn does) keeps the length it set.
     pub fn set_state(&mut self, index: usize, wanted: SocketState) -> Result<bool> {
         let backlog = self.backlog;
         let listener = &mut self.listeners[index];
@@ -270,21 +270,28 @@ impl Listeners {
                         listen,
                     ))?
             }
-            SocketState::AwaitingHandler => listener
-                .socket
-                .listen(NO_HANDLER_BACKLOG as i32)
-                .map_err(socket_error("set queue length 0 (no handler) on", listen))?,
-            SocketState::Serving => {
-                let set_by_handler = was == SocketState::AwaitingHandler
-                    && listener
-                        .queue()
-                        .is_ok_and(|q| q.capacity != NO_HANDLER_BACKLOG);
-                if !set_by_handler {
+            SocketState::AwaitingHandler => {
+                // Marked before it rejoins the group, so that it never looks served.
+                kernel::set_incoming_cpu(listener.as_fd(), NO_HANDLER_MARK)
+                    .map_err(socket_error("mark (no handler) the socket on", listen))?;
+                if was == SocketState::Parked {
                     listener
                         .socket
                         .listen(listen_backlog(backlog))
                         .map_err(socket_error("listen again on", listen))?;
                 }
+            }
+            SocketState::Serving => {
+                if was == SocketState::Parked {
+                    listener
+                        .socket
+                        .listen(listen_backlog(backlog))
+                        .map_err(socket_error("listen again on", listen))?;
+                }
+                kernel::set_incoming_cpu(listener.as_fd(), -1).map_err(socket_error(
+                    "clear the no-handler mark of the socket on",
+                    listen,
+                ))?
             }
         }
         listener.state = wanted;

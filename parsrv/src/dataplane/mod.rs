@@ -19,7 +19,7 @@
 //! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
 //! | namespace-wide guard | `/sys/fs/bpf/parsrv/_netns-INODE/`, locked while a spawner claims an address | spawners of that namespace |
 //! | the spec, and per slot its socket's cookie and its handler's pid, start time, restarts | the group record `/run/parsrv/GROUP.json`, rewritten by rename (`spawner::record`) | any root process |
-//! | whether a slot's socket takes new connections | the socket itself: queue length 0 while its slot has no ready handler, shut down while parked | the program, TCP_INFO |
+//! | whether a slot's socket takes new connections | the socket itself: SO_INCOMING_CPU = NO_HANDLER_MARK while its slot has no ready handler, shut down while parked | the program, TCP_INFO |
 //! | the autoscaler's memory, backoff timers | the running spawner's memory only | through its control socket |
 //!
 //! So a new spawner finds a whole group from the pins, the run directory and the handlers'

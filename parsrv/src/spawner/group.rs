@@ -153,6 +153,7 @@ impl RunningGroup {
             generation: 0, // Steering owns it
             flags: 0,
             slots: 0, // Steering owns it
+            _reserved: 0,
             affinity: spec.affinity_config(),
         };
         let (mut listeners, steering, adopted) = match adoption {
