@@ -446,31 +446,49 @@ fn test(filter: Option<String>) -> Result<()> {
     // And what they measured, printed after them (see the tests' `figure`).
     let figures = root.join("target/test-figures.txt");
     let _ = std::fs::remove_file(&figures);
-    run_step(
-        "privileged integration tests (as on a freshly booted machine: no bpffs, empty /run)",
-        fresh::as_on_a_fresh_machine(&mut Command::new(cargo))
-            // Every binary, even after one failed: one CI run shows every failure.
-            .args([
-                "test",
-                "--no-fail-fast",
-                "--package",
-                "parsrv-integration-tests",
-                "--",
-            ])
-            .args(["--ignored", "--test-threads=1"])
-            .args(filter.iter())
-            .env("PARSRV_BIN", root.join("target/debug/parsrv"))
-            .env("PARSRV_PYENV", setup::pyenv())
-            .env("PARSRV_TEST_SKIPS", &skips)
-            .env("PARSRV_TEST_FIGURES", &figures)
-            .current_dir(&root),
-    )?;
+    setup::ensure_nextest()?;
+    // Side by side first, then the tests that must run alone (.config/nextest.toml says
+    // which and why). Both run every test even after a failure: one CI run shows them all.
+    let mut failed = Vec::new();
+    for profile in ["parallel", "serial"] {
+        let started = std::time::Instant::now();
+        let outcome = run_step(
+            &format!(
+                "privileged integration tests, {profile} (as on a freshly booted machine: \
+                 no bpffs, empty /run)"
+            ),
+            fresh::as_on_a_fresh_machine(&mut Command::new(cargo))
+                .args(["nextest", "run", "--no-fail-fast", "--profile", profile])
+                .args([
+                    "--package",
+                    "parsrv-integration-tests",
+                    "--run-ignored",
+                    "only",
+                ])
+                .args(filter.iter())
+                .env("PARSRV_BIN", root.join("target/debug/parsrv"))
+                .env("PARSRV_PYENV", setup::pyenv())
+                .env("PARSRV_TEST_SKIPS", &skips)
+                .env("PARSRV_TEST_FIGURES", &figures)
+                .current_dir(&root),
+        );
+        eprintln!(
+            "xtask: {profile} integration tests took {} s",
+            started.elapsed().as_secs()
+        );
+        if let Err(e) = outcome {
+            failed.push(e);
+        }
+    }
     match std::fs::read_to_string(&skips) {
         Ok(list) => eprintln!("xtask: skipped on this kernel:\n{list}"),
         Err(_) => eprintln!("xtask: no integration test skipped on this kernel"),
     }
     if let Ok(list) = std::fs::read_to_string(&figures) {
         eprintln!("xtask: figures the tests measured on this kernel:\n{list}");
+    }
+    if let Some(first) = failed.into_iter().next() {
+        return Err(first);
     }
     // Keeps the benchmark harness working; asserts nothing about the figures.
     bench(Vec::new(), true)

@@ -59,6 +59,30 @@ pub fn ensure_all() -> Result<()> {
     ensure_bpf_linker()
 }
 
+/// cargo-nextest runs the integration tests (profiles in .config/nextest.toml, whose
+/// `default-filter` needs 0.9.74 or newer). The machines this project runs on carry it;
+/// elsewhere it is installed once.
+pub fn ensure_nextest() -> Result<()> {
+    let version = Command::new(env!("CARGO"))
+        .args(["nextest", "--version"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let word = text.split_whitespace().nth(1)?.to_owned();
+            let mut parts = word.split('.').map(|p| p.parse::<u32>().ok());
+            Some((parts.next()??, parts.next()??, parts.next()??))
+        });
+    if version.is_some_and(|v| v >= (0, 9, 74)) {
+        return Ok(());
+    }
+    run_step(
+        "setup: cargo install cargo-nextest",
+        Command::new(env!("CARGO")).args(["install", "cargo-nextest", "--locked"]),
+    )
+}
+
 /// The virtualenv with the third-party servers the integration tests run as handlers.
 pub fn pyenv() -> std::path::PathBuf {
     crate::workspace_root().join("target/pyenv")
