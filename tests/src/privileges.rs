@@ -46,41 +46,31 @@ impl Needs {
     }
 
     /// Python with the test servers (gunicorn, uvicorn, prometheus_client) that `cargo
-    /// xtask setup` installs in [`pyenv`]; the VM image has none.
+    /// xtask test` installs in [`pyenv`] (the VMs run the host's).
     pub fn and_python(mut self) -> Needs {
         self.python = true;
         self
     }
 
     /// What the cluster tests build hosts and routers with: iproute2 (netns, veth,
-    /// bridge), util-linux's nsenter and BIRD (`cargo xtask setup` installs it); the VM
-    /// image has only busybox.
+    /// bridge), util-linux's nsenter and BIRD (`cargo xtask setup` installs it; the VMs run
+    /// the host's).
     pub fn and_network_tools(mut self) -> Needs {
         self.network_tools = true;
         self
     }
 }
 
-/// Set by an environment without iproute2, nsenter and BIRD by design (the VMs' init).
-pub const NO_NETWORK_TOOLS_ENV: &str = "PARSRV_TEST_NO_NETWORK_TOOLS";
-
-/// Set by an environment that has no Python by design (the VMs' init): tests that need it
-/// skip there, where anywhere else a missing Python fails them (the set-up installs it).
-pub const NO_PYTHON_ENV: &str = "PARSRV_TEST_NO_PYTHON";
-
 /// Runs a privileged test, inside [`isolated`], if the machine has what it `needs`. What
-/// it lacks either skips the test (a kernel older than the release that brought a feature;
-/// no Python where [`NO_PYTHON_ENV`] says so), recorded by [`skip`], or fails it (a kernel
-/// new enough that lacks a feature, a Python environment the set-up should have made).
+/// it lacks either skips the test (a kernel older than the release that brought a
+/// feature, recorded by [`skip`]), or fails it (a kernel new enough that lacks a feature,
+/// a tool or a Python environment the set-up should have installed): a skip is only ever
+/// for the kernel.
 pub fn privileged(needs: Needs, test: impl FnOnce() + Send + 'static) {
     if !kernel_has(&needs.kernel) {
         return;
     }
     if needs.python {
-        if std::env::var_os(NO_PYTHON_ENV).is_some() {
-            skip("needs Python, which this environment lacks (the VM image has none)");
-            return;
-        }
         let python = pyenv().join("bin/python3");
         assert!(
             python.exists(),
@@ -89,10 +79,6 @@ pub fn privileged(needs: Needs, test: impl FnOnce() + Send + 'static) {
         );
     }
     if needs.network_tools {
-        if std::env::var_os(NO_NETWORK_TOOLS_ENV).is_some() {
-            skip("needs iproute2, nsenter and BIRD, which this environment lacks (the VM image has busybox only)");
-            return;
-        }
         for tool in ["ip", "nsenter", "bird", "birdc"] {
             assert!(
                 std::process::Command::new(tool).arg("-h").output().is_ok(),

@@ -191,17 +191,28 @@ fn run(task: Task) -> Result<()> {
             if !no_vm {
                 vm_options.validate()?;
             }
+            let mut rows = Vec::new();
             if !vm {
-                test(filter.clone())?;
-                if no_vm {
-                    return Ok(());
+                rows.push(test(filter.clone())?);
+            }
+            let result = if no_vm {
+                vm::console::print_summary(&rows);
+                match rows.iter().all(|r| r.outcome.passed()) {
+                    true => Ok(()),
+                    false => Err(Fatal::error(
+                        EXIT_FAILED,
+                        "integration tests failed: the summary above says which",
+                    )),
                 }
-            }
-            // Without root, what is missing is reported by the VM runner (exit 2).
-            if running_as_root() {
-                setup::ensure_vm_packages()?;
-            }
-            vm::test(&vm_options)
+            } else {
+                // Without root, what is missing is reported by the VM runner (exit 2).
+                if running_as_root() {
+                    setup::ensure_vm_packages()?;
+                }
+                vm::test(&vm_options, rows)
+            };
+            print_phases();
+            result
         }
     }
 }
@@ -215,13 +226,38 @@ pub fn workspace_root() -> PathBuf {
 
 /// Runs `command`, failing with `step` named if it does not succeed.
 pub fn run_step(step: &str, command: &mut Command) -> Result<()> {
+    let started = std::time::Instant::now();
     let status = command
         .status()
         .with_context(|| format!("{step}: cannot start {command:?}"))?;
+    record_phase(step, started.elapsed());
     if !status.success() {
         bail!("{step} failed ({status}); the output above says why");
     }
     Ok(())
+}
+
+/// Every step this run took, and how long: printed at the end of `cargo xtask test`, so
+/// that CI's log says where its minutes went.
+static PHASES: std::sync::Mutex<Vec<(String, Duration)>> = std::sync::Mutex::new(Vec::new());
+
+pub fn record_phase(step: &str, took: Duration) {
+    PHASES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((step.to_owned(), took));
+}
+
+fn print_phases() {
+    let phases = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    let total: Duration = phases.iter().map(|(_, took)| *took).sum();
+    println!(
+        "\nxtask: time per step ({:.1} min in steps):",
+        total.as_secs_f64() / 60.0
+    );
+    for (step, took) in phases.iter() {
+        println!("  {:>7.1} s  {step}", took.as_secs_f64());
+    }
 }
 
 /// The object `parsrv`'s build.rs embeds.
@@ -413,7 +449,11 @@ fn lint() -> Result<()> {
     )
 }
 
-fn test(filter: Option<String>) -> Result<()> {
+/// The native part of `cargo xtask test`: lint, build, unit tests, the integration tests
+/// (both nextest profiles, every test even after a failure), a quick benchmark run. Returns
+/// the integration tests' row for the summary; an error only for what stops the run.
+fn test(filter: Option<String>) -> Result<vm::VmRun> {
+    let started = std::time::Instant::now();
     lint()?;
     build(false)?;
     let root = workspace_root();
@@ -487,11 +527,35 @@ fn test(filter: Option<String>) -> Result<()> {
     if let Ok(list) = std::fs::read_to_string(&figures) {
         eprintln!("xtask: figures the tests measured on this kernel:\n{list}");
     }
-    if let Some(first) = failed.into_iter().next() {
-        return Err(first);
-    }
+    let mut outcome = vm::console::Outcome::from_junit(
+        &["parallel", "serial"].map(|p| root.join(format!("target/nextest/{p}/junit-{p}.xml"))),
+    );
+    outcome.release = Some(uname_r());
+    outcome.skips = read_lines(&skips);
+    outcome.figures = read_lines(&figures);
+    outcome.done = Some(failed.len() as u32);
+    outcome.failed_binaries = failed.iter().map(|e| e.to_string()).collect();
     // Keeps the benchmark harness working; asserts nothing about the figures.
-    bench(Vec::new(), true)
+    if let Err(e) = bench(Vec::new(), true) {
+        outcome.failed_binaries.push(format!("benchmarks: {e}"));
+    }
+    Ok(vm::VmRun {
+        label: "host".into(),
+        outcome,
+        took: started.elapsed(),
+    })
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+fn uname_r() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// Figures come from release builds; a quick run only checks the harness, on the debug

@@ -39,10 +39,13 @@ const APT_PACKAGES: [&str; 7] = [
 /// What `cargo xtask test --vm` needs besides the build: qemu (TCG is enough), a static
 /// busybox for the VM's shell and the commands some tests run as handlers (sh, sleep), and
 /// the keys apt checks Debian's kernel packages with (present on Debian, not on Ubuntu).
-const VM_APT_PACKAGES: [&str; 3] = [
+const VM_APT_PACKAGES: [&str; 5] = [
     "qemu-system-x86",
     "busybox-static",
     "debian-archive-keyring",
+    // depmod and modprobe for the Debian kernels' modules (9p, veth, bridge, ...).
+    "kmod",
+    "xz-utils",
 ];
 
 /// What the benchmarks compare parsrv with, from Debian: HAProxy (the `affinity` scenario's
@@ -117,7 +120,7 @@ pub fn ensure_python_servers() -> Result<()> {
 
 /// The packages the VM tests need (see [`VM_APT_PACKAGES`]).
 pub fn ensure_vm_packages() -> Result<()> {
-    ensure_apt_packages(&VM_APT_PACKAGES, "qemu and busybox for the VM tests")
+    ensure_apt_packages(&VM_APT_PACKAGES, "qemu, busybox and kmod for the VM tests")
 }
 
 fn ensure_apt_packages(packages: &[&'static str], purpose: &str) -> Result<()> {

@@ -1,4 +1,4 @@
-//! Reading a test VM's serial console: the init's `parsrv-vm:` lines, libtest's own result
+//! Reading a test VM's serial console: the init's `parsrv-vm:` lines, nextest's status
 //! lines, and kernel panics.
 
 /// Why the init refused to run the tests: the kernel cannot run parsrv at all.
@@ -34,18 +34,22 @@ impl Refusal {
 pub struct Outcome {
     /// `uname -r` inside the VM: the init's first line, proof that it started.
     pub release: Option<String>,
-    /// Tests passed and failed, summed over libtest's `test result:` lines.
+    /// Tests passed and failed, from nextest's status lines (a skipped test passes).
     pub passed: u32,
     pub failed: u32,
+    /// Between nextest's `Summary` and the next run's `Starting`: the failures listed
+    /// again there are not counted twice.
+    in_summary: bool,
     /// Names of failed tests.
     pub failures: Vec<String>,
     /// `test: reason` of every skipped test.
     pub skips: Vec<String>,
     /// `test: figure` of every figure a test recorded (verifier costs, ...).
     pub figures: Vec<String>,
-    /// Test binaries that exited non-zero (a crash counts even without a result line).
+    /// nextest runs (one per profile) that exited non-zero (a crash counts even without a
+    /// status line).
     pub failed_binaries: Vec<String>,
-    /// The init's last line: how many binaries failed.
+    /// The init's last line: how many nextest runs failed.
     pub done: Option<u32>,
     pub refused: Option<Refusal>,
     pub panic: Option<String>,
@@ -66,14 +70,43 @@ impl Outcome {
         }
         if let Some(said) = line.strip_prefix(PREFIX) {
             self.init_line(said);
-        } else if let Some(result) = line.strip_prefix("test result: ") {
-            self.passed += count_before(result, " passed");
-            self.failed += count_before(result, " failed");
-        } else if let Some(test) = line
-            .strip_prefix("test ")
-            .and_then(|rest| rest.strip_suffix(" ... FAILED"))
-        {
-            self.failures.push(test.to_owned());
+        } else {
+            self.nextest_line(line.trim_start());
+        }
+    }
+
+    /// `PASS [   2.082s] ( 1/17) parsrv-integration-tests::groups some_test`, and the
+    /// other final statuses (FAIL, TIMEOUT, SIGSEGV, ...); SLOW and the like are progress.
+    fn nextest_line(&mut self, line: &str) {
+        if line.starts_with("Starting ") {
+            self.in_summary = false;
+            return;
+        }
+        if line.starts_with("Summary [") {
+            self.in_summary = true;
+            return;
+        }
+        let Some((status, rest)) = line.split_once(" [") else {
+            return;
+        };
+        // "( 1/17) " precedes the name when nextest runs more than one test.
+        let Some((_, test)) = rest.split_once(" parsrv-integration-tests::") else {
+            return;
+        };
+        if self.in_summary {
+            return;
+        }
+        match status.trim() {
+            "PASS" | "LEAK" => self.passed += 1,
+            "FAIL" | "LEAK-FAIL" | "TIMEOUT" | "ABORT" => {
+                self.failed += 1;
+                self.failures.push(format!("{test} ({})", status.trim()));
+            }
+            signal if signal.starts_with("SIG") => {
+                self.failed += 1;
+                self.failures.push(format!("{test} ({signal})"));
+            }
+            _ => {}
         }
     }
 
@@ -105,6 +138,44 @@ impl Outcome {
         } else if let Some(done) = said.strip_prefix("done failed-binaries=") {
             self.done = done.trim().parse().ok();
         }
+    }
+
+    /// The integration tests' results from nextest's JUnit files (the native run's row):
+    /// a `<testcase>` with a `<failure>` or `<error>` failed, any other passed. A missing
+    /// file adds nothing (its run's own failure is reported apart).
+    pub fn from_junit(files: &[std::path::PathBuf]) -> Outcome {
+        let mut outcome = Outcome::default();
+        for file in files {
+            let Ok(xml) = std::fs::read_to_string(file) else {
+                continue;
+            };
+            for case in xml.split("<testcase ").skip(1) {
+                let attribute = |name: &str| {
+                    case.split_once(&format!("{name}=\""))
+                        .and_then(|(_, rest)| rest.split_once('"'))
+                        .map(|(value, _)| value.to_owned())
+                        .unwrap_or_default()
+                };
+                // The element ends at its own close, or at once when it has no children.
+                let head_end = case.find('>').unwrap_or(case.len());
+                let body = if case[..head_end].ends_with('/') {
+                    ""
+                } else {
+                    case.split("</testcase>").next().unwrap_or("")
+                };
+                if body.contains("<failure") || body.contains("<error") {
+                    outcome.failed += 1;
+                    let binary = attribute("classname");
+                    let binary = binary.rsplit("::").next().unwrap_or(&binary);
+                    outcome
+                        .failures
+                        .push(format!("{binary} {}", attribute("name")));
+                } else {
+                    outcome.passed += 1;
+                }
+            }
+        }
+        outcome
     }
 
     pub fn booted(&self) -> bool {
@@ -148,7 +219,7 @@ pub fn print_summary(runs: &[super::VmRun]) {
     if runs.is_empty() {
         return;
     }
-    println!("\nVM test summary (tests that need Python skip in VMs, each saying so):");
+    println!("\nIntegration test summary, per kernel (a test skips only for a kernel feature, naming it):");
     println!(
         "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8}  result",
         "kernel", "release", "passed", "failed", "skipped", "minutes"
@@ -191,20 +262,24 @@ mod tests {
     }
 
     #[test]
-    fn a_clean_run_passes_and_counts_libtest_results() {
+    fn a_clean_run_passes_and_counts_nextest_results() {
         let o = outcome(
             "[    0.000000] Linux version 6.1.0-56-amd64\n\
              parsrv-vm: kernel 6.1.0-56-amd64\r\n\
-             parsrv-vm: run stall\n\
-             test stalled_handler_loses_no_connection_while_plain_reuseport_does ... ok\n\
-             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 9.10s\n\
-             parsrv-vm: exit stall 0\n\
-             test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 2 filtered out; finished in 1s\n\
-             parsrv-vm: exit lifecycle 0\n\
+             parsrv-vm: run parallel\n\
+             \x20   Starting 2 tests across 8 binaries\n\
+             \x20       PASS [   2.082s] ( 1/2) parsrv-integration-tests::groups check_reports\n\
+             \x20       SLOW [> 60.000s] ( 2/2) parsrv-integration-tests::stall stalled\n\
+             \x20       PASS [  62.269s] ( 2/2) parsrv-integration-tests::stall stalled\n\
+             \x20    Summary [  64.000s] 2 tests run: 2 passed, 0 skipped\n\
+             parsrv-vm: exit parallel 0\n\
+             \x20   Starting 1 test across 15 binaries\n\
+             \x20       PASS [   1.000s] parsrv-integration-tests::lifecycle x\n\
+             parsrv-vm: exit serial 0\n\
              parsrv-vm: done failed-binaries=0\n",
         );
         assert_eq!(o.release.as_deref(), Some("6.1.0-56-amd64"));
-        assert_eq!((o.passed, o.failed), (5, 0));
+        assert_eq!((o.passed, o.failed), (3, 0));
         assert!(o.failed_binaries.is_empty());
         assert!(o.passed());
     }
@@ -213,8 +288,8 @@ mod tests {
     fn figures_the_tests_recorded_are_collected_for_the_summary() {
         let o = outcome(
             "parsrv-vm: kernel 6.12.48+deb12-amd64\n\
-             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
-             parsrv-vm: exit verifier 0\n\
+             \x20       PASS [   3.739s] ( 1/1) parsrv-integration-tests::verifier every_program\n\
+             parsrv-vm: exit serial 0\n\
              parsrv-vm: figure every_program: parsrv_select 18,435 insns processed of 1,000,000 (1.8%)\n\
              parsrv-vm: done failed-binaries=0\n",
         );
@@ -226,20 +301,29 @@ mod tests {
     }
 
     #[test]
-    fn failures_crashes_and_skips_are_reported() {
+    fn failures_time_outs_crashes_and_skips_are_reported_once() {
         let o = outcome(
             "parsrv-vm: kernel 5.10.0-32-amd64\n\
-             test when_full_drop ... FAILED\n\
-             test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n\
-             parsrv-vm: exit when_full 101\n\
-             parsrv-vm: exit policy 134\n\
-             parsrv-vm: hung scaling: killed after 300 s; its processes and the spawners' logs:\n\
-             parsrv-vm: exit scaling 137\n\
+             \x20   Starting 3 tests across 8 binaries\n\
+             \x20       FAIL [   1.234s] ( 1/3) parsrv-integration-tests::when_full when_full_drop\n\
+             \x20    TIMEOUT [ 300.001s] ( 2/3) parsrv-integration-tests::scaling resize\n\
+             \x20    SIGSEGV [   0.100s] ( 3/3) parsrv-integration-tests::policy redirect\n\
+             \x20    Summary [ 301.000s] 3 tests run: 0 passed, 3 failed, 0 skipped\n\
+             \x20       FAIL [   1.234s] ( 1/3) parsrv-integration-tests::when_full when_full_drop\n\
+             parsrv-vm: exit parallel 100\n\
              parsrv-vm: skip redirect_keeps: kernel 5.10.0-32-amd64 predates the bpf_loop helper (Linux 5.17+)\n\
-             parsrv-vm: done failed-binaries=2\n",
+             parsrv-vm: done failed-binaries=1\n",
         );
-        assert_eq!(o.failures, vec!["when_full_drop", "scaling (hung, killed)"]);
-        assert_eq!(o.failed_binaries.len(), 3);
+        assert_eq!(
+            o.failures,
+            vec![
+                "when_full when_full_drop (FAIL)",
+                "scaling resize (TIMEOUT)",
+                "policy redirect (SIGSEGV)"
+            ]
+        );
+        assert_eq!(o.failed, 3);
+        assert_eq!(o.failed_binaries, vec!["parallel (exit 100)"]);
         assert_eq!(o.skips.len(), 1);
         assert!(!o.passed());
     }
@@ -248,8 +332,8 @@ mod tests {
     fn a_run_that_only_skips_passes_but_an_empty_one_does_not() {
         let skipped = outcome(
             "parsrv-vm: kernel 5.10.0-32-amd64\n\
-             test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
-             parsrv-vm: exit stall 0\n\
+             \x20       PASS [   0.010s] ( 1/1) parsrv-integration-tests::stall stalled\n\
+             parsrv-vm: exit serial 0\n\
              parsrv-vm: skip stalled: kernel 5.10 predates x\n\
              parsrv-vm: done failed-binaries=0\n",
         );
@@ -257,6 +341,30 @@ mod tests {
         let empty = outcome("parsrv-vm: kernel 6.1\nparsrv-vm: done failed-binaries=0\n");
         assert!(!empty.passed());
         assert!(empty.ran_nothing() && !skipped.ran_nothing());
+    }
+
+    #[test]
+    fn junit_results_count_passes_and_name_failures() {
+        let dir = std::env::temp_dir().join(format!("xtask-junit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("junit.xml");
+        std::fs::write(
+            &file,
+            r#"<?xml version="1.0" encoding="UTF-8"?>
+<testsuites name="nextest-run" tests="3" failures="1" errors="0">
+<testsuite name="parsrv-integration-tests::stall" tests="2">
+<testcase name="a_stall" classname="parsrv-integration-tests::stall" timestamp="x" time="1.0">
+</testcase>
+<testcase name="b_stall" classname="parsrv-integration-tests::stall" time="1.0"><failure type="test failure">boom</failure>
+<system-out>a "quoted" thing</system-out></testcase>
+<testcase name="c" classname="parsrv-integration-tests::policy" time="0.1"/>
+</testsuite></testsuites>"#,
+        )
+        .unwrap();
+        let o = Outcome::from_junit(&[file.clone(), dir.join("missing.xml")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((o.passed, o.failed), (2, 1));
+        assert_eq!(o.failures, vec!["stall b_stall"]);
     }
 
     #[test]

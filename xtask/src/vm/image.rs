@@ -1,168 +1,127 @@
-//! The VM's whole root file system: a newc initramfs with our init, a static busybox,
-//! parsrv, its example handler and the integration test binaries, all statically linked.
+//! What a test VM boots: a small newc initramfs (a static busybox, the kernel's 9p modules
+//! and the first stage of our init, stage1.sh) that mounts the host's root file system
+//! read-only over 9p and runs the second stage (init.sh) there. The tests then run with the
+//! host's own build (target/debug: parsrv, its example handlers, the test binaries) and the
+//! host's tools (cargo-nextest, iproute2, BIRD, Python, systemd-analyze), as virtme-ng
+//! does: a test runs in a VM exactly as it runs natively, or skips for a kernel feature.
 
 use std::{
     fs,
     io::{BufWriter, Write},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{bail, Context as _, Result};
 use cpio::{newc, NewcBuilder};
 
+use super::kernel::{self, Kernel};
 use crate::workspace_root;
 
-/// The target the static binaries are built for. Naming it explicitly keeps build scripts
-/// and proc-macros (built for the host) out of `+crt-static`.
-const TARGET: &str = "x86_64-unknown-linux-gnu";
-const INIT: &str = include_str!("init.sh");
-/// The shell, mount, ip and poweroff of the init, and the `sh` and `sleep` some tests run
-/// as handlers. The busybox-static package's binary needs no library.
+const STAGE1: &str = include_str!("stage1.sh");
+const STAGE2: &str = include_str!("init.sh");
+/// The first stage's shell, mount, insmod and switch_root, and the second stage's
+/// poweroff. The busybox-static package's binary needs no library.
 const BUSYBOX: &str = "/bin/busybox";
+/// What a 9p root over virtio needs; modprobe adds their dependencies (netfs, fscache,
+/// virtio_ring, ...) and skips what a kernel has built in.
+const ROOT_MODULES: [&str; 3] = ["9pnet_virtio", "9p", "virtio_pci"];
 
-/// The example handlers the tests run (`parsrv/examples/`).
-const EXAMPLES: [&str; 2] = ["hello_handler", "blocking_handler"];
-
-/// Statically linked binaries for the VM.
-pub struct Payload {
-    pub parsrv: PathBuf,
-    /// (example name, path), for [`EXAMPLES`].
-    pub examples: Vec<(&'static str, PathBuf)>,
-    /// (test binary name, path): one per tests/tests/*.rs.
-    pub tests: Vec<(String, PathBuf)>,
+/// Where the VM's nextest finds the host's build: nextest's own "reuse build" metadata,
+/// under target/vm/nextest.
+pub fn nextest_metadata() -> PathBuf {
+    workspace_root().join("target/vm/nextest")
 }
 
-/// Builds parsrv (with the eBPF object embedded), its example handler and the integration
-/// tests, release and static.
-pub fn build_static() -> Result<Payload> {
-    crate::build_ebpf()?;
+/// Builds what the VMs run (the same debug build the native suite runs) and writes
+/// nextest's metadata of it, so that nextest in the VM runs it without cargo.
+pub fn build() -> Result<()> {
+    crate::build(false)?;
     let root = workspace_root();
-    let static_cargo = || {
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.current_dir(&root).env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        );
-        cargo
-    };
+    let cargo = env!("CARGO");
     crate::run_step(
-        "building parsrv and its example handlers (static, for the VM)",
-        static_cargo()
-            .args(["build", "--release", "--target", TARGET])
-            .args(["--package", "parsrv", "--bin", "parsrv"])
-            .args(EXAMPLES.iter().flat_map(|name| ["--example", name])),
+        "building the example handlers",
+        Command::new(cargo)
+            .args(["build", "--package", "parsrv", "--examples"])
+            .current_dir(&root),
     )?;
-    let out = root.join("target").join(TARGET).join("release");
-
-    // The test binaries' names carry a hash: take them from cargo's own report.
-    let output = static_cargo()
-        .args(["test", "--release", "--target", TARGET])
-        .args([
-            "--package",
-            "parsrv-integration-tests",
-            "--tests",
-            "--no-run",
-        ])
-        .args(["--message-format", "json-render-diagnostics"])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo test --no-run")?;
-    if !output.status.success() {
-        bail!("building the integration tests (static, for the VM) failed; see above");
-    }
-    let mut tests = Vec::new();
-    for line in output.stdout.split(|&b| b == b'\n') {
-        let Ok(message) = serde_json::from_slice::<serde_json::Value>(line) else {
-            continue;
-        };
-        let is_test_binary = message["reason"] == "compiler-artifact"
-            && message["target"]["kind"]
-                .as_array()
-                .is_some_and(|kinds| kinds.iter().any(|k| k == "test"));
-        if let (true, Some(executable)) = (is_test_binary, message["executable"].as_str()) {
-            let name = message["target"]["name"]
-                .as_str()
-                .unwrap_or("test")
-                .to_owned();
-            tests.push((name, PathBuf::from(executable)));
+    let meta = nextest_metadata();
+    fs::create_dir_all(&meta)?;
+    crate::setup::ensure_nextest()?;
+    for (file, args) in [
+        (
+            "binaries.json",
+            &[
+                "nextest",
+                "list",
+                "--package",
+                "parsrv-integration-tests",
+                "--list-type",
+                "binaries-only",
+                "--message-format",
+                "json",
+            ][..],
+        ),
+        (
+            "cargo.json",
+            &[
+                "metadata",
+                "--format-version",
+                "1",
+                "--all-features",
+                "--no-deps",
+            ][..],
+        ),
+    ] {
+        let output = Command::new(cargo)
+            .args(args)
+            .current_dir(&root)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running cargo {}", args.join(" ")))?;
+        if !output.status.success() {
+            bail!("cargo {} failed; see above", args.join(" "));
         }
+        fs::write(meta.join(file), output.stdout)?;
     }
-    if tests.is_empty() {
-        bail!("cargo reported no integration test binaries");
-    }
-    tests.sort();
-    Ok(Payload {
-        parsrv: out.join("parsrv"),
-        examples: EXAMPLES
-            .iter()
-            .map(|name| (*name, out.join("examples").join(name)))
-            .collect(),
-        tests,
-    })
+    Ok(())
 }
 
-/// Writes the initramfs to `out` (through a temporary file, renamed when complete), unless
-/// the one there was made from the same inputs.
-pub fn write_initramfs(payload: &Payload, out: &Path) -> Result<()> {
-    let inputs = out.with_extension("inputs");
-    let fingerprint = fingerprint(payload)?;
-    if out.is_file() && fs::read_to_string(&inputs).is_ok_and(|done| done == fingerprint) {
-        eprintln!("xtask: {} is up to date", out.display());
-        return Ok(());
-    }
-    let _ = fs::remove_file(&inputs);
+/// Writes the initramfs for `kernel` to `out` (through a temporary file, renamed when
+/// complete).
+pub fn write_initramfs(kernel: &Kernel, out: &Path) -> Result<()> {
     if !Path::new(BUSYBOX).is_file() {
         return Err(crate::Fatal::error(
             crate::EXIT_BAD_INPUT,
             format!(
-                "{BUSYBOX} is missing, and the VM's shell is busybox: apt-get install \
+                "{BUSYBOX} is missing, and the VM's first stage is busybox: apt-get install \
                  busybox-static (`cargo xtask setup` does as root)"
             ),
         ));
     }
+    let modules = match &kernel.modules {
+        Some(root) => root_modules(root)?,
+        None => Vec::new(),
+    };
     fs::create_dir_all(out.parent().unwrap())?;
     let partial = out.with_extension("partial");
     let mut archive = Archive {
         out: BufWriter::new(fs::File::create(&partial)?),
         inode: 1,
     };
-    for dir in [
-        "bin",
-        "dev",
-        "etc",
-        "proc",
-        "sys",
-        "tmp",
-        "run",
-        "root",
-        "opt",
-        "opt/parsrv",
-        "opt/parsrv/examples",
-        "opt/parsrv/tests",
-    ] {
+    for dir in ["bin", "dev", "proc", "newroot", "modules"] {
         archive.dir(dir)?;
     }
-    archive.file("init", INIT.as_bytes(), 0o755)?;
+    archive.file("init", STAGE1.as_bytes(), 0o755)?;
+    archive.file("init.sh", STAGE2.as_bytes(), 0o755)?;
     archive.file("bin/busybox", &fs::read(BUSYBOX)?, 0o755)?;
-    // Tests that drop privileges look users up (glibc reads these without NSS modules).
-    archive.file(
-        "etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-        0o644,
-    )?;
-    archive.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
-    archive.copy("opt/parsrv/parsrv", &payload.parsrv)?;
-    for (name, path) in &payload.examples {
-        archive.copy(&format!("opt/parsrv/examples/{name}"), path)?;
+    let mut order = String::new();
+    for (name, data) in &modules {
+        archive.file(&format!("modules/{name}"), data, 0o644)?;
+        order.push_str(name);
+        order.push('\n');
     }
-    let mut list = String::new();
-    for (name, path) in &payload.tests {
-        archive.copy(&format!("opt/parsrv/tests/{name}"), path)?;
-        list.push_str(name);
-        list.push('\n');
-    }
-    archive.file("opt/parsrv/tests.list", list.as_bytes(), 0o644)?;
+    archive.file("modules/order", order.as_bytes(), 0o644)?;
     let mut out_file = newc::trailer(archive.out)?;
     out_file.flush()?;
     out_file
@@ -170,28 +129,62 @@ pub fn write_initramfs(payload: &Payload, out: &Path) -> Result<()> {
         .map_err(|e| e.into_error())?
         .sync_all()?;
     fs::rename(&partial, out).with_context(|| format!("writing {}", out.display()))?;
-    fs::write(&inputs, fingerprint)?;
     Ok(())
 }
 
-/// What the image is made of: every file's path, size and modification time, and the init.
-fn fingerprint(payload: &Payload) -> Result<String> {
-    let mut text = format!("{INIT}\n");
-    let files = [Path::new(BUSYBOX), &payload.parsrv]
-        .into_iter()
-        .chain(payload.examples.iter().map(|(_, path)| path.as_path()))
-        .chain(payload.tests.iter().map(|(_, path)| path.as_path()));
-    for file in files {
-        let meta = fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
-        let modified = meta.modified()?.duration_since(std::time::UNIX_EPOCH)?;
-        text.push_str(&format!(
-            "{} {} {}\n",
-            file.display(),
-            meta.len(),
-            modified.as_nanos()
-        ));
+/// The modules a 9p root needs, in load order, as (file name, uncompressed contents):
+/// busybox's insmod takes a .ko.xz only after a failed attempt that the kernel logs, so
+/// they are decompressed here.
+fn root_modules(root: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let version = kernel::module_version(root)?;
+    let mut modules = Vec::new();
+    for module in ROOT_MODULES {
+        let output = Command::new("modprobe")
+            .arg("-d")
+            .arg(root)
+            .args(["-S", &version, "--show-depends", module])
+            .output()
+            .context("running modprobe (apt-get install kmod; `cargo xtask setup` does)")?;
+        if !output.status.success() {
+            bail!(
+                "modprobe --show-depends {module} for {}: {}",
+                root.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        // "insmod /path/x.ko[.xz] [options]" per module to load, "builtin x" for the rest.
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let Some(path) = line
+                .strip_prefix("insmod ")
+                .and_then(|l| l.split(' ').next())
+            else {
+                continue;
+            };
+            let path = PathBuf::from(path);
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            let (name, data) = match file.strip_suffix(".xz") {
+                Some(name) => {
+                    let out = Command::new("xz")
+                        .arg("-dc")
+                        .arg(&path)
+                        .output()
+                        .context("running xz (apt-get install xz-utils)")?;
+                    if !out.status.success() {
+                        bail!("xz -dc {} failed", path.display());
+                    }
+                    (name.to_owned(), out.stdout)
+                }
+                None => (
+                    file.clone(),
+                    fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                ),
+            };
+            if !modules.iter().any(|(n, _)| *n == name) {
+                modules.push((name, data));
+            }
+        }
     }
-    Ok(text)
+    Ok(modules)
 }
 
 struct Archive {
@@ -219,10 +212,5 @@ impl Archive {
         writer.write_all(data)?;
         writer.finish()?;
         Ok(())
-    }
-
-    fn copy(&mut self, name: &str, from: &Path) -> Result<()> {
-        let data = fs::read(from).with_context(|| format!("reading {}", from.display()))?;
-        self.file(name, &data, 0o755)
     }
 }

@@ -1,24 +1,32 @@
-#!/bin/busybox sh
-# PID 1 of parsrv's test VMs (packed into the initramfs by `cargo xtask test --vm`).
+# PID 1 of parsrv's test VMs, second stage (see stage1.sh): the root is the host's, read-only.
 #
-# Mounts what the tests use (not bpffs: see below), checks the kernel can run them at all, runs each
-# integration test binary once (one test at a time, as on the host), and powers off. The
-# runner reads the serial console: every line it acts on starts with "parsrv-vm: ".
-# Exiting would panic the kernel ("Attempted to kill init"), so every path ends in poweroff.
+# Mounts what the tests use (not bpffs: see below), checks the kernel can run them at all,
+# runs the integration tests with cargo-nextest as the host does (the `parallel` profile,
+# then the `serial` one, .config/nextest.toml), and powers off. The runner reads the serial
+# console: every line it acts on starts with "parsrv-vm: ", or is one of nextest's.
 
-/bin/busybox --install -s /bin
-export PATH=/bin HOME=/root
-
+B=/run/vm/busybox
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=dumb LANG=C.UTF-8
 say() { echo "parsrv-vm: $*"; }
-stop() { sync; poweroff -f; sleep 10; }
+stop() { $B sync; $B poweroff -f; $B sleep 10; }
 refuse() { say "error: $*"; stop; }
 
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
-say "kernel $(uname -r)"
+$B mount -t proc proc /proc
+$B mount -t sysfs sysfs /sys
+$B mkdir -p /dev/pts /dev/shm
+$B mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+$B mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+$B mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+$B hostname parsrv-vm
+say "kernel $($B uname -r)"
+
+# Modules the tests need on demand (veth, bridge, sch_ingress): the host's modprobe reads
+# the kernel package's tree.
+if [ -d /run/vm/modules/lib/modules ]; then
+    printf '#!/run/vm/busybox sh\nexec /sbin/modprobe -d /run/vm/modules "$@"\n' > /run/vm/modprobe
+    $B chmod 755 /run/vm/modprobe
+    echo /run/vm/modprobe > /proc/sys/kernel/modprobe
+fi
 
 # Kernels parsrv cannot run on at all: the runner turns these into one error each.
 [ -e /proc/sys/kernel/unprivileged_bpf_disabled ] || refuse "no-bpf"
@@ -26,51 +34,35 @@ say "kernel $(uname -r)"
 # and parsrv mounts it where it is missing.
 grep -qw bpf /proc/filesystems || refuse "no-bpffs"
 [ -e /sys/kernel/btf/vmlinux ] || refuse "no-btf"
-ip link set lo up
+$B ip link set lo up
+
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        parsrv.workspace=*) workspace="${word#parsrv.workspace=}" ;;
+        parsrv.nextest=*) nextest="${word#parsrv.nextest=}" ;;
+        parsrv.pyenv=*) pyenv="${word#parsrv.pyenv=}" ;;
+        parsrv.filter=*) filter="${word#parsrv.filter=}" ;;
+    esac
+done
+meta="$workspace/target/vm/nextest"
 
 # What parsrv finds here (informational: the tests decide what a missing feature means).
-/opt/parsrv/parsrv kernel
+"$workspace/target/debug/parsrv" kernel
 
-# The tests check that they start from a fresh machine's state (no bpffs, no /run/parsrv);
-# those that need Python, or iproute2, nsenter and BIRD (the cluster's), skip, saying so:
-# this image has none.
-export PARSRV_BIN=/opt/parsrv/parsrv PARSRV_TEST_SKIPS=/tmp/skips PARSRV_TEST_FIGURES=/tmp/figures RUST_BACKTRACE=1 \
-    PARSRV_TEST_FRESH_MACHINE=1 PARSRV_TEST_NO_PYTHON=1 PARSRV_TEST_NO_NETWORK_TOOLS=1
-# The runner passes the test binaries' arguments on the kernel command line, joined by
-# commas, so that one image serves every filter.
-for word in $(cat /proc/cmdline); do
-    case "$word" in parsrv.test-args=*) args="${word#parsrv.test-args=}" ;; esac
-done
-IFS=,
-set -- $args
-unset IFS
+# The tests check that they start from a fresh machine's state (no bpffs, no /run/parsrv).
+export PARSRV_BIN="$workspace/target/debug/parsrv" PARSRV_PYENV="$pyenv" \
+    PARSRV_TEST_SKIPS=/tmp/skips PARSRV_TEST_FIGURES=/tmp/figures RUST_BACKTRACE=1 \
+    PARSRV_TEST_FRESH_MACHINE=1
 failed=0
-# A binary still running after this long is hung: its processes are shown and killed, and
-# the next binary runs. The runner's --timeout covers the VM as a whole.
-limit=300
-for binary in $(cat /opt/parsrv/tests.list); do
-    say "run $binary"
-    started=$(date +%s)
-    # --nocapture: a test's own progress lines reach the console as they happen, so the
-    # last one names where a hung test stopped.
-    timeout -s KILL "$limit" "/opt/parsrv/tests/$binary" --ignored --test-threads=1 --nocapture "$@"
+for profile in parallel serial; do
+    say "run $profile"
+    # The build the host made, run from where it is (read-only): no cargo here.
+    "$nextest" nextest run --binaries-metadata "$meta/binaries.json" \
+        --cargo-metadata "$meta/cargo.json" --workspace-remap "$workspace" \
+        --profile "$profile" --run-ignored only --no-fail-fast --no-tests warn \
+        --hide-progress-bar $filter
     status=$?
-    # SIGKILLed at the limit (not by the OOM killer, which would be sooner).
-    if [ "$status" = 137 ] && [ $(($(date +%s) - started)) -ge "$limit" ]; then
-        say "hung $binary: killed after $limit s; its processes and the spawners' logs:"
-        for proc in /proc/[0-9]*; do
-            # Not this init, nor kernel threads (they have no executable).
-            [ "${proc#/proc/}" = 1 ] || [ ! -e "$proc/exe" ] && continue
-            echo "  pid ${proc#/proc/} $(cat "$proc/comm" 2>/dev/null) state $(cut -d' ' -f3 "$proc/stat" 2>/dev/null) wchan $(cat "$proc/wchan" 2>/dev/null)"
-        done
-        for log in /tmp/parsrv-test-*.log; do
-            [ -f "$log" ] && { echo "  == $log (last 40 lines)"; tail -n 40 "$log"; }
-        done
-        # Everything but this init: the next binary starts clean.
-        kill -9 -1
-        sleep 1
-    fi
-    say "exit $binary $status"
+    say "exit $profile $status"
     [ "$status" = 0 ] || failed=$((failed + 1))
 done
 [ -s /tmp/skips ] && sed 's/^/parsrv-vm: skip /' /tmp/skips

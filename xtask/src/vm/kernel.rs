@@ -7,7 +7,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
 use crate::{Fatal, EXIT_BAD_INPUT};
 
@@ -38,6 +38,10 @@ pub struct Kernel {
     /// What the user asked for: a Debian series or the path's file name.
     pub label: String,
     pub image: PathBuf,
+    /// A Debian kernel's package, unpacked (`lib/modules/VERSION/` with depmod's index):
+    /// the VM loads 9p from it at boot and autoloads the rest (veth, bridge, ...) from a
+    /// share of it. None for a bzImage by path, which must have 9p built in.
+    pub modules: Option<PathBuf>,
 }
 
 impl KernelSpec {
@@ -78,11 +82,13 @@ impl KernelSpec {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| path.display().to_string()),
                 image: path.clone(),
+                modules: None,
             }),
             KernelSpec::Debian { series } => {
                 let image = fetch_debian(series, vm_dir)?;
                 Ok(Kernel {
                     label: (*series).to_owned(),
+                    modules: Some(image.with_file_name("root")),
                     image,
                 })
             }
@@ -107,12 +113,13 @@ fn check_bzimage(path: &Path) -> Result<(), String> {
 fn fetch_debian(series: &str, vm_dir: &Path) -> Result<PathBuf> {
     let cache = vm_dir.join("kernels").join(series);
     let image = cache.join("vmlinuz");
-    if image.is_file() {
+    // A cache from before the modules were kept is fetched again.
+    if image.is_file() && cache.join("root/lib/modules").is_dir() {
         let package = fs::read_to_string(cache.join("package")).unwrap_or_default();
         eprintln!("xtask: kernel {series}: cached {}", package.trim());
         return Ok(image);
     }
-    for tool in ["apt-get", "apt-cache", "dpkg-deb", "tar"] {
+    for tool in ["apt-get", "apt-cache", "dpkg-deb", "tar", "depmod"] {
         if Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())
@@ -147,30 +154,45 @@ fn fetch_debian(series: &str, vm_dir: &Path) -> Result<PathBuf> {
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download left no .deb")?;
 
-    // Only /boot/vmlinuz-* is needed; extracted beside the cache, then renamed into place,
-    // so an interrupted fetch leaves no half-written kernel.
+    // The whole package (the image and its modules), unpacked beside the cache, then
+    // renamed into place, so an interrupted fetch leaves no half-written kernel.
     let staging = vm_dir.join("kernels").join(format!(".{series}.partial"));
     let _ = fs::remove_dir_all(&staging);
-    fs::create_dir_all(&staging)?;
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg("dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" --wildcards './boot/vmlinuz-*'")
-        .args(["sh".as_ref(), deb.as_os_str(), staging.as_os_str()])
-        .status()?;
-    if !status.success() {
-        bail!("extracting the kernel image from {} failed", deb.display());
-    }
-    let extracted = fs::read_dir(staging.join("boot"))?
+    let root = staging.join("root");
+    fs::create_dir_all(&root)?;
+    crate::run_step(
+        "unpacking the kernel package",
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
+    )?;
+    let extracted = fs::read_dir(root.join("boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .next()
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .context("the package has no /boot/vmlinuz-*")?;
-    fs::rename(&extracted, staging.join("vmlinuz"))?;
-    fs::remove_dir_all(staging.join("boot"))?;
+    fs::copy(&extracted, staging.join("vmlinuz"))?;
+    // The package ships no modules.dep: depmod writes it (modprobe resolves from it).
+    let version = module_version(&root)?;
+    crate::run_step(
+        "depmod (the kernel package's module index)",
+        Command::new("depmod").arg("-b").arg(&root).arg(&version),
+    )?;
     fs::write(staging.join("package"), format!("{package} {version}\n"))?;
     let _ = fs::remove_dir_all(&cache);
     fs::rename(&staging, &cache)?;
     fs::remove_dir_all(&downloads)?;
     Ok(image)
+}
+
+/// The one `lib/modules/VERSION` of an unpacked kernel package.
+pub fn module_version(root: &Path) -> Result<String> {
+    fs::read_dir(root.join("lib/modules"))
+        .with_context(|| format!("{} has no lib/modules", root.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .with_context(|| format!("{}/lib/modules is empty", root.display()))
 }
 
 /// apt with a private configuration under target/vm/apt: it reads the suites above and

@@ -77,7 +77,9 @@ pub struct VmRun {
 
 /// Builds the image once, boots every kernel in turn, prints a summary, and fails if any
 /// VM failed (after running them all, so one bad kernel does not hide the others).
-pub fn test(options: &VmOptions) -> Result<()> {
+/// `earlier` are rows already run (the host's), printed first in the summary; a failure
+/// among them fails the run too, after every VM has run.
+pub fn test(options: &VmOptions, earlier: Vec<VmRun>) -> Result<()> {
     // Bad input first, before anything slow.
     let qemu = find_qemu()?;
     let specs = options
@@ -85,37 +87,75 @@ pub fn test(options: &VmOptions) -> Result<()> {
         .iter()
         .map(|k| kernel::KernelSpec::parse(k))
         .collect::<Result<Vec<_>>>()?;
-    let test_args = test_args(options)?;
-    let payload = image::build_static()?;
-    let vm_dir = crate::workspace_root().join("target/vm");
-    let initramfs = vm_dir.join("initramfs.cpio");
-    image::write_initramfs(&payload, &initramfs)?;
-
-    let mut runs = Vec::new();
-    let mut errors = Vec::new();
+    let filter = test_args(options)?;
+    image::build()?;
+    let root = crate::workspace_root();
+    let vm_dir = root.join("target/vm");
+    let words = kernel_words(&root, &filter)?;
+    // The VM mounts its results share there (nextest's store, .config/nextest.toml).
+    fs::create_dir_all(root.join("target/nextest"))?;
+    let mut kernels = Vec::new();
     for spec in &specs {
         let kernel = spec.resolve(&vm_dir)?;
-        eprintln!(
-            "xtask: booting {} ({}) with {:?}, time-out {} s",
-            kernel.label,
-            kernel.image.display(),
-            options.accel,
-            options.timeout.as_secs()
-        );
-        let log = vm_dir.join(format!("console-{}.log", kernel.label.replace('/', "_")));
-        let vm = Vm {
-            qemu: &qemu,
-            kernel: &kernel,
-            initramfs: &initramfs,
-            test_args: &test_args,
-            options,
-            log_path: &log,
-        };
-        match vm.boot_retrying_early_panics() {
-            Ok(run) => runs.push(run),
-            Err(e) => errors.push(e),
+        let label = kernel.label.replace('/', "_");
+        let initramfs = vm_dir.join(format!("initramfs-{label}.cpio"));
+        image::write_initramfs(&kernel, &initramfs)?;
+        let results = vm_dir.join(format!("results-{label}"));
+        let _ = fs::remove_dir_all(&results);
+        fs::create_dir_all(&results)?;
+        let log = vm_dir.join(format!("console-{label}.log"));
+        kernels.push((kernel, initramfs, results, log));
+    }
+
+    // Each VM is one host thread (TCG): as many at once as the host has CPUs.
+    let jobs = thread::available_parallelism().map_or(1, |n| n.get());
+    let mut runs = earlier;
+    let mut errors = Vec::new();
+    let vms_started = Instant::now();
+    for batch in kernels.chunks(jobs) {
+        let outcomes: Vec<Result<VmRun>> = thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|(kernel, initramfs, results, log)| {
+                    let words = &words;
+                    let qemu = &qemu;
+                    scope.spawn(move || {
+                        eprintln!(
+                            "xtask: booting {} ({}) with {:?}, time-out {} s",
+                            kernel.label,
+                            kernel.image.display(),
+                            options.accel,
+                            options.timeout.as_secs()
+                        );
+                        Vm {
+                            qemu,
+                            kernel,
+                            initramfs,
+                            results,
+                            test_args: words,
+                            options,
+                            log_path: log,
+                        }
+                        .boot_retrying_early_panics()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a VM's thread panicked"))
+                .collect()
+        });
+        for outcome in outcomes {
+            match outcome {
+                Ok(run) => runs.push(run),
+                Err(e) => errors.push(e),
+            }
         }
     }
+    crate::record_phase(
+        &format!("integration tests in VMs ({jobs} at a time)"),
+        vms_started.elapsed(),
+    );
     console::print_summary(&runs);
     let failed: Vec<&VmRun> = runs.iter().filter(|r| !r.outcome.passed()).collect();
     if let Some(first) = errors.into_iter().next() {
@@ -133,7 +173,7 @@ pub fn test(options: &VmOptions) -> Result<()> {
     }
     if !failed.is_empty() {
         anyhow::bail!(
-            "tests failed in the VM for {}: the console output above says which",
+            "tests failed on {}: the summary above says which",
             failed
                 .iter()
                 .map(|r| r.label.as_str())
@@ -144,8 +184,54 @@ pub fn test(options: &VmOptions) -> Result<()> {
     Ok(())
 }
 
-/// What the init passes to every test binary after `--ignored --test-threads=1`, joined
-/// by commas for the kernel command line.
+/// The words of the kernel command line that tell the init where the host's build and
+/// tools are (the same paths in the VM: its root is the host's).
+fn kernel_words(root: &Path, filter: &str) -> Result<String> {
+    let nextest = find_in_path("cargo-nextest").ok_or_else(|| {
+        Fatal::error(
+            EXIT_BAD_INPUT,
+            "cargo-nextest is not on PATH, and the VMs run the tests with it: cargo install \
+             cargo-nextest --locked (`cargo xtask test` does)",
+        )
+    })?;
+    let pyenv = crate::setup::pyenv();
+    let paths = [root, nextest.as_path(), pyenv.as_path()];
+    if let Some(path) = paths
+        .iter()
+        .find(|p| p.to_string_lossy().contains(char::is_whitespace))
+    {
+        return Err(Fatal::error(
+            EXIT_BAD_INPUT,
+            format!(
+                "{} has white space, which cannot travel on the VM's kernel command line: \
+                 move it to a path without",
+                path.display()
+            ),
+        ));
+    }
+    let mut words = format!(
+        "parsrv.workspace={} parsrv.nextest={} parsrv.pyenv={} parsrv.results={}",
+        root.display(),
+        nextest.display(),
+        pyenv.display(),
+        root.join("target/nextest").display()
+    );
+    if !filter.is_empty() {
+        words.push_str(&format!(" parsrv.filter={filter}"));
+    }
+    Ok(words)
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
+/// The test name filter the init passes to nextest, checked to travel on the kernel
+/// command line.
 fn test_args(options: &VmOptions) -> Result<String> {
     let mut args: Vec<&str> = Vec::new();
     if let Some(filter) = &options.filter {
@@ -205,7 +291,9 @@ struct Vm<'a> {
     qemu: &'a Path,
     kernel: &'a kernel::Kernel,
     initramfs: &'a Path,
-    /// The test binaries' arguments, joined by commas (see [`test_args`]).
+    /// A directory of the host the VM writes nextest's results into.
+    results: &'a Path,
+    /// Kernel command line words for the init (see [`kernel_words`]).
     test_args: &'a str,
     options: &'a VmOptions,
     /// Where the console is kept.
@@ -246,10 +334,29 @@ impl Vm<'_> {
             qemu,
             kernel,
             initramfs,
+            results,
             test_args,
             options,
             log_path,
         } = *self;
+        let share = |id: &str, path: &Path, readonly: bool| {
+            [
+                "-fsdev".to_owned(),
+                format!(
+                    "local,id={id},path={},security_model=none,multidevs=remap{}",
+                    path.display(),
+                    if readonly { ",readonly=on" } else { "" }
+                ),
+                "-device".to_owned(),
+                format!("virtio-9p-pci,fsdev={id},mount_tag={id}"),
+            ]
+        };
+        let mut shares = Vec::new();
+        shares.extend(share("hostroot", Path::new("/"), true));
+        shares.extend(share("results", results, false));
+        if let Some(modules) = &kernel.modules {
+            shares.extend(share("modules", modules, true));
+        }
         let (accel, cpu) = match options.accel {
             // One host thread for both vCPUs. With one thread per vCPU (qemu 7.2 here), a 6.12
             // guest died at boot with "Oops: int3" in code the kernel was patching while the
@@ -266,11 +373,12 @@ impl Vm<'_> {
             .arg(&kernel.image)
             .arg("-initrd")
             .arg(initramfs)
+            .args(&shares)
             // panic=-1 reboots at once on a panic, and -no-reboot turns that into qemu exiting.
             .arg("-append")
             .arg(format!(
-            "console=ttyS0 loglevel=4 panic=-1 oops=panic rdinit=/init parsrv.test-args={test_args}"
-        ))
+                "console=ttyS0 loglevel=4 panic=-1 oops=panic rdinit=/init {test_args}"
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -407,6 +515,7 @@ mod tests {
         let kernel = kernel::Kernel {
             label: "fake".into(),
             image: PathBuf::from("/nonexistent"),
+            modules: None,
         };
         let options = VmOptions {
             kernels: Vec::new(),
@@ -418,6 +527,7 @@ mod tests {
             qemu,
             kernel: &kernel,
             initramfs: Path::new("/nonexistent"),
+            results: Path::new("/nonexistent"),
             test_args: "",
             options: &options,
             log_path: log,
@@ -522,7 +632,7 @@ mod tests {
             format!(
                 "#!/bin/sh\necho x >> {0}\nif [ $(wc -l < {0}) = 1 ]; then\n\
                  printf '[ 1.1] Kernel panic - not syncing: Fatal exception\\n'; exit 0; fi\n\
-                 printf 'parsrv-vm: kernel 6.12\\ntest result: ok. 1 passed; 0 failed\\n\
+                 printf 'parsrv-vm: kernel 6.12\\n PASS [ 1.0s] parsrv-integration-tests::a b\\n\
                  parsrv-vm: exit stall 0\\nparsrv-vm: done failed-binaries=0\\n'\n",
                 boots.display()
             ),
@@ -563,7 +673,7 @@ mod tests {
     fn a_finished_run_returns_its_outcome() {
         let qemu = fake_qemu(
             "done",
-            "parsrv-vm: kernel 6.1\ntest result: ok. 2 passed; 0 failed; 0 ignored\nparsrv-vm: exit stall 0\nparsrv-vm: done failed-binaries=0\n",
+            "parsrv-vm: kernel 6.1\n PASS [ 1.0s] parsrv-integration-tests::a b\n PASS [ 1.0s] parsrv-integration-tests::a c\nparsrv-vm: exit stall 0\nparsrv-vm: done failed-binaries=0\n",
             "",
             Some(0),
         );
