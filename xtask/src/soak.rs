@@ -55,6 +55,13 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
             .args(["--package", "parsrv-integration-tests"])
             .current_dir(&root),
     )?;
+    // With --exact, the test's whole path in the suite (`kill_loop::NAME`): the name alone
+    // is enough to give.
+    let filter = if options.exact && !options.test.contains("::") {
+        full_name(&root, &options.test)?
+    } else {
+        options.test.clone()
+    };
     let dir = root.join("target/soak").join(sanitize(&options.test));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -83,7 +90,7 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
             .args(["test", "--quiet", "--tests"])
             .args(["--package", "parsrv-integration-tests", "--"])
             .args(["--ignored", "--test-threads=1", "--nocapture"])
-            .arg(&options.test)
+            .arg(&filter)
             .args(options.exact.then_some("--exact"))
             .env("PARSRV_BIN", root.join("target/debug/parsrv"))
             .env("PARSRV_PYENV", setup::pyenv())
@@ -176,6 +183,43 @@ fn sanitize(test: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The path (`module::name`) of the one integration test named `name`.
+fn full_name(root: &std::path::Path, name: &str) -> Result<String> {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "test",
+            "--quiet",
+            "--tests",
+            "--package",
+            "parsrv-integration-tests",
+        ])
+        .args(["--", "--ignored", "--list"])
+        .current_dir(root)
+        .output()
+        .context("listing the integration tests")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let found: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|path| *path == name || path.ends_with(&format!("::{name}")))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => Err(Fatal::error(
+            EXIT_BAD_INPUT,
+            format!("no integration test is named {name:?}: give its exact name, or drop --exact"),
+        )),
+        many => Err(Fatal::error(
+            EXIT_BAD_INPUT,
+            format!(
+                "{} tests are named {name:?}: give its module too ({})",
+                many.len(),
+                many.join(", ")
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! What a test VM boots: a small newc initramfs (a static busybox, the kernel's 9p modules
 //! and the first stage of our init, stage1.sh) that mounts the host's root file system
 //! read-only over 9p and runs the second stage (init.sh) there. The tests then run with the
-//! host's own build (target/debug: parsrv, its example handlers, the test binaries) and the
+//! host's own build (target/release: parsrv, its example handlers, the test binary) and the
 //! host's tools (cargo-nextest, iproute2, BIRD, Python, systemd-analyze), as virtme-ng
 //! does: a test runs in a VM exactly as it runs natively, or skips for a kernel feature.
 
@@ -33,16 +33,18 @@ pub fn nextest_metadata() -> PathBuf {
     workspace_root().join("target/vm/nextest")
 }
 
-/// Builds what the VMs run (the same debug build the native suite runs) and writes
-/// nextest's metadata of it, so that nextest in the VM runs it without cargo.
+/// Builds what the VMs run and writes nextest's metadata of it, so that nextest in the VM
+/// runs it without cargo. A release build: under emulation a debug parsrv (and the debug
+/// test binary beside it) was slow enough that a spawner under load missed the tests' 30 s
+/// start deadline and a cluster agent its 20 s one, and one VM took over 25 minutes.
 pub fn build() -> Result<()> {
-    crate::build(false)?;
+    crate::build(true)?;
     let root = workspace_root();
     let cargo = env!("CARGO");
     crate::run_step(
-        "building the example handlers",
+        "building the example handlers (release, for the VMs)",
         Command::new(cargo)
-            .args(["build", "--package", "parsrv", "--examples"])
+            .args(["build", "--release", "--package", "parsrv", "--examples"])
             .current_dir(&root),
     )?;
     let meta = nextest_metadata();
@@ -54,6 +56,7 @@ pub fn build() -> Result<()> {
             &[
                 "nextest",
                 "list",
+                "--release",
                 "--package",
                 "parsrv-integration-tests",
                 "--list-type",

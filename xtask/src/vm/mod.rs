@@ -107,19 +107,26 @@ pub fn test(options: &VmOptions, earlier: Vec<VmRun>) -> Result<()> {
         kernels.push((kernel, initramfs, results, log));
     }
 
-    // Each VM is one host thread (TCG): as many at once as the host has CPUs.
-    let jobs = thread::available_parallelism().map_or(1, |n| n.get());
+    // Each VM is one host thread (TCG): as many at once as the host has CPUs, each taking
+    // the next kernel as soon as it is free.
+    let jobs = thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(kernels.len().max(1));
+    let queue = std::sync::Mutex::new(kernels.iter().collect::<std::collections::VecDeque<_>>());
     let mut runs = earlier;
     let mut errors = Vec::new();
     let vms_started = Instant::now();
-    for batch in kernels.chunks(jobs) {
-        let outcomes: Vec<Result<VmRun>> = thread::scope(|scope| {
-            let handles: Vec<_> = batch
-                .iter()
-                .map(|(kernel, initramfs, results, log)| {
-                    let words = &words;
-                    let qemu = &qemu;
-                    scope.spawn(move || {
+    let outcomes: Vec<Result<VmRun>> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..jobs)
+            .map(|_| {
+                let (queue, words, qemu) = (&queue, &words, &qemu);
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                        let Some((kernel, initramfs, results, log)) = next else {
+                            break done;
+                        };
                         eprintln!(
                             "xtask: booting {} ({}) with {:?}, time-out {} s",
                             kernel.label,
@@ -127,31 +134,37 @@ pub fn test(options: &VmOptions, earlier: Vec<VmRun>) -> Result<()> {
                             options.accel,
                             options.timeout.as_secs()
                         );
-                        Vm {
-                            qemu,
-                            kernel,
-                            initramfs,
-                            results,
-                            test_args: words,
-                            options,
-                            log_path: log,
-                        }
-                        .boot_retrying_early_panics()
-                    })
+                        done.push(
+                            Vm {
+                                qemu,
+                                kernel,
+                                initramfs,
+                                results,
+                                test_args: words,
+                                options,
+                                log_path: log,
+                            }
+                            .boot_retrying_early_panics(),
+                        );
+                    }
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a VM's thread panicked"))
-                .collect()
-        });
-        for outcome in outcomes {
-            match outcome {
-                Ok(run) => runs.push(run),
-                Err(e) => errors.push(e),
-            }
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a VM's thread panicked"))
+            .collect()
+    });
+    let mut booted = Vec::new();
+    for outcome in outcomes {
+        match outcome {
+            Ok(run) => booted.push(run),
+            Err(e) => errors.push(e),
         }
     }
+    // In the order asked for, whichever finished first.
+    booted.sort_by_key(|run| kernels.iter().position(|(k, ..)| k.label == run.label));
+    runs.extend(booted);
     crate::record_phase(
         &format!("integration tests in VMs ({jobs} at a time)"),
         vms_started.elapsed(),

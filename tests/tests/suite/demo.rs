@@ -19,7 +19,7 @@ use parsrv_integration_tests::{
 };
 
 /// The arguments `cargo xtask run` starts parsrv with.
-const DEMO_ARGS: &str = include_str!("../../xtask/src/demo.args");
+const DEMO_ARGS: &str = include_str!("../../../xtask/src/demo.args");
 
 /// The group name parsrv gives the demo's group (from its address).
 const DEMO_GROUP: &str = "127_0_0_1-8080";

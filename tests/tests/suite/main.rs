@@ -1,0 +1,28 @@
+//! The privileged integration tests, one module per concern, in one binary: one link
+//! instead of one per file, and one executable for the VMs to read over 9p (see README,
+//! "Tests"). Run them with `cargo xtask test` (as root), which runs them with
+//! cargo-nextest in the two profiles of `.config/nextest.toml`; each test is its own
+//! process there, in namespaces of its own.
+
+mod addresses;
+mod adoption;
+mod affinity;
+mod bad_input;
+mod cluster;
+mod demo;
+mod flood;
+mod groups;
+mod handlers;
+mod isolation;
+mod kill_loop;
+mod lifecycle;
+mod migration;
+mod monitoring;
+mod policy;
+mod program_log;
+mod scaling;
+mod stall;
+mod systemd;
+mod two_spawners;
+mod verifier;
+mod when_full;
