@@ -18,13 +18,26 @@ for module in $(cat /modules/order); do
     insmod "/modules/$module" || refuse "insmod $module failed"
 done
 for word in $(cat /proc/cmdline); do
-    case "$word" in parsrv.results=*) results="${word#parsrv.results=}" ;; esac
+    case "$word" in
+        parsrv.results=*) results="${word#parsrv.results=}" ;;
+        parsrv.workspace=*) workspace="${word#parsrv.workspace=}" ;;
+    esac
 done
 share=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o "ro,$share,cache=loose" hostroot /newroot || refuse "no-9p"
+# A workspace under one of the directories the tmpfs below cover (a clone in /tmp, as CI
+# may make) is bound back over them from a view of the host's root taken first.
+mkdir -p /host && mount --bind /newroot /host
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp
+case "$workspace" in
+    /tmp/*|/var/tmp/*|/run/*)
+        mkdir -p "/newroot$workspace"
+        mount --bind "/host$workspace" "/newroot$workspace" || refuse "binding the workspace $workspace failed"
+        ;;
+esac
+umount /host
 mkdir -p /newroot/run/vm/modules
 cp /bin/busybox /init.sh /newroot/run/vm/
 # The kernel package's modules, for autoloading (absent for a bzImage by path).
