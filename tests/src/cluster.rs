@@ -313,11 +313,18 @@ metrics = "{addr}:9101"
             .spawn()
             .expect("starting parsrv cluster run");
         self.host_mut(id).agent = Some(child);
+        let mut last = (0, String::new(), String::new());
+        let answered = wait_for(Duration::from_secs(20), || {
+            last = self.parsrv_output(id, &["cluster", "status", CLUSTER, "--json"]);
+            last.0 == 0
+        });
         assert!(
-            wait_for(Duration::from_secs(20), || self
-                .cluster_status(id)
-                .is_some()),
-            "host {id}'s agent did not answer: {}",
+            answered,
+            "host {id}'s agent did not answer; the last `parsrv cluster status` exited {} \
+             saying {:?} {:?}; the agent's log: {}",
+            last.0,
+            last.1,
+            last.2,
             self.log(&format!("agent-{id}.log"))
         );
     }
