@@ -271,25 +271,30 @@ pub fn queue_depth(fd: BorrowedFd<'_>) -> io::Result<QueueDepth> {
     })
 }
 
-/// A socket's `SO_INCOMING_CPU` (-1 unless set): on a listener, parsrv's "no handler"
-/// mark ([`parsrv_common::reuseport::NO_HANDLER_MARK`]).
-pub fn incoming_cpu(fd: BorrowedFd<'_>) -> io::Result<i32> {
-    let mut cpu = 0i32;
-    let mut len = mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: buffer and length describe an i32.
+/// A `SOL_SOCKET` option of a plain-number type.
+fn socket_option<T: Copy + Default>(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<T> {
+    let mut value = T::default();
+    let mut len = mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: buffer and length describe one T.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_INCOMING_CPU,
-            (&mut cpu as *mut i32).cast(),
+            name,
+            (&mut value as *mut T).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cpu)
+    Ok(value)
+}
+
+/// A socket's `SO_INCOMING_CPU` (-1 unless set): on a listener, parsrv's "no handler"
+/// mark ([`parsrv_common::reuseport::NO_HANDLER_MARK`]).
+pub fn incoming_cpu(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    socket_option(fd, libc::SO_INCOMING_CPU)
 }
 
 /// Sets a socket's `SO_INCOMING_CPU` (see [`incoming_cpu`]); any value is taken.
@@ -313,22 +318,7 @@ pub fn set_incoming_cpu(fd: BorrowedFd<'_>, cpu: i32) -> io::Result<()> {
 /// The socket's cookie, created on first use: the program finds listeners by cookie, and
 /// `skc_cookie` stays 0 until something asks for it.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: buffer and length describe a u64.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    socket_option(fd, libc::SO_COOKIE)
 }
 
 /// The inode number of a socket (as /proc shows it: `socket:[INODE]`).
