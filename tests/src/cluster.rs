@@ -312,19 +312,43 @@ metrics = "{addr}:9101"
             .stderr(log)
             .spawn()
             .expect("starting parsrv cluster run");
+        let pid = child.id();
         self.host_mut(id).agent = Some(child);
         let mut last = (0, String::new(), String::new());
         let answered = wait_for(Duration::from_secs(20), || {
             last = self.parsrv_output(id, &["cluster", "status", CLUSTER, "--json"]);
             last.0 == 0
         });
+        // Where each of the agent's threads waits, if it is alive: a hang names its place.
+        let waits = || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            Some(
+                tasks
+                    .flatten()
+                    .map(|task| {
+                        let read = |f: &str| {
+                            std::fs::read_to_string(task.path().join(f)).unwrap_or_default()
+                        };
+                        format!(
+                            "{} {} wchan={} stack: {}",
+                            task.file_name().to_string_lossy(),
+                            read("comm").trim(),
+                            read("wchan"),
+                            read("stack").replace('\n', " | ")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        };
         assert!(
             answered,
             "host {id}'s agent did not answer; the last `parsrv cluster status` exited {} \
-             saying {:?} {:?}; the agent's log: {}",
+             saying {:?} {:?}; the agent (pid {pid}) waits: {:?}; its log: {}",
             last.0,
             last.1,
             last.2,
+            waits(),
             self.log(&format!("agent-{id}.log"))
         );
     }
