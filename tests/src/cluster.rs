@@ -341,6 +341,25 @@ metrics = "{addr}:9101"
                     .join("; "),
             )
         };
+        // And its user-space backtrace, where gdb is installed (a spinning agent is in no
+        // kernel wait).
+        let backtrace = || {
+            Command::new("gdb")
+                .args([
+                    "-p",
+                    &pid.to_string(),
+                    "-batch",
+                    "-ex",
+                    "thread apply all bt 30",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " | "))
+                .unwrap_or_default()
+        };
+        if !answered {
+            eprintln!("host {id}'s agent (pid {pid}), waits: {:?}", waits());
+            eprintln!("host {id}'s agent (pid {pid}), backtrace: {}", backtrace());
+        }
         assert!(
             answered,
             "host {id}'s agent did not answer; the last `parsrv cluster status` exited {} \
