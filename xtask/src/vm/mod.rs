@@ -1,12 +1,12 @@
 //! `cargo xtask test --vm`: the privileged integration tests, booted under qemu on other
 //! kernels.
 //!
-//! The test binaries, parsrv and its example handler are built statically (glibc,
-//! `+crt-static`), packed with a static busybox and our init (init.sh) into a newc
-//! initramfs, and booted with each kernel: Debian's 5.10, 6.1 and 6.12 packages (fetched
-//! without installing them, [`kernel`]) or any bzImage given by path. The init runs every
-//! test binary one test at a time and powers off; the runner reads the serial console
-//! ([`console`]) and fails on a failed test, a kernel panic, or a time-out.
+//! Each kernel (Debian's 5.10, 6.1 and 6.12 packages, fetched without installing them,
+//! [`kernel`], or any bzImage given by path) boots a small initramfs ([`image`]) that mounts
+//! the host's root file system read-only over 9p; the init then runs the host's release
+//! build with cargo-nextest, in the same two profiles as natively, and powers off. The
+//! runner reads the serial console ([`console`]) and fails on a failed test, a kernel
+//! panic, or a time-out. VMs run one per host CPU at a time.
 //!
 //! Nothing here needs root: qemu runs unprivileged with TCG, and the tests get root inside
 //! the VM. That is the point: a developer without root, or a release checked on the kernels
@@ -60,7 +60,7 @@ impl VmOptions {
     /// Checks the kernels and the filter, without fetching or building anything: a full
     /// `cargo xtask test` calls it first, so bad input fails before the native suite runs.
     pub fn validate(&self) -> Result<()> {
-        test_args(self)?;
+        test_filter(self)?;
         for spec in &self.kernels {
             kernel::KernelSpec::parse(spec)?;
         }
@@ -87,7 +87,7 @@ pub fn test(options: &VmOptions, earlier: Vec<VmRun>) -> Result<()> {
         .iter()
         .map(|k| kernel::KernelSpec::parse(k))
         .collect::<Result<Vec<_>>>()?;
-    let filter = test_args(options)?;
+    let filter = test_filter(options)?;
     image::build()?;
     let root = crate::workspace_root();
     let vm_dir = root.join("target/vm");
@@ -140,7 +140,7 @@ pub fn test(options: &VmOptions, earlier: Vec<VmRun>) -> Result<()> {
                                 kernel,
                                 initramfs,
                                 results,
-                                test_args: words,
+                                kernel_words: words,
                                 options,
                                 log_path: log,
                             }
@@ -245,7 +245,7 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
 
 /// The test name filter the init passes to nextest, checked to travel on the kernel
 /// command line.
-fn test_args(options: &VmOptions) -> Result<String> {
+fn test_filter(options: &VmOptions) -> Result<String> {
     let mut args: Vec<&str> = Vec::new();
     if let Some(filter) = &options.filter {
         if filter.is_empty() || filter.contains([',', ' ', '\t', '\n']) {
@@ -307,7 +307,7 @@ struct Vm<'a> {
     /// A directory of the host the VM writes nextest's results into.
     results: &'a Path,
     /// Kernel command line words for the init (see [`kernel_words`]).
-    test_args: &'a str,
+    kernel_words: &'a str,
     options: &'a VmOptions,
     /// Where the console is kept.
     log_path: &'a Path,
@@ -348,7 +348,7 @@ impl Vm<'_> {
             kernel,
             initramfs,
             results,
-            test_args,
+            kernel_words,
             options,
             log_path,
         } = *self;
@@ -390,7 +390,7 @@ impl Vm<'_> {
             // panic=-1 reboots at once on a panic, and -no-reboot turns that into qemu exiting.
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 loglevel=4 panic=-1 oops=panic rdinit=/init {test_args}"
+                "console=ttyS0 loglevel=4 panic=-1 oops=panic rdinit=/init {kernel_words}"
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -541,7 +541,7 @@ mod tests {
             kernel: &kernel,
             initramfs: Path::new("/nonexistent"),
             results: Path::new("/nonexistent"),
-            test_args: "",
+            kernel_words: "",
             options: &options,
             log_path: log,
         })
