@@ -198,7 +198,7 @@ pub struct FeatureProbe {
 impl KernelFeatures {
     /// Probes every feature of the running kernel.
     pub fn probe() -> Self {
-        Self::probe_with(Btf::from_file(vmlinux_btf_path()).ok().as_ref())
+        Self::probe_with(crate::kernel::vmlinux_btf().ok().as_ref())
     }
 
     /// Probes every feature, with the running kernel's BTF already parsed (None: it has

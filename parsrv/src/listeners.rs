@@ -134,8 +134,9 @@ impl Listeners {
             nonblocking: true,
             listeners: Vec::with_capacity(count as usize),
         };
+        // No program runs on a group that is being created.
         for _ in 0..count {
-            listeners.add_listener()?;
+            listeners.add_listener(|_| Ok(()))?;
         }
         Ok(listeners)
     }
@@ -143,10 +144,14 @@ impl Listeners {
     /// Takes over the sockets of a running group ([`crate::spawner`]'s adoption), in slot
     /// order; where a slot's socket is gone (`None`), a new one joins the kernel's group,
     /// which the surviving sockets keep alive.
+    ///
+    /// The adopted group's program still runs: `before_listen(slot, cookie)` registers a new
+    /// socket's cookie before it joins (see [`Listeners::add_listener`]).
     pub fn adopt(
         pattern: &[SocketAddr],
         backlog: u32,
         sockets: Vec<Option<Socket>>,
+        mut before_listen: impl FnMut(u32, u64) -> Result<()>,
     ) -> Result<Self> {
         let mut listeners = Listeners {
             pattern: pattern.to_vec(),
@@ -154,7 +159,7 @@ impl Listeners {
             nonblocking: true,
             listeners: Vec::with_capacity(sockets.len()),
         };
-        for socket in sockets {
+        for (slot, socket) in (0..).zip(sockets) {
             match socket {
                 Some(socket) => {
                     let (listen, entry) = listeners.next_addr();
@@ -166,7 +171,7 @@ impl Listeners {
                     listeners.listeners.push(listener);
                 }
                 None => {
-                    listeners.add_listener()?;
+                    listeners.add_listener(|cookie| before_listen(slot, cookie))?;
                 }
             }
         }
@@ -190,8 +195,16 @@ impl Listeners {
         (addr, entry as u32)
     }
 
-    /// Adds one listening socket to the group (the next slot).
-    pub fn add_listener(&mut self) -> Result<&Listener> {
+    /// Adds one listening socket to the group (the next slot), marked as having no handler
+    /// yet (`AwaitingHandler`). `before_listen` gets its cookie before listen() puts it in
+    /// the kernel's group: a running program that meets a socket it cannot name fails open
+    /// (`unknown_socket`, the kernel's hash decides), so the caller registers the cookie
+    /// first; and the mark keeps the empty queue from looking like the best place until a
+    /// handler is there.
+    pub fn add_listener(
+        &mut self,
+        before_listen: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<&Listener> {
         let (listen, entry) = self.next_addr();
         let socket_error = |action| socket_error(action, listen);
         let socket = Socket::new(
@@ -217,10 +230,17 @@ impl Listeners {
                 socket_error("bind")(source)
             }
         })?;
+        kernel::set_incoming_cpu(socket.as_fd(), NO_HANDLER_MARK)
+            .map_err(socket_error("mark (no handler) the socket on"))?;
+        let cookie =
+            kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
+        before_listen(cookie)?;
         socket
             .listen(listen_backlog(self.backlog))
             .map_err(socket_error("listen on"))?;
-        self.listeners.push(Listener::of(socket, listen, entry)?);
+        let mut listener = Listener::of(socket, listen, entry)?;
+        listener.state = SocketState::AwaitingHandler;
+        self.listeners.push(listener);
         Ok(self.listeners.last().expect("just pushed"))
     }
 

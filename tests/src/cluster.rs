@@ -285,7 +285,7 @@ metrics = "{addr}:9101"
         self.host_mut(id).spawner = Some(child);
         let name = format!("web{id}");
         assert!(
-            wait_for(Duration::from_secs(20), || self
+            wait_for(START_WITHIN, || self
                 .parsrv_output(id, &["status", &name, "--json"])
                 .0
                 == 0),
@@ -315,7 +315,7 @@ metrics = "{addr}:9101"
         let pid = child.id();
         self.host_mut(id).agent = Some(child);
         let mut last = (0, String::new(), String::new());
-        let answered = wait_for(Duration::from_secs(20), || {
+        let answered = wait_for(START_WITHIN, || {
             last = self.parsrv_output(id, &["cluster", "status", CLUSTER, "--json"]);
             last.0 == 0
         });
@@ -667,6 +667,35 @@ metrics = "{addr}:9101"
         }
     }
 
+    /// Closes (SOCK_DESTROY, `ss -K`) every established connection to the service on every
+    /// host, and checks none is left. A control whose route change broke connections leaves
+    /// their server ends established on the host they were on (the client's FIN and RST
+    /// went to another host): a later client that gets the same port would seem to be
+    /// served on two hosts.
+    pub fn close_service_connections(&self) {
+        for host in &self.hosts {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &host.ns, "ss", "-K", "-t", "-n"])
+                .args([
+                    "state",
+                    "established",
+                    "sport",
+                    "=",
+                    &format!(":{SERVICE_PORT}"),
+                ])
+                .output()
+                .expect("running ss");
+            assert!(
+                out.status.success(),
+                "ss -K in host {}: {}",
+                host.id,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let left = self.connection_hosts();
+        assert!(left.is_empty(), "connections left after ss -K: {left:?}");
+    }
+
     /// Where each established connection to the service is: (client address, client
     /// port) -> host (read in each host's namespace).
     pub fn connection_hosts(&self) -> BTreeMap<(Ipv4Addr, u16), u16> {
@@ -823,8 +852,19 @@ pub enum Ended {
     Broken(String),
 }
 
+/// How long a spawner or an agent may take to answer after it starts before the harness
+/// calls it hung: a liveness bound, not a speed check. Natively they answer within 0.3 s;
+/// under emulation, beside the other hosts' processes, it took 2-20 s.
+const START_WITHIN: Duration = Duration::from_secs(60);
+
+/// How often each long-lived connection sends a line: six round trips per 600-ms route
+/// change, so a change that breaks a connection shows before the next. (At 30 ms, 150
+/// connections kept both CPUs of an emulated VM busy, and an agent starting beside them
+/// took more than 20 s.)
+pub const ROUND_EVERY: Duration = Duration::from_millis(100);
+
 /// Long-lived connections from many clients, each sending a line and reading its echo
-/// every few tens of milliseconds until stopped (bounded: `limit`).
+/// every [`ROUND_EVERY`] until stopped (bounded: `limit`).
 pub struct LongLived {
     stop: Arc<AtomicBool>,
     /// Per connection: close it (gracefully) now.
@@ -1004,7 +1044,7 @@ fn converse(
         }
         round += 1;
         rounds.store(round, Ordering::SeqCst);
-        thread::sleep(Duration::from_millis(30));
+        thread::sleep(ROUND_EVERY);
     }
     Ended::Alive
 }

@@ -293,6 +293,17 @@ impl Steering {
         }
     }
 
+    /// Names a socket that is about to join the group: the program can then tell it is
+    /// `slot` when it meets it among the group's sockets, before [`Steering::register`]
+    /// makes it selectable. Called before listen(); see [`crate::listeners::Listeners`].
+    pub fn register_cookie(&mut self, slot: u32, cookie: u64) -> Result<()> {
+        self.slot_by_cookie
+            .insert(cookie, slot, 0)
+            .map_err(Error::ebpf(format!(
+                "registering the socket of slot {slot}"
+            )))
+    }
+
     /// Makes `listener` selectable as `slot`. The socket must already listen.
     pub fn register(&mut self, slot: u32, listener: &Listener) -> Result<()> {
         if slot >= MAX_SOCKETS {

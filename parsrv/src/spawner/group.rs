@@ -193,7 +193,12 @@ impl RunningGroup {
                         }
                     }
                 }
-                let listeners = Listeners::adopt(&spec.slot_pattern(), spec.backlog, sockets)?;
+                let listeners = Listeners::adopt(
+                    &spec.slot_pattern(),
+                    spec.backlog,
+                    sockets,
+                    |slot, cookie| steering.register_cookie(slot, cookie),
+                )?;
                 (listeners, steering, handlers)
             }
         };

@@ -132,9 +132,20 @@ impl Members {
     /// Adds a slot at the top: a new socket, registered before its handler starts.
     pub fn add(&mut self) -> Result<()> {
         let index = self.listeners.listeners().len() as u32;
-        let listener = self.listeners.add_listener()?;
-        if let Err(e) = self.steering.register(index, listener) {
-            self.listeners.remove_last();
+        let mut named = None;
+        let steering = &mut self.steering;
+        let added = self.listeners.add_listener(|cookie| {
+            named = Some(cookie);
+            steering.register_cookie(index, cookie)
+        });
+        let registered = added.and_then(|listener| self.steering.register(index, listener));
+        if let Err(e) = registered {
+            if self.listeners.listeners().len() as u32 > index {
+                self.listeners.remove_last();
+            }
+            if let Some(cookie) = named {
+                let _ = self.steering.unregister(index, cookie);
+            }
             return Err(e);
         }
         self.start_handler()

@@ -79,6 +79,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         thread::sleep(Duration::from_secs(4));
         let control_broken = control.broken();
         let ended = control.finish();
+        topology.close_service_connections();
         assert!(
             !ended.iter().any(|e| matches!(e, Ended::NoConnect(_))),
             "{ended:?}"
@@ -108,6 +109,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         thread::sleep(Duration::from_secs(4));
         let resilient_broken = control.broken_indices();
         control.finish();
+        topology.close_service_connections();
         eprintln!(
             "control, resilient nexthop group: 1 host of 3 removed: {} of {total} connections broken, {} were on the removed host",
             resilient_broken.len(),

@@ -52,6 +52,7 @@ fn a_kill_loop_loses_only_what_killed_handlers_had_accepted() {
             (0, 0),
             "{run:?}\nprogram fail-open errors: {errors:?}"
         );
+        assert_eq!(errors.total(), 0, "the program failed open: {errors:?}");
         assert!(spawner.stop().success());
     });
 }

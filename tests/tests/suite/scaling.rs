@@ -166,6 +166,11 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
             "the program counted every migration; its fail-open errors: {:?}",
             spawner.status().errors
         );
+        // A socket added by a resize is named to the program before it joins the kernel's
+        // group (it once was after: the program met an unknown socket and failed open,
+        // `unknown_socket`, seen 2 in one run on 6.12).
+        let errors = spawner.status().errors;
+        assert_eq!(errors.total(), 0, "the program failed open: {errors:?}");
         assert_eq!(spawner.status().handlers.len(), 2);
         assert!(spawner.stop().success());
 
