@@ -334,9 +334,7 @@ impl ControlSocket {
         Fut: std::future::Future<Output = Response> + 'static,
     {
         loop {
-            let Ok((stream, _)) = self.listener.accept().await else {
-                continue;
-            };
+            let stream = accept_from_root(&self.listener).await;
             let answer = answer.clone();
             tokio::task::spawn_local(async move {
                 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -363,6 +361,33 @@ impl ControlSocket {
         }
     }
 }
+
+/// The next connection to a control socket from a root process. The socket file is root's
+/// and 0600 already; the peer's credentials (SO_PEERCRED) are checked all the same, in case
+/// the file's mode or its directory's ever change. A failed accept (EMFILE: the spawner is
+/// out of descriptors) waits a moment rather than spinning on a queue it cannot empty.
+pub async fn accept_from_root(listener: &tokio::net::UnixListener) -> tokio::net::UnixStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => match stream.peer_cred() {
+                Ok(peer) if peer.uid() == 0 => return stream,
+                Ok(peer) => log::warn!(
+                    "refused a control connection from uid {} (pid {:?}): only root may ask",
+                    peer.uid(),
+                    peer.pid()
+                ),
+                Err(e) => log::warn!("refused a control connection: SO_PEERCRED: {e}"),
+            },
+            Err(e) => {
+                log::warn!("accepting on a control socket: {e}");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
+    }
+}
+
+/// How long a control socket waits after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {

@@ -202,12 +202,15 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
         return Err(no_bpffs(io::Error::from_raw_os_error(libc::EPERM)));
     }
     std::fs::create_dir_all(path).map_err(no_bpffs)?;
+    // As systemd mounts it: only root may look in (bpffs defaults to 1777, where a local
+    // user could plant a directory parsrv then trusts).
+    use nix::mount::MsFlags;
     nix::mount::mount(
         Some("bpf"),
         path,
         Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
     )
     .map_err(|e| no_bpffs(e.into()))?;
     log::info!("mounted bpffs at {}", path.display());
@@ -388,6 +391,52 @@ pub fn listening_sockets(pid: u32) -> Vec<(u64, String)> {
             (tcp && listening).then(|| (inode, local.to_string()))
         })
         .collect()
+}
+
+/// The soft limit on open files parsrv started with (0: not raised), which handlers get back.
+static STARTED_FD_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raises this process's soft limit on open files to its hard limit, as daemons that hold
+/// many sockets do (the hard limit is the administrator's: `LimitNOFILE=` in the unit). A
+/// spawner holds every slot's socket, pidfd, pipes and the admin endpoint's connections;
+/// with the usual soft limit of 1,024 a busy endpoint alone could exhaust it. Handlers get
+/// the old soft limit back ([`restore_fd_limit`]): some servers still use select().
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let started = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            STARTED_FD_LIMIT.store(started, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Puts back the soft limit parsrv started with. Async-signal-safe: for a forked handler.
+pub fn restore_fd_limit() {
+    let started = STARTED_FD_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+    if started == 0 {
+        return;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = started;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 #[cfg(test)]

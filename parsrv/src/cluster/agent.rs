@@ -17,7 +17,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use parsrv_common::cluster::{entry_flags, host_state, AgentCounters, Host};
 use tokio::{
-    io::{unix::AsyncFd, AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::mpsc,
 };
@@ -751,19 +751,27 @@ fn control_listener(name: &str) -> Result<tokio::net::UnixListener> {
         )));
     }
     let _ = std::fs::remove_file(&path);
-    tokio::net::UnixListener::bind(&path).map_err(Error::io(format!("binding {}", path.display())))
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(Error::io(format!("binding {}", path.display())))?;
+    // Root's alone, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io(format!("restricting {}", path.display())))?;
+    Ok(listener)
 }
+
+/// The longest request the agent's control socket reads (they are one short word).
+const MAX_CONTROL_REQUEST: u64 = 256;
 
 /// Answers `parsrv cluster status` and `parsrv cluster drain`: one request line, one answer.
 async fn serve_control(agent: Shared, listener: tokio::net::UnixListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let stream = crate::control::accept_from_root(&listener).await;
         let agent = agent.clone();
         tokio::task::spawn_local(async move {
             let (reader, mut writer) = stream.into_split();
-            let mut lines = BufReader::new(reader).lines();
+            // A request is one short word: read no more than a line's worth.
+            let mut lines = BufReader::new(reader.take(MAX_CONTROL_REQUEST)).lines();
             let Ok(Ok(Some(line))) =
                 tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await
             else {

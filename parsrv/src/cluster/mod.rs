@@ -85,6 +85,7 @@ pub fn run(spec: ClusterSpec) -> Result<()> {
         return Err(Error::Rejected(format!("[cluster] {first}")));
     }
     kernel::check_capabilities()?;
+    kernel::raise_fd_limit();
     crate::features::KernelFeatures::probe()
         .require_for(&[crate::dataplane::Program::ClusterDispatch])?;
     crate::dataplane::verification::check(&[crate::dataplane::Program::ClusterDispatch])?;

@@ -4,6 +4,7 @@
 //! in a page shared with the spawner ([`stats`]).
 
 mod builtin;
+pub mod containment;
 mod stats;
 
 pub use builtin::serve_http_connection;
@@ -80,9 +81,13 @@ fn credentials_value(value: &str) -> Result<Credentials, String> {
 /// Becomes the handler: drops privileges if asked, then runs a built-in handler or execs
 /// the command (returning only if that fails).
 pub fn launch(launch: Launch) -> anyhow::Result<()> {
+    let filter = containment::filter()?;
     if let Some(credentials) = launch.credentials {
+        // While still root: afterwards it takes the capability it removes.
+        containment::drop_bounding_set()?;
         drop_privileges(credentials)?;
     }
+    containment::contain(&filter)?;
     match launch.kind {
         HandlerKind::Exec => Err(exec_command(&launch)),
         kind => builtin::run(kind, launch.threads, launch.slot),

@@ -62,6 +62,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     }
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
     kernel::check_capabilities()?;
+    kernel::raise_fd_limit();
     let programs = dataplane::programs_for_groups(&options.groups);
     let btf = kernel::vmlinux_btf()?;
     KernelFeatures::probe_with(Some(&btf)).require_for(&programs)?;

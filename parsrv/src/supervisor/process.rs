@@ -126,6 +126,7 @@ pub(super) fn place_handler(
             Ok(rc)
         }
     }
+    crate::kernel::restore_fd_limit();
     // SAFETY: plain fd and process syscalls on values owned by this (forked) process.
     unsafe {
         // Copy the sources out of the way first: any may sit at 3, 4 or 5.

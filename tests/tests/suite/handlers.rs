@@ -363,6 +363,9 @@ fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
             assert_eq!(proc_status(pid, "Gid"), "65534\t65534\t65534\t65534");
             assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
             assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
+            // Nothing it execs gets a capability back, set-uid root programs included.
+            assert_eq!(proc_status(pid, "CapBnd"), "0000000000000000");
+            assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
         }
         // The handlers' own attempt to open the pinned map, as they logged it.
         assert!(wait_for(Duration::from_secs(10), || spawner

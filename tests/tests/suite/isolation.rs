@@ -142,6 +142,12 @@ fn parsrv_mounts_bpffs_where_missing_and_uses_the_one_mounted() {
         assert_eq!(log.lines().filter(|l| *l == mounted).count(), 1, "{log}");
         assert!(bpffs_mounted());
         assert!(pin_dir("bpffs-missing").exists());
+        // Root's alone, as systemd mounts it (a bpffs mounted without a mode is 1777).
+        {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let root = std::fs::metadata(BPFFS).unwrap();
+            assert_eq!((root.uid(), root.permissions().mode() & 0o777), (0, 0o700));
+        }
         assert!(spawner.stop().success());
         assert!(!pin_dir("bpffs-missing").exists());
         // It stays mounted, as systemd would have it: others may use it.

@@ -23,6 +23,7 @@ mod program_log;
 mod scaling;
 mod stall;
 mod systemd;
+mod trust;
 mod two_spawners;
 mod verifier;
 mod when_full;

@@ -1,0 +1,264 @@
+//! Trust boundaries: what a handler (code parsrv does not control) cannot do to the group
+//! it serves. Each test does the attack from inside parsrv and, as a control, the same
+//! attack where parsrv does not protect, to show that it would work.
+
+use std::{
+    io::{Read, Write},
+    os::fd::AsRawFd,
+    os::unix::process::CommandExt,
+    process::Command,
+    time::Duration,
+};
+
+use parsrv_integration_tests::{addr, connect, group, privileged, wait_for, HandlerKind, Needs};
+
+/// A handler that first tries, on its socket (fd 3), what would take the group's steering
+/// away: replace the group's program with a classic BPF one that always picks socket 0,
+/// detach it, and clear the spawner's "no handler" mark; it prints what the kernel said,
+/// then echoes one line per connection.
+const ATTACK: &str = r#"
+import ctypes, socket, struct
+s = socket.socket(fileno=3)
+ret_0 = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K 0
+fprog = struct.pack("HL", 1, ctypes.addressof(ret_0))  # struct sock_fprog
+said = []
+for name, option, value in [("attach_cbpf", 51, fprog), ("detach", 68, 0), ("incoming_cpu", 49, -1)]:
+    try:
+        s.setsockopt(socket.SOL_SOCKET, option, value)
+        said.append(f"{name}=ok")
+    except OSError as e:
+        said.append(f"{name}=errno{e.errno}")
+print("attack " + " ".join(said), flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(c.recv(64))
+    c.close()
+"#;
+
+fn echo_once(timeout: Duration) -> bool {
+    let Ok(mut stream) = connect(addr(), timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut echo = [0u8; 5];
+    stream.write_all(b"hello").is_ok() && stream.read_exact(&mut echo).is_ok() && &echo == b"hello"
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_handler_cannot_replace_detach_or_unmark_the_groups_program() {
+    privileged(Needs::program().and_python(), || {
+        let spawner = group("test-contained", HandlerKind::Exec)
+            .handlers(2)
+            .command(&["/usr/bin/python3", "-c", ATTACK])
+            .start();
+        assert!(
+            wait_for(Duration::from_secs(10), || spawner
+                .log()
+                .matches("attack ")
+                .count()
+                == 2),
+            "{}",
+            spawner.log()
+        );
+        let log = spawner.log();
+        for line in log.lines().filter(|l| l.contains("attack ")) {
+            assert!(
+                line.ends_with("attack attach_cbpf=errno1 detach=errno1 incoming_cpu=errno1"),
+                "a handler changed the group's steering: {line}"
+            );
+        }
+        for handler in spawner.status().handlers {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", handler.pid.unwrap())).unwrap();
+            for field in ["NoNewPrivs:\t1", "Seccomp:\t2"] {
+                assert!(status.contains(field), "no {field:?} in\n{status}");
+            }
+        }
+        // The program still decides every connection.
+        let selected = || -> u64 {
+            spawner
+                .status()
+                .sockets
+                .iter()
+                .map(|s| s.counters.selected)
+                .sum()
+        };
+        let before = selected();
+        let connections = 20;
+        for _ in 0..connections {
+            assert!(echo_once(Duration::from_secs(5)));
+        }
+        assert_eq!(selected() - before, connections);
+        assert!(spawner.stop().success());
+
+        // Control: the same handler on a socket of a plain SO_REUSEPORT group that has a
+        // classic BPF selector, outside parsrv: the kernel lets it do all three.
+        let plain =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        plain.set_reuse_port(true).unwrap();
+        plain.set_reuse_address(true).unwrap();
+        plain.bind(&addr().into()).unwrap();
+        plain.listen(8).unwrap();
+        let fd = plain.as_raw_fd();
+        let mut child = Command::new("/usr/bin/python3");
+        child
+            .args(["-c", ATTACK])
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: dup2 or fcntl only, between fork and exec.
+        unsafe {
+            child.pre_exec(move || {
+                // dup2 onto itself would keep FD_CLOEXEC.
+                let kept = if fd == 3 {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if kept < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = child.spawn().unwrap();
+        let mut said = String::new();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut byte = [0u8; 1];
+        while !said.ends_with('\n') && stdout.read(&mut byte).unwrap_or(0) == 1 {
+            said.push(byte[0] as char);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            said.trim(),
+            "attack attach_cbpf=ok detach=ok incoming_cpu=ok",
+            "the control could not do what the handler tried"
+        );
+    });
+}
+
+/// Sends `request` to the control socket at `path` as `uid` (in a child process, since a
+/// process that gave up root cannot take it back); returns the answer line, empty if the
+/// spawner closed without one.
+fn ask_as(uid: u32, path: &std::path::Path, request: &str) -> String {
+    use std::os::unix::net::UnixStream;
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let path = path.to_owned();
+    let request = request.to_owned();
+    // SAFETY: the child only makes system calls, then _exits.
+    match unsafe { libc::fork() } {
+        0 => {
+            let mut theirs = theirs;
+            // SAFETY: setgid/setuid on our own process.
+            let dropped = unsafe { libc::setgid(uid) == 0 && libc::setuid(uid) == 0 };
+            let answer = dropped
+                .then(|| {
+                    let mut stream = UnixStream::connect(&path).ok()?;
+                    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+                    stream.write_all(request.as_bytes()).ok()?;
+                    let mut answer = Vec::new();
+                    let _ = stream.read_to_end(&mut answer);
+                    Some(answer)
+                })
+                .flatten()
+                .unwrap_or_else(|| b"(no connection)".to_vec());
+            let _ = theirs.write_all(&answer);
+            // SAFETY: ends the child without the parent's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+        child => {
+            drop(theirs);
+            let mut answer = String::new();
+            let _ = ours.read_to_string(&mut answer);
+            let mut status = 0;
+            // SAFETY: our own child.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            answer
+        }
+    }
+}
+
+/// A local user who can reach a control socket (its file's mode widened by mistake) gets
+/// no answer: the spawner checks the peer's uid. Root's request, the control, is answered.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_local_user_gets_no_answer_from_a_control_socket_even_when_its_mode_lets_them_in() {
+    privileged(Needs::program(), || {
+        use std::os::unix::fs::PermissionsExt;
+        let name = "test-peercred";
+        let spawner = group(name, HandlerKind::Http).start();
+        let path = parsrv::control::socket_path(name);
+        let open = std::fs::Permissions::from_mode;
+        std::fs::set_permissions(parsrv::control::run_dir(), open(0o755)).unwrap();
+        std::fs::set_permissions(&path, open(0o666)).unwrap();
+        let request = serde_json::to_string(&parsrv::control::Request::Status).unwrap() + "\n";
+        let request = request.as_str();
+        let nobody = ask_as(65534, &path, request);
+        assert_eq!(nobody, "", "uid 65534 got an answer");
+        assert!(
+            spawner
+                .log()
+                .contains("refused a control connection from uid 65534"),
+            "{}",
+            spawner.log()
+        );
+        // Control: the same request as root, over the same path, is answered.
+        let root = ask_as(0, &path, request);
+        assert!(root.contains("\"handlers\""), "{root}");
+        assert!(spawner.stop().success());
+    });
+}
+
+/// "Max open files" of a process, as (soft, hard).
+fn fd_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_owned(),
+        fields.next().unwrap().to_owned(),
+    )
+}
+
+/// The spawner raises its soft limit on open files to the hard one (so that the admin
+/// endpoint or many slots cannot exhaust it); its handlers get the soft limit it started
+/// with, as any service would.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn the_spawner_raises_its_fd_limit_and_handlers_keep_the_usual_one() {
+    privileged(Needs::program(), || {
+        // As a service starts under systemd: a soft limit of 1,024 below a higher hard one
+        // (this test's process is its own; the spawner inherits it).
+        let mut ours = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid struct.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours), 0);
+            ours.rlim_cur = 1024;
+            if ours.rlim_max <= 1024 {
+                ours.rlim_max = 4096;
+            }
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &ours), 0);
+        }
+        let spawner = group("test-nofile", HandlerKind::Http).handlers(2).start();
+        let (soft, hard) = fd_limits(spawner.pid());
+        assert_eq!(
+            (soft, hard.clone()),
+            (hard.clone(), ours.rlim_max.to_string())
+        );
+        for handler in spawner.status().handlers {
+            assert_eq!(
+                fd_limits(handler.pid.unwrap()),
+                (ours.rlim_cur.to_string(), ours.rlim_max.to_string())
+            );
+        }
+        assert!(spawner.stop().success());
+    });
+}
