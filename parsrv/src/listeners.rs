@@ -134,9 +134,8 @@ impl Listeners {
             nonblocking: true,
             listeners: Vec::with_capacity(count as usize),
         };
-        // No program runs on a group that is being created.
         for _ in 0..count {
-            listeners.add_listener(|_| Ok(()))?;
+            listeners.add_listener()?;
         }
         Ok(listeners)
     }
@@ -171,7 +170,7 @@ impl Listeners {
                     listeners.listeners.push(listener);
                 }
                 None => {
-                    listeners.add_listener(|cookie| before_listen(slot, cookie))?;
+                    listeners.join_listener(|cookie| before_listen(slot, cookie))?;
                 }
             }
         }
@@ -195,15 +194,29 @@ impl Listeners {
         (addr, entry as u32)
     }
 
-    /// Adds one listening socket to the group (the next slot), marked as having no handler
-    /// yet (`AwaitingHandler`). `before_listen` gets its cookie before listen() puts it in
-    /// the kernel's group: a running program that meets a socket it cannot name fails open
-    /// (`unknown_socket`, the kernel's hash decides), so the caller registers the cookie
-    /// first; and the mark keeps the empty queue from looking like the best place until a
-    /// handler is there.
-    pub fn add_listener(
+    /// Adds one listening socket, serving, to a group no program runs on yet (the next
+    /// slot).
+    fn add_listener(&mut self) -> Result<&Listener> {
+        self.add(None)
+    }
+
+    /// Adds one listening socket to a group whose program runs (the next slot), marked as
+    /// having no handler yet (`AwaitingHandler`). `before_listen` gets its cookie before
+    /// listen() puts it in the kernel's group: a running program that meets a socket it
+    /// cannot name fails open (`unknown_socket`, the kernel's hash decides), so the caller
+    /// registers the cookie first; and the mark keeps the empty queue from looking like the
+    /// best place until a handler is there.
+    pub fn join_listener(
         &mut self,
         before_listen: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<&Listener> {
+        self.add(Some(Box::new(before_listen)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn add(
+        &mut self,
+        joining: Option<Box<dyn FnOnce(u64) -> Result<()> + '_>>,
     ) -> Result<&Listener> {
         let (listen, entry) = self.next_addr();
         let socket_error = |action| socket_error(action, listen);
@@ -230,16 +243,21 @@ impl Listeners {
                 socket_error("bind")(source)
             }
         })?;
-        kernel::set_incoming_cpu(socket.as_fd(), NO_HANDLER_MARK)
-            .map_err(socket_error("mark (no handler) the socket on"))?;
-        let cookie =
-            kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
-        before_listen(cookie)?;
+        let joins = joining.is_some();
+        if let Some(before_listen) = joining {
+            kernel::set_incoming_cpu(socket.as_fd(), NO_HANDLER_MARK)
+                .map_err(socket_error("mark (no handler) the socket on"))?;
+            let cookie =
+                kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
+            before_listen(cookie)?;
+        }
         socket
             .listen(listen_backlog(self.backlog))
             .map_err(socket_error("listen on"))?;
         let mut listener = Listener::of(socket, listen, entry)?;
-        listener.state = SocketState::AwaitingHandler;
+        if joins {
+            listener.state = SocketState::AwaitingHandler;
+        }
         self.listeners.push(listener);
         Ok(self.listeners.last().expect("just pushed"))
     }

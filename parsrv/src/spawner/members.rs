@@ -134,7 +134,7 @@ impl Members {
         let index = self.listeners.listeners().len() as u32;
         let mut named = None;
         let steering = &mut self.steering;
-        let added = self.listeners.add_listener(|cookie| {
+        let added = self.listeners.join_listener(|cookie| {
             named = Some(cookie);
             steering.register_cookie(index, cookie)
         });
