@@ -128,6 +128,35 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(RUN_DIR))
 }
 
+/// Refuses a run directory root should not trust: one that another user owns or may write
+/// (a planted record or socket there would make root act on it). One that does not exist
+/// yet is fine: parsrv creates it, 0700.
+pub fn check_run_dir() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let path = run_dir();
+    let meta = match fs::metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
+    };
+    let why = if !meta.is_dir() {
+        Some("not a directory".to_owned())
+    } else if meta.uid() != 0 {
+        Some(format!("owned by uid {}", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "writable by others (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::UntrustedPath { path, why }),
+        None => Ok(()),
+    }
+}
+
 pub fn socket_path(group: &str) -> PathBuf {
     run_dir().join(format!("{group}.sock"))
 }

@@ -115,6 +115,13 @@ pub enum Error {
     #[error("several parsrv groups are running ({known}): name one, e.g. `parsrv status {first}`")]
     GroupAmbiguous { known: String, first: String },
 
+    #[error(
+        "{path} is {why}: parsrv acts as root on what it holds, so it must be root's and \
+         writable by no one else (chown root: {path} && chmod 0700 {path}), or choose another \
+         PARSRV_RUN_DIR"
+    )]
+    UntrustedPath { path: PathBuf, why: String },
+
     /// The spawner refused a request as bad input (and changed nothing).
     #[error("{0}")]
     Rejected(String),

@@ -85,6 +85,7 @@ pub fn run(spec: ClusterSpec) -> Result<()> {
         return Err(Error::Rejected(format!("[cluster] {first}")));
     }
     kernel::check_capabilities()?;
+    crate::control::check_run_dir()?;
     kernel::raise_fd_limit();
     crate::features::KernelFeatures::probe()
         .require_for(&[crate::dataplane::Program::ClusterDispatch])?;

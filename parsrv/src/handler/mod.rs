@@ -116,6 +116,31 @@ fn drop_privileges(credentials: Credentials) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether process `pid` shows that parsrv started it as slot `slot`'s handler of `group`:
+/// its command line (`parsrv handler ... --slot=N --group=G`, until it execs a command)
+/// or the environment parsrv gave the command it execs (LISTEN_PID of itself,
+/// PARSRV_GROUP, PARSRV_SLOT). A spawner signals a process a record names only if it
+/// does: the record could name any process, and root can signal all of them. (A process
+/// that fakes these is its owner's own, whom it could signal anyway.)
+pub fn shows_it_is(pid: u32, group: &str, slot: usize) -> bool {
+    let read = |file: &str| std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    let cmdline = read("cmdline");
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let slot_arg = format!("--slot={slot}");
+    let group_arg = format!("--group={group}");
+    if args.get(1) == Some(&b"handler".as_slice())
+        && args.contains(&slot_arg.as_bytes())
+        && args.contains(&group_arg.as_bytes())
+    {
+        return true;
+    }
+    let environ = read("environ");
+    let variables: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+    let has = |name: &str, value: &str| variables.contains(&format!("{name}={value}").as_bytes());
+    use crate::activation::LISTEN_PID;
+    has(LISTEN_PID, &pid.to_string()) && has(GROUP_ENV, group) && has(SLOT_ENV, &slot.to_string())
+}
+
 /// Execs the handler's command with the socket-activation variables set for this very
 /// process (exec keeps the pid). Returns only on failure.
 fn exec_command(launch: &Launch) -> anyhow::Error {
@@ -137,6 +162,35 @@ fn exec_command(launch: &Launch) -> anyhow::Error {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_process_shows_it_is_a_handler_by_the_environment_parsrv_gave_it() {
+        let mut handler = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "exec env LISTEN_PID=$$ PARSRV_GROUP=web PARSRV_SLOT=1 sleep 30",
+            ])
+            .spawn()
+            .unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = handler.id();
+        // Until sh and env have exec'd sleep.
+        let shown = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            shows_it_is(pid, "web", 1)
+        });
+        assert!(shown);
+        assert!(!shows_it_is(pid, "web", 2));
+        assert!(!shows_it_is(pid, "api", 1));
+        assert!(!shows_it_is(other.id(), "web", 1));
+        for child in [&mut handler, &mut other] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -42,7 +42,7 @@ impl Adoption {
             .enumerate()
             .map(|(slot, recorded)| {
                 let handler = recorded.handler?;
-                adopt_handler(slot, recorded.cookie, handler, kind)
+                adopt_handler(&record.spec.name, slot, recorded.cookie, handler, kind)
                     .inspect_err(|why| {
                         log::warn!(
                             "group {}: handler {slot} (pid {}) not adopted: {why}; the slot starts anew",
@@ -70,6 +70,7 @@ impl Adoption {
 }
 
 fn adopt_handler(
+    group: &str,
     slot: usize,
     cookie: u64,
     recorded: HandlerRecord,
@@ -79,6 +80,13 @@ fn adopt_handler(
     if !process_alive(recorded.pid) {
         // Exited while no spawner ran, or during a re-exec: reap it if it is ours.
         return Err("it has exited".into());
+    }
+    if !crate::handler::shows_it_is(recorded.pid, group, slot) {
+        return Err(format!(
+            "pid {} does not show that it is this slot's handler (by its command line or \
+             environment): left alone",
+            recorded.pid
+        ));
     }
     let socket = find_socket(&process, cookie).ok_or_else(|| {
         // Serving a socket parsrv cannot register would leave the program failing open for

@@ -5,7 +5,12 @@
 //! in the group's pin directory. Rewritten whole (write, then rename) whenever a handler
 //! starts or exits and whenever the group changes size; removed when the group stops.
 
-use std::{fs, io, path::PathBuf};
+use std::{
+    fs, io,
+    io::{Read as _, Write as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -48,9 +53,13 @@ impl GroupRecord {
 
     /// The record of `group`, if there is a readable one. One that cannot be parsed (written
     /// by another version) is treated as absent, with a warning: the group then starts anew.
+    ///
+    /// Root acts on what a record says (it signals the processes it names), so only a
+    /// record root wrote is read: a regular file, not a link (O_NOFOLLOW), owned by root and
+    /// writable by no one else. Any other is left where it is, with a warning.
     pub fn read(group: &str) -> Option<GroupRecord> {
         let path = Self::path(group);
-        let text = match fs::read_to_string(&path) {
+        let text = match read_root_file(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
             Err(e) => {
@@ -76,7 +85,14 @@ impl GroupRecord {
         let path = Self::path(&self.spec.name);
         let staging = path.with_extension(format!("json.{}", std::process::id()));
         let text = serde_json::to_vec(self).expect("a record serializes");
-        fs::write(&staging, text)
+        // A new file (never through a link planted at the staging name), root's alone.
+        let _ = fs::remove_file(&staging);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staging)
+            .and_then(|mut file| file.write_all(&text))
             .and_then(|()| fs::rename(&staging, &path))
             .map_err(|e| {
                 let _ = fs::remove_file(&staging);
@@ -116,6 +132,26 @@ impl GroupRecord {
             })
             .collect()
     }
+}
+
+/// The contents of `path` if it is a regular file (not followed through a link) that root
+/// owns and no one else may write; an error naming what is wrong otherwise.
+fn read_root_file(path: &Path) -> io::Result<String> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "not root's own file (owner uid {}, mode {:o}): left alone",
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -263,3 +263,108 @@ fn the_spawner_raises_its_fd_limit_and_handlers_keep_the_usual_one() {
         assert!(spawner.stop().success());
     });
 }
+
+/// Writes a record for group `spec.name` naming `pid` as slot 0's handler, as a spawner
+/// that died would have left it, owned by `uid`.
+fn plant_record(spec: &parsrv::spec::GroupSpec, pid: u32, uid: u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    // Field 22 of stat, the 20th after the name: the start time that makes the pid exact.
+    let start_time: u64 = after_name.split(' ').nth(19).unwrap().parse().unwrap();
+    let record = serde_json::json!({
+        "spawner_pid": std::process::id(),
+        "spec": spec,
+        "slots": [{
+            "cookie": 4242,
+            "handler": { "pid": pid, "start_time": start_time, "restarts": 0, "ready": true }
+        }]
+    });
+    let path = parsrv::spawner::record_path(&spec.name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, record.to_string()).unwrap();
+    std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+}
+
+/// A record is what a spawner acts on when it takes a group over: one naming a process
+/// that is no handler of the group (any process, with its exact start time) must not get
+/// that process signalled, whether root wrote it or a local user could plant it. Control:
+/// the process is signalled by nobody else meanwhile, and the group starts anew.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_forged_record_gets_no_process_signalled() {
+    privileged(Needs::program(), || {
+        let mut bystander = Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = bystander.id();
+        for (owner, says) in [
+            (0, "does not show that it is this slot's handler"),
+            (65534, "not root's own file"),
+        ] {
+            let builder = group("test-forged", HandlerKind::Http).handlers(1);
+            plant_record(&builder.spec, pid, owner);
+            let spawner = builder.start();
+            let log = spawner.log();
+            assert!(spawner.stop().success());
+            assert!(
+                bystander.try_wait().unwrap().is_none(),
+                "the bystander (record owned by uid {owner}) was killed\n{log}"
+            );
+            assert!(log.contains(says), "{log}");
+        }
+        let _ = bystander.kill();
+        let _ = bystander.wait();
+    });
+}
+
+/// A run directory another user could write (a planted record or socket would make root
+/// act on it) is refused before anything starts: one line naming the path and the fix,
+/// exit 1. Control: the same command in the same directory made root's again serves.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_run_directory_others_can_write_is_refused() {
+    privileged(Needs::program(), || {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = parsrv::control::run_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let mut run = Command::new(parsrv_integration_tests::parsrv_bin())
+            .args(["run", "--listen", "127.0.0.1:8080", "--handler", "http"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let exited = wait_for(Duration::from_secs(20), || {
+            run.try_wait().unwrap().is_some()
+        });
+        if !exited {
+            let _ = run.kill();
+        }
+        let out = run.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            exited,
+            "parsrv run started in an untrusted run directory: {stderr}"
+        );
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "{} is writable by others (mode 1777)",
+                dir.display()
+            )) && stderr.contains("chmod 0700"),
+            "{stderr}"
+        );
+        assert!(
+            connect(addr(), Duration::from_secs(1)).is_err(),
+            "it serves"
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let spawner = group("test-run-dir", HandlerKind::Http).start();
+        assert!(echo_or_http(&spawner));
+        assert!(spawner.stop().success());
+    });
+}
+
+fn echo_or_http(spawner: &parsrv_integration_tests::Spawner) -> bool {
+    !spawner.status().handlers.is_empty()
+        && parsrv_integration_tests::http_get(addr(), Duration::from_secs(5))
+            == parsrv_integration_tests::Outcome::Ok
+}
