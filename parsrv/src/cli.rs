@@ -605,6 +605,11 @@ fn check(path: &std::path::Path) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            for group in &file.groups {
+                if let Some(memory) = group.dispatch_table_memory() {
+                    println!("{}: {memory}", group.name);
+                }
+            }
             Ok(())
         }
         None => Err(Error::Rejected(format!(

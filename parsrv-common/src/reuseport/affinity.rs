@@ -28,10 +28,22 @@ pub mod when_full {
 /// allocated when the group starts: LRU maps are preallocated).
 pub const DEFAULT_TABLE_SIZE: u32 = 65_536;
 
-/// The most entries the kernel accepts in a hash map: its bucket array, one 16-byte bucket
-/// per entry rounded up to a power of two, must stay below 4 GiB (`htab_map_alloc`), so
-/// 2^27. (Whether the machine has the memory for that many is found when loading.)
-pub const MAX_TABLE_SIZE: u32 = 1 << 27;
+/// The most entries parsrv lets a dispatch table have: 4,194,304 clients, 512 MiB of locked
+/// kernel memory ([`lru_table_bytes`]). The kernel would take 2^27 (16 GiB, allocated at
+/// once): one digit too many in a config file should be refused, not take the machine.
+pub const MAX_TABLE_SIZE: u32 = 1 << 22;
+
+/// Kernel memory a preallocated (LRU) hash map of `entries` takes, as the kernel counts it
+/// (`htab_map_mem_usage`, the `memlock` of its fdinfo): per entry a 48-byte `htab_elem`
+/// header with the key and the value each rounded up to 8 bytes, plus a 16-byte bucket per
+/// entry rounded up to a power of two.
+pub fn lru_table_bytes(entries: u32, key_size: usize, value_size: usize) -> u64 {
+    const HTAB_ELEM: u64 = 48;
+    const BUCKET: u64 = 16;
+    let round8 = |n: usize| n.div_ceil(8) as u64 * 8;
+    let element = HTAB_ELEM + round8(key_size) + round8(value_size);
+    entries as u64 * element + (entries.next_power_of_two() as u64) * BUCKET
+}
 
 /// The first three words of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as the address
 /// lies in memory: IPv4 clients are keyed so, so one key type serves both families and a

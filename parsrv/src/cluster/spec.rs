@@ -145,8 +145,18 @@ impl ClusterSpec {
                     .into(),
             );
         }
-        if self.table_size == 0 {
-            problems.push("table_size 0: give the most clients the table holds".into());
+        use parsrv_common::reuseport::affinity::{lru_table_bytes, MAX_TABLE_SIZE};
+        if !(1..=MAX_TABLE_SIZE).contains(&self.table_size) {
+            problems.push(format!(
+                "table_size {}: give the most clients the table holds, 1 to {MAX_TABLE_SIZE} \
+                 ({} MiB of kernel memory at most)",
+                self.table_size,
+                lru_table_bytes(
+                    MAX_TABLE_SIZE,
+                    size_of::<[u8; 4]>(),
+                    size_of::<parsrv_common::cluster::ClientEntry>()
+                ) >> 20
+            ));
         }
         problems
     }

@@ -538,9 +538,7 @@ impl GroupSpec {
             problems.push(invalid(
                 "--affinity-table",
                 self.affinity_table,
-                format!(
-                    "must be 1 to {MAX_TABLE_SIZE} entries (the kernel's limit for a hash map)"
-                ),
+                format!("must be 1 to {MAX_TABLE_SIZE} entries (512 MiB of kernel memory at most)"),
             ));
         }
         if self.affinity == Affinity::None {
@@ -601,6 +599,25 @@ impl GroupSpec {
 
     /// Entries of the dispatch table the kernel allocates: one when affinity is off (a map
     /// cannot be empty).
+    /// What the group's dispatch table takes in kernel memory, for people: `None` without
+    /// client affinity (then it has a one-entry table).
+    pub fn dispatch_table_memory(&self) -> Option<String> {
+        use parsrv_common::reuseport::affinity::{lru_table_bytes, ClientKey, DispatchEntry};
+        (self.affinity == Affinity::Client).then(|| {
+            let bytes = lru_table_bytes(
+                self.affinity_table,
+                size_of::<ClientKey>(),
+                size_of::<DispatchEntry>(),
+            );
+            format!(
+                "affinity table of {} clients: {:.1} MiB of locked kernel memory, allocated when \
+                 the group starts",
+                self.affinity_table,
+                bytes as f64 / (1 << 20) as f64
+            )
+        })
+    }
+
     pub fn dispatch_table_size(&self) -> u32 {
         match self.affinity {
             Affinity::None => 1,

@@ -52,16 +52,18 @@ fn exec_handler_gets_exactly_its_socket_by_socket_activation() {
             .command(&["sleep", "60"])
             .start();
         let status = spawner.status();
-        // Each handler starts as parsrv and execs `sleep`; look once it has. The kernel
-        // renames the process before it lays out the new environment: until then
-        // /proc/PID/environ reads empty (seen once in a slow VM).
+        // Each handler starts as parsrv and execs `sleep`; look once `sleep` itself runs:
+        // blocked in its clock_nanosleep (x86_64 syscall 230). Right after exec the dynamic
+        // loader still holds the files it maps at the lowest free fd, 4 (seen in a 6.12
+        // VM), and before the kernel lays out the new environment /proc/PID/environ reads
+        // empty (seen once in a slow VM).
         assert!(wait_for(Duration::from_secs(10), || status
             .handlers
             .iter()
             .all(|h| {
                 let pid = h.pid.unwrap();
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|comm| comm.trim() == "sleep")
+                std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+                    .is_ok_and(|call| call.split(' ').next() == Some("230"))
                     && environ(pid).iter().any(|v| !v.is_empty())
             })));
         for handler in &status.handlers {

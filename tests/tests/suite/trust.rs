@@ -368,3 +368,77 @@ fn echo_or_http(spawner: &parsrv_integration_tests::Spawner) -> bool {
         && parsrv_integration_tests::http_get(addr(), Duration::from_secs(5))
             == parsrv_integration_tests::Outcome::Ok
 }
+
+/// `parsrv check` says what a dispatch table costs, and the figure is the kernel's own
+/// (`memlock` of the pinned map's fdinfo, which counts a fixed few KiB more: the map's
+/// header and bucket locks); a table above the bound is refused before anything is
+/// allocated, one line naming the option.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_dispatch_tables_memory_is_said_beforehand_and_bounded() {
+    privileged(Needs::program(), || {
+        use parsrv::spec::Affinity;
+        use parsrv_common::reuseport::affinity::{
+            lru_table_bytes, ClientKey, DispatchEntry, MAX_TABLE_SIZE,
+        };
+        let entries = 65_536;
+        let builder = group("test-table", HandlerKind::Http).with(|s| {
+            s.affinity = Affinity::Client;
+            s.affinity_table = entries;
+        });
+        let said = builder.spec.dispatch_table_memory().unwrap();
+        let spawner = builder.start();
+        let pin = parsrv::dataplane::pins::group_dir("test-table")
+            .join(parsrv_common::reuseport::names::DISPATCH_TABLE);
+        let map = aya::maps::MapData::from_pin(&pin).unwrap();
+        let fdinfo = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(map.fd()))
+        ))
+        .unwrap();
+        let field = |name: &str| -> u64 {
+            fdinfo
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {fdinfo}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(field("max_entries:"), entries as u64);
+        let estimate = lru_table_bytes(entries, size_of::<ClientKey>(), size_of::<DispatchEntry>());
+        let kernel = field("memlock:");
+        eprintln!("{said}; the kernel's memlock: {kernel} bytes, estimated {estimate}");
+        // The kernel counts a hash map's own usage since 6.4 (htab_map_mem_usage); before,
+        // memlock is a rough key-plus-value figure of its own.
+        let release = nix::sys::utsname::uname().unwrap();
+        let release = release.release().to_string_lossy().into_owned();
+        let counted = parsrv::features::KernelVersion::parse(&release).unwrap()
+            >= parsrv::features::KernelVersion::parse("6.4").unwrap();
+        if counted {
+            assert!(
+                (estimate..estimate + 64 * 1024).contains(&kernel),
+                "estimated {estimate} bytes, the kernel says {kernel}"
+            );
+        } else {
+            eprintln!("{release}: memlock is not the map's usage before 6.4: not compared");
+        }
+        assert!(said.contains(&format!("{:.1} MiB", estimate as f64 / (1 << 20) as f64)));
+        assert!(spawner.stop().success());
+
+        // One digit too many: refused before anything is created.
+        let out = Command::new(parsrv_integration_tests::parsrv_bin())
+            .args(["run", "--listen", "127.0.0.1:8080", "--handler", "http"])
+            .args(["--affinity", "client", "--affinity-table"])
+            .arg((MAX_TABLE_SIZE as u64 * 10).to_string())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--affinity-table") && stderr.contains("512 MiB"),
+            "{stderr}"
+        );
+        assert!(!pin.exists());
+    });
+}
