@@ -117,10 +117,19 @@ pub enum Error {
 
     #[error(
         "{path} is {why}: parsrv acts as root on what it holds, so it must be root's and \
-         writable by no one else (chown root: {path} && chmod 0700 {path}), or choose another \
-         PARSRV_RUN_DIR"
+         writable by no one else (chown root: {path} && chmod 0700 {path})"
     )]
     UntrustedPath { path: PathBuf, why: String },
+
+    #[error(
+        "{path} has been locked by {holder} for {waited} s: another parsrv is starting a group \
+         in this network namespace, or a stray process holds the lock; stop it and run again"
+    )]
+    NamespaceLockHeld {
+        path: PathBuf,
+        holder: String,
+        waited: u64,
+    },
 
     /// The spawner refused a request as bad input (and changed nothing).
     #[error("{0}")]

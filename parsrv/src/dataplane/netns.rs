@@ -62,8 +62,8 @@ impl NetnsLock {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io(context())(e)),
             };
-            let lock = Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, errno)| Error::io(context())(errno.into()))?;
+            check_root_owned(dir)?;
+            let lock = lock_within(file, dir, LOCK_DEADLINE)?;
             // The holder before us may have removed the directory: then our lock is on a
             // dead inode, and the next spawner would lock a new one. Lock what is there now.
             let current = fs::metadata(dir).map(|m| m.ino()).ok();
@@ -80,6 +80,97 @@ impl NetnsLock {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// How long a spawner waits for another to finish starting a group in this namespace
+/// (loading and verifying its programs: seconds under emulation) before it gives up,
+/// naming the holder.
+const LOCK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Takes the exclusive flock of `dir`'s open `file`, waiting at most `deadline`.
+fn lock_within(
+    file: fs::File,
+    dir: &Path,
+    deadline: std::time::Duration,
+) -> Result<Flock<fs::File>> {
+    let started = std::time::Instant::now();
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < deadline => {
+                file = back;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(Error::NamespaceLockHeld {
+                    path: dir.to_owned(),
+                    waited: deadline.as_secs(),
+                    holder: holder_of(dir),
+                })
+            }
+            Err((_, errno)) => {
+                return Err(Error::io(format!(
+                    "locking the namespace state at {}",
+                    dir.display()
+                ))(errno.into()))
+            }
+        }
+    }
+}
+
+/// Who holds the flock on `dir`, from /proc/locks: "pid N (COMM, uid U)".
+fn holder_of(dir: &Path) -> String {
+    let Ok(inode) = fs::metadata(dir).map(|m| m.ino()) else {
+        return "a process that could not be found".into();
+    };
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks
+        .lines()
+        .filter(|line| line.contains("FLOCK"))
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+            let position = fields.iter().position(|f| *f == "FLOCK")?;
+            let pid: u32 = fields.get(position + 3)?.parse().ok()?;
+            let file_inode: u64 = fields.get(position + 4)?.rsplit(':').next()?.parse().ok()?;
+            (file_inode == inode).then_some(pid)
+        })
+        .map_or_else(
+            || "a process that could not be found".into(),
+            |pid| {
+                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                let uid = fs::metadata(format!("/proc/{pid}"))
+                    .map(|m| m.uid().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                format!("pid {pid} ({}, uid {uid})", comm.trim())
+            },
+        )
+}
+
+/// Refuses a lock directory, or its parent, that another user owns or may write: whoever
+/// controls it controls when parsrv may start a group.
+fn check_root_owned(dir: &Path) -> Result<()> {
+    for path in [dir.parent(), Some(dir)].into_iter().flatten() {
+        let meta = fs::metadata(path).map_err(Error::io(format!("reading {}", path.display())))?;
+        let why = if meta.uid() != 0 {
+            Some(format!("owned by uid {}", meta.uid()))
+        } else if meta.mode() & 0o022 != 0 {
+            Some(format!(
+                "writable by others (mode {:o})",
+                meta.mode() & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::UntrustedPath {
+                path: path.to_owned(),
+                why,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Drop for NetnsLock {
@@ -138,5 +229,34 @@ mod tests {
         let name = dir.file_name().unwrap().to_str().unwrap();
         let inode: u64 = name.strip_prefix(NETNS_PREFIX).unwrap().parse().unwrap();
         assert_eq!(inode, fs::metadata("/proc/self/ns/net").unwrap().ino());
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for_a_while_then_named_and_a_foreign_directory_refused() {
+        let root = std::env::temp_dir().join(format!("parsrv-netns-held-{}", std::process::id()));
+        let dir = root.join("_netns-2");
+        let held = NetnsLock::acquire_at(&dir).unwrap();
+        let file = fs::File::open(&dir).unwrap();
+        let error = lock_within(file, &dir, Duration::from_millis(100)).unwrap_err();
+        let said = error.to_string();
+        assert!(
+            said.contains(&format!("pid {} (", std::process::id())),
+            "{said}"
+        );
+        assert!(matches!(error, Error::NamespaceLockHeld { waited: 0, .. }));
+        drop(held);
+        // A lock directory a local user made (and so could hold) is not trusted (chown
+        // needs root: the part a user's `cargo test` cannot do).
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let refused = NetnsLock::acquire_at(&dir).unwrap_err();
+        assert!(
+            refused.to_string().contains("owned by uid 65534"),
+            "{refused}"
+        );
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -335,7 +335,14 @@ fn a_run_directory_others_can_write_is_refused() {
             run.try_wait().unwrap().is_some()
         });
         if !exited {
-            let _ = run.kill();
+            // It started: stop it as a user would, so that its handlers go too.
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
+            if !wait_for(Duration::from_secs(20), || {
+                run.try_wait().unwrap().is_some()
+            }) {
+                let _ = run.kill();
+            }
         }
         let out = run.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
