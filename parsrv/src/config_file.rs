@@ -500,6 +500,7 @@ handler = "http"
         let mut spec = GroupSpec::new("127.0.0.1:1".parse().unwrap(), spec::HandlerKind::Exec);
         (spec.cpus, spec.user) = (spec::CpuList(vec![0]), Some("root".into()));
         spec.command = vec!["true".into()];
+        spec.env = vec!["A=1".parse().unwrap()];
         let keys: Vec<String> = match toml::Value::try_from(&spec).unwrap() {
             toml::Value::Table(table) => table.keys().cloned().collect(),
             other => panic!("{other:?}"),

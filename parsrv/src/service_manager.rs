@@ -6,13 +6,14 @@
 //!
 //! The watchdog pings come from the spawner's event loop itself: a spawner stuck there stops
 //! pinging, systemd kills and restarts it (`Restart=`), and the new one adopts the groups.
-//! None of these variables reaches a handler (see `supervisor::spawn_handler`).
+//! None of these variables reaches a handler: handlers get a clean environment
+//! (`spec::environment`).
 
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-/// The variables of the protocol, removed from every handler's environment.
+/// The variables of the protocol (no handler gets them).
 pub const VARIABLES: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
 
 fn notify(states: &[NotifyState]) {

@@ -2,8 +2,8 @@
 //! [`GroupSpec`] is a flag of `parsrv run` (its clap `arg`), a key of a config file and a
 //! field of the JSON (its serde name, which is the flag's id): a key is its flag without the
 //! dashes (`when_full` is `--when-full`), a switch is a boolean (`drain = true` is
-//! `--drain`, `autoscale = false` is `--no-autoscale`), the program after `--` is
-//! `command = [...]`.
+//! `--drain`, `autoscale = false` is `--no-autoscale`), a repeated KEY=VALUE flag is a
+//! table (`env = { A = "1" }` is `--env A=1`), the program after `--` is `command = [...]`.
 //!
 //! Keys become flags here and are parsed by the command line's own parser, so a config file,
 //! `parsrv group add` and `parsrv run` accept and refuse the same values with the same words;
@@ -105,6 +105,13 @@ fn args_of_keys<'a>(
                         .as_str()
                         .ok_or_else(|| wrong("a string or an array of strings"))?;
                     args.push(format!("--{long}={text}"));
+                }
+            }
+            // A setting of KEY=VALUE pairs (`env = { A = "1" }` is `--env A=1`).
+            (ArgAction::Append, toml::Value::Table(entries)) => {
+                for (name, item) in entries {
+                    let text = item.as_str().ok_or_else(|| wrong("a table of strings"))?;
+                    args.push(format!("--{long}={name}={text}"));
                 }
             }
             (_, toml::Value::String(text)) => args.push(format!("--{long}={text}")),

@@ -6,6 +6,7 @@
 //! check lives here, so every way of defining a group rejects the same values with the same
 //! words.
 
+pub mod environment;
 pub mod flags;
 mod host;
 mod listen;
@@ -193,6 +194,16 @@ pub struct GroupSpec {
     #[arg(long, value_name = "NAME[:GROUP]")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// An environment variable for the handlers (repeat for more; config key: `env = {
+    /// KEY = "VALUE" }`). Handlers get these, PATH, LANG, LANGUAGE, LC_* and TZ from
+    /// parsrv's environment, and the socket-activation variables: nothing else of it.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "environment::as_table"
+    )]
+    pub env: Vec<environment::EnvVar>,
     /// Seconds a handler may take to exit after SIGTERM before SIGKILL (and a drain).
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub grace: f64,
@@ -422,6 +433,9 @@ impl GroupSpec {
         let mut problems = Vec::new();
         if let Err(e) = validate_name(&self.name) {
             problems.push(e);
+        }
+        for (variable, why) in environment::HandlerEnv::problems_of(&self.env) {
+            problems.push(invalid("--env", variable, why));
         }
         problems.extend(self.listen_problems());
         let range = self.handlers.to_string();

@@ -515,10 +515,11 @@ fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<(tokio::process
         .stderr(Stdio::from(output_writer))
         // A handler outlives whatever happens to this spawner; orderly paths retire it.
         .kill_on_drop(false);
-    // The service manager talks to the spawner, not to its handlers.
-    for variable in crate::service_manager::VARIABLES {
-        command.env_remove(variable);
-    }
+    // Not the spawner's environment (root's HOME, secrets it was started with, the service
+    // manager's variables): a few any program expects, and the group's own.
+    command.env_clear().envs(
+        crate::spec::environment::HandlerEnv::from_vars(&spec.env).for_handlers(std::env::vars()),
+    );
     // Its own, with --notify.
     if let Some(notify) = &slot.notify {
         command.env("NOTIFY_SOCKET", notify.address());

@@ -176,11 +176,15 @@ fn usage_errors_exit_2_naming_the_option() {
             ),
             (
                 &["--affinity", "client", "--affinity-table", "0"],
-                &["--affinity-table", "1 to 134217728"],
+                &["--affinity-table", "1 to 4194304"],
             ),
             (
-                &["--affinity", "client", "--affinity-table", "134217729"],
-                &["--affinity-table", "kernel's limit"],
+                &["--affinity", "client", "--affinity-table", "4194305"],
+                &["--affinity-table", "512 MiB"],
+            ),
+            (
+                &["--env", "LISTEN_FDS=2"],
+                &["--env", "LISTEN_FDS", "socket activation"],
             ),
             (
                 &["--affinity-timeout", "60"],

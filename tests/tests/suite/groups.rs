@@ -165,6 +165,7 @@ policy = "least-loaded"
 when_full = "refuse"
 cpus = "0"
 user = "nobody:nogroup"
+env = { APP_MODE = "prod", LANG = "C.UTF-8" }
 grace = 2.5
 ready_timeout = 7.0
 drain = true
@@ -182,6 +183,7 @@ drain = true
             "autoscale = false",
             "when_full = \"refuse\"",
             "user = \"nobody:nogroup\"",
+            "APP_MODE = \"prod\"",
             "drain = true",
         ] {
             assert!(shown.contains(key), "{key} not shown:\n{shown}");

@@ -215,9 +215,13 @@ fn with_notify_an_exec_handler_is_ready_when_it_says_ready_and_not_before() {
         let run = |name: &str, notify: bool| -> (usize, Vec<String>) {
             let spawner = group(name, HandlerKind::Exec)
                 .handlers(2)
-                .with(|g| g.notify = notify)
+                .with(|g| {
+                    g.notify = notify;
+                    // Handlers get the group's environment, not the spawner's.
+                    let marker = format!("SLOW_BOOT_MARKER={}", markers.display());
+                    g.env = vec![marker.parse().unwrap()];
+                })
                 .command(&command)
-                .env("SLOW_BOOT_MARKER", markers.to_str().unwrap())
                 .start_answering();
             let mut premature = 0;
             assert!(

@@ -449,3 +449,48 @@ fn a_dispatch_tables_memory_is_said_beforehand_and_bounded() {
         assert!(!pin.exists());
     });
 }
+
+/// Handlers do not get the spawner's environment (root's HOME, a secret it was started
+/// with): only PATH and the locale, the group's own `env`, and socket activation's
+/// variables. Control: the spawner itself has the secret.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn handlers_get_a_clean_environment_not_the_spawners() {
+    privileged(Needs::program(), || {
+        let spawner = group("test-env", HandlerKind::Exec)
+            .handlers(1)
+            .with(|s| s.env = vec!["APP_MODE=prod".parse().unwrap()])
+            .env("SECRET_TOKEN", "s3cr3t")
+            .env("HOME", "/root")
+            .command(&[
+                "/bin/sh",
+                "-c",
+                "tr '\\0' '\\n' < /proc/$$/environ | sed 's/^/env /'; exec sleep 60",
+            ])
+            .start();
+        assert!(wait_for(Duration::from_secs(10), || spawner
+            .log()
+            .contains("env LISTEN_FDS=1")));
+        let log = spawner.log();
+        let seen: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split_once(": env ").map(|(_, v)| v))
+            .collect();
+        let names: Vec<&str> = seen
+            .iter()
+            .map(|v| v.split_once('=').map_or(*v, |(k, _)| k))
+            .collect();
+        assert!(seen.contains(&"APP_MODE=prod"), "{seen:?}");
+        assert!(names.contains(&"PATH"), "{seen:?}");
+        for absent in ["SECRET_TOKEN", "HOME"] {
+            assert!(
+                !names.contains(&absent),
+                "{absent} reached the handler: {seen:?}"
+            );
+        }
+        // Control: the spawner was started with them.
+        let own = std::fs::read(format!("/proc/{}/environ", spawner.pid())).unwrap();
+        assert!(String::from_utf8_lossy(&own).contains("SECRET_TOKEN=s3cr3t"));
+        assert!(spawner.stop().success());
+    });
+}
