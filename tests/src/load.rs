@@ -188,8 +188,27 @@ pub fn get_page(
     path: &str,
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
+    get_page_from(None, address, path, timeout)
+}
+
+/// [`get_page`] from the local address `source` (a client of its own).
+pub fn get_page_from(
+    source: Option<std::net::IpAddr>,
+    address: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect_timeout(&address, timeout)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if let Some(source) = source {
+        socket.bind(&std::net::SocketAddr::new(source, 0).into())?;
+    }
+    socket.connect_timeout(&address.into(), timeout)?;
+    let mut conn: std::net::TcpStream = socket.into();
     conn.set_read_timeout(Some(timeout))?;
     write!(
         conn,

@@ -5,7 +5,7 @@
 mod cluster;
 mod serve;
 
-pub use serve::{health, serve, Exposed, HEAD_TIMEOUT, MAX_CONNECTIONS};
+pub use serve::{health, serve, Exposed, HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_PER_CLIENT};
 
 use std::fmt::Write as _;
 

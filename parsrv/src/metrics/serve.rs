@@ -7,11 +7,16 @@
 //! - `GET /healthz`: 200 while every group serves, 503 (with the reason) while one drains
 //!   or has no live handler, for a load balancer's health check.
 //!
-//! At most [`MAX_CONNECTIONS`] connections are open at once (more are closed at accept), a
-//! connection must send its request head within [`HEAD_TIMEOUT`], and an idle keep-alive
-//! connection is closed after that as well: idle or slow clients cannot keep a scrape out.
+//! At most [`MAX_CONNECTIONS`] connections are open at once, and at most
+//! [`MAX_PER_CLIENT`] from one address (more are closed at accept); a connection must send
+//! its request head within [`HEAD_TIMEOUT`], and an idle keep-alive connection is closed
+//! after that as well: idle or slow clients cannot keep a scrape or a health check from
+//! another address out.
 
-use std::{convert::Infallible, rc::Rc, sync::Arc, time::Duration};
+use std::{
+    cell::RefCell, collections::HashMap, convert::Infallible, net::IpAddr, rc::Rc, sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -23,6 +28,9 @@ use crate::status::GroupStatus;
 
 /// Connections served at once; the ones above are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections served at once from one client address: a client that holds this many
+/// (slowly, or idle) cannot take the rest from Prometheus and the load balancer.
+pub const MAX_PER_CLIENT: usize = 32;
 /// How long a connection may take to send a request head (and may stay idle between two).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,14 +66,19 @@ pub async fn serve<T: Exposed + 'static>(
 ) {
     let statuses: Rc<dyn Fn() -> T> = Rc::new(statuses);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_client: Rc<RefCell<HashMap<IpAddr, usize>>> = Rc::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             // EMFILE and the like: wait rather than spin.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // Dropping the stream closes it.
+        let Some(client) = ClientSlot::take(&per_client, peer.ip()) else {
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue; // dropping the stream closes it
+            continue;
         };
         let statuses = statuses.clone();
         tokio::task::spawn_local(async move {
@@ -78,8 +91,41 @@ pub async fn serve<T: Exposed + 'static>(
                 .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-            drop(slot);
+            drop((slot, client));
         });
+    }
+}
+
+/// One of a client address's [`MAX_PER_CLIENT`] connections, given back when dropped.
+struct ClientSlot {
+    counts: Rc<RefCell<HashMap<IpAddr, usize>>>,
+    client: IpAddr,
+}
+
+impl ClientSlot {
+    fn take(counts: &Rc<RefCell<HashMap<IpAddr, usize>>>, client: IpAddr) -> Option<ClientSlot> {
+        let mut all = counts.borrow_mut();
+        let count = all.entry(client).or_default();
+        if *count >= MAX_PER_CLIENT {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            counts: counts.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut all = self.counts.borrow_mut();
+        if let Some(count) = all.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                all.remove(&self.client);
+            }
+        }
     }
 }
 
