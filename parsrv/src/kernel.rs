@@ -280,6 +280,29 @@ pub fn queue_depth(fd: BorrowedFd<'_>) -> io::Result<QueueDepth> {
     })
 }
 
+/// TCP's state of the socket (`TCP_LISTEN`, `TCP_CLOSE`, ...), from TCP_INFO.
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: buffer and length describe a tcp_info.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_state)
+}
+
+/// `TCP_LISTEN` in the kernel's `enum tcp_state` (include/net/tcp_states.h).
+pub const TCP_LISTEN: u8 = 10;
+
 /// A `SOL_SOCKET` option of a plain-number type.
 fn socket_option<T: Copy + Default>(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<T> {
     let mut value = T::default();

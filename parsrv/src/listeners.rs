@@ -338,6 +338,12 @@ impl Listeners {
 
     /// Takes the last socket (the highest slot) out of the group's list; dropping it closes
     /// it. Shut it down first (`shutdown(Read)`) for its queue to migrate.
+    /// Records that socket `index` is out of the group already (someone else shut it down),
+    /// so that [`Listeners::set_state`] puts it back as from `Parked`.
+    pub fn mark_parked(&mut self, index: usize) {
+        self.listeners[index].state = SocketState::Parked;
+    }
+
     pub fn remove_last(&mut self) -> Option<Listener> {
         self.listeners.pop()
     }

@@ -288,6 +288,15 @@ impl RunningGroup {
         self.members.borrow()
     }
 
+    /// See `Members::heal_shut_down`; the record follows.
+    pub fn heal_shut_down(&self, slot: u32) -> Result<bool> {
+        let healed = self.members.borrow_mut().heal_shut_down(slot)?;
+        if healed {
+            self.save_record()?;
+        }
+        Ok(healed)
+    }
+
     /// The program's queue alerts, for the autoscaler (the one reader).
     pub fn take_queue_alerts(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
         self.members.borrow_mut().steering_mut().take_alerts()

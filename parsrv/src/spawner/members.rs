@@ -206,6 +206,26 @@ impl Members {
         Ok(state)
     }
 
+    /// Puts slot `index`'s socket back in the group if someone shut it down behind
+    /// parsrv's back (a handler may `shutdown()` fd 3: the kernel then takes the socket out
+    /// of the group and of SOCKETS, and the slot would get no connection again). Says
+    /// whether it had to.
+    pub fn heal_shut_down(&mut self, index: u32) -> Result<bool> {
+        let listener = &self.listeners.listeners()[index as usize];
+        let state = listener.state();
+        if state == SocketState::Parked || self.leaving == Some(index) {
+            return Ok(false);
+        }
+        match crate::kernel::tcp_state(std::os::fd::AsFd::as_fd(listener.socket())) {
+            Ok(crate::kernel::TCP_LISTEN) | Err(_) => return Ok(false),
+            Ok(_) => {}
+        }
+        self.steering.forget_socket(index)?;
+        self.listeners.mark_parked(index as usize);
+        self.set_state(index, state)?;
+        Ok(true)
+    }
+
     /// Slot `index`'s handler exited. While other slots serve, its socket gets no new
     /// connection they can take: kept in the group with its queue when the next handler
     /// starts at once (it serves the queue), out of it when the restart is delayed (the

@@ -23,6 +23,7 @@ pub(super) async fn watch(group: Rc<RunningGroup>) {
     let mut stuck_since: Vec<Option<(Instant, u32)>> = Vec::new();
     loop {
         tokio::time::sleep(WATCH_PERIOD).await;
+        heal_shut_down_sockets(&group).await;
         let members = group.members();
         stuck_since.resize(members.len() as usize, None);
         for (slot, (supervised, listener)) in members.pairs().enumerate() {
@@ -76,6 +77,24 @@ pub(super) async fn watch(group: Rc<RunningGroup>) {
                     state.borrow_mut().warned = Some(pid);
                 }
             }
+        }
+    }
+}
+
+/// Puts back in the group every socket a handler shut down (see
+/// `Members::heal_shut_down`), between two membership changes.
+async fn heal_shut_down_sockets(group: &RunningGroup) {
+    let _changing = group.membership.lock().await;
+    let slots = group.members().len();
+    for slot in 0..slots {
+        match group.heal_shut_down(slot) {
+            Ok(true) => log::warn!(
+                "group {}: the socket of slot {slot} was shut down by someone else than parsrv \
+                 (its handler?): put back in the group",
+                group.spec.name
+            ),
+            Ok(false) => {}
+            Err(e) => log::error!("group {}: slot {slot}: {e}", group.spec.name),
         }
     }
 }

@@ -494,3 +494,84 @@ fn handlers_get_a_clean_environment_not_the_spawners() {
         assert!(spawner.stop().success());
     });
 }
+
+/// A handler that shuts its socket down (the kernel then takes it out of the group: its slot
+/// would get no connection again) gets it back: the spawner notices and puts it back, and
+/// the handler, accepting on, serves again.
+const SHUTS_DOWN: &str = r#"
+import os, socket, sys, time
+s = socket.socket(fileno=3)
+try:
+    os.close(os.open(sys.argv[1], os.O_CREAT | os.O_EXCL))
+    s.shutdown(socket.SHUT_RD)
+    print("shut down", flush=True)
+except FileExistsError:
+    pass
+while True:
+    try:
+        c, _ = s.accept()
+    except OSError:
+        time.sleep(0.05)
+        continue
+    c.sendall(c.recv(64))
+    c.close()
+"#;
+
+/// Listening sockets on the test's address in this thread's namespace (its /proc/net/tcp,
+/// state 0A; /proc/net is the process's main thread's).
+fn listening_on_addr() -> usize {
+    let local = format!("0100007F:{:04X}", addr().port());
+    std::fs::read_to_string("/proc/thread-self/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == local && f[3] == "0A"
+        })
+        .count()
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_socket_a_handler_shuts_down_is_put_back() {
+    privileged(Needs::program().and_python(), || {
+        let marker = std::env::temp_dir().join(format!("parsrv-shut-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let spawner = group("test-shutdown", HandlerKind::Exec)
+            .handlers(2)
+            .command(&[
+                "/usr/bin/python3",
+                "-c",
+                SHUTS_DOWN,
+                marker.to_str().unwrap(),
+            ])
+            .start();
+        assert!(
+            wait_for(Duration::from_secs(10), || spawner
+                .log()
+                .contains("was shut down by someone else")),
+            "{}",
+            spawner.log()
+        );
+        assert!(spawner.log().contains("shut down"), "{}", spawner.log());
+        assert!(
+            wait_for(Duration::from_secs(5), || listening_on_addr() == 2),
+            "{} listening:\n{}",
+            listening_on_addr(),
+            std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap()
+        );
+        for _ in 0..40 {
+            assert!(echo_once(Duration::from_secs(5)));
+        }
+        let counters: Vec<u64> = spawner
+            .status()
+            .sockets
+            .iter()
+            .map(|s| s.counters.selected)
+            .collect();
+        assert!(counters.iter().all(|&c| c > 0), "{counters:?}");
+        assert!(spawner.stop().success());
+        let _ = std::fs::remove_file(&marker);
+    });
+}
