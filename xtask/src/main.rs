@@ -86,6 +86,10 @@ enum Task {
         /// under TCG (nextest kills a test hung for 5 minutes by itself).
         #[arg(long, default_value_t = 2400, value_name = "SECONDS")]
         timeout: u64,
+        /// With --vm: run each selected test this many times in each VM (nextest's
+        /// --stress-count), to soak a test on other kernels; `cargo xtask soak` does it here.
+        #[arg(long, value_name = "N", requires = "vm")]
+        stress: Option<u32>,
     },
     /// Run one privileged integration test (or those whose name contains TEST) many times,
     /// as the suite runs it, optionally beside CPU hogs, and keep the whole output of every
@@ -177,8 +181,10 @@ fn run(task: Task) -> Result<()> {
             kernels,
             accel,
             timeout,
+            stress,
         } => {
             let vm_options = vm::VmOptions {
+                stress,
                 kernels: if kernels.is_empty() {
                     vm::DEFAULT_KERNELS.iter().map(|k| k.to_string()).collect()
                 } else {

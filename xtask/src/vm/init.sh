@@ -42,6 +42,7 @@ for word in $(cat /proc/cmdline); do
         parsrv.nextest=*) nextest="${word#parsrv.nextest=}" ;;
         parsrv.pyenv=*) pyenv="${word#parsrv.pyenv=}" ;;
         parsrv.filter=*) filter="${word#parsrv.filter=}" ;;
+        parsrv.stress=*) stress="--stress-count ${word#parsrv.stress=}" ;;
     esac
 done
 meta="$workspace/target/vm/nextest"
@@ -65,7 +66,7 @@ for profile in parallel serial; do
     "$nextest" nextest run --binaries-metadata "$meta/binaries.json" \
         --cargo-metadata "$meta/cargo.json" --workspace-remap "$workspace" \
         --profile "$profile" --run-ignored only --no-fail-fast --no-tests warn \
-        --hide-progress-bar $jobs $filter
+        --hide-progress-bar $jobs $stress $filter
     status=$?
     say "exit $profile $status"
     [ "$status" = 0 ] || failed=$((failed + 1))

@@ -54,6 +54,8 @@ pub struct VmOptions {
     pub timeout: Duration,
     /// Only tests whose name contains this.
     pub filter: Option<String>,
+    /// Each test this many times (nextest --stress-count).
+    pub stress: Option<u32>,
 }
 
 impl VmOptions {
@@ -91,7 +93,7 @@ pub fn test(options: &VmOptions, earlier: Vec<VmRun>) -> Result<()> {
     image::build()?;
     let root = crate::workspace_root();
     let vm_dir = root.join("target/vm");
-    let words = kernel_words(&root, &filter)?;
+    let words = kernel_words(&root, &filter, options.stress)?;
     // The VM mounts its results share there (nextest's store, .config/nextest.toml).
     fs::create_dir_all(root.join("target/nextest"))?;
     let mut kernels = Vec::new();
@@ -199,7 +201,7 @@ pub fn test(options: &VmOptions, earlier: Vec<VmRun>) -> Result<()> {
 
 /// The words of the kernel command line that tell the init where the host's build and
 /// tools are (the same paths in the VM: its root is the host's).
-fn kernel_words(root: &Path, filter: &str) -> Result<String> {
+fn kernel_words(root: &Path, filter: &str, stress: Option<u32>) -> Result<String> {
     let nextest = find_in_path("cargo-nextest").ok_or_else(|| {
         Fatal::error(
             EXIT_BAD_INPUT,
@@ -229,6 +231,9 @@ fn kernel_words(root: &Path, filter: &str) -> Result<String> {
         pyenv.display(),
         root.join("target/nextest").display()
     );
+    if let Some(count) = stress {
+        words.push_str(&format!(" parsrv.stress={count}"));
+    }
     if !filter.is_empty() {
         words.push_str(&format!(" parsrv.filter={filter}"));
     }
@@ -535,6 +540,7 @@ mod tests {
             accel: Accel::Tcg,
             timeout,
             filter: None,
+            stress: None,
         };
         boot(&Vm {
             qemu,
