@@ -122,6 +122,16 @@ pub enum Error {
     UntrustedPath { path: PathBuf, why: String },
 
     #[error(
+        "{addr} is inside --listen {range}, and {owner} listens there already: the group would \
+         take its connections; stop that server or leave its address out of the range"
+    )]
+    RangeTaken {
+        range: String,
+        addr: std::net::SocketAddr,
+        owner: String,
+    },
+
+    #[error(
         "{path} has been locked by {holder} for {waited} s: another parsrv is starting a group \
          in this network namespace, or a stray process holds the lock; stop it and run again"
     )]

@@ -25,6 +25,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod output;
 pub mod service_manager;
+pub mod sock_diag;
 pub mod spawner;
 pub mod spec;
 pub mod status;

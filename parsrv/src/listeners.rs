@@ -425,6 +425,32 @@ fn ensure_address_free(addr: SocketAddr) -> Result<()> {
     }
 }
 
+/// Refuses to take a prefix or port range where a server already listens: the group's
+/// sk_lookup program would take that server's connections, silently. (One address and
+/// port are checked by binding: [`Listeners::bind`].)
+pub fn ensure_range_free(entries: &[crate::spec::Listen]) -> Result<()> {
+    let ranges: Vec<&crate::spec::Listen> = entries.iter().filter(|e| !e.is_single()).collect();
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let listening = crate::sock_diag::listening().map_err(Error::io(
+        "listing this namespace's listening sockets (sock_diag)",
+    ))?;
+    for socket in listening {
+        let at = crate::spec::Listen::single(socket.addr);
+        if let Some(range) = ranges.iter().find(|r| r.overlaps(&at)) {
+            return Err(Error::RangeTaken {
+                range: range.to_string(),
+                addr: socket.addr,
+                owner: crate::sock_diag::owner_of(socket.inode).unwrap_or_else(|| {
+                    format!("a process of uid {} (inode {})", socket.uid, socket.inode)
+                }),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

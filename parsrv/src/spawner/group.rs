@@ -164,6 +164,7 @@ impl RunningGroup {
                 spec.listen
                     .iter()
                     .try_for_each(crate::listeners::ensure_local)?;
+                crate::listeners::ensure_range_free(&spec.listen)?;
                 let listeners =
                     Listeners::bind(&spec.slot_pattern(), spec.handlers.min, spec.backlog)?;
                 let steering = Steering::load(

@@ -21,9 +21,11 @@ const STUCK_AFTER: Duration = Duration::from_secs(10);
 pub(super) async fn watch(group: Rc<RunningGroup>) {
     // Per slot: since when its queue has not shrunk, and how deep it was.
     let mut stuck_since: Vec<Option<(Instant, u32)>> = Vec::new();
+    let mut reported_in_range = std::collections::BTreeSet::new();
     loop {
         tokio::time::sleep(WATCH_PERIOD).await;
         heal_shut_down_sockets(&group).await;
+        report_servers_in_range(&group, &mut reported_in_range);
         let members = group.members();
         stuck_since.resize(members.len() as usize, None);
         for (slot, (supervised, listener)) in members.pairs().enumerate() {
@@ -95,6 +97,47 @@ async fn heal_shut_down_sockets(group: &RunningGroup) {
             ),
             Ok(false) => {}
             Err(e) => log::error!("group {}: slot {slot}: {e}", group.spec.name),
+        }
+    }
+}
+
+/// Warns (once per socket) about a server that started listening inside the group's
+/// prefix or port range after the group did: its bind succeeded, but the group's sk_lookup
+/// program takes its connections. (One that listened before is refused at start.)
+fn report_servers_in_range(group: &RunningGroup, reported: &mut std::collections::BTreeSet<u64>) {
+    let ranges: Vec<&crate::spec::Listen> = group
+        .spec
+        .listen
+        .iter()
+        .filter(|e| !e.is_single())
+        .collect();
+    if ranges.is_empty() {
+        return;
+    }
+    let Ok(listening) = crate::sock_diag::listening() else {
+        return;
+    };
+    let ours: std::collections::BTreeSet<u64> = group
+        .members()
+        .listeners()
+        .iter()
+        .filter_map(|l| kernel::socket_inode(l.socket().as_fd()).ok())
+        .collect();
+    for socket in listening {
+        if ours.contains(&socket.inode) || reported.contains(&socket.inode) {
+            continue;
+        }
+        let at = crate::spec::Listen::single(socket.addr);
+        if let Some(range) = ranges.iter().find(|r| r.overlaps(&at)) {
+            reported.insert(socket.inode);
+            log::warn!(
+                "group {}: {} listens on {} inside --listen {range}: this group takes its \
+                 connections; stop it or leave its address out of the range",
+                group.spec.name,
+                crate::sock_diag::owner_of(socket.inode)
+                    .unwrap_or_else(|| format!("a process of uid {}", socket.uid)),
+                socket.addr
+            );
         }
     }
 }

@@ -575,3 +575,62 @@ fn a_socket_a_handler_shuts_down_is_put_back() {
         let _ = std::fs::remove_file(&marker);
     });
 }
+
+/// A prefix and port range is served through sk_lookup, which takes precedence over the
+/// kernel's own socket lookup: a plain server already listening inside it would lose its
+/// clients silently, so the group is refused, naming it; one that starts listening inside
+/// it later (its bind succeeds) is reported. Control: that later server gets none of the
+/// connections to its own address.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_range_with_a_server_inside_is_refused_and_one_started_later_is_reported() {
+    privileged(
+        Needs::program().and(parsrv_integration_tests::Feature::SkLookup),
+        || {
+            let range = "127.0.0.8/29:9001-9003";
+            let inside = std::net::TcpListener::bind("127.0.0.12:9002").unwrap();
+            let out = Command::new(parsrv_integration_tests::parsrv_bin())
+                .args(["run", "--name", "test-range", "--handler", "echo"])
+                .args(["--listen", range])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert!(
+                stderr.contains("127.0.0.12:9002 is inside --listen 127.0.0.8/29:9001-9003")
+                    && stderr.contains(&format!("pid {} (", std::process::id())),
+                "{stderr}"
+            );
+            assert!(!parsrv::dataplane::pins::group_dir("test-range").exists());
+            drop(inside);
+
+            let spawner = group("test-range", HandlerKind::Echo)
+                .listen_on(&[range])
+                .handlers(1)
+                .start();
+            let late = std::net::TcpListener::bind("127.0.0.13:9003").unwrap();
+            late.set_nonblocking(true).unwrap();
+            assert!(
+                wait_for(Duration::from_secs(10), || spawner
+                    .log()
+                    .contains("listens on 127.0.0.13:9003 inside --listen")),
+                "{}",
+                spawner.log()
+            );
+            // Control: a client of the late server's own address reaches the group.
+            let mut stream = std::net::TcpStream::connect_timeout(
+                &"127.0.0.13:9003".parse().unwrap(),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream.write_all(b"hello").unwrap();
+            let mut echo = [0u8; 5];
+            stream.read_exact(&mut echo).unwrap();
+            assert!(late.accept().is_err(), "the late server got the connection");
+            assert!(spawner.stop().success());
+        },
+    );
+}
