@@ -488,7 +488,22 @@ async fn accept(agent: Shared, listener: TcpListener) {
     }
 }
 
+/// A peer's messages, one per line, each at most [`MAX_LINE`] bytes: the bound holds
+/// while reading, so a peer that sends a line without end costs the agent that much
+/// memory, not what it sends.
+fn peer_lines<R: tokio::io::AsyncRead>(
+    stream: R,
+) -> futures_util::stream::Fuse<tokio_util::codec::FramedRead<R, tokio_util::codec::LinesCodec>> {
+    use futures_util::StreamExt;
+    tokio_util::codec::FramedRead::new(
+        stream,
+        tokio_util::codec::LinesCodec::new_with_max_length(MAX_LINE),
+    )
+    .fuse()
+}
+
 async fn read_peer(agent: Shared, stream: TcpStream, from: SocketAddr) {
+    use futures_util::StreamExt;
     let (expected, cluster) = {
         let agent = agent.borrow();
         (
@@ -503,9 +518,9 @@ async fn read_peer(agent: Shared, stream: TcpStream, from: SocketAddr) {
     let Some(expected) = expected else {
         return refuse("not a configured peer".into());
     };
-    let mut lines = BufReader::new(stream).lines();
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, lines.next_line()).await;
-    let Ok(Ok(Some(hello))) = hello else {
+    let mut lines = peer_lines(stream);
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, lines.next()).await;
+    let Ok(Some(Ok(hello))) = hello else {
         return refuse("no hello".into());
     };
     let mac = match protocol::decode(&hello) {
@@ -530,10 +545,12 @@ async fn read_peer(agent: Shared, stream: TcpStream, from: SocketAddr) {
         agent.heard(expected);
     }
     loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) if line.len() <= MAX_LINE => line,
-            Ok(Some(_)) => return refuse(format!("a line longer than {MAX_LINE} bytes")),
-            Ok(None) | Err(_) => return,
+        let line = match lines.next().await {
+            Some(Ok(line)) => line,
+            Some(Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded)) => {
+                return refuse(format!("a line longer than {MAX_LINE} bytes"))
+            }
+            Some(Err(_)) | None => return,
         };
         match protocol::decode(&line) {
             Ok(message) => {
@@ -800,6 +817,44 @@ async fn serve_control(agent: Shared, listener: tokio::net::UnixListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line without end is refused once it passes MAX_LINE, having buffered about that
+    /// much, not what was sent.
+    #[test]
+    fn a_peer_line_is_bounded_before_it_is_buffered() {
+        use futures_util::StreamExt;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (mut theirs, ours) = tokio::io::duplex(64 * 1024);
+            let sender = tokio::spawn(async move {
+                let chunk = vec![b'x'; 64 * 1024];
+                let mut sent = 0usize;
+                // 48 MiB without a newline, as the attack did; stops when refused.
+                while sent < 48 << 20 {
+                    if theirs.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    sent += chunk.len();
+                }
+                sent
+            });
+            let mut lines = peer_lines(ours);
+            match lines.next().await {
+                Some(Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded)) => {}
+                other => panic!("{other:?}"),
+            }
+            drop(lines);
+            let sent = sender.await.unwrap();
+            // The reader gave up after about MAX_LINE (plus the pipe's 64 KiB).
+            assert!(
+                sent <= MAX_LINE + (256 << 10),
+                "read {sent} bytes before refusing"
+            );
+        });
+    }
 
     #[test]
     fn proc_net_tcp_addresses_read_as_the_kernel_writes_them() {
