@@ -363,6 +363,11 @@ impl Agent {
         if long_gone.is_empty() {
             return;
         }
+        for id in &long_gone {
+            if let Some(mac) = self.peers.get_mut(id).and_then(|p| p.mac.take()) {
+                self.dispatcher.forget_peer_mac(mac);
+            }
+        }
         for (client, entry) in self.dispatcher.clients() {
             if long_gone.contains(&entry.host) {
                 self.dispatcher.forget_client(client);
@@ -488,6 +493,26 @@ async fn accept(agent: Shared, listener: TcpListener) {
     }
 }
 
+/// The MAC the kernel's neighbour table (ARP) has for `addr` on any interface of this
+/// namespace, if it has a complete entry.
+fn neighbour_mac(addr: std::net::IpAddr) -> Option<[u8; 6]> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/arp").ok()?;
+    neighbour_in(&table, addr)
+}
+
+/// [`neighbour_mac`] in the text of /proc/net/arp.
+fn neighbour_in(table: &str, addr: std::net::IpAddr) -> Option<[u8; 6]> {
+    const COMPLETE: u32 = 0x2; // ATF_COM
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (ip, flags, mac) = (fields.first()?, fields.get(2)?, fields.get(3)?);
+        let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).ok()?;
+        (ip.parse::<std::net::IpAddr>().ok()? == addr && flags & COMPLETE != 0)
+            .then(|| protocol::parse_mac(mac))
+            .flatten()
+    })
+}
+
 /// A peer's messages, one per line, each at most [`MAX_LINE`] bytes: the bound holds
 /// while reading, so a peer that sends a line without end costs the agent that much
 /// memory, not what it sends.
@@ -539,9 +564,29 @@ async fn read_peer(agent: Shared, stream: TcpStream, from: SocketAddr) {
     let Some(mac) = mac else {
         return refuse("a hello without a valid MAC".into());
     };
+    // The dispatcher forwards to this MAC: it must be the one the kernel resolved for the
+    // peer's address (a process on the peer's address could say any).
+    if let Some(neighbour) = neighbour_mac(from.ip()) {
+        if neighbour != mac {
+            return refuse(format!(
+                "a hello with MAC {}, but the neighbour table has {} for {}",
+                protocol::format_mac(mac),
+                protocol::format_mac(neighbour),
+                from.ip()
+            ));
+        }
+    }
     {
         let mut agent = agent.borrow_mut();
-        agent.peers.get_mut(&expected).expect("configured").mac = Some(mac);
+        let old = agent
+            .peers
+            .get_mut(&expected)
+            .expect("configured")
+            .mac
+            .replace(mac);
+        if let Some(old) = old.filter(|old| *old != mac) {
+            agent.dispatcher.forget_peer_mac(old);
+        }
         agent.heard(expected);
     }
     loop {
@@ -817,6 +862,17 @@ async fn serve_control(agent: Shared, listener: tokio::net::UnixListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_neighbour_table_is_read_as_the_kernel_writes_it() {
+        let table = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                     198.51.100.2     0x1         0x2         02:00:c6:33:64:02     *        eth0\n\
+                     198.51.100.3     0x1         0x0         00:00:00:00:00:00     *        eth0\n";
+        let at = |ip: &str| neighbour_in(table, ip.parse().unwrap());
+        assert_eq!(at("198.51.100.2"), Some([2, 0, 0xc6, 0x33, 0x64, 2]));
+        assert_eq!(at("198.51.100.3"), None, "incomplete");
+        assert_eq!(at("198.51.100.4"), None);
+    }
 
     /// A line without end is refused once it passes MAX_LINE, having buffered about that
     /// much, not what was sent.

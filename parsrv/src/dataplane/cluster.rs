@@ -165,6 +165,13 @@ impl Dispatcher {
             .map_err(Error::ebpf(format!("recording host {id}")))
     }
 
+    /// Forgets a MAC the dispatcher took for a peer's (the peer's old one, or a gone
+    /// peer's): the map holds one per host, and stale ones would fill it.
+    pub fn forget_peer_mac(&mut self, mac: [u8; 6]) {
+        // Gone already is as good as removed.
+        let _ = self.peer_macs.remove(&mac_key(mac));
+    }
+
     pub fn host(&self, id: u16) -> Result<Host> {
         check_id(id)?;
         self.hosts

@@ -503,8 +503,20 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
         assert!(wait_for(Duration::from_secs(3), || refused() == 2));
         // From host 2's address, of another cluster.
         let other = r#"{"type":"hello","cluster":"db","host":2,"mac":"02:00:00:00:00:02"}"#;
-        assert!(send(host2, "192.0.2.12", other));
+        assert!(send(host2.clone(), "192.0.2.12", other));
         assert!(wait_for(Duration::from_secs(3), || refused() == 3));
+        // From host 2's address as host 2, but with a MAC that is not its own: the
+        // dispatcher would forward host 2's clients there.
+        let forged = r#"{"type":"hello","cluster":"web","host":2,"mac":"02:de:ad:be:ef:02"}"#;
+        assert!(send(host2, "192.0.2.12", forged));
+        assert!(wait_for(Duration::from_secs(3), || refused() == 4));
+        assert!(
+            topology
+                .log("agent-1.log")
+                .contains("a hello with MAC 02:de:ad:be:ef:02, but the neighbour table has"),
+            "{}",
+            topology.log("agent-1.log")
+        );
         let status = topology.cluster_status(1).unwrap();
         assert!(status["peers"][0]["heard_ms_ago"].is_null(), "{status}");
         assert!(topology
