@@ -1,5 +1,5 @@
 //! The host dispatcher (`parsrv-ebpf/src/cluster.rs`, userspace `parsrv::dataplane::cluster`):
-//! seed 003's dispatcher with its local dispatch table, one per host of a cluster behind
+//! a dispatcher with its local dispatch table, one per host of a cluster behind
 //! ECMP. A tc program on the host's interface towards the routers sees every packet for the
 //! service address and port, and looks the client up in the host's copy of the cluster's
 //! dispatch table:
@@ -22,7 +22,7 @@
 //!   hops at most: a packet from the locking dispatcher is always kept).
 //!
 //! IPv4 only for now; the table is keyed by the client's address (all connections of one
-//! client reach one host: seed 003's session affinity across dispatchers).
+//! client reach one host: session affinity across dispatchers).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -30,7 +30,7 @@ use bytemuck::{Pod, Zeroable};
 pub const MAX_HOSTS: u32 = 16;
 
 /// Names of the program and maps in the eBPF object, and of their pins under the cluster's
-/// bpffs directory (`/sys/fs/bpf/parsrv/_cluster-NAME/`).
+/// bpffs directory (`/sys/fs/bpf/parsrv/_cluster-NAME-HOST/`).
 pub mod names {
     /// The tc (SCHED_CLS) program.
     pub const PROGRAM: &str = "parsrv_cluster";
@@ -90,7 +90,7 @@ pub struct ClientEntry {
 }
 
 impl ClientEntry {
-    /// Whether this entry holds against `other` for the same client (seed 003: two
+    /// Whether this entry holds against `other` for the same client (two
     /// dispatchers that lock one new client at once converge on one server).
     pub fn wins_over(&self, other: &ClientEntry) -> bool {
         (self.locked_ns, self.locker) <= (other.locked_ns, other.locker)

@@ -1,5 +1,5 @@
 //! The sk_lookup program (`parsrv-ebpf/src/lookup.rs`, userspace `parsrv::dataplane::lookup`):
-//! one group on several addresses (seed 004, claim 6). The kernel runs it for every new
+//! one group on several addresses. The kernel runs it for every new
 //! connection in the network namespace, before it looks for a listener. For the addresses and
 //! ports of its group it hands the connection to a socket of the group: one bound to the
 //! address the client asked for while any of those has room, else the one with most room

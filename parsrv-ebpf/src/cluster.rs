@@ -126,7 +126,7 @@ fn dispatch(ctx: &TcContext) -> Result<i32, ()> {
             return without_entry(ctx, config, &packet, now);
         }
         // Its host went silent: maybe only its agent died, and its dispatcher and handlers
-        // serve on (seed 002), so its connections' packets still go there. If the host is
+        // serve on (no single point of failure), so its connections' packets still go there. If the host is
         // dead they are lost either way.
     }
     // Only a host whose own lock lost to an earlier one can have connections of a client
@@ -304,7 +304,7 @@ fn service_packet(ctx: &TcContext, config: &ClusterConfig) -> Result<Option<Pack
     }))
 }
 
-/// Places the client lock and decides in one step (seed 003, claim 32: the lock is placed
+/// Places the client lock and decides in one step (the lock is placed
 /// when there is no entry and no lock): an insert that fails if the client has an entry,
 /// checked under the bucket's lock, so of two CPUs exactly one places it and the other
 /// follows. The entry names the ready host with most room; the agent broadcasts it.

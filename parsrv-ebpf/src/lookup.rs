@@ -1,4 +1,4 @@
-//! The sk_lookup program: one group on several addresses (seed 004, claim 6).
+//! The sk_lookup program: one group on several addresses.
 //!
 //! Attached to the network namespace, the kernel runs it for every new connection there,
 //! before its own listener lookup, and for every address: it must pass what is not its

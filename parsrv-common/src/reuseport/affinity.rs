@@ -1,5 +1,5 @@
 //! Client affinity in the SK_REUSEPORT program (eBPF side: `parsrv-ebpf/src/affinity.rs`,
-//! userspace: `parsrv::dataplane::affinity`), in the terms of seed 003: the program on each
+//! userspace: `parsrv::dataplane::affinity`), in the design's terms: the program on each
 //! CPU is a dispatcher; DISPATCH_TABLE is their shared dispatch table, one entry per client
 //! naming the listener chosen for it; the first connection of a client that has no entry
 //! places one with an insert that fails if another CPU placed it first (the client lock), and

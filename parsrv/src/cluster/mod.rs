@@ -1,4 +1,4 @@
-//! Several hosts behind ECMP (seed 003 across hosts): each host runs a dispatcher (a tc
+//! Several hosts behind ECMP: each host runs a dispatcher (a tc
 //! program, [`crate::dataplane::cluster`]) with a local copy of the cluster's dispatch table,
 //! and an agent ([`agent`]) that keeps the copies in step over TCP with the configured peers
 //! ([`protocol`], [`table`]). The routers spread the service address over the hosts (Linux

@@ -1,4 +1,4 @@
-//! What the hosts' agents tell each other (seed 003's "dispatch table updates"), one JSON
+//! What the hosts' agents tell each other (the dispatch table updates), one JSON
 //! object per line over TCP. Each agent connects to every configured peer and sends on that
 //! connection only; it reads what its peers send on the connections they opened. A
 //! connection from an address that is not a configured peer, or whose hello names another
@@ -6,7 +6,7 @@
 //!
 //! JSON lines rather than a binary format: a few hundred bytes per new client, readable with
 //! `socat` when something goes wrong. (A gossip library such as memberlist, or etcd, would
-//! fit a large cluster; explicitly configured peers and full-mesh broadcast fit seed 003 and
+//! fit a large cluster; explicitly configured peers and full-mesh broadcast fit this design and
 //! a handful of hosts without another daemon.)
 
 use std::net::Ipv4Addr;

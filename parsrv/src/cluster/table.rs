@@ -10,7 +10,7 @@ use parsrv_common::cluster::ClientEntry;
 ///   the client has been, or will be, decided again).
 /// - Ours names a host that is gone: take theirs (a new decision).
 /// - Both name live hosts: the earlier lock holds, and of two placed at the same nanosecond,
-///   the lower host id's (seed 003: two dispatchers that lock one new client at once
+///   the lower host id's (two dispatchers that lock one new client at once
 ///   converge on one server).
 pub fn takes(
     ours: Option<&ClientEntry>,

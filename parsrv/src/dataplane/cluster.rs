@@ -3,7 +3,7 @@
 //! with a tcx link, and keeps the host's copy of the cluster's dispatch table, the hosts'
 //! MACs, states and room.
 //!
-//! All of it is pinned under `/sys/fs/bpf/parsrv/_cluster-NAME/`, link included: a killed
+//! All of it is pinned under `/sys/fs/bpf/parsrv/_cluster-NAME-HOST/`, link included: a killed
 //! agent leaves the dispatcher running on the last table it wrote, and a new agent adopts
 //! the pins (tubular keeps its state the same way). Removing the directory detaches it.
 

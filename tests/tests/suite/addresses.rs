@@ -1,4 +1,4 @@
-//! One group on several addresses (seed 004, claim 6): sockets bound to different addresses
+//! One group on several addresses: sockets bound to different addresses
 //! form one list. A connection for an address whose sockets are all full goes to a socket of
 //! another address with room, keeping the address the client asked for; a prefix and a port
 //! range are served by sockets bound to one address; nothing else in the namespace is

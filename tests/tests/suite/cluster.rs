@@ -1,4 +1,4 @@
-//! Several hosts behind a router's ECMP route (seed 003 across hosts): clients, a router and
+//! Several hosts behind a router's ECMP route: clients, a router and
 //! three hosts as network namespaces (`parsrv_integration_tests::cluster`), documentation
 //! addresses only. Every name contains "cluster" (the VM suite's filter).
 //!
