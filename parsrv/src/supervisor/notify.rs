@@ -104,11 +104,5 @@ async fn read(socket: AsyncFd<UnixDatagram>, said_ready: Rc<Cell<Option<u32>>>) 
 /// The process group of `pid` (field 5 of /proc/PID/stat): a handler's, whichever of its
 /// processes sent the message.
 fn process_group(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(2)?
-        .parse()
-        .ok()
+    super::process::stat_field(pid, 5)?.parse().ok()
 }

@@ -124,15 +124,7 @@ impl PidFd {
 /// When `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat): with the pid,
 /// the identity of a process.
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name (which may hold spaces and parentheses): state is field 3,
-    // start time field 22.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(22 - 3)?
-        .parse()
-        .ok()
+    super::process::stat_field(pid, 22)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -99,12 +99,23 @@ pub(crate) fn process_stopped(pid: u32) -> bool {
     process_state(pid).is_some_and(|state| state == 'T' || state == 't')
 }
 
-/// A process's state letter from /proc/PID/stat (R, S, D, T, t, Z, X, ...), or None if it
-/// is gone. The command name before it may hold spaces and parentheses: the state is the
-/// first field after the last ')'.
-pub fn process_state(pid: u32) -> Option<char> {
+/// Field `number` (as proc(5) numbers them, from 1) of /proc/PID/stat, from the state (3)
+/// on, or None if the process is gone. The command name (2) may hold spaces and
+/// parentheses: the fields after it start after the last ')'.
+pub(crate) fn stat_field(pid: u32, number: usize) -> Option<String> {
+    const STATE: usize = 3;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(number.checked_sub(STATE)?)
+        .map(str::to_owned)
+}
+
+/// A process's state letter from /proc/PID/stat (R, S, D, T, t, Z, X, ...), or None if it
+/// is gone.
+pub fn process_state(pid: u32) -> Option<char> {
+    stat_field(pid, 3)?.chars().next()
 }
 
 /// In the forked child, before exec: put the handler's socket at fd 3, (built-in handlers)
