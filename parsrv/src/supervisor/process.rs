@@ -198,6 +198,27 @@ pub(crate) fn process_alive(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stat_fields_are_numbered_as_proc_5_numbers_them() {
+        let own = std::process::id();
+        // The main thread: running, or waiting for the test threads.
+        assert!(
+            matches!(process_state(own), Some('R' | 'S')),
+            "{:?}",
+            process_state(own)
+        );
+        // SAFETY: a plain syscall.
+        let group = unsafe { libc::getpgrp() } as u32;
+        assert_eq!(stat_field(own, 5), Some(group.to_string()));
+        assert!(stat_field(own, 22).unwrap().parse::<u64>().unwrap() > 0);
+        assert_eq!(
+            stat_field(own, 2),
+            None,
+            "the command name is not a field here"
+        );
+        assert_eq!(stat_field(u32::MAX, 3), None);
+    }
+
     use super::*;
 
     #[test]
