@@ -196,6 +196,19 @@ fn adopt_if_running(spec: &GroupSpec) -> Result<Option<adopt::Adoption>> {
     let Some(record) = record::GroupRecord::read(&spec.name) else {
         return Ok(None);
     };
+    // Compared before anything acts on it: a group running with other settings is left
+    // exactly as it is.
+    let differences = record.differences(spec);
+    if !differences.is_empty() {
+        let pids = record.live_handlers();
+        if !pids.is_empty() {
+            return Err(Error::GroupDiffers {
+                name: spec.name.clone(),
+                pids,
+                differences: differences.join(", "),
+            });
+        }
+    }
     let Some(adoption) = adopt::Adoption::take(record) else {
         log::info!(
             "group {}: no handler of the last run is left; starting anew",

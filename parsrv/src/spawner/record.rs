@@ -109,6 +109,22 @@ impl GroupRecord {
         }
     }
 
+    /// The pids of the recorded handlers that still run and show that they are (the same
+    /// start time, and `handler::shows_it_is`), read without touching them.
+    pub fn live_handlers(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, recorded)| {
+                let handler = recorded.handler?;
+                let same = crate::supervisor::process_start_time(handler.pid)
+                    == Some(handler.start_time)
+                    && crate::handler::shows_it_is(handler.pid, &self.spec.name, slot);
+                same.then_some(handler.pid)
+            })
+            .collect()
+    }
+
     /// The config keys whose values differ between the running group and `asked`, each as
     /// `key (running: X, asked: Y)`.
     pub fn differences(&self, asked: &GroupSpec) -> Vec<String> {
