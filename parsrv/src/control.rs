@@ -132,7 +132,6 @@ pub fn run_dir() -> PathBuf {
 /// (a planted record or socket there would make root act on it). One that does not exist
 /// yet is fine: parsrv creates it, 0700.
 pub fn check_run_dir() -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let path = run_dir();
     let meta = match fs::metadata(&path) {
         Ok(meta) => meta,
@@ -141,15 +140,8 @@ pub fn check_run_dir() -> Result<()> {
     };
     let why = if !meta.is_dir() {
         Some("not a directory".to_owned())
-    } else if meta.uid() != 0 {
-        Some(format!("owned by uid {}", meta.uid()))
-    } else if meta.mode() & 0o022 != 0 {
-        Some(format!(
-            "writable by others (mode {:o})",
-            meta.mode() & 0o7777
-        ))
     } else {
-        None
+        crate::kernel::untrusted_because(&meta)
     };
     match why {
         Some(why) => Err(Error::UntrustedPath { path, why }),

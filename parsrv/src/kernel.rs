@@ -259,29 +259,14 @@ impl Occupancy {
 /// Reads a listener's queue with getsockopt(TCP_INFO): on a LISTEN socket, tcpi_unacked is
 /// sk_ack_backlog and tcpi_sacked is sk_max_ack_backlog. Exact and lock-free.
 pub fn queue_depth(fd: BorrowedFd<'_>) -> io::Result<QueueDepth> {
-    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: buffer and length describe a tcp_info.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let info = tcp_info(fd)?;
     Ok(QueueDepth {
         depth: info.tcpi_unacked,
         capacity: info.tcpi_sacked,
     })
 }
 
-/// TCP's state of the socket (`TCP_LISTEN`, `TCP_CLOSE`, ...), from TCP_INFO.
-pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     let mut info: libc::tcp_info = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: buffer and length describe a tcp_info.
@@ -297,7 +282,12 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_state)
+    Ok(info)
+}
+
+/// TCP's state of the socket (`TCP_LISTEN`, `TCP_CLOSE`, ...), from TCP_INFO.
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    Ok(tcp_info(fd)?.tcpi_state)
 }
 
 /// `TCP_LISTEN` in the kernel's `enum tcp_state` (include/net/tcp_states.h).
@@ -414,6 +404,22 @@ pub fn listening_sockets(pid: u32) -> Vec<(u64, String)> {
             (tcp && listening).then(|| (inode, local.to_string()))
         })
         .collect()
+}
+
+/// Why root should not trust what is at a path with these metadata (owned by another
+/// user, or writable by group or others), if it should not.
+pub fn untrusted_because(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.uid() != 0 {
+        Some(format!("owned by uid {}", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "writable by others (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    }
 }
 
 /// The soft limit on open files parsrv started with (0: not raised), which handlers get back.

@@ -153,17 +153,7 @@ fn holder_of(dir: &Path) -> String {
 fn check_root_owned(dir: &Path) -> Result<()> {
     for path in [dir.parent(), Some(dir)].into_iter().flatten() {
         let meta = fs::metadata(path).map_err(Error::io(format!("reading {}", path.display())))?;
-        let why = if meta.uid() != 0 {
-            Some(format!("owned by uid {}", meta.uid()))
-        } else if meta.mode() & 0o022 != 0 {
-            Some(format!(
-                "writable by others (mode {:o})",
-                meta.mode() & 0o7777
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = why {
+        if let Some(why) = crate::kernel::untrusted_because(&meta) {
             return Err(Error::UntrustedPath {
                 path: path.to_owned(),
                 why,
