@@ -119,6 +119,9 @@ pub struct Listeners {
     listeners: Vec<Listener>,
 }
 
+/// What [`Listeners::join_listener`] runs with a new socket's cookie before listen().
+type BeforeListen<'a> = Box<dyn FnOnce(u64) -> Result<()> + 'a>;
+
 impl Listeners {
     /// Creates `count` listening sockets on the addresses of `pattern` (slot i on
     /// `pattern[i % len]`), after making sure no socket outside this group holds an address:
@@ -145,7 +148,7 @@ impl Listeners {
     /// which the surviving sockets keep alive.
     ///
     /// The adopted group's program still runs: `before_listen(slot, cookie)` registers a new
-    /// socket's cookie before it joins (see [`Listeners::add_listener`]).
+    /// socket's cookie before it joins (see [`Listeners::join_listener`]).
     pub fn adopt(
         pattern: &[SocketAddr],
         backlog: u32,
@@ -213,11 +216,7 @@ impl Listeners {
         self.add(Some(Box::new(before_listen)))
     }
 
-    #[allow(clippy::type_complexity)]
-    fn add(
-        &mut self,
-        joining: Option<Box<dyn FnOnce(u64) -> Result<()> + '_>>,
-    ) -> Result<&Listener> {
+    fn add(&mut self, joining: Option<BeforeListen<'_>>) -> Result<&Listener> {
         let (listen, entry) = self.next_addr();
         let socket_error = |action| socket_error(action, listen);
         let socket = Socket::new(
@@ -336,14 +335,14 @@ impl Listeners {
         Ok(was == SocketState::Parked)
     }
 
-    /// Takes the last socket (the highest slot) out of the group's list; dropping it closes
-    /// it. Shut it down first (`shutdown(Read)`) for its queue to migrate.
     /// Records that socket `index` is out of the group already (someone else shut it down),
     /// so that [`Listeners::set_state`] puts it back as from `Parked`.
     pub fn mark_parked(&mut self, index: usize) {
         self.listeners[index].state = SocketState::Parked;
     }
 
+    /// Takes the last socket (the highest slot) out of the group's list; dropping it closes
+    /// it. Shut it down first (`shutdown(Read)`) for its queue to migrate.
     pub fn remove_last(&mut self) -> Option<Listener> {
         self.listeners.pop()
     }
