@@ -24,8 +24,8 @@ pub mod when_full {
     pub const KEEP: u32 = 1;
 }
 
-/// Entries the dispatch table holds by default (about 100 bytes each in the kernel, all
-/// allocated when the group starts: LRU maps are preallocated).
+/// Entries the dispatch table holds by default (120 bytes each in the kernel, see
+/// [`lru_table_bytes`], all allocated when the group starts: LRU maps are preallocated).
 pub const DEFAULT_TABLE_SIZE: u32 = 65_536;
 
 /// The most entries parsrv lets a dispatch table have: 4,194,304 clients, 512 MiB of locked

@@ -175,7 +175,7 @@ pub struct GroupSpec {
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS")]
     pub affinity_timeout: f64,
     /// With --affinity client: clients the dispatch table holds; beyond that the least
-    /// recently seen are forgotten. All of it is allocated at start (~100 bytes each).
+    /// recently seen are forgotten. All of it is allocated at start (120 bytes each; `parsrv check` prints the total).
     #[arg(long, default_value_t = DEFAULT_TABLE_SIZE, value_name = "ENTRIES")]
     pub affinity_table: u32,
     /// With --affinity client: what happens when a client's handler has no room.
