@@ -95,11 +95,11 @@ pub fn privileged(needs: Needs, test: impl FnOnce() + Send + 'static) {
 /// records why and returns false. A kernel that is new enough and still lacks one fails the
 /// test: that is a kernel built without the feature or a broken probe, not a reason to skip.
 pub fn kernel_has(features: &[Feature]) -> bool {
-    let probed = parsrv::features::KernelFeatures::probe();
+    let probed = KernelProbe::of_this_run();
     let missing: Vec<Feature> = features
         .iter()
         .copied()
-        .filter(|&f| !probed.has(f))
+        .filter(|f| !probed.present.contains(f))
         .collect();
     let Some(&first) = missing.first() else {
         return true;
@@ -123,6 +123,81 @@ pub fn kernel_has(features: &[Feature]) -> bool {
         first.since()
     ));
     false
+}
+
+/// Where the first test of a run keeps what it probed of the kernel, for the others (set
+/// by `cargo xtask test`, natively and in each VM; removed before every run).
+pub const KERNEL_PROBE_ENV: &str = "PARSRV_TEST_KERNEL_PROBE";
+
+/// What [`kernel_has`] needs of [`parsrv::features::KernelFeatures`].
+struct KernelProbe {
+    release: String,
+    version: Option<parsrv::features::KernelVersion>,
+    present: Vec<Feature>,
+}
+
+impl KernelProbe {
+    /// Probed once per run: the probe parses the kernel's BTF, which takes about a second
+    /// per test under emulation, and a kernel does not change during a run. Without
+    /// `$PARSRV_TEST_KERNEL_PROBE` (a test run by hand), every test probes.
+    fn of_this_run() -> KernelProbe {
+        let kept = std::env::var_os(KERNEL_PROBE_ENV).map(std::path::PathBuf::from);
+        if let Some(probe) = kept
+            .as_deref()
+            .and_then(|path| fs::read_to_string(path).ok())
+            .and_then(|text| KernelProbe::parse(&text))
+        {
+            return probe;
+        }
+        let probed = parsrv::features::KernelFeatures::probe();
+        let probe = KernelProbe {
+            present: Feature::ALL
+                .iter()
+                .copied()
+                .filter(|&f| probed.has(f))
+                .collect(),
+            version: probed.version,
+            release: probed.release,
+        };
+        if let Some(path) = kept {
+            // Parallel tests may probe at once: each writes whole (the same text) by rename.
+            let staging = path.with_extension(format!("{}", std::process::id()));
+            fs::write(&staging, probe.text()).expect("writing the kernel probe");
+            fs::rename(&staging, &path).expect("writing the kernel probe");
+        }
+        probe
+    }
+
+    /// `release` on the first line, then the present features (their Rust names).
+    fn text(&self) -> String {
+        let mut text = format!("{}\n", self.release);
+        for feature in &self.present {
+            text.push_str(&format!("{feature:?}\n"));
+        }
+        text
+    }
+
+    fn parse(text: &str) -> Option<KernelProbe> {
+        let mut lines = text.lines();
+        let release = lines.next()?.to_owned();
+        // Another kernel's probe (a stale file) is no answer for this one.
+        if release != parsrv::features::kernel_release() {
+            return None;
+        }
+        let present = lines
+            .map(|name| {
+                Feature::ALL
+                    .iter()
+                    .copied()
+                    .find(|f| format!("{f:?}") == name)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(KernelProbe {
+            version: parsrv::features::KernelVersion::parse(&release),
+            release,
+            present,
+        })
+    }
 }
 
 /// Records that the calling test skips its checks, and why (printed, and listed in

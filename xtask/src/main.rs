@@ -193,15 +193,21 @@ fn run(task: Task) -> Result<()> {
                 accel,
                 timeout: Duration::from_secs(timeout),
                 filter: filter.clone(),
+                // Beside the native tests, the consoles come after them, not interleaved.
+                live_console: vm,
             };
             if !no_vm {
                 vm_options.validate()?;
             }
-            let mut rows = Vec::new();
-            if !vm {
-                rows.push(test(filter.clone())?);
-            }
-            let result = if no_vm {
+            let result = if vm {
+                // Without root, what is missing is reported by the VM runner (exit 2).
+                if running_as_root() {
+                    setup::ensure_vm_packages()?;
+                }
+                vm::test(&vm_options, Vec::new())
+            } else if no_vm {
+                let host = native_build(&filter).and_then(|()| native_integration(&filter))?;
+                let rows = [host];
                 vm::console::print_summary(&rows);
                 match rows.iter().all(|r| r.outcome.passed()) {
                     true => Ok(()),
@@ -211,16 +217,34 @@ fn run(task: Task) -> Result<()> {
                     )),
                 }
             } else {
-                // Without root, what is missing is reported by the VM runner (exit 2).
-                if running_as_root() {
-                    setup::ensure_vm_packages()?;
-                }
-                vm::test(&vm_options, rows)
+                test_everywhere(&filter, &vm_options)
             };
             print_phases();
             result
         }
     }
+}
+
+/// The whole suite: lint, builds and unit tests, then the VMs (each one host thread,
+/// nearly all of its time the emulated CPU) side by side with the native integration tests
+/// and benchmarks (mostly waiting on timers and the network), so that the run takes about
+/// as long as its longest VM after the builds.
+fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOptions) -> Result<()> {
+    native_build(filter)?;
+    // Without root, what is missing is reported by the VM runner (exit 2).
+    if running_as_root() {
+        setup::ensure_vm_packages()?;
+    }
+    let vms = vm::prepare(vm_options)?;
+    let (host, (vm_runs, vm_errors)) = std::thread::scope(|scope| {
+        let in_vms = scope.spawn(|| vm::run(&vms, vm_options));
+        let host = native_integration(filter);
+        (host, in_vms.join().expect("the VMs' thread panicked"))
+    });
+    vm::print_consoles(&vms);
+    let mut rows = vec![host?];
+    rows.extend(vm_runs);
+    vm::report(rows, vm_errors, vm_options)
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -458,8 +482,9 @@ fn lint() -> Result<()> {
 /// The native part of `cargo xtask test`: lint, build, unit tests, the integration tests
 /// (both nextest profiles, every test even after a failure), a quick benchmark run. Returns
 /// the integration tests' row for the summary; an error only for what stops the run.
-fn test(filter: Option<String>) -> Result<vm::VmRun> {
-    let started = std::time::Instant::now();
+/// Lint, the builds the native tests run (parsrv, its example handlers, the integration
+/// test binary, the benchmark harness), and the unit tests.
+fn native_build(filter: &Option<String>) -> Result<()> {
     lint()?;
     build(false)?;
     let root = workspace_root();
@@ -480,19 +505,34 @@ fn test(filter: Option<String>) -> Result<vm::VmRun> {
         bail!("the privileged integration tests need root: run `cargo xtask test` as root");
     }
     setup::ensure_python_servers()?;
+    setup::ensure_bench_packages()?;
+    setup::ensure_nextest()?;
+    // Built now, not by the first command that runs them: that may run beside the VMs.
     run_step(
-        "building the example handlers",
+        "building the example handlers, the integration tests and the benchmarks",
         Command::new(cargo)
             .args(["build", "--package", "parsrv", "--examples"])
+            .args(["--package", "parsrv-bench"])
+            .args(["--package", "parsrv-integration-tests", "--tests"])
             .current_dir(&root),
-    )?;
+    )
+}
+
+/// The privileged integration tests here, in their two profiles, then a quick run of every
+/// benchmark scenario: the host's row of the summary.
+fn native_integration(filter: &Option<String>) -> Result<vm::VmRun> {
+    let started = std::time::Instant::now();
+    let root = workspace_root();
+    let cargo = env!("CARGO");
     // Tests skipped on a kernel too old for them list themselves here.
     let skips = root.join("target/test-skips.txt");
     let _ = std::fs::remove_file(&skips);
     // And what they measured, printed after them (see the tests' `figure`).
     let figures = root.join("target/test-figures.txt");
     let _ = std::fs::remove_file(&figures);
-    setup::ensure_nextest()?;
+    // What the first test probed of this kernel, for the others.
+    let kernel_probe = root.join("target/test-kernel-probe.txt");
+    let _ = std::fs::remove_file(&kernel_probe);
     // Side by side first, then the tests that must run alone (.config/nextest.toml says
     // which and why). Both run every test even after a failure: one CI run shows them all.
     let mut failed = Vec::new();
@@ -516,6 +556,7 @@ fn test(filter: Option<String>) -> Result<vm::VmRun> {
                 .env("PARSRV_PYENV", setup::pyenv())
                 .env("PARSRV_TEST_SKIPS", &skips)
                 .env("PARSRV_TEST_FIGURES", &figures)
+                .env("PARSRV_TEST_KERNEL_PROBE", &kernel_probe)
                 .current_dir(&root),
         );
         eprintln!(

@@ -52,7 +52,8 @@ meta="$workspace/target/vm/nextest"
 
 # The tests check that they start from a fresh machine's state (no bpffs, no /run/parsrv).
 export PARSRV_BIN="$workspace/target/release/parsrv" PARSRV_PYENV="$pyenv" \
-    PARSRV_TEST_SKIPS=/tmp/skips PARSRV_TEST_FIGURES=/tmp/figures RUST_BACKTRACE=1 \
+    PARSRV_TEST_SKIPS=/tmp/skips PARSRV_TEST_FIGURES=/tmp/figures \
+    PARSRV_TEST_KERNEL_PROBE=/tmp/kernel-probe RUST_BACKTRACE=1 \
     PARSRV_TEST_FRESH_MACHINE=1
 failed=0
 # The parallel profile as many at a time as the VM has CPUs (natively 4 on 2 cores: most
