@@ -130,7 +130,7 @@ pub fn run_dir() -> PathBuf {
 
 /// Refuses a run directory root should not trust: one that another user owns or may write
 /// (a planted record or socket there would make root act on it). One that does not exist
-/// yet is fine: parsrv creates it, 0700.
+/// yet is fine: parsrv creates it, 0711 (see `ControlSocket::bind_at`).
 pub fn check_run_dir() -> Result<()> {
     let path = run_dir();
     let meta = match fs::metadata(&path) {
@@ -329,8 +329,12 @@ impl ControlSocket {
     fn bind_at(path: PathBuf) -> Result<Self> {
         let dir = path.parent().expect("socket paths have a directory");
         fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-        for private in [run_dir().as_path(), dir] {
-            let _ = fs::set_permissions(private, fs::Permissions::from_mode(0o700));
+        // The run directory may be passed through by others (0711), for handlers running
+        // as --user to reach their notify socket (`supervisor::notify`); what is in it is
+        // root's alone (records and sockets 0600, subdirectories 0700).
+        let _ = fs::set_permissions(run_dir(), fs::Permissions::from_mode(0o711));
+        if dir != run_dir() {
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
         }
         match fs::remove_file(&path) {
             Ok(()) => log::warn!("removed stale control socket {}", path.display()),

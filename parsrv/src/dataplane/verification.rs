@@ -14,6 +14,7 @@
 
 use std::{
     io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -166,6 +167,7 @@ fn save_log(
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&staging)
         .and_then(|mut file| {
             writeln!(

@@ -150,7 +150,7 @@ impl Slot {
         let notify = launcher
             .spec
             .notify
-            .then(|| notify::NotifySocket::bind(&launcher.spec.name, index))
+            .then(|| notify::NotifySocket::bind(&launcher.spec.name, index, launcher.credentials))
             .transpose()?;
         let (commands, receiver) = mpsc::unbounded_channel();
         let slot = Rc::new(Slot {
@@ -522,7 +522,7 @@ fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<(tokio::process
     );
     // Its own, with --notify.
     if let Some(notify) = &slot.notify {
-        command.env("NOTIFY_SOCKET", notify.address());
+        command.env("NOTIFY_SOCKET", notify.path());
     }
     // SAFETY: the closure only makes async-signal-safe system calls.
     unsafe {

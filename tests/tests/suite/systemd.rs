@@ -259,13 +259,12 @@ fn with_notify_an_exec_handler_is_ready_when_it_says_ready_and_not_before() {
             premature, 0,
             "a handler was ready before gunicorn said READY=1"
         );
-        assert_eq!(
-            environ,
-            [
-                "NOTIFY_SOCKET=@parsrv-notify/test-notify-gunicorn/0",
-                "NOTIFY_SOCKET=@parsrv-notify/test-notify-gunicorn/1"
-            ]
-        );
+        let socket = |slot| {
+            let path =
+                parsrv::control::run_dir().join(format!("notify/test-notify-gunicorn/{slot}"));
+            format!("NOTIFY_SOCKET={}", path.display())
+        };
+        assert_eq!(environ, [socket(0), socket(1)]);
         // The control: without --notify, the one-second rule takes it as ready two seconds
         // before it is, and the handler gets no NOTIFY_SOCKET.
         let (premature, environ) = run("test-plain-gunicorn", false);

@@ -634,3 +634,136 @@ fn a_range_with_a_server_inside_is_refused_and_one_started_later_is_reported() {
         },
     );
 }
+
+/// Binds the notify address a previous release gave slot 0 of `test-notify-squat`
+/// (abstract: any local user may bind any name), says so, and holds it.
+const SQUAT: &str = r#"
+import socket, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("\0parsrv-notify/test-notify-squat/0")
+print("bound", flush=True)
+time.sleep(120)
+"#;
+
+/// An exec handler that says READY=1 on $NOTIFY_SOCKET (as sd_notify does: `@` is an
+/// abstract address), then echoes one line per connection.
+const NOTIFYING_HANDLER: &str = r#"
+import os, socket
+address = os.environ["NOTIFY_SOCKET"]
+if address.startswith("@"):
+    address = "\0" + address[1:]
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", address)
+s = socket.socket(fileno=3)
+while True:
+    c, _ = s.accept()
+    c.sendall(c.recv(64))
+    c.close()
+"#;
+
+/// A local user cannot keep a `--notify` handler from ever being ready by binding its
+/// socket's name first (the previous release's abstract names allowed it), nor speak on a
+/// handler's socket: it is a path under the run directory, owned by the handler's user,
+/// mode 0600, in directories only root can write.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_local_user_cannot_squat_or_speak_on_a_handlers_notify_socket() {
+    privileged(Needs::program(), || {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let name = "test-notify-squat";
+        let mut squatter = KilledOnDrop(
+            Command::new("python3")
+                .args(["-c", SQUAT])
+                .uid(65534)
+                .gid(65534)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut said = [0u8; 6];
+        squatter
+            .0
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut said)
+            .unwrap();
+        // The control: the name the previous release would have bound is taken.
+        assert_eq!(&said, b"bound\n");
+        let spawner = group(name, HandlerKind::Exec)
+            .handlers(2)
+            .with(|g| {
+                g.notify = true;
+                g.user = Some("nobody".into());
+            })
+            .command(&["/usr/bin/python3", "-c", NOTIFYING_HANDLER])
+            .start_answering();
+        assert!(
+            wait_for(Duration::from_secs(30), || spawner
+                .status()
+                .handlers
+                .iter()
+                .all(|h| h.ready)),
+            "a handler never became ready: {}",
+            spawner.log()
+        );
+        let run_dir = parsrv::control::run_dir();
+        for (slot, handler) in spawner.status().handlers.iter().enumerate() {
+            let environ = std::fs::read(format!("/proc/{}/environ", handler.pid.unwrap())).unwrap();
+            let socket = run_dir.join(format!("notify/{name}/{slot}"));
+            let expected = format!("NOTIFY_SOCKET={}", socket.display());
+            assert!(
+                environ.split(|b| *b == 0).any(|v| v == expected.as_bytes()),
+                "handler {slot} lacks {expected}"
+            );
+            let meta = std::fs::metadata(&socket).unwrap();
+            assert!(meta.file_type().is_socket());
+            assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
+        }
+        for dir in [
+            run_dir.clone(),
+            run_dir.join("notify"),
+            run_dir.join(format!("notify/{name}")),
+        ] {
+            let meta = std::fs::metadata(&dir).unwrap();
+            assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o711), "{dir:?}");
+        }
+        // Another local user may not send on a handler's socket; root may (the control).
+        let send_as = |uid: u32| {
+            let socket = run_dir.join(format!("notify/{name}/0"));
+            let sent = Command::new("python3")
+                .args([
+                    "-c",
+                    "import socket, sys; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\
+                     .sendto(b'STATUS=x', sys.argv[1])",
+                ])
+                .arg(&socket)
+                .uid(uid)
+                .gid(uid)
+                .output()
+                .unwrap();
+            (
+                sent.status.success(),
+                String::from_utf8_lossy(&sent.stderr).into_owned(),
+            )
+        };
+        let (sent, stderr) = send_as(1);
+        assert!(
+            !sent && stderr.contains("PermissionError"),
+            "uid 1: {stderr}"
+        );
+        assert_eq!(send_as(0), (true, String::new()));
+        assert!(spawner.stop().success());
+        assert!(!run_dir.join(format!("notify/{name}/0")).exists());
+    });
+}
+
+/// A process this test started, killed (by its own handle) when the test ends, pass or
+/// fail.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
