@@ -121,6 +121,20 @@ pub enum ClusterCommand {
     /// Stop taking new clients (runs the `draining` command, which withdraws the route);
     /// the clients this host serves stay.
     Drain { name: String },
+    /// Make the cluster's CA (unless DIR has one) and a key and certificate per host, for
+    /// the peers' mutual TLS (`tls = { ca, cert, key }` in `[cluster]`). Keys are 0600;
+    /// nothing existing is overwritten, so a host added later gets one of the same CA.
+    Certs {
+        /// The cluster (`name` in `[cluster]`): certificates name `host-ID.NAME.parsrv`.
+        #[arg(long)]
+        name: String,
+        /// The host ids, e.g. 1,2,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<u16>,
+        /// Where to write them (created 0700).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -303,6 +317,12 @@ fn cluster(command: ClusterCommand) -> Result<()> {
         ClusterCommand::Drain { name } => {
             cluster::drain(&name)?;
             println!("cluster {name}: this host takes no new clients");
+            Ok(())
+        }
+        ClusterCommand::Certs { name, hosts, dir } => {
+            for file in cluster::certs::make(&name, &hosts, &dir)? {
+                println!("{}", file.display());
+            }
             Ok(())
         }
     }

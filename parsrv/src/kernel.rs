@@ -407,10 +407,12 @@ pub fn listening_sockets(pid: u32) -> Vec<(u64, String)> {
 }
 
 /// Why root should not trust what is at a path with these metadata (owned by another
-/// user, or writable by group or others), if it should not.
+/// user, or writable by group or others), if it should not. As OpenSSH's StrictModes: the
+/// owner must be root or the user parsrv runs as (root, but for unit tests and `parsrv
+/// check` run by a user).
 pub fn untrusted_because(meta: &std::fs::Metadata) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
-    if meta.uid() != 0 {
+    if meta.uid() != 0 && meta.uid() != nix::unistd::geteuid().as_raw() {
         Some(format!("owned by uid {}", meta.uid()))
     } else if meta.mode() & 0o022 != 0 {
         Some(format!(

@@ -17,7 +17,7 @@ use std::{
     fs::File,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
@@ -136,10 +136,30 @@ impl Topology {
             hosts: Vec::new(),
             dir,
         };
+        // The peers speak mutual TLS, with certificates made as the README says.
+        let ids: Vec<String> = (1..=hosts).map(|id| id.to_string()).collect();
+        topology.make_certs(&ids.join(","), &topology.certs_dir());
         for id in 1..=hosts {
             topology.add_host(id, hosts);
         }
         topology
+    }
+
+    /// Where [`Topology::build`] keeps the cluster's CA and the hosts' certificates.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    /// `parsrv cluster certs` for `hosts` (e.g. "1,2") into `dir`.
+    pub fn make_certs(&self, hosts: &str, dir: &Path) {
+        let out = Command::new(parsrv_bin())
+            .args([
+                "cluster", "certs", "--name", CLUSTER, "--hosts", hosts, "--dir",
+            ])
+            .arg(dir)
+            .output()
+            .expect("running parsrv cluster certs");
+        assert!(out.status.success(), "parsrv cluster certs: {out:?}");
     }
 
     /// [`Topology::build`], then every host's group and agent, the route over all hosts, and
@@ -225,8 +245,10 @@ group = "web{id}"
 peers = [{}]
 peer_timeout_ms = 1000
 metrics = "{addr}:9101"
+tls = {{ ca = "{certs}/ca.pem", cert = "{certs}/host-{id}.pem", key = "{certs}/host-{id}.key" }}
 "#,
-                peers.join(", ")
+                peers.join(", "),
+                certs = self.certs_dir().display(),
             ),
         )
         .unwrap();

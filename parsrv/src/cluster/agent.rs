@@ -27,6 +27,7 @@ use super::{
     spec::ClusterSpec,
     status::{ClusterStatus, PeerStatus, TableStatus},
     table,
+    tls::PeerTls,
 };
 use crate::{
     control::{self, Request, Response},
@@ -63,10 +64,15 @@ struct PeerView {
     gone_since: Option<Instant>,
     /// This agent's connection to it, while up.
     outbox: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// Cancels the reader of its last accepted connection: a peer has one connection to
+    /// this agent, and a newer one (after its agent restarted) replaces it.
+    inbound: Option<tokio_util::sync::CancellationToken>,
 }
 
 pub struct Agent {
     spec: ClusterSpec,
+    /// Mutual TLS with the peers; None with `plaintext = true`.
+    tls: Option<Rc<PeerTls>>,
     mac: [u8; 6],
     dispatcher: Dispatcher,
     state: HostState,
@@ -81,7 +87,12 @@ pub struct Agent {
 type Shared = Rc<RefCell<Agent>>;
 
 impl Agent {
-    pub fn new(spec: ClusterSpec, mac: [u8; 6], dispatcher: Dispatcher) -> Agent {
+    pub fn new(
+        spec: ClusterSpec,
+        tls: Option<PeerTls>,
+        mac: [u8; 6],
+        dispatcher: Dispatcher,
+    ) -> Agent {
         let peers = spec
             .peers
             .iter()
@@ -98,12 +109,14 @@ impl Agent {
                         synced: false,
                         gone_since: None,
                         outbox: None,
+                        inbound: None,
                     },
                 )
             })
             .collect();
         Agent {
             spec,
+            tls: tls.map(Rc::new),
             mac,
             dispatcher,
             state: HostState::Joining,
@@ -417,13 +430,44 @@ impl Agent {
 /// Keeps a connection to peer `id` up, and sends on it: hello, this host's table, then
 /// whatever is broadcast.
 async fn dial(agent: Shared, id: u16) {
-    let (target, local) = {
+    let (target, local, tls) = {
         let agent = agent.borrow();
-        (agent.peers[&id].address, agent.spec.address)
+        (
+            agent.peers[&id].address,
+            agent.spec.address,
+            agent.tls.clone(),
+        )
     };
+    // The last TLS failure, said once (the agent redials every REDIAL).
+    let mut failure = String::new();
     loop {
         match connect(target, local).await {
-            Ok(mut stream) => {
+            Ok(stream) => {
+                // With TLS, nothing is sent before the peer has shown host `id`'s
+                // certificate: a process on a down peer's address gets no table.
+                let mut stream: Box<dyn tokio::io::AsyncWrite + Unpin> = match &tls {
+                    None => Box::new(stream),
+                    Some(tls) => {
+                        match tokio::time::timeout(HELLO_TIMEOUT, tls.connect(stream, id)).await {
+                            Ok(Ok(stream)) => {
+                                failure.clear();
+                                Box::new(stream)
+                            }
+                            outcome => {
+                                let why = match outcome {
+                                    Ok(Err(e)) => format!("TLS handshake failed ({e})"),
+                                    _ => "no TLS handshake in time".to_owned(),
+                                };
+                                if why != failure {
+                                    log::warn!("host {id} at {target}: {why}");
+                                    failure = why;
+                                }
+                                tokio::time::sleep(REDIAL).await;
+                                continue;
+                            }
+                        }
+                    }
+                };
                 let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
                 let first: Vec<Vec<u8>> = {
                     let mut agent = agent.borrow_mut();
@@ -451,9 +495,12 @@ async fn dial(agent: Shared, id: u16) {
                         break;
                     }
                 }
+                // TLS holds what is written until a flush.
+                failed = failed || stream.flush().await.is_err();
                 while !failed {
                     let Some(line) = rx.recv().await else { break };
-                    failed = stream.write_all(&line).await.is_err();
+                    failed =
+                        stream.write_all(&line).await.is_err() || stream.flush().await.is_err();
                 }
                 agent
                     .borrow_mut()
@@ -527,22 +574,47 @@ fn peer_lines<R: tokio::io::AsyncRead>(
     .fuse()
 }
 
+/// Reads a peer's connection: only from a configured peer's address, with TLS only from
+/// the host whose certificate it shows.
 async fn read_peer(agent: Shared, stream: TcpStream, from: SocketAddr) {
-    use futures_util::StreamExt;
-    let (expected, cluster) = {
+    let (expected, tls) = {
         let agent = agent.borrow();
         (
             agent.spec.peer_at(from.ip()).map(|p| p.host),
-            agent.spec.name.clone(),
+            agent.tls.clone(),
         )
     };
-    let refuse = |why: String| {
-        log::warn!("refused a connection from {from}: {why}");
-        agent.borrow_mut().messages.refused += 1;
-    };
     let Some(expected) = expected else {
-        return refuse("not a configured peer".into());
+        return refuse(&agent, from, "not a configured peer".into());
     };
+    match tls {
+        None => read_messages(agent, stream, from, expected).await,
+        Some(tls) => {
+            match tokio::time::timeout(HELLO_TIMEOUT, tls.accept(stream, expected)).await {
+                Ok(Ok(stream)) => read_messages(agent, stream, from, expected).await,
+                Ok(Err(why)) => refuse(&agent, from, why),
+                Err(_) => refuse(&agent, from, "no TLS handshake in time".into()),
+            }
+        }
+    }
+}
+
+fn refuse(agent: &Shared, from: SocketAddr, why: String) {
+    log::warn!("refused a connection from {from}: {why}");
+    agent.borrow_mut().messages.refused += 1;
+}
+
+/// A peer's messages, from its hello on: the hello must name this cluster and host
+/// `expected`, with the MAC the neighbour table has for `from`.
+async fn read_messages<R: tokio::io::AsyncRead + Unpin>(
+    agent: Shared,
+    stream: R,
+    from: SocketAddr,
+    expected: u16,
+) {
+    use futures_util::StreamExt;
+    let cluster = agent.borrow().spec.name.clone();
+    let refuse = |why: String| refuse(&agent, from, why);
     let mut lines = peer_lines(stream);
     let hello = tokio::time::timeout(HELLO_TIMEOUT, lines.next()).await;
     let Ok(Some(Ok(hello))) = hello else {
@@ -576,21 +648,28 @@ async fn read_peer(agent: Shared, stream: TcpStream, from: SocketAddr) {
             ));
         }
     }
+    let replaced = tokio_util::sync::CancellationToken::new();
     {
         let mut agent = agent.borrow_mut();
-        let old = agent
-            .peers
-            .get_mut(&expected)
-            .expect("configured")
-            .mac
-            .replace(mac);
+        let peer = agent.peers.get_mut(&expected).expect("configured");
+        let old = peer.mac.replace(mac);
+        if let Some(earlier) = peer.inbound.replace(replaced.clone()) {
+            earlier.cancel();
+        }
         if let Some(old) = old.filter(|old| *old != mac) {
             agent.dispatcher.forget_peer_mac(old);
         }
         agent.heard(expected);
     }
     loop {
-        let line = match lines.next().await {
+        let next = tokio::select! {
+            _ = replaced.cancelled() => {
+                log::info!("host {expected}'s connection from {from} replaced by a newer one");
+                return;
+            }
+            next = lines.next() => next,
+        };
+        let line = match next {
             Some(Ok(line)) => line,
             Some(Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded)) => {
                 return refuse(format!("a line longer than {MAX_LINE} bytes"))

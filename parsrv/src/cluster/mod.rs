@@ -12,10 +12,12 @@
 //! the dispatcher (pinned) keep serving.
 
 pub mod agent;
+pub mod certs;
 pub mod protocol;
 pub mod spec;
 pub mod status;
 pub mod table;
+pub mod tls;
 
 use std::{
     io::{BufRead, Write},
@@ -84,6 +86,14 @@ pub fn run(spec: ClusterSpec) -> Result<()> {
     if let Some(first) = problems.first() {
         return Err(Error::Rejected(format!("[cluster] {first}")));
     }
+    let tls = spec
+        .tls
+        .as_ref()
+        .map(|files| tls::PeerTls::load(files, &spec.name, spec.host))
+        .transpose()?;
+    if tls.is_none() {
+        log::warn!("plaintext = true: peers are recognised by their address alone");
+    }
     kernel::check_capabilities()?;
     crate::control::check_run_dir()?;
     kernel::raise_fd_limit();
@@ -138,7 +148,7 @@ pub fn run(spec: ClusterSpec) -> Result<()> {
         .build()
         .map_err(Error::io("starting the runtime"))?;
     let local = tokio::task::LocalSet::new();
-    let agent = agent::Agent::new(spec, mac, dispatcher);
+    let agent = agent::Agent::new(spec, tls, mac, dispatcher);
     let result = local.block_on(&runtime, agent.run(ring, stop_signal()));
     // Detach: the host has left the cluster.
     remove_dir(&dir)?;

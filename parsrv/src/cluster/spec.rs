@@ -12,6 +12,9 @@
 //! ready = ["birdc", "enable", "service"]     # optional: run when this host takes clients
 //! draining = ["birdc", "disable", "service"] # optional: run when it stops taking new ones
 //! metrics = "127.0.0.1:9101"                # optional: Prometheus, /status, /healthz
+//! # Peers speak mutual TLS (`parsrv cluster certs --name web --hosts 1,2,3 --dir DIR`
+//! # makes these); `plaintext = true` instead sends peer messages in the clear.
+//! tls = { ca = "/etc/parsrv/cluster/ca.pem", cert = "/etc/parsrv/cluster/host-1.pem", key = "/etc/parsrv/cluster/host-1.key" }
 //! ```
 
 use std::{
@@ -52,6 +55,13 @@ pub struct ClusterSpec {
     /// Prometheus metrics, `/status` and `/healthz` of this host's agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// The cluster's CA and this host's certificate and key: peers speak mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::TlsFiles>,
+    /// Peer messages in the clear, recognised by source address only: for a network only
+    /// the cluster's hosts can reach. Exactly one of `tls` and `plaintext = true` is needed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plaintext: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,16 +107,17 @@ impl ClusterSpec {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let valid_id = |id: u16| id >= 1 && id as u32 <= MAX_HOSTS;
-        if self.name.is_empty()
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            problems.push(format!(
-                "cluster name '{}': use letters, digits, '-' and '_'",
-                self.name
-            ));
+        problems.extend(invalid_name(&self.name));
+        match (&self.tls, self.plaintext) {
+            (Some(_), true) => problems.push(
+                "both tls and plaintext = true: peers speak one or the other; remove one".into(),
+            ),
+            (None, false) => problems.push(
+                "no tls: give tls = { ca = ..., cert = ..., key = ... } (`parsrv cluster certs` \
+                 makes them), or plaintext = true to send peer messages in the clear"
+                    .into(),
+            ),
+            _ => {}
         }
         if !valid_id(self.host) {
             problems.push(format!("host {}: a host id is 1 to {MAX_HOSTS}", self.host));
@@ -162,6 +173,16 @@ impl ClusterSpec {
     }
 }
 
+/// What is wrong with a cluster's name, if anything: it names pins and certificates.
+pub fn invalid_name(name: &str) -> Option<String> {
+    let valid = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (!valid).then(|| format!("cluster name '{name}': use 1 to 48 letters, digits, '-' and '_'"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +197,7 @@ mod tests {
             service = "203.0.113.10:80"
             group = "web"
             peers = [{ host = 2, address = "192.0.2.12:7946" }]
+            plaintext = true
             "#,
         )
         .unwrap()

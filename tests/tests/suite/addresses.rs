@@ -14,9 +14,9 @@ use std::{
 use nix::sys::signal::Signal;
 use parsrv::dataplane::pins::group_dir as pin_dir;
 use parsrv_integration_tests::{
-    connect, established_local_addrs, group, kill_spawner, parsrv_lookup_links, privileged,
-    read_answer, signal, stop_process, wait_for, Feature, GroupBuilder, HandlerKind, Needs,
-    NetCounters, Outcome, PlainGroup, Spawner, HTTP_REQUEST,
+    all_net_counters, connect, established_local_addrs, group, kill_spawner, parsrv_lookup_links,
+    privileged, read_answer, signal, stop_process, wait_for, Feature, GroupBuilder, HandlerKind,
+    Needs, NetCounters, Outcome, PlainGroup, Spawner, HTTP_REQUEST,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -162,16 +162,27 @@ fn connections_moved_to_another_address_complete_when_every_handshake_is_a_synco
             two_handlers_each("syncookies", &["127.0.0.2:8080", "127.0.0.3:8080"]).start();
         assert!(ask(other, TIMEOUT).is_ok());
         let _held = stop_and_fill(&spawner, &[0, 2], full);
-        let before = spawner.status().addresses;
+        let cookies = || {
+            let counters = all_net_counters();
+            ["SyncookiesSent", "SyncookiesRecv", "SyncookiesFailed"]
+                .map(|name| counters[&format!("TcpExt.{name}")])
+        };
+        let (before, kernel_before) = (spawner.status().addresses, cookies());
         let answered: Vec<_> = (0..100).map(|_| ask(full, TIMEOUT)).collect();
-        let after = spawner.status().addresses;
+        let (after, kernel_after) = (spawner.status().addresses, cookies());
         let failed = answered.iter().filter(|a| a.is_err()).count();
         assert_eq!(failed, 0, "{failed} of 100 failed:\n{}", spawner.log());
-        // Each connection ran the program twice (SYN, then the final ACK), both times moved.
-        assert_eq!(
-            after[0].counters.moved_away - before[0].counters.moved_away,
-            200
-        );
+        // Each connection ran the program at least twice (SYN, then the final ACK), each
+        // time moved; the kernel counts each of those runs as a cookie sent or one checked.
+        // Not exactly 200: a SYN retransmitted after a second without a SYN-ACK (an
+        // emulated VM's CPU can stall that long beside other VMs) or the request racing its
+        // own final ACK on the other CPU runs the program once more (seen once in a 6.1 VM:
+        // 201), and so does the last filling connection's ACK when it arrives late.
+        let [sent, recv, failed] = [0, 1, 2].map(|i| kernel_after[i] - kernel_before[i]);
+        let moved = after[0].counters.moved_away - before[0].counters.moved_away;
+        eprintln!("moved away {moved}; syncookies sent {sent}, received {recv}, failed {failed}");
+        assert!(sent >= 100 && recv >= 100, "sent {sent}, received {recv}");
+        assert_eq!(moved, sent + recv + failed);
         assert!(spawner.stop().success());
     });
 }

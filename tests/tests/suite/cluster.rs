@@ -362,7 +362,39 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
     privileged(needs(), || {
         let mut topology = Topology::build(2, 1);
         let good = topology.config_text(1);
-        let cases: [(&str, String, &[&str]); 6] = [
+        let tls_line = good
+            .lines()
+            .find(|l| l.starts_with("tls = "))
+            .unwrap()
+            .to_owned();
+        let open_key = topology.certs_dir().join("open.key");
+        std::fs::copy(topology.certs_dir().join("host-1.key"), &open_key).unwrap();
+        std::fs::set_permissions(
+            &open_key,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
+        let cases: [(&str, String, &[&str]); 9] = [
+            (
+                "neither tls nor plaintext",
+                good.replace(&tls_line, ""),
+                &[
+                    "no tls",
+                    "`parsrv cluster certs` makes them",
+                    "plaintext = true",
+                ],
+            ),
+            (
+                "a key others may read",
+                good.replace("host-1.key", "open.key"),
+                &["open.key: a private key others may read (mode 644): chmod 600 it"],
+            ),
+            (
+                "another host's certificate",
+                good.replace("host-1.pem", "host-2.pem")
+                    .replace("host-1.key", "host-2.key"),
+                &["host-2.pem: a certificate that is not host 1's"],
+            ),
             (
                 "duplicate host id",
                 good.replace("{ host = 2,", "{ host = 1,"),
@@ -496,32 +528,139 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
             "the connection was not closed"
         );
         assert!(wait_for(Duration::from_secs(3), || refused() == 1));
-        // From host 2's address, claiming to be host 3 of the cluster.
+        let agent_log = || topology.log("agent-1.log");
+        // From host 2's address, host 2's hello in plaintext (what a process on a peer's
+        // address could send before the peers spoke TLS): no certificate, no peer.
         let host2 = format!("/run/netns/{}", topology.host(2).ns);
-        let liar = r#"{"type":"hello","cluster":"web","host":3,"mac":"02:00:00:00:00:03"}"#;
-        assert!(send(host2.clone(), "192.0.2.12", liar));
+        let as_host2 = r#"{"type":"hello","cluster":"web","host":2,"mac":"02:00:00:00:00:02"}"#;
+        assert!(send(host2.clone(), "192.0.2.12", as_host2));
         assert!(wait_for(Duration::from_secs(3), || refused() == 2));
-        // From host 2's address, of another cluster.
-        let other = r#"{"type":"hello","cluster":"db","host":2,"mac":"02:00:00:00:00:02"}"#;
-        assert!(send(host2.clone(), "192.0.2.12", other));
-        assert!(wait_for(Duration::from_secs(3), || refused() == 3));
-        // From host 2's address as host 2, but with a MAC that is not its own: the
-        // dispatcher would forward host 2's clients there.
-        let forged = r#"{"type":"hello","cluster":"web","host":2,"mac":"02:de:ad:be:ef:02"}"#;
-        assert!(send(host2, "192.0.2.12", forged));
-        assert!(wait_for(Duration::from_secs(3), || refused() == 4));
         assert!(
-            topology
-                .log("agent-1.log")
-                .contains("a hello with MAC 02:de:ad:be:ef:02, but the neighbour table has"),
+            agent_log().contains("TLS handshake failed"),
             "{}",
-            topology.log("agent-1.log")
+            agent_log()
         );
+        // Over TLS (Python's ssl, i.e. OpenSSL) from host 2's address with a certificate
+        // for host 2 that another CA signed, then with host 3's certificate of this CA.
+        let certs = topology.certs_dir();
+        let other_ca = certs.with_file_name("other-ca");
+        topology.make_certs("2", &other_ca);
+        topology.make_certs("3", &certs);
+        let tls_hello = |cert: &std::path::Path, key: &std::path::Path, line: &str| {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &topology.host(2).ns,
+                    "/usr/bin/python3",
+                    "-c",
+                    TLS_PEER,
+                ])
+                .args([cert, key, &certs.join("ca.pem")])
+                .arg(line)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        };
+        let said = tls_hello(
+            &other_ca.join("host-2.pem"),
+            &other_ca.join("host-2.key"),
+            as_host2,
+        );
+        assert!(
+            wait_for(Duration::from_secs(3), || refused() == 3),
+            "{said}"
+        );
+        assert!(
+            agent_log().contains("invalid peer certificate"),
+            "{}",
+            agent_log()
+        );
+        let said = tls_hello(
+            &certs.join("host-3.pem"),
+            &certs.join("host-3.key"),
+            as_host2,
+        );
+        assert!(
+            wait_for(Duration::from_secs(3), || refused() == 4),
+            "{said}"
+        );
+        assert!(
+            agent_log().contains("a certificate that is not host 2's"),
+            "{}",
+            agent_log()
+        );
+        // With host 2's own certificate: the hello is read, and checked. Claiming to be
+        // host 3, or of another cluster, or with a MAC that is not host 2's (the dispatcher
+        // would forward host 2's clients there).
+        let (cert2, key2) = (certs.join("host-2.pem"), certs.join("host-2.key"));
+        let liar = r#"{"type":"hello","cluster":"web","host":3,"mac":"02:00:00:00:00:03"}"#;
+        let other = r#"{"type":"hello","cluster":"db","host":2,"mac":"02:00:00:00:00:02"}"#;
+        let forged = r#"{"type":"hello","cluster":"web","host":2,"mac":"02:de:ad:be:ef:02"}"#;
+        for (line, count) in [(liar, 5), (other, 6), (forged, 7)] {
+            let said = tls_hello(&cert2, &key2, line);
+            assert!(
+                wait_for(Duration::from_secs(3), || refused() == count),
+                "{said}"
+            );
+        }
+        assert!(
+            agent_log().contains("a hello with MAC 02:de:ad:be:ef:02, but the neighbour table has"),
+            "{}",
+            agent_log()
+        );
+        // A process listening on host 2's agent address while host 2's agent is down gets
+        // a TLS ClientHello from host 1's agent, never its hello or its table.
+        let heard = std::process::Command::new("ip")
+            .args(["netns", "exec", &topology.host(2).ns])
+            .args([
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ])
+            .args(["/usr/bin/python3", "-c", LISTENER, "192.0.2.12", "7946"])
+            .output()
+            .unwrap();
+        let heard = String::from_utf8_lossy(&heard.stdout).into_owned()
+            + &String::from_utf8_lossy(&heard.stderr);
+        assert!(heard.starts_with("first byte 22 "), "{heard}");
+        assert!(heard.contains("json False"), "{heard}");
         let status = topology.cluster_status(1).unwrap();
         assert!(status["peers"][0]["heard_ms_ago"].is_null(), "{status}");
         assert!(topology
             .log("agent-1.log")
             .contains("not a configured peer"));
+
+        // One connection per peer: host 2 (its certificate, its MAC) connects twice, and the
+        // second connection replaces the first, which the agent closes.
+        let ns2 = topology.host(2).ns.clone();
+        let mac2 = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns2, "cat", "/sys/class/net/eth0/address"])
+            .output()
+            .unwrap();
+        let mac2 = String::from_utf8_lossy(&mac2.stdout).trim().to_owned();
+        let hello2 = format!(r#"{{"type":"hello","cluster":"web","host":2,"mac":"{mac2}"}}"#);
+        let twice = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns2, "/usr/bin/python3", "-c", TWICE])
+            .args([&cert2, &key2, &certs.join("ca.pem")])
+            .arg(&hello2)
+            .output()
+            .unwrap();
+        let twice = String::from_utf8_lossy(&twice.stdout).into_owned()
+            + &String::from_utf8_lossy(&twice.stderr);
+        assert_eq!(
+            twice.lines().collect::<Vec<_>>(),
+            ["first open True", "first closed True", "second open True"],
+            "{twice}"
+        );
+        assert!(
+            agent_log().contains("host 2's connection from 192.0.2.12"),
+            "{}",
+            agent_log()
+        );
+        assert_eq!(refused(), 7, "{}", agent_log());
 
         // Stopped: the dispatcher is detached and its pins removed.
         topology.stop_agent(1);
@@ -530,6 +669,87 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
         let _ = ip;
     });
 }
+
+/// A TLS client on host 2's address: `cert key ca line`; sends the line as a peer would
+/// and reads until the agent closes.
+const TLS_PEER: &str = r#"
+import socket, ssl, sys
+cert, key, ca, line = sys.argv[1:5]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.load_verify_locations(ca)
+context.load_cert_chain(cert, key)
+s = socket.socket()
+s.bind(("192.0.2.12", 0))
+s.settimeout(5)
+s.connect(("192.0.2.11", 7946))
+try:
+    t = context.wrap_socket(s, server_hostname="host-1.web.parsrv")
+    t.sendall(line.encode() + b"\n")
+    while t.recv(4096):
+        pass
+    print("closed")
+except (ssl.SSLError, OSError) as e:
+    print("ended:", e)
+"#;
+
+/// Host 2 with `cert key ca hello`: one connection, then a second; says whether the first
+/// was open before the second, closed by the agent within 5 s after, and the second open.
+const TWICE: &str = r#"
+import socket, ssl, sys, time
+cert, key, ca, line = sys.argv[1:5]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.load_verify_locations(ca)
+context.load_cert_chain(cert, key)
+def connect():
+    s = socket.socket()
+    s.bind(("192.0.2.12", 0))
+    s.connect(("192.0.2.11", 7946))
+    t = context.wrap_socket(s, server_hostname="host-1.web.parsrv")
+    t.sendall(line.encode() + b"\n")
+    t.settimeout(0.2)
+    return t
+def closed(t):
+    try:
+        return t.recv(1) == b""
+    except socket.timeout:
+        return False
+    except (ssl.SSLError, OSError):
+        return True
+first = connect()
+time.sleep(1)
+print("first open", not closed(first))
+second = connect()
+end = time.time() + 5
+gone = False
+while time.time() < end and not gone:
+    gone = closed(first)
+print("first closed", gone)
+time.sleep(0.5)
+print("second open", not closed(second))
+"#;
+
+/// Listens on `address port`, takes one connection and reads it for 3 s: prints its first
+/// byte and whether what came holds a JSON message.
+const LISTENER: &str = r#"
+import socket, sys, time
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], int(sys.argv[2])))
+l.listen(1)
+l.settimeout(10)
+c, _ = l.accept()
+c.settimeout(0.5)
+got, end = b"", time.time() + 3
+while time.time() < end:
+    try:
+        chunk = c.recv(65536)
+    except socket.timeout:
+        continue
+    if not chunk:
+        break
+    got += chunk
+print("first byte", got[0] if got else None, "json", b'"type"' in got, flush=True)
+"#;
 
 fn cases_dup(good: &str) -> String {
     good.replace("{ host = 2,", "{ host = 1,")

@@ -671,7 +671,7 @@ fn a_local_user_cannot_squat_or_speak_on_a_handlers_notify_socket() {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let name = "test-notify-squat";
         let mut squatter = KilledOnDrop(
-            Command::new("python3")
+            Command::new("/usr/bin/python3")
                 .args(["-c", SQUAT])
                 .uid(65534)
                 .gid(65534)
@@ -730,7 +730,7 @@ fn a_local_user_cannot_squat_or_speak_on_a_handlers_notify_socket() {
         // Another local user may not send on a handler's socket; root may (the control).
         let send_as = |uid: u32| {
             let socket = run_dir.join(format!("notify/{name}/0"));
-            let sent = Command::new("python3")
+            let sent = Command::new("/usr/bin/python3")
                 .args([
                     "-c",
                     "import socket, sys; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\
