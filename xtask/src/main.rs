@@ -225,22 +225,23 @@ fn run(task: Task) -> Result<()> {
     }
 }
 
-/// The whole suite. The release build the VMs run comes first, then the VMs (each one
-/// host thread, nearly all of its time the emulated CPU) run side by side with everything
-/// native: lint, the debug builds, the unit tests, the integration tests and benchmarks
-/// (mostly waiting on timers and the network). The run then takes about as long as the
-/// release build and its longest VM.
+/// The whole suite: lint, the builds and the unit tests, then the VMs (each one host
+/// thread, nearly all of its time the emulated CPU) side by side with the native
+/// integration tests and benchmarks (mostly waiting on timers and the network).
+///
+/// Not the VMs first, beside the builds: tried (c655da9), it saved no time, since the
+/// builds and the VMs both want both CPUs, and an emulated VM that lost its CPU to the
+/// compilers missed a test's 30-s start deadline (gunicorn with --notify, in 6.1 and 6.12).
 fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOptions) -> Result<()> {
+    native_build(filter)?;
     // Without root, what is missing is reported by the VM runner (exit 2).
     if running_as_root() {
         setup::ensure_vm_packages()?;
-        // The VMs run the Python tests with the host's environment.
-        setup::ensure_python_servers()?;
     }
     let vms = vm::prepare(vm_options)?;
     let (host, (vm_runs, vm_errors)) = std::thread::scope(|scope| {
         let in_vms = scope.spawn(|| vm::run(&vms, vm_options));
-        let host = native_build(filter).and_then(|()| native_integration(filter));
+        let host = native_integration(filter);
         (host, in_vms.join().expect("the VMs' thread panicked"))
     });
     vm::print_consoles(&vms);

@@ -67,7 +67,13 @@ pub fn make(cluster: &str, hosts: &[u16], dir: &Path) -> Result<Vec<PathBuf>> {
     };
     let mut written = Vec::new();
     let (ca_pem, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let issuer = if ca_pem.exists() && ca_key.exists() {
+    if ca_pem.exists() != ca_key.exists() {
+        return Err(bad(format!(
+            "{} has only one of ca.pem and ca.key: restore the other, or use a new directory",
+            dir.display()
+        )));
+    }
+    let issuer = if ca_pem.exists() {
         let read = |path: &Path| {
             std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))
         };

@@ -563,34 +563,18 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
             String::from_utf8_lossy(&out.stdout).into_owned()
                 + &String::from_utf8_lossy(&out.stderr)
         };
-        let said = tls_hello(
-            &other_ca.join("host-2.pem"),
-            &other_ca.join("host-2.key"),
-            as_host2,
-        );
-        assert!(
-            wait_for(Duration::from_secs(3), || refused() == 3),
-            "{said}"
-        );
-        assert!(
-            agent_log().contains("invalid peer certificate"),
-            "{}",
-            agent_log()
-        );
-        let said = tls_hello(
-            &certs.join("host-3.pem"),
-            &certs.join("host-3.key"),
-            as_host2,
-        );
-        assert!(
-            wait_for(Duration::from_secs(3), || refused() == 4),
-            "{said}"
-        );
-        assert!(
-            agent_log().contains("a certificate that is not host 2's"),
-            "{}",
-            agent_log()
-        );
+        for (dir, host, count, why) in [
+            (&other_ca, 2, 3, "invalid peer certificate"),
+            (&certs, 3, 4, "a certificate that is not host 2's"),
+        ] {
+            let (cert, key) = (format!("host-{host}.pem"), format!("host-{host}.key"));
+            let said = tls_hello(&dir.join(cert), &dir.join(key), as_host2);
+            assert!(
+                wait_for(Duration::from_secs(3), || refused() == count),
+                "{said}"
+            );
+            assert!(agent_log().contains(why), "{}", agent_log());
+        }
         // With host 2's own certificate: the hello is read, and checked. Claiming to be
         // host 3, or of another cluster, or with a MAC that is not host 2's (the dispatcher
         // would forward host 2's clients there).
