@@ -422,10 +422,16 @@ tls = {{ ca = "{certs}/ca.pem", cert = "{certs}/host-{id}.pem", key = "{certs}/h
     }
 
     /// Stops host `id`'s agent with SIGTERM and waits for it.
-    pub fn stop_agent(&mut self, id: u16) {
-        if let Some(mut agent) = self.host_mut(id).agent.take() {
-            send_signal(agent.id(), libc::SIGTERM);
-            wait_child(&mut agent, Duration::from_secs(10));
+    /// SIGTERMs host `id`'s agent and waits 10 s for it to end, then SIGKILLs it; says
+    /// whether it ended by itself (false: it needed the SIGKILL, which leaves its
+    /// dispatcher attached).
+    pub fn stop_agent(&mut self, id: u16) -> bool {
+        match self.host_mut(id).agent.take() {
+            Some(mut agent) => {
+                send_signal(agent.id(), libc::SIGTERM);
+                wait_child(&mut agent, Duration::from_secs(10))
+            }
+            None => true,
         }
     }
 
@@ -806,15 +812,15 @@ impl Drop for Topology {
     fn drop(&mut self) {
         let ids: Vec<u16> = self.hosts.iter().map(|h| h.id).collect();
         for id in ids {
-            self.stop_agent(id);
+            let _ = self.stop_agent(id);
             if let Some(mut spawner) = self.host_mut(id).spawner.take() {
                 send_signal(spawner.id(), libc::SIGTERM);
-                wait_child(&mut spawner, Duration::from_secs(10));
+                let _ = wait_child(&mut spawner, Duration::from_secs(10));
             }
         }
         for bird in &mut self.birds {
             send_signal(bird.id(), libc::SIGTERM);
-            wait_child(bird, Duration::from_secs(5));
+            let _ = wait_child(bird, Duration::from_secs(5));
         }
         for host in &self.hosts {
             let _ = Command::new("ip").args(["netns", "del", &host.ns]).status();
@@ -851,16 +857,18 @@ fn signal_group(pid: u32, signal: i32) {
     unsafe { libc::kill(-(pid as i32), signal) };
 }
 
-fn wait_child(child: &mut Child, limit: Duration) {
+/// Waits up to `limit` for `child` to end, then kills it; says whether it ended by itself.
+fn wait_child(child: &mut Child, limit: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(Some(_)) = child.try_wait() {
-            return;
+            return true;
         }
         thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+    false
 }
 
 /// How one long-lived connection ended.

@@ -96,7 +96,7 @@ fn demo() {
         }
     }
     thread::sleep(Duration::from_millis(300));
-    topology.stop_agent(2);
+    let _ = topology.stop_agent(2);
     thread::sleep(Duration::from_secs(2));
     show(&topology, &load, &say, "host 2 left");
     let status = topology.cluster_status(1).unwrap_or_default();

@@ -240,7 +240,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
             }
         }
         thread::sleep(Duration::from_millis(300));
-        topology.stop_agent(2);
+        assert!(topology.stop_agent(2), "{}", topology.log("agent-2.log"));
         assert!(
             wait_for(Duration::from_secs(5), || {
                 topology.cluster_status(1).unwrap()["peers"]
@@ -647,7 +647,12 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
         assert_eq!(refused(), 7, "{}", agent_log());
 
         // Stopped: the dispatcher is detached and its pins removed.
-        topology.stop_agent(1);
+        let stopped = topology.stop_agent(1);
+        assert!(
+            stopped,
+            "the agent did not end within 10 s of SIGTERM: {}",
+            topology.log("agent-1.log")
+        );
         assert_eq!(topology.tcx_programs(1), 0);
         assert!(!std::path::Path::new("/sys/fs/bpf/parsrv/_cluster-web-1").exists());
         let _ = ip;
