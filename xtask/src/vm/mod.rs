@@ -629,6 +629,13 @@ mod tests {
         })
     }
 
+    #[test]
+    fn the_newest_kernel_boots_first_and_a_bzimage_by_path_last() {
+        let mut labels = ["5.10", "bzImage-custom", "6.12", "6.1"];
+        labels.sort_by_key(|label| std::cmp::Reverse(series(label)));
+        assert_eq!(labels, ["6.12", "6.1", "5.10", "bzImage-custom"]);
+    }
+
     fn boot_fake(qemu: &Path, timeout: Duration) -> Result<VmRun> {
         let run = with_fake_vm(qemu, timeout, &qemu.with_file_name("log"), |vm| vm.boot());
         fs::remove_dir_all(qemu.parent().unwrap()).unwrap();
