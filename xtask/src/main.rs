@@ -141,6 +141,7 @@ impl std::fmt::Display for Fatal {
 impl std::error::Error for Fatal {}
 
 fn main() {
+    std::sync::LazyLock::force(&STARTED);
     let cli = Cli::try_parse().unwrap_or_else(|e| {
         let _ = e.print();
         std::process::exit(if e.use_stderr() { EXIT_BAD_INPUT } else { 0 });
@@ -158,7 +159,11 @@ fn run(task: Task) -> Result<()> {
             .and_then(|()| setup::ensure_python_servers())
             .and_then(|()| setup::ensure_vm_packages()),
         Task::BuildEbpf => build_ebpf(),
-        Task::Build { release } => build(release),
+        Task::Build { release } => build(if release {
+            Profile::Release
+        } else {
+            Profile::Dev
+        }),
         Task::Run { args } => run_demo(args),
         Task::ClusterDemo => cluster_demo(),
         Task::Lint => lint(),
@@ -206,7 +211,9 @@ fn run(task: Task) -> Result<()> {
                 }
                 vm::test(&vm_options, Vec::new())
             } else if no_vm {
-                let host = native_build(&filter).and_then(|()| native_integration(&filter))?;
+                let host = lint()
+                    .and_then(|()| native_build(&filter))
+                    .and_then(|()| native_integration(&filter))?;
                 let rows = [host];
                 vm::console::print_summary(&rows);
                 match rows.iter().all(|r| r.outcome.passed()) {
@@ -225,13 +232,15 @@ fn run(task: Task) -> Result<()> {
     }
 }
 
-/// The whole suite: lint, the builds and the unit tests, then the VMs (each one host
-/// thread, nearly all of its time the emulated CPU) side by side with the native
-/// integration tests and benchmarks (mostly waiting on timers and the network).
+/// The whole suite: the one build and the unit tests, then the VMs (each one host thread,
+/// nearly all of its time the emulated CPU) side by side with the native integration tests
+/// and benchmarks (mostly waiting on timers and the network), and lint at the lowest
+/// priority beside both.
 ///
 /// Not the VMs first, beside the builds: tried (c655da9), it saved no time, since the
 /// builds and the VMs both want both CPUs, and an emulated VM that lost its CPU to the
 /// compilers missed a test's 30-s start deadline (gunicorn with --notify, in 6.1 and 6.12).
+/// Lint, at nice 19, takes almost nothing from them.
 fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOptions) -> Result<()> {
     native_build(filter)?;
     // Without root, what is missing is reported by the VM runner (exit 2).
@@ -239,13 +248,27 @@ fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOptions) -> Resul
         setup::ensure_vm_packages()?;
     }
     let vms = vm::prepare(vm_options)?;
-    let (host, (vm_runs, vm_errors)) = std::thread::scope(|scope| {
+    let lint_log = workspace_root().join("target/lint.log");
+    let (host, linted, (vm_runs, vm_errors)) = std::thread::scope(|scope| {
         let in_vms = scope.spawn(|| vm::run(&vms, vm_options));
+        let linted = scope.spawn(|| lint_at_lowest_priority(&lint_log));
         let host = native_integration(filter);
-        (host, in_vms.join().expect("the VMs' thread panicked"))
+        (
+            host,
+            linted.join().expect("the lint thread panicked"),
+            in_vms.join().expect("the VMs' thread panicked"),
+        )
     });
     vm::print_consoles(&vms);
-    let mut rows = vec![host?];
+    let mut host = host?;
+    match linted {
+        Ok(()) => eprintln!("xtask: lint (fmt, clippy -D warnings): clean"),
+        Err(e) => {
+            eprintln!("{}", std::fs::read_to_string(&lint_log).unwrap_or_default());
+            host.outcome.failed_binaries.push(format!("{e:#}"));
+        }
+    }
+    let mut rows = vec![host];
     rows.extend(vm_runs);
     vm::report(rows, vm_errors, vm_options)
 }
@@ -270,26 +293,40 @@ pub fn run_step(step: &str, command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Every step this run took, and how long: printed at the end of `cargo xtask test`, so
-/// that CI's log says where its minutes went.
-static PHASES: std::sync::Mutex<Vec<(String, Duration)>> = std::sync::Mutex::new(Vec::new());
+/// Every step this run took, when it started and how long it took: printed at the end of
+/// `cargo xtask test`, so that CI's log says where its minutes went. Steps of the VMs, the
+/// native tests and lint overlap: their start tells which ran beside which.
+static PHASES: std::sync::Mutex<Vec<(String, Duration, Duration)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// When xtask started, for [`PHASES`].
+static STARTED: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
 
 pub fn record_phase(step: &str, took: Duration) {
+    let started = STARTED.elapsed().saturating_sub(took);
     PHASES
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push((step.to_owned(), took));
+        .push((step.to_owned(), started, took));
 }
 
 fn print_phases() {
-    let phases = PHASES.lock().unwrap_or_else(|e| e.into_inner());
-    let total: Duration = phases.iter().map(|(_, took)| *took).sum();
+    let mut phases = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    phases.sort_by_key(|(_, started, _)| *started);
     println!(
-        "\nxtask: time per step ({:.1} min in steps):",
-        total.as_secs_f64() / 60.0
+        "\nxtask: time per step ({:.1} min from xtask's start; steps beside each other overlap):",
+        STARTED.elapsed().as_secs_f64() / 60.0
     );
-    for (step, took) in phases.iter() {
-        println!("  {:>7.1} s  {step}", took.as_secs_f64());
+    println!("  {:>7}  {:>7}", "start", "took");
+    for (step, started, took) in phases.iter() {
+        let start = started.as_secs();
+        println!(
+            "  {:>4}:{:02}  {:>5.1} s  {step}",
+            start / 60,
+            start % 60,
+            took.as_secs_f64()
+        );
     }
 }
 
@@ -359,14 +396,53 @@ fn record_ebpf_toolchain(object: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn build(release: bool) -> Result<()> {
-    build_ebpf()?;
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["build", "--package", "parsrv"]);
-    if release {
-        cargo.arg("--release");
+/// A cargo profile xtask builds in, and where its binaries land.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// `cargo xtask build`: unoptimized parsrv, optimized dependencies.
+    Dev,
+    /// What users run: `cargo xtask run`, `cargo xtask bench`.
+    Release,
+    /// What the tests run, natively and in the VMs: release code with debug assertions
+    /// and overflow checks (Cargo.toml says why one profile).
+    Checked,
+}
+
+impl Profile {
+    /// cargo's arguments for this profile.
+    pub fn cargo_args(self) -> &'static [&'static str] {
+        match self {
+            Profile::Dev => &[],
+            Profile::Release => &["--release"],
+            Profile::Checked => &["--profile", "checked"],
+        }
     }
-    run_step("building parsrv", cargo.current_dir(workspace_root()))
+
+    /// Where its binaries land.
+    pub fn dir(self) -> PathBuf {
+        workspace_root().join("target").join(match self {
+            Profile::Dev => "debug",
+            Profile::Release => "release",
+            Profile::Checked => "checked",
+        })
+    }
+
+    /// Its parsrv binary.
+    pub fn parsrv(self) -> PathBuf {
+        self.dir().join("parsrv")
+    }
+}
+
+/// The eBPF object, then parsrv with it embedded, in `profile`.
+pub(crate) fn build(profile: Profile) -> Result<()> {
+    build_ebpf()?;
+    run_step(
+        &format!("building parsrv ({profile:?})"),
+        Command::new(env!("CARGO"))
+            .args(["build", "--package", "parsrv"])
+            .args(profile.cargo_args())
+            .current_dir(workspace_root()),
+    )
 }
 
 /// The demo's `parsrv` arguments, shared with the test that runs it as a user would
@@ -374,13 +450,13 @@ pub(crate) fn build(release: bool) -> Result<()> {
 const DEMO_ARGS: &str = include_str!("demo.args");
 
 fn run_demo(args: Vec<String>) -> Result<()> {
-    build(true)?;
+    build(Profile::Release)?;
     let args = if args.is_empty() {
         DEMO_ARGS.split_whitespace().map(String::from).collect()
     } else {
         args
     };
-    let parsrv = workspace_root().join("target/release/parsrv");
+    let parsrv = Profile::Release.parsrv();
     eprintln!(
         "xtask: starting {} {}\n\
          xtask: try, from another terminal:\n  \
@@ -400,7 +476,7 @@ fn run_demo(args: Vec<String>) -> Result<()> {
 
 fn cluster_demo() -> Result<()> {
     // Set-up (bird2 included) comes with the build.
-    build(false)?;
+    build(Profile::Release)?;
     if !running_as_root() {
         return Err(Fatal::error(
             EXIT_BAD_INPUT,
@@ -418,7 +494,8 @@ fn cluster_demo() -> Result<()> {
             "--bin",
             "cluster-demo",
         ])
-        .env("PARSRV_BIN", root.join("target/debug/parsrv"))
+        .args(Profile::Release.cargo_args())
+        .env("PARSRV_BIN", Profile::Release.parsrv())
         .current_dir(&root);
     run_step("the cluster demo", &mut cargo)
 }
@@ -444,63 +521,80 @@ fn ebpf_cargo() -> Command {
 
 const EBPF_TARGET_ARGS: [&str; 4] = ["--target", "bpfel-unknown-none", "-Z", "build-std=core"];
 
-fn lint() -> Result<()> {
-    setup::ensure_all()?;
+/// `cargo xtask lint`'s steps, in order.
+fn lint_steps() -> Vec<(&'static str, Command)> {
     let root = workspace_root();
     let cargo = env!("CARGO");
-    run_step(
-        "cargo fmt --check (workspace)",
-        Command::new(cargo)
-            .args(["fmt", "--all", "--check"])
-            .current_dir(&root),
-    )?;
-    run_step(
-        "cargo clippy (workspace)",
-        Command::new(cargo)
-            .args([
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ])
-            .current_dir(&root),
-    )?;
-    run_step(
-        "cargo fmt --check (parsrv-ebpf)",
-        ebpf_cargo().args(["fmt", "--check"]),
-    )?;
-    run_step(
-        "cargo clippy (parsrv-ebpf)",
-        ebpf_cargo()
-            .args(["clippy", "--release"])
-            .args(EBPF_TARGET_ARGS)
-            .arg("--target-dir")
-            .arg(root.join("target/ebpf"))
-            .args(["--", "-D", "warnings"]),
-    )
+    let mut fmt = Command::new(cargo);
+    fmt.args(["fmt", "--all", "--check"]).current_dir(&root);
+    let mut clippy = Command::new(cargo);
+    clippy
+        .args(["clippy", "--workspace", "--all-targets"])
+        .args(["--", "-D", "warnings"])
+        .current_dir(&root);
+    let mut ebpf_fmt = ebpf_cargo();
+    ebpf_fmt.args(["fmt", "--check"]);
+    let mut ebpf_clippy = ebpf_cargo();
+    ebpf_clippy
+        .args(["clippy", "--release"])
+        .args(EBPF_TARGET_ARGS)
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"))
+        .args(["--", "-D", "warnings"]);
+    vec![
+        ("cargo fmt --check (workspace)", fmt),
+        ("cargo clippy (workspace)", clippy),
+        ("cargo fmt --check (parsrv-ebpf)", ebpf_fmt),
+        ("cargo clippy (parsrv-ebpf)", ebpf_clippy),
+    ]
 }
 
-/// The native part of `cargo xtask test`: lint, build, unit tests, the integration tests
-/// (both nextest profiles, every test even after a failure), a quick benchmark run. Returns
-/// the integration tests' row for the summary; an error only for what stops the run.
-/// Lint, the builds the native tests run (parsrv, its example handlers, the integration
-/// test binary, the benchmark harness), and the unit tests.
+fn lint() -> Result<()> {
+    setup::ensure_all()?;
+    for (step, mut command) in lint_steps() {
+        run_step(step, &mut command)?;
+    }
+    Ok(())
+}
+
+/// The lint steps at the lowest CPU priority (nice 19), their output into `log`: beside
+/// the VMs, which then keep their CPUs, lint takes only what the VMs and the native tests
+/// leave (the last minutes of a run, when one VM is left, leave a whole CPU). The first
+/// failure stops them.
+fn lint_at_lowest_priority(log: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    setup::ensure_all()?;
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    for (step, mut command) in lint_steps() {
+        command.stdout(file.try_clone()?).stderr(file.try_clone()?);
+        // SAFETY: nice(2) is async-signal-safe, and the closure touches no other state.
+        unsafe {
+            command.pre_exec(|| {
+                // -1 is also a valid new nice value: errno would tell, and a lint that
+                // kept its priority is only slower, not wrong.
+                nix::libc::nice(19);
+                Ok(())
+            });
+        }
+        run_step(step, &mut command)
+            .with_context(|| format!("lint: its output is in {}", log.display()))?;
+    }
+    Ok(())
+}
+
+/// The builds the tests run (parsrv, its example handlers, the integration test binary,
+/// the benchmark harness, all in [`Profile::Checked`]: the VMs run the same build), and the
+/// unit tests.
 fn native_build(filter: &Option<String>) -> Result<()> {
-    lint()?;
-    build(false)?;
+    build(Profile::Checked)?;
     let root = workspace_root();
     let cargo = env!("CARGO");
     run_step(
         "unit tests",
         Command::new(cargo)
-            .args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "parsrv-integration-tests",
-            ])
+            .args(["test", "--workspace"])
+            .args(Profile::Checked.cargo_args())
+            .args(["--exclude", "parsrv-integration-tests"])
             .args(filter.iter())
             .current_dir(&root),
     )?;
@@ -517,6 +611,7 @@ fn native_build(filter: &Option<String>) -> Result<()> {
             .args(["build", "--package", "parsrv", "--examples"])
             .args(["--package", "parsrv-bench"])
             .args(["--package", "parsrv-integration-tests", "--tests"])
+            .args(Profile::Checked.cargo_args())
             .current_dir(&root),
     )
 }
@@ -548,6 +643,7 @@ fn native_integration(filter: &Option<String>) -> Result<vm::VmRun> {
             ),
             fresh::as_on_a_fresh_machine(&mut Command::new(cargo))
                 .args(["nextest", "run", "--no-fail-fast", "--profile", profile])
+                .args(["--cargo-profile", "checked"])
                 .args([
                     "--package",
                     "parsrv-integration-tests",
@@ -555,7 +651,7 @@ fn native_integration(filter: &Option<String>) -> Result<vm::VmRun> {
                     "only",
                 ])
                 .args(filter.iter())
-                .env("PARSRV_BIN", root.join("target/debug/parsrv"))
+                .env("PARSRV_BIN", Profile::Checked.parsrv())
                 .env("PARSRV_PYENV", setup::pyenv())
                 .env("PARSRV_TEST_SKIPS", &skips)
                 .env("PARSRV_TEST_FIGURES", &figures)
@@ -608,11 +704,14 @@ fn uname_r() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// Figures come from release builds; a quick run only checks the harness, on the debug
-/// build the tests already made.
+/// Figures come from release builds; a quick run only checks the harness, on the build
+/// the tests already made.
 fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
-    let release = !quick;
-    build(release)?;
+    let profile = match quick {
+        true => Profile::Checked,
+        false => Profile::Release,
+    };
+    build(profile)?;
     setup::ensure_python_servers()?;
     setup::ensure_bench_packages()?;
     if !running_as_root() {
@@ -621,7 +720,6 @@ fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
         );
     }
     let root = workspace_root();
-    let profile = if release { "release" } else { "debug" };
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .current_dir(&root)
@@ -632,16 +730,11 @@ fn bench(scenarios: Vec<String>, quick: bool) -> Result<()> {
     let mut cargo = Command::new(env!("CARGO"));
     fresh::as_on_a_fresh_machine(&mut cargo);
     cargo.args(["run", "--quiet", "--package", "parsrv-bench"]);
-    if release {
-        cargo.arg("--release");
-    }
     cargo
+        .args(profile.cargo_args())
         .args(["--bin", "parsrv-bench", "--"])
         .args(&scenarios)
-        .env(
-            "PARSRV_BIN",
-            root.join("target").join(profile).join("parsrv"),
-        )
+        .env("PARSRV_BIN", profile.parsrv())
         .env("PARSRV_PYENV", setup::pyenv())
         .env("PARSRV_COMMIT", commit)
         .current_dir(&root);

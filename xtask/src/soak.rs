@@ -38,7 +38,9 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
             "the privileged integration tests need root: run `cargo xtask soak` as root",
         ));
     }
-    crate::build(false)?;
+    // The suite's own build (see `Profile::Checked`).
+    let profile = crate::Profile::Checked;
+    crate::build(profile)?;
     setup::ensure_python_servers()?;
     let root = workspace_root();
     let cargo = env!("CARGO");
@@ -46,6 +48,7 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
         "building the example handlers and the tests",
         Command::new(cargo)
             .args(["build", "--package", "parsrv", "--examples"])
+            .args(profile.cargo_args())
             .current_dir(&root),
     )?;
     crate::run_step(
@@ -53,6 +56,7 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
         Command::new(cargo)
             .args(["test", "--no-run", "--tests"])
             .args(["--package", "parsrv-integration-tests"])
+            .args(profile.cargo_args())
             .current_dir(&root),
     )?;
     // With --exact, the test's whole path in the suite (`kill_loop::NAME`): the name alone
@@ -88,11 +92,12 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
         let out = fresh::as_on_a_fresh_machine(&mut Command::new(cargo))
             // --tests: the integration tests, not the harness's doc examples.
             .args(["test", "--quiet", "--tests"])
+            .args(profile.cargo_args())
             .args(["--package", "parsrv-integration-tests", "--"])
             .args(["--ignored", "--test-threads=1", "--nocapture"])
             .arg(&filter)
             .args(options.exact.then_some("--exact"))
-            .env("PARSRV_BIN", root.join("target/debug/parsrv"))
+            .env("PARSRV_BIN", profile.parsrv())
             .env("PARSRV_PYENV", setup::pyenv())
             .env("RUST_BACKTRACE", "1")
             .current_dir(&root)

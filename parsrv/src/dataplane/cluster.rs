@@ -15,13 +15,15 @@ use std::{
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{links::FdLink, tc::SchedClassifierLink, SchedClassifier, TcAttachType},
-    EbpfLoader,
 };
 use parsrv_common::cluster::{
     names, ClientEntry, ClusterConfig, Decision, DispatchCounters, Host, MAX_HOSTS,
 };
 
-use super::{object, pins, sum_over_cpus, EbpfObject};
+use super::{
+    loader::{self, MapSizes},
+    object, pins, sum_over_cpus, EbpfObject,
+};
 use crate::error::{Error, Result};
 
 /// Prefix of a cluster's directory under parsrv's bpffs directory (group names cannot start
@@ -65,11 +67,13 @@ impl Dispatcher {
         dir: &Path,
     ) -> Result<(Dispatcher, RingBuf<MapData>)> {
         let object = object(EbpfObject::Parsrv)?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::CLIENTS, capacity)
-            .map_max_entries(names::DECISIONS, 256 * 1024)
-            .load(&object)
-            .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
+        let sizes = MapSizes {
+            cluster_clients: capacity,
+            cluster_decisions: 256 * 1024,
+            ..Default::default()
+        };
+        let mut ebpf =
+            loader::load(&object, sizes).map_err(Error::ebpf("loading the parsrv eBPF object"))?;
         let staging = pins::Pins::staging(dir)?;
         let mut take = |name: &str| -> Result<Map> {
             let map = ebpf.take_map(name).ok_or_else(|| missing(name))?;

@@ -30,6 +30,7 @@
 pub mod affinity;
 pub mod alerts;
 pub mod cluster;
+pub mod loader;
 pub mod lookup;
 pub mod netns;
 pub mod pins;

@@ -11,7 +11,7 @@ use std::{
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf, SockMap},
     programs::{sk_reuseport::SkReuseportError, ProgramError, SkReuseport},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use parsrv_common::reuseport::{
     flags, names, GlobalCounters, ProgramConfig, SlotCounters, MAX_SOCKETS,
@@ -19,6 +19,7 @@ use parsrv_common::reuseport::{
 
 use super::{
     affinity::DispatchTable,
+    loader::{self, MapSizes},
     lookup::{self, AddressLookup},
     object,
     pins::Pins,
@@ -92,21 +93,22 @@ impl Steering {
         lookup: Option<&[Listen]>,
     ) -> Result<Self> {
         let object = object(EbpfObject::Parsrv)?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::DISPATCH_TABLE, table_size)
-            .load(&object)
-            .map_err(|e| match &e {
-                // The only map sized at run time: too big for this machine's memory.
-                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                    if io_error.raw_os_error() == Some(libc::ENOMEM) =>
-                {
-                    Error::Rejected(format!(
-                        "--affinity-table {table_size}: the kernel could not allocate a \
+        let sizes = MapSizes {
+            dispatch_table: table_size,
+            ..Default::default()
+        };
+        let mut ebpf = loader::load(&object, sizes).map_err(|e| match &e {
+            // The only map sized at run time: too big for this machine's memory.
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                Error::Rejected(format!(
+                    "--affinity-table {table_size}: the kernel could not allocate a \
                          dispatch table that large (ENOMEM); give fewer entries"
-                    ))
-                }
-                _ => Error::ebpf("loading the parsrv eBPF object")(e),
-            })?;
+                ))
+            }
+            _ => Error::ebpf("loading the parsrv eBPF object")(e),
+        })?;
         let program: &mut SkReuseport = ebpf
             .program_mut(names::PROGRAM)
             .ok_or_else(|| missing(names::PROGRAM))?

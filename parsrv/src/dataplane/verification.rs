@@ -18,10 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{
-    programs::{Program as AyaProgram, ProgramError},
-    EbpfLoader,
-};
+use aya::programs::{Program as AyaProgram, ProgramError};
 use serde::{Deserialize, Serialize};
 
 use super::{object, Program};
@@ -58,8 +55,7 @@ pub fn describe(verified_insns: Option<u32>) -> String {
 /// and unloads it. A refusal is [`Error::VerifierRefused`].
 pub fn measure(program: Program) -> Result<Option<u32>> {
     let bytes = object(program.object())?;
-    let mut ebpf = EbpfLoader::new()
-        .load(&bytes)
+    let mut ebpf = super::loader::load(&bytes, Default::default())
         .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
     let not_ours = || {
         Error::ebpf("the eBPF object is not this parsrv's")(anyhow::anyhow!(

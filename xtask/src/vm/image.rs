@@ -1,7 +1,7 @@
 //! What a test VM boots: a small newc initramfs (a static busybox, the kernel's 9p modules
 //! and the first stage of our init, stage1.sh) that mounts the host's root file system
 //! read-only over 9p and runs the second stage (init.sh) there. The tests then run with the
-//! host's own build (target/release: parsrv, its example handlers, the test binary) and the
+//! host's own build (target/checked: parsrv, its example handlers, the test binary) and the
 //! host's tools (cargo-nextest, iproute2, BIRD, Python, systemd-analyze), as virtme-ng
 //! does: a test runs in a VM exactly as it runs natively, or skips for a kernel feature.
 
@@ -34,17 +34,20 @@ pub fn nextest_metadata() -> PathBuf {
 }
 
 /// Builds what the VMs run and writes nextest's metadata of it, so that nextest in the VM
-/// runs it without cargo. A release build: under emulation a debug parsrv (and the debug
-/// test binary beside it) was slow enough that a spawner under load missed the tests' 30 s
-/// start deadline and a cluster agent its 20 s one, and one VM took over 25 minutes.
+/// runs it without cargo. The tests' one build ([`crate::Profile::Checked`], optimized):
+/// under emulation a debug parsrv (and the debug test binary beside it) was slow enough that
+/// a spawner under load missed the tests' 30 s start deadline and a cluster agent its 20 s
+/// one, and one VM took over 25 minutes.
 pub fn build() -> Result<()> {
-    crate::build(true)?;
+    let profile = crate::Profile::Checked;
+    crate::build(profile)?;
     let root = workspace_root();
     let cargo = env!("CARGO");
     crate::run_step(
-        "building the example handlers (release, for the VMs)",
+        "building the example handlers (for the VMs)",
         Command::new(cargo)
-            .args(["build", "--release", "--package", "parsrv", "--examples"])
+            .args(["build", "--package", "parsrv", "--examples"])
+            .args(profile.cargo_args())
             .current_dir(&root),
     )?;
     let meta = nextest_metadata();
@@ -56,7 +59,8 @@ pub fn build() -> Result<()> {
             &[
                 "nextest",
                 "list",
-                "--release",
+                "--cargo-profile",
+                "checked",
                 "--package",
                 "parsrv-integration-tests",
                 "--list-type",

@@ -39,6 +39,7 @@ $B ip link set lo up
 for word in $(cat /proc/cmdline); do
     case "$word" in
         parsrv.workspace=*) workspace="${word#parsrv.workspace=}" ;;
+        parsrv.bin=*) parsrv="${word#parsrv.bin=}" ;;
         parsrv.nextest=*) nextest="${word#parsrv.nextest=}" ;;
         parsrv.pyenv=*) pyenv="${word#parsrv.pyenv=}" ;;
         parsrv.filter=*) filter="${word#parsrv.filter=}" ;;
@@ -48,10 +49,10 @@ done
 meta="$workspace/target/vm/nextest"
 
 # What parsrv finds here (informational: the tests decide what a missing feature means).
-"$workspace/target/release/parsrv" kernel
+"$parsrv" kernel
 
 # The tests check that they start from a fresh machine's state (no bpffs, no /run/parsrv).
-export PARSRV_BIN="$workspace/target/release/parsrv" PARSRV_PYENV="$pyenv" \
+export PARSRV_BIN="$parsrv" PARSRV_PYENV="$pyenv" \
     PARSRV_TEST_SKIPS=/tmp/skips PARSRV_TEST_FIGURES=/tmp/figures \
     PARSRV_TEST_KERNEL_PROBE=/tmp/kernel-probe RUST_BACKTRACE=1 \
     PARSRV_TEST_FRESH_MACHINE=1

@@ -277,7 +277,8 @@ fn kernel_words(root: &Path, filter: &str, stress: Option<u32>) -> Result<String
         )
     })?;
     let pyenv = crate::setup::pyenv();
-    let paths = [root, nextest.as_path(), pyenv.as_path()];
+    let parsrv = crate::Profile::Checked.parsrv();
+    let paths = [root, parsrv.as_path(), nextest.as_path(), pyenv.as_path()];
     if let Some(path) = paths
         .iter()
         .find(|p| p.to_string_lossy().contains(char::is_whitespace))
@@ -292,8 +293,9 @@ fn kernel_words(root: &Path, filter: &str, stress: Option<u32>) -> Result<String
         ));
     }
     let mut words = format!(
-        "parsrv.workspace={} parsrv.nextest={} parsrv.pyenv={} parsrv.results={}",
+        "parsrv.workspace={} parsrv.bin={} parsrv.nextest={} parsrv.pyenv={} parsrv.results={}",
         root.display(),
+        parsrv.display(),
         nextest.display(),
         pyenv.display(),
         root.join("target/nextest").display()
