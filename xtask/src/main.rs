@@ -212,7 +212,8 @@ fn run(task: Task) -> Result<()> {
                 vm::test(&vm_options, Vec::new())
             } else if no_vm {
                 let host = lint()
-                    .and_then(|()| native_build(&filter))
+                    .and_then(|()| run_step("unit tests", &mut unit_tests(&filter)))
+                    .and_then(|()| native_build())
                     .and_then(|()| native_integration(&filter))?;
                 let rows = [host];
                 vm::console::print_summary(&rows);
@@ -232,40 +233,53 @@ fn run(task: Task) -> Result<()> {
     }
 }
 
-/// The whole suite: the one build and the unit tests, then the VMs (each one host thread,
-/// nearly all of its time the emulated CPU) side by side with the native integration tests
-/// and benchmarks (mostly waiting on timers and the network), and lint at the lowest
-/// priority beside both.
+/// The whole suite: the one build, then the VMs (each one host thread, nearly all of its
+/// time the emulated CPU) side by side with the native integration tests and benchmarks
+/// (mostly waiting on timers and the network); beside both, at the lowest priority, lint,
+/// and once the native tests are done (their build directory is then free), the unit
+/// tests.
 ///
 /// Not the VMs first, beside the builds: tried (c655da9), it saved no time, since the
 /// builds and the VMs both want both CPUs, and an emulated VM that lost its CPU to the
 /// compilers missed a test's 30-s start deadline (gunicorn with --notify, in 6.1 and 6.12).
-/// Lint, at nice 19, takes almost nothing from them.
+/// At nice 19, lint and the unit tests take almost nothing from them: they ran in the last
+/// minutes, beside the longest VM alone.
 fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOptions) -> Result<()> {
-    native_build(filter)?;
+    native_build()?;
     // Without root, what is missing is reported by the VM runner (exit 2).
     if running_as_root() {
         setup::ensure_vm_packages()?;
     }
     let vms = vm::prepare(vm_options)?;
     let lint_log = workspace_root().join("target/lint.log");
-    let (host, linted, (vm_runs, vm_errors)) = std::thread::scope(|scope| {
+    let unit_log = workspace_root().join("target/unit-tests.log");
+    let (host, unit, linted, (vm_runs, vm_errors)) = std::thread::scope(|scope| {
         let in_vms = scope.spawn(|| vm::run(&vms, vm_options));
-        let linted = scope.spawn(|| lint_at_lowest_priority(&lint_log));
+        let linted = scope.spawn(|| {
+            setup::ensure_all()?;
+            at_lowest_priority(lint_steps(), &lint_log)
+        });
         let host = native_integration(filter);
+        let unit = at_lowest_priority(vec![("unit tests", unit_tests(filter))], &unit_log);
         (
             host,
+            unit,
             linted.join().expect("the lint thread panicked"),
             in_vms.join().expect("the VMs' thread panicked"),
         )
     });
     vm::print_consoles(&vms);
     let mut host = host?;
-    match linted {
-        Ok(()) => eprintln!("xtask: lint (fmt, clippy -D warnings): clean"),
-        Err(e) => {
-            eprintln!("{}", std::fs::read_to_string(&lint_log).unwrap_or_default());
-            host.outcome.failed_binaries.push(format!("{e:#}"));
+    for (what, outcome, log) in [
+        ("lint (fmt, clippy -D warnings)", linted, &lint_log),
+        ("unit tests", unit, &unit_log),
+    ] {
+        match outcome {
+            Ok(()) => eprintln!("xtask: {what}: passed (output in {})", log.display()),
+            Err(e) => {
+                eprintln!("{}", std::fs::read_to_string(log).unwrap_or_default());
+                host.outcome.failed_binaries.push(format!("{what}: {e:#}"));
+            }
         }
     }
     let mut rows = vec![host];
@@ -557,47 +571,48 @@ fn lint() -> Result<()> {
     Ok(())
 }
 
-/// The lint steps at the lowest CPU priority (nice 19), their output into `log`: beside
-/// the VMs, which then keep their CPUs, lint takes only what the VMs and the native tests
-/// leave (the last minutes of a run, when one VM is left, leave a whole CPU). The first
-/// failure stops them.
-fn lint_at_lowest_priority(log: &Path) -> Result<()> {
+/// `steps` at the lowest CPU priority (nice 19), their output into `log`: beside the VMs,
+/// which then keep their CPUs, they take only what the VMs and the native tests leave (the
+/// last minutes of a run, when one VM is left, leave a whole CPU). The first failure stops
+/// them.
+fn at_lowest_priority(steps: Vec<(&str, Command)>, log: &Path) -> Result<()> {
     use std::os::unix::process::CommandExt as _;
-    setup::ensure_all()?;
     let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    for (step, mut command) in lint_steps() {
+    for (step, mut command) in steps {
         command.stdout(file.try_clone()?).stderr(file.try_clone()?);
         // SAFETY: nice(2) is async-signal-safe, and the closure touches no other state.
         unsafe {
             command.pre_exec(|| {
-                // -1 is also a valid new nice value: errno would tell, and a lint that
-                // kept its priority is only slower, not wrong.
+                // -1 is also a valid new nice value: errno would tell, and a step that
+                // kept its priority only takes more CPU from the VMs.
                 nix::libc::nice(19);
                 Ok(())
             });
         }
         run_step(step, &mut command)
-            .with_context(|| format!("lint: its output is in {}", log.display()))?;
+            .with_context(|| format!("its output is in {}", log.display()))?;
     }
     Ok(())
 }
 
+/// The unit tests of every crate but the integration tests, in [`Profile::Checked`].
+fn unit_tests(filter: &Option<String>) -> Command {
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args(["test", "--workspace"])
+        .args(Profile::Checked.cargo_args())
+        .args(["--exclude", "parsrv-integration-tests"])
+        .args(filter.iter())
+        .current_dir(workspace_root());
+    cargo
+}
+
 /// The builds the tests run (parsrv, its example handlers, the integration test binary,
-/// the benchmark harness, all in [`Profile::Checked`]: the VMs run the same build), and the
-/// unit tests.
-fn native_build(filter: &Option<String>) -> Result<()> {
+/// the benchmark harness, all in [`Profile::Checked`]: the VMs run the same build).
+fn native_build() -> Result<()> {
     build(Profile::Checked)?;
     let root = workspace_root();
     let cargo = env!("CARGO");
-    run_step(
-        "unit tests",
-        Command::new(cargo)
-            .args(["test", "--workspace"])
-            .args(Profile::Checked.cargo_args())
-            .args(["--exclude", "parsrv-integration-tests"])
-            .args(filter.iter())
-            .current_dir(&root),
-    )?;
     if !running_as_root() {
         bail!("the privileged integration tests need root: run `cargo xtask test` as root");
     }
@@ -605,15 +620,29 @@ fn native_build(filter: &Option<String>) -> Result<()> {
     setup::ensure_bench_packages()?;
     setup::ensure_nextest()?;
     // Built now, not by the first command that runs them: that may run beside the VMs.
-    run_step(
-        "building the example handlers, the integration tests and the benchmarks",
-        Command::new(cargo)
-            .args(["build", "--package", "parsrv", "--examples"])
-            .args(["--package", "parsrv-bench"])
-            .args(["--package", "parsrv-integration-tests", "--tests"])
-            .args(Profile::Checked.cargo_args())
-            .current_dir(&root),
-    )
+    // One cargo command per package, each selecting what the command that runs it later
+    // selects: cargo unifies features over the packages of one command, and a build with
+    // other features is another build (one command for all three cost 23 s more, 2026-12-05).
+    for (what, args) in [
+        (
+            "the example handlers",
+            &["build", "--package", "parsrv", "--examples"][..],
+        ),
+        ("the benchmarks", &["build", "--package", "parsrv-bench"]),
+        (
+            "the integration tests",
+            &["test", "--no-run", "--package", "parsrv-integration-tests"],
+        ),
+    ] {
+        run_step(
+            &format!("building {what}"),
+            Command::new(cargo)
+                .args(args)
+                .args(Profile::Checked.cargo_args())
+                .current_dir(&root),
+        )?;
+    }
+    Ok(())
 }
 
 /// The privileged integration tests here, in their two profiles, then a quick run of every
