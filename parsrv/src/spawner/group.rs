@@ -145,6 +145,13 @@ impl RunningGroup {
         adoption: Option<Adoption>,
     ) -> Result<Rc<RunningGroup>> {
         let credentials = spec.credentials()?;
+        // A group that starts takes its dynamic uid only if nothing has it; an adopted one
+        // has it already (its handlers run with it).
+        if let (Some(credentials), None) = (credentials, &adoption) {
+            if spec.user.as_deref() == Some(crate::spec::dynamic_user::DYNAMIC) {
+                crate::spec::dynamic_user::check_free(&spec.name, credentials)?;
+            }
+        }
         let pin_dir = pins::group_dir(&spec.name);
         let config = ProgramConfig {
             offsets,

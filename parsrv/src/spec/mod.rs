@@ -6,6 +6,7 @@
 //! check lives here, so every way of defining a group rejects the same values with the same
 //! words.
 
+pub mod dynamic_user;
 pub mod environment;
 pub mod flags;
 mod host;
@@ -190,8 +191,9 @@ pub struct GroupSpec {
     )]
     #[serde(default, skip_serializing_if = "CpuList::is_empty")]
     pub cpus: CpuList,
-    /// Run handlers as this user (and group), without capabilities.
-    #[arg(long, value_name = "NAME[:GROUP]")]
+    /// Run handlers as this user (and group), without capabilities; `dynamic`: as a uid of
+    /// this group's own, which no user and no other group has (as systemd's DynamicUser=).
+    #[arg(long, value_name = "NAME[:GROUP]|dynamic")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// An environment variable for the handlers (repeat for more; config key: `env = {
@@ -321,11 +323,15 @@ impl GroupSpec {
         (!cpus.is_empty()).then(|| cpus[slot as usize % cpus.len()])
     }
 
-    /// Resolves `--user NAME[:GROUP]` (default group: the user's own).
+    /// Resolves `--user NAME[:GROUP]` (default group: the user's own), or `dynamic` (see
+    /// [`dynamic_user`]).
     pub fn credentials(&self) -> Result<Option<Credentials>> {
         let Some(spec) = &self.user else {
             return Ok(None);
         };
+        if spec == dynamic_user::DYNAMIC {
+            return Ok(Some(dynamic_user::credentials_of(&self.name)));
+        }
         let (user_name, group_name) = match spec.split_once(':') {
             Some((u, g)) => (u, Some(g)),
             None => (spec.as_str(), None),

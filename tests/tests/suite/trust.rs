@@ -767,3 +767,124 @@ impl Drop for KilledOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Takes fd 3 of the process given as argument with `pidfd_getfd` (what the kernel allows a
+/// process of the same uid, and no other unprivileged one) and says which port it serves,
+/// or the errno.
+const TAKE_FD3: &str = r#"
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = os.pidfd_open(int(sys.argv[1]))
+fd = libc.syscall(438, pidfd, 3, 0)  # pidfd_getfd (x86_64)
+if fd < 0:
+    print(f"refused errno={ctypes.get_errno()}")
+else:
+    print(f"took port={socket.socket(fileno=fd).getsockname()[1]}")
+"#;
+
+/// Runs [`TAKE_FD3`] against `pid` as uid and gid `id`, with no supplementary group.
+fn take_fd3_as(id: u32, pid: u32) -> String {
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", TAKE_FD3, &pid.to_string()])
+        .uid(id)
+        .gid(id)
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+/// The uid a process runs with (real, effective, saved and file-system uids all equal).
+fn uid_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(uids.iter().all(|&u| u == uids[0]), "{uids:?}");
+    uids[0]
+}
+
+/// With `--user dynamic` each group's handlers run as a uid of their own, so code in one
+/// group's handler cannot take another group's socket (`pidfd_getfd`, or ptrace); with one
+/// named user for both groups it can (the control). A group whose uid is in use is refused.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn with_dynamic_users_a_handler_cannot_take_another_groups_socket() {
+    privileged(Needs::program().and_python(), || {
+        use parsrv::spec::dynamic_user;
+        let start = |name: &str, listen: &str, user: &str| {
+            let spawner = group(name, HandlerKind::Exec)
+                .listen(listen)
+                .handlers(1)
+                .with(|g| g.user = Some(user.into()))
+                .command(&["sleep", "600"])
+                .start();
+            let pid = spawner.status().handlers[0].pid.unwrap();
+            // Until `sleep` runs (blocked in clock_nanosleep, x86_64 syscall 230), the
+            // process is parsrv's, which the kernel keeps from its new uid (not dumpable).
+            assert!(wait_for(Duration::from_secs(10), || {
+                std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+                    .is_ok_and(|call| call.split(' ').next() == Some("230"))
+            }));
+            (spawner, pid)
+        };
+        let (web, web_pid) = start("dyn-web", "127.0.0.1:8080", "dynamic");
+        let (api, api_pid) = start("dyn-api", "127.0.0.1:8081", "dynamic");
+        let (shared, shared_pid) = start("shared-user", "127.0.0.1:8082", "nobody:nogroup");
+        let (web_uid, api_uid) = (uid_of(web_pid), uid_of(api_pid));
+        assert_eq!(web_uid, dynamic_user::credentials_of("dyn-web").uid);
+        assert_eq!(api_uid, dynamic_user::credentials_of("dyn-api").uid);
+        assert_ne!(web_uid, api_uid);
+        for uid in [web_uid, api_uid] {
+            assert!((dynamic_user::FIRST..=dynamic_user::LAST).contains(&uid));
+            assert!(nix::unistd::User::from_uid(uid.into()).unwrap().is_none());
+        }
+        // The attack: code of web's handler (its uid) takes api's socket.
+        assert_eq!(take_fd3_as(web_uid, api_pid), "refused errno=1");
+        // Controls: api's own uid takes it, and with a named user shared by groups any
+        // process of that user (another group's handler) takes that socket.
+        assert_eq!(take_fd3_as(api_uid, api_pid), "took port=8081");
+        assert_eq!(take_fd3_as(65534, shared_pid), "took port=8082");
+
+        // A group whose uid a process already has is refused, in one line naming it, and
+        // leaves nothing behind.
+        let taken = dynamic_user::credentials_of("dyn-taken");
+        let _squatter = KilledOnDrop(
+            Command::new("sleep")
+                .arg("60")
+                .uid(taken.uid)
+                .gid(taken.gid)
+                .spawn()
+                .unwrap(),
+        );
+        let refused = group("dyn-taken", HandlerKind::Http)
+            .listen("127.0.0.1:8083")
+            .with(|g| g.user = Some("dynamic".into()));
+        let out = Command::new(parsrv_integration_tests::parsrv_bin())
+            .arg("run")
+            .args(refused.args())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("uid {} is in use by pid", taken.uid))
+                && stderr.contains("(sleep)")
+                && stderr.contains("rename the group"),
+            "{stderr}"
+        );
+        assert!(!parsrv::dataplane::pins::group_dir("dyn-taken").exists());
+        assert!(!parsrv::control::run_dir().join("dyn-taken.json").exists());
+        for spawner in [web, api, shared] {
+            assert!(spawner.stop().success());
+        }
+    });
+}
