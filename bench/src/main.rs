@@ -634,7 +634,7 @@ fn prog_cost(report: &mut Report, quick: bool) {
             false,
         ));
     }
-    notes.push("On this machine an empty SK_REUSEPORT program already costs about 100 ns per run under bpf_stats (see README, Cost of the program).".into());
+    notes.push("On this machine an empty SK_REUSEPORT program already costs about 100 ns per run under bpf_stats (see bench/README.md, Cost of the program).".into());
     report.table(
         &Table {
             name: "prog-cost",

@@ -139,7 +139,7 @@ pub enum ClusterCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Run the groups of this TOML file (see the README) instead of one from flags; SIGHUP
+    /// Run the groups of this TOML file (see docs/cli.md) instead of one from flags; SIGHUP
     /// reads it again.
     #[arg(long, value_name = "FILE", conflicts_with = "GroupSpec")]
     pub config: Option<PathBuf>,
@@ -188,7 +188,7 @@ impl RunArgs {
 pub struct StatusArgs {
     /// The group (see `parsrv run --name`); without it, every running group.
     pub group: Option<String>,
-    /// Print the stable JSON form (schema in the README) instead of a table: one object
+    /// Print the stable JSON form (schema in docs/cli.md) instead of a table: one object
     /// for a named group, an array for all.
     #[arg(long, conflicts_with = "watch")]
     pub json: bool,
@@ -296,7 +296,7 @@ fn cluster(command: ClusterCommand) -> Result<()> {
             let file = ConfigFile::load(&config)?;
             let spec = file.cluster.ok_or_else(|| {
                 Error::Rejected(format!(
-                    "{} has no [cluster] section: add one (see the README's Cluster section)",
+                    "{} has no [cluster] section: add one (see docs/cluster.md)",
                     config.display()
                 ))
             })?;

@@ -379,7 +379,7 @@ fn listen_backlog(backlog: u32) -> i32 {
 /// Fails with a usage error naming the fix if an entry's addresses are not this host's: its
 /// bound address, and for an IPv4 prefix its last address too (an IPv4 `local` route makes
 /// every address of it bindable; IPv6 binds only assigned addresses, so a prefix's other
-/// addresses are left to the routing table: see the README).
+/// addresses are left to the routing table: see docs/addresses.md).
 pub fn ensure_local(listen: &crate::spec::Listen) -> Result<()> {
     let mut probes = vec![listen.bind_addr()];
     if listen.addr.is_ipv4() && !listen.is_single() {

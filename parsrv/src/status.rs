@@ -1,5 +1,5 @@
 //! What `parsrv status` reports: the spawner builds a [`GroupStatus`] on request and the CLI
-//! prints it as a table or as JSON (the schema is documented in the README).
+//! prints it as a table or as JSON (the schema is documented in docs/cli.md).
 
 use std::{fmt::Write as _, path::PathBuf};
 

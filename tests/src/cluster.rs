@@ -136,7 +136,7 @@ impl Topology {
             hosts: Vec::new(),
             dir,
         };
-        // The peers speak mutual TLS, with certificates made as the README says.
+        // The peers speak mutual TLS, with certificates made as docs/cluster.md says.
         let ids: Vec<String> = (1..=hosts).map(|id| id.to_string()).collect();
         topology.make_certs(&ids.join(","), &topology.certs_dir());
         for id in 1..=hosts {

@@ -1,6 +1,6 @@
 //! The privileged integration tests, one module per concern, in one binary: one link
-//! instead of one per file, and one executable for the VMs to read over 9p (see README,
-//! "Tests"). Run them with `cargo xtask test` (as root), which runs them with
+//! instead of one per file, and one executable for the VMs to read over 9p (see
+//! docs/testing.md). Run them with `cargo xtask test` (as root), which runs them with
 //! cargo-nextest in the two profiles of `.config/nextest.toml`; each test is its own
 //! process there, in namespaces of its own.
 
