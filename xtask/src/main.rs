@@ -245,11 +245,20 @@ fn run(task: Task) -> Result<()> {
 /// At nice 19, lint and the unit tests take almost nothing from them: they ran in the last
 /// minutes, beside the longest VM alone.
 fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOptions) -> Result<()> {
-    native_build()?;
-    // Without root, what is missing is reported by the VM runner (exit 2).
+    // Without root, what is missing is reported by the VM runner (exit 2). Before the build:
+    // its own apt installs would wait on this one's dpkg lock, or fail.
     if running_as_root() {
         setup::ensure_vm_packages()?;
     }
+    // The kernels come beside the build (30 s of apt, unpacking and depmod, 2026-12-05),
+    // with apt's private state and no dpkg lock (vm/kernel.rs).
+    let (built, fetched) = std::thread::scope(|scope| {
+        let fetched = scope.spawn(|| vm::fetch_kernels(vm_options));
+        let built = native_build();
+        (built, fetched.join().expect("the kernels' thread panicked"))
+    });
+    built?;
+    fetched?;
     let vms = vm::prepare(vm_options)?;
     let lint_log = workspace_root().join("target/lint.log");
     let unit_log = workspace_root().join("target/unit-tests.log");

@@ -94,6 +94,17 @@ pub fn test(options: &VmOptions, earlier: Vec<VmRun>) -> Result<()> {
     report(rows, errors, options)
 }
 
+/// Fetches the kernels `options` names into target/vm's cache (what [`prepare`] then finds
+/// there): apt and unpacking, mostly waiting on the network and the disk, so it can run
+/// beside the build.
+pub fn fetch_kernels(options: &VmOptions) -> Result<()> {
+    let vm_dir = crate::workspace_root().join("target/vm");
+    for kernel in &options.kernels {
+        kernel::KernelSpec::parse(kernel)?.resolve(&vm_dir)?;
+    }
+    Ok(())
+}
+
 /// Everything the VMs boot, built and fetched: the image, and per kernel its initramfs and
 /// where its results and console go.
 pub struct Prepared {
