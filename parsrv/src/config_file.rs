@@ -209,6 +209,27 @@ pub fn check_text(path: &Path, text: &str) -> Checked {
             };
             problem(spans["listen"].clone(), message, false);
         }
+        // Two dynamic users of one number would be one user: their handlers could reach
+        // each other's (spec::dynamic_user). 65,536 uids: rare, but not impossible.
+        if let Some((other, (span, _))) = seen.iter().find(|(other, (_, others))| {
+            *other != &name
+                && [&spec, others]
+                    .iter()
+                    .all(|g| g.user.as_deref() == Some(spec::dynamic_user::DYNAMIC))
+                && spec::dynamic_user::credentials_of(other)
+                    == spec::dynamic_user::credentials_of(&name)
+        }) {
+            let (line, column) = locate(span.clone());
+            problem(
+                here.clone(),
+                format!(
+                    "groups '{other}' ({line}:{column}) and '{name}' would have one dynamic uid, {} \
+                     (their names hash alike): rename one",
+                    spec::dynamic_user::credentials_of(&name).uid
+                ),
+                false,
+            );
+        }
         seen.insert(name, (here, spec.clone()));
         groups.push(spec);
     }
@@ -474,6 +495,46 @@ handler = "http"
             found[0].starts_with("10:10: groups 'range' (127.0.0.0/29:9000-9009, 3:8) and 'inside' (127.0.0.5:9005) overlap"),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn two_dynamic_users_of_one_number_are_refused() {
+        // "g2183" and "g3100" hash to one uid (found by search); "g1" to another.
+        let group = |name: &str, port: u16, user: &str| {
+            format!(
+                "[[group]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\n\
+                 handler = \"http\"\nuser = \"{user}\"\n"
+            )
+        };
+        let same = spec::dynamic_user::credentials_of("g2183");
+        assert_eq!(same, spec::dynamic_user::credentials_of("g3100"));
+        let text = [
+            group("g2183", 8080, "dynamic"),
+            group("g3100", 8081, "dynamic"),
+        ]
+        .join("\n");
+        let found = messages(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with(&format!(
+                "8:8: groups 'g2183' (2:8) and 'g3100' would have one dynamic uid, {}",
+                same.uid
+            )),
+            "{found:?}"
+        );
+        // Controls: names that hash apart, and one of the two as a named user.
+        let apart = [
+            group("g2183", 8080, "dynamic"),
+            group("g1", 8081, "dynamic"),
+        ]
+        .join("\n");
+        assert!(messages(&apart).is_empty(), "{:?}", messages(&apart));
+        let named = [
+            group("g2183", 8080, "dynamic"),
+            group("g3100", 8081, "root"),
+        ]
+        .join("\n");
+        assert!(messages(&named).is_empty(), "{:?}", messages(&named));
     }
 
     #[test]
