@@ -15,8 +15,9 @@ use std::sync::{LazyLock, Mutex, PoisonError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use parsrv_common::{cluster, reuseport};
 
-/// The maps whose size is chosen at load time. The defaults are the smallest each takes,
-/// enough to load and verify the programs.
+/// The maps whose size is chosen at load time. The defaults are the sizes the eBPF crate
+/// declares (`with_max_entries(1, ..)`, `with_byte_size(4096, ..)`): the smallest each
+/// takes, enough to load and verify the programs. Change both together.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
     /// Entries of a group's dispatch table (client affinity).
