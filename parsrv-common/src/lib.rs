@@ -1,8 +1,9 @@
 //! Types and names shared by parsrv's eBPF programs and their userspace: one module per
 //! program ([`reuseport`]: the SK_REUSEPORT program that picks a socket with room;
 //! [`lookup`]: the sk_lookup program that serves one group on several addresses;
-//! [`cluster`]: the tc program that dispatches a cluster's clients between hosts), and the
-//! way counters are declared once ([`counters`]).
+//! [`cluster`]: the tc program that dispatches a cluster's clients between hosts; [`audit`]:
+//! the iterator that tells which program each reuseport group runs), and the way counters
+//! are declared once ([`counters`]).
 //!
 //! Everything here is `#[repr(C)]`, `bytemuck::Pod` and free of implicit padding, so the two
 //! sides agree on layout byte for byte. The eBPF side builds this crate `no_std`; userspace
@@ -11,6 +12,8 @@
 
 #[macro_use]
 pub mod counters;
+
+pub mod audit;
 pub mod cluster;
 pub mod lookup;
 pub mod reuseport;

@@ -16,6 +16,10 @@
 //! - [`alerts`]: telling userspace that a queue is at least half full.
 //! - [`counting`]: per-CPU counters.
 //!
+//! The watchdog's audit iterator (`src/bin/reuseport_audit.rs`, `iter/tcp`) is an object of
+//! its own, the first step to one object per program: a spawner loads it without the maps
+//! of the programs above.
+//!
 //! Types and map names shared with userspace are declared once in parsrv-common, one module
 //! per program.
 //!

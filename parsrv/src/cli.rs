@@ -584,7 +584,7 @@ fn kernel_features(json: bool) -> Result<()> {
             thousands(verification::MARGIN_BUDGET)
         );
         for program in &programs {
-            println!("  {:<16} {}", program.program, program.describe());
+            println!("  {:<22} {}", program.program, program.describe());
         }
     }
     if let Some(refusal) = refused {

@@ -41,12 +41,15 @@ pub enum Feature {
     /// tcx links (BPF_TCX_INGRESS): the cluster's host dispatcher, attached as a link that
     /// can be pinned and so outlives its agent.
     Tcx,
+    /// The TCP socket iterator (`iter/tcp`): the watchdog reads which program each reuseport
+    /// group runs.
+    TcpIter,
 }
 
 impl Feature {
     /// Every feature, in the order a missing one is reported (BTF first: the others are
     /// probed through it).
-    pub const ALL: [Feature; 9] = [
+    pub const ALL: [Feature; 10] = [
         Feature::Btf,
         Feature::SkReuseport,
         Feature::CapBpf,
@@ -56,6 +59,7 @@ impl Feature {
         Feature::BpfLoop,
         Feature::SkLookup,
         Feature::Tcx,
+        Feature::TcpIter,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +73,7 @@ impl Feature {
             Feature::BpfLoop => "the bpf_loop helper",
             Feature::SkLookup => "SK_LOOKUP programs",
             Feature::Tcx => "tcx links (BPF_TCX_INGRESS)",
+            Feature::TcpIter => "the TCP socket iterator (iter/tcp)",
         }
     }
 
@@ -82,6 +87,7 @@ impl Feature {
             Feature::BpfLoop => (5, 17),
             Feature::SkLookup => (5, 9),
             Feature::Tcx => (6, 6),
+            Feature::TcpIter => (5, 9),
         };
         KernelVersion { major, minor }
     }
@@ -98,6 +104,7 @@ impl Feature {
             Feature::BpfLoop => "scanning up to 128 sockets within the verifier's limit",
             Feature::SkLookup => "one group on several addresses, prefixes and port ranges",
             Feature::Tcx => "the host dispatcher of a cluster (parsrv cluster run)",
+            Feature::TcpIter => "checking that each group still runs its program (the watchdog)",
         }
     }
 }
@@ -277,6 +284,11 @@ fn probe(feature: Feature, btf: Option<&Btf>, proc_sys: &Path) -> bool {
         Feature::BpfLoop => has_enumerator("bpf_func_id", "BPF_FUNC_loop"),
         Feature::SkLookup => has_enumerator("bpf_prog_type", "BPF_PROG_TYPE_SK_LOOKUP"),
         Feature::Tcx => has_enumerator("bpf_attach_type", "BPF_TCX_INGRESS"),
+        // The iterator's target: the kernel function its attach BTF id names.
+        Feature::TcpIter => btf.is_some_and(|btf| {
+            btf.resolve_types_by_name("bpf_iter_tcp")
+                .is_ok_and(|types| types.iter().any(|t| matches!(t, Type::Func(_))))
+        }),
         // The program context (uapi sk_reuseport_md) gained `sk` in 5.14. Kernels whose BTF
         // lacks the uapi struct tell by the kernel-side context's `migrating_sk`, which came
         // in the same series (its own `sk` is older: it is not a sign).

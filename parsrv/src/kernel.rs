@@ -76,6 +76,15 @@ pub fn offsets_in(btf: &Btf) -> Result<KernelOffsets> {
     Ok(offsets)
 }
 
+/// Byte offset of `members` inside struct `structure` in `btf` (see [`member_offset`]), as
+/// the error a user reads when the kernel's layout is not the one parsrv reads.
+pub fn layout(btf: &Btf, structure: &str, members: &[&str], size: usize) -> Result<u32> {
+    member_offset(btf, structure, members, size).map_err(|what| Error::BtfLayout {
+        path: vmlinux_btf_path(),
+        what,
+    })
+}
+
 /// Byte offset of `members` (a path through nested members, looking through anonymous
 /// structs and unions) inside struct `structure`. `size`, when not 0, is the byte size the
 /// program reads there, and must match the member's type, so that a kernel whose field

@@ -43,6 +43,9 @@ pub struct GroupStatus {
     /// Connections the program served by the kernel's hash because of an internal error.
     pub errors: GlobalCounters,
     pub program: RunStats,
+    /// The watchdog's checks that the group's sockets run its program.
+    #[serde(default)]
+    pub audit: AuditStatus,
     /// With `--affinity client`: the dispatch table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<AffinityStatus>,
@@ -83,6 +86,21 @@ pub struct ScalingStatus {
     pub decisions: u64,
     /// The latest of them, with the numbers that caused it.
     pub last_decision: Option<String>,
+}
+
+/// What the watchdog found when it asked the kernel which program each of the group's
+/// sockets runs (`dataplane::audit`), since this spawner took the group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditStatus {
+    /// Checks made (one every few seconds).
+    pub checks: u64,
+    /// Times it found one of the group's addresses running another program or none (someone
+    /// holding a socket replaced or detached it) and attached the group's program again.
+    pub restored: u64,
+    /// The last of those: "ADDRESS: ran WHAT".
+    pub last_restored: Option<String>,
+    /// Why the group is not checked, when it is not (a kernel without `iter/tcp`).
+    pub unavailable: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +290,17 @@ impl GroupStatus {
             }
             out.push('\n');
         }
+        if self.audit.restored > 0 {
+            let _ = writeln!(
+                out,
+                "program restored {} times (last: {})",
+                self.audit.restored,
+                self.audit.last_restored.as_deref().unwrap_or("?")
+            );
+        }
+        if let Some(why) = &self.audit.unavailable {
+            let _ = writeln!(out, "program not audited: {why}");
+        }
         let _ = write!(
             out,
             "program id {}: {} fail-open errors",
@@ -378,6 +407,12 @@ pub(crate) mod tests {
             scaling: ScalingStatus {
                 decisions: 2,
                 last_decision: Some("1 -> 2: queues 9/9 full".into()),
+            },
+            audit: AuditStatus {
+                checks: 3,
+                restored: 1,
+                last_restored: Some("127.0.0.1:8080: ran no program, or a classic BPF one".into()),
+                unavailable: None,
             },
             draining: false,
             handlers: vec![HandlerStatus {

@@ -370,11 +370,14 @@ pub(crate) fn build_ebpf() -> Result<()> {
             .arg(root.join("target/ebpf")),
     )?;
     let object = ebpf_object();
-    let size = std::fs::metadata(&object)
-        .with_context(|| format!("the eBPF build produced no {}", object.display()))?
-        .len();
-    if size == 0 {
-        bail!("the eBPF build produced an empty {}", object.display());
+    // One object per binary of parsrv-ebpf; parsrv's build.rs embeds each.
+    for built in [object.clone(), object.with_file_name("reuseport-audit")] {
+        let size = std::fs::metadata(&built)
+            .with_context(|| format!("the eBPF build produced no {}", built.display()))?
+            .len();
+        if size == 0 {
+            bail!("the eBPF build produced an empty {}", built.display());
+        }
     }
     record_ebpf_toolchain(&object)
 }

@@ -53,3 +53,19 @@ pub fn load(object: &[u8], sizes: MapSizes) -> Result<Ebpf, EbpfError> {
         .map_max_entries(cluster::names::DECISIONS, sizes.cluster_decisions)
         .load(object)
 }
+
+/// Loads `object` as [`load`] does, with its read-only global `name` set to `value`. The
+/// loader keeps the value for later loads too, where objects without that global ignore it.
+pub fn load_with_global(
+    object: &[u8],
+    sizes: MapSizes,
+    name: &'static str,
+    value: &'static [u8],
+) -> Result<Ebpf, EbpfError> {
+    {
+        let mut loader = LOADER.lock().unwrap_or_else(PoisonError::into_inner);
+        // Not `must_exist`: the loader keeps it, and the next object may be another.
+        loader.override_global(name, value, false);
+    }
+    load(object, sizes)
+}

@@ -1,5 +1,5 @@
 //! The data plane: parsrv's eBPF programs and the kernel objects they keep, one module per
-//! program ([`reuseport`], [`lookup`], [`cluster`]), the pinned state that outlives a process ([`pins`]
+//! program ([`reuseport`], [`lookup`], [`cluster`], [`audit`]), the pinned state that outlives a process ([`pins`]
 //! for a group's maps, [`netns`] for what belongs to a network namespace), and the table of
 //! embedded objects and of what each program needs from the kernel (this module).
 //!
@@ -13,7 +13,7 @@
 //! | what the program counted | `SLOT_COUNTERS`, `GLOBAL_COUNTERS`, `AFFINITY_COUNTERS`, pinned there too | any root process |
 //! | queue alerts (a queue at least half full), which wake a sleeping autoscaler | `QUEUE_ALERTS` ring, pinned there too; written only by the program | its one reader, the autoscaler of the spawner in charge |
 //! | which handler each client goes to (client affinity) | `DISPATCH_TABLE`, pinned there too; written only by the program | any root process (`parsrv affinity`) |
-//! | the attached program | the kernel: attached to the reuseport group, and pinned beside the maps (`parsrv_select`) | `bpftool`, a spawner that adopts the group (it reopens the pin) |
+//! | the attached program | the kernel: attached to the reuseport group, and pinned beside the maps (`parsrv_select`) | `bpftool`, a spawner that adopts the group (it reopens the pin); which program each socket's group runs: the audit iterator ([`audit`]) |
 //! | a group on several addresses: its (prefix, port) rules, each slot's entry, per-address counters, the sk_lookup program's link to the namespace | `LOOKUP_RULES`, `SLOT_LISTEN`, `ADDRESS_COUNTERS`, `parsrv_lookup_link`, pinned there too ([`lookup`]) | any root process; the link outlives a killed spawner and goes with the pins |
 //! | a cluster's dispatch table, hosts (MAC, state, room), the dispatcher's counters and its tcx link to the interface | `CLUSTER_*` and `parsrv_cluster_link` pinned at `/sys/fs/bpf/parsrv/_cluster-NAME-HOST/` ([`cluster`]) | any root process; the agent that adopts them; the dispatcher runs on after its agent dies |
 //! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
@@ -29,6 +29,7 @@
 
 pub mod affinity;
 pub mod alerts;
+pub mod audit;
 pub mod cluster;
 pub mod loader;
 pub mod lookup;
@@ -70,8 +71,11 @@ pub(crate) fn sum_over_cpus<T: aya::Pod + Default>(
 /// An ELF object built from parsrv-ebpf and embedded in this binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EbpfObject {
-    /// `parsrv-ebpf`'s `parsrv` binary: every program, one file each.
+    /// `parsrv-ebpf`'s `parsrv` binary: the steering programs and the cluster's, one file
+    /// each.
     Parsrv,
+    /// `parsrv-ebpf`'s `reuseport-audit` binary: the watchdog's iterator alone.
+    ReuseportAudit,
 }
 
 impl EbpfObject {
@@ -81,12 +85,15 @@ impl EbpfObject {
             EbpfObject::Parsrv => {
                 aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/parsrv-ebpf.o"))
             }
+            EbpfObject::ReuseportAudit => {
+                aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-audit.o"))
+            }
         }
     }
 }
 
-/// Loads the object from this file instead of the embedded one (for working on the program
-/// without rebuilding parsrv; also how the tests feed it a broken object).
+/// Loads the `parsrv` object from this file instead of the embedded one (for working on the
+/// programs without rebuilding parsrv; also how the tests feed it a broken object).
 pub const OBJECT_ENV: &str = "PARSRV_EBPF_OBJECT";
 
 /// An eBPF program parsrv loads: which object it is in, what it needs from the kernel, and
@@ -100,13 +107,18 @@ pub enum Program {
     AddressLookup,
     /// The host dispatcher of a cluster ([`cluster`]).
     ClusterDispatch,
+    /// Tells which program each reuseport group of the namespace runs, for the watchdog
+    /// ([`audit`]). Loaded by the watchdog after the start, not checked before it: a kernel
+    /// without it runs groups unaudited, and says so.
+    ReuseportAudit,
 }
 
 impl Program {
-    pub const ALL: [Program; 3] = [
+    pub const ALL: [Program; 4] = [
         Program::ReuseportSelect,
         Program::AddressLookup,
         Program::ClusterDispatch,
+        Program::ReuseportAudit,
     ];
 
     /// What groups may need (`parsrv run`, `parsrv kernel`'s verdict).
@@ -118,6 +130,7 @@ impl Program {
             Program::ReuseportSelect => parsrv_common::reuseport::names::PROGRAM,
             Program::AddressLookup => parsrv_common::lookup::names::PROGRAM,
             Program::ClusterDispatch => parsrv_common::cluster::names::PROGRAM,
+            Program::ReuseportAudit => parsrv_common::audit::names::PROGRAM,
         }
     }
 
@@ -126,6 +139,7 @@ impl Program {
             Program::ReuseportSelect | Program::AddressLookup | Program::ClusterDispatch => {
                 EbpfObject::Parsrv
             }
+            Program::ReuseportAudit => EbpfObject::ReuseportAudit,
         }
     }
 
@@ -156,6 +170,7 @@ impl Program {
                 Feature::BpfLoop,
                 Feature::Tcx,
             ],
+            Program::ReuseportAudit => &[Feature::Btf, Feature::CapBpf, Feature::TcpIter],
         }
     }
 }
@@ -172,7 +187,7 @@ pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
 
 /// The bytes of `object`: the file named by [`OBJECT_ENV`], or the embedded one.
 pub fn object(object: EbpfObject) -> Result<Cow<'static, [u8]>> {
-    let bytes = match std::env::var_os(OBJECT_ENV) {
+    let bytes = match std::env::var_os(OBJECT_ENV).filter(|_| object == EbpfObject::Parsrv) {
         Some(path) => Cow::Owned(fs::read(&path).map_err(Error::io(format!(
             "reading the eBPF object {} ({OBJECT_ENV})",
             Path::new(&path).display()

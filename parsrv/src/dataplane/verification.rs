@@ -54,6 +54,9 @@ pub fn describe(verified_insns: Option<u32>) -> String {
 /// reads what the verifier spent (`bpf_prog_info.verified_insns`; None before Linux 5.16),
 /// and unloads it. A refusal is [`Error::VerifierRefused`].
 pub fn measure(program: Program) -> Result<Option<u32>> {
+    if program == Program::ReuseportAudit {
+        return super::audit::Audit::load()?.verified_insns();
+    }
     let bytes = object(program.object())?;
     let mut ebpf = super::loader::load(&bytes, Default::default())
         .map_err(Error::ebpf("loading the parsrv eBPF object"))?;

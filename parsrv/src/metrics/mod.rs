@@ -103,6 +103,18 @@ pub fn render(groups: &[GroupStatus]) -> String {
             |g| Some(g.errors.total() as f64),
         ),
         group(
+            "parsrv_program_audits_total",
+            "counter",
+            "Checks that the group's sockets run its program (the watchdog, iter/tcp).",
+            |g| Some(g.audit.checks as f64),
+        ),
+        group(
+            "parsrv_program_restored_total",
+            "counter",
+            "Times an address of the group ran another program or none, and the watchdog attached the group's again.",
+            |g| Some(g.audit.restored as f64),
+        ),
+        group(
             "parsrv_program_runs_total",
             "counter",
             "Runs of the program (needs kernel.bpf_stats_enabled=1).",

@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use parsrv_common::reuseport::{KernelOffsets, ProgramConfig};
+use parsrv_common::{
+    audit::UNREADABLE,
+    reuseport::{KernelOffsets, ProgramConfig},
+};
 use tokio::sync::watch;
 
 use super::{
@@ -26,6 +29,7 @@ use super::{
 use crate::{
     control::ControlError,
     dataplane::{
+        audit::Audit,
         pins::{self, Pins},
         reuseport::{ProgramLog, Steering},
     },
@@ -105,6 +109,7 @@ pub(crate) struct RunningGroup {
     pub resized: tokio::sync::Notify,
     stop: watch::Sender<bool>,
     scaling: RefCell<ScalingStatus>,
+    audit: RefCell<status::AuditStatus>,
     draining: Cell<bool>,
     /// Detach and unpin, in that order, once the handlers are gone.
     teardown: RefCell<Option<(Attachment, Option<Pins>)>>,
@@ -240,6 +245,7 @@ impl RunningGroup {
             resized: tokio::sync::Notify::new(),
             stop,
             scaling: RefCell::default(),
+            audit: RefCell::default(),
             draining: Cell::new(false),
             teardown: RefCell::new(Some((attachment, pins))),
             program_log: RefCell::new(Some(program_log)),
@@ -294,6 +300,54 @@ impl RunningGroup {
 
     pub fn members(&self) -> std::cell::Ref<'_, Members> {
         self.members.borrow()
+    }
+
+    /// Asks the kernel (through `audit`) which program each of the group's sockets runs, and
+    /// attaches the group's program again to each address whose sockets run another or
+    /// none. Returns, per address restored, the address and what it ran instead.
+    pub fn restore_program(&self, audit: &mut Audit) -> Result<Vec<String>> {
+        let members = self.members.borrow();
+        let ours = members.steering().run_stats()?.program_id;
+        // A parked socket is shut down, out of the kernel's group: the walk would not meet
+        // it, and would go on through every connection of the namespace looking for it.
+        let cookies: Vec<u64> = members
+            .listeners()
+            .iter()
+            .filter(|l| l.state() != SocketState::Parked)
+            .map(|l| l.cookie())
+            .collect();
+        let running = audit.programs(&cookies)?;
+        let mut restored: Vec<(u32, String)> = Vec::new();
+        for listener in members.listeners() {
+            let Some(&id) = running.get(&listener.cookie()) else {
+                continue;
+            };
+            // One socket per address suffices: the program belongs to its reuseport group.
+            if id == ours
+                || id == UNREADABLE
+                || restored.iter().any(|(e, _)| *e == listener.entry())
+            {
+                continue;
+            }
+            members.steering().attach(listener.socket())?;
+            let instead = match id {
+                0 => "ran no program, or a classic BPF one".to_owned(),
+                id => format!("ran program id {id}"),
+            };
+            restored.push((listener.entry(), format!("{}: {instead}", listener.addr())));
+        }
+        let mut audit_status = self.audit.borrow_mut();
+        audit_status.checks += 1;
+        audit_status.restored += restored.len() as u64;
+        if let Some((_, last)) = restored.last() {
+            audit_status.last_restored = Some(last.clone());
+        }
+        Ok(restored.into_iter().map(|(_, what)| what).collect())
+    }
+
+    /// Records that the group's program cannot be audited here, and why.
+    pub fn audit_unavailable(&self, why: &str) {
+        self.audit.borrow_mut().unavailable = Some(why.to_owned());
     }
 
     /// See `Members::heal_shut_down`; the record follows.
@@ -495,6 +549,7 @@ impl RunningGroup {
             sockets,
             errors: members.steering().global_counters()?,
             program: members.steering().run_stats()?,
+            audit: self.audit.borrow().clone(),
             affinity: self.affinity_status(&members)?,
             addresses: self.address_status(&members)?,
         })

@@ -68,6 +68,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     let btf = kernel::vmlinux_btf()?;
     KernelFeatures::probe_with(Some(&btf)).require_for(&programs)?;
     let offsets = kernel::offsets_in(&btf)?;
+    dataplane::audit::remember_offsets(&btf);
     drop(btf); // some megabytes, not needed while serving
     dataplane::check_objects(&programs)?;
     dataplane::verification::check(&programs)?;
@@ -127,7 +128,10 @@ pub fn stop_orphan(name: &str) -> Result<String> {
         });
     };
     kernel::check_capabilities()?;
-    let offsets = kernel::offsets_in(&kernel::vmlinux_btf()?)?;
+    let btf = kernel::vmlinux_btf()?;
+    let offsets = kernel::offsets_in(&btf)?;
+    dataplane::audit::remember_offsets(&btf);
+    drop(btf);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

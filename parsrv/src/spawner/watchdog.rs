@@ -1,6 +1,8 @@
-//! Warns (once per handler process) about a handler that does not use the socket parsrv
-//! gave it as given: one that listens on a socket of its own, that changed the socket's
-//! queue length, or whose queue never shrinks.
+//! Keeps the group as it was made, and warns about handlers that do not use it as given:
+//! attaches the group's program again where someone replaced or detached it, puts back
+//! sockets someone shut down, and warns (once per handler process) about a handler that
+//! listens on a socket of its own, that changed the socket's queue length, or whose queue
+//! never shrinks.
 
 use std::{
     os::fd::AsFd,
@@ -9,7 +11,7 @@ use std::{
 };
 
 use super::group::RunningGroup;
-use crate::{kernel, supervisor::process_stopped};
+use crate::{dataplane::audit::Audit, kernel, supervisor::process_stopped};
 
 /// How often handlers are checked for serving outside their socket.
 const WATCH_PERIOD: Duration = Duration::from_secs(2);
@@ -22,8 +24,10 @@ pub(super) async fn watch(group: Rc<RunningGroup>) {
     // Per slot: since when its queue has not shrunk, and how deep it was.
     let mut stuck_since: Vec<Option<(Instant, u32)>> = Vec::new();
     let mut reported_in_range = std::collections::BTreeSet::new();
+    let mut audit_said = false;
     loop {
         tokio::time::sleep(WATCH_PERIOD).await;
+        restore_program(&group, &mut audit_said).await;
         heal_shut_down_sockets(&group).await;
         report_servers_in_range(&group, &mut reported_in_range);
         let members = group.members();
@@ -78,6 +82,47 @@ pub(super) async fn watch(group: Rc<RunningGroup>) {
                     );
                     state.borrow_mut().warned = Some(pid);
                 }
+            }
+        }
+    }
+}
+
+/// Attaches the group's program again to each address whose sockets run another or none
+/// (see `RunningGroup::restore_program`), between two membership changes. A kernel that
+/// cannot load the audit iterator is said once, in the log and the status.
+async fn restore_program(group: &RunningGroup, said: &mut bool) {
+    // The first call loads the iterator (BTF parsed, program verified): off the event loop.
+    let audit = match tokio::task::spawn_blocking(Audit::shared).await {
+        Ok(Ok(audit)) => audit,
+        Ok(Err(why)) => {
+            if !std::mem::replace(said, true) {
+                log::warn!(
+                    "group {}: cannot check that its sockets keep its program: {why}",
+                    group.spec.name
+                );
+                group.audit_unavailable(why);
+            }
+            return;
+        }
+        Err(_) => return,
+    };
+    let _changing = group.membership.lock().await;
+    let mut audit = audit
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match group.restore_program(&mut audit) {
+        Ok(restored) => {
+            for what in restored {
+                log::warn!(
+                    "group {}: its sockets on {what} instead of the group's program (someone \
+                     holding a socket replaced or detached it): attached the group's again",
+                    group.spec.name
+                );
+            }
+        }
+        Err(e) => {
+            if !std::mem::replace(said, true) {
+                log::error!("group {}: checking its program: {e}", group.spec.name);
             }
         }
     }

@@ -888,3 +888,123 @@ fn with_dynamic_users_a_handler_cannot_take_another_groups_socket() {
         }
     });
 }
+
+/// Takes fd 3 of `pid` (root's `pidfd_getfd`, standing for any process outside the handlers'
+/// seccomp filter that got hold of a group socket).
+fn take_fd3(pid: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls; each returned fd is checked, then owned.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd as i32);
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), 3, 0);
+        assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+    }
+}
+
+/// setsockopt(SOL_SOCKET, `option`) on `socket` with `value`: what the kernel said.
+fn set_socket_option<T>(
+    socket: &std::os::fd::OwnedFd,
+    option: i32,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: `value` is a live T of the size given.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Someone outside the handlers' seccomp filter who holds a group socket (here root, with a
+/// handler's fd 3) detaches the group's program, then puts a classic BPF selector in its
+/// place: the kernel lets them both times, and each time the watchdog, which reads the
+/// group's program from the kernel (the `iter/tcp` audit iterator), attaches the group's
+/// program again within a few seconds, counts it and says it; afterwards the program decides
+/// every connection again.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn the_watchdog_attaches_the_groups_program_again_when_someone_takes_it_away() {
+    privileged(
+        Needs::program().and(parsrv_integration_tests::Feature::TcpIter),
+        || {
+            let spawner = group("test-audited", HandlerKind::Echo).handlers(2).start();
+            let pid = spawner.status().handlers[0].pid.unwrap();
+            let socket = take_fd3(pid);
+            let selected = || -> u64 {
+                spawner
+                    .status()
+                    .sockets
+                    .iter()
+                    .map(|s| s.counters.selected)
+                    .sum()
+            };
+            let ret_0 = [libc::sock_filter {
+                code: 0x06, // BPF_RET | BPF_K: always socket 0
+                jt: 0,
+                jf: 0,
+                k: 0,
+            }];
+            let classic = libc::sock_fprog {
+                len: 1,
+                filter: ret_0.as_ptr() as *mut libc::sock_filter,
+            };
+            for (round, attack) in ["detach", "classic BPF"].into_iter().enumerate() {
+                let audited = spawner.status().audit;
+                assert_eq!(audited.restored, round as u64, "{audited:?}");
+                assert_eq!(audited.unavailable, None, "{}", spawner.log());
+                match attack {
+                    "detach" => set_socket_option(&socket, libc::SO_DETACH_REUSEPORT_BPF, &0i32),
+                    _ => set_socket_option(&socket, libc::SO_ATTACH_REUSEPORT_CBPF, &classic),
+                }
+                .unwrap_or_else(|e| panic!("{attack}: the kernel refused it: {e}"));
+                assert!(
+                    wait_for(Duration::from_secs(10), || spawner.status().audit.restored
+                        == round as u64 + 1),
+                    "{attack}: not restored: {:?}\n{}",
+                    spawner.status().audit,
+                    spawner.log()
+                );
+                let audited = spawner.status().audit;
+                assert!(audited.checks > 0);
+                assert!(
+                    audited.last_restored.as_deref().is_some_and(
+                        |l| l == format!("{}: ran no program, or a classic BPF one", addr())
+                    ),
+                    "{audited:?}"
+                );
+                assert!(
+                    spawner.log().contains("attached the group's again"),
+                    "{}",
+                    spawner.log()
+                );
+                let before = selected();
+                let connections = 20;
+                for _ in 0..connections {
+                    assert!(echo_once(Duration::from_secs(5)));
+                }
+                assert_eq!(selected() - before, connections, "{attack}");
+            }
+            // Nothing else was restored since: the program the group runs is its own.
+            std::thread::sleep(Duration::from_secs(3));
+            assert_eq!(spawner.status().audit.restored, 2);
+            drop(socket);
+            assert!(spawner.stop().success());
+        },
+    );
+}
