@@ -39,14 +39,13 @@ fn main() {
         (hash, toolchain)
     };
     println!("cargo:rustc-env=PARSRV_EBPF_OBJECT_SHA256={hash}");
-    // The watchdog's iterator, a second object of the same build (no override: the tests
-    // feed broken objects only as the main one).
-    let audit = manifest_dir.join("../target/ebpf/bpfel-unknown-none/release/reuseport-audit");
-    println!("cargo:rerun-if-changed={}", audit.display());
-    fs::write(
-        PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("reuseport-audit.o"),
-        fs::read(&audit).unwrap_or_default(),
-    )
-    .unwrap();
+    // The other objects of the same build (no override: the tests feed broken objects only
+    // as the main one).
+    for other in ["cluster-dispatch", "reuseport-audit"] {
+        let built = manifest_dir.join("../target/ebpf/bpfel-unknown-none/release").join(other);
+        println!("cargo:rerun-if-changed={}", built.display());
+        let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join(format!("{other}.o"));
+        fs::write(out, fs::read(&built).unwrap_or_default()).unwrap();
+    }
     println!("cargo:rustc-env=PARSRV_EBPF_TOOLCHAIN={toolchain}");
 }

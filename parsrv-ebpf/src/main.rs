@@ -1,4 +1,6 @@
-//! parsrv's eBPF programs, one file each, and what they share:
+//! parsrv's eBPF programs, one file each, in one object per program or per programs that
+//! share maps. This object (`parsrv`) holds a group's two steering programs, which share the
+//! group's SOCKETS and CONFIG, and what they share:
 //!
 //! - [`reuseport`]: the SK_REUSEPORT program. For every new connection (and every connection
 //!   migrating off a closing listener) it picks a listener of the group whose accept queue
@@ -6,19 +8,19 @@
 //! - [`lookup`]: the sk_lookup program. For every new connection to an address and port of a
 //!   group on several addresses, it keeps the connection at the address asked for while a
 //!   socket there has room, else hands it to the socket with most room on another address.
-//! - [`cluster`]: the host dispatcher, a tc program. For the packets of a cluster's service it
-//!   looks the client up in the host's copy of the cluster's dispatch table: served here, or
-//!   forwarded to the host that serves it, or locked and decided here for a new client.
 //! - [`sockets`]: the group's sockets by slot, which both programs choose from.
 //! - [`queue`]: reading a listener's accept queue from the kernel, and finding the listener
 //!   with the most room among many.
 //! - [`affinity`]: client affinity: the client of a connection and the dispatch table.
 //! - [`alerts`]: telling userspace that a queue is at least half full.
-//! - [`counting`]: per-CPU counters.
+//! - [`counting`]: per-CPU counters (also in the cluster's object).
 //!
-//! The watchdog's audit iterator (`src/bin/reuseport_audit.rs`, `iter/tcp`) is an object of
-//! its own, the first step to one object per program: a spawner loads it without the maps
-//! of the programs above.
+//! Objects of their own, under `src/bin/`: the cluster's host dispatcher
+//! (`cluster_dispatch.rs`, a tc program: for the packets of a cluster's service it looks the
+//! client up in the host's copy of the cluster's dispatch table: served here, or forwarded to
+//! the host that serves it, or locked and decided here for a new client), and the watchdog's
+//! audit iterator (`reuseport_audit.rs`, `iter/tcp`). So a group creates none of the
+//! cluster's maps, and a cluster agent none of a group's.
 //!
 //! Types and map names shared with userspace are declared once in parsrv-common, one module
 //! per program.
@@ -56,7 +58,6 @@
 
 mod affinity;
 mod alerts;
-mod cluster;
 mod counting;
 mod lookup;
 mod queue;

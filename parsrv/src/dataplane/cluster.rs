@@ -66,14 +66,14 @@ impl Dispatcher {
         interface: &str,
         dir: &Path,
     ) -> Result<(Dispatcher, RingBuf<MapData>)> {
-        let object = object(EbpfObject::Parsrv)?;
+        let object = object(EbpfObject::ClusterDispatch)?;
         let sizes = MapSizes {
             cluster_clients: capacity,
             cluster_decisions: 256 * 1024,
             ..Default::default()
         };
         let mut ebpf =
-            loader::load(&object, sizes).map_err(Error::ebpf("loading the parsrv eBPF object"))?;
+            loader::load(&object, sizes).map_err(Error::ebpf("loading the cluster's eBPF object"))?;
         let staging = pins::Pins::staging(dir)?;
         let mut take = |name: &str| -> Result<Map> {
             let map = ebpf.take_map(name).ok_or_else(|| missing(name))?;

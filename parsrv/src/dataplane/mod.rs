@@ -71,9 +71,10 @@ pub(crate) fn sum_over_cpus<T: aya::Pod + Default>(
 /// An ELF object built from parsrv-ebpf and embedded in this binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EbpfObject {
-    /// `parsrv-ebpf`'s `parsrv` binary: the steering programs and the cluster's, one file
-    /// each.
+    /// `parsrv-ebpf`'s `parsrv` binary: a group's two steering programs, which share maps.
     Parsrv,
+    /// `parsrv-ebpf`'s `cluster-dispatch` binary: the cluster's host dispatcher alone.
+    ClusterDispatch,
     /// `parsrv-ebpf`'s `reuseport-audit` binary: the watchdog's iterator alone.
     ReuseportAudit,
 }
@@ -84,6 +85,9 @@ impl EbpfObject {
         match self {
             EbpfObject::Parsrv => {
                 aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/parsrv-ebpf.o"))
+            }
+            EbpfObject::ClusterDispatch => {
+                aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cluster-dispatch.o"))
             }
             EbpfObject::ReuseportAudit => {
                 aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-audit.o"))
@@ -136,9 +140,8 @@ impl Program {
 
     pub fn object(self) -> EbpfObject {
         match self {
-            Program::ReuseportSelect | Program::AddressLookup | Program::ClusterDispatch => {
-                EbpfObject::Parsrv
-            }
+            Program::ReuseportSelect | Program::AddressLookup => EbpfObject::Parsrv,
+            Program::ClusterDispatch => EbpfObject::ClusterDispatch,
             Program::ReuseportAudit => EbpfObject::ReuseportAudit,
         }
     }

@@ -5,6 +5,16 @@
 //! tc rather than XDP: the packet stays an skb, so a locally generated packet's pending
 //! checksum (CHECKSUM_PARTIAL) survives being sent out again, which native XDP_TX on veth
 //! loses; and it needs no XDP program on the peer device.
+//!
+//! Its own object: a cluster agent loads it without any group's maps, and a group without
+//! the cluster's.
+#![no_std]
+#![no_main]
+
+// Shared with the steering object, whose rate limit (`due`) this object does not use.
+#[path = "../counting.rs"]
+#[allow(dead_code)]
+mod counting;
 
 use aya_ebpf::{
     bindings::{
@@ -423,3 +433,13 @@ fn forward(ctx: &TcContext, config: &ClusterConfig, host: u16) -> Result<i32, ()
 fn tally(update: impl FnOnce(&mut DispatchCounters)) {
     count(&CLUSTER_COUNTERS, 0, update)
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";
