@@ -42,7 +42,9 @@ fn main() {
     // The other objects of the same build (no override: the tests feed broken objects only
     // as the main one).
     for other in ["cluster-dispatch", "reuseport-audit"] {
-        let built = manifest_dir.join("../target/ebpf/bpfel-unknown-none/release").join(other);
+        let built = manifest_dir
+            .join("../target/ebpf/bpfel-unknown-none/release")
+            .join(other);
         println!("cargo:rerun-if-changed={}", built.display());
         let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join(format!("{other}.o"));
         fs::write(out, fs::read(&built).unwrap_or_default()).unwrap();

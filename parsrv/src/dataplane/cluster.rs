@@ -72,8 +72,8 @@ impl Dispatcher {
             cluster_decisions: 256 * 1024,
             ..Default::default()
         };
-        let mut ebpf =
-            loader::load(&object, sizes).map_err(Error::ebpf("loading the cluster's eBPF object"))?;
+        let mut ebpf = loader::load(&object, sizes)
+            .map_err(Error::ebpf("loading the cluster's eBPF object"))?;
         let staging = pins::Pins::staging(dir)?;
         let mut take = |name: &str| -> Result<Map> {
             let map = ebpf.take_map(name).ok_or_else(|| missing(name))?;
