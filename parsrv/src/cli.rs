@@ -347,9 +347,12 @@ fn usage_error(e: clap::Error) -> i32 {
         .next()
         .unwrap_or("invalid arguments")
         .trim_start_matches("error: ");
-    // Keep clap's list of accepted values and its suggestions, on the same line.
+    // Keep clap's list of accepted values, its suggestions and the arguments it misses (one
+    // per line before the usage), on the same line.
+    let missing = e.kind() == ErrorKind::MissingRequiredArgument;
     let hints: Vec<&str> = lines
-        .filter(|l| l.starts_with('[') || l.starts_with("tip:"))
+        .take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| l.starts_with('[') || l.starts_with("tip:") || missing)
         .collect();
     if hints.is_empty() {
         eprintln!("{ERROR_PREFIX}{first} (see parsrv --help)");

@@ -221,6 +221,19 @@ fn usage_errors_exit_2_naming_the_option() {
         ] {
             expect_error(&run_group(extra), ok, 2, words);
         }
+        // A missing required flag is named (clap lists it on a line of its own).
+        let without_handler: Vec<String> = ["run", "--name", NAME, "--listen", "127.0.0.1:8080"]
+            .map(String::from)
+            .to_vec();
+        expect_error(
+            &without_handler,
+            ok,
+            2,
+            &[
+                "required arguments were not provided",
+                "--handler <HANDLER>",
+            ],
+        );
         nothing_listens();
     });
 }
