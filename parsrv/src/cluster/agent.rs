@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use parsrv_common::cluster::{entry_flags, host_state, AgentCounters, Host};
+use parsrv_common::cluster::{entry_flags, AgentCounters, Host};
 use tokio::{
     io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -23,7 +23,8 @@ use tokio::{
 };
 
 use super::{
-    protocol::{self, HostState, Message, WireEntry, ENTRIES_PER_MESSAGE, MAX_LINE},
+    membership::{Change, Membership},
+    protocol::{self, Message, WireEntry, ENTRIES_PER_MESSAGE, MAX_LINE},
     spec::ClusterSpec,
     status::{ClusterStatus, PeerStatus, TableStatus},
     table,
@@ -49,19 +50,10 @@ const REDIAL: Duration = Duration::from_millis(200);
 /// Time a peer has to say hello on a new connection.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The transport's side of a peer; what it said and when is in [`Membership`].
 struct PeerView {
     address: SocketAddr,
     mac: Option<[u8; 6]>,
-    state: HostState,
-    room: i32,
-    last_heard: Option<Instant>,
-    /// Heard within the time-out: its MAC is in the dispatcher and its clients are its own.
-    present: bool,
-    /// Its whole table has arrived (since it was last present).
-    synced: bool,
-    /// Was present, then went silent (since then): no new client goes there; its clients'
-    /// entries stay for the idle time-out (it may be only its agent that died).
-    gone_since: Option<Instant>,
     /// This agent's connection to it, while up.
     outbox: Option<mpsc::UnboundedSender<Vec<u8>>>,
     /// Cancels the reader of its last accepted connection: a peer has one connection to
@@ -75,9 +67,8 @@ pub struct Agent {
     tls: Option<Rc<PeerTls>>,
     mac: [u8; 6],
     dispatcher: Dispatcher,
-    state: HostState,
+    membership: Membership,
     room: i32,
-    started: Instant,
     peers: BTreeMap<u16, PeerView>,
     messages: AgentCounters,
     /// Clients of this host seen without a connection, and since when.
@@ -102,26 +93,26 @@ impl Agent {
                     PeerView {
                         address: p.address,
                         mac: None,
-                        state: HostState::Joining,
-                        room: 0,
-                        last_heard: None,
-                        present: false,
-                        synced: false,
-                        gone_since: None,
                         outbox: None,
                         inbound: None,
                     },
                 )
             })
             .collect();
+        let membership = Membership::new(
+            spec.host,
+            spec.peers.iter().map(|p| p.host),
+            spec.peer_timeout(),
+            spec.idle_timeout(),
+            Instant::now(),
+        );
         Agent {
             spec,
             tls: tls.map(Rc::new),
             mac,
             dispatcher,
-            state: HostState::Joining,
+            membership,
             room: 0,
-            started: Instant::now(),
             peers,
             messages: AgentCounters::default(),
             idle_since: BTreeMap::new(),
@@ -171,7 +162,7 @@ impl Agent {
         stop.await;
         let draining = {
             let mut agent = agent.borrow_mut();
-            agent.state = HostState::Draining;
+            agent.membership.drain();
             let _ = agent.write_own_host();
             agent.spec.draining.clone()
         };
@@ -185,10 +176,7 @@ impl Agent {
     }
 
     fn write_own_host(&mut self) -> Result<()> {
-        let state = match self.state {
-            HostState::Ready => host_state::READY,
-            HostState::Joining | HostState::Draining => host_state::DRAINING,
-        };
+        let state = self.membership.own_host_state();
         self.dispatcher.set_host(
             self.this_host(),
             Host {
@@ -202,35 +190,19 @@ impl Agent {
     }
 
     fn write_peer(&mut self, id: u16) -> Result<()> {
-        let peer = &self.peers[&id];
-        let Some(mac) = peer.mac else {
+        let Some(mac) = self.peers[&id].mac else {
             return Ok(());
-        };
-        let state = match (peer.present, peer.state) {
-            (false, _) => host_state::ABSENT,
-            (true, HostState::Ready) => host_state::READY,
-            (true, _) => host_state::DRAINING,
         };
         self.dispatcher.set_host(
             id,
             Host {
                 mac,
-                state,
-                room: peer.room,
+                state: self.membership.peer_host_state(id),
+                room: self.membership.peers()[&id].room,
                 _pad: 0,
             },
             true,
         )
-    }
-
-    /// Whether entries naming `host` hold: this host, or a peer not known to be gone (one
-    /// not heard from yet may just be slower to connect than its peers' tables).
-    fn not_gone(&self, host: u16) -> bool {
-        host == self.this_host()
-            || self
-                .peers
-                .get(&host)
-                .is_some_and(|p| p.gone_since.is_none())
     }
 
     fn send_all(&mut self, message: &Message) {
@@ -266,9 +238,7 @@ impl Agent {
         match message {
             Message::Hello { .. } => {}
             Message::Load { state, room } => {
-                let peer = self.peers.get_mut(&from).expect("a configured peer");
-                peer.state = state;
-                peer.room = room;
+                self.membership.load(from, state, room);
                 if let Err(e) = self.write_peer(from) {
                     log::error!("recording host {from}'s load: {e}");
                 }
@@ -278,7 +248,7 @@ impl Agent {
                     let theirs = wire.entry(now_ns);
                     let client = wire.client.octets();
                     let ours = self.dispatcher.client(client);
-                    if table::takes(ours.as_ref(), &theirs, |h| self.not_gone(h)) {
+                    if table::takes(ours.as_ref(), &theirs, |h| self.membership.not_gone(h)) {
                         let mut theirs = theirs;
                         if ours.is_some_and(|o| o.host == self.this_host()) {
                             // Connections made under our lock stay here.
@@ -293,9 +263,7 @@ impl Agent {
                     }
                 }
             }
-            Message::Synced => {
-                self.peers.get_mut(&from).expect("a configured peer").synced = true;
-            }
+            Message::Synced => self.membership.synced(from),
             Message::Forget { clients } => {
                 for client in clients {
                     // Only the host that served it forgets a client; an entry placed since
@@ -312,49 +280,39 @@ impl Agent {
         }
     }
 
-    /// A peer heard from for the first time, or again after it was gone.
+    /// A message (any) came from peer `from`.
     fn heard(&mut self, from: u16) {
-        let peer = self.peers.get_mut(&from).expect("a configured peer");
-        peer.last_heard = Some(Instant::now());
-        if !peer.present {
-            peer.present = true;
-            peer.gone_since = None;
-            log::info!("host {from} is up");
-            if let Err(e) = self.write_peer(from) {
-                log::error!("recording host {from}: {e}");
-            }
+        if let Some(change) = self.membership.heard(from, Instant::now()) {
+            self.apply(change);
         }
     }
 
-    /// Peers silent for longer than the time-out are gone: no new client goes there, and
-    /// their clients' next connections are decided again. Their clients' entries stay for
-    /// the idle time-out ([`Agent::forget_long_gone`]): it may be only the agent that died,
-    /// and its dispatcher and handlers serve on.
+    /// Looks at the peers ([`Membership::tick`]).
     fn check_peers(&mut self) {
-        let timeout = self.spec.peer_timeout();
-        let gone: Vec<u16> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.present && p.last_heard.is_none_or(|t| t.elapsed() > timeout))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            log::warn!("host {id} is gone (silent for more than {timeout:?})");
-            let peer = self.peers.get_mut(&id).expect("listed");
-            peer.present = false;
-            peer.synced = false;
-            peer.gone_since = Some(Instant::now());
-            if let Err(e) = self.write_peer(id) {
-                log::error!("recording host {id} as gone: {e}");
-            }
+        for change in self.membership.tick(Instant::now()) {
+            self.apply(change);
         }
-        // Joining until every peer has been heard from and has sent its table, or one
-        // time-out has passed (the others are down): taking clients before would pass
-        // packets of live connections that this host does not know to its own stack.
-        if self.state == HostState::Joining {
-            let all_heard = self.peers.values().all(|p| p.present && p.synced);
-            if all_heard || self.started.elapsed() > timeout {
-                self.state = HostState::Ready;
+    }
+
+    /// Writes a change of membership to the dispatcher, the log and the hooks.
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Up(id) => {
+                log::info!("host {id} is up");
+                if let Err(e) = self.write_peer(id) {
+                    log::error!("recording host {id}: {e}");
+                }
+            }
+            Change::Gone(id) => {
+                log::warn!(
+                    "host {id} is gone (silent for more than {:?})",
+                    self.spec.peer_timeout()
+                );
+                if let Err(e) = self.write_peer(id) {
+                    log::error!("recording host {id} as gone: {e}");
+                }
+            }
+            Change::Ready => {
                 log::info!("host {} is ready", self.this_host());
                 let _ = self.write_own_host();
                 let ready = self.spec.ready.clone();
@@ -363,16 +321,10 @@ impl Agent {
         }
     }
 
-    /// Forgets the clients of hosts silent for longer than the idle time-out: nobody else
-    /// would expire them.
+    /// Forgets the clients of hosts gone for longer than the idle time-out
+    /// ([`Membership::long_gone`]), and their MACs.
     fn forget_long_gone(&mut self) {
-        let timeout = self.spec.idle_timeout();
-        let long_gone: BTreeSet<u16> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.gone_since.is_some_and(|t| t.elapsed() >= timeout))
-            .map(|(id, _)| *id)
-            .collect();
+        let long_gone = self.membership.long_gone(Instant::now());
         if long_gone.is_empty() {
             return;
         }
@@ -396,21 +348,24 @@ impl Agent {
             name: self.spec.name.clone(),
             host: self.this_host(),
             agent_pid: std::process::id(),
-            state: self.state,
+            state: self.membership.state(),
             room: self.room,
             service: self.spec.service.into(),
             interface: self.spec.interface.clone(),
             peers: self
                 .peers
                 .iter()
-                .map(|(id, p)| PeerStatus {
-                    host: *id,
-                    address: p.address,
-                    state: p.present.then_some(p.state),
-                    room: p.room,
-                    heard_ms_ago: p.last_heard.map(|t| t.elapsed().as_millis() as u64),
-                    connected: p.outbox.is_some(),
-                    clients: served_by(*id),
+                .map(|(id, p)| {
+                    let seen = &self.membership.peers()[id];
+                    PeerStatus {
+                        host: *id,
+                        address: p.address,
+                        state: seen.present.then_some(seen.state),
+                        room: seen.room,
+                        heard_ms_ago: seen.last_heard.map(|t| t.elapsed().as_millis() as u64),
+                        connected: p.outbox.is_some(),
+                        clients: served_by(*id),
+                    }
                 })
                 .collect(),
             table: TableStatus {
@@ -477,7 +432,7 @@ async fn dial(agent: Shared, id: u16) {
                         mac: protocol::format_mac(agent.mac),
                     };
                     let load = Message::Load {
-                        state: agent.state,
+                        state: agent.membership.state(),
                         room: agent.room,
                     };
                     agent.peers.get_mut(&id).expect("configured").outbox = Some(tx);
@@ -732,7 +687,7 @@ async fn heartbeat(agent: Shared) {
         beat.tick().await;
         let mut agent = agent.borrow_mut();
         let load = Message::Load {
-            state: agent.state,
+            state: agent.membership.state(),
             room: agent.room,
         };
         agent.send_all(&load);
@@ -923,7 +878,7 @@ async fn serve_control(agent: Shared, listener: tokio::net::UnixListener) {
                 "drain" => {
                     let command = {
                         let mut agent = agent.borrow_mut();
-                        agent.state = HostState::Draining;
+                        agent.membership.drain();
                         let _ = agent.write_own_host();
                         agent.spec.draining.clone()
                     };

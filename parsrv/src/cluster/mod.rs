@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod certs;
+pub mod membership;
 pub mod protocol;
 pub mod spec;
 pub mod status;
