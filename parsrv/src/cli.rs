@@ -502,10 +502,12 @@ fn done(whom: String, response: Response) -> Result<()> {
             group: whom,
             message: e.to_string(),
         }),
-        Response::Status(_) | Response::Affinity(_) => Err(Error::Spawner {
-            group: whom,
-            message: "answered with something other than what was asked".into(),
-        }),
+        Response::Status(_) | Response::ClusterStatus(_) | Response::Affinity(_) => {
+            Err(Error::Spawner {
+                group: whom,
+                message: "answered with something other than what was asked".into(),
+            })
+        }
     }
 }
 

@@ -53,6 +53,9 @@ pub enum Request {
     /// To a spawner's own socket: execute the parsrv binary at its path again, in this
     /// process; the new image adopts every group.
     Upgrade,
+    /// To a cluster agent's socket: withdraw this host from the cluster (its `draining`
+    /// hook), as SIGTERM does, but stay up and keep the table in step.
+    Drain,
 }
 
 impl Request {
@@ -69,6 +72,8 @@ impl Request {
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Status(Box<GroupStatus>),
+    /// A cluster agent's answer to `status`.
+    ClusterStatus(Box<crate::cluster::status::ClusterStatus>),
     Spec(Box<crate::spec::GroupSpec>),
     Affinity(Vec<crate::status::AffinityEntry>),
     /// The change was made; what happened.
@@ -277,7 +282,8 @@ pub fn request_spawner(pid: u32, request: &Request) -> Result<Response> {
     )
 }
 
-fn request_at(path: &Path, whom: &str, request: &Request) -> Result<Response> {
+/// Sends one request to the control socket at `path` (`whom` names its owner in errors).
+pub fn request_at(path: &Path, whom: &str, request: &Request) -> Result<Response> {
     let talk = || -> io::Result<Response> {
         let mut stream = UnixStream::connect(path)?;
         let wait = match request {
@@ -326,7 +332,9 @@ impl ControlSocket {
         Self::bind_at(own)
     }
 
-    fn bind_at(path: PathBuf) -> Result<Self> {
+    /// Binds a control socket at `path` (a cluster agent's), replacing a stale file: the
+    /// caller has checked that nobody answers there.
+    pub fn bind_at(path: PathBuf) -> Result<Self> {
         let dir = path.parent().expect("socket paths have a directory");
         fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
         // The run directory may be passed through by others (0711), for handlers running

@@ -17,7 +17,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use parsrv_common::cluster::{entry_flags, AgentCounters, Host};
 use tokio::{
-    io::{unix::AsyncFd, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{unix::AsyncFd, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::mpsc,
 };
@@ -835,62 +835,46 @@ pub fn control_path(name: &str) -> std::path::PathBuf {
     control::run_dir().join(format!("cluster-{name}.sock"))
 }
 
-fn control_listener(name: &str) -> Result<tokio::net::UnixListener> {
+fn control_listener(name: &str) -> Result<control::ControlSocket> {
     let path = control_path(name);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
-    }
     if std::os::unix::net::UnixStream::connect(&path).is_ok() {
         return Err(Error::Rejected(format!(
             "an agent of cluster '{name}' already runs on this host ({}): stop it first",
             path.display()
         )));
     }
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .map_err(Error::io(format!("binding {}", path.display())))?;
-    // Root's alone, whatever the umask.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(Error::io(format!("restricting {}", path.display())))?;
-    Ok(listener)
+    control::ControlSocket::bind_at(path)
 }
 
-/// The longest request the agent's control socket reads (they are one short word).
-const MAX_CONTROL_REQUEST: u64 = 256;
-
-/// Answers `parsrv cluster status` and `parsrv cluster drain`: one request line, one answer.
-async fn serve_control(agent: Shared, listener: tokio::net::UnixListener) {
-    loop {
-        let stream = crate::control::accept_from_root(&listener).await;
-        let agent = agent.clone();
-        tokio::task::spawn_local(async move {
-            let (reader, mut writer) = stream.into_split();
-            // A request is one short word: read no more than a line's worth.
-            let mut lines = BufReader::new(reader.take(MAX_CONTROL_REQUEST)).lines();
-            let Ok(Ok(Some(line))) =
-                tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await
-            else {
-                return;
-            };
-            let answer = match line.trim() {
-                "status" => serde_json::to_string(&agent.borrow().status()).expect("serializable"),
-                "drain" => {
-                    let command = {
-                        let mut agent = agent.borrow_mut();
-                        agent.membership.drain();
-                        let _ = agent.write_own_host();
-                        agent.spec.draining.clone()
-                    };
-                    run_hook(&command, "draining").await;
-                    "\"draining\"".to_owned()
+/// Answers `parsrv cluster status` and `parsrv cluster drain`, over the control protocol
+/// every parsrv socket speaks.
+async fn serve_control(agent: Shared, control: control::ControlSocket) {
+    control
+        .serve(move |request| {
+            let agent = agent.clone();
+            async move {
+                match request {
+                    Request::Status => Response::ClusterStatus(Box::new(agent.borrow().status())),
+                    Request::Drain => {
+                        let command = {
+                            let mut agent = agent.borrow_mut();
+                            agent.membership.drain();
+                            let _ = agent.write_own_host();
+                            agent.spec.draining.clone()
+                        };
+                        run_hook(&command, "draining").await;
+                        Response::Done("draining".into())
+                    }
+                    other => Response::Failed(control::ControlError::WrongSocket {
+                        request: other.verb(),
+                        fix: "a cluster agent takes `status` and `drain`; a group's requests go \
+                              to its spawner (`parsrv status`, `parsrv group ...`)"
+                            .into(),
+                    }),
                 }
-                other => serde_json::to_string(&format!("unknown request '{other}'"))
-                    .expect("serializable"),
-            };
-            let _ = writer.write_all(format!("{answer}\n").as_bytes()).await;
-        });
-    }
+            }
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -20,12 +20,7 @@ pub mod status;
 pub mod table;
 pub mod tls;
 
-use std::{
-    io::{BufRead, Write},
-    net::Ipv4Addr,
-    os::unix::net::UnixStream,
-    time::Duration,
-};
+use std::net::Ipv4Addr;
 
 use parsrv_common::cluster::ClusterConfig;
 
@@ -33,6 +28,7 @@ pub use spec::ClusterSpec;
 pub use status::ClusterStatus;
 
 use crate::{
+    control::{self, Request, Response},
     dataplane::cluster::{pin_dir, remove_dir, Dispatcher},
     error::{Error, Result},
     kernel,
@@ -170,34 +166,37 @@ async fn stop_signal() {
     }
 }
 
-/// Asks the agent of cluster `name` on this host (one line), and returns its answer.
-fn ask(name: &str, request: &str) -> Result<String> {
+/// Asks the agent of cluster `name` on this host, over the control protocol every parsrv
+/// socket speaks (`control::Request`).
+fn ask(name: &str, request: &Request) -> Result<Response> {
     let path = agent::control_path(name);
-    let talk = || -> std::io::Result<String> {
-        let mut stream = UnixStream::connect(&path)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(format!("{request}\n").as_bytes())?;
-        let mut answer = String::new();
-        std::io::BufReader::new(stream).read_line(&mut answer)?;
-        Ok(answer)
-    };
-    talk().map_err(|e| {
+    let whom = format!("the agent of cluster '{name}'");
+    let answer = control::request_at(&path, &whom, request).map_err(|e| {
         Error::Rejected(format!(
-            "no agent of cluster '{name}' answers at {} ({e}): start it with `parsrv cluster run --config FILE`",
-            path.display()
+            "no agent of cluster '{name}' answers ({e}): start it with `parsrv cluster run --config FILE`"
         ))
-    })
+    })?;
+    match answer {
+        Response::Failed(e) => Err(Error::Spawner {
+            group: whom,
+            message: e.to_string(),
+        }),
+        answer => Ok(answer),
+    }
 }
 
 pub fn status(name: &str) -> Result<ClusterStatus> {
-    let answer = ask(name, "status")?;
-    serde_json::from_str(&answer).map_err(|e| {
-        Error::ebpf(format!("reading the status of cluster '{name}'"))(anyhow::anyhow!(e))
-    })
+    match ask(name, &Request::Status)? {
+        Response::ClusterStatus(status) => Ok(*status),
+        _ => Err(Error::Spawner {
+            group: format!("the agent of cluster '{name}'"),
+            message: "answered with something other than its status".into(),
+        }),
+    }
 }
 
 pub fn drain(name: &str) -> Result<()> {
-    ask(name, "drain").map(drop)
+    ask(name, &Request::Drain).map(drop)
 }
 
 /// A client's address as the table keys it.

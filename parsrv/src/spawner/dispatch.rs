@@ -79,6 +79,10 @@ impl Spawner {
                 request: request.verb(),
                 fix: "send it to the spawner: `parsrv group add`, `parsrv upgrade`".into(),
             }),
+            Request::Drain => Response::Failed(ControlError::WrongSocket {
+                request: request.verb(),
+                fix: "it is a cluster agent's: `parsrv cluster drain`".into(),
+            }),
         }
     }
 }
