@@ -1,7 +1,7 @@
-//! The host dispatcher (`parsrv-ebpf/src/cluster.rs`, userspace `parsrv::dataplane::cluster`):
-//! a dispatcher with its local dispatch table, one per host of a cluster behind
-//! ECMP. A tc program on the host's interface towards the routers sees every packet for the
-//! service address and port, and looks the client up in the host's copy of the cluster's
+//! The host dispatcher (`parsrv-ebpf/src/bin/cluster_dispatch.rs`, userspace
+//! `parsrv::dataplane::cluster`): a dispatcher with its local dispatch table, one per host of a
+//! cluster behind ECMP. A tc program on the host's interface towards the routers sees every packet
+//! for the service address and port, and looks the client up in the host's copy of the cluster's
 //! dispatch table:
 //!
 //! - the client's server is this host: the local stack takes it (and the group's

@@ -1,7 +1,7 @@
-//! The host dispatcher's userspace (eBPF side: `parsrv-ebpf/src/cluster.rs`, shared types and
-//! design: `parsrv_common::cluster`): loads the tc program, attaches it to the interface
-//! with a tcx link, and keeps the host's copy of the cluster's dispatch table, the hosts'
-//! MACs, states and room.
+//! The host dispatcher's userspace (eBPF side: `parsrv-ebpf/src/bin/cluster_dispatch.rs`, shared
+//! types and design: `parsrv_common::cluster`): loads the tc program, attaches it to the interface
+//! with a tcx link, and keeps the host's copy of the cluster's dispatch table, the hosts' MACs,
+//! states and room.
 //!
 //! All of it is pinned under `/sys/fs/bpf/parsrv/_cluster-NAME-HOST/`, link included: a killed
 //! agent leaves the dispatcher running on the last table it wrote, and a new agent adopts

@@ -1,31 +1,17 @@
 //! The data plane: parsrv's eBPF programs and the kernel objects they keep, one module per
-//! program ([`reuseport`], [`lookup`], [`cluster`], [`audit`]), the pinned state that outlives a process ([`pins`]
-//! for a group's maps, [`netns`] for what belongs to a network namespace), and the table of
-//! embedded objects and of what each program needs from the kernel (this module).
+//! program ([`reuseport`], [`lookup`], [`cluster`], [`audit`]), the pinned state that
+//! outlives a process ([`pins`] for a group's maps, [`netns`] for what belongs to a network
+//! namespace), and the table of embedded objects and of what each program needs from the
+//! kernel (this module).
 //!
 //! # Where the truth lives
 //!
-//! | state | where | who can read it |
-//! |---|---|---|
-//! | the group's sockets and their queues | the kernel: the reuseport group, held by the spawner's fds and each handler's fd 3 | anyone with an fd of one (a new spawner: `pidfd_getfd` from a handler) |
-//! | which socket is slot i | `SOCKETS`, `SLOT_BY_COOKIE` pinned at `/sys/fs/bpf/parsrv/GROUP/` | any root process |
-//! | policy, when-full, draining, the membership generation | `CONFIG`, pinned there too | any root process |
-//! | what the program counted | `SLOT_COUNTERS`, `GLOBAL_COUNTERS`, `AFFINITY_COUNTERS`, pinned there too | any root process |
-//! | queue alerts (a queue at least half full), which wake a sleeping autoscaler | `QUEUE_ALERTS` ring, pinned there too; written only by the program | its one reader, the autoscaler of the spawner in charge |
-//! | which handler each client goes to (client affinity) | `DISPATCH_TABLE`, pinned there too; written only by the program | any root process (`parsrv affinity`) |
-//! | the attached program | the kernel: attached to the reuseport group, and pinned beside the maps (`parsrv_select`) | `bpftool`, a spawner that adopts the group (it reopens the pin); which program each socket's group runs: the audit iterator ([`audit`]) |
-//! | a group on several addresses: its (prefix, port) rules, each slot's entry, per-address counters, the sk_lookup program's link to the namespace | `LOOKUP_RULES`, `SLOT_LISTEN`, `ADDRESS_COUNTERS`, `parsrv_lookup_link`, pinned there too ([`lookup`]) | any root process; the link outlives a killed spawner and goes with the pins |
-//! | a cluster's dispatch table, hosts (MAC, state, room), the dispatcher's counters and its tcx link to the interface | `CLUSTER_*` and `parsrv_cluster_link` pinned at `/sys/fs/bpf/parsrv/_cluster-NAME-HOST/` ([`cluster`]) | any root process; the agent that adopts them; the dispatcher runs on after its agent dies |
-//! | which groups run, and who answers for them | control sockets in the run directory (`/run/parsrv/GROUP.sock`, `spawners/PID.sock`) | any root process |
-//! | namespace-wide guard | `/sys/fs/bpf/parsrv/_netns-INODE/`, locked while a spawner claims an address | spawners of that namespace |
-//! | the spec, and per slot its socket's cookie and its handler's pid, start time, restarts | the group record `/run/parsrv/GROUP.json`, rewritten by rename (`spawner::record`) | any root process |
-//! | whether a slot's socket takes new connections | the socket itself: SO_INCOMING_CPU = NO_HANDLER_MARK while its slot has no ready handler, shut down while parked | the program, TCP_INFO |
-//! | the autoscaler's memory, backoff timers | the running spawner's memory only | through its control socket |
+//! In one table, `docs/design.md` ("Where the truth lives"), which a test checks against the
+//! names and paths used here.
 //!
 //! So a new spawner finds a whole group from the pins, the run directory and the handlers'
-//! fds, and adopts it (`spawner::adopt`), its clients' entries and addresses included. The
-//! next step keeps to this split: a host dispatcher, a new module here with its own
-//! `Program` entry.
+//! fds, and adopts it (`spawner::adopt`), its clients' entries and addresses included. A new
+//! program keeps to this split: a module here, its own object and its own `Program` entry.
 
 pub mod affinity;
 pub mod alerts;

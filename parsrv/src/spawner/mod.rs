@@ -3,9 +3,9 @@
 //! socket ([`members`], [`crate::supervisor`]). The spawner never touches a connection.
 //!
 //! This module starts and stops groups and waits for signals. The rest has a file each:
-//! answering control requests ([`dispatch`]), SIGHUP ([`reload`]), the autoscaler's loop
-//! ([`autoscaling`]) and the warnings about handlers that do not use their socket
-//! ([`watchdog`]).
+//! answering control requests ([`answer`]), SIGHUP ([`reload`]), the autoscaler's loop
+//! ([`autoscaling`]) and the watchdog, which keeps each group as it was made and warns about
+//! handlers that do not use their socket ([`watchdog`]).
 //!
 //! While running, a group can change size (`parsrv group resize`, or its autoscaler): a new
 //! slot gets a new socket, registered before its handler starts; the highest slot is removed
@@ -20,8 +20,8 @@
 //! SIGKILL), remove the control socket, detach, unpin.
 
 mod adopt;
+mod answer;
 mod autoscaling;
-mod dispatch;
 mod group;
 mod members;
 mod record;
