@@ -25,6 +25,9 @@ use parsrv_common::audit::{names, AuditOffsets, AuditRecord};
 use super::{object, verification, EbpfObject, Program};
 use crate::error::{Error, Result};
 
+/// This process's audit program, or why it could not be loaded.
+static SHARED: OnceLock<std::result::Result<Mutex<Audit>, String>> = OnceLock::new();
+
 /// The loaded iterator program.
 pub struct Audit {
     ebpf: Ebpf,
@@ -34,8 +37,7 @@ impl Audit {
     /// This process's audit program, loaded on the first call (a failure is kept: the same
     /// kernel refuses the same program again).
     pub fn shared() -> std::result::Result<&'static Mutex<Audit>, &'static str> {
-        static AUDIT: OnceLock<std::result::Result<Mutex<Audit>, String>> = OnceLock::new();
-        AUDIT
+        SHARED
             .get_or_init(|| {
                 let started = std::time::Instant::now();
                 let audit = Audit::load().map(Mutex::new).map_err(|e| e.to_string());
@@ -50,6 +52,12 @@ impl Audit {
             })
             .as_ref()
             .map_err(String::as_str)
+    }
+
+    /// This process's audit program if [`Audit::shared`] has loaded it (or failed to): never
+    /// blocks.
+    pub fn loaded() -> Option<std::result::Result<&'static Mutex<Audit>, &'static str>> {
+        SHARED.get().map(|r| r.as_ref().map_err(String::as_str))
     }
 
     /// Loads the program with the running kernel's offsets. Its verification cost is what

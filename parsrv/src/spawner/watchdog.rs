@@ -24,6 +24,10 @@ pub(super) async fn watch(group: Rc<RunningGroup>) {
     // Per slot: since when its queue has not shrunk, and how deep it was.
     let mut stuck_since: Vec<Option<(Instant, u32)>> = Vec::new();
     let mut reported_in_range = std::collections::BTreeSet::new();
+    // Load the audit iterator now, off the event loop, rather than at the first check: a
+    // load is a burst of work (BTF parsed, program verified), and an idle spawner's first
+    // seconds should look like the rest (`scaling` counts its wake-ups).
+    let _ = tokio::task::spawn_blocking(Audit::shared).await;
     let mut audit_said = false;
     loop {
         tokio::time::sleep(WATCH_PERIOD).await;
@@ -91,10 +95,10 @@ pub(super) async fn watch(group: Rc<RunningGroup>) {
 /// (see `RunningGroup::restore_program`), between two membership changes. A kernel that
 /// cannot load the audit iterator is said once, in the log and the status.
 async fn restore_program(group: &RunningGroup, said: &mut bool) {
-    // The first call loads the iterator (BTF parsed, program verified): off the event loop.
-    let audit = match tokio::task::spawn_blocking(Audit::shared).await {
-        Ok(Ok(audit)) => audit,
-        Ok(Err(why)) => {
+    // Loaded (or refused) when the watchdog started.
+    let audit = match Audit::loaded() {
+        Some(Ok(audit)) => audit,
+        Some(Err(why)) => {
             if !std::mem::replace(said, true) {
                 log::warn!(
                     "group {}: cannot check that its sockets keep its program: {why}",
@@ -104,7 +108,7 @@ async fn restore_program(group: &RunningGroup, said: &mut bool) {
             }
             return;
         }
-        Err(_) => return,
+        None => return,
     };
     let _changing = group.membership.lock().await;
     let mut audit = audit
