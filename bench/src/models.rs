@@ -73,6 +73,17 @@ pub struct Served {
 
 impl Served {
     pub fn start(model: Model, workers: usize, backlog: u32, addr: SocketAddr) -> Served {
+        Served::start_with_env(model, workers, backlog, addr, &[])
+    }
+
+    /// [`Served::start`], with these variables in the spawner's environment.
+    pub fn start_with_env(
+        model: Model,
+        workers: usize,
+        backlog: u32,
+        addr: SocketAddr,
+        envs: &[(&str, &str)],
+    ) -> Served {
         match model {
             Model::ParsrvRedirect
             | Model::ParsrvLeastLoaded
@@ -83,7 +94,9 @@ impl Served {
                     Model::ParsrvTwoChoices => Policy::TwoChoices,
                     _ => Policy::Redirect,
                 };
-                let spawner = group("bench", HandlerKind::Http)
+                let spawner = envs
+                    .iter()
+                    .fold(group("bench", HandlerKind::Http), |g, (k, v)| g.env(k, v))
                     .listen(&addr.to_string())
                     .handlers(workers as u32)
                     .backlog(backlog)

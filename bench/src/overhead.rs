@@ -330,7 +330,14 @@ fn program_alone(report: &mut Report, quick: bool) {
     let duration = seconds(quick, 3);
     let mut rows = Vec::new();
     for &n in sizes {
-        let served = Served::start(Model::ParsrvRedirect, n, 128, addr());
+        // The watchdog would attach the detached program again: audit off for this one.
+        let served = Served::start_with_env(
+            Model::ParsrvRedirect,
+            n,
+            128,
+            addr(),
+            &[(parsrv::dataplane::audit::AUDIT_ENV, "off")],
+        );
         let switch = ProgramSwitch::of(served.spawner().unwrap().pid())
             .expect("taking the spawner's program and listener");
         let _ = load::run(

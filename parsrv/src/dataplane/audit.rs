@@ -25,6 +25,16 @@ use parsrv_common::audit::{names, AuditOffsets, AuditRecord};
 use super::{object, verification, EbpfObject, Program};
 use crate::error::{Error, Result};
 
+/// `PARSRV_AUDIT=off` in the spawner's environment turns the audit off: the watchdog then
+/// leaves a detached or replaced program as it is. For measuring the program alone (the
+/// benchmarks detach it on purpose), not for production.
+pub const AUDIT_ENV: &str = "PARSRV_AUDIT";
+
+/// Whether the spawner's environment turns the audit off ([`AUDIT_ENV`]).
+pub fn turned_off() -> bool {
+    std::env::var_os(AUDIT_ENV).is_some_and(|v| v == "off")
+}
+
 /// This process's audit program, or why it could not be loaded.
 static SHARED: OnceLock<std::result::Result<Mutex<Audit>, String>> = OnceLock::new();
 

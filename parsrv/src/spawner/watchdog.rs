@@ -11,10 +11,21 @@ use std::{
 };
 
 use super::group::RunningGroup;
-use crate::{dataplane::audit::Audit, kernel, supervisor::process_stopped};
+use crate::{
+    dataplane::audit::{self, Audit},
+    kernel,
+    supervisor::process_stopped,
+};
 
 /// How often handlers are checked for serving outside their socket.
 const WATCH_PERIOD: Duration = Duration::from_secs(2);
+/// When the watchdog starts checking the group's program. Loading the audit iterator is a
+/// burst of work (the kernel's BTF parsed, the program verified: 23 ms here, a few hundred
+/// ms under emulation) that a spawner living a few seconds (the tests start hundreds) need
+/// not pay, and an idle spawner's first seconds should stay quiet (`scaling` counts its
+/// wake-ups). Handlers cannot touch the program meanwhile: their seccomp filter is there
+/// from the first instruction.
+const AUDIT_AFTER: Duration = Duration::from_secs(5);
 /// How long a socket's queue may stay non-empty without ever shrinking before its handler
 /// is reported as not accepting.
 const STUCK_AFTER: Duration = Duration::from_secs(10);
@@ -24,14 +35,22 @@ pub(super) async fn watch(group: Rc<RunningGroup>) {
     // Per slot: since when its queue has not shrunk, and how deep it was.
     let mut stuck_since: Vec<Option<(Instant, u32)>> = Vec::new();
     let mut reported_in_range = std::collections::BTreeSet::new();
-    // Load the audit iterator now, off the event loop, rather than at the first check: a
-    // load is a burst of work (BTF parsed, program verified), and an idle spawner's first
-    // seconds should look like the rest (`scaling` counts its wake-ups).
-    let _ = tokio::task::spawn_blocking(Audit::shared).await;
+    let audited = !audit::turned_off();
+    if !audited {
+        let why = format!("turned off ({}=off)", audit::AUDIT_ENV);
+        log::warn!(
+            "group {}: its program is not audited: {why}",
+            group.spec.name
+        );
+        group.audit_unavailable(&why);
+    }
+    let started = Instant::now();
     let mut audit_said = false;
     loop {
         tokio::time::sleep(WATCH_PERIOD).await;
-        restore_program(&group, &mut audit_said).await;
+        if audited && started.elapsed() >= AUDIT_AFTER {
+            restore_program(&group, &mut audit_said).await;
+        }
         heal_shut_down_sockets(&group).await;
         report_servers_in_range(&group, &mut reported_in_range);
         let members = group.members();
@@ -95,10 +114,17 @@ pub(super) async fn watch(group: Rc<RunningGroup>) {
 /// (see `RunningGroup::restore_program`), between two membership changes. A kernel that
 /// cannot load the audit iterator is said once, in the log and the status.
 async fn restore_program(group: &RunningGroup, said: &mut bool) {
-    // Loaded (or refused) when the watchdog started.
-    let audit = match Audit::loaded() {
-        Some(Ok(audit)) => audit,
-        Some(Err(why)) => {
+    // Loaded (or refused) once per process, off the event loop; later checks only look.
+    let loaded = match Audit::loaded() {
+        Some(loaded) => loaded,
+        None => match tokio::task::spawn_blocking(Audit::shared).await {
+            Ok(loaded) => loaded,
+            Err(_) => return,
+        },
+    };
+    let audit = match loaded {
+        Ok(audit) => audit,
+        Err(why) => {
             if !std::mem::replace(said, true) {
                 log::warn!(
                     "group {}: cannot check that its sockets keep its program: {why}",
@@ -108,7 +134,6 @@ async fn restore_program(group: &RunningGroup, said: &mut bool) {
             }
             return;
         }
-        None => return,
     };
     let _changing = group.membership.lock().await;
     let mut audit = audit

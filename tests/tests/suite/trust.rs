@@ -974,7 +974,7 @@ fn the_watchdog_attaches_the_groups_program_again_when_someone_takes_it_away() {
                 }
                 .unwrap_or_else(|e| panic!("{attack}: the kernel refused it: {e}"));
                 assert!(
-                    wait_for(Duration::from_secs(10), || spawner.status().audit.restored
+                    wait_for(Duration::from_secs(20), || spawner.status().audit.restored
                         == round as u64 + 1),
                     "{attack}: not restored: {:?}\n{}",
                     spawner.status().audit,

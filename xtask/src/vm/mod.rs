@@ -469,7 +469,8 @@ impl Vm<'_> {
             Accel::Kvm => ("kvm", "host"),
         };
         let started = Instant::now();
-        let mut child = Command::new(qemu)
+        let mut command = Command::new(qemu);
+        command
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .args(["-serial", "stdio", "-no-reboot"])
             .args(["-accel", accel, "-cpu", cpu, "-smp", "2", "-m", "2048"])
@@ -485,7 +486,17 @@ impl Vm<'_> {
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        // A killed xtask takes its VM with it: qemu would run on, re-parented to init. (The
+        // signal follows this thread, which waits for qemu to the end.)
+        // SAFETY: one prctl between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = command
             .spawn()
             .with_context(|| format!("starting {}", qemu.display()))?;
 
