@@ -502,12 +502,13 @@ fn done(whom: String, response: Response) -> Result<()> {
             group: whom,
             message: e.to_string(),
         }),
-        Response::Status(_) | Response::ClusterStatus(_) | Response::Affinity(_) => {
-            Err(Error::Spawner {
-                group: whom,
-                message: "answered with something other than what was asked".into(),
-            })
-        }
+        Response::Status(_)
+        | Response::ClusterStatus(_)
+        | Response::Affinity(_)
+        | Response::Room(_) => Err(Error::Spawner {
+            group: whom,
+            message: "answered with something other than what was asked".into(),
+        }),
     }
 }
 

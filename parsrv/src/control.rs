@@ -56,6 +56,9 @@ pub enum Request {
     /// To a cluster agent's socket: withdraw this host from the cluster (its `draining`
     /// hook), as SIGTERM does, but stay up and keep the table in step.
     Drain,
+    /// The free places in the accept queues of the group's sockets that take connections
+    /// (what a cluster agent shares as its host's load).
+    Room,
 }
 
 impl Request {
@@ -76,6 +79,8 @@ pub enum Response {
     ClusterStatus(Box<crate::cluster::status::ClusterStatus>),
     Spec(Box<crate::spec::GroupSpec>),
     Affinity(Vec<crate::status::AffinityEntry>),
+    /// The answer to `room`.
+    Room(i32),
     /// The change was made; what happened.
     Done(String),
     /// The spawner did not do what was asked, and why.

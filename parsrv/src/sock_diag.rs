@@ -1,9 +1,13 @@
-//! The listening TCP sockets of this network namespace, from the kernel's sock_diag
-//! (netlink), which filters by state itself: the cost follows the listeners, not the
-//! namespace's connections (reading /proc/net/tcp under tens of thousands of connections
-//! took seconds).
+//! The TCP sockets of this network namespace, from the kernel's sock_diag (netlink): the
+//! listening ones, for which the kernel filters by state itself, so that the cost follows
+//! the listeners, not the namespace's connections (reading /proc/net/tcp under tens of
+//! thousands of connections took seconds); and the clients connected to a service.
 
-use std::{io, net::SocketAddr};
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+};
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
@@ -27,12 +31,40 @@ pub struct Listening {
 pub fn listening() -> io::Result<Vec<Listening>> {
     let mut found = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        dump(family, &mut found)?;
+        dump(family, StateFlags::LISTEN, |socket| {
+            let id = &socket.socket_id;
+            found.push(Listening {
+                addr: SocketAddr::new(id.source_address, id.source_port),
+                inode: socket.inode as u64,
+                uid: socket.uid,
+            });
+        })?;
     }
     Ok(found)
 }
 
-fn dump(family: u8, found: &mut Vec<Listening>) -> io::Result<()> {
+/// The addresses of the clients with a TCP connection to `service` (IPv4) in the caller's
+/// network namespace, in any state but LISTEN: a handshake under way, established, or
+/// closing (TIME_WAIT included).
+pub fn clients_of(service: SocketAddrV4) -> io::Result<BTreeSet<Ipv4Addr>> {
+    let mut clients = BTreeSet::new();
+    dump(AF_INET, StateFlags::all() - StateFlags::LISTEN, |socket| {
+        let id = &socket.socket_id;
+        if id.source_address == IpAddr::V4(*service.ip()) && id.source_port == service.port() {
+            if let IpAddr::V4(client) = id.destination_address {
+                clients.insert(client);
+            }
+        }
+    })?;
+    Ok(clients)
+}
+
+/// Asks the kernel for every TCP socket of `family` in `states`, and passes each to `each`.
+fn dump(
+    family: u8,
+    states: StateFlags,
+    mut each: impl FnMut(&netlink_packet_sock_diag::inet::InetResponseHeader),
+) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
@@ -44,7 +76,7 @@ fn dump(family: u8, found: &mut Vec<Listening>) -> io::Result<()> {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::LISTEN,
+            states,
             socket_id: if family == AF_INET {
                 SocketId::new_v4()
             } else {
@@ -67,12 +99,7 @@ fn dump(family: u8, found: &mut Vec<Listening>) -> io::Result<()> {
             let length = message.header.length as usize;
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let id = &response.header.socket_id;
-                    found.push(Listening {
-                        addr: SocketAddr::new(id.source_address, id.source_port),
-                        inode: response.header.inode as u64,
-                        uid: response.header.uid,
-                    });
+                    each(&response.header)
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => {
@@ -113,6 +140,31 @@ pub fn owner_of(inode: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_clients_of_a_service_and_only_of_it() {
+        let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = service.local_addr().unwrap() else {
+            unreachable!("bound to IPv4");
+        };
+        assert!(clients_of(addr).unwrap().is_empty());
+        // Two clients from two loopback addresses, and one of another service.
+        let connect_from = |from: [u8; 4], to: SocketAddr| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+            socket.connect(&to.into()).unwrap();
+            socket
+        };
+        let _a = connect_from([127, 0, 0, 2], addr.into());
+        let _b = connect_from([127, 0, 0, 3], addr.into());
+        let _c = connect_from([127, 0, 0, 4], other.local_addr().unwrap());
+        assert_eq!(
+            clients_of(addr).unwrap(),
+            [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)].into()
+        );
+    }
 
     #[test]
     fn finds_a_listener_of_ours_with_its_inode_and_not_a_connection() {

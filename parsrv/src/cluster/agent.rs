@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use parsrv_common::cluster::{entry_flags, AgentCounters, Host};
+use parsrv_common::cluster::{AgentCounters, Host};
 use tokio::{
     io::{unix::AsyncFd, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -23,11 +23,12 @@ use tokio::{
 };
 
 use super::{
+    expiry::IdleClients,
     membership::{Change, Membership},
     protocol::{self, Message, WireEntry, ENTRIES_PER_MESSAGE, MAX_LINE},
     spec::ClusterSpec,
     status::{ClusterStatus, PeerStatus, TableStatus},
-    table,
+    table::{self, Merge},
     tls::PeerTls,
 };
 use crate::{
@@ -71,8 +72,7 @@ pub struct Agent {
     room: i32,
     peers: BTreeMap<u16, PeerView>,
     messages: AgentCounters,
-    /// Clients of this host seen without a connection, and since when.
-    idle_since: BTreeMap<Ipv4Addr, Instant>,
+    idle: IdleClients,
 }
 
 type Shared = Rc<RefCell<Agent>>;
@@ -106,6 +106,7 @@ impl Agent {
             spec.idle_timeout(),
             Instant::now(),
         );
+        let idle = IdleClients::new(spec.idle_timeout());
         Agent {
             spec,
             tls: tls.map(Rc::new),
@@ -115,7 +116,7 @@ impl Agent {
             room: 0,
             peers,
             messages: AgentCounters::default(),
-            idle_since: BTreeMap::new(),
+            idle,
         }
     }
 
@@ -245,21 +246,21 @@ impl Agent {
             }
             Message::Entries { entries } => {
                 for wire in entries {
-                    let theirs = wire.entry(now_ns);
                     let client = wire.client.octets();
                     let ours = self.dispatcher.client(client);
-                    if table::takes(ours.as_ref(), &theirs, |h| self.membership.not_gone(h)) {
-                        let mut theirs = theirs;
-                        if ours.is_some_and(|o| o.host == self.this_host()) {
-                            // Connections made under our lock stay here.
-                            theirs.flags |= entry_flags::MAY_HAVE_OWN;
+                    let merged =
+                        table::merge(ours.as_ref(), wire.entry(now_ns), self.this_host(), |h| {
+                            self.membership.not_gone(h)
+                        });
+                    match merged {
+                        Merge::Write(entry) => {
+                            if let Err(e) = self.dispatcher.set_client(client, entry) {
+                                log::error!("writing {}'s entry: {e}", wire.client);
+                            }
+                            self.messages.taken += 1;
                         }
-                        if let Err(e) = self.dispatcher.set_client(client, theirs) {
-                            log::error!("writing {}'s entry: {e}", wire.client);
-                        }
-                        self.messages.taken += 1;
-                    } else if ours.is_some_and(|o| o != theirs && o.locked_ns != theirs.locked_ns) {
-                        self.messages.lost += 1;
+                        Merge::Lost => self.messages.lost += 1,
+                        Merge::Keep => {}
                     }
                 }
             }
@@ -703,16 +704,8 @@ async fn read_load(agent: Shared) {
         every.tick().await;
         let asked = group.clone();
         let room =
-            tokio::task::spawn_blocking(move || match control::request(&asked, &Request::Status) {
-                Ok(Response::Status(status)) => Some(
-                    status
-                        .sockets
-                        .iter()
-                        .filter(|s| s.state == crate::listeners::SocketState::Serving)
-                        .filter_map(|s| s.queue)
-                        .map(|q| q.capacity as i32 + 1 - q.depth as i32)
-                        .sum::<i32>(),
-                ),
+            tokio::task::spawn_blocking(move || match control::request(&asked, &Request::Room) {
+                Ok(Response::Room(room)) => Some(room),
                 _ => None,
             })
             .await
@@ -739,75 +732,38 @@ async fn expire(agent: Shared) {
     loop {
         every.tick().await;
         let service = agent.borrow().spec.service;
-        let connected = tokio::task::spawn_blocking(move || clients_connected(service))
+        let connected = tokio::task::spawn_blocking(move || crate::sock_diag::clients_of(service))
             .await
-            .unwrap_or_default();
+            .map_err(std::io::Error::other)
+            .and_then(|read| read);
         let mut agent = agent.borrow_mut();
         agent.forget_long_gone();
+        // Not knowing who is connected is not "nobody": an unread round expires nothing.
+        let connected = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                log::warn!("reading the connections to {service}: {e}; no client expires now");
+                continue;
+            }
+        };
         let this = agent.this_host();
-        let timeout = agent.spec.idle_timeout();
-        let mut expired = Vec::new();
-        let mine: BTreeSet<Ipv4Addr> = agent
+        let served_here: BTreeSet<Ipv4Addr> = agent
             .dispatcher
             .clients()
             .into_iter()
             .filter(|(_, e)| e.host == this)
             .map(|(c, _)| Ipv4Addr::from(c))
             .collect();
-        agent
-            .idle_since
-            .retain(|c, _| mine.contains(c) && !connected.contains(c));
-        for client in mine {
-            if connected.contains(&client) {
-                continue;
-            }
-            let since = *agent.idle_since.entry(client).or_insert_with(Instant::now);
-            if since.elapsed() >= timeout {
-                expired.push(client);
-            }
-        }
+        let expired = agent.idle.expired(&served_here, &connected, Instant::now());
         if expired.is_empty() {
             continue;
         }
         for client in &expired {
             agent.dispatcher.forget_client(client.octets());
-            agent.idle_since.remove(client);
         }
         agent.messages.expired += expired.len() as u64;
         agent.send_all(&Message::Forget { clients: expired });
     }
-}
-
-/// The clients with a TCP connection to `service` in this network namespace (any state but
-/// LISTEN), from /proc/net/tcp.
-fn clients_connected(service: std::net::SocketAddrV4) -> BTreeSet<Ipv4Addr> {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return BTreeSet::new();
-    };
-    let local = proc_net_tcp_addr(service);
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace().skip(1);
-            let (ours, theirs, state) = (fields.next()?, fields.next()?, fields.next()?);
-            if ours != local || state == "0A" {
-                return None;
-            }
-            let addr = u32::from_str_radix(theirs.split(':').next()?, 16).ok()?;
-            Some(Ipv4Addr::from(addr.to_ne_bytes()))
-        })
-        .collect()
-}
-
-/// `addr` as /proc/net/tcp prints it: the address as the kernel's u32 in hex, the port in
-/// hex.
-fn proc_net_tcp_addr(addr: std::net::SocketAddrV4) -> String {
-    format!(
-        "{:08X}:{:04X}",
-        u32::from_ne_bytes(addr.ip().octets()),
-        addr.port()
-    )
 }
 
 /// Runs a routing hook (`ready` or `draining`), logging its outcome.
@@ -928,14 +884,5 @@ mod tests {
                 "read {sent} bytes before refusing"
             );
         });
-    }
-
-    #[test]
-    fn proc_net_tcp_addresses_read_as_the_kernel_writes_them() {
-        // 203.0.113.10:80 as /proc/net/tcp prints it on a little-endian machine.
-        let service: std::net::SocketAddrV4 = "203.0.113.10:80".parse().unwrap();
-        if cfg!(target_endian = "little") {
-            assert_eq!(proc_net_tcp_addr(service), "0A7100CB:0050");
-        }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod certs;
+pub mod expiry;
 pub mod membership;
 pub mod protocol;
 pub mod spec;

@@ -64,6 +64,7 @@ impl Spawner {
                 Ok(status) => Response::Status(Box::new(status)),
                 Err(e) => Response::Failed(e.into()),
             },
+            Request::Room => Response::Room(group.room()),
             Request::Show => Response::Spec(Box::new(group.spec.clone())),
             Request::Remove => {
                 self.remove_group(name).await;
