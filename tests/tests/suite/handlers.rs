@@ -418,6 +418,18 @@ fn cpus_place_handlers_round_robin() {
             .handlers(3)
             .with(|g| g.cpus = list.parse().unwrap())
             .start();
+        // Ready, not only alive: a handler is placed on its CPU in the forked child before
+        // exec, and a child that the spawner forked a moment ago may still run with the
+        // spawner's CPUs (seen once in CI's native run, beside two VMs: "0-1" for "0").
+        assert!(
+            wait_for(Duration::from_secs(30), || spawner
+                .status()
+                .handlers
+                .iter()
+                .all(|h| h.ready)),
+            "the handlers never got ready: {:?}",
+            spawner.status().handlers
+        );
         for handler in spawner.status().handlers {
             let expected = cpus[handler.slot as usize % cpus.len()];
             assert_eq!(handler.cpu, Some(expected));
