@@ -928,6 +928,45 @@ fn cluster_an_idle_clients_entry_expires_on_every_host() {
             topology.start_agent(id);
         }
         topology.wait_ready(&[1, 2]);
+        // Each agent shares its group's room (the free places of the serving sockets' accept
+        // queues, asked of the spawner every 500 ms), and its peer records it.
+        for (id, peer) in [(1u16, 2u16), (2, 1)] {
+            let (code, out, err) =
+                topology.parsrv_output(id, &["status", &format!("web{id}"), "--json"]);
+            assert_eq!(code, 0, "{out}{err}");
+            let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let room: i64 = status["sockets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["state"] == "serving")
+                .map(|s| {
+                    s["queue"]["capacity"].as_i64().unwrap() + 1
+                        - s["queue"]["depth"].as_i64().unwrap()
+                })
+                .sum();
+            assert!(room > 0, "{status}");
+            let said = |at: u16| {
+                let status = topology.cluster_status(at).unwrap();
+                if at == id {
+                    status["room"].as_i64()
+                } else {
+                    status["peers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|p| p["host"] == id)
+                        .and_then(|p| p["room"].as_i64())
+                }
+            };
+            assert!(
+                wait_for(Duration::from_secs(5), || said(id) == Some(room)
+                    && said(peer) == Some(room)),
+                "host {id}'s room is {room}; its agent says {:?}, host {peer}'s {:?}",
+                said(id),
+                said(peer)
+            );
+        }
         let clients = topology.client_addrs.clone();
         let table = |id: u16| {
             topology.cluster_status(id).unwrap()["table"]["clients"]
