@@ -4,83 +4,12 @@
 //! checks clean but for what depends on the host it is checked on. A renamed flag, verb or
 //! key breaks this test, not a reader's copy-paste.
 
-use std::path::{Path, PathBuf};
-
 use clap::Parser as _;
 use parsrv::{cli::Cli, config_file};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The README, every page under docs/, and the benchmarks' README.
-fn pages() -> Vec<PathBuf> {
-    let mut pages = vec![root().join("README.md"), root().join("bench/README.md")];
-    let mut docs: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
-        .expect("docs/")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "md"))
-        .collect();
-    docs.sort();
-    pages.extend(docs);
-    pages
-}
-
-/// The fenced blocks of `text` whose info string is `lang`: (first line's number, text).
-fn blocks(text: &str, lang: &str) -> Vec<(usize, String)> {
-    let mut found = Vec::new();
-    let mut open: Option<(usize, bool, String)> = None;
-    for (n, line) in text.lines().enumerate() {
-        match (&mut open, line.trim_start().strip_prefix("```")) {
-            (None, Some(info)) => {
-                open = Some((
-                    n + 2,
-                    info.split_whitespace().next().unwrap_or("") == lang,
-                    String::new(),
-                ))
-            }
-            (Some((first, wanted, body)), Some(_)) => {
-                if *wanted {
-                    found.push((*first, std::mem::take(body)));
-                }
-                open = None;
-            }
-            (Some((_, _, body)), None) => {
-                body.push_str(line);
-                body.push('\n');
-            }
-            (None, None) => {}
-        }
-    }
-    found
-}
-
-/// The `parsrv` commands of a shell block, as argv (continued lines joined, comments and
-/// what follows a `|` or `&&` left out).
-fn parsrv_commands(block: &str) -> Vec<Vec<String>> {
-    block
-        .replace("\\\n", " ")
-        .lines()
-        .filter_map(|line| {
-            let words = shlex::split(line)?;
-            let words: Vec<String> = words
-                .into_iter()
-                .take_while(|w| !w.starts_with('#') && w != "|" && w != "&&")
-                .collect();
-            let program = words.first()?;
-            (program == "parsrv" || program.ends_with("/parsrv")).then_some(words)
-        })
-        .collect()
-}
-
-/// The commands of a transcript block (lines `$ parsrv ...`), as argv.
-fn transcript_commands(block: &str) -> Vec<Vec<String>> {
-    block
-        .lines()
-        .filter_map(|line| line.strip_prefix("$ "))
-        .flat_map(parsrv_commands)
-        .collect()
-}
+#[path = "../../tests/src/docs.rs"]
+mod docs;
+use docs::{blocks, pages, parsrv_commands, root, transcript_commands};
 
 /// Parses `argv` with the CLI; help and version requests count as parsed.
 fn refusal(argv: &[String]) -> Option<String> {

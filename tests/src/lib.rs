@@ -16,6 +16,7 @@
 
 pub mod clients;
 pub mod cluster;
+pub mod docs;
 pub mod faults;
 pub mod flood;
 pub mod load;

@@ -312,6 +312,16 @@ impl Spawner {
         })
     }
 
+    /// Runs `command` (a whole `parsrv run ...`, as a user would type it) serving group
+    /// `group`, and waits until every handler of it is up.
+    pub fn start_command(label: &str, group: &str, command: Command) -> Spawner {
+        Self::launch(label, group, command, |spawner| {
+            spawner
+                .try_status()
+                .is_some_and(|s| s.handlers.iter().all(|h| h.alive))
+        })
+    }
+
     /// Runs `command` with its output in a log named after `label`, and waits (30 s at
     /// most) until `up` says the spawner serves.
     fn launch(

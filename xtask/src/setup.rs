@@ -2,7 +2,7 @@
 //! already done (a few milliseconds) and only then installs. Versions are pinned here; see
 //! ../shared/TOOLCHAIN.md for why these combinations.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -97,17 +97,31 @@ pub fn ensure_python_servers() -> Result<()> {
     let requirements = crate::workspace_root().join("tests/apps/requirements.txt");
     let wanted = std::fs::read_to_string(&requirements)
         .with_context(|| format!("reading {}", requirements.display()))?;
+    // The system's python3 where there is one, not the first on PATH: the servers run as
+    // handlers under --user too (the README's example, run by the docs test), and a dynamic
+    // user cannot execute an interpreter under root's home (pyenv's, 0700), which the
+    // virtualenv's python3 would point to.
+    let python = ["/usr/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("python3");
+    if python == "/usr/bin/python3" {
+        ensure_apt_packages(&["python3-venv"], "the venv module of Debian's python3")?;
+    }
+    let wanted = format!("{wanted}# interpreter: {python}\n");
     let stamp = pyenv().join("parsrv-requirements.txt");
     if std::fs::read_to_string(&stamp).is_ok_and(|done| done == wanted) {
         return Ok(());
     }
     eprintln!(
-        "xtask setup: installing the test servers (gunicorn, uvicorn) into {}",
+        "xtask setup: installing the test servers (gunicorn, uvicorn) into {} ({python})",
         pyenv().display()
     );
     run_step(
         "setup: python3 -m venv (test servers)",
-        Command::new("python3").args(["-m", "venv"]).arg(pyenv()),
+        Command::new(python)
+            .args(["-m", "venv", "--clear"])
+            .arg(pyenv()),
     )?;
     run_step(
         "setup: pip install -r tests/apps/requirements.txt",

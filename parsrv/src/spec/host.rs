@@ -32,10 +32,23 @@ pub fn find_program(program: &str) -> std::result::Result<std::path::PathBuf, St
 
 /// Whether a process with exactly these credentials (handlers keep no supplementary group)
 /// may execute `path`: search permission on every directory on the way, execute permission
-/// on the file. Permission bits only (no ACLs); root passes.
+/// on the file, and for a script (`#!`) read permission on it and the same of its
+/// interpreter (a virtualenv's `python3` may point into root's home, which the kernel then
+/// refuses with EACCES at every start). Permission bits only (no ACLs); root passes.
 pub fn executable_by(
     path: &std::path::Path,
     credentials: Credentials,
+) -> std::result::Result<(), String> {
+    executable_through_interpreters(path, credentials, 0)
+}
+
+/// The kernel follows at most this many interpreters (`BINPRM_MAX_RECURSION`).
+const MAX_INTERPRETERS: u32 = 4;
+
+fn executable_through_interpreters(
+    path: &std::path::Path,
+    credentials: Credentials,
+    depth: u32,
 ) -> std::result::Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     if credentials.uid == 0 {
@@ -62,7 +75,43 @@ pub fn executable_by(
     if !allowed(&meta) {
         return Err(format!("no execute permission on {}", path.display()));
     }
-    Ok(())
+    let Some(interpreter) = interpreter_of(&path) else {
+        return Ok(());
+    };
+    let readable = if meta.uid() == credentials.uid {
+        meta.mode() & 0o400 != 0
+    } else if meta.gid() == credentials.gid {
+        meta.mode() & 0o040 != 0
+    } else {
+        meta.mode() & 0o004 != 0
+    };
+    if !readable {
+        return Err(format!(
+            "no read permission on {}, a script its interpreter must read",
+            path.display()
+        ));
+    }
+    if depth + 1 >= MAX_INTERPRETERS {
+        return Err(format!("{}: too many interpreters", path.display()));
+    }
+    executable_through_interpreters(&interpreter, credentials, depth + 1)
+        .map_err(|why| format!("its interpreter {}: {why}", interpreter.display()))
+}
+
+/// The interpreter a script names on its `#!` line, as the kernel reads it (the first 256
+/// bytes of the file).
+fn interpreter_of(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::io::Read as _;
+    let mut head = Vec::with_capacity(256);
+    std::fs::File::open(path)
+        .ok()?
+        .take(256)
+        .read_to_end(&mut head)
+        .ok()?;
+    let line = head.strip_prefix(b"#!")?;
+    let line = line.split(|b| *b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    line.split_whitespace().next().map(std::path::PathBuf::from)
 }
 
 /// CPUs this process may run on (its affinity mask).
@@ -106,6 +155,41 @@ mod tests {
         let err = executable_by(&program, nobody).unwrap_err();
         assert!(err.starts_with("no search permission on"), "{err}");
         executable_by(&program, Credentials { uid: 0, gid: 0 }).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_scripts_interpreter_must_be_reachable_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let nobody = Credentials {
+            uid: 65534,
+            gid: 65534,
+        };
+        let dir = std::env::temp_dir().join(format!("parsrv-interp-{}", std::process::id()));
+        let hidden = dir.join("hidden");
+        std::fs::create_dir_all(&hidden).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // An interpreter where nobody may look (a venv's python3 in root's home).
+        std::fs::copy("/bin/sh", hidden.join("sh")).unwrap();
+        std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let script = dir.join("server");
+        std::fs::write(&script, format!("#!{}/sh -e\nexit 0\n", hidden.display())).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = executable_by(&script, nobody).unwrap_err();
+        assert!(
+            err.starts_with(&format!(
+                "its interpreter {}/sh: no search permission on",
+                hidden.display()
+            )),
+            "{err}"
+        );
+        // The same script with an interpreter everyone may run passes, unless nobody may
+        // read the script itself.
+        std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+        executable_by(&script, nobody).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o711)).unwrap();
+        let err = executable_by(&script, nobody).unwrap_err();
+        assert!(err.starts_with("no read permission on"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,6 +10,7 @@ mod affinity;
 mod bad_input;
 mod cluster;
 mod demo;
+mod docs;
 mod flood;
 mod groups;
 mod handlers;
