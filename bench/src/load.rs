@@ -40,6 +40,28 @@ pub struct Spec {
     pub client_addresses: u32,
 }
 
+pub fn open_loop(rate: f64, duration: Duration) -> Spec {
+    Spec {
+        clients: 0,
+        duration,
+        connections: Connections::PerRequest,
+        rate: Some(rate),
+        timeout: Duration::from_secs(3),
+        client_addresses: 0,
+    }
+}
+
+pub fn closed(clients: usize, duration: Duration) -> Spec {
+    Spec {
+        clients,
+        duration,
+        connections: Connections::PerRequest,
+        rate: None,
+        timeout: Duration::from_secs(3),
+        client_addresses: 0,
+    }
+}
+
 /// The source address of client `i` of a load with `client_addresses`: 127.3.0.1 onwards.
 pub fn client_source(i: u32) -> std::net::IpAddr {
     std::net::Ipv4Addr::new(127, 3, (i / 250) as u8, (i % 250 + 1) as u8).into()

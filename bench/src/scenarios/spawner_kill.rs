@@ -14,8 +14,9 @@ use parsrv_integration_tests::{
 };
 
 use crate::{
-    median,
+    harness::addr,
     report::{Report, Table},
+    stats::median,
 };
 
 pub fn spawner_kill(report: &mut Report, quick: bool) {
@@ -29,12 +30,7 @@ pub fn spawner_kill(report: &mut Report, quick: bool) {
     let pids =
         |s: &Spawner| -> Vec<Option<u32>> { s.status().handlers.iter().map(|h| h.pid).collect() };
     let handlers = pids(&spawner);
-    let load = SteadyLoad::start(
-        crate::addr(),
-        4,
-        Duration::from_secs(120),
-        Duration::from_secs(3),
-    );
+    let load = SteadyLoad::start(addr(), 4, Duration::from_secs(120), Duration::from_secs(3));
     let mut gaps = Vec::new();
     let mut kept = 0;
     for _ in 0..cycles {
@@ -63,20 +59,15 @@ pub fn spawner_kill(report: &mut Report, quick: bool) {
 
     // The control: a server process that holds its socket alone, killed and started again
     // (what a spawner whose handlers die with it gives).
-    let load = SteadyLoad::start(
-        crate::addr(),
-        4,
-        Duration::from_secs(120),
-        Duration::from_secs(3),
-    );
+    let load = SteadyLoad::start(addr(), 4, Duration::from_secs(120), Duration::from_secs(3));
     let mut gaps = Vec::new();
-    let mut server = lone_server(crate::addr());
+    let mut server = lone_server(addr());
     for _ in 0..cycles {
         sleep(Duration::from_millis(500));
         let killed = Instant::now();
         let _ = server.kill();
         let _ = server.wait();
-        server = lone_server(crate::addr());
+        server = lone_server(addr());
         gaps.push(killed.elapsed().as_secs_f64() * 1e3);
     }
     sleep(Duration::from_millis(500));

@@ -30,9 +30,9 @@ use parsrv_integration_tests::{
 };
 
 use crate::{
-    median,
+    harness::seconds,
     report::{Report, Table},
-    seconds, spread,
+    stats::{median, spread},
 };
 
 /// Connections opened, one echo each, and closed, from every client address at once for

@@ -11,9 +11,10 @@ use std::time::Duration;
 use parsrv_integration_tests::{group, program_runs as program_stats, HandlerKind};
 
 use crate::{
-    addr, closed, load, median,
+    harness::{addr, seconds},
+    load::{self, closed},
     report::{Report, Table},
-    seconds, spread,
+    stats::{median, spread},
 };
 
 struct Sample {

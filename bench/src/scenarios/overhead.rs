@@ -18,10 +18,11 @@ use nix::sys::socket::{getsockopt, sockopt};
 use parsrv_integration_tests::context_switches;
 
 use crate::{
-    addr, load, median,
+    harness::{addr, seconds},
+    load,
     models::{Model, Served},
     report::{Report, Table},
-    seconds,
+    stats::median,
 };
 
 /// What one run measured.
@@ -62,7 +63,7 @@ fn perf_stat(duration: Duration) -> Option<(f64, f64)> {
 
 fn run(model: Model, n: usize, duration: Duration) -> Sample {
     let served = Served::start(model, n, 128, addr());
-    let spec = crate::closed(2 * n, duration);
+    let spec = load::closed(2 * n, duration);
     // Warm up: every worker up and accepting.
     let _ = load::run(
         addr(),
@@ -105,7 +106,7 @@ fn run(model: Model, n: usize, duration: Duration) -> Sample {
 }
 
 fn spread(values: &[f64]) -> String {
-    crate::spread(values, 3)
+    crate::stats::spread(values, 3)
 }
 
 fn median_of(samples: &[Sample], field: fn(&Sample) -> Option<f64>, digits: usize) -> String {
@@ -305,7 +306,7 @@ impl ProgramSwitch {
 /// One load run against a group as it is now: (conn/s, p99 ms, machine CPU ms, program ns
 /// in total).
 fn run_as_is(served: &Served, n: usize, duration: Duration) -> (f64, f64, Option<f64>, u64) {
-    let spec = crate::closed(2 * n, duration);
+    let spec = load::closed(2 * n, duration);
     let spawner = served.spawner().expect("a parsrv model");
     let before = spawner.status().program.run_time_ns;
     let (outcome, perf) = thread::scope(|scope| {
@@ -344,7 +345,7 @@ fn program_alone(report: &mut Report, quick: bool) {
             addr(),
             load::Spec {
                 duration: Duration::from_millis(300),
-                ..crate::closed(2 * n, duration)
+                ..load::closed(2 * n, duration)
             },
         );
         let (mut rate, mut p99, mut share) = (Vec::new(), Vec::new(), Vec::new());

@@ -14,8 +14,9 @@ use parsrv_integration_tests::{
 };
 
 use crate::{
-    median,
+    harness::addr,
     report::{Report, Table},
+    stats::median,
 };
 
 const METRICS: &str = "127.0.0.1:9100";
@@ -96,7 +97,7 @@ fn flood(report: &mut Report, quick: bool) {
             ]);
         }
     }
-    let plain = PlainGroup::start(crate::addr(), handlers as usize, backlog as i32, &[0, 1]);
+    let plain = PlainGroup::start(addr(), handlers as usize, backlog as i32, &[0, 1]);
     let run = flooded_load((handlers * backlog) as usize, per_second, load_for);
     drop(plain);
     rows.push(vec![

@@ -18,12 +18,12 @@ use parsrv_integration_tests::{
 };
 
 use crate::{
-    addr, load,
+    harness::{addr, seconds},
+    load,
     load::{client_source, Spec},
-    median,
     models::{listening, spawn_with_fds, Model, Served},
     report::{Report, Table},
-    seconds,
+    stats::median,
 };
 
 /// A sticky worker's cache of client states: this many clients.
@@ -101,7 +101,7 @@ fn cost(report: &mut Report, quick: bool) {
     let duration = seconds(quick, 3);
     let spec = Spec {
         client_addresses: CLIENTS,
-        ..crate::closed(8, duration)
+        ..load::closed(8, duration)
     };
     let mut runs: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for pair in 0..pairs {
@@ -349,7 +349,7 @@ fn sticky(report: &mut Report, quick: bool) {
     let spec = Spec {
         client_addresses: CLIENTS,
         timeout: Duration::from_secs(2),
-        ..crate::closed(16, duration)
+        ..load::closed(16, duration)
     };
     let all = [Sticky::ParsrvAffinity, Sticky::Parsrv, Sticky::Haproxy];
     // (how, stalled) -> one per round
