@@ -1,6 +1,6 @@
 //! A running group: one value that owns its spec, its members (sockets, program maps,
 //! supervised handlers), its pins and attachment, and its tasks; it changes size, restarts
-//! its handlers, drains, reports its status and stops.
+//! its handlers, drains, reports its status (`group_status.rs`) and stops.
 //!
 //! It starts in steps, each undone if a later one fails, so that a refused group leaves
 //! nothing behind and disturbs no other: bind the sockets; load the program (maps pinned in
@@ -11,7 +11,6 @@ use std::{
     cell::{Cell, RefCell},
     path::PathBuf,
     rc::Rc,
-    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -34,15 +33,10 @@ use crate::{
         reuseport::{ProgramLog, Steering},
     },
     error::{Error, Result},
-    handler::HandlerStats,
-    kernel::Occupancy,
     listeners::{Listeners, SocketState},
-    spec::{Affinity, GroupSpec, HandlerKind},
-    status::{
-        self, AddressStatus, AffinityEntry, AffinityStatus, GroupStatus, HandlerStatus,
-        ScalingStatus, SocketStatus,
-    },
-    supervisor::{process_alive, process_start_time, Launcher, SlotEvent, SlotEvents},
+    spec::GroupSpec,
+    status::{self, ScalingStatus},
+    supervisor::{process_start_time, Launcher, SlotEvent, SlotEvents},
 };
 
 /// Detaches the program from the group when dropped: it holds a duplicate of a member
@@ -100,17 +94,17 @@ impl SlotEvents for RunningGroup {
 
 pub(crate) struct RunningGroup {
     pub spec: GroupSpec,
-    members: RefCell<Members>,
-    pins_dir: Option<PathBuf>,
+    pub(super) members: RefCell<Members>,
+    pub(super) pins_dir: Option<PathBuf>,
     /// Held while the membership changes (resize, restart): one change at a time.
     pub membership: tokio::sync::Mutex<()>,
     /// Notified after every resize, by hand or not: a sleeping autoscaler learns that a
     /// step down may have become due.
     pub resized: tokio::sync::Notify,
     stop: watch::Sender<bool>,
-    scaling: RefCell<ScalingStatus>,
-    audit: RefCell<status::AuditStatus>,
-    draining: Cell<bool>,
+    pub(super) scaling: RefCell<ScalingStatus>,
+    pub(super) audit: RefCell<status::AuditStatus>,
+    pub(super) draining: Cell<bool>,
     /// Detach and unpin, in that order, once the handlers are gone.
     teardown: RefCell<Option<(Attachment, Option<Pins>)>>,
     /// Its control socket, watchdog and autoscaler.
@@ -492,158 +486,5 @@ impl RunningGroup {
         );
         log::info!("{message}");
         Ok(message)
-    }
-
-    /// The free places in the accept queues of the sockets that take connections: a cluster
-    /// agent's load, asked for every half second. Cheaper than [`RunningGroup::status`],
-    /// which also reads every slot's counters and handler.
-    pub fn room(&self) -> i32 {
-        let members = self.members.borrow();
-        let serving = members
-            .pairs()
-            .filter(|(_, listener)| listener.state() == crate::listeners::SocketState::Serving)
-            .filter_map(|(_, listener)| listener.queue().ok());
-        let occupancy = crate::kernel::Occupancy::of(serving);
-        occupancy.capacity as i32 - occupancy.queued as i32
-    }
-
-    pub fn status(&self) -> Result<GroupStatus> {
-        let spec = &self.spec;
-        let members = self.members.borrow();
-        let counters = members.steering().slot_counters(members.len())?;
-        let sockets = members
-            .pairs()
-            .zip(counters)
-            .map(|((slot, listener), counters)| SocketStatus {
-                slot: slot.index,
-                cookie: listener.cookie(),
-                queue: listener.queue().ok(),
-                state: listener.state(),
-                counters,
-            })
-            .collect();
-        let handlers = members
-            .slots()
-            .iter()
-            .map(|s| {
-                let state = s.state.borrow();
-                // Only built-in handlers keep counters; an exec'd program's are its own.
-                let stats = (spec.handler != HandlerKind::Exec).then(|| s.stats.stats());
-                let count = |field: fn(&HandlerStats) -> &AtomicU64| {
-                    stats.map(|stats| field(stats).load(Ordering::Relaxed))
-                };
-                HandlerStatus {
-                    slot: s.index,
-                    pid: state.pid,
-                    alive: state.pid.is_some_and(process_alive),
-                    ready: state.ready,
-                    cpu: spec.cpu_of(s.index),
-                    restarts: state.restarts,
-                    last_exit: state.last_exit.clone(),
-                    restart_in_ms: state
-                        .restart_at
-                        .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64),
-                    accepted: count(|s| &s.accepted),
-                    lost_races: count(|s| &s.lost_races),
-                    active: count(|s| &s.active),
-                }
-            })
-            .collect();
-        Ok(GroupStatus {
-            schema: status::SCHEMA_VERSION,
-            spec: spec.clone(),
-            spawner_pid: std::process::id(),
-            spawner_version: env!("CARGO_PKG_VERSION").into(),
-            spawner_started_ms: super::executed().started_ms,
-            pins: self.pins_dir.clone(),
-            scaling: self.scaling.borrow().clone(),
-            draining: self.draining.get(),
-            handlers,
-            sockets,
-            errors: members.steering().global_counters()?,
-            program: members.steering().run_stats()?,
-            audit: self.audit.borrow().clone(),
-            affinity: self.affinity_status(&members)?,
-            addresses: self.address_status(&members)?,
-        })
-    }
-
-    /// Each `--listen` entry of a group the sk_lookup program serves.
-    fn address_status(&self, members: &Members) -> Result<Vec<AddressStatus>> {
-        if !self.spec.needs_lookup() {
-            return Ok(Vec::new());
-        }
-        let counters = members
-            .steering()
-            .addresses()
-            .counters(self.spec.listen.len())?;
-        Ok((0..)
-            .zip(self.spec.listen.iter().zip(counters))
-            .map(|(entry, (listen, counters))| {
-                let own: Vec<_> = members
-                    .listeners()
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, l)| l.entry() == entry)
-                    .collect();
-                AddressStatus {
-                    listen: *listen,
-                    bound: listen.bind_addr(),
-                    slots: own.iter().map(|(slot, _)| *slot as u32).collect(),
-                    queue: Occupancy::of(own.iter().filter_map(|(_, l)| l.queue().ok())),
-                    counters,
-                }
-            })
-            .collect())
-    }
-
-    fn affinity_status(&self, members: &Members) -> Result<Option<AffinityStatus>> {
-        if self.spec.affinity == Affinity::None {
-            return Ok(None);
-        }
-        let table = members.steering().dispatch_table();
-        Ok(Some(AffinityStatus {
-            entries: table.entries(self.spec.affinity_config().timeout_ns)?.len() as u64,
-            capacity: table.capacity(),
-            counters: table.counters()?,
-        }))
-    }
-
-    /// The dispatch table's entries (of `client` only, if given), with each slot's handler.
-    pub fn affinity_entries(
-        &self,
-        client: Option<std::net::IpAddr>,
-    ) -> Result<Vec<AffinityEntry>, ControlError> {
-        if self.spec.affinity == Affinity::None {
-            return Err(ControlError::Refused(format!(
-                "group {} runs without client affinity (--affinity none): it has no dispatch table",
-                self.spec.name
-            )));
-        }
-        let config = self.spec.affinity_config();
-        let wanted = client
-            .map(|c| crate::dataplane::affinity::client_key(c, config.mask_v4, config.mask_v6));
-        let members = self.members.borrow();
-        let entries = members
-            .steering()
-            .dispatch_table()
-            .entries(config.timeout_ns)?;
-        let pid_of = |slot: u32| {
-            members
-                .slots()
-                .iter()
-                .find(|s| s.index == slot)
-                .and_then(|s| s.state.borrow().pid)
-        };
-        Ok(entries
-            .into_iter()
-            .filter(|e| {
-                wanted.is_none_or(|key| crate::dataplane::affinity::client_addr(&key) == e.client)
-            })
-            .map(|entry| AffinityEntry {
-                pid: pid_of(entry.slot),
-                entry,
-            })
-            .collect())
     }
 }

@@ -23,6 +23,7 @@ mod adopt;
 mod answer;
 mod autoscaling;
 mod group;
+mod group_status;
 mod members;
 mod record;
 mod reload;
