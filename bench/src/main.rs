@@ -1,4 +1,5 @@
-//! `cargo xtask bench [SCENARIO...] [--quick]` (or `parsrv bench`): parsrv against the
+//! `cargo xtask bench [SCENARIO...] [--quick]` (or `parsrv bench`; `--list` names the
+//! scenarios and what each measures): parsrv against the
 //! dispatch models it replaces ([`models`]), each scenario in its own network namespace on
 //! loopback, bounded in time. Every table compares models measured in the same run (this
 //! machine is shared and noisy: read the ratios). Results go to a folder (`report.md`, CSV,
@@ -24,6 +25,12 @@ fn main() {
         Some("sticky-worker") => scenarios::sticky_worker(),
         _ => {}
     }
+    if args.iter().any(|a| a == "--list") {
+        for scenario in scenarios::SCENARIOS {
+            println!("{:<14} {}", scenario.name, scenario.description);
+        }
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
         .iter()
@@ -38,7 +45,7 @@ fn main() {
     let selected = scenarios::select(&wanted).unwrap_or_else(|unknown| {
         let names: Vec<&str> = scenarios::SCENARIOS.iter().map(|s| s.name).collect();
         eprintln!(
-            "parsrv-bench: no scenario '{unknown}': choose from {}",
+            "parsrv-bench: no scenario '{unknown}': choose from {} (--list says what each measures)",
             names.join(", ")
         );
         std::process::exit(2);

@@ -54,8 +54,9 @@ enum Task {
     /// cargo fmt --check and cargo clippy -D warnings, for the workspace and the eBPF crate.
     Lint,
     /// Build (release), then run benchmark scenarios (as root; each in its own network
-    /// namespace): uniform, stall, burst, slow-handler, prog-cost, scale-up, restart.
-    /// Prints tables and writes target/bench/DATE/ (report.md, CSV, PNG charts).
+    /// namespace; `parsrv bench --list` names them, from the table in
+    /// bench/src/scenarios/mod.rs). Prints tables and writes target/bench/DATE/ (report.md,
+    /// CSV, PNG charts).
     Bench {
         /// Scenarios to run (default: all).
         scenarios: Vec<String>,

@@ -23,9 +23,7 @@ use crate::report::Report;
 pub struct Scenario {
     /// What the command line and the report call it.
     pub name: &'static str,
-    /// What it measures, in one line.
-    // For readers of the table and its tests: main prints only the names, as it always has.
-    #[allow(dead_code)]
+    /// What it measures, in one line (`--list`).
     pub description: &'static str,
     /// Runs it into the report; `true` with `--quick`.
     pub run: fn(&mut Report, bool),

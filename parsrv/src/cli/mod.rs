@@ -206,11 +206,20 @@ pub struct StatusArgs {
     #[arg(long)]
     pub watch: bool,
     /// Seconds between two --watch updates.
-    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = seconds_between_updates)]
     pub interval: f64,
     /// With --watch: stop after this many updates.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
+}
+
+/// `--interval`: a finite number of seconds above zero (a NaN would reach `Duration`, which
+/// panics on it).
+fn seconds_between_updates(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err("expected a number of seconds above 0, e.g. 0.5".into()),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -121,3 +121,18 @@ fn policy_and_when_full_flags_parse() {
             .is_err()
     );
 }
+
+#[test]
+fn a_watch_interval_must_be_a_number_of_seconds_above_zero() {
+    for bad in ["nan", "inf", "0", "-1", "x"] {
+        let interval = format!("--interval={bad}");
+        let err = Cli::try_parse_from(["parsrv", "status", "--watch", &interval])
+            .expect_err(bad)
+            .to_string();
+        assert!(
+            err.contains("expected a number of seconds above 0"),
+            "{bad}: {err}"
+        );
+    }
+    assert!(Cli::try_parse_from(["parsrv", "status", "--watch", "--interval", "0.5"]).is_ok());
+}

@@ -15,9 +15,7 @@ use crate::{
 /// A group as written in the file: its keys, each with where it is.
 pub(super) type RawGroup = BTreeMap<String, Spanned<toml::Value>>;
 
-/// Two addresses on one port that the kernel would put in different reuseport groups while
-/// one covers the other: a wildcard beside a specific address of the same family, or the
-/// dual-stack [::] beside anything IPv4.
+/// Where each key of a group is in the file's text (for a problem's line and column).
 pub(super) type Spans = BTreeMap<String, Range<usize>>;
 
 /// Reads a group's keys into the model with the command line's parser, keeping where each

@@ -111,8 +111,6 @@ impl GroupSpec {
         }
     }
 
-    /// Entries of the dispatch table the kernel allocates: one when affinity is off (a map
-    /// cannot be empty).
     /// What the group's dispatch table takes in kernel memory, for people: `None` without
     /// client affinity (then it has a one-entry table).
     pub fn dispatch_table_memory(&self) -> Option<String> {
@@ -132,6 +130,8 @@ impl GroupSpec {
         })
     }
 
+    /// Entries of the dispatch table the kernel allocates: one when affinity is off (a map
+    /// cannot be empty).
     pub fn dispatch_table_size(&self) -> u32 {
         match self.affinity {
             Affinity::None => 1,

@@ -3,8 +3,8 @@
 //! add` parse it from flags, a config file's keys are the same flags without the dashes
 //! ([`crate::config_file`] parses them with the same parser), the JSON of `status` and of
 //! control requests is its serde form, and `group show` prints that form as TOML. Every
-//! check lives here, so every way of defining a group rejects the same values with the same
-//! words.
+//! check lives in this module (`spec/validate.rs`), so every way of defining a
+//! group rejects the same values with the same words.
 
 mod derived;
 pub mod dynamic_user;

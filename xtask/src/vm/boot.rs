@@ -14,9 +14,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::{kernel, Accel, Outcome, VmOptions, VmRun};
-#[cfg(test)]
-use crate::EXIT_FAILED;
-use crate::{Fatal, EXIT_BAD_INPUT, EXIT_VM_HUNG};
+use crate::{Fatal, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_VM_HUNG};
 
 /// One kernel to boot with the test image.
 pub(super) struct Vm<'a> {
@@ -223,7 +221,11 @@ impl Vm<'_> {
                 .find(|l| !l.trim().is_empty())
                 .map(|l| format!("qemu said: {}", l.trim()))
                 .unwrap_or_else(|| format!("qemu exited with {status}"));
-            let code = if outcome.booted() { 1 } else { EXIT_BAD_INPUT };
+            let code = if outcome.booted() {
+                EXIT_FAILED
+            } else {
+                EXIT_BAD_INPUT
+            };
             return Err(Fatal::error(
                 code,
                 format!(
