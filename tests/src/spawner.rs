@@ -380,6 +380,12 @@ impl Spawner {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most `limit`) until every handler of the group says it is ready (alive is
+    /// not enough: a handler is alive from its fork, before its exec); says whether they did.
+    pub fn wait_until_ready(&self, limit: Duration) -> bool {
+        wait_for(limit, || self.status().handlers.iter().all(|h| h.ready))
+    }
+
     /// Waits (at most `limit`) until the spawner's output contains `text`; says whether it did.
     pub fn wait_for_log(&self, text: &str, limit: Duration) -> bool {
         wait_for(limit, || self.log().contains(text))

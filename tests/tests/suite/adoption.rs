@@ -341,11 +341,7 @@ fn handlers_share_the_spawners_session_and_a_stopped_one_outlives_its_death() {
         // resumed and goes on serving. It is stopped once it serves; a handler stopped while
         // still starting is covered by the same SIG_IGN, set before exec (the CI's VMs
         // once stopped one that had not yet run a line of its own, and SIGHUP killed it).
-        assert!(wait_for(Duration::from_secs(10), || spawner
-            .status()
-            .handlers
-            .iter()
-            .all(|h| h.ready)));
+        assert!(spawner.wait_until_ready(Duration::from_secs(10)));
         let signals = |pid: u32| -> String {
             std::fs::read_to_string(format!("/proc/{pid}/status"))
                 .map(|s| {

@@ -522,11 +522,7 @@ fn resizing_down_re_decides_the_removed_slots_clients_and_migrates_queued_ones_w
         let (code, _, stderr) = Spawner::parsrv(&["group", "resize", name, "4"]);
         assert_eq!(code, 0, "{stderr}");
         // New clients go only to sockets whose handler is ready.
-        assert!(wait_for(Duration::from_secs(10), || spawner
-            .status()
-            .handlers
-            .iter()
-            .all(|h| h.ready)));
+        assert!(spawner.wait_until_ready(Duration::from_secs(10)));
         let clients = v4_clients(40);
         let slot_of = slots(&spawner.status());
         let home: BTreeMap<IpAddr, u32> = clients

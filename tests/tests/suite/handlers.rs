@@ -422,11 +422,7 @@ fn cpus_place_handlers_round_robin() {
         // exec, and a child that the spawner forked a moment ago may still run with the
         // spawner's CPUs (seen once in CI's native run, beside two VMs: "0-1" for "0").
         assert!(
-            wait_for(Duration::from_secs(30), || spawner
-                .status()
-                .handlers
-                .iter()
-                .all(|h| h.ready)),
+            spawner.wait_until_ready(Duration::from_secs(30)),
             "the handlers never got ready: {:?}",
             spawner.status().handlers
         );

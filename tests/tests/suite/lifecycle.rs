@@ -295,11 +295,7 @@ fn a_handshake_in_flight_when_its_handler_dies_completes_for_the_next_handler() 
             .backlog(8)
             .command(&["/bin/sh", "-c", &handler])
             .start_answering();
-        assert!(wait_for(Duration::from_secs(10), || spawner
-            .status()
-            .handlers
-            .iter()
-            .all(|h| h.ready)));
+        assert!(spawner.wait_until_ready(Duration::from_secs(10)));
         let old = spawner.handler_pid(0);
         let socket = fd_of_process(old, 3).unwrap();
         defer_accept(&socket);

@@ -698,11 +698,7 @@ fn a_local_user_cannot_squat_or_speak_on_a_handlers_notify_socket() {
             .command(&["/usr/bin/python3", "-c", NOTIFYING_HANDLER])
             .start_answering();
         assert!(
-            wait_for(Duration::from_secs(30), || spawner
-                .status()
-                .handlers
-                .iter()
-                .all(|h| h.ready)),
+            spawner.wait_until_ready(Duration::from_secs(30)),
             "a handler never became ready: {}",
             spawner.log()
         );

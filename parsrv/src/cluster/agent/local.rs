@@ -53,12 +53,7 @@ pub(super) async fn serve_control(agent: Shared, control: control::ControlSocket
                 match request {
                     Request::Status => Response::ClusterStatus(Box::new(agent.borrow().status())),
                     Request::Drain => {
-                        let command = {
-                            let mut agent = agent.borrow_mut();
-                            agent.membership.drain();
-                            let _ = agent.write_own_host();
-                            agent.spec.draining.clone()
-                        };
+                        let command = agent.borrow_mut().withdraw();
                         run_hook(&command, "draining").await;
                         Response::Done("draining".into())
                     }

@@ -166,15 +166,18 @@ impl Agent {
         tokio::task::spawn_local(expire(agent.clone()));
         tokio::task::spawn_local(serve_control(agent.clone(), control));
         stop.await;
-        let draining = {
-            let mut agent = agent.borrow_mut();
-            agent.membership.drain();
-            let _ = agent.write_own_host();
-            agent.spec.draining.clone()
-        };
+        let draining = agent.borrow_mut().withdraw();
         run_hook(&draining, "draining").await;
         let _ = std::fs::remove_file(control_path(&agent.borrow().spec.name));
         Ok(())
+    }
+
+    /// Stops taking new clients: this host is draining in its dispatcher (and in its next
+    /// heartbeat). Returns the routing hook that withdraws it, for the caller to run.
+    fn withdraw(&mut self) -> Vec<String> {
+        self.membership.drain();
+        let _ = self.write_own_host();
+        self.spec.draining.clone()
     }
 
     fn this_host(&self) -> u16 {
