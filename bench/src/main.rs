@@ -64,7 +64,7 @@ fn main() {
          Loopback in a network namespace of its own per scenario; every model serves with parsrv's \
          built-in HTTP handler code, one thread per worker.\n\n{}",
         thread::available_parallelism().map_or(0, |n| n.get()),
-        parsrv::features::kernel_build(),
+        parsrv::kernel::kernel_build(),
         if quick { "quick (checks the harness; figures mean little)" } else { "full" },
         verification_table()
     );

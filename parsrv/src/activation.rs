@@ -27,6 +27,10 @@ pub const FIRST_FD: RawFd = 3;
 pub const LISTEN_FDS: &str = "LISTEN_FDS";
 pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+/// What parsrv adds for the handlers it execs: `--threads`, the slot, the group name.
+pub const THREADS_ENV: &str = "PARSRV_THREADS";
+pub const SLOT_ENV: &str = "PARSRV_SLOT";
+pub const GROUP_ENV: &str = "PARSRV_GROUP";
 
 /// Why no socket could be taken; each message says what to do.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -125,7 +129,7 @@ pub fn tokio_listener() -> Result<tokio::net::TcpListener, ActivationError> {
 /// The number of threads parsrv asks each handler to accept with (`--threads`), for
 /// servers that can take it; 1 when not started by parsrv.
 pub fn threads() -> usize {
-    env::var(crate::handler::THREADS_ENV)
+    env::var(THREADS_ENV)
         .ok()
         .and_then(|t| t.parse().ok())
         .filter(|&t| t > 0)

@@ -169,20 +169,6 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// The running kernel's release and build (`uname -r` and `uname -v`): two builds of one
-/// release can verify the same program differently.
-pub fn kernel_build() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| {
-            format!(
-                "{} ({})",
-                u.release().to_string_lossy(),
-                u.version().to_string_lossy()
-            )
-        })
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// What the running kernel has.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelFeatures {

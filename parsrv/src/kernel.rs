@@ -479,6 +479,20 @@ pub fn restore_fd_limit() {
     }
 }
 
+/// The running kernel's release and build (`uname -r` and `uname -v`): two builds of one
+/// release can verify the same program differently.
+pub fn kernel_build() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| {
+            format!(
+                "{} ({})",
+                u.release().to_string_lossy(),
+                u.version().to_string_lossy()
+            )
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

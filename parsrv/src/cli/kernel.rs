@@ -5,9 +5,10 @@ use crate::error::Result;
 
 pub(super) fn kernel_features(json: bool) -> Result<()> {
     use crate::dataplane::verification::{self, thousands};
-    use crate::features::{kernel_build, minimum_kernel, KernelFeatures};
+    use crate::features::{minimum_kernel, KernelFeatures};
+    use crate::kernel::kernel_build;
     let probed = KernelFeatures::probe();
-    let (programs, refused) = verification::report(&probed);
+    let (programs, refused) = verification::report(|program| probed.require_for(&[program]));
     if json {
         #[derive(serde::Serialize)]
         struct Report<'a> {

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod certs;
 pub mod expiry;
 pub mod membership;
+pub mod metrics;
 pub mod protocol;
 pub mod spec;
 pub mod status;

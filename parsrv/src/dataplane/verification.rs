@@ -25,7 +25,7 @@ use super::{object, Program};
 use crate::{
     build_info,
     error::{Error, Result},
-    features::kernel_build,
+    kernel::kernel_build,
 };
 
 /// The kernel's budget of instructions processed per program load
@@ -275,15 +275,15 @@ impl ProgramReport {
 }
 
 /// Loads every program the running kernel can run (with the capabilities to) and reports
-/// what each cost; the first refusal comes back as well, for the exit status.
-pub fn report(features: &crate::features::KernelFeatures) -> (Vec<ProgramReport>, Option<Error>) {
+/// what each cost; the first refusal comes back as well, for the exit status. `runs_here`
+/// says why a program cannot run on this kernel (a missing feature), if it cannot.
+pub fn report(runs_here: impl Fn(Program) -> Result<()>) -> (Vec<ProgramReport>, Option<Error>) {
     let mut refused = None;
     let reports = Program::ALL
         .iter()
         .map(|&program| {
             // Its kernel features, then the capabilities to load it, then the load.
-            let measured = features
-                .require_for(&[program])
+            let measured = runs_here(program)
                 .and_then(|()| crate::kernel::check_capabilities())
                 .and_then(|()| measure(program));
             let (verified_insns, not_loaded) = match measured {

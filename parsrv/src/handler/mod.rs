@@ -23,10 +23,6 @@ pub const STATS_FD: RawFd = 4;
 /// runs, and a spawner that adopts the handler takes a copy of it to forward the output
 /// again. (What is written meanwhile waits in the pipe, up to its size.)
 pub const OUTPUT_FD: RawFd = 5;
-/// Exported to exec handlers: `--threads`, the slot, the group name.
-pub const THREADS_ENV: &str = "PARSRV_THREADS";
-pub const SLOT_ENV: &str = "PARSRV_SLOT";
-pub const GROUP_ENV: &str = "PARSRV_GROUP";
 
 /// What a handler process is told by its spawner: the arguments of the hidden `parsrv
 /// handler` command. The spawner writes them with [`Launch::to_args`] and the handler parses
@@ -137,7 +133,7 @@ pub fn shows_it_is(pid: u32, group: &str, slot: usize) -> bool {
     let environ = read("environ");
     let variables: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
     let has = |name: &str, value: &str| variables.contains(&format!("{name}={value}").as_bytes());
-    use crate::activation::LISTEN_PID;
+    use crate::activation::{GROUP_ENV, LISTEN_PID, SLOT_ENV};
     has(LISTEN_PID, &pid.to_string()) && has(GROUP_ENV, group) && has(SLOT_ENV, &slot.to_string())
 }
 
@@ -151,9 +147,9 @@ fn exec_command(launch: &Launch) -> anyhow::Error {
     std::env::set_var(LISTEN_FDS, "1");
     std::env::set_var(LISTEN_PID, std::process::id().to_string());
     std::env::set_var(LISTEN_FDNAMES, &launch.group);
-    std::env::set_var(THREADS_ENV, launch.threads.to_string());
-    std::env::set_var(SLOT_ENV, launch.slot.to_string());
-    std::env::set_var(GROUP_ENV, &launch.group);
+    std::env::set_var(crate::activation::THREADS_ENV, launch.threads.to_string());
+    std::env::set_var(crate::activation::SLOT_ENV, launch.slot.to_string());
+    std::env::set_var(crate::activation::GROUP_ENV, &launch.group);
     let error = std::process::Command::new(program)
         .args(&launch.command[1..])
         .exec();

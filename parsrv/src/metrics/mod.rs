@@ -1,8 +1,8 @@
 //! `--metrics ADDR:PORT`: Prometheus text exposition (version 0.0.4) of every group, built
 //! from the same status `parsrv status --json` shows, served with `/status` and `/healthz`
-//! by [`serve`]; and the same for a cluster agent ([`cluster`], `metrics` in `[cluster]`).
+//! by [`serve`]; the same server shows a cluster agent's (`crate::cluster::metrics`, which
+//! builds its families with [`Family`] and [`write`]).
 
-mod cluster;
 mod serve;
 
 pub use serve::{health, serve, Exposed, HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_PER_CLIENT};
@@ -16,11 +16,11 @@ use parsrv_common::{
 };
 
 /// One metric family: name, type, help, and its samples (labels, value).
-struct Family {
-    name: String,
-    kind: &'static str,
-    help: &'static str,
-    samples: Vec<(String, f64)>,
+pub(crate) struct Family {
+    pub name: String,
+    pub kind: &'static str,
+    pub help: &'static str,
+    pub samples: Vec<(String, f64)>,
 }
 
 /// The exposition text for these groups.
@@ -191,7 +191,7 @@ pub fn render(groups: &[GroupStatus]) -> String {
 }
 
 /// The exposition text of `families` (those without samples left out).
-fn write(families: &[Family]) -> String {
+pub(crate) fn write(families: &[Family]) -> String {
     let mut out = String::new();
     for family in families.iter().filter(|f| !f.samples.is_empty()) {
         let _ = writeln!(out, "# HELP {} {}", family.name, family.help);

@@ -17,7 +17,8 @@ use parsrv::{
         verification::{thousands, ProgramReport, MARGIN_BUDGET, VERIFIER_LIMIT},
         EbpfObject, Program, OBJECT_ENV,
     },
-    features::{kernel_build, KernelFeatures, KernelVersion},
+    features::{KernelFeatures, KernelVersion},
+    kernel::kernel_build,
 };
 use parsrv_integration_tests::{
     addr, error_line, figure, group, http_get, privileged, wait_for, Feature, HandlerKind, Needs,

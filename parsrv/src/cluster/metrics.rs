@@ -5,8 +5,8 @@
 use hyper::StatusCode;
 use parsrv_common::cluster::{AgentCounters, DispatchCounters};
 
-use super::{serve::Exposed, write, Family};
-use crate::cluster::{protocol::HostState, ClusterStatus};
+use super::{protocol::HostState, ClusterStatus};
+use crate::metrics::{write, Exposed, Family};
 
 impl Exposed for ClusterStatus {
     fn metrics(&self) -> String {
@@ -43,17 +43,16 @@ pub fn render(status: &ClusterStatus) -> String {
         help,
         samples: vec![(this.clone(), value)],
     };
-    let peers =
-        |name: &str, help, value: &dyn Fn(&crate::cluster::status::PeerStatus) -> f64| Family {
-            name: name.to_owned(),
-            kind: "gauge",
-            help,
-            samples: status
-                .peers
-                .iter()
-                .map(|p| (format!("{this},peer=\"{}\"", p.host), value(p)))
-                .collect(),
-        };
+    let peers = |name: &str, help, value: &dyn Fn(&super::status::PeerStatus) -> f64| Family {
+        name: name.to_owned(),
+        kind: "gauge",
+        help,
+        samples: status
+            .peers
+            .iter()
+            .map(|p| (format!("{this},peer=\"{}\"", p.host), value(p)))
+            .collect(),
+    };
     let mut families = vec![
         one(
             "parsrv_cluster_ready",
