@@ -144,3 +144,33 @@ fn the_synopsis_names_only_verbs_and_flags_that_exist() {
     assert!(wrong.is_empty(), "the synopsis says:\n{}", wrong.join("\n"));
     assert!(verbs >= 15, "only {verbs} synopsis lines");
 }
+
+/// The flags table of docs/cli.md (rows that start with a flag) has a row for every flag of
+/// `parsrv run`, and every row is one of its flags: a new setting is its field in the model
+/// and its row here, and this test says when the row is missing.
+#[test]
+fn the_flags_table_lists_every_flag_of_parsrv_run() {
+    use clap::CommandFactory as _;
+    let text = std::fs::read_to_string(root().join("docs/cli.md")).unwrap();
+    let documented: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `--"))
+        .filter_map(|rest| rest.split(['`', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+    let cli = Cli::command();
+    let run = cli.find_subcommand("run").expect("a run verb");
+    let flags: std::collections::BTreeSet<String> = run
+        .get_arguments()
+        .filter(|a| !a.is_hide_set())
+        .filter_map(|a| a.get_long())
+        .filter(|long| *long != "help")
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<&String> = flags.difference(&documented).collect();
+    let unknown: Vec<&String> = documented.difference(&flags).collect();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        "docs/cli.md's flags table: no row for {missing:?}; rows for flags `parsrv run` lacks: {unknown:?}"
+    );
+}
