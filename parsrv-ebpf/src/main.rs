@@ -62,14 +62,5 @@ mod counting;
 mod lookup;
 mod queue;
 mod reuseport;
+mod runtime;
 mod sockets;
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[link_section = "license"]
-#[no_mangle]
-static LICENSE: [u8; 4] = *b"GPL\0";

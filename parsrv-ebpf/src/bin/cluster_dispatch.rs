@@ -15,6 +15,8 @@
 #[path = "../counting.rs"]
 #[allow(dead_code)]
 mod counting;
+#[path = "../runtime.rs"]
+mod runtime;
 
 use aya_ebpf::{
     bindings::{
@@ -433,13 +435,3 @@ fn forward(ctx: &TcContext, config: &ClusterConfig, host: u16) -> Result<i32, ()
 fn tally(update: impl FnOnce(&mut DispatchCounters)) {
     count(&CLUSTER_COUNTERS, 0, update)
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[link_section = "license"]
-#[no_mangle]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -9,6 +9,9 @@
 #![no_std]
 #![no_main]
 
+#[path = "../runtime.rs"]
+mod runtime;
+
 use aya_ebpf::{
     bindings::seq_file,
     cty::c_void,
@@ -100,13 +103,3 @@ pub unsafe extern "C" fn parsrv_reuseport_audit(ctx: *mut IterTcp) -> i32 {
     }
     0
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[link_section = "license"]
-#[no_mangle]
-static LICENSE: [u8; 4] = *b"GPL\0";
