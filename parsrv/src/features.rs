@@ -7,7 +7,7 @@
 //! from "should have it"). `parsrv kernel` prints the table; `parsrv run` refuses to start,
 //! naming the first missing feature, before it touches anything.
 
-use std::{fmt, fs, path::Path};
+use std::{fmt, path::Path};
 
 use btf_rs::{Btf, Type};
 use serde::Serialize;
@@ -16,6 +16,7 @@ use crate::{
     dataplane::Program,
     error::{Error, Result},
     kernel::{find_member, vmlinux_btf_path},
+    procfs,
 };
 
 /// A kernel feature the steering program depends on.
@@ -197,7 +198,7 @@ impl KernelFeatures {
     /// Probes every feature, with the running kernel's BTF already parsed (None: it has
     /// none).
     pub fn probe_with(btf: Option<&Btf>) -> Self {
-        let proc_sys = Path::new("/proc/sys");
+        let proc_sys = procfs::sysctls();
         let features = Feature::ALL
             .iter()
             .map(|&feature| FeatureProbe {
@@ -283,11 +284,10 @@ fn probe(feature: Feature, btf: Option<&Btf>, proc_sys: &Path) -> bool {
                 struct_has(btf, "sk_reuseport_kern", "migrating_sk").unwrap_or(false)
             })
         }),
-        Feature::CapBpf => fs::read_to_string(proc_sys.join("kernel/cap_last_cap"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .is_some_and(|last| last >= crate::kernel::CAP_BPF),
-        Feature::TcpMigrateReq => proc_sys.join("net/ipv4/tcp_migrate_req").exists(),
+        Feature::CapBpf => {
+            procfs::last_capability_in(proc_sys).is_ok_and(|last| last >= crate::kernel::CAP_BPF)
+        }
+        Feature::TcpMigrateReq => procfs::has_sysctl_in(proc_sys, "net/ipv4/tcp_migrate_req"),
     }
 }
 
@@ -324,6 +324,7 @@ fn struct_has(btf: &Btf, structure: &str, member: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn releases_parse_to_major_minor() {

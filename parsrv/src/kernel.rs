@@ -11,7 +11,10 @@ use std::{
 use btf_rs::{Btf, Type};
 use parsrv_common::reuseport::KernelOffsets;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    procfs::{self, effective_capabilities},
+};
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -162,15 +165,6 @@ fn type_size(_btf: &Btf, ty: &Type) -> Option<usize> {
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 pub(crate) const CAP_BPF: u32 = 39;
-
-fn effective_capabilities() -> io::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
-}
 
 fn has_capability(caps: u64, cap: u32) -> bool {
     caps & (1 << cap) != 0
@@ -363,23 +357,7 @@ pub fn socket_inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// sockets: /proc/net/tcp lists every socket of the namespace, and reading it under a busy
 /// server's tens of thousands of connections held the spawner for seconds.
 pub fn listening_sockets(pid: u32) -> Vec<(u64, String)> {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    let sockets: Vec<(RawFd, u64)> = fds
-        .flatten()
-        .filter_map(|fd| {
-            let number: RawFd = fd.file_name().to_str()?.parse().ok()?;
-            let link = std::fs::read_link(fd.path()).ok()?;
-            let inode = link
-                .to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()?;
-            Some((number, inode))
-        })
-        .collect();
+    let sockets: Vec<(RawFd, u64)> = procfs::socket_fds(pid).collect();
     if sockets.is_empty() {
         return Vec::new();
     }

@@ -24,6 +24,7 @@ pub mod kernel;
 pub mod listeners;
 pub mod metrics;
 pub mod output;
+pub mod procfs;
 pub mod service_manager;
 pub mod sock_diag;
 pub mod spawner;

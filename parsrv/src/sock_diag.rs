@@ -118,23 +118,9 @@ fn dump(
 /// "pid N (COMM)" of a process holding socket `inode`, from /proc/*/fd; None if none is
 /// found (another namespace's process, or it closed).
 pub fn owner_of(inode: u64) -> Option<String> {
-    let wanted = format!("socket:[{inode}]");
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let holds = std::fs::read_dir(entry.path().join("fd"))
-                .ok()?
-                .flatten()
-                .any(|fd| {
-                    std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str())
-                });
-            holds.then(|| {
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                format!("pid {pid} ({})", comm.trim())
-            })
-        })
+    let pid = crate::procfs::socket_holder(inode)?;
+    let comm = crate::procfs::comm(pid).unwrap_or_default();
+    Some(format!("pid {pid} ({comm})"))
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! (`parsrv stop`, or the next start of the group after everything died). Once the group's
 //! sockets are closed, SOCKETS is empty and the program hands nothing over.
 
-use std::{fs::File, path::Path};
+use std::path::Path;
 
 use aya::{
     maps::{
@@ -119,7 +119,7 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<FdLink> {
     program
         .load()
         .map_err(|e| super::verification::refusal(super::Program::AddressLookup, e))?;
-    let netns = File::open("/proc/self/ns/net")
+    let netns = crate::procfs::own_netns()
         .map_err(Error::io("opening this process's network namespace"))?;
     let link = program.attach(&netns).map_err(Error::ebpf(
         "attaching the sk_lookup program to the network namespace",

@@ -17,16 +17,15 @@ use std::{
 use nix::fcntl::{Flock, FlockArg};
 use parsrv_common::scope::NETNS_PREFIX;
 
-use crate::error::{Error, Result};
-
-/// The namespace the calling thread is in.
-const OWN_NETNS: &str = "/proc/thread-self/ns/net";
+use crate::{
+    error::{Error, Result},
+    procfs,
+};
 
 /// The state directory of the calling thread's network namespace.
 pub fn dir() -> Result<PathBuf> {
-    let inode = fs::metadata(OWN_NETNS)
-        .map_err(Error::io(format!("reading {OWN_NETNS}")))?
-        .ino();
+    let inode = procfs::thread_netns_inode()
+        .map_err(Error::io(format!("reading {}", procfs::THREAD_NETNS)))?;
     Ok(super::pins::root().join(format!("{NETNS_PREFIX}{inode}")))
 }
 
@@ -124,28 +123,14 @@ fn holder_of(dir: &Path) -> String {
     let Ok(inode) = fs::metadata(dir).map(|m| m.ino()) else {
         return "a process that could not be found".into();
     };
-    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
-    locks
-        .lines()
-        .filter(|line| line.contains("FLOCK"))
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
-            let position = fields.iter().position(|f| *f == "FLOCK")?;
-            let pid: u32 = fields.get(position + 3)?.parse().ok()?;
-            let file_inode: u64 = fields.get(position + 4)?.rsplit(':').next()?.parse().ok()?;
-            (file_inode == inode).then_some(pid)
-        })
-        .map_or_else(
-            || "a process that could not be found".into(),
-            |pid| {
-                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                let uid = fs::metadata(format!("/proc/{pid}"))
-                    .map(|m| m.uid().to_string())
-                    .unwrap_or_else(|_| "?".into());
-                format!("pid {pid} ({}, uid {uid})", comm.trim())
-            },
-        )
+    procfs::flock_holder(inode).map_or_else(
+        || "a process that could not be found".into(),
+        |pid| {
+            let comm = procfs::comm(pid).unwrap_or_default();
+            let uid = procfs::process_uid(pid).map_or_else(|| "?".into(), |uid| uid.to_string());
+            format!("pid {pid} ({comm}, uid {uid})")
+        },
+    )
 }
 
 /// Refuses a lock directory, or its parent, that another user owns or may write: whoever

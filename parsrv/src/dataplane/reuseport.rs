@@ -446,8 +446,8 @@ impl Steering {
             program_id: info.id(),
             run_count: info.run_count(),
             run_time_ns: info.run_time().as_nanos() as u64,
-            stats_enabled: fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-                .is_ok_and(|s| s.trim() == "1"),
+            stats_enabled: crate::procfs::sysctl("kernel/bpf_stats_enabled")
+                .is_ok_and(|s| s == "1"),
             verified_insns: info.verified_instruction_count().filter(|&n| n > 0),
         })
     }

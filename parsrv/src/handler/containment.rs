@@ -57,10 +57,8 @@ pub fn contain(program: &BpfProgram) -> anyhow::Result<()> {
 /// capability back (a set-uid-root program included). Needs CAP_SETPCAP: call it while
 /// still root, before dropping to the handler's user.
 pub fn drop_bounding_set() -> anyhow::Result<()> {
-    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
-        .trim()
-        .parse::<libc::c_ulong>()?;
-    for capability in 0..=last {
+    let last = crate::procfs::last_capability()?;
+    for capability in 0..=libc::c_ulong::from(last) {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) } != 0 {
             return Err(anyhow::anyhow!(

@@ -98,12 +98,8 @@ fn drop_privileges(credentials: Credentials) -> anyhow::Result<()> {
     setgid(gid)?;
     setuid(Uid::from_raw(credentials.uid))?;
     // Leaving uid 0 clears the capability sets (no SECBIT_KEEP_CAPS); check rather than trust.
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .map(str::trim);
-    if credentials.uid != 0 && effective != Some("0000000000000000") {
+    let effective = crate::procfs::effective_capabilities()?;
+    if credentials.uid != 0 && effective != 0 {
         anyhow::bail!(
             "capabilities survived the switch to uid {}",
             credentials.uid
@@ -119,20 +115,21 @@ fn drop_privileges(credentials: Credentials) -> anyhow::Result<()> {
 /// does: the record could name any process, and root can signal all of them. (A process
 /// that fakes these is its owner's own, whom it could signal anyway.)
 pub fn shows_it_is(pid: u32, group: &str, slot: usize) -> bool {
-    let read = |file: &str| std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
-    let cmdline = read("cmdline");
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let args = crate::procfs::cmdline(pid);
+    let has_arg = |arg: &[u8]| args.iter().any(|a| a == arg);
     let slot_arg = format!("--slot={slot}");
     let group_arg = format!("--group={group}");
-    if args.get(1) == Some(&b"handler".as_slice())
-        && args.contains(&slot_arg.as_bytes())
-        && args.contains(&group_arg.as_bytes())
+    if args.get(1).is_some_and(|a| a == b"handler")
+        && has_arg(slot_arg.as_bytes())
+        && has_arg(group_arg.as_bytes())
     {
         return true;
     }
-    let environ = read("environ");
-    let variables: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-    let has = |name: &str, value: &str| variables.contains(&format!("{name}={value}").as_bytes());
+    let variables = crate::procfs::environ(pid);
+    let has = |name: &str, value: &str| {
+        let variable = format!("{name}={value}");
+        variables.iter().any(|v| v == variable.as_bytes())
+    };
     use crate::activation::{GROUP_ENV, LISTEN_PID, SLOT_ENV};
     has(LISTEN_PID, &pid.to_string()) && has(GROUP_ENV, group) && has(SLOT_ENV, &slot.to_string())
 }

@@ -119,9 +119,7 @@ fn find_socket(process: &PidFd, cookie: u64) -> Option<Socket> {
             return Some(Socket::from(fd));
         }
     }
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", process.pid())).ok()?;
-    fds.flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+    crate::procfs::fd_numbers(process.pid())
         .filter_map(|fd| process.get_fd(fd).ok())
         .find(is_it)
         .map(Socket::from)

@@ -15,10 +15,8 @@
 //! group of that number exists, or when a process already runs with it (another group's
 //! name hashed to it, or something else uses it): one line naming the owner and the fix.
 
-use std::fs;
-
 use super::{invalid, Credentials};
-use crate::error::Result;
+use crate::{error::Result, procfs};
 
 /// The `--user` value that asks for a uid of the group's own.
 pub const DYNAMIC: &str = "dynamic";
@@ -66,21 +64,11 @@ pub fn check_free(name: &str, credentials: Credentials) -> Result<()> {
 
 /// A process whose real, effective, saved or file-system uid or gid is `credentials`'.
 fn process_with(credentials: Credentials) -> Option<(u32, String)> {
-    let ids_match = |status: &str, field: &str, id: u32| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(field))
-            .is_some_and(|ids| ids.split_whitespace().any(|v| v.parse() == Ok(id)))
-    };
-    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+    procfs::pids().find_map(|pid| {
         // A process that exits meanwhile is simply not there.
-        let status = fs::read_to_string(entry.path().join("status")).ok()?;
-        (ids_match(&status, "Uid:", credentials.uid) || ids_match(&status, "Gid:", credentials.gid))
-            .then(|| {
-                let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-                (pid, comm.trim().to_owned())
-            })
+        let ids = procfs::process_ids(pid)?;
+        (ids.uids.contains(&credentials.uid) || ids.gids.contains(&credentials.gid))
+            .then(|| (pid, procfs::comm(pid).unwrap_or_default()))
     })
 }
 

@@ -25,8 +25,8 @@ mod notify;
 mod pidfd;
 mod process;
 
-pub use pidfd::{process_start_time, PidFd};
-pub use process::process_state;
+pub use crate::procfs::{process_start_time, process_state};
+pub use pidfd::PidFd;
 use process::{
     describe_exit, forward_output, kill_group, kill_handler, output_pipe, place_handler,
 };
@@ -443,7 +443,7 @@ async fn replace(
     if let Err(why) = verdict {
         // What it was doing, for whoever reads the error.
         let seen = process_state(new)
-            .zip(std::fs::read_to_string(format!("/proc/{new}/wchan")).ok())
+            .zip(crate::procfs::wchan(new))
             .map_or(String::new(), |(state, wchan)| {
                 format!(" (state {state}, waiting in {wchan})")
             });

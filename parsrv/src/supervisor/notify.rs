@@ -22,7 +22,7 @@ use nix::sys::socket::{
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::spec::Credentials;
+use crate::{procfs::process_group, spec::Credentials};
 
 /// Where the slots' sockets are: a directory per group in `RUN_DIR/notify`. Handlers
 /// that run as `--user` must reach their socket through these and the run directory, so
@@ -131,7 +131,9 @@ async fn read(socket: AsyncFd<UnixDatagram>, said_ready: Rc<Cell<Option<u32>>>) 
             Ok((len, Some(sender))) => {
                 let text = String::from_utf8_lossy(&buffer[..len]);
                 if text.lines().any(|line| line == "READY=1") {
-                    // A sender gone already (systemd-notify exits at once) counts as itself.
+                    // The sender's process group is the handler's, whichever of its
+                    // processes sent it. A sender gone already (systemd-notify exits at
+                    // once) counts as itself.
                     said_ready.set(Some(process_group(sender).unwrap_or(sender)));
                 }
             }
@@ -140,10 +142,4 @@ async fn read(socket: AsyncFd<UnixDatagram>, said_ready: Rc<Cell<Option<u32>>>) 
             Err(_) => return,
         }
     }
-}
-
-/// The process group of `pid` (field 5 of /proc/PID/stat): a handler's, whichever of its
-/// processes sent the message.
-fn process_group(pid: u32) -> Option<u32> {
-    super::process::stat_field(pid, 5)?.parse().ok()
 }

@@ -8,6 +8,8 @@ use std::{
 
 use tokio::io::unix::AsyncFd;
 
+use crate::procfs::process_start_time;
+
 /// An open pidfd of a process this spawner did not (or no longer knows it did) spawn.
 pub struct PidFd {
     fd: AsyncFd<OwnedFd>,
@@ -121,31 +123,9 @@ impl PidFd {
     }
 }
 
-/// When `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat): with the pid,
-/// the identity of a process.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    super::process::stat_field(pid, 22)?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn start_time_is_stable_and_names_the_process() {
-        let own = process_start_time(std::process::id()).unwrap();
-        assert_eq!(process_start_time(std::process::id()), Some(own));
-        let child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let theirs = process_start_time(child.id()).unwrap();
-        assert!(theirs >= own);
-        let mut child = child;
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(process_start_time(child.id()), None);
-    }
 
     #[tokio::test]
     async fn a_pidfd_refuses_a_reused_pid_and_sees_the_exit() {

@@ -1,6 +1,6 @@
 //! The handler as a process: how it is placed before exec (its fds, process group, CPU),
-//! its output forwarded line by line, signals to it and to its process group, and what
-//! /proc says of it.
+//! its output forwarded line by line, signals to it and to its process group, and whether
+//! it is alive or stopped.
 //!
 //! A handler does not die with its spawner: it keeps serving its socket, and the next
 //! spawner adopts it ([`super::pidfd`]).
@@ -11,7 +11,10 @@ use std::{
     process::ExitStatus,
 };
 
-use crate::handler::{LISTEN_FD, OUTPUT_FD, STATS_FD};
+use crate::{
+    handler::{LISTEN_FD, OUTPUT_FD, STATS_FD},
+    procfs::process_state,
+};
 
 pub(super) fn describe_exit(exit: io::Result<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -99,25 +102,6 @@ pub(crate) fn process_stopped(pid: u32) -> bool {
     process_state(pid).is_some_and(|state| state == 'T' || state == 't')
 }
 
-/// Field `number` (as proc(5) numbers them, from 1) of /proc/PID/stat, from the state (3)
-/// on, or None if the process is gone. The command name (2) may hold spaces and
-/// parentheses: the fields after it start after the last ')'.
-pub(crate) fn stat_field(pid: u32, number: usize) -> Option<String> {
-    const STATE: usize = 3;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(number.checked_sub(STATE)?)
-        .map(str::to_owned)
-}
-
-/// A process's state letter from /proc/PID/stat (R, S, D, T, t, Z, X, ...), or None if it
-/// is gone.
-pub fn process_state(pid: u32) -> Option<char> {
-    stat_field(pid, 3)?.chars().next()
-}
-
 /// In the forked child, before exec: put the handler's socket at fd 3, (built-in handlers)
 /// its counters at fd 4 and the read end of its output pipe at fd 5, and close every other
 /// fd beside stdio. Pin it to its CPU and give it a process group of its own, so that
@@ -198,27 +182,6 @@ pub(crate) fn process_alive(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn stat_fields_are_numbered_as_proc_5_numbers_them() {
-        let own = std::process::id();
-        // The main thread: running, or waiting for the test threads.
-        assert!(
-            matches!(process_state(own), Some('R' | 'S')),
-            "{:?}",
-            process_state(own)
-        );
-        // SAFETY: a plain syscall.
-        let group = unsafe { libc::getpgrp() } as u32;
-        assert_eq!(stat_field(own, 5), Some(group.to_string()));
-        assert!(stat_field(own, 22).unwrap().parse::<u64>().unwrap() > 0);
-        assert_eq!(
-            stat_field(own, 2),
-            None,
-            "the command name is not a field here"
-        );
-        assert_eq!(stat_field(u32::MAX, 3), None);
-    }
-
     use super::*;
 
     #[test]

@@ -130,21 +130,9 @@ pub(super) async fn accept(agent: Shared, listener: TcpListener) {
 /// The MAC the kernel's neighbour table (ARP) has for `addr` on any interface of this
 /// namespace, if it has a complete entry.
 fn neighbour_mac(addr: std::net::IpAddr) -> Option<[u8; 6]> {
-    let table = std::fs::read_to_string("/proc/thread-self/net/arp").ok()?;
-    neighbour_in(&table, addr)
-}
-
-/// [`neighbour_mac`] in the text of /proc/net/arp.
-fn neighbour_in(table: &str, addr: std::net::IpAddr) -> Option<[u8; 6]> {
-    const COMPLETE: u32 = 0x2; // ATF_COM
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (ip, flags, mac) = (fields.first()?, fields.get(2)?, fields.get(3)?);
-        let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).ok()?;
-        (ip.parse::<std::net::IpAddr>().ok()? == addr && flags & COMPLETE != 0)
-            .then(|| protocol::parse_mac(mac))
-            .flatten()
-    })
+    crate::procfs::neighbour_addresses(addr)
+        .iter()
+        .find_map(|mac| protocol::parse_mac(mac))
 }
 
 /// A peer's messages, one per line, each at most [`MAX_LINE`] bytes: the bound holds
@@ -277,17 +265,6 @@ async fn read_messages<R: tokio::io::AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_neighbour_table_is_read_as_the_kernel_writes_it() {
-        let table = "IP address       HW type     Flags       HW address            Mask     Device\n\
-                     198.51.100.2     0x1         0x2         02:00:c6:33:64:02     *        eth0\n\
-                     198.51.100.3     0x1         0x0         00:00:00:00:00:00     *        eth0\n";
-        let at = |ip: &str| neighbour_in(table, ip.parse().unwrap());
-        assert_eq!(at("198.51.100.2"), Some([2, 0, 0xc6, 0x33, 0x64, 2]));
-        assert_eq!(at("198.51.100.3"), None, "incomplete");
-        assert_eq!(at("198.51.100.4"), None);
-    }
 
     /// A line without end is refused once it passes MAX_LINE, having buffered about that
     /// much, not what was sent.
