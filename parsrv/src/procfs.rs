@@ -151,11 +151,12 @@ pub struct ProcessIds {
 }
 
 /// The ids of `pid` (the `Uid:` and `Gid:` lines of /proc/PID/status, read up to
-/// [`MAX_STATUS`]), or None if the process is gone or its status is not UTF-8 (its name,
-/// which the status shows, may not be).
+/// [`MAX_STATUS`]), or None if the process is gone. The status shows the process's name,
+/// which its owner sets (`PR_SET_NAME`) and which need not be UTF-8: read lossily, so that a
+/// handler cannot hide a process of its uid (and make the uid look free) by naming it so.
 pub fn process_ids(pid: u32) -> Option<ProcessIds> {
     let status = read_at_most(&format!("/proc/{pid}/status"), MAX_STATUS).ok()?;
-    Some(process_ids_in(&String::from_utf8(status).ok()?))
+    Some(process_ids_in(&String::from_utf8_lossy(&status)))
 }
 
 fn process_ids_in(status: &str) -> ProcessIds {
@@ -371,6 +372,22 @@ mod tests {
             }
         );
         assert_eq!(process_ids_in("Name:\tx\n"), ProcessIds::default());
+    }
+
+    #[test]
+    fn a_process_named_in_bytes_that_are_not_utf8_still_shows_its_ids() {
+        // A thread's status, as a process's: its name is the thread's own.
+        let (uids, tid) = std::thread::spawn(|| {
+            let name = [0xffu8, 0xfe, b'x', 0];
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+            unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+            let tid = nix::unistd::gettid().as_raw() as u32;
+            (process_ids(tid).map(|ids| ids.uids), tid)
+        })
+        .join()
+        .unwrap();
+        let uid = nix::unistd::getuid().as_raw();
+        assert_eq!(uids, Some(vec![uid; 4]), "thread {tid}");
     }
 
     #[test]
