@@ -9,40 +9,25 @@ use std::{
     path::{Path, PathBuf},
 };
 
+mod common;
+use common::{code_outside_tests, rust_files};
+
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// The code of a module's files: line comments removed, and everything from a
-/// `#[cfg(test)]` on (the test modules sit at the end of each file).
+/// The code of a module's files, comments and `#[cfg(test)]` items left out.
 fn code_of(module: &str) -> String {
-    let mut files = Vec::new();
     let dir = src().join(module);
-    if dir.is_dir() {
-        let mut stack = vec![dir];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(dir).unwrap().flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if path.extension().is_some_and(|e| e == "rs") {
-                    files.push(path);
-                }
-            }
-        }
-    } else {
-        files.push(src().join(format!("{module}.rs")));
-    }
-    let mut code = String::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let text = text.split("#[cfg(test)]").next().unwrap();
-        for line in text.lines() {
-            code.push_str(line.split("//").next().unwrap());
-            code.push('\n');
-        }
-    }
-    code
+    let files = match dir.is_dir() {
+        true => rust_files(&dir),
+        false => vec![src().join(format!("{module}.rs"))],
+    };
+    files
+        .iter()
+        .map(|file| code_outside_tests(&std::fs::read_to_string(file).unwrap()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Every top-level module and the others its code names.
