@@ -148,16 +148,6 @@ pub(crate) fn unit_tests(filter: &Option<String>) -> Command {
     cargo
 }
 
-/// The benchmark harness in [`Profile::Checked`], as [`bench`]'s quick run runs it.
-fn bench_build() -> Command {
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo
-        .args(["build", "--package", "parsrv-bench"])
-        .args(Profile::Checked.cargo_args())
-        .current_dir(workspace_root());
-    cargo
-}
-
 /// The builds the tests run (parsrv, its example handlers, the integration test binary, all
 /// in [`Profile::Checked`]: the VMs run the same build).
 pub(crate) fn native_build() -> Result<()> {
@@ -174,15 +164,15 @@ pub(crate) fn native_build() -> Result<()> {
     // One cargo command per package, each selecting what the command that runs it later
     // selects: cargo unifies features over the packages of one command, and a build with
     // other features is another build (one command for all three cost 23 s more, 2026-12-05).
-    // The benchmarks are not among them: nothing runs them before the host's tests end, so
-    // they are built then, beside the VMs ([`bench_build`]), not in the 86 s the VMs would
-    // wait for them here. At normal priority: built at nice 19 behind two VMs, they took
-    // 11.5 minutes and the host's row ended last (fresh clone of 00fd642, 2026-12-05).
+    // The benchmarks too, although nothing runs them before the host's tests end: built
+    // beside the VMs at nice 19 they took 11.5 minutes and the host's row ended last
+    // (00fd642), and at normal priority they starved the VMs (fresh clone of 19f12fa).
     for (what, args) in [
         (
             "the example handlers",
             &["build", "--package", "parsrv", "--examples"][..],
         ),
+        ("the benchmarks", &["build", "--package", "parsrv-bench"]),
         (
             "the integration tests",
             &["test", "--no-run", "--package", "parsrv-integration-tests"],
@@ -265,9 +255,7 @@ pub(crate) fn native_integration(filter: &Option<String>) -> Result<vm::VmRun> {
     outcome.done = Some(failed.len() as u32);
     outcome.failed_binaries = failed.iter().map(|e| e.to_string()).collect();
     // Keeps the benchmark harness working; asserts nothing about the figures.
-    if let Err(e) = run_step("building the benchmarks", &mut bench_build())
-        .and_then(|()| bench(Vec::new(), true))
-    {
+    if let Err(e) = bench(Vec::new(), true) {
         outcome.failed_binaries.push(format!("benchmarks: {e}"));
     }
     Ok(vm::VmRun {

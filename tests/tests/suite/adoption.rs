@@ -120,6 +120,7 @@ fn twenty_spawner_kills_and_adoptions_under_load_lose_no_connection() {
         let name = "test-adopt-cycles";
         let mut spawner = http_group(name).start();
         let handlers = pids(&spawner);
+        let kernel = NetCounters::read();
         let load = SteadyLoad::start(addr(), 4, Duration::from_secs(120), Duration::from_secs(3));
         for cycle in 0..20 {
             kill_spawner(&spawner);
@@ -130,12 +131,25 @@ fn twenty_spawner_kills_and_adoptions_under_load_lose_no_connection() {
             assert_eq!(pids(&spawner), handlers, "cycle {cycle}: {}", spawner.log());
         }
         let outcomes = load.finish();
+        let kernel = kernel.delta(&NetCounters::read());
+        // How each failed request ended, and what the kernel counted meanwhile: a step that
+        // ran out of its 3 s in a starved VM and a connection the kernel dropped or reset
+        // are different failures (one failed in CI's 6.1 VM with neither recorded).
+        let mut kinds = std::collections::BTreeMap::new();
+        for outcome in outcomes.iter().filter(|o| **o != Outcome::Ok) {
+            *kinds.entry(format!("{outcome:?}")).or_insert(0) += 1;
+        }
         eprintln!(
-            "20 kill/adopt cycles: {} requests, {} failed",
+            "20 kill/adopt cycles: {} requests, {} failed {kinds:?}; kernel {kernel:?}",
             outcomes.len(),
             failed(&outcomes)
         );
-        assert_eq!(failed(&outcomes), 0);
+        assert_eq!(
+            failed(&outcomes),
+            0,
+            "failed requests by how they ended: {kinds:?}; kernel {kernel:?}\n{}",
+            spawner.log()
+        );
         assert!(spawner.stop().success());
     });
 }
