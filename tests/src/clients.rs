@@ -51,13 +51,21 @@ pub fn service_v6() -> IpAddr {
 
 fn add_address(addr: IpAddr) {
     let prefix = if addr.is_ipv6() { "128" } else { "32" };
-    // No duplicate address detection to wait for: the kernel skips it on loopback. (No
-    // `nodad` either: the VMs' busybox `ip` does not know it.)
+    // (No `nodad`: the VMs' busybox `ip` does not know it.)
     let status = Command::new("ip")
         .args(["addr", "add", &format!("{addr}/{prefix}"), "dev", "lo"])
         .status()
         .expect("running ip");
     assert!(status.success(), "ip addr add {addr}");
+    // A new IPv6 address is tentative until the kernel's DAD work has run, even on loopback,
+    // where it skips the probes: `ip` returns before, and a bind() meanwhile fails with
+    // EADDRNOTAVAIL. Beside two VMs that work once ran late, and a request from an address
+    // added a moment earlier failed (`Other`, 0.6 s into the test). Wait until it binds.
+    let binds = || std::net::UdpSocket::bind(SocketAddr::new(addr, 0)).is_ok();
+    assert!(
+        crate::wait_for(Duration::from_secs(10), binds),
+        "{addr} never became usable (still tentative?)"
+    );
 }
 
 /// Connects from `source` (any port).
