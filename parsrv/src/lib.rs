@@ -29,6 +29,7 @@ pub mod service_manager;
 pub mod sock_diag;
 pub mod spawner;
 pub mod spec;
+pub mod stall;
 pub mod status;
 pub mod supervisor;
 

@@ -33,6 +33,11 @@ pub enum SocketState {
     /// Out of the group (shut down) while its handler waits out a restart delay: its queue
     /// moved to the other sockets.
     Parked,
+    /// In the group, marked as `AwaitingHandler` is, while its handler is stalled: it took
+    /// no connection from its queue for `--stall-after`, so the queue was moved to the other
+    /// sockets (by a shutdown and a listen() again, which the handler does not see) and the
+    /// socket takes new connections only when no other has room (see [`crate::stall`]).
+    Demoted,
 }
 
 /// One listening socket of the group.
@@ -307,7 +312,7 @@ impl Listeners {
                         listen,
                     ))?
             }
-            SocketState::AwaitingHandler => {
+            SocketState::AwaitingHandler | SocketState::Demoted => {
                 // Marked before it rejoins the group, so that it never looks served.
                 kernel::set_incoming_cpu(listener.as_fd(), NO_HANDLER_MARK)
                     .map_err(socket_error("mark (no handler) the socket on", listen))?;

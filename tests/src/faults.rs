@@ -31,16 +31,35 @@ pub struct KillLoop {
     pub sent_while_not_serving: u64,
 }
 
+/// The load a kill loop runs under.
+#[derive(Clone, Copy, Debug)]
+pub enum KillLoad {
+    /// `clients` closed-loop clients, until the loop ends.
+    Steady { clients: usize },
+    /// New connections at a fixed rate, answered or not ([`crate::OpenLoad`]), for as long
+    /// as the kills go on.
+    Open { per_second: u32 },
+}
+
 /// Kills a random handler of `spawner`'s group (built-in handlers) every `every`, `kills`
-/// times, under a steady load of `clients`; then waits for every handler to be back.
-pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usize) -> KillLoop {
+/// times, under `load`; then waits for every handler to be back.
+pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoad) -> KillLoop {
     let handlers = spawner.status().handlers.len();
-    let load = SteadyLoad::start(
-        addr(),
-        clients,
-        every * kills as u32 * 2 + Duration::from_secs(5),
-        Duration::from_secs(3),
-    );
+    let timeout = Duration::from_secs(3);
+    let load = match load {
+        KillLoad::Steady { clients } => Load::Steady(SteadyLoad::start(
+            addr(),
+            clients,
+            every * kills as u32 * 2 + Duration::from_secs(5),
+            timeout,
+        )),
+        KillLoad::Open { per_second } => Load::Open(crate::OpenLoad::start(
+            addr(),
+            per_second,
+            every * kills as u32,
+            timeout,
+        )),
+    };
     // A fixed sequence of victims (xorshift), so that runs compare.
     let mut state: u32 = 0x2545_f491;
     let counters_before = crate::NetCounters::read();
@@ -99,7 +118,10 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usiz
     }
     // The load goes on while the last victims come back, then stops.
     std::thread::sleep(Duration::from_secs(1));
-    let outcomes = load.finish();
+    let outcomes = match load {
+        Load::Steady(load) => load.finish(),
+        Load::Open(load) => load.finish(),
+    };
     result.kernel = counters_before.delta(&crate::NetCounters::read());
     assert!(
         wait_for(Duration::from_secs(15), || spawner
@@ -125,4 +147,9 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, clients: usiz
         .filter(|o| matches!(o, Outcome::ConnectTimeout | Outcome::Refused))
         .count();
     result
+}
+
+enum Load {
+    Steady(SteadyLoad),
+    Open(crate::OpenLoad),
 }

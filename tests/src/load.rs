@@ -145,6 +145,45 @@ impl SteadyLoad {
     }
 }
 
+/// Open-loop clients: a new connection with one HTTP request every `1 / per_second`, for
+/// `duration`, each on a thread of its own, whatever became of the earlier ones. Closed-loop
+/// clients wait for an answer before they ask again, so they slow down with the server and
+/// hide what a real crowd meets; these do not. Bounded: `per_second x duration` requests,
+/// each ending within about 2 x `timeout`.
+pub struct OpenLoad {
+    scheduler: thread::JoinHandle<Vec<thread::JoinHandle<Outcome>>>,
+}
+
+impl OpenLoad {
+    pub fn start(
+        addr: SocketAddr,
+        per_second: u32,
+        duration: Duration,
+        timeout: Duration,
+    ) -> OpenLoad {
+        let requests = (per_second as f64 * duration.as_secs_f64()) as u32;
+        let interval = Duration::from_secs(1) / per_second;
+        let scheduler = thread::spawn(move || {
+            let start = Instant::now();
+            (0..requests)
+                .map(|n| {
+                    // On a fixed schedule: a late start does not delay the next one.
+                    let due = start + interval * n;
+                    thread::sleep(due.saturating_duration_since(Instant::now()));
+                    thread::spawn(move || http_get(addr, timeout))
+                })
+                .collect()
+        });
+        OpenLoad { scheduler }
+    }
+
+    /// Waits for the schedule to end and every request on it to finish.
+    pub fn finish(self) -> Vec<Outcome> {
+        let requests = self.scheduler.join().unwrap();
+        requests.into_iter().map(|r| r.join().unwrap()).collect()
+    }
+}
+
 /// Makes the calling thread (only it: Linux's nice is per thread) the last to get a CPU.
 fn lowest_priority() {
     // SAFETY: setpriority with the caller's own thread id reads and writes no memory.

@@ -119,6 +119,13 @@ impl GroupBuilder {
         self
     }
 
+    /// `--stall-after`: 0 turns stall detection off, for a test whose subject is a full
+    /// queue (a stopped handler is how a test makes one, and stall detection would move it).
+    pub fn stall_after(mut self, seconds: f64) -> Self {
+        self.spec.stall_after = seconds;
+        self
+    }
+
     /// Seconds a handler has to exit after SIGTERM (and a drain).
     pub fn grace(mut self, seconds: f64) -> Self {
         self.spec.grace = seconds;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use parsrv_integration_tests::{
-    flooded_load, group, kill_loop, HandlerKind, PlainGroup, Policy, WhenFull,
+    flooded_load, group, kill_loop, HandlerKind, KillLoad, PlainGroup, Policy, WhenFull,
 };
 
 use crate::{
@@ -36,7 +36,12 @@ fn kills(report: &mut Report, quick: bool) {
             .handlers(4)
             .threads(2)
             .start();
-        let run = kill_loop(&spawner, kills, Duration::from_millis(200), 8);
+        let run = kill_loop(
+            &spawner,
+            kills,
+            Duration::from_millis(200),
+            KillLoad::Steady { clients: 8 },
+        );
         spawner.stop();
         rows.push(vec![
             (round + 1).to_string(),

@@ -74,6 +74,18 @@ pub fn render(groups: &[GroupStatus]) -> String {
         }));
     }
     families.extend([
+        socket(
+            "parsrv_socket_stalled_total",
+            "counter",
+            "Times the socket's handler took nothing from its queue for --stall-after and the socket was demoted.",
+            &|s| Some(s.stalled as f64),
+        ),
+        socket(
+            "parsrv_socket_moved_from_stall_total",
+            "counter",
+            "Connections moved from the socket's queue to other sockets when its handler stalled.",
+            &|s| Some(s.moved_from_stall as f64),
+        ),
         Family {
             name: "parsrv_handler_restarts_total".to_owned(),
             kind: "counter",

@@ -105,6 +105,8 @@ pub(crate) struct RunningGroup {
     pub(super) scaling: RefCell<ScalingStatus>,
     pub(super) audit: RefCell<status::AuditStatus>,
     pub(super) draining: Cell<bool>,
+    /// Per slot: its stalls and the connections moved from its queue then.
+    pub(super) stalls: RefCell<Vec<super::stalls::StallCounts>>,
     /// Detach and unpin, in that order, once the handlers are gone.
     teardown: RefCell<Option<(Attachment, Option<Pins>)>>,
     /// Its control socket, watchdog and autoscaler.
@@ -241,6 +243,7 @@ impl RunningGroup {
             scaling: RefCell::default(),
             audit: RefCell::default(),
             draining: Cell::new(false),
+            stalls: RefCell::default(),
             teardown: RefCell::new(Some((attachment, pins))),
             program_log: RefCell::new(Some(program_log)),
             tasks: RefCell::default(),
@@ -405,6 +408,8 @@ impl RunningGroup {
         };
         leaving.slot.retire().await;
         self.members.borrow_mut().remove_top();
+        let slots = self.handlers() as usize;
+        self.stalls.borrow_mut().truncate(slots);
         leaving.forgotten
     }
 

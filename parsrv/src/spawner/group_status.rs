@@ -38,15 +38,21 @@ impl RunningGroup {
         let spec = &self.spec;
         let members = self.members.borrow();
         let counters = members.steering().slot_counters(members.len())?;
+        let stalls = self.stalls.borrow();
         let sockets = members
             .pairs()
             .zip(counters)
-            .map(|((slot, listener), counters)| SocketStatus {
-                slot: slot.index,
-                cookie: listener.cookie(),
-                queue: listener.queue().ok(),
-                state: listener.state(),
-                counters,
+            .map(|((slot, listener), counters)| {
+                let stall = stalls.get(slot.index as usize).copied().unwrap_or_default();
+                SocketStatus {
+                    slot: slot.index,
+                    cookie: listener.cookie(),
+                    queue: listener.queue().ok(),
+                    state: listener.state(),
+                    counters,
+                    stalled: stall.stalled,
+                    moved_from_stall: stall.moved,
+                }
             })
             .collect();
         let handlers = members

@@ -240,6 +240,39 @@ impl Members {
         self.set_state(index, wanted)
     }
 
+    /// Slot `index`'s handler is stalled (see [`crate::stall`]): its queue moves to the
+    /// other sockets and its socket is demoted. Shutting the socket down makes the kernel
+    /// run the program for each queued connection and pending handshake, which places them
+    /// on sockets with room; listen() puts the same socket (same open file in the handler,
+    /// same cookie) back in the group at once, marked, and registered again. A stopped handler
+    /// blocked in accept() left the call when it was stopped; it calls again on resumption,
+    /// on a socket that listens.
+    /// Returns how many connections the program moved (its `migrated_in` counters).
+    pub fn demote_stalled(&mut self, index: u32) -> Result<u64> {
+        let migrated = |members: &Members| -> Result<u64> {
+            Ok(members
+                .steering
+                .slot_counters(members.len())?
+                .iter()
+                .map(|c| c.migrated_in)
+                .sum())
+        };
+        let before = migrated(self)?;
+        self.set_state(index, SocketState::Parked)?;
+        self.set_state(index, SocketState::Demoted)?;
+        Ok(migrated(self)?.saturating_sub(before))
+    }
+
+    /// Slot `index`'s stalled handler serves again: its socket takes its share again (if it
+    /// is still demoted: a handler that exited meanwhile set it otherwise).
+    pub fn promote(&mut self, index: u32) -> Result<bool> {
+        if self.listeners.listeners()[index as usize].state() != SocketState::Demoted {
+            return Ok(false);
+        }
+        self.set_state(index, SocketState::Serving)?;
+        Ok(true)
+    }
+
     fn set_state(&mut self, index: u32, wanted: SocketState) -> Result<SocketState> {
         let was = self.listeners.listeners()[index as usize].state();
         if self.leaving == Some(index) {

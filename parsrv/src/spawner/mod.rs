@@ -27,6 +27,7 @@ mod group_status;
 mod members;
 mod record;
 mod reload;
+mod stalls;
 mod watchdog;
 
 use std::{cell::RefCell, collections::BTreeMap, net::SocketAddr, path::PathBuf, rc::Rc};
@@ -327,6 +328,7 @@ impl Spawner {
         };
         group.own_task(answering);
         group.own_task(tokio::task::spawn_local(watchdog::watch(group.clone())));
+        group.own_task(tokio::task::spawn_local(stalls::watch(group.clone())));
         if let Some(log) = group.take_program_log() {
             group.own_task(tokio::task::spawn_local(group::forward_program_log(log)));
         }

@@ -143,6 +143,11 @@ impl GroupSpec {
         std::time::Duration::from_secs_f64(self.grace)
     }
 
+    /// `--stall-after`, or `None` when stall detection is off.
+    pub fn stall_after(&self) -> Option<std::time::Duration> {
+        (self.stall_after > 0.0).then(|| std::time::Duration::from_secs_f64(self.stall_after))
+    }
+
     pub fn ready_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.ready_timeout)
     }

@@ -215,6 +215,12 @@ pub struct GroupSpec {
     /// Seconds a replacement handler may take to become ready in a restart.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub ready_timeout: f64,
+    /// Seconds a handler may take no connection from its non-empty queue before it counts
+    /// as stalled: its queue moves to the handlers that accept, and its socket takes new
+    /// connections only when the others are full, until it serves again. 0: never.
+    #[arg(long, default_value_t = DEFAULT_STALL_AFTER, value_name = "SECONDS")]
+    #[serde(default = "default_stall_after")]
+    pub stall_after: f64,
     /// Pass each handler its socket in non-blocking mode (O_NONBLOCK), as systemd's
     /// NonBlocking=yes does; by default it is blocking, as systemd passes it. Built-in
     /// handlers set the mode they need themselves.
@@ -234,6 +240,14 @@ pub struct GroupSpec {
     #[arg(last = true, value_name = "COMMAND")]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+}
+
+/// `--stall-after`'s default, chosen by measurement (docs/steering.md#stalled-handlers).
+pub const DEFAULT_STALL_AFTER: f64 = 0.1;
+
+/// A record written before `--stall-after` existed runs with the default.
+fn default_stall_after() -> f64 {
+    DEFAULT_STALL_AFTER
 }
 
 /// A user and group resolved from `--user`.

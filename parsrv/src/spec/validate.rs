@@ -123,6 +123,15 @@ impl GroupSpec {
                 problems.push(invalid(option, seconds, "must be 0 to 3600 seconds"));
             }
         }
+        if !(self.stall_after == 0.0
+            || (self.stall_after.is_finite() && (0.01..=3600.0).contains(&self.stall_after)))
+        {
+            problems.push(invalid(
+                "--stall-after",
+                self.stall_after,
+                "must be 0 (off) or 0.01 to 3600 seconds",
+            ));
+        }
         problems.extend(self.affinity_problems());
         let credentials = match self.credentials() {
             Ok(credentials) => credentials,

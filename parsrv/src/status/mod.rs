@@ -22,8 +22,9 @@ use crate::{
 
 /// Bumped on any incompatible change to the JSON. 2: the group's settings moved under
 /// `spec`, in the same form as everywhere else (`parsrv group show --json`, `group add`).
-/// 3: `sockets[].parked` became `sockets[].state`; `handlers[].ready`.
-pub const SCHEMA_VERSION: u32 = 3;
+/// 3: `sockets[].parked` became `sockets[].state`; `handlers[].ready`. 4: `sockets[].state`
+/// can be `demoted`; `sockets[].stalled`, `sockets[].moved_from_stall`.
+pub const SCHEMA_VERSION: u32 = 4;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupStatus {
@@ -138,10 +139,17 @@ pub struct SocketStatus {
     pub cookie: u64,
     /// Read with TCP_INFO when the status was taken; `None` if that failed.
     pub queue: Option<QueueDepth>,
-    /// Whether it takes its share of new connections, waits for its slot's next handler, or
-    /// is out of the group while the handler waits out a restart delay.
+    /// Whether it takes its share of new connections, waits for its slot's next handler, is
+    /// out of the group while the handler waits out a restart delay, or is demoted while its
+    /// handler is stalled.
     pub state: SocketState,
     pub counters: SlotCounters,
+    /// Times its handler was found stalled (`--stall-after`) and its socket demoted, and the
+    /// connections moved from its queue to the other sockets then (see [`crate::stall`]).
+    #[serde(default)]
+    pub stalled: u64,
+    #[serde(default)]
+    pub moved_from_stall: u64,
 }
 
 /// One client of `parsrv affinity`: its entry, and the handler its slot runs now.

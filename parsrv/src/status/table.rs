@@ -102,6 +102,15 @@ impl GroupStatus {
                     handler.slot
                 );
             }
+            if socket.state == SocketState::Demoted {
+                let _ = writeln!(
+                    out,
+                    "handler {}: stalled (took no connection from its queue for {} s); its queue \
+                     moved to the others ({} so far, {} stalls), and its socket takes new \
+                     connections only when the others are full until it serves again",
+                    handler.slot, self.spec.stall_after, socket.moved_from_stall, socket.stalled
+                );
+            }
             if let Some(wait) = handler.restart_in_ms {
                 let _ = writeln!(
                     out,

@@ -1,5 +1,5 @@
 //! One slot of a group: the handler process serving that slot's socket, kept running
-//! (restarted with backoff when it exits), replaced on request without a gap, and retired.
+//! (restarted at once when it exits after it was ready, with backoff when it crash-loops), replaced on request without a gap, and retired.
 //!
 //! Each slot has a task running [`supervise`]; the spawner talks to it through [`Slot`].
 
@@ -281,7 +281,7 @@ async fn supervise(
     mut adopted: Option<AdoptedHandler>,
 ) {
     let index = slot.index;
-    let mut backoff = Backoff::default();
+    let mut restarts = Restarts::default();
     let mut first = true;
     loop {
         // An adopted handler is taken charge of even if the group is stopping already
@@ -301,6 +301,9 @@ async fn supervise(
                 Running::start(&launcher, &slot).map(|running| (running, false))
             }
         };
+        // How long the handler ran and whether it became ready: a start that failed did
+        // neither.
+        let mut ran = (Duration::ZERO, false);
         match started {
             Err(e) => log::error!("handler {index}: cannot start: {e}"),
             Ok((mut running, mut ready)) => {
@@ -335,7 +338,7 @@ async fn supervise(
                             if *stop.borrow() {
                                 return;
                             }
-                            backoff.ran_for(running.started.elapsed());
+                            ran = (running.started.elapsed(), ready);
                             log::warn!("handler {index} (pid {}) {how}", running.pid);
                             break;
                         }
@@ -366,7 +369,7 @@ async fn supervise(
                 }
             }
         }
-        let delay = backoff.next();
+        let delay = restarts.after_exit(Instant::now(), ran.0, ran.1);
         // Started again at once, the successor serves the queue; until it is ready, new
         // connections go to the live handlers. A delayed one would leave the queue waiting:
         // it moves to the live handlers.
@@ -530,19 +533,50 @@ fn spawn_handler(launcher: &Launcher, slot: &Slot) -> io::Result<(tokio::process
     }
     Ok((command.spawn()?, output))
 }
-/// Restart delays for a handler that keeps exiting: immediate the first time (its queue is
-/// waiting), then doubling up to a cap, back to immediate after a stable run.
+/// When a slot's next handler starts, after one exited. A handler that became ready was
+/// serving: it is replaced at once, however often it is killed, so that a kill storm does
+/// not leave sockets without handlers while their queues wait. Backoff is for crash loops:
+/// handlers that exit before they are ready (systemd's start limits work the same way),
+/// and handlers that become ready but exit so often (more than [`Restarts::BURST`] in
+/// [`Restarts::BURST_WINDOW`]) that they would fork without pause.
 #[derive(Debug, Default)]
-struct Backoff {
+struct Restarts {
+    /// Exits in a row that counted as failures.
     failures: u32,
+    /// When the last ready handlers exited, oldest first (at most [`Restarts::BURST`]).
+    ready_exits: std::collections::VecDeque<Instant>,
 }
-impl Backoff {
+impl Restarts {
     const FIRST: Duration = Duration::from_millis(100);
     const CAP: Duration = Duration::from_secs(5);
-    /// A handler that ran this long is considered healthy again.
+    /// A handler that ran this long is considered healthy again, ready or not.
     const STABLE: Duration = Duration::from_secs(10);
+    /// Ready handlers restarted at once within [`Restarts::BURST_WINDOW`]; the next exit
+    /// in that window backs off. A kill every 200 ms among 4 handlers (the kill-storm test)
+    /// hits one slot at most a few times a second.
+    const BURST: usize = 10;
+    const BURST_WINDOW: Duration = Duration::from_secs(1);
 
-    fn next(&mut self) -> Duration {
+    /// The delay before the next start, for a handler that exited at `now` after running
+    /// for `ran` (`ready`: it had become ready), or that could not start at all.
+    fn after_exit(&mut self, now: Instant, ran: Duration, ready: bool) -> Duration {
+        if ran >= Self::STABLE {
+            self.failures = 0;
+        }
+        if ready {
+            while self
+                .ready_exits
+                .front()
+                .is_some_and(|at| now.saturating_duration_since(*at) >= Self::BURST_WINDOW)
+            {
+                self.ready_exits.pop_front();
+            }
+            if self.ready_exits.len() < Self::BURST {
+                self.ready_exits.push_back(now);
+                self.failures = 0;
+                return Duration::ZERO;
+            }
+        }
         let delay = match self.failures {
             0 => Duration::ZERO,
             n => Self::FIRST
@@ -552,30 +586,97 @@ impl Backoff {
         self.failures += 1;
         delay
     }
-
-    fn ran_for(&mut self, run: Duration) {
-        if run >= Self::STABLE {
-            self.failures = 0;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn crash_loop(restarts: &mut Restarts, now: Instant, exits: usize) -> Vec<Duration> {
+        (0..exits)
+            .map(|_| restarts.after_exit(now, Duration::from_millis(5), false))
+            .collect()
+    }
+
     #[test]
-    fn backoff_starts_immediate_doubles_caps_and_resets() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<_> = (0..10).map(|_| backoff.next()).collect();
+    fn handlers_that_die_before_ready_back_off_doubling_to_a_cap() {
+        let now = Instant::now();
+        let mut restarts = Restarts::default();
+        let delays = crash_loop(&mut restarts, now, 10);
         assert_eq!(delays[0], Duration::ZERO);
         assert_eq!(delays[1], Duration::from_millis(100));
         assert_eq!(delays[2], Duration::from_millis(200));
         assert_eq!(delays[3], Duration::from_millis(400));
-        assert_eq!(delays[9], Backoff::CAP);
-        backoff.ran_for(Duration::from_secs(1));
-        assert_eq!(backoff.next(), Backoff::CAP);
-        backoff.ran_for(Backoff::STABLE);
-        assert_eq!(backoff.next(), Duration::ZERO);
+        assert_eq!(delays[9], Restarts::CAP);
+        // A short run does not forgive; a stable one does.
+        assert_eq!(
+            restarts.after_exit(now, Duration::from_secs(1), false),
+            Restarts::CAP
+        );
+        assert_eq!(
+            restarts.after_exit(now, Restarts::STABLE, false),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn a_handler_that_was_ready_restarts_at_once_even_after_a_crash_loop() {
+        let now = Instant::now();
+        let mut restarts = Restarts::default();
+        crash_loop(&mut restarts, now, 6);
+        // Killed 0.3 s after it became ready: it served, so its successor starts at once,
+        // and a later crash before readiness starts the backoff over.
+        assert_eq!(
+            restarts.after_exit(now, Duration::from_millis(300), true),
+            Duration::ZERO
+        );
+        assert_eq!(
+            crash_loop(&mut restarts, now, 2),
+            [Duration::ZERO, Restarts::FIRST]
+        );
+    }
+
+    #[test]
+    fn a_kill_storm_never_delays_a_ready_handler() {
+        // One slot killed every 200 ms for 10 s, each time after it became ready.
+        let start = Instant::now();
+        let mut restarts = Restarts::default();
+        for kill in 0..50 {
+            let at = start + Duration::from_millis(200 * kill);
+            assert_eq!(
+                restarts.after_exit(at, Duration::from_millis(200), true),
+                Duration::ZERO,
+                "kill {kill}"
+            );
+        }
+    }
+
+    #[test]
+    fn ready_handlers_exiting_without_pause_back_off_after_a_burst() {
+        // Ready, then dead on its first request, in a loop: BURST restarts at once within
+        // the window, then backoff; once the window has passed, at once again.
+        let now = Instant::now();
+        let mut restarts = Restarts::default();
+        let at = |ms| now + Duration::from_millis(ms);
+        for exit in 0..Restarts::BURST as u64 {
+            assert_eq!(
+                restarts.after_exit(at(exit), Duration::from_millis(1), true),
+                Duration::ZERO
+            );
+        }
+        let burst = Restarts::BURST as u64;
+        assert_eq!(
+            restarts.after_exit(at(burst), Duration::from_millis(1), true),
+            Duration::ZERO,
+            "the first exit past the burst is a first failure"
+        );
+        assert_eq!(
+            restarts.after_exit(at(burst + 1), Duration::from_millis(1), true),
+            Restarts::FIRST
+        );
+        assert_eq!(
+            restarts.after_exit(at(1_000), Duration::from_millis(1), true),
+            Duration::ZERO
+        );
     }
 }

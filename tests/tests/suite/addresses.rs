@@ -54,6 +54,9 @@ fn two_handlers_each(name: &str, listen: &[&str; 2]) -> GroupBuilder {
         .handlers(4)
         .backlog(4)
         .no_autoscale()
+        // Stall detection off: stopped handlers are how these tests fill an address's
+        // queues (`stall` tests the two together).
+        .stall_after(0.0)
 }
 
 /// Stops the handlers of `slots` and fills their queues through `addr` (the other slots of

@@ -313,6 +313,8 @@ fn stall_the_busiest_handler(
         .handlers(4)
         .backlog(BACKLOG)
         .with(|s| s.affinity_when_full = when_full)
+        // Stall detection off: the stopped handler's full queue is the subject.
+        .stall_after(0.0)
         .start();
     let clients = v4_clients(40);
     let home: BTreeMap<IpAddr, u32> = clients
@@ -518,6 +520,9 @@ fn resizing_down_re_decides_the_removed_slots_clients_and_migrates_queued_ones_w
             .handlers_between(2, 4)
             .no_autoscale()
             .grace(1.0)
+            // Stall detection off: a stopped handler holds the queued connection that the
+            // resize must migrate.
+            .stall_after(0.0)
             .start();
         let (code, _, stderr) = Spawner::parsrv(&["group", "resize", name, "4"]);
         assert_eq!(code, 0, "{stderr}");

@@ -27,6 +27,8 @@ listen = "127.0.0.1:8080"
 handler = "http"
 handlers = 4
 backlog = 8
+# A stopped handler is how the test fills a queue: stall detection would move it.
+stall_after = 0
 
 [[group]]
 name = "cfg-beta"

@@ -1,16 +1,22 @@
-//! Handlers SIGKILLed at random, every 200 ms, under a steady load: the only requests lost
-//! are those a killed process had already accepted. A handler that keeps dying is started
-//! again after a delay, and meanwhile its socket is out of the group (its queue moved to
-//! the live handlers, no new connection sent to it), so nothing waits for a dead handler.
+//! Handlers SIGKILLed at random, every 200 ms, under a steady load and under an open-loop one:
+//! the only requests lost are those a killed process had already accepted. A handler that
+//! was ready is started again at once, however often it is killed; one that keeps dying
+//! before it is ready is started again after a delay, and meanwhile its socket is out of
+//! the group (its queue moved to the live handlers, no new connection sent to it), so
+//! nothing waits for a dead handler.
 //!
 //! The accounting uses the handlers' own counters: every connection a handler accepted is
 //! counted in its slot's shared page (which the next process of the slot keeps counting
 //! in), so `accepted - answered` is what died with a killed process. Every failed request
 //! must be one of those.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use parsrv_integration_tests::{group, kill_loop, privileged, HandlerKind, Needs};
+use parsrv::listeners::SocketState;
+use parsrv_integration_tests::{
+    addr, example, group, kill_loop, privileged, wait_for, HandlerKind, KillLoad, Needs, Outcome,
+    SteadyLoad,
+};
 
 const KILLS: usize = 25;
 
@@ -22,10 +28,14 @@ fn a_kill_loop_loses_only_what_killed_handlers_had_accepted() {
             .handlers(4)
             .threads(2)
             .start();
-        let run = kill_loop(&spawner, KILLS, Duration::from_millis(200), 8);
+        let run = kill_loop(
+            &spawner,
+            KILLS,
+            Duration::from_millis(200),
+            KillLoad::Steady { clients: 8 },
+        );
         eprintln!("{run:?}");
         assert!(run.kills >= KILLS * 3 / 4, "only {} kills", run.kills);
-        assert!(run.waiting > 0, "the loop never made a restart wait");
         assert_eq!(
             (run.waiting_in_the_group, run.sent_while_not_serving),
             (0, 0),
@@ -53,6 +63,112 @@ fn a_kill_loop_loses_only_what_killed_handlers_had_accepted() {
             "{run:?}\nprogram fail-open errors: {errors:?}"
         );
         assert_eq!(errors.total(), 0, "the program failed open: {errors:?}");
+        assert!(spawner.stop().success());
+    });
+}
+
+/// The kill storm of issue 30: before, each slot's backoff grew to 1.6-3.2 s under it, most
+/// sockets waited for a handler at once, and the program dropped about 900 SYNs as "all
+/// full" (ListenOverflows +942, 66-100 of 2,000 connections timed out). Ready handlers now
+/// restart at once.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_kill_storm_under_open_loop_load_loses_only_what_killed_handlers_had_accepted() {
+    privileged(Needs::program(), || {
+        let spawner = group("test-kill-storm", HandlerKind::Http)
+            .handlers(4)
+            .threads(2)
+            .backlog(64)
+            .start();
+        let kills = 50;
+        let run = kill_loop(
+            &spawner,
+            kills,
+            Duration::from_millis(200),
+            KillLoad::Open { per_second: 200 },
+        );
+        eprintln!("{run:?}");
+        assert!(run.kills >= kills * 3 / 4, "only {} kills", run.kills);
+        assert_eq!(run.requests, 2_000);
+        assert!(
+            run.failed >= run.lost_in_flight
+                && run.failed - run.lost_in_flight <= 2 * run.kills as u64,
+            "a request failed that no killed handler had accepted: {run:?}\n{}",
+            spawner.log()
+        );
+        assert_eq!(run.never_connected, 0, "{run:?}\n{}", spawner.log());
+        assert_eq!(
+            (run.kernel.migrate_req_failure, run.kernel.listen_overflows),
+            (0, 0),
+            "{run:?}"
+        );
+        let status = spawner.status();
+        let dropped: u64 = status.sockets.iter().map(|s| s.counters.dropped).sum();
+        assert_eq!(dropped, 0, "the program saw every queue full: {status:?}");
+        assert!(spawner.stop().success());
+    });
+}
+
+/// The crash loop's side of the same rule: a slot whose handler dies before it is ready
+/// waits out a growing delay, with its socket out of the group, while the other slots serve
+/// every request.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_slot_crash_looping_before_ready_is_out_of_the_group_while_it_waits() {
+    privileged(Needs::program(), || {
+        let server = example("blocking_handler");
+        let script = format!(
+            "if [ \"$PARSRV_SLOT\" = 1 ]; then sleep 0.2; exit 3; fi; exec {}",
+            server.display()
+        );
+        let spawner = group("test-crash-slot", HandlerKind::Exec)
+            .handlers(3)
+            .command(&["sh", "-c", &script])
+            .start();
+        // Slots 0 and 2 serve (an exec handler counts as ready after a second).
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                let handlers = spawner.status().handlers;
+                handlers[0].ready && handlers[2].ready
+            }),
+            "{}",
+            spawner.log()
+        );
+        let load = SteadyLoad::start(addr(), 4, Duration::from_secs(10), Duration::from_secs(3));
+        let mut parked_looks = 0;
+        let mut sent_while_parked = 0;
+        let mut previous = spawner.status();
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+            let status = spawner.status();
+            let (socket, handler) = (&status.sockets[1], &status.handlers[1]);
+            let (was_socket, was_handler) = (&previous.sockets[1], &previous.handlers[1]);
+            if socket.state == SocketState::Parked && handler.restart_in_ms.is_some() {
+                parked_looks += 1;
+                if was_socket.state == SocketState::Parked
+                    && (was_handler.restarts, was_handler.pid) == (handler.restarts, handler.pid)
+                {
+                    sent_while_parked += socket.counters.selected - was_socket.counters.selected;
+                }
+            }
+            previous = status;
+        }
+        let outcomes = load.finish();
+        let failed = outcomes.iter().filter(|o| **o != Outcome::Ok).count();
+        let status = spawner.status();
+        eprintln!(
+            "{} requests, {failed} failed; slot 1: {} restarts, parked at {parked_looks} looks",
+            outcomes.len(),
+            status.handlers[1].restarts
+        );
+        assert!(
+            parked_looks > 0,
+            "slot 1 was never seen waiting out of the group"
+        );
+        assert_eq!(sent_while_parked, 0);
+        assert_eq!(failed, 0, "{outcomes:?}\n{}", spawner.log());
+        assert!(spawner.log().contains("keeps exiting: next start in"));
         assert!(spawner.stop().success());
     });
 }

@@ -19,6 +19,9 @@ fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
         let spawner = group("test-respawn", HandlerKind::Http)
             .handlers(2)
             .backlog(16)
+            // Stall detection off: a stopped handler is how this test holds connections in
+            // a queue, and it would move them.
+            .stall_after(0.0)
             .start();
         let old = spawner.handler_pid(0);
         stop_process(old);
@@ -66,6 +69,9 @@ fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
         let spawner = group("test-status", HandlerKind::Echo)
             .handlers(3)
             .backlog(8)
+            // Stall detection off: a stopped handler is how this test holds connections in
+            // a queue, and it would move them.
+            .stall_after(0.0)
             .start();
         let pids: Vec<u32> = (0..3).map(|slot| spawner.handler_pid(slot)).collect();
         for &pid in &pids {
@@ -293,6 +299,8 @@ fn a_handshake_in_flight_when_its_handler_dies_completes_for_the_next_handler() 
         let spawner = group("test-in-flight", HandlerKind::Exec)
             .handlers(2)
             .backlog(8)
+            // Stall detection off: the stopped handler's queue is the subject.
+            .stall_after(0.0)
             .command(&["/bin/sh", "-c", &handler])
             .start_answering();
         assert!(spawner.wait_until_ready(Duration::from_secs(10)));

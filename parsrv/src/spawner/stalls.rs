@@ -1,0 +1,218 @@
+//! Stall detection's adapter: looks at every slot (its queue, its program counters, its
+//! handler), feeds [`crate::stall`], and carries out its decisions on the group's sockets
+//! ([`Members::demote_stalled`], [`Members::promote`]).
+//!
+//! It looks every `stall::look_every(--stall-after)` while some queue holds a connection
+//! that another serving handler could take, and every [`IDLE_LOOK`] otherwise, so that an
+//! idle spawner stays (almost) asleep: a stall that starts from idle is seen within
+//! `IDLE_LOOK + --stall-after`.
+
+use std::{
+    rc::Rc,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use super::{group::RunningGroup, members::Members};
+use crate::{
+    listeners::SocketState,
+    spec::HandlerKind,
+    stall::{self, Decision, Look, SlotStall},
+    supervisor::process_stopped,
+};
+
+/// How often the slots are looked at while no queue waits (or no other handler could take
+/// a queue).
+const IDLE_LOOK: Duration = Duration::from_millis(500);
+
+/// Per slot: times stalled, and connections moved from its queue then.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct StallCounts {
+    pub stalled: u64,
+    pub moved: u64,
+}
+
+/// Watches the group's slots for stalls until the group stops (not at all with
+/// `--stall-after 0`).
+pub(super) async fn watch(group: Rc<RunningGroup>) {
+    let Some(after) = group.spec.stall_after() else {
+        return;
+    };
+    let busy_look = stall::look_every(after);
+    let mut detectors: Vec<SlotStall> = Vec::new();
+    loop {
+        let busy = {
+            // A membership change (resize, restart) in progress: look next time.
+            let Ok(_changing) = group.membership.try_lock() else {
+                tokio::time::sleep(busy_look).await;
+                continue;
+            };
+            look(&group, &mut detectors, after)
+        };
+        tokio::time::sleep(if busy { busy_look } else { IDLE_LOOK }).await;
+    }
+}
+
+/// One look at every slot, and what follows from it; says whether a queue waits that another
+/// handler could take (then the next look comes soon).
+fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -> bool {
+    let now = Instant::now();
+    let decisions = {
+        let members = group.members.borrow();
+        detectors.resize_with(members.len() as usize, SlotStall::default);
+        let serving = serving_slots(&members);
+        // Who could take a queue, as of the last look.
+        let takers: Vec<u32> = serving
+            .iter()
+            .copied()
+            .filter(|s| detectors[*s as usize].takes_connections())
+            .collect();
+        // Built-in handlers accept once ready; an exec'd server that sent READY=1 says so.
+        let vouched = group.spec.handler != HandlerKind::Exec || group.spec.notify;
+        let looks = match looks(group, &members) {
+            Ok(looks) => looks,
+            Err(e) => {
+                log::error!("group {}: stall detection: {e}", group.spec.name);
+                return false;
+            }
+        };
+        let mut busy = false;
+        let decisions: Vec<(u32, Decision, Look)> = (0u32..)
+            .zip(detectors.iter_mut())
+            .zip(looks)
+            .map(|((slot, detector), (state, look))| {
+                let decision = match state {
+                    Some(SocketState::Serving) if serving.contains(&slot) => {
+                        if vouched {
+                            detector.vouch();
+                        }
+                        // A stall matters only where another handler could take the queue.
+                        let others_take = takers.iter().any(|s| *s != slot);
+                        busy |= look.queue > 0 && serving.len() > 1;
+                        detector.serving(now, look, after, others_take)
+                    }
+                    Some(SocketState::Demoted) => {
+                        busy = true;
+                        detector.demoted(now, look)
+                    }
+                    _ => {
+                        detector.not_watched();
+                        Decision::Keep
+                    }
+                };
+                (slot, decision, look)
+            })
+            .collect();
+        if decisions.iter().all(|(_, d, _)| *d == Decision::Keep) {
+            return busy;
+        }
+        decisions
+    };
+    for (slot, decision, look) in decisions {
+        match decision {
+            Decision::Keep => {}
+            Decision::Demote => demote(group, slot, look, after),
+            Decision::Promote | Decision::Retry => {
+                promote(group, slot, decision, &mut detectors[slot as usize])
+            }
+        }
+    }
+    true
+}
+
+/// The slots whose socket serves and whose handler is ready.
+fn serving_slots(members: &Members) -> Vec<u32> {
+    members
+        .pairs()
+        .filter(|(slot, listener)| {
+            slot.state.borrow().ready && listener.state() == SocketState::Serving
+        })
+        .map(|(slot, _)| slot.index)
+        .collect()
+}
+
+/// Each slot's socket state (`None` without a handler process) and a look at it.
+fn looks(
+    group: &RunningGroup,
+    members: &Members,
+) -> crate::Result<Vec<(Option<SocketState>, Look)>> {
+    let queues: Vec<u32> = members
+        .listeners()
+        .iter()
+        .map(|l| l.queue().map_or(0, |q| q.depth))
+        .collect();
+    // The program's counters only when some queue holds a connection: a look at an idle
+    // group costs one getsockopt per socket.
+    let arrivals: Vec<u64> = if queues.iter().any(|q| *q > 0)
+        || members
+            .listeners()
+            .iter()
+            .any(|l| l.state() == SocketState::Demoted)
+    {
+        members
+            .steering()
+            .slot_counters(members.len())?
+            .iter()
+            .map(|c| c.selected + c.migrated_in)
+            .collect()
+    } else {
+        vec![0; queues.len()]
+    };
+    let built_in = group.spec.handler != HandlerKind::Exec;
+    Ok(members
+        .pairs()
+        .zip(queues.into_iter().zip(arrivals))
+        .map(|((slot, listener), (queue, arrivals))| {
+            let pid = slot.state.borrow().pid;
+            let look = Look {
+                queue,
+                arrivals,
+                accepted: built_in.then(|| slot.stats.stats().accepted.load(Ordering::Relaxed)),
+                stopped: pid.is_some_and(process_stopped),
+            };
+            (pid.map(|_| listener.state()), look)
+        })
+        .collect())
+}
+
+fn demote(group: &RunningGroup, slot: u32, look: Look, after: Duration) {
+    let pid = group.members.borrow().slots()[slot as usize]
+        .state
+        .borrow()
+        .pid;
+    let moved = group.members.borrow_mut().demote_stalled(slot);
+    match moved {
+        Ok(moved) => {
+            {
+                let mut counts = group.stalls.borrow_mut();
+                if counts.len() <= slot as usize {
+                    counts.resize(slot as usize + 1, StallCounts::default());
+                }
+                counts[slot as usize].stalled += 1;
+                counts[slot as usize].moved += moved;
+            }
+            log::warn!(
+                "handler {slot} (pid {}) took no connection from its queue in {after:?}{}: \
+                 moved {moved} queued connections to the other handlers; its socket takes \
+                 new connections only when the others are full until it serves again",
+                pid.map_or("-".to_owned(), |p| p.to_string()),
+                if look.stopped { " (it is stopped)" } else { "" },
+            );
+        }
+        Err(e) => log::error!("handler {slot}: cannot move the queue of its stalled socket: {e}"),
+    }
+}
+
+fn promote(group: &RunningGroup, slot: u32, decision: Decision, detector: &mut SlotStall) {
+    let promoted = group.members.borrow_mut().promote(slot);
+    match promoted {
+        Ok(true) if decision == Decision::Retry => {
+            log::info!("handler {slot}: tried again after its stall: its socket takes its share")
+        }
+        Ok(true) => {
+            log::info!("handler {slot}: serves again after its stall: its socket takes its share")
+        }
+        Ok(false) => detector.not_watched(),
+        Err(e) => log::error!("handler {slot}: cannot put its socket back after a stall: {e}"),
+    }
+}
