@@ -37,6 +37,9 @@ pub enum Model {
     ParsrvTwoChoices,
     /// `redirect` with `--affinity client` (not in [`Model::ALL`]: the `affinity` scenario's).
     ParsrvAffinity,
+    /// `redirect` with `--stall-after 0`, parsrv before stall detection (not in
+    /// [`Model::ALL`]: the `stall` scenario's control).
+    ParsrvNoStallDetection,
 }
 
 impl Model {
@@ -58,6 +61,7 @@ impl Model {
             Model::ParsrvLeastLoaded => "parsrv least-loaded",
             Model::ParsrvTwoChoices => "parsrv two-choices",
             Model::ParsrvAffinity => "parsrv affinity client",
+            Model::ParsrvNoStallDetection => "parsrv redirect, no stall detection",
         }
     }
 }
@@ -88,7 +92,8 @@ impl Served {
             Model::ParsrvRedirect
             | Model::ParsrvLeastLoaded
             | Model::ParsrvTwoChoices
-            | Model::ParsrvAffinity => {
+            | Model::ParsrvAffinity
+            | Model::ParsrvNoStallDetection => {
                 let policy = match model {
                     Model::ParsrvLeastLoaded => Policy::LeastLoaded,
                     Model::ParsrvTwoChoices => Policy::TwoChoices,
@@ -104,6 +109,9 @@ impl Served {
                     .with(|s| {
                         if model == Model::ParsrvAffinity {
                             s.affinity = parsrv_integration_tests::Affinity::Client;
+                        }
+                        if model == Model::ParsrvNoStallDetection {
+                            s.stall_after = 0.0;
                         }
                     })
                     .start();

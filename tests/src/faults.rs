@@ -60,6 +60,13 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
             timeout,
         )),
     };
+    // What the handlers had accepted before (the test's own requests, a calibration).
+    let accepted_before: u64 = spawner
+        .status()
+        .handlers
+        .iter()
+        .filter_map(|h| h.accepted)
+        .sum();
     // A fixed sequence of victims (xorshift), so that runs compare.
     let mut state: u32 = 0x2545_f491;
     let counters_before = crate::NetCounters::read();
@@ -141,7 +148,7 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
     let answered = outcomes.iter().filter(|o| **o == Outcome::Ok).count() as u64;
     result.requests = outcomes.len() as u64;
     result.failed = result.requests - answered;
-    result.lost_in_flight = accepted - answered;
+    result.lost_in_flight = accepted - accepted_before - answered;
     result.never_connected = outcomes
         .iter()
         .filter(|o| matches!(o, Outcome::ConnectTimeout | Outcome::Refused))

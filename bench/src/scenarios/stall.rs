@@ -26,6 +26,7 @@ pub fn stall(report: &mut Report, quick: bool) {
         Model::Listener,
         Model::Shared,
         Model::Reuseport,
+        Model::ParsrvNoStallDetection,
         Model::ParsrvRedirect,
     ] {
         let (outcome, _, kernel) =
@@ -77,6 +78,13 @@ pub fn stall(report: &mut Report, quick: bool) {
             ratio_line("parsrv p99 / its own uniform p99", p99 / uniform.ms(0.99), 2.0, false),
         ),
         "A stalled `listener` worker keeps receiving its round-robin share, and those requests wait; a stalled `shared` worker simply stops taking from the one queue.".into(),
+        format!(
+            "Stall detection (`--stall-after`, default 0.1 s): p99 {:.1} ms with it, {:.1} ms without (the stopped worker's queue waits for it); failures {} and {}.",
+            p99,
+            results["parsrv redirect, no stall detection"].2,
+            failures,
+            results["parsrv redirect, no stall detection"].0,
+        ),
     ];
     report.table(
         &Table {

@@ -141,23 +141,14 @@ fn looks(
         .iter()
         .map(|l| l.queue().map_or(0, |q| q.depth))
         .collect();
-    // The program's counters only when some queue holds a connection: a look at an idle
-    // group costs one getsockopt per socket.
-    let arrivals: Vec<u64> = if queues.iter().any(|q| *q > 0)
-        || members
-            .listeners()
-            .iter()
-            .any(|l| l.state() == SocketState::Demoted)
-    {
-        members
-            .steering()
-            .slot_counters(members.len())?
-            .iter()
-            .map(|c| c.selected + c.migrated_in)
-            .collect()
-    } else {
-        vec![0; queues.len()]
-    };
+    // Read at every look, idle ones too: a handler shows that it accepts (and may take a
+    // stalled queue) by what it took between two looks, busy or not.
+    let arrivals: Vec<u64> = members
+        .steering()
+        .slot_counters(members.len())?
+        .iter()
+        .map(|c| c.selected + c.migrated_in)
+        .collect();
     let built_in = group.spec.handler != HandlerKind::Exec;
     Ok(members
         .pairs()
@@ -175,11 +166,15 @@ fn looks(
         .collect())
 }
 
-fn demote(group: &RunningGroup, slot: u32, look: Look, after: Duration) {
-    let pid = group.members.borrow().slots()[slot as usize]
+fn pid_of(group: &RunningGroup, slot: u32) -> Option<u32> {
+    group.members.borrow().slots()[slot as usize]
         .state
         .borrow()
-        .pid;
+        .pid
+}
+
+fn demote(group: &RunningGroup, slot: u32, look: Look, after: Duration) {
+    let pid = pid_of(group, slot);
     let moved = group.members.borrow_mut().demote_stalled(slot);
     match moved {
         Ok(moved) => {

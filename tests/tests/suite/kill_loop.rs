@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use parsrv::listeners::SocketState;
 use parsrv_integration_tests::{
-    addr, example, group, kill_loop, privileged, wait_for, HandlerKind, KillLoad, Needs, Outcome,
-    SteadyLoad,
+    addr, example, group, http_load, kill_loop, privileged, wait_for, HandlerKind, KillLoad, Needs,
+    Outcome, SteadyLoad,
 };
 
 const KILLS: usize = 25;
@@ -80,16 +80,25 @@ fn a_kill_storm_under_open_loop_load_loses_only_what_killed_handlers_had_accepte
             .threads(2)
             .backlog(64)
             .start();
+        // An open loop does not slow down with the machine: at the 200 connections/s
+        // an emulated CPU is overloaded before any kill (queues full, handshakes timing
+        // out). So the rate is a quarter of what this group serves here, measured first,
+        // at most 200/s: the kills, not the load, are what is tested.
+        let started = Instant::now();
+        let calibration = http_load(addr(), 8, 25, Duration::from_secs(3));
+        assert_eq!(calibration.failures(), 0, "{:?}", calibration.outcomes);
+        let capacity = 200.0 / started.elapsed().as_secs_f64();
+        let per_second = ((capacity / 4.0) as u32).clamp(10, 200);
         let kills = 50;
         let run = kill_loop(
             &spawner,
             kills,
             Duration::from_millis(200),
-            KillLoad::Open { per_second: 200 },
+            KillLoad::Open { per_second },
         );
-        eprintln!("{run:?}");
+        eprintln!("{capacity:.0} requests/s closed-loop, the storm at {per_second}/s: {run:?}");
         assert!(run.kills >= kills * 3 / 4, "only {} kills", run.kills);
-        assert_eq!(run.requests, 2_000);
+        assert_eq!(run.requests, per_second as u64 * 10);
         assert!(
             run.failed >= run.lost_in_flight
                 && run.failed - run.lost_in_flight <= 2 * run.kills as u64,
