@@ -89,6 +89,14 @@ pub const QUEUE_ALERTS_BYTES: u32 = 8192;
 /// inherits it until its first packet overwrites it.
 pub const NO_HANDLER_MARK: i32 = -2;
 
+/// The `SO_INCOMING_CPU` of a socket whose ready handler is to take connections only when
+/// every other socket is full: a spare (`--spare`), or a stalled handler's demoted socket.
+/// The program ranks it below every unmarked socket with room, but unlike
+/// [`NO_HANDLER_MARK`] it keeps its real room by the kernel's test: when every unmarked
+/// socket is full, it takes the connection (its handler serves it at once) rather than
+/// the SYN being dropped.
+pub const LAST_RESORT_MARK: i32 = -3;
+
 /// Where a new connection goes while some socket has room.
 pub mod policy {
     /// Keep the kernel's hash choice when that socket has room, else the socket with most room.

@@ -17,7 +17,9 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::SkReuseportContext,
 };
-use parsrv_common::reuseport::{FailOpen, KernelOffsets, MAX_SOCKETS, NO_HANDLER_MARK};
+use parsrv_common::reuseport::{
+    FailOpen, KernelOffsets, LAST_RESORT_MARK, MAX_SOCKETS, NO_HANDLER_MARK,
+};
 
 // scan_step masks indices with MAX_SOCKETS - 1.
 const _: () = assert!(MAX_SOCKETS.is_power_of_two());
@@ -121,10 +123,18 @@ pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, 
     } else {
         max as i64
     };
+    // A spare or a stalled handler's socket: its room is ranked below every unmarked
+    // socket's, its free places by the kernel's test stay real, so it is chosen when every
+    // unmarked socket is full (`decide` then takes the most free one).
+    let last_resort = if incoming_cpu == LAST_RESORT_MARK {
+        1 << 40
+    } else {
+        0
+    };
     Ok(Listener {
         addr,
         index,
-        room: limit + 1 - established as i64 - pending as i64,
+        room: limit + 1 - established as i64 - pending as i64 - last_resort,
         free: limit + 1 - established as i64,
         kernel_full: established > max,
         limit,

@@ -11,7 +11,7 @@ use std::{
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use parsrv_common::reuseport::NO_HANDLER_MARK;
+use parsrv_common::reuseport::{LAST_RESORT_MARK, NO_HANDLER_MARK};
 
 use crate::{
     error::{Error, Result},
@@ -33,11 +33,14 @@ pub enum SocketState {
     /// Out of the group (shut down) while its handler waits out a restart delay: its queue
     /// moved to the other sockets.
     Parked,
-    /// In the group, marked as `AwaitingHandler` is, while its handler is stalled: it took
-    /// no connection from its queue for `--stall-after`, so the queue was moved to the other
+    /// In the group, marked (`LAST_RESORT_MARK`) while its handler is stalled: it took no
+    /// connection from its queue for `--stall-after`, so the queue was moved to the other
     /// sockets (by a shutdown and a listen() again, which the handler does not see) and the
-    /// socket takes new connections only when no other has room (see [`crate::stall`]).
+    /// socket takes new connections only when every other is full (see [`crate::stall`]).
     Demoted,
+    /// In the group, marked (`LAST_RESORT_MARK`), with a ready handler: a spare
+    /// (`--spare`), which takes new connections only when every other socket is full.
+    Spare,
 }
 
 /// One listening socket of the group.
@@ -172,8 +175,12 @@ impl Listeners {
                     let (listen, entry) = listeners.next_addr();
                     let mut listener = Listener::of(socket, listen, entry)?;
                     // A socket whose handler was not ready when the last spawner went.
-                    if kernel::incoming_cpu(listener.as_fd()).ok() == Some(NO_HANDLER_MARK) {
-                        listener.state = SocketState::AwaitingHandler;
+                    match kernel::incoming_cpu(listener.as_fd()).ok() {
+                        Some(NO_HANDLER_MARK) => listener.state = SocketState::AwaitingHandler,
+                        // A spare or a demoted socket: its handler's readiness (or the
+                        // next look for stalls) says which it is now.
+                        Some(LAST_RESORT_MARK) => listener.state = SocketState::Demoted,
+                        _ => {}
                     }
                     listeners.listeners.push(listener);
                 }
@@ -312,9 +319,14 @@ impl Listeners {
                         listen,
                     ))?
             }
-            SocketState::AwaitingHandler | SocketState::Demoted => {
+            SocketState::AwaitingHandler | SocketState::Demoted | SocketState::Spare => {
                 // Marked before it rejoins the group, so that it never looks served.
-                kernel::set_incoming_cpu(listener.as_fd(), NO_HANDLER_MARK)
+                let mark = if wanted == SocketState::AwaitingHandler {
+                    NO_HANDLER_MARK
+                } else {
+                    LAST_RESORT_MARK
+                };
+                kernel::set_incoming_cpu(listener.as_fd(), mark)
                     .map_err(socket_error("mark (no handler) the socket on", listen))?;
                 if was == SocketState::Parked {
                     listener

@@ -206,6 +206,9 @@ impl Running {
                         if how == Sticky::ParsrvAffinity {
                             s.affinity = Affinity::Client
                         }
+                        // The scenario stops worker 0 to fill its queue and measures what
+                        // its clients meet then: stall detection would move the queue.
+                        s.stall_after = 0.0;
                     })
                     .start();
                 // Exec handlers count as ready after a second.

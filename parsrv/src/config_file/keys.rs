@@ -101,6 +101,7 @@ handler = "http"
         (spec.cpus, spec.user) = (spec::CpuList(vec![0]), Some("root".into()));
         spec.command = vec!["true".into()];
         spec.env = vec!["A=1".parse().unwrap()];
+        spec.spare = 1;
         let keys: Vec<String> = match toml::Value::try_from(&spec).unwrap() {
             toml::Value::Table(table) => table.keys().cloned().collect(),
             other => panic!("{other:?}"),

@@ -183,7 +183,7 @@ enum Accepted {
     Connection(std::net::TcpStream),
     /// Nothing to take now: another thread was first (counted), or the client gave up.
     Nothing,
-    /// The socket no longer listens (the spawner shut it down).
+    /// The socket no longer listens (the spawner shut it down for good).
     Closed,
 }
 
@@ -208,7 +208,17 @@ fn accept_counted(listener: &OwnedFd, counters: &HandlerStats) -> Accepted {
         {
             Accepted::Nothing
         }
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Accepted::Closed,
+        // The socket does not listen: the spawner removed the slot for good, or it shut
+        // the socket down and listened again at once to move a stalled queue
+        // (spawner/stalls.rs), and this accept() fell between the two. A moment later
+        // the second listens again.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            std::thread::sleep(Duration::from_millis(10));
+            match crate::kernel::tcp_state(listener.as_fd()) {
+                Ok(crate::kernel::TCP_LISTEN) => Accepted::Nothing,
+                _ => Accepted::Closed,
+            }
+        }
         Err(e) => {
             // EMFILE and friends: back off instead of spinning on a readable socket.
             log::error!("accept failed: {e}");

@@ -173,8 +173,11 @@ impl RunningGroup {
                     .iter()
                     .try_for_each(crate::listeners::ensure_local)?;
                 crate::listeners::ensure_range_free(&spec.listen)?;
-                let listeners =
-                    Listeners::bind(&spec.slot_pattern(), spec.handlers.min, spec.backlog)?;
+                let listeners = Listeners::bind(
+                    &spec.slot_pattern(),
+                    spec.handlers.min + spec.spare,
+                    spec.backlog,
+                )?;
                 let steering = Steering::load(
                     config,
                     spec.dispatch_table_size(),
@@ -361,8 +364,10 @@ impl RunningGroup {
         self.members.borrow_mut().steering_mut().take_alerts()
     }
 
+    /// The group's size: its slots but the spares (`--spare`), which the autoscaler and
+    /// `parsrv group resize` count.
     pub fn handlers(&self) -> u32 {
-        self.members.borrow().len()
+        self.members.borrow().active()
     }
 
     /// Counts an autoscaler decision for `status`.
@@ -414,12 +419,18 @@ impl RunningGroup {
     }
 
     /// Grows or shrinks the group to `target` handlers; the caller holds `membership`.
+    /// With spares, a step up adds a spare at the top and the lowest spare serves at once
+    /// (its handler is ready); a step down removes the top spare and the highest serving
+    /// slot becomes a spare.
     pub async fn resize_to(&self, target: u32) -> Result<()> {
         while self.handlers() < target {
-            self.members.borrow_mut().add()?;
+            let mut members = self.members.borrow_mut();
+            members.add()?;
+            members.spares_follow()?;
         }
         while self.handlers() > target {
             self.remove_top_slot().await?;
+            self.members.borrow_mut().spares_follow()?;
         }
         self.resized.notify_waiters();
         self.save_record()

@@ -103,6 +103,32 @@ impl Members {
         self.slots.len() as u32
     }
 
+    /// The slots but the spares: the group's size.
+    pub fn active(&self) -> u32 {
+        self.len().saturating_sub(self.launcher.spec.spare)
+    }
+
+    /// Whether slot `index` is a spare: the top `--spare` slots are.
+    fn is_spare(&self, index: u32) -> bool {
+        index + self.launcher.spec.spare >= self.listeners.listeners().len() as u32
+    }
+
+    /// After a slot was added or removed at the top: the slot that left the spares' range
+    /// serves, the one that entered it becomes a spare (each once its handler is ready).
+    pub fn spares_follow(&mut self) -> Result<()> {
+        for index in 0..self.len() {
+            let ready = self.slots[index as usize].state.borrow().ready;
+            let state = self.listeners.listeners()[index as usize].state();
+            let wanted = match (self.is_spare(index), state) {
+                (false, SocketState::Spare) => SocketState::Serving,
+                (true, SocketState::Serving) if ready => SocketState::Spare,
+                _ => continue,
+            };
+            self.set_state(index, wanted)?;
+        }
+        Ok(())
+    }
+
     pub fn slots(&self) -> &[Rc<Slot>] {
         &self.slots
     }
@@ -158,7 +184,7 @@ impl Members {
             slot.index != index
                 && Some(slot.index) != self.leaving
                 && slot.state.borrow().ready
-                && listener.state() == SocketState::Serving
+                && matches!(listener.state(), SocketState::Serving | SocketState::Spare)
         })
     }
 
@@ -179,7 +205,12 @@ impl Members {
     /// best place then); now there is one to leave new connections to, and they step back
     /// as [`Members::handler_gone`] would have had them.
     pub fn handler_ready(&mut self, index: u32) -> Result<SocketState> {
-        let state = self.set_state(index, SocketState::Serving)?;
+        let ready = if self.is_spare(index) {
+            SocketState::Spare
+        } else {
+            SocketState::Serving
+        };
+        let state = self.set_state(index, ready)?;
         let now = std::time::Instant::now();
         let handlerless: Vec<(u32, bool)> = self
             .pairs()

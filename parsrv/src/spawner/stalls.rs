@@ -61,14 +61,6 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
         let members = group.members.borrow();
         detectors.resize_with(members.len() as usize, SlotStall::default);
         let serving = serving_slots(&members);
-        // Who could take a queue, as of the last look.
-        let takers: Vec<u32> = serving
-            .iter()
-            .copied()
-            .filter(|s| detectors[*s as usize].takes_connections())
-            .collect();
-        // Built-in handlers accept once ready; an exec'd server that sent READY=1 says so.
-        let vouched = group.spec.handler != HandlerKind::Exec || group.spec.notify;
         let looks = match looks(group, &members) {
             Ok(looks) => looks,
             Err(e) => {
@@ -76,18 +68,36 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
                 return false;
             }
         };
+        // Who could take a queue (as of the last look), and the room each has now: a queue
+        // moves only where it fits. In a group whose every queue is full, moving one would
+        // overfill the others (the kernel's migration does not check room), and SYNs would
+        // be dropped until they drain: seen in an emulated VM, where busy handlers that wait
+        // for the CPU look stalled.
+        let takers: Vec<(u32, u64)> = serving
+            .iter()
+            .copied()
+            .filter(|s| detectors[*s as usize].takes_connections())
+            .map(|s| (s, looks[s as usize].2))
+            .collect();
+        // Built-in handlers accept once ready; an exec'd server that sent READY=1 says so.
+        let vouched = group.spec.handler != HandlerKind::Exec || group.spec.notify;
         let mut busy = false;
         let decisions: Vec<(u32, Decision, Look)> = (0u32..)
             .zip(detectors.iter_mut())
             .zip(looks)
-            .map(|((slot, detector), (state, look))| {
+            .map(|((slot, detector), (state, look, _))| {
                 let decision = match state {
                     Some(SocketState::Serving) if serving.contains(&slot) => {
                         if vouched {
                             detector.vouch();
                         }
-                        // A stall matters only where another handler could take the queue.
-                        let others_take = takers.iter().any(|s| *s != slot);
+                        // A stall matters only where other handlers could take the queue.
+                        let room: u64 = takers
+                            .iter()
+                            .filter(|(s, _)| *s != slot)
+                            .map(|(_, room)| room)
+                            .sum();
+                        let others_take = room > 0 && room >= look.queue as u64;
                         busy |= look.queue > 0 && serving.len() > 1;
                         detector.serving(now, look, after, others_take)
                     }
@@ -131,15 +141,24 @@ fn serving_slots(members: &Members) -> Vec<u32> {
         .collect()
 }
 
-/// Each slot's socket state (`None` without a handler process) and a look at it.
+/// Each slot's socket state (`None` without a handler process), a look at it, and the
+/// room in its queue (`capacity + 1 - depth`: the kernel calls a queue full above its
+/// capacity).
 fn looks(
     group: &RunningGroup,
     members: &Members,
-) -> crate::Result<Vec<(Option<SocketState>, Look)>> {
-    let queues: Vec<u32> = members
+) -> crate::Result<Vec<(Option<SocketState>, Look, u64)>> {
+    let queues: Vec<(u32, u64)> = members
         .listeners()
         .iter()
-        .map(|l| l.queue().map_or(0, |q| q.depth))
+        .map(|l| {
+            l.queue().map_or((0, 0), |q| {
+                (
+                    q.depth,
+                    (q.capacity as u64 + 1).saturating_sub(q.depth as u64),
+                )
+            })
+        })
         .collect();
     // Read at every look, idle ones too: a handler shows that it accepts (and may take a
     // stalled queue) by what it took between two looks, busy or not.
@@ -153,7 +172,7 @@ fn looks(
     Ok(members
         .pairs()
         .zip(queues.into_iter().zip(arrivals))
-        .map(|((slot, listener), (queue, arrivals))| {
+        .map(|((slot, listener), ((queue, room), arrivals))| {
             let pid = slot.state.borrow().pid;
             let look = Look {
                 queue,
@@ -161,7 +180,7 @@ fn looks(
                 accepted: built_in.then(|| slot.stats.stats().accepted.load(Ordering::Relaxed)),
                 stopped: pid.is_some_and(process_stopped),
             };
-            (pid.map(|_| listener.state()), look)
+            (pid.map(|_| listener.state()), look, room)
         })
         .collect())
 }

@@ -176,6 +176,7 @@ mod tests {
             grace: 0.5,
             ready_timeout: 2.25,
             stall_after: 0.25,
+            spare: 2,
             drain: true,
             command: vec!["sh".into(), "-c".into(), "exec --not-a-flag".into()],
             ..GroupSpec::new("[::1]:9".parse().unwrap(), HandlerKind::Exec)

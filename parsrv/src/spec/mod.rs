@@ -215,6 +215,13 @@ pub struct GroupSpec {
     /// Seconds a replacement handler may take to become ready in a restart.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub ready_timeout: f64,
+    /// Handlers kept started and ready beyond the group's size, on sockets that take
+    /// connections only when every other socket is full (as PHP-FPM's min_spare_servers):
+    /// a burst is served at once while the autoscaler starts more. A step up makes a spare
+    /// serve and starts a new spare; a step down makes the last serving handler a spare.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spare: u32,
     /// Seconds a handler may take no connection from its non-empty queue before it counts
     /// as stalled: its queue moves to the handlers that accept, and its socket takes new
     /// connections only when the others are full, until it serves again. 0: never.
@@ -244,6 +251,10 @@ pub struct GroupSpec {
 
 /// `--stall-after`'s default, chosen by measurement (docs/steering.md#stalled-handlers).
 pub const DEFAULT_STALL_AFTER: f64 = 0.1;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
 
 /// A record written before `--stall-after` existed runs with the default.
 fn default_stall_after() -> f64 {

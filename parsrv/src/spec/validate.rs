@@ -100,6 +100,16 @@ impl GroupSpec {
             ));
         } else if max < min {
             problems.push(invalid("--handlers", &range, "MIN..MAX needs MIN <= MAX"));
+        } else if max + self.spare > MAX_SOCKETS {
+            problems.push(invalid(
+                "--spare",
+                self.spare,
+                format!(
+                    "with --handlers {range}, at most {} (MAX + spares is at most {MAX_SOCKETS}, \
+                     the socket map's size)",
+                    MAX_SOCKETS - max
+                ),
+            ));
         }
         if self.backlog == 0 {
             problems.push(invalid(

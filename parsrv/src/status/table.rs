@@ -102,6 +102,13 @@ impl GroupStatus {
                     handler.slot
                 );
             }
+            if socket.state == SocketState::Spare {
+                let _ = writeln!(
+                    out,
+                    "handler {}: spare; its socket takes new connections only when the others are full",
+                    handler.slot
+                );
+            }
             if socket.state == SocketState::Demoted {
                 let _ = writeln!(
                     out,

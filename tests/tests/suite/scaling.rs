@@ -10,6 +10,7 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
+use parsrv::listeners::SocketState;
 use parsrv_integration_tests::{
     addr, all_net_counters, apps_dir, changed_net_counters, connect, context_switches, error_line,
     example, group, http_get, privileged, read_answer, signal, stop_process, wait_for,
@@ -506,5 +507,127 @@ fn drain_serves_the_queue_and_refuses_new_connections() {
         assert!(spawner.stop().success());
         let log = std::fs::read_to_string(log).unwrap();
         assert!(log.contains("drained in"), "{log}");
+    });
+}
+
+/// `--spare`: a handler started and ready on a socket that takes connections only when every
+/// other socket is full. While the two serving handlers have room it takes nothing; with
+/// both stopped and their queues full, a burst goes to it and is answered at once. Control,
+/// in the same test: the same group without a spare drops that burst (ListenOverflows).
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_spare_takes_nothing_while_others_have_room_and_a_burst_at_once_when_they_are_full() {
+    privileged(Needs::program(), || {
+        const BACKLOG: u32 = 2;
+        let burst = |spare: u32| {
+            let spawner = group("test-spare", HandlerKind::Http)
+                .handlers(2)
+                .backlog(BACKLOG)
+                .with(|s| s.spare = spare)
+                // The serving handlers' full queues are the subject.
+                .stall_after(0.0)
+                .start();
+            assert!(spawner.wait_until_ready(Duration::from_secs(10)));
+            let status = spawner.status();
+            assert_eq!(status.handlers.len() as u32, 2 + spare);
+            // Room everywhere: the spare takes nothing.
+            for _ in 0..50 {
+                assert_eq!(http_get(addr(), Duration::from_secs(3)), Outcome::Ok);
+            }
+            let spare_selected = |s: &parsrv::status::GroupStatus| {
+                s.sockets
+                    .get(2)
+                    .map_or(0, |socket| socket.counters.selected)
+            };
+            let before = spare_selected(&spawner.status());
+            for slot in 0..2 {
+                stop_process(spawner.handler_pid(slot));
+            }
+            // Both queues full (BACKLOG + 1 each), then 6 more requests.
+            let netstat = NetCounters::read();
+            let mut held = Vec::new();
+            let mut answered = 0;
+            for _ in 0..(2 * (BACKLOG + 1) + 6) {
+                let Ok(mut conn) = connect(addr(), Duration::from_secs(1)) else {
+                    continue;
+                };
+                let _ = std::io::Write::write_all(&mut conn, HTTP_REQUEST);
+                if read_answer(&mut conn, Duration::from_millis(500)).is_ok() {
+                    answered += 1;
+                } else {
+                    held.push(conn);
+                }
+            }
+            let kernel = netstat.delta(&NetCounters::read());
+            let status = spawner.status();
+            for slot in 0..2 {
+                signal(status.handlers[slot].pid.unwrap(), Signal::SIGCONT);
+            }
+            drop(held);
+            assert!(spawner.stop().success());
+            (status, before, answered, kernel)
+        };
+        let (control, _, control_answered, control_kernel) = burst(0);
+        let (status, before, answered, kernel) = burst(1);
+        eprintln!(
+            "burst beyond two full queues: {answered} of 6 answered at once with a spare \
+             (it took {} connections), {control_answered} without (ListenOverflows +{} \
+             without, +{} with)",
+            status.sockets[2].counters.selected,
+            control_kernel.listen_overflows,
+            kernel.listen_overflows
+        );
+        assert_eq!(status.sockets[2].state, SocketState::Spare);
+        assert_eq!(
+            before, 0,
+            "the spare took connections while the others had room"
+        );
+        assert_eq!(answered, 6, "{status:?}");
+        assert_eq!(kernel.listen_overflows, 0);
+        assert_eq!(control_answered, 0);
+        assert!(control_kernel.listen_overflows > 0, "{control:?}");
+    });
+}
+
+/// A step up with a spare: the spare's handler serves at once (the same process) and a new
+/// spare starts; a step down makes the last serving handler the spare again.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_step_up_makes_the_spare_serve_and_starts_a_new_one() {
+    privileged(Needs::program(), || {
+        let name = "test-spare-resize";
+        let spawner = group(name, HandlerKind::Http)
+            .handlers_between(1, 3)
+            .no_autoscale()
+            .with(|s| s.spare = 1)
+            .start();
+        assert!(spawner.wait_until_ready(Duration::from_secs(10)));
+        let states = |spawner: &Spawner| -> Vec<SocketState> {
+            spawner.status().sockets.iter().map(|s| s.state).collect()
+        };
+        assert_eq!(states(&spawner), [SocketState::Serving, SocketState::Spare]);
+        let spare_pid = spawner.handler_pid(1);
+        let (code, out, err) = parsrv_group(&["resize", name, "2"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("1 -> 2 handlers"), "{out}");
+        // At once: the spare's own handler serves; the new top slot becomes the spare.
+        assert_eq!(spawner.status().sockets[1].state, SocketState::Serving);
+        assert_eq!(spawner.handler_pid(1), spare_pid);
+        assert!(
+            wait_for(Duration::from_secs(10), || states(&spawner)
+                == [
+                    SocketState::Serving,
+                    SocketState::Serving,
+                    SocketState::Spare
+                ]),
+            "{:?}\n{}",
+            states(&spawner),
+            spawner.log()
+        );
+        let (code, out, err) = parsrv_group(&["resize", name, "1"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(states(&spawner), [SocketState::Serving, SocketState::Spare]);
+        assert_eq!(spawner.handler_pid(1), spare_pid);
+        assert!(spawner.stop().success());
     });
 }
