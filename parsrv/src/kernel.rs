@@ -240,6 +240,13 @@ pub struct QueueDepth {
     pub capacity: u32,
 }
 
+impl QueueDepth {
+    /// Connections it can still take before the kernel calls it full.
+    pub fn free(&self) -> u32 {
+        (self.capacity + 1).saturating_sub(self.depth)
+    }
+}
+
 /// Several accept queues together: what waits in them, and what they hold (the sum of
 /// `capacity + 1`), for a group's occupancy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

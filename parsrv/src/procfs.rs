@@ -136,6 +136,39 @@ pub fn wchan(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/wchan")).ok()
 }
 
+/// How long the threads of `pid` and of its children (a server's workers) have waited for
+/// a CPU while runnable, in nanoseconds, summed (`/proc/PID/task/TID/schedstat`, second
+/// field). Bounded: at most 4096 threads of each. 0 where schedstats are not kept.
+pub fn run_delay_ns(pid: u32) -> u64 {
+    let tasks = |pid: u32| -> Vec<PathBuf> {
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|dir| dir.flatten().take(4096).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let delay = |task: &PathBuf| -> u64 {
+        fs::read_to_string(task.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let own = tasks(pid);
+    let children: Vec<u32> = own
+        .iter()
+        .filter_map(|task| fs::read_to_string(task.join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .take(4096)
+        .collect();
+    own.iter().map(delay).sum::<u64>()
+        + children
+            .into_iter()
+            .map(|child| tasks(child).iter().map(delay).sum::<u64>())
+            .sum::<u64>()
+}
+
 /// The uid that owns /proc/PID: the process's effective uid (root's while it is not
 /// dumpable, as after a set-uid exec).
 pub fn process_uid(pid: u32) -> Option<u32> {

@@ -26,6 +26,10 @@ pub struct Look {
     pub accepted: Option<u64>,
     /// The handler's process is stopped (SIGSTOP, a debugger).
     pub stopped: bool,
+    /// How long its threads have waited for a CPU while runnable, so far (schedstat),
+    /// read where its queue holds connections (0 elsewhere, or where the kernel keeps no
+    /// schedstats).
+    pub run_delay_ns: u64,
 }
 
 impl Look {
@@ -70,10 +74,10 @@ enum State {
     #[default]
     Idle,
     /// Serving: the last look, and since when the handler has taken nothing from a
-    /// non-empty queue.
+    /// non-empty queue (with its run delay then).
     Watching {
         last: (Instant, Look),
-        quiet_since: Option<Instant>,
+        quiet_since: Option<(Instant, u64)>,
     },
     /// Demoted: the last look (none yet: the queue just moved away, so the look at the
     /// demotion compares with nothing), whether the process was stopped at it, when the
@@ -155,7 +159,7 @@ impl SlotStall {
                     None
                 } else {
                     // Quiet since the look before, at the latest.
-                    Some(quiet_since.unwrap_or(last.0))
+                    Some(quiet_since.unwrap_or((last.0, last.1.run_delay_ns)))
                 }
             }
             _ => None,
@@ -169,7 +173,22 @@ impl SlotStall {
         // stopped, nothing could move a queue that formed meanwhile: the kernel migrates
         // connections only within one address's reuseport group).
         let quiet_too_long =
-            quiet_since.is_some_and(|since| now.saturating_duration_since(since) >= after);
+            quiet_since.is_some_and(|(since, _)| now.saturating_duration_since(since) >= after);
+        // Waiting for a CPU for half the quiet time or more: starved, not stalled (an
+        // overloaded or emulated CPU). It takes its queue once it runs; moving the queue
+        // meanwhile would overfill the others, and an accept() it was woken in would fail
+        // (EINVAL) between the move's shutdown and listen().
+        let starved = quiet_since.is_some_and(|(since, delay_then)| {
+            let quiet = now.saturating_duration_since(since).as_nanos() as u64;
+            look.run_delay_ns.saturating_sub(delay_then) * 2 >= quiet
+        });
+        if quiet_too_long && starved && !look.stopped {
+            self.state = State::Watching {
+                last: (now, look),
+                quiet_since: None,
+            };
+            return Decision::Keep;
+        }
         if others_take && (look.stopped || quiet_too_long) {
             self.demote(now, look);
             return Decision::Demote;
@@ -329,7 +348,7 @@ mod tests {
             queue,
             arrivals,
             accepted: Some(accepted),
-            stopped: false,
+            ..Look::default()
         };
         let looks: Vec<_> = (0..10)
             .map(|n| counted(3 + n, 10 + n as u64, n as u64))
@@ -452,5 +471,30 @@ mod tests {
         assert!(built_in.takes_connections());
         built_in.not_watched();
         assert!(!built_in.takes_connections());
+    }
+
+    #[test]
+    fn a_handler_that_waits_for_a_cpu_is_starved_not_stalled() {
+        // Quiet for the stall time, but runnable and waiting for a CPU for most of it (an
+        // overloaded or emulated machine): not demoted, and the quiet time starts over.
+        let start = Instant::now();
+        let mut slot = SlotStall::default();
+        let waiting = |n: u32| Look {
+            run_delay_ns: u64::from(n) * 20_000_000,
+            ..look(3, 3)
+        };
+        let decisions: Vec<_> = (0u32..8)
+            .map(|n| slot.serving(start + EVERY * n, waiting(n), AFTER, true))
+            .collect();
+        assert!(
+            decisions.iter().all(|d| *d == Decision::Keep),
+            "{decisions:?}"
+        );
+        // The same quiet with no wait for a CPU: a stall.
+        let mut stalled = SlotStall::default();
+        let decisions: Vec<_> = (0u32..5)
+            .map(|n| stalled.serving(start + EVERY * n, look(3, 3), AFTER, true))
+            .collect();
+        assert_eq!(decisions[4], Decision::Demote);
     }
 }

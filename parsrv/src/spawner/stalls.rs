@@ -151,14 +151,7 @@ fn looks(
     let queues: Vec<(u32, u64)> = members
         .listeners()
         .iter()
-        .map(|l| {
-            l.queue().map_or((0, 0), |q| {
-                (
-                    q.depth,
-                    (q.capacity as u64 + 1).saturating_sub(q.depth as u64),
-                )
-            })
-        })
+        .map(|l| l.queue().map_or((0, 0), |q| (q.depth, q.free() as u64)))
         .collect();
     // Read at every look, idle ones too: a handler shows that it accepts (and may take a
     // stalled queue) by what it took between two looks, busy or not.
@@ -179,6 +172,10 @@ fn looks(
                 arrivals,
                 accepted: built_in.then(|| slot.stats.stats().accepted.load(Ordering::Relaxed)),
                 stopped: pid.is_some_and(process_stopped),
+                // Only where connections wait: a few files per thread, per look.
+                run_delay_ns: pid
+                    .filter(|_| queue > 0)
+                    .map_or(0, crate::procfs::run_delay_ns),
             };
             (pid.map(|_| listener.state()), look, room)
         })
