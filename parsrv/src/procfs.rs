@@ -136,6 +136,39 @@ pub fn wchan(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/wchan")).ok()
 }
 
+/// Whether a thread of `pid`, or of one of its children, is runnable or running (state R
+/// in /proc/PID/task/TID/stat). Bounded: at most 4096 threads of each.
+pub fn any_thread_runnable(pid: u32) -> bool {
+    let runnable = |pid: u32| {
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|dir| {
+                dir.flatten().take(4096).any(|task| {
+                    fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        // The state follows the command name's closing parenthesis.
+                        stat.rsplit_once(')')
+                            .is_some_and(|(_, rest)| rest.trim_start().starts_with('R'))
+                    })
+                })
+            })
+            .unwrap_or(false)
+    };
+    let children: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.flatten()
+                .take(4096)
+                .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
+                .flat_map(|list| {
+                    list.split_whitespace()
+                        .filter_map(|c| c.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .take(4096)
+                .collect()
+        })
+        .unwrap_or_default();
+    runnable(pid) || children.into_iter().any(runnable)
+}
+
 /// How long the threads of `pid` and of its children (a server's workers) have waited for
 /// a CPU while runnable, in nanoseconds, summed (`/proc/PID/task/TID/schedstat`, second
 /// field). Bounded: at most 4096 threads of each. 0 where schedstats are not kept.

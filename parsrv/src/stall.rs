@@ -248,6 +248,15 @@ impl SlotStall {
         self.proven = false;
     }
 
+    /// The adapter found the handler about to run (a thread of it is runnable): not acted
+    /// on now; the stall time starts over.
+    pub fn not_now(&mut self, now: Instant, look: Look) {
+        self.state = State::Watching {
+            last: (now, look),
+            quiet_since: None,
+        };
+    }
+
     /// Whether the detector holds the slot demoted.
     pub fn is_demoted(&self) -> bool {
         matches!(self.state, State::Demoted { .. })

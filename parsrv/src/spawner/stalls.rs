@@ -121,6 +121,17 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
     for (slot, decision, look) in decisions {
         match decision {
             Decision::Keep => {}
+            // A thread of it is runnable: it may be in accept(), woken and about to take its
+            // queue, and the move's shutdown would make that accept() fail with EINVAL
+            // (measured in emulated VMs, where a blocking-accept server then exited). A
+            // handler stalled in a sleep, a slow read or a stop has no runnable thread; one
+            // busy on the CPU (a GC pause) is left alone too, and its queue waits.
+            Decision::Demote
+                if !look.stopped
+                    && pid_of(group, slot).is_some_and(crate::procfs::any_thread_runnable) =>
+            {
+                detectors[slot as usize].not_now(now, look);
+            }
             Decision::Demote => demote(group, slot, look, after),
             Decision::Promote | Decision::Retry => {
                 promote(group, slot, decision, &mut detectors[slot as usize])
