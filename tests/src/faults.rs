@@ -61,12 +61,7 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
         )),
     };
     // What the handlers had accepted before (the test's own requests, a calibration).
-    let accepted_before: u64 = spawner
-        .status()
-        .handlers
-        .iter()
-        .filter_map(|h| h.accepted)
-        .sum();
+    let accepted_before = accepted_by_all(spawner);
     // A fixed sequence of victims (xorshift), so that runs compare.
     let mut state: u32 = 0x2545_f491;
     let counters_before = crate::NetCounters::read();
@@ -139,12 +134,7 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
         "handlers did not come back:\n{}",
         spawner.log()
     );
-    let accepted: u64 = spawner
-        .status()
-        .handlers
-        .iter()
-        .filter_map(|h| h.accepted)
-        .sum();
+    let accepted = accepted_by_all(spawner);
     let answered = outcomes.iter().filter(|o| **o == Outcome::Ok).count() as u64;
     result.requests = outcomes.len() as u64;
     result.failed = result.requests - answered;
@@ -154,6 +144,16 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
         .filter(|o| matches!(o, Outcome::ConnectTimeout | Outcome::Refused))
         .count();
     result
+}
+
+/// Connections the group's built-in handlers counted as accepted so far, every slot.
+fn accepted_by_all(spawner: &Spawner) -> u64 {
+    spawner
+        .status()
+        .handlers
+        .iter()
+        .filter_map(|h| h.accepted)
+        .sum()
 }
 
 enum Load {
