@@ -46,6 +46,9 @@ pub enum KillLoad {
 pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoad) -> KillLoop {
     let handlers = spawner.status().handlers.len();
     let timeout = Duration::from_secs(3);
+    // What the handlers had accepted before the load (the test's own requests, a
+    // calibration): read before it starts, or its first connections count on both sides.
+    let accepted_before = accepted_by_all(spawner);
     let load = match load {
         KillLoad::Steady { clients } => Load::Steady(SteadyLoad::start(
             addr(),
@@ -60,8 +63,6 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
             timeout,
         )),
     };
-    // What the handlers had accepted before (the test's own requests, a calibration).
-    let accepted_before = accepted_by_all(spawner);
     // A fixed sequence of victims (xorshift), so that runs compare.
     let mut state: u32 = 0x2545_f491;
     let counters_before = crate::NetCounters::read();
