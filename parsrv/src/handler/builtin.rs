@@ -150,7 +150,7 @@ fn accept_loop(
                 return;
             }
         }
-        let conn = match accept_counted(&listener, counters) {
+        let conn = match accept_counted(&listener, counters, stop) {
             Accepted::Connection(conn) => conn,
             Accepted::Nothing => continue,
             Accepted::Closed => {
@@ -187,9 +187,33 @@ enum Accepted {
     Closed,
 }
 
+/// How long a thread whose accept() found its socket not listening waits for it to listen
+/// again before it takes the socket for closed for good.
+///
+/// "Again at once" is two syscalls and a few map updates apart in the spawner, but a
+/// spawner preempted on an overcommitted CPU (an emulated VM with 60 runnable threads on
+/// one CPU) was seen to take longer than the 10 ms this once waited: the handler then
+/// stopped accepting while its socket listened again, and connections queued behind it
+/// until their clients gave up. A removal needs no haste here: the spawner's SIGTERM
+/// follows it and ends the wait.
+const RELISTEN_WAIT: Duration = Duration::from_secs(2);
+
+fn relisten_or_closed(listener: &OwnedFd, stop: &AtomicBool, wait: Duration) -> Accepted {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        if crate::kernel::tcp_state(listener.as_fd()).ok() == Some(crate::kernel::TCP_LISTEN) {
+            return Accepted::Nothing;
+        }
+        if stop.load(Ordering::Relaxed) || std::time::Instant::now() >= deadline {
+            return Accepted::Closed;
+        }
+    }
+}
+
 /// One accept() after poll() said the socket is readable, counted: a connection, or a lost
 /// race when another thread took it first (EAGAIN).
-fn accept_counted(listener: &OwnedFd, counters: &HandlerStats) -> Accepted {
+fn accept_counted(listener: &OwnedFd, counters: &HandlerStats, stop: &AtomicBool) -> Accepted {
     match accept(listener) {
         Ok(conn) => {
             counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -208,16 +232,11 @@ fn accept_counted(listener: &OwnedFd, counters: &HandlerStats) -> Accepted {
         {
             Accepted::Nothing
         }
-        // The socket does not listen: the spawner removed the slot for good, or it shut
-        // the socket down and listened again at once to move a stalled queue
-        // (spawner/stalls.rs), and this accept() fell between the two. A moment later
-        // the second listens again.
+        // The socket does not listen: the spawner removed the slot for good (and sends
+        // SIGTERM next), or it shut the socket down to move a stalled queue and listens
+        // again at once (spawner/stalls.rs), and this accept() fell between the two.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            std::thread::sleep(Duration::from_millis(10));
-            match crate::kernel::tcp_state(listener.as_fd()) {
-                Ok(crate::kernel::TCP_LISTEN) => Accepted::Nothing,
-                _ => Accepted::Closed,
-            }
+            relisten_or_closed(listener, stop, RELISTEN_WAIT)
         }
         Err(e) => {
             // EMFILE and friends: back off instead of spinning on a readable socket.
@@ -444,13 +463,17 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let fd = OwnedFd::from(listener);
         let counters = HandlerStats::default();
+        let no_stop = AtomicBool::new(false);
         // Nothing queued: what a thread sees when a sibling took the connection first.
-        assert!(matches!(accept_counted(&fd, &counters), Accepted::Nothing));
+        assert!(matches!(
+            accept_counted(&fd, &counters, &no_stop),
+            Accepted::Nothing
+        ));
         assert_eq!(counters.lost_races.load(Ordering::Relaxed), 1);
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let accepted = (0..200).find_map(|_| {
             std::thread::sleep(Duration::from_millis(5));
-            match accept_counted(&fd, &counters) {
+            match accept_counted(&fd, &counters, &no_stop) {
                 Accepted::Connection(conn) => Some(conn),
                 _ => None,
             }
@@ -458,7 +481,35 @@ mod tests {
         assert!(accepted.is_some());
         assert_eq!(counters.accepted.load(Ordering::Relaxed), 1);
         // Shut down (what the spawner does to a slot it removes): the handler stops.
+        // Shut down and listening again within the wait (a stalled queue moved): go on.
         nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read).unwrap();
-        assert!(matches!(accept_counted(&fd, &counters), Accepted::Closed));
+        let relisten = {
+            let fd = fd.try_clone().unwrap();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(8).unwrap())
+            })
+        };
+        assert!(matches!(
+            accept_counted(&fd, &counters, &no_stop),
+            Accepted::Nothing
+        ));
+        relisten.join().unwrap().unwrap();
+        assert_eq!(
+            crate::kernel::tcp_state(fd.as_fd()).unwrap(),
+            crate::kernel::TCP_LISTEN
+        );
+        // Shut down for good (a removed slot), then SIGTERM: the handler stops.
+        nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read).unwrap();
+        let stopped = AtomicBool::new(true);
+        assert!(matches!(
+            accept_counted(&fd, &counters, &stopped),
+            Accepted::Closed
+        ));
+        // No SIGTERM: the socket is taken for closed once the wait is over.
+        assert!(matches!(
+            relisten_or_closed(&fd, &no_stop, Duration::from_millis(30)),
+            Accepted::Closed
+        ));
     }
 }
