@@ -810,6 +810,14 @@ tls = {{ ca = "{certs}/ca.pem", cert = "{certs}/host-{id}.pem", key = "{certs}/h
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        // A failing test keeps every agent's and spawner's log in its output (the
+        // directory is removed below).
+        if std::thread::panicking() {
+            eprintln!(
+                "--- logs of the cluster's hosts:\n{}--- end of those logs",
+                self.logs()
+            );
+        }
         let ids: Vec<u16> = self.hosts.iter().map(|h| h.id).collect();
         for id in ids {
             let _ = self.stop_agent(id);

@@ -512,6 +512,16 @@ fn stop_child(child: &mut Child, stop: nix::sys::signal::Signal) -> ExitStatus {
 
 impl Drop for Spawner {
     fn drop(&mut self) {
+        // A failing test keeps the spawner's whole log in its output (the file is in the
+        // test's private /tmp, gone with it): a flake is read, not guessed at.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of the spawner of group {} ({}):\n{}--- end of that log",
+                self.name,
+                self.log.display(),
+                self.log()
+            );
+        }
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child, nix::sys::signal::Signal::SIGTERM);
             stop_orphan(&self.name);
