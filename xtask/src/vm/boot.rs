@@ -205,8 +205,13 @@ impl Vm<'_> {
                 }
             }
         }
-        let status = child.wait().context("waiting for qemu")?;
+        let (status, cpu) = crate::phases::wait_with_cpu(&mut child).context("waiting for qemu")?;
         let took = started.elapsed();
+        crate::record_phase(
+            &format!("the VM with kernel {label} (qemu)"),
+            took,
+            Some(cpu),
+        );
         let qemu_errors = stderr.join().unwrap_or_default();
         if let Some(panic) = &outcome.panic {
             return Err(Fatal::error(

@@ -224,6 +224,7 @@ pub fn run(prepared: &Prepared, options: &VmOptions) -> (Vec<VmRun>, Vec<anyhow:
     crate::record_phase(
         &format!("integration tests in VMs ({jobs} at a time)"),
         vms_started.elapsed(),
+        None,
     );
     (runs, errors)
 }
