@@ -13,12 +13,17 @@ use crate::*;
 /// which prints them in its summary).
 pub const SKIPS_ENV: &str = "PARSRV_TEST_SKIPS";
 
+/// Where a run that leaves the host-only tests to the host (a VM's) lists them, one `test:
+/// why` line each; set only there (by the VMs' init), so a test runs wherever it is unset.
+pub const HOST_ONLY_ENV: &str = "PARSRV_TEST_HOST_ONLY";
+
 /// What a privileged test needs of the machine it runs on, stated by the test itself.
 #[derive(Clone, Debug, Default)]
 pub struct Needs {
     kernel: Vec<Feature>,
     python: bool,
     network_tools: bool,
+    host_only: Option<&'static str>,
 }
 
 impl Needs {
@@ -34,8 +39,7 @@ impl Needs {
             kernel: parsrv::dataplane::Program::ReuseportSelect
                 .requires()
                 .to_vec(),
-            python: false,
-            network_tools: false,
+            ..Needs::default()
         }
     }
 
@@ -49,6 +53,14 @@ impl Needs {
     /// xtask test` installs in [`pyenv`] (the VMs run the host's).
     pub fn and_python(mut self) -> Needs {
         self.python = true;
+        self
+    }
+
+    /// The test checks nothing that depends on the kernel (the docs' text, a unit file's
+    /// syntax): the VMs, which exist to run the suite on other kernels, leave it to the host
+    /// and list it with `why` in their summary (not as a skip: it did run, once, natively).
+    pub fn host_only(mut self, why: &'static str) -> Needs {
+        self.host_only = Some(why);
         self
     }
 
@@ -67,6 +79,12 @@ impl Needs {
 /// a tool or a Python environment the set-up should have installed): a skip is only ever
 /// for the kernel.
 pub fn privileged(needs: Needs, test: impl FnOnce() + Send + 'static) {
+    if let Some(why) = needs.host_only {
+        if std::env::var_os(HOST_ONLY_ENV).is_some() {
+            report("host only", HOST_ONLY_ENV, why);
+            return;
+        }
+    }
     if !kernel_has(&needs.kernel) {
         return;
     }

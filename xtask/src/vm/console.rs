@@ -44,6 +44,9 @@ pub struct Outcome {
     pub failures: Vec<String>,
     /// `test: reason` of every skipped test.
     pub skips: Vec<String>,
+    /// `test: why` of every test that checks nothing of the kernel, left to the host (it
+    /// passes here without running).
+    pub host_only: Vec<String>,
     /// `test: figure` of every figure a test recorded (verifier costs, ...).
     pub figures: Vec<String>,
     /// nextest runs (one per profile) that exited non-zero (a crash counts even without a
@@ -122,6 +125,8 @@ impl Outcome {
             });
         } else if let Some(skip) = said.strip_prefix("skip ") {
             self.skips.push(skip.to_owned());
+        } else if let Some(test) = said.strip_prefix("host-only ") {
+            self.host_only.push(test.to_owned());
         } else if let Some(figure) = said.strip_prefix("figure ") {
             self.figures.push(figure.to_owned());
         } else if let Some(exit) = said.strip_prefix("exit ") {
@@ -219,26 +224,33 @@ pub fn print_summary(runs: &[super::VmRun]) {
     if runs.is_empty() {
         return;
     }
-    println!("\nIntegration test summary, per kernel (a test skips only for a kernel feature, naming it):");
+    println!("\nIntegration test summary, per kernel (a test skips only for a kernel feature, naming it;");
+    println!("one that checks nothing of the kernel runs on the host only):");
     println!(
-        "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8}  result",
-        "kernel", "release", "passed", "failed", "skipped", "minutes"
+        "{:<10} {:<26} {:>6} {:>6} {:>7} {:>9} {:>8}  result",
+        "kernel", "release", "passed", "failed", "skipped", "host only", "minutes"
     );
     for run in runs {
         let o = &run.outcome;
         println!(
-            "{:<10} {:<26} {:>6} {:>6} {:>7} {:>8.1}  {}",
+            "{:<10} {:<26} {:>6} {:>6} {:>7} {:>9} {:>8.1}  {}",
             run.label,
             o.release.as_deref().unwrap_or("?"),
-            // libtest counts a skipped test as passed.
-            o.passed.saturating_sub(o.skips.len() as u32),
+            // libtest counts a skipped test, and one left to the host, as passed.
+            o.passed
+                .saturating_sub(o.skips.len() as u32)
+                .saturating_sub(o.host_only.len() as u32),
             o.failed,
             o.skips.len(),
+            o.host_only.len(),
             run.took.as_secs_f64() / 60.0,
             if o.passed() { "ok" } else { "FAILED" }
         );
         for skip in &o.skips {
             println!("    skipped {skip}");
+        }
+        for test in &o.host_only {
+            println!("    on the host only {test}");
         }
         for failure in &o.failures {
             println!("    failed {failure}");
@@ -298,6 +310,22 @@ mod tests {
             vec!["every_program: parsrv_select 18,435 insns processed of 1,000,000 (1.8%)"]
         );
         assert!(o.skips.is_empty() && o.passed());
+    }
+
+    #[test]
+    fn tests_left_to_the_host_are_listed_apart_from_skips() {
+        let o = outcome(
+            "parsrv-vm: kernel 6.1.0-57-amd64\n\
+             \x20       PASS [   0.100s] ( 1/2) parsrv-integration-tests::suite docs::every_block\n\
+             \x20       PASS [   2.000s] ( 2/2) parsrv-integration-tests::suite lifecycle::stops\n\
+             parsrv-vm: exit parallel 0\n\
+             parsrv-vm: host-only docs::every_block: checks the docs\n\
+             parsrv-vm: done failed-binaries=0\n",
+        );
+        assert_eq!(o.host_only, vec!["docs::every_block: checks the docs"]);
+        assert!(o.skips.is_empty());
+        assert_eq!(o.passed, 2);
+        assert!(o.passed());
     }
 
     #[test]

@@ -55,7 +55,7 @@ meta="$workspace/target/vm/nextest"
 export PARSRV_BIN="$parsrv" PARSRV_PYENV="$pyenv" \
     PARSRV_TEST_SKIPS=/tmp/skips PARSRV_TEST_FIGURES=/tmp/figures \
     PARSRV_TEST_KERNEL_PROBE=/tmp/kernel-probe RUST_BACKTRACE=1 \
-    PARSRV_TEST_FRESH_MACHINE=1
+    PARSRV_TEST_FRESH_MACHINE=1 PARSRV_TEST_HOST_ONLY=/tmp/host-only
 failed=0
 # The parallel profile as many at a time as the VM has CPUs (natively 4 on 2 cores: most
 # of a test is waiting, which emulation makes rarer).
@@ -75,5 +75,6 @@ for profile in parallel serial; do
 done
 [ -s /tmp/skips ] && sed 's/^/parsrv-vm: skip /' /tmp/skips
 [ -s /tmp/figures ] && sed 's/^/parsrv-vm: figure /' /tmp/figures
+[ -s /tmp/host-only ] && sed 's/^/parsrv-vm: host-only /' /tmp/host-only
 say "done failed-binaries=$failed"
 stop
