@@ -278,6 +278,17 @@ fn two_choices(config: &ProgramConfig, group: &Group) -> Result<Option<Listener>
         return Ok(None);
     }
     let hash_choice = group.hash_choice;
+    // An empty queue (nothing waiting, no handshake pending) of a socket with a handler and
+    // no mark has all the room any socket of the group has (their queue lengths are one
+    // setting), so the other choice could only tie, and ties go to the hash choice: the
+    // answer is known without drawing or reading it. At ordinary load most queues are empty
+    // when a SYN arrives, so this policy then costs what `redirect` costs; the second read
+    // is paid only where a queue has formed. (A handler that called listen() again with a
+    // longer queue is reported, spawner/audit; against it this ties where the full
+    // comparison would not.)
+    if hash_choice.limit > 0 && hash_choice.room == hash_choice.limit + 1 {
+        return Ok(Some(hash_choice));
+    }
     // Another position than the hash choice, uniformly: 0..num-1, skipping `first`.
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
