@@ -7,6 +7,7 @@ mod burst;
 mod cluster;
 mod faults;
 mod overhead;
+mod policies;
 mod prog_cost;
 mod restart;
 mod scale_up;
@@ -50,6 +51,12 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "slow-handler",
         description: "one worker of four ten times slower than the others",
         run: slow_handler::slow_handler,
+    },
+    Scenario {
+        name: "policies",
+        description:
+            "the three policies on even load, a slow and a stopped worker, 2 to 64 sockets",
+        run: policies::policies,
     },
     Scenario {
         name: "prog-cost",

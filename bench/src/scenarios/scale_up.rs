@@ -30,13 +30,14 @@ pub struct ScaleUp {
     pub overflows: u64,
 }
 
-/// One scale-up run.
-pub fn scale_up_run(name: &str, tick: Option<Duration>) -> ScaleUp {
+/// One scale-up run, with `spare` handlers kept ready beside the group's (`--spare`).
+pub fn scale_up_run(name: &str, tick: Option<Duration>, spare: u32) -> ScaleUp {
     let server = apps_dir().join("slow_server.py");
     let mut slow = group(name, HandlerKind::Exec)
         .handlers_between(1, 4)
         .backlog(8)
-        .command(&["/usr/bin/python3", server.to_str().unwrap()]);
+        .command(&["/usr/bin/python3", server.to_str().unwrap()])
+        .with(|s| s.spare = spare);
     if tick.is_some() {
         // The baseline: its own once-a-second supervisor resizes, not parsrv's autoscaler.
         slow = slow.no_autoscale();
@@ -70,12 +71,16 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> ScaleUp {
     let load = SteadyLoad::start(addr(), 8, LOAD_LIMIT, Duration::from_secs(3));
     let mut onset: Option<(Instant, u64, NetCounters)> = None;
     let mut decided: Option<f64> = None;
-    let decisions_before = spawner.status().scaling.decisions;
+    let initial = spawner.status();
+    let decisions_before = initial.scaling.decisions;
+    let sockets_before = initial.sockets.len();
     let mut result = None;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let status = spawner.status();
-        let parsrv::kernel::Occupancy { queued, capacity } = status.occupancy();
+        // The overload of the group's first handler: a spare's socket is empty until then.
+        let parsrv::kernel::Occupancy { queued, capacity } =
+            parsrv::kernel::Occupancy::of(status.sockets.first().and_then(|s| s.queue));
         let rejected: u64 = status
             .sockets
             .iter()
@@ -85,13 +90,15 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>) -> ScaleUp {
             onset = Some((Instant::now(), rejected, NetCounters::read()));
         }
         if let (Some((at, ..)), None) = (&onset, decided) {
-            if status.scaling.decisions > decisions_before || status.sockets.len() > 1 {
+            if status.scaling.decisions > decisions_before || status.sockets.len() > sockets_before
+            {
                 decided = Some(at.elapsed().as_secs_f64() * 1000.0);
             }
         }
         if let (Some((at, rejected_then, kernel_then)), Some(new)) = (&onset, status.sockets.get(1))
         {
-            // The new handler has taken a connection from its queue.
+            // The second handler (started by the resize, or the spare) has taken a connection
+            // from its queue.
             let taken = new.counters.selected + new.counters.migrated_in;
             if taken > 0 && new.queue.is_some_and(|q| (q.depth as u64) < taken) {
                 result = Some(ScaleUp {
@@ -118,15 +125,19 @@ pub fn scale_up(report: &mut Report, quick: bool) {
     let runs = if quick { 1 } else { 7 };
     let mut rows = Vec::new();
     let mut medians = Vec::new();
-    // Interleaved: parsrv, tick, parsrv, tick, ...
-    let mut results: [Vec<ScaleUp>; 2] = [Vec::new(), Vec::new()];
-    let models = [("parsrv", None), ("tick-1s", Some(Duration::from_secs(1)))];
+    // Interleaved: parsrv, parsrv with a spare, tick, parsrv, ...
+    let models = [
+        ("parsrv", None, 0),
+        ("parsrv --spare 1", None, 1),
+        ("tick-1s", Some(Duration::from_secs(1)), 0),
+    ];
+    let mut results: Vec<Vec<ScaleUp>> = models.iter().map(|_| Vec::new()).collect();
     for i in 0..runs {
-        for (m, (_, tick)) in models.iter().enumerate() {
-            results[m].push(scale_up_run(&format!("bench-up-{i}"), *tick));
+        for (m, (_, tick, spare)) in models.iter().enumerate() {
+            results[m].push(scale_up_run(&format!("bench-up-{i}"), *tick, *spare));
         }
     }
-    for ((model, _), runs) in models.iter().zip(&results) {
+    for ((model, ..), runs) in models.iter().zip(&results) {
         let reaction: Vec<f64> = runs.iter().map(|r| r.reaction_ms).collect();
         let decided: Vec<f64> = runs.iter().filter_map(|r| r.decided_ms).collect();
         let started: Vec<f64> = runs
@@ -164,7 +175,7 @@ pub fn scale_up(report: &mut Report, quick: bool) {
     }
     let table = Table {
         name: "scale-up",
-        title: format!("scale-up: overload onset -> new handler's first accept (median (min-max) of {runs}, interleaved; slow Python handlers, 20 ms/request, 8 clients, --handlers 1..4)"),
+        title: format!("scale-up: overload onset (the first handler's queue half full) -> a second handler's first accept (median (min-max) of {runs}, interleaved; slow Python handlers, 20 ms/request, 8 clients, --handlers 1..4)"),
         columns: vec![
             "model",
             "reaction (ms)",
@@ -176,15 +187,19 @@ pub fn scale_up(report: &mut Report, quick: bool) {
         ],
         rows,
     };
-    let verdict = if base <= 50.0 {
-        "met".to_string()
-    } else {
-        format!("MISSED by {:.0} ms", base - 50.0)
+    let verdict = |value: f64, target: f64| {
+        if value <= target {
+            format!("{value:.0} ms, met")
+        } else {
+            format!("{value:.0} ms, MISSED by {:.0} ms", value - target)
+        }
     };
     report.table(
         &table,
         &[format!(
-            "Target: parsrv <= 50 ms: {verdict}. The decision is parsrv's; what follows it is starting the handler (a Python interpreter here) until it accepts."
+            "Targets: parsrv <= 50 ms: {}; with a spare <= 10 ms: {}. The decision is parsrv's; what follows it is starting the handler (a Python interpreter here) until it accepts. A spare is started and ready beforehand: its socket takes connections once the first handler's queue is full, and the autoscaler's step makes it an ordinary handler and starts the next spare.",
+            verdict(base, 50.0),
+            verdict(medians[1], 10.0)
         )],
     );
 }
