@@ -126,6 +126,15 @@ impl GroupBuilder {
         self
     }
 
+    /// A stopped handler keeps its share of new connections and holds them in its queue
+    /// until that is full: what the full-queue tests build on (a stopped handler is how a
+    /// test fills a queue). Stall detection off (it would move the queue) and policy
+    /// `redirect` (`two-choices`, the default, sends a connection to a stopped handler's
+    /// socket only while its queue is as short as the other socket drawn).
+    pub fn stopped_handlers_keep_their_share(self) -> Self {
+        self.stall_after(0.0).policy(Policy::Redirect)
+    }
+
     /// Seconds a handler has to exit after SIGTERM (and a drain).
     pub fn grace(mut self, seconds: f64) -> Self {
         self.spec.grace = seconds;

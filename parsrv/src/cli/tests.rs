@@ -47,7 +47,7 @@ fn defaults_are_sane() {
     assert!(!options.drain);
     assert_eq!(options.ready_timeout, 10.0);
     assert_eq!(options.threads, 1);
-    assert_eq!(options.policy, Policy::Redirect);
+    assert_eq!(options.policy, Policy::TwoChoices);
     assert_eq!(options.when_full, WhenFull::Drop);
     assert_eq!(options.name, "127_0_0_1-8080");
     assert_eq!(options.grace, 5.0);

@@ -103,8 +103,12 @@ pub fn run(options: RunOptions) -> Result<()> {
             groups: RefCell::default(),
             upgrading: tokio::sync::Notify::new(),
         });
+        // An upgrade's new image: the groups it adopts keep the settings they run with
+        // (the same arguments can mean other settings when a default changed).
+        let upgraded = std::env::var_os(UPGRADE_ENV).is_some();
+        std::env::remove_var(UPGRADE_ENV);
         for spec in options.groups {
-            if let Err(e) = spawner.start_group(spec) {
+            if let Err(e) = spawner.start_group_adopting(spec, upgraded) {
                 spawner.stop_all().await;
                 return Err(e);
             }
@@ -195,13 +199,31 @@ fn ensure_not_running(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Set by an upgrade in the environment of the binary it executes ([`Spawner::reexecute`]),
+/// and removed by that binary at its start: the groups it adopts keep their settings.
+pub const UPGRADE_ENV: &str = "PARSRV_UPGRADE";
+
 /// The handlers of `spec`'s group that a spawner now gone left running, taken over; `None`
 /// if there are none (its record, if any, is stale: the group starts anew). Refused if the
-/// running group is not what `spec` asks for: nothing is changed then.
-fn adopt_if_running(spec: &GroupSpec) -> Result<Option<adopt::Adoption>> {
+/// running group is not what `spec` asks for: nothing is changed then. After an upgrade
+/// (`upgraded`) the arguments are the old ones, so a difference can only be a default this
+/// version changed (or a setting it added): the group keeps what it runs with, said in the
+/// log, and `spec` becomes the running group's.
+fn adopt_if_running(spec: &mut GroupSpec, upgraded: bool) -> Result<Option<adopt::Adoption>> {
     let Some(record) = record::GroupRecord::read(&spec.name) else {
         return Ok(None);
     };
+    if upgraded {
+        let differences = record.differences(spec);
+        if !differences.is_empty() {
+            log::warn!(
+                "upgrade: group {} keeps the settings it runs with, where this version's defaults differ: {}; `parsrv stop` and run it again to take them",
+                spec.name,
+                differences.join(", ")
+            );
+            *spec = record.spec.clone();
+        }
+    }
     // Compared before anything acts on it: a group running with other settings is left
     // exactly as it is.
     let differences = record.differences(spec);
@@ -278,6 +300,16 @@ impl Spawner {
 
     /// Starts a group. On error, whatever it had created is gone again.
     fn start_group(self: &Rc<Self>, spec: GroupSpec) -> Result<Rc<RunningGroup>> {
+        self.start_group_adopting(spec, false)
+    }
+
+    /// [`Spawner::start_group`]; `upgraded`: this process is an upgrade's new image, and a
+    /// group it adopts keeps the settings it runs with ([`adopt_if_running`]).
+    fn start_group_adopting(
+        self: &Rc<Self>,
+        mut spec: GroupSpec,
+        upgraded: bool,
+    ) -> Result<Rc<RunningGroup>> {
         spec.validate()?;
         if spec.needs_lookup() {
             // `parsrv run` checked the kernel for its own groups; one added later may need
@@ -305,7 +337,7 @@ impl Spawner {
             )));
         }
         ensure_no_overlap_with_running(&spec)?;
-        let adoption = adopt_if_running(&spec)?;
+        let adoption = adopt_if_running(&mut spec, upgraded)?;
         let group = RunningGroup::create(spec, self.offsets, adoption)?;
         let control = ControlSocket::bind(&group.spec.name)?;
         // The record too, before the claim goes: a spawner that claims the namespace next
@@ -411,6 +443,7 @@ impl Spawner {
         );
         std::process::Command::new(&executed.binary)
             .args(&executed.args)
+            .env(UPGRADE_ENV, "1")
             .exec()
     }
 

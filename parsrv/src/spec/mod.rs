@@ -33,17 +33,18 @@ pub use parsrv_common::reuseport::{
     MAX_SOCKETS,
 };
 
-/// Where a new connection goes while some socket has room.
+/// Where a new connection goes while some socket has room. The default, `two-choices`, was
+/// chosen by the `policies` benchmark (docs/steering.md, "Policies").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
     /// Keep the kernel's hash choice when it has room; otherwise the socket with most room.
-    #[default]
     Redirect,
     /// Always the socket with the most room (ties broken by hash).
     LeastLoaded,
     /// The hash choice or one other socket at random, whichever has more room (the power
     /// of two choices); every socket is looked at only when both are full.
+    #[default]
     TwoChoices,
 }
 

@@ -56,7 +56,7 @@ fn two_handlers_each(name: &str, listen: &[&str; 2]) -> GroupBuilder {
         .no_autoscale()
         // Stall detection off: stopped handlers are how these tests fill an address's
         // queues (`stall` tests the two together).
-        .stall_after(0.0)
+        .stopped_handlers_keep_their_share()
 }
 
 /// Stops the handlers of `slots` and fills their queues through `addr` (the other slots of

@@ -15,7 +15,7 @@ use parsrv::dataplane::pins::group_dir as pin_dir;
 use parsrv_integration_tests::{
     addr, alive, connect, error_line, fd_of_process, group, kill_spawner, loaded_parsrv_programs,
     lone_server, parsrv_bin, privileged, read_answer, signal, stop_process, wait_for, GroupBuilder,
-    HandlerKind, Needs, NetCounters, Outcome, Spawner, SteadyLoad, HTTP_REQUEST,
+    HandlerKind, Needs, NetCounters, Outcome, Policy, Spawner, SteadyLoad, HTTP_REQUEST,
 };
 
 fn http_group(name: &str) -> GroupBuilder {
@@ -159,7 +159,10 @@ fn twenty_spawner_kills_and_adoptions_under_load_lose_no_connection() {
 fn a_handler_that_dies_with_no_spawner_loses_nothing_queued_and_its_slot_starts_anew() {
     privileged(Needs::program(), || {
         let name = "test-adopt-dead";
-        let spawner = http_group(name).backlog(16).start();
+        // redirect: the stopped handler's queue must fill (two-choices would send its share
+        // elsewhere).
+        let group = || http_group(name).backlog(16).policy(Policy::Redirect);
+        let spawner = group().start();
         let handlers = pids(&spawner);
         kill_spawner(&spawner);
         // Handler 0 stalls with requests in its queue (read through its own fd 3).
@@ -188,13 +191,65 @@ fn a_handler_that_dies_with_no_spawner_loses_nothing_queued_and_its_slot_starts_
         assert!(kernel.migrate_req_success > 0, "{kernel:?}");
         assert_eq!(kernel.migrate_req_failure, 0);
 
-        let again = http_group(name).backlog(16).start();
+        let again = group().start();
         let now = pids(&again);
         assert_ne!(now[0], handlers[0]);
         assert_eq!(now[1..], handlers[1..], "{}", again.log());
         assert!(again.log().contains("handler 0 (pid"), "{}", again.log());
         drop(spawner);
         assert!(again.stop().success());
+    });
+}
+
+/// An upgrade executes the new binary with the old arguments; when the new version's
+/// default for a setting differs (the policy's did: redirect, then two-choices), those
+/// arguments ask for another setting than the group runs with. The new image keeps what the
+/// group runs with and says so; a spawner started by hand with those arguments is still
+/// refused (the control in the same test).
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn after_an_upgrade_a_group_keeps_the_settings_it_runs_with_where_a_default_changed() {
+    privileged(Needs::program(), || {
+        let name = "test-adopt-upgraded";
+        // The group as the old version's default made it.
+        let spawner = http_group(name).policy(Policy::Redirect).start();
+        let handlers = pids(&spawner);
+        kill_spawner(&spawner);
+        // The same arguments under this version's default.
+        let this_version = http_group(name);
+        assert_ne!(this_version.args(), http_group(name).policy(Policy::Redirect).args());
+
+        // By hand: refused, naming the setting, nothing touched.
+        let (code, _, stderr) = Spawner::parsrv(
+            &[
+                &["run"][..],
+                &this_version
+                    .args()
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            ]
+            .concat(),
+        );
+        assert_eq!(code, 2, "{stderr}");
+        assert!(error_line(&stderr).contains("policy (running: \"redirect\""), "{stderr}");
+        assert!(handlers.iter().flatten().all(|p| alive(*p)));
+
+        // As an upgrade's new image: adopted, still redirect, and the log says why.
+        let upgraded = this_version
+            .env(parsrv::spawner::UPGRADE_ENV, "1")
+            .start();
+        assert_eq!(pids(&upgraded), handlers, "{}", upgraded.log());
+        assert_eq!(upgraded.status().spec.policy, Policy::Redirect);
+        assert!(
+            upgraded
+                .log()
+                .contains("keeps the settings it runs with, where this version's defaults differ: policy"),
+            "{}",
+            upgraded.log()
+        );
+        drop(spawner);
+        assert!(upgraded.stop().success());
     });
 }
 

@@ -314,7 +314,7 @@ fn stall_the_busiest_handler(
         .backlog(BACKLOG)
         .with(|s| s.affinity_when_full = when_full)
         // Stall detection off: the stopped handler's full queue is the subject.
-        .stall_after(0.0)
+        .stopped_handlers_keep_their_share()
         .start();
     let clients = v4_clients(40);
     let home: BTreeMap<IpAddr, u32> = clients
@@ -522,7 +522,7 @@ fn resizing_down_re_decides_the_removed_slots_clients_and_migrates_queued_ones_w
             .grace(1.0)
             // Stall detection off: a stopped handler holds the queued connection that the
             // resize must migrate.
-            .stall_after(0.0)
+            .stopped_handlers_keep_their_share()
             .start();
         let (code, _, stderr) = Spawner::parsrv(&["group", "resize", name, "4"]);
         assert_eq!(code, 0, "{stderr}");

@@ -27,8 +27,10 @@ listen = "127.0.0.1:8080"
 handler = "http"
 handlers = 4
 backlog = 8
-# A stopped handler is how the test fills a queue: stall detection would move it.
+# A stopped handler is how the test fills a queue: stall detection would move it, and
+# two-choices (the default) would send its share elsewhere before it filled.
 stall_after = 0
+policy = "redirect"
 
 [[group]]
 name = "cfg-beta"

@@ -130,7 +130,7 @@ fn stalled_handler_loses_nothing(name: &str, command: &[&str], answer_prefix: &s
         .backlog(16)
         .command(command)
         // The full-queue guarantee alone: stall detection would move the queue.
-        .stall_after(0.0)
+        .stopped_handlers_keep_their_share()
         .start();
     // Until each server answers, connections just queue: wait for all four.
     assert!(

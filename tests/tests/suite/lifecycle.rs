@@ -21,7 +21,7 @@ fn killed_handler_is_respawned_on_its_socket_and_serves_its_queue() {
             .backlog(16)
             // Stall detection off: a stopped handler is how this test holds connections in
             // a queue, and it would move them.
-            .stall_after(0.0)
+            .stopped_handlers_keep_their_share()
             .start();
         let old = spawner.handler_pid(0);
         stop_process(old);
@@ -71,7 +71,7 @@ fn status_reports_kernel_queue_depths_and_each_handler_holds_only_its_socket() {
             .backlog(8)
             // Stall detection off: a stopped handler is how this test holds connections in
             // a queue, and it would move them.
-            .stall_after(0.0)
+            .stopped_handlers_keep_their_share()
             .start();
         let pids: Vec<u32> = (0..3).map(|slot| spawner.handler_pid(slot)).collect();
         for &pid in &pids {
@@ -300,7 +300,7 @@ fn a_handshake_in_flight_when_its_handler_dies_completes_for_the_next_handler() 
             .handlers(2)
             .backlog(8)
             // Stall detection off: the stopped handler's queue is the subject.
-            .stall_after(0.0)
+            .stopped_handlers_keep_their_share()
             .command(&["/bin/sh", "-c", &handler])
             .start_answering();
         assert!(spawner.wait_until_ready(Duration::from_secs(10)));

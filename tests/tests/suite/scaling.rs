@@ -37,7 +37,7 @@ fn resize_cycles_and_rolling_restarts_under_load_lose_no_connection() {
             .threads(2)
             // Stall detection off: a stopped handler is how this test holds connections in
             // the queue of the socket a resize removes, and it would move them first.
-            .stall_after(0.0)
+            .stopped_handlers_keep_their_share()
             .start();
         // Some 15 000 short connections end here: let every one keep its TIME_WAIT (a
         // small VM's default bucket count overflows, and then a late segment of a finished
@@ -279,7 +279,7 @@ fn autoscaled(name: &str) -> GroupBuilder {
         // The autoscaler alone: its tests hold connections in a stopped handler's queue,
         // which stall detection would move once a second handler runs (the `stall` tests
         // count the wake-ups stall detection costs an idle spawner).
-        .stall_after(0.0)
+        .stopped_handlers_keep_their_share()
 }
 
 #[test]
@@ -473,7 +473,7 @@ fn drain_serves_the_queue_and_refuses_new_connections() {
             .handlers(2)
             // Stall detection off: a stopped handler is how this test holds connections in
             // a queue, and it would move them.
-            .stall_after(0.0)
+            .stopped_handlers_keep_their_share()
             .drain()
             .grace(10.0)
             .start();
@@ -525,7 +525,7 @@ fn a_spare_takes_nothing_while_others_have_room_and_a_burst_at_once_when_they_ar
                 .backlog(BACKLOG)
                 .with(|s| s.spare = spare)
                 // The serving handlers' full queues are the subject.
-                .stall_after(0.0)
+                .stopped_handlers_keep_their_share()
                 .start();
             assert!(spawner.wait_until_ready(Duration::from_secs(10)));
             let status = spawner.status();

@@ -31,7 +31,7 @@ fn stalled_handler_loses_no_connection_while_plain_reuseport_does() {
             .backlog(8)
             .threads(2)
             // The full-queue guarantee alone (stall detection is tested below).
-            .stall_after(0.0)
+            .stopped_handlers_keep_their_share()
             .start();
         let stalled = spawner.handler_pid(0);
         stop_process(stalled);

@@ -18,7 +18,7 @@ fn full_group(name: &str, when_full: WhenFull) -> (Spawner, Vec<std::net::TcpStr
         .backlog(2)
         .when_full(when_full)
         // Stall detection off: stopped handlers are how this test fills the queues.
-        .stall_after(0.0)
+        .stopped_handlers_keep_their_share()
         .start();
     for slot in 0..2 {
         stop_process(spawner.handler_pid(slot));
