@@ -202,13 +202,15 @@ impl Running {
                     .handlers(WORKERS as u32)
                     .backlog(BACKLOG)
                     .command(&[worker, "sticky-worker"])
+                    // The scenario stops worker 0 to fill its queue and measures what its
+                    // clients meet then: stall detection would move the queue, and
+                    // two-choices would send its share elsewhere (the published rows are
+                    // `redirect`'s).
+                    .stopped_handlers_keep_their_share()
                     .with(|s| {
                         if how == Sticky::ParsrvAffinity {
                             s.affinity = Affinity::Client
                         }
-                        // The scenario stops worker 0 to fill its queue and measures what
-                        // its clients meet then: stall detection would move the queue.
-                        s.stall_after = 0.0;
                     })
                     .start();
                 // Exec handlers count as ready after a second.

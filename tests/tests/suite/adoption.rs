@@ -217,7 +217,10 @@ fn after_an_upgrade_a_group_keeps_the_settings_it_runs_with_where_a_default_chan
         kill_spawner(&spawner);
         // The same arguments under this version's default.
         let this_version = http_group(name);
-        assert_ne!(this_version.args(), http_group(name).policy(Policy::Redirect).args());
+        assert_ne!(
+            this_version.args(),
+            http_group(name).policy(Policy::Redirect).args()
+        );
 
         // By hand: refused, naming the setting, nothing touched.
         let (code, _, stderr) = Spawner::parsrv(
@@ -232,19 +235,20 @@ fn after_an_upgrade_a_group_keeps_the_settings_it_runs_with_where_a_default_chan
             .concat(),
         );
         assert_eq!(code, 2, "{stderr}");
-        assert!(error_line(&stderr).contains("policy (running: \"redirect\""), "{stderr}");
+        assert!(
+            error_line(&stderr).contains("policy (running: \"redirect\""),
+            "{stderr}"
+        );
         assert!(handlers.iter().flatten().all(|p| alive(*p)));
 
         // As an upgrade's new image: adopted, still redirect, and the log says why.
-        let upgraded = this_version
-            .env(parsrv::spawner::UPGRADE_ENV, "1")
-            .start();
+        let upgraded = this_version.env(parsrv::spawner::UPGRADE_ENV, "1").start();
         assert_eq!(pids(&upgraded), handlers, "{}", upgraded.log());
         assert_eq!(upgraded.status().spec.policy, Policy::Redirect);
         assert!(
-            upgraded
-                .log()
-                .contains("keeps the settings it runs with, where this version's defaults differ: policy"),
+            upgraded.log().contains(
+                "keeps the settings it runs with, where this version's defaults differ: policy"
+            ),
             "{}",
             upgraded.log()
         );
