@@ -10,7 +10,8 @@ use nix::sys::signal::Signal;
 use parsrv::listeners::SocketState;
 use parsrv_integration_tests::{
     addr, answering_pid, context_switches, example, group, http_load, privileged, signal,
-    stop_process, wait_for, HandlerKind, Needs, NetCounters, Outcome, PlainGroup, SteadyLoad,
+    stop_process, wait_for, HandlerKind, Needs, NetCounters, Outcome, PlainGroup, Policy,
+    SteadyLoad,
 };
 
 const HANDLERS: usize = 4;
@@ -118,6 +119,10 @@ fn a_handler_that_takes_nothing_from_its_queue_is_demoted_and_its_queue_moved() 
                 .handlers(4)
                 .backlog(BACKLOG)
                 .stall_after(stall_after)
+                // redirect, as when this test's overflow bound below was derived: under
+                // two-choices a 6.1 VM once counted ListenOverflows +2 with one stall and no
+                // failed request (stop 40's fresh-clone run; not yet explained).
+                .policy(Policy::Redirect)
                 .command(&["sh", "-c", &script])
                 .start();
             // Exec handlers count as ready after a second.
