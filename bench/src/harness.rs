@@ -1,7 +1,11 @@
 //! What the scenarios run on: the address every model serves on, how long a run lasts, and
 //! one measured run of a model under load.
 
-use std::{net::SocketAddr, thread, time::Duration};
+use std::{
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
 
 use parsrv_integration_tests::NetCounters;
 
@@ -55,4 +59,16 @@ pub fn measure(
     let accepted = deltas(&served.accepted(), &before);
     served.stop();
     (outcome, accepted, kernel)
+}
+
+/// Makes process `pid` ten times slower for `duration`: it runs 1 ms in every 10 (SIGSTOP,
+/// 9 ms, SIGCONT, 1 ms).
+pub fn slow_down(pid: u32, duration: Duration) {
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        parsrv_integration_tests::signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        thread::sleep(Duration::from_millis(9));
+        parsrv_integration_tests::signal(pid, nix::sys::signal::Signal::SIGCONT);
+        thread::sleep(Duration::from_millis(1));
+    }
 }

@@ -2,16 +2,12 @@
 //! load, one slow worker, one stopped worker) at 2 to 64 sockets, in rotating order, with
 //! the winner of each row: the numbers the default policy is chosen by (docs/steering.md).
 
-use std::{
-    collections::BTreeMap,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, thread, time::Duration};
 
 use parsrv_integration_tests::signal;
 
 use crate::{
-    harness::{measure, seconds},
+    harness::{measure, seconds, slow_down},
     load::{closed, open_loop, Outcome, Spec},
     models::{Model, Served},
     report::{Report, Table},
@@ -61,15 +57,7 @@ impl Workload {
         let pid = served.workers[0];
         match self {
             Workload::Uniform => {}
-            Workload::Slow => {
-                let end = Instant::now() + duration;
-                while Instant::now() < end {
-                    signal(pid, nix::sys::signal::Signal::SIGSTOP);
-                    thread::sleep(Duration::from_millis(9));
-                    signal(pid, nix::sys::signal::Signal::SIGCONT);
-                    thread::sleep(Duration::from_millis(1));
-                }
-            }
+            Workload::Slow => slow_down(pid, duration),
             Workload::Stall => {
                 thread::sleep(duration.mul_f64(0.25));
                 signal(pid, nix::sys::signal::Signal::SIGSTOP);

@@ -1,14 +1,7 @@
 //! `slow-handler`: one worker of four ten times slower than the others, under every model.
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
-
-use parsrv_integration_tests::signal;
-
 use crate::{
-    harness::{measure, seconds},
+    harness::{measure, seconds, slow_down},
     load::closed,
     models::Model,
     report::{Report, Table},
@@ -21,14 +14,7 @@ pub fn slow_handler(report: &mut Report, quick: bool) {
     for model in Model::ALL {
         let (outcome, accepted, _) = measure(model, 4, 64, closed(8, duration), |served| {
             // Worker 0 runs 1 ms in every 10: ten times slower, never stopped for long.
-            let pid = served.workers[0];
-            let end = Instant::now() + duration;
-            while Instant::now() < end {
-                signal(pid, nix::sys::signal::Signal::SIGSTOP);
-                thread::sleep(Duration::from_millis(9));
-                signal(pid, nix::sys::signal::Signal::SIGCONT);
-                thread::sleep(Duration::from_millis(1));
-            }
+            slow_down(served.workers[0], duration);
         });
         rows.push(vec![
             model.name().into(),
