@@ -22,6 +22,16 @@ fn http_group(name: &str) -> GroupBuilder {
     group(name, HandlerKind::Http).handlers(4).threads(2)
 }
 
+/// `parsrv run` with `group`'s arguments, to its end: (exit code, stdout, stderr).
+fn run_by_hand(group: &GroupBuilder) -> (i32, String, String) {
+    let args = group.args();
+    let argv: Vec<&str> = ["run"]
+        .into_iter()
+        .chain(args.iter().map(String::as_str))
+        .collect();
+    Spawner::parsrv(&argv)
+}
+
 fn pids(spawner: &Spawner) -> Vec<Option<u32>> {
     spawner.status().handlers.iter().map(|h| h.pid).collect()
 }
@@ -223,17 +233,7 @@ fn after_an_upgrade_a_group_keeps_the_settings_it_runs_with_where_a_default_chan
         );
 
         // By hand: refused, naming the setting, nothing touched.
-        let (code, _, stderr) = Spawner::parsrv(
-            &[
-                &["run"][..],
-                &this_version
-                    .args()
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>(),
-            ]
-            .concat(),
-        );
+        let (code, _, stderr) = run_by_hand(&this_version);
         assert_eq!(code, 2, "{stderr}");
         assert!(
             error_line(&stderr).contains("policy (running: \"redirect\""),
@@ -267,18 +267,7 @@ fn adoption_refuses_other_settings_and_a_racing_spawner_and_a_reused_pid() {
         kill_spawner(&spawner);
 
         // Other settings: exit 2, the keys named, nothing touched.
-        let (code, _, stderr) = Spawner::parsrv(
-            &[
-                &["run"][..],
-                &http_group(name)
-                    .backlog(7)
-                    .args()
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>(),
-            ]
-            .concat(),
-        );
+        let (code, _, stderr) = run_by_hand(&http_group(name).backlog(7));
         assert_eq!(code, 2, "{stderr}");
         let line = error_line(&stderr);
         assert!(
