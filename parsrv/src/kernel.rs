@@ -60,7 +60,7 @@ pub fn vmlinux_btf() -> Result<Btf> {
 /// `bytes` indexed as [`vmlinux_btf`] does, through a memfd (a file that can be mapped).
 fn btf_in_memory(bytes: &[u8]) -> std::result::Result<Btf, Box<dyn std::error::Error>> {
     let copy = memfd_with(bytes)?;
-    let path = format!("/proc/self/fd/{}", copy.as_raw_fd());
+    let path = procfs::own_fd_path(copy.as_raw_fd());
     // The mapping keeps the memfd's pages when `copy` closes.
     Ok(Btf::from_file_with_backend(path, Backend::Mmap)?)
 }

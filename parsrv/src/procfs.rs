@@ -282,6 +282,11 @@ pub fn fds(pid: u32) -> impl Iterator<Item = (RawFd, PathBuf)> {
         .filter_map(move |fd| Some((fd, fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?)))
 }
 
+/// A path that opens this process's own `fd` again (for a library that takes only paths).
+pub fn own_fd_path(fd: RawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{fd}"))
+}
+
 /// The socket inode an fd's link names (`socket:[INODE]`), if it names a socket.
 pub fn socket_inode(link: &Path) -> Option<u64> {
     link.to_str()?
