@@ -107,6 +107,19 @@ impl Listener {
     pub fn queue(&self) -> io::Result<QueueDepth> {
         kernel::queue_depth(self.socket.as_fd())
     }
+
+    /// listen() on the socket parsrv had taken out of the group, and the queue length the
+    /// kernel gives it now: an adopted socket that was not listening (its last spawner died
+    /// in the middle of a move) had none to read.
+    fn listen_again(&mut self, backlog: u32) -> Result<()> {
+        self.socket
+            .listen(listen_backlog(backlog))
+            .map_err(socket_error("listen again on", self.addr))?;
+        self.capacity = kernel::queue_depth(self.socket.as_fd())
+            .map_err(socket_error("read TCP_INFO of", self.addr))?
+            .capacity;
+        Ok(())
+    }
 }
 
 impl AsFd for Listener {
@@ -329,18 +342,12 @@ impl Listeners {
                 kernel::set_incoming_cpu(listener.as_fd(), mark)
                     .map_err(socket_error("mark (no handler) the socket on", listen))?;
                 if was == SocketState::Parked {
-                    listener
-                        .socket
-                        .listen(listen_backlog(backlog))
-                        .map_err(socket_error("listen again on", listen))?;
+                    listener.listen_again(backlog)?;
                 }
             }
             SocketState::Serving => {
                 if was == SocketState::Parked {
-                    listener
-                        .socket
-                        .listen(listen_backlog(backlog))
-                        .map_err(socket_error("listen again on", listen))?;
+                    listener.listen_again(backlog)?;
                 }
                 kernel::set_incoming_cpu(listener.as_fd(), -1).map_err(socket_error(
                     "clear the no-handler mark of the socket on",

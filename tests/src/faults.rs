@@ -161,3 +161,51 @@ enum Load {
     Steady(SteadyLoad),
     Open(crate::OpenLoad),
 }
+
+/// SIGKILL for process `pid` at its next `syscall`, made by its main thread: strace's fault
+/// injection stops the thread at the call's entry and kills the process there, before the
+/// kernel runs it. For a process killed at the worst moment of a sequence of calls (the
+/// spawner between a move's shutdown and its listen()).
+pub struct KillAtSyscall {
+    strace: std::process::Child,
+}
+
+impl KillAtSyscall {
+    /// Attaches to `pid` (returns once strace said so).
+    pub fn arm(pid: u32, syscall: &str) -> KillAtSyscall {
+        use std::io::BufRead as _;
+        let mut strace = std::process::Command::new("strace")
+            .args(["-p", &pid.to_string(), "-o", "/dev/null"])
+            .args(["-e", &format!("trace={syscall}")])
+            .args(["-e", &format!("inject={syscall}:signal=KILL")])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("needs strace: run `cargo xtask setup` (apt package strace)");
+        let stderr = strace.stderr.take().expect("piped");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let attached = format!("Process {pid} attached");
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert!(first.contains(&attached), "strace: {first}");
+        // The rest (its "killed by SIGKILL") is read to the end, so strace never blocks on
+        // a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        KillAtSyscall { strace }
+    }
+
+    /// Waits up to `limit` for the kill; whether it happened.
+    pub fn struck(&mut self, limit: Duration) -> bool {
+        wait_for(limit, || matches!(self.strace.try_wait(), Ok(Some(_))))
+    }
+}
+
+impl Drop for KillAtSyscall {
+    fn drop(&mut self) {
+        // Detaches from a process that is still alive (a test that failed before the call):
+        // on SIGTERM strace lets it go on.
+        let strace = nix::unistd::Pid::from_raw(self.strace.id() as i32);
+        if let Ok(None) = self.strace.try_wait() {
+            let _ = nix::sys::signal::kill(strace, Signal::SIGTERM);
+        }
+        let _ = self.strace.wait();
+    }
+}

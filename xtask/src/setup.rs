@@ -24,9 +24,10 @@ pub fn llvm_config() -> std::path::PathBuf {
     std::path::Path::new(LLVM_PREFIX).join("bin/llvm-config")
 }
 /// Debian packages: what bpf-linker links against (LLVM 22), wrk (a third-party load
-/// generator the benchmarks confirm their figures with), the font their charts use, and
-/// BIRD (the routing daemon the cluster tests announce the service address with).
-const APT_PACKAGES: [&str; 7] = [
+/// generator the benchmarks confirm their figures with), the font their charts use, BIRD
+/// (the routing daemon the cluster tests announce the service address with) and strace
+/// (whose fault injection kills a spawner at one system call in the fault tests).
+const APT_PACKAGES: [&str; 8] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -34,6 +35,7 @@ const APT_PACKAGES: [&str; 7] = [
     "wrk",
     "fonts-dejavu-core",
     "bird2",
+    "strace",
 ];
 
 /// What `cargo xtask test --vm` needs besides the build: qemu (TCG is enough), a static

@@ -226,6 +226,21 @@ impl RunningGroup {
         let (stop, stopped) = watch::channel(false);
         let mut members =
             Members::register(listeners, steering, launcher.clone(), stopped, adopted)?;
+        if adopting {
+            // A socket the last spawner took out of the group and did not put back (killed
+            // between a move's shutdown and its listen()): back in the group before the
+            // program is attached through the group's sockets (attaching through one that
+            // does not listen fails).
+            for slot in 0..members.listeners().len() as u32 {
+                if members.heal_shut_down(slot)? {
+                    log::warn!(
+                        "group {}: the socket of slot {slot} was out of the group (its last \
+                         spawner was killed in the middle of a move): put back",
+                        spec.name
+                    );
+                }
+            }
+        }
         let attachment = Attachment::of(members.listeners(), spec.listen.len())?;
         for member in &attachment.0 {
             members.steering().attach(member)?;

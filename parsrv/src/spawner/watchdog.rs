@@ -165,8 +165,9 @@ async fn heal_shut_down_sockets(group: &RunningGroup) {
     for slot in 0..slots {
         match group.heal_shut_down(slot) {
             Ok(true) => log::warn!(
-                "group {}: the socket of slot {slot} was shut down by someone else than parsrv \
-                 (its handler?): put back in the group",
+                "group {}: the socket of slot {slot} was out of the group, shut down by its \
+                 handler or left so by a spawner killed in the middle of a move: put back in \
+                 the group",
                 group.spec.name
             ),
             Ok(false) => {}

@@ -550,7 +550,7 @@ fn a_socket_a_handler_shuts_down_is_put_back() {
         assert!(
             wait_for(Duration::from_secs(10), || spawner
                 .log()
-                .contains("was shut down by someone else")),
+                .contains("was out of the group, shut down by its handler")),
             "{}",
             spawner.log()
         );
