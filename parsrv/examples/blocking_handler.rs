@@ -1,6 +1,8 @@
 //! A handler written only against the socket-activation protocol, as a server written for
 //! systemd would be: one blocking `accept()` loop on the socket passed as fd 3, one
-//! connection at a time, and an accept error ends it. It works because parsrv passes fd 3
+//! connection at a time, and an accept error ends it. It says `READY=1` by the notify
+//! protocol once it has its socket (a no-op without `NOTIFY_SOCKET`: with parsrv's
+//! `--notify`, it is ready when it says so, not after a second). It works because parsrv passes fd 3
 //! blocking, as systemd does; with `--nonblocking` (systemd's `NonBlocking=yes`) accept()
 //! fails with EAGAIN at once and this server exits, as such a server would under systemd.
 //!
@@ -17,6 +19,9 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        eprintln!("blocking_handler: cannot say READY=1: {e}");
+    }
     let body = format!("blocking handler pid {}\n", std::process::id());
     for conn in listener.incoming() {
         let mut conn = match conn {

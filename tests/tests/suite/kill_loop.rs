@@ -130,11 +130,16 @@ fn a_slot_crash_looping_before_ready_is_out_of_the_group_while_it_waits() {
             "if [ \"$PARSRV_SLOT\" = 1 ]; then sleep 0.2; exit 3; fi; exec {}",
             server.display()
         );
+        // Ready by the notify protocol: slot 1 never says READY=1, so it always dies before
+        // ready. (Without it an exec handler counts as ready after a second, and in a 6.1 VM
+        // short of CPU `sh -c 'sleep 0.2; exit 3'` lived longer than that: restarted at once
+        // as a handler that had served, never parked.)
         let spawner = group("test-crash-slot", HandlerKind::Exec)
             .handlers(3)
+            .with(|g| g.notify = true)
             .command(&["sh", "-c", &script])
             .start();
-        // Slots 0 and 2 serve (an exec handler counts as ready after a second).
+        // Slots 0 and 2 serve (the blocking server says READY=1).
         assert!(
             wait_for(Duration::from_secs(10), || {
                 let handlers = spawner.status().handlers;
