@@ -218,6 +218,9 @@ impl SlotStall {
             tries,
         } = self.state
         else {
+            // Demoted before this detector knew it (by the spawner whose group this one
+            // adopted): it waits out a first try's delay, as after a demotion here.
+            self.demote(now, look);
             return Decision::Keep;
         };
         let resumed = stopped && !look.stopped;
@@ -399,6 +402,30 @@ mod tests {
         assert_eq!(slot.demoted(start + EVERY * 6, look(1, 4)), Decision::Keep);
         assert_eq!(
             slot.demoted(start + EVERY * 7, look(0, 4)),
+            Decision::Promote
+        );
+    }
+
+    #[test]
+    fn a_slot_found_demoted_is_tried_again_after_the_first_delay_or_when_it_takes() {
+        let start = Instant::now();
+        // Adopted demoted: held until FIRST_RETRY from the first look.
+        let mut slot = SlotStall::default();
+        assert_eq!(slot.demoted(start, look(0, 2)), Decision::Keep);
+        assert_eq!(
+            slot.demoted(start + FIRST_RETRY - EVERY, look(0, 2)),
+            Decision::Keep
+        );
+        assert_eq!(
+            slot.demoted(start + FIRST_RETRY, look(0, 2)),
+            Decision::Retry
+        );
+        // One that takes a connection meanwhile is promoted at once.
+        let mut slot = SlotStall::default();
+        assert_eq!(slot.demoted(start, look(0, 2)), Decision::Keep);
+        assert_eq!(slot.demoted(start + EVERY, look(0, 2)), Decision::Keep);
+        assert_eq!(
+            slot.demoted(start + EVERY * 2, look(0, 3)),
             Decision::Promote
         );
     }

@@ -207,6 +207,11 @@ impl Members {
     pub fn handler_ready(&mut self, index: u32) -> Result<SocketState> {
         let ready = if self.is_spare(index) {
             SocketState::Spare
+        } else if self.listeners.listeners()[index as usize].state() == SocketState::Demoted {
+            // An adopted handler that the last spawner had found stalled: stall detection
+            // tries it again (a demoted slot's handler is otherwise never "ready" anew: a
+            // new one follows an exit, which changes the socket's state).
+            SocketState::Demoted
         } else {
             SocketState::Serving
         };

@@ -249,7 +249,22 @@ fn a_spawner_killed_between_a_moves_shutdown_and_listen_leaves_no_connection_wai
             outcomes.len()
         );
         assert!(outcomes.len() > 20, "{}", outcomes.len());
-        assert_eq!(failed, 0, "{outcomes:?}\n{}", again.log());
+        // It stayed demoted from the adoption on: the new spawner tried it again (after a
+        // second) before it ever had to move a queue from it. (Promoted at adoption, it
+        // took its share at once and the first thing said of it was a move: in a 6.1 VM,
+        // 4 requests waited there over 3 s while the new spawner learnt which handlers
+        // accept.)
+        let log = again.log();
+        let first_said = log.lines().find(|l| {
+            l.contains("handler 0")
+                && (l.contains("took no connection") || l.contains("tried again"))
+        });
+        assert!(
+            first_said.is_none_or(|l| l.contains("tried again")),
+            "{log}"
+        );
+        let failures: Vec<_> = outcomes.iter().filter(|o| **o != Outcome::Ok).collect();
+        assert_eq!(failed, 0, "{failures:?}\n{}", again.log());
         assert_eq!(kernel.migrate_req_failure, 0, "{kernel:?}");
         assert_eq!(kernel.listen_overflows, 0, "{kernel:?}");
         assert_eq!(status.errors.total(), 0, "{:?}", status.errors);
