@@ -209,8 +209,12 @@ impl SlotStall {
         };
     }
 
-    /// A look at a demoted slot, at `now`.
-    pub fn demoted(&mut self, now: Instant, look: Look) -> Decision {
+    /// A look at a demoted slot, at `now`. It is tried again only while some other slot
+    /// `takes_connections` (`others_take`): a try that stalls again moves its queue there,
+    /// so a try costs at most one stall time of its share. Without one (a spawner that just
+    /// adopted the group has not yet seen which exec'd handlers accept), what reached it
+    /// would wait for it.
+    pub fn demoted(&mut self, now: Instant, look: Look, others_take: bool) -> Decision {
         let State::Demoted {
             last,
             stopped,
@@ -230,7 +234,7 @@ impl SlotStall {
             self.state = State::Idle;
             return Decision::Promote;
         }
-        if !look.stopped && now >= retry_at {
+        if !look.stopped && now >= retry_at && others_take {
             self.tries = tries + 1;
             self.state = State::Idle;
             return Decision::Retry;
@@ -386,9 +390,12 @@ mod tests {
             queue: 0,
             ..stopped
         };
-        assert_eq!(slot.demoted(later, moved), Decision::Keep);
+        assert_eq!(slot.demoted(later, moved, true), Decision::Keep);
         // SIGCONT: promoted at the next look.
-        assert_eq!(slot.demoted(later + EVERY, look(0, 3)), Decision::Promote);
+        assert_eq!(
+            slot.demoted(later + EVERY, look(0, 3), true),
+            Decision::Promote
+        );
         assert!(!slot.is_demoted());
     }
 
@@ -399,9 +406,12 @@ mod tests {
         watch(&mut slot, start, &[look(3, 3); 5]);
         assert!(slot.is_demoted());
         // Every other socket was full: one connection came to it, and it took it.
-        assert_eq!(slot.demoted(start + EVERY * 6, look(1, 4)), Decision::Keep);
         assert_eq!(
-            slot.demoted(start + EVERY * 7, look(0, 4)),
+            slot.demoted(start + EVERY * 6, look(1, 4), true),
+            Decision::Keep
+        );
+        assert_eq!(
+            slot.demoted(start + EVERY * 7, look(0, 4), true),
             Decision::Promote
         );
     }
@@ -411,21 +421,51 @@ mod tests {
         let start = Instant::now();
         // Adopted demoted: held until FIRST_RETRY from the first look.
         let mut slot = SlotStall::default();
-        assert_eq!(slot.demoted(start, look(0, 2)), Decision::Keep);
+        assert_eq!(slot.demoted(start, look(0, 2), true), Decision::Keep);
         assert_eq!(
-            slot.demoted(start + FIRST_RETRY - EVERY, look(0, 2)),
+            slot.demoted(start + FIRST_RETRY - EVERY, look(0, 2), true),
             Decision::Keep
         );
         assert_eq!(
-            slot.demoted(start + FIRST_RETRY, look(0, 2)),
+            slot.demoted(start + FIRST_RETRY, look(0, 2), true),
             Decision::Retry
         );
         // One that takes a connection meanwhile is promoted at once.
         let mut slot = SlotStall::default();
-        assert_eq!(slot.demoted(start, look(0, 2)), Decision::Keep);
-        assert_eq!(slot.demoted(start + EVERY, look(0, 2)), Decision::Keep);
+        assert_eq!(slot.demoted(start, look(0, 2), true), Decision::Keep);
         assert_eq!(
-            slot.demoted(start + EVERY * 2, look(0, 3)),
+            slot.demoted(start + EVERY, look(0, 2), true),
+            Decision::Keep
+        );
+        assert_eq!(
+            slot.demoted(start + EVERY * 2, look(0, 3), true),
+            Decision::Promote
+        );
+    }
+
+    #[test]
+    fn a_slot_is_tried_again_only_while_another_takes_connections() {
+        let start = Instant::now();
+        let mut slot = SlotStall::default();
+        assert_eq!(slot.demoted(start, look(0, 2), false), Decision::Keep);
+        // Due, but nowhere to move its queue if it stalls again: held.
+        let due = start + FIRST_RETRY;
+        assert_eq!(slot.demoted(due, look(0, 2), false), Decision::Keep);
+        assert_eq!(slot.demoted(due + EVERY, look(0, 2), false), Decision::Keep);
+        // Another slot shows it accepts: tried at once.
+        assert_eq!(
+            slot.demoted(due + EVERY * 2, look(0, 2), true),
+            Decision::Retry
+        );
+        // Taking a connection promotes it whether or not others take.
+        let mut slot = SlotStall::default();
+        assert_eq!(slot.demoted(start, look(0, 2), false), Decision::Keep);
+        assert_eq!(
+            slot.demoted(start + EVERY, look(0, 2), false),
+            Decision::Keep
+        );
+        assert_eq!(
+            slot.demoted(start + EVERY * 2, look(0, 3), false),
             Decision::Promote
         );
     }
@@ -447,7 +487,7 @@ mod tests {
             // Demoted: nothing shows it is back, until the retry time.
             loop {
                 now += EVERY;
-                if slot.demoted(now, look(0, 2)) == Decision::Retry {
+                if slot.demoted(now, look(0, 2), true) == Decision::Retry {
                     break;
                 }
             }

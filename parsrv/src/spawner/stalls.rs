@@ -81,6 +81,14 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
             .collect();
         // Built-in handlers accept once ready; an exec'd server that sent READY=1 says so.
         let vouched = group.spec.handler != HandlerKind::Exec || group.spec.notify;
+        // Room in the queues of the slots that take connections, but `slot`'s.
+        let others_room = |slot: u32| -> u64 {
+            takers
+                .iter()
+                .filter(|(s, _)| *s != slot)
+                .map(|(_, room)| room)
+                .sum()
+        };
         let mut busy = false;
         let decisions: Vec<(u32, Decision, Look)> = (0u32..)
             .zip(detectors.iter_mut())
@@ -92,18 +100,14 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
                             detector.vouch();
                         }
                         // A stall matters only where other handlers could take the queue.
-                        let room: u64 = takers
-                            .iter()
-                            .filter(|(s, _)| *s != slot)
-                            .map(|(_, room)| room)
-                            .sum();
+                        let room = others_room(slot);
                         let others_take = room > 0 && room >= look.queue as u64;
                         busy |= look.queue > 0 && serving.len() > 1;
                         detector.serving(now, look, after, others_take)
                     }
                     Some(SocketState::Demoted) => {
                         busy = true;
-                        detector.demoted(now, look)
+                        detector.demoted(now, look, others_room(slot) > 0)
                     }
                     _ => {
                         detector.not_watched();
