@@ -133,6 +133,11 @@ impl SteadyLoad {
         }
     }
 
+    /// How many requests have ended so far (to place a test's steps among the outcomes).
+    pub fn so_far(&self) -> usize {
+        self.outcomes.lock().unwrap().len()
+    }
+
     pub fn finish(self) -> Vec<Outcome> {
         self.stop.store(true, Ordering::Relaxed);
         for client in self.clients {

@@ -220,9 +220,16 @@ impl Members {
         let handlerless: Vec<(u32, bool)> = self
             .pairs()
             .filter(|(slot, listener)| {
+                let state = slot.state.borrow();
+                // Its handler went (it waits for a restart), not one whose supervision has
+                // not begun yet: adopted handlers are taken over one slot after the other,
+                // and marking the later ones "no handler" when the first is ready sent new
+                // connections to the one socket still unmarked, even a demoted one (in a VM
+                // 4 clients' connections waited there until they timed out).
                 slot.index != index
                     && listener.state() == SocketState::Serving
-                    && slot.state.borrow().pid.is_none()
+                    && state.pid.is_none()
+                    && state.restart_at.is_some()
             })
             .map(|(slot, _)| {
                 let delayed = slot.state.borrow().restart_at.is_some_and(|at| at > now);

@@ -210,6 +210,7 @@ fn a_spawner_killed_between_a_moves_shutdown_and_listen_leaves_no_connection_wai
         let before = NetCounters::read();
         let load = SteadyLoad::start(addr(), 4, Duration::from_secs(60), TIMEOUT);
         assert!(kill.struck(Duration::from_secs(20)), "{}", spawner.log());
+        let mut steps = vec![("killed", load.so_far())];
         assert!(
             wait_for(Duration::from_secs(5), || !alive(spawner.pid())),
             "the spawner outlived strace's SIGKILL"
@@ -223,12 +224,14 @@ fn a_spawner_killed_between_a_moves_shutdown_and_listen_leaves_no_connection_wai
             .contains("queued connections to the other handlers"));
         // A second without a spawner: the others serve everything.
         std::thread::sleep(Duration::from_secs(1));
+        steps.push(("adopting", load.so_far()));
         let again = build().start();
         assert!(
             again.wait_until_ready(Duration::from_secs(10)),
             "{}",
             again.log()
         );
+        steps.push(("adopted", load.so_far()));
         let adopted: Vec<u32> = (0..4).map(|slot| again.handler_pid(slot)).collect();
         assert_eq!(adopted, handlers, "{}", again.log());
         assert!(
@@ -237,9 +240,35 @@ fn a_spawner_killed_between_a_moves_shutdown_and_listen_leaves_no_connection_wai
             "slot 0's socket was not put back, demoted:\n{}",
             again.log()
         );
-        // Served on with the socket back in the group, for longer than the watchdog's
-        // period (2 s): its look at the socket's queue length comes before the end.
-        std::thread::sleep(Duration::from_millis(2500));
+        steps.push(("put back", load.so_far()));
+        // Where connections wait meanwhile: per slot, state, queue depth and selections.
+        let looks: Vec<String> = (0..6)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(400));
+                let status = again.status();
+                let slots: Vec<String> = status
+                    .sockets
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{:?}/{}/{}/{}",
+                            s.state,
+                            s.queue.map_or(0, |q| q.depth),
+                            s.counters.selected,
+                            s.counters.migrated_in
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{} done: {} errors {:?}",
+                    load.so_far(),
+                    slots.join(" "),
+                    status.errors
+                )
+            })
+            .collect();
+        // (The looks above served on for 2.4 s with the socket back in the group: longer
+        // than the watchdog's period, whose look at the queue length comes before the end.)
         let outcomes = load.finish();
         let kernel = before.delta(&NetCounters::read());
         let status = again.status();
@@ -263,7 +292,13 @@ fn a_spawner_killed_between_a_moves_shutdown_and_listen_leaves_no_connection_wai
             first_said.is_none_or(|l| l.contains("tried again")),
             "{log}"
         );
-        let failures: Vec<_> = outcomes.iter().filter(|o| **o != Outcome::Ok).collect();
+        // Where the failures fell among the test's steps (requests ended before each).
+        let failures: Vec<_> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o != Outcome::Ok)
+            .collect();
+        eprintln!("steps {steps:?}; failed requests (index, outcome) {failures:?}; looks every 0.4 s after: {looks:#?}");
         assert_eq!(failed, 0, "{failures:?}\n{}", again.log());
         assert_eq!(kernel.migrate_req_failure, 0, "{kernel:?}");
         assert_eq!(kernel.listen_overflows, 0, "{kernel:?}");
