@@ -39,8 +39,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets> {
 /// it is looked up; its default backend parses all of them (about 130,000 on 6.18) into a
 /// cache first. parsrv looks up a few dozen, so the index is the cheaper way: 13-18 ms
 /// instead of 71-100 ms here (release, 3 runs each, 2026-12-06), and a spawner's start parses
-/// BTF under emulation too. `/sys/kernel/btf/vmlinux` can be mapped only on newer kernels
-/// (6.18 here); elsewhere the file is read whole into a memfd, which can.
+/// BTF under emulation too. `/sys/kernel/btf/vmlinux` can be mapped from Linux 6.16 on;
+/// before, the file is read whole into a memfd, which can.
 pub fn vmlinux_btf() -> Result<Btf> {
     let path = vmlinux_btf_path();
     if !path.is_file() {
