@@ -41,7 +41,7 @@ fn main() {
     println!("cargo:rustc-env=PARSRV_EBPF_OBJECT_SHA256={hash}");
     // The other objects of the same build (no override: the tests feed broken objects only
     // as the main one).
-    for other in ["cluster-dispatch", "reuseport-audit"] {
+    for other in ["address-lookup", "cluster-dispatch", "reuseport-audit"] {
         let built = manifest_dir
             .join("../target/ebpf/bpfel-unknown-none/release")
             .join(other);

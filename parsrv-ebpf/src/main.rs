@@ -1,26 +1,30 @@
-//! parsrv's eBPF programs, one file each, in one object per program or per programs that
-//! share maps. This object (`parsrv`) holds a group's two steering programs, which share the
-//! group's SOCKETS and CONFIG, and what they share:
+//! parsrv's eBPF programs, one file and one object each. This object (`parsrv`) holds the
+//! program every group loads, and the modules the others take from it:
 //!
 //! - [`reuseport`]: the SK_REUSEPORT program. For every new connection (and every connection
 //!   migrating off a closing listener) it picks a listener of the group whose accept queue
 //!   has room.
-//! - [`lookup`]: the sk_lookup program. For every new connection to an address and port of a
-//!   group on several addresses, it keeps the connection at the address asked for while a
-//!   socket there has room, else hands it to the socket with most room on another address.
-//! - [`sockets`]: the group's sockets by slot, which both programs choose from.
+//! - [`sockets`]: the maps a group's programs share: its sockets by slot and its settings.
 //! - [`queue`]: reading a listener's accept queue from the kernel, and finding the listener
 //!   with the most room among many.
 //! - [`affinity`]: client affinity: the client of a connection and the dispatch table.
 //! - [`alerts`]: telling userspace that a queue is at least half full.
-//! - [`counting`]: per-CPU counters (also in the cluster's object).
+//! - [`counting`]: per-CPU counters and rate limits.
 //!
-//! Objects of their own, under `src/bin/`: the cluster's host dispatcher
-//! (`cluster_dispatch.rs`, a tc program: for the packets of a cluster's service it looks the
-//! client up in the host's copy of the cluster's dispatch table: served here, or forwarded to
-//! the host that serves it, or locked and decided here for a new client), and the watchdog's
-//! audit iterator (`reuseport_audit.rs`, `iter/tcp`). So a group creates none of the
-//! cluster's maps, and a cluster agent none of a group's.
+//! Objects of their own, under `src/bin/`:
+//! - `address_lookup.rs`, the sk_lookup program, loaded only for a group on several
+//!   addresses: for every new connection to an address and port of the group it keeps the
+//!   connection at the address asked for while a socket there has room, else hands it to the
+//!   socket with most room on another address. It shares the group's SOCKETS and CONFIG
+//!   through their pins ([`sockets`]).
+//! - `cluster_dispatch.rs`, the cluster's host dispatcher (a tc program: for the packets of a
+//!   cluster's service it looks the client up in the host's copy of the cluster's dispatch
+//!   table: served here, or forwarded to the host that serves it, or locked and decided here
+//!   for a new client).
+//! - `reuseport_audit.rs`, the watchdog's audit iterator (`iter/tcp`).
+//!
+//! So a group on one address creates only the reuseport program's maps, none of the lookup
+//! program's or the cluster's, and a cluster agent none of a group's.
 //!
 //! Types and map names shared with userspace are declared once in parsrv-common, one module
 //! per program.
@@ -59,7 +63,6 @@
 mod affinity;
 mod alerts;
 mod counting;
-mod lookup;
 mod queue;
 mod reuseport;
 mod runtime;

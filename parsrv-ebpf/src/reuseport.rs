@@ -7,9 +7,10 @@
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    cty::{c_long, c_void},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_sk_select_reuseport},
     macros::{map, sk_reuseport},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, SockMap},
     programs::SkReuseportContext,
 };
 use parsrv_common::reuseport::{
@@ -22,7 +23,7 @@ use crate::{
     affinity, alerts,
     counting::{count, due},
     queue::{address_of, listener, most_room, read, Found, Listener},
-    sockets::select,
+    sockets::{CONFIG, SOCKETS},
 };
 
 #[map]
@@ -33,10 +34,6 @@ static SLOT_COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::with_max_entries(
 
 #[map]
 static GLOBAL_COUNTERS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1, 0);
-
-/// Shared with the sk_lookup program, which takes the kernel offsets from it.
-#[map]
-pub static CONFIG: Array<ProgramConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 static SLOT_CACHE: PerCpuArray<SlotCacheEntry> = PerCpuArray::with_max_entries(MAX_SOCKETS, 0);
@@ -559,4 +556,27 @@ fn slot_of(listener: &Listener, config: &ProgramConfig) -> Result<u32, FailOpen>
         generation: config.generation,
     };
     Ok(slot)
+}
+
+/// Makes the socket in `slot` the one the kernel gives the connection to. Fails (-ENOENT)
+/// if the slot is empty and (-EBADFD) if its socket is in another reuseport group, i.e.
+/// bound to another address of the group.
+#[inline(always)]
+pub fn select(ctx: &SkReuseportContext, slot: u32) -> Result<(), c_long> {
+    let mut key = slot;
+    // SAFETY: the helper reads the key and looks it up in the map; `ctx.md` is the
+    // program's context.
+    let rc = unsafe {
+        bpf_sk_select_reuseport(
+            ctx.md,
+            &SOCKETS as *const SockMap as *mut c_void,
+            &mut key as *mut u32 as *mut c_void,
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(rc)
+    }
 }

@@ -25,8 +25,13 @@ pub(crate) fn build_ebpf() -> Result<()> {
     )?;
     let object = ebpf_object();
     // One object per binary of parsrv-ebpf; parsrv's build.rs embeds each.
-    for built in ["parsrv", "cluster-dispatch", "reuseport-audit"].map(|o| object.with_file_name(o))
-    {
+    let objects = [
+        "parsrv",
+        "address-lookup",
+        "cluster-dispatch",
+        "reuseport-audit",
+    ];
+    for built in objects.map(|o| object.with_file_name(o)) {
         let size = std::fs::metadata(&built)
             .with_context(|| format!("the eBPF build produced no {}", built.display()))?
             .len();

@@ -9,8 +9,16 @@
 //!
 //! A loader keeps the map sizes it was given, so every load states the size of every map
 //! sized at run time ([`MapSizes`]); none leaks from one load into the next.
+//!
+//! A loader also keeps the pins it was told to take maps from, and aya has no way to forget
+//! one: so loads that take maps from a group's pins ([`load_sharing`]) have a loader of
+//! their own, made on the first such load (a group on several addresses), and every such load
+//! names every pin it takes. The first loader never takes a map from a pin.
 
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::{
+    path::PathBuf,
+    sync::{LazyLock, Mutex, PoisonError},
+};
 
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use parsrv_common::{cluster, reuseport};
@@ -41,6 +49,9 @@ impl Default for MapSizes {
 static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> =
     LazyLock::new(|| Mutex::new(EbpfLoader::new()));
 
+static SHARING_LOADER: LazyLock<Mutex<EbpfLoader<'static>>> =
+    LazyLock::new(|| Mutex::new(EbpfLoader::new()));
+
 /// Loads `object` (creating its maps and relocating its programs, loading none of them) with
 /// the map sizes `sizes`.
 pub fn load(object: &[u8], sizes: MapSizes) -> Result<Ebpf, EbpfError> {
@@ -68,4 +79,28 @@ pub fn load_with_global(
         loader.override_global(name, value, false);
     }
     load(object, sizes)
+}
+
+/// Loads `object` as [`load`] does, its maps at the sizes the object declares, except that
+/// each map named in `shared` is not created but opened from the pin given beside it: so this
+/// object's programs work on the same maps as another object's. `shared` must name the same maps on every call
+/// (the loader keeps pins from one call to the next), and every pin must exist: a missing
+/// one would be created and pinned by aya, hence the check.
+pub fn load_sharing(object: &[u8], shared: &[(&'static str, PathBuf)]) -> Result<Ebpf, EbpfError> {
+    if let Some((name, path)) = shared.iter().find(|(_, path)| !path.exists()) {
+        return Err(EbpfError::FileError {
+            path: path.clone(),
+            error: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the pin of map {name}, which this object shares, is missing"),
+            ),
+        });
+    }
+    let mut loader = SHARING_LOADER
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    for (name, path) in shared {
+        loader.map_pin_path(name, path.clone());
+    }
+    loader.load(object)
 }

@@ -3,12 +3,14 @@
 //! entry each belongs to), which entry each slot's socket is bound to, the per-address
 //! counters, and the program's link to the network namespace.
 //!
-//! The program is loaded from the same object as the SK_REUSEPORT program, so both use the
-//! same SOCKETS and CONFIG ([`super::reuseport::Steering`] loads them together). Its link is
-//! pinned in the group's directory: it outlives a spawner killed outright, so a group whose
-//! handlers live on keeps serving every address, and it goes when the directory is removed
-//! (`parsrv stop`, or the next start of the group after everything died). Once the group's
-//! sockets are closed, SOCKETS is empty and the program hands nothing over.
+//! The program has an object of its own (`address-lookup`), loaded only for a group on
+//! several addresses, a prefix or a port range, after the SK_REUSEPORT program's: it takes
+//! that program's SOCKETS and CONFIG from their pins ([`load`]), so both programs work on the
+//! same two maps. Its own maps and its link are pinned in the group's directory: the link
+//! outlives a spawner killed outright, so a group whose handlers live on keeps serving every
+//! address, and it goes when the directory is removed (`parsrv stop`, or the next start of
+//! the group after everything died). Once the group's sockets are closed, SOCKETS is empty
+//! and the program hands nothing over.
 
 use std::path::Path;
 
@@ -22,7 +24,7 @@ use aya::{
 };
 use parsrv_common::lookup::{names, AddressCounters, Rule, RuleKey, V6_ONLY};
 
-use super::sum_over_cpus;
+use super::{loader, object, sum_over_cpus, EbpfObject, Program};
 use crate::{
     error::{Error, Result},
     spec::Listen,
@@ -103,13 +105,41 @@ impl AddressLookup {
     }
 }
 
+/// Loads the program for a group whose SK_REUSEPORT program's maps are pinned in `pins`, on
+/// that program's SOCKETS and CONFIG; pins its own maps there; writes the group's rules
+/// (`listen`); attaches it to this process's network namespace and pins the link there.
+/// CONFIG must be written already: the program runs from the attach on.
+pub fn load(pins: &Path, listen: &[Listen]) -> Result<AddressLookup> {
+    use parsrv_common::reuseport::names as group;
+    let bytes = object(EbpfObject::AddressLookup)?;
+    let shared = [group::SOCKETS, group::CONFIG].map(|name| (name, pins.join(name)));
+    let mut ebpf = loader::load_sharing(&bytes, &shared)
+        .map_err(Error::ebpf("loading the address-lookup eBPF object"))?;
+    let [rules, slot_listen, counters] = MAPS.map(|name| {
+        let map = ebpf.take_map(name).ok_or_else(|| {
+            Error::ebpf("the embedded address-lookup object is not parsrv's")(anyhow::anyhow!(
+                "it has no map {name}"
+            ))
+        })?;
+        map.pin(pins.join(name))
+            .map_err(Error::ebpf(format!("pinning map {name}")))?;
+        Ok::<_, Error>(map)
+    });
+    let mut lookup = AddressLookup::from_maps([rules?, slot_listen?, counters?])?;
+    lookup.set_rules(listen)?;
+    attach(&mut ebpf)?
+        .pin(pins.join(names::LINK))
+        .map_err(Error::ebpf("pinning the sk_lookup link"))?;
+    Ok(lookup)
+}
+
 /// Loads the program from `ebpf` (already loaded with its maps) and attaches it to this
 /// process's network namespace.
-pub fn attach(ebpf: &mut Ebpf) -> Result<FdLink> {
+fn attach(ebpf: &mut Ebpf) -> Result<FdLink> {
     let program: &mut SkLookup = ebpf
         .program_mut(names::PROGRAM)
         .ok_or_else(|| {
-            Error::ebpf("the embedded eBPF object is not parsrv's")(anyhow::anyhow!(
+            Error::ebpf("the embedded address-lookup object is not parsrv's")(anyhow::anyhow!(
                 "it has no {}",
                 names::PROGRAM
             ))
@@ -118,7 +148,7 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<FdLink> {
         .map_err(Error::ebpf("the lookup program has the wrong type"))?;
     program
         .load()
-        .map_err(|e| super::verification::refusal(super::Program::AddressLookup, e))?;
+        .map_err(|e| super::verification::refusal(Program::AddressLookup, e))?;
     let netns = crate::procfs::own_netns()
         .map_err(Error::io("opening this process's network namespace"))?;
     let link = program.attach(&netns).map_err(Error::ebpf(

@@ -57,8 +57,11 @@ pub(crate) fn sum_over_cpus<T: aya::Pod + Default>(
 /// An ELF object built from parsrv-ebpf and embedded in this binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EbpfObject {
-    /// `parsrv-ebpf`'s `parsrv` binary: a group's two steering programs, which share maps.
+    /// `parsrv-ebpf`'s `parsrv` binary: the SK_REUSEPORT program of every group.
     Parsrv,
+    /// `parsrv-ebpf`'s `address-lookup` binary: the sk_lookup program of a group on several
+    /// addresses, on the maps the `parsrv` object's program shares with it.
+    AddressLookup,
     /// `parsrv-ebpf`'s `cluster-dispatch` binary: the cluster's host dispatcher alone.
     ClusterDispatch,
     /// `parsrv-ebpf`'s `reuseport-audit` binary: the watchdog's iterator alone.
@@ -71,6 +74,9 @@ impl EbpfObject {
         match self {
             EbpfObject::Parsrv => {
                 aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/parsrv-ebpf.o"))
+            }
+            EbpfObject::AddressLookup => {
+                aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/address-lookup.o"))
             }
             EbpfObject::ClusterDispatch => {
                 aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cluster-dispatch.o"))
@@ -126,7 +132,8 @@ impl Program {
 
     pub fn object(self) -> EbpfObject {
         match self {
-            Program::ReuseportSelect | Program::AddressLookup => EbpfObject::Parsrv,
+            Program::ReuseportSelect => EbpfObject::Parsrv,
+            Program::AddressLookup => EbpfObject::AddressLookup,
             Program::ClusterDispatch => EbpfObject::ClusterDispatch,
             Program::ReuseportAudit => EbpfObject::ReuseportAudit,
         }

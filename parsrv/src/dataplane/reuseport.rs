@@ -41,11 +41,9 @@ pub struct Steering {
     global_counters: PerCpuArray<MapData, GlobalCounters>,
     config: Array<MapData, ProgramConfig>,
     dispatch_table: DispatchTable,
-    /// The sk_lookup program's maps (present in every group; its program is attached only
-    /// for a group on several addresses, a prefix or a port range).
-    addresses: AddressLookup,
-    /// The sk_lookup program's link when it is not pinned (a group loaded without pins).
-    lookup_link: Option<aya::programs::links::FdLink>,
+    /// The sk_lookup program's maps, for a group on several addresses, a prefix or a port
+    /// range (the program is in the group's pins, attached to the network namespace).
+    addresses: Option<AddressLookup>,
     /// The program's queue alerts, until the autoscaler takes them ([`Steering::take_alerts`]).
     /// None from the pins of a group whose program sends none (an older parsrv's).
     alerts: Option<RingBuf<MapData>>,
@@ -79,13 +77,15 @@ pub struct RunStats {
 impl Steering {
     /// Loads the program with expected attach type SELECT_OR_MIGRATE and writes `config`,
     /// with a dispatch table of `table_size` entries. With `lookup` (a group on several
-    /// addresses, a prefix or a port range), the sk_lookup program is loaded too, its rules
-    /// written, and attached to this process's network namespace (its link pinned with the
-    /// maps).
+    /// addresses, a prefix or a port range), the sk_lookup program is loaded too, from its
+    /// own object on this program's SOCKETS and CONFIG, its rules written, and attached to
+    /// this process's network namespace (its link pinned with the maps).
     ///
-    /// With `pin_dir`, the maps are pinned at once into a staging directory beside it, which
-    /// [`Steering::publish_pins`] renames to `pin_dir` in one step (so a reader never sees
-    /// half a set) and which is removed if anything fails before.
+    /// With `pin_dir`, the program and maps are pinned at once into a staging directory
+    /// beside it, which [`Steering::publish_pins`] renames to `pin_dir` in one step (so a
+    /// reader never sees half a set) and which is removed if anything fails before. The
+    /// lookup program needs them: it takes this program's maps from their pins. Without
+    /// (tests of the program alone), nothing is pinned.
     pub fn load(
         config: ProgramConfig,
         table_size: u32,
@@ -142,12 +142,6 @@ impl Steering {
         let dispatch_table = take(names::DISPATCH_TABLE)?;
         let affinity_counters = take(names::AFFINITY_COUNTERS)?;
         let alerts = take(names::QUEUE_ALERTS)?;
-        let [rules, slot_listen, address_counters] = lookup::MAPS;
-        let mut addresses =
-            AddressLookup::from_maps([take(rules)?, take(slot_listen)?, take(address_counters)?])?;
-        if let Some(listen) = lookup {
-            addresses.set_rules(listen)?;
-        }
         let typed = |name: &str| Error::ebpf(format!("map {name} has the wrong type"));
         let mut steering = Steering {
             sockets: sockets.try_into().map_err(typed(names::SOCKETS))?,
@@ -171,8 +165,7 @@ impl Steering {
                 capacity: table_size,
             },
             alerts: Some(alerts.try_into().map_err(typed(names::QUEUE_ALERTS))?),
-            addresses,
-            lookup_link: None,
+            addresses: None,
             staged: staged.zip(pin_dir.map(Path::to_owned)),
             current: ProgramConfig {
                 generation: 1,
@@ -180,33 +173,26 @@ impl Steering {
             },
             loaded: Loaded::Object(ebpf),
         };
+        // Before the lookup program runs: it reads CONFIG.
         steering.write_config()?;
-        if lookup.is_some() {
-            steering.attach_lookup()?;
+        if let Some(listen) = lookup {
+            let Some((staged, _)) = &steering.staged else {
+                return Err(Error::ebpf("loading the sk_lookup program")(
+                    anyhow::anyhow!(
+                        "it takes the group's maps from their pins, and the group has none"
+                    ),
+                ));
+            };
+            steering.addresses = Some(lookup::load(staged.dir(), listen)?);
         }
         Ok(steering)
     }
 
-    /// Loads the sk_lookup program and attaches it to the network namespace; its link is
-    /// pinned with the maps (or kept here without pins).
-    fn attach_lookup(&mut self) -> Result<()> {
-        let Loaded::Object(ebpf) = &mut self.loaded else {
-            unreachable!("only a freshly loaded object attaches");
-        };
-        let link = lookup::attach(ebpf)?;
-        match &self.staged {
-            Some((staged, _)) => {
-                link.pin(staged.0.join(parsrv_common::lookup::names::LINK))
-                    .map_err(Error::ebpf("pinning the sk_lookup link"))?;
-            }
-            None => self.lookup_link = Some(link),
-        }
-        Ok(())
-    }
-
     /// Takes over the program and maps a running group pinned at `pin_dir` (its spawner is
-    /// gone), and writes `config`, keeping the group's generation going.
-    pub fn adopt(config: ProgramConfig, pin_dir: &Path) -> Result<Self> {
+    /// gone), and writes `config`, keeping the group's generation going. With `lookup`, the
+    /// group is on several addresses and its sk_lookup program's maps are taken too (an
+    /// older parsrv pinned them for every group; they are left alone where not needed).
+    pub fn adopt(config: ProgramConfig, pin_dir: &Path, lookup: bool) -> Result<Self> {
         let config_map: Array<MapData, ProgramConfig> = pinned(pin_dir, names::CONFIG)?;
         let running = config_map
             .get(&0, 0)
@@ -224,8 +210,7 @@ impl Steering {
             global_counters: pinned(pin_dir, names::GLOBAL_COUNTERS)?,
             config: config_map,
             dispatch_table: adopt_dispatch_table(pin_dir)?,
-            addresses: AddressLookup::adopt(pin_dir)?,
-            lookup_link: None,
+            addresses: lookup.then(|| AddressLookup::adopt(pin_dir)).transpose()?,
             alerts: pinned(pin_dir, names::QUEUE_ALERTS).ok(),
             staged: None,
             // Not draining: a spawner that died draining left the group to whoever adopts it.
@@ -320,9 +305,10 @@ impl Steering {
         self.sockets
             .set(slot, listener.socket(), 0)
             .map_err(Error::ebpf(context))?;
-        let v6_only = listener.addr().is_ipv6() && listener.socket().only_v6().unwrap_or(true);
-        self.addresses
-            .set_slot(slot, Some((listener.entry(), v6_only)))?;
+        if let Some(addresses) = &mut self.addresses {
+            let v6_only = listener.addr().is_ipv6() && listener.socket().only_v6().unwrap_or(true);
+            addresses.set_slot(slot, Some((listener.entry(), v6_only)))?;
+        }
         self.current.slots = self.current.slots.max(slot + 1);
         self.new_generation()
     }
@@ -332,7 +318,9 @@ impl Steering {
         self.forget_socket(slot)?;
         // Its cookie may be gone already if registration failed halfway.
         let _ = self.slot_by_cookie.remove(&cookie);
-        self.addresses.set_slot(slot, None)?;
+        if let Some(addresses) = &mut self.addresses {
+            addresses.set_slot(slot, None)?;
+        }
         self.new_generation()
     }
 
@@ -410,9 +398,9 @@ impl Steering {
         )
     }
 
-    /// The sk_lookup program's maps: per-address counters.
-    pub fn addresses(&self) -> &AddressLookup {
-        &self.addresses
+    /// The sk_lookup program's maps (per-address counters), for a group on several addresses.
+    pub fn addresses(&self) -> Option<&AddressLookup> {
+        self.addresses.as_ref()
     }
 
     /// The dispatch table of client affinity.

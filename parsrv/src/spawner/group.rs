@@ -187,7 +187,7 @@ impl RunningGroup {
                 (listeners, steering, Vec::new())
             }
             Some(adoption) => {
-                let mut steering = Steering::adopt(config, &pin_dir)?;
+                let mut steering = Steering::adopt(config, &pin_dir, spec.needs_lookup())?;
                 let (mut sockets, mut handlers) = (Vec::new(), Vec::new());
                 for (index, (slot, recorded)) in
                     (0..).zip(adoption.slots.into_iter().zip(&adoption.record.slots))

@@ -103,13 +103,10 @@ impl RunningGroup {
 
     /// Each `--listen` entry of a group the sk_lookup program serves.
     fn address_status(&self, members: &Members) -> Result<Vec<AddressStatus>> {
-        if !self.spec.needs_lookup() {
+        let Some(addresses) = members.steering().addresses() else {
             return Ok(Vec::new());
-        }
-        let counters = members
-            .steering()
-            .addresses()
-            .counters(self.spec.listen.len())?;
+        };
+        let counters = addresses.counters(self.spec.listen.len())?;
         Ok((0..)
             .zip(self.spec.listen.iter().zip(counters))
             .map(|(entry, (listen, counters))| {

@@ -149,6 +149,97 @@ fn a_full_address_sends_its_connections_to_another_addresss_handlers_keeping_the
     });
 }
 
+/// Each program is an object of its own, and a group loads only what it uses: a group on one
+/// address creates (and pins) none of the sk_lookup program's maps and attaches no lookup
+/// link, a group on two addresses has them, and its lookup program runs on the very SOCKETS
+/// and CONFIG that its SK_REUSEPORT program's spawner fills (the same map ids).
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_group_loads_only_the_programs_and_maps_it_uses() {
+    privileged(needs(), || {
+        use parsrv_common::{lookup::names as lookup, reuseport::names as reuseport};
+        let pins = |group: &str| -> std::collections::BTreeSet<String> {
+            std::fs::read_dir(pin_dir(group))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let lookup_pins = [
+            lookup::RULES,
+            lookup::SLOT_LISTEN,
+            lookup::COUNTERS,
+            lookup::LINK,
+        ];
+
+        let one = group("one-address", HandlerKind::Http)
+            .listen_on(&["127.0.0.6:8080"])
+            .handlers(2)
+            .no_autoscale()
+            .start();
+        let one_pins = pins("one-address");
+        assert!(one_pins.contains(reuseport::SOCKETS), "{one_pins:?}");
+        for name in lookup_pins {
+            assert!(
+                !one_pins.contains(name),
+                "a group on one address has {name}: {one_pins:?}"
+            );
+        }
+        assert_eq!(parsrv_lookup_links(), Vec::<u32>::new(), "a lookup link");
+
+        let two = two_handlers_each("two-addresses", &["127.0.0.2:8080", "127.0.0.3:8080"]).start();
+        let two_pins = pins("two-addresses");
+        for name in lookup_pins {
+            assert!(
+                two_pins.contains(name),
+                "a group on two addresses lacks {name}: {two_pins:?}"
+            );
+        }
+        assert_eq!(parsrv_lookup_links().len(), 1, "one sk_lookup link");
+        let pinned_id = |name: &str| {
+            aya::maps::MapInfo::from_pin(pin_dir("two-addresses").join(name))
+                .unwrap()
+                .id()
+        };
+        let program = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.name_as_str() == Some(lookup::PROGRAM))
+            .expect("the lookup program is loaded");
+        let used = program.map_ids().unwrap().expect("map ids (Linux 4.15+)");
+        let shared_and_own = [
+            reuseport::SOCKETS,
+            reuseport::CONFIG,
+            lookup::RULES,
+            lookup::SLOT_LISTEN,
+            lookup::COUNTERS,
+        ]
+        .map(|name| (name, pinned_id(name)));
+        for (name, id) in shared_and_own {
+            assert!(
+                used.contains(&id),
+                "the lookup program does not use the group's {name} ({id}): {used:?}"
+            );
+        }
+        // Besides: its two per-CPU scratch maps, private to it.
+        let private: Vec<String> = used
+            .iter()
+            .filter(|id| !shared_and_own.iter().any(|(_, pinned)| pinned == *id))
+            .map(|&id| {
+                let info = aya::maps::MapInfo::from_id(id).unwrap();
+                info.name_as_str().unwrap_or_default().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            std::collections::BTreeSet::from_iter(private.iter().map(String::as_str)),
+            std::collections::BTreeSet::from([lookup::SCRATCH, reuseport::SCRATCH]),
+            "the lookup program's other maps"
+        );
+        assert_eq!(private.len(), 2);
+        assert!(two.stop().success());
+        assert!(one.stop().success());
+        assert_eq!(parsrv_lookup_links(), Vec::<u32>::new(), "a link was left");
+    });
+}
+
 /// Under syncookies the final ACK finds no request socket, so the kernel looks for a listener
 /// again and the sk_lookup program runs again. With `tcp_syncookies=2` every connection goes
 /// so: each must still complete on the address its SYN was moved to (a cookie is accepted

@@ -1,4 +1,5 @@
-//! The sk_lookup program: one group on several addresses.
+//! The sk_lookup program: one group on several addresses (shared types:
+//! `parsrv_common::lookup`).
 //!
 //! Attached to the network namespace, the kernel runs it for every new connection there,
 //! before its own listener lookup, and for every address: it must pass what is not its
@@ -17,6 +18,22 @@
 //!
 //! Queues are read as the SK_REUSEPORT program reads them ([`queue::listener`]), from the
 //! socket the SOCKETS lookup returns (a reference, released at once).
+//!
+//! Its own object: a group on one address loads none of it. It shares the group's SOCKETS
+//! and CONFIG with the reuseport object through their pins (see `sockets.rs`).
+#![no_std]
+#![no_main]
+
+#[path = "../counting.rs"]
+#[allow(dead_code)] // the rate limit (`due`) is the reuseport object's
+mod counting;
+#[path = "../queue.rs"]
+#[allow(dead_code)] // the scan for most room is the reuseport object's
+mod queue;
+#[path = "../runtime.rs"]
+mod runtime;
+#[path = "../sockets.rs"]
+mod sockets;
 
 use aya_ebpf::{
     bindings::{bpf_sock, sk_action::SK_PASS},
@@ -39,8 +56,7 @@ use parsrv_common::{
 use crate::{
     counting::count,
     queue::{address_of_sock, listener},
-    reuseport::CONFIG,
-    sockets::SOCKETS,
+    sockets::{CONFIG, SOCKETS},
 };
 
 #[map]
