@@ -13,12 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{Error, Result},
+    run_dir::run_dir,
     status::GroupStatus,
 };
-
-/// Where control sockets live; override with `PARSRV_RUN_DIR`.
-pub const RUN_DIR: &str = "/run/parsrv";
-pub const RUN_DIR_ENV: &str = "PARSRV_RUN_DIR";
 
 /// Longest request line a spawner reads.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -76,7 +73,7 @@ impl Request {
 pub enum Response {
     Status(Box<GroupStatus>),
     /// A cluster agent's answer to `status`.
-    ClusterStatus(Box<crate::cluster::status::ClusterStatus>),
+    ClusterStatus(Box<crate::status::cluster::ClusterStatus>),
     Spec(Box<crate::spec::GroupSpec>),
     Affinity(Vec<crate::status::AffinityEntry>),
     /// The answer to `room`.
@@ -129,33 +126,6 @@ impl From<Error> for ControlError {
             }
             other => ControlError::Failed(other.to_string()),
         }
-    }
-}
-
-pub fn run_dir() -> PathBuf {
-    std::env::var_os(RUN_DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
-}
-
-/// Refuses a run directory root should not trust: one that another user owns or may write
-/// (a planted record or socket there would make root act on it). One that does not exist
-/// yet is fine: parsrv creates it, 0711 (see `ControlSocket::bind_at`).
-pub fn check_run_dir() -> Result<()> {
-    let path = run_dir();
-    let meta = match fs::metadata(&path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
-    };
-    let why = if !meta.is_dir() {
-        Some("not a directory".to_owned())
-    } else {
-        crate::kernel::untrusted_because(&meta)
-    };
-    match why {
-        Some(why) => Err(Error::UntrustedPath { path, why }),
-        None => Ok(()),
     }
 }
 

@@ -71,7 +71,7 @@ pub enum Error {
     BtfLayout { path: PathBuf, what: String },
 
     #[error(transparent)]
-    VerifierRefused(Box<crate::dataplane::verification::VerifierRefusal>),
+    VerifierRefused(Box<VerifierRefusal>),
 
     #[error(
         "no eBPF program to load (this binary was built without it, or PARSRV_EBPF_OBJECT \
@@ -189,3 +189,25 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A program the kernel's verifier refused, in one line (`dataplane::verification` makes it
+/// and writes the whole log to a file).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the kernel's verifier refused {program} ({processed}, limit {limit}): {reason}; \
+     kernel {kernel}; eBPF {toolchain}; full log: {log}"
+)]
+pub struct VerifierRefusal {
+    pub program: &'static str,
+    /// "N insns processed".
+    pub processed: String,
+    pub limit: String,
+    /// The verifier's own words (the last line before its statistics).
+    pub reason: String,
+    /// `uname -r (uname -v)`.
+    pub kernel: String,
+    /// The object's hash and the toolchain that built it (or the file it came from).
+    pub toolchain: String,
+    /// The file with the whole log, or why it could not be written.
+    pub log: String,
+}

@@ -67,12 +67,12 @@ fn declared_names() -> BTreeSet<&'static str> {
 /// Paths the code builds, with their variable parts spelled as the table spells them.
 fn built_paths() -> BTreeSet<String> {
     // The table gives the defaults; a test run may have moved them.
-    let run_dir = control::run_dir().display().to_string();
+    let run_dir = parsrv::run_dir::run_dir().display().to_string();
     let bpffs = dataplane::pins::root().display().to_string();
     let as_documented = |path: &Path| {
         path.display()
             .to_string()
-            .replacen(&run_dir, control::RUN_DIR, 1)
+            .replacen(&run_dir, parsrv::run_dir::RUN_DIR, 1)
             .replacen(&bpffs, "/sys/fs/bpf/parsrv", 1)
     };
     let group_dir = as_documented(&dataplane::pins::group_dir("GROUP")) + "/";

@@ -43,16 +43,17 @@ pub fn render(status: &ClusterStatus) -> String {
         help,
         samples: vec![(this.clone(), value)],
     };
-    let peers = |name: &str, help, value: &dyn Fn(&super::status::PeerStatus) -> f64| Family {
-        name: name.to_owned(),
-        kind: "gauge",
-        help,
-        samples: status
-            .peers
-            .iter()
-            .map(|p| (format!("{this},peer=\"{}\"", p.host), value(p)))
-            .collect(),
-    };
+    let peers =
+        |name: &str, help, value: &dyn Fn(&crate::status::cluster::PeerStatus) -> f64| Family {
+            name: name.to_owned(),
+            kind: "gauge",
+            help,
+            samples: status
+                .peers
+                .iter()
+                .map(|p| (format!("{this},peer=\"{}\"", p.host), value(p)))
+                .collect(),
+        };
     let mut families = vec![
         one(
             "parsrv_cluster_ready",

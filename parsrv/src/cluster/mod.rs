@@ -18,7 +18,6 @@ pub mod membership;
 pub mod metrics;
 pub mod protocol;
 pub mod spec;
-pub mod status;
 pub mod table;
 pub mod tls;
 
@@ -26,8 +25,8 @@ use std::net::Ipv4Addr;
 
 use parsrv_common::cluster::ClusterConfig;
 
+pub use crate::status::cluster::ClusterStatus;
 pub use spec::ClusterSpec;
-pub use status::ClusterStatus;
 
 use crate::{
     control::{self, Request, Response},
@@ -94,7 +93,7 @@ pub fn run(spec: ClusterSpec) -> Result<()> {
         log::warn!("plaintext = true: peers are recognised by their address alone");
     }
     kernel::check_capabilities()?;
-    crate::control::check_run_dir()?;
+    crate::run_dir::check_run_dir()?;
     kernel::raise_fd_limit();
     crate::features::KernelFeatures::probe()
         .require_for(&[crate::dataplane::Program::ClusterDispatch])?;

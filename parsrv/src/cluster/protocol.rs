@@ -14,6 +14,8 @@ use std::net::Ipv4Addr;
 use parsrv_common::cluster::ClientEntry;
 use serde::{Deserialize, Serialize};
 
+pub use crate::status::cluster::HostState;
+
 /// Longest line accepted (a full table is sent in chunks of [`ENTRIES_PER_MESSAGE`]).
 pub const MAX_LINE: usize = 1 << 20;
 
@@ -39,15 +41,6 @@ pub enum Message {
     Forget { clients: Vec<Ipv4Addr> },
     /// After the table sent on a new connection: the receiver has all the sender knew.
     Synced,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HostState {
-    /// Not yet taking clients (it has not heard from every peer yet).
-    Joining,
-    Ready,
-    Draining,
 }
 
 /// One dispatch table entry on the wire.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{object, Program};
 use crate::{
     build_info,
-    error::{Error, Result},
+    error::{Error, Result, VerifierRefusal},
     kernel::kernel_build,
 };
 
@@ -120,30 +120,10 @@ pub fn refusal(program: Program, error: ProgramError) -> Error {
 }
 
 /// The verifier's refusal of a program, as one line: [`Error::VerifierRefused`].
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the kernel's verifier refused {program} ({processed}, limit {limit}): {reason}; \
-     kernel {kernel}; eBPF {toolchain}; full log: {log}"
-)]
-pub struct VerifierRefusal {
-    pub program: &'static str,
-    /// "N insns processed".
-    pub processed: String,
-    pub limit: String,
-    /// The verifier's own words (the last line before its statistics).
-    pub reason: String,
-    /// `uname -r (uname -v)`.
-    pub kernel: String,
-    /// The object's hash and the toolchain that built it (or the file it came from).
-    pub toolchain: String,
-    /// The file with the whole log, or why it could not be written.
-    pub log: String,
-}
-
 /// Where the verifier's log of a refused `program` goes: the run directory, which only root
 /// writes.
 pub fn log_path(program: Program) -> PathBuf {
-    crate::control::run_dir().join(format!("verifier-{}.log", program.name()))
+    crate::run_dir::run_dir().join(format!("verifier-{}.log", program.name()))
 }
 
 /// Writes the log beside `path` and renames it there, so that a reader sees a whole file

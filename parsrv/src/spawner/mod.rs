@@ -64,7 +64,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     }
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
     kernel::check_capabilities()?;
-    control::check_run_dir()?;
+    crate::run_dir::check_run_dir()?;
     kernel::raise_fd_limit();
     let programs = dataplane::programs_for_groups(&options.groups);
     let btf = kernel::vmlinux_btf()?;
@@ -126,7 +126,7 @@ pub fn record_path(name: &str) -> PathBuf {
 /// `parsrv stop GROUP` when no spawner answers for it: takes over what its last spawner
 /// left running and stops it as that spawner would have (handlers, program, pins, record).
 pub fn stop_orphan(name: &str) -> Result<String> {
-    control::check_run_dir()?;
+    crate::run_dir::check_run_dir()?;
     let Some(record) = record::GroupRecord::read(name) else {
         return Err(Error::GroupNotRunning {
             which: format!(" named '{name}'"),

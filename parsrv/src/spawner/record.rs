@@ -15,7 +15,6 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    control,
     error::{Error, Result},
     spec::GroupSpec,
 };
@@ -48,7 +47,7 @@ pub struct HandlerRecord {
 
 impl GroupRecord {
     pub fn path(group: &str) -> PathBuf {
-        control::run_dir().join(format!("{group}.json"))
+        crate::run_dir::run_dir().join(format!("{group}.json"))
     }
 
     /// The record of `group`, if there is a readable one. One that cannot be parsed (written

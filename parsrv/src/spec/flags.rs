@@ -9,7 +9,7 @@
 //! `parsrv group add` and `parsrv run` accept and refuse the same values with the same words;
 //! [`to_args`] is the way back, from a spec to the flags that give it.
 
-use clap::{error::ErrorKind, ArgAction, Args as _};
+use clap::{error::ErrorKind, ArgAction, Args as _, FromArgMatches as _};
 
 use super::GroupSpec;
 
@@ -45,9 +45,16 @@ pub struct KeyError {
 pub fn from_keys<'a>(
     keys: impl IntoIterator<Item = (&'a str, &'a toml::Value)>,
 ) -> Result<GroupSpec, KeyError> {
-    let mut argv = vec!["parsrv".to_owned(), "run".to_owned()];
+    let mut argv = vec!["run".to_owned()];
     argv.extend(args_of_keys(keys)?);
-    crate::cli::Cli::try_parse_group(argv).map_err(|e| clap_error_in_keys(&e))
+    parse_flags(argv).map_err(|e| clap_error_in_keys(&e))
+}
+
+/// The group that `argv` (a command name, then a group's flags) gives, read by the same clap
+/// arguments as `parsrv run`'s (which flattens [`GroupSpec`]'s).
+fn parse_flags(argv: Vec<String>) -> Result<GroupSpec, clap::Error> {
+    let matches = GroupSpec::augment_args(clap::Command::new("run")).try_get_matches_from(argv)?;
+    Ok(GroupSpec::from_arg_matches(&matches)?.named())
 }
 
 /// The flags that give `spec` (for `parsrv run`, and the tests' group builder).
@@ -184,7 +191,12 @@ mod tests {
         for spec in [plain, every] {
             let mut argv = vec!["parsrv".to_owned(), "run".to_owned()];
             argv.extend(to_args(&spec));
-            assert_eq!(crate::cli::Cli::try_parse_group(argv).unwrap(), spec);
+            // `parsrv run`'s parser, and the one a config file's keys go through.
+            assert_eq!(
+                crate::cli::Cli::try_parse_group(argv.clone()).unwrap(),
+                spec
+            );
+            assert_eq!(parse_flags(argv[1..].to_vec()).unwrap(), spec);
         }
     }
 

@@ -2,6 +2,7 @@
 //! prints it as a table ([`GroupStatus::render`]) or as JSON (the schema is documented in
 //! docs/cli.md), and with `--watch` as rates ([`GroupStatus::render_rates`]).
 
+pub mod cluster;
 mod rates;
 mod table;
 

@@ -28,7 +28,7 @@ use crate::{procfs::process_group, spec::Credentials};
 /// that run as `--user` must reach their socket through these and the run directory, so
 /// each is 0711: others may pass through, not list or write.
 pub fn notify_dir() -> PathBuf {
-    crate::control::run_dir().join("notify")
+    crate::run_dir::run_dir().join("notify")
 }
 
 /// A slot's notify socket; the task reading it runs until the slot is dropped.
@@ -45,7 +45,7 @@ impl NotifySocket {
     /// on it.
     pub fn bind(group: &str, slot: u32, user: Option<Credentials>) -> io::Result<NotifySocket> {
         let dir = notify_dir().join(group);
-        for traversable in [crate::control::run_dir(), notify_dir(), dir.clone()] {
+        for traversable in [crate::run_dir::run_dir(), notify_dir(), dir.clone()] {
             create_traversable(&traversable)?;
         }
         let path = dir.join(slot.to_string());

@@ -84,7 +84,7 @@ fn the_demo_answers_and_stops_cleanly_on_ctrl_c() {
             !pins.exists() || std::fs::read_dir(pins).unwrap().next().is_none(),
             "pins left"
         );
-        let run_dir = parsrv::control::run_dir();
+        let run_dir = parsrv::run_dir::run_dir();
         for file in [format!("{DEMO_GROUP}.sock"), format!("{DEMO_GROUP}.json")] {
             assert!(!run_dir.join(&file).exists(), "{file} left");
         }

@@ -22,7 +22,7 @@ use parsrv_integration_tests::{
 
 /// The run directory parsrv uses by default (tests never set `PARSRV_RUN_DIR`).
 fn run_dir() -> &'static Path {
-    Path::new(control::RUN_DIR)
+    Path::new(parsrv::run_dir::RUN_DIR)
 }
 
 #[test]

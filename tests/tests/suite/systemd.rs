@@ -263,7 +263,7 @@ fn with_notify_an_exec_handler_is_ready_when_it_says_ready_and_not_before() {
         );
         let socket = |slot| {
             let path =
-                parsrv::control::run_dir().join(format!("notify/test-notify-gunicorn/{slot}"));
+                parsrv::run_dir::run_dir().join(format!("notify/test-notify-gunicorn/{slot}"));
             format!("NOTIFY_SOCKET={}", path.display())
         };
         assert_eq!(environ, [socket(0), socket(1)]);

@@ -191,7 +191,7 @@ fn a_local_user_gets_no_answer_from_a_control_socket_even_when_its_mode_lets_the
         let spawner = group(name, HandlerKind::Http).start();
         let path = parsrv::control::socket_path(name);
         let open = std::fs::Permissions::from_mode;
-        std::fs::set_permissions(parsrv::control::run_dir(), open(0o755)).unwrap();
+        std::fs::set_permissions(parsrv::run_dir::run_dir(), open(0o755)).unwrap();
         std::fs::set_permissions(&path, open(0o666)).unwrap();
         let request = serde_json::to_string(&parsrv::control::Request::Status).unwrap() + "\n";
         let request = request.as_str();
@@ -323,7 +323,7 @@ fn a_forged_record_gets_no_process_signalled() {
 fn a_run_directory_others_can_write_is_refused() {
     privileged(Needs::program(), || {
         use std::os::unix::fs::PermissionsExt;
-        let dir = parsrv::control::run_dir();
+        let dir = parsrv::run_dir::run_dir();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
         let mut run = Command::new(parsrv_integration_tests::parsrv_bin())
@@ -702,7 +702,7 @@ fn a_local_user_cannot_squat_or_speak_on_a_handlers_notify_socket() {
             "a handler never became ready: {}",
             spawner.log()
         );
-        let run_dir = parsrv::control::run_dir();
+        let run_dir = parsrv::run_dir::run_dir();
         for (slot, handler) in spawner.status().handlers.iter().enumerate() {
             let environ = std::fs::read(format!("/proc/{}/environ", handler.pid.unwrap())).unwrap();
             let socket = run_dir.join(format!("notify/{name}/{slot}"));
@@ -878,7 +878,7 @@ fn with_dynamic_users_a_handler_cannot_take_another_groups_socket() {
             "{stderr}"
         );
         assert!(!parsrv::dataplane::pins::group_dir("dyn-taken").exists());
-        assert!(!parsrv::control::run_dir().join("dyn-taken.json").exists());
+        assert!(!parsrv::run_dir::run_dir().join("dyn-taken.json").exists());
         for spawner in [web, api, shared] {
             assert!(spawner.stop().success());
         }

@@ -239,7 +239,7 @@ fn a_refused_program_is_one_line_and_a_log_file_and_leaves_nothing_behind() {
             "pins left: {:?}",
             std::fs::read_dir(pins).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
         );
-        let run_dir: Vec<_> = std::fs::read_dir(parsrv::control::run_dir())
+        let run_dir: Vec<_> = std::fs::read_dir(parsrv::run_dir::run_dir())
             .unwrap()
             .flatten()
             .map(|e| e.path())

@@ -29,7 +29,7 @@ pub(super) async fn run_hook(command: &[String], what: &str) {
 
 /// Where `parsrv cluster status` finds the agent of cluster `name`.
 pub fn control_path(name: &str) -> std::path::PathBuf {
-    control::run_dir().join(format!("cluster-{name}.sock"))
+    crate::run_dir::run_dir().join(format!("cluster-{name}.sock"))
 }
 
 pub(super) fn control_listener(name: &str) -> Result<control::ControlSocket> {

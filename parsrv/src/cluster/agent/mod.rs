@@ -33,13 +33,13 @@ use super::{
     membership::{Change, Membership},
     protocol::{self, Message, WireEntry, ENTRIES_PER_MESSAGE},
     spec::ClusterSpec,
-    status::{ClusterStatus, PeerStatus, TableStatus},
     table::{self, Merge},
     tls::PeerTls,
 };
 use crate::{
     dataplane::{cluster::Dispatcher, monotonic_ns},
     error::{Error, Result},
+    status::cluster::{ClusterStatus, PeerStatus, TableStatus},
 };
 use local::{control_listener, run_hook, serve_control};
 use peers::{accept, dial};

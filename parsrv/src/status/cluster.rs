@@ -1,12 +1,22 @@
 //! `parsrv cluster status`: this host, its peers as it sees them, its table and its
-//! dispatcher's counters. One model, sent as JSON by the agent and rendered by the CLI.
+//! dispatcher's counters. One model, sent as JSON by the agent (`crate::cluster`) over the
+//! control protocol and rendered by the CLI; beside the groups' status, so that the control
+//! protocol's types depend on no agent.
 
 use std::net::SocketAddr;
 
 use parsrv_common::cluster::{AgentCounters, DispatchCounters};
 use serde::{Deserialize, Serialize};
 
-use super::protocol::HostState;
+/// Where a host is in the cluster, as it says in its heartbeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostState {
+    /// Not yet taking clients (it has not heard from every peer yet).
+    Joining,
+    Ready,
+    Draining,
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {
