@@ -201,9 +201,11 @@ impl Members {
     }
 
     /// Slot `index`'s handler is ready: its socket takes its share again. Slots whose
-    /// handler went while none was ready kept their sockets serving (their queues were the
-    /// best place then); now there is one to leave new connections to, and they step back
-    /// as [`Members::handler_gone`] would have had them.
+    /// handler went, or started, while none was ready kept their sockets serving (their
+    /// queues were the best place then); now there is one to leave new connections to, and
+    /// they step back as [`Members::handler_gone`] or [`Members::handler_starting`] would have
+    /// had them: a handler that is not ready may never be (one that dies before it says so,
+    /// in a loop), and what its socket takes meanwhile waits for it.
     pub fn handler_ready(&mut self, index: u32) -> Result<SocketState> {
         let ready = if self.is_spare(index) {
             SocketState::Spare
@@ -217,34 +219,33 @@ impl Members {
         };
         let state = self.set_state(index, ready)?;
         let now = std::time::Instant::now();
-        let handlerless: Vec<(u32, bool)> = self
+        let not_ready: Vec<(u32, SocketState)> = self
             .pairs()
             .filter(|(slot, listener)| {
                 let state = slot.state.borrow();
-                // Its handler went (it waits for a restart), not one whose supervision has
-                // not begun yet: adopted handlers are taken over one slot after the other,
-                // and marking the later ones "no handler" when the first is ready sent new
-                // connections to the one socket still unmarked, even a demoted one (in a VM
-                // 4 clients' connections waited there until they timed out).
+                // A handler that runs and is not ready, or none that waits for a restart;
+                // not a slot whose supervision has not begun yet: adopted handlers are
+                // taken over one slot after the other, and marking the later ones "no
+                // handler" when the first is ready sent new connections to the one socket
+                // still unmarked, even a demoted one (in a VM 4 clients' connections waited
+                // there until they timed out).
                 slot.index != index
                     && listener.state() == SocketState::Serving
-                    && state.pid.is_none()
-                    && state.restart_at.is_some()
+                    && !state.ready
+                    && (state.pid.is_some() || state.restart_at.is_some())
             })
             .map(|(slot, _)| {
                 let delayed = slot.state.borrow().restart_at.is_some_and(|at| at > now);
-                (slot.index, delayed)
-            })
-            .collect();
-        for (other, delayed) in handlerless {
-            self.set_state(
-                other,
-                if delayed {
+                let wanted = if delayed {
                     SocketState::Parked
                 } else {
                     SocketState::AwaitingHandler
-                },
-            )?;
+                };
+                (slot.index, wanted)
+            })
+            .collect();
+        for (other, wanted) in not_ready {
+            self.set_state(other, wanted)?;
         }
         Ok(state)
     }

@@ -504,3 +504,46 @@ fn a_restarted_handler_gets_new_connections_only_once_it_is_ready() {
         assert!(spawner.stop().success());
     });
 }
+
+/// At a group's start no handler is ready, so every socket takes connections (a queue is the
+/// best place to wait then). Once one handler is ready, a slot whose handler is still not
+/// steps back, marked "no handler", as a slot started later would: its handler may never be
+/// ready (here it lives on and never says READY=1; in a crash loop it dies first), and what
+/// its socket took would wait for it. Seen in a 6.1 VM: a request queued on a crash-looping
+/// slot's socket in its first life waited more than 3 s.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn once_a_handler_is_ready_a_slot_whose_handler_is_not_takes_no_new_connection() {
+    privileged(Needs::program(), || {
+        let server = example("blocking_handler");
+        let script = format!(
+            "if [ \"$PARSRV_SLOT\" = 1 ]; then exec sleep 60; fi; exec {}",
+            server.display()
+        );
+        let spawner = group("test-never-ready", HandlerKind::Exec)
+            .handlers(3)
+            .with(|g| g.notify = true)
+            .command(&["sh", "-c", &script])
+            .start();
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                let handlers = spawner.status().handlers;
+                handlers[0].ready && handlers[2].ready
+            }),
+            "{}",
+            spawner.log()
+        );
+        let status = spawner.status();
+        assert!(status.handlers[1].pid.is_some() && !status.handlers[1].ready);
+        assert_eq!(
+            status.sockets[1].state,
+            SocketState::AwaitingHandler,
+            "{}",
+            spawner.log()
+        );
+        let selected = selected_over(&spawner, 30);
+        assert_eq!(selected[1], 0, "{selected:?}");
+        assert_eq!(selected[0] + selected[2], 30, "{selected:?}");
+        assert!(spawner.stop().success());
+    });
+}
