@@ -258,3 +258,70 @@ pub(crate) fn running_as_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod docs_commands {
+    use super::*;
+
+    /// Every `cargo xtask ...` the docs show (in backticks or a shell block, up to the closing
+    /// backtick or a `#` comment), as words; forms with optional parts (`[--release]`) are
+    /// notation, not commands, and are left out.
+    fn commands_in_docs() -> Vec<(String, Vec<String>)> {
+        let root = workspace_root();
+        let mut files = vec![root.join("README.md"), root.join("bench/README.md")];
+        let mut docs: Vec<_> = std::fs::read_dir(root.join("docs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "md"))
+            .collect();
+        docs.sort();
+        files.extend(docs);
+        let mut found = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (number, line) in (1..).zip(text.lines()) {
+                for (at, _) in line.match_indices("cargo xtask") {
+                    let rest = &line[at + "cargo xtask".len()..];
+                    let command = rest.split(['`', '#', '(', ')']).next().unwrap_or_default();
+                    if command.contains('[') {
+                        continue;
+                    }
+                    let place = format!("{}:{number}", file.display());
+                    found.push((
+                        place,
+                        command.split_whitespace().map(str::to_owned).collect(),
+                    ));
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_xtask_command_in_the_docs_parses() {
+        let commands = commands_in_docs();
+        assert!(commands.len() >= 15, "{commands:?}");
+        for (place, words) in commands {
+            // A verb named in prose (`cargo xtask soak`): it must exist.
+            if let [verb] = words.as_slice() {
+                use clap::CommandFactory as _;
+                let cli = Cli::command();
+                assert!(
+                    cli.find_subcommand(verb).is_some(),
+                    "{place}: no verb {verb}"
+                );
+                continue;
+            }
+            let argv = std::iter::once("cargo xtask".to_owned()).chain(words.iter().cloned());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{place}: cargo xtask {}: {e}", words.join(" "));
+            }
+        }
+    }
+
+    #[test]
+    fn a_renamed_flag_is_caught() {
+        let argv = ["cargo xtask", "soak", "kill_loop", "--run", "30"];
+        assert!(Cli::try_parse_from(argv).is_err());
+    }
+}
