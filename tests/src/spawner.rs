@@ -172,7 +172,11 @@ impl GroupBuilder {
         self
     }
 
-    /// Starts `parsrv run` with this group and waits until every handler is up.
+    /// Starts `parsrv run` with this group and waits until every handler is ready: the
+    /// group as it serves once started. (Alive is not enough: while one handler is ready,
+    /// parsrv sends a slot whose handler is not yet ready no new connection, so a test that
+    /// stopped such a handler to fill its queue would wait in vain.) A group with a handler
+    /// that never gets ready starts with [`GroupBuilder::start_answering`].
     pub fn start(self) -> Spawner {
         self.start_with(|| Ok(()))
     }
@@ -305,13 +309,14 @@ impl Spawner {
     }
 
     /// Starts `parsrv run ARGS...` serving group `name`, with `setup` run in the child
-    /// before exec (namespaces, capabilities), and waits until every handler is up. Tests
-    /// start groups through [`group`].
+    /// before exec (namespaces, capabilities), and waits until every handler is ready (with
+    /// `handlers_ready`; else until the spawner answers). Tests start groups through
+    /// [`group`].
     fn start_from(
         binary: &Path,
         group: &GroupBuilder,
         setup: impl FnMut() -> io::Result<()> + Send + Sync + 'static,
-        handlers_up: bool,
+        handlers_ready: bool,
     ) -> Spawner {
         let (name, args) = (&group.spec.name, group.args());
         let mut command = Command::new(binary);
@@ -324,7 +329,7 @@ impl Spawner {
         Self::launch(name, name, command, |spawner| {
             spawner
                 .try_status()
-                .is_some_and(|s| !handlers_up || s.handlers.iter().all(|h| h.alive))
+                .is_some_and(|s| !handlers_ready || s.handlers.iter().all(|h| h.ready))
         })
     }
 

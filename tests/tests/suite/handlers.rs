@@ -466,7 +466,7 @@ fn crash_loop_backs_off_output_is_prefixed_and_stubborn_handlers_are_killed() {
                 "-c",
                 "sleep 300 & echo crashing in slot $PARSRV_SLOT; sleep 0.2; exit 3",
             ])
-            .start();
+            .start_answering();
         std::thread::sleep(Duration::from_secs(3));
         let status = spawner.status();
         let handler = &status.handlers[0];

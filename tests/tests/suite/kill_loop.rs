@@ -138,7 +138,7 @@ fn a_slot_crash_looping_before_ready_is_out_of_the_group_while_it_waits() {
             .handlers(3)
             .with(|g| g.notify = true)
             .command(&["sh", "-c", &script])
-            .start();
+            .start_answering();
         // Slots 0 and 2 serve (the blocking server says READY=1).
         assert!(
             wait_for(Duration::from_secs(10), || {

@@ -524,7 +524,7 @@ fn once_a_handler_is_ready_a_slot_whose_handler_is_not_takes_no_new_connection()
             .handlers(3)
             .with(|g| g.notify = true)
             .command(&["sh", "-c", &script])
-            .start();
+            .start_answering();
         assert!(
             wait_for(Duration::from_secs(10), || {
                 let handlers = spawner.status().handlers;
