@@ -5,7 +5,11 @@
 //! plain `cargo build` or `cargo clippy` of this crate must work without it: then an empty
 //! placeholder is embedded, and `parsrv run` says how to build the real one.
 
-use std::{env, fs, path::PathBuf};
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use sha2::{Digest, Sha256};
 
@@ -50,4 +54,32 @@ fn main() {
         fs::write(out, fs::read(&built).unwrap_or_default()).unwrap();
     }
     println!("cargo:rustc-env=PARSRV_EBPF_TOOLCHAIN={toolchain}");
+    println!("cargo:rustc-env=PARSRV_COMMIT={}", commit(&manifest_dir));
+}
+
+/// The commit checked out (12 hex digits), or "unknown" outside a git checkout (a source
+/// tarball, `cargo install` from a copy). Built again when HEAD moves.
+fn commit(manifest_dir: &Path) -> String {
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(manifest_dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())?;
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let dir = PathBuf::from(dir);
+        let mut watched = vec![dir.join("HEAD")];
+        if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            watched.push(dir.join(branch));
+        }
+        // A missing file would make cargo run this script at every build.
+        for file in watched.into_iter().filter(|f| f.exists()) {
+            println!("cargo:rerun-if-changed={}", file.display());
+        }
+    }
+    git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_owned())
 }

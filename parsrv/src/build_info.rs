@@ -10,14 +10,9 @@ pub const EBPF_OBJECT_SHA256: &str = env!("PARSRV_EBPF_OBJECT_SHA256");
 /// The pinned nightly, bpf-linker and LLVM that built the embedded object.
 pub const EBPF_TOOLCHAIN: &str = env!("PARSRV_EBPF_TOOLCHAIN");
 
-/// `parsrv --version`: the version, then the eBPF object and its toolchain.
-pub const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    "\neBPF object sha256 ",
-    env!("PARSRV_EBPF_OBJECT_SHA256"),
-    "\neBPF toolchain ",
-    env!("PARSRV_EBPF_TOOLCHAIN"),
-);
+/// The commit this binary was built from (`git describe`, "-dirty" with uncommitted
+/// changes), or "unknown" when built outside a git checkout.
+pub const COMMIT: &str = env!("PARSRV_COMMIT");
 
 /// The first 16 hex digits of the SHA-256 of `bytes`: enough to tell two builds apart.
 pub fn short_sha256(bytes: &[u8]) -> String {

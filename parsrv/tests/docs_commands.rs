@@ -109,7 +109,9 @@ fn the_synopsis_names_only_verbs_and_flags_that_exist() {
         .into_iter()
         .find(|(_, b)| b.starts_with("parsrv run"))
         .expect("docs/cli.md starts its synopsis block with `parsrv run`");
-    let cli = Cli::command();
+    // Built, so that clap's own flags (`--version`, `--help`) are there too.
+    let mut cli = Cli::command();
+    cli.build();
     let mut verbs = 0;
     let mut wrong = Vec::new();
     // Indented lines continue the line above.

@@ -27,7 +27,7 @@ pub fn llvm_config() -> std::path::PathBuf {
 /// generator the benchmarks confirm their figures with), the font their charts use, BIRD
 /// (the routing daemon the cluster tests announce the service address with) and strace
 /// (whose fault injection kills a spawner at one system call in the fault tests).
-const APT_PACKAGES: [&str; 8] = [
+const APT_PACKAGES: [&str; 10] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -36,6 +36,10 @@ const APT_PACKAGES: [&str; 8] = [
     "fonts-dejavu-core",
     "bird2",
     "strace",
+    // The completion scripts' tests load them in each shell parsrv ships one for (bash is
+    // there already).
+    "zsh",
+    "fish",
 ];
 
 /// What `cargo xtask test --vm` needs besides the build: qemu (TCG is enough), a static

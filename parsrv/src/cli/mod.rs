@@ -18,8 +18,10 @@ mod affinity;
 mod bench;
 mod check;
 mod cluster;
+mod completions;
 mod group;
 mod kernel;
+mod man;
 mod status;
 mod stop;
 mod upgrade;
@@ -31,7 +33,7 @@ mod tests;
 #[command(
     name = "parsrv",
     version,
-    long_version = crate::build_info::LONG_VERSION,
+    long_version = long_version(),
     about = "Many handler processes serve one port in parallel; an eBPF program steers each new \
              connection, in the kernel, to a handler socket whose accept queue has room."
 )]
@@ -53,6 +55,31 @@ impl Cli {
             )),
         }
     }
+}
+
+/// `parsrv --version`: the version and commit, the eBPF object and its toolchain, and the
+/// kernels the programs need.
+pub fn long_version() -> &'static str {
+    static TEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        use crate::{
+            build_info::{COMMIT, EBPF_OBJECT_SHA256, EBPF_TOOLCHAIN},
+            dataplane::Program,
+            features,
+        };
+        let cluster = features::needed_by(&[Program::ClusterDispatch])
+            .iter()
+            .map(|f| f.since())
+            .max()
+            .expect("the cluster needs features");
+        format!(
+            "{} (commit {COMMIT})\neBPF object sha256 {EBPF_OBJECT_SHA256}\neBPF toolchain \
+             {EBPF_TOOLCHAIN}\nkernels: groups need Linux {} or newer, a cluster host {} or newer",
+            env!("CARGO_PKG_VERSION"),
+            features::minimum_kernel(),
+            cluster,
+        )
+    });
+    &TEXT
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +134,19 @@ pub enum Command {
     /// `[cluster]`), and look at it.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Print the completion script of SHELL (packages install it where the shell looks:
+    /// /usr/share/bash-completion/completions/parsrv, ...).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages, parsrv(8) and one per verb (parsrv-run(8), ...), into DIR (what
+    /// `cargo xtask package` installs).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Run one built-in handler on the socket inherited as fd 3 (started by `parsrv run`).
     #[command(hide = true)]
     Handler(handler::Launch),
@@ -289,6 +329,8 @@ pub fn main() -> i32 {
         } => affinity::affinity(&group, client, json),
         Command::Upgrade { spawner } => upgrade::upgrade(spawner),
         Command::Cluster(command) => cluster::cluster(command),
+        Command::Completions { shell } => completions::completions(shell),
+        Command::Man { dir } => man::man(&dir),
         Command::Handler(args) => {
             return match handler::launch(args) {
                 Ok(()) => 0,
