@@ -6,6 +6,7 @@ mod ci;
 mod demo;
 mod ebpf;
 mod fresh;
+mod package;
 mod phases;
 mod setup;
 mod soak;
@@ -99,6 +100,16 @@ enum Task {
         #[arg(long, value_name = "N", requires = "vm")]
         stress: Option<u32>,
     },
+    /// Build (release) and package parsrv: a Debian package (/usr/sbin/parsrv, the systemd
+    /// unit, an example /etc/parsrv/parsrv.toml, man pages, completions, docs) and a tarball
+    /// of the same files with checksums, in target/package/. With --test, then installs it
+    /// in a clean Debian 12 root (debootstrapped once into target/package/debian-12), runs
+    /// the shipped group, upgrades it to a next package under load, and removes it (as
+    /// root; the `package::` integration test).
+    Package {
+        #[arg(long)]
+        test: bool,
+    },
     /// Run one privileged integration test (or those whose name contains TEST) many times,
     /// as the suite runs it, optionally beside CPU hogs, and keep the whole output of every
     /// failed run under target/soak/ (as root). Finds flakes; never retries them away.
@@ -175,6 +186,7 @@ fn run(task: Task) -> Result<()> {
         Task::Run { args } => demo::run_demo(args),
         Task::ClusterDemo => demo::cluster_demo(),
         Task::Lint => ci::lint(),
+        Task::Package { test } => package::package(test),
         Task::Bench { scenarios, quick } => bench::bench(scenarios, quick),
         Task::Soak {
             test,

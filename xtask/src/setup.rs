@@ -143,6 +143,11 @@ pub fn ensure_vm_packages() -> Result<()> {
     ensure_apt_packages(&VM_APT_PACKAGES, "qemu, busybox and kmod for the VM tests")
 }
 
+/// What `cargo xtask package --test` needs: debootstrap, for a clean Debian root.
+pub fn ensure_package_test_packages() -> Result<()> {
+    ensure_apt_packages(&["debootstrap"], "debootstrap for the package test")
+}
+
 fn ensure_apt_packages(packages: &[&'static str], purpose: &str) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()

@@ -19,6 +19,7 @@ mod kill_loop;
 mod lifecycle;
 mod migration;
 mod monitoring;
+mod package;
 mod policy;
 mod program_log;
 mod scaling;

@@ -44,13 +44,13 @@ fn the_unit_file_passes_systemd_analyze_verify() {
             assert!(text.contains(line), "the unit file lacks {line}");
         }
         // verify checks that ExecStart's program exists: the binary under test stands in
-        // for /usr/local/bin/parsrv.
+        // for /usr/sbin/parsrv (the package installs it there).
         let dir = std::env::temp_dir().join(format!("parsrv-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let unit = dir.join("parsrv.service");
         std::fs::write(
             &unit,
-            text.replace("/usr/local/bin/parsrv", parsrv_bin().to_str().unwrap()),
+            text.replace("/usr/sbin/parsrv", parsrv_bin().to_str().unwrap()),
         )
         .unwrap();
         let out = Command::new("systemd-analyze")
