@@ -6,7 +6,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use parsrv::{listeners::SocketState, status::GroupStatus};
 
-use crate::{addr, signal, wait_for, Outcome, Spawner, SteadyLoad};
+use crate::{addr, wait_for, Outcome, Spawner, SteadyLoad};
 
 /// What a kill loop did and cost.
 #[derive(Debug)]
@@ -113,9 +113,14 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
                     socket.counters.selected - before.counters.selected;
             }
         }
+        // A victim of the last kill may still be in the status the spawner sent (it had not
+        // yet seen the death) and gone by now (reaped meanwhile): that is no kill.
         if let Some(pid) = status.handlers[state as usize % handlers].pid {
-            signal(pid, Signal::SIGKILL);
-            result.kills += 1;
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                Ok(()) => result.kills += 1,
+                Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => panic!("kill({pid}, SIGKILL): {e}"),
+            }
         }
         previous = Some(status);
     }

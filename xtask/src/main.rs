@@ -228,6 +228,9 @@ fn run(task: Task) -> Result<()> {
                 // Without root, what is missing is reported by the VM runner (exit 2).
                 if running_as_root() {
                     setup::ensure_vm_packages()?;
+                    // The VMs run the Python servers from it (a fresh clone's
+                    // `test --vm` failed every Python test: no venv).
+                    setup::ensure_python_servers()?;
                 }
                 vm::test(&vm_options, Vec::new())
             } else if no_vm {
