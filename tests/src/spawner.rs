@@ -47,6 +47,30 @@ pub struct GroupBuilder {
     envs: Vec<(String, String)>,
 }
 
+/// Three exec handlers that are ready by the notify protocol: slots 0 and 2 run the blocking
+/// example server (it says READY=1), slot 1 runs `slot_1` (a shell command) instead, which
+/// never says it. Returns once slots 0 and 2 are ready.
+pub fn group_whose_slot_1_is_never_ready(name: &str, slot_1: &str) -> Spawner {
+    let script = format!(
+        "if [ \"$PARSRV_SLOT\" = 1 ]; then {slot_1}; fi; exec {}",
+        example("blocking_handler").display()
+    );
+    let spawner = group(name, HandlerKind::Exec)
+        .handlers(3)
+        .with(|g| g.notify = true)
+        .command(&["sh", "-c", &script])
+        .start_answering();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let handlers = spawner.status().handlers;
+            handlers[0].ready && handlers[2].ready
+        }),
+        "{}",
+        spawner.log()
+    );
+    spawner
+}
+
 /// A group named `name` on [`ADDR`], running `handler`, with parsrv's defaults.
 pub fn group(name: &str, handler: HandlerKind) -> GroupBuilder {
     GroupBuilder {

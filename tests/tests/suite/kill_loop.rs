@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use parsrv::listeners::SocketState;
 use parsrv_integration_tests::{
-    addr, example, group, http_load, kill_loop, privileged, wait_for, HandlerKind, KillLoad, Needs,
-    Outcome, SteadyLoad,
+    addr, group, group_whose_slot_1_is_never_ready, http_load, kill_loop, privileged, HandlerKind,
+    KillLoad, Needs, Outcome, SteadyLoad,
 };
 
 const KILLS: usize = 25;
@@ -125,29 +125,11 @@ fn a_kill_storm_under_open_loop_load_loses_only_what_killed_handlers_had_accepte
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_slot_crash_looping_before_ready_is_out_of_the_group_while_it_waits() {
     privileged(Needs::program(), || {
-        let server = example("blocking_handler");
-        let script = format!(
-            "if [ \"$PARSRV_SLOT\" = 1 ]; then sleep 0.2; exit 3; fi; exec {}",
-            server.display()
-        );
         // Ready by the notify protocol: slot 1 never says READY=1, so it always dies before
         // ready. (Without it an exec handler counts as ready after a second, and in a 6.1 VM
         // short of CPU `sh -c 'sleep 0.2; exit 3'` lived longer than that: restarted at once
         // as a handler that had served, never parked.)
-        let spawner = group("test-crash-slot", HandlerKind::Exec)
-            .handlers(3)
-            .with(|g| g.notify = true)
-            .command(&["sh", "-c", &script])
-            .start_answering();
-        // Slots 0 and 2 serve (the blocking server says READY=1).
-        assert!(
-            wait_for(Duration::from_secs(10), || {
-                let handlers = spawner.status().handlers;
-                handlers[0].ready && handlers[2].ready
-            }),
-            "{}",
-            spawner.log()
-        );
+        let spawner = group_whose_slot_1_is_never_ready("test-crash-slot", "sleep 0.2; exit 3");
         let load = SteadyLoad::start(addr(), 4, Duration::from_secs(30), Duration::from_secs(3));
         let mut parked_looks = 0;
         let mut sent_while_parked = 0;

@@ -7,9 +7,9 @@ use std::{io::Write, path::Path, time::Duration};
 use nix::sys::signal::Signal;
 use parsrv::{control, dataplane::pins::group_dir as pin_dir, kernel, listeners::SocketState};
 use parsrv_integration_tests::{
-    addr, connect, example, fd_of_process, group, http_get, is_listening, loaded_parsrv_programs,
-    privileged, processes_mentioning, read_answer, signal, stop_process, wait_for, HandlerKind,
-    Needs, NetCounters, Outcome, HTTP_REQUEST,
+    addr, connect, example, fd_of_process, group, group_whose_slot_1_is_never_ready, http_get,
+    is_listening, loaded_parsrv_programs, privileged, processes_mentioning, read_answer, signal,
+    stop_process, wait_for, HandlerKind, Needs, NetCounters, Outcome, HTTP_REQUEST,
 };
 
 #[test]
@@ -515,24 +515,7 @@ fn a_restarted_handler_gets_new_connections_only_once_it_is_ready() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn once_a_handler_is_ready_a_slot_whose_handler_is_not_takes_no_new_connection() {
     privileged(Needs::program(), || {
-        let server = example("blocking_handler");
-        let script = format!(
-            "if [ \"$PARSRV_SLOT\" = 1 ]; then exec sleep 60; fi; exec {}",
-            server.display()
-        );
-        let spawner = group("test-never-ready", HandlerKind::Exec)
-            .handlers(3)
-            .with(|g| g.notify = true)
-            .command(&["sh", "-c", &script])
-            .start_answering();
-        assert!(
-            wait_for(Duration::from_secs(10), || {
-                let handlers = spawner.status().handlers;
-                handlers[0].ready && handlers[2].ready
-            }),
-            "{}",
-            spawner.log()
-        );
+        let spawner = group_whose_slot_1_is_never_ready("test-never-ready", "exec sleep 60");
         let status = spawner.status();
         assert!(status.handlers[1].pid.is_some() && !status.handlers[1].ready);
         assert_eq!(
