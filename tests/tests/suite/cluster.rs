@@ -1013,10 +1013,11 @@ fn cluster_an_idle_clients_entry_expires_on_every_host() {
     });
 }
 
-/// Seed 002 across hosts: a host's agent SIGKILLed under load takes nothing down. Its
-/// dispatcher (pinned) goes on forwarding and keeping its clients' packets, its peers take no
-/// new client there but still send it its clients' packets, and the route may change
-/// meanwhile. The next agent takes the dispatcher and its table over.
+/// No single point of failure across hosts (docs/cluster.md): a host's agent SIGKILLed under
+/// load takes nothing down. Its dispatcher (pinned) goes on forwarding and keeping its
+/// clients' packets, its peers take no new client there but still send it its clients'
+/// packets, and the route may change meanwhile. The next agent takes the dispatcher and its
+/// table over.
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn cluster_an_agent_killed_outright_breaks_nothing_and_the_next_takes_its_dispatcher_over() {
