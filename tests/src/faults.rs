@@ -1,12 +1,13 @@
 //! Faults as operators meet them, shared by the tests and the benchmark: handlers SIGKILLed
-//! at random under load ([`kill_loop`]).
+//! at random under load ([`kill_loop`]), and a slot whose handler is never ready
+//! ([`group_whose_slot_1_is_never_ready`]).
 
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use parsrv::{listeners::SocketState, status::GroupStatus};
 
-use crate::{addr, wait_for, Outcome, Spawner, SteadyLoad};
+use crate::{addr, example, group, wait_for, HandlerKind, Outcome, Spawner, SteadyLoad};
 
 /// What a kill loop did and cost.
 #[derive(Debug)]
@@ -213,4 +214,28 @@ impl Drop for KillAtSyscall {
         }
         let _ = self.strace.wait();
     }
+}
+
+/// Three exec handlers that are ready by the notify protocol: slots 0 and 2 run the blocking
+/// example server (it says READY=1), slot 1 runs `slot_1` (a shell command) instead, which
+/// never says it. Returns once slots 0 and 2 are ready.
+pub fn group_whose_slot_1_is_never_ready(name: &str, slot_1: &str) -> Spawner {
+    let script = format!(
+        "if [ \"$PARSRV_SLOT\" = 1 ]; then {slot_1}; fi; exec {}",
+        example("blocking_handler").display()
+    );
+    let spawner = group(name, HandlerKind::Exec)
+        .handlers(3)
+        .with(|g| g.notify = true)
+        .command(&["sh", "-c", &script])
+        .start_answering();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let handlers = spawner.status().handlers;
+            handlers[0].ready && handlers[2].ready
+        }),
+        "{}",
+        spawner.log()
+    );
+    spawner
 }

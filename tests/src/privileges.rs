@@ -256,3 +256,33 @@ pub fn drop_capability(cap: libc::c_int) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// What `parsrv kernel --json` said (the parts the tests and the benchmark report read).
+#[derive(Debug)]
+pub struct KernelReport {
+    pub code: i32,
+    /// `uname -r (uname -v)` as parsrv reports it.
+    pub build: String,
+    /// What the verifier spent on each program, or why it was not loaded.
+    pub programs: Vec<parsrv::dataplane::verification::ProgramReport>,
+    pub stderr: String,
+}
+
+/// Runs `parsrv kernel --json` with `envs`; panics unless it prints the report.
+pub fn kernel_report(envs: &[(&str, &std::path::Path)]) -> KernelReport {
+    let out = std::process::Command::new(parsrv_bin())
+        .args(["kernel", "--json"])
+        .envs(envs.iter().copied())
+        .output()
+        .expect("running parsrv kernel --json");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("parsrv kernel --json ({e}):\n{stdout}"));
+    KernelReport {
+        code: out.status.code().unwrap_or(-1),
+        build: report["build"].as_str().unwrap_or_default().to_owned(),
+        programs: serde_json::from_value(report["programs"].clone())
+            .unwrap_or_else(|e| panic!("the programs' report ({e}):\n{stdout}")),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -47,30 +47,6 @@ pub struct GroupBuilder {
     envs: Vec<(String, String)>,
 }
 
-/// Three exec handlers that are ready by the notify protocol: slots 0 and 2 run the blocking
-/// example server (it says READY=1), slot 1 runs `slot_1` (a shell command) instead, which
-/// never says it. Returns once slots 0 and 2 are ready.
-pub fn group_whose_slot_1_is_never_ready(name: &str, slot_1: &str) -> Spawner {
-    let script = format!(
-        "if [ \"$PARSRV_SLOT\" = 1 ]; then {slot_1}; fi; exec {}",
-        example("blocking_handler").display()
-    );
-    let spawner = group(name, HandlerKind::Exec)
-        .handlers(3)
-        .with(|g| g.notify = true)
-        .command(&["sh", "-c", &script])
-        .start_answering();
-    assert!(
-        wait_for(Duration::from_secs(10), || {
-            let handlers = spawner.status().handlers;
-            handlers[0].ready && handlers[2].ready
-        }),
-        "{}",
-        spawner.log()
-    );
-    spawner
-}
-
 /// A group named `name` on [`ADDR`], running `handler`, with parsrv's defaults.
 pub fn group(name: &str, handler: HandlerKind) -> GroupBuilder {
     GroupBuilder {
@@ -235,36 +211,6 @@ pub fn stdout_of(command: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("UTF-8 output")
-}
-
-/// What `parsrv kernel --json` said (the parts the tests and the benchmark report read).
-#[derive(Debug)]
-pub struct KernelReport {
-    pub code: i32,
-    /// `uname -r (uname -v)` as parsrv reports it.
-    pub build: String,
-    /// What the verifier spent on each program, or why it was not loaded.
-    pub programs: Vec<parsrv::dataplane::verification::ProgramReport>,
-    pub stderr: String,
-}
-
-/// Runs `parsrv kernel --json` with `envs`; panics unless it prints the report.
-pub fn kernel_report(envs: &[(&str, &Path)]) -> KernelReport {
-    let out = Command::new(parsrv_bin())
-        .args(["kernel", "--json"])
-        .envs(envs.iter().copied())
-        .output()
-        .expect("running parsrv kernel --json");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("parsrv kernel --json ({e}):\n{stdout}"));
-    KernelReport {
-        code: out.status.code().unwrap_or(-1),
-        build: report["build"].as_str().unwrap_or_default().to_owned(),
-        programs: serde_json::from_value(report["programs"].clone())
-            .unwrap_or_else(|e| panic!("the programs' report ({e}):\n{stdout}")),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// The parsrv binary under test (built by `cargo xtask test`, which sets PARSRV_BIN).
