@@ -229,7 +229,8 @@ pub struct Spawner {
 
 impl Spawner {
     /// Starts `parsrv run --config FILE EXTRA...` and waits until every one of `groups` has
-    /// all its handlers up. `label` names the log.
+    /// all its handlers ready (see [`GroupBuilder::start`] for why not merely alive). `label`
+    /// names the log.
     pub fn start_config(
         label: &str,
         config: &std::path::Path,
@@ -260,7 +261,7 @@ impl Spawner {
             groups.iter().all(|g| {
                 spawner
                     .try_status_of(g)
-                    .is_some_and(|s| s.handlers.iter().all(|h| h.alive))
+                    .is_some_and(|s| s.handlers.iter().all(|h| h.ready))
             })
         })
     }
@@ -304,12 +305,12 @@ impl Spawner {
     }
 
     /// Runs `command` (a whole `parsrv run ...`, as a user would type it) serving group
-    /// `group`, and waits until every handler of it is up.
+    /// `group`, and waits until every handler of it is ready.
     pub fn start_command(label: &str, group: &str, command: Command) -> Spawner {
         Self::launch(label, group, command, |spawner| {
             spawner
                 .try_status()
-                .is_some_and(|s| s.handlers.iter().all(|h| h.alive))
+                .is_some_and(|s| s.handlers.iter().all(|h| h.ready))
         })
     }
 

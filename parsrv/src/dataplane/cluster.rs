@@ -219,7 +219,7 @@ impl Dispatcher {
 /// Removes a dispatcher's pins (which detaches it): what `parsrv cluster stop` does, and a
 /// new agent with a different config before loading its own.
 pub fn remove_dir(dir: &Path) -> Result<()> {
-    match fs::remove_dir_all(dir) {
+    match super::pins::remove_dir_detaching(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("removing {}", dir.display()))(e)),

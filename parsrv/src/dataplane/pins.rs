@@ -14,6 +14,33 @@ use crate::{
     kernel,
 };
 
+/// The links parsrv pins (a group's sk_lookup link, a cluster host's tcx link).
+const LINKS: [&str; 2] = [
+    parsrv_common::lookup::names::LINK,
+    parsrv_common::cluster::names::LINK,
+];
+
+/// Removes a directory of pins, detaching the links pinned there by the time it returns.
+///
+/// A pinned link whose pin is the last reference is freed (and so detached) when the pin
+/// goes, but Linux 6.x frees a link whose last reference went that way in a work item,
+/// after the removal has returned: a test saw a cluster host's tcx program still attached
+/// after its agent had exited and removed its pins. So each link is opened and unpinned
+/// first, and its fd, now the last reference, is closed after the rest: a link's last fd
+/// closed frees it at once.
+pub fn remove_dir_detaching(dir: &Path) -> std::io::Result<()> {
+    let held: Vec<aya::programs::links::FdLink> = LINKS
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|path| path.exists())
+        .filter_map(|path| aya::programs::links::PinnedLink::from_pin(&path).ok())
+        .filter_map(|link| link.unpin().ok())
+        .collect();
+    let removed = fs::remove_dir_all(dir);
+    drop(held);
+    removed
+}
+
 /// parsrv's directory on bpffs.
 pub fn root() -> PathBuf {
     Path::new(kernel::BPFFS).join("parsrv")
@@ -79,7 +106,7 @@ impl Pins {
             }
         }
         for path in stale {
-            match fs::remove_dir_all(&path) {
+            match remove_dir_detaching(&path) {
                 Ok(()) => log::warn!("removed stale pins at {}", path.display()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -96,7 +123,7 @@ impl Pins {
 
 impl Drop for Pins {
     fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0) {
+        if let Err(e) = remove_dir_detaching(&self.0) {
             log::error!("could not remove pins at {}: {e}", self.0.display());
         }
     }
