@@ -15,7 +15,7 @@ use parsrv_common::reuseport::{LAST_RESORT_MARK, NO_HANDLER_MARK};
 
 use crate::{
     error::{Error, Result},
-    kernel::{self, Occupancy, QueueDepth},
+    kernel::{self, QueueDepth},
 };
 
 /// Where a socket stands in the kernel's group, set by the spawner as its slot's handler
@@ -378,11 +378,6 @@ impl Listeners {
 
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners
-    }
-
-    /// All queues together, read now (a socket whose read fails counts as empty).
-    pub fn occupancy(&self) -> Occupancy {
-        Occupancy::of(self.listeners.iter().filter_map(|l| l.queue().ok()))
     }
 }
 

@@ -1,5 +1,7 @@
 """A deliberately slow HTTP handler for parsrv's autoscaling test: socket activation (fd 3),
-one request at a time, 20 ms of "work" each, so one handler serves at most ~50 per second."""
+one request at a time, 20 ms of "work" each, so one handler serves at most ~50 per second.
+Under `--notify` it says READY=1 (sd_notify) once it is about to accept, as a server
+speaking the protocol does: parsrv then knows when it serves instead of guessing (a second)."""
 import os
 import socket
 import time
@@ -7,6 +9,10 @@ import time
 assert os.environ.get("LISTEN_PID") == str(os.getpid()), "not started by parsrv"
 listener = socket.socket(fileno=3)
 body = f"slow pid {os.getpid()}\n".encode()
+notify = os.environ.get("NOTIFY_SOCKET")
+if notify:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as said:
+        said.sendto(b"READY=1", "\0" + notify[1:] if notify.startswith("@") else notify)
 while True:
     conn, _ = listener.accept()
     with conn:

@@ -37,7 +37,13 @@ pub fn scale_up_run(name: &str, tick: Option<Duration>, spare: u32) -> ScaleUp {
         .handlers_between(1, 4)
         .backlog(8)
         .command(&["/usr/bin/python3", server.to_str().unwrap()])
-        .with(|s| s.spare = spare);
+        // Ready when it says so: without the notify protocol parsrv takes an exec handler
+        // as ready after a second, and until then its socket takes only what the others
+        // cannot hold, which is what this would measure.
+        .with(|s| {
+            s.spare = spare;
+            s.notify = true;
+        });
     if tick.is_some() {
         // The baseline: its own once-a-second supervisor resizes, not parsrv's autoscaler.
         slow = slow.no_autoscale();
@@ -175,7 +181,7 @@ pub fn scale_up(report: &mut Report, quick: bool) {
     }
     let table = Table {
         name: "scale-up",
-        title: format!("scale-up: overload onset (the first handler's queue half full) -> a second handler's first accept (median (min-max) of {runs}, interleaved; slow Python handlers, 20 ms/request, 8 clients, --handlers 1..4)"),
+        title: format!("scale-up: overload onset (the first handler's queue half full) -> a second handler's first accept (median (min-max) of {runs}, interleaved; slow Python handlers saying READY=1 (--notify), 20 ms/request, 8 clients, --handlers 1..4)"),
         columns: vec![
             "model",
             "reaction (ms)",

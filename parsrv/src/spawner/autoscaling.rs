@@ -31,7 +31,7 @@ pub(super) async fn run(group: Rc<RunningGroup>) {
         if let Some(ring) = alerts.as_mut().filter(|_| quiet) {
             // Alerts sent while awake are old news.
             ring.discard();
-            let due = scaler.next_step_down(group.members().len());
+            let due = scaler.next_step_down(group.handlers());
             let woken = tokio::select! {
                 woken = ring.next() => woken,
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => Ok(()),
@@ -82,12 +82,13 @@ pub(super) async fn run(group: Rc<RunningGroup>) {
 
 fn sample(group: &RunningGroup) -> Option<Sample> {
     let members = group.members();
-    let handlers = members.len();
     let occupancy = members.occupancy();
-    let counters = members.steering().slot_counters(handlers).ok()?;
+    let counters = members.steering().slot_counters(members.len()).ok()?;
     Some(Sample {
         at: Instant::now(),
-        handlers,
+        // The group's size, as a resize counts it: its spares are not in it (counted, a
+        // step from 1 handler and a spare went "2 -> 3" and added two slots).
+        handlers: members.active(),
         queued: occupancy.queued,
         capacity: occupancy.capacity,
         rejected: counters.iter().map(|c| c.dropped + c.refused).sum(),

@@ -631,3 +631,53 @@ fn a_step_up_makes_the_spare_serve_and_starts_a_new_one() {
         assert!(spawner.stop().success());
     });
 }
+
+/// The autoscaler weighs the queues against the serving slots' room, not the spares': an
+/// empty spare is a reserve. Counted as room, it halved what one stopped handler's 5
+/// queued connections weighed (5 of 18, under the half that is overload), the group never
+/// grew, and the spare took connections only once that queue was full.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_group_with_a_spare_steps_up_when_its_serving_queues_are_half_full() {
+    privileged(Needs::program(), || {
+        let spawner = autoscaled("test-spare-autoscale")
+            .with(|s| s.spare = 1)
+            .start();
+        let spare_pid = spawner.handler_pid(1);
+        let handler = spawner.handler_pid(0);
+        stop_process(handler);
+        let held: Vec<_> = (0..5)
+            .map(|_| connect(addr(), Duration::from_secs(2)).unwrap())
+            .collect();
+        let grew = wait_for(Duration::from_secs(5), || {
+            spawner.status().scaling.decisions > 0
+        });
+        signal(handler, Signal::SIGCONT);
+        assert!(grew, "no step up with 5 of 9 queued: {}", spawner.log());
+        assert!(
+            spawner
+                .log()
+                .contains("autoscale: 1 -> 2 handlers: queues 5/9"),
+            "{}",
+            spawner.log()
+        );
+        // One step: the spare's handler serves, and one new slot is the next spare (the
+        // spare counted as a handler, the step went "2 -> 3" and added two slots).
+        let states =
+            || -> Vec<SocketState> { spawner.status().sockets.iter().map(|s| s.state).collect() };
+        let want = [
+            SocketState::Serving,
+            SocketState::Serving,
+            SocketState::Spare,
+        ];
+        assert!(
+            wait_for(Duration::from_secs(10), || states() == want),
+            "{:?}\n{}",
+            states(),
+            spawner.log()
+        );
+        assert_eq!(spawner.handler_pid(1), spare_pid);
+        drop(held);
+        assert!(spawner.stop().success());
+    });
+}

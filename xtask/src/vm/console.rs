@@ -198,6 +198,20 @@ impl Outcome {
 
     /// Every binary ran and exited 0, no test failed, and at least one test passed or was
     /// skipped with a reason (an empty run proves nothing).
+    /// What failed, each named, for the run's last line: the failed tests, then what
+    /// failed without naming a test (a runner's exit, a benchmark, a panic, no end at all).
+    pub fn what_failed(&self) -> Vec<String> {
+        let mut what: Vec<String> = self.failures.clone();
+        what.extend(self.failed_binaries.iter().cloned());
+        if let Some(panic) = &self.panic {
+            what.push(format!("panic: {panic}"));
+        }
+        if what.is_empty() && self.done.is_none() {
+            what.push(format!("no end (last line: {})", self.last_line.trim()));
+        }
+        what
+    }
+
     pub fn passed(&self) -> bool {
         self.done == Some(0)
             && self.failed_binaries.is_empty()
@@ -354,6 +368,16 @@ mod tests {
         assert_eq!(o.failed_binaries, vec!["parallel (exit 100)"]);
         assert_eq!(o.skips.len(), 1);
         assert!(!o.passed());
+        // The run's last line names them all.
+        assert_eq!(
+            o.what_failed(),
+            vec![
+                "when_full when_full_drop (FAIL)",
+                "scaling resize (TIMEOUT)",
+                "policy redirect (SIGSEGV)",
+                "parallel (exit 100)"
+            ]
+        );
     }
 
     #[test]

@@ -39,11 +39,13 @@ pub fn report(runs: Vec<VmRun>, errors: Vec<anyhow::Error>, options: &VmOptions)
         );
     }
     if !failed.is_empty() {
+        // Named here, on the run's last lines: a CI log is often read from its end, and the
+        // summary is far above it (the steps' times come between).
         anyhow::bail!(
-            "tests failed on {}: the summary above says which",
+            "tests failed on {}",
             failed
                 .iter()
-                .map(|r| r.label.as_str())
+                .map(|r| format!("{} ({})", r.label, r.outcome.what_failed().join("; ")))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
