@@ -158,9 +158,73 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     pids
 }
 
-/// IDs of network-namespace links (sk_lookup attachments) whose program is parsrv's lookup
-/// program.
+/// IDs of network-namespace links (sk_lookup attachments) in this test's network namespace
+/// whose program is parsrv's lookup program. Links of other namespaces are someone else's
+/// (another test, a parsrv serving on this host): counted, they failed three `addresses`
+/// tests while a parsrv ran in a namespace of its own beside the suite.
 pub fn parsrv_lookup_links() -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // The namespace of this thread: each test runs in namespaces of its own.
+    let own = fs::metadata("/proc/thread-self/ns/net")
+        .expect("reading this thread's network namespace")
+        .ino();
+    parsrv_lookup_links_anywhere()
+        .into_iter()
+        .filter(|&id| netns_of_link(id) == Some(own))
+        .collect()
+}
+
+/// The inode of the network namespace netns link `id` is attached in, from the kernel's
+/// `bpf_link_info` (aya's `LinkInfo` does not give it). None if the link is gone.
+fn netns_of_link(id: u32) -> Option<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    // union bpf_attr for BPF_LINK_GET_FD_BY_ID: link_id, next_id, open_flags.
+    let mut by_id = [0u32; 3];
+    by_id[0] = id;
+    // SAFETY: the attr buffer is valid for its length; the kernel zero-checks the rest.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            by_id.as_mut_ptr(),
+            std::mem::size_of_val(&by_id),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this fd, owned by no one else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned, at byte 16) the union
+    // whose netns member is { netns_ino, attach_type }. 64 bytes cover every member.
+    let mut info = [0u32; 16];
+    // union bpf_attr for BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info (a u64 pointer).
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr points at a buffer of info_len bytes that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    (rc == 0).then_some(u64::from(info[4]))
+}
+
+/// [`parsrv_lookup_links`] in every network namespace.
+fn parsrv_lookup_links_anywhere() -> Vec<u32> {
     let ours: Vec<u32> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| p.name_as_str() == Some(parsrv_common::lookup::names::PROGRAM))
