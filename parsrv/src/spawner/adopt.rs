@@ -69,6 +69,9 @@ impl Adoption {
     }
 }
 
+/// How long a handler that cannot be adopted is given to die of SIGKILL.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn adopt_handler(
     group: &str,
     slot: usize,
@@ -90,9 +93,15 @@ fn adopt_handler(
     }
     let socket = find_socket(&process, cookie).ok_or_else(|| {
         // Serving a socket parsrv cannot register would leave the program failing open for
-        // it: it goes, and its slot starts anew.
-        let _ = process.signal(nix::sys::signal::Signal::SIGKILL);
-        format!("slot {slot}'s socket (cookie {cookie}) is not among its fds: killed")
+        // it: it goes, and its slot starts anew. Gone before the group starts: alive (or a
+        // zombie of this process after a re-exec), it kept its dynamic uid "in use" and the
+        // group refused to start.
+        let how = if process.kill_and_wait(KILL_WAIT) {
+            "killed"
+        } else {
+            "killed, but it had not exited 2 s later"
+        };
+        format!("slot {slot}'s socket (cookie {cookie}) is not among its fds: {how}")
     })?;
     let stats = (kind != HandlerKind::Exec)
         .then(|| process.get_fd(STATS_FD).and_then(SharedStats::map).ok())

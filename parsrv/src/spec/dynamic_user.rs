@@ -62,9 +62,14 @@ pub fn check_free(name: &str, credentials: Credentials) -> Result<()> {
     Ok(())
 }
 
-/// A process whose real, effective, saved or file-system uid or gid is `credentials`'.
+/// A process whose real, effective, saved or file-system uid or gid is `credentials`'. A
+/// zombie is not one: it can no longer act with them, and one that is not parsrv's child
+/// waits for another parent to reap it.
 fn process_with(credentials: Credentials) -> Option<(u32, String)> {
     procfs::pids().find_map(|pid| {
+        if procfs::process_state(pid) == Some('Z') {
+            return None;
+        }
         // A process that exits meanwhile is simply not there.
         let ids = procfs::process_ids(pid)?;
         (ids.uids.contains(&credentials.uid) || ids.gids.contains(&credentials.gid))

@@ -76,6 +76,28 @@ impl PidFd {
         Ok(())
     }
 
+    /// SIGKILLs the process and waits, at most `within`, until it has exited (reaped if it
+    /// is this spawner's child): a process only dies once the signal is delivered, and what
+    /// follows (a dynamic uid checked free, a slot's new handler) must not find it alive.
+    /// Says whether it exited in time.
+    pub fn kill_and_wait(&self, within: std::time::Duration) -> bool {
+        if self.signal(nix::sys::signal::Signal::SIGKILL).is_err() {
+            // ESRCH: exited already.
+            let _ = self.reap();
+            return true;
+        }
+        let mut poll = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let timeout = within.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd. A pidfd polls readable once its process has exited.
+        let ready = unsafe { libc::poll(&mut poll, 1, timeout) } == 1;
+        let _ = self.reap();
+        ready
+    }
+
     /// Waits until the process has exited, and says how: reaped if it is this spawner's
     /// child (after a re-exec it is), otherwise its parent's to reap and its status
     /// unknown here.

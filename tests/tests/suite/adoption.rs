@@ -601,3 +601,47 @@ fn an_adopted_group_resizes_restarts_and_drains_like_its_own() {
         assert_eq!(leftovers(name, &replaced), Vec::<String>::new());
     });
 }
+
+/// A handler whose socket is not among its fds (it closed it) cannot be adopted: the new
+/// image kills it and starts the slot anew. With `--user dynamic` it must be gone first:
+/// after a re-exec it was the spawner's unreaped child, its uid looked "in use", and the
+/// upgraded spawner refused to start the group and exited.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_upgrade_kills_a_handler_without_its_socket_and_its_dynamic_uid_stays_usable() {
+    privileged(Needs::program(), || {
+        let name = "test-upgrade-closed";
+        let spawner = group(name, HandlerKind::Exec)
+            .handlers(2)
+            .with(|g| g.user = Some("dynamic".into()))
+            // Closes its socket, then waits.
+            .command(&["/bin/sh", "-c", "exec 3>&-; exec sleep 600"])
+            .start();
+        let before: Vec<u32> = (0..2).map(|slot| spawner.handler_pid(slot)).collect();
+        let pid = spawner.pid().to_string();
+        let (code, stdout, stderr) = Spawner::parsrv(&["upgrade", "--spawner", &pid]);
+        assert_eq!(code, 0, "{stdout}{stderr}\n{}", spawner.log());
+        assert!(
+            spawner.log().contains("is not among its fds: killed;"),
+            "{}",
+            spawner.log()
+        );
+        assert!(alive(spawner.pid()), "{}", spawner.log());
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                let status = spawner.status();
+                status.handlers.iter().all(|h| h.pid.is_some())
+                    && status
+                        .handlers
+                        .iter()
+                        .all(|h| !before.contains(&h.pid.unwrap()))
+            }),
+            "{}",
+            spawner.log()
+        );
+        for old in before {
+            assert!(!alive(old), "handler {old} outlived the upgrade");
+        }
+        assert!(spawner.stop().success());
+    });
+}
