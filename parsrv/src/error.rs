@@ -37,6 +37,12 @@ pub enum Error {
     MissingCapabilities { missing: String },
 
     #[error(
+        "group {group} runs its handlers as another user (--user), which needs {missing}: \
+         run parsrv as root with them (the unit's CapabilityBoundingSet names them all)"
+    )]
+    MissingHandlerCapabilities { group: String, missing: String },
+
+    #[error(
         "bpffs is not mounted at {path} and mounting it failed ({source}): mount it with \
          `mount -t bpf bpf {path}`"
     )]

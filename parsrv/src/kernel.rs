@@ -190,6 +190,14 @@ fn type_size(_btf: &Btf, ty: &Type) -> Option<usize> {
 }
 
 // Linux capability numbers (include/uapi/linux/capability.h).
+const CAP_CHOWN: u32 = 0;
+const CAP_DAC_OVERRIDE: u32 = 1;
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_KILL: u32 = 5;
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SETPCAP: u32 = 8;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 pub(crate) const CAP_BPF: u32 = 39;
@@ -214,6 +222,50 @@ pub fn check_capabilities() -> Result<()> {
             missing: missing.join(" and "),
         })
     }
+}
+
+/// What a spawner needs to run handlers as another user (`--user`), beyond the program's
+/// capabilities, each found missing by running under a bounding set without it
+/// (docs/operations.md, "Capabilities"): an alternative that also serves is named after a
+/// `|`. Without one, handlers failed to start, a stop waited for ever (no signal reached
+/// them) or an upgrade killed what it could not adopt.
+const FOR_HANDLERS_OF_ANOTHER_USER: &[(&str, &[u32])] = &[
+    ("CAP_SETUID", &[CAP_SETUID]),
+    ("CAP_SETGID", &[CAP_SETGID]),
+    // Emptying the handlers' bounding set.
+    ("CAP_SETPCAP", &[CAP_SETPCAP]),
+    // Giving them their counters page and notify socket.
+    ("CAP_CHOWN", &[CAP_CHOWN]),
+    // Stopping them.
+    ("CAP_KILL", &[CAP_KILL]),
+    // Adopting them: their fds (pidfd_getfd) and /proc/PID/environ (mode 0400, theirs).
+    ("CAP_SYS_PTRACE", &[CAP_SYS_PTRACE]),
+    (
+        "CAP_DAC_READ_SEARCH",
+        &[CAP_DAC_READ_SEARCH, CAP_DAC_OVERRIDE],
+    ),
+];
+
+/// Fails naming what is missing if a group runs its handlers as another user and this
+/// process lacks a capability that takes: checked before anything is created, rather than
+/// found out when a handler will not start or stop.
+pub fn check_capabilities_for(groups: &[crate::spec::GroupSpec]) -> Result<()> {
+    let Some(group) = groups.iter().find(|g| g.user.is_some()) else {
+        return Ok(());
+    };
+    let caps = effective_capabilities().map_err(Error::io("reading /proc/self/status"))?;
+    let missing: Vec<&str> = FOR_HANDLERS_OF_ANOTHER_USER
+        .iter()
+        .filter(|(_, any_of)| !any_of.iter().any(|&cap| has_capability(caps, cap)))
+        .map(|(name, _)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::MissingHandlerCapabilities {
+        group: group.name.clone(),
+        missing: missing.join(", "),
+    })
 }
 
 /// Where bpffs is expected.

@@ -255,7 +255,9 @@ impl Spawner {
         Self::launch_config(label, groups, command)
     }
 
-    fn launch_config(label: &str, groups: &[&str], command: Command) -> Spawner {
+    /// Runs `command` (a whole `parsrv run --config ...`, set up as the test wants: its
+    /// capabilities, its environment) and waits until every one of `groups` is ready.
+    pub fn launch_config(label: &str, groups: &[&str], command: Command) -> Spawner {
         let first = groups.first().copied().unwrap_or(label);
         Self::launch(label, first, command, |spawner| {
             groups.iter().all(|g| {

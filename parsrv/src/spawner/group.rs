@@ -146,6 +146,8 @@ impl RunningGroup {
         adoption: Option<Adoption>,
     ) -> Result<Rc<RunningGroup>> {
         let credentials = spec.credentials()?;
+        // Groups added later (`parsrv group add`, SIGHUP) are checked here.
+        crate::kernel::check_capabilities_for(std::slice::from_ref(&spec))?;
         // A group that starts takes its dynamic uid only if nothing has it; an adopted one
         // has it already (its handlers run with it).
         if let (Some(credentials), None) = (credentials, &adoption) {

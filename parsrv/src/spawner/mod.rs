@@ -64,6 +64,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     }
     // Checks that touch nothing come first, so a refusal leaves nothing behind.
     kernel::check_capabilities()?;
+    kernel::check_capabilities_for(&options.groups)?;
     crate::run_dir::check_run_dir()?;
     kernel::raise_fd_limit();
     let programs = dataplane::programs_for_groups(&options.groups);

@@ -275,3 +275,179 @@ fn with_notify_an_exec_handler_is_ready_when_it_says_ready_and_not_before() {
         std::fs::remove_dir_all(&markers).unwrap();
     });
 }
+
+/// Capabilities by number (include/uapi/linux/capability.h), for the unit's names.
+const CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The unit's CapabilityBoundingSet, as capability numbers.
+fn units_capabilities() -> Vec<usize> {
+    let unit = std::fs::read_to_string(unit_file()).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit names its capabilities");
+    line.split_whitespace()
+        .map(|name| {
+            CAPABILITIES
+                .iter()
+                .position(|c| *c == name)
+                .unwrap_or_else(|| panic!("unknown capability {name}"))
+        })
+        .collect()
+}
+
+/// `parsrv run --config CONFIG` whose bounding set is `keep` alone, as systemd gives it.
+fn run_bounded(config: &std::path::Path, keep: Vec<usize>) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(parsrv_bin());
+    command.arg("run").arg("--config").arg(config);
+    // SAFETY: only prctl calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            for cap in (0..CAPABILITIES.len()).filter(|c| !keep.contains(c)) {
+                // EINVAL: a capability this kernel does not have.
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                    && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// The unit's CapabilityBoundingSet is all a spawner needs for what the unit runs: a port
+/// under 1024, handlers as a dynamic user (started, adopted by `parsrv upgrade` and by the
+/// next spawner with the same pids, stopped), a group on two addresses. Each capability in
+/// it was found needed by running without it (docs/operations.md, "Capabilities"); the
+/// control: without CAP_KILL, a group with `--user` is refused at once, naming it, where it
+/// used to start and then never stop.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn the_units_capability_bounding_set_is_all_a_spawner_needs() {
+    privileged(Needs::program().and_python(), || {
+        let dir = std::env::temp_dir().join(format!("parsrv-caps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("parsrv.toml");
+        let server = apps_dir().join("slow_server.py");
+        std::fs::write(
+            &config,
+            format!(
+                "[[group]]\nname = \"caps-web\"\nlisten = \"127.0.0.1:80\"\nhandler = \"http\"\nhandlers = 2\n\
+                 [[group]]\nname = \"caps-dyn\"\nlisten = \"127.0.0.1:8081\"\nhandler = \"exec\"\n\
+                 command = [\"/usr/bin/python3\", {server:?}]\nuser = \"dynamic\"\nnotify = true\nhandlers = 2\n\
+                 [[group]]\nname = \"caps-two\"\nlisten = [\"127.0.0.1:8082\", \"127.0.0.2:8082\"]\nhandler = \"http\"\nhandlers = 2\n"
+            ),
+        )
+        .unwrap();
+        let groups = ["caps-web", "caps-dyn", "caps-two"];
+        let keep = units_capabilities();
+        let answers = |when: &str| {
+            for addr in [
+                "127.0.0.1:80",
+                "127.0.0.1:8081",
+                "127.0.0.1:8082",
+                "127.0.0.2:8082",
+            ] {
+                let outcome = http_get(addr.parse().unwrap(), Duration::from_secs(2));
+                assert_eq!(outcome, Outcome::Ok, "{when}: {addr}");
+            }
+        };
+        let dynamic_pids = |spawner: &parsrv_integration_tests::Spawner| -> Vec<Option<u32>> {
+            spawner
+                .status_of("caps-dyn")
+                .handlers
+                .iter()
+                .map(|h| h.pid)
+                .collect()
+        };
+        let spawner = parsrv_integration_tests::Spawner::launch_config(
+            "caps",
+            &groups,
+            run_bounded(&config, keep.clone()),
+        );
+        answers("started");
+        let pids = dynamic_pids(&spawner);
+        let pid = spawner.pid().to_string();
+        let (code, out, err) =
+            parsrv_integration_tests::Spawner::parsrv(&["upgrade", "--spawner", &pid]);
+        assert_eq!(code, 0, "{out}{err}\n{}", spawner.log());
+        answers("upgraded");
+        assert_eq!(dynamic_pids(&spawner), pids, "upgrade: {}", spawner.log());
+        parsrv_integration_tests::kill_spawner(&spawner);
+        let next = parsrv_integration_tests::Spawner::launch_config(
+            "caps-next",
+            &groups,
+            run_bounded(&config, keep.clone()),
+        );
+        answers("adopted");
+        assert_eq!(dynamic_pids(&next), pids, "adoption: {}", next.log());
+        let log = next.log();
+        assert!(next.stop().success(), "{log}");
+
+        // The control: the same without CAP_KILL.
+        let kill = CAPABILITIES.iter().position(|c| *c == "CAP_KILL").unwrap();
+        assert!(keep.contains(&kill));
+        let out = run_bounded(&config, keep.into_iter().filter(|&c| c != kill).collect())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let line = parsrv_integration_tests::error_line(&stderr);
+        assert!(
+            line.contains("group caps-dyn")
+                && line.contains("CAP_KILL")
+                && !line.contains("CAP_SETUID"),
+            "{stderr}"
+        );
+        assert!(
+            !parsrv::dataplane::pins::group_dir("caps-web").exists(),
+            "a refused start left pins"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    });
+}
