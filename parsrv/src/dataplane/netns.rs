@@ -61,7 +61,7 @@ impl NetnsLock {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io(context())(e)),
             };
-            check_root_owned(dir)?;
+            check_root_owned(dir, &file)?;
             let lock = lock_within(file, dir, LOCK_DEADLINE)?;
             // The holder before us may have removed the directory: then our lock is on a
             // dead inode, and the next spawner would lock a new one. Lock what is there now.
@@ -135,9 +135,19 @@ fn holder_of(dir: &Path) -> String {
 
 /// Refuses a lock directory, or its parent, that another user owns or may write: whoever
 /// controls it controls when parsrv may start a group.
-fn check_root_owned(dir: &Path) -> Result<()> {
-    for path in [dir.parent(), Some(dir)].into_iter().flatten() {
-        let meta = fs::metadata(path).map_err(Error::io(format!("reading {}", path.display())))?;
+/// Refuses the namespace's directory unless it and its parent are root's alone. The
+/// directory is checked as opened (`opened`), not by its path: the spawner that held the
+/// lock may remove it between our open and this check (its path then names nothing: a
+/// spawner racing another for one address failed "reading _netns-...: No such file" in a
+/// 6.12 VM), and the inode is what the lock is taken on.
+fn check_root_owned(dir: &Path, opened: &fs::File) -> Result<()> {
+    let reading = |path: &Path| Error::io(format!("reading {}", path.display()));
+    let mut checks = Vec::with_capacity(2);
+    if let Some(parent) = dir.parent() {
+        checks.push((parent, fs::metadata(parent).map_err(reading(parent))?));
+    }
+    checks.push((dir, opened.metadata().map_err(reading(dir))?));
+    for (path, meta) in checks {
         if let Some(why) = crate::kernel::untrusted_because(&meta) {
             return Err(Error::UntrustedPath {
                 path: path.to_owned(),
