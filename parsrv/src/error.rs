@@ -32,7 +32,8 @@ pub enum Error {
 
     #[error(
         "parsrv run needs {missing} to load and attach its eBPF program: run it as root, or \
-         grant the capabilities (setcap cap_bpf,cap_perfmon,cap_sys_admin+ep on the binary)"
+         grant the capabilities (setcap cap_bpf,cap_perfmon,cap_sys_admin,cap_net_admin+ep \
+         on the binary)"
     )]
     MissingCapabilities { missing: String },
 
