@@ -226,8 +226,8 @@ pub fn check_capabilities() -> Result<()> {
 
 /// What a spawner needs to run handlers as another user (`--user`), beyond the program's
 /// capabilities, each found missing by running under a bounding set without it
-/// (docs/operations.md, "Capabilities"): an alternative that also serves is named after a
-/// `|`. Without one, handlers failed to start, a stop waited for ever (no signal reached
+/// (docs/operations.md, "Capabilities"): a name, and the capabilities any one of which
+/// serves. Without one, handlers failed to start, a stop waited for ever (no signal reached
 /// them) or an upgrade killed what it could not adopt.
 const FOR_HANDLERS_OF_ANOTHER_USER: &[(&str, &[u32])] = &[
     ("CAP_SETUID", &[CAP_SETUID]),

@@ -97,9 +97,9 @@ fn adopt_handler(
         // zombie of this process after a re-exec), it kept its dynamic uid "in use" and the
         // group refused to start.
         let how = if process.kill_and_wait(KILL_WAIT) {
-            "killed"
+            "killed".to_owned()
         } else {
-            "killed, but it had not exited 2 s later"
+            format!("killed, but it had not exited {KILL_WAIT:?} later")
         };
         format!("slot {slot}'s socket (cookie {cookie}) is not among its fds: {how}")
     })?;
