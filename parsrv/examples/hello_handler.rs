@@ -27,13 +27,26 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         let (mut conn, _) = listener.accept().await?;
         let body = body.clone();
         tokio::spawn(async move {
-            let mut request = [0u8; 4096];
-            let _ = conn.read(&mut request).await; // one request per connection
+            read_request_head(&mut conn).await; // one request per connection
             let response = format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = conn.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+/// Reads until the end of the request's head (or 4096 bytes, EOF or an error). A client may
+/// send its request in several segments: answering after the first and closing with the
+/// rest unread would make the kernel reset the connection before the client reads the answer.
+async fn read_request_head(conn: &mut (impl AsyncReadExt + Unpin)) {
+    let mut head = [0u8; 4096];
+    let mut len = 0;
+    while len < head.len() && !head[..len].ends_with(b"\r\n\r\n") {
+        match conn.read(&mut head[len..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => len += n,
+        }
     }
 }

@@ -16,6 +16,11 @@ if notify:
 while True:
     conn, _ = listener.accept()
     with conn:
-        conn.recv(4096)
+        head = b""  # the whole request head: answering after its first segment resets the rest
+        while len(head) < 4096 and not head.endswith(b"\r\n\r\n"):
+            part = conn.recv(4096 - len(head))
+            if not part:
+                break
+            head += part
         time.sleep(0.02)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))

@@ -269,9 +269,10 @@ pub fn get_page_from(
     socket.connect_timeout(&address.into(), timeout)?;
     let mut conn: std::net::TcpStream = socket.into();
     conn.set_read_timeout(Some(timeout))?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: parsrv-test\r\nConnection: close\r\n\r\n"
+    // One write, as real clients send a small request: `write!` on the unbuffered stream
+    // would send each formatted piece as its own segment.
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: parsrv-test\r\nConnection: close\r\n\r\n").as_bytes(),
     )?;
     let mut answer = String::new();
     conn.read_to_string(&mut answer)?;
