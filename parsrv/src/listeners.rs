@@ -359,6 +359,29 @@ impl Listeners {
         Ok(was == SocketState::Parked)
     }
 
+    /// Moves the queue of socket `index` (in the group, state unchanged): shutdown() makes
+    /// the kernel run the program for each queued connection and pending handshake, and
+    /// listen() puts the socket back in the group at once. Back to back, because an accept()
+    /// on it between the two fails with EINVAL; the caller registers it again. If listen()
+    /// fails, the socket is left `Parked`.
+    pub fn move_queue(&mut self, index: usize) -> Result<()> {
+        let backlog = self.backlog;
+        let listener = &mut self.listeners[index];
+        let listen = listener.addr;
+        listener
+            .socket
+            .shutdown(std::net::Shutdown::Read)
+            .map_err(socket_error(
+                "take out of the group (shutdown) the socket on",
+                listen,
+            ))?;
+        if let Err(e) = listener.listen_again(backlog) {
+            listener.state = SocketState::Parked;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Records that socket `index` is out of the group already (someone else shut it down),
     /// so that [`Listeners::set_state`] puts it back as from `Parked`.
     pub fn mark_parked(&mut self, index: usize) {

@@ -102,6 +102,12 @@ pub struct SlotStall {
     /// Failed tries carried over a promotion: a handler that stalls again at once after a
     /// try waits twice as long for the next.
     tries: u32,
+    /// The last look while the slot was not watched (its handler starting): what its
+    /// handler took between then and its first watched look proves it accepts. Without it,
+    /// a handler that served a burst before its first look (a load that starts the moment
+    /// the group is ready) would not count as taking connections until the next burst,
+    /// and a stalled queue beside it would wait for that.
+    baseline: Option<Look>,
 }
 
 /// How long a demoted slot waits before it is tried again when nothing shows it is back:
@@ -148,6 +154,9 @@ impl SlotStall {
         after: Duration,
         others_take: bool,
     ) -> Decision {
+        if let (State::Idle, Some(baseline)) = (self.state, self.baseline.take()) {
+            self.proven |= look.took_since(&baseline);
+        }
         let quiet_since = match self.state {
             State::Watching { last, quiet_since } => {
                 if look.took_since(&last.1) {
@@ -249,10 +258,12 @@ impl SlotStall {
     }
 
     /// The slot is neither serving with a ready handler nor demoted (its handler exited,
-    /// is starting, or the socket is out of the group): start over when it serves again.
-    pub fn not_watched(&mut self) {
+    /// is starting, or the socket is out of the group): start over when it serves again,
+    /// from `look` (the slot now, if the adapter has it).
+    pub fn not_watched(&mut self, look: Option<Look>) {
         self.state = State::Idle;
         self.proven = false;
+        self.baseline = look;
     }
 
     /// The adapter found the handler about to run (a thread of it is runnable): not acted
@@ -491,7 +502,7 @@ mod tests {
         let start = Instant::now();
         let mut slot = SlotStall::default();
         watch(&mut slot, start, &[look(3, 3); 4]);
-        slot.not_watched();
+        slot.not_watched(Some(look(3, 3)));
         // A new handler: quiet is counted from its first look, not the old one's.
         let decisions = watch(&mut slot, start + EVERY * 4, &[look(3, 3); 4]);
         assert!(decisions.iter().all(|d| *d == Decision::Keep));
@@ -534,8 +545,33 @@ mod tests {
         built_in.vouch();
         built_in.serving(start, look(0, 0), AFTER, true);
         assert!(built_in.takes_connections());
-        built_in.not_watched();
+        built_in.not_watched(None);
         assert!(!built_in.takes_connections());
+    }
+
+    #[test]
+    fn a_handler_that_served_before_its_first_watched_look_takes_a_stalled_queue() {
+        // The load began the moment the group was ready, between a look at the starting
+        // handler and its first watched one, and ended before the next: what it took then
+        // shows it accepts.
+        let start = Instant::now();
+        let mut other = SlotStall::default();
+        other.not_watched(Some(look(0, 0)));
+        other.serving(start, look(0, 90), AFTER, false);
+        assert!(other.takes_connections());
+        other.serving(start + EVERY, look(0, 90), AFTER, false);
+        assert!(other.takes_connections());
+        // A handler that took nothing then has shown nothing.
+        let mut idle = SlotStall::default();
+        idle.not_watched(Some(look(2, 2)));
+        idle.serving(start, look(2, 2), AFTER, false);
+        assert!(!idle.takes_connections());
+        // Nor does a look taken before a restart vouch for the next handler's first.
+        let mut restarted = SlotStall::default();
+        restarted.not_watched(Some(look(0, 5)));
+        restarted.not_watched(None);
+        restarted.serving(start, look(0, 9), AFTER, false);
+        assert!(!restarted.takes_connections());
     }
 
     #[test]

@@ -303,15 +303,24 @@ impl Members {
         self.set_state(index, wanted)
     }
 
-    /// Slot `index`'s handler is stalled (see [`crate::stall`]): its queue moves to the
-    /// other sockets and its socket is demoted. Shutting the socket down makes the kernel
-    /// run the program for each queued connection and pending handshake, which places them
-    /// on sockets with room; listen() puts the same socket (same open file in the handler,
-    /// same cookie) back in the group at once, marked, and registered again. A stopped handler
-    /// blocked in accept() left the call when it was stopped; it calls again on resumption,
-    /// on a socket that listens.
-    /// Returns how many connections the program moved (its `migrated_in` counters).
-    pub fn demote_stalled(&mut self, index: u32) -> Result<u64> {
+    /// Slot `index`'s handler looked stalled (see [`crate::stall`]): its socket is demoted
+    /// and its queue moves to the other sockets. The mark comes first, so that no new
+    /// connection joins the queue meanwhile; then, if the queue still holds a connection,
+    /// shutting the socket down makes the kernel run the program for each queued connection
+    /// and pending handshake, which places them on sockets with room, and listen() puts the
+    /// same socket (same open file in the handler, same cookie) back in the group at once,
+    /// marked, and registered again. A stopped handler blocked in accept() left the call
+    /// when it was stopped; it calls again on resumption, on a socket that listens.
+    ///
+    /// Unless the handler is stopped, an empty queue at that point means the handler took
+    /// it since the look that found it stalled (a handler starved of CPU, not stalled): the
+    /// mark is cleared and `None` returned. Moving nothing would gain nothing, and the
+    /// handler, back in accept(), would have that call fail with EINVAL between the shutdown
+    /// and the listen (a blocking server then exits: seen beside CPU hogs). A stopped
+    /// handler runs no accept(), and its socket is demoted whatever its queue (its pending
+    /// handshakes move too). Otherwise returns how many connections the program moved (its
+    /// `migrated_in` counters).
+    pub fn demote_stalled(&mut self, index: u32, handler_stopped: bool) -> Result<Option<u64>> {
         let migrated = |members: &Members| -> Result<u64> {
             Ok(members
                 .steering
@@ -320,10 +329,29 @@ impl Members {
                 .map(|c| c.migrated_in)
                 .sum())
         };
-        let before = migrated(self)?;
-        self.set_state(index, SocketState::Parked)?;
+        if self.leaving == Some(index) {
+            return Ok(None);
+        }
         self.set_state(index, SocketState::Demoted)?;
-        Ok(migrated(self)?.saturating_sub(before))
+        let queued = self.listeners.listeners()[index as usize]
+            .queue()
+            .map_or(1, |q| q.depth);
+        if queued == 0 && !handler_stopped {
+            self.set_state(index, SocketState::Serving)?;
+            return Ok(None);
+        }
+        let before = migrated(self)?;
+        if let Err(e) = self.listeners.move_queue(index as usize) {
+            if self.listeners.listeners()[index as usize].state() == SocketState::Parked {
+                // Shut down but not listening again: out of the group, as its state says.
+                let _ = self.steering.forget_socket(index);
+            }
+            return Err(e);
+        }
+        // The kernel emptied its SOCKETS entry when it stopped listening.
+        self.steering
+            .register(index, &self.listeners.listeners()[index as usize])?;
+        Ok(Some(migrated(self)?.saturating_sub(before)))
     }
 
     /// Slot `index`'s stalled handler serves again: its socket takes its share again (if it

@@ -110,7 +110,7 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
                         detector.demoted(now, look, others_room(slot) > 0)
                     }
                     _ => {
-                        detector.not_watched();
+                        detector.not_watched(Some(look));
                         Decision::Keep
                     }
                 };
@@ -136,7 +136,11 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
             {
                 detectors[slot as usize].not_now(now, look);
             }
-            Decision::Demote => demote(group, slot, look, after),
+            Decision::Demote => {
+                if !demote(group, slot, look, after) {
+                    detectors[slot as usize].not_now(now, look);
+                }
+            }
             Decision::Promote | Decision::Retry => {
                 promote(group, slot, decision, &mut detectors[slot as usize])
             }
@@ -204,11 +208,19 @@ fn pid_of(group: &RunningGroup, slot: u32) -> Option<u32> {
         .pid
 }
 
-fn demote(group: &RunningGroup, slot: u32, look: Look, after: Duration) {
+/// Demotes `slot`; false if its handler took its queue meanwhile (then it is left serving).
+fn demote(group: &RunningGroup, slot: u32, look: Look, after: Duration) -> bool {
     let pid = pid_of(group, slot);
-    let moved = group.members.borrow_mut().demote_stalled(slot);
+    let moved = group
+        .members
+        .borrow_mut()
+        .demote_stalled(slot, look.stopped);
     match moved {
-        Ok(moved) => {
+        Ok(None) => {
+            log::debug!("handler {slot}: took its queue after it looked stalled: left serving");
+            return false;
+        }
+        Ok(Some(moved)) => {
             {
                 let mut counts = group.stalls.borrow_mut();
                 if counts.len() <= slot as usize {
@@ -227,6 +239,7 @@ fn demote(group: &RunningGroup, slot: u32, look: Look, after: Duration) {
         }
         Err(e) => log::error!("handler {slot}: cannot move the queue of its stalled socket: {e}"),
     }
+    true
 }
 
 fn promote(group: &RunningGroup, slot: u32, decision: Decision, detector: &mut SlotStall) {
@@ -238,7 +251,7 @@ fn promote(group: &RunningGroup, slot: u32, decision: Decision, detector: &mut S
         Ok(true) => {
             log::info!("handler {slot}: serves again after its stall: its socket takes its share")
         }
-        Ok(false) => detector.not_watched(),
+        Ok(false) => detector.not_watched(None),
         Err(e) => log::error!("handler {slot}: cannot put its socket back after a stall: {e}"),
     }
 }

@@ -135,11 +135,12 @@ fn a_handler_that_takes_nothing_from_its_queue_is_demoted_and_its_queue_moved() 
             let result = http_load(addr(), CLIENTS, PER_CLIENT, TIMEOUT);
             let kernel = before.delta(&NetCounters::read());
             let status = spawner.status();
+            let log = spawner.log();
             assert!(spawner.stop().success());
-            (result, kernel, status)
+            (result, kernel, status, log)
         };
-        let (control, control_kernel, control_status) = run(0.0);
-        let (result, kernel, status) = run(0.1);
+        let (control, control_kernel, control_status, _) = run(0.0);
+        let (result, kernel, status, log) = run(0.1);
         let stalled = &status.sockets[0];
         eprintln!(
             "stall detection off: {} of {} requests failed ({:?} queued at slot 0); \
@@ -158,8 +159,8 @@ fn a_handler_that_takes_nothing_from_its_queue_is_demoted_and_its_queue_moved() 
         assert!(control.failures() > 0, "{:?}", control.outcomes);
         assert_eq!(control_status.sockets[0].stalled, 0);
         // Stall detection: nothing waited behind it, every move was the kernel's.
-        assert_eq!(result.failures(), 0, "{:?}", result.outcomes);
-        assert!(stalled.stalled >= 1, "{status:?}");
+        assert_eq!(result.failures(), 0, "{:?}\n{log}", result.outcomes);
+        assert!(stalled.stalled >= 1, "{status:?}\n{log}");
         assert!(stalled.moved_from_stall >= 1, "{status:?}");
         assert!(kernel.migrate_req_success >= stalled.moved_from_stall);
         assert_eq!(kernel.migrate_req_failure, 0, "{kernel:?}");
