@@ -492,6 +492,7 @@ fn busy_handlers_that_accept_are_not_harmed_by_stall_detection() {
                 .command(&[server.to_str().unwrap()])
                 .start();
             assert!(spawner.wait_until_ready(Duration::from_secs(10)));
+            let before = NetCounters::read();
             let load = SteadyLoad::start(addr(), 32, Duration::from_secs(3), TIMEOUT);
             // The scenario: queues held connections (printed: every queue at once; beside
             // other loads, as in CI beside two VMs, the clients get less of the CPU).
@@ -510,6 +511,8 @@ fn busy_handlers_that_accept_are_not_harmed_by_stall_detection() {
                 any_queued |= queued.iter().any(|q| *q);
             }
             let outcomes = load.finish();
+            // Printed with a failure: which of the kernel's paths reset or dropped one.
+            let kernel = before.delta(&NetCounters::read());
             let status = spawner.status();
             let stalls: u64 = status.sockets.iter().map(|s| s.stalled).sum();
             let moved: u64 = status.sockets.iter().map(|s| s.moved_from_stall).sum();
@@ -525,7 +528,8 @@ fn busy_handlers_that_accept_are_not_harmed_by_stall_detection() {
             assert!(any_queued, "the load never queued a connection");
             assert!(
                 failed.is_empty(),
-                "--stall-after {stall_after}: {failed:?}\n{}",
+                "--stall-after {stall_after}: {failed:?}, {kernel:?}, program errors {:?}\n{}",
+                status.errors,
                 spawner.log()
             );
             // The one harm left (docs/limits.md): an accept() that falls between a move's
