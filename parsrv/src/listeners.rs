@@ -108,6 +108,17 @@ impl Listener {
         kernel::queue_depth(self.socket.as_fd())
     }
 
+    /// shutdown(): the socket leaves the kernel's group, and the kernel runs the program for
+    /// each connection in its queue and each pending handshake (migration).
+    fn leave_group(&self) -> Result<()> {
+        self.socket
+            .shutdown(std::net::Shutdown::Read)
+            .map_err(socket_error(
+                "take out of the group (shutdown) the socket on",
+                self.addr,
+            ))
+    }
+
     /// listen() on the socket parsrv had taken out of the group, and the queue length the
     /// kernel gives it now: an adopted socket that was not listening (its last spawner died
     /// in the middle of a move) had none to read.
@@ -323,15 +334,7 @@ impl Listeners {
             return Ok(false);
         }
         match wanted {
-            SocketState::Parked => {
-                listener
-                    .socket
-                    .shutdown(std::net::Shutdown::Read)
-                    .map_err(socket_error(
-                        "take out of the group (shutdown) the socket on",
-                        listen,
-                    ))?
-            }
+            SocketState::Parked => listener.leave_group()?,
             SocketState::AwaitingHandler | SocketState::Demoted | SocketState::Spare => {
                 // Marked before it rejoins the group, so that it never looks served.
                 let mark = if wanted == SocketState::AwaitingHandler {
@@ -367,14 +370,7 @@ impl Listeners {
     pub fn move_queue(&mut self, index: usize) -> Result<()> {
         let backlog = self.backlog;
         let listener = &mut self.listeners[index];
-        let listen = listener.addr;
-        listener
-            .socket
-            .shutdown(std::net::Shutdown::Read)
-            .map_err(socket_error(
-                "take out of the group (shutdown) the socket on",
-                listen,
-            ))?;
+        listener.leave_group()?;
         if let Err(e) = listener.listen_again(backlog) {
             listener.state = SocketState::Parked;
             return Err(e);
