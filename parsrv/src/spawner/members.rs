@@ -329,10 +329,12 @@ impl Members {
                 .map(|c| c.migrated_in)
                 .sum())
         };
+        // A slot on its way out is left to its removal (as `set_state` leaves it).
         if self.leaving == Some(index) {
             return Ok(None);
         }
         self.set_state(index, SocketState::Demoted)?;
+        // A queue that cannot be read is taken as holding connections: moved, as before.
         let queued = self.listeners.listeners()[index as usize]
             .queue()
             .map_or(1, |q| q.depth);
