@@ -1,60 +1,257 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`, and tells the binary what it
-//! embedded: the object's SHA-256 and the toolchain that built it (`parsrv --version`).
+//! Builds parsrv's eBPF programs (the parsrv-ebpf crate) and embeds them, and tells the binary
+//! what it embedded: each object's SHA-256 and the toolchain that built it (`parsrv
+//! --version`). So a plain `cargo build -p parsrv` or `cargo install --locked --path parsrv`
+//! gives a binary that runs groups, on a machine where `cargo xtask setup` (or the README's
+//! commands) installed the pinned nightly and bpf-linker.
 //!
-//! The object comes from a separate nightly build (parsrv-ebpf is its own workspace), so a
-//! plain `cargo build` or `cargo clippy` of this crate must work without it: then an empty
-//! placeholder is embedded, and `parsrv run` says how to build the real one.
+//! This does what aya-build does (aya-template's build.rs), with two differences, for reasons:
+//! - parsrv-ebpf stays its own workspace: its profile (LTO, one codegen unit, BTF) and its
+//!   lock file decide the programs' instructions and so their verification cost, which is
+//!   measured and tested. aya-build builds the crate as a package of the *userspace*
+//!   workspace (`cargo build --package`), under that workspace's profiles and lock file.
+//! - One build for all of parsrv's profiles: the objects go to `<target>/ebpf`, not to
+//!   `OUT_DIR`. aya-build's per-`OUT_DIR` build took 26 s per profile here (2026-12-06), and
+//!   the test suite builds parsrv in three (clippy, checked, release).
+//!
+//! `AYA_BUILD_SKIP=1` (aya-build's switch) embeds nothing instead: the binary then refuses to
+//! start a group and says why. (To try another object without rebuilding, parsrv reads
+//! `PARSRV_EBPF_OBJECT` when it runs: `dataplane::OBJECT_ENV`.)
 
 use std::{
-    env, fs,
+    env,
+    ffi::OsString,
+    fs,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{exit, Command, Stdio},
 };
 
 use sha2::{Digest, Sha256};
 
-/// Overrides where the object is taken from.
-const OBJECT_ENV: &str = "PARSRV_EBPF_OBJECT";
+/// Builds without the programs (aya-build's name for it).
+const SKIP_ENV: &str = "AYA_BUILD_SKIP";
+/// Each binary of parsrv-ebpf, and the file `dataplane::EbpfObject` embeds it from.
+const OBJECTS: [(&str, &str); 4] = [
+    ("parsrv", "parsrv-ebpf.o"),
+    ("address-lookup", "address-lookup.o"),
+    ("cluster-dispatch", "cluster-dispatch.o"),
+    ("reuseport-audit", "reuseport-audit.o"),
+];
+const EBPF_TARGET: &str = "bpfel-unknown-none";
 
 fn main() {
-    println!("cargo:rerun-if-env-changed={OBJECT_ENV}");
+    println!("cargo:rerun-if-env-changed={SKIP_ENV}");
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
-    let object = env::var_os(OBJECT_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir.join("../target/ebpf/bpfel-unknown-none/release/parsrv"));
-    println!("cargo:rerun-if-changed={}", object.display());
-    // Written by xtask beside the object: "nightly-... (rustc ...), bpf-linker ... (LLVM ...)".
-    let toolchain_note = object.with_extension("toolchain");
-    println!("cargo:rerun-if-changed={}", toolchain_note.display());
-
-    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("parsrv-ebpf.o");
-    let bytes = fs::read(&object).unwrap_or_default();
-    fs::write(&out, &bytes).unwrap();
-    let (hash, toolchain) = if bytes.is_empty() {
-        ("none".to_owned(), "no eBPF object embedded".to_owned())
-    } else {
-        let hash: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let toolchain = fs::read_to_string(&toolchain_note)
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "an unrecorded toolchain (not built by xtask)".to_owned());
-        (hash, toolchain)
-    };
-    println!("cargo:rustc-env=PARSRV_EBPF_OBJECT_SHA256={hash}");
-    // The other objects of the same build (no override: the tests feed broken objects only
-    // as the main one).
-    for other in ["address-lookup", "cluster-dispatch", "reuseport-audit"] {
-        let built = manifest_dir
-            .join("../target/ebpf/bpfel-unknown-none/release")
-            .join(other);
-        println!("cargo:rerun-if-changed={}", built.display());
-        let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join(format!("{other}.o"));
-        fs::write(out, fs::read(&built).unwrap_or_default()).unwrap();
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
+    let ebpf_crate = manifest_dir.join("../parsrv-ebpf");
+    // What the objects are made of. A directory is watched whole (every file's mtime).
+    for input in [
+        ebpf_crate.join("src"),
+        ebpf_crate.join("Cargo.toml"),
+        ebpf_crate.join("Cargo.lock"),
+        ebpf_crate.join("rust-toolchain.toml"),
+        ebpf_crate.join(".cargo"),
+        manifest_dir.join("../parsrv-common/src"),
+        manifest_dir.join("../parsrv-common/Cargo.toml"),
+    ] {
+        println!("cargo:rerun-if-changed={}", input.display());
     }
+
+    let skip = env::var(SKIP_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let built = if skip {
+        println!(
+            "cargo:warning={SKIP_ENV} is set: parsrv is built without its eBPF programs and \
+             cannot start a group"
+        );
+        None
+    } else {
+        Some(build_ebpf(&ebpf_crate, &out_dir))
+    };
+
+    for (binary, embedded) in OBJECTS {
+        let bytes = match &built {
+            Some(built) => match fs::read(built.dir.join(binary)) {
+                Ok(bytes) if !bytes.is_empty() => bytes,
+                Ok(_) => fail(&format!("the eBPF build produced an empty {binary}")),
+                Err(e) => fail(&format!("the eBPF build produced no {binary}: {e}")),
+            },
+            None => Vec::new(),
+        };
+        if binary == "parsrv" {
+            let hash = if bytes.is_empty() {
+                "none".to_owned()
+            } else {
+                Sha256::digest(&bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            };
+            println!("cargo:rustc-env=PARSRV_EBPF_OBJECT_SHA256={hash}");
+        }
+        fs::write(out_dir.join(embedded), bytes).unwrap();
+    }
+    let toolchain = match &built {
+        Some(built) => built.toolchain.clone(),
+        None => "no eBPF object embedded".to_owned(),
+    };
     println!("cargo:rustc-env=PARSRV_EBPF_TOOLCHAIN={toolchain}");
     println!("cargo:rustc-env=PARSRV_COMMIT={}", commit(&manifest_dir));
+}
+
+/// Where the eBPF build left its objects, and what built them.
+struct Built {
+    dir: PathBuf,
+    /// "nightly-... (rustc ..., LLVM ...), bpf-linker ...".
+    toolchain: String,
+}
+
+/// Builds parsrv-ebpf with its pinned nightly into `<target>/ebpf`, a no-op (under a second)
+/// when nothing changed. Exits with one line naming the fix when the toolchain is missing.
+fn build_ebpf(ebpf_crate: &Path, out_dir: &Path) -> Built {
+    let nightly = pinned_nightly(&ebpf_crate.join("rust-toolchain.toml"));
+    let missing = |what: &str| -> ! {
+        fail(&format!(
+            "{what} is missing: parsrv's eBPF programs build with Rust {nightly} (with \
+             rust-src) and bpf-linker; `cargo xtask setup` installs both (about 3 minutes \
+             once), or set {SKIP_ENV}=1 to build a binary without them"
+        ))
+    };
+    let rustc = first_lines(
+        Command::new("rustup").args(["run", &nightly, "rustc", "-vV"]),
+        usize::MAX,
+    )
+    .unwrap_or_else(|| missing(&format!("Rust {nightly}")));
+    let linker = first_lines(Command::new("bpf-linker").arg("--version"), 1)
+        .unwrap_or_else(|| missing("bpf-linker"));
+    let field = |name: &str| {
+        rustc
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or("?")
+            .trim()
+            .to_owned()
+    };
+    let version = rustc.lines().next().unwrap_or_default().to_owned();
+    let toolchain = format!(
+        "{nightly} ({version}, LLVM {}), {linker}",
+        field("LLVM version:")
+    );
+
+    let target_dir = cargo_target_dir(out_dir).join("ebpf");
+    let mut cargo = Command::new("rustup");
+    cargo
+        .args(["run", &nightly, "cargo", "build", "--release"])
+        .args(["--target", EBPF_TARGET, "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(ebpf_crate);
+    // Nothing of this build's settings may reach that one: cargo sets these for build
+    // scripts (the host's rustflags, clippy's wrapper, this profile), and the eBPF crate's
+    // own config and profile must decide its build.
+    for (name, _) in env::vars_os() {
+        if is_outer_build_setting(&name) {
+            cargo.env_remove(name);
+        }
+    }
+    // cargo reads a build script's stdout for instructions: the inner cargo's output goes to
+    // stderr (shown when the build fails).
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned().unwrap();
+    let status = cargo
+        .stdout(Stdio::from(stderr))
+        .status()
+        .unwrap_or_else(|e| fail(&format!("running {cargo:?}: {e}")));
+    if !status.success() {
+        fail(&format!(
+            "building parsrv's eBPF programs failed ({status}); the compiler's output is above"
+        ));
+    }
+    Built {
+        dir: target_dir.join(EBPF_TARGET).join("release"),
+        toolchain,
+    }
+}
+
+/// The channel of parsrv-ebpf/rust-toolchain.toml: the one place the nightly is named for
+/// the build (xtask's setup installs the same, see xtask/src/setup.rs).
+fn pinned_nightly(file: &Path) -> String {
+    let text = fs::read_to_string(file)
+        .unwrap_or_else(|e| fail(&format!("reading {}: {e}", file.display())));
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("channel"))
+        .filter_map(|l| l.trim().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .next()
+        .unwrap_or_else(|| fail(&format!("{} names no channel", file.display())))
+}
+
+/// `<target>` of `OUT_DIR` = `<target>[/<triple>]/<profile>/build/parsrv-<hash>/out`.
+fn cargo_target_dir(out_dir: &Path) -> PathBuf {
+    let mut dir = out_dir.ancestors().nth(4).unwrap().to_owned();
+    if let (Some(name), Ok(triple)) = (dir.file_name(), env::var("TARGET")) {
+        // `--target <triple>` puts the profile directories one level down.
+        if name == triple.as_str() {
+            dir.pop();
+        }
+    }
+    dir
+}
+
+/// A variable cargo sets for build scripts, or one that configures a build (other than where
+/// cargo lives, its network settings and its jobserver).
+fn is_outer_build_setting(name: &OsString) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    let kept = ["CARGO_HOME", "CARGO_MAKEFLAGS"].contains(&name)
+        || [
+            "CARGO_NET_",
+            "CARGO_HTTP_",
+            "CARGO_REGISTRIES_",
+            "CARGO_REGISTRY_",
+            "CARGO_TERM_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p));
+    !kept
+        && (name.starts_with("CARGO")
+            || name.starts_with("RUSTC")
+            || name.starts_with("RUSTDOC")
+            || [
+                "RUSTFLAGS",
+                "RUSTUP_TOOLCHAIN",
+                "TARGET",
+                "HOST",
+                "OUT_DIR",
+                "PROFILE",
+                "OPT_LEVEL",
+                "DEBUG",
+                "NUM_JOBS",
+            ]
+            .contains(&name))
+}
+
+/// The first `n` lines of a command's output, or None when it cannot run or fails.
+fn first_lines(command: &mut Command, n: usize) -> Option<String> {
+    let out = command.stderr(Stdio::null()).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(
+        text.lines()
+            .take(n)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim()
+            .to_owned(),
+    )
+}
+
+/// One line for the person building, then exit: cargo prints it under "failed to run custom
+/// build command".
+fn fail(line: &str) -> ! {
+    eprintln!("error: {line}");
+    exit(1)
 }
 
 /// The commit checked out (12 hex digits), or "unknown" outside a git checkout (a source

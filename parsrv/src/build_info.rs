@@ -1,5 +1,5 @@
 //! What this binary was built from: the embedded eBPF object's hash and the toolchain that
-//! built it (recorded by `cargo xtask build-ebpf`, read by build.rs), for `parsrv --version`
+//! built it (both from build.rs, which builds the object), for `parsrv --version`
 //! and for a verifier refusal, so that a report names exactly what ran.
 
 use sha2::{Digest, Sha256};

@@ -82,7 +82,7 @@ pub enum Error {
 
     #[error(
         "no eBPF program to load (this binary was built without it, or PARSRV_EBPF_OBJECT \
-         names an empty file): build with `cargo xtask build`, which sets up the eBPF toolchain"
+         names an empty file): build without AYA_BUILD_SKIP, with `cargo xtask build` (which sets up the eBPF toolchain) or `cargo build` after `cargo xtask setup`"
     )]
     NoEbpfObject,
 

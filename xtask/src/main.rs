@@ -35,9 +35,9 @@ enum Task {
     /// Install what building the eBPF program needs: apt packages (LLVM 22), the pinned
     /// nightly with rust-src, bpf-linker built against that LLVM.
     Setup,
-    /// Build the eBPF object (target/ebpf/bpfel-unknown-none/release/parsrv).
-    BuildEbpf,
-    /// Build the eBPF object, then parsrv with it embedded.
+    /// Build parsrv (its build.rs builds the eBPF programs into target/ebpf and embeds
+    /// them), after the set-up: `cargo build -p parsrv [--release]` does the same on a
+    /// machine that is set up.
     Build {
         #[arg(long)]
         release: bool,
@@ -177,7 +177,6 @@ fn run(task: Task) -> Result<()> {
         Task::Setup => setup::ensure_all()
             .and_then(|()| setup::ensure_python_servers())
             .and_then(|()| setup::ensure_vm_packages()),
-        Task::BuildEbpf => ebpf::build_ebpf(),
         Task::Build { release } => build(if release {
             Profile::Release
         } else {

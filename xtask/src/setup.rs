@@ -18,11 +18,6 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
-/// The llvm-config of the LLVM bpf-linker links against (its version goes into the record of
-/// what built the eBPF object).
-pub fn llvm_config() -> std::path::PathBuf {
-    std::path::Path::new(LLVM_PREFIX).join("bin/llvm-config")
-}
 /// Debian packages: what bpf-linker links against (LLVM 22), wrk (a third-party load
 /// generator the benchmarks confirm their figures with), the font their charts use, BIRD
 /// (the routing daemon the cluster tests announce the service address with) and strace
