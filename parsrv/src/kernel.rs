@@ -197,6 +197,7 @@ const CAP_KILL: u32 = 5;
 const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
 const CAP_SETPCAP: u32 = 8;
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -206,15 +207,24 @@ fn has_capability(caps: u64, cap: u32) -> bool {
     caps & (1 << cap) != 0
 }
 
+/// What loading and attaching the programs needs: a name, and the capabilities any one of
+/// which serves.
+const FOR_THE_PROGRAMS: &[(&str, &[u32])] = &[
+    // Loading.
+    ("CAP_BPF", &[CAP_BPF]),
+    // bpf_probe_read_kernel and the pointer reads in the programs.
+    ("CAP_PERFMON", &[CAP_PERFMON]),
+    // A group's socket maps (REUSEPORT_SOCKARRAY, SOCKMAP) and the cluster's tc program: the
+    // kernel's bpf_net_capable(). Without it the map's creation failed with EPERM after the
+    // program had been checked (docs/operations.md, "Capabilities").
+    ("CAP_NET_ADMIN", &[CAP_NET_ADMIN, CAP_SYS_ADMIN]),
+];
+
 /// Fails with the list of missing capabilities unless this process may load and attach the
-/// program: CAP_BPF (load), CAP_PERFMON (bpf_probe_read_kernel and pointer reads in it).
+/// programs ([`FOR_THE_PROGRAMS`]).
 pub fn check_capabilities() -> Result<()> {
     let caps = effective_capabilities().map_err(Error::io("reading /proc/self/status"))?;
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
-        .into_iter()
-        .filter(|(cap, _)| !has_capability(caps, *cap))
-        .map(|(_, name)| name)
-        .collect();
+    let missing = missing_capabilities(caps, FOR_THE_PROGRAMS);
     if missing.is_empty() {
         Ok(())
     } else {
@@ -222,6 +232,15 @@ pub fn check_capabilities() -> Result<()> {
             missing: missing.join(" and "),
         })
     }
+}
+
+/// The names of `needed` none of whose capabilities is in `caps`.
+fn missing_capabilities(caps: u64, needed: &[(&'static str, &[u32])]) -> Vec<&'static str> {
+    needed
+        .iter()
+        .filter(|(_, any_of)| !any_of.iter().any(|&cap| has_capability(caps, cap)))
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 /// What a spawner needs to run handlers as another user (`--user`), beyond the program's
@@ -254,11 +273,7 @@ pub fn check_capabilities_for(groups: &[crate::spec::GroupSpec]) -> Result<()> {
         return Ok(());
     };
     let caps = effective_capabilities().map_err(Error::io("reading /proc/self/status"))?;
-    let missing: Vec<&str> = FOR_HANDLERS_OF_ANOTHER_USER
-        .iter()
-        .filter(|(_, any_of)| !any_of.iter().any(|&cap| has_capability(caps, cap)))
-        .map(|(name, _)| *name)
-        .collect();
+    let missing = missing_capabilities(caps, FOR_HANDLERS_OF_ANOTHER_USER);
     if missing.is_empty() {
         return Ok(());
     }
@@ -582,6 +597,22 @@ mod tests {
         let caps = (1u64 << CAP_BPF) | (1 << CAP_SYS_ADMIN);
         assert!(has_capability(caps, CAP_BPF));
         assert!(!has_capability(caps, CAP_PERFMON));
+    }
+
+    #[test]
+    fn the_programs_need_net_admin_or_sys_admin_for_their_socket_maps() {
+        let loader = (1u64 << CAP_BPF) | (1 << CAP_PERFMON);
+        assert_eq!(
+            missing_capabilities(loader, FOR_THE_PROGRAMS),
+            ["CAP_NET_ADMIN"]
+        );
+        for either in [CAP_NET_ADMIN, CAP_SYS_ADMIN] {
+            assert!(missing_capabilities(loader | (1 << either), FOR_THE_PROGRAMS).is_empty());
+        }
+        assert_eq!(
+            missing_capabilities(1 << CAP_NET_ADMIN, FOR_THE_PROGRAMS),
+            ["CAP_BPF", "CAP_PERFMON"]
+        );
     }
 
     /// Needs only a readable /sys/kernel/btf/vmlinux (no privilege), which every kernel

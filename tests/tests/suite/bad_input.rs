@@ -387,6 +387,14 @@ fn missing_privileges_bpffs_btf_or_object_exit_1_naming_the_fix() {
             1,
             &["CAP_PERFMON", "root"],
         );
+        // The socket maps take either (the kernel's bpf_net_capable()): without both, refused
+        // before anything is created, not by an EPERM from the map's creation.
+        expect_error(
+            &run_group(&[]),
+            || drop_capability(12).and_then(|()| drop_capability(21)),
+            1,
+            &["CAP_NET_ADMIN", "root"],
+        );
 
         // No bpffs and no right to mount it.
         unmount_bpffs();
