@@ -86,6 +86,12 @@ pub fn render(groups: &[GroupStatus]) -> String {
             "Connections moved from the socket's queue to other sockets when its handler stalled.",
             &|s| Some(s.moved_from_stall as f64),
         ),
+        socket(
+            "parsrv_socket_stall_spared_total",
+            "counter",
+            "Times the socket's handler looked stalled but was left serving (a thread of it runnable, or it took its queue before the move).",
+            &|s| Some(s.stall_spared as f64),
+        ),
         Family {
             name: "parsrv_handler_restarts_total".to_owned(),
             kind: "counter",

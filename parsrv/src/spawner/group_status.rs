@@ -52,6 +52,7 @@ impl RunningGroup {
                     counters,
                     stalled: stall.stalled,
                     moved_from_stall: stall.moved,
+                    stall_spared: stall.spared,
                 }
             })
             .collect();

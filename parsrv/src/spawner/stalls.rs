@@ -25,11 +25,25 @@ use crate::{
 /// a queue).
 const IDLE_LOOK: Duration = Duration::from_millis(500);
 
-/// Per slot: times stalled, and connections moved from its queue then.
+/// Per slot: times stalled, connections moved from its queue then, and times it looked
+/// stalled but was left serving.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct StallCounts {
     pub stalled: u64,
     pub moved: u64,
+    pub spared: u64,
+}
+
+impl StallCounts {
+    /// `slot`'s counts, made if it has none yet.
+    fn of(group: &RunningGroup, slot: u32) -> std::cell::RefMut<'_, StallCounts> {
+        std::cell::RefMut::map(group.stalls.borrow_mut(), |counts| {
+            if counts.len() <= slot as usize {
+                counts.resize(slot as usize + 1, StallCounts::default());
+            }
+            &mut counts[slot as usize]
+        })
+    }
 }
 
 /// Watches the group's slots for stalls until the group stops (not at all with
@@ -134,10 +148,12 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
                 if !look.stopped
                     && pid_of(group, slot).is_some_and(crate::procfs::any_thread_runnable) =>
             {
+                StallCounts::of(group, slot).spared += 1;
                 detectors[slot as usize].not_now(now, look);
             }
             Decision::Demote => {
                 if !demote(group, slot, look, after) {
+                    StallCounts::of(group, slot).spared += 1;
                     detectors[slot as usize].not_now(now, look);
                 }
             }
@@ -222,12 +238,9 @@ fn demote(group: &RunningGroup, slot: u32, look: Look, after: Duration) -> bool 
         }
         Ok(Some(moved)) => {
             {
-                let mut counts = group.stalls.borrow_mut();
-                if counts.len() <= slot as usize {
-                    counts.resize(slot as usize + 1, StallCounts::default());
-                }
-                counts[slot as usize].stalled += 1;
-                counts[slot as usize].moved += moved;
+                let mut counts = StallCounts::of(group, slot);
+                counts.stalled += 1;
+                counts.moved += moved;
             }
             log::warn!(
                 "handler {slot} (pid {}) took no connection from its queue in {after:?}{}: \

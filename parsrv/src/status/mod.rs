@@ -151,6 +151,10 @@ pub struct SocketStatus {
     pub stalled: u64,
     #[serde(default)]
     pub moved_from_stall: u64,
+    /// Times its handler looked stalled but was left serving: a thread of it was runnable
+    /// (it may be about to accept), or it took its queue before the move.
+    #[serde(default)]
+    pub stall_spared: u64,
 }
 
 /// One client of `parsrv affinity`: its entry, and the handler its slot runs now.

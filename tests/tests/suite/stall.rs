@@ -516,11 +516,12 @@ fn busy_handlers_that_accept_are_not_harmed_by_stall_detection() {
             let status = spawner.status();
             let stalls: u64 = status.sockets.iter().map(|s| s.stalled).sum();
             let moved: u64 = status.sockets.iter().map(|s| s.moved_from_stall).sum();
+            let spared: u64 = status.sockets.iter().map(|s| s.stall_spared).sum();
             let restarts: u32 = status.handlers.iter().map(|h| h.restarts).sum();
             let failed: Vec<_> = outcomes.iter().filter(|o| **o != Outcome::Ok).collect();
             eprintln!(
                 "--stall-after {stall_after}: {stalls} taken for stalled ({moved} moved), \
-                 {} requests, {} failed, {restarts} restarts, every queue non-empty at once: \
+                 {spared} looked stalled but left serving, {} requests, {} failed, {restarts} restarts, every queue non-empty at once: \
                  {all_queued}",
                 outcomes.len(),
                 failed.len()
