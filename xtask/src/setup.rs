@@ -9,7 +9,8 @@ use anyhow::{bail, Context as _, Result};
 use crate::run_step;
 
 /// The nightly the eBPF crate builds with. It must carry the same LLVM major as bpf-linker
-/// (22): later nightlies moved to LLVM 23. Keep in sync with parsrv-ebpf/rust-toolchain.toml.
+/// (22): later nightlies moved to LLVM 23. parsrv-ebpf/rust-toolchain.toml names it too (a test
+/// checks that they agree): parsrv's build.rs builds with that one.
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
 /// rust-src for -Z build-std; clippy and rustfmt for `cargo xtask lint`.
 const EBPF_COMPONENTS: [&str; 3] = ["rust-src", "clippy", "rustfmt"];
@@ -270,5 +271,22 @@ fn ensure_bpf_linker() -> Result<()> {
             "setup: bpf-linker was installed but does not run from PATH: add \
              ~/.cargo/bin to PATH"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The nightly set-up installs is the one parsrv's build.rs builds the programs with
+    /// (it reads the channel from parsrv-ebpf/rust-toolchain.toml).
+    #[test]
+    fn the_installed_nightly_is_the_ebpf_crates_pinned_one() {
+        let file = crate::workspace_root().join("parsrv-ebpf/rust-toolchain.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let pinned = format!("channel = \"{}\"", super::EBPF_TOOLCHAIN);
+        assert!(
+            text.lines().any(|l| l.trim() == pinned),
+            "{} does not say {pinned}",
+            file.display()
+        );
     }
 }
