@@ -97,6 +97,19 @@ fn a_kill_storm_under_open_loop_load_loses_only_what_killed_handlers_had_accepte
             KillLoad::Open { per_second },
         );
         eprintln!("{capacity:.0} requests/s closed-loop, the storm at {per_second}/s: {run:?}");
+        // Read before any assertion, printed with every failure: whether the program saw
+        // every queue full (dropped), failed open (errors), and where the queues stood.
+        let status = spawner.status();
+        let dropped: u64 = status.sockets.iter().map(|s| s.counters.dropped).sum();
+        let seen = format!(
+            "program errors {:?}; sockets {:?}",
+            status.errors,
+            status
+                .sockets
+                .iter()
+                .map(|s| (s.slot, s.state, s.queue, s.counters))
+                .collect::<Vec<_>>()
+        );
         assert!(run.kills >= kills * 3 / 4, "only {} kills", run.kills);
         assert_eq!(run.requests, per_second as u64 * 10);
         assert!(
@@ -109,11 +122,10 @@ fn a_kill_storm_under_open_loop_load_loses_only_what_killed_handlers_had_accepte
         assert_eq!(
             (run.kernel.migrate_req_failure, run.kernel.listen_overflows),
             (0, 0),
-            "{run:?}"
+            "{run:?}; {seen}\n{}",
+            spawner.log()
         );
-        let status = spawner.status();
-        let dropped: u64 = status.sockets.iter().map(|s| s.counters.dropped).sum();
-        assert_eq!(dropped, 0, "the program saw every queue full: {status:?}");
+        assert_eq!(dropped, 0, "the program saw every queue full: {seen}");
         assert!(spawner.stop().success());
     });
 }
