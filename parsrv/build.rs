@@ -53,6 +53,8 @@ fn main() {
         ebpf_crate.join(".cargo"),
         manifest_dir.join("../parsrv-common/src"),
         manifest_dir.join("../parsrv-common/Cargo.toml"),
+        // parsrv-common takes its edition and version from the workspace.
+        manifest_dir.join("../Cargo.toml"),
     ] {
         println!("cargo:rerun-if-changed={}", input.display());
     }
@@ -101,7 +103,7 @@ fn main() {
 /// Where the eBPF build left its objects, and what built them.
 struct Built {
     dir: PathBuf,
-    /// "nightly-... (rustc ..., LLVM ...), bpf-linker ...".
+    /// "nightly-... (rustc ...), bpf-linker ... (LLVM ...)".
     toolchain: String,
 }
 
@@ -116,31 +118,34 @@ fn build_ebpf(ebpf_crate: &Path, out_dir: &Path) -> Built {
              once), or set {SKIP_ENV}=1 to build a binary without them"
         ))
     };
+    if first_lines(Command::new("rustup").arg("--version"), 1).is_none() {
+        missing("rustup");
+    }
     let rustc = first_lines(
-        Command::new("rustup").args(["run", &nightly, "rustc", "-vV"]),
-        usize::MAX,
+        Command::new("rustup").args(["run", &nightly, "rustc", "--version"]),
+        1,
     )
     .unwrap_or_else(|| missing(&format!("Rust {nightly}")));
-    let linker = first_lines(Command::new("bpf-linker").arg("--version"), 1)
+    // bpf-linker as the inner build finds it: `rustup run` puts cargo's bin directory on PATH.
+    let linker_path = first_lines(
+        Command::new("rustup").args(["run", &nightly, "sh", "-c", "command -v bpf-linker"]),
+        1,
+    )
+    .filter(|path| !path.is_empty())
+    .unwrap_or_else(|| missing("bpf-linker"));
+    let linker = first_lines(Command::new(&linker_path).arg("--version"), 1)
         .unwrap_or_else(|| missing("bpf-linker"));
-    let field = |name: &str| {
-        rustc
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or("?")
-            .trim()
-            .to_owned()
-    };
-    let version = rustc.lines().next().unwrap_or_default().to_owned();
     let toolchain = format!(
-        "{nightly} ({version}, LLVM {}), {linker}",
-        field("LLVM version:")
+        "{nightly} ({rustc}), {linker} (LLVM {})",
+        linker_llvm(Path::new(&linker_path))
     );
 
     let target_dir = cargo_target_dir(out_dir).join("ebpf");
     let mut cargo = Command::new("rustup");
     cargo
-        .args(["run", &nightly, "cargo", "build", "--release"])
+        // --locked: parsrv-ebpf's Cargo.lock decides the programs' code (and so their
+        // verification cost); a build must not rewrite it.
+        .args(["run", &nightly, "cargo", "build", "--release", "--locked"])
         .args(["--target", EBPF_TARGET, "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&target_dir)
@@ -169,6 +174,30 @@ fn build_ebpf(ebpf_crate: &Path, out_dir: &Path) -> Built {
         dir: target_dir.join(EBPF_TARGET).join("release"),
         toolchain,
     }
+}
+
+/// The LLVM bpf-linker generates the programs' code with: the version of the libLLVM it
+/// links (Debian's llvm-22 here), from that LLVM's llvm-config, else the library's name.
+fn linker_llvm(linker: &Path) -> String {
+    let ldd = first_lines(Command::new("ldd").arg(linker), usize::MAX).unwrap_or_default();
+    let Some(library) = ldd
+        .lines()
+        .filter(|l| l.contains("libLLVM"))
+        .find_map(|l| l.split("=>").nth(1)?.split_whitespace().next())
+        .map(PathBuf::from)
+    else {
+        return "linked statically, version unknown".to_owned();
+    };
+    library
+        .parent()
+        .and_then(Path::parent)
+        .and_then(|prefix| {
+            first_lines(
+                Command::new(prefix.join("bin/llvm-config")).arg("--version"),
+                1,
+            )
+        })
+        .unwrap_or_else(|| library.file_name().unwrap().to_string_lossy().into_owned())
 }
 
 /// The channel of parsrv-ebpf/rust-toolchain.toml: the one place the nightly is named for
