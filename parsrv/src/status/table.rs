@@ -98,7 +98,7 @@ impl GroupStatus {
             if handler.restart_in_ms.is_none() && socket.state == SocketState::AwaitingHandler {
                 let _ = writeln!(
                     out,
-                    "handler {}: not ready yet; its socket takes new connections only when the others are full",
+                    "handler {}: not ready yet; its socket takes new connections only while no other socket has a ready handler",
                     handler.slot
                 );
             }

@@ -386,7 +386,7 @@ async fn supervise(
                 "its socket is out of the group meanwhile, its queue moved to the others"
             }
             Some(SocketState::AwaitingHandler) => {
-                "its socket keeps its queue and takes new connections only when the others are full"
+                "its socket keeps its queue and takes new connections only while no other socket has a ready handler"
             }
             _ => "its socket keeps its queue",
         };
