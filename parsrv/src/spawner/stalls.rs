@@ -136,9 +136,15 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
         }
         decisions
     };
+    // One queue moves per look: each Demote above was decided on the room the others had
+    // before any move, so a second move in the same look could overfill them (two busy
+    // handlers taken for stalled at once in an emulated VM moved 6 + 6 connections into the
+    // same room, and SYNs were dropped). A second one is looked at again from the next look.
+    let mut moved_one = false;
     for (slot, decision, look) in decisions {
         match decision {
             Decision::Keep => {}
+            Decision::Demote if moved_one => detectors[slot as usize].not_now(now, look),
             // A thread of it is runnable: it may be in accept(), woken and about to take its
             // queue, and the move's shutdown would make that accept() fail with EINVAL
             // (measured in emulated VMs, where a blocking-accept server then exited). A
@@ -152,7 +158,8 @@ fn look(group: &RunningGroup, detectors: &mut Vec<SlotStall>, after: Duration) -
                 detectors[slot as usize].not_now(now, look);
             }
             Decision::Demote => {
-                if !demote(group, slot, look, after) {
+                moved_one = demote(group, slot, look, after);
+                if !moved_one {
                     StallCounts::of(group, slot).spared += 1;
                     detectors[slot as usize].not_now(now, look);
                 }
