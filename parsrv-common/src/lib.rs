@@ -2,7 +2,9 @@
 //! program ([`reuseport`]: the SK_REUSEPORT program that picks a socket with room;
 //! [`lookup`]: the sk_lookup program that serves one group on several addresses;
 //! [`cluster`]: the tc program that dispatches a cluster's clients between hosts; [`audit`]:
-//! the iterator that tells which program each reuseport group runs), and the way counters
+//! the iterator that tells which program each reuseport group runs; [`udp`]: the SK_REUSEPORT
+//! program of a UDP group, which sends each datagram to a socket with receive-buffer room),
+//! and the way counters
 //! are declared once ([`counters`]).
 //!
 //! Everything here is `#[repr(C)]`, `bytemuck::Pod` and free of implicit padding, so the two
@@ -17,6 +19,7 @@ pub mod audit;
 pub mod cluster;
 pub mod lookup;
 pub mod reuseport;
+pub mod udp;
 
 pub use counters::Counter;
 

@@ -107,6 +107,21 @@ pub fn offsets_in(btf: &Btf) -> Result<KernelOffsets> {
     Ok(offsets)
 }
 
+/// The offsets the UDP datagram program needs (`parsrv_common::udp`), from the running
+/// kernel's parsed BTF.
+pub fn udp_offsets_in(btf: &Btf) -> Result<parsrv_common::udp::UdpOffsets> {
+    Ok(parsrv_common::udp::UdpOffsets {
+        // `sk_rmem_alloc` is a macro for sk_backlog.rmem_alloc, an atomic_t.
+        sk_rmem_alloc: layout(btf, "sock", &["sk_backlog", "rmem_alloc"], 4)?,
+        sk_rcvbuf: layout(btf, "sock", &["sk_rcvbuf"], 4)?,
+        sk_reuseport_cb: layout(btf, "sock", &["sk_reuseport_cb"], 8)?,
+        skc_cookie: layout(btf, "sock", &["__sk_common", "skc_cookie"], 8)?,
+        skc_incoming_cpu: layout(btf, "sock", &["__sk_common", "skc_incoming_cpu"], 4)?,
+        reuseport_num_socks: layout(btf, "sock_reuseport", &["num_socks"], 2)?,
+        reuseport_socks: layout(btf, "sock_reuseport", &["socks"], 0)?,
+    })
+}
+
 /// Byte offset of `members` inside struct `structure` in `btf` (see [`member_offset`]), as
 /// the error a user reads when the kernel's layout is not the one parsrv reads.
 pub fn layout(btf: &Btf, structure: &str, members: &[&str], size: usize) -> Result<u32> {
@@ -612,6 +627,19 @@ mod tests {
             missing_capabilities(1 << CAP_NET_ADMIN, FOR_THE_PROGRAMS),
             ["CAP_BPF", "CAP_PERFMON"]
         );
+    }
+
+    #[test]
+    fn udp_offsets_from_running_kernel_btf_agree_with_the_tcp_ones() {
+        let btf = vmlinux_btf().unwrap();
+        let tcp = offsets_in(&btf).unwrap();
+        let udp = udp_offsets_in(&btf).unwrap();
+        assert_eq!(
+            (udp.sk_reuseport_cb, udp.skc_cookie, udp.skc_incoming_cpu),
+            (tcp.sk_reuseport_cb, tcp.skc_cookie, tcp.skc_incoming_cpu)
+        );
+        assert_ne!(udp.sk_rmem_alloc, udp.sk_rcvbuf);
+        assert!(udp.sk_rmem_alloc > 0 && udp.sk_rcvbuf > 0, "{udp:?}");
     }
 
     /// Needs only a readable /sys/kernel/btf/vmlinux (no privilege), which every kernel

@@ -26,6 +26,7 @@ pub mod plain;
 pub mod privileges;
 pub mod processes;
 pub mod spawner;
+pub mod udp;
 
 pub use clients::*;
 pub use faults::*;
@@ -37,6 +38,7 @@ pub use plain::*;
 pub use privileges::*;
 pub use processes::*;
 pub use spawner::*;
+pub use udp::*;
 
 pub use parsrv;
 pub use parsrv::features::Feature;

@@ -1,4 +1,4 @@
-//! The kernel's own TCP counters (/proc/net/netstat, /proc/net/snmp), read in the test's
+//! The kernel's own TCP and UDP counters (/proc/net/netstat, /proc/net/snmp), read in the test's
 //! network namespace: the ground truth tests compare against.
 
 use std::fs;
@@ -37,6 +37,41 @@ impl NetCounters {
             out_rsts: later.out_rsts - self.out_rsts,
             migrate_req_success: later.migrate_req_success - self.migrate_req_success,
             migrate_req_failure: later.migrate_req_failure - self.migrate_req_failure,
+        }
+    }
+}
+
+/// Kernel UDP counters (/proc/net/snmp, `Udp:`) of the calling thread's network namespace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpCounters {
+    /// Datagrams read by applications (counted at recvmsg, not at queueing).
+    pub in_datagrams: u64,
+    /// Datagrams to a port with no socket, or refused by a reuseport program (SK_DROP): each
+    /// answered with an ICMP port unreachable.
+    pub no_ports: u64,
+    /// Datagrams dropped because the chosen socket's receive buffer was full.
+    pub rcvbuf_errors: u64,
+    pub in_errors: u64,
+}
+
+impl UdpCounters {
+    pub fn read() -> Self {
+        let snmp = fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
+        UdpCounters {
+            in_datagrams: counter(&snmp, "Udp", "InDatagrams"),
+            no_ports: counter(&snmp, "Udp", "NoPorts"),
+            rcvbuf_errors: counter(&snmp, "Udp", "RcvbufErrors"),
+            in_errors: counter(&snmp, "Udp", "InErrors"),
+        }
+    }
+
+    /// What happened between `self` and `later`.
+    pub fn delta(&self, later: &Self) -> Self {
+        UdpCounters {
+            in_datagrams: later.in_datagrams - self.in_datagrams,
+            no_ports: later.no_ports - self.no_ports,
+            rcvbuf_errors: later.rcvbuf_errors - self.rcvbuf_errors,
+            in_errors: later.in_errors - self.in_errors,
         }
     }
 }

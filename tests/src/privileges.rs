@@ -43,6 +43,14 @@ impl Needs {
         }
     }
 
+    /// What running `program` needs of the kernel ([`parsrv::dataplane::Program::requires`]).
+    pub fn program_of(program: parsrv::dataplane::Program) -> Needs {
+        Needs {
+            kernel: program.requires().to_vec(),
+            ..Needs::default()
+        }
+    }
+
     /// One kernel feature more.
     pub fn and(mut self, feature: Feature) -> Needs {
         self.kernel.push(feature);

@@ -14,6 +14,7 @@ mod scale_up;
 mod slow_handler;
 mod spawner_kill;
 mod stall;
+mod udp_cost;
 mod uniform;
 
 pub use affinity::sticky_worker;
@@ -102,6 +103,12 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "cluster",
         description: "the host dispatchers on three hosts behind a multipath route",
         run: cluster::cluster,
+    },
+    Scenario {
+        name: "udp-cost",
+        description:
+            "the UDP datagram program's cost per datagram on its three paths, 4 to 128 sockets",
+        run: udp_cost::udp_cost,
     },
 ];
 

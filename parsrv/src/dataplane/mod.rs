@@ -1,5 +1,5 @@
 //! The data plane: parsrv's eBPF programs and the kernel objects they keep, one module per
-//! program ([`reuseport`], [`lookup`], [`cluster`], [`audit`]), the pinned state that
+//! program ([`reuseport`], [`lookup`], [`cluster`], [`audit`], [`udp`]), the pinned state that
 //! outlives a process ([`pins`] for a group's maps, [`netns`] for what belongs to a network
 //! namespace), and the table of embedded objects and of what each program needs from the
 //! kernel (this module).
@@ -22,6 +22,7 @@ pub mod lookup;
 pub mod netns;
 pub mod pins;
 pub mod reuseport;
+pub mod udp;
 pub mod verification;
 
 use std::{borrow::Cow, fs, path::Path};
@@ -66,6 +67,8 @@ pub enum EbpfObject {
     ClusterDispatch,
     /// `parsrv-ebpf`'s `reuseport-audit` binary: the watchdog's iterator alone.
     ReuseportAudit,
+    /// `parsrv-ebpf`'s `udp-datagram` binary: the SK_REUSEPORT program of a UDP group.
+    UdpDatagram,
 }
 
 impl EbpfObject {
@@ -83,6 +86,9 @@ impl EbpfObject {
             }
             EbpfObject::ReuseportAudit => {
                 aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-audit.o"))
+            }
+            EbpfObject::UdpDatagram => {
+                aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp-datagram.o"))
             }
         }
     }
@@ -107,14 +113,17 @@ pub enum Program {
     /// ([`audit`]). Loaded by the watchdog after the start, not checked before it: a kernel
     /// without it runs groups unaudited, and says so.
     ReuseportAudit,
+    /// Sends each datagram to a UDP group's socket with receive-buffer room ([`udp`]).
+    UdpDatagram,
 }
 
 impl Program {
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 5] = [
         Program::ReuseportSelect,
         Program::AddressLookup,
         Program::ClusterDispatch,
         Program::ReuseportAudit,
+        Program::UdpDatagram,
     ];
 
     /// What groups may need (`parsrv run`, `parsrv kernel`'s verdict).
@@ -127,6 +136,7 @@ impl Program {
             Program::AddressLookup => parsrv_common::lookup::names::PROGRAM,
             Program::ClusterDispatch => parsrv_common::cluster::names::PROGRAM,
             Program::ReuseportAudit => parsrv_common::audit::names::PROGRAM,
+            Program::UdpDatagram => parsrv_common::udp::names::PROGRAM,
         }
     }
 
@@ -136,6 +146,7 @@ impl Program {
             Program::AddressLookup => EbpfObject::AddressLookup,
             Program::ClusterDispatch => EbpfObject::ClusterDispatch,
             Program::ReuseportAudit => EbpfObject::ReuseportAudit,
+            Program::UdpDatagram => EbpfObject::UdpDatagram,
         }
     }
 
@@ -167,6 +178,15 @@ impl Program {
                 Feature::Tcx,
             ],
             Program::ReuseportAudit => &[Feature::Btf, Feature::CapBpf, Feature::TcpIter],
+            // It reads `ctx->sk` (5.14+) and receive buffers with probe reads, and scans with
+            // bpf_loop; no migration (TCP only).
+            Program::UdpDatagram => &[
+                Feature::Btf,
+                Feature::SkReuseport,
+                Feature::CapBpf,
+                Feature::ReuseportCtxSk,
+                Feature::BpfLoop,
+            ],
         }
     }
 }

@@ -27,5 +27,6 @@ mod stall;
 mod systemd;
 mod trust;
 mod two_spawners;
+mod udp;
 mod verifier;
 mod when_full;

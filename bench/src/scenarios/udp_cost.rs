@@ -1,0 +1,127 @@
+//! `udp-cost`: the udp-datagram program's run time per datagram (bpf_stats) on its three
+//! paths, per socket count, and the send rate of a loopback client with the program against
+//! a plain SO_REUSEPORT group of the same sockets (on loopback the kernel delivers a
+//! datagram inside the sender's sendto(), so the program's cost lands on the sender).
+//!
+//! - `room`: every buffer has room, so every datagram stays on its hash choice after one
+//!   socket is read (the fast path);
+//! - `one-stalled`: socket 0's small buffer is full, so the datagrams hashed to it (1/N) make
+//!   the program scan every socket for the one with most room;
+//! - `all-full`: every buffer is full, so every datagram scans every socket, finds none with
+//!   room and is left to the kernel's hash (the worst case).
+
+use std::{collections::BTreeMap, time::Instant};
+
+use parsrv_integration_tests::{send_datagrams, steer_udp, udp_group, LARGE_BUFFER, SMALL_BUFFER};
+
+use crate::{
+    report::{Report, Table},
+    stats::{median, spread},
+};
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Case {
+    Plain,
+    Room,
+    OneStalled,
+    AllFull,
+}
+
+impl Case {
+    const ALL: [Case; 4] = [Case::Plain, Case::Room, Case::OneStalled, Case::AllFull];
+
+    fn name(self) -> &'static str {
+        match self {
+            Case::Plain => "plain SO_REUSEPORT, room",
+            Case::Room => "room",
+            Case::OneStalled => "one-stalled",
+            Case::AllFull => "all-full",
+        }
+    }
+
+    fn buffers(self, n: usize) -> Vec<usize> {
+        match self {
+            Case::Plain | Case::Room => vec![LARGE_BUFFER; n],
+            Case::OneStalled => {
+                let mut buffers = vec![LARGE_BUFFER; n];
+                buffers[0] = SMALL_BUFFER;
+                buffers
+            }
+            Case::AllFull => vec![SMALL_BUFFER; n],
+        }
+    }
+}
+
+/// One round of one case: ns per program run (None without the program), datagrams sent
+/// per second.
+type Sample = (Option<f64>, f64);
+
+pub fn udp_cost(report: &mut Report, quick: bool) {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let was = std::fs::read_to_string(STATS).unwrap_or_default();
+    let _ = std::fs::write(STATS, "1");
+    let sizes: &[usize] = if quick { &[4] } else { &[4, 32, 128] };
+    let rounds = if quick { 1 } else { 5 };
+    // 256 flows x 40: 10,240 datagrams (12 MB of truesize: fits a large buffer unread).
+    let (flows, per_flow) = if quick { (64, 10) } else { (256, 40) };
+    let datagrams = (flows * per_flow) as f64;
+    let mut runs: BTreeMap<(usize, Case), Vec<Sample>> = BTreeMap::new();
+    for &n in sizes {
+        for round in 0..rounds {
+            // Every case once per round, the order rotated each round.
+            let mut order = Case::ALL.to_vec();
+            order.rotate_left(round % Case::ALL.len());
+            for case in order {
+                let (sockets, addr) = udp_group(&case.buffers(n));
+                let steering = (case != Case::Plain).then(|| steer_udp(&sockets));
+                let before = steering.as_ref().map(|s| s.run_stats().unwrap());
+                let start = Instant::now();
+                send_datagrams(addr, flows, per_flow);
+                let rate = datagrams / start.elapsed().as_secs_f64();
+                let ns = steering.as_ref().zip(before).map(|(s, before)| {
+                    let after = s.run_stats().unwrap();
+                    (after.run_time_ns - before.run_time_ns) as f64
+                        / (after.run_count - before.run_count).max(1) as f64
+                });
+                runs.entry((n, case)).or_default().push((ns, rate));
+            }
+        }
+    }
+    let _ = std::fs::write(STATS, was.trim());
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for &n in sizes {
+        let plain_rate = median(runs[&(n, Case::Plain)].iter().map(|s| s.1).collect());
+        for case in Case::ALL {
+            let samples = &runs[&(n, case)];
+            let ns: Vec<f64> = samples.iter().filter_map(|s| s.0).collect();
+            let rate: Vec<f64> = samples.iter().map(|s| s.1).collect();
+            rows.push(vec![
+                n.to_string(),
+                case.name().into(),
+                if ns.is_empty() {
+                    "-".into()
+                } else {
+                    spread(&ns, 0)
+                },
+                spread(&rate, 0),
+                format!("{:.3}", median(rate.clone()) / plain_rate),
+            ]);
+        }
+        let room = median(runs[&(n, Case::Room)].iter().map(|s| s.1).collect());
+        notes.push(format!(
+            "{n} sockets: send rate with the program, every buffer with room / plain SO_REUSEPORT: {:.3} (medians).",
+            room / plain_rate
+        ));
+    }
+    notes.push("An empty SK_REUSEPORT program costs about 100 ns per run under bpf_stats on this machine (bench/README.md, Cost of the program).".into());
+    report.table(
+        &Table {
+            name: "udp-cost",
+            title: format!("udp-cost: the udp-datagram program's run time per datagram (kernel.bpf_stats_enabled) and a loopback sender's rate, {flows} flows x {per_flow} datagrams of 32 bytes, {rounds} rounds in rotating order"),
+            columns: vec!["sockets", "case", "ns per run, median (min-max)", "datagrams/s sent, median (min-max)", "rate / plain"],
+            rows,
+        },
+        &notes,
+    );
+}

@@ -1,0 +1,131 @@
+//! The UDP datagram program (`parsrv-ebpf/src/bin/udp_datagram.rs`, userspace
+//! `parsrv::dataplane::udp`): an SK_REUSEPORT program for a group of UDP sockets that keeps
+//! each datagram on the kernel's hash choice while that socket's receive buffer has room,
+//! and otherwise sends it to one other socket drawn at random if that one has room, else to
+//! the socket with the most room. It never drops: SK_DROP on UDP
+//! makes the kernel answer with an ICMP port unreachable, so when no socket has room the
+//! datagram is left to the kernel's hash (which drops it if it does not fit, counted by the
+//! kernel in `Udp: RcvbufErrors`), and counted here.
+//!
+//! Room is read exactly from the kernel: `sk_rcvbuf - sk_rmem_alloc` of each socket, the
+//! same two numbers the kernel compares when it queues a datagram (`__udp_enqueue_schedule_skb`).
+
+use bytemuck::{Pod, Zeroable};
+
+/// The most sockets one UDP group may have (a power of two: the scan masks indices with it).
+pub const MAX_SOCKETS: u32 = 128;
+
+/// Names of the program and maps in the eBPF object.
+pub mod names {
+    /// The SK_REUSEPORT program (kernel names hold at most 15 bytes).
+    pub const PROGRAM: &str = "parsrv_datagram";
+    /// REUSEPORT_SOCKARRAY of the group's sockets by slot. Not a SOCKMAP as TCP groups use:
+    /// a UDP socket put in a SOCKMAP gets its protocol operations replaced (its receive path
+    /// goes through the sockmap's psock), which a plain receive buffer must not.
+    pub const SOCKETS: &str = "UDP_SOCKETS";
+    /// ARRAY of one [`UdpConfig`](super::UdpConfig).
+    pub const CONFIG: &str = "UDP_CONFIG";
+    /// HASH of socket cookie -> slot: how the program turns a socket it found in the
+    /// kernel's group into the key it selects.
+    pub const SLOT_BY_COOKIE: &str = "UDP_SLOT_BY_COOKIE";
+    /// PERCPU_ARRAY of [`UdpSlotCounters`](super::UdpSlotCounters) by slot.
+    pub const SLOT_COUNTERS: &str = "UDP_SLOT_COUNTERS";
+    /// PERCPU_ARRAY of one [`UdpErrors`](super::UdpErrors).
+    pub const ERRORS: &str = "UDP_ERRORS";
+}
+
+/// Byte offsets of the kernel struct members the program reads, from the running kernel's
+/// BTF (never hard-coded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct UdpOffsets {
+    /// `struct sock.sk_backlog.rmem_alloc` (atomic_t, `sk_rmem_alloc`): bytes the socket's
+    /// queued datagrams hold (their truesize, not their payload).
+    pub sk_rmem_alloc: u32,
+    /// `struct sock.sk_rcvbuf` (int): the most `sk_rmem_alloc` may reach.
+    pub sk_rcvbuf: u32,
+    /// `struct sock.sk_reuseport_cb` (pointer to `struct sock_reuseport`).
+    pub sk_reuseport_cb: u32,
+    /// `struct sock.__sk_common.skc_cookie` (u64).
+    pub skc_cookie: u32,
+    /// `struct sock.__sk_common.skc_incoming_cpu` (i32): the marks of
+    /// [`crate::reuseport::NO_HANDLER_MARK`] and [`crate::reuseport::LAST_RESORT_MARK`].
+    pub skc_incoming_cpu: u32,
+    /// `struct sock_reuseport.num_socks` (u16).
+    pub reuseport_num_socks: u32,
+    /// `struct sock_reuseport.socks` (flexible array of `struct sock *`).
+    pub reuseport_socks: u32,
+}
+
+/// The program's configuration: one element of the CONFIG array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct UdpConfig {
+    pub offsets: UdpOffsets,
+    /// Bytes a socket must have free to count as having room ([`DEFAULT_RESERVE`]).
+    pub reserve: u32,
+    /// Bumped by userspace whenever it changes the sockets or their slots; the program's
+    /// per-CPU slot cache trusts only entries of the current generation. Never 0.
+    pub generation: u32,
+}
+
+/// What a socket must have free in its receive buffer to count as having room: a
+/// datagram's truesize, not its payload, is charged (832 bytes for a 32-byte datagram on
+/// loopback, 1,280 for 512 bytes, measured on 6.18), and on Linux 6.18 the kernel refuses a
+/// datagram whose truesize does not fit (`rmem + truesize > rcvbuf`), while 6.1 and 6.12 still
+/// take one while `rmem <= rcvbuf`. 4 KiB covers a full-size Ethernet datagram's truesize
+/// with room to spare, so a socket with room takes the datagram on every kernel.
+pub const DEFAULT_RESERVE: u32 = 4096;
+
+/// How long a CPU that found no socket of its group with room skips the full scan (the
+/// hash choice and one other at random are still read for every datagram): 1 ms. At 128
+/// sockets a scan costs about 13 us (the `udp-cost` benchmark), so when every buffer is full
+/// the scans take at most about 1.3 % of each CPU instead of all of it.
+pub const FULL_MEMO_NS: u64 = 1_000_000;
+
+/// What the program last learned about the socket at one position of the kernel's
+/// `socks[]`: its address and slot, valid while `generation` is the CONFIG's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct UdpSlotCacheEntry {
+    pub addr: u64,
+    pub slot: u32,
+    pub generation: u32,
+}
+
+counters! {
+    /// Per-slot counters (per CPU in the kernel; userspace sums them).
+    pub struct UdpSlotCounters {
+        kept => ("kept", "Datagrams left on the kernel's hash choice, this socket, because its receive buffer had room."),
+        steered_in => ("steered-in", "Datagrams sent to this socket (drawn as a second choice, or found with the most room) because their hash choice had no room."),
+        steered_away => ("steered-away", "Datagrams hashed to this socket that went to another because its receive buffer had no room."),
+        all_full => ("all-full", "Datagrams hashed to this socket while no socket of the group had room: left to the kernel's hash, which drops them if they do not fit (Udp RcvbufErrors)."),
+    }
+}
+
+counters! {
+    /// Internal errors. On each the program passes the datagram to the kernel's hash choice
+    /// and counts the error here (per CPU; userspace sums them).
+    pub struct UdpErrors, index enum UdpFailOpen {
+        no_config / NoConfig => ("no-config", "The CONFIG element was missing (the loader did not write it)."),
+        read_failed / ReadFailed => ("read-failed", "A bpf_probe_read_kernel failed (bad offset or a racing teardown)."),
+        bad_group / BadGroup => ("bad-group", "The group had no live socket or more than MAX_SOCKETS."),
+        unknown_socket / UnknownSocket => ("unknown-socket", "A chosen socket's cookie was not in the slot map (a socket parsrv did not register joined the group)."),
+        select_failed / SelectFailed => ("select-failed", "bpf_sk_select_reuseport refused the chosen slot."),
+    }
+}
+
+impl UdpErrors {
+    /// All errors: datagrams the kernel's hash placed because the program failed open.
+    pub fn total(&self) -> u64 {
+        self.values().iter().sum()
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: #[repr(C)], Pod (checked by bytemuck's derive), as aya requires of map values.
+    unsafe impl aya::Pod for super::UdpConfig {}
+    unsafe impl aya::Pod for super::UdpSlotCounters {}
+    unsafe impl aya::Pod for super::UdpErrors {}
+}
