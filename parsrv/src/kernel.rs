@@ -358,6 +358,43 @@ impl QueueDepth {
     }
 }
 
+/// A UDP socket's receive buffer as the kernel accounts it (SO_MEMINFO).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReceiveBuffer {
+    /// Bytes its queued datagrams hold (`sk_rmem_alloc`: their truesize, not their payload).
+    pub used: u32,
+    /// `sk_rcvbuf`: the most `used` may reach.
+    pub size: u32,
+    /// Datagrams the kernel dropped at it since it was created (`sk_drops`): its buffer was
+    /// full (Udp RcvbufErrors), or a checksum or filter refused them.
+    pub drops: u32,
+}
+
+/// A socket's receive buffer, read with SO_MEMINFO (Linux 4.6+): exact and lock-free.
+pub fn receive_buffer(fd: BorrowedFd<'_>) -> io::Result<ReceiveBuffer> {
+    // SK_MEMINFO_VARS is 9 since Linux 4.x: RMEM_ALLOC, RCVBUF, ..., DROPS last.
+    let mut info = [0u32; 9];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ReceiveBuffer {
+        used: info[0],
+        size: info[1],
+        drops: info[8],
+    })
+}
+
 /// Several accept queues together: what waits in them, and what they hold (the sum of
 /// `capacity + 1`), for a group's occupancy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

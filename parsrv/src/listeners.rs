@@ -16,6 +16,7 @@ use parsrv_common::reuseport::{LAST_RESORT_MARK, NO_HANDLER_MARK};
 use crate::{
     error::{Error, Result},
     kernel::{self, QueueDepth},
+    spec::Transport,
 };
 
 /// Where a socket stands in the kernel's group, set by the spawner as its slot's handler
@@ -52,19 +53,34 @@ pub struct Listener {
     entry: u32,
     cookie: u64,
     state: SocketState,
-    /// The accept-queue length the kernel set at listen() (min(backlog, somaxconn)).
+    /// The accept-queue length the kernel set at listen() (min(backlog, somaxconn)); for a
+    /// UDP socket, its receive buffer in bytes (SO_RCVBUF).
     capacity: u32,
+    transport: Transport,
 }
 
 impl Listener {
-    /// A listening socket on `listen`, serving, with its cookie and the queue length the
-    /// kernel gives it now.
-    fn of(socket: Socket, listen: SocketAddr, entry: u32) -> Result<Listener> {
+    /// A listening socket (or a bound UDP socket) on `listen`, serving, with its cookie and
+    /// the queue length (receive buffer) the kernel gives it now.
+    fn of(
+        socket: Socket,
+        listen: SocketAddr,
+        entry: u32,
+        transport: Transport,
+    ) -> Result<Listener> {
         let cookie = kernel::socket_cookie(socket.as_fd())
             .map_err(socket_error("read SO_COOKIE of", listen))?;
-        let capacity = kernel::queue_depth(socket.as_fd())
-            .map_err(socket_error("read TCP_INFO of", listen))?
-            .capacity;
+        let capacity = match transport {
+            Transport::Tcp => {
+                kernel::queue_depth(socket.as_fd())
+                    .map_err(socket_error("read TCP_INFO of", listen))?
+                    .capacity
+            }
+            Transport::Udp => socket
+                .recv_buffer_size()
+                .map_err(socket_error("read SO_RCVBUF of", listen))?
+                as u32,
+        };
         Ok(Listener {
             socket,
             addr: listen,
@@ -72,7 +88,12 @@ impl Listener {
             cookie,
             state: SocketState::Serving,
             capacity,
+            transport,
         })
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     pub fn cookie(&self) -> u64 {
@@ -103,8 +124,11 @@ impl Listener {
         self.state
     }
 
-    /// The accept queue, read exactly (TCP_INFO).
+    /// The accept queue, read exactly (TCP_INFO); a UDP socket has none (Unsupported).
     pub fn queue(&self) -> io::Result<QueueDepth> {
+        if self.transport == Transport::Udp {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
         kernel::queue_depth(self.socket.as_fd())
     }
 
@@ -123,6 +147,10 @@ impl Listener {
     /// kernel gives it now: an adopted socket that was not listening (its last spawner died
     /// in the middle of a move) had none to read.
     fn listen_again(&mut self, backlog: u32) -> Result<()> {
+        if self.transport == Transport::Udp {
+            // Never out of the group (see `Listeners::set_state`).
+            return Ok(());
+        }
         self.socket
             .listen(listen_backlog(backlog))
             .map_err(socket_error("listen again on", self.addr))?;
@@ -145,6 +173,7 @@ pub struct Listeners {
     /// Where the slots' sockets bind, a pattern that repeats: slot i binds
     /// `pattern[i % len]` (each `--listen` entry's address, its `=COUNT` times).
     pattern: Vec<SocketAddr>,
+    transport: Transport,
     backlog: u32,
     /// O_NONBLOCK on every socket (see [`Listeners::set_nonblocking`]).
     nonblocking: bool,
@@ -159,12 +188,18 @@ impl Listeners {
     /// `pattern[i % len]`), after making sure no socket outside this group holds an address:
     /// with SO_REUSEPORT and the same uid, ours would silently join a stranger's group and
     /// steer its connections.
-    pub fn bind(pattern: &[SocketAddr], count: u32, backlog: u32) -> Result<Self> {
+    pub fn bind(
+        pattern: &[SocketAddr],
+        transport: Transport,
+        count: u32,
+        backlog: u32,
+    ) -> Result<Self> {
         pattern
             .iter()
-            .try_for_each(|addr| ensure_address_free(*addr))?;
+            .try_for_each(|addr| ensure_address_free(*addr, transport))?;
         let mut listeners = Listeners {
             pattern: pattern.to_vec(),
+            transport,
             backlog,
             nonblocking: true,
             listeners: Vec::with_capacity(count as usize),
@@ -189,6 +224,8 @@ impl Listeners {
     ) -> Result<Self> {
         let mut listeners = Listeners {
             pattern: pattern.to_vec(),
+            // Adoption is for TCP groups only (spawner::adopt refuses a UDP group's record).
+            transport: Transport::Tcp,
             backlog,
             nonblocking: true,
             listeners: Vec::with_capacity(sockets.len()),
@@ -197,7 +234,7 @@ impl Listeners {
             match socket {
                 Some(socket) => {
                     let (listen, entry) = listeners.next_addr();
-                    let mut listener = Listener::of(socket, listen, entry)?;
+                    let mut listener = Listener::of(socket, listen, entry, Transport::Tcp)?;
                     // A socket whose handler was not ready when the last spawner went.
                     match kernel::incoming_cpu(listener.as_fd()).ok() {
                         Some(NO_HANDLER_MARK) => listener.state = SocketState::AwaitingHandler,
@@ -255,19 +292,23 @@ impl Listeners {
     fn add(&mut self, joining: Option<BeforeListen<'_>>) -> Result<&Listener> {
         let (listen, entry) = self.next_addr();
         let socket_error = |action| socket_error(action, listen);
-        let socket = Socket::new(
-            Domain::for_address(listen),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )
-        .map_err(socket_error("create a socket for"))?;
+        let (kind, protocol) = match self.transport {
+            Transport::Tcp => (Type::STREAM, Protocol::TCP),
+            Transport::Udp => (Type::DGRAM, Protocol::UDP),
+        };
+        let socket = Socket::new(Domain::for_address(listen), kind, Some(protocol))
+            .map_err(socket_error("create a socket for"))?;
         socket
             .set_reuse_port(true)
             .map_err(socket_error("set SO_REUSEPORT on"))?;
         // Lets a restarted spawner bind while connections of the last run sit in TIME_WAIT.
-        socket
-            .set_reuse_address(true)
-            .map_err(socket_error("set SO_REUSEADDR on"))?;
+        // Not on UDP: there any other socket with SO_REUSEADDR, of any user, could bind the
+        // same port beside the group (udp_lib_lport_inuse checks no uid for it).
+        if self.transport == Transport::Tcp {
+            socket
+                .set_reuse_address(true)
+                .map_err(socket_error("set SO_REUSEADDR on"))?;
+        }
         socket
             .set_nonblocking(self.nonblocking)
             .map_err(socket_error("set the blocking mode of"))?;
@@ -286,10 +327,14 @@ impl Listeners {
                 kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
             before_listen(cookie)?;
         }
-        socket
-            .listen(listen_backlog(self.backlog))
-            .map_err(socket_error("listen on"))?;
-        let mut listener = Listener::of(socket, listen, entry)?;
+        // A UDP socket is in the kernel's group once bound. (A UDP group never adds a
+        // socket to a running program: its size is fixed and it is not adopted.)
+        if self.transport == Transport::Tcp {
+            socket
+                .listen(listen_backlog(self.backlog))
+                .map_err(socket_error("listen on"))?;
+        }
+        let mut listener = Listener::of(socket, listen, entry, self.transport)?;
         if joins {
             listener.state = SocketState::AwaitingHandler;
         }
@@ -451,10 +496,15 @@ pub fn ensure_local(listen: &crate::spec::Listen) -> Result<()> {
 /// Fails with [`Error::AddressInUse`] if any socket already listens on `addr` (or on a
 /// wildcard address covering it). A probe without SO_REUSEPORT cannot share the port, and
 /// SO_REUSEADDR lets it ignore TIME_WAIT leftovers, which are harmless.
-fn ensure_address_free(addr: SocketAddr) -> Result<()> {
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(socket_error("create a socket for", addr))?;
-    let _ = probe.set_reuse_address(true);
+fn ensure_address_free(addr: SocketAddr, transport: Transport) -> Result<()> {
+    let probe = match transport {
+        Transport::Tcp => Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)),
+        Transport::Udp => Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)),
+    }
+    .map_err(socket_error("create a socket for", addr))?;
+    if transport == Transport::Tcp {
+        let _ = probe.set_reuse_address(true);
+    }
     match probe.bind(&SockAddr::from(addr)) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(Error::AddressInUse { addr }),
@@ -502,7 +552,7 @@ mod tests {
     #[test]
     fn builds_a_group_of_listeners_with_distinct_cookies() {
         let addr = free_port();
-        let group = Listeners::bind(&[addr], 3, 7).unwrap();
+        let group = Listeners::bind(&[addr], Transport::Tcp, 3, 7).unwrap();
         assert_eq!(group.listeners().len(), 3);
         let mut cookies: Vec<u64> = group.listeners().iter().map(Listener::cookie).collect();
         cookies.dedup();
@@ -530,7 +580,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let group = Listeners::bind(&[a, a, b], 5, 8).unwrap();
+        let group = Listeners::bind(&[a, a, b], Transport::Tcp, 5, 8).unwrap();
         let placed: Vec<(SocketAddr, u32)> = group
             .listeners()
             .iter()
@@ -548,15 +598,15 @@ mod tests {
     fn refuses_an_address_a_plain_listener_holds() {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = other.local_addr().unwrap();
-        let err = Listeners::bind(&[addr], 2, 8).unwrap_err();
+        let err = Listeners::bind(&[addr], Transport::Tcp, 2, 8).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
         assert!(err.to_string().contains("choose another --listen"));
     }
 
     #[test]
     fn refuses_to_join_a_foreign_reuseport_group() {
-        let foreign = Listeners::bind(&[free_port()], 1, 8).unwrap();
-        let err = Listeners::bind(foreign.pattern(), 2, 8).unwrap_err();
+        let foreign = Listeners::bind(&[free_port()], Transport::Tcp, 1, 8).unwrap();
+        let err = Listeners::bind(foreign.pattern(), Transport::Tcp, 2, 8).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
     }
 }

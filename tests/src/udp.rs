@@ -5,6 +5,7 @@
 use std::{
     net::{SocketAddr, UdpSocket},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
+    time::{Duration, Instant},
 };
 
 use parsrv::dataplane::udp::DatagramSteering;
@@ -15,10 +16,12 @@ use socket2::{Domain, Socket, Type};
 pub const SMALL_BUFFER: usize = 4096;
 /// SO_RCVBUFFORCE of a large one: tens of thousands of small datagrams fit in it unread.
 pub const LARGE_BUFFER: usize = 32 << 20;
+/// The kernel's default buffer (net.core.rmem_default), as `parsrv run` leaves it.
+pub const DEFAULT_BUFFER: usize = 0;
 
 /// A reuseport group of UDP sockets on 127.0.0.1 (non-blocking), socket `i` with receive
-/// buffer `buffers[i]` (SO_RCVBUF up to [`SMALL_BUFFER`], SO_RCVBUFFORCE above), and its
-/// address.
+/// buffer `buffers[i]` (the default for [`DEFAULT_BUFFER`], SO_RCVBUF up to
+/// [`SMALL_BUFFER`], SO_RCVBUFFORCE above), and its address.
 pub fn udp_group(buffers: &[usize]) -> (Vec<Socket>, SocketAddr) {
     let mut sockets = Vec::new();
     let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -27,7 +30,7 @@ pub fn udp_group(buffers: &[usize]) -> (Vec<Socket>, SocketAddr) {
         socket.set_reuse_port(true).unwrap();
         if size > SMALL_BUFFER {
             force_receive_buffer(socket.as_fd(), size);
-        } else {
+        } else if size != DEFAULT_BUFFER {
             socket.set_recv_buffer_size(size).unwrap();
         }
         socket.set_nonblocking(true).unwrap();
@@ -109,4 +112,96 @@ pub fn send_datagrams(addr: SocketAddr, flows: usize, per_flow: usize) {
             client.send_to(payload.as_bytes(), addr).unwrap();
         }
     }
+}
+
+/// Clients that sent datagrams and count the answers (each client its own 4-tuple).
+pub struct Queries {
+    clients: Vec<UdpSocket>,
+    pub sent: usize,
+    pub answered: usize,
+}
+
+impl Queries {
+    /// Sends `per_flow` rounds of one 32-byte datagram from each of `flows` client sockets
+    /// to `addr`, a round every `pace` (open loop: the rate does not follow the answers),
+    /// reading nothing yet.
+    pub fn send(addr: SocketAddr, flows: usize, per_flow: usize, pace: Duration) -> Queries {
+        let clients: Vec<UdpSocket> = (0..flows)
+            .map(|_| {
+                let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+                client.set_nonblocking(true).unwrap();
+                client
+            })
+            .collect();
+        for round in 0..per_flow {
+            for (flow, client) in clients.iter().enumerate() {
+                let payload = format!("{flow:08}:{round:08}:0123456789abcd");
+                client.send_to(payload.as_bytes(), addr).unwrap();
+            }
+            std::thread::sleep(pace);
+        }
+        Queries {
+            clients,
+            sent: flows * per_flow,
+            answered: 0,
+        }
+    }
+
+    /// Reads answers until `want` have come in all, or `within` passed; the count so far.
+    pub fn answers(&mut self, want: usize, within: Duration) -> usize {
+        self.read_answers(want, within, within)
+    }
+
+    /// Reads answers until none came for `quiet` (or all did, or `within` passed): what the
+    /// servers that run answer while one is stopped. The count so far.
+    pub fn answers_until_quiet(&mut self, quiet: Duration, within: Duration) -> usize {
+        self.read_answers(self.sent, quiet, within)
+    }
+
+    fn read_answers(&mut self, want: usize, quiet: Duration, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        let mut last_answer = Instant::now();
+        let mut buf = [0u8; 64];
+        while self.answered < want && Instant::now() < deadline && last_answer.elapsed() < quiet {
+            let before = self.answered;
+            for client in &self.clients {
+                while client.recv(&mut buf).is_ok() {
+                    self.answered += 1;
+                }
+            }
+            if self.answered == before {
+                std::thread::sleep(Duration::from_millis(10));
+            } else {
+                last_answer = Instant::now();
+            }
+        }
+        self.answered
+    }
+}
+
+/// Echo servers on `sockets` (one thread each, until `stop`): the plain control's
+/// handlers. Bounded: each thread ends when `stop` is set.
+pub fn echo_threads(
+    sockets: Vec<Socket>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    sockets
+        .into_iter()
+        .map(|socket| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let socket: UdpSocket = socket.into();
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                socket.set_nonblocking(false).unwrap();
+                let mut buf = [0u8; 64];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(&buf[..len], from);
+                    }
+                }
+            })
+        })
+        .collect()
 }

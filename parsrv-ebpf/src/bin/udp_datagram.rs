@@ -314,10 +314,14 @@ fn most_room(
     if num == 0 || num > MAX_SOCKETS {
         return Err(UdpFailOpen::BadGroup);
     }
+    // The copy's length as the verifier can bound it: `num` itself for 1..=MAX_SOCKETS,
+    // through a mask. Linux 6.1 does not carry the bound of `num - 1` (the form LLVM gives
+    // the check above) over to `num` ("R2 unbounded memory access"); 6.12 and 6.18 do.
+    let len = ((num.wrapping_sub(1) & (MAX_SOCKETS - 1)) + 1) * 8;
     // SAFETY: this CPU's scratch element; copies at most size_of_val(socks) bytes into it.
     let rc = unsafe {
         let copy = core::ptr::addr_of_mut!((*scratch).socks);
-        generated::bpf_probe_read_kernel(copy as *mut c_void, num * 8, socks as *const c_void)
+        generated::bpf_probe_read_kernel(copy as *mut c_void, len, socks as *const c_void)
     };
     if rc != 0 {
         return Err(UdpFailOpen::ReadFailed);

@@ -127,7 +127,11 @@ impl Program {
     ];
 
     /// What groups may need (`parsrv run`, `parsrv kernel`'s verdict).
-    pub const GROUPS: [Program; 2] = [Program::ReuseportSelect, Program::AddressLookup];
+    pub const GROUPS: [Program; 3] = [
+        Program::ReuseportSelect,
+        Program::AddressLookup,
+        Program::UdpDatagram,
+    ];
 
     /// Its name in the object.
     pub fn name(self) -> &'static str {
@@ -191,12 +195,20 @@ impl Program {
     }
 }
 
-/// The programs a spawner needs for `groups`: the reuseport program always, the lookup
-/// program for a group on several addresses, a prefix or a port range.
+/// The programs a spawner needs for `groups`: the reuseport program for TCP groups (and
+/// when there is none at all), the lookup program for a group on several addresses, a
+/// prefix or a port range, the datagram program for UDP groups.
 pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
-    let mut programs = vec![Program::ReuseportSelect];
+    let udp = |g: &crate::spec::GroupSpec| g.is_udp();
+    let mut programs = Vec::new();
+    if !groups.iter().all(udp) || groups.is_empty() {
+        programs.push(Program::ReuseportSelect);
+    }
     if groups.iter().any(crate::spec::GroupSpec::needs_lookup) {
         programs.push(Program::AddressLookup);
+    }
+    if groups.iter().any(udp) {
+        programs.push(Program::UdpDatagram);
     }
     programs
 }
@@ -226,4 +238,38 @@ pub fn check_objects(programs: &[Program]) -> Result<()> {
     programs
         .iter()
         .try_for_each(|p| object(p.object()).map(drop))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{GroupSpec, HandlerKind};
+
+    fn group(listen: &str) -> GroupSpec {
+        GroupSpec::new(listen.parse().unwrap(), HandlerKind::Echo)
+    }
+
+    #[test]
+    fn a_spawner_loads_only_the_programs_its_groups_use() {
+        let tcp = group("127.0.0.1:80");
+        let range = group("127.0.0.0/29:80");
+        let udp = group("udp://127.0.0.1:53");
+        assert_eq!(
+            programs_for_groups(std::slice::from_ref(&tcp)),
+            [Program::ReuseportSelect]
+        );
+        assert_eq!(
+            programs_for_groups(std::slice::from_ref(&udp)),
+            [Program::UdpDatagram]
+        );
+        assert_eq!(
+            programs_for_groups(&[tcp, range, udp]),
+            [
+                Program::ReuseportSelect,
+                Program::AddressLookup,
+                Program::UdpDatagram
+            ]
+        );
+        assert_eq!(programs_for_groups(&[]), [Program::ReuseportSelect]);
+    }
 }

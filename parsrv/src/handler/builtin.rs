@@ -34,6 +34,9 @@ use crate::spec::HandlerKind;
 
 /// Runs a built-in handler on the socket at [`LISTEN_FD`] until SIGTERM or SIGINT.
 pub(super) fn run(kind: HandlerKind, threads: u32, slot: u32) -> anyhow::Result<()> {
+    if socket_type(LISTEN_FD) == Some(libc::SOCK_DGRAM) {
+        return run_datagrams(kind, threads);
+    }
     let listener = inherited_listener()?;
     // SAFETY: fd 4 is ours, handed over by the spawner (checked by mapping it).
     let stats = Arc::new(SharedStats::map(unsafe { OwnedFd::from_raw_fd(STATS_FD) })?);
@@ -79,6 +82,90 @@ pub(super) fn run(kind: HandlerKind, threads: u32, slot: u32) -> anyhow::Result<
         std::thread::sleep(Duration::from_millis(20));
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// SO_TYPE of `fd`, if it is a socket.
+fn socket_type(fd: libc::c_int) -> Option<libc::c_int> {
+    let mut kind: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on a plain fd number; fails harmlessly if it is not a socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(kind)
+}
+
+/// The built-in handler of a UDP group (`echo`: each datagram sent back to its sender),
+/// `threads` threads receiving on the one socket, until SIGTERM or SIGINT. The counters
+/// page's `accepted` counts datagrams answered.
+fn run_datagrams(kind: HandlerKind, threads: u32) -> anyhow::Result<()> {
+    if kind != HandlerKind::Echo {
+        anyhow::bail!("--handler {kind} has no UDP form: a UDP group runs echo or exec");
+    }
+    // SAFETY: fd 3 is a datagram socket (checked by the caller) handed to us by the
+    // spawner; fd 4 is ours, handed over by the spawner (checked by mapping it).
+    let socket = unsafe { std::net::UdpSocket::from_raw_fd(LISTEN_FD) };
+    let stats = Arc::new(SharedStats::map(unsafe { OwnedFd::from_raw_fd(STATS_FD) })?);
+    socket.set_nonblocking(true)?;
+    // A worker thread of its own runs the signal watcher after block_on returns.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    runtime.block_on(watch_stop_signals(stop.clone()))?;
+    let receivers: Vec<_> = (0..threads)
+        .map(|i| {
+            let (socket, stop, stats) = (socket.try_clone()?, stop.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name(format!("parsrv-recv-{i}"))
+                .spawn(move || echo_datagrams(&socket, &stop, stats.stats()))
+        })
+        .collect::<io::Result<_>>()?;
+    stats
+        .stats()
+        .ready
+        .store(std::process::id() as u64, Ordering::Relaxed);
+    for receiver in receivers {
+        receiver.join().expect("receive thread panicked")?;
+    }
+    Ok(())
+}
+
+/// Sends each datagram back to where it came from, until `stop`. A datagram larger than
+/// the buffer is cut to it (UDP's own rule); a send that fails (the sender's port closed,
+/// its buffer full) is dropped, as UDP does.
+fn echo_datagrams(
+    socket: &std::net::UdpSocket,
+    stop: &AtomicBool,
+    counters: &HandlerStats,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv_from(&mut buf) {
+            Ok((len, from)) => {
+                let _ = socket.send_to(&buf[..len], from);
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let fd = socket.as_fd();
+                let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(STOP_POLL_MS)) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 

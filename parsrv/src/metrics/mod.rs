@@ -13,6 +13,7 @@ use crate::status::GroupStatus;
 use parsrv_common::{
     lookup::AddressCounters,
     reuseport::{affinity::AffinityCounters, SlotCounters},
+    udp::UdpSlotCounters,
 };
 
 /// One metric family: name, type, help, and its samples (labels, value).
@@ -66,11 +67,45 @@ pub fn render(groups: &[GroupStatus]) -> String {
             &|s| s.queue.map(|q| q.capacity as f64),
         ),
     ];
-    // The program's per-socket counters, as parsrv-common describes them.
+    // The program's per-socket counters, as parsrv-common describes them (a TCP group's
+    // sockets; a UDP group's have the datagram program's below).
     for (index, counter) in SlotCounters::COUNTERS.iter().enumerate() {
         let name = format!("parsrv_socket_{}_total", counter.name);
         families.push(socket(&name, "counter", counter.help, &|s| {
-            Some(s.counters.values()[index] as f64)
+            s.datagrams
+                .is_none()
+                .then(|| s.counters.values()[index] as f64)
+        }));
+    }
+    // A UDP group's sockets (docs/udp.md): the receive buffer, and the datagram program's
+    // counters, as parsrv-common describes them.
+    let buffer = |s: &crate::status::SocketStatus| s.datagrams.as_ref().and_then(|d| d.buffer);
+    families.extend([
+        socket(
+            "parsrv_socket_receive_buffer_used_bytes",
+            "gauge",
+            "Bytes the datagrams queued at a UDP socket hold (sk_rmem_alloc: their truesize).",
+            &|s| buffer(s).map(|b| b.used as f64),
+        ),
+        socket(
+            "parsrv_socket_receive_buffer_bytes",
+            "gauge",
+            "A UDP socket's receive buffer (sk_rcvbuf; datagrams beyond it are dropped).",
+            &|s| buffer(s).map(|b| b.size as f64),
+        ),
+        socket(
+            "parsrv_socket_receive_drops_total",
+            "counter",
+            "Datagrams the kernel dropped at a UDP socket (sk_drops: its buffer was full).",
+            &|s| buffer(s).map(|b| b.drops as f64),
+        ),
+    ]);
+    for (index, counter) in UdpSlotCounters::COUNTERS.iter().enumerate() {
+        let name = format!("parsrv_socket_datagrams_{}_total", counter.name);
+        families.push(socket(&name, "counter", counter.help, &|s| {
+            s.datagrams
+                .as_ref()
+                .map(|d| d.counters.values()[index] as f64)
         }));
     }
     families.extend([
@@ -117,8 +152,8 @@ pub fn render(groups: &[GroupStatus]) -> String {
         group(
             "parsrv_program_errors_total",
             "counter",
-            "Connections the program left to the kernel's hash after an internal error.",
-            |g| Some(g.errors.total() as f64),
+            "Connections (datagrams, in a UDP group) the program left to the kernel's hash after an internal error.",
+            |g| Some((g.errors.total() + g.datagram_errors.map_or(0, |e| e.total())) as f64),
         ),
         group(
             "parsrv_program_audits_total",

@@ -83,7 +83,8 @@ pub(super) async fn run(group: Rc<RunningGroup>) {
 fn sample(group: &RunningGroup) -> Option<Sample> {
     let members = group.members();
     let occupancy = members.occupancy();
-    let counters = members.steering().slot_counters(members.len()).ok()?;
+    // A UDP group is never autoscaled (spec::validate: its size is fixed).
+    let counters = members.steering()?.slot_counters(members.len()).ok()?;
     Some(Sample {
         at: Instant::now(),
         // The group's size, as a resize counts it: its spares are not in it (counted, a

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use super::{
     adopt::Adoption,
-    members::Members,
+    members::{Members, Program},
     record::{GroupRecord, HandlerRecord, SlotRecord},
 };
 use crate::{
@@ -31,6 +31,7 @@ use crate::{
         audit::Audit,
         pins::{self, Pins},
         reuseport::{ProgramLog, Steering},
+        udp::DatagramSteering,
     },
     error::{Error, Result},
     listeners::{Listeners, SocketState},
@@ -166,7 +167,7 @@ impl RunningGroup {
             _reserved: 0,
             affinity: spec.affinity_config(),
         };
-        let (mut listeners, steering, adopted) = match adoption {
+        let (mut listeners, program, adopted) = match adoption {
             None => {
                 // The caller made sure that no spawner answers for this group and that no
                 // handler of it runs, so pins under its name are a dead one's.
@@ -175,18 +176,25 @@ impl RunningGroup {
                     .iter()
                     .try_for_each(crate::listeners::ensure_local)?;
                 crate::listeners::ensure_range_free(&spec.listen)?;
+                let transport = spec.listen[0].transport;
                 let listeners = Listeners::bind(
                     &spec.slot_pattern(),
+                    transport,
                     spec.handlers.min + spec.spare,
                     spec.backlog,
                 )?;
-                let steering = Steering::load(
-                    config,
-                    spec.dispatch_table_size(),
-                    Some(&pin_dir),
-                    spec.needs_lookup().then_some(spec.listen.as_slice()),
-                )?;
-                (listeners, steering, Vec::new())
+                let program = if spec.is_udp() {
+                    // Not pinned: a UDP group is not adopted yet (docs/udp.md).
+                    Program::Datagrams(Box::new(DatagramSteering::load(None)?))
+                } else {
+                    Program::Connections(Box::new(Steering::load(
+                        config,
+                        spec.dispatch_table_size(),
+                        Some(&pin_dir),
+                        spec.needs_lookup().then_some(spec.listen.as_slice()),
+                    )?))
+                };
+                (listeners, program, Vec::new())
             }
             Some(adoption) => {
                 let mut steering = Steering::adopt(config, &pin_dir, spec.needs_lookup())?;
@@ -213,7 +221,11 @@ impl RunningGroup {
                     sockets,
                     |slot, cookie| steering.register_cookie(slot, cookie),
                 )?;
-                (listeners, steering, handlers)
+                (
+                    listeners,
+                    Program::Connections(Box::new(steering)),
+                    handlers,
+                )
             }
         };
         let adopting = !adopted.is_empty();
@@ -227,7 +239,7 @@ impl RunningGroup {
         });
         let (stop, stopped) = watch::channel(false);
         let mut members =
-            Members::register(listeners, steering, launcher.clone(), stopped, adopted)?;
+            Members::register(listeners, program, launcher.clone(), stopped, adopted)?;
         if adopting {
             // A socket the last spawner took out of the group and did not put back (killed
             // between a move's shutdown and its listen()): back in the group before the
@@ -245,13 +257,17 @@ impl RunningGroup {
         }
         let attachment = Attachment::of(members.listeners(), spec.listen.len())?;
         for member in &attachment.0 {
-            members.steering().attach(member)?;
+            members.program_mut().attach(member)?;
         }
-        let program_log = members.steering_mut().take_log(&spec.name)?;
-        let pins = if adopting {
-            Some(Pins::adopt(pin_dir))
-        } else {
-            members.steering_mut().publish_pins()?
+        // A UDP group's program keeps no log and no pins (docs/udp.md).
+        let program_log = match members.steering_mut() {
+            Some(steering) => Some(steering.take_log(&spec.name)?),
+            None => None,
+        };
+        let pins = match (adopting, members.steering_mut()) {
+            (true, _) => Some(Pins::adopt(pin_dir)),
+            (false, Some(steering)) => steering.publish_pins()?,
+            (false, None) => None,
         };
         let group = Rc::new(RunningGroup {
             pins_dir: pins.as_ref().map(|p| p.dir().to_owned()),
@@ -265,7 +281,7 @@ impl RunningGroup {
             draining: Cell::new(false),
             stalls: RefCell::default(),
             teardown: RefCell::new(Some((attachment, pins))),
-            program_log: RefCell::new(Some(program_log)),
+            program_log: RefCell::new(program_log),
             tasks: RefCell::default(),
         });
         let events: std::rc::Weak<dyn SlotEvents> = Rc::downgrade(&group) as _;
@@ -324,7 +340,12 @@ impl RunningGroup {
     /// none. Returns, per address restored, the address and what it ran instead.
     pub fn restore_program(&self, audit: &mut Audit) -> Result<Vec<String>> {
         let members = self.members.borrow();
-        let ours = members.steering().run_stats()?.program_id;
+        // A UDP group's sockets are not in the TCP iterator's walk (the watchdog is for TCP
+        // groups: docs/udp.md).
+        let Some(steering) = members.steering() else {
+            return Ok(Vec::new());
+        };
+        let ours = steering.run_stats()?.program_id;
         // A parked socket is shut down, out of the kernel's group: the walk would not meet
         // it, and would go on through every connection of the namespace looking for it.
         let cookies: Vec<u64> = members
@@ -346,7 +367,7 @@ impl RunningGroup {
             {
                 continue;
             }
-            members.steering().attach(listener.socket())?;
+            steering.attach(listener.socket())?;
             let instead = match id {
                 0 => "ran no program, or a classic BPF one".to_owned(),
                 id => format!("ran program id {id}"),
@@ -378,7 +399,10 @@ impl RunningGroup {
 
     /// The program's queue alerts, for the autoscaler (the one reader).
     pub fn take_queue_alerts(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
-        self.members.borrow_mut().steering_mut().take_alerts()
+        self.members
+            .borrow_mut()
+            .steering_mut()
+            .and_then(Steering::take_alerts)
     }
 
     /// The group's size: its slots but the spares (`--spare`), which the autoscaler and
@@ -476,7 +500,12 @@ impl RunningGroup {
     /// Refuses new connections (the program answers them with a RST: clients fail fast and can
     /// go elsewhere) while the handlers empty the queues, for at most `--grace`.
     async fn drain(&self) {
-        if let Err(e) = self.members.borrow_mut().steering_mut().set_draining(true) {
+        let draining = match self.members.borrow_mut().steering_mut() {
+            Some(steering) => steering.set_draining(true),
+            // Refused for UDP groups (spec::validate): nothing to refuse with.
+            None => return,
+        };
+        if let Err(e) = draining {
             log::error!("cannot drain: {e}");
             return;
         }

@@ -2,6 +2,7 @@
 //! queues (a cluster agent's load) and its dispatch table's entries (`parsrv affinity`).
 
 use std::{
+    os::fd::AsFd,
     sync::atomic::{AtomicU64, Ordering},
     time::Instant,
 };
@@ -14,8 +15,8 @@ use crate::{
     kernel::Occupancy,
     spec::{Affinity, HandlerKind},
     status::{
-        self, AddressStatus, AffinityEntry, AffinityStatus, GroupStatus, HandlerStatus,
-        SocketStatus,
+        self, AddressStatus, AffinityEntry, AffinityStatus, DatagramStatus, GroupStatus,
+        HandlerStatus, SocketStatus,
     },
     supervisor::process_alive,
 };
@@ -37,14 +38,29 @@ impl RunningGroup {
     pub fn status(&self) -> Result<GroupStatus> {
         let spec = &self.spec;
         let members = self.members.borrow();
-        let counters = members.steering().slot_counters(members.len())?;
+        let counters = match members.steering() {
+            Some(steering) => steering.slot_counters(members.len())?,
+            None => vec![Default::default(); members.len() as usize],
+        };
+        let datagrams = match members.datagrams() {
+            Some(program) => program
+                .slot_counters(members.len())?
+                .into_iter()
+                .map(Some)
+                .collect(),
+            None => vec![None; members.len() as usize],
+        };
         let stalls = self.stalls.borrow();
         let sockets = members
             .pairs()
-            .zip(counters)
-            .map(|((slot, listener), counters)| {
+            .zip(counters.into_iter().zip(datagrams))
+            .map(|((slot, listener), (counters, datagrams))| {
                 let stall = stalls.get(slot.index as usize).copied().unwrap_or_default();
                 SocketStatus {
+                    datagrams: datagrams.map(|counters| DatagramStatus {
+                        buffer: crate::kernel::receive_buffer(listener.socket().as_fd()).ok(),
+                        counters,
+                    }),
                     slot: slot.index,
                     cookie: listener.cookie(),
                     queue: listener.queue().ok(),
@@ -94,8 +110,16 @@ impl RunningGroup {
             draining: self.draining.get(),
             handlers,
             sockets,
-            errors: members.steering().global_counters()?,
-            program: members.steering().run_stats()?,
+            errors: match members.steering() {
+                Some(steering) => steering.global_counters()?,
+                None => Default::default(),
+            },
+            datagram_errors: members.datagrams().map(|p| p.errors()).transpose()?,
+            program: match (members.steering(), members.datagrams()) {
+                (Some(steering), _) => steering.run_stats()?,
+                (None, Some(datagrams)) => datagrams.run_stats()?,
+                (None, None) => unreachable!("a group runs one program"),
+            },
             audit: self.audit.borrow().clone(),
             affinity: self.affinity_status(&members)?,
             addresses: self.address_status(&members)?,
@@ -104,7 +128,7 @@ impl RunningGroup {
 
     /// Each `--listen` entry of a group the sk_lookup program serves.
     fn address_status(&self, members: &Members) -> Result<Vec<AddressStatus>> {
-        let Some(addresses) = members.steering().addresses() else {
+        let Some(addresses) = members.steering().and_then(|s| s.addresses()) else {
             return Ok(Vec::new());
         };
         let counters = addresses.counters(self.spec.listen.len())?;
@@ -132,7 +156,10 @@ impl RunningGroup {
         if self.spec.affinity == Affinity::None {
             return Ok(None);
         }
-        let table = members.steering().dispatch_table();
+        let Some(steering) = members.steering() else {
+            return Ok(None);
+        };
+        let table = steering.dispatch_table();
         Ok(Some(AffinityStatus {
             entries: table.entries(self.spec.affinity_config().timeout_ns)?.len() as u64,
             capacity: table.capacity(),
@@ -155,10 +182,10 @@ impl RunningGroup {
         let wanted = client
             .map(|c| crate::dataplane::affinity::client_key(c, config.mask_v4, config.mask_v6));
         let members = self.members.borrow();
-        let entries = members
-            .steering()
-            .dispatch_table()
-            .entries(config.timeout_ns)?;
+        let Some(steering) = members.steering() else {
+            return Ok(Vec::new());
+        };
+        let entries = steering.dispatch_table().entries(config.timeout_ns)?;
         let pid_of = |slot: u32| {
             members
                 .slots()

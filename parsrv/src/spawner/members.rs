@@ -8,16 +8,34 @@ use std::{os::fd::AsRawFd, rc::Rc};
 use tokio::sync::watch;
 
 use crate::{
-    dataplane::reuseport::Steering,
+    dataplane::{reuseport::Steering, udp::DatagramSteering},
     error::{Error, Result},
     kernel::Occupancy,
     listeners::{Listener, Listeners, SocketState},
     supervisor::{AdoptedHandler, Launcher, Slot},
 };
 
+/// The program a group's sockets are registered with: a TCP group's steering program, or a
+/// UDP group's datagram program (docs/udp.md).
+pub(crate) enum Program {
+    // Boxed: each holds its maps' handles and an aya object, hundreds of bytes.
+    Connections(Box<Steering>),
+    Datagrams(Box<DatagramSteering>),
+}
+
+impl Program {
+    /// Attaches it to the reuseport group `member` belongs to.
+    pub fn attach(&mut self, member: &impl std::os::fd::AsFd) -> Result<()> {
+        match self {
+            Program::Connections(steering) => steering.attach(member),
+            Program::Datagrams(datagrams) => datagrams.attach(member),
+        }
+    }
+}
+
 pub(crate) struct Members {
     listeners: Listeners,
-    steering: Steering,
+    program: Program,
     /// One per listener once handlers run (slot i serves listener i).
     slots: Vec<Rc<Slot>>,
     launcher: Rc<Launcher>,
@@ -43,7 +61,7 @@ impl Members {
     /// [`Members::start_handlers`], once the group is reachable.
     pub fn register(
         listeners: Listeners,
-        mut steering: Steering,
+        mut program: Program,
         launcher: Rc<Launcher>,
         stopped: watch::Receiver<bool>,
         adopted: Vec<Option<AdoptedHandler>>,
@@ -56,12 +74,15 @@ impl Members {
         ) {
             // An adopted handler's socket is in the maps already, its slot's entry too.
             if !adopted {
-                steering.register(slot, listener)?;
+                match &mut program {
+                    Program::Connections(steering) => steering.register(slot, listener)?,
+                    Program::Datagrams(datagrams) => datagrams.register(slot, listener)?,
+                }
             }
         }
         Ok(Members {
             listeners,
-            steering,
+            program,
             slots: Vec::new(),
             launcher,
             stopped,
@@ -142,12 +163,42 @@ impl Members {
         self.slots.iter().zip(self.listeners.listeners())
     }
 
-    pub fn steering(&self) -> &Steering {
-        &self.steering
+    /// A TCP group's steering program; None for a UDP group.
+    pub fn steering(&self) -> Option<&Steering> {
+        match &self.program {
+            Program::Connections(steering) => Some(steering.as_ref()),
+            Program::Datagrams(_) => None,
+        }
     }
 
-    pub fn steering_mut(&mut self) -> &mut Steering {
-        &mut self.steering
+    pub fn steering_mut(&mut self) -> Option<&mut Steering> {
+        match &mut self.program {
+            Program::Connections(steering) => Some(steering.as_mut()),
+            Program::Datagrams(_) => None,
+        }
+    }
+
+    /// A UDP group's datagram program; None for a TCP group.
+    pub fn datagrams(&self) -> Option<&DatagramSteering> {
+        match &self.program {
+            Program::Connections(_) => None,
+            Program::Datagrams(datagrams) => Some(datagrams.as_ref()),
+        }
+    }
+
+    pub fn program_mut(&mut self) -> &mut Program {
+        &mut self.program
+    }
+
+    /// The steering program of a TCP group, for what only TCP groups do (resize, stalls,
+    /// moving queues); a UDP group's request for it is refused, with the reason.
+    fn tcp(&mut self, what: &str) -> Result<&mut Steering> {
+        match &mut self.program {
+            Program::Connections(steering) => Ok(steering.as_mut()),
+            Program::Datagrams(_) => Err(Error::Rejected(format!(
+                "{what}: not for a UDP group yet (its size is fixed; docs/udp.md)"
+            ))),
+        }
     }
 
     /// The group's load, read now, as the autoscaler weighs it: what waits in every queue,
@@ -178,18 +229,22 @@ impl Members {
     pub fn add(&mut self) -> Result<()> {
         let index = self.listeners.listeners().len() as u32;
         let mut named = None;
-        let steering = &mut self.steering;
+        let Program::Connections(steering) = &mut self.program else {
+            return Err(Error::Rejected(
+                "adding a handler: not for a UDP group yet (its size is fixed; docs/udp.md)".into(),
+            ));
+        };
         let added = self.listeners.join_listener(|cookie| {
             named = Some(cookie);
             steering.register_cookie(index, cookie)
         });
-        let registered = added.and_then(|listener| self.steering.register(index, listener));
+        let registered = added.and_then(|listener| steering.register(index, listener));
         if let Err(e) = registered {
             if self.listeners.listeners().len() as u32 > index {
                 self.listeners.remove_last();
             }
             if let Some(cookie) = named {
-                let _ = self.steering.unregister(index, cookie);
+                let _ = steering.unregister(index, cookie);
             }
             return Err(e);
         }
@@ -276,14 +331,19 @@ impl Members {
     pub fn heal_shut_down(&mut self, index: u32) -> Result<bool> {
         let listener = &self.listeners.listeners()[index as usize];
         let state = listener.state();
-        if state == SocketState::Parked || self.leaving == Some(index) {
+        // A UDP socket has no listening state to lose (shutdown() of an unconnected one
+        // fails with ENOTCONN).
+        if state == SocketState::Parked
+            || self.leaving == Some(index)
+            || listener.transport() == crate::spec::Transport::Udp
+        {
             return Ok(false);
         }
         match crate::kernel::tcp_state(std::os::fd::AsFd::as_fd(listener.socket())) {
             Ok(crate::kernel::TCP_LISTEN) | Err(_) => return Ok(false),
             Ok(_) => {}
         }
-        self.steering.forget_socket(index)?;
+        self.tcp("healing a socket")?.forget_socket(index)?;
         self.listeners.mark_parked(index as usize);
         self.set_state(index, state)?;
         Ok(true)
@@ -321,10 +381,10 @@ impl Members {
     /// handshakes move too). Otherwise returns how many connections the program moved (its
     /// `migrated_in` counters).
     pub fn demote_stalled(&mut self, index: u32, handler_stopped: bool) -> Result<Option<u64>> {
-        let migrated = |members: &Members| -> Result<u64> {
-            Ok(members
-                .steering
-                .slot_counters(members.len())?
+        let len = self.len();
+        let migrated = |steering: &mut Steering| -> Result<u64> {
+            Ok(steering
+                .slot_counters(len)?
                 .iter()
                 .map(|c| c.migrated_in)
                 .sum())
@@ -342,18 +402,20 @@ impl Members {
             self.set_state(index, SocketState::Serving)?;
             return Ok(None);
         }
-        let before = migrated(self)?;
+        let before = migrated(self.tcp("moving a stalled queue")?)?;
         if let Err(e) = self.listeners.move_queue(index as usize) {
             if self.listeners.listeners()[index as usize].state() == SocketState::Parked {
                 // Shut down but not listening again: out of the group, as its state says.
-                let _ = self.steering.forget_socket(index);
+                let _ = self.tcp("moving a stalled queue")?.forget_socket(index);
             }
             return Err(e);
         }
         // The kernel emptied its SOCKETS entry when it stopped listening.
-        self.steering
-            .register(index, &self.listeners.listeners()[index as usize])?;
-        Ok(Some(migrated(self)?.saturating_sub(before)))
+        let Program::Connections(steering) = &mut self.program else {
+            unreachable!("checked above: a TCP group");
+        };
+        steering.register(index, &self.listeners.listeners()[index as usize])?;
+        Ok(Some(migrated(steering)?.saturating_sub(before)))
     }
 
     /// Slot `index`'s stalled handler serves again: its socket takes its share again (if it
@@ -367,17 +429,28 @@ impl Members {
     }
 
     fn set_state(&mut self, index: u32, wanted: SocketState) -> Result<SocketState> {
-        let was = self.listeners.listeners()[index as usize].state();
+        let listener = &self.listeners.listeners()[index as usize];
+        let was = listener.state();
         if self.leaving == Some(index) {
             return Ok(was);
         }
+        // A UDP socket cannot leave its kernel group but by closing; while its slot's
+        // handler waits out a restart delay it stays, marked, and what it receives waits in
+        // its buffer for the next handler (the program sends datagrams there only when no
+        // served socket has room).
+        let wanted = match (wanted, listener.transport()) {
+            (SocketState::Parked, crate::spec::Transport::Udp) => SocketState::AwaitingHandler,
+            _ => wanted,
+        };
         let back_in = self.listeners.set_state(index as usize, wanted)?;
         if back_in {
-            self.steering
-                .register(index, &self.listeners.listeners()[index as usize])?;
+            let Program::Connections(steering) = &mut self.program else {
+                unreachable!("only a TCP socket leaves its group");
+            };
+            steering.register(index, &self.listeners.listeners()[index as usize])?;
         } else if wanted == SocketState::Parked && was != SocketState::Parked {
             // The kernel emptied the socket's SOCKETS entry; its cookie stays known.
-            self.steering.forget_socket(index)?;
+            self.tcp("parking a socket")?.forget_socket(index)?;
         }
         Ok(wanted)
     }
@@ -390,6 +463,7 @@ impl Members {
         let Some(slot) = self.slots.last().cloned() else {
             return Ok(None);
         };
+        self.tcp("removing a handler")?;
         let listener = &self.listeners.listeners()[slot.index as usize];
         // A parked socket is out of the group already.
         if listener.state() != SocketState::Parked {
@@ -405,7 +479,9 @@ impl Members {
         // so that the group is never left with a slot whose socket is dead.
         self.leaving = Some(slot.index);
         let cookie = listener.cookie();
-        let forgotten = self.steering.unregister(slot.index, cookie);
+        let forgotten = self
+            .tcp("removing a handler")?
+            .unregister(slot.index, cookie);
         Ok(Some(Leaving { slot, forgotten }))
     }
 

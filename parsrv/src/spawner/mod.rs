@@ -155,6 +155,16 @@ pub fn stop_orphan(name: &str) -> Result<String> {
             ));
         };
         let pids = adoption.pids();
+        if spec.is_udp() {
+            // Not adopted (docs/udp.md): its handlers are killed where they are; what waits
+            // in their buffers is lost, as it would be with any UDP server's stop.
+            kill_adopted(&adoption);
+            record::GroupRecord::remove(name);
+            drop(claim);
+            return Ok(format!(
+                "group {name} (UDP): killed the handlers its last spawner left running (pids {pids:?})"
+            ));
+        }
         let group = RunningGroup::create(spec, offsets, Some(adoption))?;
         drop(claim);
         group.start_handlers()?;
@@ -204,6 +214,15 @@ fn ensure_not_running(name: &str) -> Result<()> {
 /// and removed by that binary at its start: the groups it adopts keep their settings.
 pub const UPGRADE_ENV: &str = "PARSRV_UPGRADE";
 
+/// Kills the handlers of a UDP group a dead spawner left running (SIGKILL, waited for).
+fn kill_adopted(adoption: &adopt::Adoption) {
+    for slot in adoption.slots.iter().flatten() {
+        slot.handler
+            .process
+            .kill_and_wait(std::time::Duration::from_secs(2));
+    }
+}
+
 /// The handlers of `spec`'s group that a spawner now gone left running, taken over; `None`
 /// if there are none (its record, if any, is stale: the group starts anew). Refused if the
 /// running group is not what `spec` asks for: nothing is changed then. After an upgrade
@@ -224,6 +243,23 @@ fn adopt_if_running(spec: &mut GroupSpec, upgraded: bool) -> Result<Option<adopt
             );
             *spec = record.spec.clone();
         }
+    }
+    if record.spec.is_udp() {
+        // UDP groups are not adopted yet (docs/udp.md): the handlers a dead spawner left
+        // are killed (they hold sockets in the port's reuseport group, which the new
+        // sockets would join unregistered) and the group starts anew. What their buffers
+        // held is lost, as in any UDP server's restart.
+        if let Some(adoption) = adopt::Adoption::take(record) {
+            kill_adopted(&adoption);
+            log::warn!(
+                "group {} (UDP): killed the handlers its last spawner left running (pids {:?}); \
+                 UDP groups are not adopted yet, it starts anew",
+                spec.name,
+                adoption.pids()
+            );
+        }
+        record::GroupRecord::remove(&spec.name);
+        return Ok(None);
     }
     // Compared before anything acts on it: a group running with other settings is left
     // exactly as it is.
@@ -360,8 +396,12 @@ impl Spawner {
             })
         };
         group.own_task(answering);
-        group.own_task(tokio::task::spawn_local(watchdog::watch(group.clone())));
-        group.own_task(tokio::task::spawn_local(stalls::watch(group.clone())));
+        // Both read TCP's accept queues and walk TCP sockets: a UDP group has neither yet
+        // (docs/udp.md).
+        if !group.spec.is_udp() {
+            group.own_task(tokio::task::spawn_local(watchdog::watch(group.clone())));
+            group.own_task(tokio::task::spawn_local(stalls::watch(group.clone())));
+        }
         if let Some(log) = group.take_program_log() {
             group.own_task(tokio::task::spawn_local(group::forward_program_log(log)));
         }
@@ -369,8 +409,13 @@ impl Spawner {
             group.own_task(tokio::task::spawn_local(autoscaling::run(group.clone())));
         }
         let spec = &group.spec;
+        let steering = if spec.is_udp() {
+            "datagrams to a socket with receive-buffer room".to_owned()
+        } else {
+            format!("policy {}, when-full {}", spec.policy, spec.when_full)
+        };
         log::info!(
-            "group {} serves {} with {} {} handlers{} (policy {}, when-full {}); status: parsrv status {}",
+            "group {} serves {} with {} {} handlers{} ({steering}); status: parsrv status {}",
             spec.name,
             spec.listen_text(),
             spec.handlers.min,
@@ -380,8 +425,6 @@ impl Spawner {
                 (false, true) => format!(" (resizable {})", spec.handlers),
                 _ => String::new(),
             },
-            spec.policy,
-            spec.when_full,
             spec.name
         );
         self.groups
@@ -419,6 +462,21 @@ impl Spawner {
             return Err(Error::Rejected(format!(
                 "cannot upgrade: {} is not an executable file now; install the new parsrv there first",
                 binary.display()
+            )));
+        }
+        let udp: Vec<String> = self
+            .groups
+            .borrow()
+            .values()
+            .filter(|g| g.spec.is_udp())
+            .map(|g| g.spec.name.clone())
+            .collect();
+        if !udp.is_empty() {
+            // The new image would have to adopt them, and UDP groups are not adopted yet.
+            return Err(Error::Rejected(format!(
+                "cannot upgrade: UDP group(s) {} cannot be carried over yet (docs/udp.md); \
+                 stop them (`parsrv group remove NAME`), upgrade, and start them again",
+                udp.join(", ")
             )));
         }
         self.upgrading.notify_one();

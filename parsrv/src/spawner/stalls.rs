@@ -197,8 +197,11 @@ fn looks(
         .collect();
     // Read at every look, idle ones too: a handler shows that it accepts (and may take a
     // stalled queue) by what it took between two looks, busy or not.
-    let arrivals: Vec<u64> = members
-        .steering()
+    let Some(steering) = members.steering() else {
+        // Not started for a UDP group (spawner::start_group).
+        return Ok(Vec::new());
+    };
+    let arrivals: Vec<u64> = steering
         .slot_counters(members.len())?
         .iter()
         .map(|c| c.selected + c.migrated_in)

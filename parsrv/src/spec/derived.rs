@@ -41,6 +41,14 @@ impl GroupSpec {
         !matches!(self.listen.as_slice(), [one] if one.is_single())
     }
 
+    /// Whether the group's sockets are UDP (`--listen udp://...`; validation keeps a group to
+    /// one transport).
+    pub fn is_udp(&self) -> bool {
+        self.listen
+            .first()
+            .is_some_and(|l| l.transport == super::Transport::Udp)
+    }
+
     /// Whether the group grows and shrinks with load (`--handlers MIN..MAX`, MIN < MAX).
     pub fn autoscaled(&self) -> bool {
         self.autoscale && self.handlers.max > self.handlers.min

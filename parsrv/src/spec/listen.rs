@@ -17,9 +17,21 @@ use serde::{Deserialize, Serialize};
 
 use parsrv_common::lookup::{RuleKey, PORT_BITS, V4_MAPPED};
 
+/// The protocol of a group's sockets: `udp://` before an entry makes it UDP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Listening TCP sockets (the default; `tcp://` may be written).
+    #[default]
+    Tcp,
+    /// UDP sockets: each handler receives datagrams on its own socket, and the udp-datagram
+    /// program sends each to a socket with receive-buffer room (docs/udp.md).
+    Udp,
+}
+
 /// One `--listen` entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Listen {
+    pub transport: Transport,
     /// The first address of the prefix (the address itself for one address).
     pub addr: IpAddr,
     /// Prefix length: 32 (IPv4) or 128 (IPv6) for one address.
@@ -32,7 +44,7 @@ pub struct Listen {
 
 pub(super) const LISTEN_FORM: &str = "expected ADDR:PORT with a numeric address (127.0.0.1:8080, \
      [::1]:8080), or a prefix and a port range (127.0.0.0/24:8080, [::1]:8000-8099), and \
-     optionally =COUNT sockets (127.0.0.1:8080=3)";
+     optionally =COUNT sockets (127.0.0.1:8080=3); udp://ADDR:PORT for UDP";
 
 /// The most sockets one entry may ask for in a round (`=COUNT`): a group's most sockets.
 const MAX_COUNT: u32 = parsrv_common::reuseport::MAX_SOCKETS;
@@ -49,6 +61,7 @@ impl Listen {
     /// One address and port.
     pub fn single(addr: SocketAddr) -> Listen {
         Listen {
+            transport: Transport::Tcp,
             addr: addr.ip(),
             prefix: Listen::full(addr.ip()),
             first_port: addr.port(),
@@ -122,7 +135,11 @@ impl Listen {
     /// Whether a connection to `addr:port` could reach both entries: a common address (a
     /// wildcard covers its family, and [::] IPv4 too) and a common port.
     pub fn overlaps(&self, other: &Listen) -> bool {
-        if self.last_port < other.first_port || other.last_port < self.first_port {
+        // TCP and UDP ports are separate spaces (DNS serves both on 53).
+        if self.transport != other.transport
+            || self.last_port < other.first_port
+            || other.last_port < self.first_port
+        {
             return false;
         }
         let wildcard = |l: &Listen| l.is_single() && l.addr.is_unspecified();
@@ -167,6 +184,14 @@ impl FromStr for Listen {
 
     fn from_str(value: &str) -> Result<Self, String> {
         let form = || LISTEN_FORM.to_string();
+        let (transport, value) = if let Some(rest) = value.strip_prefix("udp://") {
+            (Transport::Udp, rest)
+        } else {
+            (
+                Transport::Tcp,
+                value.strip_prefix("tcp://").unwrap_or(value),
+            )
+        };
         let (value, count) = match value.rsplit_once('=') {
             Some((value, count)) => match count.trim().parse::<u32>() {
                 Ok(n) if (1..=MAX_COUNT).contains(&n) => (value, n),
@@ -219,6 +244,7 @@ impl FromStr for Listen {
             ));
         }
         let listen = Listen {
+            transport,
             addr,
             prefix,
             first_port,
@@ -239,6 +265,9 @@ impl FromStr for Listen {
 
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.transport == Transport::Udp {
+            f.write_str("udp://")?;
+        }
         let full = Listen::full(self.addr);
         let host = if self.prefix == full {
             self.addr.to_string()
@@ -322,9 +351,13 @@ mod tests {
             "127.0.0.8/29:9001-9003",
             "127.0.0.2:8080=3",
             "[::1]:8000-8099=2",
+            "udp://127.0.0.1:5353",
+            "udp://[::1]:53",
         ] {
             assert_eq!(listen(text).to_string(), text);
         }
+        assert_eq!(listen("tcp://127.0.0.1:80"), listen("127.0.0.1:80"));
+        assert_eq!(listen("udp://127.0.0.1:53").transport, Transport::Udp);
         // The prefix's first address, whatever was written.
         assert_eq!(listen("127.0.0.9/29:80").to_string(), "127.0.0.8/29:80");
     }
@@ -392,5 +425,7 @@ mod tests {
         assert!(!overlaps("127.0.0.0/24:8080", "127.0.1.5:8080"));
         assert!(!overlaps("127.0.0.0/24:8080", "127.0.0.5:8081"));
         assert!(!overlaps("[::1]:80", "127.0.0.1:80"));
+        assert!(!overlaps("udp://127.0.0.1:53", "127.0.0.1:53"));
+        assert!(overlaps("udp://127.0.0.1:53", "udp://0.0.0.0:53"));
     }
 }

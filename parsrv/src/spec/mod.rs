@@ -16,7 +16,7 @@ mod validate;
 mod values;
 
 pub use host::{executable_by, find_program, usable_cpus};
-pub use listen::Listen;
+pub use listen::{Listen, Transport};
 pub use validate::{MAX_AFFINITY_TIMEOUT, MAX_THREADS, MIN_AFFINITY_TIMEOUT};
 pub use values::{format_cpus, parse_cpus, parse_listen, ClientPrefix, CpuList, HandlerRange};
 

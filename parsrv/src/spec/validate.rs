@@ -80,6 +80,84 @@ impl GroupSpec {
         problems
     }
 
+    /// What a UDP group (`--listen udp://...`) cannot have: what exists for UDP so far is
+    /// one address, a fixed number of handlers and the datagram program (docs/udp.md); a
+    /// setting of TCP's accept queues or of what UDP groups do not do yet is refused, not
+    /// ignored.
+    fn udp_problems(&self) -> Vec<Error> {
+        use super::Transport;
+        let mut problems = Vec::new();
+        let udp = self.listen.iter().filter(|l| l.transport == Transport::Udp);
+        let Some(first) = udp.clone().next() else {
+            return problems;
+        };
+        if udp.count() != self.listen.len() || self.listen.len() > 1 {
+            problems.push(invalid(
+                "--listen",
+                first,
+                "a UDP group has one --listen entry, and no TCP one: give TCP and UDP on one \
+                 port as two groups",
+            ));
+        }
+        if !first.is_single() || first.count != 1 {
+            problems.push(invalid(
+                "--listen",
+                first,
+                "a UDP group serves one address and port, without a prefix, range or =COUNT \
+                 (not supported for UDP yet)",
+            ));
+        }
+        let defaults = GroupSpec::new(*first, self.handler);
+        let tcp_only = |option: &'static str, value: String| {
+            invalid(
+                option,
+                value,
+                "is a TCP setting: a UDP group has no accept queue; leave it out",
+            )
+        };
+        if self.policy != defaults.policy {
+            problems.push(tcp_only("--policy", self.policy.to_string()));
+        }
+        if self.when_full != defaults.when_full {
+            problems.push(tcp_only("--when-full", self.when_full.to_string()));
+        }
+        if self.backlog != defaults.backlog {
+            problems.push(tcp_only("--backlog", self.backlog.to_string()));
+        }
+        if self.drain {
+            problems.push(tcp_only("--drain", "true".into()));
+        }
+        if self.affinity != Affinity::None {
+            problems.push(invalid(
+                "--affinity",
+                self.affinity,
+                "UDP groups have no client affinity yet (docs/udp.md); leave it out",
+            ));
+        }
+        if self.spare != 0 {
+            problems.push(invalid(
+                "--spare",
+                self.spare,
+                "UDP groups have no spares yet (docs/udp.md); leave it out",
+            ));
+        }
+        if self.handlers.min != self.handlers.max {
+            problems.push(invalid(
+                "--handlers",
+                self.handlers,
+                "UDP groups have a fixed number of handlers yet (docs/udp.md): give one count",
+            ));
+        }
+        if self.handler == HandlerKind::Http {
+            problems.push(invalid(
+                "--handler",
+                self.handler,
+                "HTTP is TCP: a UDP group runs --handler echo or exec",
+            ));
+        }
+        problems
+    }
+
     /// Every bad value, each with its fix (a config file reports them all at once).
     pub fn problems(&self) -> Vec<Error> {
         let mut problems = Vec::new();
@@ -90,6 +168,7 @@ impl GroupSpec {
             problems.push(invalid("--env", variable, why));
         }
         problems.extend(self.listen_problems());
+        problems.extend(self.udp_problems());
         let range = self.handlers.to_string();
         let HandlerRange { min, max } = self.handlers;
         if !(1..=MAX_SOCKETS).contains(&min) || !(1..=MAX_SOCKETS).contains(&max) {

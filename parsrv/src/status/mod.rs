@@ -11,12 +11,13 @@ use std::path::PathBuf;
 use parsrv_common::{
     lookup::AddressCounters,
     reuseport::{affinity::AffinityCounters, GlobalCounters, SlotCounters},
+    udp::{UdpErrors, UdpSlotCounters},
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::reuseport::RunStats,
-    kernel::{Occupancy, QueueDepth},
+    kernel::{Occupancy, QueueDepth, ReceiveBuffer},
     listeners::SocketState,
     spec::{GroupSpec, Listen},
 };
@@ -48,6 +49,10 @@ pub struct GroupStatus {
     pub sockets: Vec<SocketStatus>,
     /// Connections the program served by the kernel's hash because of an internal error.
     pub errors: GlobalCounters,
+    /// A UDP group: datagrams its program left to the kernel's hash because of an internal
+    /// error (`errors` is then zero: it is the TCP program's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datagram_errors: Option<UdpErrors>,
     pub program: RunStats,
     /// The watchdog's checks that the group's sockets run its program.
     #[serde(default)]
@@ -155,6 +160,18 @@ pub struct SocketStatus {
     /// (it may be about to accept), or it took its queue before the move.
     #[serde(default)]
     pub stall_spared: u64,
+    /// A UDP group's socket: its receive buffer and what the datagram program did (`queue`
+    /// is then None and `counters` zero: they are TCP's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datagrams: Option<DatagramStatus>,
+}
+
+/// One UDP socket of a group (docs/udp.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatagramStatus {
+    /// Read with SO_MEMINFO when the status was taken; None if that failed.
+    pub buffer: Option<ReceiveBuffer>,
+    pub counters: UdpSlotCounters,
 }
 
 /// One client of `parsrv affinity`: its entry, and the handler its slot runs now.
@@ -230,6 +247,7 @@ pub(crate) mod tests {
                 ..Default::default()
             }],
             errors: GlobalCounters::default(),
+            datagram_errors: None,
             program: RunStats {
                 program_id: 5,
                 run_count: 10,

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use parsrv_common::{
     lookup::AddressCounters,
     reuseport::{affinity::AffinityCounters, GlobalCounters, SlotCounters},
+    udp::{UdpErrors, UdpSlotCounters},
 };
 
 use super::GroupStatus;
@@ -14,6 +15,9 @@ use crate::listeners::SocketState;
 impl GroupStatus {
     /// Human-readable form.
     pub fn render(&self) -> String {
+        if self.spec.is_udp() {
+            return self.render_datagrams();
+        }
         let spec = &self.spec;
         let mut out = String::new();
         let _ = writeln!(
@@ -180,18 +184,24 @@ impl GroupStatus {
         if let Some(why) = &self.audit.unavailable {
             let _ = writeln!(out, "program not audited: {why}");
         }
-        let _ = write!(
-            out,
-            "program id {}: {} fail-open errors",
-            self.program.program_id,
-            self.errors.total()
-        );
         let which: Vec<String> = GlobalCounters::COUNTERS
             .iter()
             .zip(self.errors.values())
             .filter(|(_, n)| *n > 0)
             .map(|(error, n)| format!("{} {n}", error.column))
             .collect();
+        self.render_program(&mut out, self.errors.total(), &which);
+        out
+    }
+
+    /// The program's line: its id, its fail-open errors (`which`: those that happened, by
+    /// name), its verification cost and run time, and the pins.
+    fn render_program(&self, out: &mut String, errors: u64, which: &[String]) {
+        let _ = write!(
+            out,
+            "program id {}: {errors} fail-open errors",
+            self.program.program_id,
+        );
         if !which.is_empty() {
             let _ = write!(out, " ({})", which.join(", "));
         }
@@ -216,6 +226,74 @@ impl GroupStatus {
             let _ = write!(out, "\nmaps pinned at {}", pins.display());
         }
         out.push('\n');
+    }
+
+    /// A UDP group's form (docs/udp.md): per slot its handler, its receive buffer (bytes
+    /// used / size, and the kernel's drops at it) and what the datagram program did.
+    fn render_datagrams(&self) -> String {
+        let spec = &self.spec;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "group {}  listen {}  handler {} x{} threads  spawner pid {}",
+            spec.name,
+            spec.listen_text(),
+            spec.handler,
+            spec.threads,
+            self.spawner_pid
+        );
+        if !spec.command.is_empty() {
+            let _ = writeln!(out, "command: {}", spec.command.join(" "));
+        }
+        let _ = write!(
+            out,
+            "{:>4} {:>8} {:>5} {:>3} {:>8} {:>17} {:>6}",
+            "slot", "pid", "alive", "cpu", "restarts", "buffer used/size", "drops"
+        );
+        for counter in UdpSlotCounters::COUNTERS {
+            let _ = write!(
+                out,
+                " {:>w$}",
+                counter.column,
+                w = column_width(counter.column)
+            );
+        }
+        let _ = writeln!(out, " {:>9}", "answered");
+        for (handler, socket) in self.handlers.iter().zip(&self.sockets) {
+            let buffer = socket.datagrams.as_ref().and_then(|d| d.buffer);
+            let _ = write!(
+                out,
+                "{:>4} {:>8} {:>5} {:>3} {:>8} {:>17} {:>6}",
+                handler.slot,
+                handler.pid.map_or("-".to_string(), |p| p.to_string()),
+                if handler.alive { "yes" } else { "NO" },
+                handler.cpu.map_or("-".to_string(), |c| c.to_string()),
+                handler.restarts,
+                buffer.map_or("?".to_string(), |b| format!("{}/{}", b.used, b.size)),
+                buffer.map_or("?".to_string(), |b| b.drops.to_string()),
+            );
+            let counters = socket
+                .datagrams
+                .as_ref()
+                .map(|d| d.counters)
+                .unwrap_or_default();
+            for (counter, value) in UdpSlotCounters::COUNTERS.iter().zip(counters.values()) {
+                let _ = write!(out, " {value:>w$}", w = column_width(counter.column));
+            }
+            let _ = writeln!(
+                out,
+                " {:>9}",
+                handler.accepted.map_or("-".to_string(), |n| n.to_string())
+            );
+        }
+        let errors = self.datagram_errors.unwrap_or_default();
+        let which: Vec<String> = UdpErrors::COUNTERS
+            .iter()
+            .zip(errors.values())
+            .filter(|(_, n)| *n > 0)
+            .map(|(error, n)| format!("{} {n}", error.column))
+            .collect();
+        self.render_program(&mut out, errors.total(), &which);
         out
     }
 }

@@ -118,6 +118,52 @@ fn usage_errors_exit_2_naming_the_option() {
                 ],
                 &["--handlers", "its own handler", "at least 2"],
             ),
+            // UDP groups: what they do not have is refused, not ignored.
+            (
+                &[
+                    "--listen",
+                    "udp://127.0.0.1:8080",
+                    "--handler",
+                    "echo",
+                    "--policy",
+                    "redirect",
+                ],
+                &["--policy", "a TCP setting"],
+            ),
+            (
+                &[
+                    "--listen",
+                    "udp://127.0.0.1:8080",
+                    "--handler",
+                    "echo",
+                    "--handlers",
+                    "2..4",
+                ],
+                &["--handlers", "fixed number"],
+            ),
+            (
+                &[
+                    "--listen",
+                    "udp://127.0.0.1:8080",
+                    "--listen",
+                    "127.0.0.1:8081",
+                    "--handler",
+                    "echo",
+                ],
+                &["--listen", "two groups"],
+            ),
+            (
+                &["--listen", "udp://127.0.0.0/29:53", "--handler", "echo"],
+                &["--listen", "one address and port"],
+            ),
+            (
+                &["--listen", "udp://127.0.0.1:8080"],
+                &["--handler", "HTTP is TCP"],
+            ),
+            (
+                &["--listen", "quic://127.0.0.1:443"],
+                &["--listen", "udp://ADDR:PORT"],
+            ),
             (&["--handlers", "0"], &["--handlers", "1 to 128"]),
             (&["--handlers", "129"], &["--handlers", "1 to 128"]),
             (&["--backlog", "0"], &["--backlog", "at least 1"]),

@@ -57,7 +57,26 @@ fn answers_http(addr: SocketAddr) -> Result<String, String> {
 }
 
 /// A `parsrv run` line of the docs, started as written from the workspace's root.
-fn start(argv: &[String], line: &str) -> Result<(Spawner, Vec<SocketAddr>), String> {
+/// Whether a UDP echo group at `addr` sends a datagram back.
+fn answers_udp(addr: SocketAddr) -> Result<String, String> {
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    client
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    client.send_to(b"docs", addr).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 8];
+    match client.recv(&mut buf) {
+        Ok(4) if &buf[..4] == b"docs" => Ok("docs".into()),
+        Ok(len) => Err(format!("answered {:?}", &buf[..len])),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Where a started group is probed: its address, and whether it is UDP (an echo group,
+/// asked with a datagram) or TCP (asked with an HTTP request).
+type Probe = (SocketAddr, bool);
+
+fn start(argv: &[String], line: &str) -> Result<(Spawner, Vec<Probe>), String> {
     let spec = Cli::try_parse_group(argv.to_vec()).map_err(|e| format!("{line}: {e}"))?;
     let mut args: Vec<String> = argv[1..].to_vec();
     if let Some(dashes) = args.iter().position(|a| a == "--") {
@@ -73,7 +92,13 @@ fn start(argv: &[String], line: &str) -> Result<(Spawner, Vec<SocketAddr>), Stri
     let probes = spec
         .listen
         .iter()
-        .flat_map(|l| [l.bind_addr(), SocketAddr::new(l.last_addr(), l.last_port)])
+        .flat_map(|l| {
+            let udp = l.transport == parsrv::spec::Transport::Udp;
+            [
+                (l.bind_addr(), udp),
+                (SocketAddr::new(l.last_addr(), l.last_port), udp),
+            ]
+        })
         .collect();
     Ok((spawner, probes))
 }
@@ -113,14 +138,18 @@ fn run_block(block: &str) -> Result<usize, String> {
                 stop(spawner, pids)?;
             }
             let (spawner, probes) = start(&argv, &line)?;
-            for addr in probes {
+            for (addr, udp) in probes {
                 // A Python server takes a moment to import its app after it is up.
                 let mut last = Err(String::new());
                 wait_for(Duration::from_secs(30), || {
-                    last = answers_http(addr);
+                    last = if udp {
+                        answers_udp(addr)
+                    } else {
+                        answers_http(addr)
+                    };
                     last.is_ok()
                 });
-                last.map_err(|e| format!("{line}: no HTTP answer: {e}\n{}", spawner.log()))?;
+                last.map_err(|e| format!("{line}: no answer: {e}\n{}", spawner.log()))?;
             }
             let pids = spawner
                 .status()

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use parsrv::{dataplane::reuseport::Steering, kernel, listeners::Listeners};
+use parsrv::{dataplane::reuseport::Steering, kernel, listeners::Listeners, spec::Transport};
 use parsrv_common::reuseport::{policy, when_full, ProgramConfig};
 use parsrv_integration_tests::{privileged, wait_for, Needs};
 use socket2::{Domain, Socket, Type};
@@ -74,7 +74,7 @@ impl Harness {
     /// program; then the program attached with `redirect`.
     fn attached() -> (Harness, BTreeMap<u16, usize>, Steering) {
         let h = Harness {
-            group: Listeners::bind(&[SERVER.parse().unwrap()], 4, BACKLOG).unwrap(),
+            group: Listeners::bind(&[SERVER.parse().unwrap()], Transport::Tcp, 4, BACKLOG).unwrap(),
         };
         let hash_choice = (FIRST_PORT..FIRST_PORT + PORTS)
             .map(|p| (p, h.landing(p)))

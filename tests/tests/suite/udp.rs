@@ -1,5 +1,7 @@
-//! UDP: the udp-datagram program (issue 32's first part) on a reuseport group of four UDP
-//! sockets, against the same group without it, in the same test and network namespace.
+//! UDP: a UDP group under `parsrv run` with one handler stopped, against plain SO_REUSEPORT
+//! echo servers with one that never reads; and the udp-datagram program at the library level
+//! on a reuseport group of four UDP sockets, against the same group without it, in the same
+//! test and network namespace.
 //! One socket stands for a stalled handler: nobody reads it while the datagrams arrive and
 //! its receive buffer is small. The kernel's hash sends it about a quarter of the flows and
 //! drops what does not fit (`Udp: RcvbufErrors`); the program sends those datagrams to a
@@ -15,10 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use parsrv::dataplane::Program;
+use parsrv::{dataplane::Program, spec::HandlerKind};
 use parsrv_common::udp::UdpSlotCounters;
 use parsrv_integration_tests::{
-    figure, meminfo, privileged, send_datagrams, steer_udp, udp_group, Needs, UdpCounters,
+    echo_threads, figure, group, meminfo, privileged, send_datagrams, signal, steer_udp,
+    stop_process, udp_group, wait_for, Needs, Queries, UdpCounters, ADDR, DEFAULT_BUFFER,
     LARGE_BUFFER, SMALL_BUFFER,
 };
 use socket2::Socket;
@@ -203,5 +206,336 @@ fn when_every_udp_buffer_is_full_the_kernels_hash_decides_and_nothing_is_refused
              hash, {} dropped by the kernel, {read} held, 0 refused",
             full.kernel.rcvbuf_errors
         ));
+    });
+}
+
+/// Open loop: a round of one datagram from each flow every 10 ms (20,000 datagrams/s for
+/// 0.1 s), whatever the answers do.
+const PACE: Duration = Duration::from_millis(10);
+/// The servers that run are done answering once none answered for this long (what the
+/// stopped one holds never will be until it resumes). Only the figures depend on it: the
+/// program ran, and the kernel dropped or queued, inside each sendto() on loopback.
+const QUIET: Duration = Duration::from_millis(500);
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_stopped_udp_handler_loses_no_datagram_in_a_parsrv_group_and_its_overflow_in_a_plain_one() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        // The control: four plain SO_REUSEPORT echo servers, one of which reads nothing
+        // until the end, each with the kernel's default buffer as parsrv's.
+        let (mut sockets, addr) = udp_group(&[DEFAULT_BUFFER; SOCKETS]);
+        let stopped = sockets.remove(0);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let servers = echo_threads(sockets, stop.clone());
+        let before = UdpCounters::read();
+        let mut plain = Queries::send(addr, FLOWS, PER_FLOW, PACE);
+        plain.answers_until_quiet(QUIET, Duration::from_secs(5));
+        let plain_kernel = before.delta(&UdpCounters::read());
+        let answered_while_stopped = plain.answered;
+        // The stopped server resumes: it answers what its buffer held.
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        while let Ok((len, from)) = stopped.recv_from(&mut buf) {
+            // SAFETY: recv_from initialized the first `len` bytes.
+            let bytes: Vec<u8> = buf[..len]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            stopped.send_to(&bytes, &from).unwrap();
+        }
+        let lost = plain_kernel.rcvbuf_errors as usize;
+        let plain_answered = plain.answers(DATAGRAMS - lost, Duration::from_secs(5));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        servers.into_iter().for_each(|t| t.join().unwrap());
+        let detail = format!("plain: {plain_kernel:?}, {answered_while_stopped} answered while one was stopped, {plain_answered} in all");
+        assert!(lost > 0, "the control lost nothing: {detail}");
+        assert_eq!(plain_kernel.no_ports, 0, "{detail}");
+        // Every datagram was answered or counted lost by the kernel.
+        assert_eq!(plain_answered, DATAGRAMS - lost, "{detail}");
+
+        // parsrv: four echo handlers, one stopped.
+        let spawner = group("udp-stopped", HandlerKind::Echo)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(SOCKETS as u32)
+            .start();
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let pid = spawner.handler_pid(0);
+        stop_process(pid);
+        let before = UdpCounters::read();
+        let mut queries = Queries::send(addr, FLOWS, PER_FLOW, PACE);
+        let answered_while_stopped = queries.answers_until_quiet(QUIET, Duration::from_secs(5));
+        let kernel = before.delta(&UdpCounters::read());
+        let status = spawner.status();
+        signal(pid, nix::sys::signal::Signal::SIGCONT);
+        let answered = queries.answers(DATAGRAMS, Duration::from_secs(10));
+        let counters: Vec<UdpSlotCounters> = status
+            .sockets
+            .iter()
+            .map(|s| {
+                s.datagrams
+                    .as_ref()
+                    .expect("a UDP socket's status")
+                    .counters
+            })
+            .collect();
+        let detail = format!(
+            "parsrv: {kernel:?}, {answered_while_stopped} answered while handler 0 was stopped, \
+             {answered} in all; program {counters:?}, errors {:?}, {}",
+            status.datagram_errors,
+            status.render()
+        );
+        assert_eq!(kernel.rcvbuf_errors, 0, "{detail}");
+        assert_eq!(kernel.no_ports, 0, "{detail}");
+        assert_eq!(answered, DATAGRAMS, "every datagram answered: {detail}");
+        assert_eq!(
+            status.datagram_errors.map(|e| e.total()),
+            Some(0),
+            "{detail}"
+        );
+        // Each datagram counted once, none left to the hash; the stopped handler's socket
+        // kept what fit and the rest of its share went to the others.
+        assert_eq!(
+            sum(&counters, |c| c.kept) + sum(&counters, |c| c.steered_in),
+            DATAGRAMS as u64,
+            "{detail}"
+        );
+        assert_eq!(sum(&counters, |c| c.all_full), 0, "{detail}");
+        assert!(counters[0].steered_away > 0, "{detail}");
+        assert!(
+            status.sockets.iter().all(|s| s
+                .datagrams
+                .as_ref()
+                .and_then(|d| d.buffer)
+                .map(|b| b.drops)
+                == Some(0)),
+            "{detail}"
+        );
+        figure(&format!(
+            "handler 0 of 4 stopped, {DATAGRAMS} datagrams from {FLOWS} flows at 20,000/s: plain \
+             SO_REUSEPORT lost {lost} (Udp RcvbufErrors); parsrv lost 0, {} steered off the \
+             stopped handler, which answered the {} it held once resumed",
+            counters[0].steered_away,
+            answered - answered_while_stopped
+        ));
+        spawner.stop();
+    });
+}
+
+/// A UDP server written for systemd's `ListenDatagram=`: it takes its socket from fd 3
+/// (`LISTEN_FDS=1`, `LISTEN_PID` its own pid), checks that it is a datagram socket, and
+/// answers each datagram with its pid.
+const ACTIVATED_SERVER: &str = r#"
+import os, socket
+assert os.environ["LISTEN_FDS"] == "1" and os.environ["LISTEN_PID"] == str(os.getpid())
+s = socket.socket(fileno=3)
+assert s.type == socket.SOCK_DGRAM, s.type
+s.setblocking(True)
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(str(os.getpid()).encode(), peer)
+"#;
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_exec_handler_gets_its_udp_socket_by_socket_activation_as_systemd_hands_it() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        let spawner = group("udp-exec", HandlerKind::Exec)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(2)
+            .command(&["python3", "-c", ACTIVATED_SERVER])
+            .start();
+        let pids: Vec<u32> = (0..2).map(|slot| spawner.handler_pid(slot)).collect();
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let clients: Vec<std::net::UdpSocket> = (0..100)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut answered_by = std::collections::BTreeMap::<u32, usize>::new();
+        for client in &clients {
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            client.send_to(b"who answers?", addr).unwrap();
+            let mut buf = [0u8; 32];
+            let len = client.recv(&mut buf).expect("an answer");
+            let pid: u32 = std::str::from_utf8(&buf[..len]).unwrap().parse().unwrap();
+            *answered_by.entry(pid).or_default() += 1;
+        }
+        // 100 flows over 2 sockets: each handler answers some (all on one: 2^-99).
+        assert_eq!(
+            answered_by.keys().copied().collect::<Vec<_>>(),
+            {
+                let mut sorted = pids.clone();
+                sorted.sort();
+                sorted
+            },
+            "{answered_by:?}"
+        );
+        figure(&format!(
+            "2 exec'd python3 UDP servers answered {answered_by:?}"
+        ));
+        spawner.stop();
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_killed_udp_handler_is_restarted_on_its_socket_and_no_datagram_is_lost() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        let spawner = group("udp-killed", HandlerKind::Echo)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(SOCKETS as u32)
+            .start();
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let cookie = spawner.status().sockets[0].cookie;
+        let before = UdpCounters::read();
+        // Killed, then datagrams at once: those hashed to its socket wait in its buffer for
+        // the next handler, or go to the others once the spawner marked it.
+        signal(spawner.handler_pid(0), nix::sys::signal::Signal::SIGKILL);
+        let mut during = Queries::send(addr, FLOWS, 2, PACE);
+        let answered_during = during.answers(during.sent, Duration::from_secs(10));
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                let status = spawner.status();
+                status.handlers[0].restarts == 1 && status.handlers[0].ready
+            }),
+            "handler 0 was not restarted: {}",
+            spawner.status().render()
+        );
+        let mut after = Queries::send(addr, FLOWS, 2, PACE);
+        let answered_after = after.answers(after.sent, Duration::from_secs(10));
+        let kernel = before.delta(&UdpCounters::read());
+        let status = spawner.status();
+        let detail = format!("{kernel:?}\n{}", status.render());
+        assert_eq!(answered_during, during.sent, "{detail}");
+        assert_eq!(answered_after, after.sent, "{detail}");
+        assert_eq!(kernel.rcvbuf_errors, 0, "{detail}");
+        // The same socket, serving again, and taking its share.
+        assert_eq!(status.sockets[0].cookie, cookie, "{detail}");
+        assert_eq!(
+            status.sockets[0].state,
+            parsrv::listeners::SocketState::Serving,
+            "{detail}"
+        );
+        assert!(status.handlers[0].accepted.unwrap_or(0) > 0, "{detail}");
+        spawner.stop();
+    });
+}
+
+/// Binds a UDP socket to 127.0.0.1:PORT with SO_REUSEADDR, then another with SO_REUSEPORT,
+/// and says how each went.
+const BIND_BESIDE: &str = r#"
+import socket, sys
+said = []
+for option in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, option, 1)
+    try:
+        s.bind(("127.0.0.1", int(sys.argv[1])))
+        said.append("bound")
+    except OSError as e:
+        said.append("in-use" if e.errno == 98 else str(e))
+print(",".join(said))
+"#;
+
+/// What uid 65534 gets binding beside sockets on `port` (see [`BIND_BESIDE`]).
+fn bind_beside_as_nobody(port: u16) -> String {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("python3")
+        .args(["-c", BIND_BESIDE, &port.to_string()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A local user cannot bind beside a UDP group's sockets and take part of its datagrams:
+/// the kernel lets another uid's socket share a UDP port when both set SO_REUSEADDR (no uid
+/// check for it, unlike SO_REUSEPORT's), so parsrv sets it only on TCP sockets.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_local_user_cannot_bind_beside_a_udp_groups_sockets() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        // The control: a root socket with SO_REUSEADDR on another port.
+        let control =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        control.set_reuse_address(true).unwrap();
+        let port = 9053;
+        control
+            .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+            .unwrap();
+        assert_eq!(bind_beside_as_nobody(port), "bound,in-use");
+        let spawner = group("udp-beside", HandlerKind::Echo)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(2)
+            .start();
+        let group_port = ADDR.parse::<SocketAddr>().unwrap().port();
+        assert_eq!(bind_beside_as_nobody(group_port), "in-use,in-use");
+        spawner.stop();
+    });
+}
+
+fn echoes(addr: SocketAddr) -> bool {
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    client.send_to(b"ping", addr).unwrap();
+    let mut buf = [0u8; 8];
+    matches!(client.recv(&mut buf), Ok(4) if &buf[..4] == b"ping")
+}
+
+/// Running, not a zombie waiting for its parent (this test, for a spawner it started).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command's closing parenthesis.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// UDP groups are not adopted yet (docs/udp.md): a spawner that finds a dead one's UDP
+/// handlers still running kills them and starts the group anew, and `parsrv stop` of such
+/// a group kills them; neither leaves a handler behind.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_udp_group_whose_spawner_died_starts_anew_and_leaves_no_orphan() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let builder = || {
+            group("udp-orphans", HandlerKind::Echo)
+                .listen(&format!("udp://{ADDR}"))
+                .handlers(2)
+        };
+        let first = builder().start();
+        let orphans: Vec<u32> = (0..2).map(|slot| first.handler_pid(slot)).collect();
+        signal(first.pid(), nix::sys::signal::Signal::SIGKILL);
+        assert!(wait_for(Duration::from_secs(5), || !alive(first.pid())));
+        // Its handlers outlive it and still answer.
+        assert!(orphans.iter().all(|&pid| alive(pid)));
+        assert!(echoes(addr));
+        let second = builder().start();
+        assert!(
+            wait_for(Duration::from_secs(5), || orphans
+                .iter()
+                .all(|&pid| !alive(pid))),
+            "the dead spawner's handlers still run: {}",
+            second.log()
+        );
+        assert!(second.log().contains("UDP groups are not adopted yet"));
+        let handlers: Vec<u32> = (0..2).map(|slot| second.handler_pid(slot)).collect();
+        assert!(echoes(addr), "{}", second.log());
+        // Its spawner killed too: `parsrv stop` (which stop_with runs after the signal)
+        // kills what it left.
+        let status = second.stop_with(nix::sys::signal::Signal::SIGKILL);
+        assert!(!status.success());
+        assert!(
+            wait_for(Duration::from_secs(5), || handlers
+                .iter()
+                .all(|&pid| !alive(pid))),
+            "handlers left after `parsrv stop`"
+        );
+        assert!(!echoes(addr));
+        drop(first);
     });
 }
