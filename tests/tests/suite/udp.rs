@@ -539,3 +539,31 @@ fn a_udp_group_whose_spawner_died_starts_anew_and_leaves_no_orphan() {
         drop(first);
     });
 }
+
+/// `parsrv upgrade` would have the new image adopt every group, and UDP groups are not
+/// adopted yet: it refuses, and the group serves on with the same handlers.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn an_upgrade_is_refused_while_a_udp_group_runs_and_the_group_serves_on() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        let spawner = group("udp-upgrade", HandlerKind::Echo)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(2)
+            .start();
+        let handlers: Vec<u32> = (0..2).map(|slot| spawner.handler_pid(slot)).collect();
+        let (code, out, err) = parsrv_integration_tests::Spawner::parsrv(&["upgrade"]);
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(
+            err.contains("cannot upgrade: UDP group(s) udp-upgrade"),
+            "{out}{err}"
+        );
+        assert_eq!(
+            (0..2)
+                .map(|slot| spawner.handler_pid(slot))
+                .collect::<Vec<_>>(),
+            handlers
+        );
+        assert!(echoes(ADDR.parse().unwrap()), "{}", spawner.log());
+        assert!(spawner.stop().success());
+    });
+}
