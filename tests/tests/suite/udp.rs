@@ -567,3 +567,59 @@ fn an_upgrade_is_refused_while_a_udp_group_runs_and_the_group_serves_on() {
         assert!(spawner.stop().success());
     });
 }
+
+/// A Prometheus scrape of a UDP group shows its sockets' buffers and the datagram program's
+/// counters, equal to its status, and none of the TCP socket counters.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_udp_groups_metrics_show_its_buffers_and_counters_as_its_status_does() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        const METRICS: &str = "127.0.0.1:9464";
+        let spawner = group("udp-metrics", HandlerKind::Echo)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(2)
+            .metrics(METRICS)
+            .start();
+        let mut queries = Queries::send(ADDR.parse().unwrap(), 50, 2, PACE);
+        assert_eq!(queries.answers(100, Duration::from_secs(5)), 100);
+        let status = spawner.status();
+        let (code, text) = parsrv_integration_tests::get_page_from(
+            None,
+            METRICS.parse().unwrap(),
+            "/metrics",
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{text}");
+        let sample = |name: &str, slot: u32| -> Option<f64> {
+            let prefix = format!("{name}{{group=\"udp-metrics\",slot=\"{slot}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .map(|v| v.parse().unwrap())
+        };
+        let mut kept = 0.0;
+        for socket in &status.sockets {
+            let datagrams = socket.datagrams.as_ref().unwrap();
+            let slot = socket.slot;
+            assert_eq!(
+                sample("parsrv_socket_datagrams_kept_total", slot),
+                Some(datagrams.counters.kept as f64),
+                "{text}"
+            );
+            assert_eq!(
+                sample("parsrv_socket_receive_buffer_bytes", slot),
+                datagrams.buffer.map(|b| b.size as f64),
+                "{text}"
+            );
+            assert_eq!(
+                sample("parsrv_socket_receive_drops_total", slot),
+                Some(0.0),
+                "{text}"
+            );
+            assert_eq!(sample("parsrv_socket_selected_total", slot), None, "{text}");
+            kept += datagrams.counters.kept as f64;
+        }
+        assert_eq!(kept, 100.0, "{text}");
+        assert!(spawner.stop().success());
+    });
+}
