@@ -66,37 +66,9 @@ fn force_receive_buffer(fd: BorrowedFd<'_>, size: usize) {
     assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
 }
 
-/// What the kernel accounts for one socket (SO_MEMINFO).
-#[derive(Clone, Copy, Debug)]
-pub struct Meminfo {
-    /// `sk_rmem_alloc`: bytes its queued datagrams hold.
-    pub rmem: u32,
-    /// `sk_rcvbuf`.
-    pub rcvbuf: u32,
-    /// `sk_drops`: datagrams the kernel dropped at it.
-    pub drops: u32,
-}
-
-pub fn meminfo(fd: BorrowedFd<'_>) -> Meminfo {
-    let mut info = [0u32; 9];
-    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `info`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            info.as_mut_ptr() as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "SO_MEMINFO: {}", std::io::Error::last_os_error());
-    // SK_MEMINFO_RMEM_ALLOC, SK_MEMINFO_RCVBUF, SK_MEMINFO_DROPS.
-    Meminfo {
-        rmem: info[0],
-        rcvbuf: info[1],
-        drops: info[8],
-    }
+/// What the kernel accounts for one socket (SO_MEMINFO), as parsrv's status reads it.
+pub fn meminfo(fd: BorrowedFd<'_>) -> parsrv::kernel::ReceiveBuffer {
+    parsrv::kernel::receive_buffer(fd).expect("SO_MEMINFO")
 }
 
 /// Sends `per_flow` datagrams of 32 bytes to `addr` from each of `flows` client sockets

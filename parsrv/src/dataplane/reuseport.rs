@@ -430,14 +430,21 @@ impl Steering {
             .program()
             .info()
             .map_err(Error::ebpf("reading the program's info"))?;
-        Ok(RunStats {
+        Ok(RunStats::of(&info))
+    }
+}
+
+impl RunStats {
+    /// From a program's info as the kernel gives it.
+    pub fn of(info: &aya::programs::ProgramInfo) -> RunStats {
+        RunStats {
             program_id: info.id(),
             run_count: info.run_count(),
             run_time_ns: info.run_time().as_nanos() as u64,
             stats_enabled: crate::procfs::sysctl("kernel/bpf_stats_enabled")
                 .is_ok_and(|s| s == "1"),
             verified_insns: info.verified_instruction_count().filter(|&n| n > 0),
-        })
+        }
     }
 }
 

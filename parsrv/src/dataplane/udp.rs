@@ -155,14 +155,7 @@ impl DatagramSteering {
             .ok_or_else(|| missing(names::PROGRAM))?
             .info()
             .map_err(Error::ebpf("reading the udp-datagram program's info"))?;
-        Ok(RunStats {
-            program_id: info.id(),
-            run_count: info.run_count(),
-            run_time_ns: info.run_time().as_nanos() as u64,
-            stats_enabled: crate::procfs::sysctl("kernel/bpf_stats_enabled")
-                .is_ok_and(|s| s == "1"),
-            verified_insns: info.verified_instruction_count().filter(|&n| n > 0),
-        })
+        Ok(RunStats::of(&info))
     }
 }
 

@@ -101,7 +101,7 @@ fn a_stalled_udp_socket_loses_datagrams_to_the_kernels_hash_and_none_to_parsrv()
 
         // The control: the kernel's hash alone.
         let (plain, addr) = udp_group(&buffers);
-        let small_capacity = meminfo(plain[0].as_fd()).rcvbuf;
+        let small_capacity = meminfo(plain[0].as_fd()).size;
         let control = run(&plain, addr);
         accounted(&control, "plain SO_REUSEPORT");
         // The small socket held what fit and the kernel dropped the rest of its share; the
@@ -176,10 +176,7 @@ fn a_stalled_udp_socket_loses_datagrams_to_the_kernels_hash_and_none_to_parsrv()
 fn when_every_udp_buffer_is_full_the_kernels_hash_decides_and_nothing_is_refused() {
     privileged(Needs::program_of(Program::UdpDatagram), || {
         let (sockets, addr) = udp_group(&[SMALL_BUFFER; SOCKETS]);
-        let capacity: u64 = sockets
-            .iter()
-            .map(|s| meminfo(s.as_fd()).rcvbuf as u64)
-            .sum();
+        let capacity: u64 = sockets.iter().map(|s| meminfo(s.as_fd()).size as u64).sum();
         let steering = steer_udp(&sockets);
         let full = run(&sockets, addr);
         accounted(&full, "every buffer small");
