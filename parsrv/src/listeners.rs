@@ -148,7 +148,7 @@ impl Listener {
     /// in the middle of a move) had none to read.
     fn listen_again(&mut self, backlog: u32) -> Result<()> {
         if self.transport == Transport::Udp {
-            // Never out of the group (see `Listeners::set_state`).
+            // Never out of the group: `Members::set_state` keeps a UDP socket in it, marked.
             return Ok(());
         }
         self.socket
@@ -224,7 +224,8 @@ impl Listeners {
     ) -> Result<Self> {
         let mut listeners = Listeners {
             pattern: pattern.to_vec(),
-            // Adoption is for TCP groups only (spawner::adopt refuses a UDP group's record).
+            // Adoption is for TCP groups only: a spawner kills what a dead one left of a UDP
+            // group and starts it anew (spawner::adopt_if_running).
             transport: Transport::Tcp,
             backlog,
             nonblocking: true,
