@@ -75,6 +75,17 @@ pub fn meminfo(fd: BorrowedFd<'_>) -> parsrv::kernel::ReceiveBuffer {
 /// (each its own 4-tuple, so its own hash), round by round, reading nothing. One pass:
 /// bounded by its count.
 pub fn send_datagrams(addr: SocketAddr, flows: usize, per_flow: usize) {
+    send_rounds(addr, flows, per_flow, None);
+}
+
+/// `flows` client sockets, each sending one 32-byte datagram to `addr` per round for
+/// `per_flow` rounds, a round every `pace` if given; the clients, to read answers with.
+fn send_rounds(
+    addr: SocketAddr,
+    flows: usize,
+    per_flow: usize,
+    pace: Option<Duration>,
+) -> Vec<UdpSocket> {
     let clients: Vec<UdpSocket> = (0..flows)
         .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -83,7 +94,11 @@ pub fn send_datagrams(addr: SocketAddr, flows: usize, per_flow: usize) {
             let payload = format!("{flow:08}:{round:08}:0123456789abcd");
             client.send_to(payload.as_bytes(), addr).unwrap();
         }
+        if let Some(pace) = pace {
+            std::thread::sleep(pace);
+        }
     }
+    clients
 }
 
 /// Clients that sent datagrams and count the answers (each client its own 4-tuple).
@@ -98,19 +113,9 @@ impl Queries {
     /// to `addr`, a round every `pace` (open loop: the rate does not follow the answers),
     /// reading nothing yet.
     pub fn send(addr: SocketAddr, flows: usize, per_flow: usize, pace: Duration) -> Queries {
-        let clients: Vec<UdpSocket> = (0..flows)
-            .map(|_| {
-                let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-                client.set_nonblocking(true).unwrap();
-                client
-            })
-            .collect();
-        for round in 0..per_flow {
-            for (flow, client) in clients.iter().enumerate() {
-                let payload = format!("{flow:08}:{round:08}:0123456789abcd");
-                client.send_to(payload.as_bytes(), addr).unwrap();
-            }
-            std::thread::sleep(pace);
+        let clients = send_rounds(addr, flows, per_flow, Some(pace));
+        for client in &clients {
+            client.set_nonblocking(true).unwrap();
         }
         Queries {
             clients,
