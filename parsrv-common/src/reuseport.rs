@@ -89,6 +89,15 @@ pub const QUEUE_ALERTS_BYTES: u32 = 8192;
 /// inherits it until its first packet overwrites it.
 pub const NO_HANDLER_MARK: i32 = -2;
 
+/// The `SO_INCOMING_CPU` of a socket whose handler was ready and died, while the next one
+/// (started at once) is not ready yet. Like [`NO_HANDLER_MARK`] it ranks below every socket
+/// with a handler, but when every socket with a handler is full by the kernel's test, its
+/// queue is a place: the connection waits there for the next handler (a restart takes
+/// milliseconds) rather than its SYN being dropped (the client retries after a second).
+/// A slot whose handler has never been ready keeps [`NO_HANDLER_MARK`]: that handler may
+/// never be.
+pub const RESTARTING_MARK: i32 = -4;
+
 /// The `SO_INCOMING_CPU` of a socket whose ready handler is to take connections only when
 /// every other socket is full: a spare (`--spare`), or a stalled handler's demoted socket.
 /// The program ranks it below every unmarked socket with room, but unlike

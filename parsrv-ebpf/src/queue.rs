@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use parsrv_common::reuseport::{
-    FailOpen, KernelOffsets, LAST_RESORT_MARK, MAX_SOCKETS, NO_HANDLER_MARK,
+    FailOpen, KernelOffsets, LAST_RESORT_MARK, MAX_SOCKETS, NO_HANDLER_MARK, RESTARTING_MARK,
 };
 
 // scan_step masks indices with MAX_SOCKETS - 1.
@@ -51,11 +51,16 @@ pub struct Listener {
     /// concurrent SYNs from overshooting. Negative when overcommitted, and far below any
     /// other socket's when the slot has no ready handler ([`NO_HANDLER_MARK`]).
     pub room: i64,
-    /// Room by the kernel's own test alone: `max + 1 - established`. Pending handshakes are
-    /// left out: under a SYN flood they fill every SYN queue while the accept queues stay
-    /// empty, and the kernel still serves clients (with syncookies).
+    /// Free places by the kernel's own test alone (`max + 1 - established`), as a rank.
+    /// Pending handshakes are left out: under a SYN flood they fill every SYN queue while
+    /// the accept queues stay empty, and the kernel still serves clients (with syncookies).
+    /// Sockets rank in tiers: with a handler and a free place (positive), then a
+    /// restarting handler's (`RESTARTING_MARK`) with a free place (just above -2^41), then
+    /// full ones (at most -2^42), then a never-ready handler's (below -2^43): when every
+    /// socket with a handler is full, a connection waits in the queue of a handler being
+    /// restarted rather than being dropped or refused.
     pub free: i64,
-    /// The kernel itself would drop a SYN here now (`sk_acceptq_is_full`): `free <= 0`.
+    /// The kernel itself would drop a SYN here now (`sk_acceptq_is_full`).
     pub kernel_full: bool,
     /// Its queue length (`sk_max_ack_backlog`), or a large negative number when it has no
     /// ready handler.
@@ -113,16 +118,32 @@ pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, 
     let [established, max]: [u32; 2] = read(addr + off.sk_ack_backlog as u64)?;
     let pending: u32 = read(addr + off.accept_queue_qlen as u64)?;
     let incoming_cpu: i32 = read(addr + off.skc_incoming_cpu as u64)?;
-    // No ready handler: rank it below every socket that has one, whatever their queues
-    // (u32 counts cannot reach 2^40). Neither room nor free is positive, so it is chosen
-    // only when every socket lacks a handler or room (see `decide`). Its queue length is
-    // left as it was, so that what the kernel admits does not change: a handshake in
-    // flight still completes into its queue, for the next handler.
-    let limit = if incoming_cpu == NO_HANDLER_MARK {
-        -(1 << 40)
+    let free_places = max as i64 + 1 - established as i64;
+    // No ready handler: its room ranks below every socket that has one, whatever their
+    // queues (u32 counts cannot reach 2^40), and is never positive. Its queue length is left
+    // as it was, so that what the kernel admits does not change: a handshake in flight
+    // still completes into its queue, for the next handler. Its free places (see
+    // `Listener::free`) rank below every socket with a handler and a free place; a
+    // restarting handler's socket above a full one, so that the connection waits for the
+    // handler being started instead of being dropped; a never-ready handler's socket below
+    // that too (its handler may never be ready).
+    //
+    // One comparison for both marks, not two: each branch here is walked by the verifier on
+    // every path of the program (a second one cost 38% more instructions processed).
+    const _: () = assert!(NO_HANDLER_MARK | 2 == -2 && RESTARTING_MARK | 2 == -2);
+    const _: () = assert!(LAST_RESORT_MARK | 2 != -2);
+    const _: () = assert!(NO_HANDLER_MARK - RESTARTING_MARK == 2);
+    // 2^41 restarting, 2^43 never ready.
+    let never_ready = (incoming_cpu - RESTARTING_MARK) as u64 & 2;
+    let (limit, waiting) = if incoming_cpu | 2 == -2 {
+        (-(1 << 40), (1i64 << 41) << never_ready)
     } else {
-        max as i64
+        (max as i64, 0)
     };
+    // A full socket ranks below every socket with a free place, with a handler or not.
+    // The sign bit, not a branch: see `half_full`.
+    let full = (((free_places - 1) as u64) >> 63) << 42;
+    let free = free_places - waiting - full as i64;
     // A spare or a stalled handler's socket: its room is ranked below every unmarked
     // socket's, its free places by the kernel's test stay real, so it is chosen when every
     // unmarked socket is full (`decide` then takes the most free one).
@@ -135,7 +156,7 @@ pub fn listener(addr: u64, index: u32, off: &KernelOffsets) -> Result<Listener, 
         addr,
         index,
         room: limit + 1 - established as i64 - pending as i64 - last_resort,
-        free: limit + 1 - established as i64,
+        free,
         kernel_full: established > max,
         limit,
     })

@@ -227,21 +227,28 @@ fn decide(config: &ProgramConfig, group: &Group) -> Result<Outcome, FailOpen> {
     // client (syncookies). So does parsrv: the socket with the most room by the kernel's
     // own test takes it. Refusing or dropping is only for queues full of connections.
     //
+    // With every socket that has a handler full by that test too, a socket whose handler is
+    // being started takes it if its queue has a free place (`Listener::free` ranks it
+    // there): the connection waits for that handler instead of being dropped.
+    //
     // When even that finds no room: `when-full refuse` answers with a RST; `drop` hands the
     // SYN to the socket with the most room by the kernel's test, which is full by that test,
     // so the kernel drops it (ListenOverflows, counted here as `dropped`) and the client
     // retransmits into a fresh decision. Ties go to the hash choice (the scan starts there).
-    // Not the hash choice as such: a socket without a handler keeps its queue length, and
-    // the kernel would queue the SYN there for the next handler while every served queue
-    // is full. When no socket has a handler, one without takes it and it waits.
-    let room_found = found.best.room > 0 || group.migrating;
-    if !room_found && found.most_free.free <= 0 && config.when_full == when_full::REFUSE {
+    //
+    // A migrating connection is never refused: the kernel's migration does not check the
+    // target's fullness and a SK_DROP would reset it, so with every queue full the least
+    // full one (by the same ranks) takes it.
+    let room_found = found.best.room > 0;
+    if !room_found
+        && found.most_free.kernel_full
+        && !group.migrating
+        && config.when_full == when_full::REFUSE
+    {
         return Ok(Outcome::Refuse {
             slot: slot_of(&hash_choice, config)?,
         });
     }
-    // Migration does not check the target's fullness and a SK_DROP would reset the
-    // connection: with every queue full, the least full one takes it.
     let target = if room_found {
         found.best
     } else {

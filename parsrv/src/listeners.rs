@@ -11,7 +11,7 @@ use std::{
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use parsrv_common::reuseport::{LAST_RESORT_MARK, NO_HANDLER_MARK};
+use parsrv_common::reuseport::{LAST_RESORT_MARK, NO_HANDLER_MARK, RESTARTING_MARK};
 
 use crate::{
     error::{Error, Result},
@@ -28,9 +28,15 @@ pub enum SocketState {
     #[default]
     Serving,
     /// In the group, marked (`NO_HANDLER_MARK`, its queue length unchanged) while its slot
-    /// has no ready handler: the program sends it a new connection only when no other socket has room,
-    /// and what it has queued waits for the next handler.
+    /// has no ready handler and has not had one since it started: the program sends it no new
+    /// connection while another socket has a ready handler (that handler may never be
+    /// ready), and what it has queued waits for the next handler.
     AwaitingHandler,
+    /// In the group, marked (`RESTARTING_MARK`, its queue length unchanged) while its slot's
+    /// handler, which was ready, is started again at once: as `AwaitingHandler`, except that
+    /// when every socket with a handler is full the program queues the connection here, for
+    /// the next handler, rather than dropping it.
+    Restarting,
     /// Out of the group (shut down) while its handler waits out a restart delay: its queue
     /// moved to the other sockets.
     Parked,
@@ -239,6 +245,7 @@ impl Listeners {
                     // A socket whose handler was not ready when the last spawner went.
                     match kernel::incoming_cpu(listener.as_fd()).ok() {
                         Some(NO_HANDLER_MARK) => listener.state = SocketState::AwaitingHandler,
+                        Some(RESTARTING_MARK) => listener.state = SocketState::Restarting,
                         // A spare or a demoted socket: its handler's readiness (or the
                         // next look for stalls) says which it is now.
                         Some(LAST_RESORT_MARK) => listener.state = SocketState::Demoted,
@@ -364,10 +371,12 @@ impl Listeners {
     /// - `Parked`: shut down, the socket leaves the group; the kernel runs the program for
     ///   each connection queued on it (which moves them to sockets with room), and no new
     ///   connection comes to it. It stays bound, and open in every process that holds it.
-    /// - `AwaitingHandler` and `Serving`: listen() again sets the queue length, and puts a
-    ///   parked socket back in the group (the same socket, cookie and fd everywhere).
-    /// - `AwaitingHandler`: the socket is marked (`SO_INCOMING_CPU` = `NO_HANDLER_MARK`),
-    ///   which the program reads; `Serving` clears the mark. Neither touches the queue
+    /// - `AwaitingHandler`, `Restarting` and `Serving`: listen() again sets the queue
+    ///   length, and puts a parked socket back in the group (the same socket, cookie and fd
+    ///   everywhere).
+    /// - `AwaitingHandler` and `Restarting`: the socket is marked (`SO_INCOMING_CPU` =
+    ///   `NO_HANDLER_MARK` or `RESTARTING_MARK`), which the program reads; `Serving` clears
+    ///   the mark. Neither touches the queue
     ///   length, so what the kernel admits stays as it was: a handshake in flight when the
     ///   handler died still completes into the queue, and a handler that called listen()
     ///   on its inherited socket (as gunicorn does) keeps the length it set.
@@ -381,12 +390,15 @@ impl Listeners {
         }
         match wanted {
             SocketState::Parked => listener.leave_group()?,
-            SocketState::AwaitingHandler | SocketState::Demoted | SocketState::Spare => {
+            SocketState::AwaitingHandler
+            | SocketState::Restarting
+            | SocketState::Demoted
+            | SocketState::Spare => {
                 // Marked before it rejoins the group, so that it never looks served.
-                let mark = if wanted == SocketState::AwaitingHandler {
-                    NO_HANDLER_MARK
-                } else {
-                    LAST_RESORT_MARK
+                let mark = match wanted {
+                    SocketState::AwaitingHandler => NO_HANDLER_MARK,
+                    SocketState::Restarting => RESTARTING_MARK,
+                    _ => LAST_RESORT_MARK,
                 };
                 kernel::set_incoming_cpu(listener.as_fd(), mark)
                     .map_err(socket_error("mark (no handler) the socket on", listen))?;

@@ -266,10 +266,13 @@ impl Members {
     /// accepting on a parked socket gets EINVAL), and while other slots serve it waits for
     /// its handler to be ready before it takes new connections.
     pub fn handler_starting(&mut self, index: u32) -> Result<SocketState> {
-        let wanted = if self.others_serve(index) {
-            SocketState::AwaitingHandler
-        } else {
+        let wanted = if !self.others_serve(index) {
             SocketState::Serving
+        } else if self.listeners.listeners()[index as usize].state() == SocketState::Restarting {
+            // Started at once after a ready handler (`handler_gone`).
+            SocketState::Restarting
+        } else {
+            SocketState::AwaitingHandler
         };
         self.set_state(index, wanted)
     }
@@ -351,13 +354,15 @@ impl Members {
 
     /// Slot `index`'s handler exited. While other slots serve, its socket gets no new
     /// connection they can take: kept in the group with its queue when the next handler
-    /// starts at once (it serves the queue), out of it when the restart is delayed (the
-    /// queue moves to live handlers). Otherwise its queue is the best place a connection
-    /// can wait, at full length.
+    /// starts at once (it serves the queue; the handler that died had been ready, and so
+    /// will the next soon be: the socket takes what every other socket with a handler is
+    /// too full for), out of it when the restart is delayed (the queue moves to live
+    /// handlers). Otherwise its queue is the best place a connection can wait, at full
+    /// length.
     pub fn handler_gone(&mut self, index: u32, restart_delayed: bool) -> Result<SocketState> {
         let wanted = match (self.others_serve(index), restart_delayed) {
             (false, _) => SocketState::Serving,
-            (true, false) => SocketState::AwaitingHandler,
+            (true, false) => SocketState::Restarting,
             (true, true) => SocketState::Parked,
         };
         self.set_state(index, wanted)
@@ -438,8 +443,12 @@ impl Members {
         // handler waits out a restart delay it stays, marked, and what it receives waits in
         // its buffer for the next handler (the program sends datagrams there only when no
         // served socket has room).
+        // The datagram program ranks every socket without a handler alike (below every
+        // socket with one and with room, above none with room).
         let wanted = match (wanted, listener.transport()) {
-            (SocketState::Parked, crate::spec::Transport::Udp) => SocketState::AwaitingHandler,
+            (SocketState::Parked | SocketState::Restarting, crate::spec::Transport::Udp) => {
+                SocketState::AwaitingHandler
+            }
             _ => wanted,
         };
         let back_in = self.listeners.set_state(index as usize, wanted)?;

@@ -26,7 +26,7 @@ use crate::{
 /// `spec`, in the same form as everywhere else (`parsrv group show --json`, `group add`).
 /// 3: `sockets[].parked` became `sockets[].state`; `handlers[].ready`. 4: `sockets[].state`
 /// can be `demoted`; `sockets[].stalled`, `sockets[].moved_from_stall`.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupStatus {

@@ -106,6 +106,13 @@ impl GroupStatus {
                     handler.slot
                 );
             }
+            if handler.restart_in_ms.is_none() && socket.state == SocketState::Restarting {
+                let _ = writeln!(
+                    out,
+                    "handler {}: restarting; its socket takes new connections only when every socket with a ready handler is full",
+                    handler.slot
+                );
+            }
             if socket.state == SocketState::Spare {
                 let _ = writeln!(
                     out,

@@ -385,6 +385,9 @@ async fn supervise(
             Some(SocketState::Parked) => {
                 "its socket is out of the group meanwhile, its queue moved to the others"
             }
+            Some(SocketState::Restarting) => {
+                "its socket keeps its queue and takes new connections only when every socket with a ready handler is full"
+            }
             Some(SocketState::AwaitingHandler) => {
                 "its socket keeps its queue and takes new connections only while no other socket has a ready handler"
             }

@@ -326,7 +326,7 @@ fn a_handshake_in_flight_when_its_handler_dies_completes_for_the_next_handler() 
             wait_for(Duration::from_secs(5), || {
                 let status = spawner.status();
                 status.handlers[0].pid.is_some_and(|p| p != old)
-                    && status.sockets[0].state == SocketState::AwaitingHandler
+                    && status.sockets[0].state == SocketState::Restarting
             }),
             "{}",
             spawner.log()
@@ -465,7 +465,7 @@ fn a_restarted_handler_gets_new_connections_only_once_it_is_ready() {
             wait_for(Duration::from_secs(5), || {
                 let status = spawner.status();
                 status.handlers[0].pid.is_some_and(|p| p != old)
-                    && status.sockets[0].state == SocketState::AwaitingHandler
+                    && status.sockets[0].state == SocketState::Restarting
             }),
             "{}",
             spawner.log()
@@ -478,14 +478,14 @@ fn a_restarted_handler_gets_new_connections_only_once_it_is_ready() {
                 &fd_of_process(spawner.handler_pid(0), 3).unwrap()
             ))
             .unwrap(),
-            parsrv_common::reuseport::NO_HANDLER_MARK
+            parsrv_common::reuseport::RESTARTING_MARK
         );
-        assert!(status.render().contains("handler 0: not ready yet"));
+        assert!(status.render().contains("handler 0: restarting"));
         let while_waiting = selected_over(&spawner, 10);
         // All of them within the second before the successor counts as ready.
         assert_eq!(
             spawner.status().sockets[0].state,
-            SocketState::AwaitingHandler,
+            SocketState::Restarting,
             "10 requests took the successor's whole second to be ready: cannot tell"
         );
         assert_eq!(while_waiting, [0, 10], "{}", spawner.log());
@@ -501,6 +501,111 @@ fn a_restarted_handler_gets_new_connections_only_once_it_is_ready() {
         )));
         let spread = selected_over(&spawner, 40);
         assert!(spread[0] > 0, "{spread:?}");
+        assert!(spawner.stop().success());
+    });
+}
+
+/// When every socket with a ready handler is full, a connection waits in the queue of a slot
+/// whose ready handler died and is being started again (`restarting`) instead of being
+/// dropped; a slot whose handler has never been ready (`awaiting-handler`) still takes none,
+/// and with every place taken the SYN is dropped (the control: the kernel counts it).
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn with_every_served_queue_full_a_restarting_handler_s_queue_takes_the_connection() {
+    privileged(Needs::program(), || {
+        // Slot 1 never says READY=1; slot 3 does, until the marker exists: its next life
+        // never does, so its socket stays `restarting` for the test.
+        let marker = std::env::temp_dir().join(format!("parsrv-restarting-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let script = format!(
+            "case $PARSRV_SLOT in 1) exec sleep 60;; 3) [ -e {} ] && exec sleep 60;; esac; exec {}",
+            marker.display(),
+            example("blocking_handler").display()
+        );
+        let spawner = group("test-restarting", HandlerKind::Exec)
+            .handlers(4)
+            .backlog(2)
+            .with(|g| g.notify = true)
+            // Stall detection off: stopped handlers are how this test fills the queues.
+            .stopped_handlers_keep_their_share()
+            .command(&["sh", "-c", &script])
+            .start_answering();
+        let ready = |slots: &[usize]| {
+            let handlers = spawner.status().handlers;
+            slots.iter().all(|&s| handlers[s].ready)
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), || ready(&[0, 2, 3])),
+            "{}",
+            spawner.log()
+        );
+        std::fs::write(&marker, b"").unwrap();
+        let old = spawner.handler_pid(3);
+        signal(old, Signal::SIGKILL);
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                let status = spawner.status();
+                status.handlers[3].pid.is_some_and(|p| p != old)
+                    && status.sockets[3].state == SocketState::Restarting
+            }),
+            "{}",
+            spawner.log()
+        );
+        let status = spawner.status();
+        assert_eq!(status.sockets[1].state, SocketState::AwaitingHandler);
+        assert!(status.render().contains("handler 3: restarting"));
+        for slot in [0, 2] {
+            stop_process(spawner.handler_pid(slot));
+        }
+        let depths = || {
+            spawner
+                .status()
+                .sockets
+                .iter()
+                .map(|s| s.queue.unwrap().depth)
+                .collect::<Vec<_>>()
+        };
+        let totals = || {
+            let status = spawner.status();
+            let sum = |f: fn(&parsrv_common::reuseport::SlotCounters) -> u64| {
+                status.sockets.iter().map(|s| f(&s.counters)).sum::<u64>()
+            };
+            (sum(|c| c.dropped), status.sockets[3].counters.selected)
+        };
+        let netstat = NetCounters::read();
+        let mut held = Vec::new();
+        // 2 served sockets x (backlog + 1) places, then slot 3's 3.
+        for n in 0..9 {
+            held.push(
+                connect(addr(), Duration::from_secs(2))
+                    .unwrap_or_else(|e| panic!("connection {n}: {e:?}; queues {:?}", depths())),
+            );
+        }
+        assert!(
+            wait_for(Duration::from_secs(2), || depths() == [3, 0, 3, 3]),
+            "{:?}",
+            depths()
+        );
+        assert_eq!(netstat.delta(&NetCounters::read()).listen_overflows, 0);
+        let (dropped, selected_restarting) = totals();
+        assert_eq!((dropped, selected_restarting), (0, 3));
+
+        // The control: every place taken but the never-ready slot's. Within 1.5 s the SYN
+        // and its retransmission are dropped, and the kernel counts both.
+        assert_eq!(
+            connect(addr(), Duration::from_millis(1500)).unwrap_err(),
+            Outcome::ConnectTimeout
+        );
+        let kernel = netstat.delta(&NetCounters::read());
+        assert!(kernel.listen_overflows >= 2, "{kernel:?}");
+        assert_eq!(totals().0, kernel.listen_overflows, "{kernel:?}");
+        assert_eq!(depths(), [3, 0, 3, 3]);
+
+        for slot in [0, 2] {
+            signal(spawner.handler_pid(slot), Signal::SIGCONT);
+        }
+        drop(held);
+        let _ = std::fs::remove_file(&marker);
         assert!(spawner.stop().success());
     });
 }
