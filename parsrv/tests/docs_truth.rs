@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, path::Path};
 
 use parsrv::{control, dataplane, spawner};
-use parsrv_common::{audit, cluster, lookup, reuseport, scope};
+use parsrv_common::{audit, cluster, lookup, reuseport, scope, udp};
 
 /// The table's rows.
 fn rows() -> Vec<String> {
@@ -61,6 +61,11 @@ fn declared_names() -> BTreeSet<&'static str> {
         c::PEER_MACS,
         c::DECISIONS,
         audit::names::PROGRAM,
+        udp::names::PROGRAM,
+        udp::names::SOCKETS,
+        udp::names::SLOT_BY_COOKIE,
+        udp::names::CONFIG,
+        udp::names::SLOT_COUNTERS,
     ])
 }
 

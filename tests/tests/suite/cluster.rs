@@ -15,7 +15,7 @@ use std::{
 };
 
 use parsrv_integration_tests::{
-    cluster::{ip, Ended, LongLived, Topology},
+    cluster::{ip, Ended, LongLived, Topology, PEER_TIMEOUT},
     parsrv_bin, privileged, wait_for, Feature, Needs,
 };
 
@@ -336,14 +336,14 @@ fn cluster_host_killed_outright_loses_only_its_own_connections_and_its_clients_a
             })
         };
         assert!(
-            wait_for(Duration::from_secs(5), gone_everywhere),
+            wait_for(PEER_TIMEOUT + Duration::from_secs(4), gone_everywhere),
             "hosts 1 and 2 did not notice that host 3 died"
         );
         let noticed = killed.elapsed();
         thread::sleep(Duration::from_secs(4));
         let broken = load.broken_indices();
         eprintln!(
-            "host 3 killed: peers noticed within {noticed:?} (time-out 1 s); {} connections \
+            "host 3 killed: peers noticed within {noticed:?} (time-out {PEER_TIMEOUT:?}); {} connections \
              broken, {} were on host 3, of {}",
             broken.len(),
             of_3.len(),
@@ -784,9 +784,11 @@ fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
         topology.start_agent(1);
         topology.start_agent(2);
         // Alone, each gets ready after one peer time-out.
-        assert!(wait_for(Duration::from_secs(5), || [1, 2].iter().all(
-            |&id| topology.cluster_status(id).unwrap()["state"] == "ready"
-        )));
+        assert!(wait_for(PEER_TIMEOUT + Duration::from_secs(4), || [1, 2]
+            .iter()
+            .all(
+                |&id| topology.cluster_status(id).unwrap()["state"] == "ready"
+            )));
         let client = topology.client_addrs.clone();
         // Connections until one lands on each host.
         let mut kept: BTreeMap<u16, LongLived> = BTreeMap::new();
