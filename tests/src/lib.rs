@@ -16,6 +16,7 @@
 
 pub mod clients;
 pub mod cluster;
+pub mod dns;
 pub mod docs;
 pub mod faults;
 pub mod flood;

@@ -22,8 +22,10 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: what bpf-linker links against (LLVM 22), wrk (a third-party load
 /// generator the benchmarks confirm their figures with), the font their charts use, BIRD
 /// (the routing daemon the cluster tests announce the service address with) and strace
-/// (whose fault injection kills a spawner at one system call in the fault tests).
-const APT_PACKAGES: [&str; 10] = [
+/// (whose fault injection kills a spawner at one system call in the fault tests), Unbound and
+/// dnsperf (a real DNS server taking its UDP socket by socket activation, and a real DNS load
+/// tool, in the UDP tests).
+const APT_PACKAGES: [&str; 12] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -32,6 +34,8 @@ const APT_PACKAGES: [&str; 10] = [
     "fonts-dejavu-core",
     "bird2",
     "strace",
+    "unbound",
+    "dnsperf",
     // The completion scripts' tests load them in each shell parsrv ships one for (bash is
     // there already).
     "zsh",

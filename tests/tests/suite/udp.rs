@@ -20,9 +20,10 @@ use std::{
 use parsrv::{dataplane::Program, spec::HandlerKind};
 use parsrv_common::udp::UdpSlotCounters;
 use parsrv_integration_tests::{
-    echo_threads, figure, group, meminfo, privileged, send_datagrams, signal, steer_udp,
-    stop_process, udp_group, wait_for, Needs, Queries, UdpCounters, ADDR, DEFAULT_BUFFER,
-    LARGE_BUFFER, SMALL_BUFFER,
+    dns::{self, Dnsperf, DnsperfCounts, PlainUnbound},
+    echo_threads, fd_of_process, figure, group, meminfo, privileged, send_datagrams, signal,
+    steer_udp, stop_process, udp_group, wait_for, Needs, Queries, UdpCounters, ADDR,
+    DEFAULT_BUFFER, LARGE_BUFFER, SMALL_BUFFER,
 };
 use socket2::Socket;
 
@@ -371,6 +372,156 @@ fn an_exec_handler_gets_its_udp_socket_by_socket_activation_as_systemd_hands_it(
         ));
         spawner.stop();
     });
+}
+
+/// dnsperf's load: 2,000 queries for one name from 200 clients (each its own 4-tuple) at
+/// 5,000 a second, each given 10 s to be answered.
+const DNS_QUERIES: u64 = 2000;
+const DNS_RATE: u64 = 5000;
+const DNS_CLIENTS: u32 = 200;
+const DNS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs dnsperf against `addr` while `stopped` is stopped, and continues it once the run has
+/// gone quiet (dnsperf sent everything and the others answered what they got), well within
+/// the queries' time-out, so that what its buffer held is answered, not lost: what is lost
+/// is what the kernel dropped. dnsperf's counts, the namespace's UDP counters over the run,
+/// and dnsperf's output.
+fn dnsperf_with_one_stopped(
+    dir: &std::path::Path,
+    addr: SocketAddr,
+    stopped: u32,
+) -> (DnsperfCounts, UdpCounters, String) {
+    stop_process(stopped);
+    let before = UdpCounters::read();
+    let load = Dnsperf::start(dir, addr, DNS_QUERIES, DNS_RATE, DNS_CLIENTS, DNS_TIMEOUT);
+    // Sending takes DNS_QUERIES / DNS_RATE = 0.4 s here; in an emulated VM longer. Quiet:
+    // the namespace's UDP counters unchanged for 300 ms (bounded: 20 s).
+    let started = Instant::now();
+    let mut last = UdpCounters::read();
+    let mut quiet_since = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = UdpCounters::read();
+        if now != last {
+            (last, quiet_since) = (now, Instant::now());
+        } else if quiet_since.elapsed() >= Duration::from_millis(300)
+            && started.elapsed() >= Duration::from_millis(500)
+        {
+            break;
+        }
+    }
+    signal(stopped, nix::sys::signal::Signal::SIGCONT);
+    let (counts, output) = load.finish(Duration::from_secs(60));
+    (counts, before.delta(&UdpCounters::read()), output)
+}
+
+/// A real DNS server and a real load tool: Debian's Unbound as the exec handler, taking its
+/// UDP socket by systemd's socket activation (and saying READY=1 by its notify protocol),
+/// four of them with one stopped, under dnsperf. The control, in the same namespace: four
+/// Unbound servers binding the port themselves with SO_REUSEPORT, one stopped, the same
+/// load: what the kernel's hash sent the stopped one beyond its buffer is lost.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn unbound_under_dnsperf_loses_no_query_to_a_stopped_handler_where_plain_reuseport_loses_some() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        dns::as_if_systemd_ran();
+        let dir = std::env::temp_dir().join(format!("parsrv-unbound-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr: SocketAddr = ADDR.parse().unwrap();
+
+        // The stopped server's receive buffer is small (8 KiB, about 9 queries), so that
+        // what the kernel's hash sends it overflows whatever the kernel's default buffer
+        // holds (on 6.1 the default held a stopped server's whole share).
+        let small = dns::unbound_config(&dir, addr.port(), true, Some(SMALL_BUFFER));
+        let default = dns::unbound_config(&dir, addr.port(), true, None);
+        let mut configs = vec![default; SOCKETS];
+        configs[0] = small;
+        let plain = PlainUnbound::start(&configs);
+        let (plain_counts, plain_kernel, plain_output) =
+            dnsperf_with_one_stopped(&dir, addr, plain.pid(0));
+        drop(plain);
+        let detail = format!("plain: {plain_counts:?}, {plain_kernel:?}\n{plain_output}");
+        assert_eq!(plain_counts.sent, DNS_QUERIES, "{detail}");
+        assert!(plain_counts.lost > 0, "the control lost nothing: {detail}");
+        assert!(plain_kernel.rcvbuf_errors > 0, "{detail}");
+        // Every query lost was one the kernel dropped at a full buffer (the servers'
+        // answers can be dropped too, at dnsperf's sockets: counted there as well).
+        assert!(plain_kernel.rcvbuf_errors >= plain_counts.lost, "{detail}");
+        assert_eq!(plain_kernel.no_ports, 0, "{detail}");
+
+        let config = dns::unbound_config(&dir, addr.port(), false, None);
+        let spawner = group("udp-unbound", HandlerKind::Exec)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(SOCKETS as u32)
+            .with(|g| g.notify = true)
+            .command(&[dns::UNBOUND, "-d", "-p", "-c", config.to_str().unwrap()])
+            .start();
+        // Each handler is the process parsrv started (pid unchanged: Unbound did not
+        // daemonize), holds its slot's socket as fd 3, and bound no socket of its own: the
+        // group's four are the only UDP sockets on the port.
+        assert_eq!(udp_sockets_on(addr.port()), SOCKETS, "{}", spawner.log());
+        // Handler 0's socket gets the control's small buffer (the same socket: its fd 3).
+        let stopped_socket = fd_of_process(spawner.handler_pid(0), 3).unwrap();
+        socket2::SockRef::from(&stopped_socket)
+            .set_recv_buffer_size(SMALL_BUFFER)
+            .unwrap();
+        let (counts, kernel, output) = dnsperf_with_one_stopped(&dir, addr, spawner.handler_pid(0));
+        let status = spawner.status();
+        let counters: Vec<UdpSlotCounters> = status
+            .sockets
+            .iter()
+            .map(|s| {
+                s.datagrams
+                    .as_ref()
+                    .expect("a UDP socket's status")
+                    .counters
+            })
+            .collect();
+        let detail = format!(
+            "parsrv: {counts:?}, {kernel:?}, program {counters:?}\n{output}\n{}",
+            spawner.log()
+        );
+        assert_eq!(
+            counts,
+            DnsperfCounts {
+                sent: DNS_QUERIES,
+                completed: DNS_QUERIES,
+                lost: 0
+            },
+            "{detail}"
+        );
+        assert_eq!(kernel.rcvbuf_errors, 0, "{detail}");
+        assert_eq!(kernel.no_ports, 0, "{detail}");
+        assert_eq!(
+            sum(&counters, |c| c.kept) + sum(&counters, |c| c.steered_in),
+            DNS_QUERIES,
+            "{detail}"
+        );
+        assert!(counters[0].steered_away > 0, "{detail}");
+        figure(&format!(
+            "Unbound x4 (one stopped) under dnsperf, {DNS_QUERIES} queries from {DNS_CLIENTS} \
+             clients at {DNS_RATE}/s: plain SO_REUSEPORT lost {} (Udp RcvbufErrors +{}); \
+             parsrv lost 0, {} steered off the stopped handler",
+            plain_counts.lost, plain_kernel.rcvbuf_errors, counters[0].steered_away
+        ));
+        spawner.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+/// UDP sockets bound to `port` in this network namespace (/proc/net/udp, IPv4).
+fn udp_sockets_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
+    let wanted = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .is_some_and(|local| local.ends_with(&wanted))
+        })
+        .count()
 }
 
 #[test]

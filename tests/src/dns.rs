@@ -1,0 +1,255 @@
+//! A real DNS server and a real DNS load tool, from Debian, for the UDP tests: Unbound
+//! (`/usr/sbin/unbound`), which takes its UDP socket by systemd's socket activation, and
+//! dnsperf, which sends queries at a set rate from many clients and counts the answers.
+//!
+//! Unbound uses an inherited socket only where `sd_booted()` says systemd runs (it looks for
+//! `/run/systemd/system`); elsewhere it binds a socket of its own. Each test has an empty
+//! /run of its own (see [`crate::privileged`]), so [`as_if_systemd_ran`] makes that
+//! directory there, for the test's processes alone.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const UNBOUND: &str = "/usr/sbin/unbound";
+pub const DNSPERF: &str = "/usr/bin/dnsperf";
+/// The one name the test zone answers, and its address.
+pub const QUERY: &str = "a.test A";
+
+/// Makes `sd_booted()` true for the processes of this test's mount namespace.
+pub fn as_if_systemd_ran() {
+    std::fs::create_dir_all("/run/systemd/system").expect("mkdir /run/systemd/system");
+}
+
+/// Writes an Unbound configuration into `dir` that answers `a.test` from a local zone (no
+/// query leaves the host), in the foreground, logging to stderr, one thread, UDP on
+/// 127.0.0.1 only. `own_socket`: it binds `port` itself, with SO_REUSEPORT (the plain
+/// control), and a receive buffer of `receive_buffer` bytes if given (`so-rcvbuf`);
+/// otherwise it takes the socket it is handed (`use-systemd`), and a bind of its own would
+/// fail (parsrv's UDP sockets have no SO_REUSEADDR, and `so-reuseport: no`).
+pub fn unbound_config(
+    dir: &Path,
+    port: u16,
+    own_socket: bool,
+    receive_buffer: Option<usize>,
+) -> PathBuf {
+    let path = dir.join(match (own_socket, receive_buffer) {
+        (false, _) => "unbound-activated.conf".to_string(),
+        (true, None) => "unbound-plain.conf".to_string(),
+        (true, Some(size)) => format!("unbound-plain-{size}.conf"),
+    });
+    let reuseport = if own_socket { "yes" } else { "no" };
+    let buffer = receive_buffer.map_or(String::new(), |size| format!("    so-rcvbuf: {size}\n"));
+    let text = format!(
+        r#"server:
+    use-systemd: yes
+    do-daemonize: no
+    interface: 127.0.0.1
+    port: {port}
+    do-ip4: yes
+    do-ip6: no
+    do-udp: yes
+    do-tcp: no
+    so-reuseport: {reuseport}
+{buffer}    num-threads: 1
+    username: ""
+    chroot: ""
+    directory: "{dir}"
+    pidfile: ""
+    use-syslog: no
+    logfile: ""
+    verbosity: 1
+    module-config: "iterator"
+    access-control: 127.0.0.0/8 allow
+    local-zone: "test." static
+    local-data: "a.test. 60 IN A 192.0.2.1"
+remote-control:
+    control-enable: no
+"#,
+        dir = dir.display()
+    );
+    std::fs::write(&path, text).expect("writing the unbound configuration");
+    path
+}
+
+/// Unbound processes the test started itself (the plain control), killed by pid when
+/// dropped.
+pub struct PlainUnbound {
+    pub servers: Vec<Child>,
+}
+
+impl PlainUnbound {
+    /// Starts an Unbound server per configuration (each binding its port with SO_REUSEPORT),
+    /// and returns once each says it serves (bounded: 20 s each).
+    pub fn start(configs: &[PathBuf]) -> PlainUnbound {
+        let mut plain = PlainUnbound {
+            servers: Vec::new(),
+        };
+        for config in configs {
+            let mut child = Command::new(UNBOUND)
+                .args(["-d", "-p", "-c"])
+                .arg(config)
+                .env_remove("NOTIFY_SOCKET")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting unbound");
+            let stderr = child.stderr.take().unwrap();
+            plain.servers.push(child);
+            let (said, told) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut serving = false;
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if !serving && line.contains("start of service") {
+                        serving = true;
+                        let _ = said.send(Ok(()));
+                    }
+                    if !serving && line.contains("error") {
+                        let _ = said.send(Err(line));
+                    }
+                }
+            });
+            match told.recv_timeout(Duration::from_secs(20)) {
+                Ok(Ok(())) => {}
+                Ok(Err(line)) => panic!("unbound did not start: {line}"),
+                Err(_) => panic!("unbound did not say it serves within 20 s"),
+            }
+        }
+        plain
+    }
+
+    pub fn pid(&self, index: usize) -> u32 {
+        self.servers[index].id()
+    }
+}
+
+impl Drop for PlainUnbound {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}
+
+/// What dnsperf counted: queries sent, answered, and lost (no answer within its time-out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsperfCounts {
+    pub sent: u64,
+    pub completed: u64,
+    pub lost: u64,
+}
+
+/// dnsperf, running: `queries` queries for `a.test` to `addr` at most `rate` a second (no
+/// cap on queries outstanding, so it does not slow down with the servers: open loop), from
+/// `clients` client sockets (each its own 4-tuple), each query given `timeout` to be
+/// answered.
+pub struct Dnsperf {
+    child: Child,
+    started: Instant,
+}
+
+impl Dnsperf {
+    pub fn start(
+        dir: &Path,
+        addr: SocketAddr,
+        queries: u64,
+        rate: u64,
+        clients: u32,
+        timeout: Duration,
+    ) -> Dnsperf {
+        let input = dir.join("dnsperf-queries.txt");
+        std::fs::write(&input, format!("{QUERY}\n")).unwrap();
+        let child = Command::new(DNSPERF)
+            .args(["-s", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .arg("-d")
+            .arg(&input)
+            // Passes over the one-line input: one query each.
+            .args(["-n", &queries.to_string()])
+            .args(["-Q", &rate.to_string()])
+            .args(["-q", &queries.to_string()])
+            .args(["-c", &clients.to_string()])
+            .args(["-t", &timeout.as_secs().max(1).to_string()])
+            .arg("-W")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting dnsperf");
+        Dnsperf {
+            child,
+            started: Instant::now(),
+        }
+    }
+
+    /// Waits for dnsperf to end (at most `within` after its start: then it is killed and the
+    /// test fails) and returns its counts, and its whole output for messages.
+    pub fn finish(mut self, within: Duration) -> (DnsperfCounts, String) {
+        loop {
+            if self
+                .child
+                .try_wait()
+                .expect("waiting for dnsperf")
+                .is_some()
+            {
+                break;
+            }
+            if self.started.elapsed() > within {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("dnsperf ran for more than {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let output = self.child.wait_with_output().expect("dnsperf's output");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "dnsperf failed: {text}");
+        (
+            parse_dnsperf(&text).unwrap_or_else(|| panic!("{text}")),
+            text,
+        )
+    }
+}
+
+/// The counts in dnsperf's "Statistics:" block (`  Queries sent:         2000`, ...).
+pub fn parse_dnsperf(output: &str) -> Option<DnsperfCounts> {
+    let count = |label: &str| -> Option<u64> {
+        output.lines().find_map(|line| {
+            let rest = line.trim_start().strip_prefix(label)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+    };
+    Some(DnsperfCounts {
+        sent: count("Queries sent:")?,
+        completed: count("Queries completed:")?,
+        lost: count("Queries lost:")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dnsperf_statistics_are_read() {
+        let output = "Statistics:\n\n  Queries sent:         2000\n  Queries completed:    1990 (99.50%)\n  Queries lost:         10 (0.50%)\n\n  Run time (s):         1.000000\n";
+        assert_eq!(
+            parse_dnsperf(output),
+            Some(DnsperfCounts {
+                sent: 2000,
+                completed: 1990,
+                lost: 10
+            })
+        );
+        assert_eq!(parse_dnsperf("Statistics:\n  Queries sent: 5\n"), None);
+    }
+}
