@@ -3,7 +3,7 @@
 //! dispatch models it replaces ([`models`]), each scenario in its own network namespace on
 //! loopback, bounded in time. Every table compares models measured in the same run (this
 //! machine is shared and noisy: read the ratios). Results go to a folder (`report.md`, CSV,
-//! PNG charts) labelled with machine, date, commit and parameters.
+//! SVG charts) labelled with machine, date, commit and parameters.
 
 mod harness;
 mod load;

@@ -1,5 +1,5 @@
 //! The results folder: `report.md` (every table, labelled with machine, date, commit and
-//! parameters), a CSV per table, and PNG bar charts.
+//! parameters), a CSV per table, and SVG bar charts.
 
 use std::{fmt::Write as _, path::PathBuf};
 
@@ -58,10 +58,10 @@ impl Report {
 
     /// A bar chart of `values` (one bar per label), linked from the report.
     pub fn chart(&mut self, name: &str, title: &str, unit: &str, bars: &[(String, f64)]) {
-        let path = self.dir.join(format!("{name}.png"));
+        let path = self.dir.join(format!("{name}.svg"));
         match draw(&path, title, unit, bars) {
             Ok(()) => {
-                let _ = write!(self.markdown, "\n![{title}]({name}.png)\n");
+                let _ = write!(self.markdown, "\n![{title}]({name}.svg)\n");
             }
             Err(e) => {
                 let _ = write!(self.markdown, "\n(chart {name} not drawn: {e})\n");
@@ -76,30 +76,13 @@ impl Report {
     }
 }
 
-const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
 fn draw(
     path: &std::path::Path,
     title: &str,
     unit: &str,
     bars: &[(String, f64)],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    static REGISTERED: std::sync::Once = std::sync::Once::new();
-    let mut registered = Ok(());
-    REGISTERED.call_once(|| {
-        registered = std::fs::read(FONT)
-            .map_err(|e| format!("{FONT}: {e}"))
-            .and_then(|bytes| {
-                plotters::style::register_font(
-                    "sans-serif",
-                    FontStyle::Normal,
-                    Box::leak(bytes.into_boxed_slice()),
-                )
-                .map_err(|_| "font not usable".to_string())
-            });
-    });
-    registered?;
-    let root = BitMapBackend::new(path, (900, 120 + 40 * bars.len() as u32)).into_drawing_area();
+    let root = SVGBackend::new(path, (900, 120 + 40 * bars.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-9) * 1.15;
     let mut chart = ChartBuilder::on(&root)
@@ -136,4 +119,27 @@ fn draw(
     }))?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chart_names_every_bar_and_the_report_links_it() {
+        let dir = std::env::temp_dir().join(format!("parsrv-report-{}", std::process::id()));
+        let mut report = Report::new(dir.clone(), "# test");
+        let bars = [
+            ("parsrv".to_string(), 3.0),
+            ("one accept queue".to_string(), 1.5),
+        ];
+        report.chart("rates", "new connections per second", "per second", &bars);
+        let svg = std::fs::read_to_string(dir.join("rates.svg")).unwrap();
+        for text in ["parsrv", "one accept queue", "new connections per second"] {
+            assert!(svg.contains(text), "{text} not in the chart:\n{svg}");
+        }
+        let markdown = std::fs::read_to_string(report.finish()).unwrap();
+        assert!(markdown.contains("(rates.svg)"), "{markdown}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -57,7 +57,7 @@ enum Task {
     /// Build (release), then run benchmark scenarios (as root; each in its own network
     /// namespace; `parsrv bench --list` names them, from the table in
     /// bench/src/scenarios/mod.rs). Prints tables and writes target/bench/DATE/ (report.md,
-    /// CSV, PNG charts).
+    /// CSV, SVG charts).
     Bench {
         /// Scenarios to run (default: all).
         scenarios: Vec<String>,

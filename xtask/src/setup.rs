@@ -25,13 +25,12 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// (whose fault injection kills a spawner at one system call in the fault tests), Unbound and
 /// dnsperf (a real DNS server taking its UDP socket by socket activation, and a real DNS load
 /// tool, in the UDP tests).
-const APT_PACKAGES: [&str; 12] = [
+const APT_PACKAGES: [&str; 11] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "wrk",
-    "fonts-dejavu-core",
     "bird2",
     "strace",
     "unbound",
