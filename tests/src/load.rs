@@ -10,13 +10,19 @@ use std::{
 };
 
 /// Waits until `done` holds, for at most `limit`; says whether it did.
-pub fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub fn wait_for(limit: Duration, done: impl FnMut() -> bool) -> bool {
+    wait_for_every(limit, Duration::from_millis(10), done)
+}
+
+/// [`wait_for`], looking every `every`: for a `done` that is costly itself (one that runs a
+/// process, which under emulation takes a VM's CPU from what the test waits on).
+pub fn wait_for_every(limit: Duration, every: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if done() {
             return true;
         }
-        thread::sleep(Duration::from_millis(10));
+        thread::sleep(every);
     }
     done()
 }

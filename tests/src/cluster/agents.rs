@@ -25,7 +25,7 @@ impl Topology {
         let pid = child.id();
         self.host_mut(id).agent = Some(child);
         let mut last = (0, String::new(), String::new());
-        let answered = wait_for(START_WITHIN, || {
+        let answered = wait_polling(START_WITHIN, || {
             last = self.parsrv_output(id, &["cluster", "status", CLUSTER, "--json"]);
             last.0 == 0
         });
@@ -96,7 +96,7 @@ impl Topology {
             })
         };
         assert!(
-            wait_for(Duration::from_secs(20), ready),
+            wait_polling(Duration::from_secs(20), ready),
             "the agents did not all get ready: {:?}",
             ids.iter()
                 .map(|&id| self.cluster_status(id))
@@ -109,7 +109,6 @@ impl Topology {
         (code == 0).then(|| serde_json::from_str(&out).expect("status JSON"))
     }
 
-    /// Stops host `id`'s agent with SIGTERM and waits for it.
     /// SIGTERMs host `id`'s agent and waits 10 s for it to end, then SIGKILLs it; says
     /// whether it ended by itself (false: it needed the SIGKILL, which leaves its
     /// dispatcher attached).

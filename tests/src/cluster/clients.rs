@@ -11,6 +11,9 @@ pub enum Ended {
     NoConnect(String),
     /// Broke: an error or an echo that did not come back in time.
     Broken(String),
+    /// Stopped by its own time limit while the test still ran it: not a break, but the
+    /// connection exchanged nothing from then on, which a check for stalls would misread.
+    OutOfTime,
 }
 
 /// How often each long-lived connection sends a line: six round trips per 600-ms route
@@ -18,6 +21,12 @@ pub enum Ended {
 /// connections kept both CPUs of an emulated VM busy, and an agent starting beside them
 /// took more than 20 s.)
 pub const ROUND_EVERY: Duration = Duration::from_millis(100);
+
+/// The tests' bound on a load's connections: beyond the per-test time-out (nextest ends a
+/// test at 300 s, .config/nextest.toml), so no load stops by itself while its test still
+/// watches it (in a 6.12 VM a 120-s bound ran out before the route-changes test's last
+/// check, and all its connections looked stalled), and the loops stay bounded.
+pub const LOAD_LIMIT: Duration = Duration::from_secs(320);
 
 /// Long-lived connections from many clients, each sending a line and reading its echo
 /// every [`ROUND_EVERY`] until stopped (bounded: `limit`).
@@ -32,6 +41,9 @@ pub struct LongLived {
     ports: Vec<Arc<AtomicU32>>,
     pub clients: Vec<Ipv4Addr>,
     broken: Arc<Mutex<Vec<(usize, String)>>>,
+    limit: Duration,
+    /// Connections stopped by `limit` so far.
+    out_of_time: Arc<AtomicU64>,
 }
 
 impl LongLived {
@@ -51,6 +63,7 @@ impl LongLived {
         let mut ports = Vec::new();
         let mut connection_clients = Vec::new();
         let connected = Arc::new(AtomicU64::new(0));
+        let out_of_time = Arc::new(AtomicU64::new(0));
         let service: SocketAddr = format!("{SERVICE}:{SERVICE_PORT}").parse().unwrap();
         for (index, client) in clients
             .iter()
@@ -58,11 +71,12 @@ impl LongLived {
             .enumerate()
         {
             let ns = format!("/run/netns/{}", topology.clients);
-            let (stop, broken, count, connected) = (
+            let (stop, broken, count, connected, out_of_time) = (
                 stop.clone(),
                 broken.clone(),
                 Arc::new(AtomicU64::new(0)),
                 connected.clone(),
+                out_of_time.clone(),
             );
             let close = Arc::new(AtomicBool::new(false));
             closes.push(close.clone());
@@ -82,14 +96,18 @@ impl LongLived {
                     &connected,
                     limit,
                 );
-                if let Ended::Broken(why) = &ended {
-                    broken.lock().unwrap().push((index, why.clone()));
+                match &ended {
+                    Ended::Broken(why) => broken.lock().unwrap().push((index, why.clone())),
+                    Ended::OutOfTime => {
+                        out_of_time.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
                 }
                 ended
             }));
         }
         let total = threads.len() as u64;
-        wait_for(Duration::from_secs(30), || {
+        wait_polling(Duration::from_secs(30), || {
             connected.load(Ordering::SeqCst) >= total
         });
         LongLived {
@@ -100,6 +118,8 @@ impl LongLived {
             ports,
             clients: connection_clients,
             broken,
+            limit,
+            out_of_time,
         }
     }
 
@@ -141,8 +161,17 @@ impl LongLived {
         self.broken.lock().unwrap().len()
     }
 
-    /// Round trips of each connection so far.
+    /// Round trips of each connection so far. Fails the test if a connection has reached
+    /// the load's time limit: from then on it makes no progress, and a stall check would
+    /// blame the cluster for the test's own slowness.
     pub fn progress(&self) -> Vec<u64> {
+        let out_of_time = self.out_of_time.load(Ordering::SeqCst);
+        assert_eq!(
+            out_of_time, 0,
+            "{out_of_time} connections reached the load's time limit of {:?} while the test \
+             still watched them: the test ran longer than its load is bounded for",
+            self.limit
+        );
         self.rounds
             .iter()
             .map(|r| r.load(Ordering::SeqCst))
@@ -201,6 +230,9 @@ fn converse(
         round += 1;
         rounds.store(round, Ordering::SeqCst);
         thread::sleep(ROUND_EVERY);
+    }
+    if !stops.iter().any(|s| s.load(Ordering::SeqCst)) {
+        return Ended::OutOfTime;
     }
     Ended::Alive
 }

@@ -103,7 +103,7 @@ impl Topology {
                 .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"BIRD"))
         };
         assert!(
-            wait_for(Duration::from_secs(10), answers),
+            wait_polling(Duration::from_secs(10), answers),
             "bird in {ns} did not start: {}",
             self.log(&format!("bird-{name}.log"))
         );
@@ -158,7 +158,7 @@ impl Topology {
     pub fn wait_route(&self, ids: &[u16]) {
         let want: BTreeSet<Ipv4Addr> = ids.iter().map(|&id| self.host(id).addr).collect();
         assert!(
-            wait_for(Duration::from_secs(15), || self.router_next_hops() == want),
+            wait_polling(Duration::from_secs(15), || self.router_next_hops() == want),
             "the router's route is over {:?}, not {want:?}\n{}{}",
             self.router_next_hops(),
             self.logs(),

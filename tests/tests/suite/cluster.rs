@@ -15,8 +15,8 @@ use std::{
 };
 
 use parsrv_integration_tests::{
-    cluster::{ip, Ended, LongLived, Topology, PEER_TIMEOUT},
-    parsrv_bin, privileged, wait_for, Feature, Needs,
+    cluster::{ip, wait_polling, Ended, LongLived, Topology, LOAD_LIMIT, PEER_TIMEOUT},
+    parsrv_bin, privileged, Feature, Needs,
 };
 
 /// Connections per client: parallel connections of one client must meet at one host.
@@ -60,6 +60,9 @@ fn assert_one_host_per_client(servers: &BTreeMap<Ipv4Addr, BTreeSet<u16>>, topol
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_breaks_half() {
     privileged(needs(), || {
+        // When each phase ended, for a failure under emulation to show where time went.
+        let began = std::time::Instant::now();
+        let at = || format!("[{:.0} s]", began.elapsed().as_secs_f64());
         // 50 clients with long-lived connections, and 10 more that come later.
         let mut topology = Topology::build(3, 60);
         for id in 1..=3 {
@@ -71,7 +74,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         topology.route_over(&[1, 2, 3]);
         let (first, later) = topology.client_addrs.split_at(long_lived);
         let (first, later) = (first.to_vec(), later.to_vec());
-        let control = LongLived::open(&topology, &first, PER_CLIENT, Duration::from_secs(60));
+        let control = LongLived::open(&topology, &first, PER_CLIENT, LOAD_LIMIT);
         let total = control.clients.len();
         thread::sleep(Duration::from_millis(500));
         assert_eq!(control.broken(), 0, "the control broke before any change");
@@ -84,7 +87,11 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
             !ended.iter().any(|e| matches!(e, Ended::NoConnect(_))),
             "{ended:?}"
         );
-        eprintln!("control, plain ECMP: 1 host of 3 removed: {control_broken} of {total} connections broken");
+        eprintln!(
+            "{} control, plain ECMP: 1 host of 3 removed: {control_broken} of {total} \
+             connections broken",
+            at()
+        );
         // Measured here: 70-81 of 150 (its own third, and flows re-hashed between the others).
         assert!(
             control_broken >= total / 4,
@@ -94,7 +101,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         // Control 2: a resilient nexthop group. Only the removed host's buckets move, so
         // exactly its connections break.
         topology.resilient_over(&[1, 2, 3]);
-        let control = LongLived::open(&topology, &first, PER_CLIENT, Duration::from_secs(60));
+        let control = LongLived::open(&topology, &first, PER_CLIENT, LOAD_LIMIT);
         thread::sleep(Duration::from_millis(500));
         let on_3: BTreeSet<usize> = {
             let hosts = topology.connection_hosts();
@@ -111,7 +118,9 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         control.finish();
         topology.close_service_connections();
         eprintln!(
-            "control, resilient nexthop group: 1 host of 3 removed: {} of {total} connections broken, {} were on the removed host",
+            "{} control, resilient nexthop group: 1 host of 3 removed: {} of {total} \
+             connections broken, {} were on the removed host",
+            at(),
             resilient_broken.len(),
             on_3.len()
         );
@@ -126,7 +135,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         topology.start_agent(1);
         topology.start_agent(2);
         topology.wait_ready(&[1, 2]);
-        let load = LongLived::open(&topology, &first, PER_CLIENT, Duration::from_secs(120));
+        let load = LongLived::open(&topology, &first, PER_CLIENT, LOAD_LIMIT);
         assert_eq!(load.clients.len(), total);
         thread::sleep(Duration::from_millis(300));
         let hosts = load.hosts_of_clients(&topology);
@@ -137,7 +146,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         );
         assert_one_host_per_client(&hosts, &topology);
         let spread: BTreeSet<u16> = hosts.values().flatten().copied().collect();
-        eprintln!("clients per host set: {:?}", count_by_host(&hosts));
+        eprintln!("{} clients per host set: {:?}", at(), count_by_host(&hosts));
         assert!(
             spread.len() == 2,
             "the clients did not spread over hosts 1 and 2: {hosts:?}"
@@ -153,6 +162,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
             table_3 >= long_lived as u64,
             "host 3 joined with {table_3} entries"
         );
+        eprintln!("{} host 3 joined", at());
         let changes: [&[u16]; 10] = [
             &[1, 2, 3],
             &[2, 3],
@@ -175,6 +185,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
                 topology.logs()
             );
         }
+        eprintln!("{} 10 route changes made", at());
         let forwarded = dispatcher_total(&topology, &[1, 2, 3], "forwarded");
         assert!(
             forwarded > 0,
@@ -204,7 +215,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         let (code, out, err) = topology.parsrv_output(2, &["cluster", "drain", "web"]);
         assert_eq!(code, 0, "{out}{err}");
         topology.route_over(&[1, 3]);
-        assert!(wait_for(Duration::from_secs(3), || {
+        assert!(wait_polling(Duration::from_secs(3), || {
             topology.cluster_status(1).unwrap()["peers"]
                 .as_array()
                 .unwrap()
@@ -214,7 +225,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         // Its health check says so (a load balancer would leave it out); host 1's does not.
         assert_eq!(topology.scrape(2, "/healthz").0, 503);
         assert_eq!(topology.scrape(1, "/healthz").0, 200);
-        let newcomers = LongLived::open(&topology, &later, 1, Duration::from_secs(30));
+        let newcomers = LongLived::open(&topology, &later, 1, LOAD_LIMIT);
         thread::sleep(Duration::from_millis(500));
         let newcomers_hosts = newcomers.hosts_of_clients(&topology);
         assert_eq!(newcomers_hosts.len(), later.len(), "{newcomers_hosts:?}");
@@ -242,7 +253,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         thread::sleep(Duration::from_millis(300));
         assert!(topology.stop_agent(2), "{}", topology.log("agent-2.log"));
         assert!(
-            wait_for(Duration::from_secs(5), || {
+            wait_polling(Duration::from_secs(5), || {
                 topology.cluster_status(1).unwrap()["peers"]
                     .as_array()
                     .unwrap()
@@ -251,6 +262,7 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
             }),
             "host 1 did not notice that host 2 left"
         );
+        eprintln!("{} host 2 left", at());
         for hosts in [&[3u16][..], &[1, 3]] {
             topology.route_over(hosts);
             thread::sleep(Duration::from_millis(600));
@@ -261,36 +273,54 @@ fn cluster_route_changes_joins_and_drains_break_no_connection_where_plain_ecmp_b
         // out a retransmission time-out, which backs off (seconds under emulation) without
         // breaking anything; a black-holed one never comes back.
         let before = load.progress();
+        let newcomers_before = newcomers.progress();
         let stalled_since = |before: &[u64]| -> Vec<usize> {
             let now = load.progress();
             (0..before.len())
                 .filter(|&i| !on_2.contains(&load.clients[i]) && now[i] <= before[i])
                 .collect()
         };
-        wait_for(Duration::from_secs(20), || {
+        wait_polling(Duration::from_secs(20), || {
             stalled_since(&before).is_empty()
         });
         let stalled = stalled_since(&before);
+        // Not asserted (they are checked below); on a failure they tell a stall of a host
+        // or of the whole path from one of the remaining hosts' clients.
+        let newcomers_stalled: Vec<usize> = {
+            let now = newcomers.progress();
+            (0..now.len())
+                .filter(|&i| now[i] <= newcomers_before[i])
+                .collect()
+        };
         let stalled_clients: BTreeSet<Ipv4Addr> =
             stalled.iter().map(|&i| load.clients[i]).collect();
+        // Read while the stalled connections are still open (finishing the load closes
+        // them).
+        let at_the_stall = if stalled.is_empty() {
+            String::new()
+        } else {
+            topology.network_state()
+        };
         let broken = load.broken();
         let ended = load.finish();
         let newcomers_ended = newcomers.finish();
         eprintln!(
-            "dispatchers: host 3 joined, 10 route changes, host 2 drained ({closed} connections \
+            "{} dispatchers: host 3 joined, 10 route changes, host 2 drained ({closed} connections \
              of its clients closed) and left: {broken} of {total} connections broken; \
-             {forwarded} packets forwarded"
+             {forwarded} packets forwarded",
+            at()
         );
         assert_eq!(broken, 0, "{ended:?}\n{}", topology.logs());
         assert!(
             stalled.is_empty(),
             "connections that stopped exchanging data for 20 s: {stalled:?}, of clients \
-             {stalled_clients:?} (served by {:?})\n{}",
+             {stalled_clients:?} (served by {:?}); of the {} newcomers' connections, \
+             {newcomers_stalled:?} stopped too; the network then:\n{at_the_stall}",
             servers
                 .iter()
                 .filter(|(c, _)| stalled_clients.contains(c))
                 .collect::<Vec<_>>(),
-            topology.logs()
+            newcomers_before.len(),
         );
         assert!(
             newcomers_ended.iter().all(|e| *e == Ended::Alive),
@@ -305,7 +335,7 @@ fn cluster_host_killed_outright_loses_only_its_own_connections_and_its_clients_a
     privileged(needs(), || {
         let mut topology = Topology::serving(3, 45);
         let clients = topology.client_addrs.clone();
-        let load = LongLived::open(&topology, &clients, 2, Duration::from_secs(90));
+        let load = LongLived::open(&topology, &clients, 2, LOAD_LIMIT);
         thread::sleep(Duration::from_millis(300));
         let hosts = load.hosts_of_clients(&topology);
         assert_eq!(hosts.len(), clients.len(), "{hosts:?}");
@@ -336,7 +366,7 @@ fn cluster_host_killed_outright_loses_only_its_own_connections_and_its_clients_a
             })
         };
         assert!(
-            wait_for(PEER_TIMEOUT + Duration::from_secs(4), gone_everywhere),
+            wait_polling(PEER_TIMEOUT + Duration::from_secs(4), gone_everywhere),
             "hosts 1 and 2 did not notice that host 3 died"
         );
         let noticed = killed.elapsed();
@@ -358,7 +388,7 @@ fn cluster_host_killed_outright_loses_only_its_own_connections_and_its_clients_a
 
         // Its clients come back and are decided again, onto hosts that are up.
         let on_3: Vec<Ipv4Addr> = on_3.into_iter().collect();
-        let again = LongLived::open(&topology, &on_3, 1, Duration::from_secs(20));
+        let again = LongLived::open(&topology, &on_3, 1, LOAD_LIMIT);
         thread::sleep(Duration::from_millis(500));
         let hosts = again.hosts_of_clients(&topology);
         assert_eq!(hosts.len(), on_3.len(), "{hosts:?}");
@@ -544,14 +574,14 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
             send(router.clone(), "192.0.2.1", hello),
             "the connection was not closed"
         );
-        assert!(wait_for(Duration::from_secs(3), || refused() == 1));
+        assert!(wait_polling(Duration::from_secs(3), || refused() == 1));
         let agent_log = || topology.log("agent-1.log");
         // From host 2's address, host 2's hello in plaintext (what a process on a peer's
         // address could send before the peers spoke TLS): no certificate, no peer.
         let host2 = format!("/run/netns/{}", topology.host(2).ns);
         let as_host2 = r#"{"type":"hello","cluster":"web","host":2,"mac":"02:00:00:00:00:02"}"#;
         assert!(send(host2.clone(), "192.0.2.12", as_host2));
-        assert!(wait_for(Duration::from_secs(3), || refused() == 2));
+        assert!(wait_polling(Duration::from_secs(3), || refused() == 2));
         assert!(
             agent_log().contains("TLS handshake failed"),
             "{}",
@@ -587,7 +617,7 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
             let (cert, key) = (format!("host-{host}.pem"), format!("host-{host}.key"));
             let said = tls_hello(&dir.join(cert), &dir.join(key), as_host2);
             assert!(
-                wait_for(Duration::from_secs(3), || refused() == count),
+                wait_polling(Duration::from_secs(3), || refused() == count),
                 "{said}"
             );
             assert!(agent_log().contains(why), "{}", agent_log());
@@ -602,7 +632,7 @@ fn cluster_bad_input_exits_2_leaving_nothing_and_non_peers_are_refused() {
         for (line, count) in [(liar, 5), (other, 6), (forged, 7)] {
             let said = tls_hello(&cert2, &key2, line);
             assert!(
-                wait_for(Duration::from_secs(3), || refused() == count),
+                wait_polling(Duration::from_secs(3), || refused() == count),
                 "{said}"
             );
         }
@@ -784,18 +814,18 @@ fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
         topology.start_agent(1);
         topology.start_agent(2);
         // Alone, each gets ready after one peer time-out.
-        assert!(wait_for(PEER_TIMEOUT + Duration::from_secs(4), || [1, 2]
-            .iter()
-            .all(
-                |&id| topology.cluster_status(id).unwrap()["state"] == "ready"
-            )));
+        assert!(wait_polling(PEER_TIMEOUT + Duration::from_secs(4), || {
+            [1, 2]
+                .iter()
+                .all(|&id| topology.cluster_status(id).unwrap()["state"] == "ready")
+        }));
         let client = topology.client_addrs.clone();
         // Connections until one lands on each host.
         let mut kept: BTreeMap<u16, LongLived> = BTreeMap::new();
         // The host of the first connection locked the client first (one machine: one clock).
         let mut first_lock = None;
         for _ in 0..40 {
-            let one = LongLived::open(&topology, &client, 1, Duration::from_secs(60));
+            let one = LongLived::open(&topology, &client, 1, LOAD_LIMIT);
             thread::sleep(Duration::from_millis(100));
             let hosts = one.hosts_of_clients(&topology);
             let host = *hosts[&client[0]].iter().next().unwrap();
@@ -837,7 +867,7 @@ fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
             served.iter().sum::<u64>() == 1
         };
         assert!(
-            wait_for(Duration::from_secs(5), agreed),
+            wait_polling(Duration::from_secs(5), agreed),
             "the tables did not settle on one host: {:?} {:?}",
             entry(1),
             entry(2)
@@ -847,7 +877,7 @@ fn cluster_two_simultaneous_locks_of_one_client_converge_on_the_earlier() {
         assert_eq!(Some(winner), first_lock, "the later lock won");
         eprintln!("two simultaneous locks: both tables settled on host {winner}");
         // New connections of the client: all on the winner, whatever the hash.
-        let later = LongLived::open(&topology, &[client[0]; 6], 1, Duration::from_secs(30));
+        let later = LongLived::open(&topology, &[client[0]; 6], 1, LOAD_LIMIT);
         thread::sleep(Duration::from_millis(300));
         let hosts = later.hosts_of_clients(&topology);
         assert_eq!(hosts[&client[0]], BTreeSet::from([winner]), "{hosts:?}");
@@ -883,7 +913,7 @@ fn cluster_bird_announces_ready_hosts_and_withdraws_a_draining_one_breaking_no_c
         topology.wait_ready(&[1, 2]);
         topology.wait_route(&[1, 2]);
         let clients = topology.client_addrs.clone();
-        let load = LongLived::open(&topology, &clients, 2, Duration::from_secs(90));
+        let load = LongLived::open(&topology, &clients, 2, LOAD_LIMIT);
         thread::sleep(Duration::from_millis(300));
         assert_eq!(load.broken(), 0);
 
@@ -962,7 +992,7 @@ fn cluster_an_idle_clients_entry_expires_on_every_host() {
                 }
             };
             assert!(
-                wait_for(Duration::from_secs(5), || said(id) == Some(room)
+                wait_polling(Duration::from_secs(5), || said(id) == Some(room)
                     && said(peer) == Some(room)),
                 "host {id}'s room is {room}; its agent says {:?}, host {peer}'s {:?}",
                 said(id),
@@ -976,12 +1006,12 @@ fn cluster_an_idle_clients_entry_expires_on_every_host() {
                 .unwrap()
         };
         // One client stays connected; the other leaves.
-        let staying = LongLived::open(&topology, &clients[..1], 1, Duration::from_secs(30));
-        let leaving = LongLived::open(&topology, &clients[1..], 1, Duration::from_secs(30));
+        let staying = LongLived::open(&topology, &clients[..1], 1, LOAD_LIMIT);
+        let leaving = LongLived::open(&topology, &clients[1..], 1, LOAD_LIMIT);
         // Both entries reach both tables (a broadcast: within a moment, later on a loaded
         // machine).
         assert!(
-            wait_for(Duration::from_secs(5), || (table(1), table(2)) == (2, 2)),
+            wait_polling(Duration::from_secs(5), || (table(1), table(2)) == (2, 2)),
             "{} {}",
             table(1),
             table(2)
@@ -990,7 +1020,7 @@ fn cluster_an_idle_clients_entry_expires_on_every_host() {
         leaving.finish();
         // Idle for 2 s, checked every 2 s: gone within about 4 s, everywhere.
         assert!(
-            wait_for(Duration::from_secs(8), || (table(1), table(2)) == (1, 1)),
+            wait_polling(Duration::from_secs(8), || (table(1), table(2)) == (1, 1)),
             "the idle client's entry did not expire: {} {}",
             table(1),
             table(2)
@@ -1027,7 +1057,7 @@ fn cluster_an_agent_killed_outright_breaks_nothing_and_the_next_takes_its_dispat
         let mut topology = Topology::serving(3, 45);
         let (first, later) = topology.client_addrs.split_at(40);
         let (first, later) = (first.to_vec(), later.to_vec());
-        let load = LongLived::open(&topology, &first, 2, Duration::from_secs(90));
+        let load = LongLived::open(&topology, &first, 2, LOAD_LIMIT);
         thread::sleep(Duration::from_millis(300));
         let on_1 = load
             .hosts_of_clients(&topology)
@@ -1038,7 +1068,7 @@ fn cluster_an_agent_killed_outright_breaks_nothing_and_the_next_takes_its_dispat
 
         topology.kill_agent(1);
         assert!(
-            wait_for(Duration::from_secs(5), || [2, 3].iter().all(|&id| {
+            wait_polling(Duration::from_secs(5), || [2, 3].iter().all(|&id| {
                 topology.cluster_status(id).unwrap()["peers"]
                     .as_array()
                     .unwrap()
@@ -1059,7 +1089,7 @@ fn cluster_an_agent_killed_outright_breaks_nothing_and_the_next_takes_its_dispat
             thread::sleep(Duration::from_millis(600));
         }
         // New clients meanwhile go to the hosts whose agents answer.
-        let newcomers = LongLived::open(&topology, &later, 1, Duration::from_secs(60));
+        let newcomers = LongLived::open(&topology, &later, 1, LOAD_LIMIT);
         thread::sleep(Duration::from_millis(300));
         let new_hosts = newcomers.hosts_of_clients(&topology);
         assert_eq!(new_hosts.len(), later.len(), "{new_hosts:?}");
