@@ -192,15 +192,14 @@ pub(crate) fn native_build() -> Result<()> {
     // One cargo command per package, each selecting what the command that runs it later
     // selects: cargo unifies features over the packages of one command, and a build with
     // other features is another build (one command for all three cost 23 s more, 2026-12-05).
-    // The benchmarks too, although nothing runs them before the host's tests end: built
-    // beside the VMs at nice 19 they took 11.5 minutes and the host's row ended last
-    // (00fd642), and at normal priority they starved the VMs (fresh clone of 19f12fa).
+    // Not the benchmarks: what they add to parsrv's build (38 CPU-seconds, once their
+    // charts no longer rebuilt parsrv, 2026-12-07) is built when they run, after the
+    // host's tests, and the VMs start 20 s sooner.
     for (what, args) in [
         (
             "the example handlers",
             &["build", "--package", "parsrv", "--examples"][..],
         ),
-        ("the benchmarks", &["build", "--package", "parsrv-bench"]),
         (
             "the integration tests",
             &["test", "--no-run", "--package", "parsrv-integration-tests"],

@@ -99,6 +99,11 @@ enum Task {
         /// --stress-count), to soak a test on other kernels; `cargo xtask soak` does it here.
         #[arg(long, value_name = "N", requires = "vm")]
         stress: Option<u32>,
+        /// The VMs of the first (newest) kernel: its tests split between this many, by
+        /// nextest's --partition (it runs the most tests; on 2 CPUs one VM of it was CI's
+        /// longest step). 1 for one VM; a run with a test filter or --stress never splits.
+        #[arg(long, default_value_t = 2, value_name = "N")]
+        shards: u32,
     },
     /// Build (release) and package parsrv: a Debian package (/usr/sbin/parsrv, the systemd
     /// unit, an example /etc/parsrv/parsrv.toml, man pages, completions, docs) and a tarball
@@ -206,9 +211,11 @@ fn run(task: Task) -> Result<()> {
             accel,
             timeout,
             stress,
+            shards,
         } => {
             let vm_options = vm::VmOptions {
                 stress,
+                shards,
                 kernels: if kernels.is_empty() {
                     vm::DEFAULT_KERNELS.iter().map(|k| k.to_string()).collect()
                 } else {

@@ -313,6 +313,7 @@ mod tests {
             timeout,
             filter: None,
             stress: None,
+            shards: 1,
             live_console: false,
         };
         boot(&Vm {

@@ -183,6 +183,26 @@ impl Outcome {
         outcome
     }
 
+    /// Adds what another VM of the same kernel reported (its share of the tests): counts
+    /// and lists add up, the run is done once both are, and the first panic or refusal
+    /// stays.
+    pub fn add(&mut self, other: Outcome) {
+        self.release = self.release.take().or(other.release);
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.failures.extend(other.failures);
+        self.skips.extend(other.skips);
+        self.host_only.extend(other.host_only);
+        self.figures.extend(other.figures);
+        self.failed_binaries.extend(other.failed_binaries);
+        self.done = self.done.zip(other.done).map(|(a, b)| a + b);
+        self.refused = self.refused.take().or(other.refused);
+        self.panic = self.panic.take().or(other.panic);
+        if self.done.is_none() && !other.last_line.is_empty() {
+            self.last_line = other.last_line;
+        }
+    }
+
     pub fn booted(&self) -> bool {
         self.release.is_some()
     }

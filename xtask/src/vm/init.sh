@@ -44,6 +44,7 @@ for word in $(cat /proc/cmdline); do
         parsrv.pyenv=*) pyenv="${word#parsrv.pyenv=}" ;;
         parsrv.filter=*) filter="${word#parsrv.filter=}" ;;
         parsrv.stress=*) stress="--stress-count ${word#parsrv.stress=}" ;;
+        parsrv.partition=*) partition="--partition ${word#parsrv.partition=}" ;;
     esac
 done
 meta="$workspace/target/vm/nextest"
@@ -68,7 +69,7 @@ for profile in parallel serial; do
     "$nextest" nextest run --binaries-metadata "$meta/binaries.json" \
         --cargo-metadata "$meta/cargo.json" --workspace-remap "$workspace" \
         --profile "$profile" --run-ignored only --no-fail-fast --no-tests warn \
-        --hide-progress-bar $jobs $stress $filter
+        --hide-progress-bar $jobs $stress $partition $filter
     status=$?
     say "exit $profile $status"
     [ "$status" = 0 ] || failed=$((failed + 1))

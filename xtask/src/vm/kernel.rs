@@ -34,6 +34,7 @@ pub enum KernelSpec {
 }
 
 /// A kernel image ready to boot.
+#[derive(Clone)]
 pub struct Kernel {
     /// What the user asked for: a Debian series or the path's file name.
     pub label: String,

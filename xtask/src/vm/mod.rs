@@ -6,7 +6,8 @@
 //! the host's root file system read-only over 9p; the init then runs the host's release
 //! build with cargo-nextest, in the same two profiles as natively, and powers off. The
 //! runner reads the serial console ([`console`]) and fails on a failed test, a kernel
-//! panic, or a time-out. VMs run one per host CPU at a time.
+//! panic, or a time-out. VMs run one more than the host has CPUs at a time, the newest
+//! kernel's tests split between two of them ([`shards_of`]).
 //!
 //! Nothing here needs root: qemu runs unprivileged with TCG, and the tests get root inside
 //! the VM. That is the point: a developer without root, or a release checked on the kernels
@@ -55,6 +56,8 @@ pub struct VmOptions {
     pub filter: Option<String>,
     /// Each test this many times (nextest --stress-count).
     pub stress: Option<u32>,
+    /// VMs the first kernel's tests are split between (see [`shards_of`]).
+    pub shards: u32,
     /// Print each console line as it comes; otherwise [`print_consoles`] prints them after.
     pub live_console: bool,
 }
@@ -64,6 +67,13 @@ impl VmOptions {
     /// `cargo xtask test` calls it first, so bad input fails before the native suite runs.
     pub fn validate(&self) -> Result<()> {
         test_filter(self)?;
+        if self.shards == 0 {
+            return Err(Fatal::error(
+                EXIT_BAD_INPUT,
+                "--shards 0: give 1 to run each kernel's tests in one VM, or more to split \
+                 the first kernel's",
+            ));
+        }
         for spec in &self.kernels {
             kernel::KernelSpec::parse(spec)?;
         }
@@ -104,12 +114,32 @@ pub fn fetch_kernels(options: &VmOptions) -> Result<()> {
     Ok(())
 }
 
-/// Everything the VMs boot, built and fetched: the image, and per kernel its initramfs and
-/// where its results and console go.
+/// Everything the VMs boot, built and fetched: the image, and per VM its kernel, initramfs,
+/// command line, and where its results and console go.
 pub struct Prepared {
     qemu: PathBuf,
+    vms: Vec<PreparedVm>,
+}
+
+struct PreparedVm {
+    /// The kernel, labelled with the VM's share of its tests ("6.12 1/2") when split.
+    kernel: kernel::Kernel,
+    initramfs: PathBuf,
     words: String,
-    kernels: Vec<(kernel::Kernel, PathBuf, PathBuf, PathBuf)>,
+    results: PathBuf,
+    log: PathBuf,
+}
+
+/// Into how many VMs each of `kernels` (in the order they boot, newest first) is split: the
+/// first into `shards`, unless a filter or --stress picks the tests (a few tests split
+/// would leave VMs with nothing to run). The newest kernel has every feature the tests
+/// need, so it runs the most: in CI on 2 CPUs its one VM was the longest step (6.12: 20.8
+/// minutes, 977 CPU-seconds, where the 6.1 VM took 15.7; the 6.12-only cluster tests alone
+/// 349 CPU-seconds; 2026-12-07, ecaa706).
+fn shards_of(kernels: usize, shards: u32, picked: bool) -> Vec<u32> {
+    (0..kernels)
+        .map(|i| if i == 0 && !picked { shards.max(1) } else { 1 })
+        .collect()
 }
 
 /// Checks the input, builds the image and fetches the kernels (bad input fails here, before
@@ -130,42 +160,59 @@ pub fn prepare(options: &VmOptions) -> Result<Prepared> {
     fs::create_dir_all(root.join("target/nextest"))?;
     let mut kernels = Vec::new();
     for spec in &specs {
-        let kernel = spec.resolve(&vm_dir)?;
-        let label = kernel.label.replace('/', "_");
-        let initramfs = vm_dir.join(format!("initramfs-{label}.cpio"));
-        image::write_initramfs(&kernel, &initramfs)?;
-        let results = vm_dir.join(format!("results-{label}"));
-        let _ = fs::remove_dir_all(&results);
-        fs::create_dir_all(&results)?;
-        let log = vm_dir.join(format!("console-{label}.log"));
-        kernels.push((kernel, initramfs, results, log));
+        kernels.push(spec.resolve(&vm_dir)?);
     }
-    Ok(Prepared {
-        qemu,
-        words,
-        kernels,
-    })
+    kernels.sort_by_key(|kernel| std::cmp::Reverse(series(&kernel.label)));
+    let picked = options.filter.is_some() || options.stress.is_some();
+    let shards = shards_of(kernels.len(), options.shards, picked);
+    let mut vms = Vec::new();
+    for (kernel, shards) in kernels.into_iter().zip(shards) {
+        let name = kernel.label.replace('/', "_");
+        let initramfs = vm_dir.join(format!("initramfs-{name}.cpio"));
+        image::write_initramfs(&kernel, &initramfs)?;
+        for shard in 1..=shards {
+            let (label, name, words) = if shards == 1 {
+                (kernel.label.clone(), name.clone(), words.clone())
+            } else {
+                (
+                    format!("{} {shard}/{shards}", kernel.label),
+                    format!("{name}-{shard}of{shards}"),
+                    format!("{words} parsrv.partition=count:{shard}/{shards}"),
+                )
+            };
+            let results = vm_dir.join(format!("results-{name}"));
+            let _ = fs::remove_dir_all(&results);
+            fs::create_dir_all(&results)?;
+            vms.push(PreparedVm {
+                kernel: kernel::Kernel {
+                    label,
+                    ..kernel.clone()
+                },
+                initramfs: initramfs.clone(),
+                words,
+                results,
+                log: vm_dir.join(format!("console-{name}.log")),
+            });
+        }
+    }
+    Ok(Prepared { qemu, vms })
 }
 
-/// Boots every kernel, as many at once as the host has CPUs (each VM is one host thread
-/// under TCG), the newest first: a newer kernel has more of the features the tests need, so
-/// it runs more of them and takes longest (6.12 22 minutes, 6.1 17, 5.10 3 in the CI of
-/// 264c63a); started last, the longest would finish alone. Returns what each VM reported
-/// and the errors of those that did not report (hung, panicked, refused).
+/// Boots every VM, one more at once than the host has CPUs, the newest kernel first: a
+/// newer kernel has more of the features the tests need, so it runs more of them and takes
+/// longest (6.12 22 minutes, 6.1 17, 5.10 3 in the CI of 264c63a); started last, the
+/// longest would finish alone. Each VM is one host thread under TCG, busy about three
+/// quarters of the time (its tests also wait on timers and the network: 6.12 977
+/// CPU-seconds in 1,245 s, 6.1 678 in 942, 2026-12-07), so one VM per CPU leaves CPU time
+/// unused. Returns what each VM reported and the errors of those that did not report (hung,
+/// panicked, refused).
 pub fn run(prepared: &Prepared, options: &VmOptions) -> (Vec<VmRun>, Vec<anyhow::Error>) {
-    let Prepared {
-        qemu,
-        words,
-        kernels,
-    } = prepared;
+    let Prepared { qemu, vms } = prepared;
     let jobs = thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(kernels.len().max(1));
-    let mut order: Vec<_> = kernels.iter().collect();
-    order.sort_by_key(|(kernel, ..)| std::cmp::Reverse(series(&kernel.label)));
+        .map_or(1, |n| n.get() + 1)
+        .min(vms.len().max(1));
     let queue = std::sync::Mutex::new(
-        order
-            .into_iter()
+        vms.iter()
             .enumerate()
             .map(|(place, vm)| (place == 0, vm))
             .collect::<std::collections::VecDeque<_>>(),
@@ -179,9 +226,16 @@ pub fn run(prepared: &Prepared, options: &VmOptions) -> (Vec<VmRun>, Vec<anyhow:
                     let mut done = Vec::new();
                     loop {
                         let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                        let Some((first_in_line, (kernel, initramfs, results, log))) = next else {
+                        let Some((first_in_line, vm)) = next else {
                             break done;
                         };
+                        let PreparedVm {
+                            kernel,
+                            initramfs,
+                            words,
+                            results,
+                            log,
+                        } = vm;
                         eprintln!(
                             "xtask: booting {} ({}) with {:?}, time-out {} s",
                             kernel.label,
@@ -219,8 +273,8 @@ pub fn run(prepared: &Prepared, options: &VmOptions) -> (Vec<VmRun>, Vec<anyhow:
             Err(e) => errors.push(e),
         }
     }
-    // In the order asked for, whichever finished first.
-    runs.sort_by_key(|run| kernels.iter().position(|(k, ..)| k.label == run.label));
+    // In the order they boot, whichever finished first.
+    runs.sort_by_key(|run| vms.iter().position(|vm| vm.kernel.label == run.label));
     crate::record_phase(
         &format!("integration tests in VMs ({jobs} at a time)"),
         vms_started.elapsed(),
@@ -355,6 +409,15 @@ mod tests {
         let mut labels = ["5.10", "bzImage-custom", "6.12", "6.1"];
         labels.sort_by_key(|label| std::cmp::Reverse(series(label)));
         assert_eq!(labels, ["6.12", "6.1", "5.10", "bzImage-custom"]);
+    }
+
+    #[test]
+    fn only_the_first_kernel_is_split_and_never_for_picked_tests() {
+        assert_eq!(shards_of(3, 2, false), [2, 1, 1]);
+        assert_eq!(shards_of(3, 1, false), [1, 1, 1]);
+        assert_eq!(shards_of(1, 3, false), [3]);
+        assert_eq!(shards_of(3, 2, true), [1, 1, 1]);
+        assert!(shards_of(0, 2, false).is_empty());
     }
 
     #[test]
