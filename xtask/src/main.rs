@@ -100,9 +100,9 @@ enum Task {
         #[arg(long, value_name = "N", requires = "vm")]
         stress: Option<u32>,
         /// The VMs of the first (newest) kernel: its tests split between this many, by
-        /// nextest's --partition (it runs the most tests; on 2 CPUs one VM of it was CI's
-        /// longest step). 1 for one VM; a run with a test filter or --stress never splits.
-        #[arg(long, default_value_t = 2, value_name = "N")]
+        /// nextest's --partition, run side by side (a run of one kernel on a machine with CPUs
+        /// to spare). A run with a test filter or --stress never splits.
+        #[arg(long, default_value_t = 1, value_name = "N")]
         shards: u32,
     },
     /// Build (release) and package parsrv: a Debian package (/usr/sbin/parsrv, the systemd
