@@ -110,10 +110,7 @@ impl Topology {
     /// None if no agent answers.
     pub fn cluster_status(&self, id: u16) -> Option<serde_json::Value> {
         use parsrv::control::{request_at, Response};
-        let socket = self
-            .host(id)
-            .run_dir
-            .join(format!("cluster-{CLUSTER}.sock"));
+        let socket = parsrv::cluster::agent::control_path_in(&self.host(id).run_dir, CLUSTER);
         match request_at(&socket, "the agent", &parsrv::control::Request::Status) {
             Ok(Response::ClusterStatus(status)) => {
                 Some(serde_json::to_value(*status).expect("serializable"))

@@ -29,7 +29,12 @@ pub(super) async fn run_hook(command: &[String], what: &str) {
 
 /// Where `parsrv cluster status` finds the agent of cluster `name`.
 pub fn control_path(name: &str) -> std::path::PathBuf {
-    crate::run_dir::run_dir().join(format!("cluster-{name}.sock"))
+    control_path_in(&crate::run_dir::run_dir(), name)
+}
+
+/// [`control_path`] in run directory `run_dir` (a test's hosts each have their own).
+pub fn control_path_in(run_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    run_dir.join(format!("cluster-{name}.sock"))
 }
 
 pub(super) fn control_listener(name: &str) -> Result<control::ControlSocket> {

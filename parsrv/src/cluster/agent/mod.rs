@@ -14,7 +14,7 @@ mod local;
 mod peers;
 mod periodic;
 
-pub use local::control_path;
+pub use local::{control_path, control_path_in};
 
 use std::{
     cell::RefCell,
