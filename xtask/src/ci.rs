@@ -43,7 +43,8 @@ pub(crate) fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOption
     let vms = vm::prepare(vm_options)?;
     let lint_log = workspace_root().join("target/lint.log");
     let unit_log = workspace_root().join("target/unit-tests.log");
-    let (host, unit, linted, (vm_runs, vm_errors)) = std::thread::scope(|scope| {
+    let clippy_log = workspace_root().join("target/clippy.log");
+    let (host, (clippy, unit), linted, (vm_runs, vm_errors)) = std::thread::scope(|scope| {
         let in_vms = scope.spawn(|| vm::run(&vms, vm_options));
         let linted = scope.spawn(|| {
             setup::ensure_all()?;
@@ -54,18 +55,16 @@ pub(crate) fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOption
             at_lowest_priority(beside, &lint_log)
         });
         let host = native_integration(filter);
+        // Each on its own: a lint failure must not hide the unit tests' results.
         let workspace_clippy = lint_steps()
             .into_iter()
-            .filter(|(step, _)| *step == WORKSPACE_CLIPPY);
-        let unit = at_lowest_priority(
-            workspace_clippy
-                .chain([("unit tests", unit_tests(filter))])
-                .collect(),
-            &unit_log,
-        );
+            .filter(|(step, _)| *step == WORKSPACE_CLIPPY)
+            .collect();
+        let clippy = at_lowest_priority(workspace_clippy, &clippy_log);
+        let unit = at_lowest_priority(vec![("unit tests", unit_tests(filter))], &unit_log);
         (
             host,
-            unit,
+            (clippy, unit),
             linted.join().expect("the lint thread panicked"),
             in_vms.join().expect("the VMs' thread panicked"),
         )
@@ -78,11 +77,8 @@ pub(crate) fn test_everywhere(filter: &Option<String>, vm_options: &vm::VmOption
             linted,
             &lint_log,
         ),
-        (
-            "the workspace's clippy -D warnings and unit tests",
-            unit,
-            &unit_log,
-        ),
+        ("the workspace's clippy -D warnings", clippy, &clippy_log),
+        ("unit tests", unit, &unit_log),
     ] {
         match outcome {
             Ok(()) => eprintln!("xtask: {what}: passed (output in {})", log.display()),
