@@ -1,8 +1,13 @@
-//! The UDP datagram program (`parsrv-ebpf/src/bin/udp_datagram.rs`, userspace
-//! `parsrv::dataplane::udp`): an SK_REUSEPORT program for a group of UDP sockets that keeps
-//! each datagram on the kernel's hash choice while that socket's receive buffer has room,
-//! and otherwise sends it to one other socket drawn at random if that one has room, else to
-//! the socket with the most room. It never drops: SK_DROP on UDP
+//! The UDP programs (`parsrv-ebpf/src/bin/udp_datagram.rs` and `udp_flow.rs`, their common
+//! part `parsrv-ebpf/src/udp_room.rs`; userspace `parsrv::dataplane::udp`): SK_REUSEPORT
+//! programs for a group of UDP sockets.
+//!
+//! The datagram program keeps each datagram on the kernel's hash choice while that socket's
+//! receive buffer has room, and otherwise sends it to one other socket drawn at random if
+//! that one has room, else to the socket with the most room. The flow program places the
+//! first datagram of each flow (4-tuple) the same way and records the socket in an LRU
+//! table, and sends the flow's later datagrams there, until the flow is idle for the
+//! group's time-out. Neither ever drops: SK_DROP on UDP
 //! makes the kernel answer with an ICMP port unreachable, so when no socket has room the
 //! datagram is left to the kernel's hash (which drops it if it does not fit, counted by the
 //! kernel in `Udp: RcvbufErrors`), and counted here.
@@ -17,8 +22,13 @@ pub const MAX_SOCKETS: u32 = 128;
 
 /// Names of the program and maps in the eBPF object.
 pub mod names {
-    /// The SK_REUSEPORT program (kernel names hold at most 15 bytes).
+    /// The datagram program (kernel names hold at most 15 bytes).
     pub const PROGRAM: &str = "parsrv_datagram";
+    /// The flow program.
+    pub const FLOW_PROGRAM: &str = "parsrv_flow";
+    /// The flow program's LRU_HASH of [`FlowKey`](super::FlowKey) ->
+    /// [`FlowEntry`](super::FlowEntry), sized at load time (`--flow-table`).
+    pub const FLOWS: &str = "UDP_FLOWS";
     /// REUSEPORT_SOCKARRAY of the group's sockets by slot. Not a SOCKMAP as TCP groups use:
     /// a UDP socket put in a SOCKMAP gets its protocol operations replaced (its receive path
     /// goes through the sockmap's psock), which a plain receive buffer must not.
@@ -67,7 +77,42 @@ pub struct UdpConfig {
     /// Bumped by userspace whenever it changes the sockets or their slots; the program's
     /// per-CPU slot cache trusts only entries of the current generation. Never 0.
     pub generation: u32,
+    pub _pad: u32,
+    /// The flow program: nanoseconds a flow may send nothing before its next datagram is
+    /// placed again, as a new flow's (`--flow-timeout`). Unused by the datagram program.
+    pub flow_idle_ns: u64,
 }
+
+/// A flow as the flow program records it: the datagram's 4-tuple, IPv4 addresses in their
+/// IPv4-mapped IPv6 form (`::ffff:a.b.c.d`), so that an IPv6 socket's IPv4 clients and
+/// its IPv6 clients never share a key. Ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub source: [u8; 16],
+    pub destination: [u8; 16],
+    pub source_port: u16,
+    pub destination_port: u16,
+}
+
+/// A recorded flow: the slot its socket has, and when it last sent (`bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowEntry {
+    pub last_ns: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// `--flow-timeout`'s default: 30 s, the idle time-out most QUIC stacks default to and the
+/// kernel's conntrack gives an unanswered UDP flow.
+pub const DEFAULT_FLOW_TIMEOUT_SECONDS: f64 = 30.0;
+
+/// `--flow-table`'s default (120 bytes of kernel memory each, `lru_table_bytes`: 7.5 MiB).
+pub const DEFAULT_FLOW_TABLE: u32 = 65_536;
+
+/// `--flow-table`'s most.
+pub const MAX_FLOW_TABLE: u32 = 1 << 22;
 
 /// What a socket must have free in its receive buffer to count as having room: a
 /// datagram's truesize, not its payload, is charged (832 bytes for a 32-byte datagram on
@@ -100,6 +145,8 @@ counters! {
         steered_in => ("steered-in", "Datagrams sent to this socket (drawn as a second choice, or found with the most room) because their hash choice had no room."),
         steered_away => ("steered-away", "Datagrams hashed to this socket that went to another because its receive buffer had no room."),
         all_full => ("all-full", "Datagrams hashed to this socket while no socket of the group had room: left to the kernel's hash, which drops them if they do not fit (Udp RcvbufErrors)."),
+        flows => ("flows", "Flow mode: flows placed on this socket (their first datagram, or the first after an idle time-out, is also counted by kept, steered-in or all-full)."),
+        flow_datagrams => ("flow-datagrams", "Flow mode: later datagrams of a flow placed on this socket, sent here whatever its room."),
     }
 }
 
@@ -112,6 +159,8 @@ counters! {
         bad_group / BadGroup => ("bad-group", "The group had no live socket or more than MAX_SOCKETS."),
         unknown_socket / UnknownSocket => ("unknown-socket", "A chosen socket's cookie was not in the slot map (a socket parsrv did not register joined the group)."),
         select_failed / SelectFailed => ("select-failed", "bpf_sk_select_reuseport refused the chosen slot."),
+        flow_unread / FlowUnread => ("flow-unread", "Flow mode: the datagram's addresses could not be read; it was placed by room and not recorded."),
+        flow_unrecorded / FlowUnrecorded => ("flow-unrecorded", "Flow mode: the flow table refused a new flow (kernel memory); its datagram was placed by room."),
     }
 }
 
@@ -128,4 +177,6 @@ mod user {
     unsafe impl aya::Pod for super::UdpConfig {}
     unsafe impl aya::Pod for super::UdpSlotCounters {}
     unsafe impl aya::Pod for super::UdpErrors {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
 }

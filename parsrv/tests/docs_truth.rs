@@ -66,6 +66,8 @@ fn declared_names() -> BTreeSet<&'static str> {
         udp::names::SLOT_BY_COOKIE,
         udp::names::CONFIG,
         udp::names::SLOT_COUNTERS,
+        udp::names::FLOW_PROGRAM,
+        udp::names::FLOWS,
     ])
 }
 

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use parsrv::dataplane::udp::DatagramSteering;
+use parsrv::dataplane::udp::{DatagramSteering, UdpSettings};
 use socket2::{Domain, Socket, Type};
 
 /// SO_RCVBUF asked of a small socket (the kernel doubles it: 8,192 bytes, room for 9
@@ -43,7 +43,13 @@ pub fn udp_group(buffers: &[usize]) -> (Vec<Socket>, SocketAddr) {
 
 /// The udp-datagram program on `sockets` (slot i = socket i), attached to their group.
 pub fn steer_udp(sockets: &[Socket]) -> DatagramSteering {
-    let mut steering = DatagramSteering::load(None).expect("the udp-datagram program loads");
+    steer_udp_with(sockets, UdpSettings::datagram())
+}
+
+/// The UDP program of `settings.mode` on `sockets` (slot i = socket i), attached to their
+/// group.
+pub fn steer_udp_with(sockets: &[Socket], settings: UdpSettings) -> DatagramSteering {
+    let mut steering = DatagramSteering::load(settings).expect("the UDP program loads");
     for (slot, socket) in sockets.iter().enumerate() {
         steering.register(slot as u32, socket).unwrap();
     }
@@ -76,6 +82,14 @@ pub fn meminfo(fd: BorrowedFd<'_>) -> parsrv::kernel::ReceiveBuffer {
 /// bounded by its count.
 pub fn send_datagrams(addr: SocketAddr, flows: usize, per_flow: usize) {
     send_rounds(addr, flows, per_flow, None);
+}
+
+/// As [`send_datagrams`]; the client sockets' addresses, in flow order.
+pub fn send_flows(addr: SocketAddr, flows: usize, per_flow: usize) -> Vec<SocketAddr> {
+    send_rounds(addr, flows, per_flow, None)
+        .iter()
+        .map(|client| client.local_addr().unwrap())
+        .collect()
 }
 
 /// `flows` client sockets, each sending one 32-byte datagram to `addr` per round for

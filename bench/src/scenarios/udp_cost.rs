@@ -1,18 +1,25 @@
-//! `udp-cost`: the udp-datagram program's run time per datagram (bpf_stats) on its three
-//! paths, per socket count, and the send rate of a loopback client with the program against
-//! a plain SO_REUSEPORT group of the same sockets (on loopback the kernel delivers a
-//! datagram inside the sender's sendto(), so the program's cost lands on the sender).
+//! `udp-cost`: the UDP programs' run time per datagram (bpf_stats), the datagram program on
+//! its three paths and the flow program on two, per socket count, and the send rate of a
+//! loopback client with each against a plain SO_REUSEPORT group of the same sockets (on
+//! loopback the kernel delivers a datagram inside the sender's sendto(), so the program's
+//! cost lands on the sender).
 //!
 //! - `room`: every buffer has room, so every datagram stays on its hash choice after one
 //!   socket is read (the fast path);
 //! - `one-stalled`: socket 0's small buffer is full, so the datagrams hashed to it (1/N) make
 //!   the program scan every socket for the one with most room;
 //! - `all-full`: every buffer is full, so every datagram scans every socket, finds none with
-//!   room and is left to the kernel's hash (the worst case).
+//!   room and is left to the kernel's hash (the worst case);
+//! - `flow, room` and `flow, one-stalled`: the flow program (`--udp-mode flow`) on the same
+//!   buffers as `room` and `one-stalled`: each flow's first datagram placed by room and
+//!   recorded, the other 39 of 40 sent where the flow table says.
 
 use std::{collections::BTreeMap, time::Instant};
 
-use parsrv_integration_tests::{send_datagrams, steer_udp, udp_group, LARGE_BUFFER, SMALL_BUFFER};
+use parsrv::dataplane::udp::UdpSettings;
+use parsrv_integration_tests::{
+    send_datagrams, steer_udp_with, udp_group, LARGE_BUFFER, SMALL_BUFFER,
+};
 
 use crate::{
     report::{Report, Table},
@@ -25,10 +32,19 @@ enum Case {
     Room,
     OneStalled,
     AllFull,
+    FlowRoom,
+    FlowOneStalled,
 }
 
 impl Case {
-    const ALL: [Case; 4] = [Case::Plain, Case::Room, Case::OneStalled, Case::AllFull];
+    const ALL: [Case; 6] = [
+        Case::Plain,
+        Case::Room,
+        Case::OneStalled,
+        Case::AllFull,
+        Case::FlowRoom,
+        Case::FlowOneStalled,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -36,13 +52,27 @@ impl Case {
             Case::Room => "room",
             Case::OneStalled => "one-stalled",
             Case::AllFull => "all-full",
+            Case::FlowRoom => "flow, room",
+            Case::FlowOneStalled => "flow, one-stalled",
+        }
+    }
+
+    /// The program the case runs (None: plain SO_REUSEPORT).
+    fn settings(self) -> Option<UdpSettings> {
+        match self {
+            Case::Plain => None,
+            Case::Room | Case::OneStalled | Case::AllFull => Some(UdpSettings::datagram()),
+            Case::FlowRoom | Case::FlowOneStalled => Some(UdpSettings::flow(
+                std::time::Duration::from_secs(60),
+                parsrv::spec::DEFAULT_FLOW_TABLE,
+            )),
         }
     }
 
     fn buffers(self, n: usize) -> Vec<usize> {
         match self {
-            Case::Plain | Case::Room => vec![LARGE_BUFFER; n],
-            Case::OneStalled => {
+            Case::Plain | Case::Room | Case::FlowRoom => vec![LARGE_BUFFER; n],
+            Case::OneStalled | Case::FlowOneStalled => {
                 let mut buffers = vec![LARGE_BUFFER; n];
                 buffers[0] = SMALL_BUFFER;
                 buffers
@@ -73,7 +103,7 @@ pub fn udp_cost(report: &mut Report, quick: bool) {
             order.rotate_left(round % Case::ALL.len());
             for case in order {
                 let (sockets, addr) = udp_group(&case.buffers(n));
-                let steering = (case != Case::Plain).then(|| steer_udp(&sockets));
+                let steering = case.settings().map(|s| steer_udp_with(&sockets, s));
                 let before = steering.as_ref().map(|s| s.run_stats().unwrap());
                 let start = Instant::now();
                 send_datagrams(addr, flows, per_flow);
@@ -109,16 +139,18 @@ pub fn udp_cost(report: &mut Report, quick: bool) {
             ]);
         }
         let room = median(runs[&(n, Case::Room)].iter().map(|s| s.1).collect());
+        let flow_room = median(runs[&(n, Case::FlowRoom)].iter().map(|s| s.1).collect());
         notes.push(format!(
-            "{n} sockets: send rate with the program, every buffer with room / plain SO_REUSEPORT: {:.3} (medians).",
-            room / plain_rate
+            "{n} sockets: send rate, every buffer with room / plain SO_REUSEPORT: datagram mode {:.3}, flow mode {:.3} (medians).",
+            room / plain_rate,
+            flow_room / plain_rate
         ));
     }
     notes.push("An empty SK_REUSEPORT program costs about 100 ns per run under bpf_stats on this machine (bench/README.md, Cost of the program).".into());
     report.table(
         &Table {
             name: "udp-cost",
-            title: format!("udp-cost: the udp-datagram program's run time per datagram (kernel.bpf_stats_enabled) and a loopback sender's rate, {flows} flows x {per_flow} datagrams of 32 bytes, {rounds} rounds in rotating order"),
+            title: format!("udp-cost: the UDP programs' run time per datagram (kernel.bpf_stats_enabled) and a loopback sender's rate, {flows} flows x {per_flow} datagrams of 32 bytes, {rounds} rounds in rotating order"),
             columns: vec!["sockets", "case", "ns per run, median (min-max)", "datagrams/s sent, median (min-max)", "rate / plain"],
             rows,
         },

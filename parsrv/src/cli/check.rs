@@ -29,7 +29,7 @@ pub(super) fn check(path: &std::path::Path) -> Result<()> {
                     .join(", ")
             );
             for group in &file.groups {
-                if let Some(memory) = group.dispatch_table_memory() {
+                if let Some(memory) = group.table_memory() {
                     println!("{}: {memory}", group.name);
                 }
             }

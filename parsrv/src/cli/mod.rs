@@ -83,6 +83,10 @@ pub fn long_version() -> &'static str {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process: a few hundred bytes on main's stack cost nothing"
+)]
 pub enum Command {
     /// Create socket groups (flags: one; --config FILE: any number), attach the steering
     /// program and run their handlers (as root).

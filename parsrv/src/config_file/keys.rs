@@ -102,6 +102,7 @@ handler = "http"
         spec.command = vec!["true".into()];
         spec.env = vec!["A=1".parse().unwrap()];
         spec.spare = 1;
+        spec.udp_mode = spec::UdpMode::Flow;
         let keys: Vec<String> = match toml::Value::try_from(&spec).unwrap() {
             toml::Value::Table(table) => table.keys().cloned().collect(),
             other => panic!("{other:?}"),

@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use parsrv_common::{cluster, reuseport};
+use parsrv_common::{cluster, reuseport, udp};
 
 /// The maps whose size is chosen at load time. The defaults are the sizes the eBPF crate
 /// declares (`with_max_entries(1, ..)`, `with_byte_size(4096, ..)`): the smallest each
@@ -34,6 +34,8 @@ pub struct MapSizes {
     pub cluster_clients: u32,
     /// Bytes of a cluster's ring of decisions (a power of two, a multiple of the page).
     pub cluster_decisions: u32,
+    /// Entries of a UDP group's flow table (flow mode).
+    pub udp_flows: u32,
 }
 
 impl Default for MapSizes {
@@ -42,6 +44,7 @@ impl Default for MapSizes {
             dispatch_table: 1,
             cluster_clients: 1,
             cluster_decisions: 4096,
+            udp_flows: 1,
         }
     }
 }
@@ -62,6 +65,7 @@ pub fn load(object: &[u8], sizes: MapSizes) -> Result<Ebpf, EbpfError> {
         .map_max_entries(reuseport::names::DISPATCH_TABLE, sizes.dispatch_table)
         .map_max_entries(cluster::names::CLIENTS, sizes.cluster_clients)
         .map_max_entries(cluster::names::DECISIONS, sizes.cluster_decisions)
+        .map_max_entries(udp::names::FLOWS, sizes.udp_flows)
         .load(object)
 }
 

@@ -30,6 +30,7 @@ use std::{borrow::Cow, fs, path::Path};
 use crate::{
     error::{Error, Result},
     features::Feature,
+    spec::UdpMode,
 };
 
 /// CLOCK_MONOTONIC in ns: the clock of the programs' `bpf_ktime_get_ns`.
@@ -67,8 +68,12 @@ pub enum EbpfObject {
     ClusterDispatch,
     /// `parsrv-ebpf`'s `reuseport-audit` binary: the watchdog's iterator alone.
     ReuseportAudit,
-    /// `parsrv-ebpf`'s `udp-datagram` binary: the SK_REUSEPORT program of a UDP group.
+    /// `parsrv-ebpf`'s `udp-datagram` binary: the SK_REUSEPORT program of a UDP group in
+    /// datagram mode.
     UdpDatagram,
+    /// `parsrv-ebpf`'s `udp-flow` binary: the SK_REUSEPORT program of a UDP group in flow
+    /// mode.
+    UdpFlow,
 }
 
 impl EbpfObject {
@@ -89,6 +94,9 @@ impl EbpfObject {
             }
             EbpfObject::UdpDatagram => {
                 aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp-datagram.o"))
+            }
+            EbpfObject::UdpFlow => {
+                aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp-flow.o"))
             }
         }
     }
@@ -115,22 +123,27 @@ pub enum Program {
     ReuseportAudit,
     /// Sends each datagram to a UDP group's socket with receive-buffer room ([`udp`]).
     UdpDatagram,
+    /// Places each new flow of a UDP group on a socket with receive-buffer room, and keeps
+    /// the flow there ([`udp`]).
+    UdpFlow,
 }
 
 impl Program {
-    pub const ALL: [Program; 5] = [
+    pub const ALL: [Program; 6] = [
         Program::ReuseportSelect,
         Program::AddressLookup,
         Program::ClusterDispatch,
         Program::ReuseportAudit,
         Program::UdpDatagram,
+        Program::UdpFlow,
     ];
 
     /// What groups may need (`parsrv run`, `parsrv kernel`'s verdict).
-    pub const GROUPS: [Program; 3] = [
+    pub const GROUPS: [Program; 4] = [
         Program::ReuseportSelect,
         Program::AddressLookup,
         Program::UdpDatagram,
+        Program::UdpFlow,
     ];
 
     /// Its name in the object.
@@ -141,6 +154,7 @@ impl Program {
             Program::ClusterDispatch => parsrv_common::cluster::names::PROGRAM,
             Program::ReuseportAudit => parsrv_common::audit::names::PROGRAM,
             Program::UdpDatagram => parsrv_common::udp::names::PROGRAM,
+            Program::UdpFlow => parsrv_common::udp::names::FLOW_PROGRAM,
         }
     }
 
@@ -151,6 +165,7 @@ impl Program {
             Program::ClusterDispatch => EbpfObject::ClusterDispatch,
             Program::ReuseportAudit => EbpfObject::ReuseportAudit,
             Program::UdpDatagram => EbpfObject::UdpDatagram,
+            Program::UdpFlow => EbpfObject::UdpFlow,
         }
     }
 
@@ -183,8 +198,9 @@ impl Program {
             ],
             Program::ReuseportAudit => &[Feature::Btf, Feature::CapBpf, Feature::TcpIter],
             // It reads `ctx->sk` (5.14+) and receive buffers with probe reads, and scans with
-            // bpf_loop; no migration (TCP only).
-            Program::UdpDatagram => &[
+            // bpf_loop; no migration (TCP only). The flow program also reads the datagram's
+            // addresses (bpf_skb_load_bytes_relative, 4.18) and keeps an LRU map (4.10).
+            Program::UdpDatagram | Program::UdpFlow => &[
                 Feature::Btf,
                 Feature::SkReuseport,
                 Feature::CapBpf,
@@ -197,7 +213,7 @@ impl Program {
 
 /// The programs a spawner needs for `groups`: the reuseport program for TCP groups (and
 /// when there is none at all), the lookup program for a group on several addresses, a
-/// prefix or a port range, the datagram program for UDP groups.
+/// prefix or a port range, the datagram or flow program for UDP groups, by their mode.
 pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
     let udp = |g: &crate::spec::GroupSpec| g.is_udp();
     let mut programs = Vec::new();
@@ -207,8 +223,10 @@ pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
     if groups.iter().any(crate::spec::GroupSpec::needs_lookup) {
         programs.push(Program::AddressLookup);
     }
-    if groups.iter().any(udp) {
-        programs.push(Program::UdpDatagram);
+    for mode in [UdpMode::Datagram, UdpMode::Flow] {
+        if groups.iter().any(|g| udp(g) && g.udp_mode == mode) {
+            programs.push(mode.program());
+        }
     }
     programs
 }
@@ -254,6 +272,10 @@ mod tests {
         let tcp = group("127.0.0.1:80");
         let range = group("127.0.0.0/29:80");
         let udp = group("udp://127.0.0.1:53");
+        let flows = GroupSpec {
+            udp_mode: UdpMode::Flow,
+            ..group("udp://127.0.0.1:443")
+        };
         assert_eq!(
             programs_for_groups(std::slice::from_ref(&tcp)),
             [Program::ReuseportSelect]
@@ -263,11 +285,16 @@ mod tests {
             [Program::UdpDatagram]
         );
         assert_eq!(
-            programs_for_groups(&[tcp, range, udp]),
+            programs_for_groups(std::slice::from_ref(&flows)),
+            [Program::UdpFlow]
+        );
+        assert_eq!(
+            programs_for_groups(&[tcp, range, udp, flows]),
             [
                 Program::ReuseportSelect,
                 Program::AddressLookup,
-                Program::UdpDatagram
+                Program::UdpDatagram,
+                Program::UdpFlow
             ]
         );
         assert_eq!(programs_for_groups(&[]), [Program::ReuseportSelect]);

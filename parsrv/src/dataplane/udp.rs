@@ -1,9 +1,10 @@
-//! The UDP datagram program's userspace (eBPF side: `parsrv-ebpf/src/bin/udp_datagram.rs`,
-//! shared types: `parsrv_common::udp`): loading it, registering a UDP group's sockets,
-//! attaching it, and reading its counters. Nothing is pinned yet: the program lives as long
-//! as the sockets of its group (the kernel keeps an attached program with the group).
+//! The UDP programs' userspace (eBPF side: `parsrv-ebpf/src/bin/udp_datagram.rs` and
+//! `udp_flow.rs`, shared types: `parsrv_common::udp`): loading a UDP group's program (by its
+//! `--udp-mode`), registering the group's sockets, attaching it, and reading its counters and
+//! flow table. Nothing is pinned yet: the program lives as long as the sockets of its group
+//! (the kernel keeps an attached program with the group).
 
-use std::os::fd::AsFd;
+use std::{os::fd::AsFd, time::Duration};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, ReusePortSockArray},
@@ -11,45 +12,113 @@ use aya::{
     Ebpf,
 };
 use parsrv_common::udp::{
-    names, UdpConfig, UdpErrors, UdpSlotCounters, DEFAULT_RESERVE, MAX_SOCKETS,
+    names, FlowEntry, FlowKey, UdpConfig, UdpErrors, UdpSlotCounters, DEFAULT_FLOW_TABLE,
+    DEFAULT_FLOW_TIMEOUT_SECONDS, DEFAULT_RESERVE, MAX_SOCKETS,
 };
 
 use super::{
-    loader, object, reuseport::RunStats, sum_over_cpus, verification, EbpfObject, Program,
+    loader::{self, MapSizes},
+    monotonic_ns, object,
+    reuseport::RunStats,
+    sum_over_cpus, verification, Program,
 };
 use crate::{
     error::{Error, Result},
     kernel,
+    spec::{GroupSpec, UdpMode},
 };
+
+/// What a UDP group's program is loaded with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UdpSettings {
+    pub mode: UdpMode,
+    /// Bytes a socket's receive buffer must have free to count as having room.
+    pub reserve: u32,
+    /// Flow mode: how long a flow may be idle before it is placed again.
+    pub flow_timeout: Duration,
+    /// Flow mode: how many flows the table holds.
+    pub flow_table: u32,
+}
+
+impl UdpSettings {
+    /// The datagram mode, with the defaults.
+    pub fn datagram() -> Self {
+        UdpSettings {
+            mode: UdpMode::Datagram,
+            reserve: DEFAULT_RESERVE,
+            flow_timeout: Duration::from_secs_f64(DEFAULT_FLOW_TIMEOUT_SECONDS),
+            flow_table: DEFAULT_FLOW_TABLE,
+        }
+    }
+
+    /// The flow mode, with a flow table of `entries` and flows forgotten after `timeout`.
+    pub fn flow(timeout: Duration, entries: u32) -> Self {
+        UdpSettings {
+            mode: UdpMode::Flow,
+            flow_timeout: timeout,
+            flow_table: entries,
+            ..UdpSettings::datagram()
+        }
+    }
+
+    /// A validated group's settings.
+    pub fn of(spec: &GroupSpec) -> Self {
+        UdpSettings {
+            mode: spec.udp_mode,
+            flow_timeout: Duration::from_secs_f64(spec.flow_timeout),
+            flow_table: spec.flow_table,
+            ..UdpSettings::datagram()
+        }
+    }
+}
+
+/// A flow in the table, as `parsrv status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub key: FlowKey,
+    pub slot: u32,
+    /// How long ago its last datagram came.
+    pub idle: Duration,
+}
 
 /// The loaded program and its maps.
 pub struct DatagramSteering {
     ebpf: Ebpf,
+    program: Program,
     sockets: ReusePortSockArray<MapData>,
     slot_by_cookie: HashMap<MapData, u64, u32>,
     slot_counters: PerCpuArray<MapData, UdpSlotCounters>,
     errors: PerCpuArray<MapData, UdpErrors>,
     config_map: Array<MapData, UdpConfig>,
+    /// Flow mode: the LRU table (aya reads an LRU_HASH as a HashMap).
+    flows: Option<HashMap<MapData, FlowKey, FlowEntry>>,
     config: UdpConfig,
 }
 
 impl DatagramSteering {
-    /// Loads the program, with the running kernel's offsets and a socket counted as having
-    /// room while `reserve` bytes of its receive buffer are free (None: [`DEFAULT_RESERVE`]).
-    pub fn load(reserve: Option<u32>) -> Result<Self> {
+    /// Loads the program of `settings.mode`, with the running kernel's offsets.
+    pub fn load(settings: UdpSettings) -> Result<Self> {
         let offsets = kernel::udp_offsets_in(&kernel::vmlinux_btf()?)?;
-        let bytes = object(EbpfObject::UdpDatagram)?;
-        let mut ebpf = loader::load(&bytes, Default::default())
-            .map_err(Error::ebpf("loading the udp-datagram eBPF object"))?;
+        let program_kind = settings.mode.program();
+        let what = program_kind.name();
+        let bytes = object(program_kind.object())?;
+        let sizes = MapSizes {
+            udp_flows: settings.flow_table,
+            ..MapSizes::default()
+        };
+        let mut ebpf = loader::load(&bytes, sizes)
+            .map_err(Error::ebpf(format!("loading the {what} eBPF object")))?;
         let program: &mut SkReuseport = ebpf
-            .program_mut(names::PROGRAM)
-            .ok_or_else(|| missing(names::PROGRAM))?
+            .program_mut(program_kind.name())
+            .ok_or_else(|| missing(what, program_kind.name()))?
             .try_into()
-            .map_err(Error::ebpf("the udp-datagram program has the wrong type"))?;
+            .map_err(Error::ebpf(format!(
+                "the {what} program has the wrong type"
+            )))?;
         program
             .load()
-            .map_err(|e| verification::refusal(Program::UdpDatagram, e))?;
-        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing(name));
+            .map_err(|e| verification::refusal(program_kind, e))?;
+        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing(what, name));
         let typed = |name: &'static str| Error::ebpf(format!("map {name} has the wrong type"));
         let sockets = take(names::SOCKETS)?
             .try_into()
@@ -66,17 +135,29 @@ impl DatagramSteering {
         let config_map = take(names::CONFIG)?
             .try_into()
             .map_err(typed(names::CONFIG))?;
+        let flows = match settings.mode {
+            UdpMode::Datagram => None,
+            UdpMode::Flow => Some(
+                take(names::FLOWS)?
+                    .try_into()
+                    .map_err(typed(names::FLOWS))?,
+            ),
+        };
         let mut steering = DatagramSteering {
             ebpf,
+            program: program_kind,
             sockets,
             slot_by_cookie,
             slot_counters,
             errors,
             config_map,
+            flows,
             config: UdpConfig {
                 offsets,
-                reserve: reserve.unwrap_or(DEFAULT_RESERVE),
+                reserve: settings.reserve,
                 generation: 1,
+                _pad: 0,
+                flow_idle_ns: settings.flow_timeout.as_nanos().min(u64::MAX as u128) as u64,
             },
         };
         steering.write_config()?;
@@ -86,7 +167,7 @@ impl DatagramSteering {
     fn write_config(&mut self) -> Result<()> {
         self.config_map
             .set(0, self.config, 0)
-            .map_err(Error::ebpf("writing the udp-datagram program's CONFIG"))
+            .map_err(Error::ebpf("writing the UDP program's CONFIG"))
     }
 
     /// Makes `socket` (bound, SO_REUSEPORT, unconnected) selectable as `slot`.
@@ -111,20 +192,50 @@ impl DatagramSteering {
 
     /// Attaches the program to the reuseport group `member` belongs to.
     pub fn attach(&mut self, member: &impl AsFd) -> Result<()> {
+        let what = self.program.name();
         let program: &mut SkReuseport = self
             .ebpf
-            .program_mut(names::PROGRAM)
-            .ok_or_else(|| missing(names::PROGRAM))?
+            .program_mut(self.program.name())
+            .ok_or_else(|| missing(what, self.program.name()))?
             .try_into()
-            .map_err(Error::ebpf("the udp-datagram program has the wrong type"))?;
+            .map_err(Error::ebpf(format!(
+                "the {what} program has the wrong type"
+            )))?;
         // The kernel keeps the program with the group; the link aya returns is only a
         // handle for detaching, which closing the sockets does.
         program
             .attach(member.as_fd())
             .map(drop)
-            .map_err(Error::ebpf(
-                "attaching the udp-datagram program to the socket group",
-            ))
+            .map_err(Error::ebpf(format!(
+                "attaching the {what} program to the socket group"
+            )))
+    }
+
+    /// The flows in the table (flow mode; none in datagram mode), idle or not: one map
+    /// lookup per flow, for `status`, never on the datagrams' path. At most `limit`.
+    pub fn flows(&self, limit: usize) -> Result<Vec<Flow>> {
+        let Some(table) = &self.flows else {
+            return Ok(Vec::new());
+        };
+        let now = monotonic_ns();
+        let mut flows = Vec::new();
+        for item in table.iter().take(limit) {
+            // A flow forgotten between the key's read and its value's is skipped.
+            let Ok((key, entry)) = item else { continue };
+            flows.push(Flow {
+                key,
+                slot: entry.slot,
+                idle: Duration::from_nanos(now.saturating_sub(entry.last_ns)),
+            });
+        }
+        Ok(flows)
+    }
+
+    /// Flow mode: how long a flow may be idle before it is placed again.
+    pub fn flow_timeout(&self) -> Option<Duration> {
+        self.flows
+            .as_ref()
+            .map(|_| Duration::from_nanos(self.config.flow_idle_ns))
     }
 
     /// Per-slot counters summed over CPUs, for slots `0..slots`.
@@ -149,18 +260,19 @@ impl DatagramSteering {
     /// The program's id, runs and run time (with kernel.bpf_stats_enabled=1), and what the
     /// verifier spent on it (Linux 5.16+).
     pub fn run_stats(&self) -> Result<RunStats> {
+        let what = self.program.name();
         let info = self
             .ebpf
-            .program(names::PROGRAM)
-            .ok_or_else(|| missing(names::PROGRAM))?
+            .program(self.program.name())
+            .ok_or_else(|| missing(what, self.program.name()))?
             .info()
-            .map_err(Error::ebpf("reading the udp-datagram program's info"))?;
+            .map_err(Error::ebpf(format!("reading the {what} program's info")))?;
         Ok(RunStats::of(&info))
     }
 }
 
-fn missing(name: &str) -> Error {
-    Error::ebpf("the udp-datagram eBPF object is not this parsrv's")(anyhow::anyhow!(
+fn missing(object: &str, name: &str) -> Error {
+    Error::ebpf(format!("the {object} eBPF object is not this parsrv's"))(anyhow::anyhow!(
         "it has no {name}: rebuild it with `cargo xtask build`"
     ))
 }

@@ -31,7 +31,7 @@ use crate::{
         audit::Audit,
         pins::{self, Pins},
         reuseport::{ProgramLog, Steering},
-        udp::DatagramSteering,
+        udp::{DatagramSteering, UdpSettings},
     },
     error::{Error, Result},
     listeners::{Listeners, SocketState},
@@ -185,7 +185,7 @@ impl RunningGroup {
                 )?;
                 let program = if spec.is_udp() {
                     // Not pinned: a UDP group is not adopted yet (docs/udp.md).
-                    Program::Datagrams(Box::new(DatagramSteering::load(None)?))
+                    Program::Datagrams(Box::new(DatagramSteering::load(UdpSettings::of(&spec))?))
                 } else {
                     Program::Connections(Box::new(Steering::load(
                         config,

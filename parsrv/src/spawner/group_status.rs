@@ -15,8 +15,8 @@ use crate::{
     kernel::Occupancy,
     spec::{Affinity, HandlerKind},
     status::{
-        self, AddressStatus, AffinityEntry, AffinityStatus, DatagramStatus, GroupStatus,
-        HandlerStatus, SocketStatus,
+        self, AddressStatus, AffinityEntry, AffinityStatus, DatagramStatus, FlowTableStatus,
+        GroupStatus, HandlerStatus, SocketStatus,
     },
     supervisor::process_alive,
 };
@@ -50,6 +50,25 @@ impl RunningGroup {
                 .collect(),
             None => vec![None; members.len() as usize],
         };
+        // One walk of the flow table (flow mode): each socket's live flows, and the whole.
+        let flows = match members.datagrams() {
+            Some(program) => program.flows(usize::MAX)?,
+            None => Vec::new(),
+        };
+        let timeout = members.datagrams().and_then(|p| p.flow_timeout());
+        let live = |slot: Option<u32>| {
+            flows
+                .iter()
+                .filter(|f| slot.is_none_or(|slot| f.slot == slot))
+                .filter(|f| timeout.is_some_and(|t| f.idle < t))
+                .count() as u64
+        };
+        let flow_table = timeout.map(|timeout| FlowTableStatus {
+            entries: flows.len() as u64,
+            live: live(None),
+            capacity: spec.flow_table,
+            timeout_ms: timeout.as_millis() as u64,
+        });
         let stalls = self.stalls.borrow();
         let sockets = members
             .pairs()
@@ -60,6 +79,7 @@ impl RunningGroup {
                     datagrams: datagrams.map(|counters| DatagramStatus {
                         buffer: crate::kernel::receive_buffer(listener.socket().as_fd()).ok(),
                         counters,
+                        flows: timeout.map(|_| live(Some(slot.index))),
                     }),
                     slot: slot.index,
                     cookie: listener.cookie(),
@@ -115,6 +135,7 @@ impl RunningGroup {
                 None => Default::default(),
             },
             datagram_errors: members.datagrams().map(|p| p.errors()).transpose()?,
+            flow_table,
             program: match (members.steering(), members.datagrams()) {
                 (Some(steering), _) => steering.run_stats()?,
                 (None, Some(datagrams)) => datagrams.run_stats()?,

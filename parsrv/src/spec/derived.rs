@@ -119,23 +119,35 @@ impl GroupSpec {
         }
     }
 
-    /// What the group's dispatch table takes in kernel memory, for people: `None` without
-    /// client affinity (then it has a one-entry table).
-    pub fn dispatch_table_memory(&self) -> Option<String> {
-        use parsrv_common::reuseport::affinity::{lru_table_bytes, ClientKey, DispatchEntry};
-        (self.affinity == Affinity::Client).then(|| {
+    /// What the group's table (client affinity's dispatch table, or a UDP group's flow
+    /// table) takes in kernel memory, for people: `None` without one (a one-entry table).
+    pub fn table_memory(&self) -> Option<String> {
+        use parsrv_common::{
+            reuseport::affinity::{lru_table_bytes, ClientKey, DispatchEntry},
+            udp::{FlowEntry, FlowKey},
+        };
+        let (what, entries, bytes) = if self.affinity == Affinity::Client {
             let bytes = lru_table_bytes(
                 self.affinity_table,
                 size_of::<ClientKey>(),
                 size_of::<DispatchEntry>(),
             );
-            format!(
-                "affinity table of {} clients: {:.1} MiB of locked kernel memory, allocated when \
-                 the group starts",
-                self.affinity_table,
-                bytes as f64 / (1 << 20) as f64
-            )
-        })
+            ("affinity table", self.affinity_table, bytes)
+        } else if self.is_udp() && self.udp_mode == super::UdpMode::Flow {
+            let bytes = lru_table_bytes(
+                self.flow_table,
+                size_of::<FlowKey>(),
+                size_of::<FlowEntry>(),
+            );
+            ("flow table", self.flow_table, bytes)
+        } else {
+            return None;
+        };
+        Some(format!(
+            "{what} of {entries} entries: {:.1} MiB of locked kernel memory, allocated when the \
+             group starts",
+            bytes as f64 / (1 << 20) as f64
+        ))
     }
 
     /// Entries of the dispatch table the kernel allocates: one when affinity is off (a map

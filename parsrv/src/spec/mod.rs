@@ -28,9 +28,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
-pub use parsrv_common::reuseport::{
-    affinity::{DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE},
-    MAX_SOCKETS,
+pub use parsrv_common::{
+    reuseport::{
+        affinity::{DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE},
+        MAX_SOCKETS,
+    },
+    udp::{DEFAULT_FLOW_TABLE, DEFAULT_FLOW_TIMEOUT_SECONDS, MAX_FLOW_TABLE},
 };
 
 /// Where a new connection goes while some socket has room. The default, `two-choices`, was
@@ -102,6 +105,28 @@ pub enum AffinityWhenFull {
     Keep,
 }
 
+/// How a UDP group's datagrams are steered (docs/udp.md, "Modes").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UdpMode {
+    /// Each datagram on its own, to a socket with receive-buffer room (DNS, NTP, syslog).
+    #[default]
+    Datagram,
+    /// A flow's (4-tuple's) first datagram to a socket with room, and the rest of the flow
+    /// to that socket until it is idle for --flow-timeout (servers with state per client).
+    Flow,
+}
+
+impl UdpMode {
+    /// The program a group in this mode runs.
+    pub fn program(self) -> crate::dataplane::Program {
+        match self {
+            UdpMode::Datagram => crate::dataplane::Program::UdpDatagram,
+            UdpMode::Flow => crate::dataplane::Program::UdpFlow,
+        }
+    }
+}
+
 /// The code each handler process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -124,7 +149,14 @@ macro_rules! display_as_value_enum {
         }
     )*};
 }
-display_as_value_enum!(Policy, WhenFull, Affinity, AffinityWhenFull, HandlerKind);
+display_as_value_enum!(
+    Policy,
+    WhenFull,
+    Affinity,
+    AffinityWhenFull,
+    HandlerKind,
+    UdpMode
+);
 
 /// One group: a set of SO_REUSEPORT sockets on one address and port, one per handler.
 ///
@@ -186,6 +218,21 @@ pub struct GroupSpec {
     /// With --affinity client: what happens when a client's handler has no room.
     #[arg(long, value_enum, default_value_t)]
     pub affinity_when_full: AffinityWhenFull,
+    /// A UDP group: steer each datagram on its own (`datagram`), or keep each flow (4-tuple)
+    /// on the socket its first datagram went to (`flow`).
+    #[arg(long, value_enum, default_value_t)]
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub udp_mode: UdpMode,
+    /// With --udp-mode flow: seconds a flow may send nothing before its next datagram is
+    /// placed again, as a new flow's.
+    #[arg(long, default_value_t = DEFAULT_FLOW_TIMEOUT_SECONDS, value_name = "SECONDS")]
+    #[serde(default = "default_flow_timeout")]
+    pub flow_timeout: f64,
+    /// With --udp-mode flow: flows the kernel's flow table holds; beyond that the least
+    /// recently used are forgotten. All of it is allocated at start (120 bytes each; `parsrv check` prints the total).
+    #[arg(long, default_value_t = DEFAULT_FLOW_TABLE, value_name = "ENTRIES")]
+    #[serde(default = "default_flow_table")]
+    pub flow_table: u32,
     /// Pin handlers to these CPUs, round-robin by slot: `0-3`, `0,2`.
     #[arg(
         long,
@@ -255,6 +302,19 @@ pub const DEFAULT_STALL_AFTER: f64 = 0.1;
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// A record written before flow mode existed runs with the defaults.
+fn default_flow_timeout() -> f64 {
+    DEFAULT_FLOW_TIMEOUT_SECONDS
+}
+
+fn default_flow_table() -> u32 {
+    DEFAULT_FLOW_TABLE
 }
 
 /// A record written before `--stall-after` existed runs with the default.

@@ -3,7 +3,8 @@
 
 use super::{
     environment, executable_by, find_program, format_cpus, invalid, usable_cpus, Affinity,
-    ClientPrefix, GroupSpec, HandlerKind, HandlerRange, Listen, MAX_SOCKETS, MAX_TABLE_SIZE,
+    ClientPrefix, GroupSpec, HandlerKind, HandlerRange, Listen, UdpMode, MAX_FLOW_TABLE,
+    MAX_SOCKETS, MAX_TABLE_SIZE,
 };
 use crate::error::{Error, Result};
 
@@ -11,6 +12,11 @@ use crate::error::{Error, Result};
 /// browser's connections; a week is longer than any session worth keeping.
 pub const MIN_AFFINITY_TIMEOUT: f64 = 1.0;
 pub const MAX_AFFINITY_TIMEOUT: f64 = 7.0 * 86400.0;
+
+/// Bounds of `--flow-timeout`, seconds: a flow idle for less than 10 ms is no flow; a day is
+/// longer than any UDP session keeps state.
+pub const MIN_FLOW_TIMEOUT: f64 = 0.01;
+pub const MAX_FLOW_TIMEOUT: f64 = 86400.0;
 
 /// Enough for any machine parsrv targets; more threads per socket only add wake-ups.
 pub const MAX_THREADS: u32 = 1024;
@@ -81,7 +87,7 @@ impl GroupSpec {
     }
 
     /// What a UDP group (`--listen udp://...`) cannot have: what exists for UDP so far is
-    /// one address, a fixed number of handlers and the datagram program (docs/udp.md); a
+    /// one address, a fixed number of handlers and the datagram and flow modes (docs/udp.md); a
     /// setting of TCP's accept queues or of what UDP groups do not do yet is refused, not
     /// ignored.
     fn udp_problems(&self) -> Vec<Error> {
@@ -169,6 +175,7 @@ impl GroupSpec {
         }
         problems.extend(self.listen_problems());
         problems.extend(self.udp_problems());
+        problems.extend(self.flow_problems());
         let range = self.handlers.to_string();
         let HandlerRange { min, max } = self.handlers;
         if !(1..=MAX_SOCKETS).contains(&min) || !(1..=MAX_SOCKETS).contains(&max) {
@@ -273,6 +280,58 @@ impl GroupSpec {
                     format_cpus(&usable)
                 ),
             ));
+        }
+        problems
+    }
+
+    /// What is wrong with the UDP mode's settings: bounds, and a setting given where it does
+    /// not apply (a TCP group's `--udp-mode`, a datagram group's flow settings).
+    fn flow_problems(&self) -> Vec<Error> {
+        let mut problems = Vec::new();
+        if !(self.flow_timeout.is_finite()
+            && (MIN_FLOW_TIMEOUT..=MAX_FLOW_TIMEOUT).contains(&self.flow_timeout))
+        {
+            problems.push(invalid(
+                "--flow-timeout",
+                self.flow_timeout,
+                format!("must be {MIN_FLOW_TIMEOUT} to {MAX_FLOW_TIMEOUT} seconds of idle time"),
+            ));
+        }
+        if !(1..=MAX_FLOW_TABLE).contains(&self.flow_table) {
+            problems.push(invalid(
+                "--flow-table",
+                self.flow_table,
+                format!("must be 1 to {MAX_FLOW_TABLE} entries (480 MiB of kernel memory at most)"),
+            ));
+        }
+        let defaults = GroupSpec::on(&self.listen, self.handler);
+        if !self.is_udp() && self.udp_mode != defaults.udp_mode {
+            problems.push(invalid(
+                "--udp-mode",
+                self.udp_mode,
+                "is a UDP setting (a TCP connection stays with its handler anyway); leave it out",
+            ));
+        }
+        if self.udp_mode != UdpMode::Flow {
+            let given = [
+                (
+                    "--flow-timeout",
+                    self.flow_timeout.to_string(),
+                    self.flow_timeout != defaults.flow_timeout,
+                ),
+                (
+                    "--flow-table",
+                    self.flow_table.to_string(),
+                    self.flow_table != defaults.flow_table,
+                ),
+            ];
+            if let Some((option, value, _)) = given.iter().find(|(_, _, given)| *given) {
+                problems.push(invalid(
+                    option,
+                    value,
+                    "only applies with --udp-mode flow: add it, or drop this option",
+                ));
+            }
         }
         problems
     }
@@ -382,6 +441,22 @@ mod tests {
         assert_eq!(options, ["--backlog", "--threads", "--grace"]);
     }
 
+    fn udp_group() -> GroupSpec {
+        GroupSpec::new("udp://127.0.0.1:443".parse().unwrap(), HandlerKind::Echo)
+    }
+
+    #[test]
+    fn a_udp_group_in_flow_mode_is_accepted() {
+        GroupSpec {
+            udp_mode: UdpMode::Flow,
+            flow_timeout: 5.0,
+            flow_table: 1024,
+            ..udp_group()
+        }
+        .validate()
+        .unwrap();
+    }
+
     fn rejected_option(spec: &GroupSpec) -> &'static str {
         match spec.validate() {
             Err(Error::InvalidOption { option, .. }) => option,
@@ -397,7 +472,7 @@ mod tests {
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
-        let cases: [(&str, Spoil); 28] = [
+        let cases: [(&str, Spoil); 33] = [
             ("--affinity-prefix", |s| {
                 s.affinity = Affinity::Client;
                 s.affinity_prefix.v4 = 33;
@@ -455,6 +530,21 @@ mod tests {
                 s.command = vec!["/etc/passwd".into()];
             }),
             ("--cpus", |s| s.cpus = CpuList(vec![4095])),
+            ("--udp-mode", |s| s.udp_mode = UdpMode::Flow),
+            ("--flow-timeout", |s| s.flow_timeout = 60.0),
+            ("--flow-table", |s| {
+                s.udp_mode = UdpMode::Flow;
+                s.flow_table = MAX_FLOW_TABLE + 1;
+            }),
+            ("--flow-timeout", |s| {
+                *s = udp_group();
+                s.flow_timeout = 3600.0;
+            }),
+            ("--flow-timeout", |s| {
+                *s = udp_group();
+                s.udp_mode = UdpMode::Flow;
+                s.flow_timeout = 0.0;
+            }),
             ("--user", |s| s.user = Some("no-such-user-parsrv".into())),
             ("--user", |s| {
                 s.user = Some("root:no-such-group-parsrv".into())

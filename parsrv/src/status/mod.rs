@@ -53,6 +53,9 @@ pub struct GroupStatus {
     /// error (`errors` is then zero: it is the TCP program's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datagram_errors: Option<UdpErrors>,
+    /// A UDP group in flow mode (`--udp-mode flow`): its flow table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_table: Option<FlowTableStatus>,
     pub program: RunStats,
     /// The watchdog's checks that the group's sockets run its program.
     #[serde(default)]
@@ -172,6 +175,21 @@ pub struct DatagramStatus {
     /// Read with SO_MEMINFO when the status was taken; None if that failed.
     pub buffer: Option<ReceiveBuffer>,
     pub counters: UdpSlotCounters,
+    /// Flow mode: the flows the table keeps on this socket that sent within the time-out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
+}
+
+/// A UDP group's flow table (docs/udp.md, "Modes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTableStatus {
+    /// Flows recorded, idle or not (an idle one is placed again by its next datagram).
+    pub entries: u64,
+    /// Of those, the ones that sent within the time-out.
+    pub live: u64,
+    /// The most it holds (`--flow-table`): beyond it the least recently used are forgotten.
+    pub capacity: u32,
+    pub timeout_ms: u64,
 }
 
 /// One client of `parsrv affinity`: its entry, and the handler its slot runs now.
@@ -248,6 +266,7 @@ pub(crate) mod tests {
             }],
             errors: GlobalCounters::default(),
             datagram_errors: None,
+            flow_table: None,
             program: RunStats {
                 program_id: 5,
                 run_count: 10,

@@ -252,12 +252,30 @@ impl GroupStatus {
         if !spec.command.is_empty() {
             let _ = writeln!(out, "command: {}", spec.command.join(" "));
         }
+        let _ = write!(out, "udp mode {}", spec.udp_mode);
+        match self.flow_table {
+            Some(table) => {
+                let _ = writeln!(
+                    out,
+                    "  flows {} live of {} recorded (table {}, idle time-out {} ms)",
+                    table.live, table.entries, table.capacity, table.timeout_ms
+                );
+            }
+            None => out.push('\n'),
+        }
+        // The flow counters are the flow program's: a datagram group's are always 0.
+        let flow_mode = self.flow_table.is_some();
+        let shown =
+            |counter: &&parsrv_common::Counter| flow_mode || !counter.name.starts_with("flow");
         let _ = write!(
             out,
             "{:>4} {:>8} {:>5} {:>3} {:>8} {:>17} {:>6}",
             "slot", "pid", "alive", "cpu", "restarts", "buffer used/size", "drops"
         );
-        for counter in UdpSlotCounters::COUNTERS {
+        if flow_mode {
+            let _ = write!(out, " {:>6}", "live");
+        }
+        for counter in UdpSlotCounters::COUNTERS.iter().filter(shown) {
             let _ = write!(
                 out,
                 " {:>w$}",
@@ -284,7 +302,15 @@ impl GroupStatus {
                 .as_ref()
                 .map(|d| d.counters)
                 .unwrap_or_default();
-            for (counter, value) in UdpSlotCounters::COUNTERS.iter().zip(counters.values()) {
+            if flow_mode {
+                let live = socket.datagrams.as_ref().and_then(|d| d.flows);
+                let _ = write!(out, " {:>6}", live.map_or("?".into(), |n| n.to_string()));
+            }
+            for (counter, value) in UdpSlotCounters::COUNTERS
+                .iter()
+                .zip(counters.values())
+                .filter(|(counter, _)| shown(counter))
+            {
                 let _ = write!(out, " {value:>w$}", w = column_width(counter.column));
             }
             let _ = writeln!(

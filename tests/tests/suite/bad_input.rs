@@ -168,6 +168,44 @@ fn usage_errors_exit_2_naming_the_option() {
                 &["--listen", "quic://127.0.0.1:443"],
                 &["--listen", "udp://ADDR:PORT"],
             ),
+            // UDP modes: a UDP setting on a TCP group, a flow setting without flow mode, a
+            // mode that does not exist.
+            (&["--udp-mode", "flow"], &["--udp-mode", "is a UDP setting"]),
+            (
+                &[
+                    "--listen",
+                    "udp://127.0.0.1:8080",
+                    "--handler",
+                    "echo",
+                    "--flow-timeout",
+                    "5",
+                ],
+                &["--flow-timeout", "only applies with --udp-mode flow"],
+            ),
+            (
+                &[
+                    "--listen",
+                    "udp://127.0.0.1:8080",
+                    "--handler",
+                    "echo",
+                    "--udp-mode",
+                    "flow",
+                    "--flow-table",
+                    "0",
+                ],
+                &["--flow-table", "1 to"],
+            ),
+            (
+                &[
+                    "--listen",
+                    "udp://127.0.0.1:8080",
+                    "--handler",
+                    "echo",
+                    "--udp-mode",
+                    "quic",
+                ],
+                &["quic", "--udp-mode", "possible values: datagram, flow"],
+            ),
             (&["--handlers", "0"], &["--handlers", "1 to 128"]),
             (&["--handlers", "129"], &["--handlers", "1 to 128"]),
             (&["--backlog", "0"], &["--backlog", "at least 1"]),

@@ -28,5 +28,6 @@ mod systemd;
 mod trust;
 mod two_spawners;
 mod udp;
+mod udp_flow;
 mod verifier;
 mod when_full;

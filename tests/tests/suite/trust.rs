@@ -393,7 +393,7 @@ fn a_dispatch_tables_memory_is_said_beforehand_and_bounded() {
             s.affinity = Affinity::Client;
             s.affinity_table = entries;
         });
-        let said = builder.spec.dispatch_table_memory().unwrap();
+        let said = builder.spec.table_memory().unwrap();
         let spawner = builder.start();
         let pin = parsrv::dataplane::pins::group_dir("test-table")
             .join(parsrv_common::reuseport::names::DISPATCH_TABLE);

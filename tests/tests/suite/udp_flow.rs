@@ -1,0 +1,419 @@
+//! UDP flow mode (`--udp-mode flow`): each flow (4-tuple) stays on the socket its first
+//! datagram went to, while a socket fills and after the flow's idle time-out passes, checked
+//! per 4-tuple from the source address of every datagram each socket holds; against the
+//! datagram mode, which splits flows between sockets as soon as one fills, in the same test
+//! and network namespace. Then a group under `parsrv run` in flow mode with one handler
+//! stopped, its status and the kernel's counters.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    os::fd::AsFd,
+    time::{Duration, Instant},
+};
+
+use parsrv::{
+    dataplane::{udp::UdpSettings, Program},
+    spec::{HandlerKind, UdpMode},
+};
+use parsrv_common::udp::UdpSlotCounters;
+use parsrv_integration_tests::{
+    figure, group, meminfo, privileged, send_flows, signal, steer_udp_with, stop_process,
+    udp_group, Needs, Queries, UdpCounters, ADDR, LARGE_BUFFER, SMALL_BUFFER,
+};
+use socket2::Socket;
+
+const SOCKETS: usize = 4;
+const FLOWS: usize = 200;
+const PER_FLOW: usize = 10;
+const DATAGRAMS: usize = FLOWS * PER_FLOW;
+
+/// Where each flow's datagrams were found: source address -> sockets (by slot) that held
+/// any, and the kernel's drops at each socket over the run.
+#[derive(Debug)]
+struct Placement {
+    sockets_of: BTreeMap<SocketAddr, BTreeSet<usize>>,
+    read: [u64; SOCKETS],
+    drops: [u64; SOCKETS],
+    kernel: UdpCounters,
+}
+
+impl Placement {
+    /// Flows whose datagrams were found on more than one socket.
+    fn split(&self) -> usize {
+        self.sockets_of.values().filter(|s| s.len() > 1).count()
+    }
+
+    /// Flows found on `slot`.
+    fn flows_on(&self, slot: usize) -> u64 {
+        self.sockets_of
+            .values()
+            .filter(|s| s.contains(&slot))
+            .count() as u64
+    }
+}
+
+/// Sends FLOWS x PER_FLOW datagrams round by round, reading nothing meanwhile, then reads
+/// every socket until every datagram is read or counted dropped by the kernel (at most
+/// 10 s).
+fn place(sockets: &[Socket], addr: SocketAddr) -> Placement {
+    let before = UdpCounters::read();
+    let drops_before: Vec<u32> = sockets.iter().map(|s| meminfo(s.as_fd()).drops).collect();
+    let clients = send_flows(addr, FLOWS, PER_FLOW);
+    let mut sockets_of: BTreeMap<SocketAddr, BTreeSet<usize>> = BTreeMap::new();
+    let mut read = [0u64; SOCKETS];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+    loop {
+        for (slot, socket) in sockets.iter().enumerate() {
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                read[slot] += 1;
+                let from = from.as_socket().expect("an IP source");
+                sockets_of.entry(from).or_default().insert(slot);
+            }
+        }
+        let kernel = before.delta(&UdpCounters::read());
+        if read.iter().sum::<u64>() + kernel.rcvbuf_errors >= DATAGRAMS as u64
+            || Instant::now() > deadline
+        {
+            let mut drops = [0u64; SOCKETS];
+            for (slot, socket) in sockets.iter().enumerate() {
+                drops[slot] = (meminfo(socket.as_fd()).drops - drops_before[slot]) as u64;
+            }
+            let placement = Placement {
+                sockets_of,
+                read,
+                drops,
+                kernel,
+            };
+            // Every datagram read once or dropped by the kernel at a socket, none refused,
+            // and every datagram read came from one of this run's clients.
+            let detail = format!("{placement:?}");
+            assert_eq!(
+                read.iter().sum::<u64>() + drops.iter().sum::<u64>(),
+                DATAGRAMS as u64,
+                "{detail}"
+            );
+            assert_eq!(
+                placement.kernel.rcvbuf_errors,
+                drops.iter().sum::<u64>(),
+                "{detail}"
+            );
+            assert_eq!(placement.kernel.no_ports, 0, "{detail}");
+            let clients: BTreeSet<SocketAddr> = clients.into_iter().collect();
+            assert!(
+                placement.sockets_of.keys().all(|a| clients.contains(a)),
+                "{detail}"
+            );
+            return placement;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sum(counters: &[UdpSlotCounters], field: fn(&UdpSlotCounters) -> u64) -> u64 {
+    counters.iter().map(field).sum()
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn each_flow_stays_on_one_socket_while_one_fills_where_the_datagram_mode_splits_flows() {
+    privileged(Needs::program_of(Program::UdpFlow), || {
+        // Socket 0 stands for a stalled handler: a small buffer nobody reads during the run.
+        let buffers = [SMALL_BUFFER, LARGE_BUFFER, LARGE_BUFFER, LARGE_BUFFER];
+
+        // The control: the datagram mode moves a flow's later datagrams off socket 0 once
+        // it fills, so the flows hashed there are found on two sockets.
+        let (sockets, addr) = udp_group(&buffers);
+        let datagram = steer_udp_with(&sockets, UdpSettings::datagram());
+        let control = place(&sockets, addr);
+        let control_counters = datagram.slot_counters(SOCKETS as u32).unwrap();
+        let detail = format!("datagram mode: {control:?}, program {control_counters:?}");
+        assert!(control.split() > 0, "no flow was split: {detail}");
+        assert_eq!(control.kernel.rcvbuf_errors, 0, "{detail}");
+        drop((datagram, sockets));
+
+        // Flow mode: every flow on one socket, whatever socket 0's room.
+        let (sockets, addr) = udp_group(&buffers);
+        let flow = steer_udp_with(&sockets, UdpSettings::flow(Duration::from_secs(60), 4096));
+        let placed = place(&sockets, addr);
+        let counters = flow.slot_counters(SOCKETS as u32).unwrap();
+        let errors = flow.errors().unwrap();
+        let detail = format!("flow mode: {placed:?}, program {counters:?}, errors {errors:?}");
+        assert_eq!(placed.split(), 0, "a flow was split: {detail}");
+        assert_eq!(
+            placed.sockets_of.len(),
+            FLOWS,
+            "every flow was read: {detail}"
+        );
+        assert_eq!(errors.total(), 0, "{detail}");
+        // Each flow placed once, by room; its other datagrams followed it.
+        assert_eq!(sum(&counters, |c| c.flows), FLOWS as u64, "{detail}");
+        assert_eq!(
+            sum(&counters, |c| c.kept) + sum(&counters, |c| c.steered_in),
+            FLOWS as u64,
+            "{detail}"
+        );
+        assert_eq!(
+            sum(&counters, |c| c.flow_datagrams),
+            (DATAGRAMS - FLOWS) as u64,
+            "{detail}"
+        );
+        for (slot, c) in counters.iter().enumerate() {
+            assert_eq!(placed.flows_on(slot), c.flows, "slot {slot}: {detail}");
+            // What a socket got is its flows' datagrams: read there, or dropped there.
+            assert_eq!(
+                placed.read[slot] + placed.drops[slot],
+                c.flows + c.flow_datagrams,
+                "slot {slot}: {detail}"
+            );
+        }
+        // New flows went elsewhere once socket 0 had no room, and only socket 0 dropped:
+        // the flows it kept lost what did not fit.
+        assert!(counters[0].steered_away > 0, "{detail}");
+        assert!(counters[0].flows < (FLOWS / SOCKETS) as u64, "{detail}");
+        assert_eq!(placed.drops[1..], [0, 0, 0], "{detail}");
+        let table = flow.flows(usize::MAX).unwrap();
+        assert_eq!(table.len(), FLOWS, "{detail}");
+        for recorded in &table {
+            assert!(recorded.idle < Duration::from_secs(60), "{recorded:?}");
+        }
+        figure(&format!(
+            "{FLOWS} flows x {PER_FLOW} datagrams, socket 0 small and unread: datagram mode \
+             split {} flows between sockets; flow mode split 0, placed {} flows on socket 0 \
+             (its {} datagrams beyond its buffer dropped, Udp RcvbufErrors) and {} elsewhere",
+            control.split(),
+            counters[0].flows,
+            placed.drops[0],
+            FLOWS as u64 - counters[0].flows
+        ));
+    });
+}
+
+/// SO_RCVBUF of `socket`, the kernel's smallest (about 2.3 KiB): below the program's 4 KiB
+/// reserve, so the socket has no room by the program's measure, though a datagram or two
+/// still fit.
+fn shrink_buffer(socket: &Socket) {
+    socket.set_recv_buffer_size(1).unwrap();
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_flow_stays_on_a_socket_without_room_and_is_placed_again_after_its_idle_time_out() {
+    privileged(Needs::program_of(Program::UdpFlow), || {
+        const TIMEOUT: Duration = Duration::from_secs(2);
+        let (sockets, addr) = udp_group(&[LARGE_BUFFER; SOCKETS]);
+        let flow = steer_udp_with(&sockets, UdpSettings::flow(TIMEOUT, 64));
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        // Where one datagram went: the socket that holds it (waiting at most 5 s).
+        let received_on = |buf: &mut [std::mem::MaybeUninit<u8>]| -> usize {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                for (slot, socket) in sockets.iter().enumerate() {
+                    if socket.recv_from(buf).is_ok() {
+                        return slot;
+                    }
+                }
+                assert!(Instant::now() < deadline, "no socket got the datagram");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+
+        client.send_to(b"first", addr).unwrap();
+        let first = received_on(&mut buf);
+        let placed_at = Instant::now();
+        shrink_buffer(&sockets[first]);
+        // Within the time-out: the flow stays on its socket, which has no room.
+        client.send_to(b"second", addr).unwrap();
+        let second = received_on(&mut buf);
+        let within = placed_at.elapsed();
+        // Idle past the time-out: placed again, by room, so elsewhere.
+        std::thread::sleep(TIMEOUT + Duration::from_millis(500));
+        client.send_to(b"third", addr).unwrap();
+        let third = received_on(&mut buf);
+        let counters = flow.slot_counters(SOCKETS as u32).unwrap();
+        let detail = format!(
+            "sockets {first}, {second}, {third}; second sent {within:?} after the first; \
+             program {counters:?}"
+        );
+        assert!(within < TIMEOUT, "the test was too slow to check: {detail}");
+        assert_eq!(second, first, "{detail}");
+        assert_ne!(third, first, "{detail}");
+        assert_eq!(counters[first].flows, 1, "{detail}");
+        assert_eq!(counters[first].flow_datagrams, 1, "{detail}");
+        assert_eq!(counters[first].steered_away, 1, "{detail}");
+        assert_eq!(counters[third].flows, 1, "{detail}");
+        assert_eq!(counters[third].steered_in, 1, "{detail}");
+        assert_eq!(flow.errors().unwrap().total(), 0, "{detail}");
+        // One entry, the flow's, now on its new socket.
+        let table = flow.flows(usize::MAX).unwrap();
+        assert_eq!(table.len(), 1, "{table:?}");
+        assert_eq!(table[0].slot as usize, third, "{table:?}");
+        assert_eq!(
+            std::net::SocketAddr::from((
+                std::net::Ipv6Addr::from(table[0].key.source)
+                    .to_ipv4_mapped()
+                    .expect("an IPv4 flow is keyed by its mapped address"),
+                u16::from_be(table[0].key.source_port)
+            )),
+            client.local_addr().unwrap(),
+            "{table:?}"
+        );
+    });
+}
+
+/// The spawner `pid` holds one LRU hash (the flow table) of `entries`, and what `parsrv
+/// check` said of its memory (`said`) is the kernel's own figure (`memlock`, counted as the
+/// map's usage since Linux 6.4; it adds a few KiB of header and bucket locks).
+fn flow_table_is_sized_as_said(pid: u32, entries: u32, said: &str) {
+    use parsrv_common::{
+        reuseport::affinity::lru_table_bytes,
+        udp::{FlowEntry, FlowKey},
+    };
+    const BPF_MAP_TYPE_LRU_HASH: u64 = 9;
+    let mut tables = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        let field = |name: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if field("map_type:") == Some(BPF_MAP_TYPE_LRU_HASH) {
+            tables.push((field("max_entries:"), field("memlock:")));
+        }
+    }
+    let estimate = lru_table_bytes(entries, size_of::<FlowKey>(), size_of::<FlowEntry>());
+    assert_eq!(tables.len(), 1, "one LRU map, the flow table: {tables:?}");
+    assert_eq!(tables[0].0, Some(entries as u64), "{tables:?}");
+    assert!(
+        said.contains(&format!("{:.1} MiB", estimate as f64 / (1 << 20) as f64)),
+        "{said}"
+    );
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy().into_owned();
+    if parsrv::features::KernelVersion::parse(&release).unwrap()
+        >= parsrv::features::KernelVersion::parse("6.4").unwrap()
+    {
+        let kernel = tables[0].1.expect("memlock");
+        assert!(
+            (estimate..estimate + 64 * 1024).contains(&kernel),
+            "estimated {estimate} bytes, the kernel says {kernel}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
+    privileged(Needs::program_of(Program::UdpFlow), || {
+        const PACE: Duration = Duration::from_millis(10);
+        // Fewer datagrams per flow than above: the stopped handler keeps its flows, and
+        // the kernel's default buffer (about 208 KiB) holds about 250 of them.
+        const PER_FLOW: usize = 3;
+        const DATAGRAMS: usize = FLOWS * PER_FLOW;
+        const TABLE: u32 = 8192;
+        let builder = group("udp-flows", HandlerKind::Echo)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(SOCKETS as u32)
+            .with(|s| {
+                s.udp_mode = UdpMode::Flow;
+                s.flow_table = TABLE;
+            });
+        let said = builder
+            .spec
+            .table_memory()
+            .expect("a flow table's memory is said");
+        let spawner = builder.start();
+        flow_table_is_sized_as_said(spawner.pid(), TABLE, &said);
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let pid = spawner.handler_pid(0);
+        stop_process(pid);
+        let before = UdpCounters::read();
+        let mut queries = Queries::send(addr, FLOWS, PER_FLOW, PACE);
+        let answered_while_stopped =
+            queries.answers_until_quiet(Duration::from_millis(500), Duration::from_secs(5));
+        let stopped = spawner.status();
+        signal(pid, nix::sys::signal::Signal::SIGCONT);
+        let kernel_now = || before.delta(&UdpCounters::read());
+        let lost = kernel_now().rcvbuf_errors as usize;
+        let answered = queries.answers(DATAGRAMS - lost, Duration::from_secs(10));
+        let kernel = kernel_now();
+        let after = spawner.status();
+        let counters: Vec<UdpSlotCounters> = after
+            .sockets
+            .iter()
+            .map(|s| {
+                s.datagrams
+                    .as_ref()
+                    .expect("a UDP socket's status")
+                    .counters
+            })
+            .collect();
+        let table = after.flow_table.expect("a flow group's table");
+        let detail = format!(
+            "{kernel:?}, {answered_while_stopped} answered while handler 0 was stopped, \
+             {answered} in all; {table:?}; {}",
+            after.render()
+        );
+        // Every datagram answered, or dropped by the kernel at the stopped handler's socket
+        // (a flow stays with its handler, full or not); none refused.
+        assert_eq!(
+            answered + kernel.rcvbuf_errors as usize,
+            DATAGRAMS,
+            "{detail}"
+        );
+        assert_eq!(kernel.no_ports, 0, "{detail}");
+        assert_eq!(
+            after.datagram_errors.map(|e| e.total()),
+            Some(0),
+            "{detail}"
+        );
+        assert!(answered_while_stopped < DATAGRAMS, "{detail}");
+        let drops: Vec<u64> = after
+            .sockets
+            .iter()
+            .map(|s| {
+                s.datagrams
+                    .as_ref()
+                    .and_then(|d| d.buffer)
+                    .map_or(0, |b| b.drops as u64)
+            })
+            .collect();
+        assert_eq!(drops[1..], [0, 0, 0], "{detail}");
+        // Each flow placed once; the rest of each followed it.
+        assert_eq!(sum(&counters, |c| c.flows), FLOWS as u64, "{detail}");
+        assert_eq!(
+            sum(&counters, |c| c.flow_datagrams),
+            (DATAGRAMS - FLOWS) as u64,
+            "{detail}"
+        );
+        assert_eq!(table.entries, FLOWS as u64, "{detail}");
+        assert_eq!(table.live, FLOWS as u64, "{detail}");
+        // Each handler answered exactly its flows' datagrams that its socket took: the
+        // first of each (kept or steered in) and the rest.
+        for (slot, (handler, c)) in after.handlers.iter().zip(&counters).enumerate() {
+            assert_eq!(
+                handler.accepted.map(|n| n + drops[slot]),
+                Some(c.kept + c.steered_in + c.flow_datagrams),
+                "slot {slot}: {detail}"
+            );
+            let live = after.sockets[slot].datagrams.as_ref().and_then(|d| d.flows);
+            assert_eq!(live, Some(c.flows), "slot {slot}: {detail}");
+        }
+        let text = stopped.render();
+        assert!(text.contains("udp mode flow"), "{text}");
+        figure(&format!(
+            "flow mode, handler 0 of 4 stopped, {FLOWS} flows x {PER_FLOW}: handler 0 kept its \
+             {} flows, answered {} of their datagrams once resumed, the kernel dropped {} \
+             at its socket; the other handlers dropped 0",
+            counters[0].flows,
+            after.handlers[0].accepted.unwrap_or(0),
+            drops[0]
+        ));
+        assert!(spawner.stop().success());
+    });
+}
