@@ -6,7 +6,7 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -180,7 +180,10 @@ pub struct Listeners {
     /// `pattern[i % len]` (each `--listen` entry's address, its `=COUNT` times).
     pattern: Vec<SocketAddr>,
     transport: Transport,
+    /// TCP: each socket's accept-queue length.
     backlog: u32,
+    /// UDP: each socket's receive buffer (`sk_rcvbuf`) in bytes; 0: the kernel's default.
+    receive_buffer: u32,
     /// O_NONBLOCK on every socket (see [`Listeners::set_nonblocking`]).
     nonblocking: bool,
     listeners: Vec<Listener>,
@@ -199,6 +202,7 @@ impl Listeners {
         transport: Transport,
         count: u32,
         backlog: u32,
+        receive_buffer: u32,
     ) -> Result<Self> {
         pattern
             .iter()
@@ -207,6 +211,7 @@ impl Listeners {
             pattern: pattern.to_vec(),
             transport,
             backlog,
+            receive_buffer,
             nonblocking: true,
             listeners: Vec::with_capacity(count as usize),
         };
@@ -234,6 +239,7 @@ impl Listeners {
             // group and starts it anew (spawner::adopt_if_running).
             transport: Transport::Tcp,
             backlog,
+            receive_buffer: 0,
             nonblocking: true,
             listeners: Vec::with_capacity(sockets.len()),
         };
@@ -320,6 +326,10 @@ impl Listeners {
         socket
             .set_nonblocking(self.nonblocking)
             .map_err(socket_error("set the blocking mode of"))?;
+        if self.transport == Transport::Udp && self.receive_buffer > 0 {
+            force_receive_buffer(&socket, self.receive_buffer)
+                .map_err(socket_error("set SO_RCVBUFFORCE on"))?;
+        }
         socket.bind(&SockAddr::from(listen)).map_err(|source| {
             if source.kind() == io::ErrorKind::AddrInUse {
                 Error::AddressInUse { addr: listen }
@@ -467,6 +477,28 @@ fn socket_error(action: &'static str, addr: SocketAddr) -> impl FnOnce(io::Error
     }
 }
 
+/// Makes `socket`'s receive buffer (`sk_rcvbuf`) `bytes`, whatever net.core.rmem_max says
+/// (SO_RCVBUFFORCE: the spawner is root). The kernel doubles what it is given (for its own
+/// overhead, socket(7)), so it is given half.
+fn force_receive_buffer(socket: &Socket, bytes: u32) -> io::Result<()> {
+    let value = (bytes / 2).min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: an int option of an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// listen()'s backlog argument for `backlog` (an int in the kernel's API).
 fn listen_backlog(backlog: u32) -> i32 {
     backlog.min(i32::MAX as u32) as i32
@@ -565,7 +597,7 @@ mod tests {
     #[test]
     fn builds_a_group_of_listeners_with_distinct_cookies() {
         let addr = free_port();
-        let group = Listeners::bind(&[addr], Transport::Tcp, 3, 7).unwrap();
+        let group = Listeners::bind(&[addr], Transport::Tcp, 3, 7, 0).unwrap();
         assert_eq!(group.listeners().len(), 3);
         let mut cookies: Vec<u64> = group.listeners().iter().map(Listener::cookie).collect();
         cookies.dedup();
@@ -593,7 +625,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let group = Listeners::bind(&[a, a, b], Transport::Tcp, 5, 8).unwrap();
+        let group = Listeners::bind(&[a, a, b], Transport::Tcp, 5, 8, 0).unwrap();
         let placed: Vec<(SocketAddr, u32)> = group
             .listeners()
             .iter()
@@ -611,15 +643,15 @@ mod tests {
     fn refuses_an_address_a_plain_listener_holds() {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = other.local_addr().unwrap();
-        let err = Listeners::bind(&[addr], Transport::Tcp, 2, 8).unwrap_err();
+        let err = Listeners::bind(&[addr], Transport::Tcp, 2, 8, 0).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
         assert!(err.to_string().contains("choose another --listen"));
     }
 
     #[test]
     fn refuses_to_join_a_foreign_reuseport_group() {
-        let foreign = Listeners::bind(&[free_port()], Transport::Tcp, 1, 8).unwrap();
-        let err = Listeners::bind(foreign.pattern(), Transport::Tcp, 2, 8).unwrap_err();
+        let foreign = Listeners::bind(&[free_port()], Transport::Tcp, 1, 8, 0).unwrap();
+        let err = Listeners::bind(foreign.pattern(), Transport::Tcp, 2, 8, 0).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
     }
 }

@@ -103,6 +103,7 @@ handler = "http"
         spec.env = vec!["A=1".parse().unwrap()];
         spec.spare = 1;
         spec.udp_mode = spec::UdpMode::Flow;
+        spec.receive_buffer = 65536;
         let keys: Vec<String> = match toml::Value::try_from(&spec).unwrap() {
             toml::Value::Table(table) => table.keys().cloned().collect(),
             other => panic!("{other:?}"),

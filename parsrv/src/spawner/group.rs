@@ -182,6 +182,7 @@ impl RunningGroup {
                     transport,
                     spec.handlers.min + spec.spare,
                     spec.backlog,
+                    spec.receive_buffer,
                 )?;
                 let program = if spec.is_udp() {
                     // Not pinned: a UDP group is not adopted yet (docs/udp.md).

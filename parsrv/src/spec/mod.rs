@@ -223,6 +223,17 @@ pub struct GroupSpec {
     #[arg(long, value_enum, default_value_t)]
     #[serde(default, skip_serializing_if = "is_default")]
     pub udp_mode: UdpMode,
+    /// A UDP group: each socket's receive buffer in bytes (8192 to 1073741824), as `parsrv
+    /// status` shows it; by default the kernel's (net.core.rmem_default). Set whatever
+    /// net.core.rmem_max says.
+    #[arg(
+        long,
+        default_value_t = 0,
+        hide_default_value = true,
+        value_name = "BYTES"
+    )]
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub receive_buffer: u32,
     /// With --udp-mode flow: seconds a flow may send nothing before its next datagram is
     /// placed again, as a new flow's.
     #[arg(long, default_value_t = DEFAULT_FLOW_TIMEOUT_SECONDS, value_name = "SECONDS")]

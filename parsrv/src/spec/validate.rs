@@ -18,6 +18,11 @@ pub const MAX_AFFINITY_TIMEOUT: f64 = 7.0 * 86400.0;
 pub const MIN_FLOW_TIMEOUT: f64 = 0.01;
 pub const MAX_FLOW_TIMEOUT: f64 = 86400.0;
 
+/// Bounds of `--receive-buffer`, bytes: twice the UDP program's reserve (a socket with less
+/// never counts as having room), to 1 GiB (SO_RCVBUFFORCE takes half of it as an int).
+pub const MIN_RECEIVE_BUFFER: u32 = 2 * parsrv_common::udp::DEFAULT_RESERVE;
+pub const MAX_RECEIVE_BUFFER: u32 = 1 << 30;
+
 /// Enough for any machine parsrv targets; more threads per socket only add wake-ups.
 pub const MAX_THREADS: u32 = 1024;
 
@@ -175,7 +180,7 @@ impl GroupSpec {
         }
         problems.extend(self.listen_problems());
         problems.extend(self.udp_problems());
-        problems.extend(self.flow_problems());
+        problems.extend(self.udp_setting_problems());
         let range = self.handlers.to_string();
         let HandlerRange { min, max } = self.handlers;
         if !(1..=MAX_SOCKETS).contains(&min) || !(1..=MAX_SOCKETS).contains(&max) {
@@ -284,9 +289,10 @@ impl GroupSpec {
         problems
     }
 
-    /// What is wrong with the UDP mode's settings: bounds, and a setting given where it does
-    /// not apply (a TCP group's `--udp-mode`, a datagram group's flow settings).
-    fn flow_problems(&self) -> Vec<Error> {
+    /// What is wrong with the UDP settings: bounds, and a setting given where it does not
+    /// apply (a TCP group's `--udp-mode` or `--receive-buffer`, a datagram group's flow
+    /// settings).
+    fn udp_setting_problems(&self) -> Vec<Error> {
         let mut problems = Vec::new();
         if !(self.flow_timeout.is_finite()
             && (MIN_FLOW_TIMEOUT..=MAX_FLOW_TIMEOUT).contains(&self.flow_timeout))
@@ -302,6 +308,25 @@ impl GroupSpec {
                 "--flow-table",
                 self.flow_table,
                 format!("must be 1 to {MAX_FLOW_TABLE} entries (480 MiB of kernel memory at most)"),
+            ));
+        }
+        if self.receive_buffer != 0
+            && !(MIN_RECEIVE_BUFFER..=MAX_RECEIVE_BUFFER).contains(&self.receive_buffer)
+        {
+            problems.push(invalid(
+                "--receive-buffer",
+                self.receive_buffer,
+                format!(
+                    "must be {MIN_RECEIVE_BUFFER} to {MAX_RECEIVE_BUFFER} bytes (twice the \
+                     room the program needs to count a socket as having room, to 1 GiB)"
+                ),
+            ));
+        }
+        if !self.is_udp() && self.receive_buffer != 0 {
+            problems.push(invalid(
+                "--receive-buffer",
+                self.receive_buffer,
+                "is a UDP setting (a TCP group's room is its accept queue: --backlog); leave it out",
             ));
         }
         let defaults = GroupSpec::on(&self.listen, self.handler);
@@ -451,6 +476,7 @@ mod tests {
             udp_mode: UdpMode::Flow,
             flow_timeout: 5.0,
             flow_table: 1024,
+            receive_buffer: 65536,
             ..udp_group()
         }
         .validate()
@@ -472,7 +498,7 @@ mod tests {
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
-        let cases: [(&str, Spoil); 33] = [
+        let cases: [(&str, Spoil); 35] = [
             ("--affinity-prefix", |s| {
                 s.affinity = Affinity::Client;
                 s.affinity_prefix.v4 = 33;
@@ -531,6 +557,11 @@ mod tests {
             }),
             ("--cpus", |s| s.cpus = CpuList(vec![4095])),
             ("--udp-mode", |s| s.udp_mode = UdpMode::Flow),
+            ("--receive-buffer", |s| s.receive_buffer = 1 << 20),
+            ("--receive-buffer", |s| {
+                *s = udp_group();
+                s.receive_buffer = 4096;
+            }),
             ("--flow-timeout", |s| s.flow_timeout = 60.0),
             ("--flow-table", |s| {
                 s.udp_mode = UdpMode::Flow;

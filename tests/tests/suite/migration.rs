@@ -49,7 +49,7 @@ fn queue_on(group: &Listeners, index: usize, addr: SocketAddr) -> Vec<TcpStream>
 fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_without() {
     privileged(Needs::program().and(Feature::TcpMigrateReq), || {
         let addr: SocketAddr = addr();
-        let group = Listeners::bind(&[addr], Transport::Tcp, 2, 16).unwrap();
+        let group = Listeners::bind(&[addr], Transport::Tcp, 2, 16, 0).unwrap();
         let mut steering = Steering::load(
             ProgramConfig {
                 offsets: kernel::kernel_offsets().unwrap(),
@@ -104,7 +104,7 @@ fn shutting_a_listener_down_migrates_its_queue_with_the_program_and_resets_it_wi
         // Control: the same with no program attached (and the kernel's own hash migration
         // off, its default): the queue is reset.
         let addr: SocketAddr = "127.0.0.1:8081".parse().unwrap();
-        let group = Listeners::bind(&[addr], Transport::Tcp, 2, 16).unwrap();
+        let group = Listeners::bind(&[addr], Transport::Tcp, 2, 16, 0).unwrap();
         let mut clients = queue_on(&group, 1, addr);
         let before = NetCounters::read();
         group.listeners()[1]

@@ -74,7 +74,8 @@ impl Harness {
     /// program; then the program attached with `redirect`.
     fn attached() -> (Harness, BTreeMap<u16, usize>, Steering) {
         let h = Harness {
-            group: Listeners::bind(&[SERVER.parse().unwrap()], Transport::Tcp, 4, BACKLOG).unwrap(),
+            group: Listeners::bind(&[SERVER.parse().unwrap()], Transport::Tcp, 4, BACKLOG, 0)
+                .unwrap(),
         };
         let hash_choice = (FIRST_PORT..FIRST_PORT + PORTS)
             .map(|p| (p, h.landing(p)))

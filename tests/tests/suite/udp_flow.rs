@@ -311,17 +311,20 @@ fn flow_table_is_sized_as_said(pid: u32, entries: u32, said: &str) {
 fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
     privileged(Needs::program_of(Program::UdpFlow), || {
         const PACE: Duration = Duration::from_millis(10);
-        // Fewer datagrams per flow than above: the stopped handler keeps its flows, and
-        // the kernel's default buffer (about 208 KiB) holds about 250 of them.
         const PER_FLOW: usize = 3;
         const DATAGRAMS: usize = FLOWS * PER_FLOW;
         const TABLE: u32 = 8192;
+        // 64 KiB: about 75 datagrams of 32 bytes. All 200 flows start in the first round,
+        // while the stopped handler's socket is empty, so it gets its hash share, about 50
+        // flows and 150 datagrams: it keeps them, and drops what does not fit.
+        const BUFFER: u32 = 65536;
         let builder = group("udp-flows", HandlerKind::Echo)
             .listen(&format!("udp://{ADDR}"))
             .handlers(SOCKETS as u32)
             .with(|s| {
                 s.udp_mode = UdpMode::Flow;
                 s.flow_table = TABLE;
+                s.receive_buffer = BUFFER;
             });
         let said = builder
             .spec
@@ -384,6 +387,15 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
             })
             .collect();
         assert_eq!(drops[1..], [0, 0, 0], "{detail}");
+        assert!(drops[0] > 0, "the stopped handler's flows stayed: {detail}");
+        assert!(
+            after.sockets.iter().all(|s| s
+                .datagrams
+                .as_ref()
+                .and_then(|d| d.buffer)
+                .is_some_and(|b| b.size == BUFFER)),
+            "--receive-buffer sets every socket's: {detail}"
+        );
         // Each flow placed once; the rest of each followed it.
         assert_eq!(sum(&counters, |c| c.flows), FLOWS as u64, "{detail}");
         assert_eq!(
@@ -407,12 +419,90 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
         let text = stopped.render();
         assert!(text.contains("udp mode flow"), "{text}");
         figure(&format!(
-            "flow mode, handler 0 of 4 stopped, {FLOWS} flows x {PER_FLOW}: handler 0 kept its \
-             {} flows, answered {} of their datagrams once resumed, the kernel dropped {} \
-             at its socket; the other handlers dropped 0",
+            "flow mode, {BUFFER}-byte buffers, handler 0 of 4 stopped, {FLOWS} flows x \
+             {PER_FLOW}: handler 0 kept its {} flows, answered {} of their datagrams once \
+             resumed, the kernel dropped {} at its socket; the other handlers dropped 0",
             counters[0].flows,
             after.handlers[0].accepted.unwrap_or(0),
             drops[0]
+        ));
+        assert!(spawner.stop().success());
+    });
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_rolling_restart_under_load_loses_no_datagram_and_moves_no_flow() {
+    privileged(Needs::program_of(Program::UdpFlow), || {
+        // Open loop: 200 flows, a round of one datagram each every 25 ms for 2 s or more
+        // (a restart takes about 0.2 s here, more in an emulated VM), while every handler
+        // is replaced one at a time.
+        const PER_FLOW: usize = 80;
+        const DATAGRAMS: usize = FLOWS * PER_FLOW;
+        const PACE: Duration = Duration::from_millis(25);
+        let name = "udp-restart";
+        let spawner = group(name, HandlerKind::Echo)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers(SOCKETS as u32)
+            .with(|s| s.udp_mode = UdpMode::Flow)
+            .start();
+        let before_pids: Vec<Option<u32>> =
+            spawner.status().handlers.iter().map(|h| h.pid).collect();
+        let before = UdpCounters::read();
+        let load_start = Instant::now();
+        let restart = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let result = parsrv_integration_tests::Spawner::parsrv(&["group", "restart", name]);
+            (result, Instant::now())
+        });
+        let mut queries = Queries::send(ADDR.parse().unwrap(), FLOWS, PER_FLOW, PACE);
+        let load_end = Instant::now();
+        let ((code, out, err), restart_end) = restart.join().unwrap();
+        let answered = queries.answers(DATAGRAMS, Duration::from_secs(20));
+        let kernel = before.delta(&UdpCounters::read());
+        let after = spawner.status();
+        let counters: Vec<UdpSlotCounters> = after
+            .sockets
+            .iter()
+            .map(|s| {
+                s.datagrams
+                    .as_ref()
+                    .expect("a UDP socket's status")
+                    .counters
+            })
+            .collect();
+        let detail = format!(
+            "restart exit {code}: {out}{err}; {kernel:?}, {answered} answered; {}",
+            after.render()
+        );
+        assert_eq!(code, 0, "{detail}");
+        assert!(out.contains("replaced all 4 handlers"), "{detail}");
+        // The test's premise: the restart ended while the load still ran.
+        assert!(
+            restart_end < load_end,
+            "the restart outlasted the load (make the load longer): {detail}"
+        );
+        // Every datagram answered: those in a socket's buffer while its handler changed
+        // waited there for the next one.
+        assert_eq!(answered, DATAGRAMS, "{detail}");
+        assert_eq!(kernel.rcvbuf_errors, 0, "{detail}");
+        assert_eq!(kernel.no_ports, 0, "{detail}");
+        // Every handler replaced, and no flow placed twice: each stayed on its socket.
+        for (old, new) in before_pids.iter().zip(&after.handlers) {
+            assert!(new.pid.is_some() && new.pid != *old, "{detail}");
+        }
+        assert_eq!(sum(&counters, |c| c.flows), FLOWS as u64, "{detail}");
+        assert_eq!(
+            sum(&counters, |c| c.flow_datagrams),
+            (DATAGRAMS - FLOWS) as u64,
+            "{detail}"
+        );
+        figure(&format!(
+            "flow mode, all 4 handlers replaced one at a time (done {:?} into a {:?} load) \
+             under {FLOWS} flows x {PER_FLOW} (open loop, a round every {PACE:?}): {answered} \
+             of {DATAGRAMS} answered, no flow placed twice",
+            restart_end - load_start,
+            load_end - load_start
         ));
         assert!(spawner.stop().success());
     });
