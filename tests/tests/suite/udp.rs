@@ -9,7 +9,8 @@
 //! refuses one (a refusal would be an ICMP port unreachable: `Udp: NoPorts`).
 //!
 //! What each socket holds is read back datagram by datagram and compared with the kernel's
-//! counters and the program's own.
+//! counters and the program's own. And UDP groups as operators manage them: restarts,
+//! upgrades, metrics, `group add`/`remove` and SIGHUP.
 
 use std::{
     net::SocketAddr,
@@ -17,13 +18,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use parsrv::{dataplane::Program, spec::HandlerKind};
+use parsrv::{
+    dataplane::Program,
+    spec::{HandlerKind, UdpMode},
+};
 use parsrv_common::udp::UdpSlotCounters;
 use parsrv_integration_tests::{
     dns::{self, Dnsperf, DnsperfCounts, PlainUnbound},
-    echo_threads, fd_of_process, figure, group, meminfo, privileged, send_datagrams, signal,
-    steer_udp, stop_process, udp_group, wait_for, Needs, Queries, UdpCounters, ADDR,
-    DEFAULT_BUFFER, LARGE_BUFFER, SMALL_BUFFER,
+    echo_threads, error_line, fd_of_process, figure, group, http_get, meminfo, privileged,
+    send_datagrams, signal, steer_udp, stop_process, udp_group, wait_for, Needs, Outcome, Queries,
+    Spawner, UdpCounters, ADDR, DEFAULT_BUFFER, LARGE_BUFFER, SMALL_BUFFER,
 };
 use socket2::Socket;
 
@@ -769,6 +773,101 @@ fn a_udp_groups_metrics_show_its_buffers_and_counters_as_its_status_does() {
             kept += datagrams.counters.kept as f64;
         }
         assert_eq!(kept, 100.0, "{text}");
+        assert!(spawner.stop().success());
+    });
+}
+
+/// Whether a plain socket could bind `addr` (UDP) now: nothing holds it.
+fn udp_port_free(addr: SocketAddr) -> bool {
+    std::net::UdpSocket::bind(addr).is_ok()
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn udp_groups_come_and_go_with_group_add_remove_and_sighup_beside_a_tcp_group_on_their_port() {
+    privileged(Needs::program_of(Program::UdpFlow), || {
+        let udp: SocketAddr = ADDR.parse().unwrap();
+        let tcp_only = format!(
+            "[[group]]\nname = \"web\"\nlisten = \"{ADDR}\"\nhandler = \"http\"\nhandlers = 1\n"
+        );
+        let config = std::env::temp_dir().join("parsrv-test-udp-groups.toml");
+        std::fs::write(&config, &tcp_only).unwrap();
+        let spawner = Spawner::start_config("udp-groups", &config, &["web"], &[]);
+        let running = || {
+            let (_, out, _) = Spawner::parsrv(&["group", "list"]);
+            out.lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+                .collect::<Vec<_>>()
+        };
+
+        // group add: a UDP group in flow mode on the TCP group's port number.
+        let listen = format!("udp://{ADDR}");
+        let add = |name: &str| {
+            Spawner::parsrv(&[
+                "group",
+                "add",
+                "--name",
+                name,
+                "--listen",
+                &listen,
+                "--handler",
+                "echo",
+                "--handlers",
+                "2",
+                "--udp-mode",
+                "flow",
+            ])
+        };
+        let (code, out, err) = add("dns");
+        assert_eq!(code, 0, "{out}{err}\n{}", spawner.log());
+        assert_eq!(running(), ["dns", "web"]);
+        assert!(echoes(udp), "{}", spawner.log());
+        assert_eq!(
+            http_get(ADDR.parse().unwrap(), Duration::from_secs(5)),
+            Outcome::Ok
+        );
+        let (code, shown, err) = Spawner::parsrv(&["group", "show", "dns"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(shown.contains("udp_mode = \"flow\""), "{shown}");
+        // The same UDP address again: refused, nothing changed.
+        let (code, _, err) = add("dns-again");
+        assert_eq!(code, 2, "{err}");
+        assert!(error_line(&err).contains("already served here"), "{err}");
+        assert_eq!(running(), ["dns", "web"]);
+        // group remove: stopped, its port free again, the TCP group untouched.
+        let (code, out, err) = Spawner::parsrv(&["group", "remove", "dns"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(running(), ["web"]);
+        assert!(udp_port_free(udp), "{}", spawner.log());
+
+        // SIGHUP: a UDP group (datagram mode) arrives from the file, then leaves.
+        let with_udp = format!(
+            "{tcp_only}\n[[group]]\nname = \"dns\"\nlisten = \"udp://{ADDR}\"\nhandler = \"echo\"\nhandlers = 2\n"
+        );
+        std::fs::write(&config, with_udp).unwrap();
+        signal(spawner.pid(), nix::sys::signal::Signal::SIGHUP);
+        assert!(
+            wait_for(Duration::from_secs(15), || running() == ["dns", "web"]),
+            "{:?}\n{}",
+            running(),
+            spawner.log()
+        );
+        assert!(
+            wait_for(Duration::from_secs(5), || echoes(udp)),
+            "{}",
+            spawner.log()
+        );
+        assert_eq!(spawner.status_of("dns").spec.udp_mode, UdpMode::Datagram);
+        std::fs::write(&config, &tcp_only).unwrap();
+        signal(spawner.pid(), nix::sys::signal::Signal::SIGHUP);
+        assert!(
+            wait_for(Duration::from_secs(15), || running() == ["web"]),
+            "{:?}\n{}",
+            running(),
+            spawner.log()
+        );
+        assert!(udp_port_free(udp), "{}", spawner.log());
         assert!(spawner.stop().success());
     });
 }
