@@ -1,6 +1,6 @@
 //! A real DNS server and a real DNS load tool, from Debian, for the UDP tests: Unbound
-//! (`/usr/sbin/unbound`), which takes its UDP socket by systemd's socket activation, and
-//! dnsperf, which sends queries at a set rate from many clients and counts the answers.
+//! ([`unbound`]), which takes its UDP socket by systemd's socket activation, and dnsperf,
+//! which sends queries at a set rate from many clients and counts the answers.
 //!
 //! Unbound uses an inherited socket only where `sd_booted()` says systemd runs (it looks for
 //! `/run/systemd/system`); elsewhere it binds a socket of its own. Each test has an empty
@@ -15,7 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub const UNBOUND: &str = "/usr/sbin/unbound";
+/// Unbound's binary, unpacked from Debian's package by `cargo xtask setup` into the
+/// workspace's `target/test-tools/unbound` (installing the package would also start and
+/// enable a system resolver on a machine with systemd, which the tests do not need).
+pub fn unbound() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-tools/unbound/usr/sbin/unbound")
+}
 pub const DNSPERF: &str = "/usr/bin/dnsperf";
 /// The one name the test zone answers, and its address.
 pub const QUERY: &str = "a.test A";
@@ -90,7 +95,7 @@ impl PlainUnbound {
             servers: Vec::new(),
         };
         for config in configs {
-            let mut child = Command::new(UNBOUND)
+            let mut child = Command::new(unbound())
                 .args(["-d", "-p", "-c"])
                 .arg(config)
                 .env_remove("NOTIFY_SOCKET")
@@ -98,7 +103,12 @@ impl PlainUnbound {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
-                .expect("starting unbound");
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "starting {}: {e} (`cargo xtask setup` unpacks it)",
+                        unbound().display()
+                    )
+                });
             let stderr = child.stderr.take().unwrap();
             plain.servers.push(child);
             let (said, told) = std::sync::mpsc::channel();

@@ -20,12 +20,12 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: what bpf-linker links against (LLVM 22), wrk (a third-party load
-/// generator the benchmarks confirm their figures with), the font their charts use, BIRD
-/// (the routing daemon the cluster tests announce the service address with) and strace
-/// (whose fault injection kills a spawner at one system call in the fault tests), Unbound and
-/// dnsperf (a real DNS server taking its UDP socket by socket activation, and a real DNS load
-/// tool, in the UDP tests).
-const APT_PACKAGES: [&str; 11] = [
+/// generator the benchmarks confirm their figures with), BIRD (the routing daemon the
+/// cluster tests announce the service address with) and strace (whose fault injection kills
+/// a spawner at one system call in the fault tests), and dnsperf (a real DNS load tool, in
+/// the UDP tests; Unbound, the DNS server they run, is unpacked, not installed:
+/// [`ensure_unbound`]).
+const APT_PACKAGES: [&str; 10] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -33,7 +33,6 @@ const APT_PACKAGES: [&str; 11] = [
     "wrk",
     "bird2",
     "strace",
-    "unbound",
     "dnsperf",
     // The completion scripts' tests load them in each shell parsrv ships one for (bash is
     // there already).
@@ -63,8 +62,84 @@ pub fn ensure_bench_packages() -> Result<()> {
 
 pub fn ensure_all() -> Result<()> {
     ensure_apt_packages(&APT_PACKAGES, "LLVM 22 for bpf-linker, test tools")?;
+    ensure_unbound()?;
     ensure_ebpf_toolchain()?;
     ensure_bpf_linker()
+}
+
+/// Where [`ensure_unbound`] unpacks Unbound (the tests' `dns::unbound` finds it there).
+fn unbound_dir() -> std::path::PathBuf {
+    crate::workspace_root().join("target/test-tools/unbound")
+}
+
+/// Debian's Unbound for the UDP tests, unpacked into [`unbound_dir`] with the libraries it
+/// links against installed, not the package itself: installing it would start a system
+/// resolver on 127.0.0.1:53 on a machine with systemd, and enable it at every boot. The
+/// tests run the binary with configurations of their own.
+fn ensure_unbound() -> Result<()> {
+    let dir = unbound_dir();
+    let stamp = dir.join("parsrv-unpacked");
+    if stamp.exists() && dir.join("usr/sbin/unbound").exists() {
+        return Ok(());
+    }
+    if !crate::running_as_root() {
+        bail!("setup unpacks Debian's unbound for the UDP tests: run it as root");
+    }
+    let download = dir.with_file_name("unbound-download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)?;
+    run_step(
+        "setup: apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
+    run_step(
+        "setup: apt-get download unbound",
+        Command::new("apt-get")
+            // Into a directory of root's: apt's download user could not write there.
+            .args([
+                "download",
+                "-qq",
+                "-o",
+                "APT::Sandbox::User=root",
+                "unbound",
+            ])
+            .current_dir(&download),
+    )?;
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download unbound left no .deb")?;
+    let depends = Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(&deb)
+        .arg("Depends")
+        .output()
+        .context("dpkg-deb -f")?;
+    let libraries = shared_libraries(&String::from_utf8_lossy(&depends.stdout));
+    let libraries: Vec<&str> = libraries.iter().map(String::as_str).collect();
+    ensure_apt_packages_named(&libraries, "the libraries Unbound links against")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    run_step(
+        "setup: dpkg-deb -x unbound",
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir),
+    )?;
+    std::fs::write(&stamp, deb.file_name().unwrap().as_encoded_bytes())?;
+    let _ = std::fs::remove_dir_all(&download);
+    Ok(())
+}
+
+/// The shared libraries of a package's `Depends` field: the first alternative of each entry
+/// whose name starts with `lib`, without its version (the others, such as adduser, are for
+/// the package's scripts, which an unpacked copy does not run).
+fn shared_libraries(depends: &str) -> Vec<String> {
+    depends
+        .split(',')
+        .filter_map(|entry| {
+            let first = entry.split('|').next()?.trim();
+            let name = first.split([' ', '(', ':']).next()?.trim();
+            name.starts_with("lib").then(|| name.to_owned())
+        })
+        .collect()
 }
 
 /// cargo-nextest runs the integration tests (profiles in .config/nextest.toml, whose
@@ -148,6 +223,10 @@ pub fn ensure_package_test_packages() -> Result<()> {
 }
 
 fn ensure_apt_packages(packages: &[&'static str], purpose: &str) -> Result<()> {
+    ensure_apt_packages_named(packages, purpose)
+}
+
+fn ensure_apt_packages_named(packages: &[&str], purpose: &str) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -290,6 +369,29 @@ mod tests {
             text.lines().any(|l| l.trim() == pinned),
             "{} does not say {pinned}",
             file.display()
+        );
+    }
+
+    /// Unbound 1.17's Depends field in Debian 12: the libraries, and nothing for the
+    /// package's own scripts.
+    #[test]
+    fn unbounds_libraries_are_read_off_its_depends_field() {
+        let depends = "adduser, lsb-base (>= 3.0-6), libc6 (>= 2.36), libevent-2.1-7 (>= \
+                       2.1.8-stable), libnghttp2-14 (>= 1.3.0), libprotobuf-c1 (>= 1.0.1), \
+                       libpython3.11 (>= 3.11.0), libssl3 (>= 3.0.0), libsystemd0, \
+                       libfoo1 | libbar1";
+        assert_eq!(
+            super::shared_libraries(depends),
+            [
+                "libc6",
+                "libevent-2.1-7",
+                "libnghttp2-14",
+                "libprotobuf-c1",
+                "libpython3.11",
+                "libssl3",
+                "libsystemd0",
+                "libfoo1"
+            ]
         );
     }
 }

@@ -468,7 +468,13 @@ fn unbound_under_dnsperf_loses_no_query_to_a_stopped_handler_where_plain_reusepo
             .listen(&format!("udp://{ADDR}"))
             .handlers(SOCKETS as u32)
             .with(|g| g.notify = true)
-            .command(&[dns::UNBOUND, "-d", "-p", "-c", config.to_str().unwrap()])
+            .command(&[
+                dns::unbound().to_str().unwrap(),
+                "-d",
+                "-p",
+                "-c",
+                config.to_str().unwrap(),
+            ])
             .start();
         // Each handler is the process parsrv started (pid unchanged: Unbound did not
         // daemonize), holds its slot's socket as fd 3, and bound no socket of its own: the
