@@ -185,6 +185,8 @@ impl Dnsperf {
             .args(["-q", &queries.to_string()])
             .args(["-c", &clients.to_string()])
             .args(["-t", &timeout.as_secs().max(1).to_string()])
+            // Each answer's latency, one line each (`> NOERROR a.test A 0.000212`).
+            .arg("-v")
             .arg("-W")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -198,8 +200,9 @@ impl Dnsperf {
     }
 
     /// Waits for dnsperf to end (at most `within` after its start: then it is killed and the
-    /// test fails) and returns its counts, and its whole output for messages.
-    pub fn finish(mut self, within: Duration) -> (DnsperfCounts, String) {
+    /// test fails) and returns its counts, each answer's latency (sorted), and its output
+    /// for messages (without the line of each answer).
+    pub fn finish(mut self, within: Duration) -> (DnsperfCounts, Vec<Duration>, String) {
         loop {
             if self
                 .child
@@ -223,11 +226,41 @@ impl Dnsperf {
             String::from_utf8_lossy(&output.stderr)
         );
         assert!(output.status.success(), "dnsperf failed: {text}");
+        let summary: String = text
+            .lines()
+            .filter(|l| !l.starts_with("> "))
+            .map(|l| format!("{l}\n"))
+            .collect();
         (
-            parse_dnsperf(&text).unwrap_or_else(|| panic!("{text}")),
-            text,
+            parse_dnsperf(&text).unwrap_or_else(|| panic!("{summary}")),
+            latencies(&text),
+            summary,
         )
     }
+}
+
+/// The latency of each answered query in dnsperf's verbose output (`> RCODE QUERY
+/// SECONDS`; a time-out, `> T ...`, has none), sorted.
+pub fn latencies(output: &str) -> Vec<Duration> {
+    let mut latencies: Vec<Duration> = output
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("> ")?;
+            if rest.starts_with("T ") {
+                return None;
+            }
+            let seconds: f64 = rest.split_whitespace().last()?.parse().ok()?;
+            Some(Duration::from_secs_f64(seconds))
+        })
+        .collect();
+    latencies.sort();
+    latencies
+}
+
+/// The `p`-th percentile (0 to 100) of `sorted` by the nearest-rank method; None if empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
 }
 
 /// The counts in dnsperf's "Statistics:" block (`  Queries sent:         2000`, ...).
@@ -248,6 +281,25 @@ pub fn parse_dnsperf(output: &str) -> Option<DnsperfCounts> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answer_latencies_are_read_and_ranked() {
+        let output = "[Status] Sending queries\n> NOERROR a.test A 0.000212\n> T a.test A\n\
+                      > NOERROR a.test A 0.000120\n> SERVFAIL a.test A 0.5\nStatistics:\n";
+        let sorted = latencies(output);
+        assert_eq!(
+            sorted,
+            [
+                Duration::from_micros(120),
+                Duration::from_micros(212),
+                Duration::from_millis(500)
+            ]
+        );
+        assert_eq!(percentile(&sorted, 50.0), Some(Duration::from_micros(212)));
+        assert_eq!(percentile(&sorted, 99.0), Some(Duration::from_millis(500)));
+        assert_eq!(percentile(&sorted, 0.0), Some(Duration::from_micros(120)));
+        assert_eq!(percentile(&[], 99.0), None);
+    }
 
     #[test]
     fn dnsperf_statistics_are_read() {

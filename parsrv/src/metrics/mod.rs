@@ -99,6 +99,12 @@ pub fn render(groups: &[GroupStatus]) -> String {
             "Datagrams the kernel dropped at a UDP socket (sk_drops: its buffer was full).",
             &|s| buffer(s).map(|b| b.drops as f64),
         ),
+        socket(
+            "parsrv_socket_flows",
+            "gauge",
+            "Flows a UDP group in flow mode keeps on the socket that sent within --flow-timeout.",
+            &|s| s.datagrams.as_ref().and_then(|d| d.flows).map(|n| n as f64),
+        ),
     ]);
     for (index, counter) in UdpSlotCounters::COUNTERS.iter().enumerate() {
         let name = format!("parsrv_socket_datagrams_{}_total", counter.name);

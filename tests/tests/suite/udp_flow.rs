@@ -318,9 +318,11 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
         // while the stopped handler's socket is empty, so it gets its hash share, about 50
         // flows and 150 datagrams: it keeps them, and drops what does not fit.
         const BUFFER: u32 = 65536;
+        const METRICS: &str = "127.0.0.1:9464";
         let builder = group("udp-flows", HandlerKind::Echo)
             .listen(&format!("udp://{ADDR}"))
             .handlers(SOCKETS as u32)
+            .metrics(METRICS)
             .with(|s| {
                 s.udp_mode = UdpMode::Flow;
                 s.flow_table = TABLE;
@@ -418,6 +420,34 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
         }
         let text = stopped.render();
         assert!(text.contains("udp mode flow"), "{text}");
+        // Metrics say what the status says (nothing sends meanwhile).
+        let (code, page) = parsrv_integration_tests::get_page_from(
+            None,
+            METRICS.parse().unwrap(),
+            "/metrics",
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{page}");
+        for (slot, c) in counters.iter().enumerate() {
+            let sample = |name: &str| -> Option<f64> {
+                let prefix = format!("{name}{{group=\"udp-flows\",slot=\"{slot}\"}} ");
+                page.lines()
+                    .find_map(|l| l.strip_prefix(&prefix))
+                    .map(|v| v.parse().unwrap())
+            };
+            let live = after.sockets[slot].datagrams.as_ref().and_then(|d| d.flows);
+            assert_eq!(
+                sample("parsrv_socket_flows"),
+                live.map(|n| n as f64),
+                "{page}"
+            );
+            assert_eq!(
+                sample("parsrv_socket_datagrams_flow_datagrams_total"),
+                Some(c.flow_datagrams as f64),
+                "{page}"
+            );
+        }
         figure(&format!(
             "flow mode, {BUFFER}-byte buffers, handler 0 of 4 stopped, {FLOWS} flows x \
              {PER_FLOW}: handler 0 kept its {} flows, answered {} of their datagrams once \
