@@ -278,6 +278,72 @@ pub fn parse_dnsperf(output: &str) -> Option<DnsperfCounts> {
     })
 }
 
+/// dnsperf's load: 2,000 queries for one name from 200 clients (each its own 4-tuple) at
+/// 5,000 a second, each given 10 s to be answered.
+pub const DNS_QUERIES: u64 = 2000;
+pub const DNS_RATE: u64 = 5000;
+pub const DNS_CLIENTS: u32 = 200;
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs dnsperf (`queries` of them) against `addr` while `stopped` is stopped, and continues it once the run has
+/// gone quiet (dnsperf sent everything and the others answered what they got), well within
+/// the queries' time-out, so that what its buffer held is answered, not lost: what is lost
+/// is what the kernel dropped. dnsperf's counts, the namespace's UDP counters over the run,
+/// and dnsperf's output.
+pub fn dnsperf_with_one_stopped(
+    dir: &Path,
+    addr: SocketAddr,
+    queries: u64,
+    stopped: u32,
+) -> (DnsperfCounts, crate::UdpCounters, Vec<Duration>, String) {
+    crate::stop_process(stopped);
+    let before = crate::UdpCounters::read();
+    let load = Dnsperf::start(dir, addr, queries, DNS_RATE, DNS_CLIENTS, DNS_TIMEOUT);
+    // Sending takes DNS_QUERIES / DNS_RATE = 0.4 s here; in an emulated VM longer, and
+    // dnsperf itself can take a second to start there (a CI run's control lost nothing:
+    // the stopped server was continued before the first query). Quiet: the namespace's UDP
+    // counters unchanged for 300 ms, once they show at least as many datagrams read or
+    // dropped as queries were sent (an answered query is read twice: by the server, and
+    // by dnsperf). Bounded: 30 s.
+    let started = Instant::now();
+    let mut last = crate::UdpCounters::read();
+    let mut quiet_since = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = crate::UdpCounters::read();
+        let seen = before.delta(&now);
+        if now != last {
+            (last, quiet_since) = (now, Instant::now());
+        } else if quiet_since.elapsed() >= Duration::from_millis(300)
+            && seen.in_datagrams + seen.rcvbuf_errors >= queries
+        {
+            break;
+        }
+    }
+    crate::signal(stopped, nix::sys::signal::Signal::SIGCONT);
+    let (counts, latencies, output) = load.finish(Duration::from_secs(60));
+    (
+        counts,
+        before.delta(&crate::UdpCounters::read()),
+        latencies,
+        output,
+    )
+}
+
+/// "answered N, p50 X ms, p99 Y ms" of one dnsperf run, for the figures.
+pub fn answered_and_latency(counts: &DnsperfCounts, latencies: &[Duration]) -> String {
+    let ms = |p: f64| {
+        percentile(latencies, p).map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64() * 1e3))
+    };
+    format!(
+        "answered {} of {}, latency p50 {} ms, p99 {} ms",
+        counts.completed,
+        counts.sent,
+        ms(50.0),
+        ms(99.0)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@ mod addresses;
 mod affinity;
 mod burst;
 mod cluster;
+mod dns;
 mod faults;
 mod overhead;
 mod policies;
@@ -105,9 +106,14 @@ pub const SCENARIOS: &[Scenario] = &[
         run: cluster::cluster,
     },
     Scenario {
+        name: "dns",
+        description: "Unbound x4 with one stopped under dnsperf: answered queries and latency, parsrv against plain SO_REUSEPORT",
+        run: dns::dns,
+    },
+    Scenario {
         name: "udp-cost",
         description:
-            "the UDP datagram program's cost per datagram on its three paths, 4 to 128 sockets",
+            "the UDP programs' cost per datagram (datagram and flow modes), 4 to 128 sockets",
         run: udp_cost::udp_cost,
     },
 ];

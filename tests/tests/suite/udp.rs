@@ -24,7 +24,10 @@ use parsrv::{
 };
 use parsrv_common::udp::UdpSlotCounters;
 use parsrv_integration_tests::{
-    dns::{self, Dnsperf, DnsperfCounts, PlainUnbound},
+    dns::{
+        self, answered_and_latency, dnsperf_with_one_stopped, DnsperfCounts, PlainUnbound,
+        DNS_CLIENTS, DNS_QUERIES, DNS_RATE,
+    },
     echo_threads, error_line, fd_of_process, figure, group, http_get, meminfo, privileged,
     send_datagrams, signal, steer_udp, stop_process, udp_group, wait_for, Needs, Outcome, Queries,
     Spawner, UdpCounters, ADDR, DEFAULT_BUFFER, LARGE_BUFFER, SMALL_BUFFER,
@@ -383,72 +386,6 @@ fn an_exec_handler_gets_its_udp_socket_by_socket_activation_as_systemd_hands_it(
     });
 }
 
-/// dnsperf's load: 2,000 queries for one name from 200 clients (each its own 4-tuple) at
-/// 5,000 a second, each given 10 s to be answered.
-const DNS_QUERIES: u64 = 2000;
-const DNS_RATE: u64 = 5000;
-const DNS_CLIENTS: u32 = 200;
-const DNS_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Runs dnsperf against `addr` while `stopped` is stopped, and continues it once the run has
-/// gone quiet (dnsperf sent everything and the others answered what they got), well within
-/// the queries' time-out, so that what its buffer held is answered, not lost: what is lost
-/// is what the kernel dropped. dnsperf's counts, the namespace's UDP counters over the run,
-/// and dnsperf's output.
-fn dnsperf_with_one_stopped(
-    dir: &std::path::Path,
-    addr: SocketAddr,
-    stopped: u32,
-) -> (DnsperfCounts, UdpCounters, Vec<Duration>, String) {
-    stop_process(stopped);
-    let before = UdpCounters::read();
-    let load = Dnsperf::start(dir, addr, DNS_QUERIES, DNS_RATE, DNS_CLIENTS, DNS_TIMEOUT);
-    // Sending takes DNS_QUERIES / DNS_RATE = 0.4 s here; in an emulated VM longer, and
-    // dnsperf itself can take a second to start there (a CI run's control lost nothing:
-    // the stopped server was continued before the first query). Quiet: the namespace's UDP
-    // counters unchanged for 300 ms, once they show at least as many datagrams read or
-    // dropped as queries were sent (an answered query is read twice: by the server, and
-    // by dnsperf). Bounded: 30 s.
-    let started = Instant::now();
-    let mut last = UdpCounters::read();
-    let mut quiet_since = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = UdpCounters::read();
-        let seen = before.delta(&now);
-        if now != last {
-            (last, quiet_since) = (now, Instant::now());
-        } else if quiet_since.elapsed() >= Duration::from_millis(300)
-            && seen.in_datagrams + seen.rcvbuf_errors >= DNS_QUERIES
-        {
-            break;
-        }
-    }
-    signal(stopped, nix::sys::signal::Signal::SIGCONT);
-    let (counts, latencies, output) = load.finish(Duration::from_secs(60));
-    (
-        counts,
-        before.delta(&UdpCounters::read()),
-        latencies,
-        output,
-    )
-}
-
-/// "answered N, p50 X ms, p99 Y ms" of one dnsperf run, for the figures.
-fn answered_and_latency(counts: &DnsperfCounts, latencies: &[Duration]) -> String {
-    let ms = |p: f64| {
-        dns::percentile(latencies, p)
-            .map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64() * 1e3))
-    };
-    format!(
-        "answered {} of {}, latency p50 {} ms, p99 {} ms",
-        counts.completed,
-        counts.sent,
-        ms(50.0),
-        ms(99.0)
-    )
-}
-
 /// A real DNS server and a real load tool: Debian's Unbound as the exec handler, taking its
 /// UDP socket by systemd's socket activation (and saying READY=1 by its notify protocol),
 /// four of them with one stopped, under dnsperf. The control, in the same namespace: four
@@ -472,7 +409,7 @@ fn unbound_under_dnsperf_loses_no_query_to_a_stopped_handler_where_plain_reusepo
         configs[0] = small;
         let plain = PlainUnbound::start(&configs);
         let (plain_counts, plain_kernel, plain_latencies, plain_output) =
-            dnsperf_with_one_stopped(&dir, addr, plain.pid(0));
+            dnsperf_with_one_stopped(&dir, addr, DNS_QUERIES, plain.pid(0));
         drop(plain);
         let detail = format!("plain: {plain_counts:?}, {plain_kernel:?}\n{plain_output}");
         assert_eq!(plain_counts.sent, DNS_QUERIES, "{detail}");
@@ -506,7 +443,7 @@ fn unbound_under_dnsperf_loses_no_query_to_a_stopped_handler_where_plain_reusepo
             .set_recv_buffer_size(SMALL_BUFFER)
             .unwrap();
         let (counts, kernel, latencies, output) =
-            dnsperf_with_one_stopped(&dir, addr, spawner.handler_pid(0));
+            dnsperf_with_one_stopped(&dir, addr, DNS_QUERIES, spawner.handler_pid(0));
         let status = spawner.status();
         let counters = program_counters(&status);
         let detail = format!(
