@@ -285,6 +285,36 @@ pub const DNS_RATE: u64 = 5000;
 pub const DNS_CLIENTS: u32 = 200;
 pub const DNS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A UDP group of `handlers` Unbound servers as exec handlers on `addr` (socket activation,
+/// READY=1 by notify), each with `config` (an [`unbound_config`] that takes its socket).
+pub fn unbound_group(
+    name: &str,
+    addr: SocketAddr,
+    handlers: u32,
+    config: &Path,
+) -> crate::GroupBuilder {
+    crate::group(name, parsrv::spec::HandlerKind::Exec)
+        .listen(&format!("udp://{addr}"))
+        .handlers(handlers)
+        .with(|g| g.notify = true)
+        .command(&[
+            unbound().to_str().unwrap(),
+            "-d",
+            "-p",
+            "-c",
+            config.to_str().unwrap(),
+        ])
+}
+
+/// Gives the socket of a group's handler `pid` (its fd 3) a receive buffer of `bytes`
+/// (SO_RCVBUF: the kernel doubles it), as a plain server's `so-rcvbuf` would.
+pub fn set_handler_buffer(pid: u32, bytes: usize) {
+    let socket = crate::fd_of_process(pid, 3).unwrap();
+    socket2::SockRef::from(&socket)
+        .set_recv_buffer_size(bytes)
+        .unwrap();
+}
+
 /// Runs dnsperf (`queries` of them) against `addr` while `stopped` is stopped, and continues it once the run has
 /// gone quiet (dnsperf sent everything and the others answered what they got), well within
 /// the queries' time-out, so that what its buffer held is answered, not lost: what is lost

@@ -360,6 +360,15 @@ impl Spawner {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The groups running here, as `parsrv group list` names them (sorted by name).
+    pub fn running_groups() -> Vec<String> {
+        let (_, out, _) = Spawner::parsrv(&["group", "list"]);
+        out.lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    }
+
     /// Runs a parsrv command; returns (exit code, stdout, stderr).
     pub fn parsrv(args: &[&str]) -> (i32, String, String) {
         let out = Command::new(parsrv_bin()).args(args).output().unwrap();

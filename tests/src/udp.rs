@@ -9,6 +9,7 @@ use std::{
 };
 
 use parsrv::dataplane::udp::{DatagramSteering, UdpSettings};
+use parsrv_common::udp::UdpSlotCounters;
 use socket2::{Domain, Socket, Type};
 
 /// SO_RCVBUF asked of a small socket (the kernel doubles it: 8,192 bytes, room for 9
@@ -195,4 +196,23 @@ pub fn echo_threads(
             })
         })
         .collect()
+}
+
+/// The UDP program's counters of each socket of a group, from its status.
+pub fn program_counters(status: &parsrv::status::GroupStatus) -> Vec<UdpSlotCounters> {
+    status
+        .sockets
+        .iter()
+        .map(|s| {
+            s.datagrams
+                .as_ref()
+                .expect("a UDP socket's status")
+                .counters
+        })
+        .collect()
+}
+
+/// One counter summed over the sockets.
+pub fn counter_sum(counters: &[UdpSlotCounters], field: fn(&UdpSlotCounters) -> u64) -> u64 {
+    counters.iter().map(field).sum()
 }

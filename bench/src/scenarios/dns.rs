@@ -12,10 +12,9 @@
 
 use std::net::SocketAddr;
 
-use parsrv::spec::HandlerKind;
 use parsrv_integration_tests::{
     dns::{self, dnsperf_with_one_stopped, percentile, PlainUnbound},
-    fd_of_process, group, SMALL_BUFFER,
+    SMALL_BUFFER,
 };
 
 use crate::{
@@ -116,23 +115,9 @@ fn run(case: Case, dir: &std::path::Path, addr: SocketAddr, queries: u64) -> Sam
         }
         Case::Parsrv => {
             let config = dns::unbound_config(dir, addr.port(), false, None);
-            let spawner = group("bench-dns", HandlerKind::Exec)
-                .listen(&format!("udp://{ADDR}"))
-                .handlers(4)
-                .with(|g| g.notify = true)
-                .command(&[
-                    dns::unbound().to_str().unwrap(),
-                    "-d",
-                    "-p",
-                    "-c",
-                    config.to_str().unwrap(),
-                ])
-                .start();
-            // Handler 0's socket gets the plain case's small buffer (its fd 3).
-            let stopped = fd_of_process(spawner.handler_pid(0), 3).unwrap();
-            socket2::SockRef::from(&stopped)
-                .set_recv_buffer_size(SMALL_BUFFER)
-                .unwrap();
+            let spawner = dns::unbound_group("bench-dns", addr, 4, &config).start();
+            // Handler 0's socket gets the plain case's small buffer.
+            dns::set_handler_buffer(spawner.handler_pid(0), SMALL_BUFFER);
             let result = dnsperf_with_one_stopped(dir, addr, queries, spawner.handler_pid(0));
             spawner.stop();
             result

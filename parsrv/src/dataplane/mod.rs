@@ -146,6 +146,14 @@ impl Program {
         Program::UdpFlow,
     ];
 
+    /// The program a UDP group in `mode` runs.
+    pub fn for_udp(mode: UdpMode) -> Program {
+        match mode {
+            UdpMode::Datagram => Program::UdpDatagram,
+            UdpMode::Flow => Program::UdpFlow,
+        }
+    }
+
     /// Its name in the object.
     pub fn name(self) -> &'static str {
         match self {
@@ -225,7 +233,7 @@ pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
     }
     for mode in [UdpMode::Datagram, UdpMode::Flow] {
         if groups.iter().any(|g| udp(g) && g.udp_mode == mode) {
-            programs.push(mode.program());
+            programs.push(Program::for_udp(mode));
         }
     }
     programs

@@ -99,7 +99,7 @@ impl DatagramSteering {
     /// Loads the program of `settings.mode`, with the running kernel's offsets.
     pub fn load(settings: UdpSettings) -> Result<Self> {
         let offsets = kernel::udp_offsets_in(&kernel::vmlinux_btf()?)?;
-        let program_kind = settings.mode.program();
+        let program_kind = Program::for_udp(settings.mode);
         let what = program_kind.name();
         let bytes = object(program_kind.object())?;
         let sizes = MapSizes {

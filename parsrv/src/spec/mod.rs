@@ -117,16 +117,6 @@ pub enum UdpMode {
     Flow,
 }
 
-impl UdpMode {
-    /// The program a group in this mode runs.
-    pub fn program(self) -> crate::dataplane::Program {
-        match self {
-            UdpMode::Datagram => crate::dataplane::Program::UdpDatagram,
-            UdpMode::Flow => crate::dataplane::Program::UdpFlow,
-        }
-    }
-}
-
 /// The code each handler process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]

@@ -215,14 +215,7 @@ handlers = 1
 "#;
         let config = write_config("reload", one);
         let spawner = Spawner::start_config("reload", &config, &["cfg-one", "cfg-two"], &[]);
-        let running = || {
-            let (_, out, _) = Spawner::parsrv(&["group", "list"]);
-            out.lines()
-                .skip(1)
-                .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(running(), ["cfg-one", "cfg-two"]);
+        assert_eq!(Spawner::running_groups(), ["cfg-one", "cfg-two"]);
 
         // add by flags; a duplicate name, a taken address, a bad value: refused, no change.
         let (code, out, err) = Spawner::parsrv(&[
@@ -285,7 +278,7 @@ handlers = 1
             assert_eq!(code, exit, "{args:?}: {err}");
             assert!(error_line(&err).contains(words), "{args:?}: {err}");
             assert_eq!(
-                running(),
+                Spawner::running_groups(),
                 ["cfg-one", "cfg-three", "cfg-two"],
                 "{args:?} changed the spawner"
             );
@@ -320,10 +313,10 @@ handlers = 1
         std::fs::write(&config, two).unwrap();
         signal(spawner.pid(), Signal::SIGHUP);
         assert!(
-            wait_for(Duration::from_secs(15), || running()
+            wait_for(Duration::from_secs(15), || Spawner::running_groups()
                 == ["cfg-five", "cfg-one"]),
             "{:?}\n{}",
-            running(),
+            Spawner::running_groups(),
             spawner.log()
         );
         assert!(
@@ -342,7 +335,7 @@ handlers = 1
             "{}",
             spawner.log()
         );
-        assert_eq!(running(), ["cfg-five", "cfg-one"]);
+        assert_eq!(Spawner::running_groups(), ["cfg-five", "cfg-one"]);
         assert!(spawner.stop().success());
 
         // No spawner: add says so.

@@ -22,13 +22,13 @@ use parsrv::{
     dataplane::Program,
     spec::{HandlerKind, UdpMode},
 };
-use parsrv_common::udp::UdpSlotCounters;
 use parsrv_integration_tests::{
+    counter_sum,
     dns::{
         self, answered_and_latency, dnsperf_with_one_stopped, DnsperfCounts, PlainUnbound,
         DNS_CLIENTS, DNS_QUERIES, DNS_RATE,
     },
-    echo_threads, error_line, fd_of_process, figure, group, http_get, meminfo, privileged,
+    echo_threads, error_line, figure, group, http_get, meminfo, privileged, program_counters,
     send_datagrams, signal, steer_udp, stop_process, udp_group, wait_for, Needs, Outcome, Queries,
     Spawner, UdpCounters, ADDR, DEFAULT_BUFFER, LARGE_BUFFER, SMALL_BUFFER,
 };
@@ -97,24 +97,6 @@ fn accounted(run: &Run, what: &str) {
     );
 }
 
-/// The program's counters of each socket of a UDP group, from its status.
-fn program_counters(status: &parsrv::status::GroupStatus) -> Vec<UdpSlotCounters> {
-    status
-        .sockets
-        .iter()
-        .map(|s| {
-            s.datagrams
-                .as_ref()
-                .expect("a UDP socket's status")
-                .counters
-        })
-        .collect()
-}
-
-fn sum(counters: &[UdpSlotCounters], field: fn(&UdpSlotCounters) -> u64) -> u64 {
-    counters.iter().map(field).sum()
-}
-
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_stalled_udp_socket_loses_datagrams_to_the_kernels_hash_and_none_to_parsrv() {
@@ -152,16 +134,16 @@ fn a_stalled_udp_socket_loses_datagrams_to_the_kernels_hash_and_none_to_parsrv()
         assert_eq!(errors.total(), 0, "{detail}");
         // The program ran once per datagram and counted each once.
         assert_eq!(
-            sum(&counters, |c| c.kept)
-                + sum(&counters, |c| c.steered_in)
-                + sum(&counters, |c| c.all_full),
+            counter_sum(&counters, |c| c.kept)
+                + counter_sum(&counters, |c| c.steered_in)
+                + counter_sum(&counters, |c| c.all_full),
             DATAGRAMS as u64,
             "{detail}"
         );
-        assert_eq!(sum(&counters, |c| c.all_full), 0, "{detail}");
+        assert_eq!(counter_sum(&counters, |c| c.all_full), 0, "{detail}");
         assert_eq!(
-            sum(&counters, |c| c.steered_away),
-            sum(&counters, |c| c.steered_in),
+            counter_sum(&counters, |c| c.steered_away),
+            counter_sum(&counters, |c| c.steered_in),
             "{detail}"
         );
         // What each socket holds is what the program sent it, datagram for datagram.
@@ -206,9 +188,11 @@ fn when_every_udp_buffer_is_full_the_kernels_hash_decides_and_nothing_is_refused
         let errors = steering.errors().unwrap();
         let detail = format!("{full:?}, program {counters:?}, errors {errors:?}");
         assert_eq!(errors.total(), 0, "{detail}");
-        let all_full = sum(&counters, |c| c.all_full);
+        let all_full = counter_sum(&counters, |c| c.all_full);
         assert_eq!(
-            sum(&counters, |c| c.kept) + sum(&counters, |c| c.steered_in) + all_full,
+            counter_sum(&counters, |c| c.kept)
+                + counter_sum(&counters, |c| c.steered_in)
+                + all_full,
             DATAGRAMS as u64,
             "{detail}"
         );
@@ -304,11 +288,11 @@ fn a_stopped_udp_handler_loses_no_datagram_in_a_parsrv_group_and_its_overflow_in
         // Each datagram counted once, none left to the hash; the stopped handler's socket
         // kept what fit and the rest of its share went to the others.
         assert_eq!(
-            sum(&counters, |c| c.kept) + sum(&counters, |c| c.steered_in),
+            counter_sum(&counters, |c| c.kept) + counter_sum(&counters, |c| c.steered_in),
             DATAGRAMS as u64,
             "{detail}"
         );
-        assert_eq!(sum(&counters, |c| c.all_full), 0, "{detail}");
+        assert_eq!(counter_sum(&counters, |c| c.all_full), 0, "{detail}");
         assert!(counters[0].steered_away > 0, "{detail}");
         assert!(
             status.sockets.iter().all(|s| s
@@ -421,27 +405,13 @@ fn unbound_under_dnsperf_loses_no_query_to_a_stopped_handler_where_plain_reusepo
         assert_eq!(plain_kernel.no_ports, 0, "{detail}");
 
         let config = dns::unbound_config(&dir, addr.port(), false, None);
-        let spawner = group("udp-unbound", HandlerKind::Exec)
-            .listen(&format!("udp://{ADDR}"))
-            .handlers(SOCKETS as u32)
-            .with(|g| g.notify = true)
-            .command(&[
-                dns::unbound().to_str().unwrap(),
-                "-d",
-                "-p",
-                "-c",
-                config.to_str().unwrap(),
-            ])
-            .start();
+        let spawner = dns::unbound_group("udp-unbound", addr, SOCKETS as u32, &config).start();
         // Each handler is the process parsrv started (pid unchanged: Unbound did not
         // daemonize), holds its slot's socket as fd 3, and bound no socket of its own: the
         // group's four are the only UDP sockets on the port.
         assert_eq!(udp_sockets_on(addr.port()), SOCKETS, "{}", spawner.log());
         // Handler 0's socket gets the control's small buffer (the same socket: its fd 3).
-        let stopped_socket = fd_of_process(spawner.handler_pid(0), 3).unwrap();
-        socket2::SockRef::from(&stopped_socket)
-            .set_recv_buffer_size(SMALL_BUFFER)
-            .unwrap();
+        dns::set_handler_buffer(spawner.handler_pid(0), SMALL_BUFFER);
         let (counts, kernel, latencies, output) =
             dnsperf_with_one_stopped(&dir, addr, DNS_QUERIES, spawner.handler_pid(0));
         let status = spawner.status();
@@ -462,7 +432,7 @@ fn unbound_under_dnsperf_loses_no_query_to_a_stopped_handler_where_plain_reusepo
         assert_eq!(kernel.rcvbuf_errors, 0, "{detail}");
         assert_eq!(kernel.no_ports, 0, "{detail}");
         assert_eq!(
-            sum(&counters, |c| c.kept) + sum(&counters, |c| c.steered_in),
+            counter_sum(&counters, |c| c.kept) + counter_sum(&counters, |c| c.steered_in),
             DNS_QUERIES,
             "{detail}"
         );
@@ -764,13 +734,6 @@ fn udp_groups_come_and_go_with_group_add_remove_and_sighup_beside_a_tcp_group_on
         let config = std::env::temp_dir().join("parsrv-test-udp-groups.toml");
         std::fs::write(&config, &tcp_only).unwrap();
         let spawner = Spawner::start_config("udp-groups", &config, &["web"], &[]);
-        let running = || {
-            let (_, out, _) = Spawner::parsrv(&["group", "list"]);
-            out.lines()
-                .skip(1)
-                .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-                .collect::<Vec<_>>()
-        };
 
         // group add: a UDP group in flow mode on the TCP group's port number.
         let listen = format!("udp://{ADDR}");
@@ -792,7 +755,7 @@ fn udp_groups_come_and_go_with_group_add_remove_and_sighup_beside_a_tcp_group_on
         };
         let (code, out, err) = add("dns");
         assert_eq!(code, 0, "{out}{err}\n{}", spawner.log());
-        assert_eq!(running(), ["dns", "web"]);
+        assert_eq!(Spawner::running_groups(), ["dns", "web"]);
         assert!(echoes(udp), "{}", spawner.log());
         assert_eq!(
             http_get(ADDR.parse().unwrap(), Duration::from_secs(5)),
@@ -805,11 +768,11 @@ fn udp_groups_come_and_go_with_group_add_remove_and_sighup_beside_a_tcp_group_on
         let (code, _, err) = add("dns-again");
         assert_eq!(code, 2, "{err}");
         assert!(error_line(&err).contains("already served here"), "{err}");
-        assert_eq!(running(), ["dns", "web"]);
+        assert_eq!(Spawner::running_groups(), ["dns", "web"]);
         // group remove: stopped, its port free again, the TCP group untouched.
         let (code, out, err) = Spawner::parsrv(&["group", "remove", "dns"]);
         assert_eq!(code, 0, "{out}{err}");
-        assert_eq!(running(), ["web"]);
+        assert_eq!(Spawner::running_groups(), ["web"]);
         assert!(udp_port_free(udp), "{}", spawner.log());
 
         // SIGHUP: a UDP group (datagram mode) arrives from the file, then leaves.
@@ -819,9 +782,10 @@ fn udp_groups_come_and_go_with_group_add_remove_and_sighup_beside_a_tcp_group_on
         std::fs::write(&config, with_udp).unwrap();
         signal(spawner.pid(), nix::sys::signal::Signal::SIGHUP);
         assert!(
-            wait_for(Duration::from_secs(15), || running() == ["dns", "web"]),
+            wait_for(Duration::from_secs(15), || Spawner::running_groups()
+                == ["dns", "web"]),
             "{:?}\n{}",
-            running(),
+            Spawner::running_groups(),
             spawner.log()
         );
         assert!(
@@ -833,9 +797,10 @@ fn udp_groups_come_and_go_with_group_add_remove_and_sighup_beside_a_tcp_group_on
         std::fs::write(&config, &tcp_only).unwrap();
         signal(spawner.pid(), nix::sys::signal::Signal::SIGHUP);
         assert!(
-            wait_for(Duration::from_secs(15), || running() == ["web"]),
+            wait_for(Duration::from_secs(15), || Spawner::running_groups()
+                == ["web"]),
             "{:?}\n{}",
-            running(),
+            Spawner::running_groups(),
             spawner.log()
         );
         assert!(udp_port_free(udp), "{}", spawner.log());

@@ -16,10 +16,10 @@ use parsrv::{
     dataplane::{udp::UdpSettings, Program},
     spec::{HandlerKind, UdpMode},
 };
-use parsrv_common::udp::UdpSlotCounters;
 use parsrv_integration_tests::{
-    figure, group, meminfo, privileged, send_flows, signal, steer_udp_with, stop_process,
-    udp_group, Needs, Queries, UdpCounters, ADDR, LARGE_BUFFER, SMALL_BUFFER,
+    counter_sum, figure, group, meminfo, privileged, program_counters, send_flows, signal,
+    steer_udp_with, stop_process, udp_group, Needs, Queries, UdpCounters, ADDR, LARGE_BUFFER,
+    SMALL_BUFFER,
 };
 use socket2::Socket;
 
@@ -111,10 +111,6 @@ fn place(sockets: &[Socket], addr: SocketAddr) -> Placement {
     }
 }
 
-fn sum(counters: &[UdpSlotCounters], field: fn(&UdpSlotCounters) -> u64) -> u64 {
-    counters.iter().map(field).sum()
-}
-
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn each_flow_stays_on_one_socket_while_one_fills_where_the_datagram_mode_splits_flows() {
@@ -148,14 +144,18 @@ fn each_flow_stays_on_one_socket_while_one_fills_where_the_datagram_mode_splits_
         );
         assert_eq!(errors.total(), 0, "{detail}");
         // Each flow placed once, by room; its other datagrams followed it.
-        assert_eq!(sum(&counters, |c| c.flows), FLOWS as u64, "{detail}");
         assert_eq!(
-            sum(&counters, |c| c.kept) + sum(&counters, |c| c.steered_in),
+            counter_sum(&counters, |c| c.flows),
             FLOWS as u64,
             "{detail}"
         );
         assert_eq!(
-            sum(&counters, |c| c.flow_datagrams),
+            counter_sum(&counters, |c| c.kept) + counter_sum(&counters, |c| c.steered_in),
+            FLOWS as u64,
+            "{detail}"
+        );
+        assert_eq!(
+            counter_sum(&counters, |c| c.flow_datagrams),
             (DATAGRAMS - FLOWS) as u64,
             "{detail}"
         );
@@ -348,16 +348,7 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
         let answered = queries.answers(DATAGRAMS - lost, Duration::from_secs(10));
         let kernel = kernel_now();
         let after = spawner.status();
-        let counters: Vec<UdpSlotCounters> = after
-            .sockets
-            .iter()
-            .map(|s| {
-                s.datagrams
-                    .as_ref()
-                    .expect("a UDP socket's status")
-                    .counters
-            })
-            .collect();
+        let counters = program_counters(&after);
         let table = after.flow_table.expect("a flow group's table");
         let detail = format!(
             "{kernel:?}, {answered_while_stopped} answered while handler 0 was stopped, \
@@ -399,9 +390,13 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
             "--receive-buffer sets every socket's: {detail}"
         );
         // Each flow placed once; the rest of each followed it.
-        assert_eq!(sum(&counters, |c| c.flows), FLOWS as u64, "{detail}");
         assert_eq!(
-            sum(&counters, |c| c.flow_datagrams),
+            counter_sum(&counters, |c| c.flows),
+            FLOWS as u64,
+            "{detail}"
+        );
+        assert_eq!(
+            counter_sum(&counters, |c| c.flow_datagrams),
             (DATAGRAMS - FLOWS) as u64,
             "{detail}"
         );
@@ -491,16 +486,7 @@ fn a_rolling_restart_under_load_loses_no_datagram_and_moves_no_flow() {
         let answered = queries.answers(DATAGRAMS, Duration::from_secs(20));
         let kernel = before.delta(&UdpCounters::read());
         let after = spawner.status();
-        let counters: Vec<UdpSlotCounters> = after
-            .sockets
-            .iter()
-            .map(|s| {
-                s.datagrams
-                    .as_ref()
-                    .expect("a UDP socket's status")
-                    .counters
-            })
-            .collect();
+        let counters = program_counters(&after);
         let detail = format!(
             "restart exit {code}: {out}{err}; {kernel:?}, {answered} answered; {}",
             after.render()
@@ -521,9 +507,13 @@ fn a_rolling_restart_under_load_loses_no_datagram_and_moves_no_flow() {
         for (old, new) in before_pids.iter().zip(&after.handlers) {
             assert!(new.pid.is_some() && new.pid != *old, "{detail}");
         }
-        assert_eq!(sum(&counters, |c| c.flows), FLOWS as u64, "{detail}");
         assert_eq!(
-            sum(&counters, |c| c.flow_datagrams),
+            counter_sum(&counters, |c| c.flows),
+            FLOWS as u64,
+            "{detail}"
+        );
+        assert_eq!(
+            counter_sum(&counters, |c| c.flow_datagrams),
             (DATAGRAMS - FLOWS) as u64,
             "{detail}"
         );
