@@ -80,7 +80,10 @@ fn steer(ctx: &SkReuseportContext, config: &UdpConfig) -> Result<(), UdpFailOpen
         // SAFETY: a value of the flow table; another CPU may write `last_ns` meanwhile,
         // which only ever moves it to another recent time.
         let entry = unsafe { &mut *entry };
-        if now.wrapping_sub(entry.last_ns) < config.flow_idle_ns {
+        // Signed: another CPU that read the clock after this one may have written its time
+        // already, and a flow seen a moment "later" is a live flow, not one idle for 2^64 ns.
+        let idle = now.wrapping_sub(entry.last_ns) as i64;
+        if idle < config.flow_idle_ns as i64 {
             entry.last_ns = now;
             if follow(ctx, entry.slot) {
                 return Ok(());
