@@ -8,6 +8,11 @@ use std::{
 };
 
 use super::{group::RunningGroup, members::Members};
+
+/// The most flows a status reads from a flow table (two syscalls per flow, on the thread
+/// that also supervises the handlers, so not unbounded); a
+/// larger table's figures are then lower bounds (`FlowTableStatus::truncated`).
+const FLOW_WALK_LIMIT: usize = 65_536;
 use crate::{
     control::ControlError,
     error::Result,
@@ -51,8 +56,9 @@ impl RunningGroup {
             None => vec![None; members.len() as usize],
         };
         // One walk of the flow table (flow mode): each socket's live flows, and the whole.
+        // Bounded: one map lookup per flow on the spawner's thread, which supervises too.
         let flows = match members.datagrams() {
-            Some(program) => program.flows(usize::MAX)?,
+            Some(program) => program.flows(FLOW_WALK_LIMIT)?,
             None => Vec::new(),
         };
         let timeout = members.datagrams().and_then(|p| p.flow_timeout());
@@ -64,6 +70,7 @@ impl RunningGroup {
                 .count() as u64
         };
         let flow_table = timeout.map(|timeout| FlowTableStatus {
+            truncated: flows.len() >= FLOW_WALK_LIMIT,
             entries: flows.len() as u64,
             live: live(None),
             capacity: spec.flow_table,

@@ -190,6 +190,10 @@ pub struct FlowTableStatus {
     /// The most it holds (`--flow-table`): beyond it the least recently used are forgotten.
     pub capacity: u32,
     pub timeout_ms: u64,
+    /// The status read only the first 65,536 flows: `entries`, `live` and each socket's
+    /// `flows` are then lower bounds.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// One client of `parsrv affinity`: its entry, and the handler its slot runs now.

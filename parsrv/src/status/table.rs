@@ -257,8 +257,12 @@ impl GroupStatus {
             Some(table) => {
                 let _ = writeln!(
                     out,
-                    "  flows {} live of {} recorded (table {}, idle time-out {} ms)",
-                    table.live, table.entries, table.capacity, table.timeout_ms
+                    "  flows {} live of {}{} recorded (table {}, idle time-out {} ms)",
+                    table.live,
+                    if table.truncated { "at least " } else { "" },
+                    table.entries,
+                    table.capacity,
+                    table.timeout_ms
                 );
             }
             None => out.push('\n'),

@@ -402,6 +402,7 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
         );
         assert_eq!(table.entries, FLOWS as u64, "{detail}");
         assert_eq!(table.live, FLOWS as u64, "{detail}");
+        assert!(!table.truncated, "{detail}");
         // Each handler answered exactly its flows' datagrams that its socket took: the
         // first of each (kept or steered in) and the rest.
         for (slot, (handler, c)) in after.handlers.iter().zip(&counters).enumerate() {
