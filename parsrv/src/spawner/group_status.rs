@@ -8,11 +8,6 @@ use std::{
 };
 
 use super::{group::RunningGroup, members::Members};
-
-/// The most flows a status reads from a flow table (two syscalls per flow, on the thread
-/// that also supervises the handlers, so not unbounded); a
-/// larger table's figures are then lower bounds (`FlowTableStatus::truncated`).
-const FLOW_WALK_LIMIT: usize = 65_536;
 use crate::{
     control::ControlError,
     error::Result,
@@ -25,6 +20,11 @@ use crate::{
     },
     supervisor::process_alive,
 };
+
+/// The most flows a status reads from a flow table (two syscalls per flow, on the thread
+/// that also supervises the handlers, so not unbounded); a larger table's figures are then
+/// lower bounds (`FlowTableStatus::truncated`).
+const FLOW_WALK_LIMIT: usize = 65_536;
 
 impl RunningGroup {
     /// The free places in the accept queues of the sockets that take connections: a cluster
