@@ -31,13 +31,14 @@ use sha2::{Digest, Sha256};
 /// Builds without the programs (aya-build's name for it).
 const SKIP_ENV: &str = "AYA_BUILD_SKIP";
 /// Each binary of parsrv-ebpf, and the file `dataplane::EbpfObject` embeds it from.
-const OBJECTS: [(&str, &str); 6] = [
+const OBJECTS: [(&str, &str); 7] = [
     ("parsrv", "parsrv-ebpf.o"),
     ("address-lookup", "address-lookup.o"),
     ("cluster-dispatch", "cluster-dispatch.o"),
     ("reuseport-audit", "reuseport-audit.o"),
     ("udp-datagram", "udp-datagram.o"),
     ("udp-flow", "udp-flow.o"),
+    ("udp-quic", "udp-quic.o"),
 ];
 const EBPF_TARGET: &str = "bpfel-unknown-none";
 

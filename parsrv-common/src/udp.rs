@@ -1,13 +1,16 @@
-//! The UDP programs (`parsrv-ebpf/src/bin/udp_datagram.rs` and `udp_flow.rs`, their common
-//! part `parsrv-ebpf/src/udp_room.rs`; userspace `parsrv::dataplane::udp`): SK_REUSEPORT
-//! programs for a group of UDP sockets.
+//! The UDP programs (`parsrv-ebpf/src/bin/udp_datagram.rs`, `udp_flow.rs` and `udp_quic.rs`,
+//! their common part `parsrv-ebpf/src/udp_room.rs`; userspace `parsrv::dataplane::udp`):
+//! SK_REUSEPORT programs for a group of UDP sockets.
 //!
 //! The datagram program keeps each datagram on the kernel's hash choice while that socket's
 //! receive buffer has room, and otherwise sends it to one other socket drawn at random if
 //! that one has room, else to the socket with the most room. The flow program places the
 //! first datagram of each flow (4-tuple) the same way and records the socket in an LRU
 //! table, and sends the flow's later datagrams there, until the flow is idle for the
-//! group's time-out. Neither ever drops: SK_DROP on UDP
+//! group's time-out. The quic program sends a QUIC packet whose destination connection ID
+//! carries a socket's cookie ([`quic`]) to that socket, and places the first flight of a
+//! connection (long-header packets without a cookie) by room, keeping it together by its
+//! destination connection ID. None ever drops: SK_DROP on UDP
 //! makes the kernel answer with an ICMP port unreachable, so when no socket has room the
 //! datagram is left to the kernel's hash (which drops it if it does not fit, counted by the
 //! kernel in `Udp: RcvbufErrors`), and counted here.
@@ -29,6 +32,11 @@ pub mod names {
     /// The flow program's LRU_HASH of [`FlowKey`](super::FlowKey) ->
     /// [`FlowEntry`](super::FlowEntry), sized at load time (`--flow-table`).
     pub const FLOWS: &str = "UDP_FLOWS";
+    /// The quic program.
+    pub const QUIC_PROGRAM: &str = "parsrv_quic";
+    /// The quic program's LRU_HASH of [`FirstFlightKey`](super::FirstFlightKey) ->
+    /// [`FlowEntry`](super::FlowEntry), sized at load time (`--flow-table`).
+    pub const FIRST_FLIGHTS: &str = "UDP_FIRST_FLIGHTS";
     /// REUSEPORT_SOCKARRAY of the group's sockets by slot. Not a SOCKMAP as TCP groups use:
     /// a UDP socket put in a SOCKMAP gets its protocol operations replaced (its receive path
     /// goes through the sockmap's psock), which a plain receive buffer must not.
@@ -104,6 +112,72 @@ pub struct FlowEntry {
     pub _pad: u32,
 }
 
+/// A QUIC connection's first flight as the quic program records it: the destination
+/// connection ID the client chose (RFC 9000 section 7.2: at least 8 bytes, at most 20),
+/// zero-padded, and its length. The client keeps it for every long-header packet until the
+/// server's first answer gives it a connection ID of the server's (with the cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FirstFlightKey {
+    pub dcid: [u8; quic::MAX_CID_LEN],
+    pub dcid_len: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The layout of a QUIC packet the quic program reads, and of the cookie a QUIC server puts
+/// in its connection IDs (docs/udp.md, "QUIC"). The same layout as nginx's `quic_bpf`: the
+/// first 8 bytes of every connection ID the server issues are its socket's cookie
+/// (`SO_COOKIE`), here in network byte order; the rest is the server's (random). A packet
+/// whose destination connection ID starts with a cookie of the group goes to that socket,
+/// whatever its room: only that handler has the connection's keys.
+///
+/// The cookie is in the clear: an observer can tell connections served by one socket apart
+/// from others (RFC 9000 section 5.1 asks that connection IDs not be linkable; QUIC-LB's
+/// encrypted layouts are the way to that, and are not implemented).
+pub mod quic {
+    /// Bytes of the cookie at the start of a connection ID.
+    pub const COOKIE_LEN: usize = 8;
+    /// The longest connection ID of QUIC version 1 (RFC 9000 section 17.2).
+    pub const MAX_CID_LEN: usize = 20;
+    /// The header form bit of a packet's first byte: set for a long header (Initial,
+    /// 0-RTT, Handshake, Retry), clear for a short one (1-RTT).
+    pub const LONG_HEADER: u8 = 0x80;
+    /// From the start of the UDP payload: a short header's destination connection ID (its
+    /// length is not in the packet: the server knows it; a cookie is its first 8 bytes).
+    pub const SHORT_DCID: usize = 1;
+    /// A long header's destination connection ID length byte, after the first byte and the
+    /// 4-byte version.
+    pub const LONG_DCID_LEN: usize = 5;
+    /// A long header's destination connection ID.
+    pub const LONG_DCID: usize = 6;
+
+    /// Writes `cookie` into the first [`COOKIE_LEN`] bytes of `cid`, as the quic program
+    /// reads it. `cid` must be at least [`COOKIE_LEN`] long.
+    pub fn write_cookie(cookie: u64, cid: &mut [u8]) {
+        cid[..COOKIE_LEN].copy_from_slice(&cookie.to_be_bytes());
+    }
+
+    /// The cookie a connection ID starts with (`None` when it is shorter than one).
+    pub fn cookie(cid: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(cid.get(..COOKIE_LEN)?.try_into().ok()?))
+    }
+
+    /// The destination connection ID of a QUIC packet (the UDP payload), as the quic program
+    /// finds it: a long header's as long as its length byte says, a short header's the
+    /// [`COOKIE_LEN`] bytes the program reads. `None` when the packet is too short.
+    pub fn destination_cid(packet: &[u8]) -> Option<&[u8]> {
+        let first = *packet.first()?;
+        if first & LONG_HEADER == 0 {
+            return packet.get(SHORT_DCID..SHORT_DCID + COOKIE_LEN);
+        }
+        let len = *packet.get(LONG_DCID_LEN)? as usize;
+        if len > MAX_CID_LEN {
+            return None;
+        }
+        packet.get(LONG_DCID..LONG_DCID + len)
+    }
+}
+
 /// `--flow-timeout`'s default: 30 s, the idle time-out most QUIC stacks default to and the
 /// kernel's conntrack gives an unanswered UDP flow.
 pub const DEFAULT_FLOW_TIMEOUT_SECONDS: f64 = 30.0;
@@ -145,8 +219,9 @@ counters! {
         steered_in => ("steered-in", "Datagrams sent to this socket (drawn as a second choice, or found with the most room) because their hash choice had no room."),
         steered_away => ("steered-away", "Datagrams hashed to this socket that went to another because its receive buffer had no room."),
         all_full => ("all-full", "Datagrams hashed to this socket while no socket of the group had room: left to the kernel's hash, which drops them if they do not fit (Udp RcvbufErrors)."),
-        flows => ("flows", "Flow mode: flows placed on this socket (their first datagram, or the first after an idle time-out, is also counted by kept, steered-in or all-full)."),
-        flow_datagrams => ("flow-datagrams", "Flow mode: later datagrams of a flow placed on this socket, sent here whatever its room."),
+        flows => ("flows", "Flow mode: flows placed on this socket (their first datagram, or the first after an idle time-out, is also counted by kept, steered-in or all-full). Quic mode: first flights (new destination connection IDs without a cookie), counted the same way."),
+        flow_datagrams => ("flow-datagrams", "Flow mode: later datagrams of a flow placed on this socket, sent here whatever its room. Quic mode: later datagrams of a first flight."),
+        cookie_datagrams => ("cookie-datagrams", "Quic mode: packets whose destination connection ID carried this socket's cookie, sent here whatever its room."),
     }
 }
 
@@ -160,7 +235,8 @@ counters! {
         unknown_socket / UnknownSocket => ("unknown-socket", "A chosen socket's cookie was not in the slot map (a socket parsrv did not register joined the group)."),
         select_failed / SelectFailed => ("select-failed", "bpf_sk_select_reuseport refused the chosen slot."),
         flow_unread / FlowUnread => ("flow-unread", "Flow mode: the datagram's addresses could not be read; it was placed by room and not recorded."),
-        flow_unrecorded / FlowUnrecorded => ("flow-unrecorded", "Flow mode: the flow table refused a new flow (kernel memory); its datagram was placed by room."),
+        flow_unrecorded / FlowUnrecorded => ("flow-unrecorded", "Flow mode: the flow table refused a new flow (kernel memory); its datagram was placed by room. Quic mode: the same for a first flight."),
+        quic_unread / QuicUnread => ("quic-unread", "Quic mode: the datagram was too short for a QUIC header's connection ID; it was placed by room."),
     }
 }
 
@@ -179,4 +255,42 @@ mod user {
     unsafe impl aya::Pod for super::UdpErrors {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FirstFlightKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::quic::*;
+
+    #[test]
+    fn a_cookie_written_into_a_connection_id_is_read_back_from_either_header() {
+        let mut cid = [0xaa; 12];
+        write_cookie(0x0102_0304_0506_0708, &mut cid);
+        assert_eq!(&cid[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(cookie(&cid), Some(0x0102_0304_0506_0708));
+        // 1-RTT: first byte 0b01xx_xxxx, then the connection ID.
+        let short: Vec<u8> = [&[0x41][..], &cid, b"payload"].concat();
+        assert_eq!(
+            destination_cid(&short).and_then(cookie),
+            Some(0x0102_0304_0506_0708)
+        );
+        // Handshake: first byte 0b1110_xxxx, version 1, length 12, the ID, then the source's.
+        let long: Vec<u8> = [&[0xe0, 0, 0, 0, 1, 12][..], &cid, &[4, 9, 9, 9, 9]].concat();
+        assert_eq!(destination_cid(&long), Some(&cid[..]));
+    }
+
+    #[test]
+    fn short_or_overlong_headers_have_no_connection_id() {
+        assert_eq!(destination_cid(&[]), None);
+        assert_eq!(destination_cid(&[0x41, 1, 2, 3]), None);
+        assert_eq!(destination_cid(&[0xc0, 0, 0, 0, 1]), None);
+        let overlong: Vec<u8> = [&[0xc0, 0, 0, 0, 1, 21][..], &[0; 40]].concat();
+        assert_eq!(destination_cid(&overlong), None);
+        // A client's Initial with an 8-byte random ID carries no cookie of the group
+        // (any 8 bytes read as some cookie; the program looks it up among the group's).
+        assert_eq!(cookie(&[1, 2, 3]), None);
+    }
 }

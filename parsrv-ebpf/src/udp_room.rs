@@ -1,6 +1,6 @@
-//! What the UDP programs share (`bin/udp_datagram.rs`, `bin/udp_flow.rs`; shared types:
-//! `parsrv_common::udp`): the group's maps, and [`choose`], which picks a socket with room for
-//! one datagram: the kernel's hash choice while its receive buffer has room, else one other
+//! What the UDP programs share (`bin/udp_datagram.rs`, `bin/udp_flow.rs`, `bin/udp_quic.rs`;
+//! shared types: `parsrv_common::udp`): the group's maps, and [`choose`], which picks a
+//! socket with room for one datagram: the kernel's hash choice while its receive buffer has room, else one other
 //! socket at random if that one has room, else the socket with the most room; when none has
 //! room, the kernel's hash. Each program's object includes this file (`#[path]`), so each has
 //! its own copy of the maps.
@@ -41,7 +41,7 @@ pub static UDP_SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entrie
 pub static UDP_CONFIG: Array<UdpConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-static UDP_SLOT_BY_COOKIE: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+pub static UDP_SLOT_BY_COOKIE: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 pub static UDP_SLOT_COUNTERS: PerCpuArray<UdpSlotCounters> =

@@ -18,7 +18,7 @@
 
 use std::{
     env,
-    net::TcpListener,
+    net::{TcpListener, UdpSocket},
     os::fd::{FromRawFd, RawFd},
 };
 
@@ -51,6 +51,8 @@ pub enum ActivationError {
     NotOne(usize),
     #[error("fd {fd} is not a listening TCP socket: {reason}")]
     NotAListener { fd: RawFd, reason: String },
+    #[error("fd {fd} is not a UDP socket (a TCP group's handler? use listener()): {reason}")]
+    NotUdp { fd: RawFd, reason: String },
 }
 
 /// The passed sockets, in order, with their names (empty when none were given).
@@ -59,6 +61,39 @@ pub fn listeners_with_names() -> Result<Vec<(TcpListener, String)>, ActivationEr
 }
 
 fn take_from(first_fd: RawFd) -> Result<Vec<(TcpListener, String)>, ActivationError> {
+    take_fds(first_fd)?
+        .into_iter()
+        .map(|(fd, name)| {
+            check_listener(fd)?;
+            // SAFETY: the fd was handed to this process and checked to be a listening
+            // socket; from here on the returned listener owns it.
+            Ok((unsafe { TcpListener::from_raw_fd(fd) }, name))
+        })
+        .collect()
+}
+
+/// The one socket a handler of a UDP group is given (blocking, for std code; a tokio
+/// server makes it non-blocking and takes it with `tokio::net::UdpSocket::from_std`). For a
+/// QUIC server in a `--udp-mode quic` group, see [`crate::quic`].
+pub fn udp_socket() -> Result<UdpSocket, ActivationError> {
+    let mut all = take_fds(FIRST_FD)?;
+    if all.len() != 1 {
+        return Err(ActivationError::NotOne(all.len()));
+    }
+    let (fd, _) = all.remove(0);
+    let not = |reason: String| ActivationError::NotUdp { fd, reason };
+    if socket_option(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(not)? != libc::SOCK_DGRAM {
+        return Err(not("not a datagram socket".into()));
+    }
+    close_on_exec(fd).map_err(not)?;
+    // SAFETY: the fd was handed to this process and checked to be a datagram socket; from
+    // here on the returned socket owns it.
+    Ok(unsafe { UdpSocket::from_raw_fd(fd) })
+}
+
+/// The passed fds and their names, after checking the protocol's variables, which are then
+/// cleared.
+fn take_fds(first_fd: RawFd) -> Result<Vec<(RawFd, String)>, ActivationError> {
     let count = env::var(LISTEN_FDS).map_err(|_| ActivationError::NotActivated)?;
     let count: usize = count
         .parse()
@@ -86,16 +121,14 @@ fn take_from(first_fd: RawFd) -> Result<Vec<(TcpListener, String)>, ActivationEr
     env::remove_var(LISTEN_FDS);
     env::remove_var(LISTEN_PID);
     env::remove_var(LISTEN_FDNAMES);
-    (0..count)
+    Ok((0..count)
         .map(|i| {
-            let fd = first_fd + i as RawFd;
-            check_listener(fd)?;
-            // SAFETY: the fd was handed to this process and checked to be a listening
-            // socket; from here on the returned listener owns it.
-            let listener = unsafe { TcpListener::from_raw_fd(fd) };
-            Ok((listener, names.get(i).cloned().unwrap_or_default()))
+            (
+                first_fd + i as RawFd,
+                names.get(i).cloned().unwrap_or_default(),
+            )
         })
-        .collect()
+        .collect())
 }
 
 /// The passed sockets, in order.
@@ -138,33 +171,39 @@ pub fn threads() -> usize {
 
 fn check_listener(fd: RawFd) -> Result<(), ActivationError> {
     let not = |reason: String| ActivationError::NotAListener { fd, reason };
-    let option = |level, name| -> Result<libc::c_int, ActivationError> {
-        let mut value: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt into a c_int on a plain fd number.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                level,
-                name,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(not(std::io::Error::last_os_error().to_string()));
-        }
-        Ok(value)
-    };
-    if option(libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
+    if socket_option(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(not)? != libc::SOCK_STREAM {
         return Err(not("not a stream socket".into()));
     }
-    if option(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? == 0 {
+    if socket_option(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).map_err(not)? == 0 {
         return Err(not("not listening".into()));
     }
+    close_on_exec(fd).map_err(not)
+}
+
+/// An int socket option of `fd`; the error as text.
+fn socket_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Result<libc::c_int, String> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a c_int on a plain fd number.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(value)
+}
+
+fn close_on_exec(fd: RawFd) -> Result<(), String> {
     // SAFETY: setting FD_CLOEXEC on an fd we own now.
     if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return Err(not(std::io::Error::last_os_error().to_string()));
+        return Err(std::io::Error::last_os_error().to_string());
     }
     Ok(())
 }

@@ -25,6 +25,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod output;
 pub mod procfs;
+pub mod quic;
 pub mod run_dir;
 pub mod service_manager;
 pub mod sock_diag;

@@ -68,6 +68,8 @@ fn declared_names() -> BTreeSet<&'static str> {
         udp::names::SLOT_COUNTERS,
         udp::names::FLOW_PROGRAM,
         udp::names::FLOWS,
+        udp::names::QUIC_PROGRAM,
+        udp::names::FIRST_FLIGHTS,
     ])
 }
 

@@ -26,6 +26,7 @@ pub mod netstat;
 pub mod plain;
 pub mod privileges;
 pub mod processes;
+pub mod quic;
 pub mod spawner;
 pub mod udp;
 

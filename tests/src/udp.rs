@@ -216,3 +216,48 @@ pub fn program_counters(status: &parsrv::status::GroupStatus) -> Vec<UdpSlotCoun
 pub fn counter_sum(counters: &[UdpSlotCounters], field: fn(&UdpSlotCounters) -> u64) -> u64 {
     counters.iter().map(field).sum()
 }
+
+/// The spawner `pid` holds one LRU hash (a UDP group's table: of flows, or of QUIC first
+/// flights, keys of `key_size` bytes) of `entries`, and what `parsrv check` said of its
+/// memory (`said`) is the kernel's own figure (`memlock`, counted as the map's usage since
+/// Linux 6.4; it adds a few KiB of header and bucket locks).
+pub fn lru_table_is_sized_as_said(pid: u32, entries: u32, key_size: usize, said: &str) {
+    use parsrv_common::{reuseport::affinity::lru_table_bytes, udp::FlowEntry};
+    const BPF_MAP_TYPE_LRU_HASH: u64 = 9;
+    let mut tables = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        let field = |name: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if field("map_type:") == Some(BPF_MAP_TYPE_LRU_HASH) {
+            tables.push((field("max_entries:"), field("memlock:")));
+        }
+    }
+    let estimate = lru_table_bytes(entries, key_size, size_of::<FlowEntry>());
+    assert_eq!(
+        tables.len(),
+        1,
+        "one LRU map, the group's table: {tables:?}"
+    );
+    assert_eq!(tables[0].0, Some(entries as u64), "{tables:?}");
+    assert!(
+        said.contains(&format!("{:.1} MiB", estimate as f64 / (1 << 20) as f64)),
+        "{said}"
+    );
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy().into_owned();
+    if parsrv::features::KernelVersion::parse(&release).unwrap()
+        >= parsrv::features::KernelVersion::parse("6.4").unwrap()
+    {
+        let kernel = tables[0].1.expect("memlock");
+        assert!(
+            (estimate..estimate + 64 * 1024).contains(&kernel),
+            "estimated {estimate} bytes, the kernel says {kernel}"
+        );
+    }
+}

@@ -21,9 +21,11 @@ mod counting;
 mod runtime;
 #[path = "../udp_room.rs"]
 mod udp_room;
+#[path = "../udp_table.rs"]
+mod udp_table;
 
 use aya_ebpf::{
-    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS, BPF_ANY, BPF_NOEXIST},
+    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
     cty::c_void,
     helpers::{
         bpf_ktime_get_ns,
@@ -35,10 +37,8 @@ use aya_ebpf::{
 };
 use parsrv_common::udp::{FlowEntry, FlowKey, UdpConfig, UdpFailOpen};
 
-use counting::count;
-use udp_room::{
-    apply, choose, count_error, select, Choice, Outcome, NO_SLOT, UDP_CONFIG, UDP_SLOT_COUNTERS,
-};
+use udp_room::{apply, choose, count_error, Choice, UDP_CONFIG};
+use udp_table::{follow, record};
 
 /// Flows by 4-tuple. Userspace sizes it at load (`--flow-table`); beyond that the least
 /// recently used are forgotten, and their next datagram is placed again.
@@ -94,43 +94,7 @@ fn steer(ctx: &SkReuseportContext, config: &UdpConfig) -> Result<(), UdpFailOpen
     }
     let mut choice = Choice::UNKNOWN;
     choose(ctx, config, &mut choice)?;
-    if choice.outcome == Outcome::Unknown {
-        // No slot to record: the kernel's hash places it (the error is counted).
-        return Ok(());
-    }
-    let entry = FlowEntry {
-        last_ns: now,
-        slot: choice.slot,
-        _pad: 0,
-    };
-    // A new flow only where none is recorded: when the first datagrams of a flow arrive on
-    // two CPUs at once, the second to get here follows the first. An expired flow's entry
-    // is replaced (two CPUs replacing one at once may each send one datagram their own way).
-    let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
-    if UDP_FLOWS.insert(key, entry, flags as u64).is_err() {
-        if let Some(recorded) = UDP_FLOWS.get_ptr(key) {
-            // SAFETY: a value of the flow table, copied out at once.
-            if follow(ctx, unsafe { (*recorded).slot }) {
-                return Ok(());
-            }
-        }
-        count_error(UdpFailOpen::FlowUnrecorded);
-        return apply(ctx, &choice);
-    }
-    apply(ctx, &choice)?;
-    count(&UDP_SLOT_COUNTERS, choice.slot, |c| c.flows += 1);
-    Ok(())
-}
-
-/// Sends a recorded flow's datagram to its socket: false if the socket left the group (the
-/// slot is empty).
-#[inline(always)]
-fn follow(ctx: &SkReuseportContext, slot: u32) -> bool {
-    if slot == NO_SLOT || select(ctx, slot).is_err() {
-        return false;
-    }
-    count(&UDP_SLOT_COUNTERS, slot, |c| c.flow_datagrams += 1);
-    true
+    record(ctx, &UDP_FLOWS, &key, &choice, now, replace)
 }
 
 /// Places one datagram by room without recording its flow.

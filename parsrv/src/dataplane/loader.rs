@@ -34,7 +34,7 @@ pub struct MapSizes {
     pub cluster_clients: u32,
     /// Bytes of a cluster's ring of decisions (a power of two, a multiple of the page).
     pub cluster_decisions: u32,
-    /// Entries of a UDP group's flow table (flow mode).
+    /// Entries of a UDP group's flow table (flow mode), or of its first flights (quic mode).
     pub udp_flows: u32,
 }
 
@@ -66,6 +66,7 @@ pub fn load(object: &[u8], sizes: MapSizes) -> Result<Ebpf, EbpfError> {
         .map_max_entries(cluster::names::CLIENTS, sizes.cluster_clients)
         .map_max_entries(cluster::names::DECISIONS, sizes.cluster_decisions)
         .map_max_entries(udp::names::FLOWS, sizes.udp_flows)
+        .map_max_entries(udp::names::FIRST_FLIGHTS, sizes.udp_flows)
         .load(object)
 }
 

@@ -74,6 +74,9 @@ pub enum EbpfObject {
     /// `parsrv-ebpf`'s `udp-flow` binary: the SK_REUSEPORT program of a UDP group in flow
     /// mode.
     UdpFlow,
+    /// `parsrv-ebpf`'s `udp-quic` binary: the SK_REUSEPORT program of a UDP group in quic
+    /// mode.
+    UdpQuic,
 }
 
 impl EbpfObject {
@@ -97,6 +100,9 @@ impl EbpfObject {
             }
             EbpfObject::UdpFlow => {
                 aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp-flow.o"))
+            }
+            EbpfObject::UdpQuic => {
+                aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp-quic.o"))
             }
         }
     }
@@ -126,24 +132,29 @@ pub enum Program {
     /// Places each new flow of a UDP group on a socket with receive-buffer room, and keeps
     /// the flow there ([`udp`]).
     UdpFlow,
+    /// Sends each QUIC packet of a UDP group to the socket its connection ID's cookie names,
+    /// and places first flights by room ([`udp`]).
+    UdpQuic,
 }
 
 impl Program {
-    pub const ALL: [Program; 6] = [
+    pub const ALL: [Program; 7] = [
         Program::ReuseportSelect,
         Program::AddressLookup,
         Program::ClusterDispatch,
         Program::ReuseportAudit,
         Program::UdpDatagram,
         Program::UdpFlow,
+        Program::UdpQuic,
     ];
 
     /// What groups may need (`parsrv run`, `parsrv kernel`'s verdict).
-    pub const GROUPS: [Program; 4] = [
+    pub const GROUPS: [Program; 5] = [
         Program::ReuseportSelect,
         Program::AddressLookup,
         Program::UdpDatagram,
         Program::UdpFlow,
+        Program::UdpQuic,
     ];
 
     /// The program a UDP group in `mode` runs.
@@ -151,6 +162,7 @@ impl Program {
         match mode {
             UdpMode::Datagram => Program::UdpDatagram,
             UdpMode::Flow => Program::UdpFlow,
+            UdpMode::Quic => Program::UdpQuic,
         }
     }
 
@@ -163,6 +175,7 @@ impl Program {
             Program::ReuseportAudit => parsrv_common::audit::names::PROGRAM,
             Program::UdpDatagram => parsrv_common::udp::names::PROGRAM,
             Program::UdpFlow => parsrv_common::udp::names::FLOW_PROGRAM,
+            Program::UdpQuic => parsrv_common::udp::names::QUIC_PROGRAM,
         }
     }
 
@@ -174,6 +187,7 @@ impl Program {
             Program::ReuseportAudit => EbpfObject::ReuseportAudit,
             Program::UdpDatagram => EbpfObject::UdpDatagram,
             Program::UdpFlow => EbpfObject::UdpFlow,
+            Program::UdpQuic => EbpfObject::UdpQuic,
         }
     }
 
@@ -207,8 +221,9 @@ impl Program {
             Program::ReuseportAudit => &[Feature::Btf, Feature::CapBpf, Feature::TcpIter],
             // It reads `ctx->sk` (5.14+) and receive buffers with probe reads, and scans with
             // bpf_loop; no migration (TCP only). The flow program also reads the datagram's
-            // addresses (bpf_skb_load_bytes_relative, 4.18) and keeps an LRU map (4.10).
-            Program::UdpDatagram | Program::UdpFlow => &[
+            // addresses (bpf_skb_load_bytes_relative, 4.18) and keeps an LRU map (4.10); the
+            // quic program reads the packet (bpf_skb_load_bytes) and keeps one too.
+            Program::UdpDatagram | Program::UdpFlow | Program::UdpQuic => &[
                 Feature::Btf,
                 Feature::SkReuseport,
                 Feature::CapBpf,
@@ -221,7 +236,7 @@ impl Program {
 
 /// The programs a spawner needs for `groups`: the reuseport program for TCP groups (and
 /// when there is none at all), the lookup program for a group on several addresses, a
-/// prefix or a port range, the datagram or flow program for UDP groups, by their mode.
+/// prefix or a port range, the datagram, flow or quic program for UDP groups, by their mode.
 pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
     let udp = |g: &crate::spec::GroupSpec| g.is_udp();
     let mut programs = Vec::new();
@@ -231,7 +246,7 @@ pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
     if groups.iter().any(crate::spec::GroupSpec::needs_lookup) {
         programs.push(Program::AddressLookup);
     }
-    for mode in [UdpMode::Datagram, UdpMode::Flow] {
+    for mode in [UdpMode::Datagram, UdpMode::Flow, UdpMode::Quic] {
         if groups.iter().any(|g| udp(g) && g.udp_mode == mode) {
             programs.push(Program::for_udp(mode));
         }
@@ -295,6 +310,14 @@ mod tests {
         assert_eq!(
             programs_for_groups(std::slice::from_ref(&flows)),
             [Program::UdpFlow]
+        );
+        let quic = GroupSpec {
+            udp_mode: UdpMode::Quic,
+            ..group("udp://127.0.0.1:4433")
+        };
+        assert_eq!(
+            programs_for_groups(std::slice::from_ref(&quic)),
+            [Program::UdpQuic]
         );
         assert_eq!(
             programs_for_groups(&[tcp, range, udp, flows]),

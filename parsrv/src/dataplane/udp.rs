@@ -1,7 +1,7 @@
-//! The UDP programs' userspace (eBPF side: `parsrv-ebpf/src/bin/udp_datagram.rs` and
-//! `udp_flow.rs`, shared types: `parsrv_common::udp`): loading a UDP group's program (by its
-//! `--udp-mode`), registering the group's sockets, attaching it, and reading its counters and
-//! flow table. Nothing is pinned yet: the program lives as long as the sockets of its group
+//! The UDP programs' userspace (eBPF side: `parsrv-ebpf/src/bin/udp_datagram.rs`,
+//! `udp_flow.rs` and `udp_quic.rs`, shared types: `parsrv_common::udp`): loading a UDP group's
+//! program (by its `--udp-mode`), registering the group's sockets, attaching it, and reading
+//! its counters and its table (of flows, or of QUIC first flights). Nothing is pinned yet: the program lives as long as the sockets of its group
 //! (the kernel keeps an attached program with the group).
 
 use std::{os::fd::AsFd, time::Duration};
@@ -12,8 +12,8 @@ use aya::{
     Ebpf,
 };
 use parsrv_common::udp::{
-    names, FlowEntry, FlowKey, UdpConfig, UdpErrors, UdpSlotCounters, DEFAULT_FLOW_TABLE,
-    DEFAULT_FLOW_TIMEOUT_SECONDS, DEFAULT_RESERVE, MAX_SOCKETS,
+    names, FirstFlightKey, FlowEntry, FlowKey, UdpConfig, UdpErrors, UdpSlotCounters,
+    DEFAULT_FLOW_TABLE, DEFAULT_FLOW_TIMEOUT_SECONDS, DEFAULT_RESERVE, MAX_SOCKETS,
 };
 
 use super::{
@@ -34,9 +34,10 @@ pub struct UdpSettings {
     pub mode: UdpMode,
     /// Bytes a socket's receive buffer must have free to count as having room.
     pub reserve: u32,
-    /// Flow mode: how long a flow may be idle before it is placed again.
+    /// Flow and quic modes: how long a flow (a first flight) may be idle before it is
+    /// placed again.
     pub flow_timeout: Duration,
-    /// Flow mode: how many flows the table holds.
+    /// Flow and quic modes: how many flows (first flights) the table holds.
     pub flow_table: u32,
 }
 
@@ -61,6 +62,14 @@ impl UdpSettings {
         }
     }
 
+    /// The quic mode, with a first-flight table of `entries`, each forgotten after `timeout`.
+    pub fn quic(timeout: Duration, entries: u32) -> Self {
+        UdpSettings {
+            mode: UdpMode::Quic,
+            ..UdpSettings::flow(timeout, entries)
+        }
+    }
+
     /// A validated group's settings.
     pub fn of(spec: &GroupSpec) -> Self {
         UdpSettings {
@@ -81,6 +90,22 @@ pub struct Flow {
     pub idle: Duration,
 }
 
+/// An entry of the table, as `parsrv status` counts them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub slot: u32,
+    /// How long ago its last datagram came.
+    pub idle: Duration,
+}
+
+/// The table a mode keeps (aya reads an LRU_HASH as a HashMap).
+enum Table {
+    /// Flow mode: flows by 4-tuple.
+    Flows(HashMap<MapData, FlowKey, FlowEntry>),
+    /// Quic mode: first flights by destination connection ID.
+    FirstFlights(HashMap<MapData, FirstFlightKey, FlowEntry>),
+}
+
 /// The loaded program and its maps.
 pub struct DatagramSteering {
     ebpf: Ebpf,
@@ -90,8 +115,8 @@ pub struct DatagramSteering {
     slot_counters: PerCpuArray<MapData, UdpSlotCounters>,
     errors: PerCpuArray<MapData, UdpErrors>,
     config_map: Array<MapData, UdpConfig>,
-    /// Flow mode: the LRU table (aya reads an LRU_HASH as a HashMap).
-    flows: Option<HashMap<MapData, FlowKey, FlowEntry>>,
+    /// Flow and quic modes: the LRU table.
+    table: Option<Table>,
     config: UdpConfig,
 }
 
@@ -135,13 +160,18 @@ impl DatagramSteering {
         let config_map = take(names::CONFIG)?
             .try_into()
             .map_err(typed(names::CONFIG))?;
-        let flows = match settings.mode {
+        let table = match settings.mode {
             UdpMode::Datagram => None,
-            UdpMode::Flow => Some(
+            UdpMode::Flow => Some(Table::Flows(
                 take(names::FLOWS)?
                     .try_into()
                     .map_err(typed(names::FLOWS))?,
-            ),
+            )),
+            UdpMode::Quic => Some(Table::FirstFlights(
+                take(names::FIRST_FLIGHTS)?
+                    .try_into()
+                    .map_err(typed(names::FIRST_FLIGHTS))?,
+            )),
         };
         let mut steering = DatagramSteering {
             ebpf,
@@ -151,7 +181,7 @@ impl DatagramSteering {
             slot_counters,
             errors,
             config_map,
-            flows,
+            table,
             config: UdpConfig {
                 offsets,
                 reserve: settings.reserve,
@@ -211,10 +241,10 @@ impl DatagramSteering {
             )))
     }
 
-    /// The flows in the table (flow mode; none in datagram mode), idle or not: one map
-    /// lookup per flow, for `status`, never on the datagrams' path. At most `limit`.
+    /// The flows in the table (flow mode; none in the other modes), idle or not: one map
+    /// lookup per flow, never on the datagrams' path. At most `limit`.
     pub fn flows(&self, limit: usize) -> Result<Vec<Flow>> {
-        let Some(table) = &self.flows else {
+        let Some(Table::Flows(table)) = &self.table else {
             return Ok(Vec::new());
         };
         let now = monotonic_ns();
@@ -231,9 +261,34 @@ impl DatagramSteering {
         Ok(flows)
     }
 
-    /// Flow mode: how long a flow may be idle before it is placed again.
+    /// The entries of the table (flows, or QUIC first flights; none in datagram mode), idle
+    /// or not, for `status`: one map lookup each. At most `limit`.
+    pub fn placed(&self, limit: usize) -> Result<Vec<Placed>> {
+        let now = monotonic_ns();
+        let placed = |entry: FlowEntry| Placed {
+            slot: entry.slot,
+            idle: Duration::from_nanos(now.saturating_sub(entry.last_ns)),
+        };
+        // An entry forgotten between the key's read and its value's is skipped.
+        Ok(match &self.table {
+            None => Vec::new(),
+            Some(Table::Flows(table)) => table
+                .iter()
+                .take(limit)
+                .filter_map(|item| item.ok().map(|(_, entry)| placed(entry)))
+                .collect(),
+            Some(Table::FirstFlights(table)) => table
+                .iter()
+                .take(limit)
+                .filter_map(|item| item.ok().map(|(_, entry)| placed(entry)))
+                .collect(),
+        })
+    }
+
+    /// Flow and quic modes: how long an entry of the table may be idle before its next
+    /// datagram is placed again.
     pub fn flow_timeout(&self) -> Option<Duration> {
-        self.flows
+        self.table
             .as_ref()
             .map(|_| Duration::from_nanos(self.config.flow_idle_ns))
     }

@@ -58,7 +58,7 @@ impl RunningGroup {
         // One walk of the flow table (flow mode): each socket's live flows, and the whole.
         // Bounded: one map lookup per flow on the spawner's thread, which supervises too.
         let flows = match members.datagrams() {
-            Some(program) => program.flows(FLOW_WALK_LIMIT)?,
+            Some(program) => program.placed(FLOW_WALK_LIMIT)?,
             None => Vec::new(),
         };
         let timeout = members.datagrams().and_then(|p| p.flow_timeout());

@@ -124,7 +124,7 @@ impl GroupSpec {
     pub fn table_memory(&self) -> Option<String> {
         use parsrv_common::{
             reuseport::affinity::{lru_table_bytes, ClientKey, DispatchEntry},
-            udp::{FlowEntry, FlowKey},
+            udp::{FirstFlightKey, FlowEntry, FlowKey},
         };
         let (what, entries, bytes) = if self.affinity == Affinity::Client {
             let bytes = lru_table_bytes(
@@ -140,6 +140,13 @@ impl GroupSpec {
                 size_of::<FlowEntry>(),
             );
             ("flow table", self.flow_table, bytes)
+        } else if self.is_udp() && self.udp_mode == super::UdpMode::Quic {
+            let bytes = lru_table_bytes(
+                self.flow_table,
+                size_of::<FirstFlightKey>(),
+                size_of::<FlowEntry>(),
+            );
+            ("first-flight table", self.flow_table, bytes)
         } else {
             return None;
         };

@@ -115,6 +115,18 @@ pub enum UdpMode {
     /// A flow's (4-tuple's) first datagram to a socket with room, and the rest of the flow
     /// to that socket until it is idle for --flow-timeout (servers with state per client).
     Flow,
+    /// QUIC: a packet whose connection ID carries a socket's cookie to that socket; a
+    /// connection's first flight by room, kept together by its connection ID until idle for
+    /// --flow-timeout (docs/udp.md, "QUIC").
+    Quic,
+}
+
+impl UdpMode {
+    /// Whether the mode's program keeps a table (--flow-table, --flow-timeout): of flows, or
+    /// of QUIC first flights.
+    pub fn keeps_a_table(self) -> bool {
+        matches!(self, UdpMode::Flow | UdpMode::Quic)
+    }
 }
 
 /// The code each handler process runs.
@@ -208,8 +220,9 @@ pub struct GroupSpec {
     /// With --affinity client: what happens when a client's handler has no room.
     #[arg(long, value_enum, default_value_t)]
     pub affinity_when_full: AffinityWhenFull,
-    /// A UDP group: steer each datagram on its own (`datagram`), or keep each flow (4-tuple)
-    /// on the socket its first datagram went to (`flow`).
+    /// A UDP group: steer each datagram on its own (`datagram`), keep each flow (4-tuple)
+    /// on the socket its first datagram went to (`flow`), or each QUIC connection on the
+    /// socket its connection IDs name (`quic`).
     #[arg(long, value_enum, default_value_t)]
     #[serde(default, skip_serializing_if = "is_default")]
     pub udp_mode: UdpMode,
@@ -224,13 +237,13 @@ pub struct GroupSpec {
     )]
     #[serde(default, skip_serializing_if = "is_zero")]
     pub receive_buffer: u32,
-    /// With --udp-mode flow: seconds a flow may send nothing before its next datagram is
-    /// placed again, as a new flow's.
+    /// With --udp-mode flow (quic): seconds a flow (a connection's first flight) may send
+    /// nothing before its next datagram is placed again, as a new one's.
     #[arg(long, default_value_t = DEFAULT_FLOW_TIMEOUT_SECONDS, value_name = "SECONDS")]
     #[serde(default = "default_flow_timeout")]
     pub flow_timeout: f64,
-    /// With --udp-mode flow: flows the kernel's flow table holds; beyond that the least
-    /// recently used are forgotten. All of it is allocated at start (120 bytes each; `parsrv check` prints the total).
+    /// With --udp-mode flow (quic): flows (first flights) the kernel's table holds; beyond
+    /// that the least recently used are forgotten. All of it is allocated at start (120 bytes each; `parsrv check` prints the total).
     #[arg(long, default_value_t = DEFAULT_FLOW_TABLE, value_name = "ENTRIES")]
     #[serde(default = "default_flow_table")]
     pub flow_table: u32,

@@ -3,8 +3,8 @@
 
 use super::{
     environment, executable_by, find_program, format_cpus, invalid, usable_cpus, Affinity,
-    ClientPrefix, GroupSpec, HandlerKind, HandlerRange, Listen, UdpMode, MAX_FLOW_TABLE,
-    MAX_SOCKETS, MAX_TABLE_SIZE,
+    ClientPrefix, GroupSpec, HandlerKind, HandlerRange, Listen, MAX_FLOW_TABLE, MAX_SOCKETS,
+    MAX_TABLE_SIZE,
 };
 use crate::error::{Error, Result};
 
@@ -337,7 +337,7 @@ impl GroupSpec {
                 "is a UDP setting (a TCP connection stays with its handler anyway); leave it out",
             ));
         }
-        if self.udp_mode != UdpMode::Flow {
+        if !self.udp_mode.keeps_a_table() {
             let given = [
                 (
                     "--flow-timeout",
@@ -354,7 +354,7 @@ impl GroupSpec {
                 problems.push(invalid(
                     option,
                     value,
-                    "only applies with --udp-mode flow: add it, or drop this option",
+                    "only applies with --udp-mode flow or quic: add one, or drop this option",
                 ));
             }
         }
@@ -446,7 +446,7 @@ fn validate_name(name: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{tests::spec, AffinityWhenFull, CpuList, Credentials};
+    use super::super::{tests::spec, AffinityWhenFull, CpuList, Credentials, UdpMode};
     use super::*;
 
     #[test]
@@ -498,7 +498,7 @@ mod tests {
     #[test]
     fn rejects_each_bad_value_naming_its_option() {
         type Spoil = fn(&mut GroupSpec);
-        let cases: [(&str, Spoil); 35] = [
+        let cases: [(&str, Spoil); 36] = [
             ("--affinity-prefix", |s| {
                 s.affinity = Affinity::Client;
                 s.affinity_prefix.v4 = 33;
@@ -575,6 +575,11 @@ mod tests {
                 *s = udp_group();
                 s.udp_mode = UdpMode::Flow;
                 s.flow_timeout = 0.0;
+            }),
+            ("--flow-table", |s| {
+                *s = udp_group();
+                s.udp_mode = UdpMode::Quic;
+                s.flow_table = 0;
             }),
             ("--user", |s| s.user = Some("no-such-user-parsrv".into())),
             ("--user", |s| {

@@ -267,10 +267,14 @@ impl GroupStatus {
             }
             None => out.push('\n'),
         }
-        // The flow counters are the flow program's: a datagram group's are always 0.
+        // The flow counters are the flow and quic programs', the cookie counter the quic
+        // program's: elsewhere they are always 0.
         let flow_mode = self.flow_table.is_some();
-        let shown =
-            |counter: &&parsrv_common::Counter| flow_mode || !counter.name.starts_with("flow");
+        let quic_mode = spec.udp_mode == crate::spec::UdpMode::Quic;
+        let shown = |counter: &&parsrv_common::Counter| {
+            (flow_mode || !counter.name.starts_with("flow"))
+                && (quic_mode || !counter.name.starts_with("cookie"))
+        };
         let _ = write!(
             out,
             "{:>4} {:>8} {:>5} {:>3} {:>8} {:>17} {:>6}",

@@ -29,5 +29,6 @@ mod trust;
 mod two_spawners;
 mod udp;
 mod udp_flow;
+mod udp_quic;
 mod verifier;
 mod when_full;

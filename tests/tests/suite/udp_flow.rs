@@ -17,9 +17,9 @@ use parsrv::{
     spec::{HandlerKind, UdpMode},
 };
 use parsrv_integration_tests::{
-    counter_sum, figure, group, meminfo, privileged, program_counters, send_flows, signal,
-    steer_udp_with, stop_process, udp_group, Needs, Queries, UdpCounters, ADDR, LARGE_BUFFER,
-    SMALL_BUFFER,
+    counter_sum, figure, group, lru_table_is_sized_as_said, meminfo, privileged, program_counters,
+    send_flows, signal, steer_udp_with, stop_process, udp_group, Needs, Queries, UdpCounters, ADDR,
+    LARGE_BUFFER, SMALL_BUFFER,
 };
 use socket2::Socket;
 
@@ -263,49 +263,6 @@ fn a_flow_stays_on_a_socket_without_room_and_is_placed_again_after_its_idle_time
     });
 }
 
-/// The spawner `pid` holds one LRU hash (the flow table) of `entries`, and what `parsrv
-/// check` said of its memory (`said`) is the kernel's own figure (`memlock`, counted as the
-/// map's usage since Linux 6.4; it adds a few KiB of header and bucket locks).
-fn flow_table_is_sized_as_said(pid: u32, entries: u32, said: &str) {
-    use parsrv_common::{
-        reuseport::affinity::lru_table_bytes,
-        udp::{FlowEntry, FlowKey},
-    };
-    const BPF_MAP_TYPE_LRU_HASH: u64 = 9;
-    let mut tables = Vec::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
-        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
-            continue;
-        };
-        let field = |name: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-        };
-        if field("map_type:") == Some(BPF_MAP_TYPE_LRU_HASH) {
-            tables.push((field("max_entries:"), field("memlock:")));
-        }
-    }
-    let estimate = lru_table_bytes(entries, size_of::<FlowKey>(), size_of::<FlowEntry>());
-    assert_eq!(tables.len(), 1, "one LRU map, the flow table: {tables:?}");
-    assert_eq!(tables[0].0, Some(entries as u64), "{tables:?}");
-    assert!(
-        said.contains(&format!("{:.1} MiB", estimate as f64 / (1 << 20) as f64)),
-        "{said}"
-    );
-    let release = nix::sys::utsname::uname().unwrap();
-    let release = release.release().to_string_lossy().into_owned();
-    if parsrv::features::KernelVersion::parse(&release).unwrap()
-        >= parsrv::features::KernelVersion::parse("6.4").unwrap()
-    {
-        let kernel = tables[0].1.expect("memlock");
-        assert!(
-            (estimate..estimate + 64 * 1024).contains(&kernel),
-            "estimated {estimate} bytes, the kernel says {kernel}"
-        );
-    }
-}
-
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
@@ -333,7 +290,12 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
             .table_memory()
             .expect("a flow table's memory is said");
         let spawner = builder.start();
-        flow_table_is_sized_as_said(spawner.pid(), TABLE, &said);
+        lru_table_is_sized_as_said(
+            spawner.pid(),
+            TABLE,
+            size_of::<parsrv_common::udp::FlowKey>(),
+            &said,
+        );
         let addr: SocketAddr = ADDR.parse().unwrap();
         let pid = spawner.handler_pid(0);
         stop_process(pid);
