@@ -43,7 +43,16 @@ impl Certificate {
 }
 
 /// What one client got: the pid that answered each request, or why the connection failed.
-pub type Answers = Result<Vec<u32>, String>;
+pub type Answers = Result<Vec<u32>, Failure>;
+
+/// Why a client's connection failed, and when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Before or during the handshake.
+    Handshake(String),
+    /// Once connected: request `n` got no answer.
+    Request(usize, String),
+}
 
 /// The example server's application protocol, after 1,500 bytes of others it does not speak:
 /// the ClientHello no longer fits one Initial datagram, so each first flight spans two, as a
@@ -56,6 +65,8 @@ fn protocols() -> Vec<Vec<u8>> {
 
 /// `clients` clients at once, each connecting to `addr` and making `requests` requests
 /// `pause` apart; a connection idle for `timeout` (a handshake that gets no answer) fails.
+/// With `migrate`, each client moves to a new UDP socket (a new source port: what a NAT
+/// rebinding does to a client) after its first request, and goes on from there.
 pub fn run_clients(
     addr: SocketAddr,
     certificate: &Certificate,
@@ -63,6 +74,7 @@ pub fn run_clients(
     requests: usize,
     pause: Duration,
     timeout: Duration,
+    migrate: bool,
 ) -> Vec<Answers> {
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -91,12 +103,15 @@ pub fn run_clients(
         let tasks: Vec<_> = (0..clients)
             .map(|_| {
                 let config = config.clone();
-                tokio::spawn(async move { client(addr, config, requests, pause).await })
+                tokio::spawn(async move { client(addr, config, requests, pause, migrate).await })
             })
             .collect();
         let mut answers = Vec::new();
         for task in tasks {
-            answers.push(task.await.unwrap_or_else(|e| Err(e.to_string())));
+            answers.push(
+                task.await
+                    .unwrap_or_else(|e| Err(Failure::Handshake(e.to_string()))),
+            );
         }
         answers
     })
@@ -107,31 +122,34 @@ async fn client(
     config: ClientConfig,
     requests: usize,
     pause: Duration,
+    migrate: bool,
 ) -> Answers {
-    let text = |e: &dyn std::fmt::Display| e.to_string();
-    let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| text(&e))?;
+    let setup = |e: &dyn std::fmt::Display| Failure::Handshake(e.to_string());
+    let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| setup(&e))?;
     endpoint.set_default_client_config(config);
     let connection = endpoint
         .connect(addr, "localhost")
-        .map_err(|e| text(&e))?
+        .map_err(|e| setup(&e))?
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|e| setup(&e))?;
     let mut pids = Vec::new();
     for i in 0..requests {
+        let failed = |e: &dyn std::fmt::Display| Failure::Request(i, e.to_string());
         if i > 0 {
             tokio::time::sleep(pause).await;
         }
-        let (mut send, mut receive) = connection.open_bi().await.map_err(|e| text(&e))?;
-        send.write_all(b"who\n").await.map_err(|e| text(&e))?;
-        send.finish().map_err(|e| text(&e))?;
-        let answer = receive
-            .read_to_end(32)
-            .await
-            .map_err(|e| format!("request {i}: {e}"))?;
+        if migrate && i == 1 {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| failed(&e))?;
+            endpoint.rebind(socket).map_err(|e| failed(&e))?;
+        }
+        let (mut send, mut receive) = connection.open_bi().await.map_err(|e| failed(&e))?;
+        send.write_all(b"who\n").await.map_err(|e| failed(&e))?;
+        send.finish().map_err(|e| failed(&e))?;
+        let answer = receive.read_to_end(32).await.map_err(|e| failed(&e))?;
         let pid = String::from_utf8_lossy(&answer)
             .trim()
             .parse()
-            .map_err(|e| format!("request {i}: {answer:?}: {e}"))?;
+            .map_err(|e| failed(&format!("{answer:?}: {e}")))?;
         pids.push(pid);
     }
     // Not waiting out the closing period (three probe time-outs, seconds under emulation):

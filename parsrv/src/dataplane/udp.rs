@@ -1,8 +1,9 @@
 //! The UDP programs' userspace (eBPF side: `parsrv-ebpf/src/bin/udp_datagram.rs`,
 //! `udp_flow.rs` and `udp_quic.rs`, shared types: `parsrv_common::udp`): loading a UDP group's
 //! program (by its `--udp-mode`), registering the group's sockets, attaching it, and reading
-//! its counters and its table (of flows, or of QUIC first flights). Nothing is pinned yet: the program lives as long as the sockets of its group
-//! (the kernel keeps an attached program with the group).
+//! its counters and its table (of flows, or of QUIC first flights). Nothing is pinned yet:
+//! the program lives as long as the sockets of its group (the kernel keeps an attached
+//! program with the group).
 
 use std::{os::fd::AsFd, time::Duration};
 
@@ -59,14 +60,6 @@ impl UdpSettings {
             flow_timeout: timeout,
             flow_table: entries,
             ..UdpSettings::datagram()
-        }
-    }
-
-    /// The quic mode, with a first-flight table of `entries`, each forgotten after `timeout`.
-    pub fn quic(timeout: Duration, entries: u32) -> Self {
-        UdpSettings {
-            mode: UdpMode::Quic,
-            ..UdpSettings::flow(timeout, entries)
         }
     }
 
