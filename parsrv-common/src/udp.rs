@@ -229,7 +229,7 @@ counters! {
     /// Internal errors. On each the program passes the datagram to the kernel's hash choice
     /// and counts the error here (per CPU; userspace sums them).
     pub struct UdpErrors, index enum UdpFailOpen {
-        no_config / NoConfig => ("no-config", "The CONFIG element was missing (the loader did not write it)."),
+        no_config / NoConfig => ("no-config", "The CONFIG element (or the quic program's per-CPU scratch element) was missing (the loader did not write it)."),
         read_failed / ReadFailed => ("read-failed", "A bpf_probe_read_kernel failed (bad offset or a racing teardown)."),
         bad_group / BadGroup => ("bad-group", "The group had no live socket or more than MAX_SOCKETS."),
         unknown_socket / UnknownSocket => ("unknown-socket", "A chosen socket's cookie was not in the slot map (a socket parsrv did not register joined the group)."),
