@@ -12,7 +12,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! `examples/quic_handler.rs` does it with quinn's `ConnectionIdGenerator`.
+//! `tests/examples/quic_handler.rs`, the quic mode's tests' server, does it with quinn's
+//! `ConnectionIdGenerator`.
 
 use std::{io, os::fd::AsFd};
 

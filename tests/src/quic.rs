@@ -1,4 +1,4 @@
-//! QUIC clients for the quic mode's tests (quinn, as `parsrv/examples/quic_handler.rs`
+//! QUIC clients for the quic mode's tests (quinn, as `tests/examples/quic_handler.rs`
 //! serves): each client its own endpoint (its own UDP socket and 4-tuple), a handshake, then
 //! requests on streams of that connection, each answered with the serving handler's pid.
 

@@ -172,8 +172,8 @@ pub(crate) fn unit_tests(filter: &Option<String>) -> Command {
     cargo
 }
 
-/// The builds the tests run (parsrv, its example handlers, the integration test binary, all
-/// in [`Profile::Checked`]: the VMs run the same build).
+/// The builds the tests run (parsrv, its example handlers, the integration test binary and
+/// its package's examples, all in [`Profile::Checked`]: the VMs run the same build).
 pub(crate) fn native_build() -> Result<()> {
     build(Profile::Checked)?;
     let root = workspace_root();

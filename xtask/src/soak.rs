@@ -54,7 +54,9 @@ pub fn soak(options: &SoakOptions) -> Result<()> {
     crate::run_step(
         "building the integration tests",
         Command::new(cargo)
-            .args(["test", "--no-run", "--tests"])
+            // As CI's build (`ci::native_build`), so they share it; this also builds the
+            // package's examples (the QUIC server).
+            .args(["test", "--no-run"])
             .args(["--package", "parsrv-integration-tests"])
             .args(profile.cargo_args())
             .current_dir(&root),

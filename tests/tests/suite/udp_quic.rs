@@ -1,5 +1,5 @@
 //! UDP quic mode (`--udp-mode quic`) with a real QUIC server and client (quinn:
-//! `parsrv/examples/quic_handler.rs`, `tests/src/quic.rs`): 4 servers, one stopped with its
+//! `tests/examples/quic_handler.rs`, `tests/src/quic.rs`): 4 servers, one stopped with its
 //! receive buffer full; 40 clients each complete a handshake whose first flight spans two
 //! datagrams, then make 3 requests on their connection, moving to a new source port after
 //! the first (as a NAT rebinding moves a client). Under parsrv every handshake completes

@@ -43,13 +43,16 @@ pub fn build() -> Result<()> {
     crate::build(profile)?;
     let root = workspace_root();
     let cargo = env!("CARGO");
-    crate::run_step(
-        "building the example handlers (for the VMs)",
-        Command::new(cargo)
-            .args(["build", "--package", "parsrv", "--examples"])
-            .args(profile.cargo_args())
-            .current_dir(&root),
-    )?;
+    // Each package's own command, as CI's build (`ci::native_build`), so they share it.
+    for package in ["parsrv", "parsrv-integration-tests"] {
+        crate::run_step(
+            &format!("building {package}'s examples (for the VMs)"),
+            Command::new(cargo)
+                .args(["build", "--package", package, "--examples"])
+                .args(profile.cargo_args())
+                .current_dir(&root),
+        )?;
+    }
     let meta = nextest_metadata();
     fs::create_dir_all(&meta)?;
     crate::setup::ensure_nextest()?;
