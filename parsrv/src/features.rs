@@ -9,13 +9,13 @@
 
 use std::{fmt, path::Path};
 
-use btf_rs::{Btf, Type};
+use btf_rs::Type;
 use serde::Serialize;
 
 use crate::{
     dataplane::Program,
     error::{Error, Result},
-    kernel::{find_member, vmlinux_btf_path},
+    kernel::{find_member, vmlinux_btf_path, KernelBtf},
     procfs,
 };
 
@@ -197,7 +197,7 @@ impl KernelFeatures {
 
     /// Probes every feature, with the running kernel's BTF already parsed (None: it has
     /// none).
-    pub fn probe_with(btf: Option<&Btf>) -> Self {
+    pub fn probe_with(btf: Option<&KernelBtf>) -> Self {
         let proc_sys = procfs::sysctls();
         let features = Feature::ALL
             .iter()
@@ -258,7 +258,7 @@ impl KernelFeatures {
 
 /// Whether the kernel has `feature`. Features the kernel describes in its BTF are absent
 /// when there is no BTF to ask: parsrv cannot run without it anyway.
-fn probe(feature: Feature, btf: Option<&Btf>, proc_sys: &Path) -> bool {
+fn probe(feature: Feature, btf: Option<&KernelBtf>, proc_sys: &Path) -> bool {
     let has_enumerator = |enumeration: &str, name: &str| {
         btf.is_some_and(|btf| enumerators(btf, enumeration).iter().any(|n| n == name))
     };
@@ -273,8 +273,9 @@ fn probe(feature: Feature, btf: Option<&Btf>, proc_sys: &Path) -> bool {
         Feature::Tcx => has_enumerator("bpf_attach_type", "BPF_TCX_INGRESS"),
         // The iterator's target: the kernel function its attach BTF id names.
         Feature::TcpIter => btf.is_some_and(|btf| {
-            btf.resolve_types_by_name("bpf_iter_tcp")
-                .is_ok_and(|types| types.iter().any(|t| matches!(t, Type::Func(_))))
+            btf.types_named("bpf_iter_tcp")
+                .iter()
+                .any(|t| matches!(t, Type::Func(_)))
         }),
         // The program context (uapi sk_reuseport_md) gained `sk` in 5.14. Kernels whose BTF
         // lacks the uapi struct tell by the kernel-side context's `migrating_sk`, which came
@@ -291,12 +292,9 @@ fn probe(feature: Feature, btf: Option<&Btf>, proc_sys: &Path) -> bool {
     }
 }
 
-fn enumerators(btf: &Btf, enumeration: &str) -> Vec<String> {
-    let Ok(types) = btf.resolve_types_by_name(enumeration) else {
-        return Vec::new();
-    };
+fn enumerators(btf: &KernelBtf, enumeration: &str) -> Vec<String> {
     let mut names = Vec::new();
-    for ty in types {
+    for ty in btf.types_named(enumeration) {
         match ty {
             Type::Enum(e) => {
                 names.extend(e.members.iter().filter_map(|m| btf.resolve_name(m).ok()))
@@ -312,10 +310,9 @@ fn enumerators(btf: &Btf, enumeration: &str) -> Vec<String> {
 
 /// Whether struct `structure` has `member` (looking into anonymous unions, which is where
 /// uapi context pointers live); None if the BTF has no such struct.
-fn struct_has(btf: &Btf, structure: &str, member: &str) -> Option<bool> {
+fn struct_has(btf: &KernelBtf, structure: &str, member: &str) -> Option<bool> {
     let ty = btf
-        .resolve_types_by_name(structure)
-        .ok()?
+        .types_named(structure)
         .into_iter()
         .find(|ty| matches!(ty, Type::Struct(_)))?;
     Some(find_member(btf, &ty, member).is_some())

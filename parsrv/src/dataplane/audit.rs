@@ -154,7 +154,7 @@ static OFFSETS: OnceLock<std::result::Result<AuditOffsets, String>> = OnceLock::
 
 /// Takes the iterator's offsets from `btf`, which the spawner parses at its start anyway: the
 /// watchdog's first check then does not parse it again (a second or more under emulation).
-pub fn remember_offsets(btf: &btf_rs::Btf) {
+pub fn remember_offsets(btf: &crate::kernel::KernelBtf) {
     let _ = OFFSETS.set(offsets_in(btf).map_err(|e| e.to_string()));
 }
 
@@ -171,7 +171,7 @@ fn offsets() -> Result<&'static AuditOffsets> {
 }
 
 /// The offsets the iterator reads at, from the running kernel's BTF.
-fn offsets_in(btf: &btf_rs::Btf) -> Result<AuditOffsets> {
+fn offsets_in(btf: &crate::kernel::KernelBtf) -> Result<AuditOffsets> {
     let queue = crate::kernel::offsets_in(btf)?;
     Ok(AuditOffsets {
         sk_reuseport_cb: queue.sk_reuseport_cb,

@@ -14,19 +14,30 @@
 //! one: so loads that take maps from a group's pins ([`load_sharing`]) have a loader of
 //! their own, made on the first such load (a group on several addresses), and every such load
 //! names every pin it takes. The first loader never takes a map from a pin.
+//!
+//! The verification check before a spawner's start loads each program its groups need
+//! ([`super::verification::check_and_keep`]). The verifier's walk of a program is the bulk
+//! of that start (47 % of a TCP spawner's CPU on 6.18, half of it in the check's load), so
+//! the check keeps what it loaded ([`keep_verified`]) and the next [`load`] of the same
+//! object at the same sizes takes it, program already loaded, instead of walking the program
+//! again. The spawner forgets what no group took once its groups have started
+//! ([`forget_verified`]).
 
 use std::{
     path::PathBuf,
     sync::{LazyLock, Mutex, PoisonError},
 };
 
-use aya::{Ebpf, EbpfError, EbpfLoader};
+use aya::{
+    programs::{ProgramError, SkReuseport},
+    Ebpf, EbpfError, EbpfLoader,
+};
 use parsrv_common::{cluster, reuseport, udp};
 
 /// The maps whose size is chosen at load time. The defaults are the sizes the eBPF crate
 /// declares (`with_max_entries(1, ..)`, `with_byte_size(4096, ..)`): the smallest each
 /// takes, enough to load and verify the programs. Change both together.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     /// Entries of a group's dispatch table (client affinity).
     pub dispatch_table: u32,
@@ -49,6 +60,61 @@ impl Default for MapSizes {
     }
 }
 
+impl MapSizes {
+    /// A TCP group's: its dispatch table of `dispatch_table` entries (1 without affinity).
+    pub fn for_connections(dispatch_table: u32) -> Self {
+        MapSizes {
+            dispatch_table,
+            ..Default::default()
+        }
+    }
+
+    /// A UDP group's: its flow (or first-flight) table of `udp_flows` entries.
+    pub fn for_datagrams(udp_flows: u32) -> Self {
+        MapSizes {
+            udp_flows,
+            ..Default::default()
+        }
+    }
+}
+
+/// An object loaded by the verification check, its program loaded, waiting for the group
+/// load that asks for the same object at the same sizes.
+struct Verified {
+    object: Box<[u8]>,
+    sizes: MapSizes,
+    ebpf: Ebpf,
+}
+
+static VERIFIED: Mutex<Vec<Verified>> = Mutex::new(Vec::new());
+
+/// Keeps `ebpf`, which the verification check loaded from `object` at `sizes` with its
+/// program loaded, for the next [`load`] of the same object at the same sizes.
+pub fn keep_verified(object: &[u8], sizes: MapSizes, ebpf: Ebpf) {
+    let mut verified = VERIFIED.lock().unwrap_or_else(PoisonError::into_inner);
+    verified.push(Verified {
+        object: object.into(),
+        sizes,
+        ebpf,
+    });
+}
+
+/// Closes what the verification check loaded and no group took (its programs and maps).
+pub fn forget_verified() {
+    VERIFIED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clear();
+}
+
+fn take_verified(object: &[u8], sizes: MapSizes) -> Option<Ebpf> {
+    let mut verified = VERIFIED.lock().unwrap_or_else(PoisonError::into_inner);
+    let index = verified
+        .iter()
+        .position(|v| v.sizes == sizes && *v.object == *object)?;
+    Some(verified.swap_remove(index).ebpf)
+}
+
 static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> =
     LazyLock::new(|| Mutex::new(EbpfLoader::new()));
 
@@ -56,8 +122,17 @@ static SHARING_LOADER: LazyLock<Mutex<EbpfLoader<'static>>> =
     LazyLock::new(|| Mutex::new(EbpfLoader::new()));
 
 /// Loads `object` (creating its maps and relocating its programs, loading none of them) with
-/// the map sizes `sizes`.
+/// the map sizes `sizes`; or returns what the verification check kept of it at those sizes,
+/// its program already loaded (so load programs with [`load_program`]).
 pub fn load(object: &[u8], sizes: MapSizes) -> Result<Ebpf, EbpfError> {
+    if let Some(ebpf) = take_verified(object, sizes) {
+        return Ok(ebpf);
+    }
+    load_fresh(object, sizes)
+}
+
+/// Loads `object` as [`load`] does, never taking what the check kept.
+pub fn load_fresh(object: &[u8], sizes: MapSizes) -> Result<Ebpf, EbpfError> {
     // A panic while the lock was held left no half-made state: every field this module uses
     // is set again below.
     let mut loader = LOADER.lock().unwrap_or_else(PoisonError::into_inner);
@@ -83,7 +158,15 @@ pub fn load_with_global(
         // Not `must_exist`: the loader keeps it, and the next object may be another.
         loader.override_global(name, value, false);
     }
-    load(object, sizes)
+    load_fresh(object, sizes)
+}
+
+/// Loads `program` into the kernel, unless it came loaded from the verification check.
+pub fn load_program(program: &mut SkReuseport) -> Result<(), ProgramError> {
+    if program.fd().is_ok() {
+        return Ok(());
+    }
+    program.load()
 }
 
 /// Loads `object` as [`load`] does, its maps at the sizes the object declares, except that

@@ -254,6 +254,35 @@ pub fn programs_for_groups(groups: &[crate::spec::GroupSpec]) -> Vec<Program> {
     programs
 }
 
+/// What a spawner's verification check loads for `groups`: each of
+/// [`programs_for_groups`], with the map sizes of the first group that loads it through
+/// [`loader::load`] (that group's load then takes the check's), or None for the lookup
+/// program, which a group loads on its maps' pins instead.
+pub fn verification_loads(
+    groups: &[crate::spec::GroupSpec],
+) -> Vec<(Program, Option<loader::MapSizes>)> {
+    let sizes_of = |spec: &crate::spec::GroupSpec| {
+        if spec.is_udp() {
+            udp::UdpSettings::of(spec).map_sizes()
+        } else {
+            loader::MapSizes::for_connections(spec.dispatch_table_size())
+        }
+    };
+    programs_for_groups(groups)
+        .into_iter()
+        .map(|program| {
+            let first = groups.iter().find(|g| match program {
+                Program::ReuseportSelect => !g.is_udp(),
+                Program::UdpDatagram | Program::UdpFlow | Program::UdpQuic => {
+                    g.is_udp() && Program::for_udp(g.udp_mode) == program
+                }
+                _ => false,
+            });
+            (program, first.map(sizes_of))
+        })
+        .collect()
+}
+
 /// The bytes of `object`: the file named by [`OBJECT_ENV`], or the embedded one.
 pub fn object(object: EbpfObject) -> Result<Cow<'static, [u8]>> {
     let bytes = match std::env::var_os(OBJECT_ENV).filter(|_| object == EbpfObject::Parsrv) {
@@ -329,5 +358,59 @@ mod tests {
             ]
         );
         assert_eq!(programs_for_groups(&[]), [Program::ReuseportSelect]);
+    }
+
+    #[test]
+    fn the_verification_check_loads_each_program_at_the_sizes_its_first_group_loads_it_with() {
+        use crate::spec::Affinity;
+        let plain = group("127.0.0.1:80");
+        let affine = GroupSpec {
+            affinity: Affinity::Client,
+            affinity_table: 4096,
+            ..group("127.0.0.1:81")
+        };
+        let range = group("127.0.0.0/29:82");
+        let flows = GroupSpec {
+            udp_mode: UdpMode::Flow,
+            flow_table: 777,
+            ..group("udp://127.0.0.1:443")
+        };
+        let quic = GroupSpec {
+            udp_mode: UdpMode::Quic,
+            flow_table: 555,
+            ..group("udp://127.0.0.1:4433")
+        };
+        assert_eq!(
+            verification_loads(&[
+                affine.clone(),
+                plain.clone(),
+                range,
+                flows.clone(),
+                quic.clone()
+            ]),
+            [
+                // The first TCP group's sizes: the one whose load takes the check's.
+                (
+                    Program::ReuseportSelect,
+                    Some(loader::MapSizes::for_connections(4096))
+                ),
+                (Program::AddressLookup, None),
+                (Program::UdpFlow, Some(loader::MapSizes::for_datagrams(777))),
+                (Program::UdpQuic, Some(loader::MapSizes::for_datagrams(555))),
+            ]
+        );
+        // What the groups' own loads ask for (Steering::load, DatagramSteering::load).
+        assert_eq!(
+            loader::MapSizes::for_connections(plain.dispatch_table_size()),
+            loader::MapSizes::default()
+        );
+        assert_eq!(
+            udp::UdpSettings::of(&flows).map_sizes(),
+            loader::MapSizes::for_datagrams(777)
+        );
+        assert_eq!(
+            verification_loads(&[plain])[0],
+            (Program::ReuseportSelect, Some(loader::MapSizes::default()))
+        );
     }
 }

@@ -93,29 +93,25 @@ impl Steering {
         lookup: Option<&[Listen]>,
     ) -> Result<Self> {
         let object = object(EbpfObject::Parsrv)?;
-        let sizes = MapSizes {
-            dispatch_table: table_size,
-            ..Default::default()
-        };
-        let mut ebpf = loader::load(&object, sizes).map_err(|e| match &e {
-            // The only map sized at run time: too big for this machine's memory.
-            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::ENOMEM) =>
-            {
-                Error::Rejected(format!(
-                    "--affinity-table {table_size}: the kernel could not allocate a \
+        let mut ebpf =
+            loader::load(&object, MapSizes::for_connections(table_size)).map_err(|e| match &e {
+                // The only map sized at run time: too big for this machine's memory.
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    Error::Rejected(format!(
+                        "--affinity-table {table_size}: the kernel could not allocate a \
                          dispatch table that large (ENOMEM); give fewer entries"
-                ))
-            }
-            _ => Error::ebpf("loading the parsrv eBPF object")(e),
-        })?;
+                    ))
+                }
+                _ => Error::ebpf("loading the parsrv eBPF object")(e),
+            })?;
         let program: &mut SkReuseport = ebpf
             .program_mut(names::PROGRAM)
             .ok_or_else(|| missing(names::PROGRAM))?
             .try_into()
             .map_err(Error::ebpf("the parsrv program has the wrong type"))?;
-        program
-            .load()
+        loader::load_program(program)
             .map_err(|e| verification::refusal(Program::ReuseportSelect, e))?;
 
         let staged = pin_dir.map(Pins::staging).transpose()?;

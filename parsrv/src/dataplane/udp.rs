@@ -63,6 +63,11 @@ impl UdpSettings {
         }
     }
 
+    /// The sizes of the maps its program is loaded with.
+    pub fn map_sizes(&self) -> MapSizes {
+        MapSizes::for_datagrams(self.flow_table)
+    }
+
     /// A validated group's settings.
     pub fn of(spec: &GroupSpec) -> Self {
         UdpSettings {
@@ -120,11 +125,7 @@ impl DatagramSteering {
         let program_kind = Program::for_udp(settings.mode);
         let what = program_kind.name();
         let bytes = object(program_kind.object())?;
-        let sizes = MapSizes {
-            udp_flows: settings.flow_table,
-            ..MapSizes::default()
-        };
-        let mut ebpf = loader::load(&bytes, sizes)
+        let mut ebpf = loader::load(&bytes, settings.map_sizes())
             .map_err(Error::ebpf(format!("loading the {what} eBPF object")))?;
         let program: &mut SkReuseport = ebpf
             .program_mut(program_kind.name())
@@ -133,9 +134,7 @@ impl DatagramSteering {
             .map_err(Error::ebpf(format!(
                 "the {what} program has the wrong type"
             )))?;
-        program
-            .load()
-            .map_err(|e| verification::refusal(program_kind, e))?;
+        loader::load_program(program).map_err(|e| verification::refusal(program_kind, e))?;
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing(what, name));
         let typed = |name: &'static str| Error::ebpf(format!("map {name} has the wrong type"));
         let sockets = take(names::SOCKETS)?

@@ -18,10 +18,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{Program as AyaProgram, ProgramError};
+use aya::{
+    programs::{Program as AyaProgram, ProgramError},
+    Ebpf,
+};
 use serde::{Deserialize, Serialize};
 
-use super::{object, Program};
+use super::{loader::MapSizes, object, Program};
 use crate::{
     build_info,
     error::{Error, Result, VerifierRefusal},
@@ -57,8 +60,14 @@ pub fn measure(program: Program) -> Result<Option<u32>> {
     if program == Program::ReuseportAudit {
         return super::audit::Audit::load()?.verified_insns();
     }
+    Ok(load_measured(program, MapSizes::default())?.1)
+}
+
+/// Loads `program` from its object with maps at `sizes`: the object, its program loaded, and
+/// what the verifier spent on it.
+fn load_measured(program: Program, sizes: MapSizes) -> Result<(Ebpf, Option<u32>)> {
     let bytes = object(program.object())?;
-    let mut ebpf = super::loader::load(&bytes, Default::default())
+    let mut ebpf = super::loader::load_fresh(&bytes, sizes)
         .map_err(Error::ebpf("loading the parsrv eBPF object"))?;
     let not_ours = || {
         Error::ebpf("the eBPF object is not this parsrv's")(anyhow::anyhow!(
@@ -78,7 +87,8 @@ pub fn measure(program: Program) -> Result<Option<u32>> {
         .ok_or_else(not_ours)?
         .info()
         .map_err(Error::ebpf(format!("reading {}'s info", program.name())))?;
-    Ok(info.verified_instruction_count().filter(|&n| n > 0))
+    let verified_insns = info.verified_instruction_count().filter(|&n| n > 0);
+    Ok((ebpf, verified_insns))
 }
 
 /// Turns a failed load of `program` into the error a user reads: the verifier's refusal on
@@ -225,6 +235,27 @@ pub fn check(programs: &[Program]) -> Result<()> {
     for &program in programs {
         let verified_insns = measure(program)?;
         log::debug!("verifier: {} {}", program.name(), describe(verified_insns));
+    }
+    Ok(())
+}
+
+/// [`check`] for a spawner's groups ([`super::verification_loads`]): a program with sizes is
+/// loaded at them and kept for the group load that asks for it
+/// ([`super::loader::keep_verified`]), so the verifier walks each program once per group
+/// instead of once more for the check.
+pub fn check_and_keep(loads: &[(Program, Option<MapSizes>)]) -> Result<()> {
+    for &(program, sizes) in loads {
+        let (ebpf, verified_insns) = match sizes {
+            Some(sizes) => {
+                let (ebpf, verified_insns) = load_measured(program, sizes)?;
+                (Some(ebpf), verified_insns)
+            }
+            None => (None, measure(program)?),
+        };
+        log::debug!("verifier: {} {}", program.name(), describe(verified_insns));
+        if let (Some(ebpf), Some(sizes)) = (ebpf, sizes) {
+            super::loader::keep_verified(&object(program.object())?, sizes, ebpf);
+        }
     }
     Ok(())
 }

@@ -74,7 +74,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     dataplane::audit::remember_offsets(&btf);
     drop(btf); // some megabytes, not needed while serving
     dataplane::check_objects(&programs)?;
-    dataplane::verification::check(&programs)?;
+    dataplane::verification::check_and_keep(&dataplane::verification_loads(&options.groups))?;
     for spec in &options.groups {
         ensure_not_running(&spec.name)?;
     }
@@ -110,10 +110,13 @@ pub fn run(options: RunOptions) -> Result<()> {
         std::env::remove_var(UPGRADE_ENV);
         for spec in options.groups {
             if let Err(e) = spawner.start_group_adopting(spec, upgraded) {
+                dataplane::loader::forget_verified();
                 spawner.stop_all().await;
                 return Err(e);
             }
         }
+        // What the check loaded for a group that adopted its pins instead.
+        dataplane::loader::forget_verified();
         service_manager::ready(spawner.groups.borrow().len());
         spawner.serve(metrics).await
     })
