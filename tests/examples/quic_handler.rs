@@ -13,6 +13,14 @@
 //! With `--bind ADDR` instead of a socket from parsrv, it binds ADDR itself with
 //! SO_REUSEPORT and issues random connection IDs: the plain SO_REUSEPORT server the tests
 //! compare parsrv with.
+//!
+//! Its stateless resets (RFC 9000, section 10.3) use a key derived from the server's private
+//! key, the same in every handler and in a handler restarted on its socket, as nginx's
+//! `quic_host_key` is one file every worker reads. parsrv restarts a killed handler on the
+//! same socket, so the successor gets the packets of the dead one's connections (their
+//! cookie names that socket) and resets them: their clients learn within a round trip that
+//! the connection is gone instead of waiting out its idle time-out. `--random-reset-key`
+//! gives each process a key of its own (quinn's default), for the tests' control.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -61,16 +69,36 @@ impl ConnectionIdGenerator for CookieIds {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let random_reset_key = match args.iter().position(|a| a == "--random-reset-key") {
+        Some(at) => {
+            args.remove(at);
+            true
+        }
+        None => false,
+    };
     let (cert, key, bind) = match args.as_slice() {
         [cert, key] => (cert, key, None),
         [cert, key, flag, addr] if flag == "--bind" => (cert, key, Some(addr.parse()?)),
-        _ => bail!("usage: quic_handler CERT.der KEY.der [--bind ADDR]"),
+        _ => bail!("usage: quic_handler CERT.der KEY.der [--bind ADDR] [--random-reset-key]"),
     };
     let cert = CertificateDer::from(std::fs::read(cert).with_context(|| cert.clone())?);
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        std::fs::read(key).with_context(|| key.clone())?,
-    ));
+    let key_bytes = std::fs::read(key).with_context(|| key.clone())?;
+    let reset_key = if random_reset_key {
+        let mut secret = [0u8; 32];
+        provider()
+            .secure_random
+            .fill(&mut secret)
+            .expect("the system's random source failed");
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)
+    } else {
+        // Not the private key itself: a key of its own, derived from it.
+        let mut labelled = b"parsrv-example stateless reset key\0".to_vec();
+        labelled.extend_from_slice(&key_bytes);
+        let secret = ring::digest::digest(&ring::digest::SHA256, &labelled);
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref())
+    };
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_bytes));
     let (socket, cookie) = match bind {
         None => {
             let socket = parsrv::activation::udp_socket()?;
@@ -86,7 +114,7 @@ fn main() -> Result<()> {
         .with_single_cert(vec![cert], key)?;
     tls.alpn_protocols = vec![PROTOCOL.to_vec()];
     let server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    let mut config = EndpointConfig::default();
+    let mut config = EndpointConfig::new(Arc::new(reset_key));
     config.cid_generator(move || Box::new(CookieIds { cookie }));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

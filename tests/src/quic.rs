@@ -50,8 +50,15 @@ pub type Answers = Result<Vec<u32>, Failure>;
 pub enum Failure {
     /// Before or during the handshake.
     Handshake(String),
-    /// Once connected: request `n` got no answer.
-    Request(usize, String),
+    /// Once connected: a request got no answer.
+    Request {
+        /// Which (from 0).
+        request: usize,
+        /// What quinn said: "reset by peer" for a stateless reset, "timed out" for silence.
+        error: String,
+        /// The pid that answered each request before it.
+        answered_by: Vec<u32>,
+    },
 }
 
 /// The example server's application protocol, after 1,500 bytes of others it does not speak:
@@ -75,6 +82,32 @@ pub fn run_clients(
     pause: Duration,
     timeout: Duration,
     migrate: bool,
+) -> Vec<Answers> {
+    run_clients_with(
+        addr,
+        certificate,
+        clients,
+        requests,
+        pause,
+        timeout,
+        migrate,
+        |_| {},
+    )
+}
+
+/// [`run_clients`], with `between` run once every client has had its first answer (or
+/// failed before), given the pid that gave each first answer, and no client's second
+/// request sent before it returns.
+#[allow(clippy::too_many_arguments)]
+pub fn run_clients_with(
+    addr: SocketAddr,
+    certificate: &Certificate,
+    clients: usize,
+    requests: usize,
+    pause: Duration,
+    timeout: Duration,
+    migrate: bool,
+    between: impl FnOnce(Vec<u32>) + Send + 'static,
 ) -> Vec<Answers> {
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -100,12 +133,32 @@ pub fn run_clients(
         .build()
         .unwrap();
     runtime.block_on(async move {
+        let (first_done, mut firsts) = tokio::sync::mpsc::channel::<Option<u32>>(clients.max(1));
+        let (go, went) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut answered_by = Vec::new();
+            for _ in 0..clients {
+                match firsts.recv().await {
+                    Some(first) => answered_by.extend(first),
+                    None => break,
+                }
+            }
+            let _ = tokio::task::spawn_blocking(move || between(answered_by)).await;
+            let _ = go.send(true);
+        });
         let tasks: Vec<_> = (0..clients)
             .map(|_| {
                 let config = config.clone();
-                tokio::spawn(async move { client(addr, config, requests, pause, migrate).await })
+                let step = Step {
+                    first_done: Some(first_done.clone()),
+                    went: went.clone(),
+                };
+                tokio::spawn(
+                    async move { client(addr, config, requests, pause, migrate, step).await },
+                )
             })
             .collect();
+        drop(first_done);
         let mut answers = Vec::new();
         for task in tasks {
             answers.push(
@@ -117,12 +170,38 @@ pub fn run_clients(
     })
 }
 
+/// A client's part in [`run_clients_with`]'s step between first and second requests.
+struct Step {
+    /// Told who answered the first request, or nothing when the client failed before (when
+    /// it is dropped unused).
+    first_done: Option<tokio::sync::mpsc::Sender<Option<u32>>>,
+    went: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Step {
+    async fn first_answered_then_wait(&mut self, by: u32) {
+        if let Some(done) = self.first_done.take() {
+            let _ = done.send(Some(by)).await;
+        }
+        let _ = self.went.wait_for(|went| *went).await;
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        if let Some(done) = self.first_done.take() {
+            let _ = done.try_send(None);
+        }
+    }
+}
+
 async fn client(
     addr: SocketAddr,
     config: ClientConfig,
     requests: usize,
     pause: Duration,
     migrate: bool,
+    mut step: Step,
 ) -> Answers {
     let setup = |e: &dyn std::fmt::Display| Failure::Handshake(e.to_string());
     let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| setup(&e))?;
@@ -134,7 +213,19 @@ async fn client(
         .map_err(|e| setup(&e))?;
     let mut pids = Vec::new();
     for i in 0..requests {
-        let failed = |e: &dyn std::fmt::Display| Failure::Request(i, e.to_string());
+        if i == 1 {
+            step.first_answered_then_wait(pids[0]).await;
+        }
+        let answered_by = pids.clone();
+        // A stream's error says only "connection lost"; the connection says why.
+        let failed = |e: &dyn std::fmt::Display| Failure::Request {
+            request: i,
+            error: match connection.close_reason() {
+                Some(why) => format!("{e}: {why}"),
+                None => e.to_string(),
+            },
+            answered_by: answered_by.clone(),
+        };
         if i > 0 {
             tokio::time::sleep(pause).await;
         }

@@ -22,8 +22,8 @@ use parsrv_common::udp::FirstFlightKey;
 use parsrv_integration_tests::{
     counter_sum, example, fd_of_process, figure, group, lru_table_is_sized_as_said, meminfo,
     privileged, program_counters,
-    quic::{run_clients, Answers, Certificate, Failure},
-    signal, stop_process, HandlerKind, Needs, UdpCounters, ADDR,
+    quic::{run_clients, run_clients_with, Answers, Certificate, Failure},
+    signal, stop_process, wait_for, HandlerKind, Needs, UdpCounters, ADDR,
 };
 
 const SERVERS: usize = 4;
@@ -158,7 +158,7 @@ fn check(answers: &[Answers], stopped: u32) -> Outcome {
     for (i, answer) in answers.iter().enumerate() {
         match answer {
             Err(Failure::Handshake(_)) => outcome.handshakes_failed += 1,
-            Err(Failure::Request(..)) => outcome.broken += 1,
+            Err(Failure::Request { .. }) => outcome.broken += 1,
             Ok(pids) => {
                 let distinct: BTreeSet<u32> = pids.iter().copied().collect();
                 if distinct.len() != 1 || distinct.contains(&stopped) || pids.len() != REQUESTS {
@@ -306,6 +306,212 @@ fn quic_connections_complete_and_stay_on_one_handler_across_a_move_with_one_stop
         let text = status.render();
         assert!(text.contains("udp mode quic"), "{text}");
         assert!(text.contains("cookie-datagrams"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    });
+}
+
+/// Clients in each group of the restart test (fewer than above: their handshakes must end
+/// well inside [`RESTART_TIMEOUT`] under emulation).
+const RESTART_CLIENTS: usize = 16;
+/// The idle time-out of the restart test's connections: how long a connection that nobody
+/// answers or resets lasts.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// What a quic group's clients got when the handler that served most of them was killed
+/// between their first and second requests: the connections it served, the others, and
+/// whether its successor on the same socket answered new clients.
+struct Killed {
+    /// How each connection the killed handler had served ended.
+    its: Vec<Answers>,
+    /// The others.
+    others: Vec<Answers>,
+    /// The killed handler's pid.
+    pid: u32,
+    detail: String,
+}
+
+/// Runs [`RESTART_CLIENTS`] clients of 2 requests against a quic group of `SERVERS`
+/// `quic_handler`s (with `extra` arguments), kills the handler that answered most first
+/// requests once all have had theirs, waits until the spawner restarted it on its socket,
+/// then lets the clients make their second request. Then checks that new clients are all
+/// served, on the same sockets.
+fn kill_the_busiest(name: &str, certificate: &Certificate, extra: &[&str]) -> Killed {
+    let addr: SocketAddr = ADDR.parse().unwrap();
+    let program = example("quic_handler");
+    let command: Vec<&str> = [program.to_str().unwrap()]
+        .into_iter()
+        .chain(certificate.args())
+        .chain(extra.iter().copied())
+        .collect();
+    let spawner = group(name, HandlerKind::Exec)
+        .listen(&format!("udp://{ADDR}"))
+        .handlers(SERVERS as u32)
+        .command(&command)
+        .with(|s| {
+            s.udp_mode = UdpMode::Quic;
+            s.notify = true;
+            s.flow_table = 1024;
+        })
+        .start();
+    let pids: Vec<u32> = (0..SERVERS).map(|i| spawner.handler_pid(i)).collect();
+    let cookies: Vec<u64> = spawner.status().sockets.iter().map(|s| s.cookie).collect();
+    let before = UdpCounters::read();
+    let (first_answers, answered) = std::sync::mpsc::channel();
+    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<()>();
+    let (answers, slot) = std::thread::scope(|scope| {
+        let clients = scope.spawn(move || {
+            run_clients_with(
+                addr,
+                certificate,
+                RESTART_CLIENTS,
+                2,
+                PAUSE,
+                RESTART_TIMEOUT,
+                false,
+                move |by| {
+                    first_answers.send(by).unwrap();
+                    // Until the test has killed and replaced the handler (or given up).
+                    let _ = killed_rx.recv();
+                },
+            )
+        });
+        let by = answered
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the clients' first requests did not end");
+        let busiest = (0..SERVERS)
+            .max_by_key(|&i| by.iter().filter(|&&pid| pid == pids[i]).count())
+            .unwrap();
+        signal(pids[busiest], nix::sys::signal::Signal::SIGKILL);
+        let restarted = wait_for(Duration::from_secs(30), || {
+            let status = spawner.status();
+            status.handlers[busiest].restarts == 1 && status.handlers[busiest].ready
+        });
+        drop(killed_tx);
+        let answers = clients.join().unwrap();
+        assert!(
+            restarted,
+            "handler {busiest} was not restarted: {}",
+            spawner.status().render()
+        );
+        (answers, busiest)
+    });
+    let killed = pids[slot];
+    // New clients, once the successor serves: all served, none by the dead pid.
+    let after = run_clients(
+        addr,
+        certificate,
+        RESTART_CLIENTS,
+        1,
+        PAUSE,
+        RESTART_TIMEOUT,
+        false,
+    );
+    let kernel = before.delta(&UdpCounters::read());
+    let status = spawner.status();
+    let detail = format!(
+        "{answers:?}\nafter: {after:?}\n{kernel:?}\n{}",
+        status.render()
+    );
+    assert!(
+        after
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|pids| !pids.contains(&killed))),
+        "new clients after the restart: {detail}"
+    );
+    assert_eq!(kernel.rcvbuf_errors, 0, "{detail}");
+    let now: Vec<u64> = status.sockets.iter().map(|s| s.cookie).collect();
+    assert_eq!(
+        now, cookies,
+        "the handler was restarted on another socket: {detail}"
+    );
+    spawner.stop();
+    let first = |answer: &Answers| match answer {
+        Ok(pids) => pids.first().copied(),
+        Err(Failure::Request { answered_by, .. }) => answered_by.first().copied(),
+        Err(Failure::Handshake(_)) => None,
+    };
+    let (its, others) = answers
+        .into_iter()
+        .partition(|answer| first(answer) == Some(killed));
+    Killed {
+        its,
+        others,
+        pid: killed,
+        detail,
+    }
+}
+
+/// How many of the killed handler's connections ended with their second request failed for
+/// a reason containing `reason`.
+fn ended_with(killed: &Killed, reason: &str) -> usize {
+    killed
+        .its
+        .iter()
+        .filter(|answer| {
+            matches!(answer, Err(Failure::Request { request: 1, error, answered_by })
+                if error.contains(reason) && answered_by == &[killed.pid])
+        })
+        .count()
+}
+
+/// The connections of the handlers not killed: both answers from one handler.
+fn went_on(killed: &Killed) -> bool {
+    killed.others.iter().all(|answer| {
+        answer
+            .as_ref()
+            .is_ok_and(|pids| pids.len() == 2 && pids[0] == pids[1])
+    })
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_killed_quic_handlers_successor_on_its_socket_resets_its_connections_where_a_random_reset_key_leaves_them_to_time_out(
+) {
+    privileged(Needs::program_of(Program::UdpQuic), || {
+        let dir = std::env::temp_dir().join(format!("parsrv-quic-kill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let certificate = Certificate::new(&dir);
+        // The control: each handler a reset key of its own. The successor gets the dead
+        // handler's connections' packets (their cookie names its socket) but cannot reset
+        // them: their clients hear nothing until their idle time-out.
+        let control = kill_the_busiest("quic-kill-own-keys", &certificate, &["--random-reset-key"]);
+        eprintln!(
+            "own keys: the killed handler's {} connections: {:?}",
+            control.its.len(),
+            control.its
+        );
+        assert!(!control.its.is_empty(), "{}", control.detail);
+        let timed_out = ended_with(&control, "timed out");
+        assert_eq!(timed_out, control.its.len(), "{}", control.detail);
+        assert!(went_on(&control), "{}", control.detail);
+
+        // One key for the group: the successor resets them at once.
+        let shared = kill_the_busiest("quic-kill-one-key", &certificate, &[]);
+        eprintln!(
+            "one key: the killed handler's {} connections: {:?}",
+            shared.its.len(),
+            shared.its
+        );
+        figure(&format!(
+            "udp_quic: a killed handler's connections (of {RESTART_CLIENTS} clients): with a \
+             reset key per process {} of {} timed out; with the group's key {} of {} reset by \
+             its successor on the same socket; the other handlers' {} and {} connections all \
+             went on",
+            timed_out,
+            control.its.len(),
+            ended_with(&shared, "reset by peer"),
+            shared.its.len(),
+            control.others.len(),
+            shared.others.len(),
+        ));
+        assert!(!shared.its.is_empty(), "{}", shared.detail);
+        assert_eq!(
+            ended_with(&shared, "reset by peer"),
+            shared.its.len(),
+            "{}",
+            shared.detail
+        );
+        assert!(went_on(&shared), "{}", shared.detail);
         std::fs::remove_dir_all(&dir).unwrap();
     });
 }
