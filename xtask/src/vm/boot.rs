@@ -131,7 +131,8 @@ impl Vm<'_> {
             // kernel already tainted by a warning the console (loglevel=4) did not show.
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 loglevel=5 panic=-1 oops=panic rdinit=/init {kernel_words}"
+                "console=ttyS0 loglevel=5 panic=-1 oops=panic rdinit=/init {kernel_words}{}",
+                extra_kernel_words()
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -251,6 +252,14 @@ impl Vm<'_> {
             took,
         })
     }
+}
+
+/// `PARSRV_VM_KERNEL_ARGS`: more words for the VMs' kernel command line, to measure what a
+/// kernel setting does to the suite's time (e.g. `mitigations=off`).
+fn extra_kernel_words() -> String {
+    std::env::var("PARSRV_VM_KERNEL_ARGS")
+        .map(|words| format!(" {words}"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
