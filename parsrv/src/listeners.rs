@@ -227,27 +227,33 @@ impl Listeners {
     ///
     /// The adopted group's program still runs: `before_listen(slot, cookie)` registers a new
     /// socket's cookie before it joins (see [`Listeners::join_listener`]).
+    ///
+    /// A new socket is `nonblocking` as the group says; an adopted one keeps the mode its
+    /// handler left on it (the same open file is the handler's fd 3: a server that set
+    /// O_NONBLOCK for its event loop, as parsrv's own built-in handlers do, must not find
+    /// its socket blocking after an adoption, where its next read waits for ever).
     pub fn adopt(
         pattern: &[SocketAddr],
+        transport: Transport,
         backlog: u32,
+        receive_buffer: u32,
+        nonblocking: bool,
         sockets: Vec<Option<Socket>>,
         mut before_listen: impl FnMut(u32, u64) -> Result<()>,
     ) -> Result<Self> {
         let mut listeners = Listeners {
             pattern: pattern.to_vec(),
-            // Adoption is for TCP groups only: a spawner kills what a dead one left of a UDP
-            // group and starts it anew (spawner::adopt_if_running).
-            transport: Transport::Tcp,
+            transport,
             backlog,
-            receive_buffer: 0,
-            nonblocking: true,
+            receive_buffer,
+            nonblocking,
             listeners: Vec::with_capacity(sockets.len()),
         };
         for (slot, socket) in (0..).zip(sockets) {
             match socket {
                 Some(socket) => {
                     let (listen, entry) = listeners.next_addr();
-                    let mut listener = Listener::of(socket, listen, entry, Transport::Tcp)?;
+                    let mut listener = Listener::of(socket, listen, entry, transport)?;
                     // A socket whose handler was not ready when the last spawner went.
                     match kernel::incoming_cpu(listener.as_fd()).ok() {
                         Some(NO_HANDLER_MARK) => listener.state = SocketState::AwaitingHandler,
@@ -345,8 +351,10 @@ impl Listeners {
                 kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
             before_listen(cookie)?;
         }
-        // A UDP socket is in the kernel's group once bound. (A UDP group never adds a
-        // socket to a running program: its size is fixed and it is not adopted.)
+        // A UDP socket is in the kernel's group once bound, before it is registered: a
+        // datagram the kernel's hash sends it meanwhile is counted as for an unknown
+        // socket and stays there, marked as having no handler, for the one that comes.
+        // (Only where an adopted group's slot lost its socket: a UDP group's size is fixed.)
         if self.transport == Transport::Tcp {
             socket
                 .listen(listen_backlog(self.backlog))

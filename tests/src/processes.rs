@@ -314,3 +314,16 @@ pub fn kill_spawner(spawner: &crate::Spawner) {
         spawner.pid()
     );
 }
+
+/// Whether fd 3 of `pid` (a handler's socket, as parsrv hands it) has O_NONBLOCK, by the
+/// kernel's fdinfo: the mode of the open file the handler shares with its spawner.
+pub fn socket_is_nonblocking(pid: u32) -> bool {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/3"))
+        .unwrap_or_else(|e| panic!("fdinfo of fd 3 of {pid}: {e}"));
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .unwrap_or_else(|| panic!("no flags in fdinfo of fd 3 of {pid}: {info}"));
+    flags & libc::O_NONBLOCK as u32 != 0
+}

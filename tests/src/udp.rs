@@ -50,7 +50,7 @@ pub fn steer_udp(sockets: &[Socket]) -> DatagramSteering {
 /// The UDP program of `settings.mode` on `sockets` (slot i = socket i), attached to their
 /// group.
 pub fn steer_udp_with(sockets: &[Socket], settings: UdpSettings) -> DatagramSteering {
-    let mut steering = DatagramSteering::load(settings).expect("the UDP program loads");
+    let mut steering = DatagramSteering::load(settings, None).expect("the UDP program loads");
     for (slot, socket) in sockets.iter().enumerate() {
         steering.register(slot as u32, socket).unwrap();
     }

@@ -55,7 +55,7 @@ pub struct Steering {
 
 /// Where the program came from: loaded from the embedded object by this spawner, or
 /// taken from the pins of a group this spawner adopted.
-enum Loaded {
+pub(super) enum Loaded {
     Object(Ebpf),
     Adopted(Box<SkReuseport>),
 }
@@ -515,7 +515,10 @@ fn adopt_dispatch_table(pin_dir: &Path) -> Result<DispatchTable> {
 }
 
 /// Map `name` pinned in `pin_dir`, as the type the program declares it with.
-fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<T> {
+pub(super) fn pinned<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    pin_dir: &Path,
+    name: &str,
+) -> Result<T> {
     let path = pin_dir.join(name);
     let data = MapData::from_pin(&path).map_err(Error::ebpf(format!(
         "opening pinned map {}",

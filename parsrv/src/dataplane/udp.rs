@@ -1,26 +1,32 @@
 //! The UDP programs' userspace (eBPF side: `parsrv-ebpf/src/bin/udp_datagram.rs`,
 //! `udp_flow.rs` and `udp_quic.rs`, shared types: `parsrv_common::udp`): loading a UDP group's
 //! program (by its `--udp-mode`), registering the group's sockets, attaching it, and reading
-//! its counters and its table (of flows, or of QUIC first flights). Nothing is pinned yet:
-//! the program lives as long as the sockets of its group (the kernel keeps an attached
-//! program with the group).
+//! its counters and its table (of flows, or of QUIC first flights). The program and its maps
+//! are pinned under the group's directory, as a TCP group's are, so that a spawner that
+//! starts after this one is gone (a crash, `parsrv upgrade`) takes them over with the
+//! sockets its handlers hold ([`DatagramSteering::adopt`]).
 
-use std::{os::fd::AsFd, time::Duration};
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, ReusePortSockArray},
     programs::SkReuseport,
-    Ebpf,
 };
 use parsrv_common::udp::{
-    names, FirstFlightKey, FlowEntry, FlowKey, UdpConfig, UdpErrors, UdpSlotCounters,
+    names, FirstFlightKey, FlowEntry, FlowKey, UdpConfig, UdpErrors, UdpOffsets, UdpSlotCounters,
     DEFAULT_FLOW_TABLE, DEFAULT_FLOW_TIMEOUT_SECONDS, DEFAULT_RESERVE, MAX_SOCKETS,
 };
 
 use super::{
     loader::{self, MapSizes},
     monotonic_ns, object,
-    reuseport::RunStats,
+    pins::Pins,
+    reuseport::{pinned, Loaded, RunStats},
     sum_over_cpus, verification, Program,
 };
 use crate::{
@@ -106,7 +112,7 @@ enum Table {
 
 /// The loaded program and its maps.
 pub struct DatagramSteering {
-    ebpf: Ebpf,
+    loaded: Loaded,
     program: Program,
     sockets: ReusePortSockArray<MapData>,
     slot_by_cookie: HashMap<MapData, u64, u32>,
@@ -116,11 +122,17 @@ pub struct DatagramSteering {
     /// Flow and quic modes: the LRU table.
     table: Option<Table>,
     config: UdpConfig,
+    /// Program and maps pinned in a staging directory, and where they go once published.
+    staged: Option<(Pins, PathBuf)>,
 }
 
 impl DatagramSteering {
-    /// Loads the program of `settings.mode`, with the running kernel's offsets.
-    pub fn load(settings: UdpSettings) -> Result<Self> {
+    /// Loads the program of `settings.mode`, with the running kernel's offsets. With
+    /// `pin_dir`, the program and its maps are pinned at once into a staging directory
+    /// beside it, which [`DatagramSteering::publish_pins`] renames to `pin_dir` in one step
+    /// and which is removed if anything fails before (as [`super::reuseport::Steering::load`]
+    /// does). Without (tests of the program alone), nothing is pinned.
+    pub fn load(settings: UdpSettings, pin_dir: Option<&Path>) -> Result<Self> {
         let offsets = kernel::udp_offsets_in(&kernel::vmlinux_btf()?)?;
         let program_kind = Program::for_udp(settings.mode);
         let what = program_kind.name();
@@ -135,7 +147,22 @@ impl DatagramSteering {
                 "the {what} program has the wrong type"
             )))?;
         loader::load_program(program).map_err(|e| verification::refusal(program_kind, e))?;
-        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing(what, name));
+        let staged = pin_dir.map(Pins::staging).transpose()?;
+        // The program too: a spawner that adopts the group attaches it again and reads its
+        // info.
+        if let Some(staged) = &staged {
+            program
+                .pin(staged.0.join(program_kind.name()))
+                .map_err(Error::ebpf(format!("pinning the {what} program")))?;
+        }
+        let mut take = |name: &str| -> Result<aya::maps::Map> {
+            let map = ebpf.take_map(name).ok_or_else(|| missing(what, name))?;
+            if let Some(staged) = &staged {
+                map.pin(staged.0.join(name))
+                    .map_err(Error::ebpf(format!("pinning map {name}")))?;
+            }
+            Ok(map)
+        };
         let typed = |name: &'static str| Error::ebpf(format!("map {name} has the wrong type"));
         let sockets = take(names::SOCKETS)?
             .try_into()
@@ -166,7 +193,7 @@ impl DatagramSteering {
             )),
         };
         let mut steering = DatagramSteering {
-            ebpf,
+            loaded: Loaded::Object(ebpf),
             program: program_kind,
             sockets,
             slot_by_cookie,
@@ -174,16 +201,91 @@ impl DatagramSteering {
             errors,
             config_map,
             table,
-            config: UdpConfig {
-                offsets,
-                reserve: settings.reserve,
-                generation: 1,
-                _pad: 0,
-                flow_idle_ns: settings.flow_timeout.as_nanos().min(u64::MAX as u128) as u64,
-            },
+            config: udp_config(offsets, &settings, 1),
+            staged: staged.zip(pin_dir.map(Path::to_owned)),
         };
         steering.write_config()?;
         Ok(steering)
+    }
+
+    /// Takes over the program and maps a running UDP group pinned at `pin_dir` (its spawner
+    /// is gone): the flow table and the counters go on where they were. CONFIG is written
+    /// anew from `settings` (the caller checked they are the running group's) under the next
+    /// generation, so the program drops what it remembered of the group's sockets.
+    pub fn adopt(settings: UdpSettings, pin_dir: &Path) -> Result<Self> {
+        let offsets = kernel::udp_offsets_in(&kernel::vmlinux_btf()?)?;
+        let program_kind = Program::for_udp(settings.mode);
+        let config_map: Array<MapData, UdpConfig> = pinned(pin_dir, names::CONFIG)?;
+        let running = config_map
+            .get(&0, 0)
+            .map_err(Error::ebpf("reading the UDP program's CONFIG"))?;
+        let program = SkReuseport::from_pin(
+            pin_dir.join(program_kind.name()),
+            aya::programs::SkReuseportAttachType::Select,
+        )
+        .map_err(Error::ebpf(format!(
+            "opening the pinned {} program (is the group running in another --udp-mode?)",
+            program_kind.name()
+        )))?;
+        let table = match settings.mode {
+            UdpMode::Datagram => None,
+            UdpMode::Flow => Some(Table::Flows(pinned(pin_dir, names::FLOWS)?)),
+            UdpMode::Quic => Some(Table::FirstFlights(pinned(pin_dir, names::FIRST_FLIGHTS)?)),
+        };
+        let mut steering = DatagramSteering {
+            loaded: Loaded::Adopted(Box::new(program)),
+            program: program_kind,
+            sockets: pinned(pin_dir, names::SOCKETS)?,
+            slot_by_cookie: pinned(pin_dir, names::SLOT_BY_COOKIE)?,
+            slot_counters: pinned(pin_dir, names::SLOT_COUNTERS)?,
+            errors: pinned(pin_dir, names::ERRORS)?,
+            config_map,
+            table,
+            config: udp_config(
+                offsets,
+                &settings,
+                running.generation.wrapping_add(1).max(1),
+            ),
+            staged: None,
+        };
+        steering.write_config()?;
+        Ok(steering)
+    }
+
+    /// Moves the staged pins to the directory given to [`DatagramSteering::load`]. The
+    /// returned guard removes them when dropped.
+    pub fn publish_pins(&mut self) -> Result<Option<Pins>> {
+        let Some((staged, dir)) = self.staged.take() else {
+            return Ok(None);
+        };
+        fs::rename(&staged.0, &dir).map_err(Error::io(format!(
+            "moving pinned maps to {}",
+            dir.display()
+        )))?;
+        std::mem::forget(staged);
+        Ok(Some(Pins::adopt(dir)))
+    }
+
+    /// Forgets the socket with `cookie` as slot `slot`'s: it closed (its handler died while
+    /// no spawner held a copy) and a new socket takes the slot. The kernel took the closed
+    /// socket out of SOCKETS itself.
+    pub fn unregister(&mut self, slot: u32, cookie: u64) -> Result<()> {
+        match self.slot_by_cookie.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Error::ebpf(format!(
+                "forgetting the closed UDP socket of slot {slot}"
+            ))(e)),
+        }
+    }
+
+    fn program(&self) -> &SkReuseport {
+        match &self.loaded {
+            Loaded::Object(ebpf) => ebpf
+                .program(self.program.name())
+                .and_then(|p| p.try_into().ok())
+                .expect("loaded in DatagramSteering::load"),
+            Loaded::Adopted(program) => program,
+        }
     }
 
     fn write_config(&mut self) -> Result<()> {
@@ -212,22 +314,13 @@ impl DatagramSteering {
         self.write_config()
     }
 
-    /// Attaches the program to the reuseport group `member` belongs to.
+    /// Attaches the program to the reuseport group `member` belongs to (again, for an
+    /// adopted group: the same program replaces itself).
     pub fn attach(&mut self, member: &impl AsFd) -> Result<()> {
         let what = self.program.name();
-        let program: &mut SkReuseport = self
-            .ebpf
-            .program_mut(self.program.name())
-            .ok_or_else(|| missing(what, self.program.name()))?
-            .try_into()
-            .map_err(Error::ebpf(format!(
-                "the {what} program has the wrong type"
-            )))?;
-        // The kernel keeps the program with the group; the link aya returns is only a
-        // handle for detaching, which closing the sockets does.
-        program
+        // The kernel keeps the program with the group; closing the sockets detaches it.
+        self.program()
             .attach(member.as_fd())
-            .map(drop)
             .map_err(Error::ebpf(format!(
                 "attaching the {what} program to the socket group"
             )))
@@ -309,12 +402,21 @@ impl DatagramSteering {
     pub fn run_stats(&self) -> Result<RunStats> {
         let what = self.program.name();
         let info = self
-            .ebpf
-            .program(self.program.name())
-            .ok_or_else(|| missing(what, self.program.name()))?
+            .program()
             .info()
             .map_err(Error::ebpf(format!("reading the {what} program's info")))?;
         Ok(RunStats::of(&info))
+    }
+}
+
+/// CONFIG for `settings`, under `generation`.
+fn udp_config(offsets: UdpOffsets, settings: &UdpSettings, generation: u32) -> UdpConfig {
+    UdpConfig {
+        offsets,
+        reserve: settings.reserve,
+        generation,
+        _pad: 0,
+        flow_idle_ns: settings.flow_timeout.as_nanos().min(u64::MAX as u128) as u64,
     }
 }
 

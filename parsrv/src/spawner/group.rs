@@ -185,8 +185,10 @@ impl RunningGroup {
                     spec.receive_buffer,
                 )?;
                 let program = if spec.is_udp() {
-                    // Not pinned: a UDP group is not adopted yet (docs/udp.md).
-                    Program::Datagrams(Box::new(DatagramSteering::load(UdpSettings::of(&spec))?))
+                    Program::Datagrams(Box::new(DatagramSteering::load(
+                        UdpSettings::of(&spec),
+                        Some(&pin_dir),
+                    )?))
                 } else {
                     Program::Connections(Box::new(Steering::load(
                         config,
@@ -198,7 +200,18 @@ impl RunningGroup {
                 (listeners, program, Vec::new())
             }
             Some(adoption) => {
-                let mut steering = Steering::adopt(config, &pin_dir, spec.needs_lookup())?;
+                let mut program = if spec.is_udp() {
+                    Program::Datagrams(Box::new(DatagramSteering::adopt(
+                        UdpSettings::of(&spec),
+                        &pin_dir,
+                    )?))
+                } else {
+                    Program::Connections(Box::new(Steering::adopt(
+                        config,
+                        &pin_dir,
+                        spec.needs_lookup(),
+                    )?))
+                };
                 let (mut sockets, mut handlers) = (Vec::new(), Vec::new());
                 for (index, (slot, recorded)) in
                     (0..).zip(adoption.slots.into_iter().zip(&adoption.record.slots))
@@ -210,7 +223,14 @@ impl RunningGroup {
                         }
                         None => {
                             // Its socket closed with its handler; a new one takes the slot.
-                            steering.unregister(index, recorded.cookie)?;
+                            match &mut program {
+                                Program::Connections(steering) => {
+                                    steering.unregister(index, recorded.cookie)?
+                                }
+                                Program::Datagrams(datagrams) => {
+                                    datagrams.unregister(index, recorded.cookie)?
+                                }
+                            }
                             sockets.push(None);
                             handlers.push(None);
                         }
@@ -218,19 +238,25 @@ impl RunningGroup {
                 }
                 let listeners = Listeners::adopt(
                     &spec.slot_pattern(),
+                    spec.listen[0].transport,
                     spec.backlog,
+                    spec.receive_buffer,
+                    spec.nonblocking,
                     sockets,
-                    |slot, cookie| steering.register_cookie(slot, cookie),
+                    |slot, cookie| match &mut program {
+                        Program::Connections(steering) => steering.register_cookie(slot, cookie),
+                        // Registered whole (cookie and socket) by `Members::register`: a UDP
+                        // socket must be bound to enter SOCKETS.
+                        Program::Datagrams(_) => Ok(()),
+                    },
                 )?;
-                (
-                    listeners,
-                    Program::Connections(Box::new(steering)),
-                    handlers,
-                )
+                (listeners, program, handlers)
             }
         };
         let adopting = !adopted.is_empty();
-        listeners.set_nonblocking(spec.nonblocking)?;
+        if !adopting {
+            listeners.set_nonblocking(spec.nonblocking)?;
+        }
         let launcher = Rc::new(Launcher {
             spec: spec.clone(),
             credentials,
@@ -260,15 +286,15 @@ impl RunningGroup {
         for member in &attachment.0 {
             members.program_mut().attach(member)?;
         }
-        // A UDP group's program keeps no log and no pins (docs/udp.md).
+        // A UDP group's program keeps no log (docs/udp.md).
         let program_log = match members.steering_mut() {
             Some(steering) => Some(steering.take_log(&spec.name)?),
             None => None,
         };
-        let pins = match (adopting, members.steering_mut()) {
+        let pins = match (adopting, members.program_mut()) {
             (true, _) => Some(Pins::adopt(pin_dir)),
-            (false, Some(steering)) => steering.publish_pins()?,
-            (false, None) => None,
+            (false, Program::Connections(steering)) => steering.publish_pins()?,
+            (false, Program::Datagrams(datagrams)) => datagrams.publish_pins()?,
         };
         let group = Rc::new(RunningGroup {
             pins_dir: pins.as_ref().map(|p| p.dir().to_owned()),

@@ -158,14 +158,12 @@ pub fn stop_orphan(name: &str) -> Result<String> {
             ));
         };
         let pids = adoption.pids();
-        if spec.is_udp() {
-            // Not adopted (docs/udp.md): its handlers are killed where they are; what waits
-            // in their buffers is lost, as it would be with any UDP server's stop.
+        if unpinned_udp(&adoption) {
             kill_adopted(&adoption);
             record::GroupRecord::remove(name);
             drop(claim);
             return Ok(format!(
-                "group {name} (UDP): killed the handlers its last spawner left running (pids {pids:?})"
+                "group {name} (UDP, run by an older parsrv): killed the handlers its last spawner left running (pids {pids:?})"
             ));
         }
         let group = RunningGroup::create(spec, offsets, Some(adoption))?;
@@ -217,6 +215,16 @@ fn ensure_not_running(name: &str) -> Result<()> {
 /// and removed by that binary at its start: the groups it adopts keep their settings.
 pub const UPGRADE_ENV: &str = "PARSRV_UPGRADE";
 
+/// Whether `adoption` is of a UDP group whose program an older parsrv left unpinned (it
+/// did not adopt UDP groups): nothing can take its program over.
+fn unpinned_udp(adoption: &adopt::Adoption) -> bool {
+    let spec = &adoption.record.spec;
+    spec.is_udp()
+        && !dataplane::pins::group_dir(&spec.name)
+            .join(dataplane::Program::for_udp(spec.udp_mode).name())
+            .exists()
+}
+
 /// Kills the handlers of a UDP group a dead spawner left running (SIGKILL, waited for).
 fn kill_adopted(adoption: &adopt::Adoption) {
     for slot in adoption.slots.iter().flatten() {
@@ -247,23 +255,6 @@ fn adopt_if_running(spec: &mut GroupSpec, upgraded: bool) -> Result<Option<adopt
             *spec = record.spec.clone();
         }
     }
-    if record.spec.is_udp() {
-        // UDP groups are not adopted yet (docs/udp.md): the handlers a dead spawner left
-        // are killed (they hold sockets in the port's reuseport group, which the new
-        // sockets would join unregistered) and the group starts anew. What their buffers
-        // held is lost, as in any UDP server's restart.
-        if let Some(adoption) = adopt::Adoption::take(record) {
-            kill_adopted(&adoption);
-            log::warn!(
-                "group {} (UDP): killed the handlers its last spawner left running (pids {:?}); \
-                 UDP groups are not adopted yet, it starts anew",
-                spec.name,
-                adoption.pids()
-            );
-        }
-        record::GroupRecord::remove(&spec.name);
-        return Ok(None);
-    }
     // Compared before anything acts on it: a group running with other settings is left
     // exactly as it is.
     let differences = record.differences(spec);
@@ -285,6 +276,21 @@ fn adopt_if_running(spec: &mut GroupSpec, upgraded: bool) -> Result<Option<adopt
         record::GroupRecord::remove(&spec.name);
         return Ok(None);
     };
+    if unpinned_udp(&adoption) {
+        // An older parsrv's UDP group: its handlers are killed (they hold sockets in the
+        // port's reuseport group, which the new sockets would join unregistered) and the
+        // group starts anew. What their buffers held is lost, as in a UDP server's restart.
+        kill_adopted(&adoption);
+        log::warn!(
+            "group {} (UDP): killed the handlers an older parsrv's spawner left running \
+             (pids {:?}): it did not pin the group's program, so nothing can take it over; \
+             it starts anew",
+            spec.name,
+            adoption.pids()
+        );
+        record::GroupRecord::remove(&spec.name);
+        return Ok(None);
+    }
     let differences = adoption.record.differences(spec);
     if !differences.is_empty() {
         return Err(Error::GroupDiffers {
@@ -465,21 +471,6 @@ impl Spawner {
             return Err(Error::Rejected(format!(
                 "cannot upgrade: {} is not an executable file now; install the new parsrv there first",
                 binary.display()
-            )));
-        }
-        let udp: Vec<String> = self
-            .groups
-            .borrow()
-            .values()
-            .filter(|g| g.spec.is_udp())
-            .map(|g| g.spec.name.clone())
-            .collect();
-        if !udp.is_empty() {
-            // The new image would have to adopt them, and UDP groups are not adopted yet.
-            return Err(Error::Rejected(format!(
-                "cannot upgrade: UDP group(s) {} cannot be carried over yet (docs/udp.md); \
-                 stop them (`parsrv group remove NAME`), upgrade, and start them again",
-                udp.join(", ")
             )));
         }
         self.upgrading.notify_one();

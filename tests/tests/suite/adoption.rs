@@ -497,6 +497,11 @@ fn an_upgrade_under_load_loses_no_connection_and_runs_the_new_binary() {
         let name = "test-upgrade";
         let spawner = http_group(name).start_binary(&binary);
         let before = spawner.status();
+        // The built-in handlers set O_NONBLOCK on their socket; the new image must leave it.
+        let handler_pids: Vec<u32> = before.handlers.iter().filter_map(|h| h.pid).collect();
+        assert!(handler_pids
+            .iter()
+            .all(|&pid| parsrv_integration_tests::socket_is_nonblocking(pid)));
         let inode =
             |path: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
         let old_inode = inode(&binary);
@@ -534,6 +539,12 @@ fn an_upgrade_under_load_loses_no_connection_and_runs_the_new_binary() {
         assert_eq!(
             after.handlers.iter().map(|h| h.pid).collect::<Vec<_>>(),
             before.handlers.iter().map(|h| h.pid).collect::<Vec<_>>()
+        );
+        assert!(
+            handler_pids
+                .iter()
+                .all(|&pid| parsrv_integration_tests::socket_is_nonblocking(pid)),
+            "the upgrade made a handler's socket blocking"
         );
         // The kernel's word for which file the spawner runs now.
         let running = std::fs::metadata(format!("/proc/{}/exe", spawner.pid())).unwrap();

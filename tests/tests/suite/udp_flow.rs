@@ -490,3 +490,97 @@ fn a_rolling_restart_under_load_loses_no_datagram_and_moves_no_flow() {
         assert!(spawner.stop().success());
     });
 }
+
+/// A UDP group outlives its spawner: killed (SIGKILL) under open-loop load, the next spawner
+/// takes over its handlers, sockets, program and flow table. Every datagram is answered
+/// (what came while no spawner ran was steered by the program the group kept), the
+/// handlers are the same processes, and no flow is placed twice: the table and the
+/// counters the kernel keeps for the program go on across the adoption. The kernel's own
+/// counters agree (no receive-buffer error, no ICMP).
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_killed_spawners_flow_group_is_adopted_under_load_losing_no_datagram_and_moving_no_flow() {
+    privileged(Needs::program_of(Program::UdpFlow), || {
+        // Open loop: 200 flows, a round every 25 ms for 4 s or more; the spawner is killed
+        // 0.2 s in and the next one takes over (about 0.1 s here, seconds in an emulated VM).
+        const PER_FLOW: usize = 160;
+        const DATAGRAMS: usize = FLOWS * PER_FLOW;
+        const PACE: Duration = Duration::from_millis(25);
+        let name = "udp-adopt";
+        let builder = move || {
+            group(name, HandlerKind::Echo)
+                .listen(&format!("udp://{ADDR}"))
+                .handlers(SOCKETS as u32)
+                .with(|s| s.udp_mode = UdpMode::Flow)
+        };
+        let first = builder().start();
+        let handlers: Vec<u32> = (0..SOCKETS).map(|slot| first.handler_pid(slot)).collect();
+        let before = UdpCounters::read();
+        let load_start = Instant::now();
+        let first_pid = first.pid();
+        let takeover = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            signal(first_pid, nix::sys::signal::Signal::SIGKILL);
+            let next = builder().start();
+            (next, Instant::now())
+        });
+        let mut queries = Queries::send(ADDR.parse().unwrap(), FLOWS, PER_FLOW, PACE);
+        let load_end = Instant::now();
+        let (next, adopted_at) = takeover.join().unwrap();
+        let answered = queries.answers(DATAGRAMS, Duration::from_secs(20));
+        let kernel = before.delta(&UdpCounters::read());
+        let after = next.status();
+        let counters = program_counters(&after);
+        let detail = format!(
+            "{kernel:?}, {answered} answered; {}\nfirst spawner: {}\nnext spawner: {}",
+            after.render(),
+            first.log(),
+            next.log()
+        );
+        assert!(
+            next.log().contains("adopting its running handlers"),
+            "{detail}"
+        );
+        // The test's premise: the adoption came while the load still ran.
+        assert!(
+            adopted_at < load_end,
+            "the adoption outlasted the load (make the load longer): {detail}"
+        );
+        assert_eq!(
+            after.handlers.iter().map(|h| h.pid).collect::<Vec<_>>(),
+            handlers.iter().map(|&p| Some(p)).collect::<Vec<_>>(),
+            "{detail}"
+        );
+        assert!(after.handlers.iter().all(|h| h.restarts == 0), "{detail}");
+        assert_eq!(answered, DATAGRAMS, "{detail}");
+        assert_eq!(kernel.rcvbuf_errors, 0, "{detail}");
+        assert_eq!(kernel.no_ports, 0, "{detail}");
+        assert_eq!(
+            after.datagram_errors.map(|e| e.total()),
+            Some(0),
+            "{detail}"
+        );
+        // Counted by the program from the group's start, across both spawners: each flow
+        // placed once, every later datagram found in the table.
+        assert_eq!(
+            counter_sum(&counters, |c| c.flows),
+            FLOWS as u64,
+            "{detail}"
+        );
+        assert_eq!(
+            counter_sum(&counters, |c| c.flow_datagrams),
+            (DATAGRAMS - FLOWS) as u64,
+            "{detail}"
+        );
+        figure(&format!(
+            "flow mode, spawner killed {:?} into a {:?} open-loop load ({FLOWS} flows x \
+             {PER_FLOW}, a round every {PACE:?}) and adopted {:?} in: {answered} of \
+             {DATAGRAMS} answered, no flow placed twice, the same {SOCKETS} handlers",
+            Duration::from_millis(200),
+            load_end - load_start,
+            adopted_at - load_start
+        ));
+        drop(first);
+        assert!(next.stop().success(), "{detail}");
+    });
+}
