@@ -298,7 +298,7 @@ impl Listeners {
 
     /// Adds one listening socket to a group whose program runs (the next slot), marked as
     /// having no handler yet (`AwaitingHandler`). `before_listen` gets its cookie before
-    /// listen() puts it in the kernel's group: a running program that meets a socket it
+    /// bind() (UDP) or listen() (TCP) puts it in the kernel's group: a running program that meets a socket it
     /// cannot name fails open (`unknown_socket`, the kernel's hash decides), so the caller
     /// registers the cookie first; and the mark keeps the empty queue from looking like the
     /// best place until a handler is there.
@@ -336,13 +336,10 @@ impl Listeners {
             force_receive_buffer(&socket, self.receive_buffer)
                 .map_err(socket_error("set SO_RCVBUFFORCE on"))?;
         }
-        socket.bind(&SockAddr::from(listen)).map_err(|source| {
-            if source.kind() == io::ErrorKind::AddrInUse {
-                Error::AddressInUse { addr: listen }
-            } else {
-                socket_error("bind")(source)
-            }
-        })?;
+        // Marked and named before bind(): a UDP socket is in the kernel's group once bound
+        // (a TCP one once listening), and the running program must know it from the first
+        // datagram its hash sends there (as a socket without a handler, which it sends
+        // elsewhere while another has room).
         let joins = joining.is_some();
         if let Some(before_listen) = joining {
             kernel::set_incoming_cpu(socket.as_fd(), NO_HANDLER_MARK)
@@ -351,10 +348,13 @@ impl Listeners {
                 kernel::socket_cookie(socket.as_fd()).map_err(socket_error("read SO_COOKIE of"))?;
             before_listen(cookie)?;
         }
-        // A UDP socket is in the kernel's group once bound, before it is registered: a
-        // datagram the kernel's hash sends it meanwhile is counted as for an unknown
-        // socket and stays there, marked as having no handler, for the one that comes.
-        // (Only where an adopted group's slot lost its socket: a UDP group's size is fixed.)
+        socket.bind(&SockAddr::from(listen)).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                Error::AddressInUse { addr: listen }
+            } else {
+                socket_error("bind")(source)
+            }
+        })?;
         if self.transport == Transport::Tcp {
             socket
                 .listen(listen_backlog(self.backlog))

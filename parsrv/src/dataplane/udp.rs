@@ -314,6 +314,26 @@ impl DatagramSteering {
         self.write_config()
     }
 
+    /// Names a socket's `cookie` as slot `slot`'s before the socket joins the kernel's group
+    /// (bind()): the program then knows it from its first datagram. [`Self::register`]
+    /// completes it once bound.
+    pub fn register_cookie(&mut self, slot: u32, cookie: u64) -> Result<()> {
+        self.slot_by_cookie
+            .insert(cookie, slot, 0)
+            .map_err(Error::ebpf(format!(
+                "registering the cookie of UDP slot {slot}"
+            )))
+    }
+
+    /// Forgets slot `slot`'s socket, which leaves the group (a step down): its cookie goes,
+    /// and the program's cached view of the group with the next generation. The kernel
+    /// takes the socket out of SOCKETS when it closes.
+    pub fn forget(&mut self, slot: u32, cookie: u64) -> Result<()> {
+        self.unregister(slot, cookie)?;
+        self.config.generation = self.config.generation.wrapping_add(1).max(1);
+        self.write_config()
+    }
+
     /// Attaches the program to the reuseport group `member` belongs to (again, for an
     /// adopted group: the same program replaces itself).
     pub fn attach(&mut self, member: &impl AsFd) -> Result<()> {

@@ -245,9 +245,9 @@ impl RunningGroup {
                     sockets,
                     |slot, cookie| match &mut program {
                         Program::Connections(steering) => steering.register_cookie(slot, cookie),
-                        // Registered whole (cookie and socket) by `Members::register`: a UDP
-                        // socket must be bound to enter SOCKETS.
-                        Program::Datagrams(_) => Ok(()),
+                        // The socket itself by `Members::register`: a UDP socket must be
+                        // bound to enter SOCKETS.
+                        Program::Datagrams(datagrams) => datagrams.register_cookie(slot, cookie),
                     },
                 )?;
                 (listeners, program, handlers)
@@ -479,11 +479,56 @@ impl RunningGroup {
         let Some(leaving) = self.members.borrow_mut().leave_top()? else {
             return Ok(());
         };
+        if self.spec.is_udp() {
+            self.udp_slot_winds_down(leaving.slot.index).await;
+        }
         leaving.slot.retire().await;
-        self.members.borrow_mut().remove_top();
+        let forgotten = self.members.borrow_mut().remove_top();
         let slots = self.handlers() as usize;
         self.stalls.borrow_mut().truncate(slots);
-        leaving.forgotten
+        leaving.forgotten.and(forgotten)
+    }
+
+    /// Waits, for at most `--grace`, until the leaving UDP slot `index` has nothing left
+    /// to read and (flow and quic modes) no flow placed on it that is not idle: udpgrm's
+    /// generations, where existing flows finish on the old handler while new ones go
+    /// elsewhere. Past the grace, what still comes is placed again by room once the socket
+    /// is gone (and what its buffer holds then is lost with it, said in the log).
+    async fn udp_slot_winds_down(&self, index: u32) {
+        // A table walk per look, never on the datagrams' path: at most this many entries.
+        const TABLE_LIMIT: usize = 65_536;
+        let (started, grace) = (Instant::now(), self.spec.grace());
+        loop {
+            let busy = self.members.borrow().udp_leaving_busy(TABLE_LIMIT);
+            match busy {
+                Ok((0, 0)) => {
+                    log::info!(
+                        "group {}: slot {index} wound down in {:?}",
+                        self.spec.name,
+                        started.elapsed()
+                    );
+                    return;
+                }
+                Ok((buffered, flows)) if started.elapsed() >= grace => {
+                    log::warn!(
+                        "group {}: slot {index} still had {flows} live flows and {buffered} \
+                         bytes unread after --grace ({grace:?}); removed anyway: its flows are \
+                         placed again, its unread datagrams are lost",
+                        self.spec.name
+                    );
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::error!(
+                        "group {}: cannot read what slot {index} still gets ({e}); removed",
+                        self.spec.name
+                    );
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Grows or shrinks the group to `target` handlers; the caller holds `membership`.

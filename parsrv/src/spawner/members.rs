@@ -190,13 +190,13 @@ impl Members {
         &mut self.program
     }
 
-    /// The steering program of a TCP group, for what only TCP groups do (resize, stalls,
+    /// The steering program of a TCP group, for what only TCP groups do (stalls, parking,
     /// moving queues); a UDP group's request for it is refused, with the reason.
     fn tcp(&mut self, what: &str) -> Result<&mut Steering> {
         match &mut self.program {
             Program::Connections(steering) => Ok(steering.as_mut()),
             Program::Datagrams(_) => Err(Error::Rejected(format!(
-                "{what}: not for a UDP group yet (its size is fixed; docs/udp.md)"
+                "{what}: not for a UDP group (it has no accept queue; docs/udp.md)"
             ))),
         }
     }
@@ -229,22 +229,27 @@ impl Members {
     pub fn add(&mut self) -> Result<()> {
         let index = self.listeners.listeners().len() as u32;
         let mut named = None;
-        let Program::Connections(steering) = &mut self.program else {
-            return Err(Error::Rejected(
-                "adding a handler: not for a UDP group yet (its size is fixed; docs/udp.md)".into(),
-            ));
-        };
+        let program = &mut self.program;
         let added = self.listeners.join_listener(|cookie| {
             named = Some(cookie);
-            steering.register_cookie(index, cookie)
+            match program {
+                Program::Connections(steering) => steering.register_cookie(index, cookie),
+                Program::Datagrams(datagrams) => datagrams.register_cookie(index, cookie),
+            }
         });
-        let registered = added.and_then(|listener| steering.register(index, listener));
+        let registered = added.and_then(|listener| match program {
+            Program::Connections(steering) => steering.register(index, listener),
+            Program::Datagrams(datagrams) => datagrams.register(index, listener),
+        });
         if let Err(e) = registered {
             if self.listeners.listeners().len() as u32 > index {
                 self.listeners.remove_last();
             }
             if let Some(cookie) = named {
-                let _ = steering.unregister(index, cookie);
+                let _ = match program {
+                    Program::Connections(steering) => steering.unregister(index, cookie),
+                    Program::Datagrams(datagrams) => datagrams.unregister(index, cookie),
+                };
             }
             return Err(e);
         }
@@ -468,11 +473,24 @@ impl Members {
     /// the program for each queued connection and pending handshake, and the program moves
     /// them to a socket with room. The caller retires the handler, then calls
     /// [`Members::remove_top`].
+    ///
+    /// A UDP socket cannot leave its kernel group but by closing, and what its buffer holds
+    /// would go with it: it is marked as having no handler, so that the program sends new
+    /// datagrams and new flows elsewhere while its flows (flow mode) and connections (quic
+    /// mode) go on reaching it; the caller waits for them to end
+    /// ([`Members::udp_leaving_busy`]) before it retires the handler.
     pub fn leave_top(&mut self) -> Result<Option<Leaving>> {
         let Some(slot) = self.slots.last().cloned() else {
             return Ok(None);
         };
-        self.tcp("removing a handler")?;
+        if let Program::Datagrams(_) = self.program {
+            self.set_state(slot.index, SocketState::AwaitingHandler)?;
+            self.leaving = Some(slot.index);
+            return Ok(Some(Leaving {
+                slot,
+                forgotten: Ok(()),
+            }));
+        }
         let listener = &self.listeners.listeners()[slot.index as usize];
         // A parked socket is out of the group already.
         if listener.state() != SocketState::Parked {
@@ -494,10 +512,40 @@ impl Members {
         Ok(Some(Leaving { slot, forgotten }))
     }
 
-    /// Forgets the top slot and closes its socket, once its handler is gone.
-    pub fn remove_top(&mut self) {
+    /// Forgets the top slot and closes its socket, once its handler is gone. A UDP socket
+    /// is forgotten by the program here (its cookie, and its place in the program's cached
+    /// view of the group); the kernel takes it out of the group as it closes.
+    pub fn remove_top(&mut self) -> Result<()> {
         self.leaving = None;
         self.slots.pop();
-        self.listeners.remove_last();
+        let Some(listener) = self.listeners.remove_last() else {
+            return Ok(());
+        };
+        match &mut self.program {
+            Program::Datagrams(datagrams) => {
+                let forgotten = datagrams.forget(self.slots.len() as u32, listener.cookie());
+                drop(listener);
+                forgotten
+            }
+            Program::Connections(_) => Ok(()),
+        }
+    }
+
+    /// What still reaches the leaving top slot of a UDP group (see [`Members::leave_top`]):
+    /// bytes in its receive buffer, and (flow and quic modes) entries of the program's
+    /// table placed on it that are not idle. Nothing is busy when both are 0.
+    pub fn udp_leaving_busy(&self, table_limit: usize) -> Result<(u32, usize)> {
+        let (Some(index), Program::Datagrams(datagrams)) = (self.leaving, &self.program) else {
+            return Ok((0, 0));
+        };
+        let socket = std::os::fd::AsFd::as_fd(&self.listeners.listeners()[index as usize]);
+        let buffered = crate::kernel::receive_buffer(socket).map_or(0, |b| b.used);
+        let timeout = datagrams.flow_timeout().unwrap_or_default();
+        let live = datagrams
+            .placed(table_limit)?
+            .iter()
+            .filter(|p| p.slot == index && p.idle < timeout)
+            .count();
+        Ok((buffered, live))
     }
 }

@@ -51,7 +51,8 @@ impl GroupSpec {
 
     /// Whether the group grows and shrinks with load (`--handlers MIN..MAX`, MIN < MAX).
     pub fn autoscaled(&self) -> bool {
-        self.autoscale && self.handlers.max > self.handlers.min
+        // The autoscaler weighs accept queues: a UDP group is resized by hand (docs/udp.md).
+        self.autoscale && self.handlers.max > self.handlers.min && !self.is_udp()
     }
 
     /// The CPU handler `slot` is pinned to, if any.

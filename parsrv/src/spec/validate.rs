@@ -92,7 +92,7 @@ impl GroupSpec {
     }
 
     /// What a UDP group (`--listen udp://...`) cannot have: what exists for UDP so far is
-    /// one address, a fixed number of handlers and the datagram and flow modes (docs/udp.md); a
+    /// one address, a number of handlers resized by hand, and the three modes (docs/udp.md); a
     /// setting of TCP's accept queues or of what UDP groups do not do yet is refused, not
     /// ignored.
     fn udp_problems(&self) -> Vec<Error> {
@@ -150,13 +150,6 @@ impl GroupSpec {
                 "--spare",
                 self.spare,
                 "UDP groups have no spares yet (docs/udp.md); leave it out",
-            ));
-        }
-        if self.handlers.min != self.handlers.max {
-            problems.push(invalid(
-                "--handlers",
-                self.handlers,
-                "UDP groups have a fixed number of handlers yet (docs/udp.md): give one count",
             ));
         }
         if self.handler == HandlerKind::Http {
@@ -481,6 +474,20 @@ mod tests {
         }
         .validate()
         .unwrap();
+    }
+
+    /// A UDP group may have a range of handlers, resized by hand: the autoscaler, which
+    /// weighs accept queues, never runs for it.
+    #[test]
+    fn a_udp_group_with_a_range_of_handlers_is_accepted_and_not_autoscaled() {
+        let mut udp = udp_group();
+        udp.handlers = "2..4".parse().unwrap();
+        assert!(udp.autoscale);
+        udp.validate().unwrap();
+        assert!(!udp.autoscaled());
+        let mut tcp = spec();
+        tcp.handlers = "2..4".parse().unwrap();
+        assert!(tcp.autoscaled());
     }
 
     fn rejected_option(spec: &GroupSpec) -> &'static str {

@@ -142,8 +142,10 @@ fn usage_errors_exit_2_naming_the_option() {
                     "echo",
                     "--handlers",
                     "2..4",
+                    "--spare",
+                    "1",
                 ],
-                &["--handlers", "fixed number"],
+                &["--spare", "no spares yet"],
             ),
             (
                 &[

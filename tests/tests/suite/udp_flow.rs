@@ -586,3 +586,139 @@ fn a_killed_spawners_flow_group_is_adopted_under_load_losing_no_datagram_and_mov
         assert!(next.stop().success(), "{detail}");
     });
 }
+
+/// Flows on one socket across a resize, as udpgrm's generations keep them: a flow group
+/// grows from 2 to 3 handlers under load, and the flows placed before stay where they are
+/// (the new socket gets none of them, only new flows); it then shrinks back to 2 while
+/// flows still run on the socket that leaves: that socket takes no new flow from then on,
+/// the step down waits until its flows have gone idle, and none of them is placed again.
+/// Every datagram of the three loads is answered; the kernel counts no receive-buffer
+/// error and no ICMP.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_flow_group_grows_and_shrinks_under_load_and_no_flow_changes_socket() {
+    privileged(Needs::program_of(Program::UdpFlow), || {
+        const PACE: Duration = Duration::from_millis(25);
+        // Load A: placed on 2 sockets, going on while the group grows. Load B: new flows,
+        // placed on 3, going on while it shrinks. Load C: new flows while the top socket
+        // leaves.
+        const A: (usize, usize) = (60, 80);
+        const B: (usize, usize) = (90, 120);
+        const C: (usize, usize) = (30, 20);
+        let name = "udp-resize";
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let spawner = group(name, HandlerKind::Echo)
+            .listen(&format!("udp://{ADDR}"))
+            .handlers_between(2, 3)
+            .grace(30.0)
+            .with(|s| {
+                s.udp_mode = UdpMode::Flow;
+                s.flow_timeout = 1.0;
+            })
+            .start();
+        let before = UdpCounters::read();
+        let resize = |handlers: u32| {
+            let handlers = handlers.to_string();
+            let result =
+                parsrv_integration_tests::Spawner::parsrv(&["group", "resize", name, &handlers]);
+            (result, Instant::now())
+        };
+        let flows_by_slot = |spawner: &parsrv_integration_tests::Spawner| -> Vec<u64> {
+            program_counters(&spawner.status())
+                .iter()
+                .map(|c| c.flows)
+                .collect()
+        };
+
+        // Grow under load A.
+        let grow = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            resize(3)
+        });
+        let mut a = Queries::send(addr, A.0, A.1, PACE);
+        let a_end = Instant::now();
+        let ((code, out, err), grown_at) = grow.join().unwrap();
+        assert_eq!(code, 0, "{out}{err}\n{}", spawner.log());
+        assert!(grown_at < a_end, "the step up outlasted load A");
+        let after_a = flows_by_slot(&spawner);
+        assert_eq!(after_a.len(), 3, "{}", spawner.status().render());
+        // A's flows stayed on the two sockets they were placed on.
+        assert_eq!(after_a, [after_a[0], after_a[1], 0]);
+        assert_eq!(after_a[0] + after_a[1], A.0 as u64);
+
+        // Shrink under load B, whose flows the hash spreads over 3 sockets.
+        let b_load = std::thread::spawn(move || Queries::send(addr, B.0, B.1, PACE));
+        std::thread::sleep(Duration::from_millis(500));
+        let before_shrink = flows_by_slot(&spawner);
+        let on_leaving = before_shrink[2];
+        assert!(
+            on_leaving > 0,
+            "no flow of B on the top socket: {before_shrink:?}"
+        );
+        let shrink_started = Instant::now();
+        let shrink = std::thread::spawn(move || resize(2));
+        std::thread::sleep(Duration::from_millis(300));
+        // Load C while the top socket leaves: none of its flows goes there.
+        let mut c = Queries::send(addr, C.0, C.1, PACE);
+        let during = flows_by_slot(&spawner);
+        let detail = format!("{}\n{}", spawner.status().render(), spawner.log());
+        assert_eq!(
+            during.len(),
+            3,
+            "the top socket left before its flows ended: {detail}"
+        );
+        assert_eq!(
+            during[2], on_leaving,
+            "a new flow went to the leaving socket: {detail}"
+        );
+        let mut b = b_load.join().unwrap();
+        let b_end = Instant::now();
+        let ((code, out, err), shrunk_at) = shrink.join().unwrap();
+        let detail = format!(
+            "{out}{err}\n{}\n{}",
+            spawner.status().render(),
+            spawner.log()
+        );
+        assert_eq!(code, 0, "{detail}");
+        // The step down waited for B's flows on the leaving socket to end.
+        assert!(
+            shrunk_at > b_end,
+            "shrunk {:?} before B ended: {detail}",
+            b_end - shrunk_at
+        );
+        assert!(spawner.log().contains("slot 2 wound down"), "{detail}");
+
+        let answered = a.answers(A.0 * A.1, Duration::from_secs(20))
+            + b.answers(B.0 * B.1, Duration::from_secs(20))
+            + c.answers(C.0 * C.1, Duration::from_secs(20));
+        let kernel = before.delta(&UdpCounters::read());
+        let after = flows_by_slot(&spawner);
+        let detail = format!(
+            "{kernel:?}; {}\n{}",
+            spawner.status().render(),
+            spawner.log()
+        );
+        assert_eq!(answered, A.0 * A.1 + B.0 * B.1 + C.0 * C.1, "{detail}");
+        assert_eq!((kernel.rcvbuf_errors, kernel.no_ports), (0, 0), "{detail}");
+        // No flow placed again: the two sockets left hold what they had before the step
+        // down, and C's flows.
+        assert_eq!(after.len(), 2, "{detail}");
+        assert_eq!(
+            after[0] + after[1],
+            before_shrink[0] + before_shrink[1] + C.0 as u64,
+            "{detail}"
+        );
+        assert_eq!(
+            spawner.status().datagram_errors.map(|e| e.total()),
+            Some(0),
+            "{detail}"
+        );
+        figure(&format!(
+            "flow mode, 2 -> 3 -> 2 handlers under load: {on_leaving} flows on the leaving \
+             socket finished there, the step down took {:?} (until they were idle for the \
+             1 s time-out); {answered} datagrams answered, no flow placed twice",
+            shrunk_at - shrink_started
+        ));
+        assert!(spawner.stop().success());
+    });
+}
