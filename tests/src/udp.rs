@@ -93,6 +93,24 @@ pub fn send_flows(addr: SocketAddr, flows: usize, per_flow: usize) -> Vec<Socket
         .collect()
 }
 
+/// As [`send_datagrams`], with each datagram's bytes `payload(flow, round)`: QUIC packets,
+/// for the quic program. One pass: bounded by its count.
+pub fn send_payloads(
+    addr: SocketAddr,
+    flows: usize,
+    per_flow: usize,
+    payload: impl Fn(usize, usize) -> Vec<u8>,
+) {
+    let clients: Vec<UdpSocket> = (0..flows)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    for round in 0..per_flow {
+        for (flow, client) in clients.iter().enumerate() {
+            client.send_to(&payload(flow, round), addr).unwrap();
+        }
+    }
+}
+
 /// `flows` client sockets, each sending one 32-byte datagram to `addr` per round for
 /// `per_flow` rounds, a round every `pace` if given; the clients, to read answers with.
 fn send_rounds(
