@@ -145,13 +145,6 @@ impl GroupSpec {
                 "UDP groups have no client affinity yet (docs/udp.md); leave it out",
             ));
         }
-        if self.spare != 0 {
-            problems.push(invalid(
-                "--spare",
-                self.spare,
-                "UDP groups have no spares yet (docs/udp.md); leave it out",
-            ));
-        }
         if self.handler == HandlerKind::Http {
             problems.push(invalid(
                 "--handler",

@@ -140,12 +140,10 @@ fn usage_errors_exit_2_naming_the_option() {
                     "udp://127.0.0.1:8080",
                     "--handler",
                     "echo",
-                    "--handlers",
-                    "2..4",
-                    "--spare",
-                    "1",
+                    "--affinity",
+                    "client",
                 ],
-                &["--spare", "no spares yet"],
+                &["--affinity", "no client affinity yet"],
             ),
             (
                 &[

@@ -747,6 +747,101 @@ fn a_udp_handler_that_died_with_no_spawner_gets_a_new_socket_from_the_adopting_s
     });
 }
 
+/// A UDP group's spare (`--spare 1`): a socket whose ready handler gets datagrams only when
+/// no serving socket has room. With room, it gets none of 1,000; with both serving
+/// handlers stopped (SIGSTOP), it answers what their buffers cannot hold, and nothing is
+/// lost. The control, in the same test: the same group without the spare loses that
+/// overflow (Udp RcvbufErrors).
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_udp_spare_takes_only_what_the_stopped_handlers_cannot_hold_where_without_it_that_is_lost() {
+    privileged(Needs::program_of(Program::UdpDatagram), || {
+        const BUFFER: u32 = 256 << 10;
+        const FLOWS: usize = 100;
+        const PER_FLOW: usize = 20;
+        const DATAGRAMS: usize = FLOWS * PER_FLOW;
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let builder = |name: &str, spare: u32| {
+            group(name, HandlerKind::Echo)
+                .listen(&format!("udp://{ADDR}"))
+                .handlers(2)
+                .with(move |s| {
+                    s.spare = spare;
+                    s.receive_buffer = BUFFER;
+                })
+        };
+        // Both serving handlers stopped while DATAGRAMS come; what each answered then, in
+        // all, and the kernel's counters meanwhile.
+        let overflow = |spawner: &parsrv_integration_tests::Spawner| {
+            let pids = [spawner.handler_pid(0), spawner.handler_pid(1)];
+            pids.iter().for_each(|&pid| stop_process(pid));
+            let before = UdpCounters::read();
+            let mut queries = Queries::send(addr, FLOWS, PER_FLOW, PACE);
+            let while_stopped = queries.answers_until_quiet(QUIET, Duration::from_secs(10));
+            let kernel = before.delta(&UdpCounters::read());
+            let status = spawner.status();
+            for pid in pids {
+                signal(pid, nix::sys::signal::Signal::SIGCONT);
+            }
+            let lost = kernel.rcvbuf_errors as usize;
+            let answered = queries.answers(DATAGRAMS - lost, Duration::from_secs(10));
+            (while_stopped, answered, kernel, status)
+        };
+
+        let control = builder("udp-no-spare", 0).start();
+        let (_, control_answered, control_kernel, _) = overflow(&control);
+        assert!(control.stop().success());
+        let detail = format!("without a spare: {control_kernel:?}, {control_answered} answered");
+        assert!(control_kernel.rcvbuf_errors > 0, "{detail}");
+        assert_eq!(
+            control_answered + control_kernel.rcvbuf_errors as usize,
+            DATAGRAMS,
+            "{detail}"
+        );
+
+        let spawner = builder("udp-spare", 1).start();
+        let status = spawner.status();
+        assert_eq!(status.sockets.len(), 3, "{}", status.render());
+        assert_eq!(
+            status.sockets[2].state,
+            parsrv::listeners::SocketState::Spare,
+            "{}",
+            status.render()
+        );
+        // With room: the spare gets nothing.
+        let mut queries = Queries::send(addr, FLOWS / 2, PER_FLOW, PACE);
+        assert_eq!(
+            queries.answers(DATAGRAMS / 2, Duration::from_secs(10)),
+            DATAGRAMS / 2
+        );
+        let counters = program_counters(&spawner.status());
+        assert_eq!(counters[2].kept + counters[2].steered_in, 0, "{counters:?}");
+        let (while_stopped, answered, kernel, status) = overflow(&spawner);
+        let counters = program_counters(&status);
+        let detail = format!(
+            "with a spare: {kernel:?}, {while_stopped} answered while both were stopped, \
+             {answered} in all; program {counters:?}; {}; without: {control_kernel:?}",
+            status.render()
+        );
+        assert_eq!((kernel.rcvbuf_errors, kernel.no_ports), (0, 0), "{detail}");
+        assert_eq!(answered, DATAGRAMS, "{detail}");
+        // The spare answered what the stopped handlers' buffers could not hold, which is
+        // what the group without it lost.
+        assert!(
+            counters[2].steered_in + counters[2].kept >= control_kernel.rcvbuf_errors,
+            "{detail}"
+        );
+        assert!(while_stopped > 0, "{detail}");
+        figure(&format!(
+            "2 handlers stopped, {DATAGRAMS} datagrams: with a spare 0 lost ({} to the \
+             spare), without one {} lost",
+            counters[2].steered_in + counters[2].kept,
+            control_kernel.rcvbuf_errors
+        ));
+        assert!(spawner.stop().success());
+    });
+}
+
 /// A Prometheus scrape of a UDP group shows its sockets' buffers and the datagram program's
 /// counters, equal to its status, and none of the TCP socket counters.
 #[test]
