@@ -157,6 +157,40 @@ impl Queries {
         }
     }
 
+    /// As [`Queries::send`], for as long as an event takes: a round every `pace` until
+    /// `done()` is true after at least `min_rounds`, at most `max_rounds` (open loop, bounded
+    /// by its count). An emulated VM stretches both the load and what it waits for, so a
+    /// fixed count that spans an event here can end before it there. `sent` says how many
+    /// went.
+    pub fn send_until(
+        addr: SocketAddr,
+        flows: usize,
+        (min_rounds, max_rounds): (usize, usize),
+        pace: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> Queries {
+        let clients: Vec<UdpSocket> = (0..flows)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut rounds = 0;
+        while rounds < max_rounds && (rounds < min_rounds || !done()) {
+            for (flow, client) in clients.iter().enumerate() {
+                let payload = format!("{flow:08}:{rounds:08}:0123456789abcd");
+                client.send_to(payload.as_bytes(), addr).unwrap();
+            }
+            rounds += 1;
+            std::thread::sleep(pace);
+        }
+        for client in &clients {
+            client.set_nonblocking(true).unwrap();
+        }
+        Queries {
+            clients,
+            sent: flows * rounds,
+            answered: 0,
+        }
+    }
+
     /// Reads answers until `want` have come in all, or `within` passed; the count so far.
     pub fn answers(&mut self, want: usize, within: Duration) -> usize {
         self.read_answers(want, within, within)

@@ -599,8 +599,6 @@ fn a_udp_group_is_upgraded_under_load_losing_nothing_and_parsrv_stop_ends_it_whe
 ) {
     privileged(Needs::program_of(Program::UdpDatagram), || {
         const FLOWS: usize = 50;
-        const PER_FLOW: usize = 100;
-        const DATAGRAMS: usize = FLOWS * PER_FLOW;
         let addr: SocketAddr = ADDR.parse().unwrap();
         let name = "udp-upgrade";
         let spawner = group(name, HandlerKind::Echo)
@@ -610,16 +608,30 @@ fn a_udp_group_is_upgraded_under_load_losing_nothing_and_parsrv_stop_ends_it_whe
         let before = spawner.status();
         let pid = spawner.pid().to_string();
         let kernel_before = UdpCounters::read();
-        let upgrade = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            let result = parsrv_integration_tests::Spawner::parsrv(&["upgrade", "--spawner", &pid]);
-            (result, Instant::now())
+        let finished = std::sync::Arc::new(std::sync::OnceLock::new());
+        let upgrade = std::thread::spawn({
+            let finished = finished.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(200));
+                let result =
+                    parsrv_integration_tests::Spawner::parsrv(&["upgrade", "--spawner", &pid]);
+                let _ = finished.set(Instant::now());
+                result
+            }
         });
-        // Open loop, 2.5 s: a round of one datagram from each of 50 clients every 25 ms.
-        let mut queries = Queries::send(addr, FLOWS, PER_FLOW, Duration::from_millis(25));
+        // Open loop: a round of one datagram from each of 50 clients every 25 ms, from
+        // before the upgrade until 0.5 s after it (at least 1 s, at most 30 s).
+        let mut queries =
+            Queries::send_until(addr, FLOWS, (40, 1200), Duration::from_millis(25), || {
+                finished
+                    .get()
+                    .is_some_and(|at| at.elapsed() > Duration::from_millis(500))
+            });
         let load_end = Instant::now();
-        let ((code, out, err), upgraded_at) = upgrade.join().unwrap();
-        let answered = queries.answers(DATAGRAMS, Duration::from_secs(20));
+        let (code, out, err) = upgrade.join().unwrap();
+        let upgraded_at = *finished.get().unwrap();
+        let datagrams = queries.sent;
+        let answered = queries.answers(datagrams, Duration::from_secs(20));
         let kernel = kernel_before.delta(&UdpCounters::read());
         let after = spawner.status();
         let detail = format!(
@@ -646,7 +658,7 @@ fn a_udp_group_is_upgraded_under_load_losing_nothing_and_parsrv_stop_ends_it_whe
             before.handlers.iter().map(|h| h.pid).collect::<Vec<_>>(),
             "{detail}"
         );
-        assert_eq!(answered, DATAGRAMS, "{detail}");
+        assert_eq!(answered, datagrams, "{detail}");
         assert_eq!((kernel.rcvbuf_errors, kernel.no_ports), (0, 0), "{detail}");
         assert_eq!(
             after.datagram_errors.map(|e| e.total()),
@@ -656,7 +668,7 @@ fn a_udp_group_is_upgraded_under_load_losing_nothing_and_parsrv_stop_ends_it_whe
         // The program's counters went on across the upgrade: each datagram counted once.
         let counters = program_counters(&after);
         let steered = counter_sum(&counters, |c| c.kept + c.steered_in + c.all_full);
-        assert_eq!(steered, DATAGRAMS as u64, "{detail}");
+        assert_eq!(steered, datagrams as u64, "{detail}");
 
         // Its spawner killed: `parsrv stop` (which stop_with runs after the signal) takes
         // the group over to stop it.

@@ -18,8 +18,8 @@ use parsrv::{
 };
 use parsrv_integration_tests::{
     counter_sum, figure, group, lru_table_is_sized_as_said, meminfo, privileged, program_counters,
-    send_flows, signal, steer_udp_with, stop_process, udp_group, Needs, Queries, UdpCounters, ADDR,
-    LARGE_BUFFER, SMALL_BUFFER,
+    send_flows, signal, steer_udp_with, stop_process, udp_group, wait_for, Needs, Queries,
+    UdpCounters, ADDR, LARGE_BUFFER, SMALL_BUFFER,
 };
 use socket2::Socket;
 
@@ -501,12 +501,10 @@ fn a_rolling_restart_under_load_loses_no_datagram_and_moves_no_flow() {
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_killed_spawners_flow_group_is_adopted_under_load_losing_no_datagram_and_moving_no_flow() {
     privileged(Needs::program_of(Program::UdpFlow), || {
-        // Open loop: 100 flows, a round every 25 ms for 4 s or more (15 s in an emulated VM,
-        // where the sender is slower); the spawner is killed 0.2 s in and the next one takes
-        // over (0.1 s later here, 4 s in an emulated VM).
+        // Open loop: 100 flows, a round every 25 ms, from before the spawner is killed
+        // (0.2 s in) until 1 s after the next one has taken over (0.1 s later here, 1.5 to
+        // 4 s in an emulated VM); at least 2 s, at most 30 s.
         const FLOWS: usize = 100;
-        const PER_FLOW: usize = 160;
-        const DATAGRAMS: usize = FLOWS * PER_FLOW;
         const PACE: Duration = Duration::from_millis(25);
         let name = "udp-adopt";
         let builder = move || {
@@ -520,16 +518,28 @@ fn a_killed_spawners_flow_group_is_adopted_under_load_losing_no_datagram_and_mov
         let before = UdpCounters::read();
         let load_start = Instant::now();
         let first_pid = first.pid();
-        let takeover = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            signal(first_pid, nix::sys::signal::Signal::SIGKILL);
-            let next = builder().start();
-            (next, Instant::now())
+        let finished = std::sync::Arc::new(std::sync::OnceLock::new());
+        let takeover = std::thread::spawn({
+            let finished = finished.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(200));
+                signal(first_pid, nix::sys::signal::Signal::SIGKILL);
+                let next = builder().start();
+                let _ = finished.set(Instant::now());
+                next
+            }
         });
-        let mut queries = Queries::send(ADDR.parse().unwrap(), FLOWS, PER_FLOW, PACE);
+        let mut queries =
+            Queries::send_until(ADDR.parse().unwrap(), FLOWS, (80, 1200), PACE, || {
+                finished
+                    .get()
+                    .is_some_and(|at: &Instant| at.elapsed() > Duration::from_secs(1))
+            });
         let load_end = Instant::now();
-        let (next, adopted_at) = takeover.join().unwrap();
-        let answered = queries.answers(DATAGRAMS, Duration::from_secs(20));
+        let next = takeover.join().unwrap();
+        let adopted_at = *finished.get().unwrap();
+        let (datagrams, per_flow) = (queries.sent, queries.sent / FLOWS);
+        let answered = queries.answers(datagrams, Duration::from_secs(20));
         let kernel = before.delta(&UdpCounters::read());
         let after = next.status();
         let counters = program_counters(&after);
@@ -554,7 +564,7 @@ fn a_killed_spawners_flow_group_is_adopted_under_load_losing_no_datagram_and_mov
             "{detail}"
         );
         assert!(after.handlers.iter().all(|h| h.restarts == 0), "{detail}");
-        assert_eq!(answered, DATAGRAMS, "{detail}");
+        assert_eq!(answered, datagrams, "{detail}");
         assert_eq!(kernel.rcvbuf_errors, 0, "{detail}");
         assert_eq!(kernel.no_ports, 0, "{detail}");
         assert_eq!(
@@ -571,13 +581,13 @@ fn a_killed_spawners_flow_group_is_adopted_under_load_losing_no_datagram_and_mov
         );
         assert_eq!(
             counter_sum(&counters, |c| c.flow_datagrams),
-            (DATAGRAMS - FLOWS) as u64,
+            (datagrams - FLOWS) as u64,
             "{detail}"
         );
         figure(&format!(
             "flow mode, spawner killed {:?} into a {:?} open-loop load ({FLOWS} flows x \
-             {PER_FLOW}, a round every {PACE:?}) and adopted {:?} in: {answered} of \
-             {DATAGRAMS} answered, no flow placed twice, the same {SOCKETS} handlers",
+             {per_flow}, a round every {PACE:?}) and adopted {:?} in: {answered} of \
+             {datagrams} answered, no flow placed twice, the same {SOCKETS} handlers",
             Duration::from_millis(200),
             load_end - load_start,
             adopted_at - load_start
@@ -598,12 +608,13 @@ fn a_killed_spawners_flow_group_is_adopted_under_load_losing_no_datagram_and_mov
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn a_flow_group_grows_and_shrinks_under_load_and_no_flow_changes_socket() {
     privileged(Needs::program_of(Program::UdpFlow), || {
+        use std::sync::{atomic::AtomicBool, atomic::Ordering, Arc, OnceLock};
         const PACE: Duration = Duration::from_millis(25);
         // Load A: placed on 2 sockets, going on while the group grows. Load B: new flows,
         // placed on 3, going on while it shrinks. Load C: new flows while the top socket
-        // leaves.
-        const A: (usize, usize) = (60, 80);
-        const B: (usize, usize) = (90, 120);
+        // leaves. A and B last as long as what they span (bounded in rounds).
+        const A_FLOWS: usize = 60;
+        const B_FLOWS: usize = 90;
         const C: (usize, usize) = (30, 20);
         let name = "udp-resize";
         let addr: SocketAddr = ADDR.parse().unwrap();
@@ -619,9 +630,7 @@ fn a_flow_group_grows_and_shrinks_under_load_and_no_flow_changes_socket() {
         let before = UdpCounters::read();
         let resize = |handlers: u32| {
             let handlers = handlers.to_string();
-            let result =
-                parsrv_integration_tests::Spawner::parsrv(&["group", "resize", name, &handlers]);
-            (result, Instant::now())
+            parsrv_integration_tests::Spawner::parsrv(&["group", "resize", name, &handlers])
         };
         let flows_by_slot = |spawner: &parsrv_integration_tests::Spawner| -> Vec<u64> {
             program_counters(&spawner.status())
@@ -630,24 +639,48 @@ fn a_flow_group_grows_and_shrinks_under_load_and_no_flow_changes_socket() {
                 .collect()
         };
 
-        // Grow under load A.
-        let grow = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            resize(3)
+        // Grow under load A, which goes on until 0.3 s after the step up.
+        let grown = Arc::new(OnceLock::new());
+        let grow = std::thread::spawn({
+            let grown = grown.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(300));
+                let result = resize(3);
+                let _ = grown.set(Instant::now());
+                result
+            }
         });
-        let mut a = Queries::send(addr, A.0, A.1, PACE);
-        let a_end = Instant::now();
-        let ((code, out, err), grown_at) = grow.join().unwrap();
+        let mut a = Queries::send_until(addr, A_FLOWS, (20, 1200), PACE, || {
+            grown
+                .get()
+                .is_some_and(|at: &Instant| at.elapsed() > Duration::from_millis(300))
+        });
+        let (code, out, err) = grow.join().unwrap();
         assert_eq!(code, 0, "{out}{err}\n{}", spawner.log());
-        assert!(grown_at < a_end, "the step up outlasted load A");
         let after_a = flows_by_slot(&spawner);
         assert_eq!(after_a.len(), 3, "{}", spawner.status().render());
         // A's flows stayed on the two sockets they were placed on.
         assert_eq!(after_a, [after_a[0], after_a[1], 0]);
-        assert_eq!(after_a[0] + after_a[1], A.0 as u64);
+        assert_eq!(after_a[0] + after_a[1], A_FLOWS as u64);
 
-        // Shrink under load B, whose flows the hash spreads over 3 sockets.
-        let b_load = std::thread::spawn(move || Queries::send(addr, B.0, B.1, PACE));
+        // The new socket serves once its handler is ready (until then the program sends it
+        // nothing while another has room: seconds in an emulated VM).
+        let serving = wait_for(Duration::from_secs(20), || {
+            spawner.status().sockets[2].state == parsrv::listeners::SocketState::Serving
+        });
+        assert!(serving, "the new slot never served: {}", spawner.log());
+
+        // Shrink under load B, whose flows the hash spreads over 3 sockets; B goes on
+        // until load C is done.
+        let c_done = Arc::new(AtomicBool::new(false));
+        let b_load = std::thread::spawn({
+            let c_done = c_done.clone();
+            move || {
+                Queries::send_until(addr, B_FLOWS, (20, 1200), PACE, || {
+                    c_done.load(Ordering::Relaxed)
+                })
+            }
+        });
         std::thread::sleep(Duration::from_millis(500));
         let before_shrink = flows_by_slot(&spawner);
         let on_leaving = before_shrink[2];
@@ -656,11 +689,15 @@ fn a_flow_group_grows_and_shrinks_under_load_and_no_flow_changes_socket() {
             "no flow of B on the top socket: {before_shrink:?}"
         );
         let shrink_started = Instant::now();
-        let shrink = std::thread::spawn(move || resize(2));
-        std::thread::sleep(Duration::from_millis(300));
-        // Load C while the top socket leaves: none of its flows goes there.
+        let shrink = std::thread::spawn(move || (resize(2), Instant::now()));
+        // Load C once the top socket is marked as leaving: none of its flows goes there.
+        let marked = wait_for(Duration::from_secs(20), || {
+            spawner.status().sockets[2].state == parsrv::listeners::SocketState::AwaitingHandler
+        });
+        assert!(marked, "the top socket was never marked: {}", spawner.log());
         let mut c = Queries::send(addr, C.0, C.1, PACE);
         let during = flows_by_slot(&spawner);
+        c_done.store(true, Ordering::Relaxed);
         let detail = format!("{}\n{}", spawner.status().render(), spawner.log());
         assert_eq!(
             during.len(),
@@ -688,9 +725,10 @@ fn a_flow_group_grows_and_shrinks_under_load_and_no_flow_changes_socket() {
         );
         assert!(spawner.log().contains("slot 2 wound down"), "{detail}");
 
-        let answered = a.answers(A.0 * A.1, Duration::from_secs(20))
-            + b.answers(B.0 * B.1, Duration::from_secs(20))
-            + c.answers(C.0 * C.1, Duration::from_secs(20));
+        let sent = a.sent + b.sent + c.sent;
+        let answered = a.answers(a.sent, Duration::from_secs(20))
+            + b.answers(b.sent, Duration::from_secs(20))
+            + c.answers(c.sent, Duration::from_secs(20));
         let kernel = before.delta(&UdpCounters::read());
         let after = flows_by_slot(&spawner);
         let detail = format!(
@@ -698,7 +736,7 @@ fn a_flow_group_grows_and_shrinks_under_load_and_no_flow_changes_socket() {
             spawner.status().render(),
             spawner.log()
         );
-        assert_eq!(answered, A.0 * A.1 + B.0 * B.1 + C.0 * C.1, "{detail}");
+        assert_eq!(answered, sent, "{detail}");
         assert_eq!((kernel.rcvbuf_errors, kernel.no_ports), (0, 0), "{detail}");
         // No flow placed again: the two sockets left hold what they had before the step
         // down, and C's flows.
