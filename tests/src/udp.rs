@@ -269,6 +269,22 @@ pub fn counter_sum(counters: &[UdpSlotCounters], field: fn(&UdpSlotCounters) -> 
     counters.iter().map(field).sum()
 }
 
+/// Flow mode: the program placed each of `flows` flows once and found every later datagram
+/// of `datagrams` in its table (no flow placed twice).
+pub fn each_flow_placed_once(
+    counters: &[UdpSlotCounters],
+    flows: usize,
+    datagrams: usize,
+    detail: &str,
+) {
+    assert_eq!(counter_sum(counters, |c| c.flows), flows as u64, "{detail}");
+    assert_eq!(
+        counter_sum(counters, |c| c.flow_datagrams),
+        (datagrams - flows) as u64,
+        "{detail}"
+    );
+}
+
 /// The spawner `pid` holds one LRU hash (a UDP group's table: of flows, or of QUIC first
 /// flights, keys of `key_size` bytes) of `entries`, and what `parsrv check` said of its
 /// memory (`said`) is the kernel's own figure (`memlock`, counted as the map's usage since

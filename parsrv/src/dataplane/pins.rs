@@ -80,6 +80,17 @@ impl Pins {
         Ok(pins)
     }
 
+    /// Moves this staging directory to `dir` in one step (a reader never sees half a set):
+    /// the returned guard removes them there when dropped.
+    pub(super) fn publish(self, dir: PathBuf) -> Result<Pins> {
+        fs::rename(&self.0, &dir).map_err(Error::io(format!(
+            "moving pinned maps to {}",
+            dir.display()
+        )))?;
+        std::mem::forget(self);
+        Ok(Pins(dir))
+    }
+
     /// The pins of a running group this spawner adopts: its own from now on.
     pub fn adopt(dir: PathBuf) -> Pins {
         Pins(dir)

@@ -3,7 +3,6 @@
 //! maps, attaching it to the group, pinning the maps, and reading its counters.
 
 use std::{
-    fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -233,12 +232,7 @@ impl Steering {
         let Some((staged, dir)) = self.staged.take() else {
             return Ok(None);
         };
-        fs::rename(&staged.0, &dir).map_err(Error::io(format!(
-            "moving pinned maps to {}",
-            dir.display()
-        )))?;
-        std::mem::forget(staged);
-        Ok(Some(Pins(dir)))
+        staged.publish(dir).map(Some)
     }
 
     /// Replaces the program's offsets and policy; they apply from the next connection on.

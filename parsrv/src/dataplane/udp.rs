@@ -7,7 +7,6 @@
 //! sockets its handlers hold ([`DatagramSteering::adopt`]).
 
 use std::{
-    fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
     time::Duration,
@@ -258,12 +257,7 @@ impl DatagramSteering {
         let Some((staged, dir)) = self.staged.take() else {
             return Ok(None);
         };
-        fs::rename(&staged.0, &dir).map_err(Error::io(format!(
-            "moving pinned maps to {}",
-            dir.display()
-        )))?;
-        std::mem::forget(staged);
-        Ok(Some(Pins::adopt(dir)))
+        staged.publish(dir).map(Some)
     }
 
     /// Forgets the socket with `cookie` as slot `slot`'s: it closed (its handler died while

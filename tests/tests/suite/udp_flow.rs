@@ -17,9 +17,9 @@ use parsrv::{
     spec::{HandlerKind, UdpMode},
 };
 use parsrv_integration_tests::{
-    counter_sum, figure, group, lru_table_is_sized_as_said, meminfo, privileged, program_counters,
-    send_flows, signal, steer_udp_with, stop_process, udp_group, wait_for, Needs, Queries,
-    UdpCounters, ADDR, LARGE_BUFFER, SMALL_BUFFER,
+    counter_sum, each_flow_placed_once, figure, group, lru_table_is_sized_as_said, meminfo,
+    privileged, program_counters, send_flows, signal, steer_udp_with, stop_process, udp_group,
+    wait_for, Needs, Queries, UdpCounters, ADDR, LARGE_BUFFER, SMALL_BUFFER,
 };
 use socket2::Socket;
 
@@ -352,16 +352,7 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
             "--receive-buffer sets every socket's: {detail}"
         );
         // Each flow placed once; the rest of each followed it.
-        assert_eq!(
-            counter_sum(&counters, |c| c.flows),
-            FLOWS as u64,
-            "{detail}"
-        );
-        assert_eq!(
-            counter_sum(&counters, |c| c.flow_datagrams),
-            (DATAGRAMS - FLOWS) as u64,
-            "{detail}"
-        );
+        each_flow_placed_once(&counters, FLOWS, DATAGRAMS, &detail);
         assert_eq!(table.entries, FLOWS as u64, "{detail}");
         assert_eq!(table.live, FLOWS as u64, "{detail}");
         assert!(!table.truncated, "{detail}");
@@ -470,16 +461,7 @@ fn a_rolling_restart_under_load_loses_no_datagram_and_moves_no_flow() {
         for (old, new) in before_pids.iter().zip(&after.handlers) {
             assert!(new.pid.is_some() && new.pid != *old, "{detail}");
         }
-        assert_eq!(
-            counter_sum(&counters, |c| c.flows),
-            FLOWS as u64,
-            "{detail}"
-        );
-        assert_eq!(
-            counter_sum(&counters, |c| c.flow_datagrams),
-            (DATAGRAMS - FLOWS) as u64,
-            "{detail}"
-        );
+        each_flow_placed_once(&counters, FLOWS, DATAGRAMS, &detail);
         figure(&format!(
             "flow mode, all 4 handlers replaced one at a time (done {:?} into a {:?} load) \
              under {FLOWS} flows x {PER_FLOW} (open loop, a round every {PACE:?}): {answered} \
@@ -574,16 +556,7 @@ fn a_killed_spawners_flow_group_is_adopted_under_load_losing_no_datagram_and_mov
         );
         // Counted by the program from the group's start, across both spawners: each flow
         // placed once, every later datagram found in the table.
-        assert_eq!(
-            counter_sum(&counters, |c| c.flows),
-            FLOWS as u64,
-            "{detail}"
-        );
-        assert_eq!(
-            counter_sum(&counters, |c| c.flow_datagrams),
-            (datagrams - FLOWS) as u64,
-            "{detail}"
-        );
+        each_flow_placed_once(&counters, FLOWS, datagrams, &detail);
         figure(&format!(
             "flow mode, spawner killed {:?} into a {:?} open-loop load ({FLOWS} flows x \
              {per_flow}, a round every {PACE:?}) and adopted {:?} in: {answered} of \
