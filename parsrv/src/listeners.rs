@@ -298,10 +298,10 @@ impl Listeners {
 
     /// Adds one listening socket to a group whose program runs (the next slot), marked as
     /// having no handler yet (`AwaitingHandler`). `before_listen` gets its cookie before
-    /// bind() (UDP) or listen() (TCP) puts it in the kernel's group: a running program that meets a socket it
-    /// cannot name fails open (`unknown_socket`, the kernel's hash decides), so the caller
-    /// registers the cookie first; and the mark keeps the empty queue from looking like the
-    /// best place until a handler is there.
+    /// bind() (UDP) or listen() (TCP) puts it in the kernel's group: a running program that
+    /// meets a socket it cannot name fails open (`unknown_socket`, the kernel's hash
+    /// decides), so the caller registers the cookie first; and the mark keeps the empty
+    /// queue from looking like the best place until a handler is there.
     pub fn join_listener(
         &mut self,
         before_listen: impl FnOnce(u64) -> Result<()>,

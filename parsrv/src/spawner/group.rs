@@ -527,7 +527,8 @@ impl RunningGroup {
                     return;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Each look walks the table (one syscall per entry): five a second at most.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

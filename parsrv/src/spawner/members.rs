@@ -521,12 +521,12 @@ impl Members {
         let Some(listener) = self.listeners.remove_last() else {
             return Ok(());
         };
+        let cookie = listener.cookie();
+        // Closed first: once out of the kernel's group, no datagram can reach the socket
+        // after the program stopped knowing it (one would go to it unnamed, and be lost).
+        drop(listener);
         match &mut self.program {
-            Program::Datagrams(datagrams) => {
-                let forgotten = datagrams.forget(self.slots.len() as u32, listener.cookie());
-                drop(listener);
-                forgotten
-            }
+            Program::Datagrams(datagrams) => datagrams.forget(self.slots.len() as u32, cookie),
             Program::Connections(_) => Ok(()),
         }
     }
