@@ -101,14 +101,29 @@ pub fn send_payloads(
     per_flow: usize,
     payload: impl Fn(usize, usize) -> Vec<u8>,
 ) {
-    let clients: Vec<UdpSocket> = (0..flows)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
+    let clients = clients(flows);
     for round in 0..per_flow {
-        for (flow, client) in clients.iter().enumerate() {
-            client.send_to(&payload(flow, round), addr).unwrap();
-        }
+        send_round(&clients, addr, |flow| payload(flow, round));
     }
+}
+
+/// `flows` client sockets on 127.0.0.1, each its own 4-tuple.
+fn clients(flows: usize) -> Vec<UdpSocket> {
+    (0..flows)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect()
+}
+
+/// One datagram from each client, `payload(flow)`.
+fn send_round(clients: &[UdpSocket], addr: SocketAddr, payload: impl Fn(usize) -> Vec<u8>) {
+    for (flow, client) in clients.iter().enumerate() {
+        client.send_to(&payload(flow), addr).unwrap();
+    }
+}
+
+/// The 32-byte datagram flow `flow` sends in round `round`.
+fn numbered(flow: usize, round: usize) -> Vec<u8> {
+    format!("{flow:08}:{round:08}:0123456789abcd").into_bytes()
 }
 
 /// `flows` client sockets, each sending one 32-byte datagram to `addr` per round for
@@ -119,14 +134,9 @@ fn send_rounds(
     per_flow: usize,
     pace: Option<Duration>,
 ) -> Vec<UdpSocket> {
-    let clients: Vec<UdpSocket> = (0..flows)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
+    let clients = clients(flows);
     for round in 0..per_flow {
-        for (flow, client) in clients.iter().enumerate() {
-            let payload = format!("{flow:08}:{round:08}:0123456789abcd");
-            client.send_to(payload.as_bytes(), addr).unwrap();
-        }
+        send_round(&clients, addr, |flow| numbered(flow, round));
         if let Some(pace) = pace {
             std::thread::sleep(pace);
         }
@@ -147,12 +157,17 @@ impl Queries {
     /// reading nothing yet.
     pub fn send(addr: SocketAddr, flows: usize, per_flow: usize, pace: Duration) -> Queries {
         let clients = send_rounds(addr, flows, per_flow, Some(pace));
+        Queries::reading(clients, flows * per_flow)
+    }
+
+    /// The clients that sent `sent` datagrams, set to read their answers without waiting.
+    fn reading(clients: Vec<UdpSocket>, sent: usize) -> Queries {
         for client in &clients {
             client.set_nonblocking(true).unwrap();
         }
         Queries {
             clients,
-            sent: flows * per_flow,
+            sent,
             answered: 0,
         }
     }
@@ -169,26 +184,14 @@ impl Queries {
         pace: Duration,
         mut done: impl FnMut() -> bool,
     ) -> Queries {
-        let clients: Vec<UdpSocket> = (0..flows)
-            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
-            .collect();
+        let clients = clients(flows);
         let mut rounds = 0;
         while rounds < max_rounds && (rounds < min_rounds || !done()) {
-            for (flow, client) in clients.iter().enumerate() {
-                let payload = format!("{flow:08}:{rounds:08}:0123456789abcd");
-                client.send_to(payload.as_bytes(), addr).unwrap();
-            }
+            send_round(&clients, addr, |flow| numbered(flow, rounds));
             rounds += 1;
             std::thread::sleep(pace);
         }
-        for client in &clients {
-            client.set_nonblocking(true).unwrap();
-        }
-        Queries {
-            clients,
-            sent: flows * rounds,
-            answered: 0,
-        }
+        Queries::reading(clients, flows * rounds)
     }
 
     /// Reads answers until `want` have come in all, or `within` passed; the count so far.
