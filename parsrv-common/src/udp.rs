@@ -37,6 +37,10 @@ pub mod names {
     /// The quic program's LRU_HASH of [`FirstFlightKey`](super::FirstFlightKey) ->
     /// [`FlowEntry`](super::FlowEntry), sized at load time (`--flow-table`).
     pub const FIRST_FLIGHTS: &str = "UDP_FIRST_FLIGHTS";
+    /// The flow and quic programs' PERCPU_ARRAY of one
+    /// [`UdpTableCounters`](super::UdpTableCounters). A group a parsrv before it pinned has
+    /// none.
+    pub const TABLE_COUNTERS: &str = "UDP_TABLE_COUNTERS";
     /// REUSEPORT_SOCKARRAY of the group's sockets by slot. Not a SOCKMAP as TCP groups use:
     /// a UDP socket put in a SOCKMAP gets its protocol operations replaced (its receive path
     /// goes through the sockmap's psock), which a plain receive buffer must not.
@@ -240,6 +244,15 @@ counters! {
     }
 }
 
+counters! {
+    /// What the flow and quic programs did to their LRU table (per CPU in the kernel;
+    /// userspace sums them). The kernel counts no evictions: `added` less the entries the
+    /// table holds is how many it evicted (userspace deletes none).
+    pub struct UdpTableCounters {
+        added => ("added", "Entries the flow table (quic mode: the first-flight table) took for a key it did not hold: a new flow, or one the table had evicted. Less the entries it holds, the entries the kernel evicted, least recently used first, to make room: each such flow's next datagram is placed again."),
+    }
+}
+
 impl UdpErrors {
     /// All errors: datagrams the kernel's hash placed because the program failed open.
     pub fn total(&self) -> u64 {
@@ -253,6 +266,7 @@ mod user {
     unsafe impl aya::Pod for super::UdpConfig {}
     unsafe impl aya::Pod for super::UdpSlotCounters {}
     unsafe impl aya::Pod for super::UdpErrors {}
+    unsafe impl aya::Pod for super::UdpTableCounters {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowEntry {}
     unsafe impl aya::Pod for super::FirstFlightKey {}

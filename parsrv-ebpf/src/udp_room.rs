@@ -1,8 +1,8 @@
 //! What the UDP programs share (`bin/udp_datagram.rs`, `bin/udp_flow.rs`, `bin/udp_quic.rs`;
 //! shared types: `parsrv_common::udp`): the group's maps, and [`choose`], which picks a
-//! socket with room for one datagram: the kernel's hash choice while its receive buffer has room, else one other
-//! socket at random if that one has room, else the socket with the most room; when none has
-//! room, the kernel's hash. Each program's object includes this file (`#[path]`), so each has
+//! socket with room for one datagram: the kernel's hash choice while its receive buffer has
+//! room, else one other socket ([`Draw`]) if that one has room, else the socket with the
+//! most room; when none has room, the kernel's hash. Each program's object includes this file (`#[path]`), so each has
 //! its own copy of the maps.
 //!
 //! Room is `sk_rcvbuf - sk_rmem_alloc`, read with `bpf_probe_read_kernel` at offsets userspace
@@ -141,6 +141,21 @@ impl Choice {
     };
 }
 
+/// How [`choose`] draws the one other socket it tries when the hash choice has no room.
+// Each program's object includes this file and uses one of the two.
+#[allow(dead_code)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    /// At random for each datagram: the datagram program, where nothing follows a datagram.
+    Random,
+    /// From the datagram's 4-tuple hash: the flow and quic programs. A flow placed again
+    /// (its entry expired, or the LRU table evicted it to make room for new ones, as a flood
+    /// of new flows makes it do) lands where it was placed the first time, as long as its
+    /// hash choice still has no room and that other socket still has some. Across flows the
+    /// draws are as uniform as random ones.
+    FromHash,
+}
+
 /// Picks the socket for one datagram by room, into `choice`; selects nothing ([`apply`]
 /// does). An out-parameter rather than a returned value: see [`slot_of`] on what LLVM does
 /// with a `Result` of a value.
@@ -148,6 +163,7 @@ impl Choice {
 pub fn choose(
     ctx: &SkReuseportContext,
     config: &UdpConfig,
+    draw: Draw,
     choice: &mut Choice,
 ) -> Result<(), UdpFailOpen> {
     let off = &config.offsets;
@@ -180,9 +196,14 @@ pub fn choose(
         choice.outcome = Outcome::Kept;
         return Ok(());
     }
-    // The hash choice has no room (or is a marked socket's): one other socket at random,
-    // then, if that has none either, every socket.
-    let found = match second_choice(socks, num, first, config)? {
+    // The hash choice has no room (or is a marked socket's): one other socket, then, if
+    // that has none either, every socket.
+    let draw = match draw {
+        // SAFETY: a helper without arguments.
+        Draw::Random => unsafe { bpf_get_prandom_u32() },
+        Draw::FromHash => mix(ctx.hash()),
+    };
+    let found = match second_choice(socks, num, first, draw, config)? {
         Some(other) => Some(other),
         None => most_room_unless_full_lately(socks, num, first, hash_choice, config)?,
     };
@@ -270,24 +291,24 @@ fn socket(addr: u64, index: u64, off: &UdpOffsets) -> Result<Socket, UdpFailOpen
     })
 }
 
-/// The power of two choices: one socket other than the hash choice, drawn at random, if it
-/// is unmarked and has room. One read where a full scan of N sockets costs N (the
-/// `udp-cost` benchmark: 13 us per datagram at 128 sockets), and a random draw rather than
-/// the hash choice's neighbour, which would take every stalled socket's share.
+/// The power of two choices: the socket other than the hash choice that `draw` (uniform
+/// over u32) names, if it is unmarked and has room. One read where a full scan of N sockets
+/// costs N (the `udp-cost` benchmark: 13 us per datagram at 128 sockets), and a drawn
+/// socket rather than the hash choice's neighbour, which would take every stalled socket's
+/// share.
 #[inline(always)]
 fn second_choice(
     socks: u64,
     num: u32,
     first: u32,
+    draw: u32,
     config: &UdpConfig,
 ) -> Result<Option<Socket>, UdpFailOpen> {
     if num < 2 {
         return Ok(None);
     }
-    // SAFETY: a helper without arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
     // 0..num-1, then past the hash choice: uniform over the others.
-    let mut index = ((random as u64 * (num - 1) as u64) >> 32) as u32;
+    let mut index = ((draw as u64 * (num - 1) as u64) >> 32) as u32;
     if index >= first {
         index += 1;
     }
@@ -297,6 +318,18 @@ fn second_choice(
         &config.offsets,
     )?;
     Ok((other.rank >= config.reserve as i64).then_some(other))
+}
+
+/// MurmurHash3's 32-bit finaliser: the hash choice is taken from the hash's high bits, so
+/// the second draw must not be (a plain multiple of the hash would put every flow of one
+/// hash choice on nearly the same second socket).
+#[inline(always)]
+fn mix(mut hash: u32) -> u32 {
+    hash ^= hash >> 16;
+    hash = hash.wrapping_mul(0x85eb_ca6b);
+    hash ^= hash >> 13;
+    hash = hash.wrapping_mul(0xc2b2_ae35);
+    hash ^ (hash >> 16)
 }
 
 /// [`most_room`], unless this CPU scanned the group less than [`FULL_MEMO_NS`] ago and

@@ -5,15 +5,20 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    maps::LruHashMap,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
     programs::SkReuseportContext,
 };
-use parsrv_common::udp::{FlowEntry, UdpFailOpen};
+use parsrv_common::udp::{FlowEntry, UdpFailOpen, UdpTableCounters};
 
 use crate::{
     counting::count,
     udp_room::{apply, count_error, select, Choice, Outcome, NO_SLOT, UDP_SLOT_COUNTERS},
 };
+
+/// What was done to the table: `added` less the entries it holds is what the kernel evicted.
+#[map]
+static UDP_TABLE_COUNTERS: PerCpuArray<UdpTableCounters> = PerCpuArray::with_max_entries(1, 0);
 
 /// Sends a recorded entry's datagram to its socket (counted as `flow_datagrams`): false if
 /// the socket left the group (the slot is empty).
@@ -62,5 +67,10 @@ pub fn record<K>(
     }
     apply(ctx, choice)?;
     count(&UDP_SLOT_COUNTERS, choice.slot, |c| c.flows += 1);
+    if !replace {
+        // (An expired entry the table evicted between its lookup and this update is added
+        // back uncounted: rare, and the count of evictions is short by one.)
+        count(&UDP_TABLE_COUNTERS, 0, |c| c.added += 1);
+    }
     Ok(())
 }

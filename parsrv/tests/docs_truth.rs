@@ -70,6 +70,7 @@ fn declared_names() -> BTreeSet<&'static str> {
         udp::names::FLOWS,
         udp::names::QUIC_PROGRAM,
         udp::names::FIRST_FLIGHTS,
+        udp::names::TABLE_COUNTERS,
     ])
 }
 

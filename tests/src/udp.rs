@@ -108,14 +108,30 @@ pub fn send_payloads(
 }
 
 /// `flows` client sockets on 127.0.0.1, each its own 4-tuple.
-fn clients(flows: usize) -> Vec<UdpSocket> {
+pub fn clients(flows: usize) -> Vec<UdpSocket> {
     (0..flows)
         .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
         .collect()
 }
 
+/// One datagram, `payload(i)`, from each of `count` new sources, as a host on the network
+/// floods a server with new flows: each from its own address (127.1.X.Y: every 4-tuple
+/// differs, whatever ports the kernel picks), its socket closed once it sent. Bounded by
+/// `count` (at most 64,000).
+pub fn send_from_new_sources(addr: SocketAddr, count: usize, payload: impl Fn(usize) -> Vec<u8>) {
+    assert!(
+        count <= 250 * 256,
+        "127.1.0.0/16 has room for 64,000 sources"
+    );
+    for i in 0..count {
+        let source = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+        let socket = UdpSocket::bind((source, 0)).unwrap();
+        socket.send_to(&payload(i), addr).unwrap();
+    }
+}
+
 /// One datagram from each client, `payload(flow)`.
-fn send_round(clients: &[UdpSocket], addr: SocketAddr, payload: impl Fn(usize) -> Vec<u8>) {
+pub fn send_round(clients: &[UdpSocket], addr: SocketAddr, payload: impl Fn(usize) -> Vec<u8>) {
     for (flow, client) in clients.iter().enumerate() {
         client.send_to(&payload(flow), addr).unwrap();
     }

@@ -23,14 +23,14 @@ mod udp_room;
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_reuseport, programs::SkReuseportContext};
 use parsrv_common::udp::UdpFailOpen;
 
-use udp_room::{apply, choose, count_error, Choice, UDP_CONFIG};
+use udp_room::{apply, choose, count_error, Choice, Draw, UDP_CONFIG};
 
 #[sk_reuseport]
 pub fn parsrv_datagram(ctx: SkReuseportContext) -> u32 {
     let result = match UDP_CONFIG.get(0) {
         Some(config) => {
             let mut choice = Choice::UNKNOWN;
-            choose(&ctx, config, &mut choice).and_then(|()| apply(&ctx, &choice))
+            choose(&ctx, config, Draw::Random, &mut choice).and_then(|()| apply(&ctx, &choice))
         }
         None => Err(UdpFailOpen::NoConfig),
     };

@@ -37,7 +37,7 @@ use aya_ebpf::{
 };
 use parsrv_common::udp::{FlowEntry, FlowKey, UdpConfig, UdpFailOpen};
 
-use udp_room::{apply, choose, count_error, Choice, UDP_CONFIG};
+use udp_room::{apply, choose, count_error, Choice, Draw, UDP_CONFIG};
 use udp_table::{follow, record};
 
 /// Flows by 4-tuple. Userspace sizes it at load (`--flow-table`); beyond that the least
@@ -93,7 +93,7 @@ fn steer(ctx: &SkReuseportContext, config: &UdpConfig) -> Result<(), UdpFailOpen
         replace = true;
     }
     let mut choice = Choice::UNKNOWN;
-    choose(ctx, config, &mut choice)?;
+    choose(ctx, config, Draw::FromHash, &mut choice)?;
     record(ctx, &UDP_FLOWS, &key, &choice, now, replace)
 }
 
@@ -101,7 +101,7 @@ fn steer(ctx: &SkReuseportContext, config: &UdpConfig) -> Result<(), UdpFailOpen
 #[inline(always)]
 fn place(ctx: &SkReuseportContext, config: &UdpConfig) -> Result<(), UdpFailOpen> {
     let mut choice = Choice::UNKNOWN;
-    choose(ctx, config, &mut choice)?;
+    choose(ctx, config, Draw::FromHash, &mut choice)?;
     apply(ctx, &choice)
 }
 

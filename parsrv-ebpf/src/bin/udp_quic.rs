@@ -38,7 +38,7 @@ use parsrv_common::udp::{
 
 use counting::count;
 use udp_room::{
-    apply, choose, count_error, select, Choice, NO_SLOT, UDP_CONFIG, UDP_SLOT_BY_COOKIE,
+    apply, choose, count_error, select, Choice, Draw, NO_SLOT, UDP_CONFIG, UDP_SLOT_BY_COOKIE,
     UDP_SLOT_COUNTERS,
 };
 use udp_table::{follow, record};
@@ -111,7 +111,7 @@ fn steer(ctx: &SkReuseportContext, config: &UdpConfig) -> Result<(), UdpFailOpen
         return Ok(());
     }
     let mut choice = Choice::UNKNOWN;
-    choose(ctx, config, &mut choice)?;
+    choose(ctx, config, Draw::FromHash, &mut choice)?;
     if found != NEW_FLIGHT && found != EXPIRED_FLIGHT {
         return apply(ctx, &choice);
     }

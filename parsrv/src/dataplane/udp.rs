@@ -18,7 +18,8 @@ use aya::{
 };
 use parsrv_common::udp::{
     names, FirstFlightKey, FlowEntry, FlowKey, UdpConfig, UdpErrors, UdpOffsets, UdpSlotCounters,
-    DEFAULT_FLOW_TABLE, DEFAULT_FLOW_TIMEOUT_SECONDS, DEFAULT_RESERVE, MAX_SOCKETS,
+    UdpTableCounters, DEFAULT_FLOW_TABLE, DEFAULT_FLOW_TIMEOUT_SECONDS, DEFAULT_RESERVE,
+    MAX_SOCKETS,
 };
 
 use super::{
@@ -120,6 +121,9 @@ pub struct DatagramSteering {
     config_map: Array<MapData, UdpConfig>,
     /// Flow and quic modes: the LRU table.
     table: Option<Table>,
+    /// Flow and quic modes: what the program did to the table (None for a group an older
+    /// parsrv pinned without them).
+    table_counters: Option<PerCpuArray<MapData, UdpTableCounters>>,
     config: UdpConfig,
     /// Program and maps pinned in a staging directory, and where they go once published.
     staged: Option<(Pins, PathBuf)>,
@@ -191,6 +195,14 @@ impl DatagramSteering {
                     .map_err(typed(names::FIRST_FLIGHTS))?,
             )),
         };
+        let table_counters = match settings.mode {
+            UdpMode::Datagram => None,
+            UdpMode::Flow | UdpMode::Quic => Some(
+                take(names::TABLE_COUNTERS)?
+                    .try_into()
+                    .map_err(typed(names::TABLE_COUNTERS))?,
+            ),
+        };
         let mut steering = DatagramSteering {
             loaded: Loaded::Object(ebpf),
             program: program_kind,
@@ -200,6 +212,7 @@ impl DatagramSteering {
             errors,
             config_map,
             table,
+            table_counters,
             config: udp_config(offsets, &settings, 1),
             staged: staged.zip(pin_dir.map(Path::to_owned)),
         };
@@ -231,6 +244,14 @@ impl DatagramSteering {
             UdpMode::Flow => Some(Table::Flows(pinned(pin_dir, names::FLOWS)?)),
             UdpMode::Quic => Some(Table::FirstFlights(pinned(pin_dir, names::FIRST_FLIGHTS)?)),
         };
+        let table_counters = match settings.mode {
+            UdpMode::Datagram => None,
+            // The program of a parsrv before UDP_TABLE_COUNTERS has none to pin.
+            UdpMode::Flow | UdpMode::Quic if pin_dir.join(names::TABLE_COUNTERS).exists() => {
+                Some(pinned(pin_dir, names::TABLE_COUNTERS)?)
+            }
+            UdpMode::Flow | UdpMode::Quic => None,
+        };
         let mut steering = DatagramSteering {
             loaded: Loaded::Adopted(Box::new(program)),
             program: program_kind,
@@ -240,6 +261,7 @@ impl DatagramSteering {
             errors: pinned(pin_dir, names::ERRORS)?,
             config_map,
             table,
+            table_counters,
             config: udp_config(
                 offsets,
                 &settings,
@@ -404,6 +426,15 @@ impl DatagramSteering {
                 )
             })
             .collect()
+    }
+
+    /// Flow and quic modes: what the program did to its table, summed over CPUs (None in
+    /// datagram mode, and for a group an older parsrv pinned without the counters).
+    pub fn table_counters(&self) -> Result<Option<UdpTableCounters>> {
+        self.table_counters
+            .as_ref()
+            .map(|map| sum_over_cpus(map, 0, UdpTableCounters::add, names::TABLE_COUNTERS))
+            .transpose()
     }
 
     /// Internal errors (each a datagram left to the kernel's hash), summed over CPUs.

@@ -13,7 +13,7 @@ use crate::status::GroupStatus;
 use parsrv_common::{
     lookup::AddressCounters,
     reuseport::{affinity::AffinityCounters, SlotCounters},
-    udp::UdpSlotCounters,
+    udp::{UdpSlotCounters, UdpTableCounters},
 };
 
 /// One metric family: name, type, help, and its samples (labels, value).
@@ -192,6 +192,33 @@ pub fn render(groups: &[GroupStatus]) -> String {
                     .stats_enabled
                     .then_some(g.program.run_time_ns as f64 / 1e9)
             },
+        ),
+    ]);
+    // A UDP group's flow table (flow and quic modes, docs/udp.md).
+    families.extend([
+        group(
+            "parsrv_flow_table_entries",
+            "gauge",
+            "Entries a UDP group's flow table (quic mode: first-flight table) holds, idle or not.",
+            |g| g.flow_table.as_ref().map(|t| t.entries as f64),
+        ),
+        group(
+            "parsrv_flow_table_capacity",
+            "gauge",
+            "The most entries the flow table holds (--flow-table).",
+            |g| g.flow_table.as_ref().map(|t| t.capacity as f64),
+        ),
+        group(
+            "parsrv_flow_table_added_total",
+            "counter",
+            UdpTableCounters::COUNTERS[0].help,
+            |g| g.flow_table.as_ref().and_then(|t| t.added).map(|n| n as f64),
+        ),
+        group(
+            "parsrv_flow_table_evicted_total",
+            "counter",
+            "Entries the kernel evicted from the full flow table to make room (added less entries): each such flow's next datagram is placed again.",
+            |g| g.flow_table.as_ref().and_then(|t| t.evicted).map(|n| n as f64),
         ),
     ]);
     // Client affinity: the dispatch table, and what the dispatchers did, as parsrv-common

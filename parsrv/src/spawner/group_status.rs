@@ -55,6 +55,12 @@ impl RunningGroup {
                 .collect(),
             None => vec![None; members.len() as usize],
         };
+        // Read before the walk: an entry added meanwhile is then walked but not counted
+        // added, and the evictions come out short by it rather than long.
+        let table_counters = match members.datagrams() {
+            Some(program) => program.table_counters()?,
+            None => None,
+        };
         // One walk of the flow table (flow mode): each socket's live flows, and the whole.
         // Bounded: one map lookup per flow on the spawner's thread, which supervises too.
         let flows = match members.datagrams() {
@@ -69,12 +75,18 @@ impl RunningGroup {
                 .filter(|f| timeout.is_some_and(|t| f.idle < t))
                 .count() as u64
         };
+        let truncated = flows.len() >= FLOW_WALK_LIMIT;
+        let added = table_counters.map(|c| c.added);
         let flow_table = timeout.map(|timeout| FlowTableStatus {
-            truncated: flows.len() >= FLOW_WALK_LIMIT,
+            truncated,
             entries: flows.len() as u64,
             live: live(None),
             capacity: spec.flow_table,
             timeout_ms: timeout.as_millis() as u64,
+            added,
+            evicted: added
+                .filter(|_| !truncated)
+                .map(|added| added.saturating_sub(flows.len() as u64)),
         });
         let stalls = self.stalls.borrow();
         let sockets = members

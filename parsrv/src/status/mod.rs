@@ -194,6 +194,16 @@ pub struct FlowTableStatus {
     /// `flows` are then lower bounds.
     #[serde(default)]
     pub truncated: bool,
+    /// Entries the table took for keys it did not hold (a new flow, or one it had
+    /// evicted). None for a group an older parsrv pinned without the counter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<u64>,
+    /// `added` less `entries`: the entries the kernel evicted to make room (the table was
+    /// full), each flow placed again by its next datagram. Read while the program runs, so
+    /// right to within the entries added during one status read. None when `added` is, or
+    /// when `truncated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<u64>,
 }
 
 /// One client of `parsrv affinity`: its entry, and the handler its slot runs now.

@@ -255,9 +255,13 @@ impl GroupStatus {
         let _ = write!(out, "udp mode {}", spec.udp_mode);
         match self.flow_table {
             Some(table) => {
+                let evicted = table
+                    .evicted
+                    .map(|n| format!(", {n} evicted"))
+                    .unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "  flows {} live of {}{} recorded (table {}, idle time-out {} ms)",
+                    "  flows {} live of {}{} recorded (table {}{evicted}, idle time-out {} ms)",
                     table.live,
                     if table.truncated { "at least " } else { "" },
                     table.entries,

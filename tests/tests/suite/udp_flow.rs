@@ -16,10 +16,12 @@ use parsrv::{
     dataplane::{udp::UdpSettings, Program},
     spec::{HandlerKind, UdpMode},
 };
+use parsrv_common::udp::UdpSlotCounters;
 use parsrv_integration_tests::{
     counter_sum, each_flow_placed_once, figure, group, lru_table_is_sized_as_said, meminfo,
-    privileged, program_counters, send_flows, signal, steer_udp_with, stop_process, udp_group,
-    wait_for, Needs, Queries, UdpCounters, ADDR, LARGE_BUFFER, SMALL_BUFFER,
+    privileged, program_counters, send_flows, send_from_new_sources, send_round, signal,
+    steer_udp_with, stop_process, udp_group, wait_for, Needs, Queries, UdpCounters, ADDR,
+    LARGE_BUFFER, SMALL_BUFFER,
 };
 use socket2::Socket;
 
@@ -356,6 +358,12 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
         assert_eq!(table.entries, FLOWS as u64, "{detail}");
         assert_eq!(table.live, FLOWS as u64, "{detail}");
         assert!(!table.truncated, "{detail}");
+        // The table took one entry per flow and evicted none.
+        assert_eq!(
+            (table.added, table.evicted),
+            (Some(FLOWS as u64), Some(0)),
+            "{detail}"
+        );
         // Each handler answered exactly its flows' datagrams that its socket took: the
         // first of each (kept or steered in) and the rest.
         for (slot, (handler, c)) in after.handlers.iter().zip(&counters).enumerate() {
@@ -369,6 +377,7 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
         }
         let text = stopped.render();
         assert!(text.contains("udp mode flow"), "{text}");
+        assert!(text.contains(", 0 evicted,"), "{text}");
         // Metrics say what the status says (nothing sends meanwhile).
         let (code, page) = parsrv_integration_tests::get_page_from(
             None,
@@ -378,6 +387,19 @@ fn a_flow_mode_group_keeps_each_flow_on_its_handler_with_one_handler_stopped() {
         )
         .unwrap();
         assert_eq!(code, 200, "{page}");
+        let group_sample = |name: &str| -> Option<f64> {
+            let prefix = format!("{name}{{group=\"udp-flows\"}} ");
+            page.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .map(|v| v.parse().unwrap())
+        };
+        for (name, value) in [
+            ("parsrv_flow_table_entries", table.entries),
+            ("parsrv_flow_table_added_total", FLOWS as u64),
+            ("parsrv_flow_table_evicted_total", 0),
+        ] {
+            assert_eq!(group_sample(name), Some(value as f64), "{name}: {page}");
+        }
         for (slot, c) in counters.iter().enumerate() {
             let sample = |name: &str| -> Option<f64> {
                 let prefix = format!("{name}{{group=\"udp-flows\",slot=\"{slot}\"}} ");
@@ -731,5 +753,150 @@ fn a_flow_group_grows_and_shrinks_under_load_and_no_flow_changes_socket() {
             shrunk_at - shrink_started
         ));
         assert!(spawner.stop().success());
+    });
+}
+
+/// The flood tests' table: far smaller than the flood, so that it evicts.
+const FLOOD_TABLE: u32 = 256;
+/// Flows that were there before the flood and come back after it.
+const REAL_FLOWS: usize = 100;
+/// New flows of the flood, each from its own source address.
+const FLOOD: usize = 2_000;
+
+/// Reads `sockets` until `want` datagrams were read (at most 10 s): each one's source and
+/// the slot it was read on, in the order read.
+fn read_sources(sockets: &[Socket], want: usize) -> Vec<(SocketAddr, usize)> {
+    let mut read = Vec::new();
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 128];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read.len() < want && Instant::now() < deadline {
+        for (slot, socket) in sockets.iter().enumerate() {
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                read.push((from.as_socket().expect("an IP source"), slot));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(read.len(), want, "datagrams read within 10 s");
+    read
+}
+
+/// A flood of new keys between two rounds of real flows (a datagram each): the table of
+/// `settings` (FLOOD_TABLE entries) evicts the real flows' entries, the program's `added`
+/// counter shows it, and each real flow, placed again, goes back to the socket it was on,
+/// though socket 0 has no room from the start and the flows its hash choice takes were
+/// placed on a second choice. `real(flow)` and `flood(i)` are the datagrams' bytes.
+fn flood_between_two_rounds(
+    settings: UdpSettings,
+    real: impl Fn(usize) -> Vec<u8>,
+    flood: impl Fn(usize) -> Vec<u8>,
+) {
+    let (sockets, addr) = udp_group(&[LARGE_BUFFER; SOCKETS]);
+    shrink_buffer(&sockets[0]);
+    let steering = steer_udp_with(&sockets, settings);
+    let counters = || steering.slot_counters(SOCKETS as u32).unwrap();
+    let added = || steering.table_counters().unwrap().expect("a table").added;
+    let kernel_before = UdpCounters::read();
+
+    let clients = parsrv_integration_tests::clients(REAL_FLOWS);
+    send_round(&clients, addr, &real);
+    let first: BTreeMap<SocketAddr, usize> =
+        read_sources(&sockets, REAL_FLOWS).into_iter().collect();
+    let before_flood = counters();
+    send_from_new_sources(addr, FLOOD, &flood);
+    read_sources(&sockets, FLOOD);
+    let after_flood = counters();
+    let added_after_flood = added();
+    let entries = steering.placed(usize::MAX).unwrap().len() as u64;
+
+    send_round(&clients, addr, &real);
+    let second = read_sources(&sockets, REAL_FLOWS);
+    let after = counters();
+    let delta = |field: fn(&UdpSlotCounters) -> u64| {
+        counter_sum(&after, field) - counter_sum(&after_flood, field)
+    };
+    let placed_again = delta(|c| c.flows);
+    let followed = delta(|c| c.flow_datagrams);
+    let moved: Vec<_> = second
+        .iter()
+        .filter(|(source, slot)| first.get(source) != Some(slot))
+        .collect();
+    let kernel = kernel_before.delta(&UdpCounters::read());
+    let detail = format!(
+        "table {entries} entries, added {added_after_flood} by the flood's end; \
+         placed again {placed_again}, followed {followed}; moved {moved:?}; \
+         before the flood {before_flood:?}, after it {after_flood:?}, at the end {after:?}; \
+         {kernel:?}"
+    );
+
+    // The premises: flows hashed to socket 0 were placed on a second choice, the flood
+    // overflowed the table, and it evicted (nearly) every real flow's entry.
+    assert_eq!(first.len(), REAL_FLOWS, "{detail}");
+    assert!(before_flood[0].steered_away > 0, "{detail}");
+    assert_eq!(before_flood[0].flows, 0, "{detail}");
+    assert!(entries <= FLOOD_TABLE as u64, "{detail}");
+    assert!(placed_again >= REAL_FLOWS as u64 * 9 / 10, "{detail}");
+    assert!(
+        after[0].steered_away > after_flood[0].steered_away,
+        "{detail}"
+    );
+    // Every key the table did not hold was counted added, and nothing else.
+    assert_eq!(added_after_flood, (REAL_FLOWS + FLOOD) as u64, "{detail}");
+    assert_eq!(added(), added_after_flood + placed_again, "{detail}");
+    assert!(
+        added_after_flood - entries >= (REAL_FLOWS + FLOOD) as u64 - FLOOD_TABLE as u64,
+        "evictions: {detail}"
+    );
+    // What is tested: no real flow changed socket, placed again or not.
+    assert_eq!(placed_again + followed, REAL_FLOWS as u64, "{detail}");
+    assert!(moved.is_empty(), "{detail}");
+    assert_eq!(steering.errors().unwrap().total(), 0, "{detail}");
+    assert_eq!((kernel.rcvbuf_errors, kernel.no_ports), (0, 0), "{detail}");
+    figure(&format!(
+        "{:?} mode, table of {FLOOD_TABLE}: a flood of {FLOOD} new keys evicted {} entries \
+         ({placed_again} of the {REAL_FLOWS} real flows'); placed again, 0 of them changed \
+         socket ({} had been steered off the full socket 0)",
+        settings.mode,
+        added_after_flood - entries,
+        before_flood[0].steered_away
+    ));
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_flood_of_new_flows_evicts_real_ones_counted_and_each_is_placed_again_on_its_socket() {
+    privileged(Needs::program_of(Program::UdpFlow), || {
+        flood_between_two_rounds(
+            UdpSettings::flow(Duration::from_secs(60), FLOOD_TABLE),
+            |flow| format!("real flow {flow}").into_bytes(),
+            |i| format!("flood {i}").into_bytes(),
+        );
+    });
+}
+
+/// A QUIC Initial's first bytes (long header, version 1) with destination connection ID
+/// `dcid`, padded to 64 bytes: all the quic program reads. The IDs start with 0xd0 0x5e, so
+/// they are no socket cookie (cookies are small counters).
+fn initial(dcid: u64) -> Vec<u8> {
+    let mut packet = vec![0xc0, 0, 0, 0, 1, 8];
+    packet.extend_from_slice(&(0xd05e_0000_0000_0000 | dcid).to_be_bytes());
+    packet.resize(64, 0);
+    packet
+}
+
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_flood_of_made_up_quic_initials_evicts_real_first_flights_counted_and_each_stays_on_its_socket()
+{
+    privileged(Needs::program_of(Program::UdpQuic), || {
+        // Each real client's first flight: two Initials with its ID, the flood between them.
+        flood_between_two_rounds(
+            UdpSettings {
+                mode: UdpMode::Quic,
+                ..UdpSettings::flow(Duration::from_secs(60), FLOOD_TABLE)
+            },
+            |flow| initial(flow as u64),
+            |i| initial((1 << 32) + i as u64),
+        );
     });
 }
