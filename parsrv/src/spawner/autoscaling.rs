@@ -1,6 +1,8 @@
 //! The autoscaler's loop (`--handlers MIN..MAX`): samples the group while there is
 //! something to see, applies the decisions of the policy in [`crate::autoscale`], and sleeps
-//! on the program's queue alerts while the queues stay empty.
+//! on the program's queue alerts while the queues stay empty. A UDP group is sampled the
+//! same way, its receive buffers in place of the accept queues; its programs send no
+//! alerts, so it is sampled all the time.
 
 use std::{rc::Rc, time::Instant};
 
@@ -83,8 +85,19 @@ pub(super) async fn run(group: Rc<RunningGroup>) {
 fn sample(group: &RunningGroup) -> Option<Sample> {
     let members = group.members();
     let occupancy = members.occupancy();
-    // A UDP group is never autoscaled (spec::validate: its size is fixed).
-    let counters = members.steering()?.slot_counters(members.len()).ok()?;
+    // What the program could place nowhere: a TCP group's drops and refusals, a UDP
+    // group's datagrams that found no socket with room (left to the kernel's hash).
+    let rejected = match (members.steering(), members.datagrams()) {
+        (Some(steering), _) => {
+            let counters = steering.slot_counters(members.len()).ok()?;
+            counters.iter().map(|c| c.dropped + c.refused).sum()
+        }
+        (None, Some(datagrams)) => {
+            let counters = datagrams.slot_counters(members.len()).ok()?;
+            counters.iter().map(|c| c.all_full).sum()
+        }
+        (None, None) => return None,
+    };
     Some(Sample {
         at: Instant::now(),
         // The group's size, as a resize counts it: its spares are not in it (counted, a
@@ -92,6 +105,6 @@ fn sample(group: &RunningGroup) -> Option<Sample> {
         handlers: members.active(),
         queued: occupancy.queued,
         capacity: occupancy.capacity,
-        rejected: counters.iter().map(|c| c.dropped + c.refused).sum(),
+        rejected,
     })
 }

@@ -205,8 +205,12 @@ impl Members {
     /// spares' included, against the room of the group's own slots. A spare's empty queue
     /// is a reserve, not room: counted as room it hid the overload that should make the
     /// spare serve (one handler's queue 7 of 9 full beside an empty spare's read as 44 %,
-    /// under the 50 % that counts as overload, and the group never grew).
+    /// under the 50 % that counts as overload, and the group never grew). A UDP group's:
+    /// its receive buffers ([`Self::buffer_occupancy`]).
     pub fn occupancy(&self) -> Occupancy {
+        if self.datagrams().is_some() {
+            return self.buffer_occupancy();
+        }
         let queues = self.listeners.listeners().iter().enumerate();
         queues.fold(Occupancy::default(), |sum, (index, listener)| {
             // A socket whose read fails counts as empty.
@@ -220,6 +224,30 @@ impl Members {
             };
             Occupancy {
                 queued: sum.queued + queue.depth,
+                capacity: sum.capacity + room,
+            }
+        })
+    }
+
+    /// A UDP group's load: the KiB its datagrams hold in every receive buffer (rounded up,
+    /// so that one queued datagram is not nothing), spares' included, against the KiB of
+    /// the group's own slots' buffers (SO_MEMINFO: `sk_rmem_alloc` and `sk_rcvbuf`, what
+    /// the program weighs).
+    fn buffer_occupancy(&self) -> Occupancy {
+        let sockets = self.listeners.listeners().iter().enumerate();
+        sockets.fold(Occupancy::default(), |sum, (index, listener)| {
+            // A socket whose read fails counts as empty.
+            let socket = std::os::fd::AsFd::as_fd(listener.socket());
+            let Ok(buffer) = crate::kernel::receive_buffer(socket) else {
+                return sum;
+            };
+            let room = if self.is_spare(index as u32) {
+                0
+            } else {
+                buffer.size / 1024
+            };
+            Occupancy {
+                queued: sum.queued + buffer.used.div_ceil(1024),
                 capacity: sum.capacity + room,
             }
         })

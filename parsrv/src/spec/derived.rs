@@ -51,8 +51,7 @@ impl GroupSpec {
 
     /// Whether the group grows and shrinks with load (`--handlers MIN..MAX`, MIN < MAX).
     pub fn autoscaled(&self) -> bool {
-        // The autoscaler weighs accept queues: a UDP group is resized by hand (docs/udp.md).
-        self.autoscale && self.handlers.max > self.handlers.min && !self.is_udp()
+        self.autoscale && self.handlers.max > self.handlers.min
     }
 
     /// The CPU handler `slot` is pinned to, if any.

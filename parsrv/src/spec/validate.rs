@@ -469,14 +469,16 @@ mod tests {
         .unwrap();
     }
 
-    /// A UDP group may have a range of handlers, resized by hand: the autoscaler, which
-    /// weighs accept queues, never runs for it.
+    /// A UDP group may have a range of handlers, autoscaled by its receive buffers as a TCP
+    /// group is by its accept queues (or resized by hand with --no-autoscale).
     #[test]
-    fn a_udp_group_with_a_range_of_handlers_is_accepted_and_not_autoscaled() {
+    fn a_udp_group_with_a_range_of_handlers_is_accepted_and_autoscaled() {
         let mut udp = udp_group();
         udp.handlers = "2..4".parse().unwrap();
         assert!(udp.autoscale);
         udp.validate().unwrap();
+        assert!(udp.autoscaled());
+        udp.autoscale = false;
         assert!(!udp.autoscaled());
         let mut tcp = spec();
         tcp.handlers = "2..4".parse().unwrap();
