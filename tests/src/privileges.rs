@@ -51,6 +51,16 @@ impl Needs {
         }
     }
 
+    /// What running `program` needs too.
+    pub fn and_program(mut self, program: parsrv::dataplane::Program) -> Needs {
+        for feature in program.requires() {
+            if !self.kernel.contains(feature) {
+                self.kernel.push(*feature);
+            }
+        }
+        self
+    }
+
     /// One kernel feature more.
     pub fn and(mut self, feature: Feature) -> Needs {
         self.kernel.push(feature);

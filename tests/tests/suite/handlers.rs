@@ -3,7 +3,11 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use parsrv::{dataplane::pins::group_dir as pin_dir, kernel, spec::usable_cpus};
+use parsrv::{
+    dataplane::{pins::group_dir as pin_dir, Program},
+    kernel,
+    spec::{usable_cpus, UdpMode},
+};
 use parsrv_integration_tests::{
     addr, apps_dir, example, fd_of_process, group, http_get, http_load, privileged, pyenv,
     read_answer, resume_handler_group, stop_handler_group, wait_for, HandlerKind, Needs,
@@ -341,69 +345,97 @@ if len(sys.argv) > 2:
 #[test]
 #[ignore = "privileged: run as root with `cargo xtask test`"]
 fn handlers_run_as_the_user_without_capabilities_and_cannot_reach_the_maps() {
-    privileged(Needs::program().and_python(), || {
-        let name = "test-user";
-        let map = pin_dir(name).join(parsrv_common::reuseport::names::CONFIG);
-        let map_arg = map.to_str().unwrap();
-        let spawner = group(name, HandlerKind::Exec)
-            .handlers(2)
-            .with(|g| g.user = Some("nobody:nogroup".into()))
-            .command(&[
-                // /usr/bin: a root-only interpreter (under /root) would be refused upfront.
-                "/usr/bin/python3",
-                "-c",
-                MAP_PROBE,
-                map_arg,
-                "stay",
-            ])
-            .start();
-        // The handlers' own attempt to open the pinned map, as they logged it: once both
-        // have, both have exec'd, so all that parsrv does before exec is done. (It sets the
-        // user, then no_new_privs and the seccomp filter: read any earlier, a handler may
-        // show uid 65534 and NoNewPrivs 0, as one did in a 6.1 VM.)
-        assert!(wait_for(Duration::from_secs(10), || spawner
-            .log()
-            .matches("probe obj_get=")
-            .count()
-            == 2));
-        for handler in spawner.status().handlers {
-            let pid = handler.pid.unwrap();
-            assert_eq!(proc_status(pid, "Uid"), "65534\t65534\t65534\t65534");
-            assert_eq!(proc_status(pid, "Gid"), "65534\t65534\t65534\t65534");
-            assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
-            assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
-            // Nothing it execs gets a capability back, set-uid root programs included.
-            assert_eq!(proc_status(pid, "CapBnd"), "0000000000000000");
-            assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
-        }
-        let log = spawner.log();
-        for line in log.lines().filter(|l| l.contains("probe obj_get=")) {
-            assert!(
-                line.ends_with("probe obj_get=-1 errno=13")
-                    || line.ends_with("probe obj_get=-1 errno=1"),
-                "a handler reached the map: {line}"
+    privileged(
+        Needs::program().and_program(Program::UdpFlow).and_python(),
+        || {
+            // A TCP group's CONFIG, and a UDP group's flow table (which a handler could
+            // otherwise fill with entries that move other handlers' flows).
+            probe_the_maps_as_nobody("test-user", None, parsrv_common::reuseport::names::CONFIG);
+            probe_the_maps_as_nobody(
+                "test-user-udp",
+                Some(UdpMode::Flow),
+                parsrv_common::udp::names::FLOWS,
             );
-        }
-        // Control: the same probe as root opens it, so the probe can tell.
-        let out = Command::new("python3")
-            .args(["-c", MAP_PROBE, map_arg])
-            .output()
-            .unwrap();
-        let root = String::from_utf8_lossy(&out.stdout);
+        },
+    );
+}
+
+/// A group (UDP in `udp_mode` if given) whose 2 handlers run as nobody and try to open the
+/// pinned map `map_name`: refused, where root's same probe opens it; every pin is root's
+/// alone.
+fn probe_the_maps_as_nobody(name: &str, udp_mode: Option<UdpMode>, map_name: &str) {
+    let map = pin_dir(name).join(map_name);
+    let map_arg = map.to_str().unwrap();
+    let mut builder = group(name, HandlerKind::Exec)
+        .handlers(2)
+        .with(|g| g.user = Some("nobody:nogroup".into()));
+    if let Some(mode) = udp_mode {
+        builder = builder
+            .listen("udp://127.0.0.1:8080")
+            .with(move |g| g.udp_mode = mode);
+    }
+    let spawner = builder
+        .command(&[
+            // /usr/bin: a root-only interpreter (under /root) would be refused upfront.
+            "/usr/bin/python3",
+            "-c",
+            MAP_PROBE,
+            map_arg,
+            "stay",
+        ])
+        .start();
+    // The handlers' own attempt to open the pinned map, as they logged it: once both
+    // have, both have exec'd, so all that parsrv does before exec is done. (It sets the
+    // user, then no_new_privs and the seccomp filter: read any earlier, a handler may
+    // show uid 65534 and NoNewPrivs 0, as one did in a 6.1 VM.)
+    assert!(wait_for(Duration::from_secs(10), || spawner
+        .log()
+        .matches("probe obj_get=")
+        .count()
+        == 2));
+    for handler in spawner.status().handlers {
+        let pid = handler.pid.unwrap();
+        assert_eq!(proc_status(pid, "Uid"), "65534\t65534\t65534\t65534");
+        assert_eq!(proc_status(pid, "Gid"), "65534\t65534\t65534\t65534");
+        assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
+        assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
+        // Nothing it execs gets a capability back, set-uid root programs included.
+        assert_eq!(proc_status(pid, "CapBnd"), "0000000000000000");
+        assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    }
+    let log = spawner.log();
+    for line in log.lines().filter(|l| l.contains("probe obj_get=")) {
         assert!(
-            root.starts_with("probe obj_get=") && !root.contains("obj_get=-1"),
-            "{root}"
+            line.ends_with("probe obj_get=-1 errno=13")
+                || line.ends_with("probe obj_get=-1 errno=1"),
+            "a handler of {name} reached {map_name}: {line}"
         );
-        // The pins are root's alone.
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let dir = std::fs::metadata(pin_dir(name)).unwrap();
-        assert_eq!((dir.uid(), dir.permissions().mode() & 0o777), (0, 0o700));
+    }
+    // Control: the same probe as root opens it, so the probe can tell.
+    let out = Command::new("python3")
+        .args(["-c", MAP_PROBE, map_arg])
+        .output()
+        .unwrap();
+    let root = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        root.starts_with("probe obj_get=") && !root.contains("obj_get=-1"),
+        "{name}: {root}"
+    );
+    // The pins are root's alone: the directory and every map and program in it.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = std::fs::metadata(pin_dir(name)).unwrap();
+    assert_eq!((dir.uid(), dir.permissions().mode() & 0o777), (0, 0o700));
+    for entry in std::fs::read_dir(pin_dir(name)).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
         assert_eq!(
-            std::fs::metadata(&map).unwrap().permissions().mode() & 0o777,
-            0o600
+            (meta.uid(), meta.permissions().mode() & 0o777),
+            (0, 0o600),
+            "{name}: {:?}",
+            entry.path()
         );
-        assert!(spawner.stop().success());
-    });
+    }
+    assert!(spawner.stop().success());
 }
 
 #[test]
