@@ -900,3 +900,82 @@ fn a_flood_of_made_up_quic_initials_evicts_real_first_flights_counted_and_each_s
         );
     });
 }
+
+/// A sender that learned a socket's cookie (from a connection ID its server gave out) aims
+/// a flood of short-header packets at it: quic mode sends each to that socket whatever its
+/// room, so the flood fills that one buffer and the kernel drops there, and the other
+/// sockets lose nothing: the first flights of 100 real clients sent meanwhile are all
+/// placed elsewhere and all read.
+#[test]
+#[ignore = "privileged: run as root with `cargo xtask test`"]
+fn a_flood_aimed_at_one_sockets_cookie_fills_that_socket_only_and_new_connections_go_elsewhere() {
+    privileged(Needs::program_of(Program::UdpQuic), || {
+        let mut buffers = [LARGE_BUFFER; SOCKETS];
+        buffers[0] = SMALL_BUFFER;
+        let (sockets, addr) = udp_group(&buffers);
+        let steering = steer_udp_with(
+            &sockets,
+            UdpSettings {
+                mode: UdpMode::Quic,
+                ..UdpSettings::flow(Duration::from_secs(60), 4096)
+            },
+        );
+        let cookie = parsrv::kernel::socket_cookie(sockets[0].as_fd()).unwrap();
+        let aimed = |_: usize| {
+            // A short header (1-RTT), its connection ID starting with socket 0's cookie.
+            let mut packet = vec![0x40];
+            packet.extend_from_slice(&cookie.to_be_bytes());
+            packet.resize(64, 0xaa);
+            packet
+        };
+        let kernel_before = UdpCounters::read();
+        let drops_before: Vec<u32> = sockets.iter().map(|s| meminfo(s.as_fd()).drops).collect();
+        let clients = parsrv_integration_tests::clients(REAL_FLOWS);
+        // Half the flood, the real clients' first Initials, the other half, their second.
+        send_from_new_sources(addr, FLOOD / 2, aimed);
+        send_round(&clients, addr, |flow| initial(flow as u64));
+        send_from_new_sources(addr, FLOOD / 2, |i| aimed(i + FLOOD / 2));
+        send_round(&clients, addr, |flow| initial(flow as u64));
+        let counters = steering.slot_counters(SOCKETS as u32).unwrap();
+        let kernel = kernel_before.delta(&UdpCounters::read());
+        let drops: Vec<u64> = sockets
+            .iter()
+            .zip(&drops_before)
+            .map(|(s, before)| (meminfo(s.as_fd()).drops - before) as u64)
+            .collect();
+        // What the other sockets hold: the real clients' Initials, two each, and nothing else.
+        let read = read_sources(&sockets[1..], 2 * REAL_FLOWS);
+        let real: BTreeSet<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        let detail = format!(
+            "program {counters:?}; drops {drops:?}; {kernel:?}; errors {:?}",
+            steering.errors().unwrap()
+        );
+        assert_eq!(counters[0].cookie_datagrams, FLOOD as u64, "{detail}");
+        assert!(drops[0] > 0, "the flood did not fill socket 0: {detail}");
+        assert_eq!(drops[1..], [0, 0, 0], "{detail}");
+        assert_eq!(kernel.rcvbuf_errors, drops[0], "{detail}");
+        assert!(
+            read.iter().all(|(source, _)| real.contains(source)),
+            "{detail}"
+        );
+        // Each real first flight placed once, off the full socket 0, and followed.
+        assert_eq!(
+            counter_sum(&counters, |c| c.flows),
+            REAL_FLOWS as u64,
+            "{detail}"
+        );
+        assert_eq!(counters[0].flows, 0, "{detail}");
+        assert_eq!(
+            counter_sum(&counters, |c| c.flow_datagrams),
+            REAL_FLOWS as u64,
+            "{detail}"
+        );
+        assert_eq!(steering.errors().unwrap().total(), 0, "{detail}");
+        figure(&format!(
+            "{FLOOD} packets aimed at socket 0's cookie: all to socket 0 ({} dropped there, \
+             Udp RcvbufErrors +{}), 0 dropped elsewhere; {REAL_FLOWS} real first flights \
+             meanwhile all placed on the other sockets and read",
+            drops[0], kernel.rcvbuf_errors
+        ));
+    });
+}
