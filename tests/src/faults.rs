@@ -42,6 +42,44 @@ pub enum KillLoad {
     Open { per_second: u32 },
 }
 
+/// Which handler each kill of a storm takes: a fixed sequence (xorshift), so that runs
+/// compare.
+pub struct Victims(u32);
+
+impl Victims {
+    pub fn new() -> Victims {
+        Victims(0x2545_f491)
+    }
+
+    /// The next victim's slot, of `handlers`.
+    pub fn next(&mut self, handlers: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 17;
+        self.0 ^= self.0 << 5;
+        self.0 as usize % handlers
+    }
+}
+
+impl Default for Victims {
+    fn default() -> Self {
+        Victims::new()
+    }
+}
+
+/// SIGKILLs the handler of `slot` as `status` shows it; whether a process was killed. A
+/// victim of the last kill may still be in the status the spawner sent (it had not yet
+/// seen the death) and gone by now (reaped meanwhile): that is no kill.
+pub fn kill_handler(status: &GroupStatus, slot: usize) -> bool {
+    let Some(pid) = status.handlers[slot].pid else {
+        return false;
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ESRCH) => false,
+        Err(e) => panic!("kill({pid}, SIGKILL): {e}"),
+    }
+}
+
 /// Kills a random handler of `spawner`'s group (built-in handlers) every `every`, `kills`
 /// times, under `load`; then waits for every handler to be back.
 pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoad) -> KillLoop {
@@ -64,8 +102,7 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
             timeout,
         )),
     };
-    // A fixed sequence of victims (xorshift), so that runs compare.
-    let mut state: u32 = 0x2545_f491;
+    let mut victims = Victims::new();
     let counters_before = crate::NetCounters::read();
     let mut result = KillLoop {
         kernel: crate::NetCounters::default(),
@@ -81,9 +118,7 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
     let mut previous: Option<GroupStatus> = None;
     for _ in 0..kills {
         std::thread::sleep(every);
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
+        let victim = victims.next(handlers);
         let status = spawner.status();
         // Slots with a ready handler, to which a waiting slot leaves its connections.
         let live = status.handlers.iter().filter(|h| h.ready).count();
@@ -114,15 +149,7 @@ pub fn kill_loop(spawner: &Spawner, kills: usize, every: Duration, load: KillLoa
                     socket.counters.selected - before.counters.selected;
             }
         }
-        // A victim of the last kill may still be in the status the spawner sent (it had not
-        // yet seen the death) and gone by now (reaped meanwhile): that is no kill.
-        if let Some(pid) = status.handlers[state as usize % handlers].pid {
-            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL) {
-                Ok(()) => result.kills += 1,
-                Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => panic!("kill({pid}, SIGKILL): {e}"),
-            }
-        }
+        result.kills += usize::from(kill_handler(&status, victim));
         previous = Some(status);
     }
     // The load goes on while the last victims come back, then stops.

@@ -1161,26 +1161,15 @@ fn a_udp_kill_storm_loses_at_most_what_killed_handlers_had_read_and_the_kernel_d
                 })
             }
         });
-        // A fixed sequence of victims (xorshift), so that runs compare.
-        let mut state: u32 = 0x2545_f491;
+        let mut victims = parsrv_integration_tests::Victims::new();
         let mut kills = 0;
         for _ in 0..KILLS {
             std::thread::sleep(EVERY);
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            let status = spawner.status();
-            // A victim the spawner has not yet seen die may be reaped by now: no kill.
-            if let Some(pid) = status.handlers[state as usize % 4].pid {
-                match nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                ) {
-                    Ok(()) => kills += 1,
-                    Err(nix::errno::Errno::ESRCH) => {}
-                    Err(e) => panic!("kill({pid}, SIGKILL): {e}"),
-                }
-            }
+            let victim = victims.next(4);
+            kills += usize::from(parsrv_integration_tests::kill_handler(
+                &spawner.status(),
+                victim,
+            ));
         }
         storm_over.store(true, Ordering::Relaxed);
         let mut queries = load.join().unwrap();
