@@ -2,8 +2,8 @@
 //! shared types: `parsrv_common::udp`): the group's maps, and [`choose`], which picks a
 //! socket with room for one datagram: the kernel's hash choice while its receive buffer has
 //! room, else one other socket ([`Draw`]) if that one has room, else the socket with the
-//! most room; when none has room, the kernel's hash. Each program's object includes this file (`#[path]`), so each has
-//! its own copy of the maps.
+//! most room; when none has room, the kernel's hash. Each program's object includes this
+//! file (`#[path]`), so each has its own copy of the maps.
 //!
 //! Room is `sk_rcvbuf - sk_rmem_alloc`, read with `bpf_probe_read_kernel` at offsets userspace
 //! took from the running kernel's BTF. SK_REUSEPORT programs cannot look sockets up in a map
