@@ -603,7 +603,16 @@ fn an_adopted_group_resizes_restarts_and_drains_like_its_own() {
         );
         assert!(first.iter().all(|p| !alive(*p)));
         let outcomes = load.finish();
-        assert_eq!(failed(&outcomes), 0, "{}", again.log());
+        // How each failed request ended: a reset, a refusal or a timed-out connect point
+        // to different causes (one failed in a 6.1 VM, 2026-12-08, with none of this kept).
+        let failures: Vec<&Outcome> = outcomes.iter().filter(|o| **o != Outcome::Ok).collect();
+        assert_eq!(
+            failed(&outcomes),
+            0,
+            "{failures:?} of {} requests\n{}",
+            outcomes.len(),
+            again.log()
+        );
         drop(spawner);
         let log = again.log_path();
         assert!(again.stop().success());
